@@ -1,0 +1,255 @@
+using System.Globalization;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.Configuration.CommandLine;
+using Microsoft.Extensions.Configuration.Ini;
+using Microsoft.Extensions.FileProviders;
+
+namespace BFMig.Daemon.Configuration;
+
+/// <summary>
+/// Reads bfmigd's settings from, in rising precedence, the INI file, <c>BFMIG_*</c> environment
+/// variables (<c>BFMIG_DAEMON__STATE_DIR</c>) and the command line (<c>--state-dir</c> or
+/// <c>--daemon:state_dir=</c>), then validates every value, naming key and source on error.
+/// </summary>
+public static class DaemonConfiguration
+{
+    public const string DefaultPath = "/etc/bfmig/bfmig.conf";
+    public const string EnvironmentPrefix = "BFMIG_";
+    public const int DefaultPort = 16600;
+
+    /// <summary>Short command-line switches for the settings an operator overrides most.</summary>
+    private static readonly Dictionary<string, string> Switches = new(StringComparer.Ordinal)
+    {
+        ["--state-dir"] = "daemon:state_dir",
+        ["--runtime-dir"] = "daemon:runtime_dir",
+        ["--libvirt-uri"] = "daemon:libvirt_uri",
+        ["--listen"] = "daemon:listen",
+        ["--host-name"] = "daemon:host_name",
+        ["--log-level"] = "daemon:log_level",
+    };
+
+    /// <summary>
+    /// Builds the layered configuration. <paramref name="configPath"/> null means the default
+    /// path, which may be absent; an explicitly named file must exist.
+    /// </summary>
+    public static IConfigurationRoot Build(string? configPath, IReadOnlyList<string> args, IDictionary<string, string?>? environment = null)
+    {
+        var path = configPath ?? DefaultPath;
+        var builder = new ConfigurationBuilder();
+        if (configPath is not null && !File.Exists(path))
+            throw new ConfigurationException($"configuration file {path} does not exist");
+        builder.AddIniFile(path, optional: true, reloadOnChange: false);
+        if (environment is null)
+            builder.AddEnvironmentVariables(EnvironmentPrefix);
+        else
+            builder.AddInMemoryCollection(FromEnvironment(environment));
+        builder.AddCommandLine(args.ToArray(), Switches);
+        try
+        {
+            return builder.Build();
+        }
+        catch (InvalidDataException e)
+        {
+            throw new ConfigurationException($"{path}: {e.InnerException?.Message ?? e.Message}", e);
+        }
+        catch (FormatException e)
+        {
+            throw new ConfigurationException($"command line: {e.Message}", e);
+        }
+    }
+
+    /// <summary>Validates and returns the options; throws <see cref="ConfigurationException"/> on the first bad value.</summary>
+    public static DaemonOptions Load(IConfigurationRoot config)
+    {
+        var s = new SettingReader(config);
+        var (listenAddress, listenPort) = s.Endpoint("daemon:listen", "0.0.0.0", DefaultPort);
+        var auth = s.Enum("auth:mode", PeerAuthMode.Tls);
+        var pskFile = s.OptionalPath("auth:psk_file");
+        if (auth == PeerAuthMode.Psk && pskFile is null)
+            throw new ConfigurationException($"auth:mode = psk needs auth:psk_file ({s.Where("auth:mode")})");
+
+        return new DaemonOptions
+        {
+            HostName = s.Name("daemon:host_name", Environment.MachineName),
+            StateDirectory = s.Path("daemon:state_dir", "/var/lib/bfmig"),
+            RuntimeDirectory = s.Path("daemon:runtime_dir", "/run/bfmig"),
+            LibvirtUri = s.Text("daemon:libvirt_uri", "qemu:///system"),
+            ListenAddress = listenAddress,
+            ListenPort = listenPort,
+            QemuUser = s.Name("daemon:qemu_user", "libvirt-qemu"),
+            QemuGroup = s.Name("daemon:qemu_group", "kvm"),
+            LogLevel = s.OneOf("daemon:log_level", "info", "debug", "info", "warning", "error"),
+            AuthMode = auth,
+            PskFile = pskFile,
+            TlsCertificate = s.Path("auth:tls_cert", "/etc/pki/libvirt/servercert.pem"),
+            TlsKey = s.Path("auth:tls_key", "/etc/pki/libvirt/private/serverkey.pem"),
+            TlsCaCertificate = s.Path("auth:tls_ca", "/etc/pki/CA/cacert.pem"),
+            Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
+            BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),
+            Peers = ReadPeers(config, s),
+        };
+    }
+
+    private static List<PeerOptions> ReadPeers(IConfigurationRoot config, SettingReader s)
+    {
+        var peers = new List<PeerOptions>();
+        foreach (var section in config.GetSection("peers").GetChildren())
+        {
+            var name = section.Key;
+            if (!SettingReader.IsSimpleName(name))
+                throw new ConfigurationException($"[peers:{name}]: a peer name may use only letters, digits, '-', '_' and '.' ({s.Where($"peers:{name}")})");
+            var (host, port) = s.Endpoint($"peers:{name}:address", null, DefaultPort);
+            var uri = s.Text($"peers:{name}:libvirt_uri", $"qemu+tls://{host}/system");
+            peers.Add(new PeerOptions(name, host, port, uri));
+        }
+        return peers;
+    }
+
+    private static Dictionary<string, string?> FromEnvironment(IDictionary<string, string?> environment)
+    {
+        var result = new Dictionary<string, string?>(StringComparer.OrdinalIgnoreCase);
+        foreach (var (key, value) in environment)
+        {
+            if (key.StartsWith(EnvironmentPrefix, StringComparison.OrdinalIgnoreCase))
+                result[key[EnvironmentPrefix.Length..].Replace("__", ":", StringComparison.Ordinal)] = value;
+        }
+        return result;
+    }
+
+    /// <summary>Tells, for a key, which source supplied its value, for error messages.</summary>
+    internal static string DescribeSource(IConfigurationRoot config, string key)
+    {
+        // A required key that is absent is best described by where its section was written.
+        var parent = key.Contains(':', StringComparison.Ordinal) ? key[..key.LastIndexOf(':')] : null;
+        foreach (var provider in config.Providers.Reverse())
+        {
+            var hasKey = provider.TryGet(key, out _);
+            var hasSection = provider.GetChildKeys([], key).Any() || parent is not null && provider.GetChildKeys([], parent).Any();
+            if (!hasKey && !hasSection)
+                continue;
+            var variable = EnvironmentPrefix + key.Replace(":", "__", StringComparison.Ordinal).ToUpperInvariant();
+            return provider switch
+            {
+                IniConfigurationProvider ini => $"in {FullPath(ini.Source)}",
+                CommandLineConfigurationProvider => "on the command line",
+                _ => $"from environment variable {variable}",
+            };
+        }
+        return "default";
+    }
+
+    private static string FullPath(FileConfigurationSource source) =>
+        source.FileProvider is PhysicalFileProvider physical && source.Path is not null
+            ? System.IO.Path.Combine(physical.Root, source.Path)
+            : source.Path ?? "the configuration file";
+
+    /// <summary>Typed reads of single settings, each failing with key, value and source.</summary>
+    private sealed class SettingReader(IConfigurationRoot config)
+    {
+        public string Where(string key) => DescribeSource(config, key);
+
+        public string Text(string key, string fallback)
+        {
+            var value = config[key];
+            if (value is null)
+                return fallback;
+            if (value.Trim().Length == 0)
+                throw Bad(key, value, "must not be empty");
+            return value.Trim();
+        }
+
+        public string Path(string key, string fallback)
+        {
+            var value = Text(key, fallback);
+            if (!value.StartsWith('/'))
+                throw Bad(key, value, "must be an absolute path");
+            return value;
+        }
+
+        public string? OptionalPath(string key) => config[key] is null ? null : Path(key, "/");
+
+        public string Name(string key, string fallback)
+        {
+            var value = Text(key, fallback);
+            if (!IsSimpleName(value))
+                throw Bad(key, value, "may use only letters, digits, '-', '_' and '.'");
+            return value;
+        }
+
+        public string OneOf(string key, string fallback, params string[] allowed)
+        {
+            var value = Text(key, fallback).ToLowerInvariant();
+            if (!allowed.Contains(value))
+                throw Bad(key, value, $"must be one of {string.Join(", ", allowed)}");
+            return value;
+        }
+
+        public T Enum<T>(string key, T fallback) where T : struct, System.Enum
+        {
+            var raw = config[key];
+            if (raw is null)
+                return fallback;
+            if (System.Enum.TryParse<T>(raw.Trim(), ignoreCase: true, out var value) && System.Enum.IsDefined(value) && !int.TryParse(raw, out _))
+                return value;
+            var names = string.Join(", ", System.Enum.GetNames<T>().Select(n => n.ToLowerInvariant()));
+            throw Bad(key, raw, $"must be one of {names}");
+        }
+
+        public int Integer(string key, int fallback, int min, int max)
+        {
+            var raw = config[key];
+            if (raw is null)
+                return fallback;
+            if (!int.TryParse(raw.Trim(), NumberStyles.None, CultureInfo.InvariantCulture, out var value) || value < min || value > max)
+                throw Bad(key, raw, $"must be a whole number from {min} to {max}");
+            return value;
+        }
+
+        /// <summary>HOST, HOST:PORT or [IPv6]:PORT.</summary>
+        public (string Host, int Port) Endpoint(string key, string? fallbackHost, int fallbackPort)
+        {
+            var raw = config[key];
+            if (raw is null)
+            {
+                if (fallbackHost is null)
+                    throw new ConfigurationException($"{key} is required ({Where(key)})");
+                return (fallbackHost, fallbackPort);
+            }
+            var text = raw.Trim();
+            string host, portText;
+            if (text.StartsWith('['))
+            {
+                // [IPv6] or [IPv6]:PORT
+                var close = text.IndexOf(']');
+                var rest = close < 0 ? "?" : text[(close + 1)..];
+                if (close < 0 || rest.Length > 0 && !rest.StartsWith(':'))
+                    throw Bad(key, raw, "expected [IPV6] or [IPV6]:PORT");
+                host = text[1..close];
+                portText = rest.TrimStart(':');
+            }
+            else if (text.Count(c => c == ':') == 1)
+            {
+                host = text[..text.IndexOf(':')];
+                portText = text[(text.IndexOf(':') + 1)..];
+            }
+            else
+            {
+                // A name, an IPv4 address or a bare IPv6 address: no port given.
+                host = text;
+                portText = "";
+            }
+            var port = fallbackPort;
+            if (portText.Length > 0 && (!int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535))
+                throw Bad(key, raw, "port must be a number from 1 to 65535");
+            if (host.Length == 0 || host.Any(char.IsWhiteSpace))
+                throw Bad(key, raw, "expected HOST or HOST:PORT");
+            return (host, port);
+        }
+
+        public static bool IsSimpleName(string value) =>
+            value.Length is > 0 and <= 64 && value.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_' or '.');
+
+        private ConfigurationException Bad(string key, string value, string why) =>
+            new($"{key} = '{value}' {Where(key)}: {why}");
+    }
+}

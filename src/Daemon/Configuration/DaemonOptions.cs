@@ -1,0 +1,50 @@
+namespace BFMig.Daemon.Configuration;
+
+/// <summary>How peers prove who they are on the data link.</summary>
+public enum PeerAuthMode
+{
+    /// <summary>Mutual TLS with the host certificates libvirt's own TLS migration uses.</summary>
+    Tls,
+
+    /// <summary>A pre-shared key file (labs and closed networks).</summary>
+    Psk,
+}
+
+/// <summary>Which compressor the data path uses on the WAN.</summary>
+public enum CompressionChoice
+{
+    /// <summary>Measure the link and the CPU, then pick zstd or LZ4 per stream.</summary>
+    Auto,
+    Zstd,
+    Lz4,
+    None,
+}
+
+/// <summary>One peer host that guests travel to and from.</summary>
+/// <param name="Name">The name used in socket paths (<c>/run/bfmig/NAME/</c>) and in the CLI.</param>
+/// <param name="Host">Address or DNS name of the peer's bfmigd.</param>
+/// <param name="Port">The peer's bfmigd data port.</param>
+/// <param name="LibvirtUri">libvirt URI of the peer, as <c>virsh migrate</c> should be given it.</param>
+public sealed record PeerOptions(string Name, string Host, int Port, string LibvirtUri);
+
+/// <summary>Everything bfmigd reads from <c>/etc/bfmig/bfmig.conf</c>, the environment and its command line.</summary>
+public sealed record DaemonOptions
+{
+    public required string HostName { get; init; }
+    public required string StateDirectory { get; init; }
+    public required string RuntimeDirectory { get; init; }
+    public required string LibvirtUri { get; init; }
+    public required string ListenAddress { get; init; }
+    public required int ListenPort { get; init; }
+    public required string QemuUser { get; init; }
+    public required string QemuGroup { get; init; }
+    public required string LogLevel { get; init; }
+    public required PeerAuthMode AuthMode { get; init; }
+    public required string? PskFile { get; init; }
+    public required string TlsCertificate { get; init; }
+    public required string TlsKey { get; init; }
+    public required string TlsCaCertificate { get; init; }
+    public required CompressionChoice Compression { get; init; }
+    public required int BufferMiB { get; init; }
+    public required IReadOnlyList<PeerOptions> Peers { get; init; }
+}
