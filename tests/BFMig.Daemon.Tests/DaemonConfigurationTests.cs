@@ -121,4 +121,16 @@ public sealed class DaemonConfigurationTests : IDisposable
         var e = Assert.Throws<ConfigurationException>(() => Load(Path.Combine(_dir, "absent.conf")));
         Assert.Contains("absent.conf does not exist", e.Message);
     }
+
+    [Fact]
+    public void The_shipped_example_file_parses_and_only_documents_defaults()
+    {
+        var repo = AppContext.BaseDirectory;
+        while (!File.Exists(Path.Combine(repo, "BFMig.sln")))
+            repo = Path.GetDirectoryName(repo) ?? throw new InvalidOperationException("repository root not found");
+        var shipped = Load(Path.Combine(repo, "packaging", "common", "bfmig.conf"));
+        var defaults = Load(WriteConf(""));
+        Assert.Equal(defaults with { Peers = [] }, shipped with { Peers = [] });
+        Assert.Empty(shipped.Peers);
+    }
 }
