@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CONFIG ?= Release
 
-.PHONY: all deps build test unit aot demo bench fuzz clean lab-down
+.PHONY: all deps build test demo bench fuzz packages clean lab-down
 
 all: build
 
@@ -26,6 +26,9 @@ demo: build
 
 bench: build
 	dotnet run -c Release --project bench/BFMig.Benchmarks -- replay
+
+packages: build
+	scripts/build-packages
 
 fuzz: build
 	scripts/fuzz-smoke 300
