@@ -1,0 +1,166 @@
+using System.Buffers;
+
+namespace BFMig.Transfer.Nbd;
+
+public sealed partial class NbdSenderFilter
+{
+    // The handshake is a strict dialogue (client option, server replies until a final one), so it
+    // runs sequentially; each message is parsed, then forwarded byte for byte.
+    private async Task<HandshakeOutcome> HandshakeAsync(NbdInput clientIn, NbdInput upstreamIn, CancellationToken ct)
+    {
+        while (true)
+        {
+            var buffered = upstreamIn.Buffered;
+            if (NbdHandshake.TryReadGreeting(ref buffered, upstreamIn.Position, out _))
+            {
+                await ForwardConsumedAsync(upstreamIn, buffered, _client, ct);
+                break;
+            }
+            await FillOrThrowAsync(upstreamIn, "server greeting", ct);
+        }
+
+        NbdClientFlags clientFlags;
+        while (true)
+        {
+            var buffered = clientIn.Buffered;
+            if (NbdHandshake.TryReadClientFlags(ref buffered, clientIn.Position, out clientFlags))
+            {
+                await ForwardConsumedAsync(clientIn, buffered, _upstream, ct);
+                break;
+            }
+            await FillOrThrowAsync(clientIn, "client flags", ct);
+        }
+
+        while (true)
+        {
+            NbdOption option;
+            while (true)
+            {
+                var buffered = clientIn.Buffered;
+                if (NbdHandshake.TryReadOption(ref buffered, clientIn.Position, out var request))
+                {
+                    option = request.Option;
+                    await ForwardConsumedAsync(clientIn, buffered, _upstream, ct);
+                    break;
+                }
+                if (!await clientIn.FillAsync(ct))
+                {
+                    if (clientIn.Buffered.Length > 0)
+                        throw NbdProtocolException.At("client option", clientIn.Position, $"stream ended inside an option ({clientIn.Buffered.Length} bytes)");
+                    return HandshakeOutcome.Aborted;
+                }
+            }
+
+            if (option == NbdOption.ExportName)
+            {
+                while (true)
+                {
+                    var buffered = upstreamIn.Buffered;
+                    bool noZeroes = (clientFlags & NbdClientFlags.NoZeroes) != 0;
+                    if (NbdHandshake.TryReadExportNameReply(ref buffered, noZeroes, out ulong size, out var flags))
+                    {
+                        _exportSize = size;
+                        _exportFlags = flags;
+                        await ForwardConsumedAsync(upstreamIn, buffered, _client, ct);
+                        return HandshakeOutcome.Transmission;
+                    }
+                    await FillOrThrowAsync(upstreamIn, "export name reply", ct);
+                }
+            }
+
+            while (true)
+            {
+                NbdOptionReply reply;
+                var buffered = upstreamIn.Buffered;
+                long at = upstreamIn.Position;
+                if (!NbdHandshake.TryReadOptionReply(ref buffered, at, out reply))
+                {
+                    if (!await upstreamIn.FillAsync(ct))
+                    {
+                        if (option == NbdOption.Abort && upstreamIn.Buffered.Length == 0)
+                            return HandshakeOutcome.Aborted;
+                        throw NbdProtocolException.At("upstream", upstreamIn.Position, $"stream ended while waiting for the reply to option {option}");
+                    }
+                    continue;
+                }
+                if (reply.Option != option)
+                    throw NbdProtocolException.At("option reply", at + 8, $"reply names option {(uint)reply.Option} but the client asked for {option}");
+                if (reply.Type == NbdOptionReplyType.Info && (option == NbdOption.Go || option == NbdOption.Info)
+                    && NbdHandshake.TryParseExportInfo(reply.Data, at + NbdHandshake.OptionReplyHeaderLength, out ulong size, out var flags))
+                {
+                    _exportSize = size;
+                    _exportFlags = flags;
+                }
+                bool final = reply.IsFinal;
+                bool ack = reply.Type == NbdOptionReplyType.Ack;
+                await ForwardConsumedAsync(upstreamIn, buffered, _client, ct);
+                if (!final)
+                    continue;
+                if (ack)
+                {
+                    switch (option)
+                    {
+                        case NbdOption.StructuredReply when _style == NbdHeaderStyle.Compact:
+                            _style = NbdHeaderStyle.Structured;
+                            break;
+                        case NbdOption.ExtendedHeaders:
+                            _style = NbdHeaderStyle.Extended;
+                            break;
+                        case NbdOption.Go:
+                            return HandshakeOutcome.Transmission;
+                        case NbdOption.StartTls:
+                            return HandshakeOutcome.Opaque;
+                        case NbdOption.Abort:
+                            return HandshakeOutcome.Aborted;
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    private static async ValueTask ForwardConsumedAsync(NbdInput input, ReadOnlySequence<byte> rest, Stream destination, CancellationToken ct)
+    {
+        int length = (int)(input.Buffered.Length - rest.Length);
+        await destination.WriteAsync(input.BufferedMemory[..length], ct);
+        await destination.FlushAsync(ct);
+        input.Consume(length);
+    }
+
+    private static async ValueTask FillOrThrowAsync(NbdInput input, string waitingFor, CancellationToken ct)
+    {
+        if (!await input.FillAsync(ct))
+            throw NbdProtocolException.At(input.Name, input.Position, $"stream ended while waiting for the {waitingFor} ({input.Buffered.Length} bytes buffered)");
+    }
+
+    // After STARTTLS the bytes are encrypted: carry them unchanged, learn nothing.
+    private async Task PumpOpaqueAsync(NbdInput clientIn, NbdInput upstreamIn, CancellationTokenSource cts)
+    {
+        static async Task CopyAsync(NbdInput from, Stream to, CancellationToken ct)
+        {
+            while (true)
+            {
+                if (from.Buffered.Length > 0)
+                {
+                    await to.WriteAsync(from.BufferedMemory, ct);
+                    await to.FlushAsync(ct);
+                    from.Consume(from.Buffered.Length);
+                }
+                if (!await from.FillAsync(ct))
+                    return;
+            }
+        }
+
+        var fromClient = CopyAsync(clientIn, _upstream, cts.Token);
+        var fromUpstream = CopyAsync(upstreamIn, _client, cts.Token);
+        await Task.WhenAny(fromClient, fromUpstream);
+        await cts.CancelAsync();
+        try
+        {
+            await Task.WhenAll(fromClient, fromUpstream);
+        }
+        catch (OperationCanceledException)
+        {
+        }
+    }
+}

@@ -1,0 +1,344 @@
+using BFMig.Transfer.Store;
+
+namespace BFMig.Transfer.Nbd;
+
+public sealed partial class NbdSenderFilter
+{
+    // Reads client requests until DISC (returns true) or a hard disconnect (false).
+    private async Task<bool> ProcessRequestsAsync(NbdInput clientIn, Task pump, CancellationToken ct)
+    {
+        bool extended = _style == NbdHeaderStyle.Extended;
+        while (true)
+        {
+            var buffered = clientIn.Buffered;
+            long at = clientIn.Position;
+            if (!NbdRequest.TryRead(ref buffered, extended, _options.MaxPayload, at, out var request))
+            {
+                if (pump.IsCompleted)
+                {
+                    await pump;
+                    throw NbdProtocolException.At("upstream", at, "server closed the connection while the client was still sending");
+                }
+                if (!await clientIn.FillAsync(ct))
+                {
+                    if (clientIn.Buffered.Length > 0)
+                        throw NbdProtocolException.At("client", clientIn.Position, $"stream ended inside a request ({clientIn.Buffered.Length} bytes)");
+                    await WaitForOutstandingAsync(ct);
+                    return false;
+                }
+                continue;
+            }
+
+            Stats.AddRequest();
+            var payload = clientIn.BufferedMemory.Slice(NbdRequest.HeaderLength(extended), (int)request.Payload.Length);
+            bool disconnect = false;
+            switch (request.Command)
+            {
+                case NbdCommand.Write:
+                    await HandleWriteAsync(request, payload, ct);
+                    break;
+                case NbdCommand.WriteZeroes:
+                    await HandleWriteZeroesAsync(request, ct);
+                    break;
+                case NbdCommand.Flush:
+                    await MaterializeZeroesAsync(0, _blockCount, ct);
+                    await WaitForOutstandingAsync(ct);
+                    _deferZeroes = false;
+                    if (_deferredZeroFailed)
+                        await SendCompletionAsync(request.Cookie, request.Offset, NbdError.IO, ct);
+                    else
+                        await RelayAsync(request, payload, ct);
+                    break;
+                case NbdCommand.Disconnect:
+                    await DisconnectAsync(request, ct);
+                    disconnect = true;
+                    break;
+                case NbdCommand.Trim:
+                    await MaterializeOverlapAsync(request, ct);
+                    MarkUnknown(request.Offset, request.Length);
+                    await RelayAsync(request, payload, ct);
+                    break;
+                case NbdCommand.Read:
+                case NbdCommand.Cache:
+                case NbdCommand.BlockStatus:
+                    await MaterializeOverlapAsync(request, ct);
+                    await RelayAsync(request, payload, ct);
+                    break;
+                default:
+                    throw NbdProtocolException.At("client", at + 6, $"command {request.Command} is not supported by the disk filter (cookie 0x{request.Cookie:x})");
+            }
+            clientIn.ConsumeTo(buffered);
+            if (disconnect)
+                return true;
+        }
+    }
+
+    private bool InRange(in NbdRequest request) =>
+        request.Length > 0 && request.Offset <= _exportSize && request.Length <= _exportSize - request.Offset;
+
+    private async ValueTask HandleWriteAsync(NbdRequest request, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        if (!InRange(request))
+        {
+            // Let the server reject it; nothing on the target changes.
+            await RelayAsync(request, payload, ct);
+            return;
+        }
+        await MaterializePartialEdgesAsync(request.Offset, request.Length, ct);
+        bool mayElide = (request.Flags & NbdCommandFlags.Fua) == 0;
+        ulong end = request.Offset + request.Length;
+        long first = (long)(request.Offset / (ulong)_blockSize);
+        long last = (long)((end - 1) / (ulong)_blockSize);
+        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        lock (_sync)
+        {
+            for (long b = first; b <= last; b++)
+            {
+                ulong start = Math.Max(request.Offset, BlockStart(b));
+                ulong stop = Math.Min(end, BlockEnd(b));
+                bool full = start == BlockStart(b) && stop == BlockEnd(b);
+                UInt128? commit = null;
+                if (full)
+                {
+                    var piece = payload.Span.Slice((int)(start - request.Offset), (int)(stop - start));
+                    var h = DiskBlockHash.Compute(piece, _seed);
+                    if (mayElide && (_state[b] & ~PendingZeroFlag) == StateKnown && _hash[b] == h)
+                    {
+                        ClearPending(b);
+                        _state[b] = StateKnown;
+                        Stats.AddElided((long)(stop - start));
+                        continue;
+                    }
+                    commit = h;
+                }
+                else
+                {
+                    Stats.AddPartial();
+                }
+                ClearPending(b);
+                _state[b] = StateInFlight;
+                AddToRuns(runs, start, stop, b, commit, full);
+            }
+        }
+        await IssuePartsAsync(request, NbdCommand.Write, runs, payload, ct);
+    }
+
+    private async ValueTask HandleWriteZeroesAsync(NbdRequest request, CancellationToken ct)
+    {
+        if (!InRange(request))
+        {
+            await RelayAsync(request, ReadOnlyMemory<byte>.Empty, ct);
+            return;
+        }
+        await MaterializePartialEdgesAsync(request.Offset, request.Length, ct);
+        bool mayDefer = _deferZeroes && (request.Flags & NbdCommandFlags.Fua) == 0;
+        ulong end = request.Offset + request.Length;
+        long first = (long)(request.Offset / (ulong)_blockSize);
+        long last = (long)((end - 1) / (ulong)_blockSize);
+        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        lock (_sync)
+        {
+            for (long b = first; b <= last; b++)
+            {
+                ulong start = Math.Max(request.Offset, BlockStart(b));
+                ulong stop = Math.Min(end, BlockEnd(b));
+                bool full = start == BlockStart(b) && stop == BlockEnd(b);
+                bool known = (_state[b] & ~PendingZeroFlag) == StateKnown;
+                if (full && known && _hash[b] == ZeroHash(b) && (request.Flags & NbdCommandFlags.Fua) == 0)
+                {
+                    ClearPending(b);
+                    Stats.AddZeroElided();
+                    continue;
+                }
+                if (full && known && mayDefer)
+                {
+                    // The target still holds this block's old data; a later WRITE may bring exactly that
+                    // back (mirror's pre-zeroing pass). Zero it only if nothing covers it before FLUSH.
+                    if ((_state[b] & PendingZeroFlag) == 0)
+                    {
+                        _state[b] |= PendingZeroFlag;
+                        _pendingZeroBlocks++;
+                        Stats.AddZeroDeferred();
+                    }
+                    continue;
+                }
+                if (!full)
+                    Stats.AddPartial();
+                ClearPending(b);
+                _state[b] = StateInFlight;
+                AddToRuns(runs, start, stop, b, full ? ZeroHash(b) : null, full);
+            }
+        }
+        await IssuePartsAsync(request, NbdCommand.WriteZeroes, runs, ReadOnlyMemory<byte>.Empty, ct);
+    }
+
+    private static void AddToRuns(List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ulong start, ulong stop, long block, UInt128? commit, bool full)
+    {
+        if (runs.Count > 0 && runs[^1].End == start)
+        {
+            var run = runs[^1];
+            run.Commits.Add((block, commit));
+            runs[^1] = (run.Start, stop, run.Commits, run.FullBlocks + (full ? 1 : 0));
+            return;
+        }
+        runs.Add((start, stop, [(block, commit)], full ? 1 : 0));
+    }
+
+    private async ValueTask IssuePartsAsync(NbdRequest request, NbdCommand command, List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        if (runs.Count == 0)
+        {
+            await SendCompletionAsync(request.Cookie, request.Offset, NbdError.None, ct);
+            return;
+        }
+        var client = new ClientOp(request.Cookie, request.Offset) { Remaining = runs.Count };
+        foreach (var run in runs)
+        {
+            var op = new UpstreamOp(OpKind.Part, command, run.End - run.Start) { Client = client, Commits = run.Commits };
+            var data = command == NbdCommand.Write
+                ? payload.Slice((int)(run.Start - request.Offset), (int)(run.End - run.Start))
+                : ReadOnlyMemory<byte>.Empty;
+            if (command == NbdCommand.Write)
+                Stats.AddForwarded(data.Length, run.FullBlocks);
+            else
+                Stats.AddZeroed(run.FullBlocks);
+            await SendUpstreamAsync(op, request.Flags & ~NbdCommandFlags.PayloadLength, command, run.Start, run.End - run.Start, data, ct);
+        }
+    }
+
+    private async ValueTask RelayAsync(NbdRequest request, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        var op = new UpstreamOp(OpKind.Relay, request.Command, request.Length) { ClientCookie = request.Cookie };
+        await SendUpstreamAsync(op, request.Flags, request.Command, request.Offset, request.Length, payload, ct);
+    }
+
+    private async ValueTask DisconnectAsync(NbdRequest request, CancellationToken ct)
+    {
+        long before = Stats.ZeroBlocksMaterialized;
+        await MaterializeZeroesAsync(0, _blockCount, ct);
+        await WaitForOutstandingAsync(ct);
+        if (_deferredZeroFailed)
+            throw new NbdProtocolException("NBD: deferred zeroes failed on the target; refusing a clean disconnect that would hide it");
+        if (Stats.ZeroBlocksMaterialized != before && (_exportFlags & NbdTransmissionFlags.SendFlush) != 0)
+        {
+            var flush = new UpstreamOp(OpKind.Internal, NbdCommand.Flush, 0);
+            await SendUpstreamAsync(flush, NbdCommandFlags.None, NbdCommand.Flush, 0, 0, ReadOnlyMemory<byte>.Empty, ct);
+            await flush.Done.Task.WaitAsync(ct);
+        }
+        _disconnectSent = true;
+        await SendUpstreamAsync(null, request.Flags, NbdCommand.Disconnect, request.Offset, request.Length, ReadOnlyMemory<byte>.Empty, ct);
+    }
+
+    private async ValueTask SendUpstreamAsync(UpstreamOp? op, NbdCommandFlags flags, NbdCommand command, ulong offset, ulong length, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        ulong cookie = _nextCookie++;
+        if (op is not null)
+        {
+            lock (_sync)
+                _ops.Add(cookie, op);
+        }
+        int n = NbdRequest.WriteHeader(_requestHeader, _style == NbdHeaderStyle.Extended, flags, command, cookie, offset, length);
+        await _upstream.WriteAsync(_requestHeader.AsMemory(0, n), ct);
+        if (!payload.IsEmpty)
+            await _upstream.WriteAsync(payload, ct);
+        await _upstream.FlushAsync(ct);
+    }
+
+    private void ClearPending(long block)
+    {
+        if ((_state[block] & PendingZeroFlag) != 0)
+        {
+            _state[block] &= unchecked((byte)~PendingZeroFlag);
+            _pendingZeroBlocks--;
+        }
+    }
+
+    private void MarkUnknown(ulong offset, ulong length)
+    {
+        if (length == 0 || offset >= _exportSize)
+            return;
+        ulong end = Math.Min(_exportSize, offset + Math.Min(length, _exportSize));
+        lock (_sync)
+        {
+            for (long b = (long)(offset / (ulong)_blockSize); b <= (long)((end - 1) / (ulong)_blockSize); b++)
+            {
+                ClearPending(b);
+                _state[b] = StateUnknown;
+            }
+        }
+    }
+
+    private ValueTask MaterializeOverlapAsync(in NbdRequest request, CancellationToken ct)
+    {
+        if (_pendingZeroBlocks == 0 || request.Length == 0 || request.Offset >= _exportSize)
+            return ValueTask.CompletedTask;
+        ulong end = Math.Min(_exportSize, request.Offset + Math.Min(request.Length, _exportSize));
+        return MaterializeZeroesAsync((long)(request.Offset / (ulong)_blockSize), (long)((end - 1) / (ulong)_blockSize) + 1, ct);
+    }
+
+    // A partial write must land after the deferred zero of its block, not race it.
+    private async ValueTask MaterializePartialEdgesAsync(ulong offset, ulong length, CancellationToken ct)
+    {
+        if (_pendingZeroBlocks == 0)
+            return;
+        ulong end = offset + length;
+        long first = (long)(offset / (ulong)_blockSize);
+        long last = (long)((end - 1) / (ulong)_blockSize);
+        if (offset != BlockStart(first))
+            await MaterializeZeroesAsync(first, first + 1, ct);
+        if (end != BlockEnd(last))
+            await MaterializeZeroesAsync(last, last + 1, ct);
+    }
+
+    // Sends the deferred zeroes of blocks [from, to) and waits until the server answered them.
+    private async ValueTask MaterializeZeroesAsync(long from, long to, CancellationToken ct)
+    {
+        if (_pendingZeroBlocks == 0)
+            return;
+        var runs = new List<(long First, long Count)>();
+        long maxBlocks = Math.Max(1, _options.MaxZeroRequest / (uint)_blockSize);
+        lock (_sync)
+        {
+            for (long b = from; b < to; b++)
+            {
+                if ((_state[b] & PendingZeroFlag) == 0)
+                    continue;
+                ClearPending(b);
+                _state[b] = StateInFlight;
+                if (runs.Count > 0 && runs[^1].First + runs[^1].Count == b && runs[^1].Count < maxBlocks)
+                    runs[^1] = (runs[^1].First, runs[^1].Count + 1);
+                else
+                    runs.Add((b, 1));
+            }
+        }
+        var ops = new List<UpstreamOp>(runs.Count);
+        foreach (var (firstBlock, count) in runs)
+        {
+            var commits = new List<(long, UInt128?)>((int)count);
+            for (long b = firstBlock; b < firstBlock + count; b++)
+                commits.Add((b, ZeroHash(b)));
+            ulong start = BlockStart(firstBlock);
+            ulong length = BlockEnd(firstBlock + count - 1) - start;
+            var op = new UpstreamOp(OpKind.Internal, NbdCommand.WriteZeroes, length) { Commits = commits };
+            ops.Add(op);
+            Stats.AddZeroMaterialized(count);
+            Stats.AddZeroed(count);
+            await SendUpstreamAsync(op, NbdCommandFlags.None, NbdCommand.WriteZeroes, start, length, ReadOnlyMemory<byte>.Empty, ct);
+        }
+        foreach (var op in ops)
+        {
+            await op.Done.Task.WaitAsync(ct);
+            if (op.Error != 0)
+                _deferredZeroFailed = true;
+        }
+    }
+
+    private async ValueTask WaitForOutstandingAsync(CancellationToken ct)
+    {
+        Task[] pending;
+        lock (_sync)
+            pending = [.. _ops.Values.Select(o => o.Done.Task)];
+        if (pending.Length > 0)
+            await Task.WhenAll(pending).WaitAsync(_options.DrainTimeout, ct);
+    }
+}

@@ -1,0 +1,222 @@
+using BFMig.Transfer.Store;
+
+namespace BFMig.Transfer.Nbd;
+
+/// <summary>
+/// The sender's NBD proxy between the source QEMU's mirror job (the client) and the
+/// destination's NBD server (upstream, reached through the WAN tunnel). The handshake passes
+/// through unchanged. In transmission, every WRITE is split into blocks of the retained view's
+/// block size; a block whose hash equals what the target holds is answered locally and never
+/// crosses the WAN. WRITE_ZEROES over blocks the target still holds data in is deferred until a
+/// later WRITE either matches that data (elided) or replaces it, or until the next FLUSH/DISC
+/// (sent then), so the target ends reading exactly like the source. Any protocol confusion
+/// throws <see cref="NbdProtocolException"/>: the caller drops both streams, QEMU fails the
+/// migration and the guest keeps running on the source.
+/// </summary>
+public sealed partial class NbdSenderFilter
+{
+    private const byte StateUnknown = 0;
+    private const byte StateKnown = 1;
+    private const byte StateInFlight = 2;
+    private const byte PendingZeroFlag = 0x80;
+
+    private readonly NbdSenderFilterOptions _options;
+    private readonly object _sync = new();
+    private readonly Dictionary<ulong, UpstreamOp> _ops = [];
+    private readonly SemaphoreSlim _clientWriteLock = new(1, 1);
+    private readonly byte[] _requestHeader = new byte[NbdRequest.ExtendedHeaderLength];
+
+    private Stream _client = Stream.Null;
+    private Stream _upstream = Stream.Null;
+    private NbdHeaderStyle _style = NbdHeaderStyle.Compact;
+    private ulong _exportSize;
+    private NbdTransmissionFlags _exportFlags;
+    private int _blockSize;
+    private long _seed;
+    private long _blockCount;
+    private UInt128[] _hash = [];
+    private byte[] _state = [];
+    private UInt128 _zeroHashFull;
+    private UInt128 _zeroHashTail;
+    private ulong _nextCookie = 1;
+    private bool _deferZeroes = true;
+    private long _pendingZeroBlocks;
+    private bool _deferredZeroFailed;
+    private volatile bool _disconnectSent;
+
+    /// <summary>Creates a filter for one NBD connection.</summary>
+    public NbdSenderFilter(NbdSenderFilterOptions? options = null) => _options = options ?? new NbdSenderFilterOptions();
+
+    /// <summary>Counters, live during the run.</summary>
+    public NbdFilterStats Stats { get; } = new();
+
+    /// <summary>
+    /// Proxies one NBD connection until the client disconnects. <paramref name="retained"/> is
+    /// what the target image holds before this trip (all unknown for a first trip); at the end
+    /// (also on failure) the filter reports the target's resulting block map to
+    /// <paramref name="recorder"/>. Neither stream is disposed here.
+    /// </summary>
+    public async Task<NbdFilterResult> RunAsync(Stream client, Stream upstream, IDiskBlockView retained, IDiskRecorder recorder, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(client);
+        ArgumentNullException.ThrowIfNull(upstream);
+        ArgumentNullException.ThrowIfNull(retained);
+        ArgumentNullException.ThrowIfNull(recorder);
+        _client = client;
+        _upstream = upstream;
+        _blockSize = retained.BlockSize;
+        _seed = retained.HashSeed;
+        int capacity = _options.MaxPayload + 64 * 1024;
+        using var clientIn = new NbdInput(client, "client", capacity);
+        using var upstreamIn = new NbdInput(upstream, "upstream", capacity);
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        bool clean = false;
+        bool transmission = false;
+        try
+        {
+            var outcome = await HandshakeAsync(clientIn, upstreamIn, cts.Token);
+            if (outcome == HandshakeOutcome.Opaque)
+            {
+                await PumpOpaqueAsync(clientIn, upstreamIn, cts);
+                return new NbdFilterResult(_exportSize, _style, CleanDisconnect: false, Opaque: true);
+            }
+            if (outcome == HandshakeOutcome.Aborted)
+                return new NbdFilterResult(_exportSize, _style, CleanDisconnect: false, Opaque: false);
+
+            InitState(retained);
+            transmission = true;
+            var pump = Task.Run(() => PumpRepliesAsync(upstreamIn, cts), CancellationToken.None);
+            try
+            {
+                clean = await ProcessRequestsAsync(clientIn, pump, cts.Token);
+            }
+            catch (Exception e)
+            {
+                await cts.CancelAsync();
+                FailAllOps(e);
+                Exception? pumpError = null;
+                try
+                {
+                    await pump;
+                }
+                catch (Exception pe)
+                {
+                    pumpError = pe;
+                }
+                // When the reply side broke first, the request side only saw the cancellation: report the cause.
+                if (e is OperationCanceledException && pumpError is NbdProtocolException && !cancellationToken.IsCancellationRequested)
+                    System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(pumpError);
+                throw;
+            }
+            await pump.WaitAsync(_options.DrainTimeout, cancellationToken).ConfigureAwait(false);
+            return new NbdFilterResult(_exportSize, _style, clean, Opaque: false);
+        }
+        finally
+        {
+            Report(recorder, retained, transmission, clean);
+        }
+    }
+
+    private void InitState(IDiskBlockView retained)
+    {
+        _blockCount = DiskBlockHash.CountBlocks(_exportSize, _blockSize);
+        if (_blockCount > DiskBlockMap.MaxBlockCount)
+            throw new NbdProtocolException($"NBD export of {_exportSize} bytes has more than {DiskBlockMap.MaxBlockCount} blocks");
+        _hash = new UInt128[_blockCount];
+        _state = new byte[_blockCount];
+        _zeroHashFull = DiskBlockHash.Zero(_blockSize, _seed);
+        int tail = _blockCount == 0 ? _blockSize : DiskBlockHash.BlockLength(_blockCount - 1, _exportSize, _blockSize);
+        _zeroHashTail = tail == _blockSize ? _zeroHashFull : DiskBlockHash.Zero(tail, _seed);
+        // A retained image of another size cannot be trusted block by block (it was resized): send everything.
+        if (retained.ImageSize != _exportSize)
+            return;
+        for (long b = 0; b < _blockCount; b++)
+        {
+            if (retained.TryGetHash(b, out var h))
+            {
+                _hash[b] = h;
+                _state[b] = StateKnown;
+            }
+        }
+    }
+
+    private UInt128 ZeroHash(long block) => block == _blockCount - 1 ? _zeroHashTail : _zeroHashFull;
+
+    private ulong BlockStart(long block) => (ulong)block * (ulong)_blockSize;
+
+    private ulong BlockEnd(long block) => Math.Min(BlockStart(block) + (ulong)_blockSize, _exportSize);
+
+    private void Report(IDiskRecorder recorder, IDiskBlockView retained, bool transmission, bool clean)
+    {
+        if (!transmission)
+        {
+            // Nothing was written through us, but an opaque or aborted stream may still have changed the image.
+            recorder.BeginTrip(_exportSize == 0 ? retained.ImageSize : _exportSize, _blockSize, _seed);
+            recorder.EndTrip(false);
+            return;
+        }
+        recorder.BeginTrip(_exportSize, _blockSize, _seed);
+        lock (_sync)
+        {
+            for (long b = 0; b < _blockCount; b++)
+            {
+                // A pending zero that never went out leaves the target holding its old (known) content.
+                if ((_state[b] & ~PendingZeroFlag) == StateKnown)
+                    recorder.RecordBlock(b, _hash[b]);
+                else
+                    recorder.RecordBlock(b, null);
+            }
+        }
+        recorder.EndTrip(clean);
+    }
+
+    private enum HandshakeOutcome
+    {
+        Transmission,
+        Opaque,
+        Aborted,
+    }
+
+    private enum OpKind
+    {
+        /// <summary>A client request forwarded one to one; its reply is relayed with the client's cookie.</summary>
+        Relay,
+
+        /// <summary>One of the pieces a client WRITE/WRITE_ZEROES was split into.</summary>
+        Part,
+
+        /// <summary>A request the filter made on its own (deferred zeroes, a flush before DISC).</summary>
+        Internal,
+    }
+
+    private sealed class ClientOp(ulong cookie, ulong offset)
+    {
+        public ulong Cookie { get; } = cookie;
+
+        public ulong Offset { get; } = offset;
+
+        public int Remaining { get; set; }
+
+        public uint Error { get; set; }
+    }
+
+    private sealed class UpstreamOp(OpKind kind, NbdCommand command, ulong length)
+    {
+        public OpKind Kind { get; } = kind;
+
+        public NbdCommand Command { get; } = command;
+
+        public ulong Length { get; } = length;
+
+        public ulong ClientCookie { get; init; }
+
+        public ClientOp? Client { get; init; }
+
+        /// <summary>Blocks this request sets when it succeeds (null hash: unknown either way).</summary>
+        public List<(long Block, UInt128? Hash)>? Commits { get; init; }
+
+        public uint Error { get; set; }
+
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+}

@@ -1,0 +1,167 @@
+using Xunit;
+using System.Diagnostics;
+using Xunit.Abstractions;
+
+namespace BFMig.Transfer.Tests.Nbd;
+
+/// <summary>Tool discovery, temp directories and process helpers shared by the NBD tests.</summary>
+internal static class TestEnv
+{
+    public static bool IsCi => string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
+
+    public const string Qemu10 = "/opt/bfmig-qemu10/usr/bin/qemu-system-x86_64";
+
+    /// <summary>
+    /// True when every tool is on PATH. Otherwise fails under CI=true, or prints why and
+    /// returns false so the test can return early.
+    /// </summary>
+    public static bool Require(ITestOutputHelper output, params string[] tools)
+    {
+        foreach (string tool in tools)
+        {
+            bool found = tool.StartsWith('/') ? File.Exists(tool) : FindOnPath(tool) is not null;
+            if (found)
+                continue;
+            string why = $"SKIPPED: '{tool}' is not installed";
+            if (IsCi)
+                Assert.Fail(why + " (CI=true: required)");
+            output.WriteLine(why);
+            return false;
+        }
+        return true;
+    }
+
+    private static string? FindOnPath(string tool)
+    {
+        foreach (string dir in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':'))
+        {
+            string candidate = Path.Combine(dir, tool);
+            if (File.Exists(candidate))
+                return candidate;
+        }
+        return null;
+    }
+
+    public static TempDir CreateTempDir() => new();
+
+    /// <summary>Runs a tool to completion (with a timeout) and returns stdout; throws with stderr on failure.</summary>
+    public static async Task<string> RunAsync(string file, IEnumerable<string> args, int timeoutSeconds = 120, int[]? okExitCodes = null)
+    {
+        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(timeoutSeconds));
+        try
+        {
+            await p.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            p.Kill();
+            throw new TimeoutException($"{file} {string.Join(' ', args)} did not finish in {timeoutSeconds}s");
+        }
+        okExitCodes ??= [0];
+        if (!okExitCodes.Contains(p.ExitCode))
+            throw new InvalidOperationException($"{file} {string.Join(' ', args)} exited {p.ExitCode}: {await stderr}{await stdout}");
+        return await stdout;
+    }
+
+    public static async Task<int> ExitCodeAsync(string file, IEnumerable<string> args, int timeoutSeconds = 120)
+    {
+        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(timeoutSeconds));
+        await p.WaitForExitAsync(cts.Token);
+        await stdout;
+        await stderr;
+        return p.ExitCode;
+    }
+}
+
+/// <summary>A directory under /tmp removed on dispose. Unix socket paths must stay short (108 bytes).</summary>
+internal sealed class TempDir : IDisposable
+{
+    public TempDir()
+    {
+        Path = System.IO.Path.Combine("/tmp", "bfnbd-" + Guid.NewGuid().ToString("N")[..10]);
+        Directory.CreateDirectory(Path);
+    }
+
+    public string Path { get; }
+
+    public string File(string name) => System.IO.Path.Combine(Path, name);
+
+    public void Dispose()
+    {
+        try
+        {
+            Directory.Delete(Path, recursive: true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+}
+
+/// <summary>qemu-img / qemu-io helpers.</summary>
+internal static class Images
+{
+    public static Task CreateAsync(string path, ulong size, string format = "qcow2") =>
+        TestEnv.RunAsync("qemu-img", ["create", "-q", "-f", format, path, size.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+
+    /// <summary>Writes a raw file (deterministic pseudo-random content) and converts it to qcow2.</summary>
+    public static async Task CreateRandomQcow2Async(string path, ulong size, int seed, double fillFraction = 1.0)
+    {
+        string raw = path + ".raw";
+        var rng = new Random(seed);
+        using (var f = new FileStream(raw, FileMode.Create))
+        {
+            var block = new byte[65536];
+            for (ulong at = 0; at < size; at += (ulong)block.Length)
+            {
+                if (rng.NextDouble() < fillFraction)
+                {
+                    rng.NextBytes(block);
+                    f.Write(block, 0, (int)Math.Min((ulong)block.Length, size - at));
+                }
+                else
+                {
+                    f.Seek((long)Math.Min((ulong)block.Length, size - at), SeekOrigin.Current);
+                }
+            }
+            f.SetLength((long)size);
+        }
+        await TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "raw", "-O", "qcow2", raw, path]);
+        File.Delete(raw);
+    }
+
+    public static Task CopyAsync(string from, string to) =>
+        TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "qcow2", "-O", "qcow2", from, to]);
+
+    /// <summary>Runs qemu-io commands (e.g. "write -P 0x41 0 64k") on an image.</summary>
+    public static Task IoAsync(string path, IEnumerable<string> commands)
+    {
+        var args = new List<string> { "-f", "qcow2" };
+        foreach (string c in commands)
+        {
+            args.Add("-c");
+            args.Add(c);
+        }
+        args.Add(path);
+        return TestEnv.RunAsync("qemu-io", args);
+    }
+
+    /// <summary>True when qemu-img compare says the images read the same.</summary>
+    public static async Task<(bool Identical, string Output)> CompareAsync(string a, string b)
+    {
+        string output = await TestEnv.RunAsync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", a, b], okExitCodes: [0, 1]);
+        return (output.Contains("Images are identical", StringComparison.Ordinal), output);
+    }
+}
