@@ -1,0 +1,36 @@
+using System.Text.Json.Serialization;
+
+namespace BFMig.Transfer.Engine;
+
+/// <summary>Counters of one stream, written as JSON by <c>--stats FILE</c>.</summary>
+public sealed class TransferStats
+{
+    public string Role { get; set; } = "";
+    public string Kind { get; set; } = "";
+    /// <summary>"store-match" (elision on), "store-full" (stores disagreed: everything sent), or "plain" (tunnel).</summary>
+    public string Mode { get; set; } = "";
+    /// <summary>Bytes read from the local QEMU (sender) or written to it (receiver), forward direction.</summary>
+    public long StreamBytes { get; set; }
+    /// <summary>Bytes of the reverse direction (return path, NBD replies).</summary>
+    public long ReverseBytes { get; set; }
+    public long WireBytesOut { get; set; }
+    public long WireBytesIn { get; set; }
+    public long PagesElided { get; set; }
+    public long PagesReferenced { get; set; }
+    public long PagesDelta { get; set; }
+    public long PagesFull { get; set; }
+    public long ZeroPages { get; set; }
+    public long UnknownPages { get; set; }
+    public long PassthroughBytes { get; set; }
+    public bool SnapshotComplete { get; set; }
+    public string? OpaqueReason { get; set; }
+    public ulong Generation { get; set; }
+    public bool Committed { get; set; }
+    public double Seconds { get; set; }
+    public string? Error { get; set; }
+}
+
+[JsonSourceGenerationOptions(WriteIndented = true, PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
+[JsonSerializable(typeof(TransferStats))]
+internal sealed partial class StatsJsonContext : JsonSerializerContext;

@@ -1,0 +1,106 @@
+using System.Buffers.Binary;
+
+namespace BFMig.Transfer.Wire;
+
+/// <summary>Frame types of the peer protocol (version <see cref="FrameCodec.ProtocolVersion"/>).</summary>
+public enum FrameType : byte
+{
+    Hello = 0x01,
+    HelloReply = 0x02,
+    Auth = 0x03,
+    /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Engine.MigOps"/>).</summary>
+    MigData = 0x10,
+    /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
+    Tunnel = 0x11,
+    /// <summary>The writer of a tunnel direction reached EOF.</summary>
+    TunnelEof = 0x12,
+    End = 0x20,
+    EndAck = 0x21,
+    Abort = 0x30,
+}
+
+/// <summary>How a frame's payload is compressed.</summary>
+public enum FrameCodecKind : byte
+{
+    None = 0,
+    Zstd = 1,
+    Lz4 = 2,
+}
+
+/// <summary>A parsed frame header.</summary>
+/// <param name="Type">Frame type.</param>
+/// <param name="Codec">Payload compression; compressed payloads start with a be32 uncompressed length.</param>
+/// <param name="WireLength">Payload bytes following the header on the wire.</param>
+public readonly record struct FrameHeader(FrameType Type, FrameCodecKind Codec, int WireLength);
+
+/// <summary>
+/// Frame layout: <c>u8 type, u8 codec, u16 reserved (0), be32 wire length</c>, then the payload.
+/// A compressed payload is <c>be32 uncompressed length</c> + compressed bytes. Every length is
+/// checked against <see cref="MaxPayload"/> before anything is allocated.
+/// </summary>
+public static class FrameCodec
+{
+    public const ushort ProtocolVersion = 1;
+    public const int HeaderLength = 8;
+    /// <summary>Largest uncompressed payload.</summary>
+    public const int MaxPayload = 1 << 20;
+    /// <summary>Largest payload on the wire (room for incompressible data plus codec overhead).</summary>
+    public const int MaxWireLength = MaxPayload + (64 << 10);
+
+    /// <summary>Parses and validates a header; throws <see cref="PeerProtocolException"/> naming the bad field.</summary>
+    public static FrameHeader ParseHeader(ReadOnlySpan<byte> header, long streamOffset)
+    {
+        byte type = header[0];
+        byte codec = header[1];
+        ushort reserved = BinaryPrimitives.ReadUInt16BigEndian(header[2..]);
+        uint length = BinaryPrimitives.ReadUInt32BigEndian(header[4..]);
+        if (!Enum.IsDefined((FrameType)type))
+            throw new PeerProtocolException($"unknown frame type 0x{type:x2} at byte {streamOffset}");
+        if (codec > (byte)FrameCodecKind.Lz4)
+            throw new PeerProtocolException($"unknown codec {codec} in {(FrameType)type} frame at byte {streamOffset}");
+        if (reserved != 0)
+            throw new PeerProtocolException($"reserved field 0x{reserved:x4} set in {(FrameType)type} frame at byte {streamOffset}");
+        if (length > MaxWireLength)
+            throw new PeerProtocolException($"{(FrameType)type} frame of {length} bytes at byte {streamOffset} exceeds {MaxWireLength}");
+        if (codec != 0 && length < 4)
+            throw new PeerProtocolException($"compressed {(FrameType)type} frame of {length} bytes at byte {streamOffset} has no length prefix");
+        return new FrameHeader((FrameType)type, (FrameCodecKind)codec, (int)length);
+    }
+
+    /// <summary>Writes a header.</summary>
+    public static void WriteHeader(Span<byte> destination, FrameType type, FrameCodecKind codec, int wireLength)
+    {
+        destination[0] = (byte)type;
+        destination[1] = (byte)codec;
+        destination[2] = 0;
+        destination[3] = 0;
+        BinaryPrimitives.WriteUInt32BigEndian(destination[4..], (uint)wireLength);
+    }
+
+    /// <summary>
+    /// Finds one complete frame at the start of <paramref name="input"/>. Returns false (consuming
+    /// nothing) when more input is needed; throws <see cref="PeerProtocolException"/> on a bad header.
+    /// </summary>
+    public static bool TryReadFrame(ReadOnlySpan<byte> input, long streamOffset, out FrameHeader header, out ReadOnlySpan<byte> payload, out int consumed)
+    {
+        header = default;
+        payload = default;
+        consumed = 0;
+        if (input.Length < HeaderLength) return false;
+        var h = ParseHeader(input, streamOffset);
+        if (input.Length < HeaderLength + h.WireLength) return false;
+        header = h;
+        payload = input.Slice(HeaderLength, h.WireLength);
+        consumed = HeaderLength + h.WireLength;
+        return true;
+    }
+
+    /// <summary>Reads the uncompressed length prefix of a compressed payload and checks it.</summary>
+    public static int UncompressedLength(ReadOnlySpan<byte> payload, FrameHeader header, long streamOffset)
+    {
+        uint n = BinaryPrimitives.ReadUInt32BigEndian(payload);
+        if (n > MaxPayload)
+            throw new PeerProtocolException($"{header.Type} frame at byte {streamOffset} claims {n} uncompressed bytes (max {MaxPayload})");
+        return (int)n;
+    }
+}

@@ -1,0 +1,93 @@
+using System.Buffers;
+using BFMig.Native.Compression;
+
+namespace BFMig.Transfer.Wire;
+
+/// <summary>A frame read from the peer; <see cref="Payload"/> is valid until the next read.</summary>
+public readonly record struct Frame(FrameType Type, ReadOnlyMemory<byte> Payload);
+
+/// <summary>Reads frames from the peer with bounded buffers, decompressing payloads. One reader per stream direction.</summary>
+public sealed class FrameReader : IDisposable
+{
+    private readonly Stream _stream;
+    private readonly byte[] _wire;
+    private readonly byte[] _plain;
+    private readonly ZstdCodec _zstd = new();
+    private readonly TimeSpan _idleTimeout;
+
+    public FrameReader(Stream stream, TimeSpan idleTimeout)
+    {
+        _stream = stream;
+        _idleTimeout = idleTimeout;
+        _wire = ArrayPool<byte>.Shared.Rent(FrameCodec.HeaderLength + FrameCodec.MaxWireLength);
+        _plain = ArrayPool<byte>.Shared.Rent(FrameCodec.MaxPayload);
+    }
+
+    /// <summary>Bytes read from the peer so far.</summary>
+    public long BytesRead { get; private set; }
+
+    /// <summary>
+    /// Reads the next frame. Returns null on a clean end of stream between frames; throws
+    /// <see cref="PeerProtocolException"/> on a malformed frame, a stream cut inside a frame, or
+    /// <see cref="TimeoutException"/> when the peer is silent longer than the idle timeout.
+    /// </summary>
+    public async ValueTask<Frame?> ReadAsync(CancellationToken ct)
+    {
+        long offset = BytesRead;
+        int got = await ReadAtLeastAsync(_wire.AsMemory(0, FrameCodec.HeaderLength), ct);
+        if (got == 0) return null;
+        if (got < FrameCodec.HeaderLength)
+            throw new PeerProtocolException($"peer stream ended inside a frame header at byte {offset}");
+        var header = FrameCodec.ParseHeader(_wire, offset);
+        got = await ReadAtLeastAsync(_wire.AsMemory(FrameCodec.HeaderLength, header.WireLength), ct);
+        if (got < header.WireLength)
+            throw new PeerProtocolException($"peer stream ended inside a {header.Type} frame at byte {offset} ({got} of {header.WireLength} payload bytes)");
+        BytesRead += FrameCodec.HeaderLength + header.WireLength;
+        var payload = _wire.AsMemory(FrameCodec.HeaderLength, header.WireLength);
+        if (header.Codec == FrameCodecKind.None) return new Frame(header.Type, payload);
+        int plainLength = FrameCodec.UncompressedLength(payload.Span, header, offset);
+        int n;
+        try
+        {
+            n = header.Codec == FrameCodecKind.Zstd
+                ? _zstd.Decompress(payload.Span[4..], _plain.AsSpan(0, plainLength))
+                : Lz4Codec.Decompress(payload.Span[4..], _plain.AsSpan(0, plainLength));
+        }
+        catch (CompressionException e)
+        {
+            throw new PeerProtocolException($"{header.Type} frame at byte {offset}: {e.Message}", e);
+        }
+        if (n != plainLength)
+            throw new PeerProtocolException($"{header.Type} frame at byte {offset} decompressed to {n} bytes, header said {plainLength}");
+        return new Frame(header.Type, _plain.AsMemory(0, n));
+    }
+
+    private async ValueTask<int> ReadAtLeastAsync(Memory<byte> buffer, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(_idleTimeout);
+        int total = 0;
+        try
+        {
+            while (total < buffer.Length)
+            {
+                int n = await _stream.ReadAsync(buffer[total..], cts.Token);
+                if (n == 0) break;
+                total += n;
+            }
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            throw new TimeoutException($"peer sent nothing for {_idleTimeout.TotalSeconds:0} s (at byte {BytesRead + total})");
+        }
+        return total;
+    }
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        ArrayPool<byte>.Shared.Return(_wire);
+        ArrayPool<byte>.Shared.Return(_plain);
+        _zstd.Dispose();
+    }
+}

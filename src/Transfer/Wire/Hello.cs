@@ -1,0 +1,150 @@
+using System.Buffers.Binary;
+using System.Text;
+
+namespace BFMig.Transfer.Wire;
+
+/// <summary>Which stream a connection carries.</summary>
+public enum StreamKind : byte
+{
+    Mig = 1,
+    Nbd = 2,
+}
+
+/// <summary>
+/// Sender's hello (frame <see cref="FrameType.Hello"/>):
+/// <c>"BFMG" u16 version, u8 kind, u8 flags, 16 guest uuid (RFC 4122 byte order), be64 generation,
+/// 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
+/// Generation and digest are what the sender believes the receiver holds.
+/// </summary>
+public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong Generation, byte[] Digest, ulong Seed, byte[] Nonce, string SenderName)
+{
+    private static ReadOnlySpan<byte> Magic => "BFMG"u8;
+
+    public byte[] Encode()
+    {
+        var name = Encoding.UTF8.GetBytes(SenderName);
+        if (name.Length > 255) throw new ArgumentException("sender name longer than 255 bytes");
+        var b = new byte[4 + 2 + 1 + 1 + 16 + 8 + 16 + 8 + 32 + 1 + name.Length];
+        var s = b.AsSpan();
+        Magic.CopyTo(s);
+        BinaryPrimitives.WriteUInt16BigEndian(s[4..], FrameCodec.ProtocolVersion);
+        s[6] = (byte)Kind;
+        s[7] = WantsStore ? (byte)1 : (byte)0;
+        Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
+        BinaryPrimitives.WriteUInt64BigEndian(s[24..], Generation);
+        Digest.AsSpan(0, 16).CopyTo(s[32..]);
+        BinaryPrimitives.WriteUInt64BigEndian(s[48..], Seed);
+        Nonce.AsSpan(0, 32).CopyTo(s[56..]);
+        s[88] = (byte)name.Length;
+        name.CopyTo(s[89..]);
+        return b;
+    }
+
+    public static Hello Decode(ReadOnlySpan<byte> p)
+    {
+        if (p.Length < 89) throw new PeerProtocolException($"hello of {p.Length} bytes is shorter than 89");
+        if (!p[..4].SequenceEqual(Magic)) throw new PeerProtocolException($"hello magic {Convert.ToHexString(p[..4])} is not BFMG");
+        ushort version = BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
+        if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
+        byte kind = p[6];
+        if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
+        if ((p[7] & ~1) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        int nameLen = p[88];
+        if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
+        return new Hello((StreamKind)kind, (p[7] & 1) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
+            p.Slice(32, 16).ToArray(), BinaryPrimitives.ReadUInt64BigEndian(p[48..]), p.Slice(56, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(89, nameLen)));
+    }
+}
+
+/// <summary>Receiver's answer to a hello.</summary>
+public enum HelloStatus : byte
+{
+    /// <summary>The receiver holds what the sender believes: elide, reference and delta freely.</summary>
+    Match = 0,
+    /// <summary>The receiver holds something else (or nothing): send every page in full.</summary>
+    Mismatch = 1,
+    /// <summary>The receiver will not take this stream (wrong guest, busy): see the message.</summary>
+    Refused = 2,
+}
+
+/// <summary>
+/// Receiver's reply (frame <see cref="FrameType.HelloReply"/>): <c>u8 status, u8 flags (1 = store
+/// in use), be64 generation, 16 digest, 32 nonce, u8 message length + message, u8 proof length +
+/// proof</c>. The proof covers the hello and the reply up to the proof.
+/// </summary>
+public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, byte[] Nonce, string Message)
+{
+    /// <summary>The bytes the receiver's proof covers (everything but the proof).</summary>
+    public byte[] EncodeUnsigned()
+    {
+        var msg = Encoding.UTF8.GetBytes(Message);
+        if (msg.Length > 255) msg = msg[..255];
+        var b = new byte[1 + 1 + 8 + 16 + 32 + 1 + msg.Length];
+        b[0] = (byte)Status;
+        b[1] = HasStore ? (byte)1 : (byte)0;
+        BinaryPrimitives.WriteUInt64BigEndian(b.AsSpan(2), Generation);
+        Digest.AsSpan(0, 16).CopyTo(b.AsSpan(10));
+        Nonce.AsSpan(0, 32).CopyTo(b.AsSpan(26));
+        b[58] = (byte)msg.Length;
+        msg.CopyTo(b.AsSpan(59));
+        return b;
+    }
+
+    public static (HelloReply Reply, int UnsignedLength, byte[] Proof) Decode(ReadOnlySpan<byte> p)
+    {
+        if (p.Length < 60) throw new PeerProtocolException($"hello reply of {p.Length} bytes is shorter than 60");
+        if (p[0] > (byte)HelloStatus.Refused) throw new PeerProtocolException($"hello reply status {p[0]} unknown");
+        if ((p[1] & ~1) != 0) throw new PeerProtocolException($"hello reply has unknown flags 0x{p[1]:x2}");
+        int msgLen = p[58];
+        int unsigned = 59 + msgLen;
+        if (p.Length < unsigned + 1) throw new PeerProtocolException("hello reply truncated in its message");
+        int proofLen = p[unsigned];
+        if (p.Length != unsigned + 1 + proofLen) throw new PeerProtocolException($"hello reply of {p.Length} bytes, expected {unsigned + 1 + proofLen}");
+        var reply = new HelloReply((HelloStatus)p[0], (p[1] & 1) != 0, BinaryPrimitives.ReadUInt64BigEndian(p[2..]), p.Slice(10, 16).ToArray(),
+            p.Slice(26, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(59, msgLen)));
+        return (reply, unsigned, p.Slice(unsigned + 1, proofLen).ToArray());
+    }
+}
+
+/// <summary>
+/// End of a memory stream (frame <see cref="FrameType.End"/>, sender to receiver):
+/// <c>be64 new generation, 16 digest of the sender's store, u8 flags (1 = snapshot complete)</c>.
+/// The receiver commits its store only if its own digest is equal, then answers
+/// <see cref="EndAck"/>.
+/// </summary>
+public sealed record EndMessage(ulong Generation, byte[] Digest, bool SnapshotComplete)
+{
+    public byte[] Encode()
+    {
+        var b = new byte[25];
+        BinaryPrimitives.WriteUInt64BigEndian(b, Generation);
+        Digest.AsSpan(0, 16).CopyTo(b.AsSpan(8));
+        b[24] = SnapshotComplete ? (byte)1 : (byte)0;
+        return b;
+    }
+
+    public static EndMessage Decode(ReadOnlySpan<byte> p)
+    {
+        if (p.Length != 25) throw new PeerProtocolException($"end frame of {p.Length} bytes, expected 25");
+        if ((p[24] & ~1) != 0) throw new PeerProtocolException($"end frame has unknown flags 0x{p[24]:x2}");
+        return new EndMessage(BinaryPrimitives.ReadUInt64BigEndian(p), p.Slice(8, 16).ToArray(), p[24] == 1);
+    }
+}
+
+/// <summary>Receiver's answer to <see cref="EndMessage"/>: <c>u8 committed (1) or not (0), 16 receiver digest</c>.</summary>
+public sealed record EndAck(bool Committed, byte[] Digest)
+{
+    public byte[] Encode()
+    {
+        var b = new byte[17];
+        b[0] = Committed ? (byte)1 : (byte)0;
+        Digest.AsSpan(0, 16).CopyTo(b.AsSpan(1));
+        return b;
+    }
+
+    public static EndAck Decode(ReadOnlySpan<byte> p)
+    {
+        if (p.Length != 17 || p[0] > 1) throw new PeerProtocolException($"end ack of {p.Length} bytes (first 0x{(p.Length > 0 ? p[0] : 0):x2}) is malformed");
+        return new EndAck(p[0] == 1, p.Slice(1, 16).ToArray());
+    }
+}

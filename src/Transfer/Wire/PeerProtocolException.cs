@@ -1,0 +1,32 @@
+namespace BFMig.Transfer.Wire;
+
+/// <summary>
+/// The peer stream is unusable (malformed frame, failed authentication, stores out of step, peer
+/// aborted). The migration fails and the guest stays on the source; retrying starts a new
+/// stream, which sends everything if the stores no longer agree.
+/// </summary>
+public class PeerProtocolException : Exception
+{
+    public PeerProtocolException(string message) : base(message) { }
+    public PeerProtocolException(string message, Exception inner) : base(message, inner) { }
+    public PeerProtocolException() { }
+}
+
+/// <summary>Authentication of the peer failed (wrong key, wrong certificate, tampered hello).</summary>
+public sealed class PeerAuthenticationException : PeerProtocolException
+{
+    public PeerAuthenticationException(string message) : base(message) { }
+    public PeerAuthenticationException(string message, Exception inner) : base(message, inner) { }
+    public PeerAuthenticationException() { }
+}
+
+/// <summary>The peer sent an Abort frame.</summary>
+public sealed class PeerAbortedException : PeerProtocolException
+{
+    public PeerAbortedException(string reason) : base($"peer aborted: {reason}") => Reason = reason;
+    public PeerAbortedException() { Reason = ""; }
+    public PeerAbortedException(string message, Exception inner) : base(message, inner) { Reason = message; }
+
+    /// <summary>The reason the peer gave.</summary>
+    public string Reason { get; }
+}
