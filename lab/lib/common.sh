@@ -1,0 +1,51 @@
+# Shared names and small helpers of the lab.
+
+# Namespace files and pids live under /run (gone at reboot); disk images and host directories
+# under /var/tmp (large, on disk, not in RAM).
+LAB_RUN=${BFMIG_LAB_RUN:-/run/bfmig-lab}
+LAB_VAR=${BFMIG_LAB_VAR:-/var/tmp/bfmig-lab}
+LAB_HOSTS=(a b)
+declare -A HOST_ADDR=([a]=198.18.0.1 [b]=198.18.0.2)
+LAB_PREFIX=30
+LAB_GUEST=lab-guest
+LAB_DEFAULT_RATE=100mbit
+MiB=1048576
+
+log() { printf 'lab: %s\n' "$*" >&2; }
+die() { printf 'lab: error: %s\n' "$*" >&2; exit 1; }
+
+need_root() { [[ $(id -u) == 0 ]] || die "the lab needs root (namespaces, mounts, libvirtd)"; }
+
+now() { date +%s.%N; }
+
+# Installs the Debian packages behind missing commands: "command:package" pairs.
+ensure_commands() {
+    local pair missing=()
+    for pair in "$@"; do
+        command -v "${pair%%:*}" > /dev/null || missing+=("${pair#*:}")
+    done
+    ((${#missing[@]} == 0)) && return 0
+    log "installing ${missing[*]}"
+    apt-get install -y --no-install-recommends "${missing[@]}" > "$LAB_VAR.apt.log" 2>&1 ||
+        { apt-get update >> "$LAB_VAR.apt.log" 2>&1 &&
+          apt-get install -y --no-install-recommends "${missing[@]}" >> "$LAB_VAR.apt.log" 2>&1; } ||
+        die "apt-get install ${missing[*]} failed (see $LAB_VAR.apt.log)"
+}
+
+ensure_lab_tools() {
+    ensure_commands ip:iproute2 tc:iproute2 socat:socat jq:jq qemu-img:qemu-utils \
+        qemu-system-x86_64:qemu-system-x86 libvirtd:libvirt-daemon-system virsh:libvirt-clients \
+        virtlogd:libvirt-daemon-system nsenter:util-linux unshare:util-linux
+}
+
+# Rate like 100mbit / 1gbit / 500kbit -> bits per second.
+rate_bps() {
+    local r=${1,,}
+    case $r in
+        *gbit) echo $((${r%gbit} * 1000000000)) ;;
+        *mbit) echo $((${r%mbit} * 1000000)) ;;
+        *kbit) echo $((${r%kbit} * 1000)) ;;
+        *bit) echo "${r%bit}" ;;
+        *) die "rate '$1' not understood (use e.g. 100mbit, 1gbit)" ;;
+    esac
+}

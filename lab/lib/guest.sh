@@ -1,0 +1,138 @@
+# The lab guest: Debian cloud kernel + busybox initramfs (lab/guest), TCG, one virtio qcow2
+# disk, serial console on a unix socket that the harness drives (protocol in lab/guest/init).
+
+GUEST_SEQ=0
+GUEST_OUT=()
+declare -A EXP_M=() EXP_D=()
+
+guest_build() {
+    local out=$1
+    [[ -s $out/initrd.img && $out/initrd.img -nt $LAB_DIR/guest/init ]] && return 0
+    "$LAB_DIR/guest/build" "$out"
+}
+
+guest_image() { echo "$(host_dir "$1")/lib/images/$LAB_GUEST.qcow2"; }
+guest_serial() { echo "$(host_dir "$1")/lib/qemu/$LAB_GUEST.serial"; }
+
+guest_xml() {
+    local ram_mib=$1
+    cat <<EOF
+<domain type='qemu'>
+  <name>$LAB_GUEST</name>
+  <memory unit='MiB'>$ram_mib</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>/var/lib/libvirt/boot/vmlinuz</kernel>
+    <initrd>/var/lib/libvirt/boot/initrd.img</initrd>
+    <cmdline>console=ttyS0 loglevel=1</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/$LAB_GUEST.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <serial type='unix'>
+      <source mode='bind' path='/var/lib/libvirt/qemu/$LAB_GUEST.serial'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+EOF
+}
+
+# Sends one command to the guest on host H and collects its @@ lines in GUEST_OUT.
+# Fails when the guest does not answer within TIMEOUT seconds or the command failed.
+guest_cmd() {
+    local h=$1 timeout=$2
+    shift 2
+    local sock seq line rc=""
+    sock=$(guest_serial "$h")
+    GUEST_SEQ=$((GUEST_SEQ + 1))
+    seq=$GUEST_SEQ
+    GUEST_OUT=()
+    coproc GUEST_IO { exec socat -t 5 - "UNIX-CONNECT:$sock"; }
+    local io_pid=$GUEST_IO_PID in=${GUEST_IO[0]} out=${GUEST_IO[1]}
+    echo "$seq $*" >&"$out"
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)) && IFS= read -r -t $((deadline - SECONDS)) line <&"$in"; do
+        line=${line%$'\r'}
+        case $line in
+            "@@end $seq "*) rc=${line##* }; break ;;
+            @@*) GUEST_OUT+=("$line") ;;
+        esac
+    done
+    kill "$io_pid" 2> /dev/null || true
+    wait "$io_pid" 2> /dev/null || true
+    [[ -n $rc ]] || { log "guest on $h: no answer to '$*' within ${timeout}s"; return 1; }
+    [[ $rc == 0 ]] || { log "guest on $h: '$*' failed with $rc: ${GUEST_OUT[*]}"; return 1; }
+}
+
+guest_wait_ready() {
+    local h=$1 i
+    for ((i = 0; i < 120; i++)); do
+        if [[ -S $(guest_serial "$h") ]] && guest_cmd "$h" 2 ping 2> /dev/null; then return 0; fi
+        sleep 1
+    done
+    die "guest on $h did not answer on its serial console"
+}
+
+# Takes the sums a write reported as the new truth.
+guest_record() {
+    local line kind idx sum
+    for line in "${GUEST_OUT[@]}"; do
+        read -r _ kind idx sum <<< "$line"
+        case $line in
+            "@@sum m "*) EXP_M[$idx]=$sum ;;
+            "@@sum d "*) EXP_D[$idx]=$sum ;;
+        esac
+    done
+}
+
+# Re-reads all guest data and compares with the truth: VERIFY_BAD = number of mismatches
+# (-1 when the guest did not answer).
+guest_verify() {
+    local h=$1 chunks=$2 line kind idx sum bad=0
+    local -A seen_m=() seen_d=()
+    VERIFY_BAD=-1
+    guest_cmd "$h" 1800 verify "$chunks" || return 0
+    for line in "${GUEST_OUT[@]}"; do
+        [[ $line == "@@sum "* ]] || continue
+        read -r _ kind idx sum <<< "$line"
+        if [[ $kind == m ]]; then
+            seen_m[$idx]=1
+            [[ ${EXP_M[$idx]:-} == "$sum" ]] || { bad=$((bad + 1)); log "RAM file $idx: $sum, expected ${EXP_M[$idx]:-none}"; }
+        else
+            seen_d[$idx]=1
+            [[ ${EXP_D[$idx]:-} == "$sum" ]] || { bad=$((bad + 1)); log "disk chunk $idx: $sum, expected ${EXP_D[$idx]:-none}"; }
+        fi
+    done
+    for idx in "${!EXP_M[@]}"; do [[ -n ${seen_m[$idx]:-} ]] || { bad=$((bad + 1)); log "RAM file $idx missing"; }; done
+    for idx in "${!EXP_D[@]}"; do [[ -n ${seen_d[$idx]:-} ]] || { bad=$((bad + 1)); log "disk chunk $idx missing"; }; done
+    VERIFY_BAD=$bad
+}
+
+# Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB random
+# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums.
+guest_prepare_disk() {
+    local h=$1 disk_gib=$2 data_mib=$3 raw i=0 sum
+    raw=$LAB_VAR/work/disk.raw
+    mkdir -p "$LAB_VAR/work"
+    rm -f "$raw"
+    truncate -s "${disk_gib}G" "$raw"
+    if ((data_mib > 0)); then
+        dd if=/dev/urandom of="$raw" bs=1M count="$data_mib" conv=notrunc status=none
+        while read -r sum _; do
+            EXP_D[$i]=$sum
+            i=$((i + 1))
+        done < <(head -c $((data_mib * MiB)) "$raw" | split -b $MiB -a 6 --filter='md5sum' -)
+    fi
+    qemu-img convert -f raw -O qcow2 "$raw" "$(guest_image "$h")"
+    rm -f "$raw"
+}

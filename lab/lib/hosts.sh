@@ -1,0 +1,236 @@
+# Hosts A and B: each a network namespace (bfmig-lab-a/b) plus a persistent mount namespace
+# (bind-mounted at $LAB_RUN/<h>.mnt) with its own /etc/libvirt, /var/lib/libvirt, /run,
+# /var/log/libvirt, /var/cache/libvirt, virtlogd and libvirtd. The veth pair lab-a <-> lab-b
+# is the WAN, shaped with tbf on both ends.
+
+netns_name() { echo "bfmig-lab-$1"; }
+host_dir() { echo "$LAB_VAR/$1"; }
+host_pid() { cat "$LAB_RUN/$1.$2.pid" 2> /dev/null; }
+
+host_exec() {
+    local h=$1
+    shift
+    nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" "$@"
+}
+
+host_virsh() {
+    local h=$1
+    shift
+    host_exec "$h" virsh -q -c qemu:///system "$@"
+}
+
+pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2> /dev/null; }
+
+lab_is_up() {
+    [[ -f $LAB_RUN/state ]] || return 1
+    local h
+    for h in "${LAB_HOSTS[@]}"; do
+        pid_alive "$(host_pid "$h" libvirtd)" || return 1
+        pid_alive "$(host_pid "$h" virtlogd)" || return 1
+        [[ -e /run/netns/$(netns_name "$h") ]] || return 1
+    done
+}
+
+state_get() { sed -n "s/^$1=//p" "$LAB_RUN/state" 2> /dev/null; }
+
+shape_link() {
+    local rate=$1 bps burst h
+    bps=$(rate_bps "$rate")
+    # tbf needs a bucket of at least one timer tick's worth of data at high rates.
+    burst=$((bps / 8 / 100))
+    ((burst < 262144)) && burst=262144
+    for h in "${LAB_HOSTS[@]}"; do
+        ip -n "$(netns_name "$h")" link set "lab-$h" up
+        tc -n "$(netns_name "$h")" qdisc replace dev "lab-$h" root tbf rate "$rate" burst "$burst" latency 50ms
+    done
+    sed -i "s/^rate=.*/rate=$rate/" "$LAB_RUN/state"
+}
+
+cmd_up() {
+    local stack="" rate=""
+    while (($#)); do
+        case $1 in
+            --stack) stack=$2; shift 2 ;;
+            --rate) rate=$2; shift 2 ;;
+            *) die "up: unknown option $1" ;;
+        esac
+    done
+    need_root
+    mkdir -p "$(dirname "$LAB_VAR")"
+    if [[ -n $stack ]]; then
+        if lab_is_up && [[ $(state_get stack) != "$stack:$(stack_libvirt_version)" ]]; then
+            log "changing the stack: taking the lab down first"
+            cmd_down
+        fi
+        stack_ensure "$stack"
+    fi
+    ensure_lab_tools
+    if lab_is_up; then
+        [[ -n $rate ]] && shape_link "$rate"
+        log "lab is up (libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version), rate $(state_get rate))"
+        return 0
+    fi
+    [[ -e $LAB_RUN || -e $LAB_VAR ]] && { log "cleaning a partial lab"; cmd_down; }
+    host_setup_all "${stack:-$(stack_guess)}" "${rate:-$LAB_DEFAULT_RATE}"
+}
+
+stack_guess() {
+    case $(stack_libvirt_version) in 9.0.*) echo debian12 ;; *) echo backports ;; esac
+}
+
+host_setup_all() {
+    local stack=$1 rate=$2 h
+    mkdir -p "$LAB_RUN" "$LAB_VAR"
+    # nsfs bind mounts must live on a private mount (as `ip netns` does for /run/netns).
+    if ! mountpoint -q "$LAB_RUN"; then
+        mount --bind "$LAB_RUN" "$LAB_RUN"
+        mount --make-private "$LAB_RUN"
+    fi
+    cat > "$LAB_RUN/state" <<EOF
+stack=$stack:$(stack_libvirt_version)
+rate=$rate
+EOF
+    ip netns add "$(netns_name a)"
+    ip netns add "$(netns_name b)"
+    ip -n "$(netns_name a)" link add lab-a type veth peer name lab-b netns "$(netns_name b)"
+    for h in "${LAB_HOSTS[@]}"; do
+        ip -n "$(netns_name "$h")" link set lo up
+        ip -n "$(netns_name "$h")" addr add "${HOST_ADDR[$h]}/$LAB_PREFIX" dev "lab-$h"
+    done
+    shape_link "$rate"
+    guest_build "$LAB_VAR/guest"
+    for h in "${LAB_HOSTS[@]}"; do host_setup "$h"; done
+    for h in "${LAB_HOSTS[@]}"; do host_wait_ready "$h"; done
+    log "lab is up: A=${HOST_ADDR[a]} B=${HOST_ADDR[b]} rate $rate, libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
+}
+
+host_write_config() {
+    local h=$1 dir etc
+    dir=$(host_dir "$h")
+    etc=$dir/etc
+    mkdir -p "$etc/qemu" "$etc/hooks" "$etc/storage" "$dir/lib/images" "$dir/lib/boot" \
+        "$dir/lib/qemu" "$dir/log" "$dir/cache"
+    find /etc/libvirt -maxdepth 1 -type f -exec cp -p {} "$etc/" \;
+    chmod 0755 "$dir" "$dir/lib" "$dir/lib/images" "$dir/lib/boot"
+    chown libvirt-qemu:libvirt-qemu "$dir/lib/qemu" 2> /dev/null || true
+    chmod 0751 "$dir/lib/qemu"
+    cat >> "$etc/libvirtd.conf" <<EOF
+
+# --- BFMig lab host $h ---
+host_uuid = "$(cat /proc/sys/kernel/random/uuid)"
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "${HOST_ADDR[$h]}"
+auth_tcp = "none"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+EOF
+    # Both hosts run a guest of the same name at the same moment during a migration: keep
+    # libvirt out of the shared cgroup tree so they cannot collide there.
+    cat >> "$etc/qemu.conf" <<EOF
+
+# --- BFMig lab host $h ---
+cgroup_controllers = [ ]
+EOF
+    cp "$LAB_VAR/guest/vmlinuz" "$LAB_VAR/guest/initrd.img" "$dir/lib/boot/"
+}
+
+host_setup() {
+    local h=$1 dir
+    dir=$(host_dir "$h")
+    host_write_config "$h"
+    touch "$LAB_RUN/$h.mnt"
+    unshare --mount="$LAB_RUN/$h.mnt" --propagation private true
+    nsenter --mount="$LAB_RUN/$h.mnt" sh -ec "
+        mount -t tmpfs -o mode=0755 bfmig-lab-run /run
+        mkdir -p /run/lock /run/libvirt
+        mount --bind '$dir/etc' /etc/libvirt
+        mount --bind '$dir/lib' /var/lib/libvirt
+        mount --bind '$dir/log' /var/log/libvirt
+        mount --bind '$dir/cache' /var/cache/libvirt
+    "
+    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
+        virtlogd > "$dir/virtlogd.out" 2>&1 < /dev/null &
+    echo $! > "$LAB_RUN/$h.virtlogd.pid"
+    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
+        libvirtd --listen > "$dir/libvirtd.out" 2>&1 < /dev/null &
+    echo $! > "$LAB_RUN/$h.libvirtd.pid"
+}
+
+host_wait_ready() {
+    local h=$1 i
+    for ((i = 0; i < 100; i++)); do
+        if host_virsh "$h" version > /dev/null 2>&1; then return 0; fi
+        pid_alive "$(host_pid "$h" libvirtd)" || break
+        sleep 0.2
+    done
+    cat "$(host_dir "$h")/libvirtd.out" >&2 || true
+    die "libvirtd of host $h did not come up"
+}
+
+# Every process whose mount or network namespace is one of the lab's, by pid.
+lab_pids() {
+    local ids=() h f p ns
+    for h in "${LAB_HOSTS[@]}"; do
+        f=$LAB_RUN/$h.mnt
+        [[ -e $f ]] && mountpoint -q "$f" 2> /dev/null && ids+=("mnt:[$(stat -L -c %i "$f")]")
+        f=/run/netns/$(netns_name "$h")
+        [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
+    done
+    for h in "${LAB_HOSTS[@]}"; do
+        for f in libvirtd virtlogd; do p=$(host_pid "$h" "$f"); [[ -n $p ]] && echo "$p"; done
+    done
+    ((${#ids[@]} == 0)) && return 0
+    for p in /proc/[0-9]*; do
+        for ns in mnt net; do
+            local link
+            link=$(readlink "$p/ns/$ns" 2> /dev/null) || continue
+            for f in "${ids[@]}"; do [[ $link == "$f" ]] && echo "${p#/proc/}"; done
+        done
+    done
+}
+
+lab_kill_all() {
+    local pids i
+    mapfile -t pids < <(lab_pids | sort -un)
+    ((${#pids[@]} == 0)) && return 0
+    kill -TERM "${pids[@]}" 2> /dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        mapfile -t pids < <(for p in "${pids[@]}"; do pid_alive "$p" && echo "$p"; done)
+        ((${#pids[@]} == 0)) && return 0
+        sleep 0.2
+    done
+    kill -KILL "${pids[@]}" 2> /dev/null || true
+    sleep 0.5
+}
+
+cmd_down() {
+    need_root
+    local h
+    for h in "${LAB_HOSTS[@]}"; do
+        if pid_alive "$(host_pid "$h" libvirtd)"; then
+            host_virsh "$h" destroy "$LAB_GUEST" > /dev/null 2>&1 || true
+        fi
+    done
+    lab_kill_all
+    for h in "${LAB_HOSTS[@]}"; do
+        if [[ -e $LAB_RUN/$h.mnt ]]; then umount "$LAB_RUN/$h.mnt" 2> /dev/null || true; fi
+        if [[ -e /run/netns/$(netns_name "$h") ]]; then ip netns del "$(netns_name "$h")"; fi
+    done
+    if mountpoint -q "$LAB_RUN" 2> /dev/null; then umount "$LAB_RUN"; fi
+    rm -rf "$LAB_RUN" "$LAB_VAR" "$LAB_VAR.apt.log"
+    log "lab is down"
+}
+
+cmd_status() {
+    if lab_is_up; then
+        echo "up: stack $(state_get stack), rate $(state_get rate)"
+        local h
+        for h in "${LAB_HOSTS[@]}"; do
+            echo "host $h (${HOST_ADDR[$h]}): libvirtd pid $(host_pid "$h" libvirtd), guests: $(host_virsh "$h" list --all --name | xargs)"
+        done
+    else
+        echo "down"
+        [[ -e $LAB_RUN || -e $LAB_VAR ]] && echo "(partial state present: run lab down)"
+    fi
+    return 0
+}

@@ -1,0 +1,205 @@
+# Scenario "roundtrip": boot on A, fill, then trips A->B, B->A, ... Each trip is one live
+# migration with non-shared storage; after each arrival the harness verifies memory and disk
+# (guest checksums + offline image comparison), then changes data on the new host.
+
+# Bytes that crossed the veth in both directions so far (one end sees both).
+link_bytes() {
+    ip -n "$(netns_name a)" -s -j link show lab-a |
+        jq '.[0].stats64.rx.bytes + .[0].stats64.tx.bytes'
+}
+
+# "Total downtime: 663 ms" from libvirt's completed-job statistics; the destination has them
+# (sent in the migration cookie), the source keeps its own copy.
+job_downtime_ms() {
+    local src=$1 dst=$2 out h
+    for h in "$dst" "$src"; do
+        out=$(host_virsh "$h" domjobinfo --completed "$LAB_GUEST" 2> /dev/null || true)
+        if grep -q '^Total downtime:' <<< "$out"; then
+            JOB_DOWNTIME=$(awk '/^Total downtime:/ {print $3}' <<< "$out")
+            JOB_ELAPSED=$(awk '/^Time elapsed:/ {print $3; exit}' <<< "$out")
+            return 0
+        fi
+    done
+    JOB_DOWNTIME=null
+    JOB_ELAPSED=null
+}
+
+# Runs a qemu-io command in the guest's QEMU through the disk's device (a node name would
+# conflict with the device's write permission). HMP prints qemu-io's output into the QEMU
+# log, not into the reply, so only failures to run it are seen here.
+guest_qemu_io() {
+    local h=$1 cmd=$2 dev out
+    dev=$(host_virsh "$h" qemu-monitor-command --hmp "$LAB_GUEST" 'info block' |
+        awk -v img="$LAB_GUEST.qcow2" 'index($0, img) {found = 1} found && /Attached to:/ {print $3; exit}')
+    [[ -n $dev ]] || die "no device for $LAB_GUEST.qcow2 on host $h"
+    out=$(host_virsh "$h" qemu-monitor-command --hmp "$LAB_GUEST" "qemu-io -d $dev \"$cmd\"")
+    [[ -z ${out//[[:space:]]/} ]] || die "qemu-io '$cmd' on $h: $out"
+}
+
+# Drives the guest's qcow2 to a consistent on-disk state and compares it with what the guest
+# left behind on the source. Identical content (allocation may differ) = 0.
+images_identical() {
+    local src=$1 dst=$2
+    guest_qemu_io "$dst" flush
+    qemu-img compare -U -f qcow2 -F qcow2 "$(guest_image "$src")" "$(guest_image "$dst")" > "$LAB_VAR/work/compare.out" 2>&1
+}
+
+# Behind the guest's back: a test that the verifier can fail.
+corrupt_guest() {
+    local kind=$1 h=$2
+    case $kind in
+        disk) guest_qemu_io "$h" "write -P 0x5a 1048576 4096" ;;
+        ram) guest_cmd "$h" 60 poke-ram 0 ;;
+        none | "") ;;
+        *) die "--corrupt: disk, ram or none" ;;
+    esac
+}
+
+scenario_cleanup() {
+    local h
+    for h in "${LAB_HOSTS[@]}"; do
+        host_virsh "$h" destroy "$LAB_GUEST" > /dev/null 2>&1 || true
+        host_virsh "$h" undefine "$LAB_GUEST" > /dev/null 2>&1 || true
+        rm -f "$(guest_image "$h")"
+    done
+}
+
+json_skipped() {
+    local file=$1 mode=$2 reason=$3
+    jq -n --arg mode "$mode" --arg reason "$reason" \
+        --arg libvirt "$(stack_libvirt_version)" --arg qemu "$(stack_qemu_version)" \
+        '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, skipped: $reason, trips: []}' > "$file"
+}
+
+cmd_roundtrip() {
+    local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
+    local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none
+    while (($#)); do
+        case $1 in
+            --mode) mode=$2 ;;
+            --json) json=$2 ;;
+            --ram-mib) ram_mib=$2 ;;
+            --fill-mib) fill_mib=$2 ;;
+            --disk-gib) disk_gib=$2 ;;
+            --disk-data-mib) disk_data_mib=$2 ;;
+            --mem-change-pct) mem_pct=$2 ;;
+            --disk-change-pct) disk_pct=$2 ;;
+            --disk-discard-mib) discard_mib=$2 ;;
+            --disk-rewrite-mib) rewrite_mib=$2 ;;
+            --trips) trips=$2 ;;
+            --rate) rate=$2 ;;
+            --stack) stack=$2 ;;
+            --corrupt) corrupt=$2 ;;
+            *) die "roundtrip: unknown option $1" ;;
+        esac
+        shift 2
+    done
+    [[ -n $mode && -n $json ]] || die "roundtrip needs --mode and --json"
+    mode_known "$mode" || die "unknown mode '$mode' (known: ${LAB_MODES[*]})"
+    ((fill_mib < ram_mib)) || die "--fill-mib must be below --ram-mib"
+    ((disk_data_mib <= disk_gib * 1024)) || die "disk data does not fit the disk"
+    ((discard_mib <= disk_data_mib && rewrite_mib <= disk_data_mib)) || die "discard/rewrite must lie within the disk data"
+    need_root
+    json=$(realpath -m "$json")
+
+    local up_args=()
+    [[ -n $stack ]] && up_args+=(--stack "$stack")
+    [[ -n $rate ]] && up_args+=(--rate "$rate")
+    cmd_up "${up_args[@]}"
+
+    local reason
+    reason=$(mode_unsupported "$mode")
+    if [[ -n $reason ]]; then
+        log "mode $mode skipped: $reason"
+        json_skipped "$json" "$mode" "$reason"
+        return 0
+    fi
+
+    scenario_cleanup
+    EXP_M=()
+    EXP_D=()
+    log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
+    guest_prepare_disk a "$disk_gib" "$disk_data_mib"
+    guest_xml "$ram_mib" > "$LAB_VAR/work/guest.xml"
+    host_virsh a define "$LAB_VAR/work/guest.xml" > /dev/null
+    host_virsh a start "$LAB_GUEST" > /dev/null
+    guest_wait_ready a
+    log "$mode: guest filling ${fill_mib} MiB of RAM"
+    guest_cmd a 1800 fill "$fill_mib" || die "$mode: filling guest RAM failed"
+    guest_record
+
+    local trip src=a dst=b trip_json=() chunks=$disk_data_mib
+    local before after t0 t1 bad images wire secs verified
+    for ((trip = 1; trip <= trips; trip++)); do
+        [[ -e $(guest_image "$dst") ]] ||
+            qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"
+        "$(mode_fn "$mode" args)" "$src" "$dst"
+        mode_call_optional "$mode" prepare "$src" "$dst"
+        log "$mode: trip $trip ${src^^} -> ${dst^^}"
+        before=$(link_bytes)
+        t0=$(now)
+        if ! host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
+                "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" \
+                --migrateuri "tcp://${HOST_ADDR[$dst]}" --listen-address "${HOST_ADDR[$dst]}" \
+                "${MIG_ARGS[@]}"; then
+            mode_call_optional "$mode" cleanup "$src" "$dst"
+            scenario_cleanup
+            die "$mode: trip $trip ${src^^} -> ${dst^^} failed"
+        fi
+        t1=$(now)
+        after=$(link_bytes)
+        mode_call_optional "$mode" cleanup "$src" "$dst"
+        wire=$((after - before))
+        secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
+        job_downtime_ms "$src" "$dst"
+
+        ((trip == 1)) && corrupt_guest "$corrupt" "$dst"
+        guest_verify "$dst" "$chunks"
+        bad=$VERIFY_BAD
+        if images_identical "$src" "$dst"; then images=true; else images=false; fi
+        verified=false
+        [[ $bad == 0 && $images == true ]] && verified=true
+        log "$mode: trip $trip: $wire bytes, ${secs}s, downtime ${JOB_DOWNTIME} ms, guest mismatches $bad, images identical $images"
+        trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
+            --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
+            --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" \
+            '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
+              verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
+              images_identical: $images}')")
+
+        if ((trip < trips)); then
+            log "$mode: changing ${mem_pct}% of RAM data and ${disk_pct}% of disk data on ${dst^^}"
+            guest_cmd "$dst" 1800 mchange "$mem_pct" "$trip" || die "$mode: changing RAM data failed"
+            guest_record
+            guest_cmd "$dst" 1800 dchange "$disk_pct" "$trip" "$disk_data_mib" || die "$mode: changing disk data failed"
+            guest_record
+            if ((discard_mib > 0)); then
+                guest_cmd "$dst" 600 discard $(((trip - 1) * discard_mib % (disk_data_mib - discard_mib + 1))) "$discard_mib" ||
+                    die "$mode: discard failed"
+                guest_record
+            fi
+            if ((rewrite_mib > 0)); then
+                guest_cmd "$dst" 600 rewrite $((trip * 7 % (disk_data_mib - rewrite_mib + 1))) "$rewrite_mib" ||
+                    die "$mode: rewrite failed"
+                guest_record
+            fi
+        fi
+        local tmp=$src
+        src=$dst
+        dst=$tmp
+    done
+
+    jq -n --arg mode "$mode" --arg libvirt "$(stack_libvirt_version)" --arg qemu "$(stack_qemu_version)" \
+        --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
+        --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
+        --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
+        --arg corrupt "$corrupt" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
+          scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
+                     mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
+                     disk_rewrite_mib: $rew, corrupt: $corrupt},
+          migrate_args: $migargs, trips: $ARGS.positional}' \
+        --jsonargs "${trip_json[@]}" > "$json"
+    scenario_cleanup
+    log "$mode: results in $json"
+}
