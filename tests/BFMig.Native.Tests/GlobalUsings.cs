@@ -1,2 +1,4 @@
 global using Xunit;
 global using Xunit.Abstractions;
+
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]
