@@ -6,9 +6,15 @@ using BFMig.Transfer.Store;
 
 namespace BFMig.Transfer.Tests.Nbd;
 
-/// <summary>A stream wrapper feeding an <see cref="NbdStreamObserver"/> with what passes (the receiver's tap).</summary>
-internal sealed class TapStream(Stream inner, NbdStreamObserver observer) : Stream
+/// <summary>A stream wrapper reporting what passes: reads and writes (the receiver's tap, trace capture).</summary>
+internal sealed class TapStream(Stream inner, Action<ReadOnlySpan<byte>> onRead, Action<ReadOnlySpan<byte>> onWrite) : Stream
 {
+    /// <summary>Feeds an observer: written bytes come from the client, read bytes from the server.</summary>
+    public TapStream(Stream inner, NbdStreamObserver observer)
+        : this(inner, observer.OnServerBytes, observer.OnClientBytes)
+    {
+    }
+
     public override bool CanRead => true;
     public override bool CanSeek => false;
     public override bool CanWrite => true;
@@ -24,13 +30,13 @@ internal sealed class TapStream(Stream inner, NbdStreamObserver observer) : Stre
     public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
         int n = await inner.ReadAsync(buffer, cancellationToken);
-        observer.OnServerBytes(buffer.Span[..n]);
+        onRead(buffer.Span[..n]);
         return n;
     }
 
     public override async ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
     {
-        observer.OnClientBytes(buffer.Span);
+        onWrite(buffer.Span);
         await inner.WriteAsync(buffer, cancellationToken);
     }
 
@@ -50,9 +56,11 @@ internal sealed class FilterHarness : IAsyncDisposable
 {
     private readonly Socket _listener;
     private readonly Task<NbdFilterResult> _run;
+    private readonly Action<bool, byte[]>? _capture;
 
-    public FilterHarness(string socketPath, Func<CancellationToken, Task<Stream>> connectUpstream, IDiskBlockView retained, CancellationToken ct, NbdSenderFilterOptions? options = null)
+    public FilterHarness(string socketPath, Func<CancellationToken, Task<Stream>> connectUpstream, IDiskBlockView retained, CancellationToken ct, NbdSenderFilterOptions? options = null, Action<bool, byte[]>? capture = null)
     {
+        _capture = capture;
         SocketPath = socketPath;
         Filter = new NbdSenderFilter(options);
         Recorded = new DiskBlockMap(retained.ImageSize == 0 ? 1 : retained.ImageSize, retained.BlockSize, retained.HashSeed);
@@ -79,7 +87,10 @@ internal sealed class FilterHarness : IAsyncDisposable
     private async Task<NbdFilterResult> RunAsync(Func<CancellationToken, Task<Stream>> connectUpstream, IDiskBlockView retained, CancellationToken ct)
     {
         using var clientSocket = await _listener.AcceptAsync(ct);
-        await using var client = new NetworkStream(clientSocket, ownsSocket: false);
+        await using var clientNet = new NetworkStream(clientSocket, ownsSocket: false);
+        Stream client = _capture is { } capture
+            ? new TapStream(clientNet, b => capture(true, b.ToArray()), b => capture(false, b.ToArray()))
+            : clientNet;
         await using var upstream = await connectUpstream(ct);
         var tapped = new TapStream(upstream, Observer);
         try

@@ -1,5 +1,4 @@
 using Xunit;
-using System.Text.Json.Nodes;
 using BFMig.Transfer.Nbd;
 using BFMig.Transfer.Store;
 using Xunit.Abstractions;
@@ -28,27 +27,8 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
         string exportName = "";
         if (qemuDestination)
         {
-            // The destination of a real migration: a QEMU exporting the target over its own NBD server.
-            destination = await QemuQmp.StartAsync(qemu, dir.File("dst.qmp"), ct);
-            await destination.ExecuteAsync("blockdev-add", new JsonObject
-            {
-                ["driver"] = "qcow2",
-                ["node-name"] = "dst",
-                ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = target },
-            }, ct);
-            await destination.ExecuteAsync("nbd-server-start", new JsonObject
-            {
-                ["addr"] = new JsonObject { ["type"] = "unix", ["data"] = new JsonObject { ["path"] = upstreamSock } },
-            }, ct);
-            await destination.ExecuteAsync("block-export-add", new JsonObject
-            {
-                ["type"] = "nbd",
-                ["id"] = "e",
-                ["node-name"] = "dst",
-                ["name"] = "disk",
-                ["writable"] = true,
-            }, ct);
-            exportName = "disk";
+            destination = await QemuDestination.StartAsync(qemu, target, upstreamSock, dir.File("dst.qmp"), ct);
+            exportName = QemuDestination.ExportName;
         }
         else
         {

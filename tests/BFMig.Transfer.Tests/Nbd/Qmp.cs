@@ -143,3 +143,41 @@ internal sealed class QemuQmp : IAsyncDisposable
         }
     }
 }
+
+/// <summary>The destination side of a real migration: a QEMU exporting a writable qcow2 over its own NBD server.</summary>
+internal static class QemuDestination
+{
+    public const string ExportName = "disk";
+
+    public static async Task<QemuQmp> StartAsync(string qemu, string image, string nbdSocket, string qmpSocket, CancellationToken ct)
+    {
+        var destination = await QemuQmp.StartAsync(qemu, qmpSocket, ct);
+        try
+        {
+            await destination.ExecuteAsync("blockdev-add", new JsonObject
+            {
+                ["driver"] = "qcow2",
+                ["node-name"] = "dst",
+                ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = image },
+            }, ct);
+            await destination.ExecuteAsync("nbd-server-start", new JsonObject
+            {
+                ["addr"] = new JsonObject { ["type"] = "unix", ["data"] = new JsonObject { ["path"] = nbdSocket } },
+            }, ct);
+            await destination.ExecuteAsync("block-export-add", new JsonObject
+            {
+                ["type"] = "nbd",
+                ["id"] = "e",
+                ["node-name"] = "dst",
+                ["name"] = ExportName,
+                ["writable"] = true,
+            }, ct);
+            return destination;
+        }
+        catch
+        {
+            await destination.DisposeAsync();
+            throw;
+        }
+    }
+}

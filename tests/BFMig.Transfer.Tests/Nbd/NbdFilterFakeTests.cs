@@ -1,0 +1,237 @@
+using BFMig.Transfer.Nbd;
+using BFMig.Transfer.Store;
+using CsCheck;
+using Xunit;
+
+namespace BFMig.Transfer.Tests.Nbd;
+
+/// <summary>The filter against an in-memory NBD server: exact sequences and random ones.</summary>
+public sealed class NbdFilterFakeTests
+{
+    private const int BlockSize = 4096;
+
+    private static NbdClientOptions Options(NbdHeaderStyle style) => new()
+    {
+        RequestStructuredReplies = style != NbdHeaderStyle.Compact,
+        RequestExtendedHeaders = style == NbdHeaderStyle.Extended,
+        MetaContexts = ["base:allocation"],
+    };
+
+    private static FakeNbdServer Server(byte[] disk, NbdHeaderStyle style, int? bogusCookie = null, ulong? failAt = null) =>
+        new(disk, structured: style != NbdHeaderStyle.Compact, extended: style == NbdHeaderStyle.Extended) { BogusCookieAtRequest = bogusCookie, FailWritesAt = failAt };
+
+    private static byte[] Random(int length, int seed)
+    {
+        var b = new byte[length];
+        new Random(seed).NextBytes(b);
+        return b;
+    }
+
+    [Theory]
+    [InlineData(NbdHeaderStyle.Compact)]
+    [InlineData(NbdHeaderStyle.Structured)]
+    [InlineData(NbdHeaderStyle.Extended)]
+    public async Task ScriptedPreZeroingSequenceEndsLikeTheSource(NbdHeaderStyle style)
+    {
+        // Retained target: 32 blocks of data. Source: same except block 3 changed and blocks 20..23
+        // discarded (zero). The mirror zeroes everything first, then writes what is allocated.
+        byte[] retainedDisk = Random(32 * BlockSize, 1);
+        byte[] source = (byte[])retainedDisk.Clone();
+        Random(BlockSize, 2).CopyTo(source, 3 * BlockSize);
+        Array.Clear(source, 20 * BlockSize, 4 * BlockSize);
+        var server = Server((byte[])retainedDisk.Clone(), style);
+        var retained = FakeRig.MapOf(retainedDisk, BlockSize);
+
+        var rig = await FakeRig.RunAsync(server, retained, Options(style), async (c, ct) =>
+        {
+            Assert.Equal(style, c.Style);
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.WriteZeroes, NbdCommandFlags.None, 0, (ulong)source.Length, default, ct));
+            for (int b = 0; b < 32; b++)
+            {
+                if (b is >= 20 and < 24)
+                    continue;
+                Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, (ulong)(b * BlockSize), BlockSize, source.AsMemory(b * BlockSize, BlockSize), ct));
+            }
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Flush, NbdCommandFlags.None, 0, 0, default, ct));
+            await c.DisconnectAsync(ct);
+        });
+
+        Assert.Null(rig.ScriptError);
+        Assert.Null(rig.FilterError);
+        Assert.True(rig.Result!.CleanDisconnect);
+        Assert.Equal(source, server.Disk);
+        Assert.Empty(server.Violations);
+        Assert.Equal(1, rig.Stats.BlocksForwarded);
+        Assert.Equal(27, rig.Stats.BlocksElided);
+        Assert.Equal(32, rig.Stats.ZeroBlocksDeferred);
+        Assert.Equal(4, rig.Stats.ZeroBlocksMaterialized);
+        // No data block and no unneeded zeroing crossed: one WRITE, one WRITE_ZEROES run, FLUSH, DISC.
+        Assert.Equal(1, server.Requests.Count(r => r.Command == NbdCommand.Write));
+        Assert.Equal(1, server.Requests.Count(r => r.Command == NbdCommand.WriteZeroes));
+        Assert.Equal(FakeRig.MapOf(source, BlockSize).ComputeDigest(), rig.Recorded.ComputeDigest());
+        Assert.Equal(rig.Recorded.ComputeDigest(), rig.Observed.ComputeDigest());
+    }
+
+    [Fact]
+    public async Task ExtendedHeadersCarryA64BitLengthWrite()
+    {
+        byte[] disk = new byte[64 * BlockSize];
+        var server = Server(disk, NbdHeaderStyle.Extended);
+        byte[] data = Random(40 * BlockSize, 3);
+        var rig = await FakeRig.RunAsync(server, new DiskBlockMap((ulong)disk.Length, BlockSize), Options(NbdHeaderStyle.Extended), async (c, ct) =>
+        {
+            Assert.Equal(NbdHeaderStyle.Extended, c.Style);
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, BlockSize, (ulong)data.Length, data, ct));
+            var back = new byte[data.Length];
+            await c.ReadAsync(BlockSize, back, ct);
+            Assert.Equal(data, back);
+            await c.DisconnectAsync(ct);
+        });
+        Assert.Null(rig.ScriptError);
+        Assert.Null(rig.FilterError);
+        Assert.Equal(NbdHeaderStyle.Extended, rig.Result!.Style);
+        Assert.Equal(data, disk.AsSpan(BlockSize, data.Length).ToArray());
+        Assert.Equal(rig.Recorded.ComputeDigest(), rig.Observed.ComputeDigest());
+    }
+
+    [Fact]
+    public async Task FuaWritesAreNeverElided()
+    {
+        byte[] disk = Random(8 * BlockSize, 4);
+        var server = Server((byte[])disk.Clone(), NbdHeaderStyle.Structured);
+        var rig = await FakeRig.RunAsync(server, FakeRig.MapOf(disk, BlockSize), Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.Fua, 0, BlockSize, disk.AsMemory(0, BlockSize), ct));
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, BlockSize, BlockSize, disk.AsMemory(BlockSize, BlockSize), ct));
+            await c.DisconnectAsync(ct);
+        });
+        Assert.Null(rig.FilterError);
+        Assert.Equal(1, rig.Stats.BlocksForwarded);
+        Assert.Equal(1, rig.Stats.BlocksElided);
+        Assert.Contains(server.Requests, r => r.Command == NbdCommand.Write && (r.Flags & NbdCommandFlags.Fua) != 0);
+    }
+
+    [Fact]
+    public async Task UpstreamWriteErrorReachesTheClientWithItsCookieAndLeavesTheBlockUnknown()
+    {
+        byte[] disk = new byte[8 * BlockSize];
+        var server = Server(disk, NbdHeaderStyle.Structured, failAt: 5 * BlockSize);
+        byte[] data = Random(4 * BlockSize, 5);
+        var rig = await FakeRig.RunAsync(server, new DiskBlockMap((ulong)disk.Length, BlockSize), Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            ulong cookie = await c.SendRequestAsync(NbdCommand.Write, NbdCommandFlags.None, 4 * BlockSize, (ulong)data.Length, data, ct);
+            var (replyCookie, error) = await c.ReadReplyAsync(Memory<byte>.Empty, 0, ct);
+            Assert.Equal(cookie, replyCookie);
+            Assert.Equal(NbdError.IO, error);
+            await c.DisconnectAsync(ct);
+        });
+        Assert.Null(rig.ScriptError);
+        Assert.Null(rig.FilterError);
+        Assert.False(rig.Recorded.TryGetHash(5, out _));
+        Assert.Equal(rig.Recorded.ComputeDigest(), rig.Observed.ComputeDigest());
+    }
+
+    [Fact]
+    public async Task ReplyWithUnknownCookieFailsTheStream()
+    {
+        byte[] disk = new byte[8 * BlockSize];
+        var server = Server(disk, NbdHeaderStyle.Structured, bogusCookie: 2);
+        var rig = await FakeRig.RunAsync(server, new DiskBlockMap((ulong)disk.Length, BlockSize), Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            for (int i = 0; i < 3; i++)
+                await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, (ulong)(i * BlockSize), BlockSize, new byte[BlockSize].AsMemory(), ct);
+            await c.DisconnectAsync(ct);
+        }, timeoutSeconds: 15);
+        var error = Assert.IsType<NbdProtocolException>(rig.FilterError);
+        Assert.Contains("unknown cookie", error.Message, StringComparison.Ordinal);
+        Assert.NotNull(rig.ScriptError);
+        Assert.True(rig.Recorded.LastTripUnclean);
+    }
+
+    private sealed record Op(int Kind, int Block, int Count, int Offset, int Length, bool SameAsRetained, int Seed);
+
+    [Fact]
+    public async Task RandomSequencesEndWithTheTargetReadingLikeTheClientWrote()
+    {
+        const int blocks = 24;
+        var genOp = Gen.Select(Gen.Int[0, 9], Gen.Int[0, blocks - 1], Gen.Int[1, 4], Gen.Int[0, BlockSize - 1], Gen.Int[1, 3 * BlockSize], Gen.Bool, Gen.Int)
+            .Select((k, b, n, o, l, same, s) => new Op(k, b, n, o, l, same, s));
+        var gen = Gen.Select(Gen.Int[0, 2], Gen.Int, genOp.Array[1, 30]);
+        await gen.SampleAsync(async (styleIndex, seed, ops) =>
+        {
+            var style = (NbdHeaderStyle)styleIndex;
+            byte[] retainedDisk = Random(blocks * BlockSize, seed);
+            for (int b = 0; b < blocks; b += 5)
+                Array.Clear(retainedDisk, b * BlockSize, BlockSize);
+            byte[] model = (byte[])retainedDisk.Clone();
+            var server = Server((byte[])retainedDisk.Clone(), style);
+            var retained = FakeRig.MapOf(retainedDisk, BlockSize);
+            var rig = await FakeRig.RunAsync(server, retained, Options(style), async (c, ct) =>
+            {
+                // Batches of up to three requests on disjoint ranges are in flight together.
+                var inFlight = new List<(int Start, int End)>();
+                int sent = 0;
+                foreach (var op in ops)
+                {
+                    int start, length;
+                    if (op.Kind < 4 || op.Kind == 7)
+                    {
+                        start = op.Block * BlockSize;
+                        length = Math.Min(op.Count, blocks - op.Block) * BlockSize;
+                    }
+                    else
+                    {
+                        start = Math.Min(op.Block * BlockSize + op.Offset, model.Length - 1);
+                        length = Math.Min(op.Length, model.Length - start);
+                    }
+                    if (sent == 3 || inFlight.Any(r => r.Start < start + length && start < r.End) || op.Kind == 8)
+                    {
+                        for (; sent > 0; sent--)
+                            Assert.Equal(0u, (await c.ReadReplyAsync(Memory<byte>.Empty, 0, ct)).Error);
+                        inFlight.Clear();
+                    }
+                    switch (op.Kind)
+                    {
+                        case 0 or 1 or 2 or 4 or 5:
+                            byte[] data = op.SameAsRetained ? retainedDisk.AsSpan(start, length).ToArray() : Random(length, op.Seed);
+                            data.CopyTo(model, start);
+                            await c.SendRequestAsync(NbdCommand.Write, NbdCommandFlags.None, (ulong)start, (ulong)length, data, ct);
+                            break;
+                        case 3 or 6 or 7:
+                            Array.Clear(model, start, length);
+                            await c.SendRequestAsync(NbdCommand.WriteZeroes, NbdCommandFlags.None, (ulong)start, (ulong)length, default, ct);
+                            break;
+                        case 8:
+                            var back = new byte[length];
+                            await c.ReadAsync((ulong)start, back, ct);
+                            Assert.Equal(model.AsSpan(start, length).ToArray(), back);
+                            continue;
+                        default:
+                            await c.SendRequestAsync(NbdCommand.Flush, NbdCommandFlags.None, 0, 0, default, ct);
+                            break;
+                    }
+                    sent++;
+                    inFlight.Add((start, start + length));
+                }
+                for (; sent > 0; sent--)
+                    Assert.Equal(0u, (await c.ReadReplyAsync(Memory<byte>.Empty, 0, ct)).Error);
+                await c.DisconnectAsync(ct);
+            });
+            Assert.Null(rig.ScriptError);
+            Assert.Null(rig.FilterError);
+            Assert.True(rig.Result!.CleanDisconnect);
+            Assert.Equal(model, server.Disk);
+            Assert.Empty(server.Violations);
+            var truth = FakeRig.MapOf(server.Disk, BlockSize);
+            for (long b = 0; b < blocks; b++)
+            {
+                if (rig.Recorded.TryGetHash(b, out var h))
+                {
+                    truth.TryGetHash(b, out var t);
+                    Assert.Equal(t, h);
+                }
+            }
+            Assert.Equal(rig.Recorded.ComputeDigest(), rig.Observed.ComputeDigest());
+        }, iter: 80, threads: 1);
+    }
+}
