@@ -196,6 +196,7 @@ public sealed class MigEncoder
         bool seq = block == _lastBlock && page == _lastPage + 1;
         _lastBlock = block;
         _lastPage = page;
+        _rawStart = -1;
         if (kind == MigOps.KindElide && seq && cont)
         {
             _run++;
@@ -214,6 +215,7 @@ public sealed class MigEncoder
     private void FlushRun()
     {
         if (_run == 0) return;
+        _rawStart = -1;
         _ops[_length++] = MigOps.ElideRun;
         _length += Varint.Write(_ops.AsSpan(_length), (ulong)_run);
         _run = 0;
