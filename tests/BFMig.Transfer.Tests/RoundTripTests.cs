@@ -116,8 +116,10 @@ public class RoundTripTests
         Assert.Equal(s, o1);
         var (o2, st2, _) = CoreTrip.Run(s, b, a);
         Assert.Equal(s, o2);
-        // Only pages whose last record in trip 1 was xbzrle (content unknown to the store) go in full again.
-        Assert.True(st2.PagesFull <= st1.UnknownPages, $"{st2.PagesFull} full pages, {st1.UnknownPages} unknown after trip 1");
+        // A paused guest's pages are all retained. A running guest's stream sends some pages several times: the
+        // early versions differ from the retained (final) one, and pseudo-random ones go in full again.
+        if (name.Contains("paused", StringComparison.Ordinal)) Assert.Equal(0, st2.PagesFull);
+        else Assert.True(st2.PagesFull <= st1.PagesFull / 4, $"{st2.PagesFull} full pages of {st1.PagesFull}");
         Assert.True(st2.PagesElided >= 40, $"{st2.PagesElided} elided");
         Assert.Equal(st1.PagesFull, st2.PagesElided + st2.PagesReferenced + st2.PagesDelta + st2.PagesFull);
     }
