@@ -1,17 +1,198 @@
+using System.Net.Sockets;
+using System.Text.Json;
 using BFMig.Native;
+using BFMig.Native.Compression;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer;
 
+/// <summary>
+/// <c>bfmig-transfer send|receive</c>: one migration stream per process. Exit codes: 0 done,
+/// 2 usage, 3 peer protocol failure or abort, 4 local stream (QEMU side) failure, 5 authentication
+/// failed, 6 timeout, 1 anything else. One line on stderr says what failed.
+/// </summary>
 internal static class Program
 {
-    private static int Main(string[] args)
+    private const string Usage = """
+        usage:
+          bfmig-transfer send --kind mig|nbd (--listen unix:PATH | --fd N) --peer tcp:HOST:PORT|unix:PATH
+                              --guest UUID --peer-name NAME [--store DIR] [--psk-file F] [options]
+          bfmig-transfer receive --kind mig|nbd (--listen tcp:HOST:PORT|unix:PATH | --fd N) --connect unix:PATH
+                              --guest UUID [--store DIR] [--psk-file F] [options]
+        options: --stats FILE  --compress auto|zstd|lz4|none  --zstd-level N  --no-store
+                 --idle-timeout SECONDS  --accept-timeout SECONDS  --name LOCALNAME
+        """;
+
+    private static async Task<int> Main(string[] args)
     {
         if (args is ["--version"])
         {
             Console.WriteLine($"bfmig-transfer {BuildInfo.Version}");
             return 0;
         }
-        Console.Error.WriteLine("bfmig-transfer: not built yet in this version (see issue tracker)");
-        return 2;
+        if (args.Length == 0 || args[0] is not ("send" or "receive"))
+        {
+            Console.Error.Write(Usage);
+            return 2;
+        }
+        Dictionary<string, string> opts;
+        try
+        {
+            opts = ParseOptions(args.AsSpan(1));
+        }
+        catch (FormatException e)
+        {
+            Console.Error.WriteLine($"bfmig-transfer: {e.Message}");
+            return 2;
+        }
+        using var cts = new CancellationTokenSource();
+        Console.CancelKeyPress += (_, e) =>
+        {
+            e.Cancel = true;
+            cts.Cancel();
+        };
+        TransferStats? stats = null;
+        string? error = null;
+        int code;
+        try
+        {
+            var o = BuildOptions(opts, args[0] == "send");
+            stats = args[0] == "send" ? await SendAsync(opts, o, cts.Token) : await ReceiveAsync(opts, o, cts.Token);
+            code = 0;
+        }
+        catch (FormatException e)
+        {
+            error = e.Message;
+            code = 2;
+        }
+        catch (PeerAuthenticationException e)
+        {
+            error = e.Message;
+            code = 5;
+        }
+        catch (PeerProtocolException e)
+        {
+            error = e.Message;
+            code = 3;
+        }
+        catch (TimeoutException e)
+        {
+            error = e.Message;
+            code = 6;
+        }
+        catch (Exception e) when (e is IOException or SocketException or CompressionException)
+        {
+            error = $"{e.GetType().Name}: {e.Message}";
+            code = 4;
+        }
+        catch (Exception e) when (e is StoreException or UnauthorizedAccessException or OperationCanceledException)
+        {
+            error = e.Message;
+            code = 1;
+        }
+        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {error.ReplaceLineEndings(" ")}");
+        if (opts.TryGetValue("stats", out var statsPath))
+        {
+            stats ??= new TransferStats { Role = args[0] };
+            stats.Error = error;
+            try
+            {
+                File.WriteAllBytes(statsPath, JsonSerializer.SerializeToUtf8Bytes(stats, StatsJsonContext.Default.TransferStats));
+            }
+            catch (IOException e)
+            {
+                Console.Error.WriteLine($"bfmig-transfer: cannot write stats to {statsPath}: {e.Message}");
+            }
+        }
+        return code;
+    }
+
+    private static readonly HashSet<string> Flags = ["no-store"];
+    private static readonly HashSet<string> Valued =
+        ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
+         "idle-timeout", "accept-timeout", "name"];
+
+    private static Dictionary<string, string> ParseOptions(ReadOnlySpan<string> args)
+    {
+        var d = new Dictionary<string, string>(StringComparer.Ordinal);
+        for (int i = 0; i < args.Length; i++)
+        {
+            if (!args[i].StartsWith("--", StringComparison.Ordinal)) throw new FormatException($"unexpected argument '{args[i]}'");
+            string name = args[i][2..];
+            if (Flags.Contains(name))
+            {
+                d[name] = "";
+                continue;
+            }
+            if (!Valued.Contains(name)) throw new FormatException($"unknown option --{name}");
+            if (i + 1 >= args.Length) throw new FormatException($"--{name} needs a value");
+            d[name] = args[++i];
+        }
+        return d;
+    }
+
+    private static string Required(Dictionary<string, string> d, string name) =>
+        d.TryGetValue(name, out var v) ? v : throw new FormatException($"--{name} is required");
+
+    private static TransferOptions BuildOptions(Dictionary<string, string> d, bool send)
+    {
+        var kind = Required(d, "kind") switch
+        {
+            "mig" => StreamKind.Mig,
+            "nbd" => StreamKind.Nbd,
+            var k => throw new FormatException($"--kind {k}: expected mig or nbd"),
+        };
+        if (!Guid.TryParse(Required(d, "guest"), out var guest)) throw new FormatException($"--guest {d["guest"]}: not a UUID");
+        var compression = (d.GetValueOrDefault("compress") ?? "auto") switch
+        {
+            "auto" => CompressionMode.Auto,
+            "zstd" => CompressionMode.Zstd,
+            "lz4" => CompressionMode.Lz4,
+            "none" => CompressionMode.None,
+            var c => throw new FormatException($"--compress {c}: expected auto, zstd, lz4 or none"),
+        };
+        IPeerAuthenticator auth = d.TryGetValue("psk-file", out var psk) ? PskPeerAuthenticator.FromFile(psk) : NoPeerAuthenticator.Instance;
+        return new TransferOptions
+        {
+            Kind = kind,
+            Guest = guest,
+            StoreRoot = d.ContainsKey("no-store") ? null : d.GetValueOrDefault("store") ?? MemoryStore.DefaultRoot,
+            PeerName = send ? Required(d, "peer-name") : "",
+            LocalName = d.GetValueOrDefault("name") ?? Environment.MachineName,
+            Authenticator = auth,
+            Compression = compression,
+            ZstdLevel = d.TryGetValue("zstd-level", out var lvl) ? ParseInt(lvl, "zstd-level") : 1,
+            IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
+        };
+    }
+
+    private static int ParseInt(string s, string name) =>
+        int.TryParse(s, out int v) ? v : throw new FormatException($"--{name} {s}: not a number");
+
+    private static TimeSpan AcceptTimeout(Dictionary<string, string> d) =>
+        TimeSpan.FromSeconds(d.TryGetValue("accept-timeout", out var s) ? ParseInt(s, "accept-timeout") : 300);
+
+    private static async Task<Socket> ListenOrFdAsync(Dictionary<string, string> d, CancellationToken ct)
+    {
+        if (d.TryGetValue("fd", out var fd)) return Endpoint.FromFd(ParseInt(fd, "fd"));
+        return await Endpoint.Parse(Required(d, "listen")).AcceptOneAsync(AcceptTimeout(d), ct);
+    }
+
+    private static async Task<TransferStats> SendAsync(Dictionary<string, string> d, TransferOptions o, CancellationToken ct)
+    {
+        var peerEndpoint = Endpoint.Parse(Required(d, "peer"));
+        var qemuSocket = await ListenOrFdAsync(d, ct);
+        await using var qemu = LocalConnection.FromSocket(qemuSocket);
+        var peer = await peerEndpoint.ConnectAsync(o.ConnectTimeout, ct);
+        return await TransferRunner.SendAsync(qemu, peer, o, ct);
+    }
+
+    private static async Task<TransferStats> ReceiveAsync(Dictionary<string, string> d, TransferOptions o, CancellationToken ct)
+    {
+        var local = Endpoint.Parse(Required(d, "connect"));
+        var peer = await ListenOrFdAsync(d, ct);
+        return await TransferRunner.ReceiveAsync(peer, async t => LocalConnection.FromSocket(await local.ConnectAsync(o.ConnectTimeout, t)), o, ct);
     }
 }

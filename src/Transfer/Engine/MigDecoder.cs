@@ -49,6 +49,12 @@ public sealed class MigDecoder
     /// <summary>Rebuilt stream bytes waiting to be written to QEMU.</summary>
     public ReadOnlySpan<byte> Output => _out.AsSpan(0, _outLength);
 
+    /// <summary><see cref="Output"/> as memory, for asynchronous writes.</summary>
+    public ReadOnlyMemory<byte> OutputMemory => _out.AsMemory(0, _outLength);
+
+    /// <summary>True while an elide run still has pages to produce (call <see cref="Process"/> again).</summary>
+    public bool HasPendingOutput => _runLeft > 0;
+
     /// <summary>Forgets the output taken by the caller.</summary>
     public void ResetOutput() => _outLength = 0;
 

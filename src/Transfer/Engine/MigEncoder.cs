@@ -50,6 +50,9 @@ public sealed class MigEncoder
     /// <summary>Ops produced so far and not yet taken.</summary>
     public ReadOnlySpan<byte> Ops => _ops.AsSpan(0, _length);
 
+    /// <summary><see cref="Ops"/> as memory, for asynchronous writes.</summary>
+    public ReadOnlyMemory<byte> OpsMemory => _ops.AsMemory(0, _length);
+
     /// <summary>Length of <see cref="Ops"/>.</summary>
     public int OpsLength => _length;
 
@@ -193,6 +196,7 @@ public sealed class MigEncoder
         bool seq = block == _lastBlock && page == _lastPage + 1;
         _lastBlock = block;
         _lastPage = page;
+        _rawStart = -1;
         if (kind == MigOps.KindElide && seq && cont)
         {
             _run++;
@@ -211,6 +215,7 @@ public sealed class MigEncoder
     private void FlushRun()
     {
         if (_run == 0) return;
+        _rawStart = -1;
         _ops[_length++] = MigOps.ElideRun;
         _length += Varint.Write(_ops.AsSpan(_length), (ulong)_run);
         _run = 0;

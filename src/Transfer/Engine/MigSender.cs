@@ -1,0 +1,171 @@
+using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Engine;
+
+/// <summary>
+/// Sending side of a memory stream in store mode: reads the source QEMU, encodes with
+/// <see cref="MigEncoder"/>, frames to the peer, carries the return path back, and commits the
+/// store once the receiver has committed the same digest. Buffers are bounded (input 256 KiB, one
+/// frame in flight) so QEMU's own bandwidth estimate sees the real post-dedup rate.
+/// </summary>
+public sealed class MigSender
+{
+    private const int InputSize = 256 << 10;
+    private readonly MemoryStore? _store;
+    private readonly MigEncoder _encoder;
+    private readonly FrameReader _reader;
+    private readonly FrameWriter _writer;
+    private readonly TransferStats _stats;
+    private readonly ulong _newGeneration;
+    private readonly string _peerName;
+    private readonly TimeSpan _endTimeout;
+
+    public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
+        TransferStats stats, TimeSpan endTimeout)
+    {
+        _store = store;
+        _encoder = new MigEncoder(store, synced, seed, stats);
+        _reader = reader;
+        _writer = writer;
+        _stats = stats;
+        _newGeneration = newGeneration;
+        _peerName = peerName;
+        _endTimeout = endTimeout;
+    }
+
+    /// <summary>Runs the stream to its end. On failure the store is abandoned (consistent, no longer in sync).</summary>
+    public async Task RunAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);
+        try
+        {
+            await ForwardAsync(qemu, prefix, cts.Token);
+            var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
+            if (_encoder.TripStarted)
+            {
+                if (ack.Committed && ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest())))
+                {
+                    _store.Commit(_newGeneration, _peerName, away: true, _encoder.Parser.RamComplete);
+                    _stats.Committed = true;
+                    _stats.Generation = _newGeneration;
+                }
+                else
+                {
+                    _store!.Abandon();
+                }
+            }
+            await WaitForInboxAsync(inbox, ct);
+        }
+        catch
+        {
+            if (_encoder.TripStarted) _store!.Abandon();
+            await cts.CancelAsync();
+            throw;
+        }
+        finally
+        {
+            _stats.SnapshotComplete = _encoder.Parser.RamComplete;
+        }
+    }
+
+    private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
+    {
+        // The receiver ends the return path when its QEMU closes; do not hang on a QEMU that never does.
+        var done = await Task.WhenAny(inbox, Task.Delay(_endTimeout, ct));
+        if (done == inbox) await inbox;
+    }
+
+    private async Task<T> WaitAsync<T>(Task<T> task, Task inbox, string what, CancellationToken ct)
+    {
+        var done = await Task.WhenAny(task, inbox, Task.Delay(_endTimeout, ct));
+        if (done == task) return await task;
+        if (done == inbox)
+        {
+            await inbox; // throws the inbox's failure
+            if (task.IsCompleted) return await task;
+            throw new PeerProtocolException($"peer closed the connection before {what}");
+        }
+        throw new TimeoutException($"no {what} within {_endTimeout.TotalSeconds:0} s");
+    }
+
+    private async Task ForwardAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
+    {
+        var buffer = new byte[InputSize + QemuStreamParser.MaxRecordLength];
+        prefix.CopyTo(buffer);
+        int start = 0;
+        int end = prefix.Length;
+        _stats.StreamBytes += prefix.Length;
+        bool eof = false;
+        while (true)
+        {
+            start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
+            if (_encoder.OpsLength >= MigEncoder.FlushThreshold)
+            {
+                await FlushAsync(ct);
+                continue;
+            }
+            if (eof && start == end) break;
+            if (start > 0)
+            {
+                buffer.AsSpan(start, end - start).CopyTo(buffer);
+                end -= start;
+                start = 0;
+            }
+            if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
+            int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
+            if (n == 0) eof = true;
+            end += n;
+            _stats.StreamBytes += n;
+        }
+        await FlushAsync(ct);
+        var digest = _encoder.TripStarted ? Convert.FromHexString(_store!.ComputeDigest()) : new byte[16];
+        await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, digest, _encoder.Parser.RamComplete).Encode(), compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    private async Task FlushAsync(CancellationToken ct)
+    {
+        _encoder.CompleteOps();
+        if (_encoder.OpsLength == 0) return;
+        await _writer.WriteAsync(FrameType.MigData, _encoder.OpsMemory, compress: true, ct);
+        _encoder.ResetOps();
+    }
+
+    private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)
+    {
+        while (true)
+        {
+            var frame = await _reader.ReadAsync(ct);
+            if (frame is null)
+            {
+                if (!endAck.Task.IsCompleted) throw new PeerProtocolException("peer closed the connection before acknowledging the end of the stream");
+                qemu.HalfClose();
+                return;
+            }
+            var f = frame.Value;
+            switch (f.Type)
+            {
+                case FrameType.Tunnel:
+                    await qemu.Stream.WriteAsync(f.Payload, ct);
+                    _stats.ReverseBytes += f.Payload.Length;
+                    break;
+                case FrameType.TunnelEof:
+                    await qemu.Stream.FlushAsync(ct);
+                    qemu.HalfClose();
+                    if (endAck.Task.IsCompleted) return;
+                    break;
+                case FrameType.EndAck:
+                    endAck.TrySetResult(EndAck.Decode(f.Payload.Span));
+                    break;
+                case FrameType.Abort:
+                    throw new PeerAbortedException(Handshake.AbortReason(f.Payload.Span));
+                default:
+                    throw new PeerProtocolException($"unexpected {f.Type} frame from the receiver at byte {_reader.BytesRead}");
+            }
+        }
+    }
+}

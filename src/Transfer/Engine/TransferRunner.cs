@@ -1,0 +1,217 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Security.Cryptography;
+using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Engine;
+
+/// <summary>Settings of one stream (one helper process).</summary>
+public sealed class TransferOptions
+{
+    public StreamKind Kind { get; init; } = StreamKind.Mig;
+    /// <summary>Root of the stores (a guest's store is <c>ROOT/UUID</c>); null runs without a store.</summary>
+    public string? StoreRoot { get; init; } = MemoryStore.DefaultRoot;
+    public Guid Guest { get; init; }
+    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: unused (the hello names the sender).</summary>
+    public string PeerName { get; init; } = "";
+    /// <summary>This host's name, sent in the hello.</summary>
+    public string LocalName { get; init; } = Environment.MachineName;
+    public IPeerAuthenticator Authenticator { get; init; } = NoPeerAuthenticator.Instance;
+    public CompressionMode Compression { get; init; } = CompressionMode.Auto;
+    public int ZstdLevel { get; init; } = 1;
+    public TimeSpan IdleTimeout { get; init; } = TimeSpan.FromSeconds(120);
+    public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan EndTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
+    public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
+}
+
+/// <summary>Runs one stream end to end, for the sender or the receiver.</summary>
+public static class TransferRunner
+{
+    /// <summary>
+    /// Sender: <paramref name="qemu"/> is the local QEMU's connection, <paramref name="peer"/> the
+    /// connected socket to the receiving helper.
+    /// </summary>
+    public static async Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct)
+    {
+        var stats = new TransferStats { Role = "send", Kind = o.Kind.ToString().ToLowerInvariant() };
+        var clock = Stopwatch.StartNew();
+        var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
+        MemoryStore? store = null;
+        bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
+            && BinaryPrimitives.ReadUInt32BigEndian(prefix) == QemuFormat.FileMagic;
+        if (wantsStore)
+        {
+            try
+            {
+                store = MemoryStore.Open(o.StoreRoot!, o.Guest);
+            }
+            catch (StoreException e)
+            {
+                Console.Error.WriteLine($"bfmig-transfer: carrying without store: {e.Message}");
+                wantsStore = false;
+            }
+        }
+        await using var transport = await o.Authenticator.SecureAsync(new NetworkStream(peer, ownsSocket: true), isInitiator: true, o.PeerName, ct);
+        using var reader = new FrameReader(transport, o.IdleTimeout);
+        using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        try
+        {
+            var state = store?.State;
+            var hello = new Hello(o.Kind, wantsStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
+                RandomNumberGenerator.GetBytes(32), o.LocalName);
+            HelloReply reply;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                reply = await Handshake.ClientAsync(reader, writer, o.Authenticator, hello, hs.Token);
+            }
+            if (o.Kind == StreamKind.Nbd)
+            {
+                stats.Mode = "plain";
+                var tunnel = new PeerByteTunnel(reader, writer);
+                await o.DiskFilter.RunAsync(qemu.Stream, tunnel, ct);
+                stats.StreamBytes = tunnel.BytesWritten;
+                stats.ReverseBytes = tunnel.BytesRead;
+            }
+            else if (store is not null && reply.HasStore)
+            {
+                bool synced = reply.Status == HelloStatus.Match;
+                stats.Mode = synced ? "store-match" : "store-full";
+                ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
+                var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout);
+                await sender.RunAsync(qemu, prefix, ct);
+            }
+            else
+            {
+                stats.Mode = "plain";
+                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, ct);
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            await TryAbortAsync(writer, e.Message);
+            throw;
+        }
+        finally
+        {
+            store?.Dispose();
+            stats.WireBytesOut = writer.BytesWritten;
+            stats.WireBytesIn = reader.BytesRead;
+            stats.Seconds = clock.Elapsed.TotalSeconds;
+        }
+        return stats;
+    }
+
+    /// <summary>
+    /// Receiver: <paramref name="peer"/> is the accepted socket from the sending helper;
+    /// <paramref name="connectLocal"/> opens the connection to the local QEMU (or NBD server).
+    /// </summary>
+    public static async Task<TransferStats> ReceiveAsync(Socket peer, Func<CancellationToken, Task<LocalConnection>> connectLocal, TransferOptions o,
+        CancellationToken ct)
+    {
+        var stats = new TransferStats { Role = "receive", Kind = o.Kind.ToString().ToLowerInvariant() };
+        var clock = Stopwatch.StartNew();
+        MemoryStore? store = null;
+        await using var transport = await o.Authenticator.SecureAsync(new NetworkStream(peer, ownsSocket: true), isInitiator: false, "", ct);
+        using var reader = new FrameReader(transport, o.IdleTimeout);
+        using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        try
+        {
+            Hello hello;
+            HelloDecision decision;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                (hello, decision) = await Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, ref store), hs.Token);
+            }
+            if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
+            await using var local = await connectLocal(ct);
+            if (store is not null && hello.WantsStore)
+            {
+                bool keep = decision.Status == HelloStatus.Match;
+                stats.Mode = keep ? "store-match" : "store-full";
+                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout);
+                await receiver.RunAsync(local, ct);
+            }
+            else
+            {
+                stats.Mode = "plain";
+                var tunnel = new PeerByteTunnel(reader, writer);
+                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, ct);
+                stats.StreamBytes = tunnel.BytesRead;
+                stats.ReverseBytes = tunnel.BytesWritten;
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            await TryAbortAsync(writer, e.Message);
+            throw;
+        }
+        finally
+        {
+            store?.Dispose();
+            stats.WireBytesOut = writer.BytesWritten;
+            stats.WireBytesIn = reader.BytesRead;
+            stats.Seconds = clock.Elapsed.TotalSeconds;
+        }
+        return stats;
+    }
+
+    private static HelloDecision Decide(Hello h, TransferOptions o, ref MemoryStore? store)
+    {
+        var none = new byte[16];
+        if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
+        if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
+        if (!h.WantsStore || o.Kind != StreamKind.Mig || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        try
+        {
+            store = MemoryStore.Open(o.StoreRoot, o.Guest);
+        }
+        catch (StoreException e)
+        {
+            Console.Error.WriteLine($"bfmig-transfer: receiving without store: {e.Message}");
+            return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        }
+        var s = store.State;
+        var digest = DigestBytes(s.Digest);
+        bool match = s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
+        return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
+    }
+
+    private static byte[] DigestBytes(string? hex) => string.IsNullOrEmpty(hex) || hex.Length != 32 ? new byte[16] : Convert.FromHexString(hex);
+
+    private static async Task TryAbortAsync(FrameWriter writer, string reason)
+    {
+        try
+        {
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+            await writer.WriteAsync(FrameType.Abort, Handshake.EncodeAbort(reason), compress: false, cts.Token);
+            await writer.FlushAsync(cts.Token);
+        }
+        catch (Exception e) when (e is IOException or OperationCanceledException or ObjectDisposedException or SocketException or InvalidOperationException)
+        {
+            // The peer may already be gone; the abort is a courtesy.
+        }
+    }
+
+    private static async Task<byte[]> PeekAsync(Stream s, int count, TimeSpan timeout, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(timeout);
+        var buffer = new byte[count];
+        int n = 0;
+        while (n < 4)
+        {
+            int r = await s.ReadAsync(buffer.AsMemory(n), cts.Token);
+            if (r == 0) break;
+            n += r;
+        }
+        return buffer[..n];
+    }
+}
