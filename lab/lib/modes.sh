@@ -1,9 +1,13 @@
-# Migration modes. A mode is three functions:
-#   mode_<name>_unsupported        prints why this stack cannot run it (nothing when it can)
-#   mode_<name>_args SRC DST       fills MIG_ARGS with the extra `virsh migrate` arguments
-#   mode_<name>_prepare/cleanup    optional: start/stop whatever the mode needs around a trip
-# Dashes in mode names become underscores. Add a mode by adding its functions and its name
-# to LAB_MODES.
+# Migration modes. Every trip runs, inside the source host,
+#   virsh migrate --live --persistent --copy-storage-all lab-guest qemu+tcp://DST/system MIG_ARGS
+# and a mode is a few functions (dashes in its name become underscores):
+#   mode_<name>_args SRC DST       required: fills MIG_ARGS (transport URIs + mode flags)
+#   mode_<name>_unsupported        optional: prints why this stack cannot run it
+#   mode_<name>_prepare SRC DST    optional: start what the mode needs before a trip
+#   mode_<name>_cleanup SRC DST    optional: stop it after the trip (also after a failure)
+# Add a mode by adding its functions and its name to LAB_MODES. A mode that routes the
+# streams itself (e.g. bfmig: --migrateuri unix:///run/bfmig/<peer>/<guest>.mig
+# --disks-uri unix:///run/bfmig/<peer>/<guest>.nbd) leaves out mode_tcp_transport.
 
 LAB_MODES=(stock stock-xbzrle stock-multifd-zstd)
 MIG_ARGS=()
@@ -26,11 +30,23 @@ mode_call_optional() {
     if declare -F "$fn" > /dev/null; then "$fn" "$@"; fi
 }
 
+# Migration stream and NBD disk copy straight over the veth to the destination's address.
+mode_tcp_transport() {
+    local dst=$1
+    MIG_ARGS+=(--migrateuri "tcp://${HOST_ADDR[$dst]}" --listen-address "${HOST_ADDR[$dst]}")
+}
+
 version_ge() { [[ $(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1) == "$2" ]]; }
 
-mode_stock_args() { MIG_ARGS=(); }
+mode_stock_args() {
+    MIG_ARGS=()
+    mode_tcp_transport "$2"
+}
 
-mode_stock_xbzrle_args() { MIG_ARGS=(--compressed --comp-methods xbzrle); }
+mode_stock_xbzrle_args() {
+    MIG_ARGS=(--compressed --comp-methods xbzrle)
+    mode_tcp_transport "$2"
+}
 
 # libvirt learned zlib/zstd compression of multifd channels in 9.4 (VIR_MIGRATE_COMPRESSED
 # with "zstd" under VIR_MIGRATE_PARALLEL); earlier versions only know xbzrle and mt.
@@ -38,7 +54,10 @@ mode_stock_multifd_zstd_unsupported() {
     local v
     v=$(stack_libvirt_version)
     version_ge "$v" 9.4.0 ||
-        echo "libvirt $v has no zstd compression for parallel (multifd) migration (needs libvirt >= 9.4)"
+        echo "libvirt $v rejects --comp-methods zstd (\"Unsupported compression method 'zstd'\"): zstd for parallel (multifd) migration needs libvirt >= 9.4"
 }
 
-mode_stock_multifd_zstd_args() { MIG_ARGS=(--parallel --parallel-connections 2 --compressed --comp-methods zstd); }
+mode_stock_multifd_zstd_args() {
+    MIG_ARGS=(--parallel --parallel-connections 2 --compressed --comp-methods zstd)
+    mode_tcp_transport "$2"
+}

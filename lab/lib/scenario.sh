@@ -139,9 +139,7 @@ cmd_roundtrip() {
         before=$(link_bytes)
         t0=$(now)
         if ! host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
-                "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" \
-                --migrateuri "tcp://${HOST_ADDR[$dst]}" --listen-address "${HOST_ADDR[$dst]}" \
-                "${MIG_ARGS[@]}"; then
+                "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}"; then
             mode_call_optional "$mode" cleanup "$src" "$dst"
             scenario_cleanup
             die "$mode: trip $trip ${src^^} -> ${dst^^} failed"

@@ -1,1 +1,106 @@
-# table
+# Side-by-side table of roundtrip result files (modes as columns) and the demo that makes them.
+
+human_bytes() {
+    awk -v b="$1" 'BEGIN {
+        if (b == "") { print "-"; exit }
+        split("B KB MB GB TB", u, " "); i = 1
+        while (b >= 1000 && i < 5) { b /= 1000; i++ }
+        printf (i == 1 ? "%d %s" : "%.1f %s"), b, u[i] }'
+}
+
+cmd_table() {
+    (($#)) || die "table: give one or more result files"
+    local files=("$@") f width=20 first=26 ntrips=0 n i row cell longest=$1
+    for f in "${files[@]}"; do
+        [[ -r $f ]] || die "table: cannot read $f"
+        n=$(jq '.trips | length' "$f")
+        if ((n > ntrips)); then ntrips=$n; longest=$f; fi
+    done
+
+    printf "%-${first}s" ""
+    for f in "${files[@]}"; do printf "%-${width}s" "$(jq -r .mode "$f")"; done
+    printf '\n'
+    printf "%-${first}s" "stack (libvirt/QEMU)"
+    for f in "${files[@]}"; do printf "%-${width}s" "$(jq -r '"\(.stack.libvirt)/\(.stack.qemu)"' "$f")"; done
+    printf '\n'
+
+    for ((i = 0; i < ntrips; i++)); do
+        local label
+        label=$(jq -r ".trips[$i] | \"\(.from)->\(.to)\"" "$longest")
+        for row in wire time downtime verified; do
+            printf "%-${first}s" "trip $((i + 1)) $label $row"
+            for f in "${files[@]}"; do
+                if [[ $(jq -r '.skipped // empty' "$f") != "" ]]; then
+                    cell=skipped
+                elif [[ $(jq ".trips[$i] != null" "$f") != true ]]; then
+                    cell=-
+                else
+                    case $row in
+                        wire) cell=$(human_bytes "$(jq ".trips[$i].wire_bytes" "$f")") ;;
+                        time) cell="$(jq -r ".trips[$i].total_seconds" "$f") s" ;;
+                        downtime) cell="$(jq -r ".trips[$i].downtime_ms" "$f") ms" ;;
+                        verified) cell=$(jq -r "if .trips[$i].verified then \"yes\" else \"NO\" end" "$f") ;;
+                    esac
+                fi
+                printf "%-${width}s" "$cell"
+            done
+            printf '\n'
+        done
+    done
+
+    printf "%-${first}s" "total wire"
+    for f in "${files[@]}"; do
+        if [[ $(jq -r '.skipped // empty' "$f") != "" ]]; then cell=skipped; else
+            cell=$(human_bytes "$(jq '[.trips[].wire_bytes] | add' "$f")"); fi
+        printf "%-${width}s" "$cell"
+    done
+    printf '\n'
+    printf "%-${first}s" "total time"
+    for f in "${files[@]}"; do
+        if [[ $(jq -r '.skipped // empty' "$f") != "" ]]; then cell=skipped; else
+            cell="$(jq '[.trips[].total_seconds] | add * 1000 | round / 1000' "$f") s"; fi
+        printf "%-${width}s" "$cell"
+    done
+    printf '\n'
+    for f in "${files[@]}"; do
+        local why
+        why=$(jq -r '.skipped // empty' "$f")
+        [[ -n $why ]] && printf '%s skipped: %s\n' "$(jq -r .mode "$f")" "$why"
+    done
+    return 0
+}
+
+# Runs the roundtrip in every mode on the current stack, prints the table, takes the lab down.
+cmd_demo() {
+    local quick=false out="" rate=$LAB_DEFAULT_RATE
+    while (($#)); do
+        case $1 in
+            --quick) quick=true; shift ;;
+            --out) out=$2; shift 2 ;;
+            --rate) rate=$2; shift 2 ;;
+            *) die "demo: unknown option $1" ;;
+        esac
+    done
+    need_root
+    out=${out:-$(mktemp -d /tmp/bfmig-lab-demo.XXXXXX)}
+    mkdir -p "$out"
+    local size=()
+    if $quick; then
+        size=(--ram-mib 256 --fill-mib 128 --disk-gib 1 --disk-data-mib 128)
+    fi
+    local mode files=() failed=0
+    cmd_up --rate "$rate"
+    for mode in "${LAB_MODES[@]}"; do
+        if ( cmd_roundtrip --mode "$mode" --json "$out/$mode.json" "${size[@]}" ); then
+            files+=("$out/$mode.json")
+        else
+            log "demo: mode $mode failed"
+            failed=1
+        fi
+    done
+    cmd_down
+    echo
+    echo "Back-and-forth migration, rate $rate ($($quick && echo quick || echo default) scenario; results in $out)"
+    ((${#files[@]})) && cmd_table "${files[@]}"
+    return $failed
+}

@@ -1,0 +1,90 @@
+using System.Text.RegularExpressions;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace BFMig.Lab.Tests;
+
+/// <summary><c>lab up</c> / <c>lab down</c>: idempotent, two distinct hosts, and nothing left behind.</summary>
+[Collection(LabCollection.Name)]
+public sealed partial class UpDownTests(ITestOutputHelper output)
+{
+    private const string RunDir = "/run/bfmig-lab";
+    private const string VarDir = "/var/tmp/bfmig-lab";
+    private static readonly string[] Hosts = ["a", "b"];
+
+    private readonly LabRunner lab = new(output);
+
+    [LabFact]
+    public void UpTwice_DownTwice_LeavesNoTrace()
+    {
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+        AssertNoTrace([]);
+
+        lab.Run(TimeSpan.FromMinutes(10), "up", "--rate", "1gbit");
+        var pids = ReadPids();
+        Assert.Equal(4, pids.Count);
+        Assert.All(pids, pid => Assert.True(Directory.Exists($"/proc/{pid}"), $"pid {pid} is not running"));
+        Assert.All(Hosts, h => Assert.True(File.Exists($"/run/netns/bfmig-lab-{h}"), $"netns of host {h} missing"));
+
+        lab.Run(TimeSpan.FromMinutes(2), "up");
+        Assert.Equal(pids, ReadPids());
+        Assert.Contains("up: stack", lab.Run(TimeSpan.FromMinutes(1), "status"), StringComparison.Ordinal);
+
+        // Two hosts as libvirt sees them: different host UUIDs; B's libvirtd reachable from A over the veth.
+        var uuidA = HostUuid(lab.Run(TimeSpan.FromMinutes(1), "virsh", "a", "capabilities"));
+        var uuidB = HostUuid(lab.Run(TimeSpan.FromMinutes(1), "virsh", "b", "capabilities"));
+        Assert.NotEqual(uuidA, uuidB);
+        lab.Run(TimeSpan.FromMinutes(1), "exec", "a", "timeout", "10", "bash", "-c", "exec 3<>/dev/tcp/198.18.0.2/16509");
+
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+        AssertNoTrace(pids);
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+    }
+
+    private static List<int> ReadPids() =>
+        [.. Hosts.SelectMany(h => new[] { "libvirtd", "virtlogd" }.Select(d => $"{RunDir}/{h}.{d}.pid"))
+            .Where(File.Exists)
+            .Select(f => int.Parse(File.ReadAllText(f).Trim(), System.Globalization.CultureInfo.InvariantCulture))];
+
+    private static string HostUuid(string capabilities)
+    {
+        var match = UuidPattern().Match(capabilities);
+        Assert.True(match.Success, "no <uuid> in capabilities");
+        return match.Groups[1].Value;
+    }
+
+    private static void AssertNoTrace(IReadOnlyList<int> formerPids)
+    {
+        Assert.All(Hosts, h => Assert.False(File.Exists($"/run/netns/bfmig-lab-{h}"), $"netns of host {h} left behind"));
+        var mounts = File.ReadAllLines("/proc/self/mountinfo").Where(l => l.Contains("bfmig-lab", StringComparison.Ordinal)).ToList();
+        Assert.True(mounts.Count == 0, "mounts left behind:\n" + string.Join('\n', mounts));
+        Assert.False(Directory.Exists(RunDir), $"{RunDir} left behind");
+        Assert.False(Directory.Exists(VarDir), $"{VarDir} left behind");
+        Assert.All(formerPids, pid => Assert.False(Directory.Exists($"/proc/{pid}"), $"pid {pid} still running"));
+        var guests = Directory.EnumerateDirectories("/proc")
+            .Where(d => int.TryParse(Path.GetFileName(d), out _))
+            .Where(d => ReadCmdline(d).Contains("guest=lab-guest", StringComparison.Ordinal))
+            .ToList();
+        Assert.True(guests.Count == 0, "lab QEMU still running: " + string.Join(' ', guests));
+    }
+
+    private static string ReadCmdline(string procDir)
+    {
+        try
+        {
+            return File.ReadAllText(Path.Combine(procDir, "cmdline"));
+        }
+        catch (IOException)
+        {
+            return "";
+        }
+        catch (UnauthorizedAccessException)
+        {
+            return "";
+        }
+    }
+
+    [GeneratedRegex("<host>\\s*<uuid>([0-9a-f-]+)</uuid>")]
+    private static partial Regex UuidPattern();
+}
