@@ -231,8 +231,8 @@ public sealed partial class NbdSenderFilter
 
         public ClientOp? Client { get; init; }
 
-        /// <summary>Blocks this request sets when it succeeds (null hash: unknown either way).</summary>
-        public List<(long Block, UInt128? Hash)>? Commits { get; init; }
+        /// <summary>What this request does to target blocks when it succeeds (on failure they become unknown).</summary>
+        public List<BlockCommit>? Commits { get; init; }
 
         public uint Error { get; set; }
 
