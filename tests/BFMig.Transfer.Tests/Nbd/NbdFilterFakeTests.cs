@@ -209,6 +209,24 @@ public sealed class NbdFilterFakeTests
             await s.DisposeAsync();
     }
 
+    [Fact]
+    public async Task RetainedViewOfAnotherSizeIsNotTrusted()
+    {
+        byte[] disk = Random(8 * BlockSize, 10);
+        var server = Server((byte[])disk.Clone(), NbdHeaderStyle.Structured);
+        // Same content, but the map describes a 9-block image: the image was resized since.
+        var resized = FakeRig.MapOf([.. disk, .. new byte[BlockSize]], BlockSize);
+        var rig = await FakeRig.RunAsync(server, resized, Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, 0, (ulong)disk.Length, disk, ct));
+            await c.DisconnectAsync(ct);
+        });
+        Assert.Null(rig.FilterError);
+        Assert.Equal(0, rig.Stats.BlocksElided);
+        Assert.Equal(8, rig.Stats.BlocksForwarded);
+        Assert.Equal(FakeRig.MapOf(disk, BlockSize).ComputeDigest(), rig.Recorded.ComputeDigest());
+    }
+
     private sealed record Op(int Kind, int Block, int Count, int Offset, int Length, bool SameAsRetained, int Seed);
 
     [Fact]

@@ -232,4 +232,26 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
         Assert.Equal(truth.ComputeDigest(), trip.Recorded.ComputeDigest());
         Assert.Equal(trip.Recorded.ComputeDigest(), trip.Observed.ComputeDigest());
     }
+
+    [Fact]
+    public async Task Qemu10MirrorIntoQemuNbd72FallsBackToStructuredReplies()
+    {
+        if (!TestEnv.Require(output, TestEnv.Qemu10, "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        using var dir = TestEnv.CreateTempDir();
+        string source = dir.File("src.qcow2");
+        string target = dir.File("dst.qcow2");
+        await Images.CreateRandomQcow2Async(source, Size, seed: 7);
+        await Images.CopyAsync(source, target);
+        await Images.IoAsync(source, ["write -P 0x72 12M 128k"]);
+        var retained = await DiskBlockMapBuilder.BuildFromImageAsync(target, "qcow2");
+
+        // A Debian 13 source (QEMU 10.0 asks for extended headers) and a Debian 12 destination (refuses them).
+        var trip = await RunTripAsync(dir, source, target, retained, discardUnmap: false, qemu: TestEnv.Qemu10);
+
+        Assert.Equal(NbdHeaderStyle.Structured, trip.Result.Style);
+        Assert.True(trip.Identical, trip.CompareOutput);
+        Assert.Equal(2, trip.Stats.BlocksForwarded);
+        Assert.Equal(trip.Recorded.ComputeDigest(), trip.Observed.ComputeDigest());
+    }
 }
