@@ -89,6 +89,15 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
+        // Hash outside the lock: the reply pump needs it to commit completions.
+        var hashes = new UInt128[last - first + 1];
+        for (long b = first; b <= last; b++)
+        {
+            ulong start = Math.Max(request.Offset, BlockStart(b));
+            ulong stop = Math.Min(end, BlockEnd(b));
+            if (start == BlockStart(b) && stop == BlockEnd(b))
+                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _seed);
+        }
         var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
@@ -101,8 +110,7 @@ public sealed partial class NbdSenderFilter
                 UInt128 commit = default;
                 if (full)
                 {
-                    var piece = payload.Span.Slice((int)(start - request.Offset), (int)(stop - start));
-                    var h = DiskBlockHash.Compute(piece, _seed);
+                    var h = hashes[b - first];
                     if (mayElide && (_state[b] & ~PendingZeroFlag) == StateKnown && _hash[b] == h)
                     {
                         ClearPending(b);
