@@ -23,7 +23,7 @@ public sealed partial class NbdSenderFilter
                 {
                     if (clientIn.Buffered.Length > 0)
                         throw NbdProtocolException.At("client", clientIn.Position, $"stream ended inside a request ({clientIn.Buffered.Length} bytes)");
-                    await WaitForOutstandingAsync(ct);
+                    await WaitForOutstandingAsync(bounded: true, ct);
                     return false;
                 }
                 continue;
@@ -42,7 +42,7 @@ public sealed partial class NbdSenderFilter
                     break;
                 case NbdCommand.Flush:
                     await MaterializeZeroesAsync(0, _blockCount, ct);
-                    await WaitForOutstandingAsync(ct);
+                    await WaitForOutstandingAsync(bounded: false, ct);
                     _deferZeroes = false;
                     if (_deferredZeroFailed)
                         await SendCompletionAsync(request.Cookie, request.Offset, NbdError.IO, ct);
@@ -89,7 +89,16 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
-        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        // Hash outside the lock: the reply pump needs it to commit completions.
+        var hashes = new UInt128[last - first + 1];
+        for (long b = first; b <= last; b++)
+        {
+            ulong start = Math.Max(request.Offset, BlockStart(b));
+            ulong stop = Math.Min(end, BlockEnd(b));
+            if (start == BlockStart(b) && stop == BlockEnd(b))
+                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _seed);
+        }
+        var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
             for (long b = first; b <= last; b++)
@@ -97,11 +106,11 @@ public sealed partial class NbdSenderFilter
                 ulong start = Math.Max(request.Offset, BlockStart(b));
                 ulong stop = Math.Min(end, BlockEnd(b));
                 bool full = start == BlockStart(b) && stop == BlockEnd(b);
-                UInt128? commit = null;
+                var kind = BlockCommitKind.Unknown;
+                UInt128 commit = default;
                 if (full)
                 {
-                    var piece = payload.Span.Slice((int)(start - request.Offset), (int)(stop - start));
-                    var h = DiskBlockHash.Compute(piece, _seed);
+                    var h = hashes[b - first];
                     if (mayElide && (_state[b] & ~PendingZeroFlag) == StateKnown && _hash[b] == h)
                     {
                         ClearPending(b);
@@ -109,6 +118,7 @@ public sealed partial class NbdSenderFilter
                         Stats.AddElided((long)(stop - start));
                         continue;
                     }
+                    kind = BlockCommitKind.Data;
                     commit = h;
                 }
                 else
@@ -117,7 +127,7 @@ public sealed partial class NbdSenderFilter
                 }
                 ClearPending(b);
                 _state[b] = StateInFlight;
-                AddToRuns(runs, start, stop, b, commit, full);
+                AddToRuns(runs, start, stop, b, kind, commit, full);
             }
         }
         await IssuePartsAsync(request, NbdCommand.Write, runs, payload, ct);
@@ -135,7 +145,7 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
-        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
             for (long b = first; b <= last; b++)
@@ -166,25 +176,27 @@ public sealed partial class NbdSenderFilter
                     Stats.AddPartial();
                 ClearPending(b);
                 _state[b] = StateInFlight;
-                AddToRuns(runs, start, stop, b, full ? ZeroHash(b) : null, full);
+                AddToRuns(runs, start, stop, b, full ? BlockCommitKind.Zero : BlockCommitKind.Unknown, default, full);
             }
         }
         await IssuePartsAsync(request, NbdCommand.WriteZeroes, runs, ReadOnlyMemory<byte>.Empty, ct);
     }
 
-    private static void AddToRuns(List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ulong start, ulong stop, long block, UInt128? commit, bool full)
+    private static void AddToRuns(List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)> runs, ulong start, ulong stop, long block, BlockCommitKind kind, UInt128 hash, bool full)
     {
         if (runs.Count > 0 && runs[^1].End == start)
         {
             var run = runs[^1];
-            run.Commits.Add((block, commit));
+            BlockCommit.Add(run.Commits, block, kind, hash);
             runs[^1] = (run.Start, stop, run.Commits, run.FullBlocks + (full ? 1 : 0));
             return;
         }
-        runs.Add((start, stop, [(block, commit)], full ? 1 : 0));
+        var commits = new List<BlockCommit>();
+        BlockCommit.Add(commits, block, kind, hash);
+        runs.Add((start, stop, commits, full ? 1 : 0));
     }
 
-    private async ValueTask IssuePartsAsync(NbdRequest request, NbdCommand command, List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    private async ValueTask IssuePartsAsync(NbdRequest request, NbdCommand command, List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)> runs, ReadOnlyMemory<byte> payload, CancellationToken ct)
     {
         if (runs.Count == 0)
         {
@@ -216,7 +228,7 @@ public sealed partial class NbdSenderFilter
     {
         long before = Stats.ZeroBlocksMaterialized;
         await MaterializeZeroesAsync(0, _blockCount, ct);
-        await WaitForOutstandingAsync(ct);
+        await WaitForOutstandingAsync(bounded: false, ct);
         if (_deferredZeroFailed)
             throw new NbdProtocolException("NBD: deferred zeroes failed on the target; refusing a clean disconnect that would hide it");
         if (Stats.ZeroBlocksMaterialized != before && (_exportFlags & NbdTransmissionFlags.SendFlush) != 0)
@@ -314,9 +326,7 @@ public sealed partial class NbdSenderFilter
         var ops = new List<UpstreamOp>(runs.Count);
         foreach (var (firstBlock, count) in runs)
         {
-            var commits = new List<(long, UInt128?)>((int)count);
-            for (long b = firstBlock; b < firstBlock + count; b++)
-                commits.Add((b, ZeroHash(b)));
+            List<BlockCommit> commits = [new BlockCommit(firstBlock, count, BlockCommitKind.Zero, default)];
             ulong start = BlockStart(firstBlock);
             ulong length = BlockEnd(firstBlock + count - 1) - start;
             var op = new UpstreamOp(OpKind.Internal, NbdCommand.WriteZeroes, length) { Commits = commits };
@@ -333,12 +343,28 @@ public sealed partial class NbdSenderFilter
         }
     }
 
-    private async ValueTask WaitForOutstandingAsync(CancellationToken ct)
+    // Before FLUSH/DISC the wait is unbounded: a slow WAN is still progress, and a broken one fails
+    // the reply pump, which fails every waiter. After the client vanished, waiting is only a courtesy.
+    private async ValueTask WaitForOutstandingAsync(bool bounded, CancellationToken ct)
     {
         Task[] pending;
         lock (_sync)
             pending = [.. _ops.Values.Select(o => o.Done.Task)];
-        if (pending.Length > 0)
-            await Task.WhenAll(pending).WaitAsync(_options.DrainTimeout, ct);
+        if (pending.Length == 0)
+            return;
+        var all = Task.WhenAll(pending);
+        if (!bounded)
+        {
+            await all.WaitAsync(ct);
+            return;
+        }
+        try
+        {
+            await all.WaitAsync(_options.DrainTimeout, ct);
+        }
+        catch (TimeoutException)
+        {
+            // The trip is unclean anyway; the unanswered blocks are reported unknown.
+        }
     }
 }

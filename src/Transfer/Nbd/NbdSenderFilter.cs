@@ -62,6 +62,8 @@ public sealed partial class NbdSenderFilter
         ArgumentNullException.ThrowIfNull(upstream);
         ArgumentNullException.ThrowIfNull(retained);
         ArgumentNullException.ThrowIfNull(recorder);
+        if (retained.BlockSize < 512 || !int.IsPow2(retained.BlockSize))
+            throw new ArgumentException($"block size {retained.BlockSize} of the retained view is not a power of two >= 512", nameof(retained));
         _client = client;
         _upstream = upstream;
         _blockSize = retained.BlockSize;
@@ -108,7 +110,26 @@ public sealed partial class NbdSenderFilter
                     System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(pumpError);
                 throw;
             }
-            await pump.WaitAsync(_options.DrainTimeout, cancellationToken).ConfigureAwait(false);
+            if (clean)
+            {
+                // After DISC every reply is in; the server closes by itself. Do not wait forever if it does not.
+                try
+                {
+                    await pump.WaitAsync(_options.DrainTimeout, cancellationToken);
+                }
+                catch (TimeoutException)
+                {
+                }
+            }
+            await cts.CancelAsync();
+            try
+            {
+                await pump;
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                // The pump was only waiting for a server that has nothing more to say.
+            }
             return new NbdFilterResult(_exportSize, _style, clean, Opaque: false);
         }
         finally
@@ -212,8 +233,8 @@ public sealed partial class NbdSenderFilter
 
         public ClientOp? Client { get; init; }
 
-        /// <summary>Blocks this request sets when it succeeds (null hash: unknown either way).</summary>
-        public List<(long Block, UInt128? Hash)>? Commits { get; init; }
+        /// <summary>What this request does to target blocks when it succeeds (on failure they become unknown).</summary>
+        public List<BlockCommit>? Commits { get; init; }
 
         public uint Error { get; set; }
 
