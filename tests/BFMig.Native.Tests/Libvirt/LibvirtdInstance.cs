@@ -11,16 +11,26 @@ public sealed class LibvirtdInstance : IDisposable
 {
     private readonly Process? _process;
     private readonly string? _namespace;
+    private readonly DirectoryInfo? _configDirectory;
 
-    public LibvirtdInstance()
+    /// <param name="hostUuid">libvirtd's host_uuid; two instances need different ones to migrate between them.</param>
+    public LibvirtdInstance(string? hostUuid = null)
     {
         if (!File.Exists("/usr/sbin/libvirtd") || !File.Exists("/usr/sbin/virtlogd"))
         {
             StartError = "libvirtd/virtlogd are not installed";
             return;
         }
-        const string script = """
+        string config = "";
+        if (hostUuid is not null)
+        {
+            _configDirectory = Directory.CreateTempSubdirectory("bfmig-libvirtd-");
+            config = Path.Combine(_configDirectory.FullName, "libvirtd.conf");
+            File.WriteAllText(config, $"host_uuid = \"{hostUuid}\"\n");
+        }
+        string script = $"""
             set -e
+            {(config.Length == 0 ? "" : $"mount --bind {config} /etc/libvirt/libvirtd.conf")}
             mount -t tmpfs tmpfs /run
             mount -t tmpfs tmpfs /var/lib/libvirt
             mount -t tmpfs tmpfs /var/log/libvirt
@@ -114,6 +124,7 @@ public sealed class LibvirtdInstance : IDisposable
             }
         }
         _process.Dispose();
+        _configDirectory?.Delete(recursive: true);
     }
 
     private static string? MountNamespace(int pid)
