@@ -105,6 +105,23 @@ internal sealed class DaemonClient : IDisposable
         }, SlowTimeout);
 
     /// <summary>
+    /// The unique bus name (":1.42") of the connection that owns <see cref="BusName"/>: signals
+    /// carry that as their sender, so subscriptions filter on it and nobody else can fake progress.
+    /// </summary>
+    public string DaemonUniqueName()
+    {
+        try
+        {
+            return Connection.Call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner",
+                static w => w.WriteString(BusName), static r => r.ReadString(), QuickTimeout);
+        }
+        catch (DBusException e)
+        {
+            throw Translate(e, "GetNameOwner");
+        }
+    }
+
+    /// <summary>
     /// Completes once every message the daemon sent before now has been dispatched (its signals
     /// included): the Peer.Ping reply travels behind them and is handled on the same thread.
     /// Needs <see cref="DBusConnection.StartProcessing"/>.

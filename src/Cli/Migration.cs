@@ -45,7 +45,7 @@ internal static class Migration
         // Listen before anything can happen, so no early progress is lost.
         var progress = new TransferProgress(peer, AliasesOf(client, guest), options.Json ? null : new ProgressDisplay(Console.Out));
         client.Connection.StartProcessing();
-        using IDisposable subscription = client.Connection.SubscribeSignal(DaemonClient.BusName, DaemonClient.ObjectPath,
+        using IDisposable subscription = client.Connection.SubscribeSignal(client.DaemonUniqueName(), DaemonClient.ObjectPath,
             DaemonClient.Interface, null, progress.OnSignal);
         MigrationUris prepared = client.PrepareMigration(guest, peer);
         string[] virshArgs = VirshArguments(guest, prepared);
