@@ -12,7 +12,9 @@ public static class CliRunner
 {
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(30);
 
-    public static string Executable { get; } = Path.Combine(AppContext.BaseDirectory, "bfmig");
+    /// <summary>The build's apphost, or BFMIG_CLI (e.g. the native-AOT publish output) to test that binary instead.</summary>
+    public static string Executable { get; } =
+        Environment.GetEnvironmentVariable("BFMIG_CLI") is { Length: > 0 } path ? path : Path.Combine(AppContext.BaseDirectory, "bfmig");
 
     /// <summary>
     /// Runs bfmig with <paramref name="args"/>. The environment is ours minus BFMIG_* and
