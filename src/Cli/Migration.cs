@@ -43,9 +43,10 @@ internal static class Migration
         }
 
         // Listen before anything can happen, so no early progress is lost.
+        string daemon = client.DaemonUniqueName();
         var progress = new TransferProgress(peer, AliasesOf(client, guest), options.Json ? null : new ProgressDisplay(Console.Out));
         client.Connection.StartProcessing();
-        using IDisposable subscription = client.Connection.SubscribeSignal(client.DaemonUniqueName(), DaemonClient.ObjectPath,
+        using IDisposable subscription = client.Connection.SubscribeSignal(daemon, DaemonClient.ObjectPath,
             DaemonClient.Interface, null, progress.OnSignal);
         MigrationUris prepared = client.PrepareMigration(guest, peer);
         string[] virshArgs = VirshArguments(guest, prepared);
@@ -81,7 +82,17 @@ internal static class Migration
     private static IReadOnlySet<string> AliasesOf(DaemonClient client, string guest)
     {
         var aliases = new HashSet<string>(StringComparer.OrdinalIgnoreCase) { guest };
-        foreach (RetainedGuest g in client.ListGuests())
+        IReadOnlyList<RetainedGuest> known;
+        try
+        {
+            known = client.ListGuests();
+        }
+        catch (CommandFailedException)
+        {
+            // Only costs progress shown for signals naming the guest the other way; the trip itself is unaffected.
+            return aliases;
+        }
+        foreach (RetainedGuest g in known)
         {
             if (string.Equals(g.Name, guest, StringComparison.Ordinal) || string.Equals(g.Uuid, guest, StringComparison.OrdinalIgnoreCase))
             {
@@ -206,33 +217,36 @@ internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAl
 }
 
 /// <summary>
-/// The progress line. On a terminal it redraws one line with a bar of sent (#) against saved (=);
-/// otherwise (logs, pipes) it prints one line per update so nothing is lost.
+/// The progress line. On a terminal it redraws one line with a bar of sent (#) against saved (=),
+/// at most 10 times a second; otherwise (logs, pipes) it prints a line when a stream appears and
+/// at most one a second besides, so a long trip does not flood a log. The last state is always shown.
 /// </summary>
 internal sealed class ProgressDisplay(TextWriter output)
 {
     private const int BarWidth = 30;
     private readonly Lock _gate = new();
     private readonly bool _redraw = output == Console.Out && !Console.IsOutputRedirected;
+    private readonly HashSet<string> _streamsShown = new(StringComparer.Ordinal);
+    private long _lastShown;
+    private TransferProgress.Snapshot? _pending;
     private int _lastLength;
     private bool _lineOpen;
 
+    private TimeSpan MinInterval => _redraw ? TimeSpan.FromMilliseconds(100) : TimeSpan.FromSeconds(1);
+
     public void Update(TransferProgress.Snapshot snapshot)
     {
-        string line = Line(snapshot);
         lock (_gate)
         {
-            if (_redraw)
+            bool newStream = snapshot.Streams.Keys.Any(k => !_streamsShown.Contains(k));
+            if (newStream || Stopwatch.GetElapsedTime(_lastShown) >= MinInterval)
             {
-                output.Write('\r' + line.PadRight(_lastLength));
-                _lastLength = line.Length;
-                _lineOpen = true;
+                Show(snapshot);
             }
             else
             {
-                output.WriteLine(line);
+                _pending = snapshot;
             }
-            output.Flush();
         }
     }
 
@@ -240,6 +254,7 @@ internal sealed class ProgressDisplay(TextWriter output)
     {
         lock (_gate)
         {
+            ShowPending();
             CloseLine();
             output.WriteLine(ok ? $"transfer finished{(message.Length > 0 ? ": " + message : "")}" : $"transfer failed: {message}");
         }
@@ -249,8 +264,36 @@ internal sealed class ProgressDisplay(TextWriter output)
     {
         lock (_gate)
         {
+            ShowPending();
             CloseLine();
         }
+    }
+
+    private void ShowPending()
+    {
+        if (_pending is { } pending)
+        {
+            Show(pending);
+        }
+    }
+
+    private void Show(TransferProgress.Snapshot snapshot)
+    {
+        _pending = null;
+        _lastShown = Stopwatch.GetTimestamp();
+        _streamsShown.UnionWith(snapshot.Streams.Keys);
+        string line = Line(snapshot);
+        if (_redraw)
+        {
+            output.Write('\r' + line.PadRight(_lastLength));
+            _lastLength = line.Length;
+            _lineOpen = true;
+        }
+        else
+        {
+            output.WriteLine(line);
+        }
+        output.Flush();
     }
 
     private void CloseLine()

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using BFMig.Cli;
 
 namespace BFMig.Cli.Tests;
 
@@ -134,6 +135,43 @@ public sealed class MigrateTests : CliTestBase
     }
 
     [Fact]
+    public void Fast_progress_is_thinned_out_but_the_last_state_is_shown()
+    {
+        Daemon.OnKick = d =>
+        {
+            for (ulong i = 1; i <= 200; i++)
+            {
+                d.EmitProgress("vm1", "hostB", "memory", i << 20, i << 21);
+            }
+            d.EmitFinished("vm1", "hostB", true, "");
+        };
+        CliResult result = Bfmig("migrate", "vm1", "hostB");
+        Assert.Equal(0, result.ExitCode);
+        string[] progress = [.. Lines(result.Stdout).Where(l => l.StartsWith('['))];
+        Assert.InRange(progress.Length, 2, 10);
+        Assert.Equal("[##########====================] sent 200.0 MiB, saved 400.0 MiB (66.7% saved) | memory 200.0 MiB/400.0 MiB (sent/saved)", progress[^1]);
+        Assert.Equal("migrated vm1 to hostB: sent 200.0 MiB, saved 400.0 MiB (66.7% of the trip)", Lines(result.Stdout)[^1]);
+    }
+
+    [Fact]
+    public void On_a_terminal_the_progress_line_is_redrawn_in_place()
+    {
+        Daemon.OnKick = d =>
+        {
+            d.EmitProgress("vm1", "hostB", "memory", 1UL << 20, 3UL << 20);
+            d.EmitProgress("vm1", "hostB", "vda", 1UL << 20, 3UL << 20);
+            d.EmitFinished("vm1", "hostB", true, "");
+        };
+        // script(1) gives bfmig a pseudo-terminal as standard output.
+        string virshDirectory = WriteFakeVirsh(0);
+        string command = Format.ShellCommand([CliRunner.Executable, "--bus-address", Bus.Address, "migrate", "vm1", "hostB"]);
+        string output = RunShell($"PATH='{virshDirectory}':\"$PATH\" script -qec {Format.ShellCommand([command])} /dev/null");
+        Assert.Contains("\r[########======================] sent 1.0 MiB, saved 3.0 MiB (75.0% saved) | memory 1.0 MiB/3.0 MiB (sent/saved)", output, StringComparison.Ordinal);
+        Assert.Contains("\r[########======================] sent 2.0 MiB, saved 6.0 MiB (75.0% saved) | memory 1.0 MiB/3.0 MiB, vda 1.0 MiB/3.0 MiB (sent/saved)", output, StringComparison.Ordinal);
+        Assert.Contains("migrated vm1 to hostB: sent 2.0 MiB, saved 6.0 MiB (75.0% of the trip)", output, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void Progress_from_another_connection_is_ignored()
     {
         // A signal that claims to be bfmigd's but comes from some other bus client.
@@ -149,6 +187,14 @@ public sealed class MigrateTests : CliTestBase
 
     private CliResult Bfmig(string command, string guest, string peer, string[] flags, int exitCode)
     {
+        string bin = WriteFakeVirsh(exitCode);
+        return BfmigWith(new Dictionary<string, string> { ["PATH"] = $"{bin}:{Environment.GetEnvironmentVariable("PATH")}" },
+            [command, guest, peer, .. flags]);
+    }
+
+    /// <summary>Writes the fake virsh into a directory of its own and returns that directory.</summary>
+    private string WriteFakeVirsh(int exitCode)
+    {
         string bin = _scratch.CreateSubdirectory("bin").FullName;
         string virsh = Path.Combine(bin, "virsh");
         File.WriteAllText(virsh, $"""
@@ -160,8 +206,7 @@ public sealed class MigrateTests : CliTestBase
 
             """);
         File.SetUnixFileMode(virsh, (UnixFileMode)Convert.ToInt32("755", 8));
-        return BfmigWith(new Dictionary<string, string> { ["PATH"] = $"{bin}:{Environment.GetEnvironmentVariable("PATH")}" },
-            [command, guest, peer, .. flags]);
+        return bin;
     }
 
     private static string RunShell(string script)
