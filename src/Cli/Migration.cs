@@ -72,7 +72,7 @@ internal static class Migration
         }
         if (!ok)
         {
-            throw new CommandFailedException($"virsh migrate failed (exit status {exitCode}); {guest} still runs here"
+            throw new CommandFailedException($"virsh migrate of {guest} to {peer} failed (exit status {exitCode})"
                 + (message is null ? "" : $": {message}"));
         }
         return 0;

@@ -30,7 +30,8 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
     [Fact]
     public void Status_json_keeps_the_daemons_keys_and_types()
     {
-        JsonElement json = Json(Bfmig("status", "--json"));
+        // --json is accepted before the command as well as after it.
+        JsonElement json = Json(Bfmig("--json", "status"));
         Assert.Equal("hostA", json.GetProperty("host_name").GetString());
         Assert.Equal(["hostB", "hostC"], json.GetProperty("peers").EnumerateArray().Select(p => p.GetString()));
         Assert.Equal(1u, json.GetProperty("active_transfers").GetUInt32());

@@ -103,7 +103,7 @@ public sealed class MigrateTests : CliTestBase
         Assert.Contains("transfer failed: peer hostB closed the link", Lines(result.Stdout));
         Assert.DoesNotContain("migrated", result.Stdout, StringComparison.Ordinal);
         Assert.Equal("fake virsh: error: operation failed\n"
-            + "bfmig: virsh migrate failed (exit status 1); vm1 still runs here: peer hostB closed the link\n", result.Stderr);
+            + "bfmig: virsh migrate of vm1 to hostB failed (exit status 1): peer hostB closed the link\n", result.Stderr);
     }
 
     [Fact]
