@@ -24,7 +24,7 @@ internal static class Commands
         Dictionary<string, object> status = client.GetStatus();
         if (options.Json)
         {
-            JsonOutput.Write(status, CliJsonContext.Default.DictionaryStringObject);
+            JsonOutput.Write(status, JsonOutput.Context.DictionaryStringObject);
             return 0;
         }
         var rows = new List<string[]> { new[] { "bfmigd:", $"running on {client.BusDescription}" } };
@@ -72,7 +72,7 @@ internal static class Commands
         {
             JsonOutput.Write(new ListJson([.. guests.Select(g => new GuestJson(g.Uuid, g.Name, g.Location, g.Peer, g.Generation,
                 g.MemoryBytes, g.DiskBytes, g.RetainedBytes, g.SinceUnixSeconds, Format.UnixTimeIso(g.SinceUnixSeconds)))]),
-                CliJsonContext.Default.ListJson);
+                JsonOutput.Context.ListJson);
             return 0;
         }
         if (guests.Count == 0)
@@ -113,7 +113,7 @@ internal static class Commands
         if (options.Json)
         {
             JsonOutput.Write(new EstimateJson(guest, peer, e.MemoryBytes, e.DiskBytes, total,
-                e.StockMemoryBytes, e.StockDiskBytes, stockTotal, e.Basis), CliJsonContext.Default.EstimateJson);
+                e.StockMemoryBytes, e.StockDiskBytes, stockTotal, e.Basis), JsonOutput.Context.EstimateJson);
             return 0;
         }
         Console.Out.WriteLine($"trip of {guest} to {peer}:");
@@ -135,7 +135,7 @@ internal static class Commands
         client.Forget(guest);
         if (options.Json)
         {
-            JsonOutput.Write(new ForgetJson(guest, Forgotten: true), CliJsonContext.Default.ForgetJson);
+            JsonOutput.Write(new ForgetJson(guest, Forgotten: true), JsonOutput.Context.ForgetJson);
         }
         else
         {
@@ -165,7 +165,7 @@ internal static class Commands
         if (options.Json)
         {
             JsonOutput.Write(new DoctorJson(failed == 0, [.. checks.Select(c => new CheckJson(c.Name, c.Passed, c.Detail))]),
-                CliJsonContext.Default.DoctorJson);
+                JsonOutput.Context.DoctorJson);
         }
         else
         {

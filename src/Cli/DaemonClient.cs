@@ -148,6 +148,8 @@ internal sealed class DaemonClient : IDisposable
         DBusErrorNames.AccessDenied => new CommandFailedException($"{member} was refused: {e.ErrorMessage} (state-changing commands need root)", e),
         DBusErrorNames.NoReply or DBusErrorNames.Timeout => new CommandFailedException($"bfmigd did not answer {member} in time: {e.ErrorMessage}", e),
         _ when e.Errno != 0 => new CommandFailedException($"talking to bfmigd on {BusDescription} failed ({member}): {e.ErrorMessage}", e),
+        // bfmigd's own errors carry a message written for the operator; anything else keeps its name for a search.
+        _ when e.ErrorName.StartsWith(BusName + ".Error.", StringComparison.Ordinal) => new CommandFailedException(e.ErrorMessage, e),
         _ => new CommandFailedException($"bfmigd: {e.ErrorMessage} ({e.ErrorName})", e),
     };
 

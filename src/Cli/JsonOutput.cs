@@ -49,6 +49,15 @@ internal sealed partial class CliJsonContext : JsonSerializerContext;
 
 internal static class JsonOutput
 {
+    /// <summary>
+    /// The generated metadata with a relaxed encoder: the output goes to a terminal or a script,
+    /// never into HTML, so "qemu+ssh://" should read as such rather than "qemu\u002Bssh://".
+    /// </summary>
+    public static CliJsonContext Context { get; } = new(new JsonSerializerOptions(CliJsonContext.Default.Options)
+    {
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    });
+
     public static void Write<T>(T value, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> typeInfo) =>
         Console.Out.WriteLine(JsonSerializer.Serialize(value, typeInfo));
 }

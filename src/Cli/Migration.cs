@@ -33,7 +33,7 @@ internal static class Migration
             if (options.Json)
             {
                 JsonOutput.Write(new MigrateJson(guest, peer, uris.DestinationUri, uris.MigrateUri, uris.DisksUri, argv,
-                    DryRun: true, VirshExitCode: null, Ok: true, 0, 0, [], Message: null), CliJsonContext.Default.MigrateJson);
+                    DryRun: true, VirshExitCode: null, Ok: true, 0, 0, [], Message: null), JsonOutput.Context.MigrateJson);
             }
             else
             {
@@ -63,7 +63,7 @@ internal static class Migration
             JsonOutput.Write(new MigrateJson(guest, peer, prepared.DestinationUri, prepared.MigrateUri, prepared.DisksUri,
                 ["virsh", .. virshArgs], DryRun: false, exitCode, ok, result.TotalSent, result.TotalSaved,
                 [.. result.Streams.Select(s => new StreamJson(s.Key, s.Value.Sent, s.Value.Saved))], message),
-                CliJsonContext.Default.MigrateJson);
+                JsonOutput.Context.MigrateJson);
         }
         else if (ok)
         {

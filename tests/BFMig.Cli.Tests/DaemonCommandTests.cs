@@ -127,7 +127,12 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
         CliResult result = Bfmig("estimate", "vm9", "hostB");
         Assert.Equal(1, result.ExitCode);
         Assert.Equal("", result.Stdout);
-        Assert.Equal("bfmig: bfmigd: no guest vm9 is known here (org.bfmig.BFMig1.Error.UnknownGuest)\n", result.Stderr);
+        Assert.Equal("bfmig: no guest vm9 is known here\n", result.Stderr);
+
+        Daemon.Error = ("org.freedesktop.DBus.Error.Failed", "disk full");
+        CliResult other = Bfmig("list");
+        Assert.Equal(1, other.ExitCode);
+        Assert.Equal("bfmig: bfmigd: disk full (org.freedesktop.DBus.Error.Failed)\n", other.Stderr);
     }
 
     [Fact]

@@ -50,7 +50,10 @@ public sealed class MigrateTests : CliTestBase
     [Fact]
     public void Dry_run_json_has_the_uris_and_argv()
     {
-        JsonElement json = Json(Bfmig("migrate", "vm1", "hostB", "--dry-run", "--json"));
+        CliResult result = Bfmig("migrate", "vm1", "hostB", "--dry-run", "--json");
+        // Written for terminals and scripts, not HTML: no \u002B for the '+' of qemu+ssh.
+        Assert.Contains("\"qemu+ssh://hostB/system\"", result.Stdout, StringComparison.Ordinal);
+        JsonElement json = Json(result);
         Assert.True(json.GetProperty("dry_run").GetBoolean());
         Assert.Equal("qemu+ssh://hostB/system", json.GetProperty("destination_uri").GetString());
         Assert.Equal("unix:///run/bfmig/hostB/vm1.mig", json.GetProperty("migrate_uri").GetString());
