@@ -291,12 +291,13 @@ public sealed class MemoryStore : IDisposable
     }
 
     /// <summary>
-    /// Ends a failed trip: the in-memory index matches the data, so it is persisted, but the
-    /// store no longer matches any peer (generation 0).
+    /// Ends a failed trip: the index is rebuilt from the data (a failure may come from data that
+    /// no longer matches its index) and the store no longer matches any peer (generation 0).
     /// </summary>
     public void Abandon()
     {
         if (!_inTrip) return;
+        foreach (var b in _blocks) b.Rehash(State.Seed);
         Commit(0, null, State.Location == "away", snapshotComplete: false);
     }
 
