@@ -87,7 +87,9 @@ public class StoreTests
         {
             s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: true);
             s.Put(0, 1, Content(100), s.Hash(Content(100)));
-            s.Page(0, 2)[10] ^= 0xff; // a torn write: data changed, index not
+            var torn = s.Page(0, 2).ToArray();
+            torn[10] ^= 0xff; // a torn write: data changed, index not
+            using (var f = new FileStream(Directory.GetFiles(Path.Combine(dir.Path, guest.ToString(), "mem"), "*.pages").OrderBy(x => new FileInfo(x).Length).Last(), FileMode.Open)) { f.Position = 2 * 4096; f.Write(torn); }
         }
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
