@@ -38,16 +38,19 @@ internal sealed class BlockFile : IDisposable
     public UInt128[] Hashes { get; }
     public long PageCount => Hashes.LongLength;
 
-    public void Read(long page, Span<byte> destination)
+    public void Read(long page, Span<byte> destination) => ReadPages(page, destination[..QemuFormat.PageSize]);
+
+    /// <summary>Reads consecutive pages from <paramref name="page"/> into all of <paramref name="destination"/>.</summary>
+    public void ReadPages(long page, Span<byte> destination)
     {
         long offset = page << QemuFormat.PageShift;
         int done = 0;
-        while (done < QemuFormat.PageSize)
+        while (done < destination.Length)
         {
-            int n = RandomAccess.Read(_data, destination[done..QemuFormat.PageSize], offset + done);
+            int n = RandomAccess.Read(_data, destination[done..], offset + done);
             if (n == 0)
             {
-                destination[done..QemuFormat.PageSize].Clear();
+                destination[done..].Clear();
                 return;
             }
             done += n;

@@ -224,6 +224,10 @@ public sealed class MemoryStore : IDisposable
         return _scratch;
     }
 
+    /// <summary>Reads <paramref name="count"/> consecutive stored pages (one system call) into <paramref name="destination"/>.</summary>
+    public void ReadPages(int block, long firstPage, int count, Span<byte> destination) =>
+        _blocks[block].ReadPages(firstPage, destination[..(count << QemuFormat.PageShift)]);
+
     /// <summary>Reads the stored content of a page into <paramref name="destination"/>.</summary>
     public void ReadPage(int block, long page, Span<byte> destination) => _blocks[block].Read(page, destination);
 
