@@ -57,8 +57,9 @@ internal sealed class BlockFile : IDisposable
         }
     }
 
-    public void Write(long page, ReadOnlySpan<byte> content) =>
-        RandomAccess.Write(_data, content[..QemuFormat.PageSize], page << QemuFormat.PageShift);
+    /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>).</summary>
+    public void WritePages(long page, ReadOnlySpan<byte> content) =>
+        RandomAccess.Write(_data, content, page << QemuFormat.PageShift);
 
     /// <summary>Recomputes every page hash from the data file (recovery after a crash).</summary>
     public void Rehash(ulong seed)
