@@ -81,7 +81,8 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
 
         Assert.True(trip.Identical, trip.CompareOutput);
         Assert.True(trip.Result.CleanDisconnect);
-        Assert.Equal(NbdHeaderStyle.Structured, trip.Result.Style);
+        // QEMU 7.2's client asks for structured replies; 10.0's for extended headers too.
+        Assert.Equal(TestEnv.SystemNbdServerBestStyle, trip.Result.Style);
         Assert.Equal(0, trip.Stats.BlocksElided);
         Assert.True(trip.Stats.BytesForwarded >= (long)(Size * 6 / 10), $"forwarded only {trip.Stats.BytesForwarded}");
         var truth = await DiskBlockMapBuilder.BuildFromImageAsync(source, "qcow2");
@@ -246,10 +247,12 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
         await Images.IoAsync(source, ["write -P 0x72 12M 128k"]);
         var retained = await DiskBlockMapBuilder.BuildFromImageAsync(target, "qcow2");
 
-        // A Debian 13 source (QEMU 10.0 asks for extended headers) and a Debian 12 destination (refuses them).
+        // A QEMU 10.0 source asks for extended headers; a Debian 12 destination (qemu-nbd 7.2)
+        // refuses them and the pair settles on structured replies. On a machine switched to
+        // the backports stack the system qemu-nbd is 10.0 too and accepts them.
         var trip = await RunTripAsync(dir, source, target, retained, discardUnmap: false, qemu: TestEnv.Qemu10);
 
-        Assert.Equal(NbdHeaderStyle.Structured, trip.Result.Style);
+        Assert.Equal(TestEnv.SystemNbdServerBestStyle, trip.Result.Style);
         Assert.True(trip.Identical, trip.CompareOutput);
         Assert.Equal(2, trip.Stats.BlocksForwarded);
         Assert.Equal(trip.Recorded.ComputeDigest(), trip.Observed.ComputeDigest());

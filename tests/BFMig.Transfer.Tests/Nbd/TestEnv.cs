@@ -1,3 +1,4 @@
+using BFMig.Transfer.Nbd;
 using Xunit;
 using System.Diagnostics;
 using Xunit.Abstractions;
@@ -10,6 +11,24 @@ internal static class TestEnv
     public static bool IsCi => string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
 
     public const string Qemu10 = "/opt/bfmig-qemu10/usr/bin/qemu-system-x86_64";
+
+    /// <summary>
+    /// The header style the system's qemu-nbd ends up with when the client asks for everything:
+    /// extended headers from QEMU 9.0 on (Debian 12 ships 7.2, bookworm-backports 10.0; the lab
+    /// can switch the machine between them).
+    /// </summary>
+    public static NbdHeaderStyle SystemNbdServerBestStyle => SystemQemuMajor.Value >= 9 ? NbdHeaderStyle.Extended : NbdHeaderStyle.Structured;
+
+    private static readonly Lazy<int> SystemQemuMajor = new(() =>
+    {
+        var psi = new ProcessStartInfo("qemu-nbd", "--version") { RedirectStandardOutput = true };
+        using var p = Process.Start(psi)!;
+        string text = p.StandardOutput.ReadToEnd();
+        p.WaitForExit();
+        // "qemu-nbd 7.2.22 (Debian ...)"
+        var match = System.Text.RegularExpressions.Regex.Match(text, @"qemu-nbd (\d+)\.");
+        return match.Success ? int.Parse(match.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) : throw new InvalidOperationException($"cannot read qemu-nbd's version from '{text.Trim()}'");
+    });
 
     /// <summary>
     /// True when every tool is on PATH. Otherwise fails under CI=true, or prints why and
