@@ -90,16 +90,17 @@ public sealed partial class NbdSenderFilter
             _ops.Remove(cookie);
             if (op.Commits is { } commits)
             {
-                foreach (var (block, hash) in commits)
+                foreach (var commit in commits)
                 {
-                    if (op.Error == 0 && hash is { } h)
+                    for (long block = commit.First; block < commit.First + commit.Count; block++)
                     {
-                        _hash[block] = h;
+                        if (op.Error != 0 || commit.Kind == BlockCommitKind.Unknown)
+                        {
+                            _state[block] = StateUnknown;
+                            continue;
+                        }
+                        _hash[block] = commit.Kind == BlockCommitKind.Zero ? ZeroHash(block) : commit.Hash;
                         _state[block] = StateKnown;
-                    }
-                    else
-                    {
-                        _state[block] = StateUnknown;
                     }
                 }
             }
@@ -140,8 +141,8 @@ public sealed partial class NbdSenderFilter
             ops = [.. _ops.Values];
             foreach (var op in ops)
             {
-                foreach (var (block, _) in op.Commits ?? [])
-                    _state[block] = StateUnknown;
+                foreach (var commit in op.Commits ?? [])
+                    Array.Fill(_state, StateUnknown, (int)commit.First, (int)commit.Count);
             }
             _ops.Clear();
         }

@@ -89,7 +89,7 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
-        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
             for (long b = first; b <= last; b++)
@@ -97,7 +97,8 @@ public sealed partial class NbdSenderFilter
                 ulong start = Math.Max(request.Offset, BlockStart(b));
                 ulong stop = Math.Min(end, BlockEnd(b));
                 bool full = start == BlockStart(b) && stop == BlockEnd(b);
-                UInt128? commit = null;
+                var kind = BlockCommitKind.Unknown;
+                UInt128 commit = default;
                 if (full)
                 {
                     var piece = payload.Span.Slice((int)(start - request.Offset), (int)(stop - start));
@@ -109,6 +110,7 @@ public sealed partial class NbdSenderFilter
                         Stats.AddElided((long)(stop - start));
                         continue;
                     }
+                    kind = BlockCommitKind.Data;
                     commit = h;
                 }
                 else
@@ -117,7 +119,7 @@ public sealed partial class NbdSenderFilter
                 }
                 ClearPending(b);
                 _state[b] = StateInFlight;
-                AddToRuns(runs, start, stop, b, commit, full);
+                AddToRuns(runs, start, stop, b, kind, commit, full);
             }
         }
         await IssuePartsAsync(request, NbdCommand.Write, runs, payload, ct);
@@ -135,7 +137,7 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
-        var runs = new List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)>();
+        var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
             for (long b = first; b <= last; b++)
@@ -166,25 +168,27 @@ public sealed partial class NbdSenderFilter
                     Stats.AddPartial();
                 ClearPending(b);
                 _state[b] = StateInFlight;
-                AddToRuns(runs, start, stop, b, full ? ZeroHash(b) : null, full);
+                AddToRuns(runs, start, stop, b, full ? BlockCommitKind.Zero : BlockCommitKind.Unknown, default, full);
             }
         }
         await IssuePartsAsync(request, NbdCommand.WriteZeroes, runs, ReadOnlyMemory<byte>.Empty, ct);
     }
 
-    private static void AddToRuns(List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ulong start, ulong stop, long block, UInt128? commit, bool full)
+    private static void AddToRuns(List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)> runs, ulong start, ulong stop, long block, BlockCommitKind kind, UInt128 hash, bool full)
     {
         if (runs.Count > 0 && runs[^1].End == start)
         {
             var run = runs[^1];
-            run.Commits.Add((block, commit));
+            BlockCommit.Add(run.Commits, block, kind, hash);
             runs[^1] = (run.Start, stop, run.Commits, run.FullBlocks + (full ? 1 : 0));
             return;
         }
-        runs.Add((start, stop, [(block, commit)], full ? 1 : 0));
+        var commits = new List<BlockCommit>();
+        BlockCommit.Add(commits, block, kind, hash);
+        runs.Add((start, stop, commits, full ? 1 : 0));
     }
 
-    private async ValueTask IssuePartsAsync(NbdRequest request, NbdCommand command, List<(ulong Start, ulong End, List<(long, UInt128?)> Commits, long FullBlocks)> runs, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    private async ValueTask IssuePartsAsync(NbdRequest request, NbdCommand command, List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)> runs, ReadOnlyMemory<byte> payload, CancellationToken ct)
     {
         if (runs.Count == 0)
         {
@@ -314,9 +318,7 @@ public sealed partial class NbdSenderFilter
         var ops = new List<UpstreamOp>(runs.Count);
         foreach (var (firstBlock, count) in runs)
         {
-            var commits = new List<(long, UInt128?)>((int)count);
-            for (long b = firstBlock; b < firstBlock + count; b++)
-                commits.Add((b, ZeroHash(b)));
+            List<BlockCommit> commits = [new BlockCommit(firstBlock, count, BlockCommitKind.Zero, default)];
             ulong start = BlockStart(firstBlock);
             ulong length = BlockEnd(firstBlock + count - 1) - start;
             var op = new UpstreamOp(OpKind.Internal, NbdCommand.WriteZeroes, length) { Commits = commits };

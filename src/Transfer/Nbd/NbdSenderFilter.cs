@@ -108,7 +108,26 @@ public sealed partial class NbdSenderFilter
                     System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(pumpError);
                 throw;
             }
-            await pump.WaitAsync(_options.DrainTimeout, cancellationToken).ConfigureAwait(false);
+            if (clean)
+            {
+                // After DISC every reply is in; the server closes by itself. Do not wait forever if it does not.
+                try
+                {
+                    await pump.WaitAsync(_options.DrainTimeout, cancellationToken);
+                }
+                catch (TimeoutException)
+                {
+                }
+            }
+            await cts.CancelAsync();
+            try
+            {
+                await pump;
+            }
+            catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
+            {
+                // The pump was only waiting for a server that has nothing more to say.
+            }
             return new NbdFilterResult(_exportSize, _style, clean, Opaque: false);
         }
         finally
@@ -212,8 +231,8 @@ public sealed partial class NbdSenderFilter
 
         public ClientOp? Client { get; init; }
 
-        /// <summary>Blocks this request sets when it succeeds (null hash: unknown either way).</summary>
-        public List<(long Block, UInt128? Hash)>? Commits { get; init; }
+        /// <summary>What this request does to target blocks when it succeeds (on failure they become unknown).</summary>
+        public List<BlockCommit>? Commits { get; init; }
 
         public uint Error { get; set; }
 

@@ -252,11 +252,13 @@ public sealed class NbdStreamObserver
                     _pending.Remove(header.Cookie);
                     if (!pending.Failed)
                     {
-                        foreach (var (block, hash) in pending.Commits)
+                        foreach (var commit in pending.Commits)
                         {
-                            if (hash is { } h)
+                            if (commit.Kind == BlockCommitKind.Unknown)
+                                continue;
+                            for (long block = commit.First; block < commit.First + commit.Count; block++)
                             {
-                                _hash[block] = h;
+                                _hash[block] = commit.Kind == BlockCommitKind.Data ? commit.Hash : (block == _blockCount - 1 ? _zeroTail : _zeroFull);
                                 _state[block] = StateKnown;
                             }
                         }
@@ -323,7 +325,7 @@ public sealed class NbdStreamObserver
                 continue;
             if (request.Command == NbdCommand.WriteZeroes)
             {
-                pending.Commits.Add((b, b == _blockCount - 1 ? _zeroTail : _zeroFull));
+                BlockCommit.Add(pending.Commits, b, BlockCommitKind.Zero);
                 continue;
             }
             var piece = request.Payload.Slice((long)(start - request.Offset), (long)(stop - start));
@@ -338,7 +340,7 @@ public sealed class NbdStreamObserver
                 piece.CopyTo(scratch);
                 hash = DiskBlockHash.Compute(scratch.AsSpan(0, (int)piece.Length), _retained.HashSeed);
             }
-            pending.Commits.Add((b, hash));
+            BlockCommit.Add(pending.Commits, b, BlockCommitKind.Data, hash);
         }
     }
 
@@ -348,7 +350,7 @@ public sealed class NbdStreamObserver
 
         public ulong Length { get; } = length;
 
-        public List<(long Block, UInt128? Hash)> Commits { get; } = [];
+        public List<BlockCommit> Commits { get; } = [];
 
         public bool Failed { get; set; }
     }

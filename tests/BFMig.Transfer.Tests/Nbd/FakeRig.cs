@@ -40,8 +40,8 @@ internal static class FakeRig
         Exception? filterError = null;
         try
         {
-            if (scriptError is not null)
-                clientSide.Socket.Shutdown(System.Net.Sockets.SocketShutdown.Both);
+            // The client is done: a real QEMU closes its socket after DISC (or instead of it).
+            clientSide.Socket.Shutdown(scriptError is null ? System.Net.Sockets.SocketShutdown.Send : System.Net.Sockets.SocketShutdown.Both);
             result = await filterTask.WaitAsync(ct);
         }
         catch (Exception e)

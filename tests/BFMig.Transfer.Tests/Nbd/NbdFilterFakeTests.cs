@@ -148,6 +148,28 @@ public sealed class NbdFilterFakeTests
         Assert.True(rig.Recorded.LastTripUnclean);
     }
 
+    [Fact]
+    public async Task HardDisconnectEndsPromptlyAndRecordsAnUncleanTrip()
+    {
+        byte[] retainedDisk = Random(8 * BlockSize, 6);
+        var server = Server((byte[])retainedDisk.Clone(), NbdHeaderStyle.Structured);
+        var started = DateTime.UtcNow;
+        var rig = await FakeRig.RunAsync(server, FakeRig.MapOf(retainedDisk, BlockSize), Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, 0, BlockSize, Random(BlockSize, 7), ct));
+            // A deferred zero that never gets a FLUSH: the target keeps its old block, and the map must say so.
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.WriteZeroes, NbdCommandFlags.None, BlockSize, BlockSize, default, ct));
+        });
+        Assert.Null(rig.FilterError);
+        Assert.False(rig.Result!.CleanDisconnect);
+        Assert.True(DateTime.UtcNow - started < TimeSpan.FromSeconds(5));
+        Assert.True(rig.Recorded.LastTripUnclean);
+        Assert.True(rig.Recorded.TryGetHash(1, out var kept));
+        Assert.Equal(FakeRig.MapOf(server.Disk, BlockSize).ComputeDigest(), rig.Recorded.ComputeDigest());
+        FakeRig.MapOf(retainedDisk, BlockSize).TryGetHash(1, out var old);
+        Assert.Equal(old, kept);
+    }
+
     private sealed record Op(int Kind, int Block, int Count, int Offset, int Length, bool SameAsRetained, int Seed);
 
     [Fact]
