@@ -26,6 +26,7 @@ public static class DaemonConfiguration
         ["--listen"] = "daemon:listen",
         ["--host-name"] = "daemon:host_name",
         ["--log-level"] = "daemon:log_level",
+        ["--bus-address"] = "daemon:bus_address",
     };
 
     /// <summary>
@@ -34,7 +35,8 @@ public static class DaemonConfiguration
     /// </summary>
     public static IConfigurationRoot Build(string? configPath, IReadOnlyList<string> args, IDictionary<string, string?>? environment = null)
     {
-        var path = configPath ?? DefaultPath;
+        // Absolute, or the INI provider would look next to the executable instead of the working directory.
+        var path = Path.GetFullPath(configPath ?? DefaultPath);
         var builder = new ConfigurationBuilder();
         if (configPath is not null && !File.Exists(path))
             throw new ConfigurationException($"configuration file {path} does not exist");
@@ -86,6 +88,11 @@ public static class DaemonConfiguration
             TlsCaCertificate = s.Path("auth:tls_ca", "/etc/pki/CA/cacert.pem"),
             Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
             BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),
+            BusAddress = s.OptionalText("daemon:bus_address"),
+            HookPath = s.Path("daemon:hook_path", "/etc/libvirt/hooks/qemu.d/50-bfmig"),
+            TransferHelper = s.OptionalPath("transfer:helper"),
+            MaxTransfers = s.Integer("transfer:max_concurrent", 8, min: 1, max: 64),
+            ShutdownGraceSeconds = s.Integer("transfer:shutdown_grace_seconds", 20, min: 0, max: 3600),
             Peers = ReadPeers(config, s),
         };
     }
@@ -167,6 +174,8 @@ public static class DaemonConfiguration
         }
 
         public string? OptionalPath(string key) => config[key] is null ? null : Path(key, "/");
+
+        public string? OptionalText(string key) => config[key] is null ? null : Text(key, "");
 
         public string Name(string key, string fallback)
         {
