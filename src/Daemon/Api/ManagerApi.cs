@@ -63,7 +63,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
         obj.AddMethod("HookEvent", "sssss", "bss", HookEvent,
             ["guest", "operation", "sub_operation", "extra", "domain_xml"], ["allow", "message", "xml_out"], DBusMethodAccess.Anyone);
         obj.AddMethod("GetStatus", "", "a{sv}", GetStatus, [], ["status"], DBusMethodAccess.Anyone);
-        obj.AddMethod("ListGuests", "", "a(ssssttx)", ListGuests, [], ["guests"], DBusMethodAccess.Anyone);
+        obj.AddMethod("ListGuests", "", "a(sssstttx)", ListGuests, [], ["guests"], DBusMethodAccess.Anyone);
         obj.AddMethod("Forget", "s", "", Forget, ["guest"], [], DBusMethodAccess.Anyone);
         obj.AddMethod("Estimate", "ss", "tttts", Estimate, ["guest", "peer"],
             ["disk_bytes", "memory_bytes", "stock_disk_bytes", "stock_memory_bytes", "basis"], DBusMethodAccess.Anyone);
@@ -116,10 +116,10 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
 
     private void ListGuests(DBusMethodCall call) => Deferred(call, "ListGuests", service.ListGuests, (w, guests) =>
     {
-        w.OpenArray("(ssssttx)");
+        w.OpenArray("(sssstttx)");
         foreach (var g in guests)
         {
-            w.OpenStruct("ssssttx");
+            w.OpenStruct("sssstttx");
             w.WriteString(g.Uuid);
             w.WriteString(g.Name);
             w.WriteString(g.Location);
@@ -223,6 +223,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
             }
             catch (Exception e) when (e is DBusException or ObjectDisposedException)
             {
+                // The deferred call is used up even when writing the reply failed: the caller times out.
                 DaemonLog.MethodFailed(logger, method, $"cannot send the reply: {e.Message}");
             }
         });

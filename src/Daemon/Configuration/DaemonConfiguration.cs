@@ -64,7 +64,8 @@ public static class DaemonConfiguration
     public static DaemonOptions Load(IConfigurationRoot config)
     {
         var s = new SettingReader(config);
-        var (listenAddress, listenPort) = s.Endpoint("daemon:listen", "0.0.0.0", DefaultPort);
+        // Port 0 lets the kernel pick one (tests; the real port is in GetStatus's data_port).
+        var (listenAddress, listenPort) = s.Endpoint("daemon:listen", "0.0.0.0", DefaultPort, minPort: 0);
         var auth = s.Enum("auth:mode", PeerAuthMode.Tls);
         var pskFile = s.OptionalPath("auth:psk_file");
         if (auth == PeerAuthMode.Psk && pskFile is null)
@@ -215,7 +216,7 @@ public static class DaemonConfiguration
         }
 
         /// <summary>HOST, HOST:PORT or [IPv6]:PORT.</summary>
-        public (string Host, int Port) Endpoint(string key, string? fallbackHost, int fallbackPort)
+        public (string Host, int Port) Endpoint(string key, string? fallbackHost, int fallbackPort, int minPort = 1)
         {
             var raw = config[key];
             if (raw is null)
@@ -248,8 +249,8 @@ public static class DaemonConfiguration
                 portText = "";
             }
             var port = fallbackPort;
-            if (portText.Length > 0 && (!int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535))
-                throw Bad(key, raw, "port must be a number from 1 to 65535");
+            if (portText.Length > 0 && (!int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port < minPort || port > 65535))
+                throw Bad(key, raw, $"port must be a number from {minPort} to 65535");
             if (host.Length == 0 || host.Any(char.IsWhiteSpace))
                 throw Bad(key, raw, "expected HOST or HOST:PORT");
             return (host, port);
