@@ -53,6 +53,7 @@ public sealed class TransferManager
     private readonly Dictionary<(Guid, TransferDirection), Trip> _trips = [];
     private readonly Dictionary<Guid, string> _lastOutgoingPeer = [];
     private readonly Dictionary<Guid, string> _lastIncomingPeer = [];
+    private readonly HashSet<Task> _watchers = [];
     private int _nextId;
     private bool _closed;
 
@@ -178,7 +179,13 @@ public sealed class TransferManager
                 else
                     _lastIncomingPeer[uuid] = peer;
                 DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
-                _ = WatchAsync(running);
+                var watcher = WatchAsync(running);
+                _watchers.Add(watcher);
+                _ = watcher.ContinueWith(t =>
+                {
+                    lock (_gate)
+                        _watchers.Remove(t);
+                }, TaskScheduler.Default);
             }
             return true;
         }
@@ -234,23 +241,28 @@ public sealed class TransferManager
     public async Task ShutdownAsync(TimeSpan grace)
     {
         Running[] running;
+        Task[] watchers;
         lock (_gate)
         {
             _closed = true;
             running = [.. _running.Values];
+            watchers = [.. _watchers];
         }
         var all = Task.WhenAll(running.Select(r => (Task)r.Child.Exited));
-        if (await Task.WhenAny(all, Task.Delay(grace)).ConfigureAwait(false) == all)
-            return;
-        var left = running.Where(r => !r.Child.Exited.IsCompleted).ToArray();
-        DaemonLog.KillingTransfers(_logger, left.Length, (int)grace.TotalSeconds);
-        foreach (var r in left)
-            r.Child.Signal(15);
-        if (await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(2))).ConfigureAwait(false) == all)
-            return;
-        foreach (var r in left)
-            r.Child.Signal(9);
-        await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(5))).ConfigureAwait(false);
+        if (await Task.WhenAny(all, Task.Delay(grace)).ConfigureAwait(false) != all)
+        {
+            var left = running.Where(r => !r.Child.Exited.IsCompleted).ToArray();
+            DaemonLog.KillingTransfers(_logger, left.Length, (int)grace.TotalSeconds);
+            foreach (var r in left)
+                r.Child.Signal(15);
+            if (await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(2))).ConfigureAwait(false) != all)
+            {
+                foreach (var r in left)
+                    r.Child.Signal(9);
+            }
+        }
+        // The outcome of each stream is logged and signalled before the daemon lets go of the bus.
+        await Task.WhenAny(Task.WhenAll(watchers), Task.Delay(TimeSpan.FromSeconds(5))).ConfigureAwait(false);
     }
 
     private static TransferStats? ReadStats(string path)
