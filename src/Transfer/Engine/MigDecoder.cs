@@ -29,6 +29,12 @@ public sealed class MigDecoder
     private int _lastBlock = -1;
     private long _lastPage = -1;
     private bool _haveBlocks;
+    // Elide runs read their retained pages in batches (one pread per 64 pages); any store write invalidates the batch.
+    private const int BatchPages = 64;
+    private readonly byte[] _batch = new byte[BatchPages * QemuFormat.PageSize];
+    private int _batchBlock = -1;
+    private long _batchFirst;
+    private int _batchCount;
     private long _frame;
 
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
@@ -169,6 +175,7 @@ public sealed class MigDecoder
         if (opStart < 0) opStart = pos;
         _lastBlock = block;
         _lastPage = page;
+        if (kind != MigOps.KindElide) _batchBlock = -1;
         if (kind == MigOps.KindUnknown)
         {
             if (TripStarted) _store!.PutUnknown(block, page);
@@ -202,10 +209,16 @@ public sealed class MigDecoder
             {
                 var store = RequireStore("ELIDE", opStart);
                 var known = store.GetHash(block, page);
-                var retained = store.Page(block, page);
-                if (known == UInt128.Zero || store.Hash(retained) != known)
+                if (block != _batchBlock || page < _batchFirst || page >= _batchFirst + _batchCount)
+                {
+                    _batchBlock = block;
+                    _batchFirst = page;
+                    _batchCount = (int)Math.Min(Math.Max(1, Math.Min(_runLeft + 1, BatchPages)), _pages[block] - page);
+                    store.ReadPages(block, page, _batchCount, _batch);
+                }
+                _batch.AsSpan((int)(page - _batchFirst) << QemuFormat.PageShift, QemuFormat.PageSize).CopyTo(content);
+                if (known == UInt128.Zero || store.Hash(content) != known)
                     throw Bad($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
-                retained.CopyTo(content);
                 _stats.PagesElided++;
                 break;
             }
@@ -219,9 +232,8 @@ public sealed class MigDecoder
                 var hash = BinaryPrimitives.ReadUInt128LittleEndian(rest[q..]);
                 q += 16;
                 if (sb >= (ulong)_names.Length || sp >= (ulong)_pages[sb]) throw Bad($"REF to block {sb} page {sp} out of range", opStart);
-                var src = store.Page((int)sb, (long)sp);
-                if (store.Hash(src) != hash) throw Bad($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
-                src.CopyTo(content);
+                store.ReadPage((int)sb, (long)sp, content);
+                if (store.Hash(content) != hash) throw Bad($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
                 store.Put(block, page, content, hash);
                 _stats.PagesReferenced++;
                 used = q;
@@ -234,7 +246,7 @@ public sealed class MigDecoder
                 ulong n = ReadVarint(rest, ref q, "DELTA length", opStart);
                 if (n > (ulong)(rest.Length - q) || n > QemuFormat.PageSize * 2) throw Bad($"DELTA of {n} bytes overruns the frame", opStart);
                 if (store.GetHash(block, page) == UInt128.Zero) throw Bad($"DELTA against page {page} of block {block}, unknown here", opStart);
-                store.Page(block, page).CopyTo(content);
+                store.ReadPage(block, page, content);
                 if (!PageDelta.TryApply(rest.Slice(q, (int)n), content)) throw Bad("malformed DELTA", opStart);
                 store.Put(block, page, content, store.Hash(content));
                 _stats.PagesDelta++;
