@@ -85,11 +85,9 @@ public sealed class NbdClient : IAsyncDisposable
             }
             await FillAsync("server greeting", ct);
         }
-        var clientFlags = NbdClientFlags.FixedNewstyle | (flags & NbdHandshakeFlags.NoZeroes) switch
-        {
-            0 => NbdClientFlags.None,
-            _ => NbdClientFlags.NoZeroes,
-        };
+        var clientFlags = NbdClientFlags.FixedNewstyle;
+        if ((flags & NbdHandshakeFlags.NoZeroes) != 0)
+            clientFlags |= NbdClientFlags.NoZeroes;
         var raw = new byte[4];
         BinaryPrimitives.WriteUInt32BigEndian(raw, (uint)clientFlags);
         await _stream.WriteAsync(raw, ct);

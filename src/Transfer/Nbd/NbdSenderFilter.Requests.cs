@@ -23,7 +23,7 @@ public sealed partial class NbdSenderFilter
                 {
                     if (clientIn.Buffered.Length > 0)
                         throw NbdProtocolException.At("client", clientIn.Position, $"stream ended inside a request ({clientIn.Buffered.Length} bytes)");
-                    await WaitForOutstandingAsync(ct);
+                    await WaitForOutstandingAsync(bounded: true, ct);
                     return false;
                 }
                 continue;
@@ -42,7 +42,7 @@ public sealed partial class NbdSenderFilter
                     break;
                 case NbdCommand.Flush:
                     await MaterializeZeroesAsync(0, _blockCount, ct);
-                    await WaitForOutstandingAsync(ct);
+                    await WaitForOutstandingAsync(bounded: false, ct);
                     _deferZeroes = false;
                     if (_deferredZeroFailed)
                         await SendCompletionAsync(request.Cookie, request.Offset, NbdError.IO, ct);
@@ -89,6 +89,15 @@ public sealed partial class NbdSenderFilter
         ulong end = request.Offset + request.Length;
         long first = (long)(request.Offset / (ulong)_blockSize);
         long last = (long)((end - 1) / (ulong)_blockSize);
+        // Hash outside the lock: the reply pump needs it to commit completions.
+        var hashes = new UInt128[last - first + 1];
+        for (long b = first; b <= last; b++)
+        {
+            ulong start = Math.Max(request.Offset, BlockStart(b));
+            ulong stop = Math.Min(end, BlockEnd(b));
+            if (start == BlockStart(b) && stop == BlockEnd(b))
+                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _seed);
+        }
         var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
         {
@@ -101,8 +110,7 @@ public sealed partial class NbdSenderFilter
                 UInt128 commit = default;
                 if (full)
                 {
-                    var piece = payload.Span.Slice((int)(start - request.Offset), (int)(stop - start));
-                    var h = DiskBlockHash.Compute(piece, _seed);
+                    var h = hashes[b - first];
                     if (mayElide && (_state[b] & ~PendingZeroFlag) == StateKnown && _hash[b] == h)
                     {
                         ClearPending(b);
@@ -220,7 +228,7 @@ public sealed partial class NbdSenderFilter
     {
         long before = Stats.ZeroBlocksMaterialized;
         await MaterializeZeroesAsync(0, _blockCount, ct);
-        await WaitForOutstandingAsync(ct);
+        await WaitForOutstandingAsync(bounded: false, ct);
         if (_deferredZeroFailed)
             throw new NbdProtocolException("NBD: deferred zeroes failed on the target; refusing a clean disconnect that would hide it");
         if (Stats.ZeroBlocksMaterialized != before && (_exportFlags & NbdTransmissionFlags.SendFlush) != 0)
@@ -335,12 +343,28 @@ public sealed partial class NbdSenderFilter
         }
     }
 
-    private async ValueTask WaitForOutstandingAsync(CancellationToken ct)
+    // Before FLUSH/DISC the wait is unbounded: a slow WAN is still progress, and a broken one fails
+    // the reply pump, which fails every waiter. After the client vanished, waiting is only a courtesy.
+    private async ValueTask WaitForOutstandingAsync(bool bounded, CancellationToken ct)
     {
         Task[] pending;
         lock (_sync)
             pending = [.. _ops.Values.Select(o => o.Done.Task)];
-        if (pending.Length > 0)
-            await Task.WhenAll(pending).WaitAsync(_options.DrainTimeout, ct);
+        if (pending.Length == 0)
+            return;
+        var all = Task.WhenAll(pending);
+        if (!bounded)
+        {
+            await all.WaitAsync(ct);
+            return;
+        }
+        try
+        {
+            await all.WaitAsync(_options.DrainTimeout, ct);
+        }
+        catch (TimeoutException)
+        {
+            // The trip is unclean anyway; the unanswered blocks are reported unknown.
+        }
     }
 }

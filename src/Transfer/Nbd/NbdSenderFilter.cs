@@ -62,6 +62,8 @@ public sealed partial class NbdSenderFilter
         ArgumentNullException.ThrowIfNull(upstream);
         ArgumentNullException.ThrowIfNull(retained);
         ArgumentNullException.ThrowIfNull(recorder);
+        if (retained.BlockSize < 512 || !int.IsPow2(retained.BlockSize))
+            throw new ArgumentException($"block size {retained.BlockSize} of the retained view is not a power of two >= 512", nameof(retained));
         _client = client;
         _upstream = upstream;
         _blockSize = retained.BlockSize;

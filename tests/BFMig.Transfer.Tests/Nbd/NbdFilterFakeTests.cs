@@ -170,6 +170,63 @@ public sealed class NbdFilterFakeTests
         Assert.Equal(old, kept);
     }
 
+    [Fact]
+    public async Task StartTlsTurnsTheFilterIntoAnOpaquePump()
+    {
+        var (client, filterClient) = await SocketPair.CreateAsync();
+        var (filterUp, server) = await SocketPair.CreateAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        var recorder = new DiskBlockMap(1 << 20, BlockSize);
+        var filter = new NbdSenderFilter();
+        var run = Task.Run(() => filter.RunAsync(filterClient, filterUp, FakeRig.MapOf(new byte[1 << 20], BlockSize), recorder, cts.Token));
+        var greeting = new byte[NbdHandshake.GreetingLength];
+        NbdHandshake.WriteGreeting(greeting, NbdHandshakeFlags.FixedNewstyle);
+        await server.WriteAsync(greeting, cts.Token);
+        await client.WriteAsync(new byte[] { 0, 0, 0, 1 }, cts.Token);
+        var option = new byte[NbdHandshake.OptionHeaderLength];
+        NbdHandshake.WriteOptionHeader(option, NbdOption.StartTls, 0);
+        await client.WriteAsync(option, cts.Token);
+        var ack = new byte[NbdHandshake.OptionReplyHeaderLength];
+        NbdHandshake.WriteOptionReplyHeader(ack, NbdOption.StartTls, NbdOptionReplyType.Ack, 0);
+        await server.WriteAsync(ack, cts.Token);
+        // What follows would be TLS records: arbitrary bytes that must pass unchanged both ways.
+        byte[] up = Random(5000, 8);
+        byte[] down = Random(7000, 9);
+        await client.WriteAsync(up, cts.Token);
+        await server.WriteAsync(down, cts.Token);
+        var seenByServer = new byte[NbdHandshake.OptionHeaderLength + 4 + up.Length];
+        await server.ReadExactlyAsync(seenByServer, cts.Token);
+        var seenByClient = new byte[NbdHandshake.GreetingLength + ack.Length + down.Length];
+        await client.ReadExactlyAsync(seenByClient, cts.Token);
+        Assert.Equal(up, seenByServer[^up.Length..]);
+        Assert.Equal(down, seenByClient[^down.Length..]);
+        client.Socket.Shutdown(System.Net.Sockets.SocketShutdown.Both);
+        var result = await run.WaitAsync(cts.Token);
+        Assert.True(result.Opaque);
+        Assert.True(recorder.LastTripUnclean);
+        Assert.Equal(0, recorder.KnownCount);
+        foreach (var s in new[] { client, filterClient, filterUp, server })
+            await s.DisposeAsync();
+    }
+
+    [Fact]
+    public async Task RetainedViewOfAnotherSizeIsNotTrusted()
+    {
+        byte[] disk = Random(8 * BlockSize, 10);
+        var server = Server((byte[])disk.Clone(), NbdHeaderStyle.Structured);
+        // Same content, but the map describes a 9-block image: the image was resized since.
+        var resized = FakeRig.MapOf([.. disk, .. new byte[BlockSize]], BlockSize);
+        var rig = await FakeRig.RunAsync(server, resized, Options(NbdHeaderStyle.Structured), async (c, ct) =>
+        {
+            Assert.Equal(0u, await c.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, 0, (ulong)disk.Length, disk, ct));
+            await c.DisconnectAsync(ct);
+        });
+        Assert.Null(rig.FilterError);
+        Assert.Equal(0, rig.Stats.BlocksElided);
+        Assert.Equal(8, rig.Stats.BlocksForwarded);
+        Assert.Equal(FakeRig.MapOf(disk, BlockSize).ComputeDigest(), rig.Recorded.ComputeDigest());
+    }
+
     private sealed record Op(int Kind, int Block, int Count, int Offset, int Length, bool SameAsRetained, int Seed);
 
     [Fact]

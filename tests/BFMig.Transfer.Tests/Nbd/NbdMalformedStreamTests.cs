@@ -151,4 +151,38 @@ public sealed class NbdMalformedStreamTests
         });
         Assert.Contains("request(s) outstanding", Assert.IsType<NbdProtocolException>(e).Message, StringComparison.Ordinal);
     }
+
+    [Fact]
+    public void ObserverRejectsGarbageAndStaysFailed()
+    {
+        var observer = new NbdStreamObserver(new DiskBlockMap(1 << 20, 4096));
+        var e = Assert.Throws<NbdProtocolException>(() => observer.OnServerBytes(new byte[NbdHandshake.GreetingLength]));
+        Assert.Contains("server greeting at byte 0: magic 0x0000000000000000 is not NBDMAGIC", e.Message, StringComparison.Ordinal);
+        Assert.Throws<NbdProtocolException>(() => observer.OnClientBytes(new byte[] { 0, 0, 0, 1 }));
+        var map = new DiskBlockMap(1 << 20, 4096);
+        observer.Report(map);
+        Assert.True(map.LastTripUnclean);
+        Assert.Equal(0, map.KnownCount);
+    }
+
+    [Fact]
+    public void ObserverRejectsAReplyToNoRequest()
+    {
+        var observer = new NbdStreamObserver(new DiskBlockMap(1 << 20, 4096));
+        var greeting = new byte[NbdHandshake.GreetingLength];
+        NbdHandshake.WriteGreeting(greeting, NbdHandshakeFlags.FixedNewstyle | NbdHandshakeFlags.NoZeroes);
+        observer.OnServerBytes(greeting);
+        observer.OnClientBytes([0, 0, 0, 3]);
+        var exportName = new byte[NbdHandshake.OptionHeaderLength];
+        NbdHandshake.WriteOptionHeader(exportName, NbdOption.ExportName, 0);
+        observer.OnClientBytes(exportName);
+        var info = new byte[10];
+        BinaryPrimitives.WriteUInt64BigEndian(info, 1 << 20);
+        observer.OnServerBytes(info);
+        Assert.Equal(1UL << 20, observer.ExportSize);
+        var reply = new byte[NbdReplyHeader.SimpleLength];
+        NbdReplyHeader.WriteSimple(reply, 0, 0x1234);
+        var e = Assert.Throws<NbdProtocolException>(() => observer.OnServerBytes(reply));
+        Assert.Contains("server at byte 36: reply for unknown cookie 0x1234", e.Message, StringComparison.Ordinal);
+    }
 }

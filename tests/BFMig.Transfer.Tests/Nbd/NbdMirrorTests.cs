@@ -92,6 +92,41 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task TwoTripsUseTheMapRecordedOnTheFirst()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        using var dir = TestEnv.CreateTempDir();
+        string source = dir.File("src.qcow2");
+        string target = dir.File("dst.qcow2");
+        string mapPath = dir.File("peer-view.map");
+        await Images.CreateRandomQcow2Async(source, Size, seed: 6, fillFraction: 0.9);
+        await Images.CreateAsync(target, Size);
+
+        // Trip 1: the receiver had nothing. The sender keeps what it recorded as its peer view.
+        DiskBlockMap.MarkInFlux(mapPath);
+        var first = await RunTripAsync(dir, source, target, new DiskBlockMap(Size), discardUnmap: false);
+        Assert.True(first.Identical, first.CompareOutput);
+        first.Recorded.Save(mapPath);
+        DiskBlockMap.ClearInFlux(mapPath);
+
+        // While the guest ran elsewhere, 2% of its disk changed and 1 MiB was discarded.
+        var changes = Enumerable.Range(0, 20).Select(i => $"write -P 0x{0x40 + i:x2} {(i * 51 + 3) * 65536} 64k").Append("discard 60M 1M").ToList();
+        await Images.IoAsync(source, changes);
+
+        // Trip 2: the loaded peer view is all the sender consults; nothing is re-read.
+        var peerView = DiskBlockMap.Load(mapPath);
+        Assert.False(peerView.LastTripUnclean);
+        var second = await RunTripAsync(dir, source, target, peerView, discardUnmap: false);
+        Assert.True(second.Identical, second.CompareOutput);
+        Assert.True(second.Stats.BytesForwarded <= 20 * 65536, $"forwarded {second.Stats.BytesForwarded}");
+        Assert.True(second.Stats.BlocksForwarded >= 19, second.Stats.ToString());
+        var truth = await DiskBlockMapBuilder.BuildFromImageAsync(source, "qcow2");
+        Assert.Equal(truth.ComputeDigest(), second.Recorded.ComputeDigest());
+        Assert.Equal(second.Recorded.ComputeDigest(), second.Observed.ComputeDigest());
+    }
+
+    [Fact]
     public async Task ReturnTripWithOnePercentChangedForwardsOnlyTheChange()
     {
         if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
@@ -195,6 +230,28 @@ public sealed class NbdMirrorTests(ITestOutputHelper output)
         Assert.True(trip.Stats.BytesForwarded < (long)(Size / 20));
         var truth = await DiskBlockMapBuilder.BuildFromImageAsync(source, "qcow2");
         Assert.Equal(truth.ComputeDigest(), trip.Recorded.ComputeDigest());
+        Assert.Equal(trip.Recorded.ComputeDigest(), trip.Observed.ComputeDigest());
+    }
+
+    [Fact]
+    public async Task Qemu10MirrorIntoQemuNbd72FallsBackToStructuredReplies()
+    {
+        if (!TestEnv.Require(output, TestEnv.Qemu10, "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        using var dir = TestEnv.CreateTempDir();
+        string source = dir.File("src.qcow2");
+        string target = dir.File("dst.qcow2");
+        await Images.CreateRandomQcow2Async(source, Size, seed: 7);
+        await Images.CopyAsync(source, target);
+        await Images.IoAsync(source, ["write -P 0x72 12M 128k"]);
+        var retained = await DiskBlockMapBuilder.BuildFromImageAsync(target, "qcow2");
+
+        // A Debian 13 source (QEMU 10.0 asks for extended headers) and a Debian 12 destination (refuses them).
+        var trip = await RunTripAsync(dir, source, target, retained, discardUnmap: false, qemu: TestEnv.Qemu10);
+
+        Assert.Equal(NbdHeaderStyle.Structured, trip.Result.Style);
+        Assert.True(trip.Identical, trip.CompareOutput);
+        Assert.Equal(2, trip.Stats.BlocksForwarded);
         Assert.Equal(trip.Recorded.ComputeDigest(), trip.Observed.ComputeDigest());
     }
 }

@@ -161,6 +161,26 @@ public sealed class NbdTraceFixtureTests(ITestOutputHelper output)
         Assert.False(observed.LastTripUnclean);
         Assert.Equal(truth.ComputeDigest(), observed.ComputeDigest());
 
+        // Fed in arbitrary small pieces (as a socket delivers them), the tap sees the same.
+        var chopped = new NbdStreamObserver(new DiskBlockMap(ImageSize));
+        var rng = new Random(5);
+        foreach (var (fromClient, bytes) in records)
+        {
+            for (int at = 0; at < bytes.Length;)
+            {
+                int n = Math.Min(bytes.Length - at, rng.Next(1, 3000));
+                if (fromClient)
+                    chopped.OnClientBytes(bytes.AsSpan(at, n));
+                else
+                    chopped.OnServerBytes(bytes.AsSpan(at, n));
+                at += n;
+            }
+        }
+        var choppedMap = new DiskBlockMap(ImageSize);
+        chopped.Report(choppedMap);
+        Assert.False(choppedMap.LastTripUnclean);
+        Assert.Equal(truth.ComputeDigest(), choppedMap.ComputeDigest());
+
         // The captured client bytes, replayed through the filter into an empty in-memory target...
         byte[] clientBytes = [.. records.Where(r => r.FromClient).SelectMany(r => r.Bytes)];
         var empty = new byte[ImageSize];
