@@ -245,7 +245,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 {
                     _store.SaveName(uuid, name);
                     var state = _store.RecordLocation(uuid, away, peer, TimeSpan.FromSeconds(60));
-                    var peerText = state.Peer is null ? "" : away ? $" at {state.Peer}" : $" (came from {state.Peer})";
+                    var peerText = away ? (state.Peer is null ? "" : $" at {state.Peer}") : (peer is null ? "" : $" (came from {peer})");
                     DaemonLog.LocationRecorded(_logger, name, uuid.ToString("D"), location, peerText);
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)

@@ -114,6 +114,11 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             await Tools.UntilAsync(() => Notified("READY=1"), "READY=1 on NOTIFY_SOCKET");
             Assert.True(Notified("STATUS=host hosta, 1 peers, data port "));
 
+            // systemctl reload sends SIGHUP: the daemon stays.
+            Assert.Equal(0, Tools.Run("kill", "-HUP", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
+            Assert.False(daemon.WaitForExit(1000), "SIGHUP must not stop bfmigd");
+            Assert.Equal(0, Tools.Busctl(bus, "GetStatus").ExitCode);
+
             Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
             Assert.True(daemon.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
             Assert.Equal(0, daemon.ExitCode);
@@ -121,6 +126,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             var log = await stdout;
             output.WriteLine(log + await stderr);
             Assert.Contains("stopping: SIGTERM", log);
+            Assert.Contains("SIGHUP: settings are read at start only", log);
             Assert.True(Notified("STOPPING=1"), "STOPPING=1 on NOTIFY_SOCKET");
             Assert.Contains("stopped", log);
         }

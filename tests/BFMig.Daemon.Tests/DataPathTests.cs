@@ -27,10 +27,16 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
 
     public Task InitializeAsync()
     {
-        _b = DaemonHost.Start(_busB, DaemonHost.Ini("hostb", "hosta", 9));
-        _a = DaemonHost.Start(_busA, DaemonHost.Ini("hosta", "hostb", _b.Daemon.PeerPort));
+        _b = DaemonHost.Start(_busB, WithHelper(DaemonHost.Ini("hostb", "hosta", 9)));
+        _a = DaemonHost.Start(_busA, WithHelper(DaemonHost.Ini("hosta", "hostb", _b.Daemon.PeerPort)));
         return Task.CompletedTask;
     }
+
+    /// <summary>BFMIG_TEST_TRANSFER_HELPER runs the data path with another helper build (e.g. the native AOT one, to measure).</summary>
+    private static string WithHelper(string ini) =>
+        Environment.GetEnvironmentVariable("BFMIG_TEST_TRANSFER_HELPER") is { Length: > 0 } helper
+            ? ini.Replace("[transfer]\n", $"[transfer]\nhelper = {helper}\n", StringComparison.Ordinal)
+            : ini;
 
     public async Task DisposeAsync()
     {
