@@ -92,4 +92,77 @@ public sealed class MigrationTests(ITestOutputHelper output)
             dir.Delete(recursive: true);
         }
     }
+
+    [Fact]
+    public async Task Aborted_migration_leaves_the_guest_running_on_the_source()
+    {
+        using var a = new LibvirtdInstance(Guid.NewGuid().ToString());
+        using var b = new LibvirtdInstance(Guid.NewGuid().ToString());
+        if (!Prerequisite.Require(a.StartError is null && b.StartError is null, $"two private libvirtds ({a.StartError ?? b.StartError})", output))
+        {
+            return;
+        }
+        // Explicit mode in miniature: each host has its own /run, the same migrate URI names a
+        // socket on both. The destination QEMU listens in B's /run/bfmig; in A's we listen
+        // ourselves and never read, so the migration stays running until it is aborted.
+        UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
+        foreach (int pid in new[] { a.Pid, b.Pid })
+        {
+            string run = $"/proc/{pid}/root/run/bfmig";
+            Directory.CreateDirectory(run);
+            UnixUsers.ChangeOwner(run, qemu.Uid, qemu.Gid);
+        }
+        string stallPath = $"/proc/{a.Pid}/root/run/bfmig/guest.mig";
+        using var stall = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+        stall.Bind(new System.Net.Sockets.UnixDomainSocketEndPoint(stallPath));
+        stall.Listen(1);
+        UnixUsers.ChangeOwner(stallPath, qemu.Uid, qemu.Gid);
+
+        using var source = LibvirtConnection.Open(a.Uri);
+        using var destination = LibvirtConnection.Open(b.Uri);
+        string name = TestDriverTests.UniqueName("bfmig-abort");
+        using var dom = source.DefineDomain($"""
+            <domain type='qemu'>
+              <name>{name}</name>
+              <memory unit='MiB'>64</memory>
+              <vcpu>1</vcpu>
+              <os><type arch='x86_64' machine='pc'>hvm</type></os>
+              <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+            </domain>
+            """);
+        dom.Start();
+        try
+        {
+            Task migration = Task.Run(() => dom.MigrateToUri3(b.Uri,
+                new LibvirtMigrationParameters { MigrateUri = "unix:///run/bfmig/guest.mig" },
+                LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PeerToPeer));
+            using var stalled = await stall.AcceptAsync().WaitAsync(TimeSpan.FromSeconds(60));
+            LibvirtJobStats running = dom.GetJobStats();
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+            while (!(running.Type == LibvirtJobType.Unbounded && running.MemoryTotal > 0) && DateTime.UtcNow < deadline && !migration.IsCompleted)
+            {
+                await Task.Delay(100);
+                running = dom.GetJobStats();
+            }
+            Assert.Equal(LibvirtJobType.Unbounded, running.Type);
+            Assert.True(running.MemoryTotal >= 64UL << 20, $"memory_total {running.MemoryTotal}");
+            dom.SetMigrationMaxDowntime(TimeSpan.FromMilliseconds(100));
+            dom.AbortJob();
+
+            var e = await Assert.ThrowsAsync<LibvirtException>(() => migration.WaitAsync(TimeSpan.FromSeconds(60)));
+            output.WriteLine(e.Message);
+            Assert.Equal(LibvirtErrorCode.OperationAborted, e.Code);
+            Assert.True(dom.IsActive);
+            Assert.Equal(LibvirtDomainState.Running, dom.GetState().State);
+            Assert.Null(destination.TryLookupDomainByName(name));
+        }
+        finally
+        {
+            if (dom.IsActive)
+            {
+                dom.Destroy();
+            }
+            dom.Undefine();
+        }
+    }
 }
