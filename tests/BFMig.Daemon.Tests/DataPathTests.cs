@@ -40,12 +40,24 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
 
     public async Task DisposeAsync()
     {
-        output.WriteLine("---- A ----\n" + _a.Log);
-        output.WriteLine("---- B ----\n" + _b.Log);
-        await _a.DisposeAsync();
-        await _b.DisposeAsync();
-        _busA.Dispose();
-        _busB.Dispose();
+        try
+        {
+            if (_a is not null)
+            {
+                output.WriteLine("---- A ----\n" + _a.Log);
+                await _a.DisposeAsync();
+            }
+            if (_b is not null)
+            {
+                output.WriteLine("---- B ----\n" + _b.Log);
+                await _b.DisposeAsync();
+            }
+        }
+        finally
+        {
+            _busA.Dispose();
+            _busB.Dispose();
+        }
     }
 
     private static byte[] Fixture(string name)
