@@ -11,7 +11,7 @@ LAB_GUEST=lab-guest
 LAB_DEFAULT_RATE=100mbit
 MiB=1048576
 
-log() { printf 'lab: %s\n' "$*" >&2; }
+log() { printf 'lab: %s %s\n' "$(date +%T)" "$*" >&2; }
 die() { printf 'lab: error: %s\n' "$*" >&2; exit 1; }
 
 need_root() { [[ $(id -u) == 0 ]] || die "the lab needs root (namespaces, mounts, libvirtd)"; }
