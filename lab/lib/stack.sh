@@ -77,6 +77,12 @@ stack_use_debian12() {
     ((${#args[@]} == 0)) && return 0
     log "installing Debian 12 versions: ${args[*]}"
     stack_apt install --allow-downgrades "${args[@]}"
+    # Files that moved between packages across the versions (e.g. libvirt's cpu_map, in
+    # libvirt-common in 11.x and in libvirt0 in 9.0) are deleted when the newer owner is removed
+    # after the older package took them back: reinstall what was downgraded.
+    local back=()
+    for pkg in "${args[@]}"; do [[ $pkg == *=* ]] && back+=("${pkg%%=*}"); done
+    ((${#back[@]} == 0)) || stack_apt install --reinstall "${back[@]}"
 }
 
 stack_ensure() {
