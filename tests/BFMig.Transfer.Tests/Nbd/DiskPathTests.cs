@@ -3,12 +3,11 @@ using System.Net.Sockets;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Nbd;
 using BFMig.Transfer.Store;
-using BFMig.Transfer.Tests.Nbd;
 using BFMig.Transfer.Wire;
 using Xunit;
 using Xunit.Abstractions;
 
-namespace BFMig.Transfer.Tests;
+namespace BFMig.Transfer.Tests.Nbd;
 
 /// <summary>
 /// The nbd kind end to end with stores: a real QEMU mirror (blockdev-mirror sync=full, as
