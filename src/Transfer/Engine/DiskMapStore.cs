@@ -59,6 +59,25 @@ public static class DiskMapStore
         return map.LastTripUnclean || map.BlockSize != BlockSize || map.HashSeed != seed ? null : map;
     }
 
+    /// <summary>
+    /// Creates the guest's disk directory; false (with a line on stderr) when that fails, so the
+    /// stream is carried plainly instead of failing later on a store it cannot write.
+    /// </summary>
+    public static bool TryPrepare(string root, Guid guest)
+    {
+        string dir = Path.Combine(root, guest.ToString("D"), "disk");
+        try
+        {
+            Directory.CreateDirectory(dir);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Console.Error.WriteLine($"bfmig-transfer: carrying the disk without maps: {dir}: {e.Message}");
+            return false;
+        }
+    }
+
     /// <summary>Marks <paramref name="path"/> in flux durably, creating its directory if needed.</summary>
     public static void MarkInFlux(string path)
     {

@@ -36,8 +36,18 @@ public static class DiskPath
             view.Use(null);
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             peerView = DiskMapStore.LoadTrusted(mapPath, seed);
-            // The receiver's image is about to change: until this trip is confirmed our view of it is void.
-            DiskMapStore.MarkInFlux(mapPath);
+            try
+            {
+                // The receiver's image is about to change: until this trip is confirmed our view of it is void.
+                DiskMapStore.MarkInFlux(mapPath);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Without the marker this host could not keep a map safely: send everything, keep nothing.
+                Console.Error.WriteLine($"bfmig-transfer: disk map {mapPath}: {e.Message}; sending everything");
+                mapPath = null;
+                peerView = null;
+            }
             await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(peerView?.ComputeDigest() ?? UInt128.Zero, name), t);
         }
 
@@ -67,15 +77,9 @@ public static class DiskPath
             end.CancelAfter(o.EndTimeout);
             (committed, receiverDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.EndAck, end.Token), "end ack");
             if (clean && committed && receiverDigest == digest)
-            {
-                recorded.Save(mapPath!);
-                DiskBlockMap.ClearInFlux(mapPath!);
-                stats.Committed = true;
-            }
+                stats.Committed = TrySave(recorded, mapPath!);
             else
-            {
                 Console.Error.WriteLine($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
-            }
             await channel.Tunnel.ShutdownWriteAsync(end.Token);
             await DrainAsync(channel.Tunnel, end.Token);
         }
@@ -155,13 +159,8 @@ public static class DiskPath
         var observed = new DiskBlockMap(0, DiskMapStore.BlockSize, seed);
         observer.Report(observed);
         var digest = observed.ComputeDigest();
-        bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && digest == senderDigest;
-        if (committed)
-        {
-            observed.Save(mapPath!);
-            DiskBlockMap.ClearInFlux(mapPath!);
-        }
-        else
+        bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && digest == senderDigest && TrySave(observed, mapPath);
+        if (!committed)
         {
             Console.Error.WriteLine($"bfmig-transfer: disk map of export '{exportName}' left in flux (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");
         }
@@ -170,6 +169,22 @@ public static class DiskPath
         await channel.WriteChunkAsync(DiskChunk.EndAck, DiskChannel.EncodeFlagDigest(committed, digest), end.Token);
         await channel.Tunnel.ShutdownWriteAsync(end.Token);
         await DrainAsync(channel.Tunnel, end.Token);
+    }
+
+    // The map becomes trusted only once it is on disk and the marker is gone; a failure leaves it in flux.
+    private static bool TrySave(DiskBlockMap map, string path)
+    {
+        try
+        {
+            map.Save(path);
+            DiskBlockMap.ClearInFlux(path);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Console.Error.WriteLine($"bfmig-transfer: cannot save disk map {path}: {e.Message}; the next trip sends everything");
+            return false;
+        }
     }
 
     private static async Task ServerToPeerAsync(Stream server, DiskChannel channel, NbdStreamObserver observer, CancellationToken ct)

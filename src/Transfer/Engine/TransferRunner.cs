@@ -179,7 +179,7 @@ public static class TransferRunner
         if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
         if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
-        if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");
+        if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
         try
         {
             store = MemoryStore.Open(o.StoreRoot, o.Guest);

@@ -1,4 +1,6 @@
+using System.Diagnostics;
 using System.Net;
+using System.Text.Json.Nodes;
 using System.Net.Sockets;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Nbd;
@@ -92,6 +94,81 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         output.WriteLine($"{from.Name}->{to.Name}: sender {s.Mode} tunnel {s.StreamBytes} B, wire out {s.WireBytesOut} B, committed {s.Committed}; " +
             $"receiver {r.Mode} committed {r.Committed}; {compare.Trim()}");
         return new Trip(s, r, identical, compare);
+    }
+
+    private sealed record CliTrip(int SenderExit, int ReceiverExit, JsonNode? Sender, JsonNode? Receiver, bool Identical, string CompareOutput);
+
+    // The same trip through the bfmig-transfer executable (two processes, TCP on loopback).
+    private async Task<CliTrip> RunCliTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false)
+    {
+        using var cts = new CancellationTokenSource(Timeout);
+        var ct = cts.Token;
+        string exe = Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
+        string nbdSock = dir.File($"{to.Name}-nbd.sock");
+        string qemuSock = dir.File($"{from.Name}-mirror.sock");
+        string senderStats = dir.File("send.json");
+        string receiverStats = dir.File("receive.json");
+        File.Delete(qemuSock);
+        File.Delete(senderStats);
+        File.Delete(receiverStats);
+        int port;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp))
+        {
+            probe.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            port = ((IPEndPoint)probe.LocalEndPoint!).Port;
+        }
+        await using var nbd = await QemuNbdServer.StartAsync(to.Image, "qcow2", nbdSock, ["--cache=none", "--aio=threads", "-x", Export], TimeSpan.FromSeconds(20), ct);
+        using var receiver = Start(exe, ["receive", "--kind", "nbd", "--listen", $"tcp:127.0.0.1:{port}", "--connect", $"unix:{nbdSock}", "--guest", Guest.ToString(),
+            "--store", to.Store!, "--stats", receiverStats, "--name", to.Name, "--accept-timeout", "120"]);
+        using var sender = Start(exe, ["send", "--kind", "nbd", "--listen", $"unix:{qemuSock}", "--peer", $"tcp:127.0.0.1:{port}", "--guest", Guest.ToString(),
+            "--peer-name", to.Name, "--store", from.Store!, "--stats", senderStats, "--name", from.Name, "--accept-timeout", "120"]);
+        try
+        {
+            while (!File.Exists(qemuSock))
+            {
+                Assert.False(sender.HasExited, "sender exited before listening: " + sender.StandardError.ReadToEnd());
+                await Task.Delay(20, ct);
+            }
+            var mirror = Mirror.RunAsync("qemu-system-x86_64", from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
+            if (killReceiver)
+            {
+                while (!DiskBlockMap.IsInFlux(MapOf(to)))
+                    await Task.Delay(2, ct);
+                await Task.Delay(20, ct);
+                receiver.Kill();
+                await Assert.ThrowsAnyAsync<Exception>(() => mirror);
+            }
+            else
+            {
+                await mirror;
+            }
+            await sender.WaitForExitAsync(ct);
+            await receiver.WaitForExitAsync(ct);
+            output.WriteLine($"sender exit {sender.ExitCode}: {(await sender.StandardError.ReadToEndAsync(ct)).Trim()}");
+            output.WriteLine($"receiver exit {receiver.ExitCode}: {(await receiver.StandardError.ReadToEndAsync(ct)).Trim()}");
+        }
+        finally
+        {
+            foreach (var p in new[] { sender, receiver })
+            {
+                if (!p.HasExited)
+                    p.Kill();
+            }
+        }
+        await nbd.DisposeAsync();
+        var (identical, compare) = await Images.CompareAsync(from.Image, to.Image);
+        var s = File.Exists(senderStats) ? JsonNode.Parse(await File.ReadAllTextAsync(senderStats, ct)) : null;
+        var r = File.Exists(receiverStats) ? JsonNode.Parse(await File.ReadAllTextAsync(receiverStats, ct)) : null;
+        output.WriteLine($"{from.Name}->{to.Name} (cli): sender {s?.ToJsonString()} receiver {r?.ToJsonString()}; {compare.Trim()}");
+        return new CliTrip(sender.ExitCode, receiver.ExitCode, s, r, identical, compare);
+    }
+
+    private static Process Start(string exe, string[] args)
+    {
+        var psi = new ProcessStartInfo(exe) { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        return Process.Start(psi) ?? throw new InvalidOperationException($"{exe} did not start");
     }
 
     private async Task AssertMapsAgreeAsync(Host from, Host to)
@@ -205,6 +282,45 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         Assert.Equal("store-full", retry.Sender.Mode);
         Assert.True(retry.Sender.StreamBytes >= (long)Size, $"retry after the kill carried only {retry.Sender.StreamBytes}");
         await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task CliTripsSurviveAReceiverKilledBySigkill()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 15);
+        await Images.CreateAsync(b.Image, Size);
+
+        var first = await RunCliTripAsync(dir, a, b);
+        Assert.Equal((0, 0), (first.SenderExit, first.ReceiverExit));
+        Assert.True(first.Identical, first.CompareOutput);
+        Assert.True(first.Sender!["committed"]!.GetValue<bool>());
+        long firstBytes = first.Sender["streamBytes"]!.GetValue<long>();
+        await AssertMapsAgreeAsync(a, b);
+
+        await Images.IoAsync(b.Image, Changes(5, 21));
+        var back = await RunCliTripAsync(dir, b, a);
+        Assert.Equal((0, 0), (back.SenderExit, back.ReceiverExit));
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Sender!["mode"]!.GetValue<string>());
+        Assert.True(back.Sender["streamBytes"]!.GetValue<long>() < firstBytes / 20, $"return trip carried {back.Sender["streamBytes"]} of {firstBytes}");
+        await AssertMapsAgreeAsync(b, a);
+
+        // To B again, and B's helper dies (SIGKILL) while the mirror writes its image.
+        await Images.IoAsync(a.Image, Changes(5, 33));
+        var killed = await RunCliTripAsync(dir, a, b, killReceiver: true);
+        Assert.NotEqual(0, killed.SenderExit);
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "killed receiver's map not in flux");
+
+        var retry = await RunCliTripAsync(dir, a, b);
+        Assert.Equal((0, 0), (retry.SenderExit, retry.ReceiverExit));
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-full", retry.Sender!["mode"]!.GetValue<string>());
+        Assert.True(retry.Sender["streamBytes"]!.GetValue<long>() >= (long)Size, $"retry carried only {retry.Sender["streamBytes"]}");
+        await AssertMapsAgreeAsync(a, b);
     }
 
     [Fact]
