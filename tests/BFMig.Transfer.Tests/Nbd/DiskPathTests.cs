@@ -126,7 +126,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         {
             while (!File.Exists(qemuSock))
             {
-                Assert.False(sender.HasExited, "sender exited before listening: " + sender.StandardError.ReadToEnd());
+                if (sender.HasExited)
+                    Assert.Fail("sender exited before listening: " + await sender.StandardError.ReadToEndAsync(ct));
                 await Task.Delay(20, ct);
             }
             var mirror = Mirror.RunAsync("qemu-system-x86_64", from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
