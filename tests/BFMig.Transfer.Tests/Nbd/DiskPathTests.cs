@@ -37,7 +37,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
 
     private static string MapOf(Host h) => DiskMapStore.MapPath(h.Store!, Guest, Export);
 
-    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false)
+    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64")
     {
         using var cts = new CancellationTokenSource(Timeout);
         var ct = cts.Token;
@@ -72,7 +72,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
             await peer.ConnectAsync((IPEndPoint)peerListener.LocalEndPoint!, ct);
             return await TransferRunner.SendAsync(qemu, peer, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = from.Store, Guest = Guest, PeerName = to.Name, LocalName = from.Name }, ct);
         }, CancellationToken.None);
-        var mirror = Mirror.RunAsync("qemu-system-x86_64", from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
+        var mirror = Mirror.RunAsync(qemu, from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
 
         if (killReceiver)
         {
@@ -230,6 +230,27 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         await AssertMapsAgreeAsync(a, b);
         output.WriteLine($"tunnel bytes: first {first.Sender.StreamBytes}, return {back.Sender.StreamBytes} ({100.0 * back.Sender.StreamBytes / first.Sender.StreamBytes:F2} %), third {again.Sender.StreamBytes}; " +
             $"wire out: {first.Sender.WireBytesOut}, {back.Sender.WireBytesOut}, {again.Sender.WireBytesOut}");
+    }
+
+    [Fact]
+    public async Task Qemu10MirrorThereAndBackIntoQemuNbd72()
+    {
+        if (!TestEnv.Require(output, TestEnv.Qemu10, "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 16, fillFraction: 0.8);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b, qemu: TestEnv.Qemu10);
+        Assert.True(first.Identical, first.CompareOutput);
+        await AssertMapsAgreeAsync(a, b);
+
+        await Images.IoAsync(b.Image, [.. Changes(7, 41), "discard 8M 512k"]);
+        var back = await RunTripAsync(dir, b, a, qemu: TestEnv.Qemu10);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Sender.Mode);
+        Assert.True(back.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"return trip carried {back.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
     }
 
     [Fact]
