@@ -43,6 +43,7 @@ public static class TransferRunner
         var clock = Stopwatch.StartNew();
         var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         MemoryStore? store = null;
+        bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
         bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
             && BinaryPrimitives.ReadUInt32BigEndian(prefix) == QemuFormat.FileMagic;
         if (wantsStore)
@@ -63,7 +64,7 @@ public static class TransferRunner
         try
         {
             var state = store?.State;
-            var hello = new Hello(o.Kind, wantsStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
+            var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
                 RandomNumberGenerator.GetBytes(32), o.LocalName);
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
@@ -71,7 +72,11 @@ public static class TransferRunner
                 hs.CancelAfter(o.HandshakeTimeout);
                 reply = await Handshake.ClientAsync(reader, writer, o.Authenticator, hello, hs.Token);
             }
-            if (o.Kind == StreamKind.Nbd)
+            if (diskStore && reply.HasStore)
+            {
+                await DiskPath.SendAsync(qemu, reader, writer, o, stats, ct);
+            }
+            else if (o.Kind == StreamKind.Nbd)
             {
                 stats.Mode = "plain";
                 var tunnel = new PeerByteTunnel(reader, writer);
@@ -132,7 +137,11 @@ public static class TransferRunner
             }
             if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
             await using var local = await connectLocal(ct);
-            if (store is not null && hello.WantsStore)
+            if (o.Kind == StreamKind.Nbd && decision.HasStore)
+            {
+                await DiskPath.ReceiveAsync(local, reader, writer, o, stats, ct);
+            }
+            else if (store is not null && hello.WantsStore)
             {
                 bool keep = decision.Status == HelloStatus.Match;
                 stats.Mode = keep ? "store-match" : "store-full";
@@ -168,7 +177,9 @@ public static class TransferRunner
         var none = new byte[16];
         if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
         if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
-        if (!h.WantsStore || o.Kind != StreamKind.Mig || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
+        if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
         try
         {
             store = MemoryStore.Open(o.StoreRoot, o.Guest);

@@ -40,6 +40,8 @@ public sealed partial class NbdSenderFilter
                 if (NbdHandshake.TryReadOption(ref buffered, clientIn.Position, out var request))
                 {
                     option = request.Option;
+                    if (ExportNameOf(request) is { } name)
+                        ExportName = name;
                     await ForwardConsumedAsync(clientIn, buffered, _upstream, ct);
                     break;
                 }
@@ -117,6 +119,18 @@ public sealed partial class NbdSenderFilter
                 break;
             }
         }
+    }
+
+    // NBD_OPT_EXPORT_NAME carries the bare name; NBD_OPT_GO and NBD_OPT_INFO start with u32 length + name.
+    private static string? ExportNameOf(NbdOptionRequest request)
+    {
+        var data = request.Data.ToArray();
+        if (request.Option == NbdOption.ExportName)
+            return System.Text.Encoding.UTF8.GetString(data);
+        if (request.Option is not (NbdOption.Go or NbdOption.Info) || data.Length < 4)
+            return null;
+        uint length = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(data);
+        return length <= (uint)(data.Length - 4) ? System.Text.Encoding.UTF8.GetString(data, 4, (int)length) : null;
     }
 
     private static async ValueTask ForwardConsumedAsync(NbdInput input, ReadOnlySequence<byte> rest, Stream destination, CancellationToken ct)

@@ -51,6 +51,12 @@ public sealed partial class NbdSenderFilter
     public NbdFilterStats Stats { get; } = new();
 
     /// <summary>
+    /// The export the client asked for in its latest NBD_OPT_GO, NBD_OPT_INFO or
+    /// NBD_OPT_EXPORT_NAME (null before any). Set before that option is forwarded upstream.
+    /// </summary>
+    public string? ExportName { get; private set; }
+
+    /// <summary>
     /// Proxies one NBD connection until the client disconnects. <paramref name="retained"/> is
     /// what the target image holds before this trip (all unknown for a first trip); at the end
     /// (also on failure) the filter reports the target's resulting block map to

@@ -1,0 +1,388 @@
+using System.Diagnostics;
+using System.Net;
+using System.Text.Json.Nodes;
+using System.Net.Sockets;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Nbd;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace BFMig.Transfer.Tests.Nbd;
+
+/// <summary>
+/// The nbd kind end to end with stores: a real QEMU mirror (blockdev-mirror sync=full, as
+/// libvirt's --copy-storage-all) into the sending helper, over loopback TCP to the receiving
+/// helper, into a real qemu-nbd serving the image the guest left behind on that host. Trips go
+/// back and forth between two "hosts" (two images, two store roots).
+/// </summary>
+[Collection("qemu")]
+public sealed class DiskPathTests(ITestOutputHelper output)
+{
+    private const ulong Size = 32UL << 20;
+    private const string Export = "drive-virtio-disk0";
+    private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(180);
+
+    private sealed record Trip(TransferStats Sender, TransferStats Receiver, bool Identical, string CompareOutput);
+
+    private sealed class Host(string name, string image, string? store)
+    {
+        public string Name { get; } = name;
+        public string Image { get; } = image;
+        public string? Store { get; } = store;
+    }
+
+    private static readonly Guid Guest = Guid.Parse("6f1c1f0e-8d1e-4b4f-9a37-3c2b1d7e5a10");
+
+    private static string MapOf(Host h) => DiskMapStore.MapPath(h.Store!, Guest, Export);
+
+    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64")
+    {
+        using var cts = new CancellationTokenSource(Timeout);
+        var ct = cts.Token;
+        string nbdSock = dir.File($"{to.Name}-nbd.sock");
+        string qemuSock = dir.File($"{from.Name}-mirror.sock");
+        File.Delete(qemuSock);
+        await using var nbd = await QemuNbdServer.StartAsync(to.Image, "qcow2", nbdSock, ["--cache=none", "--aio=threads", "--discard=unmap", "-x", Export],
+            TimeSpan.FromSeconds(20), ct);
+        using var peerListener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        peerListener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        peerListener.Listen(1);
+        using var qemuListener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        qemuListener.Bind(new UnixDomainSocketEndPoint(qemuSock));
+        qemuListener.Listen(1);
+
+        using var receiverCts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var receiver = Task.Run(async () =>
+        {
+            var peer = await peerListener.AcceptAsync(receiverCts.Token);
+            return await TransferRunner.ReceiveAsync(peer, async t =>
+            {
+                var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                await s.ConnectAsync(new UnixDomainSocketEndPoint(nbdSock), t);
+                return LocalConnection.FromSocket(s);
+            }, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = to.Store, Guest = Guest, LocalName = to.Name }, receiverCts.Token);
+        }, CancellationToken.None);
+        var sender = Task.Run(async () =>
+        {
+            var qemuSocket = await qemuListener.AcceptAsync(ct);
+            await using var qemu = LocalConnection.FromSocket(qemuSocket);
+            var peer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+            await peer.ConnectAsync((IPEndPoint)peerListener.LocalEndPoint!, ct);
+            return await TransferRunner.SendAsync(qemu, peer, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = from.Store, Guest = Guest, PeerName = to.Name, LocalName = from.Name }, ct);
+        }, CancellationToken.None);
+        var mirror = Mirror.RunAsync(qemu, from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
+
+        if (killReceiver)
+        {
+            // Kill the receiving helper once the retained image is about to change.
+            while (!DiskBlockMap.IsInFlux(MapOf(to)))
+                await Task.Delay(2, ct);
+            await Task.Delay(20, ct);
+            await receiverCts.CancelAsync();
+            await Assert.ThrowsAnyAsync<Exception>(() => receiver);
+            await Assert.ThrowsAnyAsync<Exception>(() => sender);
+            await Assert.ThrowsAnyAsync<Exception>(() => mirror);
+            return new Trip(new TransferStats(), new TransferStats(), false, "");
+        }
+        await mirror;
+        var s = await sender.WaitAsync(TimeSpan.FromSeconds(60), ct);
+        var r = await receiver.WaitAsync(TimeSpan.FromSeconds(60), ct);
+        await nbd.DisposeAsync();
+        var (identical, compare) = await Images.CompareAsync(from.Image, to.Image);
+        output.WriteLine($"{from.Name}->{to.Name}: sender {s.Mode} tunnel {s.StreamBytes} B, wire out {s.WireBytesOut} B, committed {s.Committed}; " +
+            $"receiver {r.Mode} committed {r.Committed}; {compare.Trim()}");
+        return new Trip(s, r, identical, compare);
+    }
+
+    private sealed record CliTrip(int SenderExit, int ReceiverExit, JsonNode? Sender, JsonNode? Receiver, bool Identical, string CompareOutput);
+
+    // The same trip through the bfmig-transfer executable (two processes, TCP on loopback).
+    private async Task<CliTrip> RunCliTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false)
+    {
+        using var cts = new CancellationTokenSource(Timeout);
+        var ct = cts.Token;
+        string exe = Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
+        string nbdSock = dir.File($"{to.Name}-nbd.sock");
+        string qemuSock = dir.File($"{from.Name}-mirror.sock");
+        string senderStats = dir.File("send.json");
+        string receiverStats = dir.File("receive.json");
+        File.Delete(qemuSock);
+        File.Delete(senderStats);
+        File.Delete(receiverStats);
+        int port;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp))
+        {
+            probe.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+            port = ((IPEndPoint)probe.LocalEndPoint!).Port;
+        }
+        await using var nbd = await QemuNbdServer.StartAsync(to.Image, "qcow2", nbdSock, ["--cache=none", "--aio=threads", "-x", Export], TimeSpan.FromSeconds(20), ct);
+        using var receiver = Start(exe, ["receive", "--kind", "nbd", "--listen", $"tcp:127.0.0.1:{port}", "--connect", $"unix:{nbdSock}", "--guest", Guest.ToString(),
+            "--store", to.Store!, "--stats", receiverStats, "--name", to.Name, "--accept-timeout", "120"]);
+        using var sender = Start(exe, ["send", "--kind", "nbd", "--listen", $"unix:{qemuSock}", "--peer", $"tcp:127.0.0.1:{port}", "--guest", Guest.ToString(),
+            "--peer-name", to.Name, "--store", from.Store!, "--stats", senderStats, "--name", from.Name, "--accept-timeout", "120"]);
+        try
+        {
+            while (!File.Exists(qemuSock))
+            {
+                if (sender.HasExited)
+                    Assert.Fail("sender exited before listening: " + await sender.StandardError.ReadToEndAsync(ct));
+                await Task.Delay(20, ct);
+            }
+            var mirror = Mirror.RunAsync("qemu-system-x86_64", from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
+            if (killReceiver)
+            {
+                while (!DiskBlockMap.IsInFlux(MapOf(to)))
+                    await Task.Delay(2, ct);
+                await Task.Delay(20, ct);
+                receiver.Kill();
+                await Assert.ThrowsAnyAsync<Exception>(() => mirror);
+            }
+            else
+            {
+                await mirror;
+            }
+            await sender.WaitForExitAsync(ct);
+            await receiver.WaitForExitAsync(ct);
+            output.WriteLine($"sender exit {sender.ExitCode}: {(await sender.StandardError.ReadToEndAsync(ct)).Trim()}");
+            output.WriteLine($"receiver exit {receiver.ExitCode}: {(await receiver.StandardError.ReadToEndAsync(ct)).Trim()}");
+        }
+        finally
+        {
+            foreach (var p in new[] { sender, receiver })
+            {
+                if (!p.HasExited)
+                    p.Kill();
+            }
+        }
+        await nbd.DisposeAsync();
+        var (identical, compare) = await Images.CompareAsync(from.Image, to.Image);
+        var s = File.Exists(senderStats) ? JsonNode.Parse(await File.ReadAllTextAsync(senderStats, ct)) : null;
+        var r = File.Exists(receiverStats) ? JsonNode.Parse(await File.ReadAllTextAsync(receiverStats, ct)) : null;
+        output.WriteLine($"{from.Name}->{to.Name} (cli): sender {s?.ToJsonString()} receiver {r?.ToJsonString()}; {compare.Trim()}");
+        return new CliTrip(sender.ExitCode, receiver.ExitCode, s, r, identical, compare);
+    }
+
+    private static Process Start(string exe, string[] args)
+    {
+        var psi = new ProcessStartInfo(exe) { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        return Process.Start(psi) ?? throw new InvalidOperationException($"{exe} did not start");
+    }
+
+    private async Task AssertMapsAgreeAsync(Host from, Host to)
+    {
+        Assert.False(DiskBlockMap.IsInFlux(MapOf(from)), "sender's map still in flux");
+        Assert.False(DiskBlockMap.IsInFlux(MapOf(to)), "receiver's map still in flux");
+        var a = DiskBlockMap.Load(MapOf(from));
+        var b = DiskBlockMap.Load(MapOf(to));
+        var truth = await DiskBlockMapBuilder.BuildFromImageAsync(from.Image, "qcow2", DiskMapStore.BlockSize, DiskMapStore.SeedFor(Guest));
+        Assert.Equal(truth.ComputeDigest(), a.ComputeDigest());
+        Assert.Equal(a.ComputeDigest(), b.ComputeDigest());
+        Assert.Equal(truth.BlockCount, b.KnownCount);
+    }
+
+    private (TempDir Dir, Host A, Host B) Setup()
+    {
+        var dir = TestEnv.CreateTempDir();
+        return (dir, new Host("a", dir.File("a.qcow2"), dir.File("store-a")), new Host("b", dir.File("b.qcow2"), dir.File("store-b")));
+    }
+
+    private static List<string> Changes(int count, int salt) =>
+        Enumerable.Range(0, count).Select(i => $"write -P 0x{(0x20 + i + salt) & 0xff:x2} {(i * 37 + salt) % 512 * 65536} 64k").ToList();
+
+    [Fact]
+    public async Task ThereAndBackAndThereAgainSendsOnlyTheChanges()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 11);
+        await Images.CreateAsync(b.Image, Size);
+
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+        Assert.Equal("store-full", first.Sender.Mode);
+        Assert.True(first.Sender.Committed && first.Receiver.Committed);
+        Assert.True(first.Sender.StreamBytes >= (long)Size, $"first trip carried {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(a, b);
+
+        // The guest runs on B and changes 10 blocks; it returns to A, whose image is what it left behind.
+        await Images.IoAsync(b.Image, Changes(10, 3));
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Sender.Mode);
+        Assert.Equal("store-match", back.Receiver.Mode);
+        Assert.True(back.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"return trip carried {back.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        Assert.True(back.Sender.WireBytesOut < first.Sender.WireBytesOut / 20, $"return trip wire {back.Sender.WireBytesOut} of {first.Sender.WireBytesOut}");
+        Assert.True(back.Sender.StreamBytes >= 10 * 65536, $"10 changed blocks need at least 640 KiB, carried {back.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+
+        // And to B again, into the image it left there, with a discard on the way.
+        await Images.IoAsync(a.Image, [.. Changes(6, 101), "discard 20M 1M"]);
+        var again = await RunTripAsync(dir, a, b);
+        Assert.True(again.Identical, again.CompareOutput);
+        Assert.Equal("store-match", again.Sender.Mode);
+        Assert.True(again.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"third trip carried {again.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(a, b);
+        output.WriteLine($"tunnel bytes: first {first.Sender.StreamBytes}, return {back.Sender.StreamBytes} ({100.0 * back.Sender.StreamBytes / first.Sender.StreamBytes:F2} %), third {again.Sender.StreamBytes}; " +
+            $"wire out: {first.Sender.WireBytesOut}, {back.Sender.WireBytesOut}, {again.Sender.WireBytesOut}");
+    }
+
+    [Fact]
+    public async Task Qemu10MirrorThereAndBackIntoQemuNbd72()
+    {
+        if (!TestEnv.Require(output, TestEnv.Qemu10, "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 16, fillFraction: 0.8);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b, qemu: TestEnv.Qemu10);
+        Assert.True(first.Identical, first.CompareOutput);
+        await AssertMapsAgreeAsync(a, b);
+
+        await Images.IoAsync(b.Image, [.. Changes(7, 41), "discard 8M 512k"]);
+        var back = await RunTripAsync(dir, b, a, qemu: TestEnv.Qemu10);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Sender.Mode);
+        Assert.True(back.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"return trip carried {back.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task ReceiverMapThatDisagreesMeansEverythingIsSent()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 12);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+        await AssertMapsAgreeAsync(a, b);
+
+        // A's map now claims one block holds something else (as if A's image had been touched).
+        var lie = DiskBlockMap.Load(MapOf(a));
+        lie.Set(7, UInt128.MaxValue);
+        lie.Save(MapOf(a));
+        await Images.IoAsync(b.Image, Changes(4, 9));
+
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-full", back.Sender.Mode);
+        Assert.Equal("store-full", back.Receiver.Mode);
+        Assert.True(back.Sender.StreamBytes >= (long)Size, $"mismatched trip carried only {back.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task KilledReceiverLeavesItsMapInFluxAndTheNextTripSendsEverything()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 13);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+        await AssertMapsAgreeAsync(a, b);
+
+        await Images.IoAsync(b.Image, Changes(8, 17));
+        await RunTripAsync(dir, b, a, killReceiver: true);
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(a)), "receiver's map not in flux after it was killed");
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "sender's map not in flux after the trip failed");
+        Assert.Null(DiskMapStore.LoadTrusted(MapOf(a), DiskMapStore.SeedFor(Guest)));
+
+        var retry = await RunTripAsync(dir, b, a);
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-full", retry.Sender.Mode);
+        Assert.True(retry.Sender.StreamBytes >= (long)Size, $"retry after the kill carried only {retry.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task CliTripsSurviveAReceiverKilledBySigkill()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 15);
+        await Images.CreateAsync(b.Image, Size);
+
+        var first = await RunCliTripAsync(dir, a, b);
+        Assert.Equal((0, 0), (first.SenderExit, first.ReceiverExit));
+        Assert.True(first.Identical, first.CompareOutput);
+        Assert.True(first.Sender!["committed"]!.GetValue<bool>());
+        long firstBytes = first.Sender["streamBytes"]!.GetValue<long>();
+        await AssertMapsAgreeAsync(a, b);
+
+        await Images.IoAsync(b.Image, Changes(5, 21));
+        var back = await RunCliTripAsync(dir, b, a);
+        Assert.Equal((0, 0), (back.SenderExit, back.ReceiverExit));
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Sender!["mode"]!.GetValue<string>());
+        Assert.True(back.Sender["streamBytes"]!.GetValue<long>() < firstBytes / 20, $"return trip carried {back.Sender["streamBytes"]} of {firstBytes}");
+        await AssertMapsAgreeAsync(b, a);
+
+        // To B again, and B's helper dies (SIGKILL) while the mirror writes its image.
+        await Images.IoAsync(a.Image, Changes(5, 33));
+        var killed = await RunCliTripAsync(dir, a, b, killReceiver: true);
+        Assert.NotEqual(0, killed.SenderExit);
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "killed receiver's map not in flux");
+
+        var retry = await RunCliTripAsync(dir, a, b);
+        Assert.Equal((0, 0), (retry.SenderExit, retry.ReceiverExit));
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-full", retry.Sender!["mode"]!.GetValue<string>());
+        Assert.True(retry.Sender["streamBytes"]!.GetValue<long>() >= (long)Size, $"retry carried only {retry.Sender["streamBytes"]}");
+        await AssertMapsAgreeAsync(a, b);
+    }
+
+    [Fact]
+    public async Task WithoutStoresTheDiskGoesThroughThePlainTunnel()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 14);
+        await Images.CreateAsync(b.Image, Size);
+        var trip = await RunTripAsync(dir, a, new Host("b", b.Image, store: null));
+        Assert.True(trip.Identical, trip.CompareOutput);
+        Assert.Equal("plain", trip.Sender.Mode);
+        Assert.Equal("plain", trip.Receiver.Mode);
+        Assert.False(Directory.Exists(Path.Combine(a.Store!, Guest.ToString("D"), "disk")), "a store-less receiver made the sender keep a map");
+    }
+
+    [Fact]
+    public void ExportNamesMapToDistinctPlainFiles()
+    {
+        Assert.Equal("drive-virtio-disk0", DiskMapStore.FileNameFor("drive-virtio-disk0"));
+        Assert.Equal("libvirt-1-storage", DiskMapStore.FileNameFor("libvirt-1-storage"));
+        Assert.Equal("0", DiskMapStore.FileNameFor(""));
+        string slash = DiskMapStore.FileNameFor("../etc/x");
+        Assert.DoesNotContain('/', slash);
+        Assert.False(slash.StartsWith('.'));
+        Assert.NotEqual(DiskMapStore.FileNameFor("a/b"), DiskMapStore.FileNameFor("a_b"));
+        Assert.NotEqual(DiskMapStore.FileNameFor("a/b"), DiskMapStore.FileNameFor("a:b"));
+    }
+
+    [Fact]
+    public void DiskChannelControlPayloadsRoundTripAndRejectGarbage()
+    {
+        var hello = DiskChannel.EncodeExportHello(UInt128.MaxValue - 5, Export);
+        Assert.Equal((UInt128.MaxValue - 5, Export), DiskChannel.DecodeExportHello(hello));
+        Assert.Throws<PeerProtocolException>(() => DiskChannel.DecodeExportHello(hello.AsSpan(0, hello.Length - 1)));
+        var ack = DiskChannel.EncodeFlagDigest(true, 42);
+        Assert.Equal((true, (UInt128)42), DiskChannel.DecodeFlagDigest(ack, "ack"));
+        ack[0] = 2;
+        Assert.Throws<PeerProtocolException>(() => DiskChannel.DecodeFlagDigest(ack, "ack"));
+    }
+}
