@@ -26,6 +26,7 @@ public static class DaemonConfiguration
         ["--listen"] = "daemon:listen",
         ["--host-name"] = "daemon:host_name",
         ["--log-level"] = "daemon:log_level",
+        ["--bus-address"] = "daemon:bus_address",
     };
 
     /// <summary>
@@ -34,7 +35,8 @@ public static class DaemonConfiguration
     /// </summary>
     public static IConfigurationRoot Build(string? configPath, IReadOnlyList<string> args, IDictionary<string, string?>? environment = null)
     {
-        var path = configPath ?? DefaultPath;
+        // Absolute, or the INI provider would look next to the executable instead of the working directory.
+        var path = Path.GetFullPath(configPath ?? DefaultPath);
         var builder = new ConfigurationBuilder();
         if (configPath is not null && !File.Exists(path))
             throw new ConfigurationException($"configuration file {path} does not exist");
@@ -62,7 +64,8 @@ public static class DaemonConfiguration
     public static DaemonOptions Load(IConfigurationRoot config)
     {
         var s = new SettingReader(config);
-        var (listenAddress, listenPort) = s.Endpoint("daemon:listen", "0.0.0.0", DefaultPort);
+        // Port 0 lets the kernel pick one (tests; the real port is in GetStatus's data_port).
+        var (listenAddress, listenPort) = s.Endpoint("daemon:listen", "0.0.0.0", DefaultPort, minPort: 0);
         var auth = s.Enum("auth:mode", PeerAuthMode.Tls);
         var pskFile = s.OptionalPath("auth:psk_file");
         if (auth == PeerAuthMode.Psk && pskFile is null)
@@ -86,6 +89,11 @@ public static class DaemonConfiguration
             TlsCaCertificate = s.Path("auth:tls_ca", "/etc/pki/CA/cacert.pem"),
             Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
             BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),
+            BusAddress = s.OptionalText("daemon:bus_address"),
+            HookPath = s.Path("daemon:hook_path", "/etc/libvirt/hooks/qemu.d/50-bfmig"),
+            TransferHelper = s.OptionalPath("transfer:helper"),
+            MaxTransfers = s.Integer("transfer:max_concurrent", 8, min: 1, max: 64),
+            ShutdownGraceSeconds = s.Integer("transfer:shutdown_grace_seconds", 20, min: 0, max: 3600),
             Peers = ReadPeers(config, s),
         };
     }
@@ -168,6 +176,8 @@ public static class DaemonConfiguration
 
         public string? OptionalPath(string key) => config[key] is null ? null : Path(key, "/");
 
+        public string? OptionalText(string key) => config[key] is null ? null : Text(key, "");
+
         public string Name(string key, string fallback)
         {
             var value = Text(key, fallback);
@@ -206,7 +216,7 @@ public static class DaemonConfiguration
         }
 
         /// <summary>HOST, HOST:PORT or [IPv6]:PORT.</summary>
-        public (string Host, int Port) Endpoint(string key, string? fallbackHost, int fallbackPort)
+        public (string Host, int Port) Endpoint(string key, string? fallbackHost, int fallbackPort, int minPort = 1)
         {
             var raw = config[key];
             if (raw is null)
@@ -239,8 +249,8 @@ public static class DaemonConfiguration
                 portText = "";
             }
             var port = fallbackPort;
-            if (portText.Length > 0 && (!int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port is < 1 or > 65535))
-                throw Bad(key, raw, "port must be a number from 1 to 65535");
+            if (portText.Length > 0 && (!int.TryParse(portText, NumberStyles.None, CultureInfo.InvariantCulture, out port) || port < minPort || port > 65535))
+                throw Bad(key, raw, $"port must be a number from {minPort} to 65535");
             if (host.Length == 0 || host.Any(char.IsWhiteSpace))
                 throw Bad(key, raw, "expected HOST or HOST:PORT");
             return (host, port);

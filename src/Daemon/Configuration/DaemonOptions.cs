@@ -47,4 +47,19 @@ public sealed record DaemonOptions
     public required CompressionChoice Compression { get; init; }
     public required int BufferMiB { get; init; }
     public required IReadOnlyList<PeerOptions> Peers { get; init; }
+
+    /// <summary>D-Bus address to use instead of the system bus (<c>unix:path=...</c>; tests and labs).</summary>
+    public string? BusAddress { get; init; }
+
+    /// <summary>Where the libvirt hook should be installed; <c>Doctor</c> checks it.</summary>
+    public string HookPath { get; init; } = "/etc/libvirt/hooks/qemu.d/50-bfmig";
+
+    /// <summary>The <c>bfmig-transfer</c> executable; null means the installed one (see <c>TransferHelperLocator</c>).</summary>
+    public string? TransferHelper { get; init; }
+
+    /// <summary>Streams (helpers) running at once, both directions together; more are refused.</summary>
+    public int MaxTransfers { get; init; } = 8;
+
+    /// <summary>On SIGTERM, how long running transfers may still finish before they are killed.</summary>
+    public int ShutdownGraceSeconds { get; init; } = 20;
 }

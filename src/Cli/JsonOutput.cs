@@ -1,0 +1,63 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace BFMig.Cli;
+
+// What --json prints, one document per command on standard output. Field names are snake_case
+// like the D-Bus contract's argument names; sizes are bytes, times ISO 8601 UTC.
+
+internal sealed record GuestJson(string Uuid, string Name, string Location, string Peer, ulong Generation,
+    ulong? MemoryBytes, ulong? DiskBytes, ulong RetainedBytes, long SinceUnix, string? Since);
+
+internal sealed record ListJson(IReadOnlyList<GuestJson> Guests);
+
+internal sealed record EstimateJson(string Guest, string Peer, ulong MemoryBytes, ulong DiskBytes, ulong TotalBytes,
+    ulong StockMemoryBytes, ulong StockDiskBytes, ulong StockTotalBytes, string Basis);
+
+internal sealed record ForgetJson(string Guest, bool Forgotten);
+
+internal sealed record CheckJson(string Name, bool Passed, string Detail);
+
+internal sealed record DoctorJson(bool Ok, IReadOnlyList<CheckJson> Checks);
+
+internal sealed record StreamJson(string Stream, ulong BytesSent, ulong BytesSaved);
+
+internal sealed record MigrateJson(string Guest, string Peer, string DestinationUri, string MigrateUri, string DisksUri,
+    IReadOnlyList<string> Command, bool DryRun, int? VirshExitCode, bool Ok, ulong BytesSent, ulong BytesSaved,
+    IReadOnlyList<StreamJson> Streams, string? Message);
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower, WriteIndented = true)]
+[JsonSerializable(typeof(ListJson))]
+[JsonSerializable(typeof(EstimateJson))]
+[JsonSerializable(typeof(ForgetJson))]
+[JsonSerializable(typeof(DoctorJson))]
+[JsonSerializable(typeof(MigrateJson))]
+// GetStatus is an a{sv}: its values arrive as these basic types.
+[JsonSerializable(typeof(Dictionary<string, object>))]
+[JsonSerializable(typeof(string))]
+[JsonSerializable(typeof(string[]))]
+[JsonSerializable(typeof(bool))]
+[JsonSerializable(typeof(byte))]
+[JsonSerializable(typeof(short))]
+[JsonSerializable(typeof(ushort))]
+[JsonSerializable(typeof(int))]
+[JsonSerializable(typeof(uint))]
+[JsonSerializable(typeof(long))]
+[JsonSerializable(typeof(ulong))]
+[JsonSerializable(typeof(double))]
+internal sealed partial class CliJsonContext : JsonSerializerContext;
+
+internal static class JsonOutput
+{
+    /// <summary>
+    /// The generated metadata with a relaxed encoder: the output goes to a terminal or a script,
+    /// never into HTML, so "qemu+ssh://" should read as such rather than "qemu\u002Bssh://".
+    /// </summary>
+    public static CliJsonContext Context { get; } = new(new JsonSerializerOptions(CliJsonContext.Default.Options)
+    {
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    });
+
+    public static void Write<T>(T value, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> typeInfo) =>
+        Console.Out.WriteLine(JsonSerializer.Serialize(value, typeInfo));
+}

@@ -1,0 +1,2 @@
+// bfmigd drives libvirt/KVM hosts: Linux only (unix sockets with owners and modes, posix_spawn, sd-bus).
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]

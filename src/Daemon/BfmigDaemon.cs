@@ -1,0 +1,454 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Daemon.Api;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Guests;
+using BFMig.Daemon.Logging;
+using BFMig.Daemon.Sockets;
+using BFMig.Daemon.Transfers;
+using BFMig.Native;
+using BFMig.Native.DBus;
+using BFMig.Native.Libvirt;
+using BFMig.Native.Linux;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon;
+
+/// <summary>
+/// bfmigd: owns <c>org.bfmig.BFMig1</c>, follows libvirt, keeps the explicit-mode sockets, runs
+/// the data path (one bfmig-transfer per stream) and records where each guest is.
+/// Start with <see cref="Start"/>, stop with <see cref="StopAsync"/>.
+/// </summary>
+public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposable
+{
+    /// <summary>Installed location of the transfer helper.</summary>
+    public const string DefaultHelper = "/usr/libexec/bfmig/bfmig-transfer";
+
+    // virDomainEventStoppedDetailType / virDomainEventResumedDetailType values for "migrated".
+    private const int StoppedMigrated = 3;
+    private const int ResumedMigrated = 1;
+
+    private readonly DaemonOptions _options;
+    private readonly ILogger _logger;
+    private readonly ILoggerFactory _loggers;
+    private readonly GuestStateStore _store;
+    private readonly SplitBrainGuard _guard;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly Stopwatch _uptime = Stopwatch.StartNew();
+    private readonly Lock _stateQueueGate = new();
+    private Task _stateQueue = Task.CompletedTask;
+    private DBusConnection? _bus;
+    private IDisposable? _export;
+    private LibvirtWatcher? _libvirt;
+    private Task _libvirtTask = Task.CompletedTask;
+    private MigrationSockets? _sockets;
+    private TransferManager? _transfers;
+    private PeerListener? _peers;
+    private Task _peerTask = Task.CompletedTask;
+    private int _stopping;
+
+    public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
+    {
+        _options = options;
+        _loggers = loggers;
+        _logger = loggers.CreateLogger("bfmigd");
+        _store = new GuestStateStore(options.StateDirectory);
+        _guard = new SplitBrainGuard(_store, options.HostName, time ?? TimeProvider.System);
+        _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
+    }
+
+    /// <summary>The options the daemon runs with.</summary>
+    public DaemonOptions Options => _options;
+
+    /// <summary>The peer data port actually bound (useful when <c>daemon:listen</c> asked for port 0).</summary>
+    public int PeerPort => _peers?.LocalEndPoint.Port ?? 0;
+
+    /// <summary>Completes once the daemon stopped (after <see cref="StopAsync"/>, or when the bus connection was lost).</summary>
+    public Task Completion => _stopped.Task;
+
+    /// <summary>The state directories (for tests and tools).</summary>
+    public GuestStateStore Store => _store;
+
+    /// <summary>Where the split-brain guard and socket bookkeeping stand.</summary>
+    internal MigrationSockets? Sockets => _sockets;
+
+    internal TransferManager? Transfers => _transfers;
+
+    internal LibvirtWatcher? Libvirt => _libvirt;
+
+    /// <summary>
+    /// Checks what the configuration names (users, helper), prepares the directories, takes the
+    /// bus name and starts following libvirt and accepting peers. Throws
+    /// <see cref="ConfigurationException"/> for a setting that cannot work.
+    /// </summary>
+    public void Start()
+    {
+        DaemonLog.Starting(_logger, BuildInfo.Version, _options.HostName, _options.StateDirectory, _options.RuntimeDirectory);
+        if (_options.Peers.Any(p => p.Name == _options.HostName))
+            throw new ConfigurationException($"[peers:{_options.HostName}] has this host's own name (daemon:host_name); a peer must be another host");
+        var user = UnixUsers.GetUser(_options.QemuUser)
+            ?? throw new ConfigurationException($"daemon:qemu_user = '{_options.QemuUser}': no such user on this host");
+        var group = UnixUsers.GetGroup(_options.QemuGroup)
+            ?? throw new ConfigurationException($"daemon:qemu_group = '{_options.QemuGroup}': no such group on this host");
+        var helper = LocateHelper(_options);
+        if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
+            throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
+
+        Directory.CreateDirectory(_options.StateDirectory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        var transfersDir = Path.Combine(_options.RuntimeDirectory, ".transfers");
+        _sockets = new MigrationSockets(_options, user.Uid, group.Gid, _loggers.CreateLogger("bfmigd.sockets"), OnQemuConnected);
+        _sockets.PrepareDirectories();
+        Directory.CreateDirectory(transfersDir, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        _transfers = new TransferManager(_options, helper, transfersDir, _loggers.CreateLogger("bfmigd.transfers"));
+        _transfers.StreamFinished += OnStreamFinished;
+        _transfers.TripFinished += OnTripFinished;
+
+        _bus = _options.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
+        _bus.Disconnected += e =>
+        {
+            DaemonLog.BusLost(_logger, e.Message);
+            _ = StopAsync("D-Bus connection lost");
+        };
+        var api = new ManagerApi(this, _loggers.CreateLogger("bfmigd.api"));
+        _export = _bus.Export(api.CreateObject());
+        _bus.RequestName(ManagerApi.BusName);
+        _bus.StartProcessing();
+        DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
+
+        _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
+        _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
+
+        if (_options.AuthMode == PeerAuthMode.Psk)
+        {
+            _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
+            _peerTask = _peers.RunAsync();
+        }
+        else
+        {
+            DaemonLog.TlsDataPathUnavailable(_logger);
+        }
+    }
+
+    /// <summary>The helper to run: transfer:helper, else the installed one, else bfmig-transfer next to this program.</summary>
+    public static string LocateHelper(DaemonOptions options)
+    {
+        if (options.TransferHelper is { } configured)
+        {
+            return File.Exists(configured) ? configured
+                : throw new ConfigurationException($"transfer:helper = '{configured}': no such file");
+        }
+        if (File.Exists(DefaultHelper))
+            return DefaultHelper;
+        var beside = Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
+        return File.Exists(beside) ? beside
+            : throw new ConfigurationException($"transfer:helper is not set and neither {DefaultHelper} nor {beside} exists");
+    }
+
+    private static IPEndPoint ListenEndPoint(DaemonOptions options)
+    {
+        if (IPAddress.TryParse(options.ListenAddress, out var ip))
+            return new IPEndPoint(ip, options.ListenPort);
+        var addresses = Dns.GetHostAddresses(options.ListenAddress);
+        return addresses.Length > 0 ? new IPEndPoint(addresses[0], options.ListenPort)
+            : throw new ConfigurationException($"daemon:listen = '{options.ListenAddress}': the name has no address");
+    }
+
+    /// <summary>
+    /// Stops: releases the bus name, stops accepting QEMU and peer connections, lets running
+    /// transfers finish for <c>transfer:shutdown_grace_seconds</c>, then kills the rest.
+    /// </summary>
+    public async Task StopAsync(string reason)
+    {
+        if (Interlocked.Exchange(ref _stopping, 1) != 0)
+        {
+            await _stopped.Task.ConfigureAwait(false);
+            return;
+        }
+        DaemonLog.Stopping(_logger, reason);
+        try
+        {
+            _peers?.Dispose();
+            _sockets?.Dispose();
+            if (_transfers is not null)
+                await _transfers.ShutdownAsync(TimeSpan.FromSeconds(_options.ShutdownGraceSeconds)).ConfigureAwait(false);
+            await _stop.CancelAsync().ConfigureAwait(false);
+            await Task.WhenAll(_libvirtTask, _peerTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+            Task queue;
+            lock (_stateQueueGate)
+                queue = _stateQueue;
+            await queue.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            // Whatever did not end in time ends with the process.
+        }
+        finally
+        {
+            _export?.Dispose();
+            _bus?.Dispose();
+            DaemonLog.Stopped(_logger);
+            _stopped.TrySetResult();
+        }
+    }
+
+    public ValueTask DisposeAsync() => new(StopAsync("disposed"));
+
+    // ---- libvirt ----
+
+    void IGuestEvents.Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running) => _sockets?.Reconcile(running);
+
+    void IGuestEvents.OnEvent(LibvirtDomainEvent domainEvent) => OnEvent(domainEvent);
+
+    /// <summary>Handles one libvirt event (public so that tests can replay what the test driver cannot produce).</summary>
+    public void OnEvent(LibvirtDomainEvent domainEvent)
+    {
+        if (!Guid.TryParse(domainEvent.DomainUuid, out var uuid))
+            return;
+        var name = domainEvent.DomainName;
+        switch (domainEvent)
+        {
+            case LibvirtLifecycleDomainEvent e:
+                DaemonLog.LifecycleEvent(_logger, name, domainEvent.DomainUuid, e.Event.ToString(), e.Detail);
+                switch (e.Event)
+                {
+                    case LibvirtLifecycleEvent.Started or LibvirtLifecycleEvent.Resumed:
+                        _sockets?.Ensure(uuid, name);
+                        if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
+                            QueueLocation(uuid, name, away: false, _transfers?.LastIncomingPeer(uuid));
+                        break;
+                    case LibvirtLifecycleEvent.Stopped:
+                        _sockets?.Remove(uuid);
+                        if (e.Detail == StoppedMigrated)
+                            QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
+                        break;
+                }
+                break;
+            case LibvirtJobCompletedDomainEvent j:
+                DaemonLog.JobCompleted(_logger, name, j.Statistics.Fields.Count);
+                break;
+        }
+    }
+
+    /// <summary>Records a departure or arrival off the event thread (it may wait for a helper's store lock).</summary>
+    private void QueueLocation(Guid uuid, string name, bool away, string? peer)
+    {
+        lock (_stateQueueGate)
+        {
+            _stateQueue = _stateQueue.ContinueWith(_ =>
+            {
+                var location = away ? "away" : "here";
+                try
+                {
+                    _store.SaveName(uuid, name);
+                    var state = _store.RecordLocation(uuid, away, peer, TimeSpan.FromSeconds(60));
+                    var peerText = state.Peer is null ? "" : away ? $" at {state.Peer}" : $" (came from {state.Peer})";
+                    DaemonLog.LocationRecorded(_logger, name, uuid.ToString("D"), location, peerText);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), location, e.Message);
+                }
+            }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        }
+    }
+
+    /// <summary>Completes when every location update queued so far is written.</summary>
+    public Task FlushStateAsync()
+    {
+        lock (_stateQueueGate)
+            return _stateQueue;
+    }
+
+    // ---- data path ----
+
+    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection)
+    {
+        if (_options.AuthMode != PeerAuthMode.Psk)
+        {
+            DaemonLog.TransferRefused(_logger, TransferManager.KindArg(kind), guest, "auth:mode = tls is not supported by bfmig-transfer yet");
+            connection.Dispose();
+            return;
+        }
+        _transfers!.StartSend(guest, uuid, peer, kind, connection);
+    }
+
+    private PeerRoute RoutePeer(Hello hello)
+    {
+        if (!_options.Peers.Any(p => p.Name == hello.SenderName))
+            return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
+        var name = _libvirt?.LookupName(hello.Guest);
+        if (name is null)
+            return new PeerRoute(null, $"no guest {hello.Guest:D} here (the migration's prepare step has not run, or libvirt is unreachable)");
+        return new PeerRoute(name, "");
+    }
+
+    private void AcceptPeer(Hello hello, string guest, Socket connection)
+    {
+        var local = Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection);
+    }
+
+    private void OnStreamFinished(TransferOutcome o)
+    {
+        if (o.Stats is not { } s)
+            return;
+        var sent = (ulong)Math.Max(0, o.Direction == TransferDirection.Send ? s.WireBytesOut : s.WireBytesIn);
+        var saved = (ulong)Math.Max(0, s.StreamBytes - (long)sent);
+        EmitSignal("TransferProgress", w =>
+        {
+            w.WriteString(o.Guest);
+            w.WriteString(o.Peer);
+            w.WriteString(o.Stream);
+            w.WriteUInt64(sent);
+            w.WriteUInt64(saved);
+        });
+    }
+
+    private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
+    {
+        var first = outcomes[0];
+        var ok = outcomes.All(o => o.Ok);
+        var message = string.Join("; ", outcomes.Select(o => o.Ok
+            ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
+            : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
+        EmitSignal("TransferFinished", w =>
+        {
+            w.WriteString(first.Guest);
+            w.WriteString(first.Peer);
+            w.WriteBool(ok);
+            w.WriteString(message);
+        });
+    }
+
+    private void EmitSignal(string member, Action<DBusMessageWriter> write)
+    {
+        try
+        {
+            _bus?.EmitSignal(ManagerApi.ObjectPath, ManagerApi.InterfaceName, member, write);
+        }
+        catch (Exception e) when (e is DBusException or ObjectDisposedException)
+        {
+            DaemonLog.MethodFailed(_logger, member, e.Message);
+        }
+    }
+
+    // ---- D-Bus methods ----
+
+    /// <inheritdoc/>
+    public HookDecision HookEvent(string guest, string operation, string subOperation, string extra, string domainXml)
+    {
+        DaemonLog.HookEvent(_logger, guest, operation, subOperation, extra);
+        var decision = _guard.Decide(guest, operation, subOperation, domainXml);
+        if (!decision.Allow)
+            DaemonLog.SplitBrainRefused(_logger, operation, guest, decision.Message);
+        return decision;
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<KeyValuePair<string, object>> GetStatus(out IReadOnlyList<string> peers)
+    {
+        peers = [.. _options.Peers.Select(p => p.Name)];
+        return
+        [
+            new("host_name", _options.HostName),
+            new("version", BuildInfo.Version),
+            new("active_transfers", (uint)(_transfers?.Active ?? 0)),
+            new("uptime_seconds", (ulong)_uptime.Elapsed.TotalSeconds),
+            new("libvirt_uri", _options.LibvirtUri),
+            new("libvirt_connected", _libvirt?.IsConnected ?? false),
+            new("guests_with_sockets", (uint)(_sockets?.Guests.Count ?? 0)),
+            new("data_port", (uint)PeerPort),
+        ];
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<GuestListing> ListGuests() =>
+        [.. _store.List().Select(r => new GuestListing(r.Uuid.ToString("D"), r.Name.Length > 0 ? r.Name : _libvirt?.LookupName(r.Uuid) ?? "",
+            r.Location, r.State?.Peer ?? "", r.State?.Generation ?? 0, r.MemoryBytes, r.DiskBytes,
+            r.State is null || r.State.Since == default ? 0 : r.State.Since.ToUnixTimeSeconds()))];
+
+    /// <inheritdoc/>
+    public void Forget(string guest)
+    {
+        var record = FindRetained(guest);
+        if (_transfers?.IsBusy(record.Uuid) == true)
+            throw new DaemonApiException(DaemonErrors.Busy, $"a transfer of guest {guest} is running; wait for the migration to end, then forget it");
+        try
+        {
+            _store.Delete(record.Uuid);
+        }
+        catch (IOException e)
+        {
+            throw new DaemonApiException(DaemonErrors.Busy, $"cannot forget guest {guest}: {e.Message}");
+        }
+        DaemonLog.Forgotten(_logger, record.Name.Length > 0 ? record.Name : guest, record.Uuid.ToString("D"));
+    }
+
+    private GuestRecord FindRetained(string guest)
+    {
+        var record = _store.Find(guest);
+        if (record is null && _libvirt?.Lookup(guest) is { } known)
+            record = _store.Read(known.Uuid);
+        return record ?? throw new DaemonApiException(DaemonErrors.UnknownGuest, $"nothing is retained for guest '{guest}' on this host");
+    }
+
+    /// <inheritdoc/>
+    public TripEstimate Estimate(string guest, string peer)
+    {
+        if (!_options.Peers.Any(p => p.Name == peer))
+            throw new DaemonApiException(DaemonErrors.UnknownPeer, $"'{peer}' is not a configured peer");
+        var record = FindRetained(guest);
+        var dir = _store.GuestDirectory(record.Uuid);
+        var memory = GuestStateStore.MemoryBlocks(dir).ToList();
+        var stockMemory = (ulong)memory.Sum(b => b.Length);
+        var inSync = record.State is { Generation: > 0 } s && s.Peer == peer;
+        ulong memoryBytes;
+        string memoryBasis;
+        if (inSync && memory.Count > 0)
+        {
+            var unknown = memory.Sum(b => b.UnknownPages);
+            memoryBytes = (ulong)unknown * 4096;
+            memoryBasis = $"memory: store in sync with {peer} at generation {record.State!.Generation}, {unknown} of {stockMemory / 4096} pages unknown; " +
+                "pages the guest changed since are not tracked yet, so this is a lower bound";
+        }
+        else
+        {
+            memoryBytes = stockMemory;
+            memoryBasis = memory.Count == 0 ? "memory: nothing retained, all of it is sent" : $"memory: store not in sync with {peer}, all of it is sent";
+        }
+        var disks = GuestStateStore.DiskMaps(dir).ToList();
+        var stockDisk = (ulong)disks.Sum(d => (decimal)d.ImageSize);
+        var diskBytes = (ulong)disks.Sum(d => Math.Min((decimal)d.ImageSize, (decimal)d.UnknownBlocks * d.BlockSize));
+        var diskBasis = disks.Count == 0
+            ? "disk: no block map retained, all of it is sent"
+            : $"disk: {disks.Count} block map(s), unknown blocks counted; blocks written since are not tracked yet";
+        return new TripEstimate(diskBytes, memoryBytes, stockDisk, stockMemory, memoryBasis + ". " + diskBasis + ".");
+    }
+
+    /// <inheritdoc/>
+    public MigrationUris PrepareMigration(string guest, string peer)
+    {
+        var target = _options.Peers.FirstOrDefault(p => p.Name == peer)
+            ?? throw new DaemonApiException(DaemonErrors.UnknownPeer, $"'{peer}' is not a configured peer ([peers:{peer}] in bfmig.conf)");
+        var domain = _libvirt?.Lookup(guest)
+            ?? throw new DaemonApiException(DaemonErrors.UnknownGuest, $"libvirt at {_options.LibvirtUri} has no guest '{guest}' (or is unreachable)");
+        if (!domain.Running)
+            throw new DaemonApiException(DaemonErrors.Failed, $"guest {domain.Name} is not running; a live migration needs a running guest");
+        if (_options.AuthMode != PeerAuthMode.Psk)
+            throw new DaemonApiException(DaemonErrors.Failed, "auth:mode = tls is not supported by bfmig-transfer yet; set auth:mode = psk");
+        if (_sockets is null || !_sockets.Ensure(domain.Uuid, domain.Name))
+            throw new DaemonApiException(DaemonErrors.Failed, $"cannot set up the migration sockets of {domain.Name} (see the daemon's log)");
+        return new MigrationUris(target.LibvirtUri,
+            "unix://" + _sockets.SocketPath(peer, domain.Name, StreamKind.Mig),
+            "unix://" + _sockets.SocketPath(peer, domain.Name, StreamKind.Nbd));
+    }
+
+    /// <inheritdoc/>
+    public IReadOnlyList<DoctorCheck> Doctor() => new HostDoctor(_options, _libvirt).Run();
+
+    internal static string Format(ulong value) => value.ToString(CultureInfo.InvariantCulture);
+}

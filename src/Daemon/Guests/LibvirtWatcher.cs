@@ -1,0 +1,192 @@
+using BFMig.Daemon.Logging;
+using BFMig.Native.Libvirt;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Guests;
+
+/// <summary>What the daemon does with libvirt's view of the guests.</summary>
+public interface IGuestEvents
+{
+    /// <summary>After every (re)connect: the guests running now (UUID, name).</summary>
+    void Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running);
+
+    /// <summary>One lifecycle or job-completed event, in libvirt's order.</summary>
+    void OnEvent(LibvirtDomainEvent domainEvent);
+}
+
+/// <summary>
+/// Follows libvirt's domain events on <c>daemon:libvirt_uri</c>. When the connection breaks
+/// (libvirtd restarted, keepalive timeout) it reconnects with a growing delay (up to 10 s) and
+/// reconciles, so that events missed in between cannot leave sockets behind or missing.
+/// </summary>
+public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger)
+{
+    private static readonly TimeSpan MaxDelay = TimeSpan.FromSeconds(10);
+    private static readonly TimeSpan AlivePoll = TimeSpan.FromSeconds(5);
+    private volatile LibvirtConnection? _connection;
+
+    /// <summary>True while connected.</summary>
+    public bool IsConnected => _connection is { } c && SafeIsAlive(c);
+
+    /// <summary>How many times a connection was established (the first one included).</summary>
+    public int Connects { get; private set; }
+
+    /// <summary>Runs until <paramref name="ct"/> is cancelled.</summary>
+    public async Task RunAsync(CancellationToken ct)
+    {
+        var delay = TimeSpan.FromMilliseconds(500);
+        while (!ct.IsCancellationRequested)
+        {
+            LibvirtConnection connection;
+            LibvirtDomainEventSubscription subscription;
+            try
+            {
+                connection = LibvirtConnection.Open(uri);
+            }
+            catch (LibvirtException e)
+            {
+                DaemonLog.LibvirtConnectFailed(logger, uri, e.LibvirtMessage, delay.TotalSeconds);
+                await DelayAsync(delay, ct).ConfigureAwait(false);
+                delay = TimeSpan.FromTicks(Math.Min(MaxDelay.Ticks, delay.Ticks * 2));
+                continue;
+            }
+            var lost = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
+            connection.Closed += reason => lost.TrySetResult(reason.ToString());
+            try
+            {
+                connection.SetKeepAlive(5, 3);
+                subscription = connection.SubscribeDomainEvents();
+            }
+            catch (LibvirtException e)
+            {
+                connection.Dispose();
+                DaemonLog.LibvirtConnectFailed(logger, uri, e.LibvirtMessage, delay.TotalSeconds);
+                await DelayAsync(delay, ct).ConfigureAwait(false);
+                continue;
+            }
+            delay = TimeSpan.FromMilliseconds(500);
+            _connection = connection;
+            Connects++;
+            string reason;
+            try
+            {
+                var running = ListRunning(connection);
+                DaemonLog.LibvirtConnected(logger, uri, running.Count);
+                sink.Reconcile(running);
+                reason = await PumpAsync(connection, subscription, lost.Task, ct).ConfigureAwait(false);
+            }
+            catch (LibvirtException e)
+            {
+                reason = e.LibvirtMessage;
+            }
+            finally
+            {
+                _connection = null;
+                subscription.Dispose();
+                connection.Dispose();
+            }
+            if (!ct.IsCancellationRequested)
+            {
+                DaemonLog.LibvirtLost(logger, uri, reason);
+                await DelayAsync(delay, ct).ConfigureAwait(false);
+            }
+        }
+    }
+
+    private async Task<string> PumpAsync(LibvirtConnection connection, LibvirtDomainEventSubscription subscription, Task<string> lost, CancellationToken ct)
+    {
+        var reader = subscription.Events;
+        Task<bool>? next = null;
+        while (!ct.IsCancellationRequested)
+        {
+            next ??= reader.WaitToReadAsync(ct).AsTask();
+            var done = await Task.WhenAny(next, lost, Task.Delay(AlivePoll, ct)).ConfigureAwait(false);
+            if (done == lost)
+                return $"closed: {lost.Result}";
+            if (done == next)
+            {
+                next = null;
+                if (!await ((Task<bool>)done).ConfigureAwait(false))
+                    return "event subscription ended";
+                while (reader.TryRead(out var domainEvent))
+                    sink.OnEvent(domainEvent);
+            }
+            else if (!SafeIsAlive(connection))
+            {
+                return "connection no longer alive";
+            }
+        }
+        return "stopping";
+    }
+
+    /// <summary>The name of the guest with <paramref name="uuid"/>, null when libvirt has no such guest or is unreachable.</summary>
+    public string? LookupName(Guid uuid)
+    {
+        var connection = _connection;
+        if (connection is null)
+            return null;
+        try
+        {
+            using var domain = connection.TryLookupDomainByUuid(uuid.ToString("D"));
+            return domain?.Name;
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>The guest called (or with the UUID) <paramref name="nameOrUuid"/>: UUID, name and whether it runs, null when unknown.</summary>
+    public (Guid Uuid, string Name, bool Running)? Lookup(string nameOrUuid)
+    {
+        var connection = _connection;
+        if (connection is null)
+            return null;
+        try
+        {
+            using var domain = Guid.TryParse(nameOrUuid, out var uuid)
+                ? connection.TryLookupDomainByUuid(uuid.ToString("D"))
+                : connection.TryLookupDomainByName(nameOrUuid);
+            return domain is null ? null : (Guid.Parse(domain.Uuid), domain.Name, domain.IsActive);
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
+    private static List<(Guid, string)> ListRunning(LibvirtConnection connection)
+    {
+        var result = new List<(Guid, string)>();
+        foreach (var domain in connection.ListAllDomains(LibvirtListDomainsFlags.Active))
+        {
+            using (domain)
+                result.Add((Guid.Parse(domain.Uuid), domain.Name));
+        }
+        return result;
+    }
+
+    private static bool SafeIsAlive(LibvirtConnection connection)
+    {
+        try
+        {
+            return connection.IsAlive;
+        }
+        catch (Exception e) when (e is LibvirtException or ObjectDisposedException)
+        {
+            return false;
+        }
+    }
+
+    private static async Task DelayAsync(TimeSpan delay, CancellationToken ct)
+    {
+        try
+        {
+            await Task.Delay(delay, ct).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException)
+        {
+            // Stopping: the loop condition ends the watcher.
+        }
+    }
+}

@@ -1,0 +1,139 @@
+using System.Net.Sockets;
+using BFMig.Daemon.Api;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Guests;
+using BFMig.Daemon.Sockets;
+
+namespace BFMig.Daemon;
+
+/// <summary>
+/// The host self-check behind <c>bfmig doctor</c>: each check says what it found, so that a
+/// failed one tells the operator what to fix.
+/// </summary>
+internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt)
+{
+    private static readonly TimeSpan PeerTimeout = TimeSpan.FromSeconds(2);
+    private const UnixFileMode AnyExecute = UnixFileMode.UserExecute | UnixFileMode.GroupExecute | UnixFileMode.OtherExecute;
+
+    public IReadOnlyList<DoctorCheck> Run()
+    {
+        var checks = new List<DoctorCheck>
+        {
+            Hook(),
+            Libvirt(),
+            RuntimeDirectory(),
+            StateDirectory(),
+            Helper(),
+            Authentication(),
+        };
+        // Peers are probed in parallel: each may take the whole timeout.
+        var probes = options.Peers.Select(p => Task.Run(() => Peer(p))).ToArray();
+        Task.WaitAll(probes);
+        checks.AddRange(probes.Select(t => t.Result));
+        return checks;
+    }
+
+    private DoctorCheck Hook()
+    {
+        var path = options.HookPath;
+        if (!File.Exists(path))
+            return new("hook", false, $"{path} is missing: install bfmig-hook there and send libvirtd SIGHUP");
+        var mode = File.GetUnixFileMode(path);
+        return (mode & AnyExecute) == 0
+            ? new("hook", false, $"{path} is not executable (mode {Octal(mode)}): chmod 0755 it")
+            : new("hook", true, $"{path} present, mode {Octal(mode)}");
+    }
+
+    private DoctorCheck Libvirt() => libvirt?.IsConnected == true
+        ? new("libvirt", true, $"connected to {options.LibvirtUri}")
+        : new("libvirt", false, $"not connected to {options.LibvirtUri}: is libvirtd (or virtqemud) running?");
+
+    private DoctorCheck RuntimeDirectory()
+    {
+        var problems = new List<string>();
+        foreach (var dir in options.Peers.Select(p => p.Name).Append(options.HostName).Prepend(""))
+        {
+            var path = Path.Combine(options.RuntimeDirectory, dir);
+            if (!Directory.Exists(path))
+            {
+                problems.Add($"{path} missing");
+                continue;
+            }
+            var mode = File.GetUnixFileMode(path);
+            if ((mode & ~MigrationSockets.DirectoryMode) != 0)
+                problems.Add($"{path} has mode {Octal(mode)}, expected at most {Octal(MigrationSockets.DirectoryMode)}");
+        }
+        return problems.Count == 0
+            ? new("runtime_dir", true, $"{options.RuntimeDirectory} and its per-host directories exist, reachable only by root and {options.QemuUser}:{options.QemuGroup}")
+            : new("runtime_dir", false, string.Join("; ", problems));
+    }
+
+    private DoctorCheck StateDirectory()
+    {
+        var path = options.StateDirectory;
+        if (!Directory.Exists(path))
+            return new("state_dir", false, $"{path} is missing");
+        var mode = File.GetUnixFileMode(path);
+        const UnixFileMode others = UnixFileMode.GroupWrite | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
+        return (mode & others) != 0
+            ? new("state_dir", false, $"{path} has mode {Octal(mode)}: guest memory lives there, make it 0700")
+            : new("state_dir", true, $"{path}, mode {Octal(mode)}");
+    }
+
+    private DoctorCheck Helper()
+    {
+        try
+        {
+            var helper = BfmigDaemon.LocateHelper(options);
+            return (File.GetUnixFileMode(helper) & AnyExecute) == 0
+                ? new("transfer_helper", false, $"{helper} is not executable")
+                : new("transfer_helper", true, helper);
+        }
+        catch (ConfigurationException e)
+        {
+            return new("transfer_helper", false, e.Message);
+        }
+    }
+
+    private DoctorCheck Authentication()
+    {
+        if (options.AuthMode == PeerAuthMode.Tls)
+            return new("auth", false, "auth:mode = tls: bfmig-transfer cannot do TLS yet, the data path is off; use auth:mode = psk");
+        try
+        {
+            var length = new FileInfo(options.PskFile!).Length;
+            var mode = File.GetUnixFileMode(options.PskFile!);
+            if (length < 16)
+                return new("auth", false, $"{options.PskFile} holds {length} bytes; a key needs at least 16 (32 random bytes recommended)");
+            return (mode & (UnixFileMode.GroupRead | UnixFileMode.OtherRead)) != 0
+                ? new("auth", false, $"{options.PskFile} is readable by others (mode {Octal(mode)}): chmod 0600 it")
+                : new("auth", true, $"pre-shared key {options.PskFile}, {length} bytes");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return new("auth", false, $"cannot read {options.PskFile}: {e.Message}");
+        }
+    }
+
+    private static DoctorCheck Peer(PeerOptions peer)
+    {
+        var name = $"peer:{peer.Name}";
+        try
+        {
+            using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
+            using var cts = new CancellationTokenSource(PeerTimeout);
+            socket.ConnectAsync(peer.Host, peer.Port, cts.Token).AsTask().GetAwaiter().GetResult();
+            return new(name, true, $"{peer.Host}:{peer.Port} accepts connections");
+        }
+        catch (OperationCanceledException)
+        {
+            return new(name, false, $"{peer.Host}:{peer.Port}: no answer within {PeerTimeout.TotalSeconds:F0} s (firewall, or bfmigd not running there)");
+        }
+        catch (SocketException e)
+        {
+            return new(name, false, $"{peer.Host}:{peer.Port}: {e.Message}");
+        }
+    }
+
+    private static string Octal(UnixFileMode mode) => "0" + Convert.ToString((int)mode, 8);
+}

@@ -1,0 +1,111 @@
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Logging;
+
+/// <summary>
+/// Every message bfmigd logs, with stable event ids (grouped by tens per area) so that journal
+/// searches and alerts keep working across versions.
+/// </summary>
+internal static partial class DaemonLog
+{
+    // 1-9: daemon lifecycle
+    [LoggerMessage(1, LogLevel.Information, "bfmigd {Version} starting as host {HostName} (state {StateDirectory}, runtime {RuntimeDirectory})")]
+    public static partial void Starting(ILogger logger, string version, string hostName, string stateDirectory, string runtimeDirectory);
+
+    [LoggerMessage(2, LogLevel.Information, "ready: {Status}")]
+    public static partial void Ready(ILogger logger, string status);
+
+    [LoggerMessage(3, LogLevel.Information, "stopping: {Reason}")]
+    public static partial void Stopping(ILogger logger, string reason);
+
+    [LoggerMessage(4, LogLevel.Information, "stopped")]
+    public static partial void Stopped(ILogger logger);
+
+    [LoggerMessage(5, LogLevel.Error, "cannot start: {Reason}")]
+    public static partial void StartFailed(ILogger logger, string reason, Exception? exception);
+
+    [LoggerMessage(6, LogLevel.Warning, "auth:mode = tls: bfmig-transfer has no TLS options yet, so the data path is off; use auth:mode = psk")]
+    public static partial void TlsDataPathUnavailable(ILogger logger);
+
+    // 10-19: D-Bus
+    [LoggerMessage(10, LogLevel.Information, "owning {BusName} on {Bus}")]
+    public static partial void BusNameOwned(ILogger logger, string busName, string bus);
+
+    [LoggerMessage(11, LogLevel.Error, "D-Bus connection lost: {Reason}; stopping (systemd restarts the daemon)")]
+    public static partial void BusLost(ILogger logger, string reason);
+
+    [LoggerMessage(12, LogLevel.Warning, "refused {Method} to uid {Uid}: root only")]
+    public static partial void AccessDenied(ILogger logger, string method, uint uid);
+
+    [LoggerMessage(13, LogLevel.Warning, "{Method} failed: {Reason}")]
+    public static partial void MethodFailed(ILogger logger, string method, string reason);
+
+    // 20-29: libvirt
+    [LoggerMessage(20, LogLevel.Information, "connected to libvirt at {Uri}; {Running} guests running")]
+    public static partial void LibvirtConnected(ILogger logger, string uri, int running);
+
+    [LoggerMessage(21, LogLevel.Warning, "libvirt connection to {Uri} lost ({Reason}); reconnecting")]
+    public static partial void LibvirtLost(ILogger logger, string uri, string reason);
+
+    [LoggerMessage(22, LogLevel.Warning, "cannot connect to libvirt at {Uri}: {Reason}; retrying in {DelaySeconds} s")]
+    public static partial void LibvirtConnectFailed(ILogger logger, string uri, string reason, double delaySeconds);
+
+    [LoggerMessage(23, LogLevel.Debug, "guest {Guest} ({Uuid}): {Event} detail {Detail}")]
+    public static partial void LifecycleEvent(ILogger logger, string guest, string uuid, string @event, int detail);
+
+    [LoggerMessage(24, LogLevel.Information, "guest {Guest}: job completed ({Fields} statistics)")]
+    public static partial void JobCompleted(ILogger logger, string guest, int fields);
+
+    // 30-39: explicit-mode sockets
+    [LoggerMessage(30, LogLevel.Information, "guest {Guest}: listening on {Count} migration sockets under {Directory}")]
+    public static partial void SocketsCreated(ILogger logger, string guest, int count, string directory);
+
+    [LoggerMessage(31, LogLevel.Information, "guest {Guest}: migration sockets removed")]
+    public static partial void SocketsRemoved(ILogger logger, string guest);
+
+    [LoggerMessage(32, LogLevel.Error, "guest {Guest}: cannot set up migration socket {Path}: {Reason}")]
+    public static partial void SocketFailed(ILogger logger, string guest, string path, string reason);
+
+    // 40-49: transfers
+    [LoggerMessage(40, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} with peer {Peer} started (pid {Pid})")]
+    public static partial void TransferStarted(ILogger logger, int id, string direction, string kind, string guest, string peer, int pid);
+
+    [LoggerMessage(41, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} finished: exit {ExitCode}, {WireBytes} bytes on the wire for {StreamBytes} stream bytes in {Seconds:F1} s")]
+    public static partial void TransferSucceeded(ILogger logger, int id, string direction, string kind, string guest, int exitCode, long wireBytes, long streamBytes, double seconds);
+
+    [LoggerMessage(42, LogLevel.Warning, "transfer {Id}: {Direction} {Kind} of guest {Guest} failed: exit {ExitCode}: {Error}")]
+    public static partial void TransferFailed(ILogger logger, int id, string direction, string kind, string guest, int exitCode, string error);
+
+    [LoggerMessage(43, LogLevel.Warning, "refused a {Kind} stream of guest {Guest}: {Reason}")]
+    public static partial void TransferRefused(ILogger logger, string kind, string guest, string reason);
+
+    [LoggerMessage(44, LogLevel.Warning, "killing {Count} transfers still running after {GraceSeconds} s")]
+    public static partial void KillingTransfers(ILogger logger, int count, int graceSeconds);
+
+    // 50-59: peer connections
+    [LoggerMessage(50, LogLevel.Information, "accepting peer connections on {Endpoint}")]
+    public static partial void PeerListening(ILogger logger, string endpoint);
+
+    [LoggerMessage(51, LogLevel.Warning, "rejected peer connection from {Remote}: {Reason}")]
+    public static partial void PeerRejected(ILogger logger, string remote, string reason);
+
+    // 60-69: state
+    [LoggerMessage(60, LogLevel.Information, "guest {Guest} ({Uuid}) is now {Location}{PeerText}")]
+    public static partial void LocationRecorded(ILogger logger, string guest, string uuid, string location, string peerText);
+
+    [LoggerMessage(61, LogLevel.Error, "guest {Guest} ({Uuid}): cannot record location {Location}: {Reason}")]
+    public static partial void LocationFailed(ILogger logger, string guest, string uuid, string location, string reason);
+
+    [LoggerMessage(62, LogLevel.Warning, "forgot everything retained for guest {Guest} ({Uuid})")]
+    public static partial void Forgotten(ILogger logger, string guest, string uuid);
+
+    // 70-79: hook and split-brain guard
+    [LoggerMessage(70, LogLevel.Debug, "hook: {Guest} {Operation} {SubOperation} {Extra}")]
+    public static partial void HookEvent(ILogger logger, string guest, string operation, string subOperation, string extra);
+
+    [LoggerMessage(71, LogLevel.Warning, "split-brain guard refused {Operation} of guest {Guest}: {Message}")]
+    public static partial void SplitBrainRefused(ILogger logger, string operation, string guest, string message);
+
+    [LoggerMessage(72, LogLevel.Information, "guest {Guest}: incoming migration announced by the hook")]
+    public static partial void IncomingMigration(ILogger logger, string guest);
+}

@@ -1,0 +1,184 @@
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Daemon.Logging;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Transfers;
+
+/// <summary>Where an incoming stream goes, or why it is refused.</summary>
+/// <param name="GuestName">The local guest name (for the socket path), null when refused.</param>
+/// <param name="Reason">Why it was refused.</param>
+public sealed record PeerRoute(string? GuestName, string Reason);
+
+/// <summary>
+/// Accepts the peers' data connections on <c>daemon:listen</c>. Each connection starts with the
+/// sending helper's hello frame in clear (PSK mode); the daemon peeks at it (MSG_PEEK, nothing
+/// is consumed) to learn guest and stream kind, routes it to a receiving helper, and leaves
+/// authentication to that helper. Garbage, unknown guests and unknown senders are closed with a
+/// logged reason.
+/// </summary>
+public sealed class PeerListener : IDisposable
+{
+    /// <summary>Largest hello frame: header + 89 fixed bytes + a 255-byte sender name.</summary>
+    private const int MaxHelloFrame = FrameCodec.HeaderLength + 89 + 255;
+    private static readonly TimeSpan HelloTimeout = TimeSpan.FromSeconds(15);
+
+    private readonly Socket _socket;
+    private readonly Func<Hello, PeerRoute> _route;
+    private readonly Action<Hello, string, Socket> _accept;
+    private readonly ILogger _logger;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly SemaphoreSlim _pendingHellos = new(32);
+
+    /// <summary>
+    /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
+    /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
+    /// </summary>
+    public PeerListener(IPEndPoint endpoint, Func<Hello, PeerRoute> route, Action<Hello, string, Socket> accept, ILogger logger)
+    {
+        _route = route;
+        _accept = accept;
+        _logger = logger;
+        _socket = new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        try
+        {
+            _socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+            _socket.Bind(endpoint);
+            _socket.Listen(16);
+        }
+        catch
+        {
+            _socket.Dispose();
+            throw;
+        }
+        LocalEndPoint = (IPEndPoint)_socket.LocalEndPoint!;
+    }
+
+    /// <summary>The bound address (the port is real even when 0 was asked for).</summary>
+    public IPEndPoint LocalEndPoint { get; }
+
+    /// <summary>Accepts until disposed.</summary>
+    public async Task RunAsync()
+    {
+        DaemonLog.PeerListening(_logger, LocalEndPoint.ToString());
+        while (!_stop.IsCancellationRequested)
+        {
+            Socket connection;
+            try
+            {
+                connection = await _socket.AcceptAsync(_stop.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            {
+                return;
+            }
+            _ = HandleAsync(connection);
+        }
+    }
+
+    private async Task HandleAsync(Socket connection)
+    {
+        var remote = connection.RemoteEndPoint?.ToString() ?? "?";
+        // A peer that connects and sends nothing must not pin resources: few pending hellos, each with a deadline.
+        if (!await _pendingHellos.WaitAsync(0).ConfigureAwait(false))
+        {
+            DaemonLog.PeerRejected(_logger, remote, "too many connections waiting for their hello");
+            connection.Dispose();
+            return;
+        }
+        try
+        {
+            Hello hello;
+            try
+            {
+                hello = await PeekHelloAsync(connection, HelloTimeout, _stop.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is PeerProtocolException or TimeoutException or SocketException or OperationCanceledException)
+            {
+                DaemonLog.PeerRejected(_logger, remote, e.Message);
+                connection.Dispose();
+                return;
+            }
+            var route = _route(hello);
+            if (route.GuestName is null)
+            {
+                DaemonLog.PeerRejected(_logger, remote, route.Reason);
+                connection.Dispose();
+                return;
+            }
+            _accept(hello, route.GuestName, connection);
+        }
+        catch (Exception e)
+        {
+            DaemonLog.PeerRejected(_logger, remote, e.Message);
+            connection.Dispose();
+        }
+        finally
+        {
+            _pendingHellos.Release();
+        }
+    }
+
+    /// <summary>
+    /// Waits until the whole hello frame is in the socket's receive queue and decodes it without
+    /// consuming it. Throws <see cref="PeerProtocolException"/> naming what is wrong.
+    /// </summary>
+    public static async Task<Hello> PeekHelloAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
+    {
+        var buffer = new byte[MaxHelloFrame];
+        var deadline = DateTime.UtcNow + timeout;
+        int need = FrameCodec.HeaderLength;
+        while (true)
+        {
+            int got = socket.Available >= need || await WaitReadableAsync(socket, deadline, ct).ConfigureAwait(false)
+                ? socket.Receive(buffer, 0, buffer.Length, SocketFlags.Peek)
+                : throw new TimeoutException($"no complete hello within {timeout.TotalSeconds:F0} s");
+            if (got == 0)
+                throw new PeerProtocolException("connection closed before a hello");
+            if (got >= FrameCodec.HeaderLength)
+            {
+                var header = FrameCodec.ParseHeader(buffer.AsSpan(0, FrameCodec.HeaderLength), 0);
+                if (header.Type != FrameType.Hello)
+                    throw new PeerProtocolException($"first frame is {header.Type}, not a hello (is the peer using TLS, or not bfmig-transfer?)");
+                if (header.Codec != FrameCodecKind.None || header.WireLength > MaxHelloFrame - FrameCodec.HeaderLength)
+                    throw new PeerProtocolException($"hello frame header at byte 0 is malformed (codec {header.Codec}, length {header.WireLength})");
+                need = FrameCodec.HeaderLength + header.WireLength;
+                if (got >= need)
+                    return Hello.Decode(buffer.AsSpan(FrameCodec.HeaderLength, header.WireLength));
+            }
+            if (socket.Available >= need)
+                continue;
+            // Not all of it yet: wait for more than what is queued now.
+            await Task.Delay(20, ct).ConfigureAwait(false);
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException($"hello incomplete after {timeout.TotalSeconds:F0} s ({got} of {need} bytes)");
+        }
+    }
+
+    private static async Task<bool> WaitReadableAsync(Socket socket, DateTime deadline, CancellationToken ct)
+    {
+        // A zero-byte receive completes when data (or EOF) arrives, without consuming anything.
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var left = deadline - DateTime.UtcNow;
+        if (left <= TimeSpan.Zero)
+            return false;
+        cts.CancelAfter(left);
+        try
+        {
+            await socket.ReceiveAsync(Memory<byte>.Empty, SocketFlags.None, cts.Token).ConfigureAwait(false);
+            return true;
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>Stops accepting (connections already handed on are not affected).</summary>
+    public void Dispose()
+    {
+        _stop.Cancel();
+        _socket.Dispose();
+    }
+}

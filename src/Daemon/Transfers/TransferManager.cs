@@ -1,0 +1,327 @@
+using System.Globalization;
+using System.Net.Sockets;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Logging;
+using BFMig.Native.Processes;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Transfers;
+
+/// <summary>Which way a stream goes.</summary>
+public enum TransferDirection
+{
+    /// <summary>From the local QEMU to a peer (this host is the source).</summary>
+    Send,
+
+    /// <summary>From a peer to the local QEMU (this host is the destination).</summary>
+    Receive,
+}
+
+/// <summary>One stream's outcome, as the helper reported it.</summary>
+/// <param name="Guest">Guest name.</param>
+/// <param name="Uuid">Guest UUID.</param>
+/// <param name="Peer">The other host.</param>
+/// <param name="Stream">"memory" or "disk".</param>
+/// <param name="Direction">Send or receive.</param>
+/// <param name="ExitCode">The helper's exit code (0 = done).</param>
+/// <param name="Error">The helper's one-line error, null when it succeeded.</param>
+/// <param name="Stats">The helper's statistics, when it wrote them.</param>
+public sealed record TransferOutcome(string Guest, Guid Uuid, string Peer, string Stream, TransferDirection Direction, int ExitCode, string? Error, TransferStats? Stats)
+{
+    public bool Ok => ExitCode == 0;
+}
+
+/// <summary>
+/// Runs one <c>bfmig-transfer</c> process per migration stream, with the stream's socket in the
+/// child's descriptor 3, and at most <see cref="DaemonOptions.MaxTransfers"/> at once. Reports
+/// each stream (<see cref="StreamFinished"/>) and each trip, i.e. when the last stream of a guest
+/// in one direction ended (<see cref="TripFinished"/>).
+/// </summary>
+public sealed class TransferManager
+{
+    private const int HelperFd = 3;
+    private readonly DaemonOptions _options;
+    private readonly string _helper;
+    private readonly string _statsDirectory;
+    private readonly ILogger _logger;
+    private readonly Lock _gate = new();
+    private readonly Dictionary<int, Running> _running = [];
+    private readonly Dictionary<(Guid, TransferDirection), Trip> _trips = [];
+    private readonly Dictionary<Guid, string> _lastOutgoingPeer = [];
+    private readonly Dictionary<Guid, string> _lastIncomingPeer = [];
+    private readonly HashSet<Task> _watchers = [];
+    private int _nextId;
+    private bool _closed;
+
+    public TransferManager(DaemonOptions options, string helper, string statsDirectory, ILogger logger)
+    {
+        _options = options;
+        _helper = helper;
+        _statsDirectory = statsDirectory;
+        _logger = logger;
+    }
+
+    /// <summary>A stream ended (any thread).</summary>
+    public event Action<TransferOutcome>? StreamFinished;
+
+    /// <summary>The last stream of a guest in one direction ended: (outcomes of the trip's streams).</summary>
+    public event Action<IReadOnlyList<TransferOutcome>>? TripFinished;
+
+    /// <summary>Helpers running now.</summary>
+    public int Active
+    {
+        get
+        {
+            lock (_gate)
+                return _running.Count;
+        }
+    }
+
+    /// <summary>True while any stream of the guest runs.</summary>
+    public bool IsBusy(Guid uuid)
+    {
+        lock (_gate)
+            return _running.Values.Any(r => r.Uuid == uuid);
+    }
+
+    /// <summary>The peer the guest's latest outgoing stream went to (where it is going or went).</summary>
+    public string? LastOutgoingPeer(Guid uuid)
+    {
+        lock (_gate)
+            return _lastOutgoingPeer.GetValueOrDefault(uuid);
+    }
+
+    /// <summary>The peer the guest's latest incoming stream came from.</summary>
+    public string? LastIncomingPeer(Guid uuid)
+    {
+        lock (_gate)
+            return _lastIncomingPeer.GetValueOrDefault(uuid);
+    }
+
+    /// <summary>
+    /// Hands a connection from the local QEMU (accepted on <c>RUNTIME/PEER/GUEST.KIND</c>) to a
+    /// sending helper. Takes ownership of <paramref name="qemu"/>; returns false (and closes it,
+    /// so QEMU fails the migration and keeps the guest) when refused.
+    /// </summary>
+    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu)
+    {
+        var args = new List<string>
+        {
+            "send", "--kind", KindArg(kind), "--fd", "3",
+            "--peer", $"tcp:{FormatHost(peer.Host)}:{peer.Port.ToString(CultureInfo.InvariantCulture)}",
+            "--guest", uuid.ToString("D"), "--peer-name", peer.Name,
+            "--store", _options.StateDirectory, "--name", _options.HostName,
+        };
+        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args);
+    }
+
+    /// <summary>
+    /// Hands an accepted peer connection to a receiving helper that connects to the local QEMU at
+    /// <paramref name="localSocket"/>. Takes ownership of <paramref name="peerSocket"/>.
+    /// </summary>
+    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket)
+    {
+        var args = new List<string>
+        {
+            "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
+            "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
+        };
+        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args);
+    }
+
+    private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args)
+    {
+        using (socket)
+        {
+            int id;
+            lock (_gate)
+            {
+                string? refusal = _closed ? "the daemon is stopping"
+                    : _running.Count >= _options.MaxTransfers ? $"{_running.Count} transfers already running (transfer:max_concurrent = {_options.MaxTransfers})"
+                    : null;
+                if (refusal is not null)
+                {
+                    DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
+                    return false;
+                }
+                id = ++_nextId;
+            }
+            var statsPath = Path.Combine(_statsDirectory, $"{id}-{uuid:D}-{KindArg(kind)}.json");
+            args.AddRange(["--stats", statsPath]);
+            if (_options.AuthMode == PeerAuthMode.Psk && _options.PskFile is not null)
+                args.AddRange(["--psk-file", _options.PskFile]);
+            args.AddRange(["--compress", _options.Compression.ToString().ToLowerInvariant()]);
+            ChildProcess child;
+            lock (_gate)
+            {
+                try
+                {
+                    // Under the lock so that shutdown sees every child it must wait for.
+                    child = ChildProcess.Start(_helper, args, [((int)socket.Handle, HelperFd)]);
+                }
+                catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException)
+                {
+                    DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot start {_helper}: {e.Message}");
+                    return false;
+                }
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath);
+                _running[id] = running;
+                var key = (uuid, direction);
+                if (!_trips.TryGetValue(key, out var trip))
+                    _trips[key] = trip = new Trip();
+                trip.Active++;
+                if (direction == TransferDirection.Send)
+                    _lastOutgoingPeer[uuid] = peer;
+                else
+                    _lastIncomingPeer[uuid] = peer;
+                DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
+                var watcher = WatchAsync(running);
+                _watchers.Add(watcher);
+                _ = watcher.ContinueWith(t =>
+                {
+                    lock (_gate)
+                        _watchers.Remove(t);
+                }, TaskScheduler.Default);
+            }
+            return true;
+        }
+    }
+
+    private async Task WatchAsync(Running running)
+    {
+        int code;
+        try
+        {
+            code = await running.Child.Exited.ConfigureAwait(false);
+        }
+        catch (System.ComponentModel.Win32Exception)
+        {
+            code = 255;
+        }
+        var stats = ReadStats(running.StatsPath);
+        var error = code == 0 ? null : stats?.Error ?? $"exited with code {code} without writing statistics";
+        var outcome = new TransferOutcome(running.Guest, running.Uuid, running.Peer, StreamName(running.Kind), running.Direction, code, error, stats);
+        if (code == 0)
+        {
+            DaemonLog.TransferSucceeded(_logger, running.Id, DirectionText(running.Direction), KindArg(running.Kind), running.Guest, code,
+                stats?.WireBytesOut + stats?.WireBytesIn ?? 0, stats?.StreamBytes ?? 0, stats?.Seconds ?? 0);
+        }
+        else
+        {
+            DaemonLog.TransferFailed(_logger, running.Id, DirectionText(running.Direction), KindArg(running.Kind), running.Guest, code, error!);
+        }
+        IReadOnlyList<TransferOutcome>? tripDone = null;
+        lock (_gate)
+        {
+            _running.Remove(running.Id);
+            var key = (running.Uuid, running.Direction);
+            var trip = _trips[key];
+            trip.Outcomes.Add(outcome);
+            if (--trip.Active == 0)
+            {
+                _trips.Remove(key);
+                tripDone = trip.Outcomes;
+            }
+        }
+        TryDelete(running.StatsPath);
+        Raise(() => StreamFinished?.Invoke(outcome));
+        if (tripDone is not null)
+            Raise(() => TripFinished?.Invoke(tripDone));
+    }
+
+    /// <summary>
+    /// Refuses new streams, waits up to <paramref name="grace"/> for the running ones, then
+    /// terminates the rest (SIGTERM, then SIGKILL after two seconds): QEMU then fails those
+    /// migrations and the guests stay on the source.
+    /// </summary>
+    public async Task ShutdownAsync(TimeSpan grace)
+    {
+        Running[] running;
+        Task[] watchers;
+        lock (_gate)
+        {
+            _closed = true;
+            running = [.. _running.Values];
+            watchers = [.. _watchers];
+        }
+        var all = Task.WhenAll(running.Select(r => (Task)r.Child.Exited));
+        if (await Task.WhenAny(all, Task.Delay(grace)).ConfigureAwait(false) != all)
+        {
+            var left = running.Where(r => !r.Child.Exited.IsCompleted).ToArray();
+            DaemonLog.KillingTransfers(_logger, left.Length, (int)grace.TotalSeconds);
+            foreach (var r in left)
+                r.Child.Signal(15);
+            if (await Task.WhenAny(all, Task.Delay(TimeSpan.FromSeconds(2))).ConfigureAwait(false) != all)
+            {
+                foreach (var r in left)
+                    r.Child.Signal(9);
+            }
+        }
+        // The outcome of each stream is logged and signalled before the daemon lets go of the bus.
+        await Task.WhenAny(Task.WhenAll(watchers), Task.Delay(TimeSpan.FromSeconds(5))).ConfigureAwait(false);
+    }
+
+    private static TransferStats? ReadStats(string path)
+    {
+        try
+        {
+            return File.Exists(path) ? JsonSerializer.Deserialize(File.ReadAllBytes(path), DaemonStatsJsonContext.Default.TransferStats) : null;
+        }
+        catch (Exception e) when (e is IOException or JsonException)
+        {
+            return null;
+        }
+    }
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (IOException)
+        {
+            // A stale statistics file in the private transfers directory harms nobody.
+        }
+    }
+
+    private void Raise(Action action)
+    {
+        try
+        {
+            action();
+        }
+        catch (Exception e)
+        {
+            DaemonLog.MethodFailed(_logger, "transfer notification", e.Message);
+        }
+    }
+
+    /// <summary>"mig" or "nbd", as the helper's --kind wants it.</summary>
+    public static string KindArg(StreamKind kind) => kind == StreamKind.Mig ? "mig" : "nbd";
+
+    /// <summary>The stream name used in signals: "memory" or "disk".</summary>
+    public static string StreamName(StreamKind kind) => kind == StreamKind.Mig ? "memory" : "disk";
+
+    private static string DirectionText(TransferDirection direction) => direction == TransferDirection.Send ? "send" : "receive";
+
+    private static string FormatHost(string host) => host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host;
+
+    private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath);
+
+    private sealed class Trip
+    {
+        public int Active { get; set; }
+
+        public List<TransferOutcome> Outcomes { get; } = [];
+    }
+}
+
+/// <summary>Reads the helper's <c>--stats</c> JSON with the conventions it writes it with.</summary>
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
+[JsonSerializable(typeof(TransferStats))]
+internal sealed partial class DaemonStatsJsonContext : JsonSerializerContext;

@@ -1,0 +1,186 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using BFMig.Daemon.Tests.Infrastructure;
+using BFMig.Native.DBus;
+using Xunit.Abstractions;
+
+namespace BFMig.Daemon.Tests;
+
+/// <summary>
+/// The built <c>bfmigd</c> executable as systemd would run it (configuration errors, SIGTERM),
+/// and the in-process daemon's limits on transfers, with a stand-in helper that only holds its
+/// stream open (the real helper is exercised in <see cref="DataPathTests"/>).
+/// </summary>
+public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
+{
+    private readonly string _dir = CreateDirectory();
+
+    private static string CreateDirectory()
+    {
+        var dir = Directory.CreateTempSubdirectory("bfmigd-proc-").FullName;
+        File.SetUnixFileMode(dir, (UnixFileMode)0b111_101_101);
+        return dir;
+    }
+
+    public void Dispose()
+    {
+        try
+        {
+            Directory.Delete(_dir, recursive: true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    private static string Bfmigd => Path.Combine(AppContext.BaseDirectory, "bfmigd");
+
+    private string WriteConf(string text)
+    {
+        var path = Path.Combine(_dir, "bfmig.conf");
+        File.WriteAllText(path, text.Replace("ROOT", _dir, StringComparison.Ordinal));
+        return path;
+    }
+
+    [Theory]
+    [InlineData("[daemon]\nlisten = 127.0.0.1:99999\n", "daemon:listen = '127.0.0.1:99999'")]
+    [InlineData("[daemon]\nqemu_user = no-such-user-here\nstate_dir = ROOT/s\nruntime_dir = ROOT/r\n", "daemon:qemu_user = 'no-such-user-here': no such user")]
+    [InlineData("[auth]\nmode = psk\npsk_file = ROOT/absent\n[daemon]\nqemu_user = root\nqemu_group = root\nstate_dir = ROOT/s\nruntime_dir = ROOT/r\n", "auth:psk_file = '")]
+    [InlineData("[daemon]\nhost_name = a\nqemu_user = root\nqemu_group = root\n[peers:a]\naddress = 127.0.0.1\n", "[peers:a] has this host's own name")]
+    public void A_configuration_error_exits_2_naming_the_key(string conf, string expected)
+    {
+        var (code, _, stderr) = Tools.Run(Bfmigd, "--config", WriteConf(conf));
+        Assert.Equal(2, code);
+        Assert.Contains(expected, stderr);
+    }
+
+    [Fact]
+    public void A_missing_config_file_and_a_bad_command_line_value_exit_2()
+    {
+        var (code, _, stderr) = Tools.Run(Bfmigd, "--config", Path.Combine(_dir, "absent.conf"));
+        Assert.Equal(2, code);
+        Assert.Contains("absent.conf does not exist", stderr);
+        (code, _, stderr) = Tools.Run(Bfmigd, "--config", WriteConf(""), "--log-level", "chatty");
+        Assert.Equal(2, code);
+        Assert.Contains("daemon:log_level = 'chatty' on the command line", stderr);
+    }
+
+    [Fact]
+    public async Task The_executable_serves_the_bus_and_stops_cleanly_on_SIGTERM()
+    {
+        using var bus = new PrivateBus();
+        var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
+        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        var start = new ProcessStartInfo(Bfmigd, ["--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
+        using var daemon = Process.Start(start)!;
+        var stdout = daemon.StandardOutput.ReadToEndAsync();
+        var stderr = daemon.StandardError.ReadToEndAsync();
+        try
+        {
+            // Its own test driver has the guest "test" running: sockets appear once it is ready.
+            var socket = Path.Combine(_dir, "run", "hostb", "test.mig");
+            await Tools.UntilAsync(() => File.Exists(socket), "the daemon's socket for guest test", 30);
+            var (code, status, err) = Tools.Busctl(bus, "GetStatus");
+            Assert.True(code == 0, err);
+            Assert.Contains("\"hosta\"", status);
+
+            Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
+            Assert.True(daemon.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
+            Assert.Equal(0, daemon.ExitCode);
+            Assert.False(File.Exists(socket), "the sockets are removed on stop");
+            var log = await stdout;
+            output.WriteLine(log + await stderr);
+            Assert.Contains("stopping: SIGTERM", log);
+            Assert.Contains("stopped", log);
+        }
+        finally
+        {
+            if (!daemon.HasExited)
+                daemon.Kill();
+        }
+    }
+
+    [Fact]
+    public async Task Transfers_are_bounded_and_killed_after_the_grace_time_on_stop()
+    {
+        using var bus = new PrivateBus();
+        // Stand-in helper: holds the stream (fd 3) open and never finishes on its own.
+        var helper = Path.Combine(_dir, "fake-transfer");
+        File.WriteAllText(helper, "#!/bin/sh\nexec sleep 120\n");
+        File.SetUnixFileMode(helper, (UnixFileMode)0b111_101_101);
+        var ini = DaemonHost.Ini("hosta", "hostb", 9).Replace("shutdown_grace_seconds = 5",
+            $"shutdown_grace_seconds = 1\nmax_concurrent = 1\nhelper = {helper}", StringComparison.Ordinal);
+        var host = DaemonHost.Start(bus, ini);
+        try
+        {
+            var finished = new TaskCompletionSource<(bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
+            using var watcher = DBusConnection.Open(bus.Address);
+            using var subscription = watcher.SubscribeSignal(null, null, "org.bfmig.BFMig1.Manager", "TransferFinished", s =>
+            {
+                s.Reader.ReadString();
+                s.Reader.ReadString();
+                finished.TrySetResult((s.Reader.ReadBool(), s.Reader.ReadString()));
+            });
+            watcher.StartProcessing();
+
+            var mig = Path.Combine(host.Options.RuntimeDirectory, "hostb", "test.mig");
+            var nbd = Path.Combine(host.Options.RuntimeDirectory, "hostb", "test.nbd");
+            await Tools.UntilAsync(() => File.Exists(mig), "sockets of guest test");
+            using var first = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            await first.ConnectAsync(new UnixDomainSocketEndPoint(mig));
+            await Tools.UntilAsync(() => host.Daemon.Transfers!.Active == 1, "the first transfer to start");
+            Assert.True(host.Daemon.Transfers!.IsBusy(Guid.Parse("6695eb01-f6a4-8304-79aa-97f2502e193f")));
+
+            // The second stream exceeds transfer:max_concurrent = 1: closed at once (QEMU would fail the migration).
+            using var second = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            await second.ConnectAsync(new UnixDomainSocketEndPoint(nbd));
+            using (var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10)))
+                Assert.Equal(0, await second.ReceiveAsync(new byte[16], SocketFlags.None, cts.Token));
+            Assert.Contains("transfer:max_concurrent = 1", host.Log);
+
+            var clock = Stopwatch.StartNew();
+            await host.Daemon.StopAsync("test").WaitAsync(TimeSpan.FromSeconds(30));
+            Assert.InRange(clock.Elapsed.TotalSeconds, 0.9, 15);
+            var (ok, message) = await finished.Task.WaitAsync(TimeSpan.FromSeconds(10));
+            Assert.False(ok);
+            Assert.Contains("memory: failed (exit 143)", message);
+            Assert.Contains("killing 1 transfers still running after 1 s", host.Log);
+        }
+        finally
+        {
+            await host.DisposeAsync();
+        }
+    }
+
+    [Fact]
+    public async Task Sockets_belong_to_the_QEMU_user_and_group_and_nobody_else_gets_in()
+    {
+        using var bus = new PrivateBus();
+        var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9, qemuUser: "nobody", qemuGroup: "nogroup"));
+        try
+        {
+            var run = host.Options.RuntimeDirectory;
+            var mig = Path.Combine(run, "hostb", "test.mig");
+            await Tools.UntilAsync(() => File.Exists(mig), "sockets of guest test");
+            Assert.Equal("root:nogroup 750 directory", Tools.Stat(run));
+            Assert.Equal("nobody:nogroup 750 directory", Tools.Stat(Path.Combine(run, "hostb")));
+            Assert.Equal("nobody:nogroup 750 directory", Tools.Stat(Path.Combine(run, "hosta")));
+            Assert.Equal("nobody:nogroup 660 socket", Tools.Stat(mig));
+            Assert.Equal("nobody:nogroup 660 socket", Tools.Stat(Path.Combine(run, "hostb", "test.nbd")));
+
+            const string connect = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])";
+            var asQemu = Tools.RunAsNobody("/usr/bin/python3", "-c", connect, mig);
+            Assert.True(asQemu.ExitCode == 0, "the QEMU user must reach its socket: " + asQemu.Stderr);
+            var asOther = Tools.Run("setpriv", "--reuid=1", "--regid=1", "--clear-groups", "/usr/bin/python3", "-c", connect, mig);
+            Assert.NotEqual(0, asOther.ExitCode);
+            Assert.Contains("Permission denied", asOther.Stderr);
+            // The QEMU user may create its own listening socket in this host's directory (destination side).
+            var own = Tools.RunAsNobody("/usr/bin/python3", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])", Path.Combine(run, "hosta", "test.mig"));
+            Assert.True(own.ExitCode == 0, own.Stderr);
+        }
+        finally
+        {
+            await host.DisposeAsync();
+        }
+    }
+}

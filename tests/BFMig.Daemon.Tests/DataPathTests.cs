@@ -1,0 +1,194 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Security.Cryptography;
+using System.Text.Json;
+using BFMig.Daemon.Tests.Infrastructure;
+using BFMig.Native.DBus;
+using BFMig.Native.Libvirt;
+using BFMig.Transfer.Wire;
+using Xunit.Abstractions;
+
+namespace BFMig.Daemon.Tests;
+
+/// <summary>
+/// Two daemons on loopback (A and B: separate buses, state and runtime directories, data ports,
+/// one pre-shared key) carry a real captured QEMU 7.2 migration stream from a fake source QEMU
+/// on A's explicit-mode socket to a listener on B's own socket path, through two real
+/// bfmig-transfer helpers. Only libvirt's side is the test driver: it cannot migrate, so the
+/// departure/arrival events are replayed by hand.
+/// </summary>
+public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
+{
+    private const string TestGuestUuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+    private readonly PrivateBus _busA = new();
+    private readonly PrivateBus _busB = new();
+    private DaemonHost _a = null!;
+    private DaemonHost _b = null!;
+
+    public Task InitializeAsync()
+    {
+        _b = DaemonHost.Start(_busB, DaemonHost.Ini("hostb", "hosta", 9));
+        _a = DaemonHost.Start(_busA, DaemonHost.Ini("hosta", "hostb", _b.Daemon.PeerPort));
+        return Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        output.WriteLine("---- A ----\n" + _a.Log);
+        output.WriteLine("---- B ----\n" + _b.Log);
+        await _a.DisposeAsync();
+        await _b.DisposeAsync();
+        _busA.Dispose();
+        _busB.Dispose();
+    }
+
+    private static byte[] Fixture(string name)
+    {
+        var path = Path.Combine(AppContext.BaseDirectory, "Fixtures", name);
+        var start = new ProcessStartInfo("zstd", ["-d", "-c", path]) { RedirectStandardOutput = true };
+        using var zstd = Process.Start(start)!;
+        using var bytes = new MemoryStream();
+        zstd.StandardOutput.BaseStream.CopyTo(bytes);
+        Assert.True(zstd.WaitForExit(30_000) && zstd.ExitCode == 0, "zstd could not decompress the fixture");
+        return bytes.ToArray();
+    }
+
+    [Fact]
+    public async Task A_real_QEMU_stream_arrives_byte_for_byte_and_both_hosts_record_the_trip()
+    {
+        var stream = Fixture("q72-pc-paused.bin.zst");
+        Assert.Equal("QEVM"u8.ToArray(), stream[..4]);
+
+        var finished = new TaskCompletionSource<(string Guest, string Peer, bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var progress = new TaskCompletionSource<(string Stream, ulong Sent, ulong Saved)>(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var watcher = DBusConnection.Open(_busA.Address);
+        using var onFinished = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferFinished",
+            s => finished.TrySetResult((s.Reader.ReadString(), s.Reader.ReadString(), s.Reader.ReadBool(), s.Reader.ReadString())));
+        using var onProgress = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferProgress", s =>
+        {
+            var r = s.Reader;
+            r.ReadString();
+            r.ReadString();
+            progress.TrySetResult((r.ReadString(), r.ReadUInt64(), r.ReadUInt64()));
+        });
+        watcher.StartProcessing();
+
+        // The destination QEMU: listens on B's own socket path, as `-incoming unix:` would.
+        var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");
+        using var destination = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        destination.Bind(new UnixDomainSocketEndPoint(destinationPath));
+        destination.Listen(1);
+        var received = Task.Run(async () =>
+        {
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+            using var qemu = await destination.AcceptAsync(cts.Token);
+            using var all = new MemoryStream();
+            var buffer = new byte[1 << 16];
+            int n;
+            while ((n = await qemu.ReceiveAsync(buffer, SocketFlags.None, cts.Token)) > 0)
+                all.Write(buffer, 0, n);
+            return all.ToArray();
+        });
+
+        // The source QEMU: connects to A's socket for peer hostb, as `--migrateuri unix://...` makes it.
+        var sourcePath = Path.Combine(_a.Options.RuntimeDirectory, "hostb", "test.mig");
+        await Tools.UntilAsync(() => File.Exists(sourcePath), "A's socket for guest test");
+        using (var source = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            await source.ConnectAsync(new UnixDomainSocketEndPoint(sourcePath));
+            await source.SendAsync(stream, SocketFlags.None);
+            source.Shutdown(SocketShutdown.Send);
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+            // QEMU keeps the socket open until the far side is done; EOF from A's helper ends it.
+            while (await source.ReceiveAsync(new byte[4096], SocketFlags.None, cts.Token) > 0)
+            {
+            }
+        }
+
+        var arrived = await received.WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal(stream.Length, arrived.Length);
+        Assert.True(stream.AsSpan().SequenceEqual(arrived), "the destination got different bytes than the source sent");
+
+        var (guest, peer, ok, message) = await finished.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.True(ok, message);
+        Assert.Equal(("test", "hostb"), (guest, peer));
+        Assert.Contains("memory:", message);
+        var (streamName, sent, _) = await progress.Task.WaitAsync(TimeSpan.FromSeconds(5));
+        Assert.Equal("memory", streamName);
+        Assert.True(sent > 0 && sent < (ulong)stream.Length * 2, $"{sent} bytes on the wire for a {stream.Length}-byte stream");
+
+        // Both helpers used the stores under the daemons' state directories and agreed on the trip.
+        var stateA = ReadState(_a, TestGuestUuid);
+        var stateB = ReadState(_b, TestGuestUuid);
+        output.WriteLine($"A: {stateA}\nB: {stateB}");
+        Assert.Equal(stateA.GetProperty("generation").GetUInt64(), stateB.GetProperty("generation").GetUInt64());
+        Assert.True(stateA.GetProperty("generation").GetUInt64() > 0);
+        Assert.Equal(stateA.GetProperty("digest").GetString(), stateB.GetProperty("digest").GetString());
+
+        // libvirt would now report the departure on A and the arrival on B (the test driver cannot migrate).
+        _a.Daemon.OnEvent(new LibvirtLifecycleDomainEvent("test", TestGuestUuid, LibvirtLifecycleEvent.Stopped, 3));
+        _b.Daemon.OnEvent(new LibvirtLifecycleDomainEvent("test", TestGuestUuid, LibvirtLifecycleEvent.Resumed, 1));
+        await _a.Daemon.FlushStateAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        await _b.Daemon.FlushStateAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        var recordA = _a.Daemon.Store.Read(Guid.Parse(TestGuestUuid))!;
+        var recordB = _b.Daemon.Store.Read(Guid.Parse(TestGuestUuid))!;
+        Assert.Equal(("away", "hostb", "test"), (recordA.Location, recordA.State!.Peer, recordA.Name));
+        Assert.Equal(("here", "hosta", "test"), (recordB.Location, recordB.State!.Peer, recordB.Name));
+        Assert.Equal(stateA.GetProperty("digest").GetString(), recordA.State.Digest);
+        Assert.True(recordA.MemoryBytes > 0, "A retains the memory it sent");
+
+        // Now A refuses to boot its stale copy, naming where the guest runs.
+        var refusal = _a.Daemon.HookEvent("test", "prepare", "begin", "-", $"<domain><name>test</name><uuid>{TestGuestUuid}</uuid></domain>");
+        Assert.False(refusal.Allow);
+        Assert.Contains("host hostb", refusal.Message);
+        Assert.True(_b.Daemon.HookEvent("test", "prepare", "begin", "-", $"<domain><name>test</name><uuid>{TestGuestUuid}</uuid></domain>").Allow);
+
+        // Forget on A: the guard lets go.
+        _a.Daemon.Forget("test");
+        Assert.True(_a.Daemon.HookEvent("test", "prepare", "begin", "-", $"<domain><name>test</name><uuid>{TestGuestUuid}</uuid></domain>").Allow);
+    }
+
+    private static JsonElement ReadState(DaemonHost host, string uuid) =>
+        JsonDocument.Parse(File.ReadAllBytes(Path.Combine(host.Options.StateDirectory, uuid, "mem", "state.json"))).RootElement.Clone();
+
+    [Fact]
+    public async Task Garbage_unknown_guests_and_unknown_senders_are_turned_away_with_a_logged_reason()
+    {
+        var port = _b.Daemon.PeerPort;
+        await AssertClosedAsync(port, RandomNumberGenerator.GetBytes(300));
+        await AssertClosedAsync(port, HelloFrame(Guid.NewGuid(), "hosta"));
+        await AssertClosedAsync(port, HelloFrame(Guid.Parse(TestGuestUuid), "mallory"));
+        var log = _b.Log;
+        Assert.Contains("rejected peer connection from 127.0.0.1", log);
+        Assert.Contains("unknown frame type", log);
+        Assert.Contains("no guest", log);
+        Assert.Contains("sender 'mallory' is not a configured peer", log);
+        Assert.Equal(0, _b.Daemon.Transfers!.Active);
+    }
+
+    private static byte[] HelloFrame(Guid guest, string sender)
+    {
+        var hello = new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], sender).Encode();
+        var frame = new byte[FrameCodec.HeaderLength + hello.Length];
+        FrameCodec.WriteHeader(frame, FrameType.Hello, FrameCodecKind.None, hello.Length);
+        hello.CopyTo(frame, FrameCodec.HeaderLength);
+        return frame;
+    }
+
+    private static async Task AssertClosedAsync(int port, byte[] payload)
+    {
+        using var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await socket.ConnectAsync("127.0.0.1", port);
+        await socket.SendAsync(payload, SocketFlags.None);
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        try
+        {
+            var n = await socket.ReceiveAsync(new byte[64], SocketFlags.None, cts.Token);
+            Assert.Equal(0, n);
+        }
+        catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
+        {
+            // Closed with unread data pending: a reset is just as final.
+        }
+    }
+}

@@ -1,0 +1,163 @@
+using System.Diagnostics;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Logging;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Tests.Infrastructure;
+
+/// <summary>
+/// A real bfmigd running in this test process: its own temporary state and runtime
+/// directories, a private bus, libvirt's test driver (<c>test:///default</c>, shared by every
+/// connection of this process, so the tests can drive the daemon's guest "test") and the
+/// transfer helper built next to the tests. The log goes to a file the tests can read.
+/// </summary>
+public sealed class DaemonHost : IAsyncDisposable
+{
+    private readonly ILoggerFactory _loggers;
+
+    private DaemonHost(string root, DaemonOptions options, ILoggerFactory loggers, BfmigDaemon daemon, string logPath)
+    {
+        Root = root;
+        Options = options;
+        _loggers = loggers;
+        Daemon = daemon;
+        LogPath = logPath;
+    }
+
+    public string Root { get; }
+
+    public DaemonOptions Options { get; }
+
+    public BfmigDaemon Daemon { get; }
+
+    public string LogPath { get; }
+
+    public string Log
+    {
+        get
+        {
+            using var f = new FileStream(LogPath, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            return new StreamReader(f).ReadToEnd();
+        }
+    }
+
+    /// <summary>Writes <c>bfmig.conf</c> from <paramref name="ini"/> (with ROOT replaced by the temporary directory), loads it and starts the daemon.</summary>
+    public static DaemonHost Start(PrivateBus bus, string ini)
+    {
+        var root = Directory.CreateTempSubdirectory("bfmigd-host-").FullName;
+        // Traversable, so that the QEMU user (nobody in some tests) can reach the runtime directory inside.
+        File.SetUnixFileMode(root, (UnixFileMode)0b111_101_101);
+        var conf = Path.Combine(root, "bfmig.conf");
+        File.WriteAllText(conf, ini.Replace("ROOT", root, StringComparison.Ordinal).Replace("BUS", bus.Address, StringComparison.Ordinal));
+        WritePsk(Path.Combine(root, "psk"));
+        var options = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
+        var logPath = Path.Combine(root, "bfmigd.log");
+        var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
+        var loggers = DaemonLogging.Create("debug", writer, underJournal: false);
+        var daemon = new BfmigDaemon(options, loggers);
+        try
+        {
+            daemon.Start();
+        }
+        catch
+        {
+            daemon.StopAsync("test start failed").GetAwaiter().GetResult();
+            loggers.Dispose();
+            throw;
+        }
+        return new DaemonHost(root, options, loggers, daemon, logPath);
+    }
+
+    /// <summary>A minimal INI for host <paramref name="host"/> with one peer.</summary>
+    public static string Ini(string host, string peer, int peerPort, string qemuUser = "root", string qemuGroup = "root", string listen = "127.0.0.1:0") => $"""
+        [daemon]
+        host_name = {host}
+        state_dir = ROOT/state
+        runtime_dir = ROOT/run
+        libvirt_uri = test:///default
+        listen = {listen}
+        qemu_user = {qemuUser}
+        qemu_group = {qemuGroup}
+        hook_path = ROOT/hook
+        bus_address = BUS
+        [auth]
+        mode = psk
+        psk_file = ROOT/psk
+        [transfer]
+        shutdown_grace_seconds = 5
+        [peers:{peer}]
+        address = 127.0.0.1:{peerPort}
+        libvirt_uri = qemu+tcp://{peer}/system
+        """;
+
+    /// <summary>The same 32-byte key for every test host, so that two of them authenticate each other.</summary>
+    public static void WritePsk(string path)
+    {
+        File.WriteAllText(path, "bfmig daemon tests pre-shared k\n");
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await Daemon.StopAsync("test finished");
+        _loggers.Dispose();
+        try
+        {
+            Directory.Delete(Root, recursive: true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+}
+
+/// <summary>Command-line tools and waiting, for the tests.</summary>
+public static class Tools
+{
+    /// <summary>Runs a program (at most 30 s) and returns its exit code and output.</summary>
+    public static (int ExitCode, string Stdout, string Stderr) Run(string file, params string[] arguments)
+    {
+        var start = new ProcessStartInfo(file, arguments) { RedirectStandardOutput = true, RedirectStandardError = true };
+        using var process = Process.Start(start) ?? throw new InvalidOperationException($"could not start {file}");
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        if (!process.WaitForExit(TimeSpan.FromSeconds(30)))
+        {
+            process.Kill(entireProcessTree: true);
+            throw new TimeoutException($"{file} {string.Join(' ', arguments)} did not finish in 30 s");
+        }
+        return (process.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>Runs a program as uid/gid 65534 (nobody) with no supplementary groups.</summary>
+    public static (int ExitCode, string Stdout, string Stderr) RunAsNobody(string file, params string[] arguments) =>
+        Run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", file, .. arguments]);
+
+    /// <summary>busctl call on the daemon's object.</summary>
+    public static (int ExitCode, string Stdout, string Stderr) Busctl(PrivateBus bus, string method, params string[] arguments) =>
+        Run("busctl", ["--address=" + bus.Address, "call", "org.bfmig.BFMig1", "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", method, .. arguments]);
+
+    /// <summary>"owner:group mode" of a path, from stat(1).</summary>
+    public static string Stat(string path) => Run("stat", "-c", "%U:%G %a %F", path).Stdout.Trim();
+
+    /// <summary>Waits until <paramref name="condition"/> holds, failing after <paramref name="seconds"/>.</summary>
+    public static async Task UntilAsync(Func<bool> condition, string what, double seconds = 10)
+    {
+        var deadline = DateTime.UtcNow.AddSeconds(seconds);
+        while (!condition())
+        {
+            if (DateTime.UtcNow > deadline)
+                Assert.Fail($"timed out after {seconds} s waiting for {what}");
+            await Task.Delay(50);
+        }
+    }
+
+    /// <summary>The repository root (where BFMig.sln is).</summary>
+    public static string RepositoryRoot()
+    {
+        var dir = AppContext.BaseDirectory;
+        while (!File.Exists(Path.Combine(dir, "BFMig.sln")))
+            dir = Path.GetDirectoryName(dir) ?? throw new InvalidOperationException("repository root not found");
+        return dir;
+    }
+}
