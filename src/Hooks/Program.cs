@@ -11,7 +11,7 @@ internal static class Program
             Console.WriteLine($"bfmig-hook {BuildInfo.Version}");
             return 0;
         }
-        Console.Error.WriteLine("bfmig-hook: not built yet in this version (see issue tracker)");
-        return 2;
+        // libvirt waits for us on every guest event: no logging framework, no configuration files.
+        return Hook.Run(args, Console.In, Console.Out, Console.Error, HookSettings.FromEnvironment());
     }
 }

@@ -379,13 +379,12 @@ public sealed unsafe partial class DBusConnection : IDisposable
 
     internal T RunOnBus<T>(Func<T> action)
     {
-        T result;
         lock (_gate)
         {
-            result = action();
+            T result = action();
+            Wake();
+            return result;
         }
-        Wake();
-        return result;
     }
 
     internal void ThrowIfClosed() => ObjectDisposedException.ThrowIf(_bus == 0, this);
@@ -396,11 +395,14 @@ public sealed unsafe partial class DBusConnection : IDisposable
     /// </summary>
     internal void Wake()
     {
-        int fd = _wakeFd;
-        if (fd >= 0 && Thread.CurrentThread != _thread)
+        // Under the lock, so Dispose cannot close the eventfd (and the number be reused) meanwhile.
+        lock (_gate)
         {
-            ulong one = 1;
-            Interop.Libc.Write(fd, &one, sizeof(ulong));
+            if (_wakeFd >= 0 && Thread.CurrentThread != _thread)
+            {
+                ulong one = 1;
+                Interop.Libc.Write(_wakeFd, &one, sizeof(ulong));
+            }
         }
     }
 
@@ -468,12 +470,14 @@ public sealed unsafe partial class DBusConnection : IDisposable
     /// <summary>Stops the processing thread, removes exports and subscriptions, fails pending calls and closes the connection.</summary>
     public void Dispose()
     {
+        if (Thread.CurrentThread == _thread)
+        {
+            // sd_bus_process is on this thread's stack: freeing the bus here would pull it from under it.
+            throw new InvalidOperationException("a DBusConnection cannot be disposed from its own handlers; dispose it from another thread");
+        }
         _stopping = true;
         Wake();
-        if (_thread is not null && _thread != Thread.CurrentThread)
-        {
-            _thread.Join(TimeSpan.FromSeconds(10));
-        }
+        _thread?.Join(TimeSpan.FromSeconds(10));
         lock (_gate)
         {
             if (_bus == 0)

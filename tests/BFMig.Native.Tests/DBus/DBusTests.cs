@@ -371,6 +371,8 @@ public sealed class DBusTests : IClassFixture<PrivateBusFixture>, IDisposable
 
     public void Dispose()
     {
+        // Synchronously, so the next test's RequestName cannot race the bus noticing our disconnect.
+        _server.ReleaseName(Name);
         _export.Dispose();
         _client.Dispose();
         _server.Dispose();

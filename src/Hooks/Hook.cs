@@ -1,0 +1,174 @@
+using BFMig.Native.DBus;
+
+namespace BFMig.Hooks;
+
+/// <summary>
+/// One libvirt qemu hook invocation: <c>&lt;guest&gt; &lt;op&gt; &lt;subop&gt; &lt;extra&gt;</c>, domain XML on stdin.
+/// Tells bfmigd (org.bfmig.BFMig1.HookEvent); prints the XML back for <c>migrate</c>. Fail-open: if the
+/// daemon is unreachable libvirt proceeds as without BFMig, except that starting a guest BFMig
+/// knows to be running elsewhere is refused from local state.
+/// </summary>
+internal static class Hook
+{
+    public const string BusName = "org.bfmig.BFMig1";
+    public const string ObjectPath = "/org/bfmig/BFMig1";
+    public const string Interface = "org.bfmig.BFMig1";
+    public const string RefusedError = "org.bfmig.BFMig1.Error.Refused";
+
+    /// <summary>An incoming migration announces itself with "migrate begin" shortly before "prepare begin".</summary>
+    private static readonly TimeSpan IncomingMarkerLifetime = TimeSpan.FromMinutes(5);
+
+    public static int Run(string[] args, TextReader stdin, TextWriter stdout, TextWriter stderr, HookSettings settings)
+    {
+        if (args.Length < 2)
+        {
+            stderr.WriteLine("bfmig-hook: usage: bfmig-hook <guest> <op> <subop> <extra> < domain.xml");
+            // Unknown invocation: do not block libvirt.
+            return 0;
+        }
+        string guest = args[0];
+        string op = args[1];
+        string subop = args.Length > 2 ? args[2] : "-";
+        string extra = args.Length > 3 ? args[3] : "-";
+        string xml = stdin.ReadToEnd();
+        string? uuid = DomainUuid(xml);
+
+        DaemonAnswer answer = AskDaemon(settings, guest, op, subop, extra, xml, out string? xmlOut, out string? message);
+        if (answer == DaemonAnswer.Refused)
+        {
+            stderr.WriteLine($"bfmig: {message}");
+            return 1;
+        }
+        if (answer == DaemonAnswer.Unreachable)
+        {
+            int guard = LocalGuard(settings, guest, op, subop, uuid, stderr);
+            if (guard != 0)
+            {
+                return guard;
+            }
+        }
+        if (op == "migrate")
+        {
+            stdout.Write(string.IsNullOrEmpty(xmlOut) ? xml : xmlOut);
+        }
+        return 0;
+    }
+
+    private enum DaemonAnswer
+    {
+        Accepted,
+        Refused,
+        Unreachable,
+    }
+
+    private static DaemonAnswer AskDaemon(HookSettings settings, string guest, string op, string subop, string extra, string xml,
+        out string? xmlOut, out string? message)
+    {
+        xmlOut = null;
+        message = null;
+        try
+        {
+            using DBusConnection bus = settings.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
+            xmlOut = bus.Call(BusName, ObjectPath, Interface, "HookEvent", w =>
+            {
+                w.WriteString(guest);
+                w.WriteString(op);
+                w.WriteString(subop);
+                w.WriteString(extra);
+                w.WriteString(xml);
+            }, r => r.ReadString(), settings.DaemonTimeout);
+            return DaemonAnswer.Accepted;
+        }
+        catch (DBusException e) when (e.ErrorName == RefusedError)
+        {
+            message = e.ErrorMessage;
+            return DaemonAnswer.Refused;
+        }
+        catch (DBusException)
+        {
+            // No bus, no daemon, timeout, or a daemon bug: behave like stock libvirt.
+            return DaemonAnswer.Unreachable;
+        }
+    }
+
+    /// <summary>
+    /// The split-brain guard without the daemon: refuse "prepare begin" (start or incoming
+    /// migration) of a guest recorded as away, unless a "migrate begin" marked it as an incoming
+    /// migration moments ago (the return trip).
+    /// </summary>
+    private static int LocalGuard(HookSettings settings, string guest, string op, string subop, string? uuid, TextWriter stderr)
+    {
+        if (uuid is null)
+        {
+            return 0;
+        }
+        string marker = Path.Combine(settings.RunDirectory, "incoming", uuid);
+        if (op == "migrate" && subop == "begin")
+        {
+            TryWriteMarker(marker, stderr);
+            return 0;
+        }
+        if (op != "prepare" || subop != "begin")
+        {
+            return 0;
+        }
+        GuestLocation? location = GuestLocation.Read(settings.StateDirectory, uuid, out string? problem);
+        if (problem is not null)
+        {
+            // A damaged record must not make a guest unstartable; say so loudly instead.
+            stderr.WriteLine($"bfmig: warning: {problem}; not applying the split-brain guard");
+        }
+        if (location is not { Away: true })
+        {
+            return 0;
+        }
+        if (File.Exists(marker) && DateTime.UtcNow - File.GetLastWriteTimeUtc(marker) < IncomingMarkerLifetime)
+        {
+            TryDelete(marker);
+            return 0;
+        }
+        string since = location.Since is { } t ? $" since {t:u}" : "";
+        stderr.WriteLine($"bfmig: refusing to start guest '{guest}' ({uuid}): BFMig recorded that it runs on {location.Peer}{since}. "
+            + "Starting it here too would fork the guest and corrupt its retained state. If it really no longer runs on "
+            + $"{location.Peer}, clear the record with 'bfmig forget --location {guest}' (or delete {Path.Combine(settings.StateDirectory, uuid, "location")}) and retry.");
+        return 1;
+    }
+
+    private static void TryWriteMarker(string marker, TextWriter stderr)
+    {
+        try
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(marker)!);
+            File.WriteAllText(marker, DateTime.UtcNow.ToString("O"));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            stderr.WriteLine($"bfmig: warning: cannot mark incoming migration ({marker}): {e.Message}");
+        }
+    }
+
+    private static void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // A stale marker expires by itself.
+        }
+    }
+
+    /// <summary>The domain's top-level &lt;uuid&gt; (libvirt writes it before any nested element), or null.</summary>
+    internal static string? DomainUuid(string xml)
+    {
+        int start = xml.IndexOf("<uuid>", StringComparison.Ordinal);
+        if (start < 0)
+        {
+            return null;
+        }
+        start += "<uuid>".Length;
+        int end = xml.IndexOf("</uuid>", start, StringComparison.Ordinal);
+        return end > start && Guid.TryParse(xml.AsSpan(start, end - start).Trim(), out Guid uuid) ? uuid.ToString("D") : null;
+    }
+}

@@ -1,0 +1,20 @@
+namespace BFMig.Hooks;
+
+/// <summary>
+/// Where the hook looks. Production uses the defaults; the environment variables exist for tests
+/// and labs (libvirt runs hooks with a minimal environment, so they are normally unset).
+/// </summary>
+internal sealed record HookSettings(string StateDirectory, string RunDirectory, string? BusAddress, TimeSpan DaemonTimeout)
+{
+    public const string DefaultStateDirectory = "/var/lib/bfmig";
+    public const string DefaultRunDirectory = "/run/bfmig";
+
+    /// <summary>Long enough for a busy daemon, short enough that libvirt barely notices a hung one.</summary>
+    public static readonly TimeSpan DefaultDaemonTimeout = TimeSpan.FromSeconds(2);
+
+    public static HookSettings FromEnvironment() => new(
+        Environment.GetEnvironmentVariable("BFMIG_STATE_DIR") ?? DefaultStateDirectory,
+        Environment.GetEnvironmentVariable("BFMIG_RUN_DIR") ?? DefaultRunDirectory,
+        Environment.GetEnvironmentVariable("BFMIG_BUS_ADDRESS"),
+        DefaultDaemonTimeout);
+}

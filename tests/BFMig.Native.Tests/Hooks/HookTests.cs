@@ -1,0 +1,144 @@
+using BFMig.Hooks;
+using BFMig.Native.DBus;
+using BFMig.Native.Tests.DBus;
+
+namespace BFMig.Native.Tests.Hooks;
+
+/// <summary>The hook's logic in-process, against a real private dbus-daemon playing bfmigd (or nothing at all).</summary>
+public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
+{
+    private const string Uuid = "0b5d1c4e-1111-2222-3333-444455556666";
+    private const string Xml = $"<domain type='qemu'><name>g1</name><uuid>{Uuid}</uuid><devices/></domain>";
+    private readonly PrivateBusFixture _bus;
+    private readonly DirectoryInfo _dir;
+
+    public HookTests(PrivateBusFixture bus)
+    {
+        _bus = bus;
+        _dir = Directory.CreateTempSubdirectory("bfmig-hook-");
+    }
+
+    private HookSettings Settings(string? busAddress, TimeSpan? timeout = null) => new(
+        Path.Combine(_dir.FullName, "state"), Path.Combine(_dir.FullName, "run"),
+        busAddress ?? $"unix:path={Path.Combine(_dir.FullName, "no-bus")}", timeout ?? TimeSpan.FromSeconds(5));
+
+    private static (int Code, string Stdout, string Stderr) Run(HookSettings settings, params string[] args)
+    {
+        var stdout = new StringWriter();
+        var stderr = new StringWriter();
+        int code = Hook.Run(args, new StringReader(Xml), stdout, stderr, settings);
+        return (code, stdout.ToString(), stderr.ToString());
+    }
+
+    private void RecordLocation(string content)
+    {
+        string dir = Path.Combine(_dir.FullName, "state", Uuid);
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "location"), content);
+    }
+
+    [Fact]
+    public void Without_a_daemon_migrate_echoes_the_xml_and_other_ops_pass()
+    {
+        var settings = Settings(null);
+        Assert.Equal((0, Xml, ""), Run(settings, "g1", "migrate", "begin", "-"));
+        Assert.Equal((0, "", ""), Run(settings, "g1", "started", "begin", "-"));
+        Assert.Equal((0, "", ""), Run(settings, "g1", "prepare", "begin", "-"));
+    }
+
+    [Fact]
+    public void Without_a_daemon_a_guest_recorded_away_is_not_started()
+    {
+        var settings = Settings(null);
+        RecordLocation("away hostB 2026-11-23T12:00:00Z\n");
+        var (code, stdout, stderr) = Run(settings, "g1", "prepare", "begin", "-");
+        Assert.Equal(1, code);
+        Assert.Equal("", stdout);
+        Assert.Contains("runs on hostB since 2026-11-23 12:00:00Z", stderr);
+        Assert.Contains("bfmig forget --location g1", stderr);
+
+        // Other ops are not blocked (stopping a guest must always work).
+        Assert.Equal(0, Run(settings, "g1", "release", "end", "-").Code);
+
+        RecordLocation("here");
+        Assert.Equal(0, Run(settings, "g1", "prepare", "begin", "-").Code);
+    }
+
+    [Fact]
+    public void Without_a_daemon_the_return_trip_is_let_in_once()
+    {
+        var settings = Settings(null);
+        RecordLocation("away hostB");
+        Assert.Equal(0, Run(settings, "g1", "migrate", "begin", "-").Code);
+        Assert.True(File.Exists(Path.Combine(settings.RunDirectory, "incoming", Uuid)));
+        Assert.Equal(0, Run(settings, "g1", "prepare", "begin", "-").Code);
+        Assert.False(File.Exists(Path.Combine(settings.RunDirectory, "incoming", Uuid)));
+        // The marker is used up: a later plain start is refused again.
+        Assert.Equal(1, Run(settings, "g1", "prepare", "begin", "-").Code);
+    }
+
+    [Fact]
+    public void A_damaged_location_record_warns_but_does_not_block()
+    {
+        RecordLocation("garbage line");
+        var (code, _, stderr) = Run(Settings(null), "g1", "prepare", "begin", "-");
+        Assert.Equal(0, code);
+        Assert.Contains("expected 'here' or 'away <peer> <since>'", stderr);
+    }
+
+    [Fact]
+    public void With_a_daemon_its_answer_decides()
+    {
+        var calls = new List<string>();
+        using var daemon = DBusConnection.Open(_bus.Address);
+        using var export = daemon.Export(new DBusObject(Hook.ObjectPath, Hook.Interface)
+            .AddMethod("HookEvent", "sssss", "s", call =>
+            {
+                var r = call.Reader;
+                string guest = r.ReadString(), op = r.ReadString(), subop = r.ReadString(), extra = r.ReadString(), xml = r.ReadString();
+                lock (calls)
+                {
+                    calls.Add($"{guest} {op} {subop} {extra} {xml.Length}");
+                }
+                switch (op)
+                {
+                    case "prepare":
+                        throw new DBusException(Hook.RefusedError, "guest g1 runs on hostB (daemon says)");
+                    case "stopped":
+                        call.Defer(); // never answers: the hook must give up and fail open
+                        return;
+                    default:
+                        call.Reply(w => w.WriteString(op == "migrate" ? xml.Replace("<devices/>", "<devices><!--bfmig--></devices>") : ""));
+                        return;
+                }
+            }, ["guest", "op", "subop", "extra", "xml"], ["xmlOut"]));
+        daemon.RequestName(Hook.BusName);
+        daemon.StartProcessing();
+        var settings = Settings(_bus.Address, TimeSpan.FromMilliseconds(500));
+
+        var (code, stdout, _) = Run(settings, "g1", "migrate", "begin", "-");
+        Assert.Equal(0, code);
+        Assert.Contains("<devices><!--bfmig--></devices>", stdout);
+
+        var refused = Run(settings, "g1", "prepare", "begin", "-");
+        Assert.Equal(1, refused.Code);
+        Assert.Contains("guest g1 runs on hostB (daemon says)", refused.Stderr);
+
+        var started = DateTime.UtcNow;
+        Assert.Equal(0, Run(settings, "g1", "stopped", "end", "-").Code);
+        Assert.InRange(DateTime.UtcNow - started, TimeSpan.FromMilliseconds(400), TimeSpan.FromSeconds(5));
+
+        lock (calls)
+        {
+            Assert.Equal([$"g1 migrate begin - {Xml.Length}", $"g1 prepare begin - {Xml.Length}", $"g1 stopped end - {Xml.Length}"], calls);
+        }
+    }
+
+    [Theory]
+    [InlineData("<domain><name>x</name><uuid>0B5D1C4E-1111-2222-3333-444455556666</uuid></domain>", Uuid)]
+    [InlineData("<domain><name>x</name><uuid> not-a-uuid </uuid></domain>", null)]
+    [InlineData("<domain><name>x</name></domain>", null)]
+    public void Domain_uuid_is_taken_from_the_xml(string xml, string? expected) => Assert.Equal(expected, Hook.DomainUuid(xml));
+
+    public void Dispose() => _dir.Delete(recursive: true);
+}

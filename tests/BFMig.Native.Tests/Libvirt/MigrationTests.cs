@@ -1,0 +1,95 @@
+using BFMig.Native.Linux;
+using BFMig.Native.Libvirt;
+
+namespace BFMig.Native.Tests.Libvirt;
+
+/// <summary>
+/// A real live migration between two private libvirtds (different host_uuid, one machine), through
+/// virDomainMigrateToURI3 with typed parameters; checks the events and statistics the daemon relies on.
+/// </summary>
+[Collection(LibvirtCollection.Name)]
+public sealed class MigrationTests(ITestOutputHelper output)
+{
+    [Fact]
+    public async Task Live_migration_reports_job_completed_iterations_and_completed_stats()
+    {
+        using var a = new LibvirtdInstance(Guid.NewGuid().ToString());
+        using var b = new LibvirtdInstance(Guid.NewGuid().ToString());
+        if (!Prerequisite.Require(a.StartError is null && b.StartError is null, $"two private libvirtds ({a.StartError ?? b.StartError})", output))
+        {
+            return;
+        }
+        DirectoryInfo dir = Directory.CreateTempSubdirectory("bfmig-mig-");
+        try
+        {
+            // Both QEMUs (user libvirt-qemu) use this directory for the migration socket.
+            UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
+            UnixUsers.ChangeOwner(dir.FullName, qemu.Uid, qemu.Gid);
+            UnixUsers.ChangeMode(dir.FullName, (UnixFileMode)0b111_101_101);
+            string socket = Path.Combine(dir.FullName, "guest.mig");
+
+            using var source = LibvirtConnection.Open(a.Uri);
+            using var destination = LibvirtConnection.Open(b.Uri);
+            using var sourceEvents = source.SubscribeDomainEvents();
+            string name = TestDriverTests.UniqueName("bfmig-mig");
+            using var dom = source.DefineDomain($"""
+                <domain type='qemu'>
+                  <name>{name}</name>
+                  <memory unit='MiB'>64</memory>
+                  <vcpu>1</vcpu>
+                  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+                  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+                </domain>
+                """);
+            dom.Start();
+            var started = DateTime.UtcNow;
+            dom.MigrateToUri3(b.Uri, new LibvirtMigrationParameters { MigrateUri = "unix://" + socket, DestinationName = name },
+                LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PeerToPeer | LibvirtMigrateFlags.PersistDestination);
+            output.WriteLine($"migration took {(DateTime.UtcNow - started).TotalSeconds:F1} s");
+
+            Assert.False(dom.IsActive);
+            using (var arrived = destination.LookupDomainByName(name))
+            {
+                Assert.True(arrived.IsActive);
+                Assert.Equal(dom.Uuid, arrived.Uuid);
+                arrived.Destroy();
+                arrived.Undefine();
+            }
+
+            LibvirtJobStats completed = dom.GetJobStats(LibvirtJobStatsFlags.Completed | LibvirtJobStatsFlags.KeepCompleted);
+            Assert.Equal(LibvirtJobType.Completed, completed.Type);
+            Assert.True(completed.DataTotal >= 64UL << 20, $"data_total {completed.DataTotal}");
+            Assert.True(completed.MemoryTotal >= 64UL << 20, $"memory_total {completed.MemoryTotal}");
+            Assert.NotNull(completed.DowntimeMs);
+            Assert.NotNull(completed.TimeElapsedMs);
+            // KEEP_COMPLETED: asking again still finds them.
+            Assert.Equal(LibvirtJobType.Completed, dom.GetJobStats(LibvirtJobStatsFlags.Completed).Type);
+            output.WriteLine(string.Join(", ", completed.Fields.Select(f => $"{f.Name}={f.Value}")));
+
+            var seen = new List<LibvirtDomainEvent>();
+            using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+            while (!seen.Any(e => e is LibvirtJobCompletedDomainEvent) || !seen.Any(e => e is LibvirtLifecycleDomainEvent { Event: LibvirtLifecycleEvent.Stopped }))
+            {
+                LibvirtDomainEvent e = await sourceEvents.Events.ReadAsync(timeout.Token);
+                if (e.DomainName == name)
+                {
+                    seen.Add(e);
+                }
+            }
+            output.WriteLine(string.Join("; ", seen));
+            LibvirtJobCompletedDomainEvent job = seen.OfType<LibvirtJobCompletedDomainEvent>().Single();
+            Assert.Equal(dom.Uuid, job.DomainUuid);
+            Assert.Equal(completed.DataTotal, job.Statistics.DataTotal);
+            Assert.NotNull(job.Statistics.DowntimeMs);
+            // Stopped with detail VIR_DOMAIN_EVENT_STOPPED_MIGRATED (3).
+            Assert.Contains(seen, e => e is LibvirtLifecycleDomainEvent { Event: LibvirtLifecycleEvent.Stopped, Detail: 3 });
+            Assert.Contains(seen, e => e is LibvirtMigrationIterationDomainEvent { Iteration: >= 1 });
+
+            dom.Undefine();
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+}
