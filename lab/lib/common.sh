@@ -1,9 +1,13 @@
 # Shared names and small helpers of the lab.
 
-# Namespace files and pids live under /run (gone at reboot); disk images and host directories
-# under /var/tmp (large, on disk, not in RAM).
-LAB_RUN=${BFMIG_LAB_RUN:-/run/bfmig-lab}
-LAB_VAR=${BFMIG_LAB_VAR:-/var/tmp/bfmig-lab}
+# One lab per name on a machine (BFMIG_LAB_NAME, default bfmig-lab): namespaces <name>-a/-b,
+# namespace files and pids under /run/<name> (gone at reboot), disk images and host
+# directories under /var/tmp/<name> (large, on disk, not in RAM), lock /run/<name>.lock.
+LAB_NAME=${BFMIG_LAB_NAME:-bfmig-lab}
+[[ $LAB_NAME =~ ^[a-z][a-z0-9-]{0,20}$ ]] || { echo "lab: BFMIG_LAB_NAME must be [a-z][a-z0-9-]*, at most 21 characters" >&2; exit 2; }
+LAB_RUN=/run/$LAB_NAME
+LAB_VAR=/var/tmp/$LAB_NAME
+LAB_LOCK=/run/$LAB_NAME.lock
 LAB_HOSTS=(a b)
 declare -A HOST_ADDR=([a]=198.18.0.1 [b]=198.18.0.2)
 LAB_PREFIX=30
@@ -11,12 +15,25 @@ LAB_GUEST=lab-guest
 LAB_DEFAULT_RATE=100mbit
 MiB=1048576
 
-log() { printf 'lab: %s\n' "$*" >&2; }
+log() { printf 'lab: %s %s\n' "$(date +%T)" "$*" >&2; }
 die() { printf 'lab: error: %s\n' "$*" >&2; exit 1; }
 
 need_root() { [[ $(id -u) == 0 ]] || die "the lab needs root (namespaces, mounts, libvirtd)"; }
 
 now() { date +%s.%N; }
+
+# Whoever drives the lab holds its lock for the whole command, so two checkouts (or two test
+# runs) on one machine take turns instead of tearing down each other's hosts. A caller that
+# already holds it (a test collection, the demo) exports BFMIG_LAB_LOCK_HELD=1.
+lab_lock() {
+    [[ ${BFMIG_LAB_LOCK_HELD:-} == 1 ]] && return 0
+    exec 9> "$LAB_LOCK"
+    if ! flock -n 9; then
+        log "waiting for the lab lock $LAB_LOCK (another lab command is running)"
+        flock -w "${BFMIG_LAB_LOCK_WAIT:-3600}" 9 || die "lab lock $LAB_LOCK still held"
+    fi
+    export BFMIG_LAB_LOCK_HELD=1
+}
 
 # Installs the Debian packages behind missing commands: "command:package" pairs.
 ensure_commands() {

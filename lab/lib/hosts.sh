@@ -1,9 +1,9 @@
-# Hosts A and B: each a network namespace (bfmig-lab-a/b) plus a persistent mount namespace
+# Hosts A and B: each a network namespace (<lab name>-a/-b) plus a persistent mount namespace
 # (bind-mounted at $LAB_RUN/<h>.mnt) with its own /etc/libvirt, /var/lib/libvirt, /run,
 # /var/log/libvirt, /var/cache/libvirt, virtlogd and libvirtd. The veth pair lab-a <-> lab-b
 # is the WAN, shaped with tbf on both ends.
 
-netns_name() { echo "bfmig-lab-$1"; }
+netns_name() { echo "$LAB_NAME-$1"; }
 host_dir() { echo "$LAB_VAR/$1"; }
 host_pid() { cat "$LAB_RUN/$1.$2.pid" 2> /dev/null; }
 
@@ -141,7 +141,7 @@ host_setup() {
     touch "$LAB_RUN/$h.mnt"
     unshare --mount="$LAB_RUN/$h.mnt" --propagation private true
     nsenter --mount="$LAB_RUN/$h.mnt" sh -ec "
-        mount -t tmpfs -o mode=0755 bfmig-lab-run /run
+        mount -t tmpfs -o mode=0755 $LAB_NAME-run /run
         mkdir -p /run/lock /run/libvirt
         mount --bind '$dir/etc' /etc/libvirt
         mount --bind '$dir/lib' /var/lib/libvirt
@@ -156,15 +156,17 @@ host_setup() {
     echo $! > "$LAB_RUN/$h.libvirtd.pid"
 }
 
+# libvirtd needs seconds to start, far more on a loaded machine: wait up to two minutes.
 host_wait_ready() {
-    local h=$1 i
-    for ((i = 0; i < 100; i++)); do
+    local h=$1 deadline=$((SECONDS + 120)) alive=yes
+    while ((SECONDS < deadline)); do
         if host_virsh "$h" version > /dev/null 2>&1; then return 0; fi
-        pid_alive "$(host_pid "$h" libvirtd)" || break
-        sleep 0.2
+        pid_alive "$(host_pid "$h" libvirtd)" || { alive=no; break; }
+        sleep 0.5
     done
     cat "$(host_dir "$h")/libvirtd.out" >&2 || true
-    die "libvirtd of host $h did not come up"
+    tail -n 20 "$(host_dir "$h")/log/libvirtd.log" >&2 2> /dev/null || true
+    die "libvirtd of host $h did not come up (process alive: $alive)"
 }
 
 # Every process whose mount or network namespace is one of the lab's, by pid.

@@ -86,7 +86,7 @@ cmd_demo() {
     mkdir -p "$out"
     local size=()
     if $quick; then
-        size=(--ram-mib 256 --fill-mib 128 --disk-gib 1 --disk-data-mib 128)
+        size=(--ram-mib 256 --fill-mib 64 --disk-gib 1 --disk-data-mib 64)
     fi
     local mode files=() failed=0
     cmd_up --rate "$rate"

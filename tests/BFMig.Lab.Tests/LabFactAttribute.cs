@@ -23,27 +23,68 @@ public sealed class LabFactAttribute : FactAttribute
 
 /// <summary>One lab at a time: every lab test belongs to this collection, which never runs in parallel.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
-public sealed class LabCollection : ICollectionFixture<LabTeardown>
+public sealed class LabCollection : ICollectionFixture<LabLease>
 {
     /// <summary>Collection name used by <see cref="CollectionAttribute"/> on lab test classes.</summary>
     public const string Name = "lab";
 }
 
-/// <summary>Takes the lab down after the last lab test, whatever happened in between.</summary>
-public sealed class LabTeardown : IDisposable
+/// <summary>
+/// Holds the machine's lab lock (<c>/run/bfmig-lab.lock</c>, the one <c>lab/lab</c> takes) for
+/// the whole collection, so another checkout's lab commands wait instead of tearing down the
+/// hosts under these tests; takes the lab down after the last test.
+/// </summary>
+public sealed class LabLease : IDisposable
 {
-    /// <inheritdoc/>
-    public void Dispose()
+    private static readonly TimeSpan LockWait = TimeSpan.FromMinutes(30);
+    private readonly FileStream? lockFile;
+
+    /// <summary>Waits for the lab lock (when the lab can run here at all).</summary>
+    public LabLease()
     {
-        if (Environment.UserName != "root" || !File.Exists(LabRunner.LabScript))
+        if (Environment.UserName != "root")
         {
             return;
         }
 
-        using var process = System.Diagnostics.Process.Start(LabRunner.LabScript, "down");
-        if (!process.WaitForExit(TimeSpan.FromMinutes(2)))
+        var deadline = DateTime.UtcNow + LockWait;
+        while (true)
         {
-            process.Kill(entireProcessTree: true);
+            try
+            {
+                // FileShare.None is an exclusive flock(2) on Linux: the same lock flock(1) takes in lab/lab.
+                lockFile = new FileStream(LabRunner.LockPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+                break;
+            }
+            catch (IOException) when (DateTime.UtcNow < deadline)
+            {
+                Thread.Sleep(TimeSpan.FromSeconds(2));
+            }
+        }
+    }
+
+    /// <summary>True when this process holds the lab lock; lab commands then must not take it again.</summary>
+    public bool HoldsLock => lockFile is not null;
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        try
+        {
+            if (lockFile is not null && File.Exists(LabRunner.LabScript))
+            {
+                var psi = new System.Diagnostics.ProcessStartInfo(LabRunner.LabScript, "down");
+                psi.Environment["BFMIG_LAB_LOCK_HELD"] = "1";
+                using var process = System.Diagnostics.Process.Start(psi)!;
+                if (!process.WaitForExit(TimeSpan.FromMinutes(2)))
+                {
+                    process.Kill(entireProcessTree: true);
+                }
+            }
+        }
+        finally
+        {
+            lockFile?.Dispose();
         }
     }
 }

@@ -15,6 +15,9 @@ internal sealed class LabRunner(ITestOutputHelper output)
     /// <summary>Path of the lab's entry script.</summary>
     public static string LabScript => Path.Combine(RepoRoot, "lab", "lab");
 
+    /// <summary>The lock lab/lab takes for the default lab name.</summary>
+    public const string LockPath = "/run/bfmig-lab.lock";
+
     /// <summary>Runs <c>lab/lab ARGS</c>; fails the test when it exits non-zero or outlives <paramref name="timeout"/>.</summary>
     public string Run(TimeSpan timeout, params string[] args)
     {
@@ -32,6 +35,9 @@ internal sealed class LabRunner(ITestOutputHelper output)
             RedirectStandardError = true,
             UseShellExecute = false,
         };
+        // The collection fixture holds the lab lock for all lab tests.
+        psi.Environment["BFMIG_LAB_LOCK_HELD"] = "1";
+        psi.Environment.Remove("BFMIG_LAB_NAME");
         foreach (var arg in args)
         {
             psi.ArgumentList.Add(arg);

@@ -202,10 +202,9 @@ public sealed class MigDecoder
             {
                 var store = RequireStore("ELIDE", opStart);
                 var known = store.GetHash(block, page);
-                var retained = store.Page(block, page);
-                if (known == UInt128.Zero || store.Hash(retained) != known)
+                store.ReadPage(block, page, content);
+                if (known == UInt128.Zero || store.Hash(content) != known)
                     throw Bad($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
-                retained.CopyTo(content);
                 _stats.PagesElided++;
                 break;
             }
@@ -219,9 +218,8 @@ public sealed class MigDecoder
                 var hash = BinaryPrimitives.ReadUInt128LittleEndian(rest[q..]);
                 q += 16;
                 if (sb >= (ulong)_names.Length || sp >= (ulong)_pages[sb]) throw Bad($"REF to block {sb} page {sp} out of range", opStart);
-                var src = store.Page((int)sb, (long)sp);
-                if (store.Hash(src) != hash) throw Bad($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
-                src.CopyTo(content);
+                store.ReadPage((int)sb, (long)sp, content);
+                if (store.Hash(content) != hash) throw Bad($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
                 store.Put(block, page, content, hash);
                 _stats.PagesReferenced++;
                 used = q;
@@ -234,7 +232,7 @@ public sealed class MigDecoder
                 ulong n = ReadVarint(rest, ref q, "DELTA length", opStart);
                 if (n > (ulong)(rest.Length - q) || n > QemuFormat.PageSize * 2) throw Bad($"DELTA of {n} bytes overruns the frame", opStart);
                 if (store.GetHash(block, page) == UInt128.Zero) throw Bad($"DELTA against page {page} of block {block}, unknown here", opStart);
-                store.Page(block, page).CopyTo(content);
+                store.ReadPage(block, page, content);
                 if (!PageDelta.TryApply(rest.Slice(q, (int)n), content)) throw Bad("malformed DELTA", opStart);
                 store.Put(block, page, content, store.Hash(content));
                 _stats.PagesDelta++;

@@ -18,6 +18,8 @@ public sealed class MigReceiver
     private readonly TransferStats _stats;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
+    private readonly byte[] _one = new byte[1];
+    private int _heldBack = -1;
 
     public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout)
     {
@@ -65,8 +67,12 @@ public sealed class MigReceiver
                         pos = _decoder.Process(frame.Payload.Span, pos);
                         if (_decoder.Output.Length > 0)
                         {
-                            await qemu.Stream.WriteAsync(_decoder.OutputMemory, ct);
-                            _stats.StreamBytes += _decoder.Output.Length;
+                            // The last byte of the stream waits for the end check: without it QEMU cannot finish loading.
+                            if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
+                            var output = _decoder.OutputMemory;
+                            await qemu.Stream.WriteAsync(output[..^1], ct);
+                            _heldBack = output.Span[^1];
+                            _stats.StreamBytes += output.Length - 1;
                             _decoder.ResetOutput();
                         }
                     }
@@ -77,24 +83,26 @@ public sealed class MigReceiver
                 {
                     var end = EndMessage.Decode(frame.Payload.Span);
                     if (_decoder.HasPendingOutput) throw new PeerProtocolException("end frame while an elide run is still open");
-                    await qemu.Stream.FlushAsync(ct);
-                    qemu.HalfClose();
                     bool committed = false;
                     var digest = new byte[16];
                     if (_decoder.TripStarted)
                     {
                         digest = Convert.FromHexString(_store!.ComputeDigest());
-                        if (digest.AsSpan().SequenceEqual(end.Digest))
+                        if (!digest.AsSpan().SequenceEqual(end.Digest))
                         {
-                            _store.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
-                            committed = true;
-                            _stats.Generation = end.Generation;
+                            // Every page this side rebuilt is in its index: a different digest means some page
+                            // QEMU got is not the sender's. Withholding the last byte keeps that guest from starting.
+                            await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, digest).Encode(), compress: false, ct);
+                            throw new PeerProtocolException(
+                                $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
                         }
-                        else
-                        {
-                            _store.Abandon();
-                        }
+                        _store.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
+                        committed = true;
+                        _stats.Generation = end.Generation;
                     }
+                    if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
+                    await qemu.Stream.FlushAsync(ct);
+                    qemu.HalfClose();
                     _stats.Committed = committed;
                     _stats.SnapshotComplete = end.SnapshotComplete;
                     await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
@@ -107,6 +115,14 @@ public sealed class MigReceiver
                     throw new PeerProtocolException($"unexpected {frame.Type} frame in a memory stream at byte {_reader.BytesRead}");
             }
         }
+    }
+
+    private async Task WriteHeldAsync(LocalConnection qemu, CancellationToken ct)
+    {
+        _one[0] = (byte)_heldBack;
+        _heldBack = -1;
+        await qemu.Stream.WriteAsync(_one, ct);
+        _stats.StreamBytes++;
     }
 
     private async Task ReverseAsync(LocalConnection qemu, CancellationToken ct)

@@ -56,6 +56,7 @@ public sealed class MigSender
                 else
                 {
                     _store!.Abandon();
+                    throw new PeerProtocolException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
                 }
             }
             await WaitForInboxAsync(inbox, ct);

@@ -25,7 +25,8 @@ public static class PageDelta
             int start = w + same;
             int end = start;
             // A changed run ends at the first two equal words: one equal word is cheaper to resend than to skip.
-            while (end < Words && !(a[end] == b[end] && (end + 1 == Words || a[end + 1] == b[end + 1]))) end++;
+            int maxEnd = Math.Min(Words, start + ((limit - o - 4) / 8) + 1);
+            while (end < maxEnd && (a[end] != b[end] || (end + 1 < Words && a[end + 1] != b[end + 1]))) end++;
             int changed = end - start;
             if (o + 4 + (changed * 8) > limit) return -1;
             o += Varint.Write(dst[o..], (ulong)same);

@@ -1,19 +1,18 @@
-using System.IO.MemoryMappedFiles;
 using System.Runtime.InteropServices;
 using BFMig.Transfer.Qemu;
+using Microsoft.Win32.SafeHandles;
 
 namespace BFMig.Transfer.Store;
 
 /// <summary>
-/// One RAMBlock in the store: a sparse, page-addressed data file (mapped) and its page-hash index
-/// (in memory while a trip runs, written back at commit). Hash 0 means "unknown".
+/// One RAMBlock in the store: a sparse, page-addressed data file (read and written with
+/// pread/pwrite: on ext4 that is about ten times faster than first-touch writes through a shared
+/// mapping) and its page-hash index (in memory while a trip runs, written back at commit).
+/// Hash 0 means "unknown".
 /// </summary>
-internal sealed unsafe class BlockFile : IDisposable
+internal sealed class BlockFile : IDisposable
 {
-    private readonly MemoryMappedFile _map;
-    private readonly MemoryMappedViewAccessor _view;
-    private readonly byte* _base;
-    private bool _disposed;
+    private readonly SafeFileHandle _data;
 
     public BlockFile(string dataPath, string hashPath, string name, long length, bool loadIndex)
     {
@@ -22,15 +21,8 @@ internal sealed unsafe class BlockFile : IDisposable
         DataPath = dataPath;
         HashPath = hashPath;
         Hashes = new UInt128[length >> QemuFormat.PageShift];
-        using (var fs = new FileStream(dataPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.Read))
-        {
-            if (fs.Length != length) fs.SetLength(length);
-        }
-        _map = MemoryMappedFile.CreateFromFile(dataPath, FileMode.Open, null, length, MemoryMappedFileAccess.ReadWrite);
-        _view = _map.CreateViewAccessor(0, length, MemoryMappedFileAccess.ReadWrite);
-        byte* p = null;
-        _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
-        _base = p + _view.PointerOffset;
+        _data = File.OpenHandle(dataPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.Read);
+        if (RandomAccess.GetLength(_data) != length) RandomAccess.SetLength(_data, length);
         if (loadIndex && File.Exists(hashPath))
         {
             using var hs = new FileStream(hashPath, FileMode.Open, FileAccess.Read);
@@ -46,32 +38,55 @@ internal sealed unsafe class BlockFile : IDisposable
     public UInt128[] Hashes { get; }
     public long PageCount => Hashes.LongLength;
 
-    public Span<byte> Page(long page) => new(_base + (page << QemuFormat.PageShift), QemuFormat.PageSize);
+    public void Read(long page, Span<byte> destination)
+    {
+        long offset = page << QemuFormat.PageShift;
+        int done = 0;
+        while (done < QemuFormat.PageSize)
+        {
+            int n = RandomAccess.Read(_data, destination[done..QemuFormat.PageSize], offset + done);
+            if (n == 0)
+            {
+                destination[done..QemuFormat.PageSize].Clear();
+                return;
+            }
+            done += n;
+        }
+    }
+
+    public void Write(long page, ReadOnlySpan<byte> content) =>
+        RandomAccess.Write(_data, content[..QemuFormat.PageSize], page << QemuFormat.PageShift);
 
     /// <summary>Recomputes every page hash from the data file (recovery after a crash).</summary>
     public void Rehash(ulong seed)
     {
-        for (long p = 0; p < PageCount; p++)
-            Hashes[p] = MemoryStore.HashPage(Page(p), seed);
+        var buffer = new byte[1 << 20];
+        for (long p = 0; p < PageCount;)
+        {
+            int pages = (int)Math.Min(buffer.Length >> QemuFormat.PageShift, PageCount - p);
+            var span = buffer.AsSpan(0, pages << QemuFormat.PageShift);
+            int got = 0;
+            while (got < span.Length)
+            {
+                int n = RandomAccess.Read(_data, span[got..], (p << QemuFormat.PageShift) + got);
+                if (n == 0) break;
+                got += n;
+            }
+            span[got..].Clear();
+            for (int i = 0; i < pages; i++)
+                Hashes[p + i] = MemoryStore.HashPage(span.Slice(i << QemuFormat.PageShift, QemuFormat.PageSize), seed);
+            p += pages;
+        }
     }
 
     /// <summary>Makes the data and the index durable.</summary>
     public void Persist()
     {
-        _view.Flush();
-        using (var fs = new FileStream(DataPath, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite))
-            fs.Flush(flushToDisk: true);
+        RandomAccess.FlushToDisk(_data);
         using var hs = new FileStream(HashPath, FileMode.Create, FileAccess.Write);
         hs.Write(MemoryMarshal.AsBytes(Hashes.AsSpan()));
         hs.Flush(flushToDisk: true);
     }
 
-    public void Dispose()
-    {
-        if (_disposed) return;
-        _disposed = true;
-        _view.SafeMemoryMappedViewHandle.ReleasePointer();
-        _view.Dispose();
-        _map.Dispose();
-    }
+    public void Dispose() => _data.Dispose();
 }

@@ -22,6 +22,8 @@ public sealed class MemoryStore : IDisposable
     private readonly string _dir;
     private readonly FileStream _lock;
     private readonly List<BlockFile> _blocks = [];
+    private static readonly byte[] ZeroPage = new byte[QemuFormat.PageSize];
+    private readonly byte[] _scratch = new byte[QemuFormat.PageSize];
     private Dictionary<UInt128, long>? _locator;
     private bool _inTrip;
 
@@ -215,15 +217,22 @@ public sealed class MemoryStore : IDisposable
     /// <summary>The stored hash of a page (0 = unknown).</summary>
     public UInt128 GetHash(int block, long page) => _blocks[block].Hashes[page];
 
-    /// <summary>The stored content of a page (mapped: writes go to the store).</summary>
-    public Span<byte> Page(int block, long page) => _blocks[block].Page(page);
+    /// <summary>The stored content of a page, read into a buffer that the next call reuses.</summary>
+    public ReadOnlySpan<byte> Page(int block, long page)
+    {
+        _blocks[block].Read(page, _scratch);
+        return _scratch;
+    }
+
+    /// <summary>Reads the stored content of a page into <paramref name="destination"/>.</summary>
+    public void ReadPage(int block, long page, Span<byte> destination) => _blocks[block].Read(page, destination);
 
     /// <summary>Records that a page now holds <paramref name="content"/> with hash <paramref name="hash"/>.</summary>
     public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash)
     {
         var bf = _blocks[block];
         if (bf.Hashes[page] == hash) return;
-        content.CopyTo(bf.Page(page));
+        bf.Write(page, content);
         bf.Hashes[page] = hash;
         if (_locator is not null && hash != ZeroHash) _locator[hash] = Locate(block, page);
     }
@@ -233,7 +242,7 @@ public sealed class MemoryStore : IDisposable
     {
         var bf = _blocks[block];
         if (bf.Hashes[page] == ZeroHash) return;
-        bf.Page(page).Clear();
+        bf.Write(page, ZeroPage);
         bf.Hashes[page] = ZeroHash;
     }
 
@@ -291,12 +300,13 @@ public sealed class MemoryStore : IDisposable
     }
 
     /// <summary>
-    /// Ends a failed trip: the in-memory index matches the data, so it is persisted, but the
-    /// store no longer matches any peer (generation 0).
+    /// Ends a failed trip: the index is rebuilt from the data (a failure may come from data that
+    /// no longer matches its index) and the store no longer matches any peer (generation 0).
     /// </summary>
     public void Abandon()
     {
         if (!_inTrip) return;
+        foreach (var b in _blocks) b.Rehash(State.Seed);
         Commit(0, null, State.Location == "away", snapshotComplete: false);
     }
 

@@ -14,9 +14,10 @@ public enum CompressionMode
 /// Picks a frame codec. Compression and sending run one after the other on a stream, so the
 /// cost of a frame with codec c is <c>compress_time(c) + link_time(output(c))</c>; the policy keeps
 /// moving averages of each codec's speed and ratio and of the link's time per byte (time blocked
-/// in writes) and picks the cheapest, re-measuring the others now and then. A codec whose last
-/// ratio was above <see cref="IncompressibleRatio"/> costs full link time plus its CPU, so
-/// incompressible data stops being compressed until the next probe.
+/// in writes) and picks the cheapest, re-measuring the others now and then. Before compressing a
+/// frame, a 4 KiB sample from its middle goes through LZ4 (about 1% of the frame's cost): if even
+/// that is above <see cref="IncompressibleRatio"/>, the frame goes uncompressed, so incompressible
+/// data costs almost no CPU and compressible data right after it is compressed again at once.
 /// </summary>
 public sealed class CompressionPolicy
 {
@@ -29,20 +30,37 @@ public sealed class CompressionPolicy
     private readonly double[] _nsPerByte = [0, 2.0, 0.4];   // None, Zstd(level 1), Lz4: priors, refined by measurement
     private readonly double[] _ratio = [1.0, 0.5, 0.6];
     private double _linkNsPerByte = 8.0;                      // prior: 1 Gbit/s
+    private const int SampleSize = 4096;
+    private readonly byte[] _sample = new byte[BFMig.Native.Compression.Lz4Codec.CompressBound(SampleSize)];
     private long _frames;
-    private int _skipCompressionFrames;
 
     public CompressionPolicy(CompressionMode mode) => _mode = mode;
 
-    /// <summary>Codec for the next frame.</summary>
+    /// <summary>Codec for a frame with <paramref name="payload"/>.</summary>
+    public FrameCodecKind Choose(ReadOnlySpan<byte> payload)
+    {
+        if (_mode == CompressionMode.None || LooksIncompressible(payload)) return FrameCodecKind.None;
+        return Choose();
+    }
+
+    /// <summary>True when an LZ4 pass over a sample of <paramref name="payload"/> does not pay.</summary>
+    public bool LooksIncompressible(ReadOnlySpan<byte> payload)
+    {
+        if (payload.Length < 4 * SampleSize) return false;
+        var sample = payload.Slice((payload.Length / 2) - (SampleSize / 2), SampleSize);
+        int n = BFMig.Native.Compression.Lz4Codec.Compress(sample, _sample);
+        return n > IncompressibleRatio * SampleSize;
+    }
+
+    /// <summary>Codec for the next frame, from the measurements alone.</summary>
     public FrameCodecKind Choose()
     {
         _frames++;
         switch (_mode)
         {
             case CompressionMode.None: return FrameCodecKind.None;
-            case CompressionMode.Lz4: return Fixed(FrameCodecKind.Lz4);
-            case CompressionMode.Zstd: return Fixed(FrameCodecKind.Zstd);
+            case CompressionMode.Lz4: return FrameCodecKind.Lz4;
+            case CompressionMode.Zstd: return FrameCodecKind.Zstd;
         }
         if (_frames % ProbeInterval == 0) return _frames / ProbeInterval % 2 == 0 ? FrameCodecKind.Lz4 : FrameCodecKind.Zstd;
         var best = FrameCodecKind.None;
@@ -59,17 +77,6 @@ public sealed class CompressionPolicy
         return best;
     }
 
-    private FrameCodecKind Fixed(FrameCodecKind codec)
-    {
-        // A fixed codec still backs off on incompressible data, re-probing every ProbeInterval frames.
-        if (_skipCompressionFrames > 0)
-        {
-            _skipCompressionFrames--;
-            return FrameCodecKind.None;
-        }
-        return codec;
-    }
-
     /// <summary>Records one compression attempt.</summary>
     public void RecordCompression(FrameCodecKind codec, int inputBytes, int outputBytes, TimeSpan elapsed)
     {
@@ -77,7 +84,6 @@ public sealed class CompressionPolicy
         double ratio = (double)outputBytes / inputBytes;
         _ratio[(int)codec] = Mix(_ratio[(int)codec], ratio);
         _nsPerByte[(int)codec] = Mix(_nsPerByte[(int)codec], elapsed.TotalNanoseconds / inputBytes);
-        if (ratio > IncompressibleRatio) _skipCompressionFrames = ProbeInterval;
     }
 
     /// <summary>Records time spent writing <paramref name="wireBytes"/> to the peer.</summary>

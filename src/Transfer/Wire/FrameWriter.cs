@@ -68,7 +68,7 @@ public sealed class FrameWriter : IDisposable
 
     private int Encode(FrameType type, ReadOnlySpan<byte> payload, bool compress)
     {
-        var codec = compress && payload.Length >= 256 ? _policy.Choose() : FrameCodecKind.None;
+        var codec = compress && payload.Length >= 256 ? _policy.Choose(payload) : FrameCodecKind.None;
         var body = _buffer.AsSpan(FrameCodec.HeaderLength);
         if (codec != FrameCodecKind.None)
         {

@@ -1,0 +1,20 @@
+using BenchmarkDotNet.Running;
+
+namespace BFMig.Benchmarks;
+
+internal static class Program
+{
+    private static int Main(string[] args)
+    {
+        if (args is ["replay", ..])
+            return Replay.Run(args.Length > 1 && int.TryParse(args[1], out int mb) ? mb : 256);
+        if (args is ["micro"]) return Micro.Run();
+        if (args is ["bdn", ..])
+        {
+            BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args[1..]);
+            return 0;
+        }
+        Console.Error.WriteLine("usage: BFMig.Benchmarks replay [MiB] | bdn [BenchmarkDotNet args]");
+        return 2;
+    }
+}

@@ -1,0 +1,196 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Text;
+using BFMig.Native.Compression;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Benchmarks;
+
+/// <summary>
+/// Replays synthetic QEMU streams through the sender and receiver cores (one thread each, zstd
+/// frames as on the wire) and prints throughput next to a plain memcpy of the same bytes, plus
+/// wire sizes against the ideal.
+/// </summary>
+internal static class Replay
+{
+    public static int Run(int megabytes)
+    {
+        int pages = megabytes * 256;
+        Console.WriteLine($"replay: {megabytes} MiB guest ({pages} pages), one core each side, zstd level 1 frames");
+        Console.WriteLine($"{"scenario",-34} {"sender MB/s",12} {"x memcpy",9} {"receiver MB/s",14} {"x memcpy",9} {"wire/stream",12}");
+        var rnd = new Random(42);
+        var baseImage = Enumerable.Range(0, pages).Select(i => TextPage(rnd, i)).ToArray();
+
+        Scenario("a) all unchanged", baseImage, (_, old) => old, pages);
+        Scenario("b) all changed, incompressible", baseImage, (i, _) => RandomPage(new Random(i + 1000)), pages);
+        Scenario("c) all changed, compressible", baseImage, (i, _) => TextPage(new Random(i + 5000), i), pages);
+        var tenth = Scenario("d) 10% changed (compressible)", baseImage, (i, old) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : old, pages);
+
+        // Ideal for (d): only the changed pages, compressed with zstd alone, in frames of the same size.
+        var changed = baseImage.Select((p, i) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : null).Where(p => p is not null).ToArray();
+        long ideal = ZstdChunks(changed!);
+        var plainStream = StreamOf(baseImage.Select((p, i) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : p).ToArray());
+        long plainZstd = ZstdChunks(Chunk(plainStream));
+        Console.WriteLine();
+        Console.WriteLine($"10% changed: wire {tenth.Wire:N0} B, ideal (changed pages, zstd alone) {ideal:N0} B -> {(double)tenth.Wire / ideal:0.000} x ideal (target <= 1.10)");
+        Console.WriteLine($"             stream carried plainly {plainStream.Length:N0} B -> wire is {100.0 * tenth.Wire / plainStream.Length:0.0}% of it (target <= 12%);"
+            + $" plain+zstd {plainZstd:N0} B -> {100.0 * tenth.Wire / plainZstd:0.0}%");
+        return 0;
+    }
+
+    private sealed record Result(double SenderMBs, double ReceiverMBs, long Wire);
+
+    private static Result Scenario(string name, byte[][] baseImage, Func<int, byte[], byte[]> change, int pages)
+    {
+        using var dirA = new TempDir();
+        using var dirB = new TempDir();
+        var guest = Guid.NewGuid();
+        using var a = MemoryStore.Open(dirA.Path, guest);
+        using var b = MemoryStore.Open(dirB.Path, guest);
+        var first = StreamOf(baseImage);
+        Trip(first, a, b, out _, out _, out _);
+        var now = baseImage.Select((p, i) => change(i, p)).ToArray();
+        var second = StreamOf(now);
+        Trip(second, b, a, out var sendTime, out var recvTime, out long wire);
+        double memcpy = Memcpy(second);
+        double sMBs = second.Length / sendTime.TotalSeconds / 1e6;
+        double rMBs = second.Length / recvTime.TotalSeconds / 1e6;
+        Console.WriteLine($"{name,-34} {sMBs,12:N0} {sMBs / memcpy,9:0.000} {rMBs,14:N0} {rMBs / memcpy,9:0.000} {(double)wire / second.Length,12:0.0000}");
+        return new Result(sMBs, rMBs, wire);
+    }
+
+    /// <summary>Sender then receiver over in-memory frames; times each side alone.</summary>
+    private static void Trip(byte[] stream, MemoryStore sender, MemoryStore receiver, out TimeSpan sendTime, out TimeSpan recvTime, out long wire)
+    {
+        bool synced = sender.State.Generation != 0 && sender.State.Digest == receiver.State.Digest;
+        var enc = new MigEncoder(sender, synced, sender.State.Seed, new TransferStats());
+        var wireStream = new MemoryStream();
+        using var writer = new FrameWriter(wireStream, CompressionMode.Zstd);
+        var sw = Stopwatch.StartNew();
+        int pos = 0;
+        const int Chunk = 256 << 10;
+        while (true)
+        {
+            int end = Math.Min(stream.Length, pos + Chunk);
+            pos += enc.Consume(stream.AsSpan(pos, end - pos), end == stream.Length);
+            if (enc.OpsLength >= MigEncoder.FlushThreshold || pos == stream.Length)
+            {
+                enc.CompleteOps();
+                if (enc.OpsLength > 0) writer.WriteAsync(FrameType.MigData, enc.OpsMemory, compress: true, default).AsTask().GetAwaiter().GetResult();
+                enc.ResetOps();
+                if (pos == stream.Length) break;
+            }
+        }
+        sendTime = sw.Elapsed;
+        wire = writer.BytesWritten;
+
+        wireStream.Position = 0;
+        var dec = new MigDecoder(receiver, synced, sender.State.Seed, new TransferStats());
+        using var reader = new FrameReader(wireStream, TimeSpan.FromMinutes(1));
+        long produced = 0;
+        sw.Restart();
+        while (reader.ReadAsync(default).AsTask().GetAwaiter().GetResult() is { } f)
+        {
+            dec.BeginFrame();
+            int p = 0;
+            do
+            {
+                p = dec.Process(f.Payload.Span, p);
+                produced += dec.Output.Length;
+                dec.ResetOutput();
+            }
+            while (p < f.Payload.Length || dec.HasPendingOutput);
+        }
+        recvTime = sw.Elapsed;
+        if (produced != stream.Length) throw new InvalidOperationException($"receiver rebuilt {produced} bytes of {stream.Length}");
+        ulong gen = Math.Max(sender.State.Generation, receiver.State.Generation) + 1;
+        if (sender.ComputeDigest() != receiver.ComputeDigest()) throw new InvalidOperationException("stores disagree after replay");
+        receiver.Commit(gen, "s", away: false, true);
+        sender.Commit(gen, "r", away: true, true);
+    }
+
+    private static double Memcpy(byte[] stream)
+    {
+        var dst = new byte[1 << 20];
+        var sw = Stopwatch.StartNew();
+        for (int rep = 0; rep < 3; rep++)
+            for (int i = 0; i < stream.Length; i += dst.Length)
+                stream.AsSpan(i, Math.Min(dst.Length, stream.Length - i)).CopyTo(dst);
+        return stream.Length * 3 / sw.Elapsed.TotalSeconds / 1e6;
+    }
+
+    private static long ZstdChunks(IEnumerable<byte[]> pagesOrChunks)
+    {
+        using var z = new ZstdCodec(1);
+        var buf = new List<byte>();
+        long total = 0;
+        var dst = new byte[ZstdCodec.CompressBound(1 << 20)];
+        var chunk = new MemoryStream();
+        foreach (var p in pagesOrChunks)
+        {
+            chunk.Write(p);
+            if (chunk.Length >= 256 << 10)
+            {
+                total += z.Compress(chunk.ToArray(), dst);
+                chunk.SetLength(0);
+            }
+        }
+        if (chunk.Length > 0) total += z.Compress(chunk.ToArray(), dst);
+        return total;
+    }
+
+    private static IEnumerable<byte[]> Chunk(byte[] s)
+    {
+        for (int i = 0; i < s.Length; i += 256 << 10) yield return s[i..Math.Min(s.Length, i + (256 << 10))];
+    }
+
+    private static readonly string[] Words = "the of and to in is was for on that with as by at from guest page memory host kernel buffer cache disk migrate qemu block 0x7f3a2c 4096 struct task_struct inode dentry".Split(' ');
+
+    private static byte[] TextPage(Random r, int i)
+    {
+        var sb = new StringBuilder(4200);
+        sb.Append(i).Append(':');
+        while (sb.Length < 4096) sb.Append(Words[r.Next(Words.Length)]).Append(r.Next(3) == 0 ? ' ' : '_').Append(r.Next(1000));
+        return Encoding.ASCII.GetBytes(sb.ToString(0, 4096));
+    }
+
+    private static byte[] RandomPage(Random r)
+    {
+        var p = new byte[4096];
+        r.NextBytes(p);
+        return p;
+    }
+
+    /// <summary>A QEMU 7.2-style stream: one ram block, every page as a PAGE record, device state at the end.</summary>
+    internal static byte[] StreamOf(byte[][] pages)
+    {
+        var ms = new MemoryStream(pages.Length * 4104 + 1024);
+        var b8 = new byte[8];
+        void Be32(uint v) { BinaryPrimitives.WriteUInt32BigEndian(b8, v); ms.Write(b8, 0, 4); }
+        void Be64(ulong v) { BinaryPrimitives.WriteUInt64BigEndian(b8, v); ms.Write(b8); }
+        Be32(QemuFormat.FileMagic); Be32(3); ms.WriteByte(7); Be32(2); ms.Write("pc"u8);
+        ms.WriteByte(1); Be32(2); ms.WriteByte(3); ms.Write("ram"u8); Be32(0); Be32(4);
+        Be64(((ulong)pages.Length << 12) | QemuFormat.FlagMemSize); ms.WriteByte(6); ms.Write("pc.ram"u8); Be64((ulong)pages.Length << 12);
+        Be64(QemuFormat.FlagEos); ms.WriteByte(0x7e); Be32(2);
+        ms.WriteByte(3); Be32(2);
+        for (int i = 0; i < pages.Length; i++)
+        {
+            Be64(((ulong)i << 12) | QemuFormat.FlagPage | (i > 0 ? QemuFormat.FlagContinue : 0));
+            if (i == 0) { ms.WriteByte(6); ms.Write("pc.ram"u8); }
+            ms.Write(pages[i]);
+        }
+        Be64(QemuFormat.FlagEos); ms.WriteByte(0x7e); Be32(2);
+        ms.WriteByte(4); Be32(3); ms.WriteByte(5); ms.Write("timer"u8); Be32(0); Be32(2); ms.Write(new byte[64]); ms.WriteByte(0);
+        return ms.ToArray();
+    }
+
+    private sealed class TempDir : IDisposable
+    {
+        public TempDir() => Directory.CreateDirectory(Path);
+        public string Path { get; } = System.IO.Path.Combine(System.IO.Path.GetTempPath(), "bfmig-bench-" + Guid.NewGuid().ToString("N")[..12]);
+        public void Dispose() => Directory.Delete(Path, recursive: true);
+    }
+}

@@ -1,0 +1,225 @@
+using System.Diagnostics;
+using BFMig.Native.Compression;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Fuzz;
+
+/// <summary>
+/// Random mutation of real inputs for a time budget. A target fails (exit 1, input saved) when the
+/// code under test throws anything but its documented "stream unusable" error, loses bytes, or
+/// produces an oversized segment.
+/// </summary>
+internal static class Program
+{
+    private static int Main(string[] args)
+    {
+        if (args.Length < 1 || args[0] is not ("qemu" or "frames" or "ops"))
+        {
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|ops [SECONDS] [SEED]");
+            return 2;
+        }
+        double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
+        int seed = args.Length > 2 ? int.Parse(args[2], System.Globalization.CultureInfo.InvariantCulture) : Environment.TickCount;
+        var rnd = new Random(seed);
+        var corpus = args[0] switch
+        {
+            "qemu" => LoadFixtures(),
+            "frames" => FrameCorpus(),
+            _ => OpsCorpus(),
+        };
+        Action<byte[], Random> target = args[0] switch
+        {
+            "qemu" => FuzzQemu,
+            "frames" => FuzzFrames,
+            _ => FuzzOps,
+        };
+        var clock = Stopwatch.StartNew();
+        long runs = 0;
+        while (clock.Elapsed.TotalSeconds < seconds)
+        {
+            var input = Mutate(corpus[rnd.Next(corpus.Count)], rnd);
+            try
+            {
+                target(input, rnd);
+            }
+            catch (Exception e)
+            {
+                string path = Path.Combine(Path.GetTempPath(), $"bfmig-fuzz-{args[0]}-{seed}-{runs}.bin");
+                File.WriteAllBytes(path, input);
+                Console.Error.WriteLine($"FAIL {args[0]} seed {seed} run {runs}: {e.GetType().Name}: {e.Message} (input saved to {path})");
+                Console.Error.WriteLine(e.StackTrace);
+                return 1;
+            }
+            runs++;
+        }
+        _opsStore?.Dispose();
+        if (Directory.Exists(StoreRoot)) Directory.Delete(StoreRoot, recursive: true);
+        Console.WriteLine($"{args[0]}: {runs} inputs in {clock.Elapsed.TotalSeconds:0.0} s, seed {seed}, no failure");
+        return 0;
+    }
+
+    private static List<byte[]> LoadFixtures()
+    {
+        var list = new List<byte[]>();
+        using var z = new ZstdCodec();
+        var buffer = new byte[32 << 20];
+        foreach (var f in Directory.GetFiles(Path.Combine(AppContext.BaseDirectory, "Fixtures"), "*.zst"))
+        {
+            int n = z.Decompress(File.ReadAllBytes(f), buffer);
+            // Keep inputs small so each run is quick: the head (header, block list, first pages) and a tail.
+            list.Add(buffer[..Math.Min(n, 300_000)]);
+            list.Add(buffer[Math.Max(0, n - 200_000)..n]);
+        }
+        return list;
+    }
+
+    private static byte[] Mutate(byte[] source, Random r)
+    {
+        var b = new List<byte>(source.Length > 400_000 ? source[..400_000] : source);
+        int edits = 1 + r.Next(8);
+        for (int i = 0; i < edits && b.Count > 0; i++)
+        {
+            int at = r.Next(b.Count);
+            switch (r.Next(6))
+            {
+                case 0: b[at] ^= (byte)(1 << r.Next(8)); break;
+                case 1: b[at] = (byte)r.Next(256); break;
+                case 2: b.Insert(at, (byte)r.Next(256)); break;
+                case 3: b.RemoveRange(at, Math.Min(b.Count - at, 1 + r.Next(16))); break;
+                case 4: b.RemoveRange(at, b.Count - at); break;
+                default:
+                    for (int k = 0; k < 4 && at + k < b.Count; k++) b[at + k] = r.Next(2) == 0 ? (byte)0xff : (byte)0;
+                    break;
+            }
+        }
+        return [.. b];
+    }
+
+    private static void FuzzQemu(byte[] input, Random r)
+    {
+        var parser = new QemuStreamParser();
+        int start = 0, end = 0;
+        while (true)
+        {
+            bool final = end == input.Length;
+            while (parser.TryRead(input.AsSpan(start, end - start), final, out var seg))
+            {
+                if (seg.Length < 0 || start + seg.Length > end) throw new InvalidOperationException($"segment of {seg.Length} bytes at {start} beyond {end}");
+                if (!parser.IsOpaque && seg.Length > QemuStreamParser.MaxRecordLength) throw new InvalidOperationException($"segment of {seg.Length} bytes");
+                if (seg.Kind == SegmentKind.Page && seg.Length != seg.HeaderLength + QemuFormat.PageSize) throw new InvalidOperationException("page segment length");
+                start += seg.Length;
+            }
+            if (final) break;
+            end = Math.Min(input.Length, end + 1 + r.Next(70_000));
+        }
+        if (start != input.Length) throw new InvalidOperationException($"parser stopped at {start} of {input.Length}");
+    }
+
+    private static List<byte[]> FrameCorpus()
+    {
+        var ms = new MemoryStream();
+        using (var w = new FrameWriter(ms, CompressionMode.Zstd))
+        {
+            var hello = new Hello(StreamKind.Mig, true, Guid.NewGuid(), 3, new byte[16], 9, new byte[32], "host").Encode();
+            w.WriteAsync(FrameType.Hello, hello, false, default).AsTask().Wait();
+            w.WriteAsync(FrameType.MigData, new byte[5000], true, default).AsTask().Wait();
+            var lz = new FrameWriter(ms, CompressionMode.Lz4);
+            lz.WriteAsync(FrameType.Tunnel, System.Text.Encoding.ASCII.GetBytes(string.Concat(Enumerable.Repeat("nbd ", 3000))), true, default).AsTask().Wait();
+            w.WriteAsync(FrameType.End, new EndMessage(4, new byte[16], true).Encode(), false, default).AsTask().Wait();
+            w.WriteAsync(FrameType.Abort, "reason"u8.ToArray(), false, default).AsTask().Wait();
+        }
+        return [ms.ToArray()];
+    }
+
+    private static void FuzzFrames(byte[] input, Random r)
+    {
+        using var reader = new FrameReader(new MemoryStream(input), TimeSpan.FromSeconds(5));
+        try
+        {
+            while (reader.ReadAsync(default).AsTask().GetAwaiter().GetResult() is { } f)
+            {
+                switch (f.Type)
+                {
+                    case FrameType.Hello: Hello.Decode(f.Payload.Span); break;
+                    case FrameType.HelloReply: HelloReply.Decode(f.Payload.Span); break;
+                    case FrameType.End: EndMessage.Decode(f.Payload.Span); break;
+                    case FrameType.EndAck: EndAck.Decode(f.Payload.Span); break;
+                }
+            }
+        }
+        catch (PeerProtocolException)
+        {
+        }
+        int pos = 0;
+        try
+        {
+            while (FrameCodec.TryReadFrame(input.AsSpan(pos), pos, out _, out _, out int used)) pos += used;
+        }
+        catch (PeerProtocolException)
+        {
+        }
+    }
+
+    private static readonly string StoreRoot = Path.Combine(Path.GetTempPath(), "bfmig-fuzz-store-" + Environment.ProcessId);
+
+    private static List<byte[]> OpsCorpus()
+    {
+        // Real ops: a fixture encoded against a store that already holds it (elide runs, refs), and in full.
+        var stream = LoadFixtures()[0];
+        var list = new List<byte[]>();
+        var guestA = Guid.NewGuid();
+        using var a = MemoryStore.Open(StoreRoot, guestA);
+        foreach (bool synced in new[] { false, true })
+        {
+            var enc = new MigEncoder(a, synced, a.State.Seed, new TransferStats());
+            int pos = 0;
+            while (pos < stream.Length)
+            {
+                pos += enc.Consume(stream.AsSpan(pos), true);
+                enc.CompleteOps();
+                if (enc.OpsLength > 0) list.Add(enc.Ops.ToArray());
+                enc.ResetOps();
+            }
+            a.Commit(1, "x", false, true);
+        }
+        return list;
+    }
+
+    private static MemoryStore? _opsStore;
+
+    private static void FuzzOps(byte[] input, Random r)
+    {
+        // One store for the whole run: every input starts a trip on it and abandons it, as a failed stream would.
+        _opsStore ??= MemoryStore.Open(StoreRoot, Guid.NewGuid());
+        var store = _opsStore;
+        {
+            var dec = new MigDecoder(store, r.Next(2) == 0, store.State.Seed, new TransferStats());
+            try
+            {
+                dec.BeginFrame();
+                int pos = 0;
+                do
+                {
+                    pos = dec.Process(input, pos);
+                    dec.ResetOutput();
+                }
+                while (pos < input.Length || dec.HasPendingOutput);
+            }
+            catch (PeerProtocolException)
+            {
+            }
+            store.Abandon();
+            for (int b = 0; b < store.BlockCount; b++)
+            {
+                for (long p = 0; p < store.PageCount(b); p++)
+                {
+                    var h = store.GetHash(b, p);
+                    if (h != UInt128.Zero && store.Hash(store.Page(b, p)) != h) throw new InvalidOperationException($"store index wrong for block {b} page {p}");
+                }
+            }
+        }
+    }
+}

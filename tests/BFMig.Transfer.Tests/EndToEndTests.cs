@@ -1,0 +1,223 @@
+using System.Net.Sockets;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Tests;
+
+/// <summary>Sender and receiver helpers in process, over unix sockets, with a captured stream standing in for QEMU.</summary>
+public class EndToEndTests
+{
+    private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError);
+
+    private static async Task<Result> Run(byte[] stream, string senderRoot, string receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
+        IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null)
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        var (qemuSrc, senderLocal) = await WireTests.Pair();
+        var (senderPeer, receiverPeer) = await WireTests.Pair();
+        var (receiverLocal, qemuDst) = await WireTests.Pair();
+        var so = new TransferOptions { Kind = kind, StoreRoot = senderRoot, Guest = guest, PeerName = "hostB", Compression = CompressionMode.Zstd, Authenticator = sa ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+        var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
+        var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
+        // "Source QEMU": writes the stream, then closes its side.
+        var src = Task.Run(async () =>
+        {
+            using var s = new NetworkStream(qemuSrc, true);
+            try
+            {
+                await s.WriteAsync(stream, cts.Token);
+                qemuSrc.Shutdown(SocketShutdown.Send);
+                await s.CopyToAsync(Stream.Null, cts.Token);
+            }
+            catch (IOException) { }
+        });
+        // "Destination QEMU": reads until EOF, then closes.
+        var delivered = new MemoryStream();
+        var dst = Task.Run(async () =>
+        {
+            using var s = new NetworkStream(qemuDst, true);
+            try { await s.CopyToAsync(delivered, cts.Token); } catch (IOException) { }
+        });
+        TransferStats? ss = null, rs = null;
+        Exception? se = null, re = null;
+        try { ss = await send; } catch (Exception e) { se = e; }
+        senderLocal.Dispose();
+        try { rs = await receive; } catch (Exception e) { re = e; }
+        receiverLocal.Dispose();
+        await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
+        return new Result(delivered.ToArray(), ss, rs, se, re);
+    }
+
+    [Fact]
+    public async Task Two_trips_over_sockets_deliver_exact_bytes_and_the_second_is_small()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var key = new PskPeerAuthenticator("a-long-enough-lab-key"u8);
+        var r1 = await Run(s, a.Path, b.Path, guest, sa: key, ra: key);
+        Assert.Null(r1.SendError);
+        Assert.Null(r1.ReceiveError);
+        Assert.Equal(s, r1.Delivered);
+        Assert.Equal("store-full", r1.Send!.Mode);
+        Assert.True(r1.Send.Committed && r1.Receive!.Committed);
+        var r2 = await Run(s, b.Path, a.Path, guest, sa: key, ra: key);
+        Assert.Null(r2.SendError);
+        Assert.Equal(s, r2.Delivered);
+        Assert.Equal("store-match", r2.Send!.Mode);
+        Assert.Equal(2UL, r2.Send.Generation);
+        Assert.True(r2.Send.WireBytesOut * 4 < r1.Send.WireBytesOut, $"{r2.Send.WireBytesOut} vs {r1.Send.WireBytesOut}");
+        using var sa = MemoryStore.Open(a.Path, guest);
+        using var sb = MemoryStore.Open(b.Path, guest);
+        Assert.Equal(sa.State.Digest, sb.State.Digest);
+        Assert.Equal("here", sa.State.Location);
+        Assert.Equal("away", sb.State.Location);
+    }
+
+    [Fact]
+    public async Task A_receiver_whose_store_lies_about_its_digest_cannot_complete_a_wrong_migration()
+    {
+        var s = Fixtures.Load("q72-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var r1 = await Run(s, a.Path, b.Path, guest);
+        Assert.Null(r1.SendError);
+        // A's store changes behind its back (a page rewritten, index kept consistent), yet state.json keeps the old
+        // digest: A will claim to hold what B believes, and B will elide that page.
+        using (var sb = MemoryStore.Open(a.Path, guest))
+        {
+            sb.BeginTrip(new QemuStreamParserProbe(s).Blocks, sb.State.Seed, keep: true, buildLocator: false);
+            var (block, page) = Enumerable.Range(0, sb.BlockCount).SelectMany(bl => Enumerable.Range(0, (int)sb.PageCount(bl)).Select(p => (bl, (long)p)))
+                .First(x => sb.GetHash(x.bl, x.Item2) != sb.ZeroHash && sb.GetHash(x.bl, x.Item2) != UInt128.Zero);
+            var garbage = new byte[4096];
+            new Random(3).NextBytes(garbage);
+            sb.Put(block, page, garbage, sb.Hash(garbage));
+            string digest = sb.State.Digest;
+            ulong gen = sb.State.Generation;
+            sb.Commit(gen, "hostA", away: true, snapshotComplete: true);
+            sb.State.Digest = digest;
+            MemoryStore.WriteAtomically(Path.Combine(a.Path, guest.ToString(), "mem", "state.json"),
+                System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(sb.State, StoreJsonContext.Default.StoreState));
+        }
+        // The guest's memory is unchanged; B sends it back to A believing A holds its (corrupted) view.
+        var r2 = await Run(s, b.Path, a.Path, guest);
+        Assert.IsType<PeerProtocolException>(r2.ReceiveError);
+        Assert.Contains("stores disagree", r2.ReceiveError!.Message);
+        Assert.NotNull(r2.SendError);
+        Assert.True(r2.Delivered.Length < s.Length, "the destination got the whole stream");
+        using var sa = MemoryStore.Open(a.Path, guest);
+        Assert.Equal(0UL, sa.State.Generation);
+        for (int bl = 0; bl < sa.BlockCount; bl++)
+        {
+            for (long p = 0; p < sa.PageCount(bl); p++)
+            {
+                var h = sa.GetHash(bl, p);
+                if (h != UInt128.Zero) Assert.Equal(sa.Hash(sa.Page(bl, p)), h);
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Wrong_guest_is_refused_with_a_reason()
+    {
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var r = await Run(Fixtures.Load("q72-pc-paused.bin"), a.Path, b.Path, Guid.NewGuid(), receiverGuest: Guid.NewGuid());
+        Assert.IsType<PeerProtocolException>(r.SendError);
+        Assert.Contains("peer refused the stream: this receiver is for guest", r.SendError!.Message);
+        Assert.Empty(r.Delivered);
+    }
+
+    [Fact]
+    public async Task Non_qemu_bytes_and_nbd_are_tunnelled_exactly()
+    {
+        var data = new byte[3 << 20];
+        new Random(9).NextBytes(data.AsSpan(0, 1 << 20));
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var r = await Run(data, a.Path, b.Path, Guid.NewGuid());
+        Assert.Null(r.SendError);
+        Assert.Equal("plain", r.Send!.Mode);
+        Assert.Equal(data, r.Delivered);
+        var n = await Run(data, a.Path, b.Path, Guid.NewGuid(), kind: StreamKind.Nbd);
+        Assert.Null(n.SendError);
+        Assert.Null(n.ReceiveError);
+        Assert.Equal(data, n.Delivered);
+        Assert.True(n.Send!.WireBytesOut < data.Length / 2);
+    }
+
+    [Fact]
+    public async Task Receiver_rejects_frames_out_of_order_garbage_ops_and_an_early_close()
+    {
+        var cases = new (Func<FrameWriter, Task> Act, string Message)[]
+        {
+            (async w => await w.WriteAsync(FrameType.MigData, new byte[] { 0x40, 0, 0, 0, 1, 9 }, false, default), "expected a hello, got a MigData frame"),
+        };
+        foreach (var (act, message) in cases)
+        {
+            var (senderPeer, receiverPeer) = await WireTests.Pair();
+            using var d = new TempDir();
+            var o = new TransferOptions { StoreRoot = d.Path, Guest = Guid.NewGuid(), IdleTimeout = TimeSpan.FromSeconds(5) };
+            var recv = TransferRunner.ReceiveAsync(receiverPeer, _ => throw new InvalidOperationException("must not connect"), o, default);
+            using var ns = new NetworkStream(senderPeer, true);
+            using var w = new FrameWriter(ns);
+            await act(w);
+            var e = await Assert.ThrowsAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains(message, e.Message);
+        }
+        // After a good hello: data before the block list, garbage, and a close before End.
+        var bad = new (byte[] Ops, string Message)[]
+        {
+            ([0x03, 0, 0], "page op before the block list"),
+            ([0x7f], "unknown op 0x7f"),
+            ([0x40, 0xff, 0xff, 0xff, 0xff], "RAW of 4294967295 bytes overruns the frame"),
+            ([0x41, 1, 6, (byte)'p', (byte)'c', (byte)'.', (byte)'r', (byte)'a', (byte)'m', 0x80, 0x80, 0x04, 0x02, 0, 100], "page 100 beyond block 'pc.ram'"),
+            ([0x41, 1, 6, (byte)'p', (byte)'c', (byte)'.', (byte)'r', (byte)'a', (byte)'m', 0x80, 0x80, 0x04, 0x00, 0, 1], "elided page 1 of block 0 is not retained here"),
+            ([0x41, 1, 6, (byte)'p', (byte)'c', (byte)'.', (byte)'r', (byte)'a', (byte)'m', 0x80, 0x80, 0x04, 0x42, 5], "ELIDE_RUN of 5 pages after page -1"),
+            ([0x40, 0, 0, 0, 1, 7], "peer closed the connection before the end of the stream"),
+        };
+        foreach (var (ops, message) in bad)
+        {
+            var guest = Guid.NewGuid();
+            using var d = new TempDir();
+            var (senderPeer, receiverPeer) = await WireTests.Pair();
+            var (receiverLocal, qemuDst) = await WireTests.Pair();
+            using var __ = qemuDst;
+            var o = new TransferOptions { StoreRoot = d.Path, Guest = guest, IdleTimeout = TimeSpan.FromSeconds(5) };
+            var recv = TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), o, default);
+            var ns = new NetworkStream(senderPeer, true);
+            using var r = new FrameReader(ns, TimeSpan.FromSeconds(5));
+            using var w = new FrameWriter(ns);
+            await Handshake.ClientAsync(r, w, NoPeerAuthenticator.Instance, new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], "x"), default);
+            await w.WriteAsync(FrameType.MigData, ops, false, default);
+            if (message.StartsWith("peer closed", StringComparison.Ordinal)) ns.Dispose();
+            var e = await Assert.ThrowsAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains(message, e.Message);
+            ns.Dispose();
+            using var store = MemoryStore.Open(d.Path, guest);
+            Assert.Equal(0UL, store.State.Generation);
+        }
+    }
+}
+
+/// <summary>Parses a stream just to learn its block list.</summary>
+internal sealed class QemuStreamParserProbe
+{
+    public QemuStreamParserProbe(byte[] stream)
+    {
+        var p = new BFMig.Transfer.Qemu.QemuStreamParser();
+        int pos = 0;
+        while (p.Blocks.Count == 0 || !p.IsOpaque)
+        {
+            if (!p.TryRead(stream.AsSpan(pos), true, out var seg)) break;
+            pos += seg.Length;
+        }
+        Blocks = p.Blocks;
+    }
+
+    public IReadOnlyList<BFMig.Transfer.Qemu.RamBlockInfo> Blocks { get; }
+}

@@ -1,0 +1,219 @@
+using System.Diagnostics;
+using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
+
+namespace BFMig.Transfer.Tests;
+
+public class StoreTests
+{
+    private static readonly RamBlockInfo[] Layout = [new("pc.ram", 16 * 4096), new("pc.bios", 2 * 4096)];
+
+    private static byte[] Content(int seed)
+    {
+        var b = new byte[4096];
+        new Random(seed).NextBytes(b);
+        return b;
+    }
+
+    private static void AssertIndexMatchesData(MemoryStore s)
+    {
+        for (int b = 0; b < s.BlockCount; b++)
+        {
+            for (long p = 0; p < s.PageCount(b); p++)
+            {
+                var h = s.GetHash(b, p);
+                if (h != UInt128.Zero) Assert.Equal(s.Hash(s.Page(b, p)), h);
+            }
+        }
+    }
+
+    [Fact]
+    public void Committed_trip_survives_reopen_with_layout_hashes_and_state()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        string digest;
+        ulong seed;
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            seed = s.State.Seed;
+            s.BeginTrip(Layout, seed, keep: false, buildLocator: true);
+            s.Put(0, 3, Content(3), s.Hash(Content(3)));
+            s.PutZero(0, 4);
+            s.PutUnknown(0, 5);
+            digest = s.Commit(7, "hostB", away: true, snapshotComplete: true);
+        }
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.False(s.Recovered);
+            Assert.Equal(7UL, s.State.Generation);
+            Assert.Equal(digest, s.State.Digest);
+            Assert.Equal(seed, s.State.Seed);
+            Assert.Equal("away", s.State.Location);
+            Assert.Equal("hostB", s.State.Peer);
+            Assert.Equal(digest, s.ComputeDigest());
+            Assert.Equal(s.Hash(Content(3)), s.GetHash(0, 3));
+            Assert.Equal(s.ZeroHash, s.GetHash(0, 4));
+            Assert.Equal(UInt128.Zero, s.GetHash(0, 5));
+            Assert.Equal(Content(3), s.Page(0, 3).ToArray());
+            Assert.True(Directory.Exists(s.DiskDirectory));
+        }
+        Assert.True(File.Exists(Path.Combine(dir.Path, guest.ToString(), "mem", "blocks.json")));
+    }
+
+    [Fact]
+    public void A_second_helper_cannot_open_a_store_in_use()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using var s = MemoryStore.Open(dir.Path, guest);
+        var e = Assert.Throws<StoreException>(() => MemoryStore.Open(dir.Path, guest));
+        Assert.Contains("in use", e.Message);
+    }
+
+    [Fact]
+    public void Interrupted_trip_is_recovered_by_rehashing_and_forgets_the_peer()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            for (int p = 0; p < 16; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
+            s.Commit(3, "hostB", away: true, snapshotComplete: true);
+        }
+        // A trip starts, writes some pages, and the process dies (no commit, no abandon).
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: true);
+            s.Put(0, 1, Content(100), s.Hash(Content(100)));
+            var torn = s.Page(0, 2).ToArray();
+            torn[10] ^= 0xff; // a torn write: data changed, index not
+            using (var f = new FileStream(Directory.GetFiles(Path.Combine(dir.Path, guest.ToString(), "mem"), "*.pages").OrderBy(x => new FileInfo(x).Length).Last(), FileMode.Open)) { f.Position = 2 * 4096; f.Write(torn); }
+        }
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.True(s.Recovered);
+            Assert.Equal(0UL, s.State.Generation);
+            Assert.Null(s.State.Peer);
+            AssertIndexMatchesData(s);
+            Assert.Equal(s.Hash(Content(100)), s.GetHash(0, 1));
+            Assert.NotEqual(s.Hash(Content(2)), s.GetHash(0, 2));
+            Assert.Equal(s.Hash(Content(3)), s.GetHash(0, 3));
+        }
+    }
+
+    [Fact]
+    public void Truncated_data_and_index_files_never_leave_a_wrong_hash()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            for (int p = 0; p < 16; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
+            s.Commit(3, "hostB", away: true, snapshotComplete: true);
+        }
+        string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
+        File.WriteAllText(Path.Combine(mem, "INFLUX"), "");
+        var data = Directory.GetFiles(mem, "*.pages").OrderBy(f => new FileInfo(f).Length).Last();
+        using (var f = new FileStream(data, FileMode.Open)) f.SetLength(5 * 4096 + 100);
+        foreach (var h in Directory.GetFiles(mem, "*.hash")) using (var f = new FileStream(h, FileMode.Open)) f.SetLength(33);
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.True(s.Recovered);
+            AssertIndexMatchesData(s);
+            Assert.Equal(s.Hash(Content(4)), s.GetHash(0, 4));
+            Assert.Equal(s.ZeroHash, s.GetHash(0, 9));
+        }
+    }
+
+    [Fact]
+    public void A_truncated_index_without_influx_means_unknown_not_wrong()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            s.Put(0, 0, Content(1), s.Hash(Content(1)));
+            s.Commit(1, "x", away: false, snapshotComplete: true);
+        }
+        string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
+        foreach (var h in Directory.GetFiles(mem, "*.hash")) using (var f = new FileStream(h, FileMode.Open)) f.SetLength(17);
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.Equal(UInt128.Zero, s.GetHash(0, 0));
+            Assert.NotEqual(s.State.Digest, s.ComputeDigest());
+        }
+    }
+
+    [Fact]
+    public void Killed_helper_mid_trip_leaves_a_recoverable_store()
+    {
+        // A real crash: a child process writes pages in a trip and is SIGKILLed.
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            s.Commit(2, "x", away: false, snapshotComplete: true);
+        }
+        string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
+        string pages = Directory.GetFiles(mem, "*.pages").OrderBy(f => new FileInfo(f).Length).Last();
+        File.WriteAllText(Path.Combine(mem, "INFLUX"), "");
+        var psi = new ProcessStartInfo("dd", $"if=/dev/urandom of={pages} bs=1 count=65536 conv=notrunc") { RedirectStandardError = true };
+        using (var p = Process.Start(psi)!)
+        {
+            Thread.Sleep(20);
+            p.Kill();
+            p.WaitForExit();
+        }
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.True(s.Recovered);
+            AssertIndexMatchesData(s);
+            Assert.Equal(0UL, s.State.Generation);
+        }
+    }
+
+    [Fact]
+    public void Abandoned_trip_keeps_a_consistent_index_and_drops_sync()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            s.Put(0, 0, Content(1), s.Hash(Content(1)));
+            s.Commit(5, "x", away: false, snapshotComplete: true);
+            s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: false);
+            s.Put(0, 0, Content(2), s.Hash(Content(2)));
+            s.Abandon();
+        }
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.False(s.Recovered);
+            Assert.Equal(0UL, s.State.Generation);
+            Assert.Equal(s.Hash(Content(2)), s.GetHash(0, 0));
+            AssertIndexMatchesData(s);
+        }
+    }
+
+    [Fact]
+    public void Layout_changes_keep_matching_blocks_only()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        using var s = MemoryStore.Open(dir.Path, guest);
+        s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+        s.Put(0, 0, Content(1), s.Hash(Content(1)));
+        s.Put(1, 0, Content(2), s.Hash(Content(2)));
+        s.Commit(1, "x", away: false, snapshotComplete: true);
+        s.BeginTrip([new("pc.bios", 2 * 4096), new("pc.ram", 32 * 4096)], s.State.Seed, keep: true, buildLocator: false);
+        Assert.Equal(s.Hash(Content(2)), s.GetHash(0, 0));   // pc.bios kept (now first)
+        Assert.Equal(UInt128.Zero, s.GetHash(1, 0));         // pc.ram resized: forgotten
+        s.Commit(2, "x", away: false, snapshotComplete: true);
+        Assert.Equal(2, Directory.GetFiles(Path.Combine(dir.Path, guest.ToString(), "mem"), "*.pages").Length);
+    }
+}
