@@ -19,6 +19,18 @@ host_virsh() {
     host_exec "$h" virsh -q -c qemu:///system "$@"
 }
 
+# Starts a long-running process inside host H (for modes that need daemons there); its pid is
+# appended to $LAB_RUN/<h>.spawned and printed. `lab down` kills it with everything else in
+# the host's namespaces; a mode's cleanup may kill it earlier by that pid.
+host_spawn() {
+    local h=$1 logfile=$2
+    shift 2
+    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
+        "$@" > "$logfile" 2>&1 < /dev/null 9>&- &
+    echo $! >> "$LAB_RUN/$h.spawned"
+    echo $!
+}
+
 pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2> /dev/null; }
 
 lab_is_up() {
@@ -148,11 +160,12 @@ host_setup() {
         mount --bind '$dir/log' /var/log/libvirt
         mount --bind '$dir/cache' /var/cache/libvirt
     "
+    # The daemons outlive this command: they must not inherit the lab lock (fd 9).
     setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-        virtlogd > "$dir/virtlogd.out" 2>&1 < /dev/null &
+        virtlogd > "$dir/virtlogd.out" 2>&1 < /dev/null 9>&- &
     echo $! > "$LAB_RUN/$h.virtlogd.pid"
     setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-        libvirtd --listen > "$dir/libvirtd.out" 2>&1 < /dev/null &
+        libvirtd --listen > "$dir/libvirtd.out" 2>&1 < /dev/null 9>&- &
     echo $! > "$LAB_RUN/$h.libvirtd.pid"
 }
 

@@ -86,3 +86,14 @@ stack_ensure() {
     esac
     log "stack now: libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
 }
+
+cmd_stack() {
+    if (($# == 0)); then
+        echo "libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
+        return 0
+    fi
+    need_root
+    lab_is_up && die "take the lab down first (lab down)"
+    mkdir -p "$(dirname "$LAB_VAR")"
+    stack_ensure "$1"
+}
