@@ -97,7 +97,8 @@ public class StoreTests
             Assert.Equal(0UL, s.State.Generation);
             Assert.Null(s.State.Peer);
             AssertIndexMatchesData(s);
-            Assert.Equal(s.Hash(Content(100)), s.GetHash(0, 1));
+            // The write may or may not have reached the file before the crash: either way the hash is the content's.
+            Assert.Contains(s.GetHash(0, 1), new[] { s.Hash(Content(100)), s.Hash(Content(1)) });
             Assert.NotEqual(s.Hash(Content(2)), s.GetHash(0, 2));
             Assert.Equal(s.Hash(Content(3)), s.GetHash(0, 3));
         }

@@ -29,6 +29,12 @@ public sealed class MigDecoder
     private int _lastBlock = -1;
     private long _lastPage = -1;
     private bool _haveBlocks;
+    // Elide runs read their retained pages in batches (one pread per 64 pages); any store write invalidates the batch.
+    private const int BatchPages = 64;
+    private readonly byte[] _batch = new byte[BatchPages * QemuFormat.PageSize];
+    private int _batchBlock = -1;
+    private long _batchFirst;
+    private int _batchCount;
     private long _frame;
 
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
@@ -169,6 +175,7 @@ public sealed class MigDecoder
         if (opStart < 0) opStart = pos;
         _lastBlock = block;
         _lastPage = page;
+        if (kind != MigOps.KindElide) _batchBlock = -1;
         if (kind == MigOps.KindUnknown)
         {
             if (TripStarted) _store!.PutUnknown(block, page);
@@ -202,7 +209,14 @@ public sealed class MigDecoder
             {
                 var store = RequireStore("ELIDE", opStart);
                 var known = store.GetHash(block, page);
-                store.ReadPage(block, page, content);
+                if (block != _batchBlock || page < _batchFirst || page >= _batchFirst + _batchCount)
+                {
+                    _batchBlock = block;
+                    _batchFirst = page;
+                    _batchCount = (int)Math.Min(Math.Max(1, Math.Min(_runLeft + 1, BatchPages)), _pages[block] - page);
+                    store.ReadPages(block, page, _batchCount, _batch);
+                }
+                _batch.AsSpan((int)(page - _batchFirst) << QemuFormat.PageShift, QemuFormat.PageSize).CopyTo(content);
                 if (known == UInt128.Zero || store.Hash(content) != known)
                     throw Bad($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
                 _stats.PagesElided++;

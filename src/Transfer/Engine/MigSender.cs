@@ -41,6 +41,8 @@ public sealed class MigSender
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
         var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);
+        // A peer that aborts (or a broken return path) must also stop the forward direction, which may be blocked on QEMU.
+        _ = inbox.ContinueWith(_ => cts.Cancel(), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         try
         {
             await ForwardAsync(qemu, prefix, cts.Token);
@@ -60,6 +62,11 @@ public sealed class MigSender
                 }
             }
             await WaitForInboxAsync(inbox, ct);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested && inbox.IsFaulted)
+        {
+            if (_encoder.TripStarted) _store!.Abandon();
+            throw inbox.Exception!.InnerException!;
         }
         catch
         {

@@ -38,24 +38,28 @@ internal sealed class BlockFile : IDisposable
     public UInt128[] Hashes { get; }
     public long PageCount => Hashes.LongLength;
 
-    public void Read(long page, Span<byte> destination)
+    public void Read(long page, Span<byte> destination) => ReadPages(page, destination[..QemuFormat.PageSize]);
+
+    /// <summary>Reads consecutive pages from <paramref name="page"/> into all of <paramref name="destination"/>.</summary>
+    public void ReadPages(long page, Span<byte> destination)
     {
         long offset = page << QemuFormat.PageShift;
         int done = 0;
-        while (done < QemuFormat.PageSize)
+        while (done < destination.Length)
         {
-            int n = RandomAccess.Read(_data, destination[done..QemuFormat.PageSize], offset + done);
+            int n = RandomAccess.Read(_data, destination[done..], offset + done);
             if (n == 0)
             {
-                destination[done..QemuFormat.PageSize].Clear();
+                destination[done..].Clear();
                 return;
             }
             done += n;
         }
     }
 
-    public void Write(long page, ReadOnlySpan<byte> content) =>
-        RandomAccess.Write(_data, content[..QemuFormat.PageSize], page << QemuFormat.PageShift);
+    /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>).</summary>
+    public void WritePages(long page, ReadOnlySpan<byte> content) =>
+        RandomAccess.Write(_data, content, page << QemuFormat.PageShift);
 
     /// <summary>Recomputes every page hash from the data file (recovery after a crash).</summary>
     public void Rehash(ulong seed)

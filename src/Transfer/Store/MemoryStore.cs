@@ -24,6 +24,20 @@ public sealed class MemoryStore : IDisposable
     private readonly List<BlockFile> _blocks = [];
     private static readonly byte[] ZeroPage = new byte[QemuFormat.PageSize];
     private readonly byte[] _scratch = new byte[QemuFormat.PageSize];
+    // Pages mostly come in address order: consecutive writes go out as one pwrite, and sequential
+    // single-page reads read ahead. Reads flush overlapping pending writes; writes invalidate read-ahead slots.
+    private const int BatchPages = 64;
+    private readonly byte[] _writeBuffer = new byte[BatchPages * QemuFormat.PageSize];
+    private int _writeBlock = -1;
+    private long _writeFirst;
+    private int _writeCount;
+    private readonly byte[] _readBuffer = new byte[BatchPages * QemuFormat.PageSize];
+    private readonly bool[] _readValid = new bool[BatchPages];
+    private int _readBlock = -1;
+    private long _readFirst;
+    private int _readCount;
+    private int _lastReadBlock = -1;
+    private long _lastReadPage = -2;
     private Dictionary<UInt128, long>? _locator;
     private bool _inTrip;
 
@@ -155,6 +169,9 @@ public sealed class MemoryStore : IDisposable
     {
         if (_inTrip) throw new InvalidOperationException("trip already started");
         _inTrip = true;
+        _writeCount = 0;
+        _readBlock = -1;
+        _lastReadBlock = -1;
         string influx = Path.Combine(_dir, InfluxName);
         using (var f = new FileStream(influx, FileMode.Create, FileAccess.Write))
             f.Flush(flushToDisk: true);
@@ -220,19 +237,77 @@ public sealed class MemoryStore : IDisposable
     /// <summary>The stored content of a page, read into a buffer that the next call reuses.</summary>
     public ReadOnlySpan<byte> Page(int block, long page)
     {
-        _blocks[block].Read(page, _scratch);
+        ReadPage(block, page, _scratch);
         return _scratch;
     }
 
+    /// <summary>Reads <paramref name="count"/> consecutive stored pages (one system call) into <paramref name="destination"/>.</summary>
+    public void ReadPages(int block, long firstPage, int count, Span<byte> destination)
+    {
+        FlushWritesOverlapping(block, firstPage, count);
+        _blocks[block].ReadPages(firstPage, destination[..(count << QemuFormat.PageShift)]);
+    }
+
     /// <summary>Reads the stored content of a page into <paramref name="destination"/>.</summary>
-    public void ReadPage(int block, long page, Span<byte> destination) => _blocks[block].Read(page, destination);
+    public void ReadPage(int block, long page, Span<byte> destination)
+    {
+        bool sequential = block == _lastReadBlock && page == _lastReadPage + 1;
+        _lastReadBlock = block;
+        _lastReadPage = page;
+        long slot = page - _readFirst;
+        if (block == _readBlock && slot >= 0 && slot < _readCount && _readValid[slot])
+        {
+            _readBuffer.AsSpan((int)slot << QemuFormat.PageShift, QemuFormat.PageSize).CopyTo(destination);
+            return;
+        }
+        if (!sequential)
+        {
+            FlushWritesOverlapping(block, page, 1);
+            _blocks[block].Read(page, destination);
+            return;
+        }
+        int count = (int)Math.Min(BatchPages, _blocks[block].PageCount - page);
+        FlushWritesOverlapping(block, page, count);
+        _blocks[block].ReadPages(page, _readBuffer.AsSpan(0, count << QemuFormat.PageShift));
+        _readBlock = block;
+        _readFirst = page;
+        _readCount = count;
+        Array.Fill(_readValid, true, 0, count);
+        _readBuffer.AsSpan(0, QemuFormat.PageSize).CopyTo(destination);
+    }
+
+    private void FlushWritesOverlapping(int block, long first, int count)
+    {
+        if (_writeCount > 0 && block == _writeBlock && first < _writeFirst + _writeCount && _writeFirst < first + count) FlushWrites();
+    }
+
+    private void FlushWrites()
+    {
+        if (_writeCount == 0) return;
+        _blocks[_writeBlock].WritePages(_writeFirst, _writeBuffer.AsSpan(0, _writeCount << QemuFormat.PageShift));
+        _writeCount = 0;
+    }
+
+    private void WritePage(int block, long page, ReadOnlySpan<byte> content)
+    {
+        if (_writeCount > 0 && (block != _writeBlock || page != _writeFirst + _writeCount || _writeCount == BatchPages)) FlushWrites();
+        if (_writeCount == 0)
+        {
+            _writeBlock = block;
+            _writeFirst = page;
+        }
+        content[..QemuFormat.PageSize].CopyTo(_writeBuffer.AsSpan(_writeCount << QemuFormat.PageShift));
+        _writeCount++;
+        long slot = page - _readFirst;
+        if (block == _readBlock && slot >= 0 && slot < _readCount) _readValid[slot] = false;
+    }
 
     /// <summary>Records that a page now holds <paramref name="content"/> with hash <paramref name="hash"/>.</summary>
     public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash)
     {
         var bf = _blocks[block];
         if (bf.Hashes[page] == hash) return;
-        bf.Write(page, content);
+        WritePage(block, page, content);
         bf.Hashes[page] = hash;
         if (_locator is not null && hash != ZeroHash) _locator[hash] = Locate(block, page);
     }
@@ -242,7 +317,7 @@ public sealed class MemoryStore : IDisposable
     {
         var bf = _blocks[block];
         if (bf.Hashes[page] == ZeroHash) return;
-        bf.Write(page, ZeroPage);
+        WritePage(block, page, ZeroPage);
         bf.Hashes[page] = ZeroHash;
     }
 
@@ -284,6 +359,7 @@ public sealed class MemoryStore : IDisposable
     /// </summary>
     public string Commit(ulong generation, string? peer, bool away, bool snapshotComplete)
     {
+        FlushWrites();
         foreach (var b in _blocks) b.Persist();
         State.Generation = generation;
         State.Peer = peer;
@@ -306,6 +382,7 @@ public sealed class MemoryStore : IDisposable
     public void Abandon()
     {
         if (!_inTrip) return;
+        FlushWrites();
         foreach (var b in _blocks) b.Rehash(State.Seed);
         Commit(0, null, State.Location == "away", snapshotComplete: false);
     }
