@@ -182,7 +182,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 queue = _stateQueue;
             await queue.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
         }
-        catch (TimeoutException)
+        catch (Exception e) when (e is TimeoutException or OperationCanceledException)
         {
             // Whatever did not end in time ends with the process.
         }

@@ -1,57 +1,56 @@
-using System.Globalization;
+using System.Text.Json;
 
 namespace BFMig.Hooks;
 
 /// <summary>
-/// The daemon's record of where a guest runs: <c>/var/lib/bfmig/&lt;uuid&gt;/location</c>, one line,
-/// either <c>here</c> or <c>away &lt;peer&gt; &lt;since, ISO 8601 UTC&gt;</c>. The hook reads it directly
-/// (never the daemon) so that the split-brain guard works while the daemon is down.
+/// Where bfmigd recorded a guest to run: the <c>location</c>, <c>peer</c> and <c>since</c> fields of
+/// <c>/var/lib/bfmig/&lt;uuid&gt;/mem/state.json</c> (the transfer store's StoreState, camelCase JSON).
+/// The hook reads it directly, never through the daemon, so the split-brain guard works while the
+/// daemon is down.
 /// </summary>
 internal sealed record GuestLocation(bool Away, string Peer, DateTimeOffset? Since)
 {
-    public static readonly GuestLocation Here = new(false, "", null);
-
-    /// <summary>Null when the file is absent (BFMig knows nothing about the guest).</summary>
+    /// <summary>Null when there is no record (BFMig knows nothing about the guest) or it cannot be read (see <paramref name="problem"/>).</summary>
     public static GuestLocation? Read(string stateDirectory, string uuid, out string? problem)
     {
         problem = null;
-        string path = Path.Combine(stateDirectory, uuid, "location");
-        string text;
+        string path = Path.Combine(stateDirectory, uuid, "mem", "state.json");
+        byte[] bytes;
         try
         {
-            text = File.ReadAllText(path);
+            bytes = File.ReadAllBytes(path);
         }
-        catch (FileNotFoundException)
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
             return null;
         }
-        catch (DirectoryNotFoundException)
-        {
-            return null;
-        }
-        catch (IOException e)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             problem = $"cannot read {path}: {e.Message}";
             return null;
         }
-        catch (UnauthorizedAccessException e)
+        try
         {
-            problem = $"cannot read {path}: {e.Message}";
-            return null;
+            using JsonDocument document = JsonDocument.Parse(bytes);
+            JsonElement root = document.RootElement;
+            string? location = root.TryGetProperty("location", out JsonElement l) ? l.GetString() : null;
+            string peer = root.TryGetProperty("peer", out JsonElement p) && p.ValueKind == JsonValueKind.String ? p.GetString()! : "";
+            DateTimeOffset? since = root.TryGetProperty("since", out JsonElement s) && s.TryGetDateTimeOffset(out DateTimeOffset t) ? t : null;
+            switch (location)
+            {
+                case "here":
+                    return new GuestLocation(false, peer, since);
+                case "away":
+                    return new GuestLocation(true, peer.Length == 0 ? "another host" : peer, since);
+                default:
+                    problem = $"{path} has location '{location}', expected 'here' or 'away'";
+                    return null;
+            }
         }
-        string[] words = text.Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries);
-        switch (words)
+        catch (Exception e) when (e is JsonException or InvalidOperationException)
         {
-            case ["here"]:
-                return Here;
-            case ["away", var peer]:
-                return new GuestLocation(true, peer, null);
-            case ["away", var peer, var since]:
-                return new GuestLocation(true, peer,
-                    DateTimeOffset.TryParse(since, CultureInfo.InvariantCulture, DateTimeStyles.AssumeUniversal, out var t) ? t : null);
-            default:
-                problem = $"{path} holds '{text.Trim()}', expected 'here' or 'away <peer> <since>'";
-                return null;
+            problem = $"{path} is not valid JSON: {e.Message}";
+            return null;
         }
     }
 }

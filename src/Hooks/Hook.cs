@@ -4,7 +4,8 @@ namespace BFMig.Hooks;
 
 /// <summary>
 /// One libvirt qemu hook invocation: <c>&lt;guest&gt; &lt;op&gt; &lt;subop&gt; &lt;extra&gt;</c>, domain XML on stdin.
-/// Tells bfmigd (org.bfmig.BFMig1.HookEvent); prints the XML back for <c>migrate</c>. Fail-open: if the
+/// Tells bfmigd (org.bfmig.BFMig1.Manager.HookEvent, see src/Daemon/org.bfmig.BFMig1.xml); prints the
+/// XML back for <c>migrate</c>. Fail-open: if the
 /// daemon is unreachable libvirt proceeds as without BFMig, except that starting a guest BFMig
 /// knows to be running elsewhere is refused from local state.
 /// </summary>
@@ -12,8 +13,7 @@ internal static class Hook
 {
     public const string BusName = "org.bfmig.BFMig1";
     public const string ObjectPath = "/org/bfmig/BFMig1";
-    public const string Interface = "org.bfmig.BFMig1";
-    public const string RefusedError = "org.bfmig.BFMig1.Error.Refused";
+    public const string Interface = "org.bfmig.BFMig1.Manager";
 
     /// <summary>An incoming migration announces itself with "migrate begin" shortly before "prepare begin".</summary>
     private static readonly TimeSpan IncomingMarkerLifetime = TimeSpan.FromMinutes(5);
@@ -69,20 +69,17 @@ internal static class Hook
         try
         {
             using DBusConnection bus = settings.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
-            xmlOut = bus.Call(BusName, ObjectPath, Interface, "HookEvent", w =>
+            (bool allow, string text, string output) = bus.Call(BusName, ObjectPath, Interface, "HookEvent", w =>
             {
                 w.WriteString(guest);
                 w.WriteString(op);
                 w.WriteString(subop);
                 w.WriteString(extra);
                 w.WriteString(xml);
-            }, r => r.ReadString(), settings.DaemonTimeout);
-            return DaemonAnswer.Accepted;
-        }
-        catch (DBusException e) when (e.ErrorName == RefusedError)
-        {
-            message = e.ErrorMessage;
-            return DaemonAnswer.Refused;
+            }, r => (r.ReadBool(), r.ReadString(), r.ReadString()), settings.DaemonTimeout);
+            xmlOut = output;
+            message = text;
+            return allow ? DaemonAnswer.Accepted : DaemonAnswer.Refused;
         }
         catch (DBusException)
         {
@@ -127,10 +124,11 @@ internal static class Hook
             TryDelete(marker);
             return 0;
         }
-        string since = location.Since is { } t ? $" since {t:u}" : "";
-        stderr.WriteLine($"bfmig: refusing to start guest '{guest}' ({uuid}): BFMig recorded that it runs on {location.Peer}{since}. "
-            + "Starting it here too would fork the guest and corrupt its retained state. If it really no longer runs on "
-            + $"{location.Peer}, clear the record with 'bfmig forget --location {guest}' (or delete {Path.Combine(settings.StateDirectory, uuid, "location")}) and retry.");
+        string since = location.Since is { } t ? $" since {t.ToUniversalTime():u}" : "";
+        stderr.WriteLine($"bfmig: refusing to start guest '{guest}' ({uuid}): BFMig recorded that it runs on {location.Peer}{since} "
+            + "(bfmigd is not answering, so this comes from local state). Starting it here too would fork the guest and corrupt "
+            + $"its retained state. If it really no longer runs on {location.Peer}, drop the record with 'bfmig forget {guest}' "
+            + $"(or remove {Path.Combine(settings.StateDirectory, uuid)}) and retry.");
         return 1;
     }
 

@@ -79,6 +79,10 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
             {
                 reason = e.LibvirtMessage;
             }
+            catch (OperationCanceledException) when (ct.IsCancellationRequested)
+            {
+                reason = "stopping";
+            }
             finally
             {
                 _connection = null;

@@ -65,6 +65,14 @@ public sealed class DaemonHost : IAsyncDisposable
             loggers.Dispose();
             throw;
         }
+        // Connected to libvirt and reconciled: the test driver's running guest "test" has its sockets.
+        var deadline = DateTime.UtcNow.AddSeconds(20);
+        while (daemon.Sockets?.Guests.Count is null or 0 || daemon.Libvirt?.IsConnected != true)
+        {
+            if (DateTime.UtcNow > deadline)
+                throw new TimeoutException("the daemon did not connect to test:///default within 20 s");
+            Thread.Sleep(20);
+        }
         return new DaemonHost(root, options, loggers, daemon, logPath);
     }
 

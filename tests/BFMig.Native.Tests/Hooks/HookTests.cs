@@ -30,12 +30,16 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         return (code, stdout.ToString(), stderr.ToString());
     }
 
+    /// <summary>Writes mem/state.json the way the transfer store does (camelCase StoreState).</summary>
     private void RecordLocation(string content)
     {
-        string dir = Path.Combine(_dir.FullName, "state", Uuid);
+        string dir = Path.Combine(_dir.FullName, "state", Uuid, "mem");
         Directory.CreateDirectory(dir);
-        File.WriteAllText(Path.Combine(dir, "location"), content);
+        File.WriteAllText(Path.Combine(dir, "state.json"), content);
     }
+
+    private static string State(string location, string peer = "hostB") =>
+        $$"""{ "generation": 3, "digest": "ab", "seed": 1, "peer": "{{peer}}", "location": "{{location}}", "since": "2026-11-23T12:00:00+00:00", "snapshotComplete": true }""";
 
     [Fact]
     public void Without_a_daemon_migrate_echoes_the_xml_and_other_ops_pass()
@@ -50,17 +54,17 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
     public void Without_a_daemon_a_guest_recorded_away_is_not_started()
     {
         var settings = Settings(null);
-        RecordLocation("away hostB 2026-11-23T12:00:00Z\n");
+        RecordLocation(State("away"));
         var (code, stdout, stderr) = Run(settings, "g1", "prepare", "begin", "-");
         Assert.Equal(1, code);
         Assert.Equal("", stdout);
         Assert.Contains("runs on hostB since 2026-11-23 12:00:00Z", stderr);
-        Assert.Contains("bfmig forget --location g1", stderr);
+        Assert.Contains("bfmig forget g1", stderr);
 
         // Other ops are not blocked (stopping a guest must always work).
         Assert.Equal(0, Run(settings, "g1", "release", "end", "-").Code);
 
-        RecordLocation("here");
+        RecordLocation(State("here"));
         Assert.Equal(0, Run(settings, "g1", "prepare", "begin", "-").Code);
     }
 
@@ -68,7 +72,7 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
     public void Without_a_daemon_the_return_trip_is_let_in_once()
     {
         var settings = Settings(null);
-        RecordLocation("away hostB");
+        RecordLocation(State("away"));
         Assert.Equal(0, Run(settings, "g1", "migrate", "begin", "-").Code);
         Assert.True(File.Exists(Path.Combine(settings.RunDirectory, "incoming", Uuid)));
         Assert.Equal(0, Run(settings, "g1", "prepare", "begin", "-").Code);
@@ -80,10 +84,15 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
     [Fact]
     public void A_damaged_location_record_warns_but_does_not_block()
     {
-        RecordLocation("garbage line");
+        RecordLocation("{ \"location\": \"away\", truncated");
         var (code, _, stderr) = Run(Settings(null), "g1", "prepare", "begin", "-");
         Assert.Equal(0, code);
-        Assert.Contains("expected 'here' or 'away <peer> <since>'", stderr);
+        Assert.Contains("is not valid JSON", stderr);
+
+        RecordLocation(State("elsewhere"));
+        (code, _, stderr) = Run(Settings(null), "g1", "prepare", "begin", "-");
+        Assert.Equal(0, code);
+        Assert.Contains("expected 'here' or 'away'", stderr);
     }
 
     [Fact]
@@ -92,7 +101,7 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         var calls = new List<string>();
         using var daemon = DBusConnection.Open(_bus.Address);
         using var export = daemon.Export(new DBusObject(Hook.ObjectPath, Hook.Interface)
-            .AddMethod("HookEvent", "sssss", "s", call =>
+            .AddMethod("HookEvent", "sssss", "bss", call =>
             {
                 var r = call.Reader;
                 string guest = r.ReadString(), op = r.ReadString(), subop = r.ReadString(), extra = r.ReadString(), xml = r.ReadString();
@@ -103,15 +112,28 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
                 switch (op)
                 {
                     case "prepare":
-                        throw new DBusException(Hook.RefusedError, "guest g1 runs on hostB (daemon says)");
+                        call.Reply(w =>
+                        {
+                            w.WriteBool(false);
+                            w.WriteString("guest g1 runs on hostB (daemon says)");
+                            w.WriteString("");
+                        });
+                        return;
                     case "stopped":
                         call.Defer(); // never answers: the hook must give up and fail open
                         return;
+                    case "release":
+                        throw new DBusException(DBusErrorNames.Failed, "daemon bug"); // fail open as well
                     default:
-                        call.Reply(w => w.WriteString(op == "migrate" ? xml.Replace("<devices/>", "<devices><!--bfmig--></devices>") : ""));
+                        call.Reply(w =>
+                        {
+                            w.WriteBool(true);
+                            w.WriteString("");
+                            w.WriteString(op == "migrate" ? xml.Replace("<devices/>", "<devices><!--bfmig--></devices>") : "");
+                        });
                         return;
                 }
-            }, ["guest", "op", "subop", "extra", "xml"], ["xmlOut"]));
+            }, ["guest", "operation", "sub_operation", "extra", "domain_xml"], ["allow", "message", "xml_out"]));
         daemon.RequestName(Hook.BusName);
         daemon.StartProcessing();
         var settings = Settings(_bus.Address, TimeSpan.FromMilliseconds(500));
@@ -124,13 +146,17 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         Assert.Equal(1, refused.Code);
         Assert.Contains("guest g1 runs on hostB (daemon says)", refused.Stderr);
 
+        // A daemon error is not a refusal: fail open.
+        Assert.Equal(0, Run(settings, "g1", "release", "end", "-").Code);
+
         var started = DateTime.UtcNow;
         Assert.Equal(0, Run(settings, "g1", "stopped", "end", "-").Code);
         Assert.InRange(DateTime.UtcNow - started, TimeSpan.FromMilliseconds(400), TimeSpan.FromSeconds(5));
 
         lock (calls)
         {
-            Assert.Equal([$"g1 migrate begin - {Xml.Length}", $"g1 prepare begin - {Xml.Length}", $"g1 stopped end - {Xml.Length}"], calls);
+            Assert.Equal([$"g1 migrate begin - {Xml.Length}", $"g1 prepare begin - {Xml.Length}", $"g1 release end - {Xml.Length}",
+                $"g1 stopped end - {Xml.Length}"], calls);
         }
     }
 

@@ -158,6 +158,17 @@ public sealed class TestDriverTests
     }
 
     [Fact]
+    public void Read_only_connection_reads_but_refuses_changes()
+    {
+        using var conn = LibvirtConnection.Open(DefaultUri, readOnly: true);
+        using var test = conn.LookupDomainByName("test");
+        Assert.Contains("<name>test</name>", test.GetXmlDesc());
+        var e = Assert.Throws<LibvirtException>(() => conn.DefineDomain(DomainXml(UniqueName("bfmig-ro"))));
+        Assert.Equal(LibvirtErrorCode.OperationDenied, e.Code);
+        Assert.Equal(LibvirtErrorCode.OperationDenied, Assert.Throws<LibvirtException>(test.Suspend).Code);
+    }
+
+    [Fact]
     public void Transient_domain_disappears_when_destroyed()
     {
         using var conn = LibvirtConnection.Open(DefaultUri);
