@@ -92,4 +92,69 @@ public sealed class MigrationTests(ITestOutputHelper output)
             dir.Delete(recursive: true);
         }
     }
+
+    [Fact]
+    public async Task Aborted_migration_leaves_the_guest_running_on_the_source()
+    {
+        using var a = new LibvirtdInstance(Guid.NewGuid().ToString());
+        using var b = new LibvirtdInstance(Guid.NewGuid().ToString());
+        if (!Prerequisite.Require(a.StartError is null && b.StartError is null, $"two private libvirtds ({a.StartError ?? b.StartError})", output))
+        {
+            return;
+        }
+        DirectoryInfo dir = Directory.CreateTempSubdirectory("bfmig-mig-");
+        try
+        {
+            UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
+            UnixUsers.ChangeOwner(dir.FullName, qemu.Uid, qemu.Gid);
+            UnixUsers.ChangeMode(dir.FullName, (UnixFileMode)0b111_101_101);
+            using var source = LibvirtConnection.Open(a.Uri);
+            using var destination = LibvirtConnection.Open(b.Uri);
+            string name = TestDriverTests.UniqueName("bfmig-abort");
+            using var dom = source.DefineDomain($"""
+                <domain type='qemu'>
+                  <name>{name}</name>
+                  <memory unit='MiB'>64</memory>
+                  <vcpu>1</vcpu>
+                  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+                  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+                </domain>
+                """);
+            dom.Start();
+            try
+            {
+                // 1 MiB/s: the migration is still running when we look at it and abort it.
+                Task migration = Task.Run(() => dom.MigrateToUri3(b.Uri,
+                    new LibvirtMigrationParameters { MigrateUri = "unix://" + Path.Combine(dir.FullName, "guest.mig"), BandwidthMiBps = 1 },
+                    LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PeerToPeer));
+                LibvirtJobStats running = dom.GetJobStats();
+                var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+                while (!(running.Type == LibvirtJobType.Unbounded && running.MemoryProcessed > 0) && DateTime.UtcNow < deadline && !migration.IsCompleted)
+                {
+                    await Task.Delay(100);
+                    running = dom.GetJobStats();
+                }
+                Assert.Equal(LibvirtJobType.Unbounded, running.Type);
+                Assert.True(running.MemoryRemaining > 0, $"memory_remaining {running.MemoryRemaining}");
+                dom.SetMigrationMaxDowntime(TimeSpan.FromMilliseconds(100));
+                dom.AbortJob();
+
+                var e = await Assert.ThrowsAsync<LibvirtException>(() => migration.WaitAsync(TimeSpan.FromSeconds(60)));
+                output.WriteLine(e.Message);
+                Assert.Equal(LibvirtErrorCode.OperationAborted, e.Code);
+                Assert.True(dom.IsActive);
+                Assert.Equal(LibvirtDomainState.Running, dom.GetState().State);
+                Assert.Null(destination.TryLookupDomainByName(name));
+            }
+            finally
+            {
+                dom.Destroy();
+                dom.Undefine();
+            }
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
 }
