@@ -110,9 +110,8 @@ bfmig_start_host() {
     bfmig_write_config "$h" "$peer"
     if ! pid_alive "$(host_pid "$h" bfmig-dbus)"; then
         host_exec "$h" sh -c 'rm -f /run/dbus/system_bus_socket; mkdir -p /run/dbus'
-        setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-            dbus-daemon --config-file="$dir/dbus.conf" --nofork --nopidfile > "$dir/dbus.log" 2>&1 < /dev/null &
-        echo $! > "$LAB_RUN/$h.bfmig-dbus.pid"
+        host_spawn "$h" "$dir/dbus.log" dbus-daemon --config-file="$dir/dbus.conf" --nofork --nopidfile \
+            > "$LAB_RUN/$h.bfmig-dbus.pid"
         deadline=$((SECONDS + 20))
         until host_exec "$h" test -S /run/dbus/system_bus_socket; do
             pid_alive "$(host_pid "$h" bfmig-dbus)" && ((SECONDS < deadline)) ||
@@ -121,9 +120,9 @@ bfmig_start_host() {
         done
     fi
     if ! pid_alive "$(host_pid "$h" bfmigd)"; then
-        setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-            "$BFMIG_BIN/bfmigd" --config "$dir/bfmig.conf" >> "$dir/bfmigd.log" 2>&1 < /dev/null &
-        echo $! > "$LAB_RUN/$h.bfmigd.pid"
+        [[ -f $dir/bfmigd.log ]] && mv "$dir/bfmigd.log" "$dir/bfmigd.log.$(date +%s)"
+        host_spawn "$h" "$dir/bfmigd.log" "$BFMIG_BIN/bfmigd" --config "$dir/bfmig.conf" \
+            > "$LAB_RUN/$h.bfmigd.pid"
     fi
 }
 

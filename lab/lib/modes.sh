@@ -9,7 +9,7 @@
 # streams itself (e.g. bfmig: --migrateuri unix:///run/bfmig/<peer>/<guest>.mig
 # --disks-uri unix:///run/bfmig/<peer>/<guest>.nbd) leaves out mode_tcp_transport.
 
-LAB_MODES=(stock stock-xbzrle stock-multifd-zstd)
+LAB_MODES=(stock stock-xbzrle stock-multifd-zstd bfmig)
 MIG_ARGS=()
 
 mode_fn() { echo "mode_${1//-/_}_$2"; }
