@@ -59,16 +59,18 @@ stack_use_backports() {
     stack_apt install -t bookworm-backports "${pkgs[@]}"
 }
 
-# Back to Debian 12: every package at a backports version (~bpo) goes to the newest version
-# bookworm itself has, or is removed when bookworm has none (packages the newer stack split out).
+# Back to Debian 12: every package of the stack's sources (libvirt, qemu and the firmware they
+# bring) at a backports version (~bpo) goes to the newest version bookworm itself has, or is
+# removed when bookworm has none (packages the newer stack split out). Other backports
+# packages on the machine are not the lab's business and stay.
 stack_use_debian12() {
     stack_pin -1
     local pkg ver target args=()
     while read -r pkg ver; do
         target=$(apt-cache madison "$pkg" | awk -F'|' '$2 !~ /bpo/ {gsub(/ /, "", $2); print $2; exit}')
         if [[ -n $target ]]; then args+=("$pkg=$target"); else args+=("$pkg-"); fi
-    done < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version}\n' |
-        awk '$1 == "ii" && $3 ~ /~bpo/ {print $2, $3}')
+    done < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package} ${Version} ${source:Package}\n' |
+        awk '$1 == "ii" && $3 ~ /~bpo/ && $4 ~ /^(libvirt|qemu|seabios|ipxe|edk2)$/ {print $2, $3}')
     for pkg in "${STACK_PACKAGES[@]}"; do
         dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2> /dev/null | grep -q '^ii' || args+=("$pkg")
     done
