@@ -39,31 +39,39 @@ public class RealQemuTests
         {
             string incoming = Path.Combine(w, $"dst{n}.sock");
             var dest = new QemuProcess(bin, dataDirs, w, $"dst{n}", [.. drive, "-S", "-incoming", $"unix:{incoming}"]);
-            Helper.WaitForFile(incoming, TimeSpan.FromSeconds(20));
-            string peerSock = Path.Combine(w, $"peer{n}.sock"), srcSock = Path.Combine(w, $"src{n}.sock");
-            string sendStats = Path.Combine(w, $"send{n}.json"), recvStats = Path.Combine(w, $"recv{n}.json");
-            using var receiver = new Helper("receive", "--kind", "mig", "--listen", $"unix:{peerSock}", "--connect", $"unix:{incoming}",
-                "--store", receiverStore, "--guest", guest, "--psk-file", psk, "--stats", recvStats, "--accept-timeout", "60", "--idle-timeout", "60");
-            Helper.WaitForFile(peerSock, TimeSpan.FromSeconds(20));
-            using var sender = new Helper("send", "--kind", "mig", "--listen", $"unix:{srcSock}", "--peer", $"unix:{peerSock}",
-                "--store", senderStore, "--guest", guest, "--peer-name", peerName, "--psk-file", psk, "--stats", sendStats,
-                "--compress", "zstd", "--accept-timeout", "60", "--idle-timeout", "60");
-            Helper.WaitForFile(srcSock, TimeSpan.FromSeconds(20));
-            // Under TCG, QEMU 7.2 itself (no helper in between) sometimes leaves the last writes of a running
-            // guest's tight loop out of a live migration: pause first so the memory comparison means something.
-            // Live, multi-iteration streams are covered byte for byte by the fixture round trips.
-            source.Execute("stop");
-            source.Execute("migrate", new JsonObject { ["uri"] = $"unix:{srcSock}" });
-            var status = source.WaitForMigration(TimeSpan.FromSeconds(90));
-            Assert.True(status["status"]!.GetValue<string>() == "completed", $"migration {status.ToJsonString()}; sender: {sender.Stderr}; receiver: {receiver.Stderr}");
-            int sendCode = sender.Wait(TimeSpan.FromSeconds(60));
-            int recvCode = receiver.Wait(TimeSpan.FromSeconds(60));
-            Assert.True(status["status"]!.GetValue<string>() == "completed", $"migration {status.ToJsonString()}; sender: {sender.Stderr}; receiver: {receiver.Stderr}");
-            Assert.True(sendCode == 0, $"sender exit {sendCode}: {sender.Stderr}");
-            Assert.True(recvCode == 0, $"receiver exit {recvCode}: {receiver.Stderr}");
-            var st = dest.Execute("query-status")!;
-            Assert.NotEqual("inmigrate", st["status"]!.GetValue<string>());
-            return new TripResult(dest, Helper.ReadStats(sendStats), Helper.ReadStats(recvStats));
+            try
+            {
+                Helper.WaitForFile(incoming, TimeSpan.FromSeconds(20));
+                string peerSock = Path.Combine(w, $"peer{n}.sock"), srcSock = Path.Combine(w, $"src{n}.sock");
+                string sendStats = Path.Combine(w, $"send{n}.json"), recvStats = Path.Combine(w, $"recv{n}.json");
+                using var receiver = new Helper("receive", "--kind", "mig", "--listen", $"unix:{peerSock}", "--connect", $"unix:{incoming}",
+                    "--store", receiverStore, "--guest", guest, "--psk-file", psk, "--stats", recvStats, "--accept-timeout", "60", "--idle-timeout", "60");
+                Helper.WaitForFile(peerSock, TimeSpan.FromSeconds(20));
+                using var sender = new Helper("send", "--kind", "mig", "--listen", $"unix:{srcSock}", "--peer", $"unix:{peerSock}",
+                    "--store", senderStore, "--guest", guest, "--peer-name", peerName, "--psk-file", psk, "--stats", sendStats,
+                    "--compress", "zstd", "--accept-timeout", "60", "--idle-timeout", "60");
+                Helper.WaitForFile(srcSock, TimeSpan.FromSeconds(20));
+                // Under TCG, QEMU 7.2 itself (no helper in between) sometimes leaves the last writes of a running
+                // guest's tight loop out of a live migration: pause first so the memory comparison means something.
+                // Live, multi-iteration streams are covered byte for byte by the fixture round trips.
+                source.Execute("stop");
+                source.Execute("migrate", new JsonObject { ["uri"] = $"unix:{srcSock}" });
+                var status = source.WaitForMigration(TimeSpan.FromSeconds(90));
+                Assert.True(status["status"]!.GetValue<string>() == "completed", $"migration {status.ToJsonString()}; sender: {sender.Stderr}; receiver: {receiver.Stderr}");
+                int sendCode = sender.Wait(TimeSpan.FromSeconds(60));
+                int recvCode = receiver.Wait(TimeSpan.FromSeconds(60));
+                Assert.True(status["status"]!.GetValue<string>() == "completed", $"migration {status.ToJsonString()}; sender: {sender.Stderr}; receiver: {receiver.Stderr}");
+                Assert.True(sendCode == 0, $"sender exit {sendCode}: {sender.Stderr}");
+                Assert.True(recvCode == 0, $"receiver exit {recvCode}: {receiver.Stderr}");
+                var st = dest.Execute("query-status")!;
+                Assert.NotEqual("inmigrate", st["status"]!.GetValue<string>());
+                return new TripResult(dest, Helper.ReadStats(sendStats), Helper.ReadStats(recvStats));
+            }
+            catch
+            {
+                dest.Dispose(); // a failed trip must not leave its QEMU running
+                throw;
+            }
         }
 
         using var src = new QemuProcess(bin, dataDirs, w, "src", [.. drive, "-S"]);
