@@ -102,59 +102,67 @@ public sealed class MigrationTests(ITestOutputHelper output)
         {
             return;
         }
-        DirectoryInfo dir = Directory.CreateTempSubdirectory("bfmig-mig-");
+        // Explicit mode in miniature: each host has its own /run, the same migrate URI names a
+        // socket on both. The destination QEMU listens in B's /run/bfmig; in A's we listen
+        // ourselves and never read, so the migration stays running until it is aborted.
+        UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
+        foreach (int pid in new[] { a.Pid, b.Pid })
+        {
+            string run = $"/proc/{pid}/root/run/bfmig";
+            Directory.CreateDirectory(run);
+            UnixUsers.ChangeOwner(run, qemu.Uid, qemu.Gid);
+        }
+        string stallPath = $"/proc/{a.Pid}/root/run/bfmig/guest.mig";
+        using var stall = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+        stall.Bind(new System.Net.Sockets.UnixDomainSocketEndPoint(stallPath));
+        stall.Listen(1);
+        UnixUsers.ChangeOwner(stallPath, qemu.Uid, qemu.Gid);
+
+        using var source = LibvirtConnection.Open(a.Uri);
+        using var destination = LibvirtConnection.Open(b.Uri);
+        string name = TestDriverTests.UniqueName("bfmig-abort");
+        using var dom = source.DefineDomain($"""
+            <domain type='qemu'>
+              <name>{name}</name>
+              <memory unit='MiB'>64</memory>
+              <vcpu>1</vcpu>
+              <os><type arch='x86_64' machine='pc'>hvm</type></os>
+              <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+            </domain>
+            """);
+        dom.Start();
         try
         {
-            UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
-            UnixUsers.ChangeOwner(dir.FullName, qemu.Uid, qemu.Gid);
-            UnixUsers.ChangeMode(dir.FullName, (UnixFileMode)0b111_101_101);
-            using var source = LibvirtConnection.Open(a.Uri);
-            using var destination = LibvirtConnection.Open(b.Uri);
-            string name = TestDriverTests.UniqueName("bfmig-abort");
-            using var dom = source.DefineDomain($"""
-                <domain type='qemu'>
-                  <name>{name}</name>
-                  <memory unit='MiB'>64</memory>
-                  <vcpu>1</vcpu>
-                  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-                  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
-                </domain>
-                """);
-            dom.Start();
-            try
+            Task migration = Task.Run(() => dom.MigrateToUri3(b.Uri,
+                new LibvirtMigrationParameters { MigrateUri = "unix:///run/bfmig/guest.mig" },
+                LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PeerToPeer));
+            using var stalled = await stall.AcceptAsync().WaitAsync(TimeSpan.FromSeconds(60));
+            LibvirtJobStats running = dom.GetJobStats();
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(30);
+            while (!(running.Type == LibvirtJobType.Unbounded && running.MemoryTotal > 0) && DateTime.UtcNow < deadline && !migration.IsCompleted)
             {
-                // 1 MiB/s: the migration is still running when we look at it and abort it.
-                Task migration = Task.Run(() => dom.MigrateToUri3(b.Uri,
-                    new LibvirtMigrationParameters { MigrateUri = "unix://" + Path.Combine(dir.FullName, "guest.mig"), BandwidthMiBps = 1 },
-                    LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PeerToPeer));
-                LibvirtJobStats running = dom.GetJobStats();
-                var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
-                while (!(running.Type == LibvirtJobType.Unbounded && running.MemoryProcessed > 0) && DateTime.UtcNow < deadline && !migration.IsCompleted)
-                {
-                    await Task.Delay(100);
-                    running = dom.GetJobStats();
-                }
-                Assert.Equal(LibvirtJobType.Unbounded, running.Type);
-                Assert.True(running.MemoryRemaining > 0, $"memory_remaining {running.MemoryRemaining}");
-                dom.SetMigrationMaxDowntime(TimeSpan.FromMilliseconds(100));
-                dom.AbortJob();
+                await Task.Delay(100);
+                running = dom.GetJobStats();
+            }
+            Assert.Equal(LibvirtJobType.Unbounded, running.Type);
+            Assert.True(running.MemoryTotal >= 64UL << 20, $"memory_total {running.MemoryTotal}");
+            dom.SetMigrationMaxDowntime(TimeSpan.FromMilliseconds(100));
+            dom.AbortJob();
 
-                var e = await Assert.ThrowsAsync<LibvirtException>(() => migration.WaitAsync(TimeSpan.FromSeconds(60)));
-                output.WriteLine(e.Message);
-                Assert.Equal(LibvirtErrorCode.OperationAborted, e.Code);
-                Assert.True(dom.IsActive);
-                Assert.Equal(LibvirtDomainState.Running, dom.GetState().State);
-                Assert.Null(destination.TryLookupDomainByName(name));
-            }
-            finally
-            {
-                dom.Destroy();
-                dom.Undefine();
-            }
+            var e = await Assert.ThrowsAsync<LibvirtException>(() => migration.WaitAsync(TimeSpan.FromSeconds(60)));
+            output.WriteLine(e.Message);
+            Assert.Equal(LibvirtErrorCode.OperationAborted, e.Code);
+            Assert.True(dom.IsActive);
+            Assert.Equal(LibvirtDomainState.Running, dom.GetState().State);
+            Assert.Null(destination.TryLookupDomainByName(name));
         }
         finally
         {
-            dir.Delete(recursive: true);
+            if (dom.IsActive)
+            {
+                dom.Destroy();
+            }
+            dom.Undefine();
         }
     }
 }

@@ -88,7 +88,8 @@ public sealed class RealLibvirtdTests(LibvirtdFixture fixture, ITestOutputHelper
             Assert.Contains("CommandNotFound", dom.QemuMonitorCommand("""{"execute":"bfmig-no-such-command"}"""));
             var notJson = Assert.Throws<LibvirtException>(() => dom.QemuMonitorCommand("this is not json"));
             Assert.Equal(LibvirtErrorCode.InternalError, notJson.Code);
-            Assert.Contains("cannot parse json", notJson.LibvirtMessage);
+            // libvirt 9.0 says "cannot parse json", 11.3 "failed to parse JSON".
+            Assert.Contains("json", notJson.LibvirtMessage, StringComparison.OrdinalIgnoreCase);
 
             using (var c1 = dom.CreateCheckpoint("<domaincheckpoint><name>c1</name></domaincheckpoint>"))
             using (var c2 = dom.CreateCheckpoint("<domaincheckpoint><name>c2</name></domaincheckpoint>"))
