@@ -245,7 +245,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 {
                     _store.SaveName(uuid, name);
                     var state = _store.RecordLocation(uuid, away, peer, TimeSpan.FromSeconds(60));
-                    var peerText = state.Peer is null ? "" : away ? $" at {state.Peer}" : $" (came from {state.Peer})";
+                    var peerText = away ? (state.Peer is null ? "" : $" at {state.Peer}") : (peer is null ? "" : $" (came from {peer})");
                     DaemonLog.LocationRecorded(_logger, name, uuid.ToString("D"), location, peerText);
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -253,6 +253,35 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                     DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), location, e.Message);
                 }
             }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        }
+    }
+
+    /// <summary>
+    /// The sending helper records "away" when its stream ends, but QEMU may still fail the
+    /// migration after that (or the stream failed): then the guest keeps running here and must
+    /// not stay recorded as away, or the split-brain guard would refuse its next start here.
+    /// A successful migration stops the guest here (the Stopped/MIGRATED event records it); a
+    /// source still paused is finishing; a source running again has stayed.
+    /// </summary>
+    private async Task ConfirmDepartureAsync(Guid uuid, string name)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(2);
+        try
+        {
+            while (DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(TimeSpan.FromSeconds(3), _stop.Token).ConfigureAwait(false);
+                var state = _libvirt?.GetState(uuid);
+                if (state is null or LibvirtDomainState.Paused)
+                    continue;
+                if (state == LibvirtDomainState.Running && _transfers?.IsBusy(uuid) == false && _store.ReadState(uuid)?.Location == "away")
+                    QueueLocation(uuid, name, away: false, peer: null);
+                return;
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            // Stopping: the next start reconciles nothing here, the record stays as the helper left it.
         }
     }
 
@@ -311,6 +340,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
     {
         var first = outcomes[0];
+        if (first.Direction == TransferDirection.Send)
+            _ = ConfirmDepartureAsync(first.Uuid, first.Guest);
         var ok = outcomes.All(o => o.Ok);
         var message = string.Join("; ", outcomes.Select(o => o.Ok
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"

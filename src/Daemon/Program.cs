@@ -82,6 +82,12 @@ internal static class Program
         }
         using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
         using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
+        // The unit's ExecReload sends SIGHUP, whose default action would end the daemon mid-transfer.
+        using var hangup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, context =>
+        {
+            context.Cancel = true;
+            DaemonLog.ReloadIgnored(logger);
+        });
 
         var status = $"host {options.HostName}, {options.Peers.Count} peers, data port {daemon.PeerPort}";
         DaemonLog.Ready(logger, status);

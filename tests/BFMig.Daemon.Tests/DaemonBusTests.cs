@@ -27,9 +27,16 @@ public sealed class DaemonBusTests : IAsyncLifetime
 
     public async Task DisposeAsync()
     {
-        _client.Dispose();
-        await _host.DisposeAsync();
-        _bus.Dispose();
+        try
+        {
+            _client?.Dispose();
+            if (_host is not null)
+                await _host.DisposeAsync();
+        }
+        finally
+        {
+            _bus.Dispose();
+        }
     }
 
     private T Call<T>(string method, Action<DBusMessageWriter>? write, Func<DBusMessageReader, T> read) =>

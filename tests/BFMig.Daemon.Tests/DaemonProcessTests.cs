@@ -71,7 +71,35 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         using var bus = new PrivateBus();
         var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
         DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+        var notifyPath = Path.Combine(_dir, "notify");
+        using var notify = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
+        notify.Bind(new UnixDomainSocketEndPoint(notifyPath));
+        var messages = new List<string>();
+        var collecting = Task.Run(async () =>
+        {
+            var buffer = new byte[4096];
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+            try
+            {
+                while (true)
+                {
+                    var n = await notify.ReceiveAsync(buffer, SocketFlags.None, cts.Token);
+                    lock (messages)
+                        messages.Add(System.Text.Encoding.UTF8.GetString(buffer, 0, n));
+                }
+            }
+            catch (Exception e) when (e is OperationCanceledException or SocketException or ObjectDisposedException)
+            {
+            }
+        });
+        bool Notified(string text)
+        {
+            lock (messages)
+                return messages.Any(m => m.Contains(text, StringComparison.Ordinal));
+        }
         var start = new ProcessStartInfo(Bfmigd, ["--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
+        start.Environment["NOTIFY_SOCKET"] = notifyPath;
         using var daemon = Process.Start(start)!;
         var stdout = daemon.StandardOutput.ReadToEndAsync();
         var stderr = daemon.StandardError.ReadToEndAsync();
@@ -83,6 +111,13 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             var (code, status, err) = Tools.Busctl(bus, "GetStatus");
             Assert.True(code == 0, err);
             Assert.Contains("\"hosta\"", status);
+            await Tools.UntilAsync(() => Notified("READY=1"), "READY=1 on NOTIFY_SOCKET");
+            Assert.True(Notified("STATUS=host hosta, 1 peers, data port "));
+
+            // systemctl reload sends SIGHUP: the daemon stays.
+            Assert.Equal(0, Tools.Run("kill", "-HUP", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
+            Assert.False(daemon.WaitForExit(1000), "SIGHUP must not stop bfmigd");
+            Assert.Equal(0, Tools.Busctl(bus, "GetStatus").ExitCode);
 
             Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
             Assert.True(daemon.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
@@ -91,6 +126,8 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             var log = await stdout;
             output.WriteLine(log + await stderr);
             Assert.Contains("stopping: SIGTERM", log);
+            Assert.Contains("SIGHUP: settings are read at start only", log);
+            Assert.True(Notified("STOPPING=1"), "STOPPING=1 on NOTIFY_SOCKET");
             Assert.Contains("stopped", log);
         }
         finally

@@ -159,6 +159,30 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
         }
     }
 
+    /// <summary>
+    /// The guest's state here: null when libvirt is unreachable, <see cref="LibvirtDomainState.Shutoff"/>
+    /// when the guest is not defined or not running.
+    /// </summary>
+    public LibvirtDomainState? GetState(Guid uuid)
+    {
+        var connection = _connection;
+        if (connection is null)
+            return null;
+        try
+        {
+            using var domain = connection.TryLookupDomainByUuid(uuid.ToString("D"));
+            return domain is null || !domain.IsActive ? LibvirtDomainState.Shutoff : domain.GetState().State;
+        }
+        catch (LibvirtException e) when (e.Code == LibvirtErrorCode.NoDomain)
+        {
+            return LibvirtDomainState.Shutoff;
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
     private static List<(Guid, string)> ListRunning(LibvirtConnection connection)
     {
         var result = new List<(Guid, string)>();

@@ -27,6 +27,9 @@ internal static partial class DaemonLog
     [LoggerMessage(6, LogLevel.Warning, "auth:mode = tls: bfmig-transfer has no TLS options yet, so the data path is off; use auth:mode = psk")]
     public static partial void TlsDataPathUnavailable(ILogger logger);
 
+    [LoggerMessage(7, LogLevel.Warning, "SIGHUP: settings are read at start only; restart bfmigd to apply a changed bfmig.conf (running transfers are not affected)")]
+    public static partial void ReloadIgnored(ILogger logger);
+
     // 10-19: D-Bus
     [LoggerMessage(10, LogLevel.Information, "owning {BusName} on {Bus}")]
     public static partial void BusNameOwned(ILogger logger, string busName, string bus);
