@@ -76,6 +76,8 @@ mode_bfmig_args() {
 
 # Started once per lab (the daemons and their stores stay up from trip to trip, as on real
 # hosts); every trip checks that both still run and that SRC has the guest's sockets towards DST.
+# No cleanup: `lab down` kills the daemons with everything else in the hosts; their logs (one line
+# per stream with wire and stream bytes) stay in $LAB_VAR/<h>/bfmig/ until then.
 mode_bfmig_prepare() {
     local src=$1 dst=$2
     bfmig_publish
@@ -87,16 +89,4 @@ mode_bfmig_prepare() {
     bfmig_running "$dst" || bfmig_start_host "$dst" "$src"
     bfmig_wait_ready "$dst"
     bfmig_wait_ready "$src" "/run/bfmig/$dst/$LAB_GUEST.mig" "/run/bfmig/$dst/$LAB_GUEST.nbd"
-}
-
-# The daemons stay for the next trip; `lab down` kills them with everything else in the hosts.
-# What each helper reported is kept next to the daemon's log.
-mode_bfmig_cleanup() {
-    local h dir
-    for h in "$1" "$2"; do
-        dir=$(bfmig_dir "$h")
-        [[ -d $dir ]] || continue
-        mkdir -p "$dir/transfers"
-        host_exec "$h" sh -c 'cp -p /run/bfmig/.transfers/*.json "$1"/ 2> /dev/null || true' sh "$dir/transfers"
-    done
 }
