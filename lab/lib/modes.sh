@@ -9,7 +9,7 @@
 # streams itself (e.g. bfmig: --migrateuri unix:///run/bfmig/<peer>/<guest>.mig
 # --disks-uri unix:///run/bfmig/<peer>/<guest>.nbd) leaves out mode_tcp_transport.
 
-LAB_MODES=(stock stock-xbzrle stock-multifd-zstd)
+LAB_MODES=(stock stock-xbzrle stock-multifd-zstd bfmig)
 MIG_ARGS=()
 
 mode_fn() { echo "mode_${1//-/_}_$2"; }
@@ -60,4 +60,33 @@ mode_stock_multifd_zstd_unsupported() {
 mode_stock_multifd_zstd_args() {
     MIG_ARGS=(--parallel --parallel-connections 2 --compressed --comp-methods zstd)
     mode_tcp_transport "$2"
+}
+
+# BFMig in explicit mode: both streams through unix sockets that bfmigd keeps on the source and
+# the destination QEMU listens on (same path, each host its own /run); helpers in lib/bfmig.sh.
+# shellcheck source=bfmig.sh
+source "$LAB_DIR/lib/bfmig.sh"
+
+mode_bfmig_unsupported() { bfmig_unsupported; }
+
+mode_bfmig_args() {
+    local dst=$2
+    MIG_ARGS=(--migrateuri "unix:///run/bfmig/$dst/$LAB_GUEST.mig" --disks-uri "unix:///run/bfmig/$dst/$LAB_GUEST.nbd")
+}
+
+# Started once per lab (the daemons and their stores stay up from trip to trip, as on real
+# hosts); every trip checks that both still run and that SRC has the guest's sockets towards DST.
+# No cleanup: `lab down` kills the daemons with everything else in the hosts; their logs (one line
+# per stream with wire and stream bytes) stay in $LAB_VAR/<h>/bfmig/ until then.
+mode_bfmig_prepare() {
+    local src=$1 dst=$2
+    bfmig_publish
+    if [[ ! -s $LAB_VAR/bfmig/psk ]]; then
+        mkdir -p "$LAB_VAR/bfmig"
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$LAB_VAR/bfmig/psk")
+    fi
+    bfmig_running "$src" || bfmig_start_host "$src" "$dst"
+    bfmig_running "$dst" || bfmig_start_host "$dst" "$src"
+    bfmig_wait_ready "$dst"
+    bfmig_wait_ready "$src" "/run/bfmig/$dst/$LAB_GUEST.mig" "/run/bfmig/$dst/$LAB_GUEST.nbd"
 }

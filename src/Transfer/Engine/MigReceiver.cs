@@ -20,6 +20,7 @@ public sealed class MigReceiver
     private readonly TimeSpan _endTimeout;
     private readonly byte[] _one = new byte[1];
     private int _heldBack = -1;
+    private bool _endChecked;
 
     public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout)
     {
@@ -67,12 +68,21 @@ public sealed class MigReceiver
                         pos = _decoder.Process(frame.Payload.Span, pos);
                         if (_decoder.Output.Length > 0)
                         {
-                            // The last byte of the stream waits for the end check: without it QEMU cannot finish loading.
-                            if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
                             var output = _decoder.OutputMemory;
-                            await qemu.Stream.WriteAsync(output[..^1], ct);
-                            _heldBack = output.Span[^1];
-                            _stats.StreamBytes += output.Length - 1;
+                            if (_endChecked)
+                            {
+                                // After a passed end check only opaque bytes (device state) follow.
+                                await qemu.Stream.WriteAsync(output, ct);
+                                _stats.StreamBytes += output.Length;
+                            }
+                            else
+                            {
+                                // The last byte so far waits for the end check: without it QEMU cannot finish loading.
+                                if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
+                                await qemu.Stream.WriteAsync(output[..^1], ct);
+                                _heldBack = output.Span[^1];
+                                _stats.StreamBytes += output.Length - 1;
+                            }
                             _decoder.ResetOutput();
                         }
                     }
@@ -81,6 +91,7 @@ public sealed class MigReceiver
                 }
                 case FrameType.End:
                 {
+                    if (_endChecked) throw new PeerProtocolException($"second end frame at byte {_reader.BytesRead}");
                     var end = EndMessage.Decode(frame.Payload.Span);
                     if (_decoder.HasPendingOutput) throw new PeerProtocolException("end frame while an elide run is still open");
                     bool committed = false;
@@ -102,11 +113,19 @@ public sealed class MigReceiver
                     }
                     if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
                     await qemu.Stream.FlushAsync(ct);
-                    qemu.HalfClose();
+                    _endChecked = true;
                     _stats.Committed = committed;
                     _stats.SnapshotComplete = end.SnapshotComplete;
                     await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
                     await _writer.FlushAsync(ct);
+                    break;
+                }
+                case FrameType.TunnelEof:
+                {
+                    // The sender's QEMU closed: the stream is complete (End comes first, checked).
+                    if (!_endChecked) throw new PeerProtocolException($"stream ended without an end frame at byte {_reader.BytesRead}");
+                    await qemu.Stream.FlushAsync(ct);
+                    qemu.HalfClose();
                     return;
                 }
                 case FrameType.Abort:

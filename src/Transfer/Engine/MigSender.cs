@@ -108,9 +108,18 @@ public sealed class MigSender
         int end = prefix.Length;
         _stats.StreamBytes += prefix.Length;
         bool eof = false;
+        bool endSent = false;
         while (true)
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
+            if (!endSent && _encoder.Parser.IsOpaque)
+            {
+                // From here on no page is recorded, so the digest is final. With a return path
+                // (libvirt turns it on) the source QEMU closes only after the destination has loaded
+                // everything, so an End sent at EOF would wait for a stream the receiver withholds.
+                await SendEndAsync(ct);
+                endSent = true;
+            }
             if (_encoder.OpsLength >= MigEncoder.FlushThreshold)
             {
                 await FlushAsync(ct);
@@ -129,6 +138,16 @@ public sealed class MigSender
             end += n;
             _stats.StreamBytes += n;
         }
+        if (!endSent)
+            await SendEndAsync(ct);
+        await FlushAsync(ct);
+        await _writer.WriteAsync(FrameType.TunnelEof, ReadOnlyMemory<byte>.Empty, compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    /// <summary>Sends every op so far, then End with the store's digest (the receiver checks it before the rest flows).</summary>
+    private async Task SendEndAsync(CancellationToken ct)
+    {
         await FlushAsync(ct);
         var digest = _encoder.TripStarted ? Convert.FromHexString(_store!.ComputeDigest()) : new byte[16];
         await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, digest, _encoder.Parser.RamComplete).Encode(), compress: false, ct);
