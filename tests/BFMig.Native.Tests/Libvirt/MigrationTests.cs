@@ -151,7 +151,10 @@ public sealed class MigrationTests(ITestOutputHelper output)
 
             var e = await Assert.ThrowsAsync<LibvirtException>(() => migration.WaitAsync(TimeSpan.FromSeconds(60)));
             output.WriteLine(e.Message);
-            Assert.Equal(LibvirtErrorCode.OperationAborted, e.Code);
+            // libvirt 11.3 reports the cancelled job as aborted; 9.0 reports the write that
+            // QEMU's cancel broke ("Unable to write to socket: Broken pipe") as a failure.
+            // Either way the call failed, and what matters is checked below.
+            Assert.Contains(e.Code, new[] { LibvirtErrorCode.OperationAborted, LibvirtErrorCode.OperationFailed });
             Assert.True(dom.IsActive);
             Assert.Equal(LibvirtDomainState.Running, dom.GetState().State);
             Assert.Null(destination.TryLookupDomainByName(name));
