@@ -23,6 +23,9 @@ internal static class Program
                               --guest UUID [--store DIR] [--psk-file F] [options]
         options: --stats FILE  --compress auto|zstd|lz4|none  --zstd-level N  --no-store
                  --idle-timeout SECONDS  --accept-timeout SECONDS  --name LOCALNAME
+                 --image EXPORT=FORMAT:PATH (repeatable: the image behind an NBD export on this host)
+                 --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME] (mutual TLS instead of --psk-file)
+                 --progress-fd N (JSON lines with live counters, about every 0.5 s)
         """;
 
     private static async Task<int> Main(string[] args)
@@ -112,7 +115,10 @@ internal static class Program
     private static readonly HashSet<string> Flags = ["no-store"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd"];
+
+    // --image may be given once per export; its values are kept under "image" joined by NUL.
+    private const string Repeated = "image";
 
     private static Dictionary<string, string> ParseOptions(ReadOnlySpan<string> args)
     {
@@ -126,9 +132,14 @@ internal static class Program
                 d[name] = "";
                 continue;
             }
-            if (!Valued.Contains(name)) throw new FormatException($"unknown option --{name}");
+            if (!Valued.Contains(name) && name != Repeated) throw new FormatException($"unknown option --{name}");
             if (i + 1 >= args.Length) throw new FormatException($"--{name} needs a value");
-            d[name] = args[++i];
+            string value = args[++i];
+            if (name == Repeated && d.TryGetValue(name, out var earlier))
+                value = earlier + "\0" + value;
+            else if (d.ContainsKey(name))
+                throw new FormatException($"--{name} given twice");
+            d[name] = value;
         }
         return d;
     }
@@ -153,7 +164,12 @@ internal static class Program
             "none" => CompressionMode.None,
             var c => throw new FormatException($"--compress {c}: expected auto, zstd, lz4 or none"),
         };
-        IPeerAuthenticator auth = d.TryGetValue("psk-file", out var psk) ? PskPeerAuthenticator.FromFile(psk) : NoPeerAuthenticator.Instance;
+        var images = new Dictionary<string, DiskImageSpec>(StringComparer.Ordinal);
+        foreach (string spec in d.TryGetValue(Repeated, out var all) ? all.Split('\0') : [])
+        {
+            var (export, image) = DiskImageSpec.Parse(spec);
+            if (!images.TryAdd(export, image)) throw new FormatException($"--image: export '{export}' given twice");
+        }
         return new TransferOptions
         {
             Kind = kind,
@@ -161,11 +177,27 @@ internal static class Program
             StoreRoot = d.ContainsKey("no-store") ? null : d.GetValueOrDefault("store") ?? MemoryStore.DefaultRoot,
             PeerName = send ? Required(d, "peer-name") : "",
             LocalName = d.GetValueOrDefault("name") ?? Environment.MachineName,
-            Authenticator = auth,
+            Authenticator = Authenticator(d),
             Compression = compression,
             ZstdLevel = d.TryGetValue("zstd-level", out var lvl) ? ParseInt(lvl, "zstd-level") : 1,
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
+            DiskImages = images,
+            Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
         };
+    }
+
+    private static IPeerAuthenticator Authenticator(Dictionary<string, string> d)
+    {
+        string[] tls = ["tls-cert", "tls-key", "tls-ca"];
+        int given = tls.Count(d.ContainsKey);
+        if (given == 0)
+        {
+            if (d.ContainsKey("tls-peer-name")) throw new FormatException("--tls-peer-name needs --tls-cert, --tls-key and --tls-ca");
+            return d.TryGetValue("psk-file", out var psk) ? PskPeerAuthenticator.FromFile(psk) : NoPeerAuthenticator.Instance;
+        }
+        if (given != tls.Length) throw new FormatException("TLS needs all of --tls-cert, --tls-key and --tls-ca");
+        if (d.ContainsKey("psk-file")) throw new FormatException("--psk-file and --tls-* exclude each other");
+        return TlsPeerAuthenticator.FromPemFiles(d["tls-cert"], d["tls-key"], d["tls-ca"], d.GetValueOrDefault("tls-peer-name"));
     }
 
     private static int ParseInt(string s, string name) =>

@@ -60,6 +60,33 @@ public static class DiskMapStore
     }
 
     /// <summary>
+    /// Why <paramref name="map"/> must not be trusted for the image behind
+    /// <paramref name="exportName"/> on this host, or null when its identity is that image as it
+    /// is now. A map without an identity, with one not captured yet, or for an export whose image
+    /// this helper was not told is refused: nothing else can rule out that the image was written
+    /// since (a guest started here, qemu-img, a restored backup, another file at that path).
+    /// </summary>
+    public static string? IdentityMismatch(DiskBlockMap map, string exportName, IReadOnlyDictionary<string, DiskImageSpec> images)
+    {
+        if (!images.TryGetValue(exportName, out var image))
+            return $"no image known for export '{exportName}' (bfmig-transfer --image)";
+        if (map.Identity is null)
+            return "the map names no image (it was recorded while the image was in use)";
+        if (map.Identity.IsPending)
+            return $"the identity of {map.Identity.Path} was never captured after its QEMU let go of it";
+        DiskImageIdentity now;
+        try
+        {
+            now = DiskImageIdentity.Capture(image.Path, image.Format);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return $"cannot read image {image.Path}: {e.Message}";
+        }
+        return now == map.Identity ? null : $"image changed since the map was made (map: {map.Identity.Describe()}; now: {now.Describe()})";
+    }
+
+    /// <summary>
     /// Creates the guest's disk directory; false (with a line on stderr) when that fails, so the
     /// stream is carried plainly instead of failing later on a store it cannot write.
     /// </summary>

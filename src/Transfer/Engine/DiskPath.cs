@@ -34,6 +34,7 @@ public static class DiskPath
         async ValueTask AnnounceAsync(string name, CancellationToken t)
         {
             view.Use(null);
+            stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             peerView = DiskMapStore.LoadTrusted(mapPath, seed);
             try
@@ -77,7 +78,16 @@ public static class DiskPath
             end.CancelAfter(o.EndTimeout);
             (committed, receiverDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.EndAck, end.Token), "end ack");
             if (clean && committed && receiverDigest == digest)
+            {
+                // This host's image is the departure snapshot now, but its QEMU still holds it and
+                // rewrites its header on the way out: name it here, capture it once QEMU let go.
+                recorded.Identity = o.DiskImages.TryGetValue(filter.ExportName ?? "", out var image)
+                    ? DiskImageIdentity.PendingCapture(image.Path, image.Format)
+                    : null;
                 stats.Committed = TrySave(recorded, mapPath!);
+                if (stats.Committed)
+                    stats.DiskMap = mapPath;
+            }
             else
                 Console.Error.WriteLine($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
             await channel.Tunnel.ShutdownWriteAsync(end.Token);
@@ -103,8 +113,16 @@ public static class DiskPath
             var (senderDigest, name) = DiskChannel.DecodeExportHello(payload);
             view.Use(null);
             exportName = name;
+            stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             var map = DiskMapStore.LoadTrusted(mapPath, seed);
+            if (map is not null && DiskMapStore.IdentityMismatch(map, name, o.DiskImages) is { } refused)
+            {
+                // Only the image itself can say it still holds what the map describes.
+                Console.Error.WriteLine($"bfmig-transfer: not using disk map {mapPath}: {refused}; receiving everything");
+                stats.DiskMapRefused = refused;
+                map = null;
+            }
             var mine = map?.ComputeDigest() ?? UInt128.Zero;
             bool match = map is not null && mine == senderDigest;
             // Durable before the option that opens the export (and so any write) reaches the server.
@@ -159,7 +177,11 @@ public static class DiskPath
         var observed = new DiskBlockMap(0, DiskMapStore.BlockSize, seed);
         observer.Report(observed);
         var digest = observed.ComputeDigest();
+        // Saved without an identity: the local QEMU keeps writing this image as the guest runs, so
+        // the map is only the peer view (what the sender holds) until this host sends it back.
         bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && digest == senderDigest && TrySave(observed, mapPath);
+        if (committed)
+            stats.DiskMap = mapPath;
         if (!committed)
         {
             Console.Error.WriteLine($"bfmig-transfer: disk map of export '{exportName}' left in flux (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");

@@ -26,6 +26,16 @@ public sealed class TransferOptions
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public TimeSpan EndTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// Kind nbd: the image file behind each export name on this host. The receiver trusts its
+    /// retained map of an export only if the map's identity matches this image now; the sender
+    /// names its image in the map it saves (identity captured once its QEMU let go of it).
+    /// An export not listed here is never elided into.
+    /// </summary>
+    public IReadOnlyDictionary<string, DiskImageSpec> DiskImages { get; init; } = new Dictionary<string, DiskImageSpec>();
+    /// <summary>Called about every <see cref="ProgressInterval"/> with the stream's live counters (any thread).</summary>
+    public Action<TransferProgress>? Progress { get; init; }
+    public TimeSpan ProgressInterval { get; init; } = TimeSpan.FromMilliseconds(500);
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -41,6 +51,7 @@ public static class TransferRunner
     {
         var stats = new TransferStats { Role = "send", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
+        qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
         var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
@@ -58,9 +69,13 @@ public static class TransferRunner
                 wantsStore = false;
             }
         }
-        await using var transport = await o.Authenticator.SecureAsync(new NetworkStream(peer, ownsSocket: true), isInitiator: true, o.PeerName, ct);
+        var raw = new NetworkStream(peer, ownsSocket: true);
+        if (o.Authenticator.HidesHello)
+            await new RouteRequest(o.Kind, o.Guest, o.LocalName).WriteAsync(raw, ct);
+        await using var transport = await o.Authenticator.SecureAsync(raw, isInitiator: true, o.PeerName, ct);
         using var reader = new FrameReader(transport, o.IdleTimeout);
         using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        await using var progress = ProgressReporter.Start(o, stats, writer, reader);
         try
         {
             var state = store?.State;
@@ -123,9 +138,22 @@ public static class TransferRunner
         var stats = new TransferStats { Role = "receive", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
         MemoryStore? store = null;
-        await using var transport = await o.Authenticator.SecureAsync(new NetworkStream(peer, ownsSocket: true), isInitiator: false, "", ct);
+        var raw = new NetworkStream(peer, ownsSocket: true);
+        if (o.Authenticator.HidesHello)
+        {
+            RouteRequest route;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                route = await RouteRequest.ReadAsync(raw, hs.Token);
+            }
+            if (route.Guest != o.Guest || route.Kind != o.Kind)
+                throw new PeerProtocolException($"route names a {route.Kind} stream of guest {route.Guest}, this receiver takes a {o.Kind} stream of {o.Guest}");
+        }
+        await using var transport = await o.Authenticator.SecureAsync(raw, isInitiator: false, "", ct);
         using var reader = new FrameReader(transport, o.IdleTimeout);
         using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        await using var progress = ProgressReporter.Start(o, stats, writer, reader);
         try
         {
             Hello hello;
@@ -136,7 +164,8 @@ public static class TransferRunner
                 (hello, decision) = await Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, ref store), hs.Token);
             }
             if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
-            await using var local = await connectLocal(ct);
+            var opened = await connectLocal(ct);
+            await using var local = new LocalConnection(new CountingStream(opened.Stream, stats, countReads: false), opened.Socket);
             if (o.Kind == StreamKind.Nbd && decision.HasStore)
             {
                 await DiskPath.ReceiveAsync(local, reader, writer, o, stats, ct);
@@ -224,5 +253,56 @@ public static class TransferRunner
             n += r;
         }
         return buffer[..n];
+    }
+}
+
+/// <summary>Calls <see cref="TransferOptions.Progress"/> every <see cref="TransferOptions.ProgressInterval"/> and once more when disposed.</summary>
+internal sealed class ProgressReporter : IAsyncDisposable
+{
+    private readonly TransferOptions _o;
+    private readonly TransferStats _stats;
+    private readonly FrameWriter _writer;
+    private readonly FrameReader _reader;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _loop;
+
+    private ProgressReporter(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader)
+    {
+        _o = o;
+        _stats = stats;
+        _writer = writer;
+        _reader = reader;
+        _loop = Task.Run(LoopAsync);
+    }
+
+    public static ProgressReporter? Start(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader) =>
+        o.Progress is null ? null : new ProgressReporter(o, stats, writer, reader);
+
+    private async Task LoopAsync()
+    {
+        try
+        {
+            while (true)
+            {
+                await Task.Delay(_o.ProgressInterval, _stop.Token);
+                Report(final: false);
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            // Disposed: the final report follows.
+        }
+    }
+
+    // Counters are read while the stream's threads update them: a report may be a moment behind, never wrong in kind.
+    private void Report(bool final) =>
+        _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final));
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync();
+        await _loop;
+        Report(final: true);
+        _stop.Dispose();
     }
 }

@@ -13,6 +13,10 @@ public sealed class TransferStats
     public long StreamBytes { get; set; }
     /// <summary>Bytes of the reverse direction (return path, NBD replies).</summary>
     public long ReverseBytes { get; set; }
+    /// <summary>Bytes read from the local QEMU (sender) or written to it (receiver), before elision; counted as they move.</summary>
+    public long LocalBytes { get; set; }
+    /// <summary>Kind nbd: the export the NBD client opened.</summary>
+    public string? Export { get; set; }
     public long WireBytesOut { get; set; }
     public long WireBytesIn { get; set; }
     public long PagesElided { get; set; }
@@ -26,6 +30,10 @@ public sealed class TransferStats
     public string? OpaqueReason { get; set; }
     public ulong Generation { get; set; }
     public bool Committed { get; set; }
+    /// <summary>Kind nbd: the map file this helper saved (committed trips only).</summary>
+    public string? DiskMap { get; set; }
+    /// <summary>Kind nbd, receiver: why the retained map of the export was not used (null when it was, or there was none).</summary>
+    public string? DiskMapRefused { get; set; }
     public double Seconds { get; set; }
     public string? Error { get; set; }
 }

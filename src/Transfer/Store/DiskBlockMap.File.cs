@@ -17,7 +17,7 @@ namespace BFMig.Transfer.Store;
 //  48  8  identity inode
 //  56  8  identity file size
 //  64  8  identity mtime ticks
-//  72  1  has identity (0/1)
+//  72  1  identity: 0 none, 1 captured, 2 pending (path and format only, captured later)
 //  73  1  format length F (<= 32)
 //  74  2  path length P (<= 4096)
 //  76  F  format, UTF-8;  then P bytes path, UTF-8
@@ -85,12 +85,9 @@ public sealed partial class DiskBlockMap
             throw Bad(path, 32, "image size", imageSize.ToString(System.Globalization.CultureInfo.InvariantCulture));
         if (blockCount != DiskBlockHash.CountBlocks(imageSize, blockSize))
             throw Bad(path, 40, "block count", $"{blockCount} (size {imageSize} needs {DiskBlockHash.CountBlocks(imageSize, blockSize)})");
-        bool hasIdentity = fixedHeader[72] switch
-        {
-            0 => false,
-            1 => true,
-            var b => throw Bad(path, 72, "identity present", b.ToString(System.Globalization.CultureInfo.InvariantCulture)),
-        };
+        byte identityState = fixedHeader[72];
+        if (identityState > 2)
+            throw Bad(path, 72, "identity present", identityState.ToString(System.Globalization.CultureInfo.InvariantCulture));
         int formatLength = fixedHeader[73];
         int pathLength = BinaryPrimitives.ReadUInt16LittleEndian(fixedHeader[74..]);
         if (formatLength > DiskImageIdentity.MaxFormatLength)
@@ -106,14 +103,14 @@ public sealed partial class DiskBlockMap
         ReadExactly(stream, strings, path, FixedHeaderLength, "identity strings");
         hasher.Append(strings);
         var map = new DiskBlockMap(imageSize, blockSize, seed) { LastTripUnclean = (flags & 1) != 0 };
-        if (hasIdentity)
+        if (identityState != 0)
         {
             map.Identity = new DiskImageIdentity(
                 Encoding.UTF8.GetString(strings, formatLength, pathLength),
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[48..]),
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[56..]),
                 BinaryPrimitives.ReadInt64LittleEndian(fixedHeader[64..]),
-                Encoding.UTF8.GetString(strings, 0, formatLength));
+                Encoding.UTF8.GetString(strings, 0, formatLength)) { IsPending = identityState == 2 };
         }
         long at = FixedHeaderLength + strings.Length;
         var known = MemoryMarshal.AsBytes(map._known.AsSpan());
@@ -161,6 +158,38 @@ public sealed partial class DiskBlockMap
     }
 
     /// <summary>
+    /// Captures now the identity of the image a map names with a pending identity (see
+    /// <see cref="DiskImageIdentity.IsPending"/>) and saves the map with it. Call only once the
+    /// QEMU that last wrote the image has let go of it (after the source QEMU of a migration
+    /// stopped) and nothing else wrote it since the map was made. Returns what happened; a map in
+    /// flux, unclean, without a pending identity or whose image is gone is left alone.
+    /// </summary>
+    public static SealResult SealIdentity(string path)
+    {
+        if (!File.Exists(path))
+            return SealResult.NoMap;
+        if (IsInFlux(path))
+            return SealResult.InFlux;
+        var map = Load(path);
+        if (map.LastTripUnclean)
+            return SealResult.Unclean;
+        if (map.Identity is not { IsPending: true } pending)
+            return SealResult.NotPending;
+        DiskImageIdentity captured;
+        try
+        {
+            captured = DiskImageIdentity.Capture(pending.Path, pending.Format);
+        }
+        catch (FileNotFoundException)
+        {
+            return SealResult.ImageMissing;
+        }
+        map.Identity = captured;
+        map.Save(path);
+        return SealResult.Sealed;
+    }
+
+    /// <summary>
     /// Durably marks the map at <paramref name="path"/> as describing an image that is being
     /// modified (an incoming mirror is about to write it). Call before the first write reaches
     /// the image; after a crash the marker stays and <see cref="TryLoadValid"/> refuses the map.
@@ -196,7 +225,7 @@ public sealed partial class DiskBlockMap
         BinaryPrimitives.WriteUInt64LittleEndian(span[48..], Identity?.Inode ?? 0);
         BinaryPrimitives.WriteUInt64LittleEndian(span[56..], Identity?.Size ?? 0);
         BinaryPrimitives.WriteInt64LittleEndian(span[64..], Identity?.MtimeTicks ?? 0);
-        span[72] = Identity is null ? (byte)0 : (byte)1;
+        span[72] = Identity is null ? (byte)0 : Identity.IsPending ? (byte)2 : (byte)1;
         span[73] = (byte)format.Length;
         BinaryPrimitives.WriteUInt16LittleEndian(span[74..], (ushort)imagePath.Length);
         format.CopyTo(span[FixedHeaderLength..]);

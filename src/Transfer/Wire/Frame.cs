@@ -8,6 +8,8 @@ public enum FrameType : byte
     Hello = 0x01,
     HelloReply = 0x02,
     Auth = 0x03,
+    /// <summary>In clear before TLS: which guest and stream a connection is for, so the receiving daemon can route it (<see cref="RouteRequest"/>).</summary>
+    Route = 0x04,
     /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Engine.MigOps"/>).</summary>
     MigData = 0x10,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>

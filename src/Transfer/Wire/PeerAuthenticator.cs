@@ -19,6 +19,12 @@ public interface IPeerAuthenticator
 
     /// <summary>Computes the proof over the hello transcript for one role.</summary>
     void ComputeProof(ReadOnlySpan<byte> role, ReadOnlySpan<byte> transcript, Span<byte> proof);
+
+    /// <summary>
+    /// True when the hello travels inside the secured transport, so the sender must first send a
+    /// <see cref="RouteRequest"/> in clear for the receiving daemon to route the connection.
+    /// </summary>
+    bool HidesHello => false;
 }
 
 /// <summary>
@@ -69,43 +75,82 @@ public sealed class NoPeerAuthenticator : IPeerAuthenticator
 
 /// <summary>
 /// Mutual TLS with X.509 host certificates (libvirt's <c>/etc/pki/libvirt/</c> and
-/// <c>/etc/pki/CA/cacert.pem</c>): both sides present a certificate chained to the CA.
+/// <c>/etc/pki/CA/cacert.pem</c>): both sides present a certificate that must chain to the given
+/// CA(s) and be valid now; with an expected peer name, the peer's certificate must also name it
+/// (subject alternative name or common name, as libvirt checks its servers). A rejected peer
+/// fails with <see cref="PeerAuthenticationException"/> saying why, before any stream data moves.
 /// </summary>
 public sealed class TlsPeerAuthenticator : IPeerAuthenticator
 {
     private readonly X509Certificate2 _certificate;
     private readonly X509Certificate2Collection _trust;
+    private readonly string? _expectedPeerName;
 
-    public TlsPeerAuthenticator(X509Certificate2 certificate, X509Certificate2Collection trustedCa)
+    /// <param name="certificate">This host's certificate, with its private key.</param>
+    /// <param name="trustedCa">The CA certificate(s) a peer's certificate must chain to.</param>
+    /// <param name="expectedPeerName">Host name or address the peer's certificate must name; null accepts any certificate of the CA.</param>
+    public TlsPeerAuthenticator(X509Certificate2 certificate, X509Certificate2Collection trustedCa, string? expectedPeerName = null)
     {
+        if (!certificate.HasPrivateKey) throw new ArgumentException("the certificate has no private key", nameof(certificate));
         _certificate = certificate;
         _trust = trustedCa;
+        _expectedPeerName = expectedPeerName;
     }
 
-    /// <summary>Loads PEM files: certificate, its key and the CA certificate(s).</summary>
-    public static TlsPeerAuthenticator FromPemFiles(string certPath, string keyPath, string caPath)
+    /// <summary>
+    /// Loads PEM files: certificate, its key and the CA certificate(s). Throws
+    /// <see cref="PeerAuthenticationException"/> naming the file that cannot be used.
+    /// </summary>
+    public static TlsPeerAuthenticator FromPemFiles(string certPath, string keyPath, string caPath, string? expectedPeerName = null)
     {
-        var cert = X509Certificate2.CreateFromPemFile(certPath, keyPath);
+        X509Certificate2 cert;
+        try
+        {
+            cert = X509Certificate2.CreateFromPemFile(certPath, keyPath);
+        }
+        catch (Exception e) when (e is CryptographicException or IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            throw new PeerAuthenticationException($"cannot load TLS certificate {certPath} with key {keyPath}: {e.Message}", e);
+        }
         var ca = new X509Certificate2Collection();
-        ca.ImportFromPemFile(caPath);
-        return new TlsPeerAuthenticator(cert, ca);
+        try
+        {
+            ca.ImportFromPemFile(caPath);
+        }
+        catch (Exception e) when (e is CryptographicException or IOException or UnauthorizedAccessException)
+        {
+            throw new PeerAuthenticationException($"cannot load TLS CA certificate {caPath}: {e.Message}", e);
+        }
+        if (ca.Count == 0) throw new PeerAuthenticationException($"TLS CA file {caPath} holds no certificate");
+        return new TlsPeerAuthenticator(cert, ca, expectedPeerName);
     }
 
     public int ProofLength => 0;
+
+    public bool HidesHello => true;
 
     public void ComputeProof(ReadOnlySpan<byte> role, ReadOnlySpan<byte> transcript, Span<byte> proof) { }
 
     public async ValueTask<Stream> SecureAsync(Stream transport, bool isInitiator, string peerName, CancellationToken ct)
     {
+        string? rejection = null;
+        bool Validate(object sender, X509Certificate? certificate, X509Chain? chain, SslPolicyErrors errors)
+        {
+            rejection = Check(certificate);
+            return rejection is null;
+        }
         var ssl = new SslStream(transport, leaveInnerStreamOpen: false, Validate);
+        string who = isInitiator ? $"receiver {_expectedPeerName ?? peerName}" : $"sender{(_expectedPeerName is null ? "" : " " + _expectedPeerName)}";
         try
         {
+            // Our own chain is sent whole only if the CA is in it: libvirt's host certificates are leaf-only files.
+            var context = SslStreamCertificateContext.Create(_certificate, _trust, offline: true);
             if (isInitiator)
             {
                 await ssl.AuthenticateAsClientAsync(new SslClientAuthenticationOptions
                 {
-                    TargetHost = peerName,
-                    ClientCertificates = [_certificate],
+                    TargetHost = _expectedPeerName ?? peerName,
+                    ClientCertificateContext = context,
                     EnabledSslProtocols = SslProtocols.Tls12 | SslProtocols.Tls13,
                 }, ct);
             }
@@ -113,29 +158,39 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
             {
                 await ssl.AuthenticateAsServerAsync(new SslServerAuthenticationOptions
                 {
-                    ServerCertificate = _certificate,
+                    ServerCertificateContext = context,
                     ClientCertificateRequired = true,
                     EnabledSslProtocols = SslProtocols.Tls12 | SslProtocols.Tls13,
                 }, ct);
             }
+            if (ssl.RemoteCertificate is null)
+                throw new AuthenticationException("the peer presented no certificate");
         }
-        catch (AuthenticationException e)
+        catch (Exception e) when (e is AuthenticationException or IOException)
         {
             await ssl.DisposeAsync();
-            throw new PeerAuthenticationException($"TLS with {peerName} failed: {e.Message}", e);
+            throw new PeerAuthenticationException($"TLS with {who} failed: {rejection ?? e.Message}", e);
         }
         return ssl;
     }
 
-    private bool Validate(object sender, X509Certificate? certificate, X509Chain? chain, SslPolicyErrors errors)
+    // Null when the peer's certificate is acceptable, else why not.
+    private string? Check(X509Certificate? certificate)
     {
-        if (certificate is null) return false;
+        if (certificate is null) return "the peer presented no certificate";
         using var custom = new X509Chain();
         custom.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
         custom.ChainPolicy.CustomTrustStore.AddRange(_trust);
         custom.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
-        using var leaf = new X509Certificate2(certificate);
-        // Name mismatches are accepted: the daemon pins peers by CA, as libvirt does with its own host certificates.
-        return custom.Build(leaf);
+        using var leaf = X509CertificateLoader.LoadCertificate(certificate.GetRawCertData());
+        if (!custom.Build(leaf))
+        {
+            var status = string.Join(", ", custom.ChainStatus.Select(s => s.StatusInformation.Trim()).Where(s => s.Length > 0).Distinct());
+            return $"certificate '{leaf.Subject}' (valid {leaf.NotBefore.ToUniversalTime():yyyy-MM-dd HH:mm} to {leaf.NotAfter.ToUniversalTime():yyyy-MM-dd HH:mm} UTC) " +
+                $"does not chain to the trusted CA: {(status.Length > 0 ? status : "untrusted")}";
+        }
+        if (_expectedPeerName is { } name && !leaf.MatchesHostname(name, allowWildcards: true, allowCommonName: true))
+            return $"certificate '{leaf.Subject}' does not name {name}";
+        return null;
     }
 }

@@ -37,7 +37,17 @@ public sealed class DiskPathTests(ITestOutputHelper output)
 
     private static string MapOf(Host h) => DiskMapStore.MapPath(h.Store!, Guest, Export);
 
-    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64")
+    private static Dictionary<string, DiskImageSpec> ImagesOf(Host h) => new() { [Export] = new DiskImageSpec(h.Image, "qcow2") };
+
+    // What bfmigd does once the source QEMU of a migration stopped: capture the identity of the image it left behind.
+    private void Seal(Host h)
+    {
+        var result = DiskBlockMap.SealIdentity(MapOf(h));
+        output.WriteLine($"seal {h.Name}: {result}");
+        Assert.Equal(SealResult.Sealed, result);
+    }
+
+    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64", bool seal = true)
     {
         using var cts = new CancellationTokenSource(Timeout);
         var ct = cts.Token;
@@ -62,7 +72,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
                 var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
                 await s.ConnectAsync(new UnixDomainSocketEndPoint(nbdSock), t);
                 return LocalConnection.FromSocket(s);
-            }, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = to.Store, Guest = Guest, LocalName = to.Name }, receiverCts.Token);
+            }, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = to.Store, Guest = Guest, LocalName = to.Name, DiskImages = ImagesOf(to) }, receiverCts.Token);
         }, CancellationToken.None);
         var sender = Task.Run(async () =>
         {
@@ -70,7 +80,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
             await using var qemu = LocalConnection.FromSocket(qemuSocket);
             var peer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
             await peer.ConnectAsync((IPEndPoint)peerListener.LocalEndPoint!, ct);
-            return await TransferRunner.SendAsync(qemu, peer, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = from.Store, Guest = Guest, PeerName = to.Name, LocalName = from.Name }, ct);
+            return await TransferRunner.SendAsync(qemu, peer, new TransferOptions { Kind = StreamKind.Nbd, StoreRoot = from.Store, Guest = Guest, PeerName = to.Name, LocalName = from.Name, DiskImages = ImagesOf(from) }, ct);
         }, CancellationToken.None);
         var mirror = Mirror.RunAsync(qemu, from.Image, qemuSock, Export, discardUnmap: false, dir.File($"{from.Name}.qmp"), ct);
 
@@ -92,7 +102,9 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         await nbd.DisposeAsync();
         var (identical, compare) = await Images.CompareAsync(from.Image, to.Image);
         output.WriteLine($"{from.Name}->{to.Name}: sender {s.Mode} tunnel {s.StreamBytes} B, wire out {s.WireBytesOut} B, committed {s.Committed}; " +
-            $"receiver {r.Mode} committed {r.Committed}; {compare.Trim()}");
+            $"receiver {r.Mode} committed {r.Committed} refused map: {r.DiskMapRefused ?? "-"}; {compare.Trim()}");
+        if (seal && s.Committed)
+            Seal(from);
         return new Trip(s, r, identical, compare);
     }
 
@@ -119,9 +131,9 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         }
         await using var nbd = await QemuNbdServer.StartAsync(to.Image, "qcow2", nbdSock, ["--cache=none", "--aio=threads", "-x", Export], TimeSpan.FromSeconds(20), ct);
         using var receiver = Start(exe, ["receive", "--kind", "nbd", "--listen", $"tcp:127.0.0.1:{port}", "--connect", $"unix:{nbdSock}", "--guest", Guest.ToString(),
-            "--store", to.Store!, "--stats", receiverStats, "--name", to.Name, "--accept-timeout", "120"]);
+            "--store", to.Store!, "--stats", receiverStats, "--name", to.Name, "--accept-timeout", "120", "--image", $"{Export}=qcow2:{to.Image}"]);
         using var sender = Start(exe, ["send", "--kind", "nbd", "--listen", $"unix:{qemuSock}", "--peer", $"tcp:127.0.0.1:{port}", "--guest", Guest.ToString(),
-            "--peer-name", to.Name, "--store", from.Store!, "--stats", senderStats, "--name", from.Name, "--accept-timeout", "120"]);
+            "--peer-name", to.Name, "--store", from.Store!, "--stats", senderStats, "--name", from.Name, "--accept-timeout", "120", "--image", $"{Export}=qcow2:{from.Image}"]);
         try
         {
             while (!File.Exists(qemuSock))
@@ -161,6 +173,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         var s = File.Exists(senderStats) ? JsonNode.Parse(await File.ReadAllTextAsync(senderStats, ct)) : null;
         var r = File.Exists(receiverStats) ? JsonNode.Parse(await File.ReadAllTextAsync(receiverStats, ct)) : null;
         output.WriteLine($"{from.Name}->{to.Name} (cli): sender {s?.ToJsonString()} receiver {r?.ToJsonString()}; {compare.Trim()}");
+        if (s?["committed"]?.GetValue<bool>() == true)
+            Seal(from);
         return new CliTrip(sender.ExitCode, receiver.ExitCode, s, r, identical, compare);
     }
 
@@ -230,6 +244,88 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         await AssertMapsAgreeAsync(a, b);
         output.WriteLine($"tunnel bytes: first {first.Sender.StreamBytes}, return {back.Sender.StreamBytes} ({100.0 * back.Sender.StreamBytes / first.Sender.StreamBytes:F2} %), third {again.Sender.StreamBytes}; " +
             $"wire out: {first.Sender.WireBytesOut}, {back.Sender.WireBytesOut}, {again.Sender.WireBytesOut}");
+    }
+
+    /// <summary>
+    /// The departure image on A is touched between trips by something other than a BFMig mirror
+    /// while both maps still agree. Without the identity check the return trip would elide the
+    /// blocks A's map claims and leave A's image wrong; with it A refuses its map, everything is
+    /// sent, and A ends identical to B.
+    /// </summary>
+    [Theory]
+    [InlineData("qemu-io write")]
+    [InlineData("replaced file")]
+    [InlineData("resized")]
+    [InlineData("identity never captured")]
+    public async Task ADepartureImageTouchedBetweenTripsMeansEverythingIsSent(string touch)
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 31);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b, seal: touch != "identity never captured");
+        Assert.True(first.Identical, first.CompareOutput);
+        await AssertMapsAgreeAsync(a, b);
+        var kept = DiskBlockMap.Load(MapOf(a)).Identity;
+        Assert.NotNull(kept);
+        Assert.Equal(Path.GetFullPath(a.Image), kept.Path);
+        Assert.Equal(touch == "identity never captured", kept.IsPending);
+
+        switch (touch)
+        {
+            case "qemu-io write":
+                // Blocks the guest does not change on B: a trip trusting A's map would elide them.
+                await Images.IoAsync(a.Image, ["write -P 0x5a 1M 128k", "write -P 0xa5 30M 64k"]);
+                break;
+            case "replaced file":
+                string copy = a.Image + ".restored";
+                await Images.CopyAsync(a.Image, copy);
+                await Images.IoAsync(copy, ["write -P 0x77 4M 64k"]);
+                File.Move(copy, a.Image, overwrite: true);
+                break;
+            case "resized":
+                await TestEnv.RunAsync("qemu-img", ["resize", "-q", a.Image, "+1M"]);
+                await TestEnv.RunAsync("qemu-img", ["resize", "-q", "--shrink", a.Image, Size.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+                break;
+        }
+        await Images.IoAsync(b.Image, Changes(3, 5));
+
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-full", back.Receiver.Mode);
+        Assert.Equal("store-full", back.Sender.Mode);
+        Assert.NotNull(back.Receiver.DiskMapRefused);
+        Assert.Contains(touch == "identity never captured" ? "never captured" : "image changed", back.Receiver.DiskMapRefused);
+        Assert.True(back.Sender.StreamBytes >= (long)Size, $"trip into a touched image carried only {back.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task AnUntouchedDepartureImageKeepsElisionAndTheMapNamesIt()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 32);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+        var sealedIdentity = DiskBlockMap.Load(MapOf(a)).Identity!;
+        Assert.False(sealedIdentity.IsPending);
+        Assert.Equal(DiskImageIdentity.Capture(a.Image, "qcow2"), sealedIdentity);
+        // The receiver's map is only the peer view while its QEMU runs the guest: it names no image.
+        Assert.Null(DiskBlockMap.Load(MapOf(b)).Identity);
+
+        await Images.IoAsync(b.Image, Changes(4, 8));
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Receiver.Mode);
+        Assert.Null(back.Receiver.DiskMapRefused);
+        Assert.True(back.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"return trip carried {back.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        Assert.Equal(first.Sender.DiskMap, MapOf(a));
     }
 
     [Fact]
