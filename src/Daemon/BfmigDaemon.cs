@@ -12,6 +12,8 @@ using BFMig.Native;
 using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
 
@@ -30,6 +32,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     // virDomainEventStoppedDetailType / virDomainEventResumedDetailType values for "migrated".
     private const int StoppedMigrated = 3;
     private const int ResumedMigrated = 1;
+    private const int StartedMigrated = 1;
 
     private readonly DaemonOptions _options;
     private readonly ILogger _logger;
@@ -50,6 +53,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private PeerListener? _peers;
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
+    private readonly DiskIdentitySealer _sealer;
 
     public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
     {
@@ -59,6 +63,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _store = new GuestStateStore(options.StateDirectory);
         _guard = new SplitBrainGuard(_store, options.HostName, time ?? TimeProvider.System);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
+        _sealer = new DiskIdentitySealer(QueueSeal, time ?? TimeProvider.System);
     }
 
     /// <summary>The options the daemon runs with.</summary>
@@ -97,6 +102,18 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         var helper = LocateHelper(_options);
         if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
             throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
+        if (_options.AuthMode == PeerAuthMode.Tls)
+        {
+            foreach (var (key, file) in new[]
+            {
+                ("auth:tls_cert", _options.TlsCertificate), ("auth:tls_key", _options.TlsKey), ("auth:tls_ca", _options.TlsCaCertificate),
+                ("auth:tls_client_cert", _options.TlsClientCertificate), ("auth:tls_client_key", _options.TlsClientKey),
+            })
+            {
+                if (!File.Exists(file))
+                    throw new ConfigurationException($"{key} = '{file}': no such file (auth:mode = tls uses libvirt's host certificates)");
+            }
+        }
 
         Directory.CreateDirectory(_options.StateDirectory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
         var transfersDir = Path.Combine(_options.RuntimeDirectory, ".transfers");
@@ -104,7 +121,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _sockets.PrepareDirectories();
         Directory.CreateDirectory(transfersDir, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
         _transfers = new TransferManager(_options, helper, transfersDir, _loggers.CreateLogger("bfmigd.transfers"));
-        _transfers.StreamFinished += OnStreamFinished;
+        _transfers.Progressed += OnProgress;
         _transfers.TripFinished += OnTripFinished;
 
         _bus = _options.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
@@ -122,15 +139,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
 
-        if (_options.AuthMode == PeerAuthMode.Psk)
-        {
-            _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
-            _peerTask = _peers.RunAsync();
-        }
-        else
-        {
-            DaemonLog.TlsDataPathUnavailable(_logger);
-        }
+        _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
+        _peerTask = _peers.RunAsync();
     }
 
     /// <summary>The helper to run: transfer:helper, else the installed one, else bfmig-transfer next to this program.</summary>
@@ -217,13 +227,20 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 {
                     case LibvirtLifecycleEvent.Started or LibvirtLifecycleEvent.Resumed:
                         _sockets?.Ensure(uuid, name);
+                        // Running here again: the image the last trip left behind is in use, never capture its identity now.
+                        _sealer.GuestRunning(uuid);
                         if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
                             QueueLocation(uuid, name, away: false, _transfers?.LastIncomingPeer(uuid));
+                        if (e.Event == LibvirtLifecycleEvent.Started && e.Detail != StartedMigrated)
+                            QueueInvalidateIfAway(uuid, name);
                         break;
                     case LibvirtLifecycleEvent.Stopped:
                         _sockets?.Remove(uuid);
                         if (e.Detail == StoppedMigrated)
+                        {
                             QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
+                            _sealer.SourceStopped(uuid, name);
+                        }
                         break;
                 }
                 break;
@@ -285,6 +302,57 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         }
     }
 
+    // ---- disk image identity (DiskIdentitySealer says when) ----
+
+    private void QueueSeal(Guid uuid, string name, IReadOnlyList<string> maps) => Queue(() =>
+    {
+        foreach (var map in maps)
+        {
+            string result;
+            try
+            {
+                result = DiskBlockMap.SealIdentity(map).ToString();
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or DiskMapException)
+            {
+                result = "failed: " + e.Message;
+            }
+            DaemonLog.DiskIdentityCaptured(_logger, name, uuid.ToString("D"), map, result);
+        }
+    });
+
+    /// <summary>
+    /// The guest was started here other than by an incoming migration while recorded as away: its
+    /// retained image is being written by a forked copy, so no map of it may be trusted again.
+    /// (The identity check would see most such writes; this does not depend on timestamps.)
+    /// </summary>
+    private void QueueInvalidateIfAway(Guid uuid, string name) => Queue(() =>
+    {
+        if (_store.ReadState(uuid)?.Location != "away")
+            return;
+        var dir = Path.Combine(_store.GuestDirectory(uuid), "disk");
+        if (!Directory.Exists(dir))
+            return;
+        foreach (var map in Directory.EnumerateFiles(dir, "*.map"))
+        {
+            try
+            {
+                DiskBlockMap.MarkInFlux(map);
+                DaemonLog.DiskMapInvalidated(_logger, name, uuid.ToString("D"), map);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", e.Message);
+            }
+        }
+    });
+
+    private void Queue(Action action)
+    {
+        lock (_stateQueueGate)
+            _stateQueue = _stateQueue.ContinueWith(_ => action(), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+    }
+
     /// <summary>Completes when every location update queued so far is written.</summary>
     public Task FlushStateAsync()
     {
@@ -294,18 +362,17 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
     // ---- data path ----
 
-    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection)
-    {
-        if (_options.AuthMode != PeerAuthMode.Psk)
-        {
-            DaemonLog.TransferRefused(_logger, TransferManager.KindArg(kind), guest, "auth:mode = tls is not supported by bfmig-transfer yet");
-            connection.Dispose();
-            return;
-        }
-        _transfers!.StartSend(guest, uuid, peer, kind, connection);
-    }
+    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection) =>
+        _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
 
-    private PeerRoute RoutePeer(Hello hello)
+    /// <summary>
+    /// The file-backed disks of the guest as libvirt has them now: on the source the images the
+    /// mirror reads, on the destination (the incoming domain) the ones it writes into.
+    /// </summary>
+    private IReadOnlyList<DomainDisk> DisksOf(Guid uuid, StreamKind kind) =>
+        kind == StreamKind.Nbd && _libvirt?.GetXml(uuid) is { } xml ? DomainDisks.Parse(xml) : [];
+
+    private PeerRoute RoutePeer(RouteRequest hello)
     {
         if (!_options.Peers.Any(p => p.Name == hello.SenderName))
             return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
@@ -315,23 +382,22 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         return new PeerRoute(name, "");
     }
 
-    private void AcceptPeer(Hello hello, string guest, Socket connection)
+    private void AcceptPeer(RouteRequest hello, string guest, Socket connection)
     {
         var local = Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
-        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection);
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind));
     }
 
-    private void OnStreamFinished(TransferOutcome o)
+    // The helper reports about twice a second and once at its end: the signal follows each report.
+    private void OnProgress(StreamProgress p)
     {
-        if (o.Stats is not { } s)
-            return;
-        var sent = (ulong)Math.Max(0, o.Direction == TransferDirection.Send ? s.WireBytesOut : s.WireBytesIn);
-        var saved = (ulong)Math.Max(0, s.StreamBytes - (long)sent);
+        var sent = (ulong)Math.Max(0, p.Progress.WireBytes);
+        var saved = (ulong)Math.Max(0, p.Progress.LocalBytes - p.Progress.WireBytes);
         EmitSignal("TransferProgress", w =>
         {
-            w.WriteString(o.Guest);
-            w.WriteString(o.Peer);
-            w.WriteString(o.Stream);
+            w.WriteString(p.Guest);
+            w.WriteString(p.Peer);
+            w.WriteString(p.Stream);
             w.WriteUInt64(sent);
             w.WriteUInt64(saved);
         });
@@ -341,7 +407,12 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     {
         var first = outcomes[0];
         if (first.Direction == TransferDirection.Send)
+        {
             _ = ConfirmDepartureAsync(first.Uuid, first.Guest);
+            var maps = outcomes.Where(o => o.Ok && o.Stats is { Committed: true, DiskMap: not null }).Select(o => o.Stats!.DiskMap!).ToList();
+            if (maps.Count > 0)
+                _sealer.TripConfirmed(first.Uuid, first.Guest, maps);
+        }
         var ok = outcomes.All(o => o.Ok);
         var message = string.Join("; ", outcomes.Select(o => o.Ok
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
@@ -469,8 +540,6 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             ?? throw new DaemonApiException(DaemonErrors.UnknownGuest, $"libvirt at {_options.LibvirtUri} has no guest '{guest}' (or is unreachable)");
         if (!domain.Running)
             throw new DaemonApiException(DaemonErrors.Failed, $"guest {domain.Name} is not running; a live migration needs a running guest");
-        if (_options.AuthMode != PeerAuthMode.Psk)
-            throw new DaemonApiException(DaemonErrors.Failed, "auth:mode = tls is not supported by bfmig-transfer yet; set auth:mode = psk");
         if (_sockets is null || !_sockets.Ensure(domain.Uuid, domain.Name))
             throw new DaemonApiException(DaemonErrors.Failed, $"cannot set up the migration sockets of {domain.Name} (see the daemon's log)");
         return new MigrationUris(target.LibvirtUri,

@@ -87,6 +87,9 @@ public static class DaemonConfiguration
             TlsCertificate = s.Path("auth:tls_cert", "/etc/pki/libvirt/servercert.pem"),
             TlsKey = s.Path("auth:tls_key", "/etc/pki/libvirt/private/serverkey.pem"),
             TlsCaCertificate = s.Path("auth:tls_ca", "/etc/pki/CA/cacert.pem"),
+            TlsClientCertificate = s.Path("auth:tls_client_cert", "/etc/pki/libvirt/clientcert.pem"),
+            TlsClientKey = s.Path("auth:tls_client_key", "/etc/pki/libvirt/private/clientkey.pem"),
+            TlsVerifyPeerName = s.Boolean("auth:tls_verify_peer_name", true),
             Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
             BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),
             BusAddress = s.OptionalText("daemon:bus_address"),
@@ -203,6 +206,19 @@ public static class DaemonConfiguration
                 return value;
             var names = string.Join(", ", System.Enum.GetNames<T>().Select(n => n.ToLowerInvariant()));
             throw Bad(key, raw, $"must be one of {names}");
+        }
+
+        public bool Boolean(string key, bool fallback)
+        {
+            var raw = config[key];
+            if (raw is null)
+                return fallback;
+            return raw.Trim().ToLowerInvariant() switch
+            {
+                "yes" or "true" or "1" or "on" => true,
+                "no" or "false" or "0" or "off" => false,
+                _ => throw Bad(key, raw, "must be yes or no"),
+            };
         }
 
         public int Integer(string key, int fallback, int min, int max)

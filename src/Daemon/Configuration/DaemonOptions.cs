@@ -44,6 +44,15 @@ public sealed record DaemonOptions
     public required string TlsCertificate { get; init; }
     public required string TlsKey { get; init; }
     public required string TlsCaCertificate { get; init; }
+
+    /// <summary>The certificate this host presents when it connects to a peer (libvirt's client certificate).</summary>
+    public string TlsClientCertificate { get; init; } = "/etc/pki/libvirt/clientcert.pem";
+
+    /// <summary>The key of <see cref="TlsClientCertificate"/>.</summary>
+    public string TlsClientKey { get; init; } = "/etc/pki/libvirt/private/clientkey.pem";
+
+    /// <summary>When connecting, require the peer's certificate to name the peer's configured address (as libvirt's qemu+tls:// client does).</summary>
+    public bool TlsVerifyPeerName { get; init; } = true;
     public required CompressionChoice Compression { get; init; }
     public required int BufferMiB { get; init; }
     public required IReadOnlyList<PeerOptions> Peers { get; init; }

@@ -140,6 +140,23 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
         }
     }
 
+    /// <summary>The guest's live domain XML (its inactive one when it does not run), null when libvirt has no such guest or is unreachable.</summary>
+    public string? GetXml(Guid uuid)
+    {
+        var connection = _connection;
+        if (connection is null)
+            return null;
+        try
+        {
+            using var domain = connection.TryLookupDomainByUuid(uuid.ToString("D"));
+            return domain?.GetXmlDesc();
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>The guest called (or with the UUID) <paramref name="nameOrUuid"/>: UUID, name and whether it runs, null when unknown.</summary>
     public (Guid Uuid, string Name, bool Running)? Lookup(string nameOrUuid)
     {

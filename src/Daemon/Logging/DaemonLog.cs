@@ -24,8 +24,6 @@ internal static partial class DaemonLog
     [LoggerMessage(5, LogLevel.Error, "cannot start: {Reason}")]
     public static partial void StartFailed(ILogger logger, string reason, Exception? exception);
 
-    [LoggerMessage(6, LogLevel.Warning, "auth:mode = tls: bfmig-transfer has no TLS options yet, so the data path is off; use auth:mode = psk")]
-    public static partial void TlsDataPathUnavailable(ILogger logger);
 
     [LoggerMessage(7, LogLevel.Warning, "SIGHUP: settings are read at start only; restart bfmigd to apply a changed bfmig.conf (running transfers are not affected)")]
     public static partial void ReloadIgnored(ILogger logger);
@@ -111,4 +109,10 @@ internal static partial class DaemonLog
 
     [LoggerMessage(72, LogLevel.Information, "guest {Guest}: incoming migration announced by the hook")]
     public static partial void IncomingMigration(ILogger logger, string guest);
+
+    [LoggerMessage(63, LogLevel.Information, "guest {Guest} ({Uuid}): identity of the image behind disk map {Map} captured after the source QEMU stopped: {Result}")]
+    public static partial void DiskIdentityCaptured(ILogger logger, string guest, string uuid, string map, string result);
+
+    [LoggerMessage(64, LogLevel.Warning, "guest {Guest} ({Uuid}) started here while recorded away: disk map {Map} invalidated, the next trip here sends the whole disk")]
+    public static partial void DiskMapInvalidated(ILogger logger, string guest, string uuid, string map);
 }

@@ -13,20 +13,20 @@ public sealed record PeerRoute(string? GuestName, string Reason);
 
 /// <summary>
 /// Accepts the peers' data connections on <c>daemon:listen</c>. Each connection starts with the
-/// sending helper's hello frame in clear (PSK mode); the daemon peeks at it (MSG_PEEK, nothing
-/// is consumed) to learn guest and stream kind, routes it to a receiving helper, and leaves
-/// authentication to that helper. Garbage, unknown guests and unknown senders are closed with a
+/// sending helper's hello frame in clear (PSK mode) or a route frame before TLS (TLS mode); the
+/// daemon peeks at it (MSG_PEEK, nothing is consumed) to learn guest and stream kind, routes it to
+/// a receiving helper, and leaves authentication to that helper. Garbage, unknown guests and unknown senders are closed with a
 /// logged reason.
 /// </summary>
 public sealed class PeerListener : IDisposable
 {
-    /// <summary>Largest hello frame: header + 89 fixed bytes + a 255-byte sender name.</summary>
+    /// <summary>Largest hello frame: header + 89 fixed bytes + a 255-byte sender name (a route frame is smaller).</summary>
     private const int MaxHelloFrame = FrameCodec.HeaderLength + 89 + 255;
     private static readonly TimeSpan HelloTimeout = TimeSpan.FromSeconds(15);
 
     private readonly Socket _socket;
-    private readonly Func<Hello, PeerRoute> _route;
-    private readonly Action<Hello, string, Socket> _accept;
+    private readonly Func<RouteRequest, PeerRoute> _route;
+    private readonly Action<RouteRequest, string, Socket> _accept;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
     private readonly SemaphoreSlim _pendingHellos = new(32);
@@ -35,7 +35,7 @@ public sealed class PeerListener : IDisposable
     /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
     /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
     /// </summary>
-    public PeerListener(IPEndPoint endpoint, Func<Hello, PeerRoute> route, Action<Hello, string, Socket> accept, ILogger logger)
+    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Action<RouteRequest, string, Socket> accept, ILogger logger)
     {
         _route = route;
         _accept = accept;
@@ -89,10 +89,10 @@ public sealed class PeerListener : IDisposable
         }
         try
         {
-            Hello hello;
+            RouteRequest hello;
             try
             {
-                hello = await PeekHelloAsync(connection, HelloTimeout, _stop.Token).ConfigureAwait(false);
+                hello = await PeekRouteAsync(connection, HelloTimeout, _stop.Token).ConfigureAwait(false);
             }
             catch (Exception e) when (e is PeerProtocolException or TimeoutException or SocketException or OperationCanceledException)
             {
@@ -121,10 +121,11 @@ public sealed class PeerListener : IDisposable
     }
 
     /// <summary>
-    /// Waits until the whole hello frame is in the socket's receive queue and decodes it without
-    /// consuming it. Throws <see cref="PeerProtocolException"/> naming what is wrong.
+    /// Waits until the whole first frame (a hello, or a route before TLS) is in the socket's
+    /// receive queue and decodes it without consuming it. Throws <see cref="PeerProtocolException"/>
+    /// naming what is wrong.
     /// </summary>
-    public static async Task<Hello> PeekHelloAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
+    public static async Task<RouteRequest> PeekRouteAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
     {
         var buffer = new byte[MaxHelloFrame];
         var deadline = DateTime.UtcNow + timeout;
@@ -139,13 +140,16 @@ public sealed class PeerListener : IDisposable
             if (got >= FrameCodec.HeaderLength)
             {
                 var header = FrameCodec.ParseHeader(buffer.AsSpan(0, FrameCodec.HeaderLength), 0);
-                if (header.Type != FrameType.Hello)
-                    throw new PeerProtocolException($"first frame is {header.Type}, not a hello (is the peer using TLS, or not bfmig-transfer?)");
+                if (header.Type is not (FrameType.Hello or FrameType.Route))
+                    throw new PeerProtocolException($"first frame is {header.Type}, not a hello or route (not bfmig-transfer?)");
                 if (header.Codec != FrameCodecKind.None || header.WireLength > MaxHelloFrame - FrameCodec.HeaderLength)
                     throw new PeerProtocolException($"hello frame header at byte 0 is malformed (codec {header.Codec}, length {header.WireLength})");
                 need = FrameCodec.HeaderLength + header.WireLength;
                 if (got >= need)
-                    return Hello.Decode(buffer.AsSpan(FrameCodec.HeaderLength, header.WireLength));
+                {
+                    var payload = buffer.AsSpan(FrameCodec.HeaderLength, header.WireLength);
+                    return header.Type == FrameType.Route ? RouteRequest.Decode(payload) : RouteRequest.From(Hello.Decode(payload));
+                }
             }
             if (socket.Available >= need)
                 continue;

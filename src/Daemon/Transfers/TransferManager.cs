@@ -1,8 +1,10 @@
 using System.Globalization;
+using System.IO.Pipes;
 using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
 using BFMig.Native.Processes;
 using BFMig.Transfer.Engine;
@@ -35,6 +37,15 @@ public sealed record TransferOutcome(string Guest, Guid Uuid, string Peer, strin
     public bool Ok => ExitCode == 0;
 }
 
+/// <summary>Live counters of one running stream (from the helper's <c>--progress-fd</c>).</summary>
+/// <param name="Guest">Guest name.</param>
+/// <param name="Uuid">Guest UUID.</param>
+/// <param name="Peer">The other host.</param>
+/// <param name="Stream">"memory", or the disk's target device ("vda"), "disk" while unknown.</param>
+/// <param name="Direction">Send or receive.</param>
+/// <param name="Progress">The helper's report.</param>
+public sealed record StreamProgress(string Guest, Guid Uuid, string Peer, string Stream, TransferDirection Direction, TransferProgress Progress);
+
 /// <summary>
 /// Runs one <c>bfmig-transfer</c> process per migration stream, with the stream's socket in the
 /// child's descriptor 3, and at most <see cref="DaemonOptions.MaxTransfers"/> at once. Reports
@@ -44,6 +55,7 @@ public sealed record TransferOutcome(string Guest, Guid Uuid, string Peer, strin
 public sealed class TransferManager
 {
     private const int HelperFd = 3;
+    private const int ProgressFd = 4;
     private readonly DaemonOptions _options;
     private readonly string _helper;
     private readonly string _statsDirectory;
@@ -64,6 +76,9 @@ public sealed class TransferManager
         _statsDirectory = statsDirectory;
         _logger = logger;
     }
+
+    /// <summary>A running stream reported its counters, about twice a second (any thread).</summary>
+    public event Action<StreamProgress>? Progressed;
 
     /// <summary>A stream ended (any thread).</summary>
     public event Action<TransferOutcome>? StreamFinished;
@@ -107,7 +122,7 @@ public sealed class TransferManager
     /// sending helper. Takes ownership of <paramref name="qemu"/>; returns false (and closes it,
     /// so QEMU fails the migration and keeps the guest) when refused.
     /// </summary>
-    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu)
+    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks)
     {
         var args = new List<string>
         {
@@ -116,24 +131,38 @@ public sealed class TransferManager
             "--guest", uuid.ToString("D"), "--peer-name", peer.Name,
             "--store", _options.StateDirectory, "--name", _options.HostName,
         };
-        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args);
+        if (_options.AuthMode == PeerAuthMode.Tls)
+        {
+            // This host connects: it is the TLS client, as libvirt is when it migrates to qemu+tls://PEER.
+            args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
+            if (_options.TlsVerifyPeerName)
+                args.AddRange(["--tls-peer-name", peer.Host]);
+        }
+        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks);
     }
 
     /// <summary>
     /// Hands an accepted peer connection to a receiving helper that connects to the local QEMU at
     /// <paramref name="localSocket"/>. Takes ownership of <paramref name="peerSocket"/>.
     /// </summary>
-    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket)
+    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket, IReadOnlyList<DomainDisk> disks)
     {
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
             "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
         };
-        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args);
+        if (_options.AuthMode == PeerAuthMode.Tls)
+            args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
+        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
 
-    private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args)
+    /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
+    public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>
+        disks.SelectMany(d => d.ExportNames.SelectMany(e => new[] { "--image", d.Image.ToArgument(e) }));
+
+    private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
+        IReadOnlyList<DomainDisk> disks)
     {
         using (socket)
         {
@@ -155,20 +184,29 @@ public sealed class TransferManager
             if (_options.AuthMode == PeerAuthMode.Psk && _options.PskFile is not null)
                 args.AddRange(["--psk-file", _options.PskFile]);
             args.AddRange(["--compress", _options.Compression.ToString().ToLowerInvariant()]);
+            if (kind == StreamKind.Nbd)
+                args.AddRange(ImageArguments(disks));
+            args.AddRange(["--progress-fd", ProgressFd.ToString(CultureInfo.InvariantCulture)]);
             ChildProcess child;
             lock (_gate)
             {
+                var progress = new AnonymousPipeServerStream(PipeDirection.In, HandleInheritability.None);
                 try
                 {
                     // Under the lock so that shutdown sees every child it must wait for.
-                    child = ChildProcess.Start(_helper, args, [((int)socket.Handle, HelperFd)]);
+                    int progressWriteEnd = (int)progress.ClientSafePipeHandle.DangerousGetHandle();
+                    child = ChildProcess.Start(_helper, args, [((int)socket.Handle, HelperFd), (progressWriteEnd, ProgressFd)]);
                 }
-                catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException)
+                catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or ArgumentException)
                 {
+                    progress.Dispose();
                     DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot start {_helper}: {e.Message}");
                     return false;
                 }
-                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath);
+                // Only the child writes: our copy would keep the pipe open past its exit.
+                progress.DisposeLocalCopyOfClientHandle();
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks);
+                _ = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 var key = (uuid, direction);
                 if (!_trips.TryGetValue(key, out var trip))
@@ -188,6 +226,28 @@ public sealed class TransferManager
                 }, TaskScheduler.Default);
             }
             return true;
+        }
+    }
+
+    private async Task ReadProgressAsync(Running running, AnonymousPipeServerStream pipe)
+    {
+        using var reader = new StreamReader(pipe);
+        try
+        {
+            // A helper sends a line twice a second: a longer line is not one of its reports.
+            while (await reader.ReadLineAsync().ConfigureAwait(false) is { } line)
+            {
+                if (line.Length > 4096 || TransferProgress.TryParse(line) is not { } report)
+                    continue;
+                var stream = running.Kind == StreamKind.Mig ? StreamName(running.Kind)
+                    : running.Disks.FirstOrDefault(d => report.Export is { } e && d.ExportNames.Contains(e))?.Target ?? StreamName(running.Kind);
+                var progress = new StreamProgress(running.Guest, running.Uuid, running.Peer, stream, running.Direction, report);
+                Raise(() => Progressed?.Invoke(progress));
+            }
+        }
+        catch (IOException)
+        {
+            // The helper's end is gone; its exit is reported by the watcher.
         }
     }
 
@@ -311,7 +371,8 @@ public sealed class TransferManager
 
     private static string FormatHost(string host) => host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host;
 
-    private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath);
+    private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath,
+        IReadOnlyList<DomainDisk> Disks);
 
     private sealed class Trip
     {

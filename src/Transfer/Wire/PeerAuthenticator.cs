@@ -187,7 +187,7 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
         {
             var status = string.Join(", ", custom.ChainStatus.Select(s => s.StatusInformation.Trim()).Where(s => s.Length > 0).Distinct());
             return $"certificate '{leaf.Subject}' (valid {leaf.NotBefore.ToUniversalTime():yyyy-MM-dd HH:mm} to {leaf.NotAfter.ToUniversalTime():yyyy-MM-dd HH:mm} UTC) " +
-                $"does not chain to the trusted CA: {(status.Length > 0 ? status : "untrusted")}";
+                $"is not trusted by the CA file: {(status.Length > 0 ? status : "no valid chain")}";
         }
         if (_expectedPeerName is { } name && !leaf.MatchesHostname(name, allowWildcards: true, allowCommonName: true))
             return $"certificate '{leaf.Subject}' does not name {name}";
