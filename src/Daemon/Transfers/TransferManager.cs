@@ -206,7 +206,7 @@ public sealed class TransferManager
                 // Only the child writes: our copy would keep the pipe open past its exit.
                 progress.DisposeLocalCopyOfClientHandle();
                 var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks);
-                _ = Task.Run(() => ReadProgressAsync(running, progress));
+                running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 var key = (uuid, direction);
                 if (!_trips.TryGetValue(key, out var trip))
@@ -262,6 +262,8 @@ public sealed class TransferManager
         {
             code = 255;
         }
+        // Every progress signal of the stream comes before its end is reported (the pipe ends with the helper).
+        await Task.WhenAny(running.ProgressDone, Task.Delay(TimeSpan.FromSeconds(2))).ConfigureAwait(false);
         var stats = ReadStats(running.StatsPath);
         var error = code == 0 ? null : stats?.Error ?? $"exited with code {code} without writing statistics";
         var outcome = new TransferOutcome(running.Guest, running.Uuid, running.Peer, StreamName(running.Kind), running.Direction, code, error, stats);
@@ -372,7 +374,10 @@ public sealed class TransferManager
     private static string FormatHost(string host) => host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host;
 
     private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath,
-        IReadOnlyList<DomainDisk> Disks);
+        IReadOnlyList<DomainDisk> Disks)
+    {
+        public Task ProgressDone { get; set; } = Task.CompletedTask;
+    }
 
     private sealed class Trip
     {
