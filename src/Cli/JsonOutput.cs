@@ -22,6 +22,9 @@ internal sealed record DoctorJson(bool Ok, IReadOnlyList<CheckJson> Checks);
 
 internal sealed record StreamJson(string Stream, ulong BytesSent, ulong BytesSaved);
 
+/// <summary>One line of <c>bfmig migrate --json</c> while the trip runs.</summary>
+internal sealed record ProgressJson(string Event, string Guest, string Peer, string Stream, ulong BytesSent, ulong BytesSaved);
+
 internal sealed record MigrateJson(string Guest, string Peer, string DestinationUri, string MigrateUri, string DisksUri,
     IReadOnlyList<string> Command, bool DryRun, int? VirshExitCode, bool Ok, ulong BytesSent, ulong BytesSaved,
     IReadOnlyList<StreamJson> Streams, string? Message);
@@ -32,6 +35,7 @@ internal sealed record MigrateJson(string Guest, string Peer, string Destination
 [JsonSerializable(typeof(ForgetJson))]
 [JsonSerializable(typeof(DoctorJson))]
 [JsonSerializable(typeof(MigrateJson))]
+[JsonSerializable(typeof(ProgressJson))]
 // GetStatus is an a{sv}: its values arrive as these basic types.
 [JsonSerializable(typeof(Dictionary<string, object>))]
 [JsonSerializable(typeof(string))]
@@ -58,6 +62,23 @@ internal static class JsonOutput
         Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
     });
 
-    public static void Write<T>(T value, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> typeInfo) =>
-        Console.Out.WriteLine(JsonSerializer.Serialize(value, typeInfo));
+    /// <summary>The same, one document per line (JSON lines, for streams of events).</summary>
+    public static CliJsonContext LineContext { get; } = new(new JsonSerializerOptions(CliJsonContext.Default.Options)
+    {
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+        WriteIndented = false,
+    });
+
+    private static readonly Lock OutputGate = new();
+
+    public static void Write<T>(T value, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> typeInfo)
+    {
+        string text = JsonSerializer.Serialize(value, typeInfo);
+        // Progress lines arrive on the bus thread: whole lines only.
+        lock (OutputGate)
+        {
+            Console.Out.WriteLine(text);
+            Console.Out.Flush();
+        }
+    }
 }

@@ -44,7 +44,11 @@ internal static class Migration
 
         // Listen before anything can happen, so no early progress is lost.
         string daemon = client.DaemonUniqueName();
-        var progress = new TransferProgress(peer, AliasesOf(client, guest), options.Json ? null : new ProgressDisplay(Console.Out));
+        // --json: one line per progress signal, then the result on one line (JSON lines).
+        Action<string, ulong, ulong>? jsonLine = options.Json
+            ? (stream, sent, saved) => JsonOutput.Write(new ProgressJson("progress", guest, peer, stream, sent, saved), JsonOutput.LineContext.ProgressJson)
+            : null;
+        var progress = new TransferProgress(peer, AliasesOf(client, guest), options.Json ? null : new ProgressDisplay(Console.Out), jsonLine);
         client.Connection.StartProcessing();
         using IDisposable subscription = client.Connection.SubscribeSignal(daemon, DaemonClient.ObjectPath,
             DaemonClient.Interface, null, progress.OnSignal);
@@ -63,7 +67,7 @@ internal static class Migration
             JsonOutput.Write(new MigrateJson(guest, peer, prepared.DestinationUri, prepared.MigrateUri, prepared.DisksUri,
                 ["virsh", .. virshArgs], DryRun: false, exitCode, ok, result.TotalSent, result.TotalSaved,
                 [.. result.Streams.Select(s => new StreamJson(s.Key, s.Value.Sent, s.Value.Saved))], message),
-                JsonOutput.Context.MigrateJson);
+                JsonOutput.LineContext.MigrateJson);
         }
         else if (ok)
         {
@@ -144,7 +148,8 @@ internal static class Migration
 }
 
 /// <summary>Collects TransferProgress/TransferFinished for one guest and peer (signals arrive on the sd-bus thread).</summary>
-internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAliases, ProgressDisplay? display)
+internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAliases, ProgressDisplay? display,
+    Action<string, ulong, ulong>? jsonLine = null)
 {
     private readonly Lock _gate = new();
     private readonly SortedDictionary<string, (ulong Sent, ulong Saved)> _streams = new(StringComparer.Ordinal);
@@ -190,6 +195,7 @@ internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAl
                     snapshot = new Snapshot(new SortedDictionary<string, (ulong, ulong)>(_streams, StringComparer.Ordinal), _finishedOk, _finishedMessage);
                 }
                 display?.Update(snapshot);
+                jsonLine?.Invoke(stream, sent, saved);
                 break;
             }
             case "TransferFinished":

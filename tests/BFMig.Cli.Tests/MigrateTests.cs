@@ -120,7 +120,13 @@ public sealed class MigrateTests : CliTestBase
         };
         CliResult ok = Bfmig("migrate", "vm1", "hostB", "--json");
         Assert.Equal(0, ok.ExitCode);
-        JsonElement json = Json(ok);
+        // JSON lines: one per progress signal as it comes, then the result.
+        JsonElement[] lines = JsonLines(ok);
+        Assert.Equal(3, lines.Length);
+        Assert.Equal(["progress:memory:100:900", "progress:vda:50:4000"], lines[..2].Select(l =>
+            $"{l.GetProperty("event").GetString()}:{l.GetProperty("stream").GetString()}:{l.GetProperty("bytes_sent").GetUInt64()}:{l.GetProperty("bytes_saved").GetUInt64()}"));
+        Assert.All(lines[..2], l => Assert.Equal(("vm1", "hostB"), (l.GetProperty("guest").GetString(), l.GetProperty("peer").GetString())));
+        JsonElement json = lines[^1];
         Assert.False(json.GetProperty("dry_run").GetBoolean());
         Assert.True(json.GetProperty("ok").GetBoolean());
         Assert.Equal(0, json.GetProperty("virsh_exit_code").GetInt32());
@@ -132,10 +138,17 @@ public sealed class MigrateTests : CliTestBase
 
         CliResult failed = Bfmig("migrate", "vm1", "hostB", "--json", exitCode: 3);
         Assert.Equal(1, failed.ExitCode);
-        JsonElement failedJson = Json(failed);
+        JsonElement failedJson = JsonLines(failed)[^1];
         Assert.False(failedJson.GetProperty("ok").GetBoolean());
         Assert.Equal(3, failedJson.GetProperty("virsh_exit_code").GetInt32());
     }
+
+    private static JsonElement[] JsonLines(CliResult result) =>
+        [.. result.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(line =>
+        {
+            using JsonDocument d = JsonDocument.Parse(line);
+            return d.RootElement.Clone();
+        })];
 
     [Fact]
     public void Fast_progress_is_thinned_out_but_the_last_state_is_shown()
