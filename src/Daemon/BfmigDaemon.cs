@@ -54,6 +54,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
     private readonly DiskIdentitySealer _sealer;
+    private string? _dataPathOff;
 
     public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
     {
@@ -102,18 +103,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         var helper = LocateHelper(_options);
         if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
             throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
-        if (_options.AuthMode == PeerAuthMode.Tls)
-        {
-            foreach (var (key, file) in new[]
-            {
-                ("auth:tls_cert", _options.TlsCertificate), ("auth:tls_key", _options.TlsKey), ("auth:tls_ca", _options.TlsCaCertificate),
-                ("auth:tls_client_cert", _options.TlsClientCertificate), ("auth:tls_client_key", _options.TlsClientKey),
-            })
-            {
-                if (!File.Exists(file))
-                    throw new ConfigurationException($"{key} = '{file}': no such file (auth:mode = tls uses libvirt's host certificates)");
-            }
-        }
+        _dataPathOff = MissingTlsFile(_options);
+        if (_dataPathOff is not null)
+            DaemonLog.DataPathOff(_logger, _dataPathOff);
 
         Directory.CreateDirectory(_options.StateDirectory, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
         var transfersDir = Path.Combine(_options.RuntimeDirectory, ".transfers");
@@ -139,8 +131,31 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
 
-        _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
-        _peerTask = _peers.RunAsync();
+        if (_dataPathOff is null)
+        {
+            _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
+            _peerTask = _peers.RunAsync();
+        }
+    }
+
+    /// <summary>
+    /// With auth:mode = tls, the first certificate or key file that is missing (the daemon then
+    /// runs without a data path: state, guard and CLI keep working, migrations are refused).
+    /// </summary>
+    private static string? MissingTlsFile(DaemonOptions options)
+    {
+        if (options.AuthMode != PeerAuthMode.Tls)
+            return null;
+        foreach (var (key, file) in new[]
+        {
+            ("auth:tls_cert", options.TlsCertificate), ("auth:tls_key", options.TlsKey), ("auth:tls_ca", options.TlsCaCertificate),
+            ("auth:tls_client_cert", options.TlsClientCertificate), ("auth:tls_client_key", options.TlsClientKey),
+        })
+        {
+            if (!File.Exists(file))
+                return $"{key} = '{file}' does not exist (auth:mode = tls uses libvirt's host certificates; or set auth:mode = psk)";
+        }
+        return null;
     }
 
     /// <summary>The helper to run: transfer:helper, else the installed one, else bfmig-transfer next to this program.</summary>
@@ -362,8 +377,16 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
     // ---- data path ----
 
-    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection) =>
+    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection)
+    {
+        if (_dataPathOff is { } why)
+        {
+            DaemonLog.TransferRefused(_logger, TransferManager.KindArg(kind), guest, why);
+            connection.Dispose();
+            return;
+        }
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
+    }
 
     /// <summary>
     /// The file-backed disks of the guest as libvirt has them now: on the source the images the
@@ -540,6 +563,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             ?? throw new DaemonApiException(DaemonErrors.UnknownGuest, $"libvirt at {_options.LibvirtUri} has no guest '{guest}' (or is unreachable)");
         if (!domain.Running)
             throw new DaemonApiException(DaemonErrors.Failed, $"guest {domain.Name} is not running; a live migration needs a running guest");
+        if (_dataPathOff is { } off)
+            throw new DaemonApiException(DaemonErrors.Failed, "the data path is off: " + off);
         if (_sockets is null || !_sockets.Ensure(domain.Uuid, domain.Name))
             throw new DaemonApiException(DaemonErrors.Failed, $"cannot set up the migration sockets of {domain.Name} (see the daemon's log)");
         return new MigrationUris(target.LibvirtUri,

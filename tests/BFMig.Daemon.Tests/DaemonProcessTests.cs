@@ -145,8 +145,9 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         var helper = Path.Combine(_dir, "fake-transfer");
         File.WriteAllText(helper, "#!/bin/sh\nexec sleep 120\n");
         File.SetUnixFileMode(helper, (UnixFileMode)0b111_101_101);
-        var ini = DaemonHost.Ini("hosta", "hostb", 9).Replace("shutdown_grace_seconds = 5",
+        var ini = DaemonHost.Ini("hosta", "hostb", 9).Replace($"helper = {DaemonHost.TestHelper}\nshutdown_grace_seconds = 5",
             $"shutdown_grace_seconds = 1\nmax_concurrent = 1\nhelper = {helper}", StringComparison.Ordinal);
+        Assert.Contains(helper, ini);
         var host = DaemonHost.Start(bus, ini);
         try
         {

@@ -32,11 +32,8 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
         return Task.CompletedTask;
     }
 
-    /// <summary>BFMIG_TEST_TRANSFER_HELPER runs the data path with another helper build (e.g. the native AOT one, to measure).</summary>
-    private static string WithHelper(string ini) =>
-        Environment.GetEnvironmentVariable("BFMIG_TEST_TRANSFER_HELPER") is { Length: > 0 } helper
-            ? ini.Replace("[transfer]\n", $"[transfer]\nhelper = {helper}\n", StringComparison.Ordinal)
-            : ini;
+    /// <summary>The helper is <see cref="DaemonHost.TestHelper"/> (BFMIG_TEST_TRANSFER_HELPER may name another build).</summary>
+    private static string WithHelper(string ini) => ini;
 
     public async Task DisposeAsync()
     {

@@ -161,4 +161,22 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.InRange(last.Sent + last.Saved, (ulong)stream.Length, (ulong)stream.Length * 11 / 10);
         Assert.True(last.Sent > 0);
     }
+
+    [Fact]
+    public async Task Without_the_host_certificates_the_daemon_runs_but_refuses_migrations_saying_which_file_is_missing()
+    {
+        using var bus = new PrivateBus();
+        var ini = DaemonHost.Ini("hosta", "hostb", 9).Replace("mode = psk\npsk_file = ROOT/psk\n",
+            "mode = tls\ntls_cert = ROOT/absent-cert.pem\ntls_key = ROOT/absent-key.pem\ntls_ca = ROOT/absent-ca.pem\n", StringComparison.Ordinal);
+        await using var host = DaemonHost.Start(bus, ini);
+        Assert.Equal(Configuration.PeerAuthMode.Tls, host.Options.AuthMode);
+        Assert.Equal(0, host.Daemon.PeerPort);
+        var e = Assert.Throws<Api.DaemonApiException>(() => host.Daemon.PrepareMigration("test", "hostb"));
+        Assert.Contains("data path is off: auth:tls_cert = '", e.Message);
+        Assert.Contains("absent-cert.pem' does not exist", e.Message);
+        Assert.Contains("the data path is off", host.Log);
+        var auth = host.Daemon.Doctor().Single(c => c.Name == "auth");
+        Assert.False(auth.Passed);
+        Assert.Contains("absent-cert.pem", auth.Detail);
+    }
 }

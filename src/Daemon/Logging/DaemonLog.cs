@@ -25,6 +25,9 @@ internal static partial class DaemonLog
     public static partial void StartFailed(ILogger logger, string reason, Exception? exception);
 
 
+    [LoggerMessage(6, LogLevel.Error, "the data path is off: {Reason}")]
+    public static partial void DataPathOff(ILogger logger, string reason);
+
     [LoggerMessage(7, LogLevel.Warning, "SIGHUP: settings are read at start only; restart bfmigd to apply a changed bfmig.conf (running transfers are not affected)")]
     public static partial void ReloadIgnored(ILogger logger);
 

@@ -92,11 +92,21 @@ public sealed class DaemonHost : IAsyncDisposable
         mode = psk
         psk_file = ROOT/psk
         [transfer]
+        helper = {TestHelper}
         shutdown_grace_seconds = 5
         [peers:{peer}]
         address = 127.0.0.1:{peerPort}
         libvirt_uri = qemu+tcp://{peer}/system
         """;
+
+    /// <summary>
+    /// The helper built with these tests (not an installed /usr/libexec one, which may be another
+    /// version); BFMIG_TEST_TRANSFER_HELPER picks another build (e.g. the native AOT one, to measure).
+    /// </summary>
+    public static string TestHelper =>
+        Environment.GetEnvironmentVariable("BFMIG_TEST_TRANSFER_HELPER") is { Length: > 0 } helper
+            ? helper
+            : Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
 
     /// <summary>The same 32-byte key for every test host, so that two of them authenticate each other.</summary>
     public static void WritePsk(string path)
