@@ -177,6 +177,8 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
         Assert.Contains(reason, error);
         if (fault == "receiver certificate expired")
             Assert.Contains("2026", error);
+        // The side whose certificate was refused points at the other's log.
+        Assert.Contains("peer rejected this host's certificate", receiverRejects ? run.SenderError : run.ReceiverError);
         Assert.Equal(0L, run.ReceiverStats?["streamBytes"]?.GetValue<long>() ?? 0L);
     }
 
@@ -188,6 +190,8 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
         {
             new[] { "send", "--kind", "mig", "--fd", "3", "--peer", "tcp:127.0.0.1:9", "--guest", Guest.ToString(), "--peer-name", "b", "--tls-cert", "/x" },
             ["send", "--kind", "mig", "--fd", "3", "--peer", "tcp:127.0.0.1:9", "--guest", Guest.ToString(), "--peer-name", "b", "--tls-peer-name", "b"],
+            ["send", "--kind", "mig", "--fd", "3", "--peer", "tcp:127.0.0.1:9", "--guest", Guest.ToString(), "--peer-name", "b",
+                "--psk-file", "/x", "--tls-cert", "/a", "--tls-key", "/b", "--tls-ca", "/c"],
             ["receive", "--kind", "nbd", "--fd", "3", "--connect", "unix:/x", "--guest", Guest.ToString(), "--image", "drive-virtio-disk0=qcow2:relative.qcow2"],
             ["receive", "--kind", "nbd", "--fd", "3", "--connect", "unix:/x", "--guest", Guest.ToString(), "--image", "noformat"],
         })

@@ -85,7 +85,7 @@ public static class TransferRunner
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
                 hs.CancelAfter(o.HandshakeTimeout);
-                reply = await Handshake.ClientAsync(reader, writer, o.Authenticator, hello, hs.Token);
+                reply = await ExplainTlsCloseAsync(Handshake.ClientAsync(reader, writer, o.Authenticator, hello, hs.Token), o);
             }
             if (diskStore && reply.HasStore)
             {
@@ -161,7 +161,7 @@ public static class TransferRunner
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
                 hs.CancelAfter(o.HandshakeTimeout);
-                (hello, decision) = await Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, ref store), hs.Token);
+                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, ref store), hs.Token), o);
             }
             if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
             var opened = await connectLocal(ct);
@@ -222,6 +222,21 @@ public static class TransferRunner
         var digest = DigestBytes(s.Digest);
         bool match = s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
         return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
+    }
+
+    // With TLS 1.3 a side learns that the other rejected its certificate only when the
+    // connection closes right after the handshake: say so, the other side's log has the reason.
+    private static async Task<T> ExplainTlsCloseAsync<T>(Task<T> handshake, TransferOptions o)
+    {
+        try
+        {
+            return await handshake;
+        }
+        catch (PeerProtocolException e) when (o.Authenticator.HidesHello && e is not PeerAuthenticationException
+            && e.Message.Contains("closed the connection", StringComparison.Ordinal))
+        {
+            throw new PeerProtocolException(e.Message + " (over TLS this usually means the peer rejected this host's certificate; its log says why)", e);
+        }
     }
 
     private static byte[] DigestBytes(string? hex) => string.IsNullOrEmpty(hex) || hex.Length != 32 ? new byte[16] : Convert.FromHexString(hex);
