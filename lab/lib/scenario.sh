@@ -73,7 +73,7 @@ json_skipped() {
 
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
-    local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none
+    local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -90,6 +90,7 @@ cmd_roundtrip() {
             --rate) rate=$2 ;;
             --stack) stack=$2 ;;
             --corrupt) corrupt=$2 ;;
+            --touch-retained-mib) touch_mib=$2 ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -166,6 +167,14 @@ cmd_roundtrip() {
               images_identical: $images}')")
 
         if ((trip < trips)); then
+            if ((touch_mib > 0)); then
+                # Behind BFMig's back: the image the guest left on SRC (where the next trip returns)
+                # gets a pattern at the end of the disk, where the guest has no data; only a trip
+                # that sends the whole disk puts back what the guest has there.
+                log "$mode: writing ${touch_mib} MiB into the image the guest left on ${src^^} (qemu-io)"
+                qemu-io -f qcow2 -c "write -P 0x5a $((disk_gib * 1024 - touch_mib))M ${touch_mib}M" "$(guest_image "$src")" > /dev/null ||
+                    die "$mode: writing into ${src^^}'s retained image failed"
+            fi
             log "$mode: changing ${mem_pct}% of RAM data and ${disk_pct}% of disk data on ${dst^^}"
             guest_cmd "$dst" 1800 mchange "$mem_pct" "$trip" || die "$mode: changing RAM data failed"
             guest_record
@@ -191,11 +200,11 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
-                     disk_rewrite_mib: $rew, corrupt: $corrupt},
+                     disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch},
           migrate_args: $migargs, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup

@@ -44,6 +44,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
     private readonly Lock _stateQueueGate = new();
     private Task _stateQueue = Task.CompletedTask;
+    private Task _sealQueue = Task.CompletedTask;
     private DBusConnection? _bus;
     private IDisposable? _export;
     private LibvirtWatcher? _libvirt;
@@ -204,7 +205,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             await Task.WhenAll(_libvirtTask, _peerTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
             Task queue;
             lock (_stateQueueGate)
-                queue = _stateQueue;
+                queue = Task.WhenAll(_stateQueue, _sealQueue);
             await queue.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
         }
         catch (Exception e) when (e is TimeoutException or OperationCanceledException)
@@ -319,7 +320,15 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
     // ---- disk image identity (DiskIdentitySealer says when) ----
 
-    private void QueueSeal(Guid uuid, string name, IReadOnlyList<string> maps) => Queue(() =>
+    // Own chain, not the location queue: that one may wait up to 60 s for a helper's store lock,
+    // and every second before the capture is a second in which a write to the image goes unseen.
+    private void QueueSeal(Guid uuid, string name, IReadOnlyList<string> maps)
+    {
+        lock (_stateQueueGate)
+            _sealQueue = _sealQueue.ContinueWith(_ => Seal(uuid, name, maps), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+    }
+
+    private void Seal(Guid uuid, string name, IReadOnlyList<string> maps)
     {
         foreach (var map in maps)
         {
@@ -334,7 +343,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             }
             DaemonLog.DiskIdentityCaptured(_logger, name, uuid.ToString("D"), map, result);
         }
-    });
+    }
 
     /// <summary>
     /// The guest was started here other than by an incoming migration while recorded as away: its
