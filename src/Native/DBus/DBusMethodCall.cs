@@ -94,7 +94,18 @@ public sealed unsafe class DBusMethodCall
         Interop.SdBus.Check(Interop.SdBus.sd_bus_message_new_method_return(call, &reply), "new method return");
         try
         {
-            write?.Invoke(new DBusMessageWriter(reply));
+            try
+            {
+                write?.Invoke(new DBusMessageWriter(reply));
+            }
+            catch (Exception e)
+            {
+                // The call counts as answered already; without an error reply here the caller
+                // would wait for its whole timeout and then see a misleading NoReply.
+                SendError(call, DBusErrorNames.Failed, $"building the reply failed: {e.Message}");
+                connection.Wake();
+                throw;
+            }
             Interop.SdBus.Check(Interop.SdBus.sd_bus_send(0, reply, null), "send reply");
         }
         finally

@@ -90,6 +90,22 @@ public sealed class DBusTests : IClassFixture<PrivateBusFixture>, IDisposable
                 });
             }, ["delayMs"], ["text"])
             .AddMethod("Never", "", "", call => call.Defer())
+            .AddMethod("ReplyThrows", "", "s", call => call.Reply(_ => throw new InvalidOperationException("no value to write")), [], ["text"])
+            .AddMethod("LaterThrows", "", "s", call =>
+            {
+                DBusDeferredReply reply = call.Defer();
+                _ = Task.Run(() =>
+                {
+                    try
+                    {
+                        reply.Reply(_ => throw new InvalidOperationException("no value to write later"));
+                    }
+                    catch (InvalidOperationException)
+                    {
+                        // Expected: the writer's failure reaches the replying code too.
+                    }
+                });
+            }, [], ["text"])
             .AddMethod("Emit", "s", "", call =>
             {
                 string payload = call.Reader.ReadString();
@@ -231,6 +247,20 @@ public sealed class DBusTests : IClassFixture<PrivateBusFixture>, IDisposable
         // The sync path works while the processing thread runs.
         Assert.Equal("answered after 5 ms",
             _client.Call(Name, ObjectPath, Iface, "Later", w => w.WriteUInt32(5), r => r.ReadString(), Timeout));
+    }
+
+    [Fact]
+    public async Task A_reply_writer_that_throws_answers_with_an_error_instead_of_silence()
+    {
+        // Well inside the timeout: a missing reply would show up as NoReply after 10 s.
+        var e = Assert.Throws<DBusException>(() => _client.Call(Name, ObjectPath, Iface, "ReplyThrows", null, Timeout));
+        Assert.Equal(DBusErrorNames.Failed, e.ErrorName);
+        Assert.Contains("no value to write", e.ErrorMessage);
+
+        var deferred = await Assert.ThrowsAsync<DBusException>(() =>
+            _client.CallAsync(Name, ObjectPath, Iface, "LaterThrows", null, r => r.ReadString(), Timeout).WaitAsync(Timeout));
+        Assert.Equal(DBusErrorNames.Failed, deferred.ErrorName);
+        Assert.Contains("no value to write later", deferred.ErrorMessage);
     }
 
     [Fact]
