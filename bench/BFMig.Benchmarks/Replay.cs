@@ -66,26 +66,11 @@ internal static class Replay
     private static void Trip(byte[] stream, MemoryStore sender, MemoryStore receiver, out TimeSpan sendTime, out TimeSpan recvTime, out long wire)
     {
         bool synced = sender.State.Generation != 0 && sender.State.Digest == receiver.State.Digest;
-        var enc = new MigEncoder(sender, synced, sender.State.Seed, new TransferStats());
-        var wireStream = new MemoryStream();
-        using var writer = new FrameWriter(wireStream, CompressionMode.Zstd);
+        // Sized up front: growing it would charge the sender for the benchmark's own copies.
+        var wireStream = new MemoryStream(stream.Length + (stream.Length / 8) + (1 << 20));
         var sw = Stopwatch.StartNew();
-        int pos = 0;
-        const int Chunk = 256 << 10;
-        while (true)
-        {
-            int end = Math.Min(stream.Length, pos + Chunk);
-            pos += enc.Consume(stream.AsSpan(pos, end - pos), end == stream.Length);
-            if (enc.OpsLength >= MigEncoder.FlushThreshold || pos == stream.Length)
-            {
-                enc.CompleteOps();
-                if (enc.OpsLength > 0) writer.WriteAsync(FrameType.MigData, enc.OpsMemory, compress: true, default).AsTask().GetAwaiter().GetResult();
-                enc.ResetOps();
-                if (pos == stream.Length) break;
-            }
-        }
+        wire = Send(stream, sender, synced, wireStream);
         sendTime = sw.Elapsed;
-        wire = writer.BytesWritten;
 
         wireStream.Position = 0;
         var dec = new MigDecoder(receiver, synced, sender.State.Seed, new TransferStats());
@@ -110,6 +95,39 @@ internal static class Replay
         if (sender.ComputeDigest() != receiver.ComputeDigest()) throw new InvalidOperationException("stores disagree after replay");
         receiver.Commit(gen, "s", away: false, true);
         sender.Commit(gen, "r", away: true, true);
+    }
+
+    /// <summary>Runs the sender core over <paramref name="stream"/>, framing to <paramref name="wireStream"/>; returns the wire bytes.</summary>
+    internal static long Send(byte[] stream, MemoryStore sender, bool synced, Stream wireStream)
+    {
+        using var writer = new FrameWriter(wireStream, CompressionMode.Zstd);
+        var frames = new FramePipeline(writer);
+        var current = frames.RentAsync(default).AsTask().GetAwaiter().GetResult();
+        var enc = new MigEncoder(sender, synced, sender.State.Seed, new TransferStats(), current.Payload);
+        int pos = 0;
+        const int Chunk = 256 << 10;
+        while (true)
+        {
+            int end = Math.Min(stream.Length, pos + Chunk);
+            pos += enc.Consume(stream.AsSpan(pos, end - pos), end == stream.Length);
+            if (enc.OpsLength >= MigEncoder.FlushThreshold || pos == stream.Length)
+            {
+                enc.CompleteOps();
+                if (enc.OpsLength > 0)
+                {
+                    // As MigSender does: the full buffer is compressed and written on the pool while encoding goes on.
+                    var next = frames.RentAsync(default).AsTask().GetAwaiter().GetResult();
+                    int length = enc.OpsLength;
+                    enc.SwapOps(next.Payload);
+                    frames.Post(current, FrameType.MigData, length, compress: true);
+                    current = next;
+                }
+                if (pos == stream.Length) break;
+            }
+        }
+        frames.FlushAsync(default).GetAwaiter().GetResult();
+        frames.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        return writer.BytesWritten;
     }
 
     private static double Memcpy(byte[] stream)
@@ -149,7 +167,7 @@ internal static class Replay
 
     private static readonly string[] Words = "the of and to in is was for on that with as by at from guest page memory host kernel buffer cache disk migrate qemu block 0x7f3a2c 4096 struct task_struct inode dentry".Split(' ');
 
-    private static byte[] TextPage(Random r, int i)
+    internal static byte[] TextPage(Random r, int i)
     {
         var sb = new StringBuilder(4200);
         sb.Append(i).Append(':');
@@ -157,7 +175,7 @@ internal static class Replay
         return Encoding.ASCII.GetBytes(sb.ToString(0, 4096));
     }
 
-    private static byte[] RandomPage(Random r)
+    internal static byte[] RandomPage(Random r)
     {
         var p = new byte[4096];
         r.NextBytes(p);
@@ -187,7 +205,7 @@ internal static class Replay
         return ms.ToArray();
     }
 
-    private sealed class TempDir : IDisposable
+    internal sealed class TempDir : IDisposable
     {
         public TempDir() => Directory.CreateDirectory(Path);
         public string Path { get; } = System.IO.Path.Combine(System.IO.Path.GetTempPath(), "bfmig-bench-" + Guid.NewGuid().ToString("N")[..12]);
