@@ -29,12 +29,12 @@ internal static class SenderLoop
         if (Environment.GetEnvironmentVariable("BFMIG_PERF_CTL") is { } ctl) File.WriteAllText(ctl, "enable\n");
         for (int t = 0; t < trips + 1; t++)
         {
-            var cpu = Process.GetCurrentProcess().TotalProcessorTime;
+            var cpu = BFMig.Native.Linux.ProcessClock.CpuTime;
             var wall = Stopwatch.StartNew();
             Replay.Send(streams[t % 2], store, synced: t > 0, sink);
             store.Commit((ulong)t + 1, "peer", away: true, true);
             double w = wall.Elapsed.TotalSeconds;
-            double c = (Process.GetCurrentProcess().TotalProcessorTime - cpu).TotalSeconds;
+            double c = (BFMig.Native.Linux.ProcessClock.CpuTime - cpu).TotalSeconds;
             Console.WriteLine($"trip {t}: wall {streams[t % 2].Length / w / 1e6,8:N0} MB/s, per core {streams[t % 2].Length / c / 1e6,8:N0} MB/s");
         }
         return 0;
