@@ -25,7 +25,7 @@ demo: build
 	lab/lab demo --quick
 
 bench: build
-	dotnet run -c Release --project bench/BFMig.Benchmarks -- replay
+	dotnet run -c Release --project bench/BFMig.Benchmarks -- replay 128
 
 packages: build
 	scripts/build-packages

@@ -9,6 +9,8 @@ internal static class Program
         if (args is ["replay", ..])
             return Replay.Run(args.Length > 1 && int.TryParse(args[1], out int mb) ? mb : 256);
         if (args is ["micro"]) return Micro.Run();
+        if (args is ["sender", var scenario, ..])
+            return SenderLoop.Run(scenario, args.Length > 2 ? int.Parse(args[2]) : 128, args.Length > 3 ? int.Parse(args[3]) : 4);
         if (args is ["bdn", ..])
         {
             BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args[1..]);

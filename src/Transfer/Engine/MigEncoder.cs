@@ -21,7 +21,7 @@ public sealed class MigEncoder
     private readonly bool _synced;
     private readonly ulong _seed;
     private readonly TransferStats _stats;
-    private readonly byte[] _ops = new byte[FrameCodec.MaxPayload];
+    private byte[] _ops;
     private readonly byte[] _delta = new byte[QemuFormat.PageSize];
     private int _length;
     private int _rawStart = -1;
@@ -33,8 +33,11 @@ public sealed class MigEncoder
     /// <param name="synced">The hello matched: the receiver holds what this store holds.</param>
     /// <param name="seed">Page-hash seed agreed in the hello.</param>
     /// <param name="stats">Counters to update.</param>
-    public MigEncoder(MemoryStore? store, bool synced, ulong seed, TransferStats stats)
+    /// <param name="ops">Buffer for the ops (at least <see cref="FrameCodec.MaxPayload"/> bytes); a new one if null.</param>
+    public MigEncoder(MemoryStore? store, bool synced, ulong seed, TransferStats stats, byte[]? ops = null)
     {
+        _ops = ops ?? new byte[FrameCodec.MaxPayload];
+        if (_ops.Length < FrameCodec.MaxPayload) throw new ArgumentException($"op buffer of {_ops.Length} bytes, need {FrameCodec.MaxPayload}", nameof(ops));
         _store = store;
         _synced = synced && store is not null;
         _seed = seed;
@@ -61,6 +64,21 @@ public sealed class MigEncoder
     {
         FlushRun();
         _rawStart = -1;
+    }
+
+    /// <summary>
+    /// Hands the caller the buffer holding <see cref="Ops"/> (complete them first) and continues
+    /// with <paramref name="next"/>, so the full one can be compressed and sent while encoding goes on.
+    /// </summary>
+    public byte[] SwapOps(byte[] next)
+    {
+        if (next.Length < FrameCodec.MaxPayload) throw new ArgumentException($"op buffer of {next.Length} bytes, need {FrameCodec.MaxPayload}", nameof(next));
+        if (_run != 0) throw new InvalidOperationException("ops are not complete (an elide run is open)");
+        var full = _ops;
+        _ops = next;
+        _length = 0;
+        _rawStart = -1;
+        return full;
     }
 
     /// <summary>Forgets the ops taken by the caller.</summary>

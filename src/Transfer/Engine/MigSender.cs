@@ -7,8 +7,10 @@ namespace BFMig.Transfer.Engine;
 /// <summary>
 /// Sending side of a memory stream in store mode: reads the source QEMU, encodes with
 /// <see cref="MigEncoder"/>, frames to the peer, carries the return path back, and commits the
-/// store once the receiver has committed the same digest. Buffers are bounded (input 256 KiB, one
-/// frame in flight) so QEMU's own bandwidth estimate sees the real post-dedup rate.
+/// store once the receiver has committed the same digest. Frames are compressed and written by a
+/// <see cref="FramePipeline"/> on other threads while this one parses, hashes and records the
+/// next. Buffers are bounded (input 256 KiB, <see cref="FramePipeline.DefaultDepth"/> frame
+/// buffers) so QEMU's own bandwidth estimate sees the real post-dedup rate.
 /// </summary>
 public sealed class MigSender
 {
@@ -21,6 +23,8 @@ public sealed class MigSender
     private readonly ulong _newGeneration;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
+    private FramePipeline? _frames;
+    private FramePipeline.Slot? _current;
 
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
         TransferStats stats, TimeSpan endTimeout)
@@ -40,12 +44,13 @@ public sealed class MigSender
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
+        await using var frames = new FramePipeline(_writer);
         var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);
         // A peer that aborts (or a broken return path) must also stop the forward direction, which may be blocked on QEMU.
         _ = inbox.ContinueWith(_ => cts.Cancel(), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         try
         {
-            await ForwardAsync(qemu, prefix, cts.Token);
+            await ForwardAsync(qemu, prefix, frames, cts.Token);
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
             {
@@ -100,8 +105,11 @@ public sealed class MigSender
         throw new TimeoutException($"no {what} within {_endTimeout.TotalSeconds:0} s");
     }
 
-    private async Task ForwardAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
+    private async Task ForwardAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, FramePipeline frames, CancellationToken ct)
     {
+        _frames = frames;
+        _current = await frames.RentAsync(ct);
+        _encoder.SwapOps(_current.Payload);
         var buffer = new byte[InputSize + QemuStreamParser.MaxRecordLength];
         prefix.CopyTo(buffer);
         int start = 0;
@@ -141,6 +149,7 @@ public sealed class MigSender
         if (!endSent)
             await SendEndAsync(ct);
         await FlushAsync(ct);
+        await frames.FlushAsync(ct);
         await _writer.WriteAsync(FrameType.TunnelEof, ReadOnlyMemory<byte>.Empty, compress: false, ct);
         await _writer.FlushAsync(ct);
     }
@@ -149,17 +158,22 @@ public sealed class MigSender
     private async Task SendEndAsync(CancellationToken ct)
     {
         await FlushAsync(ct);
+        await _frames!.FlushAsync(ct);
         var digest = _encoder.TripStarted ? Convert.FromHexString(_store!.ComputeDigest()) : new byte[16];
         await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, digest, _encoder.Parser.RamComplete).Encode(), compress: false, ct);
         await _writer.FlushAsync(ct);
     }
 
+    /// <summary>Queues the ops so far as a frame (waiting for a free buffer when all are in flight) and encodes on into a fresh buffer.</summary>
     private async Task FlushAsync(CancellationToken ct)
     {
         _encoder.CompleteOps();
         if (_encoder.OpsLength == 0) return;
-        await _writer.WriteAsync(FrameType.MigData, _encoder.OpsMemory, compress: true, ct);
-        _encoder.ResetOps();
+        var next = await _frames!.RentAsync(ct);
+        int length = _encoder.OpsLength;
+        _encoder.SwapOps(next.Payload);
+        _frames.Post(_current!, FrameType.MigData, length, compress: true);
+        _current = next;
     }
 
     private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)

@@ -1,4 +1,6 @@
+using System.Numerics;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using BFMig.Transfer.Qemu;
 
 namespace BFMig.Transfer.Engine;
@@ -17,6 +19,8 @@ public static class PageDelta
     {
         var a = MemoryMarshal.Cast<byte, ulong>(basePage[..QemuFormat.PageSize]);
         var b = MemoryMarshal.Cast<byte, ulong>(page[..QemuFormat.PageSize]);
+        // Every changed word costs 8 bytes: a page that changed too much is known in a vector pass.
+        if (ChangedWordsExceed(a, b, limit / 8)) return -1;
         int w = 0;
         int o = 0;
         while (w < Words)
@@ -36,6 +40,31 @@ public static class PageDelta
             w = end;
         }
         return o;
+    }
+
+    /// <summary>True when more than <paramref name="max"/> of the page's words differ.</summary>
+    internal static bool ChangedWordsExceed(ReadOnlySpan<ulong> a, ReadOnlySpan<ulong> b, int max)
+    {
+        if (!Vector256.IsHardwareAccelerated)
+        {
+            int n = 0;
+            for (int i = 0; i < Words; i++) n += a[i] != b[i] ? 1 : 0;
+            return n > max;
+        }
+        ref ulong ra = ref MemoryMarshal.GetReference(a);
+        ref ulong rb = ref MemoryMarshal.GetReference(b);
+        int changed = 0;
+        for (int i = 0; i < Words; i += 4 * Vector256<ulong>.Count)
+        {
+            // Four vectors per step: each equal lane is all ones, so a mask bit is set per equal word.
+            uint equal = Vector256.Equals(Vector256.LoadUnsafe(ref ra, (nuint)i), Vector256.LoadUnsafe(ref rb, (nuint)i)).ExtractMostSignificantBits()
+                | (Vector256.Equals(Vector256.LoadUnsafe(ref ra, (nuint)(i + 4)), Vector256.LoadUnsafe(ref rb, (nuint)(i + 4))).ExtractMostSignificantBits() << 4)
+                | (Vector256.Equals(Vector256.LoadUnsafe(ref ra, (nuint)(i + 8)), Vector256.LoadUnsafe(ref rb, (nuint)(i + 8))).ExtractMostSignificantBits() << 8)
+                | (Vector256.Equals(Vector256.LoadUnsafe(ref ra, (nuint)(i + 12)), Vector256.LoadUnsafe(ref rb, (nuint)(i + 12))).ExtractMostSignificantBits() << 12);
+            changed += 16 - BitOperations.PopCount(equal);
+            if (changed > max) return true;
+        }
+        return false;
     }
 
     /// <summary>Applies a delta in place to <paramref name="page"/> (which holds the base); returns false if the delta is malformed.</summary>

@@ -38,7 +38,8 @@ public sealed class MemoryStore : IDisposable
     private int _readCount;
     private int _lastReadBlock = -1;
     private long _lastReadPage = -2;
-    private Dictionary<UInt128, long>? _locator;
+    private PageLocator? _locator;
+    private bool _locatorWanted;
     private bool _inTrip;
 
     private MemoryStore(string guestDir, FileStream lockFile, StoreState state)
@@ -204,22 +205,26 @@ public sealed class MemoryStore : IDisposable
         _blocks.AddRange(next);
         WriteAtomically(Path.Combine(_dir, "blocks.json"), JsonSerializer.SerializeToUtf8Bytes(layout, StoreJsonContext.Default.ListStoredBlock));
 
+        // Built on first use: a trip whose pages are all unchanged never needs it.
         _locator = null;
-        if (buildLocator)
-        {
-            _locator = new Dictionary<UInt128, long>(capacity: (int)Math.Min(1 << 24, _blocks.Sum(b => b.PageCount)));
-            for (int bi = 0; bi < _blocks.Count; bi++)
-            {
-                var hashes = _blocks[bi].Hashes;
-                for (long p = 0; p < hashes.LongLength; p++)
-                {
-                    if (hashes[p] != UInt128.Zero && hashes[p] != ZeroHash) _locator[hashes[p]] = Locate(bi, p);
-                }
-            }
-        }
+        _locatorWanted = buildLocator && PageLocator.Fits(_blocks.Count, _blocks.Count == 0 ? 0 : _blocks.Max(b => b.PageCount));
     }
 
-    private static long Locate(int block, long page) => ((long)block << 40) | page;
+    private PageLocator? Locator()
+    {
+        if (_locator is not null || !_locatorWanted) return _locator;
+        var locator = new PageLocator(_blocks.Sum(b => b.PageCount));
+        for (int bi = 0; bi < _blocks.Count; bi++)
+        {
+            var hashes = _blocks[bi].Hashes;
+            for (long p = 0; p < hashes.LongLength; p++)
+            {
+                if (hashes[p] != UInt128.Zero && hashes[p] != ZeroHash) locator.Insert(hashes[p], bi, p);
+            }
+        }
+        _locator = locator;
+        return locator;
+    }
 
     private static void DeleteBlock(BlockFile b)
     {
@@ -237,6 +242,13 @@ public sealed class MemoryStore : IDisposable
     /// <summary>The stored content of a page, read into a buffer that the next call reuses.</summary>
     public ReadOnlySpan<byte> Page(int block, long page)
     {
+        long slot = page - _readFirst;
+        if (block == _readBlock && slot >= 0 && slot < _readCount && _readValid[slot])
+        {
+            _lastReadBlock = block;
+            _lastReadPage = page;
+            return _readBuffer.AsSpan((int)slot << QemuFormat.PageShift, QemuFormat.PageSize);
+        }
         ReadPage(block, page, _scratch);
         return _scratch;
     }
@@ -307,9 +319,10 @@ public sealed class MemoryStore : IDisposable
     {
         var bf = _blocks[block];
         if (bf.Hashes[page] == hash) return;
+        var locator = Locator();
         WritePage(block, page, content);
         bf.Hashes[page] = hash;
-        if (_locator is not null && hash != ZeroHash) _locator[hash] = Locate(block, page);
+        if (hash != ZeroHash) locator?.Insert(hash, block, page);
     }
 
     /// <summary>Records that a page is all zero.</summary>
@@ -327,15 +340,19 @@ public sealed class MemoryStore : IDisposable
     /// <summary>Finds a page anywhere in the store whose current content has <paramref name="hash"/> (sender only).</summary>
     public bool TryLocate(UInt128 hash, out int block, out long page)
     {
-        if (_locator is not null && _locator.TryGetValue(hash, out long loc))
+        if (Locator() is { } locator)
         {
-            block = (int)(loc >> 40);
-            page = loc & ((1L << 40) - 1);
-            if (block < _blocks.Count && page < _blocks[block].PageCount && _blocks[block].Hashes[page] == hash) return true;
+            var check = new HoldsHash(_blocks, hash);
+            return locator.TryFind(hash, ref check, out block, out page);
         }
         block = -1;
         page = -1;
         return false;
+    }
+
+    private readonly struct HoldsHash(List<BlockFile> blocks, UInt128 hash) : PageLocator.ICandidateCheck
+    {
+        public bool Holds(int block, long page) => block < blocks.Count && page < blocks[block].PageCount && blocks[block].Hashes[page] == hash;
     }
 
     /// <summary>XxHash128 over every block's name, length and page-hash index, in order: equal digests mean equal stores.</summary>

@@ -11,8 +11,9 @@ public enum CompressionMode
 }
 
 /// <summary>
-/// Picks a frame codec. Compression and sending run one after the other on a stream, so the
-/// cost of a frame with codec c is <c>compress_time(c) + link_time(output(c))</c>; the policy keeps
+/// Picks a frame codec. The cost of a frame with codec c is taken as
+/// <c>compress_time(c) + link_time(output(c))</c> (on the memory sender a <see cref="FramePipeline"/>
+/// overlaps one frame's compression with another's sending, so this errs towards cheaper codecs); the policy keeps
 /// moving averages of each codec's speed and ratio and of the link's time per byte (time blocked
 /// in writes) and picks the cheapest, re-measuring the others now and then. Before compressing a
 /// frame, a 4 KiB sample from its middle goes through LZ4 (about 1% of the frame's cost): if even

@@ -5,6 +5,9 @@ using BFMig.Native.Compression;
 
 namespace BFMig.Transfer.Wire;
 
+/// <summary>What <see cref="FrameWriter.Encode"/> produced: the frame's length on the wire, and whether its payload stays in the caller's buffer.</summary>
+internal readonly record struct EncodedFrame(int Length, bool Detached);
+
 /// <summary>
 /// Writes frames to the peer, compressing payloads per <see cref="CompressionPolicy"/>. Thread-safe:
 /// both directions of a helper may write (data one way, control the other).
@@ -39,17 +42,51 @@ public sealed class FrameWriter : IDisposable
         await _lock.WaitAsync(ct);
         try
         {
-            int length = Encode(type, payload.Span, compress);
+            var frame = Encode(type, payload.Span, compress, _buffer, _zstd);
+            await WriteLockedAsync(frame, payload, ct);
+        }
+        finally
+        {
+            _lock.Release();
+        }
+    }
+
+    /// <summary>
+    /// Writes a frame that <see cref="Encode"/> prepared in <paramref name="encoded"/> from
+    /// <paramref name="payload"/> (frames are written whole, in call order).
+    /// </summary>
+    internal async ValueTask WriteEncodedAsync(EncodedFrame frame, ReadOnlyMemory<byte> encoded, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        await _lock.WaitAsync(ct);
+        try
+        {
             long start = Stopwatch.GetTimestamp();
-            await _stream.WriteAsync(_buffer.AsMemory(0, length), ct);
-            _policy.RecordSend(length, Stopwatch.GetElapsedTime(start));
-            BytesWritten += length;
+            if (frame.Detached)
+            {
+                await _stream.WriteAsync(encoded[..FrameCodec.HeaderLength], ct);
+                await _stream.WriteAsync(payload, ct);
+            }
+            else
+            {
+                await _stream.WriteAsync(encoded[..frame.Length], ct);
+            }
+            lock (_policy) _policy.RecordSend(frame.Length, Stopwatch.GetElapsedTime(start));
+            BytesWritten += frame.Length;
             PayloadBytes += payload.Length;
         }
         finally
         {
             _lock.Release();
         }
+    }
+
+    private async ValueTask WriteLockedAsync(EncodedFrame frame, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        long start = Stopwatch.GetTimestamp();
+        await _stream.WriteAsync(_buffer.AsMemory(0, frame.Length), ct);
+        lock (_policy) _policy.RecordSend(frame.Length, Stopwatch.GetElapsedTime(start));
+        BytesWritten += frame.Length;
+        PayloadBytes += payload.Length;
     }
 
     /// <summary>Flushes the underlying stream.</summary>
@@ -66,28 +103,45 @@ public sealed class FrameWriter : IDisposable
         }
     }
 
-    private int Encode(FrameType type, ReadOnlySpan<byte> payload, bool compress)
+    /// <summary>
+    /// Encodes a frame into <paramref name="destination"/> (header + payload, compressed when
+    /// <paramref name="compress"/> and the policy agrees), with <paramref name="zstd"/> as the
+    /// caller's own context. With <paramref name="detach"/>, a large payload sent as is is not
+    /// copied: only its header is encoded and the payload follows from its own buffer.
+    /// Thread-safe (the policy is shared, the buffers and context are the caller's).
+    /// </summary>
+    internal EncodedFrame Encode(FrameType type, ReadOnlySpan<byte> payload, bool compress, Span<byte> destination, ZstdCodec zstd, bool detach = false)
     {
-        var codec = compress && payload.Length >= 256 ? _policy.Choose(payload) : FrameCodecKind.None;
-        var body = _buffer.AsSpan(FrameCodec.HeaderLength);
+        FrameCodecKind codec;
+        if (!compress || payload.Length < 256) codec = FrameCodecKind.None;
+        else lock (_policy) codec = _policy.Choose(payload);
+        var body = destination[FrameCodec.HeaderLength..];
         if (codec != FrameCodecKind.None)
         {
             long start = Stopwatch.GetTimestamp();
             int n = codec == FrameCodecKind.Zstd
-                ? _zstd.Compress(payload, body[4..])
+                ? zstd.Compress(payload, body[4..])
                 : Lz4Codec.Compress(payload, body[4..]);
-            _policy.RecordCompression(codec, payload.Length, n, Stopwatch.GetElapsedTime(start));
+            var elapsed = Stopwatch.GetElapsedTime(start);
+            lock (_policy) _policy.RecordCompression(codec, payload.Length, n, elapsed);
             if (n + 4 < payload.Length)
             {
                 BinaryPrimitives.WriteUInt32BigEndian(body, (uint)payload.Length);
-                FrameCodec.WriteHeader(_buffer, type, codec, n + 4);
-                return FrameCodec.HeaderLength + n + 4;
+                FrameCodec.WriteHeader(destination, type, codec, n + 4);
+                return new EncodedFrame(FrameCodec.HeaderLength + n + 4, Detached: false);
             }
         }
+        FrameCodec.WriteHeader(destination, type, FrameCodecKind.None, payload.Length);
+        if (detach && payload.Length >= DetachThreshold) return new EncodedFrame(FrameCodec.HeaderLength + payload.Length, Detached: true);
         payload.CopyTo(body);
-        FrameCodec.WriteHeader(_buffer, type, FrameCodecKind.None, payload.Length);
-        return FrameCodec.HeaderLength + payload.Length;
+        return new EncodedFrame(FrameCodec.HeaderLength + payload.Length, Detached: false);
     }
+
+    /// <summary>Uncompressed payloads from this size on go out from their own buffer (a second write costs less than the copy).</summary>
+    internal const int DetachThreshold = 64 << 10;
+
+    /// <summary>A zstd context at this writer's level, for <see cref="Encode"/> on another thread.</summary>
+    internal ZstdCodec NewZstdContext() => new(_zstd.Level);
 
     /// <inheritdoc/>
     public void Dispose()

@@ -1,0 +1,64 @@
+using System.Diagnostics;
+using BFMig.Transfer.Engine;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Benchmarks;
+
+/// <summary>
+/// The sender alone, for profilers (<c>perf record</c>): trips alternate between two images that
+/// differ in every page, so every trip is "all changed" against a synchronised store.
+/// </summary>
+internal static class SenderLoop
+{
+    public static int Run(string scenario, int megabytes, int trips)
+    {
+        int pages = megabytes * 256;
+        var rnd = new Random(7);
+        Func<int, int, byte[]> make = scenario switch
+        {
+            "b" => (i, v) => Replay.RandomPage(new Random((i * 31) + v)),
+            "c" => (i, v) => Replay.TextPage(new Random((i * 31) + v), i),
+            _ => throw new ArgumentException("scenario b or c"),
+        };
+        var streams = new[] { Replay.StreamOf(Enumerable.Range(0, pages).Select(i => make(i, 1)).ToArray()), Replay.StreamOf(Enumerable.Range(0, pages).Select(i => make(i, 2)).ToArray()) };
+        using var dir = new Replay.TempDir();
+        using var store = MemoryStore.Open(dir.Path, Guid.NewGuid());
+        var sink = new CountingSink();
+        // perf record -D -1 --control fifo:CTL,ACK: profile the trips only, not the setup.
+        if (Environment.GetEnvironmentVariable("BFMIG_PERF_CTL") is { } ctl) File.WriteAllText(ctl, "enable\n");
+        for (int t = 0; t < trips + 1; t++)
+        {
+            var cpu = BFMig.Native.Linux.ProcessClock.CpuTime;
+            var wall = Stopwatch.StartNew();
+            Replay.Send(streams[t % 2], store, synced: t > 0, sink);
+            store.Commit((ulong)t + 1, "peer", away: true, true);
+            double w = wall.Elapsed.TotalSeconds;
+            double c = (BFMig.Native.Linux.ProcessClock.CpuTime - cpu).TotalSeconds;
+            Console.WriteLine($"trip {t}: wall {streams[t % 2].Length / w / 1e6,8:N0} MB/s, per core {streams[t % 2].Length / c / 1e6,8:N0} MB/s");
+        }
+        return 0;
+    }
+
+    /// <summary>Counts what is written, keeps nothing (a socket's cost is not the sender's).</summary>
+    internal sealed class CountingSink : Stream
+    {
+        public long Written;
+        public override bool CanRead => false;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override long Length => Written;
+        public override long Position { get => Written; set => throw new NotSupportedException(); }
+        public override void Flush() { }
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(byte[] buffer, int offset, int count) => Written += count;
+        public override void Write(ReadOnlySpan<byte> buffer) => Written += buffer.Length;
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken ct = default)
+        {
+            Written += buffer.Length;
+            return ValueTask.CompletedTask;
+        }
+    }
+}
