@@ -19,7 +19,7 @@ build: deps
 test: build
 	scripts/check-aot
 	scripts/fuzz-smoke
-	scripts/test; t=$$?; scripts/package-check; p=$$?; exit $$(( t || p ))
+	scripts/test; t=$$?; BFMIG_AFTER_TESTS=1 scripts/package-check; p=$$?; exit $$(( t || p ))
 
 ## The main job: two simulated hosts, a guest migrated there and back in every mode, a table.
 demo: build
