@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CONFIG ?= Release
 
-.PHONY: all deps build test demo bench fuzz packages clean lab-down
+.PHONY: all deps build test demo bench fuzz packages package-check clean lab-down
 
 all: build
 
@@ -14,11 +14,12 @@ deps:
 build: deps
 	dotnet build BFMig.sln -c $(CONFIG)
 
-## The whole test suite, exactly what CI runs.
+## The whole test suite, exactly what CI runs. The package check runs even when a test failed
+## (both add to artifacts/test-summary.txt); either failing fails `make test`.
 test: build
 	scripts/check-aot
 	scripts/fuzz-smoke
-	scripts/test
+	scripts/test; t=$$?; BFMIG_AFTER_TESTS=1 scripts/package-check; p=$$?; exit $$(( t || p ))
 
 ## The main job: two simulated hosts, a guest migrated there and back in every mode, a table.
 demo: build
@@ -29,6 +30,10 @@ bench: build
 
 packages: build
 	scripts/build-packages
+
+## The packages' life cycle on this machine (install, doctor, lab trips, remove, purge).
+package-check: build
+	scripts/package-check
 
 fuzz: build
 	scripts/fuzz-smoke 300

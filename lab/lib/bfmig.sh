@@ -6,39 +6,57 @@
 # them and a later trip or run reuses them.
 #
 # Files: $LAB_VAR/bfmig/psk, $LAB_VAR/<h>/bfmig/{bfmig.conf,dbus.conf,bfmigd.log,dbus.log,state/}
-# (gone with `lab down`), pids $LAB_RUN/<h>.{bfmig-dbus,bfmigd}.pid. The libvirt hook is not
-# installed: it is fail-open, and the daemon learns departures and arrivals from libvirt events.
+# (gone with `lab down`), pids $LAB_RUN/<h>.{bfmig-dbus,bfmigd}.pid.
+#
+# Binaries (roundtrip --binaries): "build" publishes this tree's bfmigd, bfmig-transfer and
+# bfmig-hook into $BFMIG_BIN; "installed" uses the bfmig package's /usr/sbin/bfmigd,
+# /usr/libexec/bfmig/{bfmig-transfer,bfmig-hook}, and runs bfmigd as its unit does (no
+# arguments: /etc/bfmig/bfmig.conf and /var/lib/bfmig, which are bind mounts of the host's own
+# $LAB_VAR/<h>/bfmig/{etc,state} inside its mount namespace). Either way bfmig-hook is libvirt's
+# qemu hook in both hosts (/etc/libvirt/hooks/qemu.d/50-bfmig as each libvirtd sees it, a link
+# to the binary), installed before the first trip and followed by a SIGHUP to libvirtd.
 
 BFMIG_REPO=$(cd "$LAB_DIR/.." && pwd)
 BFMIG_BIN=${BFMIG_LAB_BIN:-$BFMIG_REPO/artifacts/lab-bfmig/bin}
 BFMIG_PORT=16600
 BFMIG_POLICY=$BFMIG_REPO/packaging/common/org.bfmig.BFMig1.conf
+# build | installed (roundtrip --binaries); bfmig_select_binaries sets the three paths.
+BFMIG_BINARIES=${BFMIG_BINARIES:-build}
+BFMIGD_EXE=$BFMIG_BIN/bfmigd
+BFMIG_HELPER_EXE=$BFMIG_BIN/bfmig-transfer
+BFMIG_HOOK_EXE=$BFMIG_BIN/bfmig-hook
 
 bfmig_dir() { echo "$(host_dir "$1")/bfmig"; }
 
 bfmig_unsupported() {
-    command -v dotnet > /dev/null || { echo "the .NET SDK (dotnet) is not on PATH: bfmigd and bfmig-transfer cannot be built"; return; }
+    if [[ $BFMIG_BINARIES == installed ]]; then
+        bfmig_installed_missing
+    else
+        command -v dotnet > /dev/null || { echo "the .NET SDK (dotnet) is not on PATH: bfmigd and bfmig-transfer cannot be built"; return; }
+    fi
     command -v dbus-daemon > /dev/null || { echo "dbus-daemon is missing (package dbus): bfmigd needs a system bus"; return; }
     [[ -f $BFMIG_POLICY ]] || echo "the bus policy $BFMIG_POLICY is missing"
 }
 
 # Newest modification time (seconds) of anything the published binaries are built from.
 bfmig_source_stamp() {
-    find "$BFMIG_REPO/src/Native" "$BFMIG_REPO/src/Transfer" "$BFMIG_REPO/src/Daemon" \
+    find "$BFMIG_REPO/src/Native" "$BFMIG_REPO/src/Transfer" "$BFMIG_REPO/src/Daemon" "$BFMIG_REPO/src/Hooks" \
         "$BFMIG_REPO/Directory.Build.props" "$BFMIG_REPO/Directory.Packages.props" \
         \( -name bin -o -name obj \) -prune -o -type f -printf '%T@\n' | sort -n | tail -n 1 | cut -d. -f1
 }
 
-# Publishes bfmigd and bfmig-transfer (native AOT) unless the cache is newer than the sources.
+# Publishes bfmigd, bfmig-transfer and bfmig-hook (native AOT) unless the cache is newer than
+# the sources. Nothing to do for installed binaries.
 bfmig_publish() {
     local stamp p
+    [[ $BFMIG_BINARIES == installed ]] && return 0
     stamp=$(bfmig_source_stamp)
-    if [[ -x $BFMIG_BIN/bfmigd && -x $BFMIG_BIN/bfmig-transfer && -f $BFMIG_BIN/.stamp &&
+    if [[ -x $BFMIG_BIN/bfmigd && -x $BFMIG_BIN/bfmig-transfer && -x $BFMIG_BIN/bfmig-hook && -f $BFMIG_BIN/.stamp &&
           $(cat "$BFMIG_BIN/.stamp") == "$stamp" ]]; then
         return 0
     fi
     mkdir -p "$BFMIG_BIN"
-    for p in Transfer Daemon; do
+    for p in Transfer Daemon Hooks; do
         log "bfmig: publishing src/$p (native AOT) to $BFMIG_BIN"
         dotnet publish "$BFMIG_REPO/src/$p" -c Release -r linux-x64 -o "$BFMIG_BIN" \
             > "$BFMIG_BIN/publish-$p.log" 2>&1 ||
@@ -48,10 +66,18 @@ bfmig_publish() {
 }
 
 bfmig_write_config() {
-    local h=$1 peer=$2 dir
+    local h=$1 peer=$2 dir state psk conf helper_line
     dir=$(bfmig_dir "$h")
     mkdir -p "$dir/state"
     chmod 0700 "$dir/state"
+    if [[ $BFMIG_BINARIES == installed ]]; then
+        # The package's own paths, seen through the host's bind mounts (bfmig_mount_installed).
+        state=/var/lib/bfmig psk=/etc/bfmig/psk conf=$dir/etc/bfmig.conf helper_line=""
+        mkdir -p "$dir/etc"
+        install -m 0600 "$LAB_VAR/bfmig/psk" "$dir/etc/psk"
+    else
+        state=$dir/state psk=$LAB_VAR/bfmig/psk conf=$dir/bfmig.conf helper_line="helper = $BFMIG_HELPER_EXE"
+    fi
     cat > "$dir/dbus.conf" <<EOF
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -77,11 +103,11 @@ bfmig_write_config() {
   <include>$BFMIG_POLICY</include>
 </busconfig>
 EOF
-    cat > "$dir/bfmig.conf" <<EOF
-; bfmigd of lab host $h (written by lab/lib/bfmig.sh)
+    cat > "$conf" <<EOF
+; bfmigd of lab host $h (written by lab/lib/bfmig.sh, binaries: $BFMIG_BINARIES)
 [daemon]
 host_name = $h
-state_dir = $dir/state
+state_dir = $state
 runtime_dir = /run/bfmig
 libvirt_uri = qemu:///system
 listen = ${HOST_ADDR[$h]}:$BFMIG_PORT
@@ -91,10 +117,10 @@ log_level = debug
 
 [auth]
 mode = psk
-psk_file = $LAB_VAR/bfmig/psk
+psk_file = $psk
 
 [transfer]
-helper = $BFMIG_BIN/bfmig-transfer
+$helper_line
 
 [peers:$peer]
 address = ${HOST_ADDR[$peer]}:$BFMIG_PORT
@@ -121,8 +147,13 @@ bfmig_start_host() {
     fi
     if ! pid_alive "$(host_pid "$h" bfmigd)"; then
         [[ -f $dir/bfmigd.log ]] && mv "$dir/bfmigd.log" "$dir/bfmigd.log.$(date +%s)"
-        host_spawn "$h" "$dir/bfmigd.log" "$BFMIG_BIN/bfmigd" --config "$dir/bfmig.conf" \
-            > "$LAB_RUN/$h.bfmigd.pid"
+        local args=(--config "$dir/bfmig.conf")
+        if [[ $BFMIG_BINARIES == installed ]]; then
+            bfmig_mount_installed "$h"
+            args=()
+        fi
+        host_spawn "$h" "$dir/bfmigd.log" "$BFMIGD_EXE" "${args[@]}" > "$LAB_RUN/$h.bfmigd.pid"
+        echo "$BFMIGD_EXE" > "$LAB_RUN/$h.bfmigd.exe"
     fi
 }
 
@@ -140,4 +171,127 @@ bfmig_wait_ready() {
     done
     tail -n 30 "$dir/bfmigd.log" >&2
     die "bfmig: bfmigd of host $h is not ready (see $dir/bfmigd.log)"
+}
+
+# --- Which binaries, and the libvirt hook ------------------------------------------------
+
+BFMIG_INSTALLED_DAEMON=/usr/sbin/bfmigd
+BFMIG_INSTALLED_HELPER=/usr/libexec/bfmig/bfmig-transfer
+BFMIG_INSTALLED_HOOK=/usr/libexec/bfmig/bfmig-hook
+BFMIG_HOOK_NAME=50-bfmig
+
+# build | installed: sets BFMIG_BINARIES and the three executables the hosts use.
+bfmig_select_binaries() {
+    case $1 in
+        build)
+            BFMIGD_EXE=$BFMIG_BIN/bfmigd BFMIG_HELPER_EXE=$BFMIG_BIN/bfmig-transfer BFMIG_HOOK_EXE=$BFMIG_BIN/bfmig-hook ;;
+        installed)
+            BFMIGD_EXE=$BFMIG_INSTALLED_DAEMON BFMIG_HELPER_EXE=$BFMIG_INSTALLED_HELPER BFMIG_HOOK_EXE=$BFMIG_INSTALLED_HOOK ;;
+        *) die "--binaries: build or installed, not '$1'" ;;
+    esac
+    BFMIG_BINARIES=$1
+}
+
+bfmig_installed_missing() {
+    local f
+    for f in "$BFMIG_INSTALLED_DAEMON" "$BFMIG_INSTALLED_HELPER" "$BFMIG_INSTALLED_HOOK"; do
+        [[ -x $f ]] || { echo "$f is missing: install the bfmig package (apt install ./bfmig_VERSION_amd64.deb) for --binaries installed"; return; }
+    done
+    [[ -d /etc/bfmig && -d /var/lib/bfmig ]] ||
+        echo "/etc/bfmig or /var/lib/bfmig is missing: the bfmig package is not (fully) installed"
+}
+
+# The package's configuration and state directories, private to host H: its bfmigd runs with
+# the packaged defaults and the hook's local split-brain guard reads the same state.
+bfmig_mount_installed() {
+    local h=$1 dir
+    dir=$(bfmig_dir "$h")
+    host_exec "$h" sh -ec "
+        mountpoint -q /etc/bfmig || mount --bind '$dir/etc' /etc/bfmig
+        mountpoint -q /var/lib/bfmig || mount --bind '$dir/state' /var/lib/bfmig
+    "
+}
+
+# A host's daemon runs the binaries asked for; one started from the other kind is stopped
+# (by its pid) so that bfmig_start_host starts the right one.
+bfmig_daemon_matches() {
+    local h=$1
+    pid_alive "$(host_pid "$h" bfmigd)" || return 0
+    [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" ]] && return 0
+    log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd'); restarting it with $BFMIGD_EXE"
+    local pid
+    pid=$(host_pid "$h" bfmigd)
+    kill -TERM "$pid" 2> /dev/null || true
+    for _ in $(seq 1 150); do pid_alive "$pid" || break; sleep 0.2; done
+    pid_alive "$pid" && kill -KILL "$pid" 2> /dev/null
+    rm -f "$LAB_RUN/$h.bfmigd.pid"
+}
+
+# Host H's hook as its libvirtd sees it (/etc/libvirt is the host's own $LAB_VAR/<h>/etc).
+bfmig_hook_path() { echo "$(host_dir "$1")/etc/hooks/qemu.d/$BFMIG_HOOK_NAME"; }
+
+# yes: bfmig-hook ($BFMIG_HOOK_EXE) is the qemu hook of both hosts; no: no BFMig hook. libvirt
+# looks for hooks at start and on SIGHUP only, so each change is followed by a SIGHUP to the
+# host's libvirtd (which re-reads the hook directories first thing in its reload thread).
+bfmig_hook_sync() {
+    local want=$1 h link changed any=false
+    for h in "${LAB_HOSTS[@]}"; do
+        link=$(bfmig_hook_path "$h")
+        changed=false
+        if [[ $want == yes ]]; then
+            [[ -x $BFMIG_HOOK_EXE ]] || die "bfmig: the hook $BFMIG_HOOK_EXE is missing"
+            if [[ $(readlink "$link" 2> /dev/null) != "$BFMIG_HOOK_EXE" ]]; then
+                mkdir -p "$(dirname "$link")"
+                ln -sfn "$BFMIG_HOOK_EXE" "$link"
+                changed=true
+            fi
+        elif [[ -e $link || -L $link ]]; then
+            rm -f "$link"
+            changed=true
+        fi
+        if $changed; then
+            log "bfmig: host $h hook $([[ $want == yes ]] && echo "-> $BFMIG_HOOK_EXE" || echo removed); SIGHUP to its libvirtd"
+            kill -HUP "$(host_pid "$h" libvirtd)"
+            any=true
+        fi
+    done
+    $any || return 0
+    # The reload thread re-reads the hooks within milliseconds; give it a moment and make sure
+    # both daemons came through it.
+    sleep 1
+    for h in "${LAB_HOSTS[@]}"; do host_wait_ready "$h"; done
+}
+
+# Evidence that the hook ran in host H, as "DAEMON_CALLS MARKERS": the hook calls bfmigd logged
+# (event 70, "hook: <guest> <op> <subop> <extra>", log_level debug) and the incoming-migration
+# markers the hook leaves in /run/bfmig/incoming when bfmigd does not answer (fail-open path).
+bfmig_hook_evidence() {
+    local h=$1 dir calls markers
+    dir=$(bfmig_dir "$h")
+    calls=$(cat "$dir"/bfmigd.log* 2> /dev/null | grep -c "hook: $LAB_GUEST " || true)
+    markers=$(host_exec "$h" sh -c 'find /run/bfmig/incoming -type f -newermt "@$1" 2>/dev/null | wc -l' sh "$BFMIG_HOOK_SINCE")
+    echo "${calls:-0} ${markers:-0}"
+}
+
+# JSON for the result file: which binaries, where the hook points, and per host how often the
+# hook reached bfmigd and how many fail-open markers it left, counted over this scenario.
+bfmig_hook_report() {
+    local want=$1 h c0 m0 c1 m1 parts=()
+    for h in "${LAB_HOSTS[@]}"; do
+        read -r c0 _ <<< "${BFMIG_HOOK_BEFORE[$h]:-0 0}"
+        m0=0
+        read -r c1 m1 < <(bfmig_hook_evidence "$h")
+        parts+=("$(jq -n --arg h "$h" --argjson c $((c1 - c0)) --argjson m $((m1 - m0)) \
+            '{($h): {daemon_calls: $c, failopen_markers: $m}}')")
+    done
+    jq -n --arg bin "$BFMIG_BINARIES" --arg hook "$([[ $want == yes ]] && echo "$BFMIG_HOOK_EXE" || echo none)" \
+        '{binaries: $bin, hook: $hook, hook_runs: (reduce $ARGS.positional[] as $p ({}; . + $p))}' --jsonargs "${parts[@]}"
+}
+
+declare -A BFMIG_HOOK_BEFORE=()
+BFMIG_HOOK_SINCE=0
+bfmig_hook_mark() {
+    local h
+    BFMIG_HOOK_SINCE=$(date +%s)
+    for h in "${LAB_HOSTS[@]}"; do BFMIG_HOOK_BEFORE[$h]=$(bfmig_hook_evidence "$h"); done
 }

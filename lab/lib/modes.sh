@@ -85,6 +85,8 @@ mode_bfmig_prepare() {
         mkdir -p "$LAB_VAR/bfmig"
         (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$LAB_VAR/bfmig/psk")
     fi
+    bfmig_daemon_matches "$src"
+    bfmig_daemon_matches "$dst"
     bfmig_running "$src" || bfmig_start_host "$src" "$dst"
     bfmig_running "$dst" || bfmig_start_host "$dst" "$src"
     bfmig_wait_ready "$dst"

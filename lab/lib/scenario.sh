@@ -74,6 +74,7 @@ json_skipped() {
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
+    local binaries=build hook=""
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -91,6 +92,8 @@ cmd_roundtrip() {
             --stack) stack=$2 ;;
             --corrupt) corrupt=$2 ;;
             --touch-retained-mib) touch_mib=$2 ;;
+            --binaries) binaries=$2 ;;
+            --hook) hook=$2 ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -102,6 +105,10 @@ cmd_roundtrip() {
     ((discard_mib <= disk_data_mib && rewrite_mib <= disk_data_mib)) || die "discard/rewrite must lie within the disk data"
     need_root
     json=$(realpath -m "$json")
+    # The BFMig hook: always with bfmig, on request (fail-open check) with the stock modes.
+    [[ -n $hook ]] || { [[ $mode == bfmig ]] && hook=yes || hook=no; }
+    [[ $hook == yes || $hook == no ]] || die "--hook: yes or no"
+    bfmig_select_binaries "$binaries"
 
     local up_args=()
     [[ -n $stack ]] && up_args+=(--stack "$stack")
@@ -116,7 +123,15 @@ cmd_roundtrip() {
         return 0
     fi
 
+    if [[ $hook == yes && $mode != bfmig ]]; then
+        reason=$(bfmig_unsupported)
+        [[ -z $reason ]] || die "--hook yes: $reason"
+    fi
+    [[ $hook == yes ]] && bfmig_publish
+    bfmig_hook_sync "$hook"
+
     scenario_cleanup
+    bfmig_hook_mark
     EXP_M=()
     EXP_D=()
     log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
@@ -200,12 +215,12 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
                      disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch},
-          migrate_args: $migargs, trips: $ARGS.positional}' \
+          migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup
     log "$mode: results in $json"

@@ -49,6 +49,17 @@ public sealed class BfmigRoundTripTests(ITestOutputHelper output) : IDisposable
             Assert.True(trip.GetProperty("images_identical").GetBoolean());
         }
 
+        // bfmig-hook is both hosts' libvirt qemu hook and reached bfmigd there: each trip runs it on
+        // the destination (migrate/prepare/start/started) and on the source (stopped/release).
+        var bfmig = root.GetProperty("bfmig");
+        Assert.Equal("build", bfmig.GetProperty("binaries").GetString());
+        Assert.EndsWith("/bfmig-hook", bfmig.GetProperty("hook").GetString());
+        foreach (var host in new[] { "a", "b" })
+        {
+            var calls = bfmig.GetProperty("hook_runs").GetProperty(host).GetProperty("daemon_calls").GetInt32();
+            Assert.True(calls >= 4, $"the hook reached bfmigd {calls} times on host {host}, expected at least 4: {bfmig}");
+        }
+
         var first = trips[0].GetProperty("wire_bytes").GetInt64();
         // The first trip carries every random RAM page (64 MiB, incompressible).
         Assert.True(first >= 64L * 1024 * 1024, $"first trip moved too little to have carried the guest: {trips[0]}");
