@@ -140,6 +140,22 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
         }
     }
 
+    /// <summary>The guest's domain (the caller disposes it), null when libvirt has no such guest or is unreachable.</summary>
+    public LibvirtDomain? OpenDomain(Guid uuid)
+    {
+        var connection = _connection;
+        if (connection is null)
+            return null;
+        try
+        {
+            return connection.TryLookupDomainByUuid(uuid.ToString("D"));
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>The guest called (or with the UUID) <paramref name="nameOrUuid"/>: UUID, name and whether it runs, null when unknown.</summary>
     public (Guid Uuid, string Name, bool Running)? Lookup(string nameOrUuid)
     {
