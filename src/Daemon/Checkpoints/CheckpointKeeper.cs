@@ -348,33 +348,19 @@ public sealed class CheckpointKeeper
             await CleanImageAsync(guest, disk.File!).ConfigureAwait(false);
     }
 
-    /// <summary>Removes stale bitmaps from one image, retrying while a QEMU still holds its lock (up to 30 s).</summary>
+    /// <summary>Removes stale bitmaps from one image (see <see cref="ImageBitmaps.RemoveStaleAsync"/>) and logs what it did.</summary>
     public async Task<IReadOnlyList<string>> CleanImageAsync(string guest, string image)
     {
-        var removed = new List<string>();
-        for (int attempt = 0; ; attempt++)
+        try
         {
-            try
-            {
-                foreach (var bitmap in await _images.ListAsync(image, _stop).ConfigureAwait(false))
-                {
-                    if (!bitmap.InUse && !bitmap.Name.StartsWith(OwnPrefix, StringComparison.Ordinal))
-                        continue;
-                    await _images.RemoveAsync(image, bitmap.Name, _stop).ConfigureAwait(false);
-                    removed.Add(bitmap.Name);
-                }
-                DaemonLog.DepartureCleaned(_logger, guest, image, removed.Count == 0 ? "none" : string.Join(", ", removed));
-                return removed;
-            }
-            catch (IOException e) when (attempt < 30 && e.Message.Contains("lock", StringComparison.OrdinalIgnoreCase))
-            {
-                await Task.Delay(TimeSpan.FromSeconds(1), _time, _stop).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is IOException or JsonException or OperationCanceledException)
-            {
-                DaemonLog.DepartureNotCleaned(_logger, guest, image, e.Message);
-                return removed;
-            }
+            var removed = await _images.RemoveStaleAsync(image, OwnPrefix, TimeSpan.FromSeconds(30), _stop).ConfigureAwait(false);
+            DaemonLog.DepartureCleaned(_logger, guest, image, removed.Count == 0 ? "none" : string.Join(", ", removed));
+            return removed;
+        }
+        catch (Exception e) when (e is IOException or JsonException or OperationCanceledException)
+        {
+            DaemonLog.DepartureNotCleaned(_logger, guest, image, e.Message);
+            return [];
         }
     }
 

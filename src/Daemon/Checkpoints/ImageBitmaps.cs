@@ -49,6 +49,36 @@ public sealed class ImageBitmaps(string qemuImg = "qemu-img")
             throw new IOException($"qemu-img bitmap --remove {image} {bitmap} failed ({code}): {error.Trim()}");
     }
 
+    /// <summary>
+    /// Removes every bitmap flagged in use and every bitmap whose name starts with
+    /// <paramref name="ownPrefix"/>; others stay. While a QEMU holds the image (qemu-img cannot
+    /// get the write lock) it waits and retries, for at most <paramref name="lockWait"/>, then
+    /// throws <see cref="IOException"/> with qemu-img's reason. Returns the names removed.
+    /// </summary>
+    public async Task<IReadOnlyList<string>> RemoveStaleAsync(string image, string ownPrefix, TimeSpan lockWait, CancellationToken ct)
+    {
+        var removed = new List<string>();
+        var deadline = DateTime.UtcNow + lockWait;
+        while (true)
+        {
+            try
+            {
+                foreach (var bitmap in await ListAsync(image, ct).ConfigureAwait(false))
+                {
+                    if (!bitmap.InUse && !bitmap.Name.StartsWith(ownPrefix, StringComparison.Ordinal))
+                        continue;
+                    await RemoveAsync(image, bitmap.Name, ct).ConfigureAwait(false);
+                    removed.Add(bitmap.Name);
+                }
+                return removed;
+            }
+            catch (IOException e) when (DateTime.UtcNow < deadline && e.Message.Contains("lock", StringComparison.OrdinalIgnoreCase))
+            {
+                await Task.Delay(TimeSpan.FromMilliseconds(500), ct).ConfigureAwait(false);
+            }
+        }
+    }
+
     private async Task<(int Code, string Output, string Error)> RunAsync(IReadOnlyList<string> args, CancellationToken ct)
     {
         var start = new ProcessStartInfo(qemuImg) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
