@@ -99,6 +99,22 @@ ck_disk_wire_bytes() {
         sed -n 's/.*exit 0, \([0-9]*\) bytes on the wire for \([0-9]*\) stream bytes.*/\1 \2/p'
 }
 
+# bfmig mode keeps daemons running from trip to trip, also across scenarios: ones started from
+# another checkout's binaries (or from binaries republished since) would not be the code under
+# test. Then the lab is taken down (we hold its lock) and comes up fresh.
+ck_fresh_daemons() {
+    local h p want
+    want=$(readlink -f "$BFMIG_BIN/bfmigd")
+    for h in "${LAB_HOSTS[@]}"; do
+        p=$(host_pid "$h" bfmigd)
+        if pid_alive "$p" && [[ $(readlink "/proc/$p/exe") != "$want" ]]; then
+            log "checkpoints: bfmigd of host $h runs $(readlink "/proc/$p/exe"), not $want: taking the lab down"
+            cmd_down
+            return 0
+        fi
+    done
+}
+
 cmd_checkpoints() {
     local json="" rate=""
     CK_MODE=""
@@ -115,6 +131,10 @@ cmd_checkpoints() {
     [[ -n $json ]] || die "checkpoints needs --json FILE"
     need_root
     json=$(realpath -m "$json")
+    if [[ $CK_MODE == bfmig ]]; then
+        bfmig_publish
+        ck_fresh_daemons
+    fi
     cmd_up ${rate:+--rate "$rate"}
     local reason
     reason=$(mode_unsupported "$CK_MODE")

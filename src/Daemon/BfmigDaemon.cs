@@ -455,6 +455,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         var dir = _store.GuestDirectory(record.Uuid);
         var memory = GuestStateStore.MemoryBlocks(dir).ToList();
         var stockMemory = (ulong)memory.Sum(b => b.Length);
+        // Nothing retained: stock (and BFMig) sends the guest's whole RAM, as large as libvirt says it is.
+        if (memory.Count == 0 && _checkpoints?.MemoryBytes(record.Uuid) is { } ram)
+            stockMemory = ram;
         var inSync = record.State is { Generation: > 0 } s && s.Peer == peer;
         ulong memoryBytes;
         string memoryBasis;

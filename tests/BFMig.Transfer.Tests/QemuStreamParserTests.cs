@@ -95,6 +95,85 @@ public class QemuStreamParserTests
         return r;
     }
 
+    // The dirty-bitmap section as QEMU 7.2/10.0 write it when libvirt migrates persistent bitmaps
+    // (checkpoints): START section after ram's setup, BITS/COMPLETE chunks in its END section.
+    private static StreamBuilder BitmapStart(StreamBuilder b) => b
+        .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1)
+        .U8(0x1c).Str8("libvirt-1-format").Str8("c1").Be32(65536).U8(0x03)
+        .U8(0x1c).Str8("libvirt-1-format").Str8("bfmig/x").Be32(65536).U8(0x01)
+        .U8(0x01).U8(QemuFormat.SectionFooter).Be32(3);
+
+    private static StreamBuilder BitmapEnd(StreamBuilder b) => b
+        .U8(QemuFormat.SectionEnd).Be32(3)
+        .U8(0x4e).Str8("libvirt-1-format").Str8("c1").Be64(0).Be32(128)
+        .U8(0x40).Be64(128).Be32(128).Be64(16).Bytes(new byte[16])
+        .U8(0x2c).Str8("libvirt-1-format").Str8("c1")
+        .U8(0x01).U8(QemuFormat.SectionFooter).Be32(3);
+
+    private static byte[] WithBitmaps()
+    {
+        var b = new StreamBuilder().Header().RamStart(("pc.ram", 8 * 4096), ("pc.bios", 4096));
+        BitmapStart(b).Part().Zero(0, 0).Page(0, 1, Page1).Eos().Footer();
+        BitmapEnd(b).End().Page(0, 3, Page1).Eos().Footer();
+        return b.DeviceStateAndEof().ToArray();
+    }
+
+    [Theory]
+    [InlineData(int.MaxValue)]
+    [InlineData(1)]
+    [InlineData(7)]
+    public void Dirty_bitmap_sections_are_carried_and_the_pages_after_them_still_parsed(int chunk)
+    {
+        var parser = new QemuStreamParser();
+        var input = WithBitmaps();
+        int start = 0, end = 0;
+        var facts = new List<(PageFact, long)>();
+        string? reasonBeforeDeviceState = null;
+        while (true)
+        {
+            bool final = end == input.Length;
+            while (parser.TryRead(input.AsSpan(start, end - start), final, out var seg))
+            {
+                if (seg.Fact != PageFact.None) facts.Add((seg.Fact, seg.PageIndex));
+                if (seg.Kind == SegmentKind.Page) facts.Add((PageFact.None, seg.PageIndex));
+                if (!parser.RamComplete) reasonBeforeDeviceState ??= parser.OpaqueReason;
+                start += seg.Length;
+            }
+            if (final) break;
+            end = (int)Math.Min(input.Length, (long)end + chunk);
+        }
+        Assert.Equal(input.Length, start);
+        Assert.Null(reasonBeforeDeviceState);
+        Assert.Equal([(PageFact.Zero, 0L), (PageFact.None, 1L), (PageFact.None, 3L)], facts);
+        Assert.True(parser.RamComplete);
+        Assert.Equal("device state", parser.OpaqueReason);
+    }
+
+    [Fact]
+    public void Dirty_bitmap_chunk_with_extra_flags_or_absurd_size_falls_back_without_losing_bytes()
+    {
+        var extra = new StreamBuilder().Header().RamStart(("pc.ram", 4096))
+            .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1).U8(0x80).U8(0x01).ToArray();
+        var segs = ParseAll(extra);
+        Assert.Equal(extra, segs.SelectMany(s => s.Bytes).ToArray());
+        var parser = new QemuStreamParser();
+        foreach (var input in new[] { extra })
+        {
+            int at = 0;
+            while (parser.TryRead(input.AsSpan(at), true, out var seg)) at += seg.Length;
+        }
+        Assert.Contains("dirty-bitmap chunk with extra flags 0x80", parser.OpaqueReason);
+
+        var huge = new StreamBuilder().Header().RamStart(("pc.ram", 4096))
+            .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1)
+            .U8(0x40).Be64(0).Be32(8).Be64(1UL << 40).ToArray();
+        var p2 = new QemuStreamParser();
+        int at2 = 0;
+        while (p2.TryRead(huge.AsSpan(at2), true, out var seg)) at2 += seg.Length;
+        Assert.Equal(huge.Length, at2);
+        Assert.Contains("dirty-bitmap chunk of 1099511627776 bytes", p2.OpaqueReason);
+    }
+
     [Fact]
     public void Incomplete_record_consumes_nothing()
     {

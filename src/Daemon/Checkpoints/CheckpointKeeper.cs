@@ -416,6 +416,20 @@ public sealed class CheckpointKeeper
         }
     }
 
+    /// <summary>The running guest's memory size, null when it does not run here or libvirt cannot tell.</summary>
+    public ulong? MemoryBytes(Guid uuid)
+    {
+        try
+        {
+            using var domain = _openDomain(uuid);
+            return domain is null || !domain.IsActive ? null : GuestMemory.FromDomainXml(domain.GetXmlDesc());
+        }
+        catch (Exception e) when (e is LibvirtException or System.Xml.XmlException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>
     /// QEMU's page-sampling dirty rate of the guest's memory in MiB/s (<c>calc-dirty-rate</c> over
     /// one second, then <c>query-dirty-rate</c>), null when it cannot be measured.

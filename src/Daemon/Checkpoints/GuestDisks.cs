@@ -40,6 +40,29 @@ public sealed record GuestDisk(string Target, string? Alias, string? File, strin
     }
 }
 
+/// <summary>The guest's memory size from its domain XML (<c>currentMemory</c>, else <c>memory</c>).</summary>
+public static class GuestMemory
+{
+    /// <summary>Bytes, or null when the XML names no memory size or an unknown unit.</summary>
+    public static ulong? FromDomainXml(string xml)
+    {
+        var root = XElement.Parse(xml);
+        var element = root.Element("currentMemory") ?? root.Element("memory");
+        if (element is null || !ulong.TryParse(element.Value.Trim(), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var value))
+            return null;
+        ulong? scale = ((string?)element.Attribute("unit") ?? "KiB") switch
+        {
+            "b" or "bytes" => 1,
+            "KiB" or "k" => 1UL << 10,
+            "MiB" or "M" => 1UL << 20,
+            "GiB" or "G" => 1UL << 30,
+            "TiB" or "T" => 1UL << 40,
+            _ => null,
+        };
+        return scale is { } s ? value * s : null;
+    }
+}
+
 /// <summary>A dirty bitmap of a block node as QEMU reports it (<c>query-block</c>).</summary>
 public sealed record NodeBitmap(string Name, ulong Count, ulong Granularity, bool Persistent, bool Recording, bool Inconsistent);
 
