@@ -106,7 +106,7 @@ ck_fresh_daemons() {
     local h p want
     want=$(readlink -f "$BFMIG_BIN/bfmigd")
     for h in "${LAB_HOSTS[@]}"; do
-        p=$(host_pid "$h" bfmigd)
+        p=$(host_pid "$h" bfmigd || true)
         if pid_alive "$p" && [[ $(readlink "/proc/$p/exe") != "$want" ]]; then
             log "checkpoints: bfmigd of host $h runs $(readlink "/proc/$p/exe"), not $want: taking the lab down"
             cmd_down

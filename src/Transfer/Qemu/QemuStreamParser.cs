@@ -211,7 +211,8 @@ public sealed class QemuStreamParser
                 if (input.Length < 5) return false;
                 ushort cmd = BinaryPrimitives.ReadUInt16BigEndian(input[1..]);
                 ushort len = BinaryPrimitives.ReadUInt16BigEndian(input[3..]);
-                if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart))
+                // POSTCOPY_ADVISE also announces dirty-bitmap migration (libvirt checkpoints); only LISTEN/RUN would start postcopy.
+                if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart or QemuFormat.CmdPostcopyAdvise))
                 {
                     GoOpaque($"command {cmd} (postcopy, packaged or colo) at offset {_position}");
                     return false;
