@@ -239,7 +239,7 @@ public sealed class CheckpointKeeper
                 }
                 else
                 {
-                    // Redefining over an existing record would keep its old parent on some versions: start clean.
+                    // The carried set is the truth: its records replace what this host remembers from an earlier stay.
                     stale.Delete(LibvirtCheckpointDeleteFlags.MetadataOnly);
                 }
             }
