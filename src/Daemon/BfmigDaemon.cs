@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
 using BFMig.Daemon.Api;
+using BFMig.Daemon.Checkpoints;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
@@ -52,6 +53,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private MigrationSockets? _sockets;
     private TransferManager? _transfers;
     private PeerListener? _peers;
+    private CheckpointKeeper? _checkpoints;
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
     private readonly DiskIdentitySealer _sealer;
@@ -131,6 +133,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
+        var watcher = _libvirt;
+        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token);
 
         if (_dataPathOff is null)
         {
@@ -246,7 +250,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                         // Running here again: the image the last trip left behind is in use, never capture its identity now.
                         _sealer.GuestRunning(uuid);
                         if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
+                        {
                             QueueLocation(uuid, name, away: false, _transfers?.LastIncomingPeer(uuid));
+                            _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
+                        }
                         if (e.Event == LibvirtLifecycleEvent.Started && e.Detail != StartedMigrated)
                             QueueInvalidateIfAway(uuid, name);
                         break;
@@ -256,6 +263,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                         {
                             QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
                             _sealer.SourceStopped(uuid, name);
+                            _checkpoints?.OnDeparted(uuid, name);
                         }
                         break;
                 }
@@ -394,6 +402,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             connection.Dispose();
             return;
         }
+        _checkpoints?.OnTripStarting(uuid, guest, peer);
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
     }
 
@@ -416,6 +425,14 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
     private void AcceptPeer(RouteRequest hello, string guest, Socket connection)
     {
+        if (hello.Kind == StreamKind.Control)
+        {
+            if (_checkpoints is { } keeper)
+                _ = keeper.ServeAsync(connection);
+            else
+                connection.Dispose();
+            return;
+        }
         var local = Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
         _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind));
     }
@@ -539,6 +556,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         var dir = _store.GuestDirectory(record.Uuid);
         var memory = GuestStateStore.MemoryBlocks(dir).ToList();
         var stockMemory = (ulong)memory.Sum(b => b.Length);
+        // Nothing retained: stock (and BFMig) sends the guest's whole RAM, as large as libvirt says it is.
+        if (memory.Count == 0 && _checkpoints?.MemoryBytes(record.Uuid) is { } ram)
+            stockMemory = ram;
         var inSync = record.State is { Generation: > 0 } s && s.Peer == peer;
         ulong memoryBytes;
         string memoryBasis;
@@ -559,8 +579,39 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         var diskBytes = (ulong)disks.Sum(d => Math.Min((decimal)d.ImageSize, (decimal)d.UnknownBlocks * d.BlockSize));
         var diskBasis = disks.Count == 0
             ? "disk: no block map retained, all of it is sent"
-            : $"disk: {disks.Count} block map(s), unknown blocks counted; blocks written since are not tracked yet";
+            : $"disk: {disks.Count} block map(s), unknown blocks counted; blocks written since are not tracked";
+        if (_checkpoints is { } keeper)
+        {
+            if (keeper.DiskSinceArrival(record.Uuid, peer, out var why) is { } delta)
+            {
+                diskBytes = disks.Count == 0 ? delta.Bytes : diskBytes + delta.Bytes;
+                diskBasis = delta.Basis + (disks.Count == 0 ? "" : ", plus unknown blocks of the block maps");
+            }
+            else
+            {
+                diskBasis += $" ({why})";
+            }
+            (memoryBytes, memoryBasis) = AddDirtyRate(keeper, record.Uuid, peer, memoryBytes, stockMemory, memoryBasis);
+        }
         return new TripEstimate(diskBytes, memoryBytes, stockDisk, stockMemory, memoryBasis + ". " + diskBasis + ".");
+    }
+
+    /// <summary>
+    /// Pages changed since arrival are not tracked; QEMU's dirty rate times the time since the
+    /// arrival bounds them from above (a guest that rewrites the same pages changes fewer).
+    /// </summary>
+    private static (ulong Bytes, string Basis) AddDirtyRate(CheckpointKeeper keeper, Guid uuid, string peer, ulong bytes, ulong stock, string basis)
+    {
+        if (keeper.ArrivalOf(uuid) is not { } arrival || arrival.Peer != peer)
+            return (bytes, basis);
+        var rate = keeper.MeasureDirtyRateAsync(uuid, CancellationToken.None).GetAwaiter().GetResult();
+        if (rate is not { } mibPerSecond)
+            return (bytes, basis + "; QEMU's dirty rate could not be measured");
+        var seconds = Math.Max(0, (DateTimeOffset.UtcNow - arrival.At).TotalSeconds);
+        var changed = (ulong)Math.Min(stock, mibPerSecond * 1048576 * seconds);
+        var total = Math.Min(stock == 0 ? bytes + changed : stock, bytes + changed);
+        return (total, basis.Replace("; pages the guest changed since are not tracked yet, so this is a lower bound", "", StringComparison.Ordinal)
+            + string.Create(CultureInfo.InvariantCulture, $"; plus QEMU's dirty rate {mibPerSecond:0.##} MiB/s over the {seconds:0} s since the arrival from {peer} ({changed} bytes, an upper bound)"));
     }
 
     /// <inheritdoc/>

@@ -95,6 +95,85 @@ public class QemuStreamParserTests
         return r;
     }
 
+    // The dirty-bitmap section as QEMU 7.2/10.0 write it when libvirt migrates persistent bitmaps
+    // (checkpoints): START section after ram's setup, BITS/COMPLETE chunks in its END section.
+    private static StreamBuilder BitmapStart(StreamBuilder b) => b
+        .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1)
+        .U8(0x1c).Str8("libvirt-1-format").Str8("c1").Be32(65536).U8(0x03)
+        .U8(0x1c).Str8("libvirt-1-format").Str8("bfmig/x").Be32(65536).U8(0x01)
+        .U8(0x01).U8(QemuFormat.SectionFooter).Be32(3);
+
+    private static StreamBuilder BitmapEnd(StreamBuilder b) => b
+        .U8(QemuFormat.SectionEnd).Be32(3)
+        .U8(0x4e).Str8("libvirt-1-format").Str8("c1").Be64(0).Be32(128)
+        .U8(0x40).Be64(128).Be32(128).Be64(16).Bytes(new byte[16])
+        .U8(0x2c).Str8("libvirt-1-format").Str8("c1")
+        .U8(0x01).U8(QemuFormat.SectionFooter).Be32(3);
+
+    private static byte[] WithBitmaps()
+    {
+        var b = new StreamBuilder().Header().RamStart(("pc.ram", 8 * 4096), ("pc.bios", 4096));
+        BitmapStart(b).Part().Zero(0, 0).Page(0, 1, Page1).Eos().Footer();
+        BitmapEnd(b).End().Page(0, 3, Page1).Eos().Footer();
+        return b.DeviceStateAndEof().ToArray();
+    }
+
+    [Theory]
+    [InlineData(int.MaxValue)]
+    [InlineData(1)]
+    [InlineData(7)]
+    public void Dirty_bitmap_sections_are_carried_and_the_pages_after_them_still_parsed(int chunk)
+    {
+        var parser = new QemuStreamParser();
+        var input = WithBitmaps();
+        int start = 0, end = 0;
+        var facts = new List<(PageFact, long)>();
+        string? reasonBeforeDeviceState = null;
+        while (true)
+        {
+            bool final = end == input.Length;
+            while (parser.TryRead(input.AsSpan(start, end - start), final, out var seg))
+            {
+                if (seg.Fact != PageFact.None) facts.Add((seg.Fact, seg.PageIndex));
+                if (seg.Kind == SegmentKind.Page) facts.Add((PageFact.None, seg.PageIndex));
+                if (!parser.RamComplete) reasonBeforeDeviceState ??= parser.OpaqueReason;
+                start += seg.Length;
+            }
+            if (final) break;
+            end = (int)Math.Min(input.Length, (long)end + chunk);
+        }
+        Assert.Equal(input.Length, start);
+        Assert.Null(reasonBeforeDeviceState);
+        Assert.Equal([(PageFact.Zero, 0L), (PageFact.None, 1L), (PageFact.None, 3L)], facts);
+        Assert.True(parser.RamComplete);
+        Assert.Equal("device state", parser.OpaqueReason);
+    }
+
+    [Fact]
+    public void Dirty_bitmap_chunk_with_extra_flags_or_absurd_size_falls_back_without_losing_bytes()
+    {
+        var extra = new StreamBuilder().Header().RamStart(("pc.ram", 4096))
+            .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1).U8(0x80).U8(0x01).ToArray();
+        var segs = ParseAll(extra);
+        Assert.Equal(extra, segs.SelectMany(s => s.Bytes).ToArray());
+        var parser = new QemuStreamParser();
+        foreach (var input in new[] { extra })
+        {
+            int at = 0;
+            while (parser.TryRead(input.AsSpan(at), true, out var seg)) at += seg.Length;
+        }
+        Assert.Contains("dirty-bitmap chunk with extra flags 0x80", parser.OpaqueReason);
+
+        var huge = new StreamBuilder().Header().RamStart(("pc.ram", 4096))
+            .U8(QemuFormat.SectionStart).Be32(3).Str8("dirty-bitmap").Be32(0).Be32(1)
+            .U8(0x40).Be64(0).Be32(8).Be64(1UL << 40).ToArray();
+        var p2 = new QemuStreamParser();
+        int at2 = 0;
+        while (p2.TryRead(huge.AsSpan(at2), true, out var seg)) at2 += seg.Length;
+        Assert.Equal(huge.Length, at2);
+        Assert.Contains("dirty-bitmap chunk of 1099511627776 bytes", p2.OpaqueReason);
+    }
+
     [Fact]
     public void Incomplete_record_consumes_nothing()
     {
@@ -172,7 +251,7 @@ public class QemuStreamParserTests
             (new StreamBuilder().Be32(QemuFormat.FileMagic).Be32(3).U8(7).Be32(0xffffff00).ToArray(), "configuration name of 4294967040 bytes"),
             (new StreamBuilder().Header().RamStart(("pc.ram", 4096)).Part().Xbzrle(0, 0, new byte[5000]).ToArray(), "xbzrle header (flags 1, length 5000)"),
             (new StreamBuilder().Header().U8(0x42).ToArray(), "section type 0x42"),
-            (new StreamBuilder().Header().U8(8).Be16(3).Be16(0).ToArray(), "command 3"),
+            (new StreamBuilder().Header().U8(8).Be16(4).Be16(0).ToArray(), "command 4"),
         };
         foreach (var (input, reason) in cases)
         {
@@ -229,6 +308,32 @@ public class QemuStreamParserTests
         // Every page of the guest is announced at least once in the bulk stage (page or zero record).
         Assert.True(pages + zeros + unknown >= parser.Blocks.Sum(b => b.PageCount), $"{name}: {pages}+{zeros}+{unknown} records for {parser.Blocks.Sum(b => b.PageCount)} pages");
         if (name.Contains("xbzrle", StringComparison.Ordinal) && name.StartsWith("q10", StringComparison.Ordinal)) Assert.True(unknown > 1000, $"{unknown} xbzrle records");
+    }
+
+    /// <summary>
+    /// QEMU 7.2 (<c>-machine pc -m 64 -S</c>, a virtio disk whose qcow2 holds persistent bitmaps
+    /// c1 and c2, capability <c>dirty-bitmaps</c>, <c>migrate exec:cat</c>): the dirty-bitmap
+    /// section comes right after ram's setup; every page after it is still parsed.
+    /// </summary>
+    [Fact]
+    public void Real_qemu72_stream_with_persistent_bitmaps_is_parsed_through_the_dirty_bitmap_section()
+    {
+        var input = Fixtures.Load("q72-pc-bitmaps.bin");
+        var parser = new QemuStreamParser();
+        int pos = 0, pages = 0, zeros = 0;
+        using var rebuilt = new MemoryStream();
+        while (parser.TryRead(input.AsSpan(pos), true, out var seg))
+        {
+            rebuilt.Write(input, pos, seg.Length);
+            pos += seg.Length;
+            if (seg.Kind == SegmentKind.Page) pages++;
+            if (seg.Fact == PageFact.Zero) zeros++;
+        }
+        Assert.Equal(input, rebuilt.ToArray());
+        Assert.True(parser.RamComplete, $"ram not complete, opaque because {parser.OpaqueReason}");
+        Assert.Equal("device state", parser.OpaqueReason);
+        Assert.Contains(parser.Blocks, b => b.Name == "pc.ram" && b.UsedLength == 64 << 20);
+        Assert.True(pages + zeros >= parser.Blocks.Sum(b => b.PageCount), $"{pages}+{zeros} records for {parser.Blocks.Sum(b => b.PageCount)} pages");
     }
 
     [Fact]

@@ -143,13 +143,26 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
     /// <summary>The guest's live domain XML (its inactive one when it does not run), null when libvirt has no such guest or is unreachable.</summary>
     public string? GetXml(Guid uuid)
     {
+        using var domain = OpenDomain(uuid);
+        try
+        {
+            return domain?.GetXmlDesc();
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>The guest's domain (the caller disposes it), null when libvirt has no such guest or is unreachable.</summary>
+    public LibvirtDomain? OpenDomain(Guid uuid)
+    {
         var connection = _connection;
         if (connection is null)
             return null;
         try
         {
-            using var domain = connection.TryLookupDomainByUuid(uuid.ToString("D"));
-            return domain?.GetXmlDesc();
+            return connection.TryLookupDomainByUuid(uuid.ToString("D"));
         }
         catch (LibvirtException)
         {

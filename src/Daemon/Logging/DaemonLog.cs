@@ -118,4 +118,35 @@ internal static partial class DaemonLog
 
     [LoggerMessage(64, LogLevel.Warning, "guest {Guest} ({Uuid}) started here while recorded away: disk map {Map} invalidated, the next trip here sends the whole disk")]
     public static partial void DiskMapInvalidated(ILogger logger, string guest, string uuid, string map);
+
+    // 80-89: checkpoints and bitmaps
+    [LoggerMessage(80, LogLevel.Information, "guest {Guest}: sent {Count} checkpoint(s) to {Peer}")]
+    public static partial void CheckpointsSent(ILogger logger, string guest, int count, string peer);
+
+    [LoggerMessage(81, LogLevel.Warning, "guest {Guest}: cannot send its checkpoints to {Peer}: {Reason} (they will be missing there)")]
+    public static partial void CheckpointsNotSent(ILogger logger, string guest, string peer, string reason);
+
+    [LoggerMessage(82, LogLevel.Information, "guest {Uuid}: received {Count} checkpoint(s) from {Peer}, redefined on arrival")]
+    public static partial void CheckpointsReceived(ILogger logger, string uuid, int count, string peer);
+
+    [LoggerMessage(83, LogLevel.Warning, "refused checkpoints from {Remote}: {Reason}")]
+    public static partial void CheckpointsRefused(ILogger logger, string remote, string reason);
+
+    [LoggerMessage(84, LogLevel.Information, "guest {Guest}: redefined {Redefined} of {Count} checkpoint(s); {Bitmaps}")]
+    public static partial void CheckpointsRedefined(ILogger logger, string guest, int redefined, int count, string bitmaps);
+
+    [LoggerMessage(85, LogLevel.Warning, "guest {Guest}: checkpoint {Checkpoint} not redefined: {Reason}")]
+    public static partial void CheckpointNotRedefined(ILogger logger, string guest, string checkpoint, string reason);
+
+    [LoggerMessage(86, LogLevel.Warning, "guest {Guest}: checkpoints not redefined: {Reason}")]
+    public static partial void CheckpointsNotRedefined(ILogger logger, string guest, string reason);
+
+    [LoggerMessage(87, LogLevel.Information, "guest {Guest}: arrived without checkpoint metadata from the source")]
+    public static partial void CheckpointsMissing(ILogger logger, string guest);
+
+    [LoggerMessage(88, LogLevel.Information, "guest {Guest}: image left behind {Image}: stale bitmaps removed: {Removed}")]
+    public static partial void DepartureCleaned(ILogger logger, string guest, string image, string removed);
+
+    [LoggerMessage(89, LogLevel.Warning, "guest {Guest}: cannot clean the bitmaps of the image left behind {Image}: {Reason} (a return trip into it may fail)")]
+    public static partial void DepartureNotCleaned(ILogger logger, string guest, string image, string reason);
 }

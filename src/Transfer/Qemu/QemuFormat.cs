@@ -22,6 +22,8 @@ public static class QemuFormat
 
     public const ushort CmdOpenReturnPath = 1;
     public const ushort CmdPing = 2;
+    /// <summary>Sent when postcopy or dirty-bitmap migration is enabled (length 0 with bitmaps only, 16 with postcopy-ram).</summary>
+    public const ushort CmdPostcopyAdvise = 3;
     public const ushort CmdSwitchoverStart = 11;
 
     public const ulong FlagZero = 0x02;

@@ -20,11 +20,12 @@ public sealed class QemuStreamParser
     private const int MaxBlocks = 4096;
     private const int MaxConfigNameLength = 256;
 
-    private enum State { Header, SectionTop, ConfigSubsections, RamRecords, MemSizeBlocks, Opaque }
+    private enum State { Header, SectionTop, ConfigSubsections, RamRecords, MemSizeBlocks, BitmapChunks, Opaque }
 
     private readonly List<RamBlockInfo> _blocks = [];
     private State _state = State.Header;
     private uint _ramSectionId = uint.MaxValue;
+    private uint _bitmapSectionId = uint.MaxValue;
     private bool _ramInEndSection;
     private int _lastBlock = -1;
     private long _memSizeRemaining;
@@ -114,6 +115,8 @@ public sealed class QemuStreamParser
                 return TryParseRamRecord(input, out segment);
             case State.MemSizeBlocks:
                 return TryParseMemSizeBlock(input, out segment);
+            case State.BitmapChunks:
+                return TryParseBitmapChunk(input, out segment);
             default:
                 return false;
         }
@@ -158,6 +161,15 @@ public sealed class QemuStreamParser
                     GoOpaque(RamComplete ? "device state" : $"device state section before ram completed at offset {_position}");
                     return false;
                 }
+                if (idstr.SequenceEqual("dirty-bitmap"u8) && _bitmapSectionId == uint.MaxValue)
+                {
+                    // Persistent bitmaps (libvirt checkpoints) migrate in their own iterative section,
+                    // right after ram's setup: carry it as it is and keep parsing the pages that follow.
+                    _bitmapSectionId = sectionId;
+                    _state = State.BitmapChunks;
+                    segment = Raw(6 + idLen + 8);
+                    return true;
+                }
                 if (!idstr.SequenceEqual("ram"u8) || _ramSectionId != uint.MaxValue)
                 {
                     GoOpaque($"iterative section '{Encoding.UTF8.GetString(idstr)}' not parsed (offset {_position})");
@@ -174,6 +186,12 @@ public sealed class QemuStreamParser
             {
                 if (input.Length < 5) return false;
                 uint sectionId = BinaryPrimitives.ReadUInt32BigEndian(input[1..]);
+                if (sectionId == _bitmapSectionId)
+                {
+                    _state = State.BitmapChunks;
+                    segment = Raw(5);
+                    return true;
+                }
                 if (sectionId != _ramSectionId)
                 {
                     GoOpaque($"section {sectionId} is not ram (offset {_position})");
@@ -193,7 +211,8 @@ public sealed class QemuStreamParser
                 if (input.Length < 5) return false;
                 ushort cmd = BinaryPrimitives.ReadUInt16BigEndian(input[1..]);
                 ushort len = BinaryPrimitives.ReadUInt16BigEndian(input[3..]);
-                if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart))
+                // POSTCOPY_ADVISE also announces dirty-bitmap migration (libvirt checkpoints); only LISTEN/RUN would start postcopy.
+                if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart or QemuFormat.CmdPostcopyAdvise))
                 {
                     GoOpaque($"command {cmd} (postcopy, packaged or colo) at offset {_position}");
                     return false;
@@ -209,6 +228,58 @@ public sealed class QemuStreamParser
                 GoOpaque($"section type 0x{type:x2} at offset {_position}");
                 return false;
         }
+    }
+
+    /// <summary>
+    /// One chunk of the <c>dirty-bitmap</c> section (QEMU migration/block-dirty-bitmap.c, same in
+    /// 7.2 and 10.0): <c>u8 flags</c>; with DEVICE_NAME 0x08 and BITMAP_NAME 0x04 a counted name
+    /// each; then START 0x10 <c>be32 granularity, u8 bitmap flags</c>, or COMPLETE 0x20 nothing,
+    /// or BITS 0x40 <c>be64 first sector, be32 sectors</c> and unless ZEROES 0x02 <c>be64 size +
+    /// data</c>. EOS 0x01 ends the section's chunks. Extra flag bytes (0x80) are never sent, so
+    /// they turn the parser opaque, as does a chunk longer than <see cref="MaxRecordLength"/>.
+    /// </summary>
+    private bool TryParseBitmapChunk(ReadOnlySpan<byte> input, out QemuSegment segment)
+    {
+        const byte Eos = 0x01, Zeroes = 0x02, BitmapName = 0x04, DeviceName = 0x08, Start = 0x10, Complete = 0x20, Bits = 0x40, Extra = 0x80;
+        segment = default;
+        if (input.Length < 1) return false;
+        byte flags = input[0];
+        if ((flags & Extra) != 0)
+        {
+            GoOpaque($"dirty-bitmap chunk with extra flags 0x{flags:x2} at offset {_position}");
+            return false;
+        }
+        int p = 1;
+        foreach (var name in (ReadOnlySpan<byte>)[DeviceName, BitmapName])
+        {
+            if ((flags & name) == 0) continue;
+            if (input.Length < p + 1) return false;
+            p += 1 + input[p];
+        }
+        if ((flags & Start) != 0)
+        {
+            p += 5;
+        }
+        else if ((flags & Complete) == 0 && (flags & Bits) != 0)
+        {
+            p += 12;
+            if ((flags & Zeroes) == 0)
+            {
+                if (input.Length < p + 8) return false;
+                ulong size = BinaryPrimitives.ReadUInt64BigEndian(input[p..]);
+                if (size > MaxRecordLength)
+                {
+                    GoOpaque($"dirty-bitmap chunk of {size} bytes at offset {_position}");
+                    return false;
+                }
+                p += 8 + (int)size;
+            }
+        }
+        if (input.Length < p) return false;
+        if ((flags & Eos) != 0)
+            _state = State.SectionTop;
+        segment = Raw(p);
+        return true;
     }
 
     private bool TryParseConfigSubsection(ReadOnlySpan<byte> input, out QemuSegment segment)

@@ -8,6 +8,8 @@ public enum StreamKind : byte
 {
     Mig = 1,
     Nbd = 2,
+    /// <summary>A daemon-to-daemon control exchange (checkpoint metadata), answered by bfmigd itself.</summary>
+    Control = 3,
 }
 
 /// <summary>
@@ -47,7 +49,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         ushort version = BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
         if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
         byte kind = p[6];
-        if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
+        if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
         if ((p[7] & ~1) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
