@@ -8,7 +8,9 @@ namespace BFMig.Transfer.Engine;
 /// Sending side of a memory stream in store mode: reads the source QEMU, encodes with
 /// <see cref="MigEncoder"/>, frames to the peer, carries the return path back, and commits the
 /// store once the receiver has committed the same digest. Buffers are bounded (input 256 KiB, one
-/// frame in flight) so QEMU's own bandwidth estimate sees the real post-dedup rate.
+/// frame in flight), and with a <see cref="StreamPacer"/> the sender stays within a window of what
+/// the destination QEMU has taken, so QEMU's own bandwidth estimate sees the rate at which the
+/// destination really loads (not just the post-dedup wire rate).
 /// </summary>
 public sealed class MigSender
 {
@@ -21,10 +23,13 @@ public sealed class MigSender
     private readonly ulong _newGeneration;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
+    private readonly StreamPacer? _pacer;
+    private long _consumed;
 
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
-        TransferStats stats, TimeSpan endTimeout)
+        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null)
     {
+        _pacer = pacer;
         _store = store;
         _encoder = new MigEncoder(store, synced, seed, stats);
         _reader = reader;
@@ -77,6 +82,11 @@ public sealed class MigSender
         finally
         {
             _stats.SnapshotComplete = _encoder.Parser.RamComplete;
+            if (_pacer is not null)
+            {
+                _stats.PacedWaits = _pacer.Waits;
+                _stats.PacedWaitSeconds = _pacer.Waited.TotalSeconds;
+            }
         }
     }
 
@@ -112,6 +122,7 @@ public sealed class MigSender
         while (true)
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
+            _consumed = _stats.StreamBytes - (end - start);
             if (!endSent && _encoder.Parser.IsOpaque)
             {
                 // From here on no page is recorded, so the digest is final. With a return path
@@ -133,6 +144,13 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
+            if (_pacer is not null && _pacer.MustWait(_consumed))
+            {
+                // Everything consumed must be on its way, or the receiver could never catch up.
+                await FlushAsync(ct);
+                await _writer.FlushAsync(ct);
+                await _pacer.WaitForRoomAsync(_consumed, ct);
+            }
             int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
             if (n == 0) eof = true;
             end += n;
@@ -160,6 +178,7 @@ public sealed class MigSender
         if (_encoder.OpsLength == 0) return;
         await _writer.WriteAsync(FrameType.MigData, _encoder.OpsMemory, compress: true, ct);
         _encoder.ResetOps();
+        _pacer?.Sent(_consumed);
     }
 
     private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)
@@ -187,6 +206,9 @@ public sealed class MigSender
                     break;
                 case FrameType.EndAck:
                     endAck.TrySetResult(EndAck.Decode(f.Payload.Span));
+                    break;
+                case FrameType.Progress when _pacer is not null:
+                    _pacer.OnProgress(ProgressMessage.Decode(f.Payload.Span).Delivered);
                     break;
                 case FrameType.Abort:
                     throw new PeerAbortedException(Handshake.AbortReason(f.Payload.Span));
