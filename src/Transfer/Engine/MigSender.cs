@@ -25,6 +25,7 @@ public sealed class MigSender
     private readonly TimeSpan _endTimeout;
     private readonly StreamPacer? _pacer;
     private long _consumed;
+    private long _wireAtLastWait;
 
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
         TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null)
@@ -149,7 +150,9 @@ public sealed class MigSender
                 // Everything consumed must be on its way, or the receiver could never catch up.
                 await FlushAsync(ct);
                 await _writer.FlushAsync(ct);
-                await _pacer.WaitForRoomAsync(_consumed, ct);
+                var waited = await _pacer.WaitForRoomAsync(_consumed, ct);
+                _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
+                _wireAtLastWait = _writer.BytesWritten;
             }
             int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
             if (n == 0) eof = true;

@@ -135,10 +135,11 @@ public sealed class StreamPacer
     /// Waits until the sender at <paramref name="offset"/> is within the window again. Everything
     /// up to <paramref name="offset"/> must already be on its way to the peer.
     /// </summary>
+    /// <returns>How long it waited.</returns>
     /// <exception cref="TimeoutException">the receiver reported no progress for the stall timeout.</exception>
-    public async Task WaitForRoomAsync(long offset, CancellationToken ct)
+    public async Task<TimeSpan> WaitForRoomAsync(long offset, CancellationToken ct)
     {
-        if (!MustWait(offset)) return;
+        if (!MustWait(offset)) return TimeSpan.Zero;
         long start = Stopwatch.GetTimestamp();
         try
         {
@@ -148,7 +149,7 @@ public sealed class StreamPacer
                 long before;
                 lock (_gate)
                 {
-                    if (offset - _delivered <= _window) return;
+                    if (offset - _delivered <= _window) return Stopwatch.GetElapsedTime(start);
                     _waiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
                     progress = _waiter.Task;
                     before = _delivered;
