@@ -66,6 +66,8 @@ mode_stock_multifd_zstd_args() {
 # the destination QEMU listens on (same path, each host its own /run); helpers in lib/bfmig.sh.
 # shellcheck source=bfmig.sh
 source "$LAB_DIR/lib/bfmig.sh"
+# shellcheck source=kill.sh
+source "$LAB_DIR/lib/kill.sh"
 
 mode_bfmig_unsupported() { bfmig_unsupported; }
 

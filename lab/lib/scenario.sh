@@ -75,6 +75,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook=""
+    local kills=() spec
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -94,6 +95,7 @@ cmd_roundtrip() {
             --touch-retained-mib) touch_mib=$2 ;;
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
+            --kill) kill_check_spec "$2"; kills+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -151,6 +153,13 @@ cmd_roundtrip() {
             qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"
         "$(mode_fn "$mode" args)" "$src" "$dst"
         mode_call_optional "$mode" prepare "$src" "$dst"
+        KILL_JSON=null
+        if spec=$(kill_spec_for_trip "$trip" "${kills[@]}"); then
+            KILL_CHUNKS=$chunks
+            kill_attempt "$mode" "$src" "$dst" "$spec"
+            # Restarts whatever daemon the kill took and waits until both are ready again.
+            mode_call_optional "$mode" prepare "$src" "$dst"
+        fi
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
@@ -176,10 +185,10 @@ cmd_roundtrip() {
         log "$mode: trip $trip: $wire bytes, ${secs}s, downtime ${JOB_DOWNTIME} ms, guest mismatches $bad, images identical $images"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
-            --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" \
+            --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
             '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
-              images_identical: $images}')")
+              images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then

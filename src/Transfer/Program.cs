@@ -56,6 +56,18 @@ internal static class Program
             e.Cancel = true;
             cts.Cancel();
         };
+        string? orphaned = null;
+        // Handed a socket by bfmigd (--fd): if the daemon dies, give the stream up (see ParentWatch).
+        await using var parentWatch = opts.ContainsKey("fd")
+            ? ParentWatch.Start(TimeSpan.FromMilliseconds(250), () =>
+            {
+                orphaned = "the daemon that started this helper exited; stream given up";
+                cts.Cancel();
+                // Cancellation unwinds the stream (the store is abandoned); should anything not
+                // unwind, do not outlive the daemon for long.
+                _ = Task.Delay(TimeSpan.FromSeconds(10)).ContinueWith(_ => Environment.Exit(1), TaskScheduler.Default);
+            })
+            : null;
         TransferStats? stats = null;
         string? error = null;
         int code;
@@ -92,7 +104,7 @@ internal static class Program
         }
         catch (Exception e) when (e is StoreException or UnauthorizedAccessException or OperationCanceledException)
         {
-            error = e.Message;
+            error = orphaned ?? e.Message;
             code = 1;
         }
         if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {error.ReplaceLineEndings(" ")}");

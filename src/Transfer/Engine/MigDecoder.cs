@@ -36,6 +36,7 @@ public sealed class MigDecoder
     private long _batchFirst;
     private int _batchCount;
     private long _frame;
+    private bool _sealed;
 
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
     /// <param name="keep">The hello matched: keep retained content.</param>
@@ -66,6 +67,12 @@ public sealed class MigDecoder
 
     /// <summary>Counts frames, for error messages.</summary>
     public void BeginFrame() => _frame++;
+
+    /// <summary>
+    /// After the end frame only opaque bytes may follow: the store is committed while they flow,
+    /// so any op that would read or record a page is refused from here on.
+    /// </summary>
+    public void Seal() => _sealed = true;
 
     /// <summary>
     /// Processes ops of one frame from <paramref name="offset"/>; returns where it stopped (the
@@ -100,10 +107,12 @@ public sealed class MigDecoder
                     break;
                 }
                 case MigOps.Blocks:
+                    if (_sealed) throw Bad("block list after the end frame", opStart);
                     pos = ReadBlocks(p, pos, opStart);
                     break;
                 case MigOps.ElideRun:
                 {
+                    if (_sealed) throw Bad("ELIDE_RUN after the end frame", opStart);
                     ulong n = ReadVarint(p, ref pos, "ELIDE_RUN count", opStart);
                     if (_lastBlock < 0 || n == 0 || n > (ulong)(_pages[_lastBlock] - _lastPage - 1))
                         throw Bad($"ELIDE_RUN of {n} pages after page {_lastPage} of block {_lastBlock}", opStart);
@@ -114,6 +123,7 @@ public sealed class MigDecoder
                 {
                     if (op > 0x1f || (op & MigOps.KindMask) > MigOps.KindUnknown) throw Bad($"unknown op 0x{op:x2}", opStart);
                     if (!_haveBlocks) throw Bad("page op before the block list", opStart);
+                    if (_sealed) throw Bad("page op after the end frame", opStart);
                     int block;
                     long page;
                     if ((op & MigOps.SeqBit) != 0)

@@ -6,11 +6,14 @@ namespace BFMig.Transfer.Engine;
 /// <summary>
 /// Receiving side of a memory stream in store mode: rebuilds the stream with
 /// <see cref="MigDecoder"/> into the destination QEMU, carries its return path back as tunnel
-/// frames, and commits the store when the sender's end digest equals its own.
+/// frames, and commits the store when the sender's end digest equals its own. In a paced stream
+/// it reports how much of the stream its QEMU has taken (<see cref="StreamPacer"/>).
 /// </summary>
 public sealed class MigReceiver
 {
     private const int ReverseBuffer = 64 << 10;
+    /// <summary>A paced stream's progress is reported every this many stream bytes (well below <see cref="StreamPacer.MinWindow"/>).</summary>
+    public const int ProgressStep = 256 << 10;
     private readonly MemoryStore? _store;
     private readonly MigDecoder _decoder;
     private readonly FrameReader _reader;
@@ -19,11 +22,17 @@ public sealed class MigReceiver
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
     private readonly byte[] _one = new byte[1];
+    private readonly bool _paced;
+    private readonly byte[] _progress = new byte[ProgressMessage.Length];
+    private long _reported;
     private int _heldBack = -1;
     private bool _endChecked;
+    private Task? _commit;
 
-    public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout)
+    public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout,
+        bool paced = false)
     {
+        _paced = paced;
         _store = store;
         _decoder = new MigDecoder(store, keep, seed, stats);
         _reader = reader;
@@ -41,13 +50,25 @@ public sealed class MigReceiver
         try
         {
             await ForwardAsync(qemu, reverse, cts.Token);
+            await _commit!;
             var done = await Task.WhenAny(reverse, Task.Delay(_endTimeout, ct));
             if (done == reverse) await reverse;
         }
         catch
         {
-            if (_decoder.TripStarted) _store!.Abandon();
             await cts.CancelAsync();
+            if (_commit is not null)
+            {
+                try
+                {
+                    await _commit;
+                }
+                catch (Exception)
+                {
+                    // The stream's own failure is the one reported.
+                }
+            }
+            if (_decoder.TripStarted) _store!.Abandon();
             throw;
         }
     }
@@ -84,6 +105,7 @@ public sealed class MigReceiver
                                 _stats.StreamBytes += output.Length - 1;
                             }
                             _decoder.ResetOutput();
+                            await ReportProgressAsync(ct);
                         }
                     }
                     while (pos < frame.Payload.Length || _decoder.HasPendingOutput);
@@ -94,7 +116,7 @@ public sealed class MigReceiver
                     if (_endChecked) throw new PeerProtocolException($"second end frame at byte {_reader.BytesRead}");
                     var end = EndMessage.Decode(frame.Payload.Span);
                     if (_decoder.HasPendingOutput) throw new PeerProtocolException("end frame while an elide run is still open");
-                    bool committed = false;
+                    _decoder.Seal();
                     var digest = new byte[16];
                     if (_decoder.TripStarted)
                     {
@@ -107,17 +129,15 @@ public sealed class MigReceiver
                             throw new PeerProtocolException(
                                 $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
                         }
-                        _store.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
-                        committed = true;
-                        _stats.Generation = end.Generation;
                     }
+                    // Checked: QEMU may finish now. The guest is paused until it has, so the store's
+                    // durable commit (fsyncs) runs alongside; until it completes the store stays in
+                    // flux, and a crash in between only means that the next trip sends everything.
                     if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
                     await qemu.Stream.FlushAsync(ct);
                     _endChecked = true;
-                    _stats.Committed = committed;
                     _stats.SnapshotComplete = end.SnapshotComplete;
-                    await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
-                    await _writer.FlushAsync(ct);
+                    _commit = Task.Run(() => CommitAsync(end, digest, ct), CancellationToken.None);
                     break;
                 }
                 case FrameType.TunnelEof:
@@ -134,6 +154,41 @@ public sealed class MigReceiver
                     throw new PeerProtocolException($"unexpected {frame.Type} frame in a memory stream at byte {_reader.BytesRead}");
             }
         }
+    }
+
+    /// <summary>Commits the store (when this trip used one) and answers the end frame with the outcome.</summary>
+    private async Task CommitAsync(EndMessage end, byte[] digest, CancellationToken ct)
+    {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool committed = false;
+        if (_decoder.TripStarted)
+        {
+            try
+            {
+                _store!.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
+                committed = true;
+                _stats.Generation = end.Generation;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
+            {
+                // QEMU has the whole stream already; only the retained copy is lost (it stays in flux).
+                Console.Error.WriteLine($"bfmig-transfer: store commit failed, the next trip sends everything: {e.Message}");
+            }
+        }
+        _stats.Committed = committed;
+        _stats.CommitSeconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
+        await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    /// <summary>In a paced stream, tells the sender how far its QEMU got once another step was taken.</summary>
+    private async ValueTask ReportProgressAsync(CancellationToken ct)
+    {
+        if (!_paced || _stats.StreamBytes - _reported < ProgressStep) return;
+        _reported = _stats.StreamBytes;
+        new ProgressMessage(_reported).Encode(_progress);
+        await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);
+        await _writer.FlushAsync(ct);
     }
 
     private async Task WriteHeldAsync(LocalConnection qemu, CancellationToken ct)

@@ -10,7 +10,9 @@ namespace BFMig.Transfer.Engine;
 /// store once the receiver has committed the same digest. Frames are compressed and written by a
 /// <see cref="FramePipeline"/> on other threads while this one parses, hashes and records the
 /// next. Buffers are bounded (input 256 KiB, <see cref="FramePipeline.DefaultDepth"/> frame
-/// buffers) so QEMU's own bandwidth estimate sees the real post-dedup rate.
+/// buffers), and with a <see cref="StreamPacer"/> the sender stays within a window of what the
+/// destination QEMU has taken, so QEMU's own bandwidth estimate sees the rate at which the
+/// destination really loads (not just the post-dedup wire rate).
 /// </summary>
 public sealed class MigSender
 {
@@ -25,10 +27,14 @@ public sealed class MigSender
     private readonly TimeSpan _endTimeout;
     private FramePipeline? _frames;
     private FramePipeline.Slot? _current;
+    private readonly StreamPacer? _pacer;
+    private long _consumed;
+    private long _wireAtLastWait;
 
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
-        TransferStats stats, TimeSpan endTimeout)
+        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null)
     {
+        _pacer = pacer;
         _store = store;
         _encoder = new MigEncoder(store, synced, seed, stats);
         _reader = reader;
@@ -82,6 +88,11 @@ public sealed class MigSender
         finally
         {
             _stats.SnapshotComplete = _encoder.Parser.RamComplete;
+            if (_pacer is not null)
+            {
+                _stats.PacedWaits = _pacer.Waits;
+                _stats.PacedWaitSeconds = _pacer.Waited.TotalSeconds;
+            }
         }
     }
 
@@ -120,6 +131,7 @@ public sealed class MigSender
         while (true)
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
+            _consumed = _stats.StreamBytes - (end - start);
             if (!endSent && _encoder.Parser.IsOpaque)
             {
                 // From here on no page is recorded, so the digest is final. With a return path
@@ -141,6 +153,15 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
+            if (_pacer is not null && _pacer.MustWait(_consumed))
+            {
+                // Everything consumed must be on its way, or the receiver could never catch up.
+                await FlushAsync(ct);
+                await _frames!.FlushAsync(ct);
+                var waited = await _pacer.WaitForRoomAsync(_consumed, ct);
+                _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
+                _wireAtLastWait = _writer.BytesWritten;
+            }
             int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
             if (n == 0) eof = true;
             end += n;
@@ -174,6 +195,7 @@ public sealed class MigSender
         _encoder.SwapOps(next.Payload);
         _frames.Post(_current!, FrameType.MigData, length, compress: true);
         _current = next;
+        _pacer?.Sent(_consumed);
     }
 
     private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)
@@ -201,6 +223,9 @@ public sealed class MigSender
                     break;
                 case FrameType.EndAck:
                     endAck.TrySetResult(EndAck.Decode(f.Payload.Span));
+                    break;
+                case FrameType.Progress when _pacer is not null:
+                    _pacer.OnProgress(ProgressMessage.Decode(f.Payload.Span).Delivered);
                     break;
                 case FrameType.Abort:
                     throw new PeerAbortedException(Handshake.AbortReason(f.Payload.Span));

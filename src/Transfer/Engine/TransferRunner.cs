@@ -36,6 +36,12 @@ public sealed class TransferOptions
     /// <summary>Called about every <see cref="ProgressInterval"/> with the stream's live counters (any thread).</summary>
     public Action<TransferProgress>? Progress { get; init; }
     public TimeSpan ProgressInterval { get; init; } = TimeSpan.FromMilliseconds(500);
+    /// <summary>
+    /// Memory stream with stores: stay within a window of what the destination QEMU has taken
+    /// (<see cref="StreamPacer"/>), so that the source QEMU measures the real end-to-end rate
+    /// and the guest is not paused while the destination still loads a backlog.
+    /// </summary>
+    public bool Pacing { get; init; } = true;
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -79,8 +85,9 @@ public static class TransferRunner
         try
         {
             var state = store?.State;
+            bool paced = wantsStore && o.Pacing;
             var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
-                RandomNumberGenerator.GetBytes(32), o.LocalName);
+                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced };
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
@@ -104,7 +111,8 @@ public static class TransferRunner
                 bool synced = reply.Status == HelloStatus.Match;
                 stats.Mode = synced ? "store-match" : "store-full";
                 ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
-                var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout);
+                var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
+                    paced ? new StreamPacer(o.IdleTimeout) : null);
                 await sender.RunAsync(qemu, prefix, ct);
             }
             else
@@ -174,7 +182,7 @@ public static class TransferRunner
             {
                 bool keep = decision.Status == HelloStatus.Match;
                 stats.Mode = keep ? "store-match" : "store-full";
-                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout);
+                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced);
                 await receiver.RunAsync(local, ct);
             }
             else

@@ -26,6 +26,12 @@ public sealed class TransferStats
     public long ZeroPages { get; set; }
     public long UnknownPages { get; set; }
     public long PassthroughBytes { get; set; }
+    /// <summary>Paced memory stream, sender: how often and how long it waited for the destination QEMU to catch up.</summary>
+    public int PacedWaits { get; set; }
+    /// <inheritdoc cref="PacedWaits"/>
+    public double PacedWaitSeconds { get; set; }
+    /// <summary>Memory stream, receiver: seconds from the end frame to the store's commit (the guest may already run on this host meanwhile).</summary>
+    public double CommitSeconds { get; set; }
     public bool SnapshotComplete { get; set; }
     public string? OpaqueReason { get; set; }
     public ulong Generation { get; set; }

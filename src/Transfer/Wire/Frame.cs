@@ -18,6 +18,8 @@ public enum FrameType : byte
     TunnelEof = 0x12,
     End = 0x20,
     EndAck = 0x21,
+    /// <summary>R->S in a paced memory stream: how much of the rebuilt stream the receiving QEMU has taken (<see cref="ProgressMessage"/>).</summary>
+    Progress = 0x22,
     Abort = 0x30,
 }
 

@@ -34,6 +34,13 @@ public sealed class FrameWriter : IDisposable
     /// <summary>Payload bytes before compression.</summary>
     public long PayloadBytes { get; private set; }
 
+    /// <summary>
+    /// A paced sender waited <paramref name="waited"/> after writing <paramref name="wireBytes"/>
+    /// since its last wait. Its writes then rarely block, so this is where a slow link shows:
+    /// the compression policy counts it as link time.
+    /// </summary>
+    public void RecordLinkWait(long wireBytes, TimeSpan waited) => _policy.RecordSend((int)Math.Min(wireBytes, int.MaxValue), waited);
+
     /// <summary>Writes one frame; compressed if <paramref name="compress"/> and the policy agrees.</summary>
     public async ValueTask WriteAsync(FrameType type, ReadOnlyMemory<byte> payload, bool compress, CancellationToken ct)
     {

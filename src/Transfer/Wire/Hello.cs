@@ -14,13 +14,21 @@ public enum StreamKind : byte
 
 /// <summary>
 /// Sender's hello (frame <see cref="FrameType.Hello"/>):
-/// <c>"BFMG" u16 version, u8 kind, u8 flags, 16 guest uuid (RFC 4122 byte order), be64 generation,
-/// 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
+/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced), 16 guest uuid (RFC 4122 byte
+/// order), be64 generation, 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
 /// Generation and digest are what the sender believes the receiver holds.
 /// </summary>
 public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong Generation, byte[] Digest, ulong Seed, byte[] Nonce, string SenderName)
 {
+    private const byte WantsStoreFlag = 1;
+    private const byte PacedFlag = 2;
     private static ReadOnlySpan<byte> Magic => "BFMG"u8;
+
+    /// <summary>
+    /// The sender paces a memory stream by what the receiving QEMU has taken, so the receiver
+    /// reports it (<see cref="FrameType.Progress"/>).
+    /// </summary>
+    public bool Paced { get; init; }
 
     public byte[] Encode()
     {
@@ -31,7 +39,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         Magic.CopyTo(s);
         BinaryPrimitives.WriteUInt16BigEndian(s[4..], FrameCodec.ProtocolVersion);
         s[6] = (byte)Kind;
-        s[7] = WantsStore ? (byte)1 : (byte)0;
+        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0));
         Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
         BinaryPrimitives.WriteUInt64BigEndian(s[24..], Generation);
         Digest.AsSpan(0, 16).CopyTo(s[32..]);
@@ -50,11 +58,14 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
-        if ((p[7] & ~1) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        if ((p[7] & ~(WantsStoreFlag | PacedFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
-        return new Hello((StreamKind)kind, (p[7] & 1) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
-            p.Slice(32, 16).ToArray(), BinaryPrimitives.ReadUInt64BigEndian(p[48..]), p.Slice(56, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(89, nameLen)));
+        return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
+            p.Slice(32, 16).ToArray(), BinaryPrimitives.ReadUInt64BigEndian(p[48..]), p.Slice(56, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(89, nameLen)))
+        {
+            Paced = (p[7] & PacedFlag) != 0,
+        };
     }
 }
 
@@ -148,5 +159,24 @@ public sealed record EndAck(bool Committed, byte[] Digest)
     {
         if (p.Length != 17 || p[0] > 1) throw new PeerProtocolException($"end ack of {p.Length} bytes (first 0x{(p.Length > 0 ? p[0] : 0):x2}) is malformed");
         return new EndAck(p[0] == 1, p.Slice(1, 16).ToArray());
+    }
+}
+
+/// <summary>
+/// Receiver's progress in a paced memory stream (frame <see cref="FrameType.Progress"/>):
+/// <c>be64 stream bytes written to its QEMU so far</c>. Never decreases.
+/// </summary>
+public readonly record struct ProgressMessage(long Delivered)
+{
+    public const int Length = 8;
+
+    public void Encode(Span<byte> destination) => BinaryPrimitives.WriteInt64BigEndian(destination, Delivered);
+
+    public static ProgressMessage Decode(ReadOnlySpan<byte> p)
+    {
+        if (p.Length != Length) throw new PeerProtocolException($"progress frame of {p.Length} bytes, expected {Length}");
+        long n = BinaryPrimitives.ReadInt64BigEndian(p);
+        if (n < 0) throw new PeerProtocolException($"progress frame claims {n} bytes delivered");
+        return new ProgressMessage(n);
     }
 }
