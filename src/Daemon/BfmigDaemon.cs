@@ -262,8 +262,11 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                         if (e.Detail == StoppedMigrated)
                         {
                             QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
-                            _sealer.SourceStopped(uuid, name);
-                            _checkpoints?.OnDeparted(uuid, name);
+                            // Removing stale bitmaps rewrites the left image's header (and its mtime): the
+                            // identity the next trip's receiver checks must be captured after that.
+                            var cleaned = _checkpoints?.OnDeparted(uuid, name) ?? Task.CompletedTask;
+                            _ = cleaned.ContinueWith(_ => _sealer.SourceStopped(uuid, name), CancellationToken.None,
+                                TaskContinuationOptions.None, TaskScheduler.Default);
                         }
                         break;
                 }
