@@ -59,7 +59,7 @@ internal static class Program
         string? orphaned = null;
         // Handed a socket by bfmigd (--fd): if the daemon dies, give the stream up (see ParentWatch).
         await using var parentWatch = opts.ContainsKey("fd")
-            ? ParentWatch.Start(TimeSpan.FromMilliseconds(250), () =>
+            ? ParentWatch.Start(TimeSpan.FromMilliseconds(50), () =>
             {
                 orphaned = "the daemon that started this helper exited; stream given up";
                 cts.Cancel();
