@@ -57,6 +57,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
     private readonly DiskIdentitySealer _sealer;
+    private readonly DomainXmlCache _domainXml = new();
     private string? _dataPathOff;
 
     public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
@@ -134,7 +135,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
         var watcher = _libvirt;
-        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token);
+        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token,
+            cachedXml: uuid => _domainXml.Get(uuid, query: null));
 
         if (_dataPathOff is null)
         {
@@ -229,7 +231,12 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
 
     // ---- libvirt ----
 
-    void IGuestEvents.Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running) => _sockets?.Reconcile(running);
+    void IGuestEvents.Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running)
+    {
+        _sockets?.Reconcile(running);
+        foreach (var (uuid, _) in running)
+            RefreshDomainXml(uuid);
+    }
 
     void IGuestEvents.OnEvent(LibvirtDomainEvent domainEvent) => OnEvent(domainEvent);
 
@@ -247,6 +254,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 {
                     case LibvirtLifecycleEvent.Started or LibvirtLifecycleEvent.Resumed:
                         _sockets?.Ensure(uuid, name);
+                        RefreshDomainXml(uuid);
                         // Running here again: the image the last trip left behind is in use, never capture its identity now.
                         _sealer.GuestRunning(uuid);
                         if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
@@ -414,7 +422,14 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     /// mirror reads, on the destination (the incoming domain) the ones it writes into.
     /// </summary>
     private IReadOnlyList<DomainDisk> DisksOf(Guid uuid, StreamKind kind) =>
-        kind == StreamKind.Nbd && _libvirt?.GetXml(uuid) is { } xml ? DomainDisks.Parse(xml) : [];
+        kind == StreamKind.Nbd && _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainDisks.Parse(xml) : [];
+
+    /// <summary>Reads the guest's live XML into the cache in the background (never on a stream's path).</summary>
+    private void RefreshDomainXml(Guid uuid)
+    {
+        if (_libvirt is { } libvirt)
+            _domainXml.RefreshInBackground(uuid, libvirt.GetXml);
+    }
 
     private PeerRoute RoutePeer(RouteRequest hello)
     {
@@ -496,6 +511,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     public HookDecision HookEvent(string guest, string operation, string subOperation, string extra, string domainXml)
     {
         DaemonLog.HookEvent(_logger, guest, operation, subOperation, extra);
+        // On a destination this is the incoming domain's XML, before any stream connects.
+        _domainXml.Remember(domainXml);
         var decision = _guard.Decide(guest, operation, subOperation, domainXml);
         if (!decision.Allow)
             DaemonLog.SplitBrainRefused(_logger, operation, guest, decision.Message);

@@ -54,9 +54,12 @@ public sealed class CheckpointKeeper
     private readonly ConcurrentDictionary<Guid, Arrival> _arrivals = new();
     private readonly Dictionary<Guid, Task> _sending = [];
 
+    private readonly Func<Guid, string?>? _cachedXml;
+
     public CheckpointKeeper(DaemonOptions options, Func<Guid, LibvirtDomain?> openDomain, ImageBitmaps images, ILogger logger,
-        TimeProvider? time = null, CancellationToken stop = default)
+        TimeProvider? time = null, CancellationToken stop = default, Func<Guid, string?>? cachedXml = null)
     {
+        _cachedXml = cachedXml;
         _options = options;
         _openDomain = openDomain;
         _images = images;
@@ -103,7 +106,9 @@ public sealed class CheckpointKeeper
             CheckpointSnapshot snapshot;
             using (var domain = _openDomain(uuid) ?? throw new CheckpointSetException("libvirt does not know the guest (or is unreachable)"))
             {
-                _departingDisks[uuid] = GuestDisk.FromDomainXml(domain.GetXmlDesc());
+                // The domain XML from the daemon's cache: during a migration libvirt 11.3 makes a live
+                // GetXMLDesc wait for the migration's monitor job, which waits for this trip.
+                _departingDisks[uuid] = GuestDisk.FromDomainXml(_cachedXml?.Invoke(uuid) ?? domain.GetXmlDesc());
                 snapshot = ReadCheckpoints(domain, uuid, _options.HostName, _time.GetUtcNow());
             }
             var auth = PskPeerAuthenticator.FromFile(_options.PskFile!);
