@@ -216,11 +216,15 @@ bfmig_mount_installed() {
 # (by its pid) so that bfmig_start_host starts the right one.
 bfmig_daemon_matches() {
     local h=$1
-    pid_alive "$(host_pid "$h" bfmigd)" || return 0
-    [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" ]] && return 0
-    log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd'); restarting it with $BFMIGD_EXE"
     local pid
     pid=$(host_pid "$h" bfmigd)
+    pid_alive "$pid" || return 0
+    # Same path is not enough: a republished binary replaces the file, and the running daemon is
+    # then the old build (its /proc exe link says "(deleted)").
+    if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" && $(readlink "/proc/$pid/exe") != *" (deleted)" ]]; then
+        return 0
+    fi
+    log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd') ($(readlink "/proc/$pid/exe")); restarting it with $BFMIGD_EXE"
     kill -TERM "$pid" 2> /dev/null || true
     for _ in $(seq 1 150); do pid_alive "$pid" || break; sleep 0.2; done
     pid_alive "$pid" && kill -KILL "$pid" 2> /dev/null
