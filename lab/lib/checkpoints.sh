@@ -115,6 +115,19 @@ ck_fresh_daemons() {
     done
 }
 
+# stock mode must see stock libvirt: daemons or hooks left by an earlier bfmig scenario would
+# carry the checkpoints and hide what stock loses. Then the lab comes up fresh without them.
+ck_no_daemons() {
+    local h
+    for h in "${LAB_HOSTS[@]}"; do
+        if pid_alive "$(host_pid "$h" bfmigd || true)" || [[ -e $(bfmig_hook_path "$h") ]]; then
+            log "checkpoints: host $h has bfmigd or its hook from an earlier bfmig run: taking the lab down"
+            cmd_down
+            return 0
+        fi
+    done
+}
+
 cmd_checkpoints() {
     local json="" rate=""
     CK_MODE=""
@@ -134,6 +147,8 @@ cmd_checkpoints() {
     if [[ $CK_MODE == bfmig ]]; then
         bfmig_publish
         ck_fresh_daemons
+    else
+        ck_no_daemons
     fi
     cmd_up ${rate:+--rate "$rate"}
     local reason
