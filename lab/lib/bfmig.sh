@@ -217,7 +217,7 @@ bfmig_mount_installed() {
 bfmig_daemon_matches() {
     local h=$1
     local pid
-    pid=$(host_pid "$h" bfmigd)
+    pid=$(host_pid "$h" bfmigd || true)
     pid_alive "$pid" || return 0
     # Same path is not enough: a republished binary replaces the file, and the running daemon is
     # then the old build (its /proc exe link says "(deleted)").
