@@ -90,20 +90,7 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
 
         // The destination QEMU: listens on B's own socket path, as `-incoming unix:` would.
         var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");
-        using var destination = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        destination.Bind(new UnixDomainSocketEndPoint(destinationPath));
-        destination.Listen(1);
-        var received = Task.Run(async () =>
-        {
-            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
-            using var qemu = await destination.AcceptAsync(cts.Token);
-            using var all = new MemoryStream();
-            var buffer = new byte[1 << 16];
-            int n;
-            while ((n = await qemu.ReceiveAsync(buffer, SocketFlags.None, cts.Token)) > 0)
-                all.Write(buffer, 0, n);
-            return all.ToArray();
-        });
+        using var destination = new IncomingQemu(destinationPath);
 
         // The source QEMU: connects to A's socket for peer hostb, as `--migrateuri unix://...` makes it.
         var sourcePath = Path.Combine(_a.Options.RuntimeDirectory, "hostb", "test.mig");
@@ -120,7 +107,7 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
             }
         }
 
-        var arrived = await received.WaitAsync(TimeSpan.FromSeconds(60));
+        var arrived = await destination.Received.WaitAsync(TimeSpan.FromSeconds(60));
         Assert.Equal(stream.Length, arrived.Length);
         Assert.True(stream.AsSpan().SequenceEqual(arrived), "the destination got different bytes than the source sent");
 

@@ -110,20 +110,7 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         watcher.StartProcessing();
 
         var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");
-        using var destination = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        destination.Bind(new UnixDomainSocketEndPoint(destinationPath));
-        destination.Listen(1);
-        var received = Task.Run(async () =>
-        {
-            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
-            using var qemu = await destination.AcceptAsync(cts.Token);
-            using var all = new MemoryStream();
-            var buffer = new byte[1 << 16];
-            int n;
-            while ((n = await qemu.ReceiveAsync(buffer, SocketFlags.None, cts.Token)) > 0)
-                all.Write(buffer, 0, n);
-            return all.ToArray();
-        });
+        using var destination = new IncomingQemu(destinationPath);
 
         var sourcePath = Path.Combine(_a.Options.RuntimeDirectory, "hostb", "test.mig");
         await Tools.UntilAsync(() => File.Exists(sourcePath), "A's socket for guest test");
@@ -144,7 +131,7 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
             {
             }
         }
-        var arrived = await received.WaitAsync(TimeSpan.FromSeconds(60));
+        var arrived = await destination.Received.WaitAsync(TimeSpan.FromSeconds(60));
         Assert.True(stream.AsSpan().SequenceEqual(arrived), $"the destination got {arrived.Length} bytes, not the {stream.Length} the source sent");
 
         var (ok, message) = await finished.Task.WaitAsync(TimeSpan.FromSeconds(30));

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Net.Sockets;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using Microsoft.Extensions.Logging;
@@ -178,4 +179,37 @@ public static class Tools
             dir = Path.GetDirectoryName(dir) ?? throw new InvalidOperationException("repository root not found");
         return dir;
     }
+}
+
+/// <summary>
+/// A destination QEMU as <c>-incoming unix:PATH</c> would be: listens on the path, takes one
+/// connection and collects everything it carries (at most 60 s).
+/// </summary>
+public sealed class IncomingQemu : IDisposable
+{
+    private readonly Socket _listener = new(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+
+    public IncomingQemu(string path)
+    {
+        _listener.Bind(new UnixDomainSocketEndPoint(path));
+        _listener.Listen(1);
+        Received = Task.Run(ReceiveAllAsync);
+    }
+
+    /// <summary>The bytes of the one connection, once its sender closed it.</summary>
+    public Task<byte[]> Received { get; }
+
+    private async Task<byte[]> ReceiveAllAsync()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        using var qemu = await _listener.AcceptAsync(cts.Token);
+        using var all = new MemoryStream();
+        var buffer = new byte[1 << 16];
+        int n;
+        while ((n = await qemu.ReceiveAsync(buffer, SocketFlags.None, cts.Token)) > 0)
+            all.Write(buffer, 0, n);
+        return all.ToArray();
+    }
+
+    public void Dispose() => _listener.Dispose();
 }
