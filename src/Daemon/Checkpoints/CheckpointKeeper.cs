@@ -6,6 +6,7 @@ using System.Text.Json.Serialization;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Native.Libvirt;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
 
@@ -170,7 +171,7 @@ public sealed class CheckpointKeeper
             file.Write(CheckpointExchange.Encode(snapshot));
             file.Flush(flushToDisk: true);
         }
-        File.Move(temp, PendingPath(hello.Guest), overwrite: true);
+        DurableFile.Replace(temp, PendingPath(hello.Guest));
         DaemonLog.CheckpointsReceived(_logger, hello.Guest.ToString("D"), ordered.Count, hello.SenderName);
         return null;
     }
@@ -199,7 +200,7 @@ public sealed class CheckpointKeeper
             else
             {
                 Redefine(domain, guest, CheckpointOrder.ParentsFirst(snapshot.Checkpoints.Select(CheckpointRecord.Parse)), status);
-                File.Move(PendingPath(uuid), Path.Combine(Directory(uuid), "applied.json"), overwrite: true);
+                DurableFile.Replace(PendingPath(uuid), Path.Combine(Directory(uuid), "applied.json"));
             }
         }
         catch (Exception e) when (e is CheckpointSetException or LibvirtException or IOException or JsonException or UnauthorizedAccessException)

@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Store;
 
 namespace BFMig.Daemon.Guests;
@@ -97,8 +98,7 @@ public sealed class GuestStateStore
         var path = Path.Combine(dir, "name");
         if (ReadName(dir) == name)
             return;
-        File.WriteAllText(path + ".tmp", name + "\n");
-        File.Move(path + ".tmp", path, overwrite: true);
+        DurableFile.WriteAtomically(path, System.Text.Encoding.UTF8.GetBytes(name + "\n"));
     }
 
     /// <summary>
@@ -283,16 +283,7 @@ public sealed class GuestStateStore
         }
     }
 
-    private static void WriteAtomically(string path, ReadOnlySpan<byte> content)
-    {
-        var tmp = path + ".tmp";
-        using (var f = new FileStream(tmp, FileMode.Create, FileAccess.Write))
-        {
-            f.Write(content);
-            f.Flush(flushToDisk: true);
-        }
-        File.Move(tmp, path, overwrite: true);
-    }
+    private static void WriteAtomically(string path, ReadOnlySpan<byte> content) => DurableFile.WriteAtomically(path, content);
 }
 
 /// <summary>The helper's file formats, read and written with the same JSON conventions it uses.</summary>

@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.IO.Hashing;
 using System.Runtime.InteropServices;
 using System.Text;
+using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Store;
 
@@ -55,7 +56,7 @@ public sealed partial class DiskBlockMap
             stream.Write(sum);
             stream.Flush(flushToDisk: true);
         }
-        File.Move(tmp, path, overwrite: true);
+        DurableFile.Replace(tmp, path);
     }
 
     /// <summary>Loads a map; throws <see cref="DiskMapException"/> naming what is wrong and where.</summary>

@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Qemu;
 
 namespace BFMig.Transfer.Store;
@@ -404,33 +405,9 @@ public sealed class MemoryStore : IDisposable
         Commit(0, null, State.Location == "away", snapshotComplete: false);
     }
 
-    internal static void WriteAtomically(string path, ReadOnlySpan<byte> content)
-    {
-        string tmp = path + ".tmp";
-        using (var f = new FileStream(tmp, FileMode.Create, FileAccess.Write))
-        {
-            f.Write(content);
-            f.Flush(flushToDisk: true);
-        }
-        File.Move(tmp, path, overwrite: true);
-        FsyncDirectory(Path.GetDirectoryName(path)!);
-    }
+    internal static void WriteAtomically(string path, ReadOnlySpan<byte> content) => DurableFile.WriteAtomically(path, content);
 
-    private static void FsyncDirectory(string dir)
-    {
-        // Opening a directory read-only and fsyncing it makes renames and unlinks inside it durable.
-        try
-        {
-            using var h = File.OpenHandle(dir, FileMode.Open, FileAccess.Read);
-            RandomAccess.FlushToDisk(h);
-        }
-        catch (UnauthorizedAccessException)
-        {
-        }
-        catch (IOException)
-        {
-        }
-    }
+    private static void FsyncDirectory(string dir) => DurableFile.FsyncDirectory(dir);
 
     /// <inheritdoc/>
     public void Dispose()

@@ -235,3 +235,41 @@ public sealed partial class OriginalDestinationTests(ITestOutputHelper output)
         }
     }
 }
+
+public sealed class DurableFileTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("bfmig-durable-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    [Fact]
+    public void WriteAtomically_replaces_by_rename_and_leaves_no_temporary_file()
+    {
+        string path = Path.Combine(_dir, "state.json");
+        DurableFile.WriteAtomically(path, "old"u8);
+        ulong before = Inode(path);
+
+        DurableFile.WriteAtomically(path, "new content"u8);
+
+        Assert.Equal("new content", File.ReadAllText(path));
+        // A rename gives the path a new inode; an in-place rewrite (the crash-unsafe way) would keep it.
+        Assert.NotEqual(before, Inode(path));
+        Assert.Equal(["state.json"], Directory.GetFiles(_dir).Select(Path.GetFileName));
+    }
+
+    [Fact]
+    public void Replace_into_a_missing_directory_fails_and_keeps_the_source()
+    {
+        string source = Path.Combine(_dir, "map.tmp");
+        File.WriteAllText(source, "x");
+        Assert.ThrowsAny<IOException>(() => DurableFile.Replace(source, Path.Combine(_dir, "gone", "map")));
+        Assert.True(File.Exists(source));
+    }
+
+    private static ulong Inode(string path)
+    {
+        var (code, stdout, _) = DBus.PrivateBusFixture.Run("stat", "-c", "%i", path);
+        Assert.Equal(0, code);
+        return ulong.Parse(stdout.Trim());
+    }
+}

@@ -1,0 +1,50 @@
+namespace BFMig.Native.Linux;
+
+/// <summary>
+/// Replacing a file so that a crash (power loss included) leaves either the old content or the
+/// new, never a mix or nothing: write a temporary file beside it, fsync it, rename it over the
+/// target, then fsync the directory. Without the last step the rename itself may not survive a
+/// power loss on ext4/XFS, and a state file that "went back in time" is worse than a missing one.
+/// </summary>
+public static class DurableFile
+{
+    /// <summary>Writes <paramref name="content"/> to <paramref name="path"/> crash-consistently.</summary>
+    public static void WriteAtomically(string path, ReadOnlySpan<byte> content)
+    {
+        string tmp = path + ".tmp";
+        using (var f = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None))
+        {
+            f.Write(content);
+            f.Flush(flushToDisk: true);
+        }
+        Replace(tmp, path);
+    }
+
+    /// <summary>
+    /// Renames the already-fsynced <paramref name="source"/> over <paramref name="destination"/> and makes the
+    /// rename durable.
+    /// </summary>
+    public static void Replace(string source, string destination)
+    {
+        File.Move(source, destination, overwrite: true);
+        FsyncDirectory(Path.GetDirectoryName(Path.GetFullPath(destination))!);
+    }
+
+    /// <summary>Makes renames and unlinks inside <paramref name="directory"/> durable.</summary>
+    public static void FsyncDirectory(string directory)
+    {
+        // A directory opened read-only can be fsynced; that commits its entries. File systems that
+        // refuse it (some FUSE or network ones) give no stronger promise to wait for.
+        try
+        {
+            using var h = File.OpenHandle(directory, FileMode.Open, FileAccess.Read);
+            RandomAccess.FlushToDisk(h);
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+        catch (IOException)
+        {
+        }
+    }
+}
