@@ -19,7 +19,8 @@ internal static class SenderLoop
         {
             "b" => (i, v) => Replay.RandomPage(new Random((i * 31) + v)),
             "c" => (i, v) => Replay.TextPage(new Random((i * 31) + v), i),
-            _ => throw new ArgumentException("scenario b or c"),
+            "c2" => RealPages(pages),
+            _ => throw new ArgumentException("scenario b, c or c2"),
         };
         var streams = new[] { Replay.StreamOf(Enumerable.Range(0, pages).Select(i => make(i, 1)).ToArray()), Replay.StreamOf(Enumerable.Range(0, pages).Select(i => make(i, 2)).ToArray()) };
         using var dir = new Replay.TempDir();
@@ -38,6 +39,13 @@ internal static class SenderLoop
             Console.WriteLine($"trip {t}: wall {streams[t % 2].Length / w / 1e6,8:N0} MB/s, per core {streams[t % 2].Length / c / 1e6,8:N0} MB/s");
         }
         return 0;
+    }
+
+    /// <summary>Version <c>v</c> (1 or 2) of page <c>i</c>: two disjoint runs of real-file pages.</summary>
+    private static Func<int, int, byte[]> RealPages(int pages)
+    {
+        var real = RealFilePages.Take(0, 2 * pages);
+        return (i, v) => real[((v - 1) * pages) + i];
     }
 
     /// <summary>Counts what is written, keeps nothing (a socket's cost is not the sender's).</summary>
