@@ -20,6 +20,10 @@ internal static partial class Interop
         [LibraryImport(Library, EntryPoint = "unsetenv", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
         internal static partial int UnsetEnv(string name);
 
+        /// <summary>Starts (or waits for) writeback of a file range; see sync_file_range(2).</summary>
+        [LibraryImport(Library, EntryPoint = "sync_file_range", SetLastError = true)]
+        internal static partial int SyncFileRange(Microsoft.Win32.SafeHandles.SafeFileHandle fd, long offset, long nbytes, uint flags);
+
         /// <summary>Copies a NUL-terminated UTF-8 string that the caller owns, then frees it with free().</summary>
         internal static unsafe string? TakeUtf8(byte* owned)
         {

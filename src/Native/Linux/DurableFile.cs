@@ -30,6 +30,28 @@ public static class DurableFile
         FsyncDirectory(Path.GetDirectoryName(Path.GetFullPath(destination))!);
     }
 
+    /// <summary>
+    /// Starts writeback of <paramref name="length"/> bytes at <paramref name="offset"/> of <paramref name="file"/>
+    /// without waiting for it (SYNC_FILE_RANGE_WRITE). Returns false where the file system does
+    /// not support it (the final fsync still makes the data durable).
+    /// </summary>
+    public static bool StartWriteback(Microsoft.Win32.SafeHandles.SafeFileHandle file, long offset, long length)
+    {
+        const uint SyncFileRangeWrite = 2;
+        return Interop.Libc.SyncFileRange(file, offset, length, SyncFileRangeWrite) == 0;
+    }
+
+    /// <summary>
+    /// Starts writeback of the range and waits until it reached the device (WAIT_BEFORE | WRITE |
+    /// WAIT_AFTER: data only, no metadata, no cache flush: not a durability promise, a bound on
+    /// how much of a file's data is queued).
+    /// </summary>
+    public static bool FinishWriteback(Microsoft.Win32.SafeHandles.SafeFileHandle file, long offset, long length)
+    {
+        const uint WaitBeforeWriteWaitAfter = 1 | 2 | 4;
+        return Interop.Libc.SyncFileRange(file, offset, length, WaitBeforeWriteWaitAfter) == 0;
+    }
+
     /// <summary>Makes renames and unlinks inside <paramref name="directory"/> durable.</summary>
     public static void FsyncDirectory(string directory)
     {

@@ -220,6 +220,7 @@ public static class TransferRunner
         try
         {
             store = MemoryStore.Open(o.StoreRoot, o.Guest);
+            store.PacedWriteback = true;
         }
         catch (StoreException e)
         {

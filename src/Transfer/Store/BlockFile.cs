@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Qemu;
 using Microsoft.Win32.SafeHandles;
 
@@ -58,8 +59,45 @@ internal sealed class BlockFile : IDisposable
     }
 
     /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>).</summary>
-    public void WritePages(long page, ReadOnlySpan<byte> content) =>
-        RandomAccess.Write(_data, content, page << QemuFormat.PageShift);
+    public void WritePages(long page, ReadOnlySpan<byte> content)
+    {
+        long offset = page << QemuFormat.PageShift;
+        RandomAccess.Write(_data, content, offset);
+        NoteDirty(offset, content.Length);
+    }
+
+    // The receiver writes its store at stream speed, hundreds of MB per trip. Left to the
+    // kernel, that data is still dirty when the trip ends; the commit's fsync sends it to the
+    // device in one burst just as the destination's libvirt fsyncs the domain XML before it
+    // resumes the guest, and the guest waits behind both. With PacedWriteback every
+    // WritebackChunk written starts its writeback and waits for the chunk before it: at most two
+    // chunks are queued, and a device slower than the stream slows the stream, not the switchover.
+    // Only the receiver does it: the sender's pages may stay dirty (delayed allocation costs
+    // nobody's fsync), while writeback in flight on the source made libvirt's fsync there, also
+    // inside the downtime, slower. Lab, one file system per host, 512 MiB guest, first trip,
+    // downtime ms: off 514-1185, both sides 248-424, receiver only 109-481 (median ~180; stock ~180).
+    public bool PacedWriteback { get; set; }
+
+    private const long WritebackChunk = 8 << 20;
+    private long _dirtyFrom = long.MaxValue;
+    private long _dirtyTo;
+    private long _dirtyBytes;
+    private long _queuedFrom = -1;
+    private long _queuedTo;
+
+    private void NoteDirty(long offset, int length)
+    {
+        _dirtyFrom = Math.Min(_dirtyFrom, offset);
+        _dirtyTo = Math.Max(_dirtyTo, offset + length);
+        _dirtyBytes += length;
+        if (!PacedWriteback || _dirtyBytes < WritebackChunk) return;
+        DurableFile.StartWriteback(_data, _dirtyFrom, _dirtyTo - _dirtyFrom);
+        if (_queuedFrom >= 0) DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom);
+        (_queuedFrom, _queuedTo) = (_dirtyFrom, _dirtyTo);
+        _dirtyFrom = long.MaxValue;
+        _dirtyTo = 0;
+        _dirtyBytes = 0;
+    }
 
     /// <summary>Recomputes every page hash from the data file (recovery after a crash).</summary>
     public void Rehash(ulong seed)

@@ -38,6 +38,18 @@ public sealed class MemoryStore : IDisposable
     private long _readFirst;
     private int _readCount;
     private int _lastReadBlock = -1;
+    private bool _pacedWriteback;
+
+    /// <summary>Bounds the store's queued writeback while a trip writes it (see BlockFile).</summary>
+    public bool PacedWriteback
+    {
+        get => _pacedWriteback;
+        set
+        {
+            _pacedWriteback = value;
+            foreach (var b in _blocks) b.PacedWriteback = value;
+        }
+    }
     private long _lastReadPage = -2;
     private PageLocator? _locator;
     private bool _locatorWanted;
@@ -141,7 +153,7 @@ public sealed class MemoryStore : IDisposable
         {
             if (b.Length <= 0 || (b.Length & (QemuFormat.PageSize - 1)) != 0 || b.File.Contains('/'))
                 throw new StoreException($"blocks.json entry '{b.Name}' is invalid");
-            _blocks.Add(new BlockFile(Path.Combine(_dir, b.File + ".pages"), Path.Combine(_dir, b.File + ".hash"), b.Name, b.Length, loadIndex));
+            _blocks.Add(new BlockFile(Path.Combine(_dir, b.File + ".pages"), Path.Combine(_dir, b.File + ".hash"), b.Name, b.Length, loadIndex) { PacedWriteback = _pacedWriteback });
         }
     }
 
@@ -197,7 +209,7 @@ public sealed class MemoryStore : IDisposable
                 if (old.Remove(info.Name, out var stale)) DeleteBlock(stale);
                 File.Delete(Path.Combine(_dir, stem + ".pages"));
                 File.Delete(Path.Combine(_dir, stem + ".hash"));
-                next.Add(new BlockFile(Path.Combine(_dir, stem + ".pages"), Path.Combine(_dir, stem + ".hash"), info.Name, info.UsedLength, loadIndex: false));
+                next.Add(new BlockFile(Path.Combine(_dir, stem + ".pages"), Path.Combine(_dir, stem + ".hash"), info.Name, info.UsedLength, loadIndex: false) { PacedWriteback = _pacedWriteback });
             }
             layout.Add(new StoredBlock { Name = info.Name, Length = info.UsedLength, File = stem });
         }
