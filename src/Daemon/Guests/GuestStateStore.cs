@@ -126,7 +126,7 @@ public sealed class GuestStateStore
         state.Location = location;
         if (peer is not null)
             state.Peer = peer;
-        WriteAtomically(StatePath(uuid), JsonSerializer.SerializeToUtf8Bytes(state, DaemonStateJsonContext.Default.StoreState));
+        DurableFile.WriteAtomically(StatePath(uuid), JsonSerializer.SerializeToUtf8Bytes(state, DaemonStateJsonContext.Default.StoreState));
         return state;
     }
 
@@ -282,8 +282,6 @@ public sealed class GuestStateStore
             return pages;
         }
     }
-
-    private static void WriteAtomically(string path, ReadOnlySpan<byte> content) => DurableFile.WriteAtomically(path, content);
 }
 
 /// <summary>The helper's file formats, read and written with the same JSON conventions it uses.</summary>

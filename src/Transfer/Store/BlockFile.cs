@@ -87,10 +87,11 @@ internal sealed class BlockFile : IDisposable
 
     private void NoteDirty(long offset, int length)
     {
+        if (!PacedWriteback) return;
         _dirtyFrom = Math.Min(_dirtyFrom, offset);
         _dirtyTo = Math.Max(_dirtyTo, offset + length);
         _dirtyBytes += length;
-        if (!PacedWriteback || _dirtyBytes < WritebackChunk) return;
+        if (_dirtyBytes < WritebackChunk) return;
         DurableFile.StartWriteback(_data, _dirtyFrom, _dirtyTo - _dirtyFrom);
         if (_queuedFrom >= 0) DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom);
         (_queuedFrom, _queuedTo) = (_dirtyFrom, _dirtyTo);

@@ -38,22 +38,11 @@ public sealed class MemoryStore : IDisposable
     private long _readFirst;
     private int _readCount;
     private int _lastReadBlock = -1;
-    private bool _pacedWriteback;
-
-    /// <summary>Bounds the store's queued writeback while a trip writes it (see BlockFile).</summary>
-    public bool PacedWriteback
-    {
-        get => _pacedWriteback;
-        set
-        {
-            _pacedWriteback = value;
-            foreach (var b in _blocks) b.PacedWriteback = value;
-        }
-    }
     private long _lastReadPage = -2;
     private PageLocator? _locator;
     private bool _locatorWanted;
     private bool _inTrip;
+    private bool _pacedWriteback;
 
     private MemoryStore(string guestDir, FileStream lockFile, StoreState state)
     {
@@ -80,6 +69,20 @@ public sealed class MemoryStore : IDisposable
 
     /// <summary>Blocks of the current trip (after <see cref="BeginTrip"/>).</summary>
     public int BlockCount => _blocks.Count;
+
+    /// <summary>
+    /// Bounds the store's queued writeback while a trip writes it (the receiving side: its commit
+    /// otherwise lands on the destination's switchover; see <see cref="BlockFile"/>).
+    /// </summary>
+    public bool PacedWriteback
+    {
+        get => _pacedWriteback;
+        set
+        {
+            _pacedWriteback = value;
+            foreach (var b in _blocks) b.PacedWriteback = value;
+        }
+    }
 
     /// <summary>Hash of an all-zero page under the current seed.</summary>
     public UInt128 ZeroHash { get; private set; }
@@ -168,9 +171,9 @@ public sealed class MemoryStore : IDisposable
         State.Generation = 0;
         State.Peer = null;
         State.Digest = ComputeDigest();
-        WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
+        DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
         File.Delete(Path.Combine(_dir, InfluxName));
-        FsyncDirectory(_dir);
+        DurableFile.FsyncDirectory(_dir);
     }
 
     /// <summary>
@@ -189,7 +192,7 @@ public sealed class MemoryStore : IDisposable
         string influx = Path.Combine(_dir, InfluxName);
         using (var f = new FileStream(influx, FileMode.Create, FileAccess.Write))
             f.Flush(flushToDisk: true);
-        FsyncDirectory(_dir);
+        DurableFile.FsyncDirectory(_dir);
 
         if (seed != State.Seed) keep = false;
         State.Seed = seed;
@@ -216,7 +219,7 @@ public sealed class MemoryStore : IDisposable
         foreach (var gone in old.Values) DeleteBlock(gone);
         _blocks.Clear();
         _blocks.AddRange(next);
-        WriteAtomically(Path.Combine(_dir, "blocks.json"), JsonSerializer.SerializeToUtf8Bytes(layout, StoreJsonContext.Default.ListStoredBlock));
+        DurableFile.WriteAtomically(Path.Combine(_dir, "blocks.json"), JsonSerializer.SerializeToUtf8Bytes(layout, StoreJsonContext.Default.ListStoredBlock));
 
         // Built on first use: a trip whose pages are all unchanged never needs it.
         _locator = null;
@@ -398,9 +401,9 @@ public sealed class MemoryStore : IDisposable
         if (State.Location != location) State.Since = DateTimeOffset.UtcNow;
         State.Location = location;
         State.SnapshotComplete = snapshotComplete;
-        WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
+        DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
         File.Delete(Path.Combine(_dir, InfluxName));
-        FsyncDirectory(_dir);
+        DurableFile.FsyncDirectory(_dir);
         _inTrip = false;
         return State.Digest;
     }
@@ -416,10 +419,6 @@ public sealed class MemoryStore : IDisposable
         foreach (var b in _blocks) b.Rehash(State.Seed);
         Commit(0, null, State.Location == "away", snapshotComplete: false);
     }
-
-    internal static void WriteAtomically(string path, ReadOnlySpan<byte> content) => DurableFile.WriteAtomically(path, content);
-
-    private static void FsyncDirectory(string dir) => DurableFile.FsyncDirectory(dir);
 
     /// <inheritdoc/>
     public void Dispose()
