@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Net.Sockets;
 using System.Security.Cryptography;
 using System.Text.Json;
@@ -57,21 +56,10 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
         }
     }
 
-    private static byte[] Fixture(string name)
-    {
-        var path = Path.Combine(AppContext.BaseDirectory, "Fixtures", name);
-        var start = new ProcessStartInfo("zstd", ["-d", "-c", path]) { RedirectStandardOutput = true };
-        using var zstd = Process.Start(start)!;
-        using var bytes = new MemoryStream();
-        zstd.StandardOutput.BaseStream.CopyTo(bytes);
-        Assert.True(zstd.WaitForExit(30_000) && zstd.ExitCode == 0, "zstd could not decompress the fixture");
-        return bytes.ToArray();
-    }
-
     [Fact]
     public async Task A_real_QEMU_stream_arrives_byte_for_byte_and_both_hosts_record_the_trip()
     {
-        var stream = Fixture("q72-pc-paused.bin.zst");
+        var stream = StreamFixtures.Load("q72-pc-paused.bin.zst");
         Assert.Equal("QEVM"u8.ToArray(), stream[..4]);
 
         var finished = new TaskCompletionSource<(string Guest, string Peer, bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);

@@ -68,17 +68,6 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         }
     }
 
-    private static byte[] Fixture(string name)
-    {
-        var path = Path.Combine(AppContext.BaseDirectory, "Fixtures", name);
-        var start = new ProcessStartInfo("zstd", ["-d", "-c", path]) { RedirectStandardOutput = true };
-        using var zstd = Process.Start(start)!;
-        using var bytes = new MemoryStream();
-        zstd.StandardOutput.BaseStream.CopyTo(bytes);
-        Assert.True(zstd.WaitForExit(30_000) && zstd.ExitCode == 0, "zstd could not decompress the fixture");
-        return bytes.ToArray();
-    }
-
     [Fact]
     public async Task A_real_QEMU_stream_crosses_mutual_TLS_and_its_progress_is_signalled_while_it_runs()
     {
@@ -89,7 +78,7 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
             return;
         }
         Assert.Equal((Configuration.PeerAuthMode.Tls, Configuration.PeerAuthMode.Tls), (_a.Options.AuthMode, _b.Options.AuthMode));
-        var stream = Fixture("q72-pc-paused.bin.zst");
+        var stream = StreamFixtures.Load("q72-pc-paused.bin.zst");
         var finished = new TaskCompletionSource<(bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
         var progress = new ConcurrentQueue<(string Guest, string Peer, string Stream, ulong Sent, ulong Saved)>();
         int progressBeforeFinished = -1;

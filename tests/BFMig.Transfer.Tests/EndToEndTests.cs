@@ -100,7 +100,7 @@ public class EndToEndTests
             ulong gen = sb.State.Generation;
             sb.Commit(gen, "hostA", away: true, snapshotComplete: true);
             sb.State.Digest = digest;
-            MemoryStore.WriteAtomically(Path.Combine(a.Path, guest.ToString(), "mem", "state.json"),
+            BFMig.Native.Linux.DurableFile.WriteAtomically(Path.Combine(a.Path, guest.ToString(), "mem", "state.json"),
                 System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(sb.State, StoreJsonContext.Default.StoreState));
         }
         // The guest's memory is unchanged; B sends it back to A believing A holds its (corrupted) view.
