@@ -65,6 +65,10 @@ bfmig_publish() {
     echo "$stamp" > "$BFMIG_BIN/.stamp"
 }
 
+# yes|no: the daemons' daemon:transparent. Explicit mode (bfmig) runs with it off so that it
+# measures the socket-URI path alone; bfmig-transparent runs stock's own command line with it on.
+BFMIG_TRANSPARENT=no
+
 bfmig_write_config() {
     local h=$1 peer=$2 dir state psk conf helper_line
     dir=$(bfmig_dir "$h")
@@ -114,6 +118,7 @@ listen = ${HOST_ADDR[$h]}:$BFMIG_PORT
 qemu_user = libvirt-qemu
 qemu_group = kvm
 log_level = debug
+transparent = $BFMIG_TRANSPARENT
 
 [auth]
 mode = psk
@@ -154,6 +159,7 @@ bfmig_start_host() {
         fi
         host_spawn "$h" "$dir/bfmigd.log" "$BFMIGD_EXE" "${args[@]}" > "$LAB_RUN/$h.bfmigd.pid"
         echo "$BFMIGD_EXE" > "$LAB_RUN/$h.bfmigd.exe"
+        echo "$BFMIG_TRANSPARENT" > "$LAB_RUN/$h.bfmigd.transparent"
     fi
 }
 
@@ -221,7 +227,8 @@ bfmig_daemon_matches() {
     pid_alive "$pid" || return 0
     # Same path is not enough: a republished binary replaces the file, and the running daemon is
     # then the old build (its /proc exe link says "(deleted)").
-    if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" && $(readlink "/proc/$pid/exe") != *" (deleted)" ]]; then
+    if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" && $(readlink "/proc/$pid/exe") != *" (deleted)" &&
+          $(cat "$LAB_RUN/$h.bfmigd.transparent" 2> /dev/null) == "$BFMIG_TRANSPARENT" ]]; then
         return 0
     fi
     log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd') ($(readlink "/proc/$pid/exe")); restarting it with $BFMIGD_EXE"
@@ -298,4 +305,41 @@ bfmig_hook_mark() {
     local h
     BFMIG_HOOK_SINCE=$(date +%s)
     for h in "${LAB_HOSTS[@]}"; do BFMIG_HOOK_BEFORE[$h]=$(bfmig_hook_evidence "$h"); done
+}
+
+# Stops the daemons of both hosts (stock modes must not run through a transparent redirect an
+# earlier bfmig mode left running). The kernel removes each daemon's nftables table with it.
+bfmig_stop_daemons() {
+    local h pid
+    for h in "${LAB_HOSTS[@]}"; do
+        pid=$(host_pid "$h" bfmigd || true)
+        pid_alive "$pid" || continue
+        log "bfmig: stopping bfmigd of host $h (mode without BFMig)"
+        kill -TERM "$pid" 2> /dev/null || true
+        for _ in $(seq 1 150); do pid_alive "$pid" || break; sleep 0.2; done
+        pid_alive "$pid" && kill -KILL "$pid" 2> /dev/null
+        rm -f "$LAB_RUN/$h.bfmigd.pid"
+    done
+}
+
+# Host H's BFMig nftables table as the kernel has it ("" when there is none).
+bfmig_nft_table() { host_exec "$1" nft list table inet bfmig 2> /dev/null || true; }
+
+# --daemon-down WHICH@TRIP: bfmigd of the trip's source or destination is SIGKILLed before the
+# trip (after the mode's prepare), as a crash would; the trip then runs the same command and must
+# still succeed. The killed daemon's nftables table must be gone with it (fail-open). DOWN_JSON.
+bfmig_daemon_down() {
+    local mode=$1 which=$2 src=$3 dst=$4 h pid
+    [[ $mode == bfmig* ]] || die "--daemon-down needs a bfmig mode"
+    [[ $which == src ]] && h=$src || h=$dst
+    pid=$(host_pid "$h" bfmigd || true)
+    pid_alive "$pid" || die "--daemon-down: bfmigd of host $h is not running"
+    kill -KILL "$pid"
+    for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.1; done
+    rm -f "$LAB_RUN/$h.bfmigd.pid"
+    local table
+    table=$(bfmig_nft_table "$h")
+    [[ -z $table ]] || die "--daemon-down: host $h still has the inet bfmig table after its bfmigd died: $table"
+    log "$mode: bfmigd of ${h^^} ($which) killed before the trip; no BFMig table left in its ruleset"
+    DOWN_JSON=$(jq -n --arg host "${h^^}" --arg which "$which" '{host: $host, which: $which, nft_table_left: false}')
 }

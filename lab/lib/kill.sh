@@ -60,7 +60,7 @@ kill_wait_helper() {
 # fail cleanly.
 kill_attempt() {
     local mode=$1 src=$2 dst=$3 spec=$4 what trip delay
-    [[ $mode == bfmig ]] || die "--kill needs --mode bfmig"
+    [[ $mode == bfmig* ]] || die "--kill needs --mode bfmig or bfmig-transparent"
     [[ $spec =~ ^([a-z-]+)@([0-9]+)(:([0-9.]+))?$ ]]
     what=${BASH_REMATCH[1]} trip=${BASH_REMATCH[2]} delay=${BASH_REMATCH[4]:-1}
     local out=$LAB_VAR/work/kill-$trip.out role h victim helper rc t0 t1

@@ -9,7 +9,7 @@
 # streams itself (e.g. bfmig: --migrateuri unix:///run/bfmig/<peer>/<guest>.mig
 # --disks-uri unix:///run/bfmig/<peer>/<guest>.nbd) leaves out mode_tcp_transport.
 
-LAB_MODES=(stock stock-xbzrle stock-multifd-zstd bfmig)
+LAB_MODES=(stock stock-xbzrle stock-multifd-zstd bfmig bfmig-transparent)
 MIG_ARGS=()
 
 mode_fn() { echo "mode_${1//-/_}_$2"; }
@@ -81,6 +81,28 @@ mode_bfmig_args() {
 # No cleanup: `lab down` kills the daemons with everything else in the hosts; their logs (one line
 # per stream with wire and stream bytes) stay in $LAB_VAR/<h>/bfmig/ until then.
 mode_bfmig_prepare() {
+    BFMIG_TRANSPARENT=no bfmig_prepare_hosts "$@"
+}
+
+# Transparent mode: stock's exact command line (mode_tcp_transport), both daemons and hooks
+# installed; the source's bfmigd intercepts QEMU's tcp:// connections to the peer (nftables).
+mode_bfmig_transparent_unsupported() {
+    bfmig_unsupported
+    command -v nft > /dev/null || echo "nft is missing (package nftables)"
+}
+
+mode_bfmig_transparent_args() {
+    MIG_ARGS=()
+    mode_tcp_transport "$2"
+}
+
+mode_bfmig_transparent_prepare() {
+    BFMIG_TRANSPARENT=yes bfmig_prepare_hosts "$@"
+    [[ -n $(bfmig_nft_table "$1") ]] ||
+        die "bfmig-transparent: host $1 has no inet bfmig table (see $(bfmig_dir "$1")/bfmigd.log)"
+}
+
+bfmig_prepare_hosts() {
     local src=$1 dst=$2
     bfmig_publish
     if [[ ! -s $LAB_VAR/bfmig/psk ]]; then

@@ -75,7 +75,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook=""
-    local kills=() spec
+    local kills=() downs=() spec
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -96,6 +96,7 @@ cmd_roundtrip() {
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
+            --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -108,7 +109,7 @@ cmd_roundtrip() {
     need_root
     json=$(realpath -m "$json")
     # The BFMig hook: always with bfmig, on request (fail-open check) with the stock modes.
-    [[ -n $hook ]] || { [[ $mode == bfmig ]] && hook=yes || hook=no; }
+    [[ -n $hook ]] || { [[ $mode == bfmig* ]] && hook=yes || hook=no; }
     [[ $hook == yes || $hook == no ]] || die "--hook: yes or no"
     bfmig_select_binaries "$binaries"
 
@@ -125,7 +126,9 @@ cmd_roundtrip() {
         return 0
     fi
 
-    if [[ $hook == yes && $mode != bfmig ]]; then
+    # A mode without BFMig must not run through daemons (and their redirect) an earlier mode left.
+    [[ $mode == bfmig* ]] || bfmig_stop_daemons
+    if [[ $hook == yes && $mode != bfmig* ]]; then
         reason=$(bfmig_unsupported)
         [[ -z $reason ]] || die "--hook yes: $reason"
     fi
@@ -160,6 +163,10 @@ cmd_roundtrip() {
             # Restarts whatever daemon the kill took and waits until both are ready again.
             mode_call_optional "$mode" prepare "$src" "$dst"
         fi
+        DOWN_JSON=null
+        for spec in "${downs[@]}"; do
+            [[ ${spec#*@} == "$trip" ]] && bfmig_daemon_down "$mode" "${spec%@*}" "$src" "$dst"
+        done
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
@@ -186,9 +193,11 @@ cmd_roundtrip() {
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
+            --argjson down "$DOWN_JSON" \
             '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
-              images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)')")
+              images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
+              + (if $down == null then {} else {daemon_down: $down} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then

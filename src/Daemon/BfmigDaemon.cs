@@ -9,6 +9,7 @@ using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
+using BFMig.Daemon.Transparent;
 using BFMig.Native;
 using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
@@ -25,7 +26,7 @@ namespace BFMig.Daemon;
 /// the data path (one bfmig-transfer per stream) and records where each guest is.
 /// Start with <see cref="Start"/>, stop with <see cref="StopAsync"/>.
 /// </summary>
-public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposable
+public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHost, IAsyncDisposable
 {
     /// <summary>Installed location of the transfer helper.</summary>
     public const string DefaultHelper = "/usr/libexec/bfmig/bfmig-transfer";
@@ -59,6 +60,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private readonly DiskIdentitySealer _sealer;
     private readonly DomainXmlCache _domainXml = new();
     private string? _dataPathOff;
+    private TransparentMode? _transparent;
+    private readonly QemuProcesses _qemuProcesses = new();
 
     public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
     {
@@ -142,8 +145,12 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         {
             _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
             _peerTask = _peers.RunAsync();
+            _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
         }
     }
+
+    /// <summary>Transparent mode's state ("on: ..." or "off: why").</summary>
+    public string TransparentState => _transparent?.State ?? (_dataPathOff is { } off ? "off: the data path is off: " + off : "off: not started");
 
     /// <summary>
     /// With auth:mode = tls, the first certificate or key file that is missing (the daemon then
@@ -203,12 +210,14 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         DaemonLog.Stopping(_logger, reason);
         try
         {
+            // The redirect goes first: from here on, new migrations go straight to the peer.
+            _transparent?.Dispose();
             _peers?.Dispose();
             _sockets?.Dispose();
             if (_transfers is not null)
                 await _transfers.ShutdownAsync(TimeSpan.FromSeconds(_options.ShutdownGraceSeconds)).ConfigureAwait(false);
             await _stop.CancelAsync().ConfigureAwait(false);
-            await Task.WhenAll(_libvirtTask, _peerTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+            await Task.WhenAll(_libvirtTask, _peerTask, _transparent?.Running ?? Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
             Task queue;
             lock (_stateQueueGate)
                 queue = Task.WhenAll(_stateQueue, _sealQueue);
@@ -417,6 +426,16 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
     }
 
+    IReadOnlyCollection<(Guid Uuid, string Name)> ITransparentHost.RunningGuests() => _sockets?.Guests ?? [];
+
+    bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
+
+    bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
+    {
+        _checkpoints?.OnTripStarting(uuid, guest, peer);
+        return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
+    }
+
     /// <summary>
     /// The file-backed disks of the guest as libvirt has them now: on the source the images the
     /// mirror reads, on the destination (the incoming domain) the ones it writes into.
@@ -451,8 +470,24 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
                 connection.Dispose();
             return;
         }
-        var local = Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
-        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind));
+        string local;
+        if (hello.TargetPort == 0)
+        {
+            local = "unix:" + Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
+        }
+        else if (_qemuProcesses.GuestListener(guest, hello.TargetPort) is { } listener)
+        {
+            local = ProcNet.ConnectArgument(ProcNet.ConnectableAddress(listener));
+        }
+        else
+        {
+            // Never take the peer's word for a local port: only the incoming guest's own QEMU listener.
+            DaemonLog.TransparentTargetRefused(_logger, TransferManager.KindArg(hello.Kind), guest, hello.SenderName, hello.TargetPort,
+                "the guest's QEMU does not listen on that port");
+            connection.Dispose();
+            return;
+        }
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind), hello.FromRouteFrame);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.
@@ -533,6 +568,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             new("libvirt_connected", _libvirt?.IsConnected ?? false),
             new("guests_with_sockets", (uint)(_sockets?.Guests.Count ?? 0)),
             new("data_port", (uint)PeerPort),
+            new("transparent", TransparentState),
         ];
     }
 

@@ -19,13 +19,15 @@ internal static class Program
         usage:
           bfmig-transfer send --kind mig|nbd (--listen unix:PATH | --fd N) --peer tcp:HOST:PORT|unix:PATH
                               --guest UUID --peer-name NAME [--store DIR] [--psk-file F] [options]
-          bfmig-transfer receive --kind mig|nbd (--listen tcp:HOST:PORT|unix:PATH | --fd N) --connect unix:PATH
+          bfmig-transfer receive --kind mig|nbd (--listen tcp:HOST:PORT|unix:PATH | --fd N) --connect unix:PATH|tcp:HOST:PORT
                               --guest UUID [--store DIR] [--psk-file F] [options]
         options: --stats FILE  --compress auto|zstd|lz4|none  --zstd-level N  --no-store
                  --idle-timeout SECONDS  --accept-timeout SECONDS  --name LOCALNAME
                  --image EXPORT=FORMAT:PATH (repeatable: the image behind an NBD export on this host)
                  --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME] (mutual TLS instead of --psk-file)
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
+                 --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
+                 --route-first (receive: a route frame precedes the hello)
         """;
 
     private static async Task<int> Main(string[] args)
@@ -124,10 +126,10 @@ internal static class Program
         return code;
     }
 
-    private static readonly HashSet<string> Flags = ["no-store"];
+    private static readonly HashSet<string> Flags = ["no-store", "route-first"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd", "target-port"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -195,6 +197,8 @@ internal static class Program
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
             DiskImages = images,
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
+            TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
+            RouteFirst = d.ContainsKey("route-first"),
         };
     }
 
@@ -211,6 +215,9 @@ internal static class Program
         if (d.ContainsKey("psk-file")) throw new FormatException("--psk-file and --tls-* exclude each other");
         return TlsPeerAuthenticator.FromPemFiles(d["tls-cert"], d["tls-key"], d["tls-ca"], d.GetValueOrDefault("tls-peer-name"));
     }
+
+    private static ushort ParsePort(string s) =>
+        ushort.TryParse(s, out ushort v) && v != 0 ? v : throw new FormatException($"--target-port {s}: not a TCP port (1-65535)");
 
     private static int ParseInt(string s, string name) =>
         int.TryParse(s, out int v) ? v : throw new FormatException($"--{name} {s}: not a number");

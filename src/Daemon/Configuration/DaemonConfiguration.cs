@@ -71,6 +71,7 @@ public static class DaemonConfiguration
         if (auth == PeerAuthMode.Psk && pskFile is null)
             throw new ConfigurationException($"auth:mode = psk needs auth:psk_file ({s.Where("auth:mode")})");
 
+        var peers = ReadPeers(config, s);
         return new DaemonOptions
         {
             HostName = s.Name("daemon:host_name", Environment.MachineName),
@@ -97,7 +98,11 @@ public static class DaemonConfiguration
             TransferHelper = s.OptionalPath("transfer:helper"),
             MaxTransfers = s.Integer("transfer:max_concurrent", 8, min: 1, max: 64),
             ShutdownGraceSeconds = s.Integer("transfer:shutdown_grace_seconds", 20, min: 0, max: 3600),
-            Peers = ReadPeers(config, s),
+            Peers = peers,
+            Transparent = s.Boolean("daemon:transparent", peers.Count > 0),
+            TransparentPort = s.Integer("daemon:transparent_port", 16601, min: 0, max: 65535),
+            TransparentSilenceMilliseconds = s.Integer("daemon:transparent_silence_ms", 800, min: 50, max: 10000),
+            QemuConf = s.Path("daemon:qemu_conf", "/etc/libvirt/qemu.conf"),
         };
     }
 
@@ -111,7 +116,15 @@ public static class DaemonConfiguration
                 throw new ConfigurationException($"[peers:{name}]: a peer name may use only letters, digits, '-', '_' and '.' ({s.Where($"peers:{name}")})");
             var (host, port) = s.Endpoint($"peers:{name}:address", null, DefaultPort);
             var uri = s.Text($"peers:{name}:libvirt_uri", $"qemu+tls://{host}/system");
-            peers.Add(new PeerOptions(name, host, port, uri));
+            var migration = s.OptionalText($"peers:{name}:migration_addresses") is { } list
+                ? list.Split([',', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)
+                : [];
+            foreach (var address in migration)
+            {
+                if (!System.Net.IPAddress.TryParse(address, out _))
+                    throw new ConfigurationException($"peers:{name}:migration_addresses: '{address}' is not an IP address ({s.Where($"peers:{name}:migration_addresses")})");
+            }
+            peers.Add(new PeerOptions(name, host, port, uri) { MigrationAddresses = migration });
         }
         return peers;
     }

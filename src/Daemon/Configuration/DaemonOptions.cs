@@ -25,7 +25,15 @@ public enum CompressionChoice
 /// <param name="Host">Address or DNS name of the peer's bfmigd.</param>
 /// <param name="Port">The peer's bfmigd data port.</param>
 /// <param name="LibvirtUri">libvirt URI of the peer, as <c>virsh migrate</c> should be given it.</param>
-public sealed record PeerOptions(string Name, string Host, int Port, string LibvirtUri);
+public sealed record PeerOptions(string Name, string Host, int Port, string LibvirtUri)
+{
+    /// <summary>
+    /// Transparent mode: the addresses QEMU's migration connections to this peer go to
+    /// (<c>migration_addresses</c>; default: the addresses of <see cref="Host"/>). A host with a
+    /// separate migration network lists that network's addresses here.
+    /// </summary>
+    public IReadOnlyList<string> MigrationAddresses { get; init; } = [];
+}
 
 /// <summary>Everything bfmigd reads from <c>/etc/bfmig/bfmig.conf</c>, the environment and its command line.</summary>
 public sealed record DaemonOptions
@@ -68,6 +76,21 @@ public sealed record DaemonOptions
 
     /// <summary>Streams (helpers) running at once, both directions together; more are refused.</summary>
     public int MaxTransfers { get; init; } = 8;
+
+    /// <summary>
+    /// Transparent mode (<c>daemon:transparent</c>, default yes when peers are configured): ordinary
+    /// <c>tcp://</c> migrations to a peer are redirected through BFMig (see <c>Transparent/</c>).
+    /// </summary>
+    public bool Transparent { get; init; }
+
+    /// <summary>The loopback port the redirect points at (<c>daemon:transparent_port</c>; 0 = any free port).</summary>
+    public int TransparentPort { get; init; } = 16601;
+
+    /// <summary>How long an intercepted connection may stay silent before it is taken for the NBD stream.</summary>
+    public int TransparentSilenceMilliseconds { get; init; } = 800;
+
+    /// <summary>libvirt's qemu.conf, for the migration port range (<c>daemon:qemu_conf</c>).</summary>
+    public string QemuConf { get; init; } = "/etc/libvirt/qemu.conf";
 
     /// <summary>On SIGTERM, how long running transfers may still finish before they are killed.</summary>
     public int ShutdownGraceSeconds { get; init; } = 20;

@@ -149,4 +149,29 @@ internal static partial class DaemonLog
 
     [LoggerMessage(89, LogLevel.Warning, "guest {Guest}: cannot clean the bitmaps of the image left behind {Image}: {Reason} (a return trip into it may fail)")]
     public static partial void DepartureNotCleaned(ILogger logger, string guest, string image, string reason);
+
+    // 100-109: transparent mode
+    [LoggerMessage(100, LogLevel.Information, "transparent mode on: QEMU user {Uid}'s connections to {Peers} ports {Ports} redirected to 127.0.0.1:{Port} (table inet bfmig, removed by the kernel when bfmigd exits)")]
+    public static partial void TransparentOn(ILogger logger, uint uid, string peers, string ports, int port);
+
+    [LoggerMessage(101, LogLevel.Warning, "transparent mode off: {Reason}; ordinary migrations go straight to the peer at stock cost (explicit mode still works)")]
+    public static partial void TransparentOff(ILogger logger, string reason);
+
+    [LoggerMessage(102, LogLevel.Information, "transparent: guest {Guest}: {Stream} stream to {Peer} ({Destination}) intercepted, first bytes after {Milliseconds} ms")]
+    public static partial void TransparentIntercepted(ILogger logger, string guest, string stream, string peer, string destination, long milliseconds);
+
+    [LoggerMessage(103, LogLevel.Information, "transparent: guest {Guest}: {Stream} stream to {Peer} port {Port} accelerated through bfmig-transfer")]
+    public static partial void TransparentAccelerated(ILogger logger, string guest, string stream, string peer, int port);
+
+    [LoggerMessage(104, LogLevel.Information, "transparent: guest {Guest}: {Stream} stream to {Peer} ({Destination}) not accelerated: {Reason}")]
+    public static partial void TransparentNotAccelerated(ILogger logger, string guest, string stream, string peer, string destination, string reason);
+
+    [LoggerMessage(105, LogLevel.Information, "transparent: guest {Guest}: {Stream} stream to {Destination} carried directly, {Bytes} bytes: {Result}")]
+    public static partial void TransparentCarried(ILogger logger, string guest, string stream, string destination, long bytes, string result);
+
+    [LoggerMessage(106, LogLevel.Warning, "transparent: connection from {Remote} dropped: {Reason}")]
+    public static partial void TransparentDropped(ILogger logger, string remote, string reason);
+
+    [LoggerMessage(107, LogLevel.Warning, "refused a transparent {Kind} stream of guest {Guest} from {Peer} to port {Port}: {Reason}")]
+    public static partial void TransparentTargetRefused(ILogger logger, string kind, string guest, string peer, int port, string reason);
 }

@@ -122,7 +122,7 @@ public sealed class TransferManager
     /// sending helper. Takes ownership of <paramref name="qemu"/>; returns false (and closes it,
     /// so QEMU fails the migration and keeps the guest) when refused.
     /// </summary>
-    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks)
+    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0)
     {
         var args = new List<string>
         {
@@ -138,22 +138,28 @@ public sealed class TransferManager
             if (_options.TlsVerifyPeerName)
                 args.AddRange(["--tls-peer-name", peer.Host]);
         }
+        if (targetPort != 0)
+            args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks);
     }
 
     /// <summary>
     /// Hands an accepted peer connection to a receiving helper that connects to the local QEMU at
-    /// <paramref name="localSocket"/>. Takes ownership of <paramref name="peerSocket"/>.
+    /// <paramref name="local"/> (<c>unix:PATH</c>, or <c>tcp:ADDRESS:PORT</c> in transparent mode).
+    /// Takes ownership of <paramref name="peerSocket"/>. <paramref name="routeFirst"/>: a route frame precedes the hello.
     /// </summary>
-    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket, IReadOnlyList<DomainDisk> disks)
+    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket, IReadOnlyList<DomainDisk> disks,
+        bool routeFirst = false)
     {
         var args = new List<string>
         {
-            "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
+            "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", local,
             "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
         };
         if (_options.AuthMode == PeerAuthMode.Tls)
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
+        if (routeFirst)
+            args.Add("--route-first");
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
 

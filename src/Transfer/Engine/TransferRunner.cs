@@ -42,6 +42,13 @@ public sealed class TransferOptions
     /// and the guest is not paused while the destination still loads a backlog.
     /// </summary>
     public bool Pacing { get; init; } = true;
+    /// <summary>
+    /// Sender in transparent mode: the port on the peer that QEMU's connection was aimed at, named
+    /// in a route frame sent first (whatever the authentication); 0 in explicit mode.
+    /// </summary>
+    public ushort TargetPort { get; init; }
+    /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
+    public bool RouteFirst { get; init; }
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -76,8 +83,8 @@ public static class TransferRunner
             }
         }
         var raw = new NetworkStream(peer, ownsSocket: true);
-        if (o.Authenticator.HidesHello)
-            await new RouteRequest(o.Kind, o.Guest, o.LocalName).WriteAsync(raw, ct);
+        if (o.Authenticator.HidesHello || o.TargetPort != 0)
+            await new RouteRequest(o.Kind, o.Guest, o.LocalName) { TargetPort = o.TargetPort }.WriteAsync(raw, ct);
         await using var transport = await o.Authenticator.SecureAsync(raw, isInitiator: true, o.PeerName, ct);
         using var reader = new FrameReader(transport, o.IdleTimeout);
         using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
@@ -147,7 +154,7 @@ public static class TransferRunner
         var clock = Stopwatch.StartNew();
         MemoryStore? store = null;
         var raw = new NetworkStream(peer, ownsSocket: true);
-        if (o.Authenticator.HidesHello)
+        if (o.Authenticator.HidesHello || o.RouteFirst)
         {
             RouteRequest route;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))

@@ -8,15 +8,24 @@ namespace BFMig.Transfer.Wire;
 /// kind and sending host. With a pre-shared key the hello itself says it (in clear); with TLS the
 /// hello is encrypted, so the sending helper first sends this in a <see cref="FrameType.Route"/>
 /// frame: <c>"BFMR" u16 version, u8 kind, 16 guest uuid (RFC 4122 byte order), u8 name length +
-/// sender name</c>. It proves nothing: the receiving helper checks the TLS peer and that the
-/// hello inside names the same guest and kind.
+/// sender name [, be16 target port]</c>. It proves nothing: the receiving helper checks the TLS
+/// peer and that the hello inside names the same guest and kind. A transparent-mode stream (one
+/// bfmigd intercepted on its way to a plain <c>tcp://</c> migration port) names the port it was
+/// aimed at, in both authentication modes; the receiving daemon connects there only if the
+/// incoming guest's own QEMU listens on it.
 /// </summary>
 public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName)
 {
+    /// <summary>Transparent mode: the TCP port on the receiving host that the stream was aimed at; 0 = explicit mode (the socket path).</summary>
+    public ushort TargetPort { get; init; }
+
+    /// <summary>Decoded from a route frame (true) or implied by a hello (false): the receiving helper must then read the route first.</summary>
+    public bool FromRouteFrame { get; init; }
+
     private static ReadOnlySpan<byte> Magic => "BFMR"u8;
 
     /// <summary>Largest payload (a 255-byte name).</summary>
-    public const int MaxLength = 24 + 255;
+    public const int MaxLength = 24 + 255 + 2;
 
     /// <summary>The route a hello implies (pre-shared key mode).</summary>
     public static RouteRequest From(Hello hello) => new(hello.Kind, hello.Guest, hello.SenderName);
@@ -25,13 +34,15 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
     {
         var name = Encoding.UTF8.GetBytes(SenderName);
         if (name.Length > 255) throw new ArgumentException("sender name longer than 255 bytes");
-        var b = new byte[24 + name.Length];
+        var b = new byte[24 + name.Length + (TargetPort != 0 ? 2 : 0)];
         Magic.CopyTo(b);
         BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(4), FrameCodec.ProtocolVersion);
         b[6] = (byte)Kind;
         Guest.TryWriteBytes(b.AsSpan(7), bigEndian: true, out _);
         b[23] = (byte)name.Length;
         name.CopyTo(b, 24);
+        if (TargetPort != 0)
+            BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(24 + name.Length), TargetPort);
         return b;
     }
 
@@ -45,8 +56,15 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd)) throw new PeerProtocolException($"route names unknown stream kind {kind} at byte 6");
         int nameLen = p[23];
-        if (p.Length != 24 + nameLen) throw new PeerProtocolException($"route of {p.Length} bytes, expected {24 + nameLen}");
-        return new RouteRequest((StreamKind)kind, new Guid(p.Slice(7, 16), bigEndian: true), Encoding.UTF8.GetString(p.Slice(24, nameLen)));
+        if (p.Length != 24 + nameLen && p.Length != 24 + nameLen + 2)
+            throw new PeerProtocolException($"route of {p.Length} bytes, expected {24 + nameLen} or {24 + nameLen + 2} (with a target port)");
+        ushort port = p.Length == 24 + nameLen ? (ushort)0 : BinaryPrimitives.ReadUInt16BigEndian(p[(24 + nameLen)..]);
+        if (p.Length == 24 + nameLen + 2 && port == 0) throw new PeerProtocolException($"route names target port 0 at byte {24 + nameLen}");
+        return new RouteRequest((StreamKind)kind, new Guid(p.Slice(7, 16), bigEndian: true), Encoding.UTF8.GetString(p.Slice(24, nameLen)))
+        {
+            TargetPort = port,
+            FromRouteFrame = true,
+        };
     }
 
     /// <summary>Writes the route frame (uncompressed) to the raw connection.</summary>

@@ -1,0 +1,96 @@
+using System.Buffers.Binary;
+using System.Net.Sockets;
+
+namespace BFMig.Daemon.Transparent;
+
+/// <summary>What QEMU's first bytes (or its silence) say a redirected connection carries.</summary>
+public enum SniffedStream
+{
+    /// <summary>QEMU's migration stream ("QEVM"): the client speaks first.</summary>
+    Memory,
+
+    /// <summary>Silence: an NBD client waits for the server's greeting (the disk mirror).</summary>
+    ServerFirst,
+
+    /// <summary>A multifd channel (magic 0x11223344): carried byte for byte.</summary>
+    Multifd,
+
+    /// <summary>A TLS ClientHello (QEMU native TLS): encrypted, carried byte for byte.</summary>
+    Tls,
+
+    /// <summary>Anything else: carried byte for byte.</summary>
+    Unknown,
+
+    /// <summary>QEMU closed the connection before sending anything.</summary>
+    Closed,
+}
+
+/// <summary>
+/// Tells a redirected connection's stream kind without consuming a byte (MSG_PEEK): QEMU's
+/// migration client writes its header as soon as it connects, while QEMU's NBD client never
+/// speaks before the server's greeting. A connection that stays silent for the wait is the NBD
+/// one; a migration client slower than that would reach the NBD path, which fails the migration
+/// cleanly (the guest stays on the source), so the wait errs on the long side.
+/// </summary>
+public static class StreamSniffer
+{
+    private const uint QemuFileMagic = 0x5145564d; // "QEVM"
+    private const uint MultifdMagic = 0x11223344;
+    private const byte TlsHandshakeRecord = 0x16;
+
+    /// <summary>Classifies from the bytes seen so far (at least one).</summary>
+    public static SniffedStream Classify(ReadOnlySpan<byte> first)
+    {
+        if (first.IsEmpty)
+            return SniffedStream.Closed;
+        if (first[0] == TlsHandshakeRecord)
+            return SniffedStream.Tls;
+        if (first.Length < 4)
+            return SniffedStream.Unknown;
+        return BinaryPrimitives.ReadUInt32BigEndian(first) switch
+        {
+            QemuFileMagic => SniffedStream.Memory,
+            MultifdMagic => SniffedStream.Multifd,
+            _ => SniffedStream.Unknown,
+        };
+    }
+
+    /// <summary>Waits up to <paramref name="silence"/> for QEMU's first bytes and classifies them; nothing is consumed.</summary>
+    public static async Task<(SniffedStream Kind, TimeSpan FirstBytesAfter)> SniffAsync(Socket socket, TimeSpan silence, CancellationToken ct)
+    {
+        var started = System.Diagnostics.Stopwatch.StartNew();
+        var buffer = new byte[4];
+        var deadline = started.Elapsed + silence;
+        while (true)
+        {
+            var left = deadline - started.Elapsed;
+            if (left <= TimeSpan.Zero || !await WaitReadableAsync(socket, left, ct).ConfigureAwait(false))
+                return (SniffedStream.ServerFirst, started.Elapsed);
+            int got = socket.Receive(buffer, 0, buffer.Length, SocketFlags.Peek);
+            // QEMU writes its 4-byte magic in one go; a shorter first segment is waited out briefly.
+            if (got == 0 || got >= 4 || buffer[0] == TlsHandshakeRecord)
+                return (Classify(buffer.AsSpan(0, got)), started.Elapsed);
+            await Task.Delay(5, ct).ConfigureAwait(false);
+            if (started.Elapsed > deadline)
+                return (Classify(buffer.AsSpan(0, got)), started.Elapsed);
+        }
+    }
+
+    private static async Task<bool> WaitReadableAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
+    {
+        if (socket.Available > 0)
+            return true;
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(timeout);
+        try
+        {
+            // A zero-byte receive completes when data (or EOF) arrives, without consuming anything.
+            await socket.ReceiveAsync(Memory<byte>.Empty, SocketFlags.None, cts.Token).ConfigureAwait(false);
+            return true;
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            return false;
+        }
+    }
+}

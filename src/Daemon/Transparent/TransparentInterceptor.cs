@@ -1,0 +1,225 @@
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Logging;
+using BFMig.Native.Linux;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Transparent;
+
+/// <summary>What the interceptor needs from the rest of bfmigd.</summary>
+public interface ITransparentHost
+{
+    /// <summary>Guests running here now (uuid, name).</summary>
+    IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests();
+
+    /// <summary>True when a helper slot is free (else the stream is carried directly).</summary>
+    bool HasTransferCapacity();
+
+    /// <summary>
+    /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
+    /// when it was refused (the socket is then closed and QEMU fails the migration).
+    /// </summary>
+    bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort);
+}
+
+/// <summary>
+/// Transparent mode, source side: accepts the QEMU connections <see cref="RedirectTable"/>
+/// redirected to loopback, learns where each was going (SO_ORIGINAL_DST), which guest's QEMU
+/// made it (the kernel's socket table and the QEMU pid libvirt recorded) and what it carries
+/// (<see cref="StreamSniffer"/>), then hands it to a sending helper exactly as an explicit-mode
+/// socket would, naming the target port so that the peer's bfmigd can connect its receiver there.
+/// Whatever it cannot accelerate (TLS, multifd, an unknown guest, a peer whose bfmigd does not
+/// answer, no free slot) it carries straight to the original destination and says why.
+/// </summary>
+public sealed class TransparentInterceptor : IDisposable
+{
+    private static readonly TimeSpan PeerProbeTimeout = TimeSpan.FromSeconds(2);
+    private static readonly TimeSpan DirectConnectTimeout = TimeSpan.FromSeconds(10);
+
+    private readonly IReadOnlyList<Socket> _listeners;
+    private readonly IReadOnlyDictionary<IPAddress, PeerOptions> _peersByAddress;
+    private readonly ITransparentHost _host;
+    private readonly QemuProcesses _qemu;
+    private readonly TimeSpan _silence;
+    private readonly ILogger _logger;
+    private readonly CancellationTokenSource _stop = new();
+
+    /// <summary>
+    /// Binds the loopback listener(s) on <paramref name="port"/> (IPv4, and IPv6 when a peer has
+    /// an IPv6 address). <paramref name="silence"/>: how long a connection may stay silent before
+    /// it is taken for the NBD stream.
+    /// </summary>
+    public TransparentInterceptor(int port, IReadOnlyDictionary<IPAddress, PeerOptions> peersByAddress, ITransparentHost host, QemuProcesses qemu,
+        TimeSpan silence, ILogger logger)
+    {
+        _peersByAddress = peersByAddress;
+        _host = host;
+        _qemu = qemu;
+        _silence = silence;
+        _logger = logger;
+        var listeners = new List<Socket>();
+        try
+        {
+            listeners.Add(Listen(new IPEndPoint(IPAddress.Loopback, port)));
+            if (peersByAddress.Keys.Any(a => a.AddressFamily == AddressFamily.InterNetworkV6))
+                listeners.Add(Listen(new IPEndPoint(IPAddress.IPv6Loopback, port)));
+        }
+        catch
+        {
+            foreach (var l in listeners)
+                l.Dispose();
+            throw;
+        }
+        _listeners = listeners;
+        Port = ((IPEndPoint)listeners[0].LocalEndPoint!).Port;
+    }
+
+    /// <summary>The loopback port the redirect points at (real even when 0 was asked for).</summary>
+    public int Port { get; }
+
+    private static Socket Listen(IPEndPoint endpoint)
+    {
+        var socket = new Socket(endpoint.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        try
+        {
+            socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+            if (endpoint.AddressFamily == AddressFamily.InterNetworkV6)
+                socket.DualMode = false;
+            socket.Bind(endpoint);
+            socket.Listen(64);
+            return socket;
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Accepts until disposed.</summary>
+    public Task RunAsync() => Task.WhenAll(_listeners.Select(AcceptLoopAsync));
+
+    private async Task AcceptLoopAsync(Socket listener)
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            Socket connection;
+            try
+            {
+                connection = await listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            {
+                return;
+            }
+            _ = HandleAsync(connection);
+        }
+    }
+
+    private async Task HandleAsync(Socket connection)
+    {
+        IPEndPoint original;
+        try
+        {
+            original = UnixSockets.GetOriginalDestination(connection);
+        }
+        catch (SocketException e)
+        {
+            // Not redirected by our table (someone connected to the loopback port directly): nowhere to carry it.
+            DaemonLog.TransparentDropped(_logger, connection.RemoteEndPoint?.ToString() ?? "?", e.Message);
+            connection.Dispose();
+            return;
+        }
+        try
+        {
+            await RouteAsync(connection, original).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
+        {
+            DaemonLog.TransparentDropped(_logger, original.ToString(), e.Message);
+            connection.Dispose();
+        }
+    }
+
+    private async Task RouteAsync(Socket connection, IPEndPoint original)
+    {
+        var qemuSide = (IPEndPoint)connection.RemoteEndPoint!;
+        if (!_peersByAddress.TryGetValue(Normalize(original.Address), out var peer))
+        {
+            await CarryAsync(connection, original, "?", "?", "stream", "the destination is not a configured peer's address").ConfigureAwait(false);
+            return;
+        }
+        if (_qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests()) is not { } guest)
+        {
+            await CarryAsync(connection, original, "?", peer.Name, "stream", "no running guest's QEMU holds the connection").ConfigureAwait(false);
+            return;
+        }
+        var (sniffed, after) = await StreamSniffer.SniffAsync(connection, _silence, _stop.Token).ConfigureAwait(false);
+        var stream = sniffed == SniffedStream.Memory ? "memory" : sniffed == SniffedStream.ServerFirst ? "disk" : sniffed.ToString().ToLowerInvariant();
+        DaemonLog.TransparentIntercepted(_logger, guest.Name, stream, peer.Name, original.ToString(), (long)after.TotalMilliseconds);
+        string? notAccelerated = sniffed switch
+        {
+            SniffedStream.Tls => "QEMU native TLS (--tls): the stream is encrypted end to end, carried byte for byte",
+            SniffedStream.Multifd => "a multifd channel (--parallel): carried byte for byte (multifd pages are not elided yet)",
+            SniffedStream.Unknown => "QEMU's first bytes are neither a migration stream nor a multifd channel: carried byte for byte",
+            SniffedStream.Closed => "",
+            _ => null,
+        };
+        if (notAccelerated == "")
+        {
+            connection.Dispose();
+            return;
+        }
+        if (notAccelerated is null && !await PeerAnswersAsync(peer).ConfigureAwait(false))
+            notAccelerated = $"the bfmigd of peer {peer.Name} at {peer.Host}:{peer.Port} does not answer";
+        if (notAccelerated is null && !_host.HasTransferCapacity())
+            notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
+        if (notAccelerated is not null)
+        {
+            await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
+            return;
+        }
+        var kind = sniffed == SniffedStream.Memory ? StreamKind.Mig : StreamKind.Nbd;
+        DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
+        _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
+    }
+
+    private async Task CarryAsync(Socket connection, IPEndPoint original, string guest, string peer, string stream, string why)
+    {
+        DaemonLog.TransparentNotAccelerated(_logger, guest, stream, peer, original.ToString(), why);
+        var (bytes, error) = await DirectForwarder.RunAsync(connection, original, DirectConnectTimeout, _stop.Token).ConfigureAwait(false);
+        DaemonLog.TransparentCarried(_logger, guest, stream, original.ToString(), bytes, error ?? "ok");
+    }
+
+    /// <summary>
+    /// A peer without a running bfmigd would turn an accelerated stream into a failed migration:
+    /// check that its data port accepts a connection first (a refused or silent port means the
+    /// stream goes straight to the peer's QEMU, at stock cost).
+    /// </summary>
+    private static async Task<bool> PeerAnswersAsync(PeerOptions peer)
+    {
+        using var probe = new Socket(SocketType.Stream, ProtocolType.Tcp);
+        using var timeout = new CancellationTokenSource(PeerProbeTimeout);
+        try
+        {
+            await probe.ConnectAsync(peer.Host, peer.Port, timeout.Token).ConfigureAwait(false);
+            return true;
+        }
+        catch (Exception e) when (e is SocketException or OperationCanceledException)
+        {
+            return false;
+        }
+    }
+
+    private static IPAddress Normalize(IPAddress a) => a.IsIPv4MappedToIPv6 ? a.MapToIPv4() : a;
+
+    /// <summary>Stops accepting (streams already handed on are not affected).</summary>
+    public void Dispose()
+    {
+        _stop.Cancel();
+        foreach (var l in _listeners)
+            l.Dispose();
+    }
+}
