@@ -12,6 +12,8 @@ namespace BFMig.Daemon.Transparent;
 public static class DirectForwarder
 {
     private const int BufferSize = 256 * 1024;
+    private const int SolSocket = 1;
+    private const int SoMark = 36;
 
     /// <summary>
     /// Connects to <paramref name="destination"/> and copies both ways until both directions
@@ -25,6 +27,8 @@ public static class DirectForwarder
         {
             using var server = new Socket(destination.AddressFamily, SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
             client.NoDelay = true;
+            // The redirect rule skips marked connections: without the mark this one would come back to us.
+            server.SetRawSocketOption(SolSocket, SoMark, BitConverter.GetBytes(RedirectTable.BypassMark));
             try
             {
                 using var connect = CancellationTokenSource.CreateLinkedTokenSource(ct);

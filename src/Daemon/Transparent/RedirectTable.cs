@@ -7,10 +7,14 @@ using BFMig.Native.Netfilter;
 namespace BFMig.Daemon.Transparent;
 
 /// <summary>
-/// BFMig's own nftables table, <c>inet bfmig</c>: redirects the QEMU user's new TCP connections to
-/// configured peers' migration ports to bfmigd's loopback listener, and nothing else (no other
-/// user, no other address, no other port: libvirtd's RPC, ssh, the peers' BFMig port and guests'
-/// own traffic pass untouched). The table is created with <c>flags owner</c> on a libnftables
+/// BFMig's own nftables table, <c>inet bfmig</c>: redirects new TCP connections of the QEMU user
+/// and of root to configured peers' migration ports to bfmigd's loopback listener, and nothing
+/// else (no other user, no other address, no other port: libvirtd's RPC, ssh, the peers' BFMig
+/// port and guests' own traffic pass untouched). Root is needed because libvirtd opens the memory
+/// stream's connection itself and hands it to QEMU (<c>getfd</c>, <c>migrate fd:</c>; only the
+/// NBD mirror and multifd connect from QEMU); the interceptor accelerates only connections a
+/// running guest's QEMU holds and carries every other one byte for byte. bfmigd's own onward
+/// connections carry <see cref="BypassMark"/>, which the rule skips, so they never loop back. The table is created with <c>flags owner</c> on a libnftables
 /// context this object keeps open, so the kernel removes it the moment bfmigd exits, is killed or
 /// crashes: new migrations then go straight to the peer at stock cost (fail-open by construction).
 /// </summary>
@@ -18,6 +22,9 @@ public sealed class RedirectTable : IDisposable
 {
     /// <summary>The table's name in family <c>inet</c>.</summary>
     public const string TableName = "bfmig";
+
+    /// <summary>The socket mark (SO_MARK) of bfmigd's own connections to a peer's migration port: never redirected.</summary>
+    public const uint BypassMark = 0x62666d67; // "bfmg"
 
     private readonly NftContext _nft;
 
@@ -47,7 +54,8 @@ public sealed class RedirectTable : IDisposable
     {
         var v4 = peerAddresses.Where(a => a.AddressFamily == AddressFamily.InterNetwork).Select(a => a.ToString()).Distinct().ToList();
         var v6 = peerAddresses.Where(a => a.AddressFamily == AddressFamily.InterNetworkV6).Select(a => a.ToString()).Distinct().ToList();
-        var uid = qemuUid.ToString(CultureInfo.InvariantCulture);
+        var uids = qemuUid == 0 ? "0" : $"{{ 0, {qemuUid.ToString(CultureInfo.InvariantCulture)} }}";
+        var skip = $"meta mark != 0x{BypassMark:x8}";
         var port = listenPort.ToString(CultureInfo.InvariantCulture);
         var text = new StringBuilder();
         text.Append(CultureInfo.InvariantCulture, $"add table inet {TableName} {{ flags owner; }}\n");
@@ -55,10 +63,10 @@ public sealed class RedirectTable : IDisposable
         text.Append(CultureInfo.InvariantCulture, $"add chain inet {TableName} output {{ type nat hook output priority -100; policy accept; }}\n");
         if (v4.Count > 0)
             text.Append(CultureInfo.InvariantCulture,
-                $"add rule inet {TableName} output meta skuid {uid} ip daddr {{ {string.Join(", ", v4)} }} tcp dport {ports} counter redirect to :{port}\n");
+                $"add rule inet {TableName} output {skip} meta skuid {uids} ip daddr {{ {string.Join(", ", v4)} }} tcp dport {ports} counter redirect to :{port}\n");
         if (v6.Count > 0)
             text.Append(CultureInfo.InvariantCulture,
-                $"add rule inet {TableName} output meta skuid {uid} ip6 daddr {{ {string.Join(", ", v6)} }} tcp dport {ports} counter redirect to :{port}\n");
+                $"add rule inet {TableName} output {skip} meta skuid {uids} ip6 daddr {{ {string.Join(", ", v6)} }} tcp dport {ports} counter redirect to :{port}\n");
         return text.ToString();
     }
 

@@ -37,6 +37,8 @@ public sealed class TransparentInterceptor : IDisposable
 {
     private static readonly TimeSpan PeerProbeTimeout = TimeSpan.FromSeconds(2);
     private static readonly TimeSpan DirectConnectTimeout = TimeSpan.FromSeconds(10);
+    private static readonly TimeSpan OwnerRetryDelay = TimeSpan.FromMilliseconds(50);
+    private const int OwnerAttempts = 20;
 
     private readonly IReadOnlyList<Socket> _listeners;
     private readonly IReadOnlyDictionary<IPAddress, PeerOptions> _peersByAddress;
@@ -151,13 +153,15 @@ public sealed class TransparentInterceptor : IDisposable
             await CarryAsync(connection, original, "?", "?", "stream", "the destination is not a configured peer's address").ConfigureAwait(false);
             return;
         }
-        if (_qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests()) is not { } guest)
-        {
-            await CarryAsync(connection, original, "?", peer.Name, "stream", "no running guest's QEMU holds the connection").ConfigureAwait(false);
-            return;
-        }
+        // Sniff first: libvirtd connects the memory stream itself and hands it to QEMU, which
+        // holds it (and writes to it) only from then on.
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, _silence, _stop.Token).ConfigureAwait(false);
         var stream = sniffed == SniffedStream.Memory ? "memory" : sniffed == SniffedStream.ServerFirst ? "disk" : sniffed.ToString().ToLowerInvariant();
+        if (await OwnerAsync(qemuSide, original).ConfigureAwait(false) is not { } guest)
+        {
+            await CarryAsync(connection, original, "?", peer.Name, stream, "no running guest's QEMU holds the connection").ConfigureAwait(false);
+            return;
+        }
         DaemonLog.TransparentIntercepted(_logger, guest.Name, stream, peer.Name, original.ToString(), (long)after.TotalMilliseconds);
         string? notAccelerated = sniffed switch
         {
@@ -184,6 +188,19 @@ public sealed class TransparentInterceptor : IDisposable
         var kind = sniffed == SniffedStream.Memory ? StreamKind.Mig : StreamKind.Nbd;
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
         _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
+    }
+
+    /// <summary>The guest whose QEMU holds the connection; libvirtd's hand-over may take a moment, so it is looked for a few times.</summary>
+    private async Task<(Guid Uuid, string Name)?> OwnerAsync(IPEndPoint qemuSide, IPEndPoint original)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            if (_qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests()) is { } guest)
+                return guest;
+            if (attempt == OwnerAttempts)
+                return null;
+            await Task.Delay(OwnerRetryDelay, _stop.Token).ConfigureAwait(false);
+        }
     }
 
     private async Task CarryAsync(Socket connection, IPEndPoint original, string guest, string peer, string stream, string why)
