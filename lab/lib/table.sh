@@ -17,6 +17,14 @@ cmd_table() {
         if ((n > ntrips)); then ntrips=$n; longest=$f; fi
     done
 
+    # The command each mode ran, so that a reader sees the same command line getting cheaper.
+    echo "Each trip runs, inside the source host (DST = the destination's lab address):"
+    for f in "${files[@]}"; do
+        [[ -n $(jq -r '.skipped // empty' "$f") ]] && continue
+        printf '  %-18s virsh migrate --live --persistent --copy-storage-all %s qemu+tcp://DST/system %s\n' \
+            "$(jq -r .mode "$f")" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+    done
+    echo
     printf "%-${first}s" ""
     for f in "${files[@]}"; do printf "%-${width}s" "$(jq -r .mode "$f")"; done
     printf '\n'

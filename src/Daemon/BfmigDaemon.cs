@@ -689,7 +689,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     }
 
     /// <inheritdoc/>
-    public IReadOnlyList<DoctorCheck> Doctor() => new HostDoctor(_options, _libvirt).Run();
+    public IReadOnlyList<DoctorCheck> Doctor() => new HostDoctor(_options, _libvirt, TransparentState).Run();
 
     internal static string Format(ulong value) => value.ToString(CultureInfo.InvariantCulture);
 }

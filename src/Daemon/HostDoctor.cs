@@ -10,7 +10,7 @@ namespace BFMig.Daemon;
 /// The host self-check behind <c>bfmig doctor</c>: each check says what it found, so that a
 /// failed one tells the operator what to fix.
 /// </summary>
-internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt)
+internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt, string transparentState = "off: not started")
 {
     private static readonly TimeSpan PeerTimeout = TimeSpan.FromSeconds(2);
     private const UnixFileMode AnyExecute = UnixFileMode.UserExecute | UnixFileMode.GroupExecute | UnixFileMode.OtherExecute;
@@ -25,6 +25,7 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt)
             StateDirectory(),
             Helper(),
             Authentication(),
+            Transparent(),
         };
         // Peers are probed in parallel: each may take the whole timeout.
         var probes = options.Peers.Select(p => Task.Run(() => Peer(p))).ToArray();
@@ -117,6 +118,41 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt)
         if (!File.Exists(options.TlsCaCertificate))
             return new("auth", false, $"CA certificate {options.TlsCaCertificate} does not exist");
         return new("auth", true, $"mutual TLS: {string.Join("; ", found)}; CA {options.TlsCaCertificate}");
+    }
+
+    /// <summary>
+    /// What transparent mode needs: nftables in the kernel and libnftables (the daemon's table is
+    /// the proof), qemu.conf's migration port range, the QEMU user. Off by configuration passes
+    /// with a note (explicit mode still works); on but failed to start does not.
+    /// </summary>
+    private DoctorCheck Transparent()
+    {
+        if (!options.Transparent)
+            return new("transparent", true, $"off ({(options.Peers.Count == 0 ? "no peers configured" : "daemon:transparent = no")}): only migrations through BFMig's socket URIs (bfmig migrate) are accelerated");
+        string range;
+        try
+        {
+            range = BFMig.Daemon.Transparent.MigrationPortRange.Read(options.QemuConf).ToString();
+        }
+        catch (Exception e) when (e is FormatException or IOException or UnauthorizedAccessException)
+        {
+            return new("transparent", false, $"{e.Message}: fix migration_port_min/max in {options.QemuConf}");
+        }
+        if (!transparentState.StartsWith("on", StringComparison.Ordinal))
+            return new("transparent", false, $"{transparentState}. Needs nf_tables in the kernel (modprobe nf_tables), libnftables1, CAP_NET_ADMIN and a free 127.0.0.1:{options.TransparentPort} (daemon:transparent_port); or set daemon:transparent = no");
+        string table;
+        try
+        {
+            using var nft = BFMig.Native.Netfilter.NftContext.Open();
+            table = nft.Run($"list table inet {BFMig.Daemon.Transparent.RedirectTable.TableName}");
+        }
+        catch (BFMig.Native.Netfilter.NftablesException e)
+        {
+            return new("transparent", false, $"the redirect table is missing although transparent mode started ({e.Message}): restart bfmigd");
+        }
+        return table.Contains("redirect", StringComparison.Ordinal)
+            ? new("transparent", true, $"{transparentState}; qemu.conf migration ports {range}; QEMU user {options.QemuUser}")
+            : new("transparent", false, "table inet bfmig has no redirect rule: restart bfmigd");
     }
 
     private DoctorCheck Authentication()
