@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Text.Json;
 using BFMig.Native;
 using BFMig.Native.Compression;
+using BFMig.Native.Systemd;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
@@ -107,7 +108,7 @@ internal static class Program
             error = orphaned ?? e.Message;
             code = 1;
         }
-        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {error.ReplaceLineEndings(" ")}");
+        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {LogText.Escape(error)}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
             stats ??= new TransferStats { Role = args[0] };

@@ -43,12 +43,30 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
         _key = key.ToArray();
     }
 
-    /// <summary>Reads a key file (its bytes, with a trailing newline trimmed).</summary>
+    /// <summary>
+    /// Reads a key file (its bytes, with a trailing newline trimmed). Refuses a file that group or
+    /// others may read or write (<see cref="PeerAuthenticationException"/> saying how to fix it):
+    /// whoever reads the key can pose as any peer.
+    /// </summary>
     public static PskPeerAuthenticator FromFile(string path)
     {
+        if (UnsafeModeProblem(path) is { } problem)
+            throw new PeerAuthenticationException(problem);
         var bytes = File.ReadAllBytes(path).AsSpan();
         while (bytes.Length > 0 && bytes[^1] is (byte)'\n' or (byte)'\r') bytes = bytes[..^1];
         return new PskPeerAuthenticator(bytes);
+    }
+
+    /// <summary>Why the key file's mode is unsafe (group or other bits set), null when it is 0600 or stricter.</summary>
+    public static string? UnsafeModeProblem(string path)
+    {
+        const UnixFileMode groupOrOther = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute
+            | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
+        if (OperatingSystem.IsWindows())
+            return null;
+        var mode = File.GetUnixFileMode(path);
+        return (mode & groupOrOther) == 0 ? null
+            : $"pre-shared key {path} has mode {Convert.ToString((int)mode, 8).PadLeft(4, '0')}: group or others may read it; run `chmod 0600 {path}` (a key others can read lets them pose as any peer)";
     }
 
     public ValueTask<Stream> SecureAsync(Stream transport, bool isInitiator, string peerName, CancellationToken ct) => ValueTask.FromResult(transport);
