@@ -158,6 +158,7 @@ public sealed class TransferManager
             args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
             if (_options.TlsVerifyPeerName)
                 args.AddRange(["--tls-peer-name", peer.Host]);
+            args.AddRange(CrlArguments());
         }
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks);
     }
@@ -171,12 +172,20 @@ public sealed class TransferManager
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
-            "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
+            "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName, "--peer-name", peerName,
         };
         if (_options.AuthMode == PeerAuthMode.Tls)
+        {
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
+            // The route named a configured peer (the listener checked): its client certificate must name that peer, not just any host of the CA.
+            if (_options.TlsVerifyPeerName && _options.Peers.FirstOrDefault(p => p.Name == peerName) is { } claimed)
+                args.AddRange(["--tls-peer-name", claimed.Host == claimed.Name ? claimed.Host : $"{claimed.Host},{claimed.Name}"]);
+            args.AddRange(CrlArguments());
+        }
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
+
+    private IEnumerable<string> CrlArguments() => File.Exists(_options.TlsCrl) ? ["--tls-crl", _options.TlsCrl] : [];
 
     /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
     public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>

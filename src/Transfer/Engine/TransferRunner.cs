@@ -15,7 +15,7 @@ public sealed class TransferOptions
     /// <summary>Root of the stores (a guest's store is <c>ROOT/UUID</c>); null runs without a store.</summary>
     public string? StoreRoot { get; init; } = MemoryStore.DefaultRoot;
     public Guid Guest { get; init; }
-    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: unused (the hello names the sender).</summary>
+    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: when set, the only sender whose hello it accepts.</summary>
     public string PeerName { get; init; } = "";
     /// <summary>This host's name, sent in the hello.</summary>
     public string LocalName { get; init; } = Environment.MachineName;
@@ -236,6 +236,8 @@ public static class TransferRunner
         var none = new byte[16];
         if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
         if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
+        if (o.PeerName.Length > 0 && h.SenderName != o.PeerName)
+            return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a stream from {o.PeerName}, not from the sender the hello names");
         if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
         if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
