@@ -41,6 +41,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private readonly ILoggerFactory _loggers;
     private readonly GuestStateStore _store;
     private readonly SplitBrainGuard _guard;
+
+    /// <summary>One rate limit for every refusal of the peer port (listener, helpers, checkpoint exchange): a flood costs a few lines.</summary>
+    private readonly LogRateLimiter _peerRejections;
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
@@ -70,6 +73,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _logger = loggers.CreateLogger("bfmigd");
         _store = new GuestStateStore(options.StateDirectory);
         _guard = new SplitBrainGuard(_store, options.HostName, time ?? TimeProvider.System);
+        _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), time ?? TimeProvider.System);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
         _sealer = new DiskIdentitySealer(QueueSeal, time ?? TimeProvider.System);
     }
@@ -110,6 +114,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         var helper = LocateHelper(_options);
         if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
             throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
+        if (_options.AuthMode == PeerAuthMode.Psk && PskPeerAuthenticator.UnsafeModeProblem(_options.PskFile!) is { } pskProblem)
+            throw new ConfigurationException($"auth:psk_file: {pskProblem}");
         _dataPathOff = MissingTlsFile(_options);
         if (_dataPathOff is not null)
             DaemonLog.DataPathOff(_logger, _dataPathOff);
@@ -119,7 +125,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _sockets = new MigrationSockets(_options, user.Uid, group.Gid, _loggers.CreateLogger("bfmigd.sockets"), OnQemuConnected);
         _sockets.PrepareDirectories();
         Directory.CreateDirectory(transfersDir, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
-        _transfers = new TransferManager(_options, helper, transfersDir, _loggers.CreateLogger("bfmigd.transfers"));
+        var transfersLog = _loggers.CreateLogger("bfmigd.transfers");
+        _transfers = new TransferManager(_options, helper, transfersDir, transfersLog,
+            (remote, reason) => PeerListener.LogRejection(transfersLog, _peerRejections, remote, reason));
         _transfers.Progressed += OnProgress;
         _transfers.TripFinished += OnTripFinished;
 
@@ -143,7 +151,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
 
         if (_dataPathOff is null)
         {
-            _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"));
+            _peers = new PeerListener(ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
             _peerTask = _peers.RunAsync();
             _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
         }
@@ -454,6 +462,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     {
         if (!_options.Peers.Any(p => p.Name == hello.SenderName))
             return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
+        // Checked before anything costs more than a lookup: only a migration this host's own hook announced
+        // (or one whose authenticated streams already run) gets a helper, a store or a checkpoint exchange.
+        if (!_guard.ExpectsStreams(hello.Guest) && _transfers?.IsReceiving(hello.Guest) != true)
+            return new PeerRoute(null, $"no incoming migration of guest {hello.Guest:D} is expected here (this host's hook has not announced one)");
         var name = _libvirt?.LookupName(hello.Guest);
         if (name is null)
             return new PeerRoute(null, $"no guest {hello.Guest:D} here (the migration's prepare step has not run, or libvirt is unreachable)");

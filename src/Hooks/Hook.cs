@@ -33,7 +33,7 @@ internal static class Hook
         string xml = stdin.ReadToEnd();
         string? uuid = DomainUuid(xml);
 
-        DaemonAnswer answer = AskDaemon(settings, guest, op, subop, extra, xml, out string? xmlOut, out string? message);
+        (DaemonAnswer answer, string? xmlOut, string? message) = AskDaemonWithin(settings, guest, op, subop, extra, xml);
         if (answer == DaemonAnswer.Refused)
         {
             stderr.WriteLine($"bfmig: {message}");
@@ -59,6 +59,20 @@ internal static class Hook
         Accepted,
         Refused,
         Unreachable,
+    }
+
+    /// <summary>
+    /// Asks the daemon with a hard wall-clock deadline (<see cref="HookSettings.DaemonTimeout"/>)
+    /// over the whole call: connecting and authenticating to the bus have no timeout of their own,
+    /// and a bus that accepts but never answers would hold libvirt (which waits for this hook).
+    /// Past the deadline the answer is "unreachable" and the local guard decides; the stuck call
+    /// is left on a background thread that ends with this short-lived process.
+    /// </summary>
+    private static (DaemonAnswer Answer, string? XmlOut, string? Message) AskDaemonWithin(HookSettings settings, string guest, string op, string subop,
+        string extra, string xml)
+    {
+        var ask = Task.Run(() => (AskDaemon(settings, guest, op, subop, extra, xml, out string? xmlOut, out string? message), xmlOut, message));
+        return ask.Wait(settings.DaemonTimeout) ? ask.Result : (DaemonAnswer.Unreachable, null, null);
     }
 
     private static DaemonAnswer AskDaemon(HookSettings settings, string guest, string op, string subop, string extra, string xml,

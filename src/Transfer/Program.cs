@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Text.Json;
 using BFMig.Native;
 using BFMig.Native.Compression;
+using BFMig.Native.Systemd;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
@@ -24,7 +25,9 @@ internal static class Program
         options: --stats FILE  --compress auto|zstd|lz4|none  --zstd-level N  --no-store
                  --idle-timeout SECONDS  --accept-timeout SECONDS  --name LOCALNAME
                  --image EXPORT=FORMAT:PATH (repeatable: the image behind an NBD export on this host)
-                 --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME] (mutual TLS instead of --psk-file)
+                 --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME[,NAME...]] [--tls-crl F]
+                              (mutual TLS instead of --psk-file; the peer's certificate must name one NAME,
+                              and must not be on the CA's revocation list F)
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
                  --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
                  --route-first (receive: a route frame precedes the hello)
@@ -109,7 +112,7 @@ internal static class Program
             error = orphaned ?? e.Message;
             code = 1;
         }
-        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {error.ReplaceLineEndings(" ")}");
+        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {LogText.Escape(error)}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
             stats ??= new TransferStats { Role = args[0] };
@@ -129,7 +132,7 @@ internal static class Program
     private static readonly HashSet<string> Flags = ["no-store", "route-first"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd", "target-port"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -189,7 +192,8 @@ internal static class Program
             Kind = kind,
             Guest = guest,
             StoreRoot = d.ContainsKey("no-store") ? null : d.GetValueOrDefault("store") ?? MemoryStore.DefaultRoot,
-            PeerName = send ? Required(d, "peer-name") : "",
+            // A receiver checks that the hello names the sender its daemon routed the connection for.
+            PeerName = send ? Required(d, "peer-name") : d.GetValueOrDefault("peer-name", ""),
             LocalName = d.GetValueOrDefault("name") ?? Environment.MachineName,
             Authenticator = Authenticator(d),
             Compression = compression,
@@ -208,12 +212,12 @@ internal static class Program
         int given = tls.Count(d.ContainsKey);
         if (given == 0)
         {
-            if (d.ContainsKey("tls-peer-name")) throw new FormatException("--tls-peer-name needs --tls-cert, --tls-key and --tls-ca");
+            if (d.ContainsKey("tls-peer-name") || d.ContainsKey("tls-crl")) throw new FormatException("--tls-peer-name and --tls-crl need --tls-cert, --tls-key and --tls-ca");
             return d.TryGetValue("psk-file", out var psk) ? PskPeerAuthenticator.FromFile(psk) : NoPeerAuthenticator.Instance;
         }
         if (given != tls.Length) throw new FormatException("TLS needs all of --tls-cert, --tls-key and --tls-ca");
         if (d.ContainsKey("psk-file")) throw new FormatException("--psk-file and --tls-* exclude each other");
-        return TlsPeerAuthenticator.FromPemFiles(d["tls-cert"], d["tls-key"], d["tls-ca"], d.GetValueOrDefault("tls-peer-name"));
+        return TlsPeerAuthenticator.FromPemFiles(d["tls-cert"], d["tls-key"], d["tls-ca"], d.GetValueOrDefault("tls-peer-name"), d.GetValueOrDefault("tls-crl"));
     }
 
     private static ushort ParsePort(string s) =>

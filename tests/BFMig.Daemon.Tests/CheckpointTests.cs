@@ -155,6 +155,7 @@ public sealed class CheckpointTests
             domain.CreateCheckpoint("<domaincheckpoint><name>stale</name></domaincheckpoint>").Dispose();
 
             var shuffled = source with { Checkpoints = [.. source.Checkpoints.Reverse()] };
+            host.AnnounceIncoming("test", TestGuestUuid);
             await CheckpointExchange.SendAsync("127.0.0.1", host.Daemon.PeerPort, PskPeerAuthenticator.FromFile(Path.Combine(host.Root, "psk")),
                 "hosta", Guid.Parse(TestGuestUuid), shuffled, TimeSpan.FromSeconds(10), CancellationToken.None);
             var statusPath = Path.Combine(host.Options.StateDirectory, TestGuestUuid, "checkpoints", "status.json");

@@ -76,6 +76,8 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
         });
         watcher.StartProcessing();
 
+        // B's hook announced the incoming migration (libvirt runs `migrate begin` there first).
+        _b.AnnounceIncoming("test", TestGuestUuid);
         // The destination QEMU: listens on B's own socket path, as `-incoming unix:` would.
         var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");
         using var destination = new IncomingQemu(destinationPath);
@@ -154,10 +156,11 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
     {
         var port = _b.Daemon.PeerPort;
         await AssertClosedAsync(port, RandomNumberGenerator.GetBytes(300));
+        _b.AnnounceIncoming("test", TestGuestUuid);
         await AssertClosedAsync(port, HelloFrame(Guid.NewGuid(), "hosta"));
         await AssertClosedAsync(port, HelloFrame(Guid.Parse(TestGuestUuid), "mallory"));
         // The daemon may close a connection a moment before it writes the line saying why.
-        string[] expected = ["rejected peer connection from 127.0.0.1", "unknown frame type", "no guest", "sender 'mallory' is not a configured peer"];
+        string[] expected = ["rejected peer connection from 127.0.0.1", "unknown frame type", "no incoming migration of guest", "sender 'mallory' is not a configured peer"];
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
         while (DateTime.UtcNow < deadline && !expected.All(_b.Log.Contains))
             await Task.Delay(50);

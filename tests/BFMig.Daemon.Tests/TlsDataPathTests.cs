@@ -98,6 +98,7 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         });
         watcher.StartProcessing();
 
+        _b.AnnounceIncoming("test", "6695eb01-f6a4-8304-79aa-97f2502e193f");
         var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");
         using var destination = new IncomingQemu(destinationPath);
 

@@ -137,10 +137,25 @@ public sealed class CheckpointKeeper
 
     // ---- destination: the control exchange ----
 
-    /// <summary>Serves one control connection (its hello was peeked by the listener). Owns <paramref name="connection"/>.</summary>
+    /// <summary>Control exchanges served at once, at most: a real source sends one per trip.</summary>
+    public const int MaxServing = 4;
+
+    private int _serving;
+
+    /// <summary>
+    /// Serves one control connection (its hello was peeked by the listener). Owns <paramref name="connection"/>.
+    /// Beyond <see cref="MaxServing"/> at once, a connection is closed at once.
+    /// </summary>
     public async Task ServeAsync(Socket connection)
     {
         var remote = connection.RemoteEndPoint?.ToString() ?? "?";
+        if (Interlocked.Increment(ref _serving) > MaxServing)
+        {
+            Interlocked.Decrement(ref _serving);
+            connection.Dispose();
+            DaemonLog.CheckpointsRefused(_logger, remote, $"{MaxServing} checkpoint exchanges already running");
+            return;
+        }
         try
         {
             using (connection)
@@ -154,6 +169,10 @@ public sealed class CheckpointKeeper
             or SocketException or IOException or TimeoutException or OperationCanceledException or UnauthorizedAccessException)
         {
             DaemonLog.CheckpointsRefused(_logger, remote, e.Message);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _serving);
         }
     }
 

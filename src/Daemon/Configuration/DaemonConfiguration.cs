@@ -90,6 +90,7 @@ public static class DaemonConfiguration
             TlsCaCertificate = s.Path("auth:tls_ca", "/etc/pki/CA/cacert.pem"),
             TlsClientCertificate = s.Path("auth:tls_client_cert", "/etc/pki/libvirt/clientcert.pem"),
             TlsClientKey = s.Path("auth:tls_client_key", "/etc/pki/libvirt/private/clientkey.pem"),
+            TlsCrl = s.Path("auth:tls_crl", "/etc/pki/CA/cacrl.pem"),
             TlsVerifyPeerName = s.Boolean("auth:tls_verify_peer_name", true),
             Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
             BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),

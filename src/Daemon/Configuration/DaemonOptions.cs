@@ -59,7 +59,17 @@ public sealed record DaemonOptions
     /// <summary>The key of <see cref="TlsClientCertificate"/>.</summary>
     public string TlsClientKey { get; init; } = "/etc/pki/libvirt/private/clientkey.pem";
 
-    /// <summary>When connecting, require the peer's certificate to name the peer's configured address (as libvirt's qemu+tls:// client does).</summary>
+    /// <summary>
+    /// The CA's certificate revocation list; used when the file exists (libvirt's default place).
+    /// A peer whose certificate is on it is refused in both directions.
+    /// </summary>
+    public string TlsCrl { get; init; } = "/etc/pki/CA/cacrl.pem";
+
+    /// <summary>
+    /// Require the peer's certificate to name it: when connecting, the peer's configured address
+    /// (as libvirt's qemu+tls:// client does); when accepting, the configured address or the
+    /// <c>[peers:NAME]</c> name of the peer the sender claims to be.
+    /// </summary>
     public bool TlsVerifyPeerName { get; init; } = true;
     public required CompressionChoice Compression { get; init; }
     public required int BufferMiB { get; init; }

@@ -24,7 +24,16 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
     /// <summary>How long a <c>migrate begin</c> lets a following prepare/start through.</summary>
     public static readonly TimeSpan IncomingWindow = TimeSpan.FromMinutes(2);
 
+    /// <summary>
+    /// How long after the hook announced an incoming migration (<c>migrate begin</c> or
+    /// <c>prepare begin</c>) the peer port takes a first stream of that guest. Streams that
+    /// connect later in a long trip (the memory stream after a long disk mirror) are let in by the
+    /// trip's running streams instead (<see cref="Transfers.TransferManager.IsReceiving"/>).
+    /// </summary>
+    public static readonly TimeSpan StreamWindow = TimeSpan.FromMinutes(5);
+
     private readonly ConcurrentDictionary<string, DateTimeOffset> _incoming = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<Guid, DateTimeOffset> _expectedStreams = new();
 
     /// <summary>Raised when the hook announces an incoming migration (guest name).</summary>
     public event Action<string>? IncomingMigrationAnnounced;
@@ -37,12 +46,22 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
         {
             case "migrate" when subOperation == "begin":
                 _incoming[key] = time.GetUtcNow();
+                ExpectStreams(key);
                 IncomingMigrationAnnounced?.Invoke(guest);
                 return HookDecision.Allowed;
             case "prepare" or "start" when subOperation == "begin":
-                return CheckStart(guest, key, operation);
-            case "started" or "release" or "stopped":
+                var decision = CheckStart(guest, key, operation);
+                if (decision.Allow && operation == "prepare")
+                    ExpectStreams(key);
+                return decision;
+            case "started":
+                // The incoming QEMU runs (paused): its streams connect only now, so they stay expected.
                 _incoming.TryRemove(key, out _);
+                return HookDecision.Allowed;
+            case "release" or "stopped":
+                _incoming.TryRemove(key, out _);
+                if (Guid.TryParse(key, out var gone))
+                    _expectedStreams.TryRemove(gone, out _);
                 return HookDecision.Allowed;
             default:
                 return HookDecision.Allowed;
@@ -52,6 +71,19 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
     /// <summary>True while an incoming migration of the guest (UUID or name) is announced and not over.</summary>
     public bool IsIncoming(string key) =>
         _incoming.TryGetValue(key, out var since) && time.GetUtcNow() - since <= IncomingWindow;
+
+    /// <summary>
+    /// True while this host's own hook announced an incoming migration of the guest within
+    /// <see cref="StreamWindow"/>: only then does the peer port hand a stream of it to a helper.
+    /// </summary>
+    public bool ExpectsStreams(Guid uuid) =>
+        _expectedStreams.TryGetValue(uuid, out var since) && time.GetUtcNow() - since <= StreamWindow;
+
+    private void ExpectStreams(string key)
+    {
+        if (Guid.TryParse(key, out var uuid))
+            _expectedStreams[uuid] = time.GetUtcNow();
+    }
 
     private HookDecision CheckStart(string guest, string key, string operation)
     {

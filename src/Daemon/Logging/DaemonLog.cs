@@ -93,6 +93,12 @@ internal static partial class DaemonLog
     [LoggerMessage(51, LogLevel.Warning, "rejected peer connection from {Remote}: {Reason}")]
     public static partial void PeerRejected(ILogger logger, string remote, string reason);
 
+    [LoggerMessage(52, LogLevel.Warning, "{Count} more peer connections were rejected without a line each (at most {Burst} lines per {WindowSeconds} s)")]
+    public static partial void PeerRejectionsSuppressed(ILogger logger, long count, int burst, int windowSeconds);
+
+    [LoggerMessage(53, LogLevel.Warning, "receiving helper of transfer {Id} (guest {Guest}) killed: its peer did not authenticate within {Seconds} s")]
+    public static partial void HandshakeExpired(ILogger logger, int id, string guest, int seconds);
+
     // 60-69: state
     [LoggerMessage(60, LogLevel.Information, "guest {Guest} ({Uuid}) is now {Location}{PeerText}")]
     public static partial void LocationRecorded(ILogger logger, string guest, string uuid, string location, string peerText);

@@ -1,3 +1,4 @@
+using BFMig.Native.Systemd;
 using Microsoft.Extensions.Logging;
 using Serilog;
 using Serilog.Core;
@@ -36,7 +37,8 @@ public static class DaemonLogging
         var journal = underJournal ?? Environment.GetEnvironmentVariable("JOURNAL_STREAM") is { Length: > 0 };
         var config = new LoggerConfiguration()
             .MinimumLevel.Is(ParseLevel(level))
-            .Enrich.With(new SyslogPrefixEnricher(journal));
+            .Enrich.With(new SyslogPrefixEnricher(journal))
+            .Enrich.With(new EscapingEnricher());
         var template = journal ? JournalTemplate : Template;
         var serilog = output is null
             ? config.WriteTo.Console(outputTemplate: template, formatProvider: System.Globalization.CultureInfo.InvariantCulture).CreateLogger()
@@ -61,6 +63,29 @@ public static class DaemonLogging
 
         public void Enrich(LogEvent logEvent, ILogEventPropertyFactory propertyFactory) =>
             logEvent.AddPropertyIfAbsent(journal ? Prefixes[(int)logEvent.Level] : None);
+    }
+
+    /// <summary>
+    /// Escapes every string value of every event (<see cref="LogText.Escape"/>): peer names, abort
+    /// reasons, guest names and helper messages reach the log through many messages, and one rule
+    /// here covers them all, including those added later. The message templates are ours and stay as they are.
+    /// </summary>
+    private sealed class EscapingEnricher : ILogEventEnricher
+    {
+        public void Enrich(LogEvent logEvent, ILogEventPropertyFactory propertyFactory)
+        {
+            List<LogEventProperty>? changed = null;
+            foreach (var (name, value) in logEvent.Properties)
+            {
+                if (value is ScalarValue { Value: string text } && LogText.Escape(text) is var escaped && !ReferenceEquals(escaped, text))
+                    (changed ??= []).Add(new LogEventProperty(name, new ScalarValue(escaped)));
+            }
+            if (changed is not null)
+            {
+                foreach (var property in changed)
+                    logEvent.AddOrUpdateProperty(property);
+            }
+        }
     }
 
     /// <summary>Writes formatted events to a given writer (tests, or a redirected stdout).</summary>

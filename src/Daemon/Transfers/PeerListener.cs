@@ -1,5 +1,6 @@
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using BFMig.Daemon.Logging;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
@@ -22,21 +23,37 @@ public sealed class PeerListener : IDisposable
 {
     /// <summary>Largest hello frame: header + 89 fixed bytes + a 255-byte sender name (a route frame is smaller).</summary>
     private const int MaxHelloFrame = FrameCodec.HeaderLength + 89 + 255;
-    private static readonly TimeSpan HelloTimeout = TimeSpan.FromSeconds(15);
+
+    /// <summary>A real sender writes its hello or route right after connecting: a few seconds is generous.</summary>
+    public static readonly TimeSpan HelloTimeout = TimeSpan.FromSeconds(5);
+
+    /// <summary>Connections still waiting for their first frame, in total.</summary>
+    public const int MaxPendingHellos = 32;
+
+    /// <summary>
+    /// Connections still waiting for their first frame, per source address: one host cannot take
+    /// all <see cref="MaxPendingHellos"/> (a real peer opens one memory and a few disk streams at a time).
+    /// </summary>
+    public const int MaxPendingPerSource = 4;
 
     private readonly Socket _socket;
     private readonly Func<RouteRequest, PeerRoute> _route;
     private readonly Action<RouteRequest, string, Socket> _accept;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
-    private readonly SemaphoreSlim _pendingHellos = new(32);
+    private readonly Lock _gate = new();
+    private readonly Dictionary<IPAddress, int> _pendingBySource = [];
+    private readonly LogRateLimiter _rejections;
+    private int _pending;
 
     /// <summary>
     /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
     /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
     /// </summary>
-    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Action<RouteRequest, string, Socket> accept, ILogger logger)
+    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Action<RouteRequest, string, Socket> accept, ILogger logger,
+        LogRateLimiter rejections)
     {
+        _rejections = rejections;
         _route = route;
         _accept = accept;
         _logger = logger;
@@ -79,11 +96,12 @@ public sealed class PeerListener : IDisposable
 
     private async Task HandleAsync(Socket connection)
     {
-        var remote = connection.RemoteEndPoint?.ToString() ?? "?";
-        // A peer that connects and sends nothing must not pin resources: few pending hellos, each with a deadline.
-        if (!await _pendingHellos.WaitAsync(0).ConfigureAwait(false))
+        var remote = connection.RemoteEndPoint as IPEndPoint;
+        var remoteText = remote?.ToString() ?? "?";
+        // A peer that connects and sends nothing must not pin resources: few pending hellos, few per address, each with a deadline.
+        if (TryEnterPending(remote?.Address) is { } full)
         {
-            DaemonLog.PeerRejected(_logger, remote, "too many connections waiting for their hello");
+            Reject(remoteText, full);
             connection.Dispose();
             return;
         }
@@ -96,14 +114,14 @@ public sealed class PeerListener : IDisposable
             }
             catch (Exception e) when (e is PeerProtocolException or TimeoutException or SocketException or OperationCanceledException)
             {
-                DaemonLog.PeerRejected(_logger, remote, e.Message);
+                Reject(remoteText, e.Message);
                 connection.Dispose();
                 return;
             }
             var route = _route(hello);
             if (route.GuestName is null)
             {
-                DaemonLog.PeerRejected(_logger, remote, route.Reason);
+                Reject(remoteText, route.Reason);
                 connection.Dispose();
                 return;
             }
@@ -111,13 +129,53 @@ public sealed class PeerListener : IDisposable
         }
         catch (Exception e)
         {
-            DaemonLog.PeerRejected(_logger, remote, e.Message);
+            Reject(remoteText, e.Message);
             connection.Dispose();
         }
         finally
         {
-            _pendingHellos.Release();
+            LeavePending(remote?.Address);
         }
+    }
+
+    // Null when the connection may wait for its hello, else why not.
+    private string? TryEnterPending(IPAddress? source)
+    {
+        lock (_gate)
+        {
+            if (_pending >= MaxPendingHellos)
+                return $"too many connections waiting for their hello ({MaxPendingHellos})";
+            int fromSource = source is null ? 0 : _pendingBySource.GetValueOrDefault(source);
+            if (fromSource >= MaxPendingPerSource)
+                return $"too many connections from this address waiting for their hello ({MaxPendingPerSource})";
+            _pending++;
+            if (source is not null)
+                _pendingBySource[source] = fromSource + 1;
+            return null;
+        }
+    }
+
+    private void LeavePending(IPAddress? source)
+    {
+        lock (_gate)
+        {
+            _pending--;
+            if (source is not null && --CollectionsMarshal.GetValueRefOrNullRef(_pendingBySource, source) == 0)
+                _pendingBySource.Remove(source);
+        }
+    }
+
+    /// <summary>Logs one refusal, within the rate limit shared by all of the peer port's refusals.</summary>
+    private void Reject(string remote, string reason) => LogRejection(_logger, _rejections, remote, reason);
+
+    /// <summary>Logs a refused peer connection unless the limiter holds it back; reports what it held back first.</summary>
+    public static void LogRejection(ILogger logger, LogRateLimiter limiter, string remote, string reason)
+    {
+        if (!limiter.TryAcquire(out var suppressed))
+            return;
+        if (suppressed > 0)
+            DaemonLog.PeerRejectionsSuppressed(logger, suppressed, limiter.Burst, (int)limiter.Window.TotalSeconds);
+        DaemonLog.PeerRejected(logger, remote, reason);
     }
 
     /// <summary>

@@ -56,6 +56,16 @@ public sealed class TransferManager
 {
     private const int HelperFd = 3;
     private const int ProgressFd = 4;
+
+    /// <summary>
+    /// Receiving helpers whose peer has not authenticated yet, at most. They do not hold transfer
+    /// slots (<c>transfer:max_concurrent</c>), so connections that never authenticate cannot keep real
+    /// transfers out; this small pool and <see cref="HandshakeDeadline"/> bound what they cost.
+    /// </summary>
+    public const int HandshakeSlots = 4;
+
+    /// <summary>A receiving helper whose peer has not authenticated by then is killed.</summary>
+    public static readonly TimeSpan HandshakeDeadline = TimeSpan.FromSeconds(10);
     private readonly DaemonOptions _options;
     private readonly string _helper;
     private readonly string _statsDirectory;
@@ -69,8 +79,12 @@ public sealed class TransferManager
     private int _nextId;
     private bool _closed;
 
-    public TransferManager(DaemonOptions options, string helper, string statsDirectory, ILogger logger)
+    private readonly Action<string, string>? _logRefusal;
+
+    /// <summary>Runs helpers of <paramref name="helper"/>; <paramref name="logRefusal"/> logs a refused or unauthenticated incoming stream (remote, reason) within the peer port's rate limit (null: one line each).</summary>
+    public TransferManager(DaemonOptions options, string helper, string statsDirectory, ILogger logger, Action<string, string>? logRefusal = null)
     {
+        _logRefusal = logRefusal;
         _options = options;
         _helper = helper;
         _statsDirectory = statsDirectory;
@@ -94,6 +108,13 @@ public sealed class TransferManager
             lock (_gate)
                 return _running.Count;
         }
+    }
+
+    /// <summary>True while an authenticated incoming stream of the guest runs (its trip's later streams are expected too).</summary>
+    public bool IsReceiving(Guid uuid)
+    {
+        lock (_gate)
+            return _running.Values.Any(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated);
     }
 
     /// <summary>True while any stream of the guest runs.</summary>
@@ -137,6 +158,7 @@ public sealed class TransferManager
             args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
             if (_options.TlsVerifyPeerName)
                 args.AddRange(["--tls-peer-name", peer.Host]);
+            args.AddRange(CrlArguments());
         }
         if (targetPort != 0)
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
@@ -154,14 +176,22 @@ public sealed class TransferManager
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", local,
-            "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
+            "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName, "--peer-name", peerName,
         };
         if (_options.AuthMode == PeerAuthMode.Tls)
+        {
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
+            // The route named a configured peer (the listener checked): its client certificate must name that peer, not just any host of the CA.
+            if (_options.TlsVerifyPeerName && _options.Peers.FirstOrDefault(p => p.Name == peerName) is { } claimed)
+                args.AddRange(["--tls-peer-name", claimed.Host == claimed.Name ? claimed.Host : $"{claimed.Host},{claimed.Name}"]);
+            args.AddRange(CrlArguments());
+        }
         if (routeFirst)
             args.Add("--route-first");
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
+
+    private IEnumerable<string> CrlArguments() => File.Exists(_options.TlsCrl) ? ["--tls-crl", _options.TlsCrl] : [];
 
     /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
     public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>
@@ -175,12 +205,18 @@ public sealed class TransferManager
             int id;
             lock (_gate)
             {
+                int transfers = _running.Values.Count(r => r.Authenticated);
                 string? refusal = _closed ? "the daemon is stopping"
-                    : _running.Count >= _options.MaxTransfers ? $"{_running.Count} transfers already running (transfer:max_concurrent = {_options.MaxTransfers})"
+                    : transfers >= _options.MaxTransfers ? $"{transfers} transfers already running (transfer:max_concurrent = {_options.MaxTransfers})"
+                    : direction == TransferDirection.Receive && _running.Count - transfers >= HandshakeSlots
+                        ? $"{HandshakeSlots} incoming streams are still authenticating"
                     : null;
                 if (refusal is not null)
                 {
-                    DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
+                    if (direction == TransferDirection.Receive && _logRefusal is { } log)
+                        log(socket.RemoteEndPoint?.ToString() ?? "?", $"{KindArg(kind)} stream of guest {guest} refused: {refusal}");
+                    else
+                        DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
                     return false;
                 }
                 id = ++_nextId;
@@ -214,14 +250,12 @@ public sealed class TransferManager
                 var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks);
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
-                var key = (uuid, direction);
-                if (!_trips.TryGetValue(key, out var trip))
-                    _trips[key] = trip = new Trip();
-                trip.Active++;
+                // A sending helper was started for the local QEMU: it is a transfer from the start. A receiving
+                // one becomes one when its peer has authenticated (until then its claimed name is not recorded).
                 if (direction == TransferDirection.Send)
-                    _lastOutgoingPeer[uuid] = peer;
+                    JoinTrip(running);
                 else
-                    _lastIncomingPeer[uuid] = peer;
+                    _ = ExpireHandshakeAsync(running);
                 DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
                 var watcher = WatchAsync(running);
                 _watchers.Add(watcher);
@@ -235,6 +269,52 @@ public sealed class TransferManager
         }
     }
 
+    // Under _gate.
+    private void JoinTrip(Running running)
+    {
+        running.Authenticated = true;
+        var key = (running.Uuid, running.Direction);
+        if (!_trips.TryGetValue(key, out var trip))
+            _trips[key] = trip = new Trip();
+        trip.Active++;
+        if (running.Direction == TransferDirection.Send)
+            _lastOutgoingPeer[running.Uuid] = running.Peer;
+        else
+            _lastIncomingPeer[running.Uuid] = running.Peer;
+    }
+
+    /// <summary>The receiving helper reported that its peer authenticated: it takes a transfer slot now, or is stopped when none is free.</summary>
+    private void OnAuthenticated(Running running)
+    {
+        bool refused;
+        lock (_gate)
+        {
+            if (running.Authenticated || !_running.ContainsKey(running.Id))
+                return;
+            refused = _closed || _running.Values.Count(r => r.Authenticated) >= _options.MaxTransfers;
+            if (!refused)
+                JoinTrip(running);
+        }
+        if (refused)
+        {
+            DaemonLog.TransferRefused(_logger, KindArg(running.Kind), running.Guest,
+                $"no transfer slot free once its peer authenticated (transfer:max_concurrent = {_options.MaxTransfers})");
+            running.Child.Signal(15);
+        }
+    }
+
+    private async Task ExpireHandshakeAsync(Running running)
+    {
+        await Task.WhenAny(running.Child.Exited, Task.Delay(HandshakeDeadline)).ConfigureAwait(false);
+        lock (_gate)
+        {
+            if (running.Authenticated || running.Child.Exited.IsCompleted)
+                return;
+        }
+        DaemonLog.HandshakeExpired(_logger, running.Id, running.Guest, (int)HandshakeDeadline.TotalSeconds);
+        running.Child.Signal(9);
+    }
+
     private async Task ReadProgressAsync(Running running, AnonymousPipeServerStream pipe)
     {
         using var reader = new StreamReader(pipe);
@@ -245,6 +325,12 @@ public sealed class TransferManager
             {
                 if (line.Length > 4096 || TransferProgress.TryParse(line) is not { } report)
                     continue;
+                if (!running.Authenticated)
+                {
+                    if (!report.Authenticated)
+                        continue;
+                    OnAuthenticated(running);
+                }
                 var stream = running.Kind == StreamKind.Mig ? StreamName(running.Kind)
                     : running.Disks.FirstOrDefault(d => report.Export is { } e && d.ExportNames.Contains(e))?.Target ?? StreamName(running.Kind);
                 var progress = new StreamProgress(running.Guest, running.Uuid, running.Peer, stream, running.Direction, report);
@@ -272,6 +358,18 @@ public sealed class TransferManager
         await Task.WhenAny(running.ProgressDone, Task.Delay(TimeSpan.FromSeconds(2))).ConfigureAwait(false);
         var stats = ReadStats(running.StatsPath);
         var error = code == 0 ? null : stats?.Error ?? $"exited with code {code} without writing statistics";
+        bool joined;
+        lock (_gate)
+            joined = running.Authenticated;
+        if (!joined)
+        {
+            // Its peer never proved who it is: not a stream of any trip, only a refused connection.
+            lock (_gate)
+                _running.Remove(running.Id);
+            TryDelete(running.StatsPath);
+            _logRefusal?.Invoke($"transfer {running.Id}", $"{KindArg(running.Kind)} stream of guest {running.Guest} ended before its peer authenticated: {error ?? "closed"}");
+            return;
+        }
         var outcome = new TransferOutcome(running.Guest, running.Uuid, running.Peer, StreamName(running.Kind), running.Direction, code, error, stats);
         if (code == 0)
         {
@@ -383,6 +481,9 @@ public sealed class TransferManager
         IReadOnlyList<DomainDisk> Disks)
     {
         public Task ProgressDone { get; set; } = Task.CompletedTask;
+
+        /// <summary>Holds a transfer slot and belongs to its trip (always for a send; for a receive once its peer authenticated). Under the manager's gate.</summary>
+        public bool Authenticated { get; set; }
     }
 
     private sealed class Trip

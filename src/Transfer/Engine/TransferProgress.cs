@@ -16,6 +16,12 @@ namespace BFMig.Transfer.Engine;
 /// <param name="Final">True on the last report of the stream.</param>
 public sealed record TransferProgress(string Role, string Kind, long LocalBytes, long WireBytesOut, long WireBytesIn, string? Export, bool Final)
 {
+    /// <summary>
+    /// Receiver: the sender has authenticated. Until a report says so the daemon holds the
+    /// helper in a small pool of handshake slots with a deadline, not in a transfer slot.
+    /// </summary>
+    public bool Authenticated { get; init; }
+
     /// <summary>Bytes this stream moved over the wire in its forward direction.</summary>
     [JsonIgnore]
     public long WireBytes => Role == "send" ? WireBytesOut : WireBytesIn;

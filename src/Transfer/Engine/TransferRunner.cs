@@ -15,7 +15,7 @@ public sealed class TransferOptions
     /// <summary>Root of the stores (a guest's store is <c>ROOT/UUID</c>); null runs without a store.</summary>
     public string? StoreRoot { get; init; } = MemoryStore.DefaultRoot;
     public Guid Guest { get; init; }
-    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: unused (the hello names the sender).</summary>
+    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: when set, the only sender whose hello it accepts.</summary>
     public string PeerName { get; init; } = "";
     /// <summary>This host's name, sent in the hello.</summary>
     public string LocalName { get; init; } = Environment.MachineName;
@@ -83,9 +83,16 @@ public static class TransferRunner
             }
         }
         var raw = new NetworkStream(peer, ownsSocket: true);
-        if (o.Authenticator.HidesHello || o.TargetPort != 0)
-            await new RouteRequest(o.Kind, o.Guest, o.LocalName) { TargetPort = o.TargetPort }.WriteAsync(raw, ct);
-        await using var transport = await o.Authenticator.SecureAsync(raw, isInitiator: true, o.PeerName, ct);
+        Stream secured;
+        using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        {
+            // A receiver that accepts the connection but never finishes TLS must not hold this stream (and the source QEMU) forever.
+            hs.CancelAfter(o.HandshakeTimeout);
+            if (o.Authenticator.HidesHello || o.TargetPort != 0)
+                await new RouteRequest(o.Kind, o.Guest, o.LocalName) { TargetPort = o.TargetPort }.WriteAsync(raw, hs.Token);
+            secured = await SecureWithinAsync(raw, isInitiator: true, o.PeerName, o, hs, ct);
+        }
+        await using var transport = secured;
         using var reader = new FrameReader(transport, o.IdleTimeout);
         using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
         await using var progress = ProgressReporter.Start(o, stats, writer, reader);
@@ -165,7 +172,14 @@ public static class TransferRunner
             if (route.Guest != o.Guest || route.Kind != o.Kind)
                 throw new PeerProtocolException($"route names a {route.Kind} stream of guest {route.Guest}, this receiver takes a {o.Kind} stream of {o.Guest}");
         }
-        await using var transport = await o.Authenticator.SecureAsync(raw, isInitiator: false, "", ct);
+        Stream secured;
+        using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        {
+            // An unauthenticated client that starts TLS and stalls must not keep this helper (a handshake slot) past the deadline.
+            hs.CancelAfter(o.HandshakeTimeout);
+            secured = await SecureWithinAsync(raw, isInitiator: false, "", o, hs, ct);
+        }
+        await using var transport = secured;
         using var reader = new FrameReader(transport, o.IdleTimeout);
         using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
         await using var progress = ProgressReporter.Start(o, stats, writer, reader);
@@ -176,9 +190,13 @@ public static class TransferRunner
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
                 hs.CancelAfter(o.HandshakeTimeout);
-                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, ref store), hs.Token), o);
+                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o), hs.Token), o);
             }
             if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
+            // The sender has proved itself: only now is the store opened and locked, and the daemon told (it then counts this stream as a transfer).
+            store = OpenAnsweredStore(hello, decision, o);
+            stats.Authenticated = true;
+            progress?.ReportNow();
             var opened = await connectLocal(ct);
             await using var local = new LocalConnection(new CountingStream(opened.Stream, stats, countReads: false), opened.Socket);
             if (o.Kind == StreamKind.Nbd && decision.HasStore)
@@ -216,28 +234,75 @@ public static class TransferRunner
         return stats;
     }
 
-    private static HelloDecision Decide(Hello h, TransferOptions o, ref MemoryStore? store)
+    /// <summary>
+    /// Answers a hello from what the store says, without opening or locking it: in PSK mode the
+    /// sender has not proved anything yet, and a forged hello must not hold the guest's store.
+    /// </summary>
+    private static HelloDecision Decide(Hello h, TransferOptions o)
     {
         var none = new byte[16];
         if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
         if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
+        if (o.PeerName.Length > 0 && h.SenderName != o.PeerName)
+            return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a stream from {o.PeerName}, not from the sender the hello names");
         if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
         if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
+        StoreState? s;
         try
         {
-            store = MemoryStore.Open(o.StoreRoot, o.Guest);
-            store.PacedWriteback = true;
+            s = MemoryStore.PeekState(o.StoreRoot, o.Guest);
         }
         catch (StoreException e)
         {
             Console.Error.WriteLine($"bfmig-transfer: receiving without store: {e.Message}");
             return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         }
-        var s = store.State;
+        if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");
         var digest = DigestBytes(s.Digest);
         bool match = s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
         return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
+    }
+
+    /// <summary>
+    /// Opens the memory store the reply promised, once the sender is authenticated. If it changed
+    /// since the answer (another trip of the same guest got there first), the stream is given up:
+    /// the sender would elide against content this host no longer holds.
+    /// </summary>
+    private static MemoryStore? OpenAnsweredStore(Hello hello, HelloDecision decision, TransferOptions o)
+    {
+        if (o.Kind != StreamKind.Mig || !decision.HasStore || !hello.WantsStore || o.StoreRoot is null)
+            return null;
+        MemoryStore store;
+        try
+        {
+            store = MemoryStore.Open(o.StoreRoot, o.Guest);
+        }
+        catch (StoreException e)
+        {
+            throw new PeerProtocolException($"the memory store promised in the hello reply cannot be opened now: {e.Message}", e);
+        }
+        if (decision.Status == HelloStatus.Match
+            && (store.State.Generation != decision.Generation || !DigestBytes(store.State.Digest).AsSpan().SequenceEqual(decision.Digest)))
+        {
+            store.Dispose();
+            throw new PeerProtocolException($"the memory store changed during the handshake (generation {decision.Generation} answered, {store.State.Generation} now)");
+        }
+        store.PacedWriteback = true;
+        return store;
+    }
+
+    private static async Task<Stream> SecureWithinAsync(Stream raw, bool isInitiator, string peerName, TransferOptions o, CancellationTokenSource hs, CancellationToken ct)
+    {
+        try
+        {
+            return await o.Authenticator.SecureAsync(raw, isInitiator, peerName, hs.Token);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            await raw.DisposeAsync();
+            throw new PeerProtocolException($"no authenticated connection within {o.HandshakeTimeout.TotalSeconds:F0} s (the peer did not complete the {(o.Authenticator.HidesHello ? "TLS" : "")} handshake)");
+        }
     }
 
     // With TLS 1.3 a side learns that the other rejected its certificate only when the
@@ -327,7 +392,13 @@ internal sealed class ProgressReporter : IAsyncDisposable
 
     // Counters are read while the stream's threads update them: a report may be a moment behind, never wrong in kind.
     private void Report(bool final) =>
-        _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final));
+        _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
+        {
+            Authenticated = _stats.Authenticated,
+        });
+
+    /// <summary>Reports now, out of turn (the peer just authenticated: the daemon waits for that).</summary>
+    public void ReportNow() => Report(final: false);
 
     public async ValueTask DisposeAsync()
     {

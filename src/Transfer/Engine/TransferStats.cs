@@ -17,6 +17,8 @@ public sealed class TransferStats
     public long LocalBytes { get; set; }
     /// <summary>Kind nbd: the export the NBD client opened.</summary>
     public string? Export { get; set; }
+    /// <summary>Receiver: the sender proved who it is (TLS client certificate, or the PSK proof in its auth frame).</summary>
+    public bool Authenticated { get; set; }
     public long WireBytesOut { get; set; }
     public long WireBytesIn { get; set; }
     public long PagesElided { get; set; }

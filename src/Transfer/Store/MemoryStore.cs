@@ -124,6 +124,25 @@ public sealed class MemoryStore : IDisposable
         }
     }
 
+    /// <summary>
+    /// The store's state as its file says now, without creating, locking or recovering anything
+    /// (null when the guest has no store yet): enough to answer a hello.
+    /// </summary>
+    /// <exception cref="StoreException">the state file is unreadable.</exception>
+    public static StoreState? PeekState(string root, Guid guest)
+    {
+        string mem = Path.Combine(root, guest.ToString("D"), "mem");
+        try
+        {
+            // An interrupted trip's store is rehashed on open with generation 0: it can match nothing.
+            return File.Exists(Path.Combine(mem, InfluxName)) ? null : ReadState(mem);
+        }
+        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        {
+            throw new StoreException($"memory store {mem} unreadable: {e.Message}", e);
+        }
+    }
+
     /// <summary>XxHash128 of a page under <paramref name="seed"/>; 0 is reserved for "unknown".</summary>
     public static UInt128 HashPage(ReadOnlySpan<byte> page, ulong seed)
     {

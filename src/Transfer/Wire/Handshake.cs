@@ -97,7 +97,7 @@ public static class Handshake
         return b.Length > 1024 ? b[..1024] : b;
     }
 
-    /// <summary>Decodes an abort reason.</summary>
+    /// <summary>Decodes an abort reason, escaped: the peer chose it, and it ends up in logs and error messages.</summary>
     public static string AbortReason(ReadOnlySpan<byte> payload) =>
-        System.Text.Encoding.UTF8.GetString(payload.Length > 1024 ? payload[..1024] : payload);
+        BFMig.Native.Systemd.LogText.Escape(System.Text.Encoding.UTF8.GetString(payload.Length > 1024 ? payload[..1024] : payload));
 }

@@ -43,12 +43,30 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
         _key = key.ToArray();
     }
 
-    /// <summary>Reads a key file (its bytes, with a trailing newline trimmed).</summary>
+    /// <summary>
+    /// Reads a key file (its bytes, with a trailing newline trimmed). Refuses a file that group or
+    /// others may read or write (<see cref="PeerAuthenticationException"/> saying how to fix it):
+    /// whoever reads the key can pose as any peer.
+    /// </summary>
     public static PskPeerAuthenticator FromFile(string path)
     {
+        if (UnsafeModeProblem(path) is { } problem)
+            throw new PeerAuthenticationException(problem);
         var bytes = File.ReadAllBytes(path).AsSpan();
         while (bytes.Length > 0 && bytes[^1] is (byte)'\n' or (byte)'\r') bytes = bytes[..^1];
         return new PskPeerAuthenticator(bytes);
+    }
+
+    /// <summary>Why the key file's mode is unsafe (group or other bits set), null when it is 0600 or stricter.</summary>
+    public static string? UnsafeModeProblem(string path)
+    {
+        const UnixFileMode groupOrOther = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute
+            | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
+        if (OperatingSystem.IsWindows())
+            return null;
+        var mode = File.GetUnixFileMode(path);
+        return (mode & groupOrOther) == 0 ? null
+            : $"pre-shared key {path} has mode {Convert.ToString((int)mode, 8).PadLeft(4, '0')}: group or others may read it; run `chmod 0600 {path}` (a key others can read lets them pose as any peer)";
     }
 
     public ValueTask<Stream> SecureAsync(Stream transport, bool isInitiator, string peerName, CancellationToken ct) => ValueTask.FromResult(transport);
@@ -76,32 +94,43 @@ public sealed class NoPeerAuthenticator : IPeerAuthenticator
 /// <summary>
 /// Mutual TLS with X.509 host certificates (libvirt's <c>/etc/pki/libvirt/</c> and
 /// <c>/etc/pki/CA/cacert.pem</c>): both sides present a certificate that must chain to the given
-/// CA(s) and be valid now; with an expected peer name, the peer's certificate must also name it
-/// (subject alternative name or common name, as libvirt checks its servers). A rejected peer
-/// fails with <see cref="PeerAuthenticationException"/> saying why, before any stream data moves.
+/// CA(s) and be valid now; with expected peer names, the peer's certificate must also name one of
+/// them (subject alternative name or common name, as libvirt checks its servers): the sender the
+/// receiver's name, the receiver the configured peer the sender claims to be. The certificate must
+/// be meant for its role (extended key usage serverAuth for a receiver, clientAuth for a sender,
+/// when it lists any) and must not be on the CA's revocation list, when one is given. A rejected
+/// peer fails with <see cref="PeerAuthenticationException"/> saying why, before any stream data moves.
 /// </summary>
 public sealed class TlsPeerAuthenticator : IPeerAuthenticator
 {
     private readonly X509Certificate2 _certificate;
     private readonly X509Certificate2Collection _trust;
+    private readonly string[] _expectedPeerNames;
     private readonly string? _expectedPeerName;
+    private readonly RevocationList? _revoked;
 
     /// <param name="certificate">This host's certificate, with its private key.</param>
     /// <param name="trustedCa">The CA certificate(s) a peer's certificate must chain to.</param>
-    /// <param name="expectedPeerName">Host name or address the peer's certificate must name; null accepts any certificate of the CA.</param>
-    public TlsPeerAuthenticator(X509Certificate2 certificate, X509Certificate2Collection trustedCa, string? expectedPeerName = null)
+    /// <param name="expectedPeerName">
+    /// Host name(s) or address(es), comma-separated, of which the peer's certificate must name one;
+    /// null accepts any certificate of the CA. The first is the TLS server name a sender asks for.
+    /// </param>
+    /// <param name="revoked">The CA's revocation list, if it has one.</param>
+    public TlsPeerAuthenticator(X509Certificate2 certificate, X509Certificate2Collection trustedCa, string? expectedPeerName = null, RevocationList? revoked = null)
     {
         if (!certificate.HasPrivateKey) throw new ArgumentException("the certificate has no private key", nameof(certificate));
         _certificate = certificate;
         _trust = trustedCa;
-        _expectedPeerName = expectedPeerName;
+        _expectedPeerNames = expectedPeerName?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) ?? [];
+        _expectedPeerName = _expectedPeerNames.Length > 0 ? _expectedPeerNames[0] : null;
+        _revoked = revoked;
     }
 
     /// <summary>
     /// Loads PEM files: certificate, its key and the CA certificate(s). Throws
     /// <see cref="PeerAuthenticationException"/> naming the file that cannot be used.
     /// </summary>
-    public static TlsPeerAuthenticator FromPemFiles(string certPath, string keyPath, string caPath, string? expectedPeerName = null)
+    public static TlsPeerAuthenticator FromPemFiles(string certPath, string keyPath, string caPath, string? expectedPeerName = null, string? crlPath = null)
     {
         X509Certificate2 cert;
         try
@@ -122,7 +151,8 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
             throw new PeerAuthenticationException($"cannot load TLS CA certificate {caPath}: {e.Message}", e);
         }
         if (ca.Count == 0) throw new PeerAuthenticationException($"TLS CA file {caPath} holds no certificate");
-        return new TlsPeerAuthenticator(cert, ca, expectedPeerName);
+        var revoked = crlPath is null ? null : RevocationList.Load(crlPath, ca);
+        return new TlsPeerAuthenticator(cert, ca, expectedPeerName, revoked);
     }
 
     public int ProofLength => 0;
@@ -136,7 +166,7 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
         string? rejection = null;
         bool Validate(object sender, X509Certificate? certificate, X509Chain? chain, SslPolicyErrors errors)
         {
-            rejection = Check(certificate);
+            rejection = Check(certificate, isInitiator);
             return rejection is null;
         }
         var ssl = new SslStream(transport, leaveInnerStreamOpen: false, Validate);
@@ -174,14 +204,16 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
         return ssl;
     }
 
-    // Null when the peer's certificate is acceptable, else why not.
-    private string? Check(X509Certificate? certificate)
+    // Null when the peer's certificate is acceptable, else why not. The initiator checks a server's certificate, the other side a client's.
+    private string? Check(X509Certificate? certificate, bool isInitiator)
     {
         if (certificate is null) return "the peer presented no certificate";
         using var custom = new X509Chain();
         custom.ChainPolicy.TrustMode = X509ChainTrustMode.CustomRootTrust;
         custom.ChainPolicy.CustomTrustStore.AddRange(_trust);
         custom.ChainPolicy.RevocationMode = X509RevocationMode.NoCheck;
+        // Extended key usage: a certificate that lists usages must list the one of its role (one without the extension may serve both, as in libvirt).
+        custom.ChainPolicy.ApplicationPolicy.Add(new Oid(isInitiator ? "1.3.6.1.5.5.7.3.1" : "1.3.6.1.5.5.7.3.2"));
         using var leaf = X509CertificateLoader.LoadCertificate(certificate.GetRawCertData());
         if (!custom.Build(leaf))
         {
@@ -189,8 +221,10 @@ public sealed class TlsPeerAuthenticator : IPeerAuthenticator
             return $"certificate '{leaf.Subject}' (valid {leaf.NotBefore.ToUniversalTime():yyyy-MM-dd HH:mm} to {leaf.NotAfter.ToUniversalTime():yyyy-MM-dd HH:mm} UTC) " +
                 $"is not trusted by the CA file: {(status.Length > 0 ? status : "no valid chain")}";
         }
-        if (_expectedPeerName is { } name && !leaf.MatchesHostname(name, allowWildcards: true, allowCommonName: true))
-            return $"certificate '{leaf.Subject}' does not name {name}";
+        if (_expectedPeerNames.Length > 0 && !_expectedPeerNames.Any(n => leaf.MatchesHostname(n, allowWildcards: true, allowCommonName: true)))
+            return $"certificate '{leaf.Subject}' names none of {string.Join(", ", _expectedPeerNames)} (the {(isInitiator ? "receiver" : "configured peer the sender claims to be")})";
+        if (_revoked is not null && _revoked.IsRevoked(leaf))
+            return $"certificate '{leaf.Subject}' (serial {leaf.SerialNumber}) is revoked by the CA's revocation list";
         return null;
     }
 }

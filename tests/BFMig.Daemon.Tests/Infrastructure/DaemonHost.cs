@@ -116,6 +116,17 @@ public sealed class DaemonHost : IAsyncDisposable
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }
 
+    /// <summary>
+    /// What this host's hook tells the daemon when libvirt prepares an incoming migration of
+    /// <paramref name="uuid"/> (<c>migrate begin</c>): the peer port takes that guest's streams only after it.
+    /// </summary>
+    public void AnnounceIncoming(string guest, string uuid)
+    {
+        var decision = Daemon.HookEvent(guest, "migrate", "begin", "-", $"<domain><name>{guest}</name><uuid>{uuid}</uuid></domain>");
+        if (!decision.Allow)
+            throw new InvalidOperationException($"migrate begin refused: {decision.Message}");
+    }
+
     public async ValueTask DisposeAsync()
     {
         await Daemon.StopAsync("test finished");

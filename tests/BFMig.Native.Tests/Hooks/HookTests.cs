@@ -42,6 +42,30 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         $$"""{ "generation": 3, "digest": "ab", "seed": 1, "peer": "{{peer}}", "location": "{{location}}", "since": "2026-11-23T12:00:00+00:00", "snapshotComplete": true }""";
 
     [Fact]
+    public async Task A_bus_that_accepts_but_never_answers_costs_libvirt_at_most_the_deadline_and_the_local_guard_still_refuses()
+    {
+        // The socket accepts (the kernel completes the connection) and then says nothing: not even the SASL handshake.
+        string path = Path.Combine(_dir.FullName, "silent-bus");
+        using var silent = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+        silent.Bind(new System.Net.Sockets.UnixDomainSocketEndPoint(path));
+        silent.Listen(8);
+        var held = new List<System.Net.Sockets.Socket>();
+        _ = Task.Run(async () =>
+        {
+            while (true)
+                held.Add(await silent.AcceptAsync());
+        });
+        RecordLocation(State("away"));
+        var settings = Settings($"unix:path={path}", TimeSpan.FromSeconds(1));
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var (code, _, stderr) = await Task.Run(() => Run(settings, "g1", "prepare", "begin", "-")).WaitAsync(TimeSpan.FromSeconds(15));
+        clock.Stop();
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(3), $"the hook took {clock.Elapsed.TotalSeconds:F1} s with a 1 s deadline");
+        Assert.Equal(1, code);
+        Assert.Contains("hostB", stderr);
+    }
+
+    [Fact]
     public void Without_a_daemon_migrate_echoes_the_xml_and_other_ops_pass()
     {
         var settings = Settings(null);

@@ -1,0 +1,221 @@
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Daemon.Logging;
+using BFMig.Daemon.Tests.Infrastructure;
+using BFMig.Native.Systemd;
+using BFMig.Transfer.Wire;
+using Xunit.Abstractions;
+
+namespace BFMig.Daemon.Tests;
+
+/// <summary>
+/// The peer port under attack (issue 12, findings 1 and 6): two real daemons on loopback, and a
+/// hostile client on another loopback address (127.0.0.2) that knows the peer names and the
+/// guest's UUID (both travel in clear) but not the key.
+/// </summary>
+public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
+{
+    private const string TestGuestUuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+    private static readonly IPAddress Attacker = IPAddress.Parse("127.0.0.2");
+    private readonly PrivateBus _busA = new();
+    private readonly PrivateBus _busB = new();
+    private readonly List<Socket> _held = [];
+    private DaemonHost _a = null!;
+    private DaemonHost _b = null!;
+
+    public Task InitializeAsync()
+    {
+        _b = DaemonHost.Start(_busB, DaemonHost.Ini("hostb", "hosta", 9));
+        _a = DaemonHost.Start(_busA, DaemonHost.Ini("hosta", "hostb", _b.Daemon.PeerPort));
+        return Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        foreach (var s in _held)
+            s.Dispose();
+        try
+        {
+            if (_a is not null)
+            {
+                output.WriteLine("---- A ----\n" + _a.Log);
+                await _a.DisposeAsync();
+            }
+            if (_b is not null)
+            {
+                output.WriteLine("---- B ----\n" + _b.Log);
+                await _b.DisposeAsync();
+            }
+        }
+        finally
+        {
+            _busA.Dispose();
+            _busB.Dispose();
+        }
+    }
+
+    [Fact]
+    public async Task A_valid_looking_hello_for_a_guest_this_host_does_not_expect_starts_no_helper_and_opens_no_store()
+    {
+        // Guest "test" exists in libvirt here, and hosta is a configured peer: before the fix that was enough for a helper and the store's lock.
+        using var s = await ConnectAsync();
+        await s.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
+        Assert.Equal(0, await ReceiveUntilClosedAsync(s));
+        await Tools.UntilAsync(() => _b.Log.Contains("no incoming migration of guest " + TestGuestUuid, StringComparison.Ordinal), "the refusal in B's log");
+        Assert.DoesNotContain("transfer 1:", _b.Log);
+        Assert.False(Directory.Exists(Path.Combine(_b.Options.StateDirectory, TestGuestUuid, "mem")), "a store was created for a refused stream");
+    }
+
+    [Fact]
+    public async Task Idle_connections_and_unauthenticated_hellos_cannot_keep_a_real_migration_out()
+    {
+        _b.AnnounceIncoming("test", TestGuestUuid);
+        var port = _b.Daemon.PeerPort;
+        // 40 idle connections (the lab's attack) and 12 hellos that will never send their proof.
+        for (int i = 0; i < 40; i++)
+            _held.Add(await ConnectAsync());
+        for (int i = 0; i < 12; i++)
+        {
+            var s = await ConnectAsync();
+            _held.Add(s);
+            try
+            {
+                await s.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
+            }
+            catch (SocketException)
+            {
+                // Already refused and closed: as it should be.
+            }
+        }
+        await Task.Delay(500);
+        Assert.True(_b.Daemon.Transfers!.Active <= Transfers.TransferManager.HandshakeSlots,
+            $"{_b.Daemon.Transfers.Active} helpers for connections that proved nothing");
+        // Nobody holds the guest's store for a hello without a proof.
+        var lockPath = Path.Combine(_b.Options.StateDirectory, TestGuestUuid, "mem", "lock");
+        if (File.Exists(lockPath))
+            new FileStream(lockPath, FileMode.Open, FileAccess.ReadWrite, FileShare.None).Dispose();
+
+        // The real migration A -> B still goes through, byte for byte.
+        var stream = StreamFixtures.Load("q72-pc-paused.bin.zst");
+        using var destination = new IncomingQemu(Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig"));
+        var sourcePath = Path.Combine(_a.Options.RuntimeDirectory, "hostb", "test.mig");
+        await Tools.UntilAsync(() => File.Exists(sourcePath), "A's socket for guest test");
+        using (var source = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            await source.ConnectAsync(new UnixDomainSocketEndPoint(sourcePath));
+            await source.SendAsync(stream, SocketFlags.None);
+            source.Shutdown(SocketShutdown.Send);
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+            while (await source.ReceiveAsync(new byte[4096], SocketFlags.None, cts.Token) > 0)
+            {
+            }
+        }
+        var arrived = await destination.Received.WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.True(stream.AsSpan().SequenceEqual(arrived), $"the destination got {arrived.Length} bytes, not the {stream.Length} the source sent");
+
+        // The unauthenticated helpers are gone by the handshake deadline, and the flood cost B's log a bounded number of lines.
+        await Tools.UntilAsync(() => _b.Daemon.Transfers.Active == 0, "the unauthenticated helpers to end",
+            Transfers.TransferManager.HandshakeDeadline.TotalSeconds + 5);
+        var rejections = _b.Log.Split('\n').Count(l => l.Contains("rejected peer connection", StringComparison.Ordinal));
+        Assert.InRange(rejections, 1, 2 * 10);
+    }
+
+    [Fact]
+    public async Task A_peer_chosen_name_with_a_newline_and_a_priority_prefix_is_logged_escaped()
+    {
+        using var s = await ConnectAsync();
+        await s.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "mallory\n<0>forged emergency"), SocketFlags.None);
+        await ReceiveUntilClosedAsync(s);
+        await Tools.UntilAsync(() => _b.Log.Contains("forged emergency", StringComparison.Ordinal), "the refusal in B's log");
+        var log = _b.Log;
+        Assert.Contains(@"mallory\x0a<0>forged emergency", log);
+        Assert.DoesNotContain("\n<0>", log);
+    }
+
+    [Fact]
+    public void Escaping_keeps_harmless_text_and_neutralizes_control_characters_and_fake_escapes()
+    {
+        Assert.Equal("hosta", LogText.Escape("hosta"));
+        Assert.Equal(@"a\x0d\x0ab\x1b[31m\\x0a\u2028", LogText.Escape("a\r\nb\u001b[31m\\x0a\u2028"));
+        var longText = LogText.Escape(new string('x', 10_000));
+        Assert.True(longText.Length < LogText.MaxLength + 40, $"{longText.Length} characters kept of 10000");
+        Assert.EndsWith("(9488 more characters)", longText);
+    }
+
+    [Fact]
+    public void The_rate_limiter_lets_a_burst_through_then_counts_what_it_held_back()
+    {
+        var clock = new Clock();
+        var limiter = new LogRateLimiter(3, TimeSpan.FromSeconds(10), clock);
+        long suppressed;
+        for (int i = 0; i < 3; i++)
+            Assert.True(limiter.TryAcquire(out suppressed));
+        for (int i = 0; i < 100; i++)
+            Assert.False(limiter.TryAcquire(out _));
+        clock.Now += TimeSpan.FromSeconds(10);
+        Assert.True(limiter.TryAcquire(out suppressed));
+        Assert.Equal(100, suppressed);
+        Assert.True(limiter.TryAcquire(out suppressed));
+        Assert.Equal(0, suppressed);
+    }
+
+    private async Task<Socket> ConnectAsync()
+    {
+        var s = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        s.Bind(new IPEndPoint(Attacker, 0));
+        await s.ConnectAsync(IPAddress.Loopback, _b.Daemon.PeerPort);
+        return s;
+    }
+
+    private static async Task<int> ReceiveUntilClosedAsync(Socket s)
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(10));
+        try
+        {
+            return await s.ReceiveAsync(new byte[64], SocketFlags.None, cts.Token);
+        }
+        catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
+        {
+            return 0;
+        }
+    }
+
+    private static byte[] HelloFrame(Guid guest, string sender)
+    {
+        var hello = new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], sender).Encode();
+        var frame = new byte[FrameCodec.HeaderLength + hello.Length];
+        FrameCodec.WriteHeader(frame, FrameType.Hello, FrameCodecKind.None, hello.Length);
+        hello.CopyTo(frame, FrameCodec.HeaderLength);
+        return frame;
+    }
+
+    private sealed class Clock : TimeProvider
+    {
+        public DateTimeOffset Now { get; set; } = DateTimeOffset.UnixEpoch;
+
+        public override DateTimeOffset GetUtcNow() => Now;
+    }
+}
+
+/// <summary>Issue 12, finding 11: a pre-shared key that others can read is refused, saying how to fix it.</summary>
+public sealed class PskFileModeTests
+{
+    [Fact]
+    public void A_key_readable_by_group_or_others_is_refused_naming_the_fix()
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            DaemonHost.WritePsk(path);
+            Assert.NotNull(PskPeerAuthenticator.FromFile(path));
+            File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.OtherRead);
+            var e = Assert.Throws<PeerAuthenticationException>(() => PskPeerAuthenticator.FromFile(path));
+            Assert.Contains("mode 0644", e.Message);
+            Assert.Contains($"chmod 0600 {path}", e.Message);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+}
