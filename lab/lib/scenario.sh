@@ -71,10 +71,41 @@ json_skipped() {
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, skipped: $reason, trips: []}' > "$file"
 }
 
+# One trip SRC -> DST as the chosen tool makes it: virsh (the mode's MIG_ARGS), or OpenStack
+# Nova's exact libvirt call through BFMig's bindings (tests/BFMig.Lab.Calls: migrate_uri
+# tcp://DST, migrate_disks vda, destination/persistent XML, LIVE|PEER2PEER|UNDEFINE_SOURCE|
+# PERSIST_DEST|NON_SHARED_INC, optionally AUTO_CONVERGE). Nova never passes socket URIs: with
+# nova the mode decides only what runs around the call (stock: nothing; bfmig-transparent: the daemons).
+lab_migrate() {
+    local call=$1 src=$2 dst=$3
+    case $call in
+        virsh)
+            host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
+                "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" ;;
+        nova | nova-autoconverge)
+            local extra=()
+            [[ $call == nova-autoconverge ]] && extra=(--auto-converge)
+            host_exec "$src" timeout 3600 "$LAB_CALLS_EXE" nova --guest "$LAB_GUEST" \
+                --dest-uri "qemu+tcp://${HOST_ADDR[$dst]}/system" --migrate-uri "tcp://${HOST_ADDR[$dst]}" --disk vda "${extra[@]}" ;;
+    esac
+}
+
+# The Nova call's tool, built once per source tree into the lab's cache.
+LAB_CALLS_EXE=""
+lab_build_calls() {
+    local out=$BFMIG_REPO/artifacts/lab-calls
+    if [[ ! -x $out/bfmig-lab-call || -n $(find "$BFMIG_REPO/tests/BFMig.Lab.Calls" "$BFMIG_REPO/src/Native" -name '*.cs' -newer "$out/bfmig-lab-call" 2> /dev/null | head -n 1) ]]; then
+        log "building tests/BFMig.Lab.Calls (Nova's migration call) into $out"
+        dotnet build "$BFMIG_REPO/tests/BFMig.Lab.Calls" -c Release -o "$out" > "$LAB_VAR.calls-build.log" 2>&1 ||
+            { tail -n 20 "$LAB_VAR.calls-build.log" >&2; die "building tests/BFMig.Lab.Calls failed"; }
+    fi
+    LAB_CALLS_EXE=$out/bfmig-lab-call
+}
+
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
-    local binaries=build hook=""
+    local binaries=build hook="" call=virsh
     local kills=() downs=() spec
     while (($#)); do
         case $1 in
@@ -96,12 +127,15 @@ cmd_roundtrip() {
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
+            --call) [[ $2 =~ ^(virsh|nova|nova-autoconverge)$ ]] || die "--call: virsh, nova or nova-autoconverge"; call=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
     done
     [[ -n $mode && -n $json ]] || die "roundtrip needs --mode and --json"
+    [[ $call == virsh || $mode == stock || $mode == bfmig-transparent ]] ||
+        die "--call $call: Nova's call carries no socket URIs; use it with --mode stock or bfmig-transparent"
     mode_known "$mode" || die "unknown mode '$mode' (known: ${LAB_MODES[*]})"
     ((fill_mib < ram_mib)) || die "--fill-mib must be below --ram-mib"
     ((disk_data_mib <= disk_gib * 1024)) || die "disk data does not fit the disk"
@@ -135,6 +169,7 @@ cmd_roundtrip() {
     [[ $hook == yes ]] && bfmig_publish
     bfmig_hook_sync "$hook"
 
+    [[ $call == virsh ]] || lab_build_calls
     scenario_cleanup
     bfmig_hook_mark
     EXP_M=()
@@ -170,8 +205,7 @@ cmd_roundtrip() {
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
-        if ! host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
-                "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}"; then
+        if ! lab_migrate "$call" "$src" "$dst"; then
             mode_call_optional "$mode" cleanup "$src" "$dst"
             scenario_cleanup
             die "$mode: trip $trip ${src^^} -> ${dst^^} failed"
@@ -233,12 +267,12 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
                      disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch},
-          migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
+          call: $call, migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup
     log "$mode: results in $json"

@@ -21,6 +21,11 @@ cmd_table() {
     echo "Each trip runs, inside the source host (DST = the destination's lab address):"
     for f in "${files[@]}"; do
         [[ -n $(jq -r '.skipped // empty' "$f") ]] && continue
+        if [[ $(jq -r '.call // "virsh"' "$f") != virsh ]]; then
+            printf '  %-18s OpenStack Nova'"'"'s call (%s): virDomainMigrateToURI3 qemu+tcp://DST/system, migrate_uri tcp://DST, LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST|NON_SHARED_INC\n' \
+                "$(jq -r .mode "$f")" "$(jq -r .call "$f")"
+            continue
+        fi
         printf '  %-18s virsh migrate --live --persistent --copy-storage-all %s qemu+tcp://DST/system %s\n' \
             "$(jq -r .mode "$f")" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
     done

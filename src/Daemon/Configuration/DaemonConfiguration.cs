@@ -102,7 +102,7 @@ public static class DaemonConfiguration
             Peers = peers,
             Transparent = s.Boolean("daemon:transparent", peers.Count > 0),
             TransparentPort = s.Integer("daemon:transparent_port", 16601, min: 0, max: 65535),
-            TransparentSilenceMilliseconds = s.Integer("daemon:transparent_silence_ms", 800, min: 50, max: 10000),
+            TransparentSilenceMilliseconds = s.Integer("daemon:transparent_silence_ms", 300, min: 50, max: 10000),
             QemuConf = s.Path("daemon:qemu_conf", "/etc/libvirt/qemu.conf"),
         };
     }

@@ -97,7 +97,7 @@ public sealed record DaemonOptions
     public int TransparentPort { get; init; } = 16601;
 
     /// <summary>How long an intercepted connection may stay silent before it is taken for the NBD stream.</summary>
-    public int TransparentSilenceMilliseconds { get; init; } = 800;
+    public int TransparentSilenceMilliseconds { get; init; } = 300;
 
     /// <summary>libvirt's qemu.conf, for the migration port range (<c>daemon:qemu_conf</c>).</summary>
     public string QemuConf { get; init; } = "/etc/libvirt/qemu.conf";
