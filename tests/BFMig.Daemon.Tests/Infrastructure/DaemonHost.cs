@@ -89,6 +89,7 @@ public sealed class DaemonHost : IAsyncDisposable
         qemu_group = {qemuGroup}
         hook_path = ROOT/hook
         bus_address = BUS
+        transparent = no
         [auth]
         mode = psk
         psk_file = ROOT/psk
