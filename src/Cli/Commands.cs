@@ -68,10 +68,12 @@ internal static class Commands
     {
         using DaemonClient client = DaemonClient.Connect(DaemonClient.ResolveAddress(options.BusAddress));
         IReadOnlyList<RetainedGuest> guests = client.ListGuests();
+        Dictionary<string, LastTrip> trips = client.ListTrips().GroupBy(t => t.Uuid).ToDictionary(g => g.Key, g => g.Last());
         if (options.Json)
         {
             JsonOutput.Write(new ListJson([.. guests.Select(g => new GuestJson(g.Uuid, g.Name, g.Location, g.Peer, g.Generation,
-                g.MemoryBytes, g.DiskBytes, g.RetainedBytes, g.SinceUnixSeconds, Format.UnixTimeIso(g.SinceUnixSeconds)))]),
+                g.MemoryBytes, g.DiskBytes, g.RetainedBytes, g.SinceUnixSeconds, Format.UnixTimeIso(g.SinceUnixSeconds),
+                trips.TryGetValue(g.Uuid, out LastTrip? t) ? new TripJson(t.Direction, t.Path, t.MemoryOnly, t.Peer, t.Reason, t.AtUnixSeconds, Format.UnixTimeIso(t.AtUnixSeconds)) : null))]),
                 JsonOutput.Context.ListJson);
             return 0;
         }
@@ -80,7 +82,7 @@ internal static class Commands
             Console.Out.WriteLine("no retained guests");
             return 0;
         }
-        var rows = new List<string[]> { new[] { "GUEST", "WHERE", "SINCE", "GEN", "MEMORY", "DISK", "TOTAL", "UUID" } };
+        var rows = new List<string[]> { new[] { "GUEST", "WHERE", "SINCE", "GEN", "MEMORY", "DISK", "TOTAL", "UUID", "LAST TRIP" } };
         foreach (RetainedGuest g in guests.OrderBy(g => g.Name, StringComparer.Ordinal))
         {
             rows.Add([
@@ -92,6 +94,7 @@ internal static class Commands
                 g.DiskBytes is { } d ? Format.Bytes(d) : "-",
                 Format.Bytes(g.RetainedBytes),
                 g.Uuid,
+                trips.TryGetValue(g.Uuid, out LastTrip? t) ? $"{t.Direction} {t.Summary}" : "-",
             ]);
         }
         Console.Out.Write(Format.Table(rows));

@@ -66,6 +66,19 @@ internal sealed class DaemonClient : IDisposable
     public IReadOnlyList<RetainedGuest> ListGuests() =>
         Call("ListGuests", null, RetainedGuest.ReadArray, QuickTimeout);
 
+    /// <summary>Each guest's last trip; empty from a daemon older than ListTrips.</summary>
+    public IReadOnlyList<LastTrip> ListTrips()
+    {
+        try
+        {
+            return Call("ListTrips", null, LastTrip.ReadArray, QuickTimeout);
+        }
+        catch (CommandFailedException e) when (e.InnerException is DBusException { ErrorName: DBusErrorNames.UnknownMethod })
+        {
+            return [];
+        }
+    }
+
     public void Forget(string guest) =>
         Call("Forget", w => w.WriteString(guest), static _ => true, QuickTimeout);
 
@@ -201,6 +214,30 @@ internal sealed record RetainedGuest(string Uuid, string Name, string Location, 
         }
         reader.ExitContainer();
         return guests;
+    }
+}
+
+/// <summary>One entry of ListTrips: how a guest's last migration went, from this host's side.</summary>
+internal sealed record LastTrip(string Uuid, string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long AtUnixSeconds)
+{
+    /// <summary>"accelerated", "accelerated, shared storage (memory only)", "bypassed".</summary>
+    public string Summary => Path == "bypassed" || !MemoryOnly ? Path : Path + ", shared storage (memory only)";
+
+    /// <summary>Reads <c>a(sssbssx)</c> as the contract lists it.</summary>
+    public static IReadOnlyList<LastTrip> ReadArray(DBusMessageReader reader)
+    {
+        var (type, contents) = reader.PeekType();
+        if (type != 'a' || contents != "(sssbssx)")
+            throw new DBusException(DBusErrorNames.InvalidArgs, $"ListTrips returned '{reader.Signature}', expected a(sssbssx): bfmig and bfmigd versions differ?");
+        var trips = new List<LastTrip>();
+        reader.EnterArray(contents);
+        while (reader.EnterStruct("sssbssx"))
+        {
+            trips.Add(new LastTrip(reader.ReadString(), reader.ReadString(), reader.ReadString(), reader.ReadBool(), reader.ReadString(), reader.ReadString(), reader.ReadInt64()));
+            reader.ExitContainer();
+        }
+        reader.ExitContainer();
+        return trips;
     }
 }
 

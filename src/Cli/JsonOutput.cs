@@ -7,7 +7,10 @@ namespace BFMig.Cli;
 // like the D-Bus contract's argument names; sizes are bytes, times ISO 8601 UTC.
 
 internal sealed record GuestJson(string Uuid, string Name, string Location, string Peer, ulong Generation,
-    ulong? MemoryBytes, ulong? DiskBytes, ulong RetainedBytes, long SinceUnix, string? Since);
+    ulong? MemoryBytes, ulong? DiskBytes, ulong RetainedBytes, long SinceUnix, string? Since, TripJson? LastTrip);
+
+/// <summary>How the guest's last migration went (null when none was recorded).</summary>
+internal sealed record TripJson(string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long AtUnix, string? At);
 
 internal sealed record ListJson(IReadOnlyList<GuestJson> Guests);
 

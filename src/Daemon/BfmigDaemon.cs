@@ -60,7 +60,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private CheckpointKeeper? _checkpoints;
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
-    private readonly DiskIdentitySealer _sealer;
+    private readonly DepartureJoin _departures;
+    private readonly TripRecorder _trips;
+    private readonly HashSet<Guid> _sharedDisksTold = [];
     private readonly DomainXmlCache _domainXml = new();
     private string? _dataPathOff;
     private TransparentMode? _transparent;
@@ -75,7 +77,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _guard = new SplitBrainGuard(_store, options.HostName, time ?? TimeProvider.System);
         _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), time ?? TimeProvider.System);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
-        _sealer = new DiskIdentitySealer(QueueSeal, time ?? TimeProvider.System);
+        _departures = new DepartureJoin(OnDeparted, time ?? TimeProvider.System);
+        _trips = new TripRecorder(_store, time ?? TimeProvider.System);
     }
 
     /// <summary>The options the daemon runs with.</summary>
@@ -146,8 +149,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
         var watcher = _libvirt;
-        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token,
-            cachedXml: uuid => _domainXml.Get(uuid, query: null));
+        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token);
 
         if (_dataPathOff is null)
         {
@@ -273,26 +275,30 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
                         _sockets?.Ensure(uuid, name);
                         RefreshDomainXml(uuid);
                         // Running here again: the image the last trip left behind is in use, never capture its identity now.
-                        _sealer.GuestRunning(uuid);
+                        _departures.GuestRunning(uuid);
                         if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
                         {
                             QueueLocation(uuid, name, away: false, _transfers?.LastIncomingPeer(uuid));
+                            QueueTripRecord(uuid, name, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
                             _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
                         }
                         if (e.Event == LibvirtLifecycleEvent.Started && e.Detail != StartedMigrated)
                             QueueInvalidateIfAway(uuid, name);
+                        if (e.Event == LibvirtLifecycleEvent.Started && e.Detail == StartedMigrated)
+                            _trips.IncomingStarted(uuid);
                         break;
                     case LibvirtLifecycleEvent.Stopped:
                         _sockets?.Remove(uuid);
+                        _trips.GuestStopped(uuid);
                         if (e.Detail == StoppedMigrated)
                         {
                             QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
-                            // Removing stale bitmaps rewrites the left image's header (and its mtime): the
-                            // identity the next trip's receiver checks must be captured after that.
-                            var cleaned = _checkpoints?.OnDeparted(uuid, name) ?? Task.CompletedTask;
-                            _ = cleaned.ContinueWith(_ => _sealer.SourceStopped(uuid, name), CancellationToken.None,
-                                TaskContinuationOptions.None, TaskScheduler.Default);
+                            _departures.SourceStopped(uuid, name);
                         }
+                        break;
+                    case LibvirtLifecycleEvent.Undefined:
+                        // The listing asks libvirt whether a guest recorded "here" still exists; this only tells the journal.
+                        DaemonLog.GuestUndefined(_logger, name, domainEvent.DomainUuid);
                         break;
                 }
                 break;
@@ -354,7 +360,49 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         }
     }
 
-    // ---- disk image identity (DiskIdentitySealer says when) ----
+    // ---- departures: what BFMig carried decides what it may touch (ImageCustody) ----
+
+    /// <summary>
+    /// Both halves of a departure are in (DepartureJoin): record the trip, then clean and seal only
+    /// the images BFMig carried. Removing stale bitmaps rewrites a left image's header (and its
+    /// mtime): the identity the next trip's receiver checks must be captured after that.
+    /// </summary>
+    private void OnDeparted(Departure departure)
+    {
+        var (uuid, name) = (departure.Uuid, departure.Name);
+        var disks = _domainXml.Get(uuid, query: null) is { } xml ? DomainDisks.Describe(xml) : [];
+        var verdicts = ImageCustody.Decide(disks, departure.Trip);
+        QueueTripRecord(uuid, name, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid)));
+        var untouched = verdicts.Where(v => !v.Carried).ToList();
+        bool tell;
+        lock (_sharedDisksTold)
+            tell = untouched.Count > 0 && _sharedDisksTold.Add(uuid);
+        if (tell)
+            DaemonLog.DisksNotTouched(_logger, name, uuid.ToString("D"), string.Join("; ", untouched.Select(v => v.Why)));
+        var maps = ImageCustody.SealableMaps(verdicts, departure.Trip);
+        var cleaned = _checkpoints?.OnDeparted(uuid, name, ImageCustody.CarriedImages(verdicts)) ?? Task.CompletedTask;
+        if (maps.Count > 0)
+        {
+            _ = cleaned.ContinueWith(_ => QueueSeal(uuid, name, maps), CancellationToken.None,
+                TaskContinuationOptions.None, TaskScheduler.Default);
+        }
+    }
+
+    private void QueueTripRecord(Guid uuid, string name, Func<TripRecord?> record) => Queue(() =>
+    {
+        try
+        {
+            if (record() is not { } r)
+                return;
+            DaemonLog.TripRecorded(_logger, name, uuid.ToString("D"), r.Direction, r.Summary, r.Peer.Length > 0 ? r.Peer : "?", r.Reason);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "trip record", e.Message);
+        }
+    });
+
+    // ---- disk image identity (after a departure, only for carried disks) ----
 
     // Own chain, not the location queue: that one may wait up to 60 s for a helper's store lock,
     // and every second before the capture is a second in which a write to the image goes unseen.
@@ -431,6 +479,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             return;
         }
         _checkpoints?.OnTripStarting(uuid, guest, peer);
+        StreamStarting(uuid, TransferDirection.Send, kind, TripRoute.Explicit);
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
     }
 
@@ -440,8 +489,21 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
     {
+        StreamStarting(uuid, TransferDirection.Send, kind, TripRoute.Transparent);
         _checkpoints?.OnTripStarting(uuid, guest, peer);
         return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
+    }
+
+    /// <summary>
+    /// A stream of the guest's trip reached BFMig: the trip record and the departure join must know
+    /// before the trip ends. Explicit mode calls it for each connection on a socket; transparent
+    /// mode calls it with <see cref="TripRoute.Transparent"/> for each redirected connection.
+    /// </summary>
+    internal void StreamStarting(Guid uuid, TransferDirection direction, StreamKind kind, TripRoute route)
+    {
+        _trips.StreamStarted(uuid, direction, kind, route);
+        if (direction == TransferDirection.Send)
+            _departures.StreamStarted(uuid);
     }
 
     /// <summary>
@@ -499,6 +561,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             connection.Dispose();
             return;
         }
+        StreamStarting(hello.Guest, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
         _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind), hello.FromRouteFrame);
     }
 
@@ -523,9 +586,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         if (first.Direction == TransferDirection.Send)
         {
             _ = ConfirmDepartureAsync(first.Uuid, first.Guest);
-            var maps = outcomes.Where(o => o.Ok && o.Stats is { Committed: true, DiskMap: not null }).Select(o => o.Stats!.DiskMap!).ToList();
-            if (maps.Count > 0)
-                _sealer.TripConfirmed(first.Uuid, first.Guest, maps);
+            _departures.TripEnded(first.Uuid, first.Guest, outcomes);
         }
         var ok = outcomes.All(o => o.Ok);
         var message = string.Join("; ", outcomes.Select(o => o.Ok
@@ -587,8 +648,21 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     /// <inheritdoc/>
     public IReadOnlyList<GuestListing> ListGuests() =>
         [.. _store.List().Select(r => new GuestListing(r.Uuid.ToString("D"), r.Name.Length > 0 ? r.Name : _libvirt?.LookupName(r.Uuid) ?? "",
-            r.Location, r.State?.Peer ?? "", r.State?.Generation ?? 0, r.MemoryBytes, r.DiskBytes,
+            ListedLocation(r), r.State?.Peer ?? "", r.State?.Generation ?? 0, r.MemoryBytes, r.DiskBytes,
             r.State is null || r.State.Since == default ? 0 : r.State.Since.ToUnixTimeSeconds()))];
+
+    /// <summary>
+    /// "here" only while libvirt still knows the guest: one destroyed and undefined here (no
+    /// migration) leaves its record saying "here", and listing it so would claim a guest that
+    /// does not exist. The record itself stays (the retained state is still the peer's view).
+    /// </summary>
+    private string ListedLocation(GuestRecord r) =>
+        r.Location == "here" && _libvirt?.IsDefined(r.Uuid) == false ? "undefined" : r.Location;
+
+    /// <inheritdoc/>
+    public IReadOnlyList<TripListing> ListTrips() =>
+        [.. _store.List().Select(r => (r.Uuid, Trip: _trips.Read(r.Uuid))).Where(t => t.Trip is not null)
+            .Select(t => new TripListing(t.Uuid.ToString("D"), t.Trip!.Direction, t.Trip.Path, t.Trip.MemoryOnly, t.Trip.Peer, t.Trip.Reason, t.Trip.AtUnixSeconds))];
 
     /// <inheritdoc/>
     public void Forget(string guest)

@@ -42,25 +42,27 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
     public void List_text_shows_where_each_guest_is_with_sizes()
     {
         AddGuests();
+        Daemon.Trips.Add(("5f0c1c2e-0000-4000-8000-000000000002", "departure", "accelerated", true, "hostB", "memory through BFMig; vda: network disk (rbd)", Departure));
         CliResult result = Bfmig("list");
         Assert.Equal(0, result.ExitCode);
         string[] lines = Lines(result.Stdout);
         Assert.Equal(3, lines.Length);
-        Assert.Matches(@"^GUEST\s+WHERE\s+SINCE\s+GEN\s+MEMORY\s+DISK\s+TOTAL\s+UUID$", lines[0]);
+        Assert.Matches(@"^GUEST\s+WHERE\s+SINCE\s+GEN\s+MEMORY\s+DISK\s+TOTAL\s+UUID\s+LAST TRIP$", lines[0]);
         // Sorted by name; the memory/disk columns depend on the contract's struct (one or two sizes).
         bool twoSizes = Daemon.Contract["ListGuests"].OutSignature == "a(sssstttx)";
         Assert.Matches(twoSizes
-            ? @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+2\.0 GiB\s+20\.0 GiB\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002$"
-            : @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+-\s+-\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002$", lines[1]);
+            ? @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+2\.0 GiB\s+20\.0 GiB\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$"
+            : @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+-\s+-\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$", lines[1]);
         Assert.Matches(twoSizes
-            ? @"^vm1\s+here \(from hostB\)\s+-\s+3\s+512\.0 MiB\s+1\.5 GiB\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001$"
-            : @"^vm1\s+here \(from hostB\)\s+-\s+3\s+-\s+-\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001$", lines[2]);
+            ? @"^vm1\s+here \(from hostB\)\s+-\s+3\s+512\.0 MiB\s+1\.5 GiB\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$"
+            : @"^vm1\s+here \(from hostB\)\s+-\s+3\s+-\s+-\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$", lines[2]);
     }
 
     [Fact]
     public void List_json_has_every_field()
     {
         AddGuests();
+        Daemon.Trips.Add(("5f0c1c2e-0000-4000-8000-000000000001", "arrival", "bypassed", false, "", "no stream went through BFMig", Departure));
         JsonElement json = Json(Bfmig("list", "--json"));
         JsonElement[] guests = [.. json.GetProperty("guests").EnumerateArray()];
         Assert.Equal(2, guests.Length);
@@ -79,6 +81,9 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
         }
         JsonElement vm1 = guests.Single(g => g.GetProperty("name").GetString() == "vm1");
         Assert.Equal(JsonValueKind.Null, vm1.GetProperty("since").ValueKind);
+        Assert.Equal("bypassed", vm1.GetProperty("last_trip").GetProperty("path").GetString());
+        Assert.Equal("2026-11-23T12:00:00Z", vm1.GetProperty("last_trip").GetProperty("at").GetString());
+        Assert.Equal(JsonValueKind.Null, db1.GetProperty("last_trip").ValueKind);
     }
 
     [Fact]

@@ -60,6 +60,8 @@ public sealed class FakeDaemon : IDisposable
 
     public List<FakeGuest> Guests { get; } = [];
 
+    public List<(string Uuid, string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long At)> Trips { get; } = [];
+
     public (ulong Disk, ulong Memory, ulong StockDisk, ulong StockMemory, string Basis) Estimate { get; set; } =
         (40UL << 20, 12UL << 20, 8UL << 30, 1UL << 30, "rolling dirty bitmap since departure at generation 3; memory from the last trip");
 
@@ -118,6 +120,25 @@ public sealed class FakeDaemon : IDisposable
                 break;
             case "ListGuests":
                 call.Reply(w => WriteGuests(w, method.OutSignature));
+                break;
+            case "ListTrips":
+                call.Reply(w =>
+                {
+                    w.OpenArray("(sssbssx)");
+                    foreach (var t in Trips)
+                    {
+                        w.OpenStruct("sssbssx");
+                        w.WriteString(t.Uuid);
+                        w.WriteString(t.Direction);
+                        w.WriteString(t.Path);
+                        w.WriteBool(t.MemoryOnly);
+                        w.WriteString(t.Peer);
+                        w.WriteString(t.Reason);
+                        w.WriteInt64(t.At);
+                        w.CloseContainer();
+                    }
+                    w.CloseContainer();
+                });
                 break;
             case "Forget":
                 call.Reply();

@@ -74,9 +74,9 @@ public sealed class DiskIdentityTests(ITestOutputHelper output)
 
     private sealed class Recorder
     {
-        public List<(Guid Uuid, string Name, IReadOnlyList<string> Maps)> Captures { get; } = [];
+        public List<Departure> Departures { get; } = [];
 
-        public void Capture(Guid uuid, string name, IReadOnlyList<string> maps) => Captures.Add((uuid, name, maps));
+        public void Departed(Departure d) => Departures.Add(d);
     }
 
     private sealed class Clock(DateTimeOffset now) : TimeProvider
@@ -86,43 +86,63 @@ public sealed class DiskIdentityTests(ITestOutputHelper output)
         public override DateTimeOffset GetUtcNow() => Now;
     }
 
+    private static IReadOnlyList<TransferOutcome> Trip(Guid guest, string map) =>
+        [new TransferOutcome("vm", guest, "hostB", "disk", TransferDirection.Send, 0, null,
+            new BFMig.Transfer.Engine.TransferStats { Export = "drive-virtio-disk0", Committed = true, DiskMap = map })];
+
     [Fact]
-    public void Identity_is_captured_once_the_trip_and_the_source_stop_both_happened_in_either_order()
+    public void A_departure_joins_the_trip_and_the_source_stop_in_either_order()
     {
         var guest = Guid.NewGuid();
         var r = new Recorder();
         var clock = new Clock(DateTimeOffset.Parse("2026-11-23T12:00:00Z", System.Globalization.CultureInfo.InvariantCulture));
-        var sealer = new DiskIdentitySealer(r.Capture, clock);
+        var join = new DepartureJoin(r.Departed, clock);
 
-        sealer.TripConfirmed(guest, "vm", ["/s/a.map"]);
-        Assert.Empty(r.Captures);
-        sealer.SourceStopped(guest, "vm");
-        Assert.Single(r.Captures);
-        Assert.Equal(["/s/a.map"], r.Captures[0].Maps);
+        join.StreamStarted(guest);
+        join.TripEnded(guest, "vm", Trip(guest, "/s/a.map"));
+        Assert.Empty(r.Departures);
+        join.SourceStopped(guest, "vm");
+        Assert.Single(r.Departures);
+        Assert.Equal("/s/a.map", r.Departures[0].Trip![0].Stats!.DiskMap);
 
         // The other order: libvirt's stop event before the helper's end is read.
-        sealer.SourceStopped(guest, "vm");
-        sealer.TripConfirmed(guest, "vm", ["/s/b.map"]);
-        Assert.Equal(2, r.Captures.Count);
-        Assert.Equal(["/s/b.map"], r.Captures[1].Maps);
+        join.StreamStarted(guest);
+        join.SourceStopped(guest, "vm");
+        Assert.Single(r.Departures);
+        join.TripEnded(guest, "vm", Trip(guest, "/s/b.map"));
+        Assert.Equal(2, r.Departures.Count);
+        Assert.Equal("/s/b.map", r.Departures[1].Trip![0].Stats!.DiskMap);
 
         // A migration that failed after the disk was confirmed: the guest runs here again, and a
-        // later stock migration's stop must not capture an image the guest has written since.
-        sealer.TripConfirmed(guest, "vm", ["/s/c.map"]);
-        sealer.GuestRunning(guest);
-        sealer.SourceStopped(guest, "vm");
-        Assert.Equal(2, r.Captures.Count);
+        // later stock migration's stop is a bypass, never that trip's departure.
+        join.StreamStarted(guest);
+        join.TripEnded(guest, "vm", Trip(guest, "/s/c.map"));
+        join.GuestRunning(guest);
+        join.SourceStopped(guest, "vm");
+        Assert.Equal(3, r.Departures.Count);
+        Assert.Null(r.Departures[2].Trip);
 
-        // A stop long before the trip ended does not belong to it.
-        sealer.GuestRunning(guest);
-        sealer.SourceStopped(guest, "vm");
-        clock.Now += DiskIdentitySealer.MaxGap + TimeSpan.FromSeconds(1);
-        sealer.TripConfirmed(guest, "vm", ["/s/d.map"]);
-        Assert.Equal(2, r.Captures.Count);
+        // A stop with no BFMig stream is a bypass at once; a trip ending long after it does not belong to it.
+        join.GuestRunning(guest);
+        join.SourceStopped(guest, "vm");
+        Assert.Equal(4, r.Departures.Count);
+        Assert.Null(r.Departures[3].Trip);
+        clock.Now += DepartureJoin.MaxGap + TimeSpan.FromSeconds(1);
+        join.TripEnded(guest, "vm", Trip(guest, "/s/d.map"));
+        Assert.Equal(4, r.Departures.Count);
         clock.Now += TimeSpan.FromSeconds(5);
-        sealer.SourceStopped(guest, "vm");
-        Assert.Equal(3, r.Captures.Count);
-        Assert.Equal(["/s/d.map"], r.Captures[2].Maps);
+        join.SourceStopped(guest, "vm");
+        Assert.Equal(5, r.Departures.Count);
+        Assert.Equal("/s/d.map", r.Departures[4].Trip![0].Stats!.DiskMap);
+
+        // A stop while streams still run waits for them, even across the stop.
+        join.StreamStarted(guest);
+        join.StreamStarted(guest);
+        join.SourceStopped(guest, "vm");
+        Assert.Equal(5, r.Departures.Count);
+        join.TripEnded(guest, "vm", Trip(guest, "/s/e.map"));
+        Assert.Equal(6, r.Departures.Count);
+        Assert.NotNull(r.Departures[5].Trip);
     }
 
     [Fact]

@@ -23,6 +23,9 @@ public static class DaemonErrors
 /// <summary>One retained guest, as ListGuests returns it.</summary>
 public sealed record GuestListing(string Uuid, string Name, string Location, string Peer, ulong Generation, ulong MemoryBytes, ulong DiskBytes, long Since);
 
+/// <summary>One guest's last trip, as ListTrips returns it.</summary>
+public sealed record TripListing(string Uuid, string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long At);
+
 /// <summary>Estimate's answer.</summary>
 public sealed record TripEstimate(ulong DiskBytes, ulong MemoryBytes, ulong StockDiskBytes, ulong StockMemoryBytes, string Basis);
 
@@ -38,6 +41,7 @@ public interface IManagerService
     Guests.HookDecision HookEvent(string guest, string operation, string subOperation, string extra, string domainXml);
     IReadOnlyList<KeyValuePair<string, object>> GetStatus(out IReadOnlyList<string> peers);
     IReadOnlyList<GuestListing> ListGuests();
+    IReadOnlyList<TripListing> ListTrips();
     void Forget(string guest);
     TripEstimate Estimate(string guest, string peer);
     MigrationUris PrepareMigration(string guest, string peer);
@@ -64,6 +68,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
             ["guest", "operation", "sub_operation", "extra", "domain_xml"], ["allow", "message", "xml_out"], DBusMethodAccess.Anyone);
         obj.AddMethod("GetStatus", "", "a{sv}", GetStatus, [], ["status"], DBusMethodAccess.Anyone);
         obj.AddMethod("ListGuests", "", "a(sssstttx)", ListGuests, [], ["guests"], DBusMethodAccess.Anyone);
+        obj.AddMethod("ListTrips", "", "a(sssbssx)", ListTrips, [], ["trips"], DBusMethodAccess.Anyone);
         obj.AddMethod("Forget", "s", "", Forget, ["guest"], [], DBusMethodAccess.Anyone);
         obj.AddMethod("Estimate", "ss", "tttts", Estimate, ["guest", "peer"],
             ["disk_bytes", "memory_bytes", "stock_disk_bytes", "stock_memory_bytes", "basis"], DBusMethodAccess.Anyone);
@@ -128,6 +133,24 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
             w.WriteUInt64(g.MemoryBytes);
             w.WriteUInt64(g.DiskBytes);
             w.WriteInt64(g.Since);
+            w.CloseContainer();
+        }
+        w.CloseContainer();
+    });
+
+    private void ListTrips(DBusMethodCall call) => Deferred(call, "ListTrips", service.ListTrips, (w, trips) =>
+    {
+        w.OpenArray("(sssbssx)");
+        foreach (var t in trips)
+        {
+            w.OpenStruct("sssbssx");
+            w.WriteString(t.Uuid);
+            w.WriteString(t.Direction);
+            w.WriteString(t.Path);
+            w.WriteBool(t.MemoryOnly);
+            w.WriteString(t.Peer);
+            w.WriteString(t.Reason);
+            w.WriteInt64(t.At);
             w.CloseContainer();
         }
         w.CloseContainer();

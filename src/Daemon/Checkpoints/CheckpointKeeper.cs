@@ -24,7 +24,7 @@ public sealed record DiskDelta(ulong Bytes, string Basis);
 /// <list type="bullet">
 /// <item>source, when a trip's first stream connects: reads the guest's checkpoint XMLs and sends them to the destination daemon;</item>
 /// <item>destination, on the resumed/migrated event: redefines them parents first, checks each bitmap exists in QEMU, starts the rolling bitmap;</item>
-/// <item>source, on the stopped/migrated event (QEMU gone): removes stale in-use bitmaps and BFMig's own from the image left behind.</item>
+/// <item>source, once the departure is known (QEMU gone, trip ended): removes stale in-use bitmaps and BFMig's own from the images BFMig carried and left behind.</item>
 /// </list>
 /// Every step logs and never throws into the event path: a failure here costs the metadata, never the guest.
 /// </summary>
@@ -51,16 +51,12 @@ public sealed class CheckpointKeeper
     private readonly ILogger _logger;
     private readonly TimeProvider _time;
     private readonly CancellationToken _stop;
-    private readonly ConcurrentDictionary<Guid, IReadOnlyList<GuestDisk>> _departingDisks = new();
     private readonly ConcurrentDictionary<Guid, Arrival> _arrivals = new();
     private readonly Dictionary<Guid, Task> _sending = [];
 
-    private readonly Func<Guid, string?>? _cachedXml;
-
     public CheckpointKeeper(DaemonOptions options, Func<Guid, LibvirtDomain?> openDomain, ImageBitmaps images, ILogger logger,
-        TimeProvider? time = null, CancellationToken stop = default, Func<Guid, string?>? cachedXml = null)
+        TimeProvider? time = null, CancellationToken stop = default)
     {
-        _cachedXml = cachedXml;
         _options = options;
         _openDomain = openDomain;
         _images = images;
@@ -107,9 +103,6 @@ public sealed class CheckpointKeeper
             CheckpointSnapshot snapshot;
             using (var domain = _openDomain(uuid) ?? throw new CheckpointSetException("libvirt does not know the guest (or is unreachable)"))
             {
-                // The domain XML from the daemon's cache: during a migration libvirt 11.3 makes a live
-                // GetXMLDesc wait for the migration's monitor job, which waits for this trip.
-                _departingDisks[uuid] = GuestDisk.FromDomainXml(_cachedXml?.Invoke(uuid) ?? domain.GetXmlDesc());
                 snapshot = ReadCheckpoints(domain, uuid, _options.HostName, _time.GetUtcNow());
             }
             var auth = PskPeerAuthenticator.FromFile(_options.PskFile!);
@@ -349,28 +342,18 @@ public sealed class CheckpointKeeper
     /// <summary>
     /// The guest left (stopped/migrated: its QEMU here is gone). Removes from the images it left
     /// behind every bitmap flagged in use (stale: the live copies went with the guest, and a
-    /// same-name bitmap makes QEMU fail the return trip) and BFMig's own.
+    /// same-name bitmap makes QEMU fail the return trip) and BFMig's own. Only the images
+    /// <see cref="Guests.ImageCustody"/> says BFMig carried on this trip: any other image may be
+    /// the one the guest now runs from on the destination (shared storage), and is never opened.
     /// </summary>
-    public Task OnDeparted(Guid uuid, string guest) => Task.Run(() => CleanDepartureAsync(uuid, guest));
-
-    private async Task CleanDepartureAsync(Guid uuid, string guest)
+    public Task OnDeparted(Guid uuid, string guest, IReadOnlyList<BFMig.Transfer.Engine.DiskImageSpec> carried)
     {
         _arrivals.TryRemove(uuid, out _);
-        if (!_departingDisks.TryRemove(uuid, out var disks))
+        return Task.Run(async () =>
         {
-            try
-            {
-                using var domain = _openDomain(uuid);
-                disks = domain is null ? [] : GuestDisk.FromDomainXml(domain.GetXmlDesc(LibvirtDomainXmlFlags.Inactive));
-            }
-            catch (Exception e) when (e is LibvirtException or CheckpointSetException)
-            {
-                DaemonLog.DepartureNotCleaned(_logger, guest, "(disks unknown)", e.Message);
-                return;
-            }
-        }
-        foreach (var disk in disks.Where(d => d.File is not null && d.Format == "qcow2"))
-            await CleanImageAsync(guest, disk.File!).ConfigureAwait(false);
+            foreach (var image in carried.Where(i => i.Format == "qcow2"))
+                await CleanImageAsync(guest, image.Path).ConfigureAwait(false);
+        });
     }
 
     /// <summary>Removes stale bitmaps from one image (see <see cref="ImageBitmaps.RemoveStaleAsync"/>) and logs what it did.</summary>

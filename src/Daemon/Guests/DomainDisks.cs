@@ -14,17 +14,30 @@ namespace BFMig.Daemon.Guests;
 /// </param>
 public sealed record DomainDisk(string Target, DiskImageSpec Image, IReadOnlyList<string> ExportNames);
 
+/// <summary>Any disk (<c>device='disk'</c>) of a domain, whatever its source.</summary>
+/// <param name="Target">The guest's device name.</param>
+/// <param name="SourceType">The disk's <c>type</c>: <c>file</c>, <c>block</c>, <c>network</c>, <c>volume</c>, ...</param>
+/// <param name="Protocol">For a network disk its protocol (<c>rbd</c>, <c>nbd</c>, <c>iscsi</c>, <c>gluster</c>), else "".</param>
+/// <param name="File">The usable image of a file-backed disk (absolute path, QEMU format name), else null.</param>
+/// <param name="ExportNames">The NBD export names libvirt may give the disk (see <see cref="DomainDisk"/>).</param>
+public sealed record DomainDiskSource(string Target, string SourceType, string Protocol, DiskImageSpec? File, IReadOnlyList<string> ExportNames);
+
 /// <summary>
 /// Reads the disks of a domain XML (the live one: aliases and indexes are assigned when the
-/// guest starts). Only file-backed disks are named: a block device's mtime does not change when
-/// it is written, so its identity could not tell that it was touched, and it is always sent whole.
+/// guest starts). Only file-backed disks are named to helpers: a block device's mtime does not
+/// change when it is written, so its identity could not tell that it was touched, and it is
+/// always sent whole; a network disk is shared storage by nature (see <see cref="ImageCustody"/>).
 /// </summary>
 public static class DomainDisks
 {
     /// <summary>The file-backed disks of <paramref name="domainXml"/>; an XML that does not parse has none.</summary>
-    public static IReadOnlyList<DomainDisk> Parse(string domainXml)
+    public static IReadOnlyList<DomainDisk> Parse(string domainXml) =>
+        [.. Describe(domainXml).Where(d => d.File is not null && d.ExportNames.Count > 0).Select(d => new DomainDisk(d.Target, d.File!, d.ExportNames))];
+
+    /// <summary>Every disk of <paramref name="domainXml"/> (not cdroms or floppies); an XML that does not parse has none.</summary>
+    public static IReadOnlyList<DomainDiskSource> Describe(string domainXml)
     {
-        var result = new List<DomainDisk>();
+        var result = new List<DomainDiskSource>();
         var doc = new XmlDocument { XmlResolver = null };
         try
         {
@@ -40,24 +53,22 @@ public static class DomainDisks
             return result;
         foreach (XmlElement disk in disks)
         {
-            if (disk.GetAttribute("type") != "file")
-                continue;
+            var type = disk.GetAttribute("type");
             var source = disk["source"];
-            string path = source?.GetAttribute("file") ?? "";
+            string path = type == "file" ? source?.GetAttribute("file") ?? "" : "";
             string format = disk["driver"]?.GetAttribute("type") ?? "";
             string target = disk["target"]?.GetAttribute("dev") ?? "";
-            if (!path.StartsWith('/') || format.Length == 0 || !format.All(char.IsAsciiLetterOrDigit))
-                continue;
             var names = new List<string>();
             if (disk["alias"]?.GetAttribute("name") is { Length: > 0 } alias)
                 names.Add("drive-" + alias);
-            if (int.TryParse(source!.GetAttribute("index"), NumberStyles.None, CultureInfo.InvariantCulture, out int index))
+            if (source is not null && int.TryParse(source.GetAttribute("index"), NumberStyles.None, CultureInfo.InvariantCulture, out int index))
             {
                 names.Add($"libvirt-{index}-storage");
                 names.Add($"libvirt-{index}-format");
             }
-            if (names.Count > 0)
-                result.Add(new DomainDisk(target.Length > 0 ? target : names[0], new DiskImageSpec(path, format), names));
+            var file = path.StartsWith('/') && format.Length > 0 && format.All(char.IsAsciiLetterOrDigit) ? new DiskImageSpec(path, format) : null;
+            var name = target.Length > 0 ? target : names.FirstOrDefault() ?? "";
+            result.Add(new DomainDiskSource(name, type, type == "network" ? source?.GetAttribute("protocol") ?? "" : "", file, names));
         }
         return result;
     }

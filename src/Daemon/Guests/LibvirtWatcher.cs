@@ -124,6 +124,23 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
     }
 
     /// <summary>The name of the guest with <paramref name="uuid"/>, null when libvirt has no such guest or is unreachable.</summary>
+    public bool? IsDefined(Guid uuid)
+    {
+        var connection = _connection;
+        if (connection is null || !IsConnected)
+            return null;
+        try
+        {
+            using var domain = connection.TryLookupDomainByUuid(uuid.ToString("D"));
+            return domain is not null;
+        }
+        catch (LibvirtException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>The guest's name, null when libvirt does not know it or cannot be asked.</summary>
     public string? LookupName(Guid uuid)
     {
         var connection = _connection;

@@ -125,6 +125,15 @@ internal static partial class DaemonLog
     [LoggerMessage(64, LogLevel.Warning, "guest {Guest} ({Uuid}) started here while recorded away: disk map {Map} invalidated, the next trip here sends the whole disk")]
     public static partial void DiskMapInvalidated(ILogger logger, string guest, string uuid, string map);
 
+    [LoggerMessage(65, LogLevel.Information, "guest {Guest} ({Uuid}): {Direction} {Path}, peer {Peer}: {Reason}")]
+    public static partial void TripRecorded(ILogger logger, string guest, string uuid, string direction, string path, string peer, string reason);
+
+    [LoggerMessage(66, LogLevel.Information, "guest {Guest} ({Uuid}): disks BFMig did not carry are never opened, sealed or retained: {Disks}")]
+    public static partial void DisksNotTouched(ILogger logger, string guest, string uuid, string disks);
+
+    [LoggerMessage(67, LogLevel.Information, "guest {Guest} ({Uuid}) was undefined here")]
+    public static partial void GuestUndefined(ILogger logger, string guest, string uuid);
+
     // 80-89: checkpoints and bitmaps
     [LoggerMessage(80, LogLevel.Information, "guest {Guest}: sent {Count} checkpoint(s) to {Peer}")]
     public static partial void CheckpointsSent(ILogger logger, string guest, int count, string peer);

@@ -1,0 +1,187 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using BFMig.Daemon.Transfers;
+using BFMig.Native.Linux;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Daemon.Guests;
+
+/// <summary>How a guest's streams reached BFMig.</summary>
+public enum TripRoute
+{
+    /// <summary>The migration was given BFMig's socket URIs (<c>unix:///run/bfmig/PEER/GUEST.mig</c>).</summary>
+    Explicit,
+
+    /// <summary>Transparent mode redirected QEMU's plain <c>tcp://</c> connections to bfmigd.</summary>
+    Transparent,
+}
+
+/// <summary>How one migration of a guest went, from this host's side (<c>STATE/UUID/trip.json</c>).</summary>
+public sealed class TripRecord
+{
+    /// <summary>Path values.</summary>
+    public const string Accelerated = "accelerated", AcceleratedTransparent = "accelerated (transparent)", Bypassed = "bypassed";
+
+    /// <summary>"departure" (this host was the source) or "arrival".</summary>
+    public string Direction { get; set; } = "";
+
+    /// <summary><see cref="Accelerated"/>, <see cref="AcceleratedTransparent"/> or <see cref="Bypassed"/>.</summary>
+    public string Path { get; set; } = "";
+
+    /// <summary>No disk went through BFMig: the disks are on shared storage (or libvirt copied none).</summary>
+    public bool MemoryOnly { get; set; }
+
+    /// <summary>The other host, "" when unknown (a bypassing trip names none).</summary>
+    public string Peer { get; set; } = "";
+
+    /// <summary>Why, in one line.</summary>
+    public string Reason { get; set; } = "";
+
+    /// <summary>When the trip was recorded (unix seconds).</summary>
+    public long AtUnixSeconds { get; set; }
+
+    /// <summary>"accelerated", "accelerated, shared storage (memory only)", "bypassed", ...</summary>
+    [JsonIgnore]
+    public string Summary => Path == Bypassed || !MemoryOnly ? Path : Path + ", shared storage (memory only)";
+}
+
+/// <summary>
+/// Owns each guest's last trip record: which streams of a trip went through BFMig and by which
+/// route (<see cref="StreamStarted"/>), and what a departure or an arrival therefore was. A
+/// libvirt Stopped/MIGRATED or Resumed/MIGRATED with no BFMig stream for the guest is a bypass:
+/// no BFMig URI, and transparent mode off or unavailable. Bypassing trips change no retained
+/// state, so a later BFMig trip still sends only the delta against the last snapshot BFMig kept.
+/// </summary>
+public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
+{
+    /// <summary>The reason written for a bypass.</summary>
+    public const string BypassReason = "no stream went through BFMig: no BFMig URI, and transparent mode off or unavailable";
+
+    private readonly Lock _gate = new();
+    private readonly Dictionary<(Guid, TransferDirection), Streams> _trips = [];
+
+    private sealed class Streams(TripRoute route)
+    {
+        public TripRoute Route { get; set; } = route;
+
+        public HashSet<StreamKind> Kinds { get; } = [];
+    }
+
+    /// <summary>The file of the guest's record.</summary>
+    public string PathOf(Guid uuid) => System.IO.Path.Combine(store.GuestDirectory(uuid), "trip.json");
+
+    /// <summary>
+    /// A stream of the guest's trip reached BFMig (explicit mode: a connection on its socket;
+    /// transparent mode: a redirected connection, pass <see cref="TripRoute.Transparent"/>).
+    /// </summary>
+    public void StreamStarted(Guid uuid, TransferDirection direction, StreamKind kind, TripRoute route)
+    {
+        lock (_gate)
+        {
+            if (!_trips.TryGetValue((uuid, direction), out var s))
+                _trips[(uuid, direction)] = s = new Streams(route);
+            if (route == TripRoute.Transparent)
+                s.Route = route;
+            s.Kinds.Add(kind);
+        }
+    }
+
+    /// <summary>
+    /// libvirt started the guest here for an incoming migration (Started/MIGRATED): its
+    /// Resumed/MIGRATED will be an arrival, through BFMig or not. (A source whose migration
+    /// failed also reports Resumed/MIGRATED, but never this.)
+    /// </summary>
+    public void IncomingStarted(Guid uuid)
+    {
+        lock (_gate)
+            _trips.TryAdd((uuid, TransferDirection.Receive), new Streams(TripRoute.Explicit)); // a stream may have come first
+    }
+
+    /// <summary>
+    /// The guest stopped here: an incoming trip that had not completed failed (its streams are
+    /// void). Called for every Stopped event; a departure is recorded by <see cref="Departed"/> first.
+    /// </summary>
+    public void GuestStopped(Guid uuid)
+    {
+        lock (_gate)
+            _trips.Remove((uuid, TransferDirection.Receive));
+    }
+
+    /// <summary>Records a departure; the disk verdicts say which disks BFMig carried.</summary>
+    public TripRecord Departed(Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer)
+    {
+        Streams? streams;
+        lock (_gate)
+        {
+            _trips.Remove((departure.Uuid, TransferDirection.Send), out streams);
+        }
+        var record = new TripRecord { Direction = "departure", Peer = departure.Trip is null ? "" : peer ?? "", AtUnixSeconds = time.GetUtcNow().ToUnixTimeSeconds() };
+        if (departure.Trip is null)
+        {
+            record.Path = TripRecord.Bypassed;
+            record.Reason = BypassReason;
+        }
+        else
+        {
+            record.Path = streams?.Route == TripRoute.Transparent ? TripRecord.AcceleratedTransparent : TripRecord.Accelerated;
+            record.MemoryOnly = !verdicts.Any(v => v.Carried);
+            record.Reason = "memory through BFMig" + (verdicts.Count == 0 ? "" : "; " + string.Join("; ", verdicts.Select(v => v.Why)));
+        }
+        Save(departure.Uuid, record);
+        return record;
+    }
+
+    /// <summary>
+    /// Records an arrival (libvirt's Resumed/MIGRATED here) from <paramref name="peer"/>; null when
+    /// no incoming migration started here (a source resuming after a failed migration).
+    /// </summary>
+    public TripRecord? Arrived(Guid uuid, string? peer)
+    {
+        Streams? streams;
+        lock (_gate)
+        {
+            if (!_trips.Remove((uuid, TransferDirection.Receive), out streams))
+                return null;
+        }
+        var record = new TripRecord { Direction = "arrival", AtUnixSeconds = time.GetUtcNow().ToUnixTimeSeconds() };
+        if (!streams.Kinds.Contains(StreamKind.Mig))
+        {
+            record.Path = TripRecord.Bypassed;
+            record.Reason = BypassReason;
+        }
+        else
+        {
+            record.Peer = peer ?? "";
+            record.Path = streams.Route == TripRoute.Transparent ? TripRecord.AcceleratedTransparent : TripRecord.Accelerated;
+            record.MemoryOnly = !streams.Kinds.Contains(StreamKind.Nbd);
+            record.Reason = record.MemoryOnly ? "memory through BFMig; no disk stream (shared storage: libvirt copied no disk)" : "memory and disks through BFMig";
+        }
+        Save(uuid, record);
+        return record;
+    }
+
+    /// <summary>The guest's last trip, null when none was recorded (or the file cannot be read).</summary>
+    public TripRecord? Read(Guid uuid)
+    {
+        try
+        {
+            var path = PathOf(uuid);
+            return File.Exists(path) ? JsonSerializer.Deserialize(File.ReadAllBytes(path), TripRecordJsonContext.Default.TripRecord) : null;
+        }
+        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
+    private void Save(Guid uuid, TripRecord record)
+    {
+        var dir = store.GuestDirectory(uuid);
+        Directory.CreateDirectory(dir, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        DurableFile.WriteAtomically(PathOf(uuid), JsonSerializer.SerializeToUtf8Bytes(record, TripRecordJsonContext.Default.TripRecord));
+    }
+}
+
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
+[JsonSerializable(typeof(TripRecord))]
+internal sealed partial class TripRecordJsonContext : JsonSerializerContext;
