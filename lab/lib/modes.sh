@@ -102,6 +102,13 @@ mode_bfmig_transparent_prepare() {
         die "bfmig-transparent: host $1 has no inet bfmig table (see $(bfmig_dir "$1")/bfmigd.log)"
 }
 
+# Not in LAB_MODES (the demo), for the lab tests of what transparent mode must leave alone:
+# tunnelled migration (through libvirtd's own connection: never redirected) and QEMU native TLS
+# (carried byte for byte), both with the daemons intercepting.
+mode_bfmig_transparent_tunnelled_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_tunnelled_args() { MIG_ARGS=(--p2p --tunnelled); }
+mode_bfmig_transparent_tunnelled_prepare() { mode_bfmig_transparent_prepare "$@"; }
+
 bfmig_prepare_hosts() {
     local src=$1 dst=$2
     bfmig_publish
