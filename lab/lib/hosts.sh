@@ -116,6 +116,27 @@ EOF
     log "lab is up: A=${HOST_ADDR[a]} B=${HOST_ADDR[b]} rate $rate, libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
 }
 
+# A CA and one server/client certificate pair for QEMU's native migration TLS (virsh migrate
+# --tls), in the file names QEMU's x509 credentials expect, readable by the QEMU user.
+lab_migration_pki() {
+    local pki=$LAB_VAR/pki
+    [[ -s $pki/server-cert.pem ]] && return 0
+    mkdir -p "$pki"
+    (
+        cd "$pki"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=BFMig lab CA" -keyout ca-key.pem -out ca-cert.pem
+        for role in server client; do
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=bfmig-lab-$role" -keyout "$role-key.pem" -out "$role.csr"
+            printf 'subjectAltName = IP:%s, IP:%s\nextendedKeyUsage = %sAuth\n' "${HOST_ADDR[a]}" "${HOST_ADDR[b]}" "$role" > "$role.ext"
+            openssl x509 -req -in "$role.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 30 \
+                -extfile "$role.ext" -out "$role-cert.pem"
+        done
+    ) > "$LAB_VAR/pki.log" 2>&1 || die "making the lab's migration TLS certificates failed (see $LAB_VAR/pki.log)"
+    chown -R libvirt-qemu:libvirt-qemu "$pki" 2> /dev/null || true
+    chmod 0750 "$pki"
+    chmod 0640 "$pki"/*-key.pem
+}
+
 host_write_config() {
     local h=$1 dir etc
     dir=$(host_dir "$h")
@@ -138,10 +159,14 @@ log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 EOF
     # Both hosts run a guest of the same name at the same moment during a migration: keep
     # libvirt out of the shared cgroup tree so they cannot collide there.
+    lab_migration_pki
     cat >> "$etc/qemu.conf" <<EOF
 
 # --- BFMig lab host $h ---
 cgroup_controllers = [ ]
+# QEMU native TLS for --tls migrations (one lab CA; the server certificate names both hosts).
+migrate_tls_x509_cert_dir = "$LAB_VAR/pki"
+migrate_tls_x509_verify = 1
 EOF
     cp "$LAB_VAR/guest/vmlinuz" "$LAB_VAR/guest/initrd.img" "$dir/lib/boot/"
 }

@@ -105,6 +105,11 @@ mode_bfmig_transparent_prepare() {
 # Not in LAB_MODES (the demo), for the lab tests of what transparent mode must leave alone:
 # tunnelled migration (through libvirtd's own connection: never redirected) and QEMU native TLS
 # (carried byte for byte), both with the daemons intercepting.
+mode_stock_tunnelled_args() { MIG_ARGS=(--p2p --tunnelled); }
+mode_stock_tls_args() { MIG_ARGS=(--tls); mode_tcp_transport "$2"; }
+mode_bfmig_transparent_tls_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_tls_args() { MIG_ARGS=(--tls); mode_tcp_transport "$2"; }
+mode_bfmig_transparent_tls_prepare() { mode_bfmig_transparent_prepare "$@"; }
 mode_bfmig_transparent_tunnelled_unsupported() { mode_bfmig_transparent_unsupported; }
 mode_bfmig_transparent_tunnelled_args() { MIG_ARGS=(--p2p --tunnelled); }
 mode_bfmig_transparent_tunnelled_prepare() { mode_bfmig_transparent_prepare "$@"; }
