@@ -167,6 +167,9 @@ cgroup_controllers = [ ]
 # QEMU native TLS for --tls migrations (one lab CA; the server certificate names both hosts).
 migrate_tls_x509_cert_dir = "$LAB_VAR/pki"
 migrate_tls_x509_verify = 1
+# What this host offers as the migration address when a call names none (virt-manager without
+# an address, a plain virsh migrate): its lab address, not the machine's host name.
+migration_host = "${HOST_ADDR[$h]}"
 EOF
     cp "$LAB_VAR/guest/vmlinuz" "$LAB_VAR/guest/initrd.img" "$dir/lib/boot/"
 }

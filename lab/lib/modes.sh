@@ -106,6 +106,11 @@ mode_bfmig_transparent_prepare() {
 # tunnelled migration (through libvirtd's own connection: never redirected) and QEMU native TLS
 # (carried byte for byte), both with the daemons intercepting.
 mode_stock_tunnelled_args() { MIG_ARGS=(--p2p --tunnelled); }
+# No migration URI at all: the destination's libvirt offers its migration_host (qemu.conf).
+mode_stock_nouri_args() { MIG_ARGS=(); }
+mode_bfmig_transparent_nouri_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_nouri_args() { MIG_ARGS=(); }
+mode_bfmig_transparent_nouri_prepare() { mode_bfmig_transparent_prepare "$@"; }
 mode_stock_tls_args() { MIG_ARGS=(--tls); mode_tcp_transport "$2"; }
 mode_bfmig_transparent_tls_unsupported() { mode_bfmig_transparent_unsupported; }
 mode_bfmig_transparent_tls_args() { MIG_ARGS=(--tls); mode_tcp_transport "$2"; }

@@ -34,6 +34,18 @@ public sealed class TransparentRoundTripTests(ITestOutputHelper output) : IDispo
     }
 
     /// <summary>
+    /// The plainest call: virsh migrate --live --persistent --copy-storage-all lab-guest
+    /// qemu+tcp://B/system, no migration URI (the destination offers its qemu.conf migration_host).
+    /// </summary>
+    [LabFact]
+    public void PlainCommandWithoutUri_GoesThroughBfmig_AndTheReturnTripIsCheap()
+    {
+        var trips = Run("nouri.json", "virsh", out var root, "--trips", "2", "--mode", "bfmig-transparent-nouri");
+        Assert.Empty(root.GetProperty("migrate_args").EnumerateArray());
+        AssertReturnTripsCheap(trips);
+    }
+
+    /// <summary>
     /// OpenStack Nova's call (virDomainMigrateToURI3, migrate_uri tcp://B, migrate_disks vda,
     /// destination and persistent XML, LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST|NON_SHARED_INC):
     /// A->B->A verified, the return trip cheap although UNDEFINE_SOURCE removed the definition
