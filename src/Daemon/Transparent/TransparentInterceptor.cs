@@ -39,6 +39,10 @@ public sealed class TransparentInterceptor : IDisposable
     private static readonly TimeSpan DirectConnectTimeout = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan OwnerRetryDelay = TimeSpan.FromMilliseconds(50);
     private const int OwnerAttempts = 20;
+    // A migration opens a few connections per guest (memory, NBD, multifd channels); far more at
+    // once is a flood (only QEMU's user and root can be redirected here), not migrations.
+    private const int MaxConnections = 128;
+    private readonly SemaphoreSlim _connections = new(MaxConnections);
 
     private readonly IReadOnlyList<Socket> _listeners;
     private readonly IReadOnlyDictionary<IPAddress, PeerOptions> _peersByAddress;
@@ -122,6 +126,24 @@ public sealed class TransparentInterceptor : IDisposable
 
     private async Task HandleAsync(Socket connection)
     {
+        if (!_connections.Wait(0))
+        {
+            DaemonLog.TransparentDropped(_logger, connection.RemoteEndPoint?.ToString() ?? "?", $"{MaxConnections} intercepted connections are already open");
+            connection.Dispose();
+            return;
+        }
+        try
+        {
+            await HandleOneAsync(connection).ConfigureAwait(false);
+        }
+        finally
+        {
+            _connections.Release();
+        }
+    }
+
+    private async Task HandleOneAsync(Socket connection)
+    {
         IPEndPoint original;
         try
         {
@@ -138,7 +160,7 @@ public sealed class TransparentInterceptor : IDisposable
         {
             await RouteAsync(connection, original).ConfigureAwait(false);
         }
-        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
+        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException or OperationCanceledException)
         {
             DaemonLog.TransparentDropped(_logger, original.ToString(), e.Message);
             connection.Dispose();
