@@ -202,6 +202,8 @@ cmd_roundtrip() {
         for spec in "${downs[@]}"; do
             [[ ${spec#*@} == "$trip" ]] && bfmig_daemon_down "$mode" "${spec%@*}" "$src" "$dst"
         done
+        # Another scenario's step before this trip (both daemons prepared), e.g. hostile's attack.
+        [[ -z ${ROUNDTRIP_BEFORE_TRIP:-} ]] || "$ROUNDTRIP_BEFORE_TRIP" "$trip" "$src" "$dst"
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
@@ -217,6 +219,7 @@ cmd_roundtrip() {
         secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
         job_downtime_ms "$src" "$dst"
 
+        [[ -z ${ROUNDTRIP_AFTER_TRIP:-} ]] || "$ROUNDTRIP_AFTER_TRIP" "$trip" "$src" "$dst"
         ((trip == 1)) && corrupt_guest "$corrupt" "$dst"
         guest_verify "$dst" "$chunks"
         bad=$VERIFY_BAD

@@ -67,18 +67,32 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private string? _dataPathOff;
     private TransparentMode? _transparent;
     private readonly QemuProcesses _qemuProcesses = new();
+    private readonly TimeProvider _time;
+    private readonly Func<LibvirtDomain, string, string>? _qemuMonitor;
 
-    public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null)
+    /// <summary>Guests with an Estimate running: QEMU measures one dirty rate per guest at a time.</summary>
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<Guid, bool> _estimating = new();
+
+    /// <param name="options">The settings (see <see cref="DaemonConfiguration"/>).</param>
+    /// <param name="loggers">Where the daemon logs.</param>
+    /// <param name="time">The clock (rate limits, the split-brain guard, seals).</param>
+    /// <param name="qemuMonitor">
+    /// Sends a QMP command to a guest's QEMU and returns the reply; null: libvirt's
+    /// qemu-monitor-command. Tests whose libvirt (the test driver) has no QEMU stand one in here.
+    /// </param>
+    public BfmigDaemon(DaemonOptions options, ILoggerFactory loggers, TimeProvider? time = null, Func<LibvirtDomain, string, string>? qemuMonitor = null)
     {
         _options = options;
+        _time = time ?? TimeProvider.System;
+        _qemuMonitor = qemuMonitor;
         _loggers = loggers;
         _logger = loggers.CreateLogger("bfmigd");
         _store = new GuestStateStore(options.StateDirectory);
-        _guard = new SplitBrainGuard(_store, options.HostName, time ?? TimeProvider.System);
-        _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), time ?? TimeProvider.System);
+        _guard = new SplitBrainGuard(_store, options.HostName, _time);
+        _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
-        _departures = new DepartureJoin(OnDeparted, time ?? TimeProvider.System);
-        _trips = new TripRecorder(_store, time ?? TimeProvider.System);
+        _departures = new DepartureJoin(OnDeparted, _time);
+        _trips = new TripRecorder(_store, _time);
     }
 
     /// <summary>The options the daemon runs with.</summary>
@@ -100,6 +114,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
 
     internal LibvirtWatcher? Libvirt => _libvirt;
 
+    internal CheckpointKeeper? Checkpoints => _checkpoints;
+
     /// <summary>
     /// Checks what the configuration names (users, helper), prepares the directories, takes the
     /// bus name and starts following libvirt and accepting peers. Throws
@@ -114,6 +130,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             ?? throw new ConfigurationException($"daemon:qemu_user = '{_options.QemuUser}': no such user on this host");
         var group = UnixUsers.GetGroup(_options.QemuGroup)
             ?? throw new ConfigurationException($"daemon:qemu_group = '{_options.QemuGroup}': no such group on this host");
+        var admins = _options.AdminGroup is { } adminGroup
+            ? UnixUsers.GetGroup(adminGroup) ?? throw new ConfigurationException($"daemon:admin_group = '{adminGroup}': no such group on this host")
+            : null;
         var helper = LocateHelper(_options);
         if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
             throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
@@ -140,7 +159,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             DaemonLog.BusLost(_logger, e.Message);
             _ = StopAsync("D-Bus connection lost");
         };
-        var api = new ManagerApi(this, _loggers.CreateLogger("bfmigd.api"));
+        var api = new ManagerApi(this, _loggers.CreateLogger("bfmigd.api"), admins,
+            new CallRateLimit(ManagerApi.EstimatesPerMinute, TimeSpan.FromMinutes(1), _time),
+            new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time));
         _export = _bus.Export(api.CreateObject());
         _bus.RequestName(ManagerApi.BusName);
         _bus.StartProcessing();
@@ -149,7 +170,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
         _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
         var watcher = _libvirt;
-        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token);
+        _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), stop: _stop.Token,
+            qemuMonitor: _qemuMonitor);
 
         if (_dataPathOff is null)
         {
@@ -690,11 +712,26 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     }
 
     /// <inheritdoc/>
-    public TripEstimate Estimate(string guest, string peer)
+    public async Task<TripEstimate> EstimateAsync(string guest, string peer)
     {
         if (!_options.Peers.Any(p => p.Name == peer))
             throw new DaemonApiException(DaemonErrors.UnknownPeer, $"'{peer}' is not a configured peer");
         var record = FindRetained(guest);
+        if (!_estimating.TryAdd(record.Uuid, true))
+            throw new DaemonApiException(DaemonErrors.Busy,
+                $"an Estimate of guest {guest} is already running (one at a time per guest: QEMU samples its memory for a second or more); try again when it has answered");
+        try
+        {
+            return await EstimateAsync(record, peer).ConfigureAwait(false);
+        }
+        finally
+        {
+            _estimating.TryRemove(record.Uuid, out _);
+        }
+    }
+
+    private async Task<TripEstimate> EstimateAsync(GuestRecord record, string peer)
+    {
         var dir = _store.GuestDirectory(record.Uuid);
         var memory = GuestStateStore.MemoryBlocks(dir).ToList();
         var stockMemory = (ulong)memory.Sum(b => b.Length);
@@ -733,7 +770,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             {
                 diskBasis += $" ({why})";
             }
-            (memoryBytes, memoryBasis) = AddDirtyRate(keeper, record.Uuid, peer, memoryBytes, stockMemory, memoryBasis);
+            (memoryBytes, memoryBasis) = await AddDirtyRateAsync(keeper, record.Uuid, peer, memoryBytes, stockMemory, memoryBasis, _stop.Token).ConfigureAwait(false);
         }
         return new TripEstimate(diskBytes, memoryBytes, stockDisk, stockMemory, memoryBasis + ". " + diskBasis + ".");
     }
@@ -742,11 +779,12 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     /// Pages changed since arrival are not tracked; QEMU's dirty rate times the time since the
     /// arrival bounds them from above (a guest that rewrites the same pages changes fewer).
     /// </summary>
-    private static (ulong Bytes, string Basis) AddDirtyRate(CheckpointKeeper keeper, Guid uuid, string peer, ulong bytes, ulong stock, string basis)
+    private static async Task<(ulong Bytes, string Basis)> AddDirtyRateAsync(CheckpointKeeper keeper, Guid uuid, string peer, ulong bytes, ulong stock, string basis,
+        CancellationToken ct)
     {
         if (keeper.ArrivalOf(uuid) is not { } arrival || arrival.Peer != peer)
             return (bytes, basis);
-        var rate = keeper.MeasureDirtyRateAsync(uuid, CancellationToken.None).GetAwaiter().GetResult();
+        var rate = await keeper.MeasureDirtyRateAsync(uuid, ct).ConfigureAwait(false);
         if (rate is not { } mibPerSecond)
             return (bytes, basis + "; QEMU's dirty rate could not be measured");
         var seconds = Math.Max(0, (DateTimeOffset.UtcNow - arrival.At).TotalSeconds);

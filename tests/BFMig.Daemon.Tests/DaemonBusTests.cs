@@ -123,6 +123,30 @@ public sealed class DaemonBusTests : IAsyncLifetime
     }
 
     [Fact]
+    public void Methods_that_reveal_guests_or_make_the_host_work_are_root_only_without_an_admin_group()
+    {
+        _host.Daemon.Store.SaveName(Guid.Parse(TestGuestUuid), "test");
+        foreach (var (method, args) in new[] { ("ListGuests", Array.Empty<string>()), ("Doctor", []), ("Estimate", ["test", "hostb"]) })
+        {
+            // A supplementary group changes nothing while daemon:admin_group is not set.
+            foreach (var groups in new[] { "--clear-groups", "--groups=50" })
+            {
+                var (code, output, err) = Tools.Run("setpriv", ["--reuid=65534", "--regid=65534", groups, "dbus-send", "--bus=" + _bus.Address,
+                    "--print-reply", "--dest=org.bfmig.BFMig1", "/org/bfmig/BFMig1", $"{Manager}.{method}", .. args.Select(a => "string:" + a)]);
+                Assert.True(code != 0, $"{method} answered uid 65534 ({groups}): {output}");
+                Assert.Contains("org.bfmig.BFMig1.Error.AccessDenied", err);
+                Assert.Contains($"{method} shows this host's guests or makes it work and is allowed to root only (caller uid 65534; daemon:admin_group is not set", err);
+                Assert.DoesNotContain(TestGuestUuid, output + err);
+            }
+        }
+        Assert.Contains("refused ListGuests to uid 65534: root only (daemon:admin_group not set)", _host.Log);
+        // Root still gets all three.
+        Assert.Contains(Call("ListGuests", null, ReadGuests), g => g.Uuid == TestGuestUuid);
+        Assert.Equal(0, Tools.Busctl(_bus, "Doctor").ExitCode);
+        Assert.Equal(0, Tools.Busctl(_bus, "Estimate", "ss", "test", "hostb").ExitCode);
+    }
+
+    [Fact]
     public void The_split_brain_guard_refuses_a_guest_that_runs_on_a_peer_unless_it_is_migrating_in()
     {
         var uuid = Guid.Parse("11111111-2222-3333-4444-555555555555");

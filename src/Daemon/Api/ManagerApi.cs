@@ -1,5 +1,6 @@
 using BFMig.Daemon.Logging;
 using BFMig.Native.DBus;
+using BFMig.Native.Linux;
 using Microsoft.Extensions.Logging;
 
 namespace BFMig.Daemon.Api;
@@ -17,6 +18,7 @@ public static class DaemonErrors
     public const string UnknownGuest = "org.bfmig.BFMig1.Error.UnknownGuest";
     public const string UnknownPeer = "org.bfmig.BFMig1.Error.UnknownPeer";
     public const string Busy = "org.bfmig.BFMig1.Error.Busy";
+    public const string LimitExceeded = "org.bfmig.BFMig1.Error.LimitExceeded";
     public const string Failed = "org.bfmig.BFMig1.Error.Failed";
 }
 
@@ -43,19 +45,42 @@ public interface IManagerService
     IReadOnlyList<GuestListing> ListGuests();
     IReadOnlyList<TripListing> ListTrips();
     void Forget(string guest);
-    TripEstimate Estimate(string guest, string peer);
+    /// <summary>Waits for QEMU (dirty rate) without holding a thread; refuses a second estimate of the same guest while one runs.</summary>
+    Task<TripEstimate> EstimateAsync(string guest, string peer);
     MigrationUris PrepareMigration(string guest, string peer);
     IReadOnlyList<DoctorCheck> Doctor();
 }
 
+/// <summary>Who may call a method (see <see cref="ManagerApi"/>).</summary>
+public enum CallerAccess
+{
+    /// <summary>Every caller the bus policy lets through (status only).</summary>
+    Anyone,
+
+    /// <summary>Root, or a member of <c>daemon:admin_group</c>: methods that reveal guests or make the host work.</summary>
+    Admin,
+
+    /// <summary>Root only: methods that change state.</summary>
+    Root,
+}
+
 /// <summary>
 /// <c>org.bfmig.BFMig1.Manager</c> at <c>/org/bfmig/BFMig1</c>, as <c>org.bfmig.BFMig1.xml</c>
-/// defines it. Every method is open to every caller the bus policy lets through; the methods
-/// that change state check here that the caller is root. Anything that may block (files,
-/// libvirt, network) runs off the bus thread with a deferred reply.
+/// defines it. The bus policy lets every local user send to it, so each method says here who may
+/// call it (<see cref="CallerAccess"/>), checked against the credentials the bus daemon took from
+/// the caller's socket. Anything that may block (files, libvirt, network, QEMU) runs off the bus
+/// thread with a deferred reply.
 /// </summary>
-public sealed class ManagerApi(IManagerService service, ILogger logger)
+/// <param name="service">The daemon behind the methods.</param>
+/// <param name="logger">Refusals and failed methods.</param>
+/// <param name="adminGroup">The group of <c>daemon:admin_group</c>; null: the admin methods are root's only.</param>
+/// <param name="estimates">How many Estimates a non-root caller may start per window.</param>
+/// <param name="refusals">The rate limit of refusal log lines.</param>
+public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGroup? adminGroup, CallRateLimit estimates, LogRateLimiter refusals)
 {
+    /// <summary>Estimates a non-root caller may start per minute: each asks QEMU to sample the guest's memory for a second.</summary>
+    public const int EstimatesPerMinute = 6;
+
     public const string BusName = "org.bfmig.BFMig1";
     public const string ObjectPath = "/org/bfmig/BFMig1";
     public const string InterfaceName = "org.bfmig.BFMig1.Manager";
@@ -82,7 +107,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
 
     private void HookEvent(DBusMethodCall call)
     {
-        RequireRoot(call);
+        Require(call, CallerAccess.Root);
         var r = call.Reader;
         var (guest, op, subop, extra, xml) = (r.ReadString(), r.ReadString(), r.ReadString(), r.ReadString(), r.ReadString());
         // Synchronous on purpose: the hook is waiting, libvirt is waiting for the hook, and the
@@ -119,7 +144,13 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
         });
     }
 
-    private void ListGuests(DBusMethodCall call) => Deferred(call, "ListGuests", service.ListGuests, (w, guests) =>
+    private void ListGuests(DBusMethodCall call)
+    {
+        Require(call, CallerAccess.Admin);
+        Deferred(call, "ListGuests", service.ListGuests, WriteGuests);
+    }
+
+    private static void WriteGuests(DBusMessageWriter w, IReadOnlyList<GuestListing> guests)
     {
         w.OpenArray("(sssstttx)");
         foreach (var g in guests)
@@ -136,7 +167,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
             w.CloseContainer();
         }
         w.CloseContainer();
-    });
+    }
 
     private void ListTrips(DBusMethodCall call) => Deferred(call, "ListTrips", service.ListTrips, (w, trips) =>
     {
@@ -158,7 +189,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
 
     private void Forget(DBusMethodCall call)
     {
-        RequireRoot(call);
+        Require(call, CallerAccess.Root);
         var guest = call.Reader.ReadString();
         Deferred(call, "Forget", () =>
         {
@@ -169,9 +200,19 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
 
     private void Estimate(DBusMethodCall call)
     {
+        var caller = Require(call, CallerAccess.Admin);
+        // Root is not counted: it could stop the daemon anyway. The one-per-guest rule still holds for it.
+        if (caller.Uid != 0 && !estimates.TryTake(caller.Uid, out var retryAfter))
+        {
+            var seconds = Math.Max(1, (int)Math.Ceiling(retryAfter.TotalSeconds));
+            var message = $"Estimate is limited to {estimates.Limit} calls per {(int)estimates.Window.TotalSeconds} s for each user other than root " +
+                $"(uid {caller.Uid} used them up); try again in {seconds} s";
+            LogRefusal("Estimate", caller.Uid, $"rate limit ({estimates.Limit} per {(int)estimates.Window.TotalSeconds} s)");
+            throw new DBusException(DaemonErrors.LimitExceeded, message);
+        }
         var r = call.Reader;
         var (guest, peer) = (r.ReadString(), r.ReadString());
-        Deferred(call, "Estimate", () => service.Estimate(guest, peer), (w, e) =>
+        DeferredAsync(call, "Estimate", () => service.EstimateAsync(guest, peer), (w, e) =>
         {
             w.WriteUInt64(e.DiskBytes);
             w.WriteUInt64(e.MemoryBytes);
@@ -183,7 +224,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
 
     private void PrepareMigration(DBusMethodCall call)
     {
-        RequireRoot(call);
+        Require(call, CallerAccess.Root);
         var r = call.Reader;
         var (guest, peer) = (r.ReadString(), r.ReadString());
         Deferred(call, "PrepareMigration", () => service.PrepareMigration(guest, peer), (w, u) =>
@@ -194,7 +235,13 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
         });
     }
 
-    private void Doctor(DBusMethodCall call) => Deferred(call, "Doctor", service.Doctor, (w, checks) =>
+    private void Doctor(DBusMethodCall call)
+    {
+        Require(call, CallerAccess.Admin);
+        Deferred(call, "Doctor", service.Doctor, WriteChecks);
+    }
+
+    private static void WriteChecks(DBusMessageWriter w, IReadOnlyList<DoctorCheck> checks)
     {
         w.OpenArray("(sbs)");
         foreach (var c in checks)
@@ -206,27 +253,59 @@ public sealed class ManagerApi(IManagerService service, ILogger logger)
             w.CloseContainer();
         }
         w.CloseContainer();
-    });
-
-    private void RequireRoot(DBusMethodCall call)
-    {
-        var uid = call.GetSenderUid();
-        if (uid == 0)
-            return;
-        DaemonLog.AccessDenied(logger, call.Method.Name, uid);
-        throw new DBusException(DaemonErrors.AccessDenied,
-            $"{call.Method.Name} changes BFMig state and is allowed to root only (caller uid {uid}); run it with sudo");
     }
 
-    private void Deferred<T>(DBusMethodCall call, string method, Func<T> work, Action<DBusMessageWriter, T> write)
+    /// <summary>
+    /// The one access rule of the API: root may call everything, members of the admin group the
+    /// <see cref="CallerAccess.Admin"/> methods, everyone the rest. Throws AccessDenied (logged,
+    /// rate-limited) with what the caller would need.
+    /// </summary>
+    private DBusCallerCredentials Require(DBusMethodCall call, CallerAccess access)
+    {
+        var caller = call.GetSenderCredentials();
+        if (access == CallerAccess.Anyone || caller.Uid == 0
+            || access == CallerAccess.Admin && adminGroup is { } group && caller.InGroup(group.Gid))
+            return caller;
+        var method = call.Method.Name;
+        var (rule, message) = access == CallerAccess.Root
+            ? ("root only", $"{method} changes BFMig state and is allowed to root only (caller uid {caller.Uid}); run it with sudo")
+            : adminGroup is { } admins
+                ? ($"root or group {admins.Name} only",
+                    $"{method} shows this host's guests or makes it work and is allowed to root and to members of group {admins.Name} only " +
+                    $"(caller uid {caller.Uid} is not in it); run it with sudo, or ask for membership of {admins.Name} (then log in again)")
+                : ("root only (daemon:admin_group not set)",
+                    $"{method} shows this host's guests or makes it work and is allowed to root only (caller uid {caller.Uid}; " +
+                    "daemon:admin_group is not set in bfmig.conf); run it with sudo");
+        LogRefusal(method, caller.Uid, rule);
+        throw new DBusException(DaemonErrors.AccessDenied, message);
+    }
+
+    /// <summary>A local user looping on a refused call costs the journal a few lines, not one per call.</summary>
+    private void LogRefusal(string method, uint uid, string rule)
+    {
+        if (!refusals.TryAcquire(out var suppressed))
+            return;
+        if (suppressed > 0)
+            DaemonLog.CallerRefusalsSuppressed(logger, suppressed, refusals.Burst, (int)refusals.Window.TotalSeconds);
+        DaemonLog.CallerRefused(logger, method, uid, rule);
+    }
+
+    private void Deferred<T>(DBusMethodCall call, string method, Func<T> work, Action<DBusMessageWriter, T> write) =>
+        DeferredAsync(call, method, () => Task.FromResult(work()), write);
+
+    /// <summary>
+    /// Answers later: <paramref name="work"/> starts on the thread pool (never on the bus thread)
+    /// and holds no thread while it awaits.
+    /// </summary>
+    private void DeferredAsync<T>(DBusMethodCall call, string method, Func<Task<T>> work, Action<DBusMessageWriter, T> write)
     {
         var reply = call.Defer();
-        _ = Task.Run(() =>
+        _ = Task.Run(async () =>
         {
             T result;
             try
             {
-                result = work();
+                result = await work().ConfigureAwait(false);
             }
             catch (DaemonApiException e)
             {

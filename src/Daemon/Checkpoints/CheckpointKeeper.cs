@@ -54,9 +54,13 @@ public sealed class CheckpointKeeper
     private readonly ConcurrentDictionary<Guid, Arrival> _arrivals = new();
     private readonly Dictionary<Guid, Task> _sending = [];
 
+    /// <summary>QMP to a guest's QEMU (libvirt's qemu-monitor-command; tests on the test driver stand in for QEMU).</summary>
+    private readonly Func<LibvirtDomain, string, string> _qemuMonitor;
+
     public CheckpointKeeper(DaemonOptions options, Func<Guid, LibvirtDomain?> openDomain, ImageBitmaps images, ILogger logger,
-        TimeProvider? time = null, CancellationToken stop = default)
+        TimeProvider? time = null, CancellationToken stop = default, Func<LibvirtDomain, string, string>? qemuMonitor = null)
     {
+        _qemuMonitor = qemuMonitor ?? ((domain, command) => domain.QemuMonitorCommand(command));
         _options = options;
         _openDomain = openDomain;
         _images = images;
@@ -291,11 +295,11 @@ public sealed class CheckpointKeeper
             status.MissingBitmaps.Count == 0 ? "every bitmap present" : "missing bitmaps: " + string.Join(", ", status.MissingBitmaps));
     }
 
-    private static IReadOnlyList<QemuBlockDevice> TryQueryBlock(LibvirtDomain domain)
+    private IReadOnlyList<QemuBlockDevice> TryQueryBlock(LibvirtDomain domain)
     {
         try
         {
-            return QemuBlockDevice.FromQueryBlock(domain.QemuMonitorCommand("""{"execute":"query-block"}"""));
+            return QemuBlockDevice.FromQueryBlock(_qemuMonitor(domain, """{"execute":"query-block"}"""));
         }
         catch (LibvirtException)
         {
@@ -321,8 +325,8 @@ public sealed class CheckpointKeeper
         return tracked;
     }
 
-    private static void Qmp(LibvirtDomain domain, string command, string node, string extra) =>
-        domain.QemuMonitorCommand($"{{\"execute\":\"{command}\",\"arguments\":{{\"node\":{JsonSerializer.Serialize(node, CheckpointStatusJsonContext.Default.String)},\"name\":\"{RollingBitmap}\"{extra}}}}}");
+    private void Qmp(LibvirtDomain domain, string command, string node, string extra) =>
+        _qemuMonitor(domain, $"{{\"execute\":\"{command}\",\"arguments\":{{\"node\":{JsonSerializer.Serialize(node, CheckpointStatusJsonContext.Default.String)},\"name\":\"{RollingBitmap}\"{extra}}}}}");
 
     private void WriteStatus(Guid uuid, ArrivalStatus status)
     {
@@ -449,11 +453,11 @@ public sealed class CheckpointKeeper
             using var domain = _openDomain(uuid);
             if (domain is null || !domain.IsActive)
                 return null;
-            domain.QemuMonitorCommand("""{"execute":"calc-dirty-rate","arguments":{"calc-time":1}}""");
+            _qemuMonitor(domain, """{"execute":"calc-dirty-rate","arguments":{"calc-time":1}}""");
             for (int i = 0; i < 20; i++)
             {
                 await Task.Delay(TimeSpan.FromMilliseconds(i == 0 ? 1100 : 250), _time, ct).ConfigureAwait(false);
-                using var reply = JsonDocument.Parse(domain.QemuMonitorCommand("""{"execute":"query-dirty-rate"}"""));
+                using var reply = JsonDocument.Parse(_qemuMonitor(domain, """{"execute":"query-dirty-rate"}"""));
                 var result = reply.RootElement.GetProperty("return");
                 if (result.GetProperty("status").GetString() == "measured")
                     return result.TryGetProperty("dirty-rate", out var rate) ? rate.GetDouble() : null;

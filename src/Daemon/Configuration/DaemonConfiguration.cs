@@ -95,6 +95,7 @@ public static class DaemonConfiguration
             Compression = s.Enum("transfer:compression", CompressionChoice.Auto),
             BufferMiB = s.Integer("transfer:buffer_mib", 4, min: 1, max: 256),
             BusAddress = s.OptionalText("daemon:bus_address"),
+            AdminGroup = s.OptionalText("daemon:admin_group") is { Length: > 0 } admins ? s.Name("daemon:admin_group", admins) : null,
             HookPath = s.Path("daemon:hook_path", "/etc/libvirt/hooks/qemu.d/50-bfmig"),
             TransferHelper = s.OptionalPath("transfer:helper"),
             MaxTransfers = s.Integer("transfer:max_concurrent", 8, min: 1, max: 64),

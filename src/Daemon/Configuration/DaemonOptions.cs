@@ -75,6 +75,13 @@ public sealed record DaemonOptions
     public required int BufferMiB { get; init; }
     public required IReadOnlyList<PeerOptions> Peers { get; init; }
 
+    /// <summary>
+    /// The group whose members may call the read-only methods that reveal guests or make the host
+    /// work (ListGuests, Estimate, Doctor) without being root (<c>daemon:admin_group</c>); null:
+    /// root only.
+    /// </summary>
+    public string? AdminGroup { get; init; }
+
     /// <summary>D-Bus address to use instead of the system bus (<c>unix:path=...</c>; tests and labs).</summary>
     public string? BusAddress { get; init; }
 

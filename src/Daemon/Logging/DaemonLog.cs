@@ -38,8 +38,11 @@ internal static partial class DaemonLog
     [LoggerMessage(11, LogLevel.Error, "D-Bus connection lost: {Reason}; stopping (systemd restarts the daemon)")]
     public static partial void BusLost(ILogger logger, string reason);
 
-    [LoggerMessage(12, LogLevel.Warning, "refused {Method} to uid {Uid}: root only")]
-    public static partial void AccessDenied(ILogger logger, string method, uint uid);
+    [LoggerMessage(12, LogLevel.Warning, "refused {Method} to uid {Uid}: {Rule}")]
+    public static partial void CallerRefused(ILogger logger, string method, uint uid, string rule);
+
+    [LoggerMessage(14, LogLevel.Warning, "{Count} more refused D-Bus calls were not logged (at most {Burst} lines per {WindowSeconds} s)")]
+    public static partial void CallerRefusalsSuppressed(ILogger logger, long count, int burst, int windowSeconds);
 
     [LoggerMessage(13, LogLevel.Warning, "{Method} failed: {Reason}")]
     public static partial void MethodFailed(ILogger logger, string method, string reason);

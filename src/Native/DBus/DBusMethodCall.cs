@@ -55,6 +55,19 @@ public sealed unsafe class DBusMethodCall
         }
     }
 
+    /// <summary>
+    /// The caller's uid and groups as the bus daemon recorded them when the caller connected
+    /// (<c>org.freedesktop.DBus.GetConnectionCredentials</c>: UnixUserID from SO_PEERCRED,
+    /// UnixGroupIDs from SO_PEERGROUPS, primary group included). Never read from /proc, where a
+    /// pid may already belong to another process. Groups are empty when the bus cannot tell them.
+    /// </summary>
+    public DBusCallerCredentials GetSenderCredentials() =>
+        _connection.Call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetConnectionCredentials",
+            w => w.WriteString(Sender), DBusCallerCredentials.Read, CredentialsTimeout);
+
+    /// <summary>The bus daemon answers from memory; a bus that takes longer is broken and the call is refused.</summary>
+    private static readonly TimeSpan CredentialsTimeout = TimeSpan.FromSeconds(5);
+
     /// <summary>Sends the method return; <paramref name="write"/> appends the out arguments.</summary>
     public void Reply(Action<DBusMessageWriter>? write = null)
     {
@@ -127,6 +140,49 @@ public sealed unsafe class DBusMethodCall
         {
             Interop.SdBus.sd_bus_error_free(&error);
         }
+    }
+}
+
+/// <summary>Who sent a method call, as the bus daemon saw it (see <see cref="DBusMethodCall.GetSenderCredentials"/>).</summary>
+public sealed record DBusCallerCredentials(uint Uid, IReadOnlyList<uint> GroupIds)
+{
+    /// <summary>True when the caller is in group <paramref name="gid"/> (primary or supplementary).</summary>
+    public bool InGroup(uint gid) => GroupIds.Contains(gid);
+
+    internal static DBusCallerCredentials Read(DBusMessageReader r)
+    {
+        uint? uid = null;
+        var groups = new List<uint>();
+        if (r.EnterArray("{sv}"))
+        {
+            while (r.EnterDictEntry("sv"))
+            {
+                switch (r.ReadString())
+                {
+                    case "UnixUserID":
+                        r.EnterVariant("u");
+                        uid = r.ReadUInt32();
+                        r.ExitContainer();
+                        break;
+                    case "UnixGroupIDs":
+                        r.EnterVariant("au");
+                        if (r.EnterArray("u"))
+                        {
+                            while (!r.AtEnd)
+                                groups.Add(r.ReadUInt32());
+                            r.ExitContainer();
+                        }
+                        r.ExitContainer();
+                        break;
+                    default:
+                        r.Skip("v");
+                        break;
+                }
+                r.ExitContainer();
+            }
+            r.ExitContainer();
+        }
+        return new DBusCallerCredentials(uid ?? throw new DBusException(DBusErrorNames.Failed, "the bus did not say which uid the caller has"), groups);
     }
 }
 

@@ -42,8 +42,12 @@ public sealed class DaemonHost : IAsyncDisposable
         }
     }
 
-    /// <summary>Writes <c>bfmig.conf</c> from <paramref name="ini"/> (with ROOT replaced by the temporary directory), loads it and starts the daemon.</summary>
-    public static DaemonHost Start(PrivateBus bus, string ini)
+    /// <summary>
+    /// Writes <c>bfmig.conf</c> from <paramref name="ini"/> (with ROOT replaced by the temporary
+    /// directory), loads it and starts the daemon. <paramref name="qemuMonitor"/> answers QMP in
+    /// place of a QEMU, which the test driver's guests do not have.
+    /// </summary>
+    public static DaemonHost Start(PrivateBus bus, string ini, Func<BFMig.Native.Libvirt.LibvirtDomain, string, string>? qemuMonitor = null)
     {
         var root = Directory.CreateTempSubdirectory("bfmigd-host-").FullName;
         // Traversable, so that the QEMU user (nobody in some tests) can reach the runtime directory inside.
@@ -55,7 +59,7 @@ public sealed class DaemonHost : IAsyncDisposable
         var logPath = Path.Combine(root, "bfmigd.log");
         var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
         var loggers = DaemonLogging.Create("debug", writer, underJournal: false);
-        var daemon = new BfmigDaemon(options, loggers);
+        var daemon = new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor);
         try
         {
             daemon.Start();
@@ -78,8 +82,10 @@ public sealed class DaemonHost : IAsyncDisposable
     }
 
     /// <summary>A minimal INI for host <paramref name="host"/> with one peer.</summary>
-    public static string Ini(string host, string peer, int peerPort, string qemuUser = "root", string qemuGroup = "root", string listen = "127.0.0.1:0") => $"""
+    public static string Ini(string host, string peer, int peerPort, string qemuUser = "root", string qemuGroup = "root", string listen = "127.0.0.1:0",
+        string? adminGroup = null) => $"""
         [daemon]
+        {(adminGroup is null ? "" : "admin_group = " + adminGroup)}
         host_name = {host}
         state_dir = ROOT/state
         runtime_dir = ROOT/run
@@ -163,6 +169,10 @@ public static class Tools
     /// <summary>Runs a program as uid/gid 65534 (nobody) with no supplementary groups.</summary>
     public static (int ExitCode, string Stdout, string Stderr) RunAsNobody(string file, params string[] arguments) =>
         Run("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", file, .. arguments]);
+
+    /// <summary>Runs a program as uid/gid 65534 (nobody) with <paramref name="gid"/> as its only supplementary group.</summary>
+    public static (int ExitCode, string Stdout, string Stderr) RunAsNobodyInGroup(uint gid, string file, params string[] arguments) =>
+        Run("setpriv", ["--reuid=65534", "--regid=65534", "--groups=" + gid.ToString(System.Globalization.CultureInfo.InvariantCulture), file, .. arguments]);
 
     /// <summary>busctl call on the daemon's object.</summary>
     public static (int ExitCode, string Stdout, string Stderr) Busctl(PrivateBus bus, string method, params string[] arguments) =>
