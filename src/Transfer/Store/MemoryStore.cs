@@ -334,7 +334,8 @@ public sealed class MemoryStore : IDisposable
     public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash)
     {
         var bf = _blocks[block];
-        if (bf.Hashes[page] == hash) return;
+        // Written even when the hash is unchanged: equal hashes of different bytes (a collision a
+        // guest crafted) must still leave the store holding what was sent.
         var locator = Locator();
         WritePage(block, page, content);
         bf.Hashes[page] = hash;
