@@ -169,20 +169,21 @@ public sealed class MigEncoder
             return;
         }
         var store = _store!;
+        // A page is elided or referenced only when its bytes equal the retained page's (the
+        // receiver holds the same bytes); the page hash only finds REF candidates. So a guest that
+        // crafts a page colliding with another under the hash gets it carried, not swapped for the
+        // other. Unchanged pages (the common case) are compared first and need no hash at all.
+        var old = _synced ? store.GetHash(block, page) : UInt128.Zero;
+        if (old != UInt128.Zero && store.PageEquals(block, page, body))
+        {
+            PageOp(MigOps.KindElide, block, page, seg.Continue);
+            _stats.PagesElided++;
+            return;
+        }
         var hash = store.Hash(body);
         if (_synced)
         {
-            // Hashes only find candidates; a page is elided or referenced only when its bytes equal
-            // the retained page's (the receiver holds the same bytes), so a guest that crafts a page
-            // colliding with another under the page hash gets it carried, not swapped for the other.
-            var old = store.GetHash(block, page);
-            if (old == hash && store.Page(block, page).SequenceEqual(body))
-            {
-                PageOp(MigOps.KindElide, block, page, seg.Continue);
-                _stats.PagesElided++;
-                return;
-            }
-            if (store.TryLocate(hash, out int srcBlock, out long srcPage) && store.Page(srcBlock, srcPage).SequenceEqual(body))
+            if (store.TryLocate(hash, out int srcBlock, out long srcPage) && store.PageEquals(srcBlock, srcPage, body))
             {
                 PageOp(MigOps.KindRef, block, page, seg.Continue);
                 _length += Varint.Write(_ops.AsSpan(_length), (ulong)srcBlock);

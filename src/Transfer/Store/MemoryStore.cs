@@ -269,6 +269,13 @@ public sealed class MemoryStore : IDisposable
         return _scratch;
     }
 
+    /// <summary>True when the stored content of a page is exactly <paramref name="content"/> (compared in place, no copy).</summary>
+    public bool PageEquals(int block, long page, ReadOnlySpan<byte> content)
+    {
+        FlushWritesOverlapping(block, page, 1);
+        return _blocks[block].PageEquals(page, content);
+    }
+
     /// <summary>Reads <paramref name="count"/> consecutive stored pages (one system call) into <paramref name="destination"/>.</summary>
     public void ReadPages(int block, long firstPage, int count, Span<byte> destination)
     {
