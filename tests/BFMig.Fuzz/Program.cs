@@ -16,9 +16,9 @@ internal static class Program
 {
     private static int Main(string[] args)
     {
-        if (args.Length < 1 || args[0] is not ("qemu" or "frames" or "ops"))
+        if (args.Length < 1 || args[0] is not ("qemu" or "frames" or "sealed" or "ops"))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|ops [SECONDS] [SEED]");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops [SECONDS] [SEED]");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
@@ -28,12 +28,14 @@ internal static class Program
         {
             "qemu" => LoadFixtures(),
             "frames" => FrameCorpus(),
+            "sealed" => SealedCorpus(),
             _ => OpsCorpus(),
         };
         Action<byte[], Random> target = args[0] switch
         {
             "qemu" => FuzzQemu,
             "frames" => FuzzFrames,
+            "sealed" => FuzzSealed,
             _ => FuzzOps,
         };
         var clock = Stopwatch.StartNew();
@@ -157,6 +159,54 @@ internal static class Program
         try
         {
             while (FrameCodec.TryReadFrame(input.AsSpan(pos), pos, out _, out _, out int used)) pos += used;
+        }
+        catch (PeerProtocolException)
+        {
+        }
+    }
+
+    // PSK-sealed frames: whatever the mutation, a frame either opens to exactly what was sealed at
+    // its place in the sequence or the stream ends with PeerProtocolException.
+    private static readonly byte[] SealKey = FrameKeys.Derive("fuzz-pre-shared-key"u8, "fuzz transcript"u8).SenderToReceiver;
+    private static readonly List<byte[]> SealedPayloads = [];
+
+    private static List<byte[]> SealedCorpus()
+    {
+        var ms = new MemoryStream();
+        var incompressible = new byte[70_000];
+        new Random(5).NextBytes(incompressible);
+        using (var w = new FrameWriter(ms, CompressionMode.Zstd))
+        {
+            w.Protect(new FrameSealer(SealKey));
+            foreach (var (type, payload, compress) in new[]
+            {
+                (FrameType.MigData, new byte[5000], true),
+                (FrameType.Tunnel, incompressible, true),
+                (FrameType.Progress, new byte[8], false),
+                (FrameType.End, new EndMessage(4, new byte[16], true).Encode(), false),
+                (FrameType.TunnelEof, Array.Empty<byte>(), false),
+            })
+            {
+                w.WriteAsync(type, payload, compress, default).AsTask().Wait();
+                SealedPayloads.Add(payload);
+            }
+        }
+        return [ms.ToArray()];
+    }
+
+    private static void FuzzSealed(byte[] input, Random r)
+    {
+        using var reader = new FrameReader(new MemoryStream(input), TimeSpan.FromSeconds(5));
+        reader.Protect(new FrameSealer(SealKey));
+        int i = 0;
+        try
+        {
+            while (reader.ReadAsync(default).AsTask().GetAwaiter().GetResult() is { } f)
+            {
+                if (i >= SealedPayloads.Count || !f.Payload.Span.SequenceEqual(SealedPayloads[i]))
+                    throw new InvalidOperationException($"sealed frame {i} opened to content that was never sealed there");
+                i++;
+            }
         }
         catch (PeerProtocolException)
         {
