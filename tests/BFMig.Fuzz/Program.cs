@@ -14,30 +14,24 @@ namespace BFMig.Fuzz;
 /// </summary>
 internal static class Program
 {
+    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops"];
+
     private static int Main(string[] args)
     {
-        if (args.Length < 1 || args[0] is not ("qemu" or "frames" or "sealed" or "ops"))
+        if (args is ["corpus", var name, var dir] && Targets.Contains(name))
+            return WriteCorpus(name, dir);
+        if (args is ["afl", var aflTarget] && Targets.Contains(aflTarget))
+            return RunUnderAfl(aflTarget);
+        if (args.Length < 1 || !Targets.Contains(args[0]))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops [SECONDS] [SEED]");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
         int seed = args.Length > 2 ? int.Parse(args[2], System.Globalization.CultureInfo.InvariantCulture) : Environment.TickCount;
         var rnd = new Random(seed);
-        var corpus = args[0] switch
-        {
-            "qemu" => LoadFixtures(),
-            "frames" => FrameCorpus(),
-            "sealed" => SealedCorpus(),
-            _ => OpsCorpus(),
-        };
-        Action<byte[], Random> target = args[0] switch
-        {
-            "qemu" => FuzzQemu,
-            "frames" => FuzzFrames,
-            "sealed" => FuzzSealed,
-            _ => FuzzOps,
-        };
+        var corpus = Corpus(args[0]);
+        var target = Target(args[0]);
         var clock = Stopwatch.StartNew();
         long runs = 0;
         while (clock.Elapsed.TotalSeconds < seconds)
@@ -60,6 +54,48 @@ internal static class Program
         _opsStore?.Dispose();
         if (Directory.Exists(StoreRoot)) Directory.Delete(StoreRoot, recursive: true);
         Console.WriteLine($"{args[0]}: {runs} inputs in {clock.Elapsed.TotalSeconds:0.0} s, seed {seed}, no failure");
+        return 0;
+    }
+
+    private static List<byte[]> Corpus(string target) => target switch
+    {
+        "qemu" => LoadFixtures(),
+        "frames" => FrameCorpus(),
+        "sealed" => SealedCorpus(),
+        _ => OpsCorpus(),
+    };
+
+    private static Action<byte[], Random> Target(string target) => target switch
+    {
+        "qemu" => FuzzQemu,
+        "frames" => FuzzFrames,
+        "sealed" => FuzzSealed,
+        _ => FuzzOps,
+    };
+
+    // Seeds for afl++: the same real inputs the mutation runs start from, cut to afl's liking (it
+    // works best on small files; the QEMU captures' heads and tails keep their structure).
+    private static int WriteCorpus(string target, string dir)
+    {
+        Directory.CreateDirectory(dir);
+        int i = 0;
+        foreach (var input in Corpus(target))
+            File.WriteAllBytes(Path.Combine(dir, $"{target}-{i++}.bin"), input.Length > 64_000 ? input[..64_000] : input);
+        Console.WriteLine($"{target}: {i} seed inputs in {dir}");
+        return 0;
+    }
+
+    // One input per afl++ execution (read from stdin), in a SharpFuzz-instrumented BFMig.Transfer:
+    // anything but the documented "stream unusable" error escapes as a crash that afl++ saves.
+    private static int RunUnderAfl(string target)
+    {
+        var run = Target(target);
+        SharpFuzz.Fuzzer.OutOfProcess.Run(stream =>
+        {
+            using var ms = new MemoryStream();
+            stream.CopyTo(ms);
+            run(ms.ToArray(), new Random(0));
+        });
         return 0;
     }
 
@@ -167,29 +203,37 @@ internal static class Program
 
     // PSK-sealed frames: whatever the mutation, a frame either opens to exactly what was sealed at
     // its place in the sequence or the stream ends with PeerProtocolException.
-    private static readonly byte[] SealKey = FrameKeys.Derive("fuzz-pre-shared-key"u8, "fuzz transcript"u8).SenderToReceiver;
-    private static readonly List<byte[]> SealedPayloads = [];
+    // Plain constants: under afl nothing of the instrumented assembly may run before the fuzzer's
+    // shared memory is set up (static initialisers included).
+    private static readonly byte[] SealKey = "bfmig fuzz frame key, 32 bytes.."u8.ToArray();
+
+    private static readonly (FrameType Type, byte[] Payload, bool Compress)[] Sealed = SealedFrames();
+
+    private static (FrameType, byte[], bool)[] SealedFrames()
+    {
+        var incompressible = new byte[70_000];
+        new Random(5).NextBytes(incompressible);
+        var end = new byte[25];
+        end[7] = 4;
+        end[24] = 1;
+        return
+        [
+            (FrameType.MigData, new byte[5000], true),
+            (FrameType.Tunnel, incompressible, true),
+            (FrameType.Progress, new byte[8], false),
+            (FrameType.End, end, false),
+            (FrameType.TunnelEof, [], false),
+        ];
+    }
 
     private static List<byte[]> SealedCorpus()
     {
         var ms = new MemoryStream();
-        var incompressible = new byte[70_000];
-        new Random(5).NextBytes(incompressible);
         using (var w = new FrameWriter(ms, CompressionMode.Zstd))
         {
             w.Protect(new FrameSealer(SealKey));
-            foreach (var (type, payload, compress) in new[]
-            {
-                (FrameType.MigData, new byte[5000], true),
-                (FrameType.Tunnel, incompressible, true),
-                (FrameType.Progress, new byte[8], false),
-                (FrameType.End, new EndMessage(4, new byte[16], true).Encode(), false),
-                (FrameType.TunnelEof, Array.Empty<byte>(), false),
-            })
-            {
+            foreach (var (type, payload, compress) in Sealed)
                 w.WriteAsync(type, payload, compress, default).AsTask().Wait();
-                SealedPayloads.Add(payload);
-            }
         }
         return [ms.ToArray()];
     }
@@ -203,7 +247,7 @@ internal static class Program
         {
             while (reader.ReadAsync(default).AsTask().GetAwaiter().GetResult() is { } f)
             {
-                if (i >= SealedPayloads.Count || !f.Payload.Span.SequenceEqual(SealedPayloads[i]))
+                if (i >= Sealed.Length || f.Type != Sealed[i].Type || !f.Payload.Span.SequenceEqual(Sealed[i].Payload))
                     throw new InvalidOperationException($"sealed frame {i} opened to content that was never sealed there");
                 i++;
             }
