@@ -35,8 +35,11 @@ packages: build
 package-check: build
 	scripts/package-check
 
+## Coverage-guided fuzzing (afl++ + SharpFuzz), FUZZ_SECONDS per target (CI runs only the
+## mutation smoke run of `make test`); `make fuzz FUZZ_SECONDS=1800` for the documented long runs.
+FUZZ_SECONDS ?= 300
 fuzz: build
-	scripts/fuzz-smoke 300
+	scripts/fuzz-afl $(FUZZ_SECONDS)
 
 lab-down:
 	lab/lab down

@@ -53,6 +53,7 @@ internal static class Replay
 
         Scenario("a) all unchanged", baseImage, (_, old) => old, pages);
         Scenario("b) all changed, incompressible", baseImage, (i, _) => RandomPage(new Random(i + 1000)), pages);
+        Scenario("b') b with PSK frame sealing", baseImage, (i, _) => RandomPage(new Random(i + 1000)), pages, sealFrames: true);
         var textNew = Enumerable.Range(0, pages).Select(i => TextPage(new Random(i + 5000), i)).ToArray();
         var c = Scenario("c) all changed, compressible", baseImage, (i, _) => textNew[i], pages);
         // The same trip with pages of real files (shared libraries and Python sources: what a guest's
@@ -61,6 +62,7 @@ internal static class Replay
         var realNew = RealFilePages.Take(pages, pages);
         var c2 = Scenario("c2) all changed, real files", realBase, (i, _) => realNew[i], pages);
         var tenth = Scenario("d) 10% changed (compressible)", baseImage, (i, old) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : old, pages);
+        Scenario("d') d with PSK frame sealing", baseImage, (i, old) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : old, pages, sealFrames: true);
 
         // Ideal for (d): only the changed pages, compressed with zstd alone, in frames of the same size.
         var changed = baseImage.Select((p, i) => i % 10 == 3 ? TextPage(new Random(i + 9000), i) : null).Where(p => p is not null).ToArray();
@@ -73,6 +75,9 @@ internal static class Replay
         double zc2 = ZstdAlonePerCore(realNew);
         Console.WriteLine($"zstd level 1 alone (one thread, CPU time, 256 KiB blocks) on the changed pages: c) {zc:N0} MB/s, c2) {zc2:N0} MB/s;"
             + $" sender per core is {c.SenderPerCoreMBs / zc:0.00} x / {c2.SenderPerCoreMBs / zc2:0.00} x of it");
+        var (seal, open, diskHash) = CryptoPerCore();
+        Console.WriteLine($"PSK frame sealing alone (AES-256-GCM, one thread, CPU time, 1 MiB frames): seal {seal:N0} MB/s, open {open:N0} MB/s;"
+            + $" disk block identity (HMAC-SHA256, 64 KiB blocks): {diskHash:N0} MB/s");
         Console.WriteLine($"10% changed: wire {tenth.Wire:N0} B, ideal (changed pages, zstd alone) {ideal:N0} B -> {(double)tenth.Wire / ideal:0.000} x ideal (target <= 1.10)");
         Console.WriteLine($"             stream carried plainly {plainStream.Length:N0} B -> wire is {100.0 * tenth.Wire / plainStream.Length:0.0}% of it (target <= 12%);"
             + $" plain+zstd {plainZstd:N0} B -> {100.0 * tenth.Wire / plainZstd:0.0}%");
@@ -83,7 +88,7 @@ internal static class Replay
 
     private static TimeSpan Cpu() => BFMig.Native.Linux.ProcessClock.CpuTime;
 
-    private static Result Scenario(string name, byte[][] baseImage, Func<int, byte[], byte[]> change, int pages)
+    private static Result Scenario(string name, byte[][] baseImage, Func<int, byte[], byte[]> change, int pages, bool sealFrames = false)
     {
         using var dirA = new TempDir();
         using var dirB = new TempDir();
@@ -94,7 +99,7 @@ internal static class Replay
         Trip(first, a, b, out _, out _, out _, out _);
         var now = baseImage.Select((p, i) => change(i, p)).ToArray();
         var second = StreamOf(now);
-        Trip(second, b, a, out var sendTime, out var sendCpu, out var recvTime, out long wire);
+        Trip(second, b, a, out var sendTime, out var sendCpu, out var recvTime, out long wire, sealFrames ? FrameKeys.Derive(RandomNumberGeneratorBytes(32), "bench"u8).SenderToReceiver : null);
         double memcpy = Memcpy(second);
         double sMBs = second.Length / sendTime.TotalSeconds / 1e6;
         double cMBs = second.Length / sendCpu.TotalSeconds / 1e6;
@@ -104,20 +109,22 @@ internal static class Replay
     }
 
     /// <summary>Sender then receiver over in-memory frames; times each side alone.</summary>
-    private static void Trip(byte[] stream, MemoryStore sender, MemoryStore receiver, out TimeSpan sendTime, out TimeSpan sendCpu, out TimeSpan recvTime, out long wire)
+    private static void Trip(byte[] stream, MemoryStore sender, MemoryStore receiver, out TimeSpan sendTime, out TimeSpan sendCpu, out TimeSpan recvTime, out long wire,
+        byte[]? frameKey = null)
     {
         bool synced = sender.State.Generation != 0 && sender.State.Digest == receiver.State.Digest;
         // Sized up front: growing it would charge the sender for the benchmark's own copies.
         var wireStream = new MemoryStream(stream.Length + (stream.Length / 8) + (1 << 20));
         var cpu = Cpu();
         var sw = Stopwatch.StartNew();
-        wire = Send(stream, sender, synced, wireStream);
+        wire = Send(stream, sender, synced, wireStream, frameKey);
         sendTime = sw.Elapsed;
         sendCpu = Cpu() - cpu;
 
         wireStream.Position = 0;
         var dec = new MigDecoder(receiver, synced, sender.State.Seed, new TransferStats());
         using var reader = new FrameReader(wireStream, TimeSpan.FromMinutes(1));
+        if (frameKey is not null) reader.Protect(new FrameSealer(frameKey));
         long produced = 0;
         sw.Restart();
         while (reader.ReadAsync(default).AsTask().GetAwaiter().GetResult() is { } f)
@@ -141,9 +148,10 @@ internal static class Replay
     }
 
     /// <summary>Runs the sender core over <paramref name="stream"/>, framing to <paramref name="wireStream"/>; returns the wire bytes.</summary>
-    internal static long Send(byte[] stream, MemoryStore sender, bool synced, Stream wireStream)
+    internal static long Send(byte[] stream, MemoryStore sender, bool synced, Stream wireStream, byte[]? frameKey = null)
     {
         using var writer = new FrameWriter(wireStream, CompressionMode.Zstd);
+        if (frameKey is not null) writer.Protect(new FrameSealer(frameKey));
         var frames = new FramePipeline(writer);
         var current = frames.RentAsync(default).AsTask().GetAwaiter().GetResult();
         var enc = new MigEncoder(sender, synced, sender.State.Seed, new TransferStats(), current.Payload);
@@ -199,6 +207,49 @@ internal static class Replay
         }
         Array.Sort(runs);
         return runs[1];
+    }
+
+    private static byte[] RandomNumberGeneratorBytes(int n) => System.Security.Cryptography.RandomNumberGenerator.GetBytes(n);
+
+    /// <summary>MB/s of CPU time for sealing and opening 1 MiB frames and for the disk block hash (median of three).</summary>
+    private static (double Seal, double Open, double DiskHash) CryptoPerCore()
+    {
+        var frame = new byte[1 << 20];
+        new Random(1).NextBytes(frame);
+        var header = new byte[FrameCodec.HeaderLength];
+        var tag = new byte[FrameSealer.TagLength];
+        var key = RandomNumberGeneratorBytes(32);
+        var diskKey = DiskHashKey.NewRandom();
+        const int Rounds = 256;
+        double Median(Action run)
+        {
+            var runs = new double[3];
+            for (int r = 0; r < runs.Length; r++)
+            {
+                var cpu = Cpu();
+                run();
+                runs[r] = (double)Rounds * frame.Length / (Cpu() - cpu).TotalSeconds / 1e6;
+            }
+            Array.Sort(runs);
+            return runs[1];
+        }
+        double seal = Median(() =>
+        {
+            using var s = new FrameSealer(key);
+            for (int i = 0; i < Rounds; i++) s.Seal(header, frame, frame, tag);
+        });
+        double open = Median(() =>
+        {
+            // Opening fails on these bytes (they were never sealed under this sequence), after the same work as a success.
+            using var s = new FrameSealer(key);
+            for (int i = 0; i < Rounds; i++) s.TryOpen(header, frame, tag);
+        });
+        double disk = Median(() =>
+        {
+            for (int i = 0; i < Rounds; i++)
+                for (int at = 0; at < frame.Length; at += 64 << 10) DiskBlockHash.Compute(frame.AsSpan(at, 64 << 10), diskKey);
+        });
+        return (seal, open, disk);
     }
 
     private static long ZstdChunks(IEnumerable<byte[]> pagesOrChunks)

@@ -160,7 +160,7 @@ public sealed class DiskIdentityTests(ITestOutputHelper output)
             var image = Path.Combine(dir, "disk.qcow2");
             await Run("qemu-img", "create", "-q", "-f", "qcow2", image, "4M");
             await Run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", image);
-            var map = await DiskBlockMapBuilder.BuildFromImageAsync(image, "qcow2", 65536, 7);
+            var map = await DiskBlockMapBuilder.BuildFromImageAsync(image, "qcow2", 65536, DiskHashKey.NewRandom());
             map.Identity = DiskImageIdentity.PendingCapture(image, "qcow2");
             var mapPath = Path.Combine(dir, "drive-virtio-disk0.map");
             map.Save(mapPath);

@@ -338,6 +338,29 @@ public class QemuStreamParserTests
     }
 
     [Fact]
+    public void A_command_with_a_body_longer_than_a_record_turns_opaque_instead_of_one_huge_segment()
+    {
+        // Found by afl++ (scripts/fuzz-afl qemu): a PING with a 60,000-byte body came back as one raw segment.
+        var header = new StreamBuilder().Header().ToArray();
+        var command = new byte[5 + 60_000];
+        command[0] = QemuFormat.Command;
+        command[2] = (byte)QemuFormat.CmdPing;
+        command[3] = 60_000 >> 8;
+        command[4] = 60_000 & 0xff;
+        var input = header.Concat(command).ToArray();
+        var parser = new QemuStreamParser();
+        int pos = 0;
+        while (parser.TryRead(input.AsSpan(pos), true, out var seg))
+        {
+            Assert.True(parser.IsOpaque || seg.Length <= QemuStreamParser.MaxRecordLength, $"segment of {seg.Length} bytes");
+            pos += seg.Length;
+        }
+        Assert.Equal(input.Length, pos);
+        Assert.True(parser.IsOpaque);
+        Assert.Contains("60000-byte body", parser.OpaqueReason);
+    }
+
+    [Fact]
     public void Real_qemu72_paused_stream_matches_what_qemu_reported()
     {
         // query-migrate at capture time said: normal 49 pages, duplicate (zero) 8273.

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Text;
+using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer.Engine;
@@ -12,7 +13,7 @@ public enum DiskChunk : byte
     Data = 1,
     /// <summary>This direction's NBD bytes ended.</summary>
     DataEof = 2,
-    /// <summary>S->R, before the option that names it is forwarded: <c>16 sender map digest, u8 len + export name</c>.</summary>
+    /// <summary>S->R, before the option that names it is forwarded: <c>16 sender map digest, 32 block hash key (<see cref="BFMig.Transfer.Store.DiskHashKey"/>; secret: the channel runs inside TLS or sealed frames), u8 len + export name</c>.</summary>
     ExportHello = 3,
     /// <summary>R->S, before anything the server says about that option: <c>u8 match (1: same map, elide) or 0, 16 receiver map digest</c>.</summary>
     ExportReply = 4,
@@ -174,22 +175,24 @@ public sealed class DiskChannel
     private static PeerProtocolException Bad(string what) => new($"disk channel: {what}");
 
     /// <summary>Encodes an <see cref="DiskChunk.ExportHello"/> payload.</summary>
-    public static byte[] EncodeExportHello(UInt128 digest, string exportName)
+    public static byte[] EncodeExportHello(UInt128 digest, DiskHashKey key, string exportName)
     {
         var name = Encoding.UTF8.GetBytes(exportName);
         if (name.Length > 255) name = name[..255];
-        var b = new byte[16 + 1 + name.Length];
+        var b = new byte[16 + DiskHashKey.Length + 1 + name.Length];
         BinaryPrimitives.WriteUInt128BigEndian(b, digest);
-        b[16] = (byte)name.Length;
-        name.CopyTo(b.AsSpan(17));
+        key.CopyTo(b.AsSpan(16));
+        b[16 + DiskHashKey.Length] = (byte)name.Length;
+        name.CopyTo(b.AsSpan(17 + DiskHashKey.Length));
         return b;
     }
 
     /// <summary>Decodes an <see cref="DiskChunk.ExportHello"/> payload.</summary>
-    public static (UInt128 Digest, string ExportName) DecodeExportHello(ReadOnlySpan<byte> p)
+    public static (UInt128 Digest, DiskHashKey Key, string ExportName) DecodeExportHello(ReadOnlySpan<byte> p)
     {
-        if (p.Length < 17 || p.Length != 17 + p[16]) throw Bad($"export hello of {p.Length} bytes is malformed");
-        return (BinaryPrimitives.ReadUInt128BigEndian(p), Encoding.UTF8.GetString(p.Slice(17, p[16])));
+        const int fixedLength = 16 + DiskHashKey.Length + 1;
+        if (p.Length < fixedLength || p.Length != fixedLength + p[fixedLength - 1]) throw Bad($"export hello of {p.Length} bytes is malformed");
+        return (BinaryPrimitives.ReadUInt128BigEndian(p), new DiskHashKey(p.Slice(16, DiskHashKey.Length)), Encoding.UTF8.GetString(p.Slice(fixedLength, p[fixedLength - 1])));
     }
 
     /// <summary>Encodes a flag + digest payload (<see cref="DiskChunk.ExportReply"/>, <see cref="DiskChunk.End"/>, <see cref="DiskChunk.EndAck"/>).</summary>

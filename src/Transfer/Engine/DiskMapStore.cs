@@ -14,9 +14,6 @@ public static class DiskMapStore
     /// <summary>Block size of every disk map this helper writes.</summary>
     public const int BlockSize = DiskBlockHash.DefaultBlockSize;
 
-    /// <summary>Hash seed of a guest's disk maps: derived from the UUID, so both hosts agree without a store of their own.</summary>
-    public static long SeedFor(Guid guest) => (long)XxHash64.HashToUInt64(guest.ToByteArray(bigEndian: true));
-
     /// <summary>The map file of <paramref name="exportName"/> for <paramref name="guest"/> under <paramref name="root"/>.</summary>
     public static string MapPath(string root, Guid guest, string exportName) =>
         Path.Combine(root, guest.ToString("D"), "disk", FileNameFor(exportName) + ".map");
@@ -40,10 +37,11 @@ public static class DiskMapStore
 
     /// <summary>
     /// The map at <paramref name="path"/> if it may be trusted: present, readable, not in flux,
-    /// its last trip clean, and made with this helper's block size and <paramref name="seed"/>.
-    /// Null otherwise (the trip then sends everything).
+    /// its last trip clean, of the current format (an older one, hashed with a guest-derivable
+    /// seed, is refused by <see cref="DiskBlockMap.Load"/>), made with this helper's block size and
+    /// a real key. Null otherwise (the trip then sends everything).
     /// </summary>
-    public static DiskBlockMap? LoadTrusted(string path, long seed)
+    public static DiskBlockMap? LoadTrusted(string path)
     {
         if (!File.Exists(path) || DiskBlockMap.IsInFlux(path)) return null;
         DiskBlockMap map;
@@ -56,7 +54,7 @@ public static class DiskMapStore
             Console.Error.WriteLine($"bfmig-transfer: ignoring disk map {path}: {e.Message}");
             return null;
         }
-        return map.LastTripUnclean || map.BlockSize != BlockSize || map.HashSeed != seed ? null : map;
+        return map.LastTripUnclean || map.BlockSize != BlockSize || map.HashKey.Equals(DiskHashKey.Unkeyed) ? null : map;
     }
 
     /// <summary>
@@ -119,9 +117,16 @@ public static class DiskMapStore
 /// the export named in the handshake (both read it only when transmission starts). Until then,
 /// and whenever they disagree, every block is unknown.
 /// </summary>
-public sealed class AgreedDiskView(long seed) : IDiskBlockView
+public sealed class AgreedDiskView : IDiskBlockView
 {
     private volatile DiskBlockMap? _map;
+    private volatile DiskHashKey _key = DiskHashKey.Unkeyed;
+
+    /// <summary>
+    /// Hashes blocks under <paramref name="key"/> from now on: the key the sender announced for
+    /// the export (its map's, or a fresh one), set before the export's transmission starts.
+    /// </summary>
+    public void UseKey(DiskHashKey key) => _key = key;
 
     /// <summary>Uses <paramref name="map"/> (null: all unknown).</summary>
     public void Use(DiskBlockMap? map) => _map = map;
@@ -133,7 +138,7 @@ public sealed class AgreedDiskView(long seed) : IDiskBlockView
     public int BlockSize => DiskMapStore.BlockSize;
 
     /// <inheritdoc/>
-    public long HashSeed => seed;
+    public DiskHashKey HashKey => _key;
 
     /// <inheritdoc/>
     public ulong ImageSize => _map?.ImageSize ?? 0;

@@ -23,10 +23,9 @@ public static class DiskPath
     public static async Task SendAsync(LocalConnection qemu, FrameReader reader, FrameWriter writer, TransferOptions o, TransferStats stats, CancellationToken ct)
     {
         var channel = new DiskChannel(new PeerByteTunnel(reader, writer));
-        long seed = DiskMapStore.SeedFor(o.Guest);
-        var view = new AgreedDiskView(seed);
+        var view = new AgreedDiskView();
         var filter = new NbdSenderFilter();
-        var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize, seed);
+        var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize);
         string? mapPath = null;
         DiskBlockMap? peerView = null;
         stats.Mode = "store-full";
@@ -36,7 +35,7 @@ public static class DiskPath
             view.Use(null);
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
-            peerView = DiskMapStore.LoadTrusted(mapPath, seed);
+            peerView = DiskMapStore.LoadTrusted(mapPath);
             try
             {
                 // The receiver's image is about to change: until this trip is confirmed our view of it is void.
@@ -49,7 +48,10 @@ public static class DiskPath
                 mapPath = null;
                 peerView = null;
             }
-            await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(peerView?.ComputeDigest() ?? UInt128.Zero, name), t);
+            // The map's key continues; without a map this trip starts a new one (both hosts record under it).
+            var key = peerView?.HashKey ?? DiskHashKey.NewRandom();
+            view.UseKey(key);
+            await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(peerView?.ComputeDigest() ?? UInt128.Zero, key, name), t);
         }
 
         ValueTask OnControlAsync(DiskChunk type, byte[] payload, CancellationToken t)
@@ -100,8 +102,7 @@ public static class DiskPath
     public static async Task ReceiveAsync(LocalConnection local, FrameReader reader, FrameWriter writer, TransferOptions o, TransferStats stats, CancellationToken ct)
     {
         var channel = new DiskChannel(new PeerByteTunnel(reader, writer));
-        long seed = DiskMapStore.SeedFor(o.Guest);
-        var view = new AgreedDiskView(seed);
+        var view = new AgreedDiskView();
         var observer = new NbdStreamObserver(view);
         string? mapPath = null;
         string? exportName = null;
@@ -110,12 +111,17 @@ public static class DiskPath
         async ValueTask OnControlAsync(DiskChunk type, byte[] payload, CancellationToken t)
         {
             if (type != DiskChunk.ExportHello) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the sender");
-            var (senderDigest, name) = DiskChannel.DecodeExportHello(payload);
+            var (senderDigest, senderKey, name) = DiskChannel.DecodeExportHello(payload);
             view.Use(null);
+            // What arrives is hashed under the sender's key whatever the match, so that the maps
+            // both hosts record of this trip agree.
+            view.UseKey(senderKey);
             exportName = name;
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
-            var map = DiskMapStore.LoadTrusted(mapPath, seed);
+            var map = DiskMapStore.LoadTrusted(mapPath);
+            if (map is not null && !map.HashKey.Equals(senderKey))
+                map = null;
             if (map is not null && DiskMapStore.IdentityMismatch(map, name, o.DiskImages) is { } refused)
             {
                 // Only the image itself can say it still holds what the map describes.
@@ -174,7 +180,7 @@ public static class DiskPath
         using var end = CancellationTokenSource.CreateLinkedTokenSource(ct);
         end.CancelAfter(o.EndTimeout);
         var (senderClean, senderDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.End, end.Token), "end");
-        var observed = new DiskBlockMap(0, DiskMapStore.BlockSize, seed);
+        var observed = new DiskBlockMap(0, DiskMapStore.BlockSize);
         observer.Report(observed);
         var digest = observed.ComputeDigest();
         // Saved without an identity: the local QEMU keeps writing this image as the guest runs, so

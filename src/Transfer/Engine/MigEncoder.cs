@@ -8,7 +8,8 @@ namespace BFMig.Transfer.Engine;
 /// <summary>
 /// Sender core (synchronous, no I/O): turns QEMU stream bytes into <see cref="MigOps"/>, deciding
 /// for every page whether to elide it, reference another retained page, send a delta or send it
-/// in full, and recording what it sends in the store. No allocation per page.
+/// in full, and recording what it sends in the store. Elision and references are decided by byte
+/// comparison with the retained page (the page hash only finds the candidate). No allocation per page.
 /// </summary>
 public sealed class MigEncoder
 {
@@ -168,17 +169,21 @@ public sealed class MigEncoder
             return;
         }
         var store = _store!;
+        // A page is elided or referenced only when its bytes equal the retained page's (the
+        // receiver holds the same bytes); the page hash only finds REF candidates. So a guest that
+        // crafts a page colliding with another under the hash gets it carried, not swapped for the
+        // other. Unchanged pages (the common case) are compared first and need no hash at all.
+        var old = _synced ? store.GetHash(block, page) : UInt128.Zero;
+        if (old != UInt128.Zero && store.PageEquals(block, page, body))
+        {
+            PageOp(MigOps.KindElide, block, page, seg.Continue);
+            _stats.PagesElided++;
+            return;
+        }
         var hash = store.Hash(body);
         if (_synced)
         {
-            var old = store.GetHash(block, page);
-            if (old == hash)
-            {
-                PageOp(MigOps.KindElide, block, page, seg.Continue);
-                _stats.PagesElided++;
-                return;
-            }
-            if (store.TryLocate(hash, out int srcBlock, out long srcPage))
+            if (store.TryLocate(hash, out int srcBlock, out long srcPage) && store.PageEquals(srcBlock, srcPage, body))
             {
                 PageOp(MigOps.KindRef, block, page, seg.Continue);
                 _length += Varint.Write(_ops.AsSpan(_length), (ulong)srcBlock);

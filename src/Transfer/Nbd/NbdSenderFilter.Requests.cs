@@ -96,7 +96,7 @@ public sealed partial class NbdSenderFilter
             ulong start = Math.Max(request.Offset, BlockStart(b));
             ulong stop = Math.Min(end, BlockEnd(b));
             if (start == BlockStart(b) && stop == BlockEnd(b))
-                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _seed);
+                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _key);
         }
         var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)

@@ -32,7 +32,7 @@ public sealed partial class NbdSenderFilter
     private ulong _exportSize;
     private NbdTransmissionFlags _exportFlags;
     private int _blockSize;
-    private long _seed;
+    private DiskHashKey _key = DiskHashKey.Unkeyed;
     private long _blockCount;
     private UInt128[] _hash = [];
     private byte[] _state = [];
@@ -73,7 +73,7 @@ public sealed partial class NbdSenderFilter
         _client = client;
         _upstream = upstream;
         _blockSize = retained.BlockSize;
-        _seed = retained.HashSeed;
+        _key = retained.HashKey;
         int capacity = _options.MaxPayload + 64 * 1024;
         using var clientIn = new NbdInput(client, "client", capacity);
         using var upstreamIn = new NbdInput(upstream, "upstream", capacity);
@@ -151,9 +151,11 @@ public sealed partial class NbdSenderFilter
             throw new NbdProtocolException($"NBD export of {_exportSize} bytes has more than {DiskBlockMap.MaxBlockCount} blocks");
         _hash = new UInt128[_blockCount];
         _state = new byte[_blockCount];
-        _zeroHashFull = DiskBlockHash.Zero(_blockSize, _seed);
+        // The key is final once the export is agreed, which is before its transmission starts.
+        _key = retained.HashKey;
+        _zeroHashFull = DiskBlockHash.Zero(_blockSize, _key);
         int tail = _blockCount == 0 ? _blockSize : DiskBlockHash.BlockLength(_blockCount - 1, _exportSize, _blockSize);
-        _zeroHashTail = tail == _blockSize ? _zeroHashFull : DiskBlockHash.Zero(tail, _seed);
+        _zeroHashTail = tail == _blockSize ? _zeroHashFull : DiskBlockHash.Zero(tail, _key);
         // A retained image of another size cannot be trusted block by block (it was resized): send everything.
         if (retained.ImageSize != _exportSize)
             return;
@@ -178,11 +180,11 @@ public sealed partial class NbdSenderFilter
         if (!transmission)
         {
             // Nothing was written through us, but an opaque or aborted stream may still have changed the image.
-            recorder.BeginTrip(_exportSize == 0 ? retained.ImageSize : _exportSize, _blockSize, _seed);
+            recorder.BeginTrip(_exportSize == 0 ? retained.ImageSize : _exportSize, _blockSize, _key);
             recorder.EndTrip(false);
             return;
         }
-        recorder.BeginTrip(_exportSize, _blockSize, _seed);
+        recorder.BeginTrip(_exportSize, _blockSize, _key);
         lock (_sync)
         {
             for (long b = 0; b < _blockCount; b++)

@@ -106,7 +106,7 @@ public sealed class NbdStreamObserver
         ArgumentNullException.ThrowIfNull(recorder);
         lock (_sync)
         {
-            recorder.BeginTrip(ExportSize == 0 ? _retained.ImageSize : ExportSize, _retained.BlockSize, _retained.HashSeed);
+            recorder.BeginTrip(ExportSize == 0 ? _retained.ImageSize : ExportSize, _retained.BlockSize, _retained.HashKey);
             bool transmission = _state.Length > 0 && !Opaque;
             if (transmission)
             {
@@ -279,9 +279,9 @@ public sealed class NbdStreamObserver
             throw new NbdProtocolException($"NBD export of {size} bytes has more than {DiskBlockMap.MaxBlockCount} blocks");
         _hash = new UInt128[_blockCount];
         _state = new byte[Math.Max(1, _blockCount)];
-        _zeroFull = DiskBlockHash.Zero(blockSize, _retained.HashSeed);
+        _zeroFull = DiskBlockHash.Zero(blockSize, _retained.HashKey);
         int tail = _blockCount == 0 ? blockSize : DiskBlockHash.BlockLength(_blockCount - 1, size, blockSize);
-        _zeroTail = tail == blockSize ? _zeroFull : DiskBlockHash.Zero(tail, _retained.HashSeed);
+        _zeroTail = tail == blockSize ? _zeroFull : DiskBlockHash.Zero(tail, _retained.HashKey);
         if (_retained.ImageSize != size)
             return;
         for (long b = 0; b < _blockCount; b++)
@@ -332,13 +332,13 @@ public sealed class NbdStreamObserver
             UInt128 hash;
             if (piece.IsSingleSegment)
             {
-                hash = DiskBlockHash.Compute(piece.FirstSpan, _retained.HashSeed);
+                hash = DiskBlockHash.Compute(piece.FirstSpan, _retained.HashKey);
             }
             else
             {
                 scratch ??= new byte[blockSize];
                 piece.CopyTo(scratch);
-                hash = DiskBlockHash.Compute(scratch.AsSpan(0, (int)piece.Length), _retained.HashSeed);
+                hash = DiskBlockHash.Compute(scratch.AsSpan(0, (int)piece.Length), _retained.HashKey);
             }
             BlockCommit.Add(pending.Commits, b, BlockCommitKind.Data, hash);
         }

@@ -217,6 +217,12 @@ public sealed class QemuStreamParser
                     GoOpaque($"command {cmd} (postcopy, packaged or colo) at offset {_position}");
                     return false;
                 }
+                // QEMU's own are 0 to 16 bytes; a longer one would break the segment bound (found by afl++).
+                if (5 + len > MaxRecordLength)
+                {
+                    GoOpaque($"command {cmd} with a {len}-byte body at offset {_position}");
+                    return false;
+                }
                 if (input.Length < 5 + len) return false;
                 segment = Raw(5 + len);
                 return true;

@@ -1,3 +1,4 @@
+using System.IO.MemoryMappedFiles;
 using System.Runtime.InteropServices;
 using BFMig.Native.Linux;
 using BFMig.Transfer.Qemu;
@@ -11,9 +12,12 @@ namespace BFMig.Transfer.Store;
 /// mapping) and its page-hash index (in memory while a trip runs, written back at commit).
 /// Hash 0 means "unknown".
 /// </summary>
-internal sealed class BlockFile : IDisposable
+internal sealed unsafe class BlockFile : IDisposable
 {
     private readonly SafeFileHandle _data;
+    private MemoryMappedFile? _map;
+    private MemoryMappedViewAccessor? _view;
+    private byte* _mapped;
 
     public BlockFile(string dataPath, string hashPath, string name, long length, bool loadIndex)
     {
@@ -56,6 +60,27 @@ internal sealed class BlockFile : IDisposable
             }
             done += n;
         }
+    }
+
+    /// <summary>
+    /// True when page <paramref name="page"/> holds exactly <paramref name="content"/>. Read
+    /// through a read-only shared mapping of the data file, made on first use: the page cache is
+    /// compared in place, with no system call or copy per page (the sender compares every
+    /// unchanged page). Writes still go through pwrite, which the mapping sees at once.
+    /// </summary>
+    public bool PageEquals(long page, ReadOnlySpan<byte> content)
+    {
+        if (_mapped == null) Map();
+        return new ReadOnlySpan<byte>(_mapped + (page << QemuFormat.PageShift), QemuFormat.PageSize).SequenceEqual(content);
+    }
+
+    private void Map()
+    {
+        _map = MemoryMappedFile.CreateFromFile(_data, null, Length, MemoryMappedFileAccess.Read, HandleInheritability.None, leaveOpen: true);
+        _view = _map.CreateViewAccessor(0, Length, MemoryMappedFileAccess.Read);
+        byte* p = null;
+        _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
+        _mapped = p + _view.PointerOffset;
     }
 
     /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>).</summary>
@@ -131,5 +156,15 @@ internal sealed class BlockFile : IDisposable
         hs.Flush(flushToDisk: true);
     }
 
-    public void Dispose() => _data.Dispose();
+    public void Dispose()
+    {
+        if (_mapped != null)
+        {
+            _view!.SafeMemoryMappedViewHandle.ReleasePointer();
+            _mapped = null;
+        }
+        _view?.Dispose();
+        _map?.Dispose();
+        _data.Dispose();
+    }
 }

@@ -6,13 +6,14 @@ using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Store;
 
-// File format, version 1, little-endian:
+// File format, version 2, little-endian (version 1 had an XXH3 seed at 24 and no key; such a
+// map is refused as unknown, so its disk is sent whole once, never trusted under the old hash):
 //   0  8  magic "BFMDMAP\0"
 //   8  4  version (1)
 //  12  4  flags (bit 0: last trip unclean)
 //  16  4  block size
 //  20  4  reserved (0)
-//  24  8  hash seed
+//  24  8  reserved (0)
 //  32  8  image (virtual disk) size
 //  40  8  block count = ceil(size / block size)
 //  48  8  identity inode
@@ -21,7 +22,8 @@ namespace BFMig.Transfer.Store;
 //  72  1  identity: 0 none, 1 captured, 2 pending (path and format only, captured later)
 //  73  1  format length F (<= 32)
 //  74  2  path length P (<= 4096)
-//  76  F  format, UTF-8;  then P bytes path, UTF-8
+//  76 32  block hash key (DiskHashKey)
+// 108  F  format, UTF-8;  then P bytes path, UTF-8
 //   ..  ceil(blocks / 64) * 8  known bitmap (u64 words, bit i = block i known)
 //   ..  blocks * 16           hashes (UInt128 LE, zero when unknown)
 //   .. 16                     XxHash128 (seed 0) of every byte before it
@@ -30,9 +32,9 @@ public sealed partial class DiskBlockMap
     private static ReadOnlySpan<byte> FileMagic => "BFMDMAP\0"u8;
 
     /// <summary>Current file format version.</summary>
-    public const int FileVersion = 1;
+    public const int FileVersion = 2;
 
-    private const int FixedHeaderLength = 76;
+    private const int FixedHeaderLength = 108;
     private const string InFluxSuffix = ".influx";
 
     /// <summary>
@@ -77,7 +79,7 @@ public sealed partial class DiskBlockMap
         if ((flags & ~1u) != 0)
             throw Bad(path, 12, "flags", $"0x{flags:x}");
         int blockSize = BinaryPrimitives.ReadInt32LittleEndian(fixedHeader[16..]);
-        long seed = BinaryPrimitives.ReadInt64LittleEndian(fixedHeader[24..]);
+        var key = new DiskHashKey(fixedHeader.Slice(76, DiskHashKey.Length));
         ulong imageSize = BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[32..]);
         long blockCount = BinaryPrimitives.ReadInt64LittleEndian(fixedHeader[40..]);
         if (blockSize < 512 || blockSize > (64 << 20) || !int.IsPow2(blockSize))
@@ -103,7 +105,7 @@ public sealed partial class DiskBlockMap
         var strings = new byte[formatLength + pathLength];
         ReadExactly(stream, strings, path, FixedHeaderLength, "identity strings");
         hasher.Append(strings);
-        var map = new DiskBlockMap(imageSize, blockSize, seed) { LastTripUnclean = (flags & 1) != 0 };
+        var map = new DiskBlockMap(imageSize, blockSize, key) { LastTripUnclean = (flags & 1) != 0 };
         if (identityState != 0)
         {
             map.Identity = new DiskImageIdentity(
@@ -220,7 +222,7 @@ public sealed partial class DiskBlockMap
         BinaryPrimitives.WriteInt32LittleEndian(span[8..], FileVersion);
         BinaryPrimitives.WriteUInt32LittleEndian(span[12..], LastTripUnclean ? 1u : 0u);
         BinaryPrimitives.WriteInt32LittleEndian(span[16..], BlockSize);
-        BinaryPrimitives.WriteInt64LittleEndian(span[24..], HashSeed);
+        HashKey.CopyTo(span.Slice(76, DiskHashKey.Length));
         BinaryPrimitives.WriteUInt64LittleEndian(span[32..], ImageSize);
         BinaryPrimitives.WriteInt64LittleEndian(span[40..], BlockCount);
         BinaryPrimitives.WriteUInt64LittleEndian(span[48..], Identity?.Inode ?? 0);

@@ -4,7 +4,7 @@ using System.IO.Hashing;
 namespace BFMig.Transfer.Store;
 
 /// <summary>
-/// The block-hash map of one disk image: per block a 16-byte XxHash128 or "unknown", plus the
+/// The block-hash map of one disk image: per block a 16-byte keyed hash (<see cref="DiskBlockHash"/>) or "unknown", plus the
 /// identity of the image it describes. It is the retained view the NBD sender consults
 /// (<see cref="IDiskBlockView"/>) and the sink the sender/receiver record a trip into
 /// (<see cref="IDiskRecorder"/>). Not thread-safe: one writer at a time.
@@ -18,12 +18,12 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
     private ulong[] _known;
 
     /// <summary>Creates a map with every block unknown.</summary>
-    public DiskBlockMap(ulong imageSize, int blockSize = DiskBlockHash.DefaultBlockSize, long hashSeed = 0, DiskImageIdentity? identity = null)
+    public DiskBlockMap(ulong imageSize, int blockSize = DiskBlockHash.DefaultBlockSize, DiskHashKey? hashKey = null, DiskImageIdentity? identity = null)
     {
         ValidateGeometry(imageSize, blockSize);
         ImageSize = imageSize;
         BlockSize = blockSize;
-        HashSeed = hashSeed;
+        HashKey = hashKey ?? DiskHashKey.Unkeyed;
         Identity = identity;
         BlockCount = DiskBlockHash.CountBlocks(imageSize, blockSize);
         _hashes = new UInt128[BlockCount];
@@ -34,7 +34,7 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
     public int BlockSize { get; private set; }
 
     /// <inheritdoc/>
-    public long HashSeed { get; private set; }
+    public DiskHashKey HashKey { get; private set; }
 
     /// <inheritdoc/>
     public ulong ImageSize { get; private set; }
@@ -97,7 +97,7 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
     }
 
     /// <summary>
-    /// Digest over geometry, seed and every block's state: two maps have the same digest exactly
+    /// Digest over geometry, the key's id and every block's state: two maps have the same digest exactly
     /// when they describe the same content with the same knowledge. Identity is not included
     /// (the two hosts' files differ in path and inode).
     /// </summary>
@@ -107,8 +107,8 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
         Span<byte> head = stackalloc byte[24];
         BinaryPrimitives.WriteUInt64LittleEndian(head, ImageSize);
         BinaryPrimitives.WriteInt32LittleEndian(head[8..], BlockSize);
-        BinaryPrimitives.WriteInt64LittleEndian(head[12..], HashSeed);
-        BinaryPrimitives.WriteInt32LittleEndian(head[20..], 1);
+        BinaryPrimitives.WriteUInt64LittleEndian(head[12..], HashKey.Id);
+        BinaryPrimitives.WriteInt32LittleEndian(head[20..], FileVersion);
         hasher.Append(head);
         hasher.Append(System.Runtime.InteropServices.MemoryMarshal.AsBytes(_known.AsSpan()));
         hasher.Append(System.Runtime.InteropServices.MemoryMarshal.AsBytes(_hashes.AsSpan()));
@@ -118,19 +118,19 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
     /// <summary>A copy of this map.</summary>
     public DiskBlockMap Clone()
     {
-        var copy = new DiskBlockMap(ImageSize, BlockSize, HashSeed, Identity) { LastTripUnclean = LastTripUnclean };
+        var copy = new DiskBlockMap(ImageSize, BlockSize, HashKey, Identity) { LastTripUnclean = LastTripUnclean };
         _hashes.CopyTo(copy._hashes, 0);
         _known.CopyTo(copy._known, 0);
         return copy;
     }
 
     /// <inheritdoc/>
-    void IDiskRecorder.BeginTrip(ulong imageSize, int blockSize, long hashSeed)
+    void IDiskRecorder.BeginTrip(ulong imageSize, int blockSize, DiskHashKey hashKey)
     {
         ValidateGeometry(imageSize, blockSize);
         ImageSize = imageSize;
         BlockSize = blockSize;
-        HashSeed = hashSeed;
+        HashKey = hashKey;
         BlockCount = DiskBlockHash.CountBlocks(imageSize, blockSize);
         _hashes = new UInt128[BlockCount];
         _known = new ulong[(BlockCount + 63) / 64];

@@ -10,7 +10,7 @@ namespace BFMig.Transfer.Store;
 public static class DiskBlockMapBuilder
 {
     /// <summary>Reads <paramref name="imagePath"/> and returns its map with identity attached.</summary>
-    public static async Task<DiskBlockMap> BuildFromImageAsync(string imagePath, string format, int blockSize = DiskBlockHash.DefaultBlockSize, long hashSeed = 0, CancellationToken ct = default)
+    public static async Task<DiskBlockMap> BuildFromImageAsync(string imagePath, string format, int blockSize = DiskBlockHash.DefaultBlockSize, DiskHashKey? hashKey = null, CancellationToken ct = default)
     {
         var identity = DiskImageIdentity.Capture(imagePath, format);
         string dir = Path.Combine(Path.GetTempPath(), "bfmig-map-" + Guid.NewGuid().ToString("N")[..12]);
@@ -20,7 +20,7 @@ public static class DiskBlockMapBuilder
             string socket = Path.Combine(dir, "nbd.sock");
             await using var server = await QemuNbdServer.StartAsync(imagePath, format, socket, ["-r", "--cache=none", "--aio=threads"], TimeSpan.FromSeconds(20), ct);
             await using var stream = await server.ConnectAsync(ct);
-            var map = await BuildAsync(stream, blockSize, hashSeed, ct);
+            var map = await BuildAsync(stream, blockSize, hashKey, ct);
             map.Identity = identity;
             return map;
         }
@@ -31,11 +31,11 @@ public static class DiskBlockMapBuilder
     }
 
     /// <summary>Reads a whole NBD export over <paramref name="nbd"/> and hashes every block.</summary>
-    public static async Task<DiskBlockMap> BuildAsync(Stream nbd, int blockSize = DiskBlockHash.DefaultBlockSize, long hashSeed = 0, CancellationToken ct = default)
+    public static async Task<DiskBlockMap> BuildAsync(Stream nbd, int blockSize = DiskBlockHash.DefaultBlockSize, DiskHashKey? hashKey = null, CancellationToken ct = default)
     {
         const int chunk = 4 << 20;
         await using var client = await NbdClient.ConnectAsync(nbd, new NbdClientOptions { MaxRequest = chunk }, ct);
-        var map = new DiskBlockMap(client.ExportSize, blockSize, hashSeed);
+        var map = new DiskBlockMap(client.ExportSize, blockSize, hashKey);
         var buffer = new byte[Math.Max(chunk, blockSize)];
         long block = 0;
         for (ulong offset = 0; offset < client.ExportSize;)
@@ -43,7 +43,7 @@ public static class DiskBlockMapBuilder
             int length = (int)Math.Min((ulong)buffer.Length, client.ExportSize - offset);
             await client.ReadAsync(offset, buffer.AsMemory(0, length), ct);
             for (int at = 0; at < length; at += blockSize, block++)
-                map.Set(block, DiskBlockHash.Compute(buffer.AsSpan(at, Math.Min(blockSize, length - at)), hashSeed));
+                map.Set(block, DiskBlockHash.Compute(buffer.AsSpan(at, Math.Min(blockSize, length - at)), map.HashKey));
             offset += (ulong)length;
         }
         await client.DisconnectAsync(ct);

@@ -10,7 +10,7 @@ namespace BFMig.Transfer.Store;
 public interface IDiskRecorder
 {
     /// <summary>Starts a report for an export of <paramref name="imageSize"/> bytes; every block not reported after this is unknown.</summary>
-    void BeginTrip(ulong imageSize, int blockSize, long hashSeed);
+    void BeginTrip(ulong imageSize, int blockSize, DiskHashKey hashKey);
 
     /// <summary>Block <paramref name="blockIndex"/> now holds content with <paramref name="hash"/>; null means unknown.</summary>
     void RecordBlock(long blockIndex, UInt128? hash);

@@ -288,6 +288,13 @@ public sealed class MemoryStore : IDisposable
         return _scratch;
     }
 
+    /// <summary>True when the stored content of a page is exactly <paramref name="content"/> (compared in place, no copy).</summary>
+    public bool PageEquals(int block, long page, ReadOnlySpan<byte> content)
+    {
+        FlushWritesOverlapping(block, page, 1);
+        return _blocks[block].PageEquals(page, content);
+    }
+
     /// <summary>Reads <paramref name="count"/> consecutive stored pages (one system call) into <paramref name="destination"/>.</summary>
     public void ReadPages(int block, long firstPage, int count, Span<byte> destination)
     {
@@ -353,7 +360,8 @@ public sealed class MemoryStore : IDisposable
     public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash)
     {
         var bf = _blocks[block];
-        if (bf.Hashes[page] == hash) return;
+        // Written even when the hash is unchanged: equal hashes of different bytes (a collision a
+        // guest crafted) must still leave the store holding what was sent.
         var locator = Locator();
         WritePage(block, page, content);
         bf.Hashes[page] = hash;

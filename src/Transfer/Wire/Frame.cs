@@ -44,7 +44,12 @@ public readonly record struct FrameHeader(FrameType Type, FrameCodecKind Codec, 
 /// </summary>
 public static class FrameCodec
 {
-    public const ushort ProtocolVersion = 1;
+    /// <summary>
+    /// 2: frames after a pre-shared-key handshake are sealed (<see cref="FrameSealer"/>), and the
+    /// disk channel's export hello carries the block-identity key. A version-1 peer is refused in
+    /// the hello rather than misread.
+    /// </summary>
+    public const ushort ProtocolVersion = 2;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;

@@ -14,6 +14,7 @@ public sealed class FrameReader : IDisposable
     private readonly byte[] _plain;
     private readonly ZstdCodec _zstd = new();
     private readonly TimeSpan _idleTimeout;
+    private FrameSealer? _opener;
 
     public FrameReader(Stream stream, TimeSpan idleTimeout)
     {
@@ -21,6 +22,16 @@ public sealed class FrameReader : IDisposable
         _idleTimeout = idleTimeout;
         _wire = ArrayPool<byte>.Shared.Rent(FrameCodec.HeaderLength + FrameCodec.MaxWireLength);
         _plain = ArrayPool<byte>.Shared.Rent(FrameCodec.MaxPayload);
+    }
+
+    /// <summary>
+    /// Opens (authenticates and decrypts) every frame read from now on; called once, by the
+    /// handshake, right after the peer's last clear frame.
+    /// </summary>
+    public void Protect(FrameSealer opener)
+    {
+        if (_opener is not null) throw new InvalidOperationException("frames are already sealed");
+        _opener = opener;
     }
 
     /// <summary>Bytes read from the peer so far.</summary>
@@ -44,6 +55,11 @@ public sealed class FrameReader : IDisposable
             throw new PeerProtocolException($"peer stream ended inside a {header.Type} frame at byte {offset} ({got} of {header.WireLength} payload bytes)");
         BytesRead += FrameCodec.HeaderLength + header.WireLength;
         var payload = _wire.AsMemory(FrameCodec.HeaderLength, header.WireLength);
+        if (_opener is not null)
+        {
+            payload = Open(header, payload, offset);
+            header = header with { WireLength = payload.Length };
+        }
         if (header.Codec == FrameCodecKind.None) return new Frame(header.Type, payload);
         int plainLength = FrameCodec.UncompressedLength(payload.Span, header, offset);
         int n;
@@ -60,6 +76,19 @@ public sealed class FrameReader : IDisposable
         if (n != plainLength)
             throw new PeerProtocolException($"{header.Type} frame at byte {offset} decompressed to {n} bytes, header said {plainLength}");
         return new Frame(header.Type, _plain.AsMemory(0, n));
+    }
+
+    private Memory<byte> Open(FrameHeader header, Memory<byte> sealedPayload, long offset)
+    {
+        ulong sequence = _opener!.Sequence;
+        if (sealedPayload.Length < FrameSealer.TagLength)
+            throw new PeerProtocolException($"sealed {header.Type} frame {sequence} at byte {offset} of {sealedPayload.Length} bytes is shorter than its tag");
+        var body = sealedPayload[..^FrameSealer.TagLength];
+        if (!_opener.TryOpen(_wire.AsSpan(0, FrameCodec.HeaderLength), body.Span, sealedPayload.Span[^FrameSealer.TagLength..]))
+            throw new PeerAuthenticationException($"{header.Type} frame {sequence} at byte {offset} failed authentication: altered, replayed, reordered or dropped on the way, or not sealed with this connection's key");
+        if (header.Codec != FrameCodecKind.None && body.Length < 4)
+            throw new PeerProtocolException($"compressed {header.Type} frame {sequence} at byte {offset} has no length prefix");
+        return body;
     }
 
     private async ValueTask<int> ReadAtLeastAsync(Memory<byte> buffer, CancellationToken ct)
@@ -89,5 +118,6 @@ public sealed class FrameReader : IDisposable
         ArrayPool<byte>.Shared.Return(_wire);
         ArrayPool<byte>.Shared.Return(_plain);
         _zstd.Dispose();
+        _opener?.Dispose();
     }
 }

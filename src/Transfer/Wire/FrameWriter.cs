@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Buffers.Binary;
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using BFMig.Native.Compression;
 
 namespace BFMig.Transfer.Wire;
@@ -19,6 +20,7 @@ public sealed class FrameWriter : IDisposable
     private readonly ZstdCodec _zstd;
     private readonly byte[] _buffer;
     private readonly CompressionPolicy _policy;
+    private FrameSealer? _sealer;
 
     public FrameWriter(Stream stream, CompressionMode mode = CompressionMode.Auto, int zstdLevel = 1)
     {
@@ -40,6 +42,19 @@ public sealed class FrameWriter : IDisposable
     /// the compression policy counts it as link time.
     /// </summary>
     public void RecordLinkWait(long wireBytes, TimeSpan waited) => _policy.RecordSend((int)Math.Min(wireBytes, int.MaxValue), waited);
+
+    /// <summary>
+    /// Seals every frame written from now on (<see cref="FrameSealer"/>); called once, by the
+    /// handshake, right after its last clear frame and before anything else writes.
+    /// </summary>
+    public void Protect(FrameSealer sealer)
+    {
+        if (_sealer is not null) throw new InvalidOperationException("frames are already sealed");
+        _sealer = sealer;
+    }
+
+    /// <summary>True once frames are sealed.</summary>
+    public bool IsProtected => _sealer is not null;
 
     /// <summary>Writes one frame; compressed if <paramref name="compress"/> and the policy agrees.</summary>
     public async ValueTask WriteAsync(FrameType type, ReadOnlyMemory<byte> payload, bool compress, CancellationToken ct)
@@ -67,6 +82,13 @@ public sealed class FrameWriter : IDisposable
         await _lock.WaitAsync(ct);
         try
         {
+            if (_sealer is not null)
+            {
+                // Sealed in write order (the sequence number is the nonce); a detached payload is
+                // encrypted from its own buffer straight into the frame buffer, so no extra copy.
+                var body = MemoryMarshal.AsMemory(encoded);
+                frame = Seal(body.Span, frame, frame.Detached ? payload.Span : body.Span.Slice(FrameCodec.HeaderLength, frame.Length - FrameCodec.HeaderLength));
+            }
             long start = Stopwatch.GetTimestamp();
             if (frame.Detached)
             {
@@ -89,6 +111,8 @@ public sealed class FrameWriter : IDisposable
 
     private async ValueTask WriteLockedAsync(EncodedFrame frame, ReadOnlyMemory<byte> payload, CancellationToken ct)
     {
+        if (_sealer is not null)
+            frame = Seal(_buffer, frame, _buffer.AsSpan(FrameCodec.HeaderLength, frame.Length - FrameCodec.HeaderLength));
         long start = Stopwatch.GetTimestamp();
         await _stream.WriteAsync(_buffer.AsMemory(0, frame.Length), ct);
         lock (_policy) _policy.RecordSend(frame.Length, Stopwatch.GetElapsedTime(start));
@@ -144,6 +168,19 @@ public sealed class FrameWriter : IDisposable
         return new EncodedFrame(FrameCodec.HeaderLength + payload.Length, Detached: false);
     }
 
+    // Seals the frame encoded in `frame` (header at its start) whose wire payload is `plain`
+    // (inside `frame` or, for a detached frame, its own buffer): the header's length grows by the
+    // tag, the ciphertext and tag land in `frame` after the header. Caller holds the lock.
+    private EncodedFrame Seal(Span<byte> destination, EncodedFrame frame, ReadOnlySpan<byte> plain)
+    {
+        int length = plain.Length;
+        var header = FrameCodec.ParseHeader(destination, BytesWritten);
+        FrameCodec.WriteHeader(destination, header.Type, header.Codec, length + FrameSealer.TagLength);
+        var body = destination.Slice(FrameCodec.HeaderLength, length);
+        _sealer!.Seal(destination[..FrameCodec.HeaderLength], plain, body, destination.Slice(FrameCodec.HeaderLength + length, FrameSealer.TagLength));
+        return new EncodedFrame(FrameCodec.HeaderLength + length + FrameSealer.TagLength, Detached: false);
+    }
+
     /// <summary>Uncompressed payloads from this size on go out from their own buffer (a second write costs less than the copy).</summary>
     internal const int DetachThreshold = 64 << 10;
 
@@ -154,6 +191,7 @@ public sealed class FrameWriter : IDisposable
     public void Dispose()
     {
         _zstd.Dispose();
+        _sealer?.Dispose();
         ArrayPool<byte>.Shared.Return(_buffer);
         _lock.Dispose();
     }

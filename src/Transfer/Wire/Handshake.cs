@@ -10,7 +10,10 @@ namespace BFMig.Transfer.Wire;
 /// <param name="Message">Why, for a refusal.</param>
 public sealed record HelloDecision(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, string Message);
 
-/// <summary>The hello exchange with authentication, for both roles.</summary>
+/// <summary>
+/// The hello exchange with authentication, for both roles. With an authenticator that derives
+/// frame keys (pre-shared key), every frame after the sender's Auth frame is sealed, both ways.
+/// </summary>
 public static class Handshake
 {
     private static ReadOnlySpan<byte> ReceiverRole => "bfmig receiver"u8;
@@ -37,6 +40,11 @@ public static class Handshake
         mine[0] = (byte)auth.ProofLength;
         auth.ComputeProof(SenderRole, transcript, mine.AsSpan(1));
         await writer.WriteAsync(FrameType.Auth, mine, compress: false, ct);
+        if (auth.DeriveFrameKeys(transcript) is { } keys)
+        {
+            writer.Protect(new FrameSealer(keys.SenderToReceiver));
+            reader.Protect(new FrameSealer(keys.ReceiverToSender));
+        }
         return reply;
     }
 
@@ -68,6 +76,11 @@ public static class Handshake
         var p = auth2.Payload.Span;
         if (p.Length < 1 || p[0] != p.Length - 1) throw new PeerProtocolException($"auth frame of {p.Length} bytes is malformed");
         Verify(auth, SenderRole, transcript, p[1..].ToArray(), "sender");
+        if (auth.DeriveFrameKeys(transcript) is { } keys)
+        {
+            reader.Protect(new FrameSealer(keys.SenderToReceiver));
+            writer.Protect(new FrameSealer(keys.ReceiverToSender));
+        }
         return (hello, decision);
     }
 

@@ -25,13 +25,24 @@ public interface IPeerAuthenticator
     /// <see cref="RouteRequest"/> in clear for the receiving daemon to route the connection.
     /// </summary>
     bool HidesHello => false;
+
+    /// <summary>
+    /// Keys that seal every frame after the handshake (<see cref="FrameSealer"/>), derived from
+    /// the hello transcript; null when the transport already protects the frames (TLS) or nothing
+    /// does (unix sockets, tests).
+    /// </summary>
+    FrameKeys? DeriveFrameKeys(ReadOnlySpan<byte> transcript) => null;
 }
 
 /// <summary>
 /// Pre-shared key: HMAC-SHA256 challenge-response inside the hello. Each side sends a fresh
 /// 32-byte nonce; the receiver proves knowledge of the key over (hello, its reply), the sender
-/// over (hello, reply) with a different role label, so neither proof can be replayed. It
-/// authenticates the peers; it does not encrypt or protect the data that follows (use TLS for that).
+/// over (hello, reply) with a different role label, so neither proof can be replayed. Everything
+/// after the handshake (guest memory, disk writes, control frames, both ways) is sealed with
+/// AES-256-GCM under per-direction keys derived from the key and the transcript
+/// (<see cref="FrameKeys.Derive"/>): an on-path attacker can neither read nor alter, inject,
+/// replay or reorder it. The hello and its reply travel in clear (authenticated by the proofs):
+/// they hold no guest data, and nothing in them lets a guest forge page or block identity.
 /// </summary>
 public sealed class PskPeerAuthenticator : IPeerAuthenticator
 {
@@ -80,6 +91,8 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
         h.AppendData(transcript);
         h.GetHashAndReset(proof);
     }
+
+    public FrameKeys? DeriveFrameKeys(ReadOnlySpan<byte> transcript) => FrameKeys.Derive(_key, transcript);
 }
 
 /// <summary>No authentication (tests and trusted unix sockets only).</summary>

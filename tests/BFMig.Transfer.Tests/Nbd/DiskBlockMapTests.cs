@@ -6,10 +6,12 @@ namespace BFMig.Transfer.Tests.Nbd;
 
 public sealed class DiskBlockMapTests(ITestOutputHelper output)
 {
+    private static readonly DiskHashKey Key3 = new(Enumerable.Repeat((byte)3, DiskHashKey.Length).ToArray());
+
     private static DiskBlockMap Sample(out DiskImageIdentity identity)
     {
         identity = new DiskImageIdentity("/var/lib/libvirt/images/guest.qcow2", 1234567, 42 << 20, 638_000_000_000_000_000, "qcow2");
-        var map = new DiskBlockMap((10UL << 20) + 4096, 65536, hashSeed: 99, identity);
+        var map = new DiskBlockMap((10UL << 20) + 4096, 65536, DiskHashKey.NewRandom(), identity);
         var rng = new Random(7);
         for (long b = 0; b < map.BlockCount; b++)
         {
@@ -121,7 +123,7 @@ public sealed class DiskBlockMapTests(ITestOutputHelper output)
         Assert.Null(DiskBlockMap.TryLoadValid(path, DiskImageIdentity.Capture(image, "raw")));
 
         IDiskRecorder recorder = map;
-        recorder.BeginTrip(1 << 20, 65536, 0);
+        recorder.BeginTrip(1 << 20, 65536, DiskHashKey.Unkeyed);
         recorder.EndTrip(clean: false);
         map.Save(path);
         Assert.Null(DiskBlockMap.TryLoadValid(path, identity));
@@ -143,13 +145,13 @@ public sealed class DiskBlockMapTests(ITestOutputHelper output)
         await File.WriteAllBytesAsync(raw, content);
         await TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "raw", "-O", "qcow2", raw, qcow2]);
 
-        var map = await DiskBlockMapBuilder.BuildFromImageAsync(qcow2, "qcow2", 65536, hashSeed: 3);
+        var map = await DiskBlockMapBuilder.BuildFromImageAsync(qcow2, "qcow2", 65536, Key3);
 
         // qcow2 rounds the virtual size up to 512 bytes.
-        var expected = FakeRig.MapOf([.. content, .. new byte[(int)(map.ImageSize - (ulong)content.Length)]], 65536, 3);
+        var expected = FakeRig.MapOf([.. content, .. new byte[(int)(map.ImageSize - (ulong)content.Length)]], 65536, Key3);
         Assert.Equal(expected.ComputeDigest(), map.ComputeDigest());
         Assert.Equal("qcow2", map.Identity!.Format);
         Assert.True(map.TryGetHash(20, out var zero));
-        Assert.Equal(DiskBlockHash.Zero(65536, 3), zero);
+        Assert.Equal(DiskBlockHash.Zero(65536, Key3), zero);
     }
 }

@@ -192,7 +192,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         Assert.False(DiskBlockMap.IsInFlux(MapOf(to)), "receiver's map still in flux");
         var a = DiskBlockMap.Load(MapOf(from));
         var b = DiskBlockMap.Load(MapOf(to));
-        var truth = await DiskBlockMapBuilder.BuildFromImageAsync(from.Image, "qcow2", DiskMapStore.BlockSize, DiskMapStore.SeedFor(Guest));
+        var truth = await DiskBlockMapBuilder.BuildFromImageAsync(from.Image, "qcow2", DiskMapStore.BlockSize, a.HashKey);
         Assert.Equal(truth.ComputeDigest(), a.ComputeDigest());
         Assert.Equal(a.ComputeDigest(), b.ComputeDigest());
         Assert.Equal(truth.BlockCount, b.KnownCount);
@@ -393,7 +393,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         await RunTripAsync(dir, b, a, killReceiver: true);
         Assert.True(DiskBlockMap.IsInFlux(MapOf(a)), "receiver's map not in flux after it was killed");
         Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "sender's map not in flux after the trip failed");
-        Assert.Null(DiskMapStore.LoadTrusted(MapOf(a), DiskMapStore.SeedFor(Guest)));
+        Assert.Null(DiskMapStore.LoadTrusted(MapOf(a)));
 
         var retry = await RunTripAsync(dir, b, a);
         Assert.True(retry.Identical, retry.CompareOutput);
@@ -473,8 +473,9 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     [Fact]
     public void DiskChannelControlPayloadsRoundTripAndRejectGarbage()
     {
-        var hello = DiskChannel.EncodeExportHello(UInt128.MaxValue - 5, Export);
-        Assert.Equal((UInt128.MaxValue - 5, Export), DiskChannel.DecodeExportHello(hello));
+        var key = DiskHashKey.NewRandom();
+        var hello = DiskChannel.EncodeExportHello(UInt128.MaxValue - 5, key, Export);
+        Assert.Equal((UInt128.MaxValue - 5, key, Export), DiskChannel.DecodeExportHello(hello));
         Assert.Throws<PeerProtocolException>(() => DiskChannel.DecodeExportHello(hello.AsSpan(0, hello.Length - 1)));
         var ack = DiskChannel.EncodeFlagDigest(true, 42);
         Assert.Equal((true, (UInt128)42), DiskChannel.DecodeFlagDigest(ack, "ack"));

@@ -18,8 +18,8 @@ internal static class FakeRig
     {
         var (clientSide, filterClient) = await SocketPair.CreateAsync();
         var (filterUp, serverSide) = await SocketPair.CreateAsync();
-        var recorded = new DiskBlockMap(retained.ImageSize, retained.BlockSize, retained.HashSeed);
-        var observed = new DiskBlockMap(retained.ImageSize, retained.BlockSize, retained.HashSeed);
+        var recorded = new DiskBlockMap(retained.ImageSize, retained.BlockSize, retained.HashKey);
+        var observed = new DiskBlockMap(retained.ImageSize, retained.BlockSize, retained.HashKey);
         var observer = new NbdStreamObserver(retained);
         var filter = new NbdSenderFilter(new NbdSenderFilterOptions { DrainTimeout = TimeSpan.FromSeconds(5) });
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(timeoutSeconds));
@@ -65,13 +65,13 @@ internal static class FakeRig
     }
 
     /// <summary>A retained map describing <paramref name="disk"/> exactly.</summary>
-    public static DiskBlockMap MapOf(byte[] disk, int blockSize, long seed = 0)
+    public static DiskBlockMap MapOf(byte[] disk, int blockSize, DiskHashKey? key = null)
     {
-        var map = new DiskBlockMap((ulong)disk.Length, blockSize, seed);
+        var map = new DiskBlockMap((ulong)disk.Length, blockSize, key);
         for (long b = 0; b < map.BlockCount; b++)
         {
             int len = DiskBlockHash.BlockLength(b, (ulong)disk.Length, blockSize);
-            map.Set(b, DiskBlockHash.Compute(disk.AsSpan((int)(b * blockSize), len), seed));
+            map.Set(b, DiskBlockHash.Compute(disk.AsSpan((int)(b * blockSize), len), map.HashKey));
         }
         return map;
     }

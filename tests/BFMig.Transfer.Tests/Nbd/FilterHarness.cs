@@ -63,8 +63,8 @@ internal sealed class FilterHarness : IAsyncDisposable
         _capture = capture;
         SocketPath = socketPath;
         Filter = new NbdSenderFilter(options);
-        Recorded = new DiskBlockMap(retained.ImageSize == 0 ? 1 : retained.ImageSize, retained.BlockSize, retained.HashSeed);
-        ObserverMap = new DiskBlockMap(retained.ImageSize == 0 ? 1 : retained.ImageSize, retained.BlockSize, retained.HashSeed);
+        Recorded = new DiskBlockMap(retained.ImageSize == 0 ? 1 : retained.ImageSize, retained.BlockSize, retained.HashKey);
+        ObserverMap = new DiskBlockMap(retained.ImageSize == 0 ? 1 : retained.ImageSize, retained.BlockSize, retained.HashKey);
         Observer = new NbdStreamObserver(retained);
         _listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         _listener.Bind(new UnixDomainSocketEndPoint(socketPath));

@@ -94,7 +94,7 @@ public sealed class NbdThroughputTests(ITestOutputHelper output)
         for (long block = 0; block < map.BlockCount; block++)
         {
             int at = (int)((block * 65536) % Pattern);
-            map.Set(block, DiskBlockHash.Compute(pattern.AsSpan(at, 65536), 0));
+            map.Set(block, DiskBlockHash.Compute(pattern.AsSpan(at, 65536), map.HashKey));
         }
         return map;
     }
