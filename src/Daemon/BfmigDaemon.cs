@@ -424,6 +424,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
     private IReadOnlyList<DomainDisk> DisksOf(Guid uuid, StreamKind kind) =>
         kind == StreamKind.Nbd && _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainDisks.Parse(xml) : [];
 
+    /// <summary>The incoming domain's memory (0 when its XML is unknown): the most RAM its sender may declare.</summary>
+    private long MemoryOf(Guid uuid) =>
+        _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainMemory.MaxBytes(xml) : 0;
+
     /// <summary>Reads the guest's live XML into the cache in the background (never on a stream's path).</summary>
     private void RefreshDomainXml(Guid uuid)
     {
@@ -452,7 +456,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, IAsyncDisposabl
             return;
         }
         var local = Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
-        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind));
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
+            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.

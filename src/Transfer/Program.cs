@@ -26,6 +26,7 @@ internal static class Program
                  --image EXPORT=FORMAT:PATH (repeatable: the image behind an NBD export on this host)
                  --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME] (mutual TLS instead of --psk-file)
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
+                 --max-ram BYTES (receive, kind mig: the incoming guest's memory; caps the RAM layout a peer may declare)
         """;
 
     private static async Task<int> Main(string[] args)
@@ -55,6 +56,13 @@ internal static class Program
         {
             e.Cancel = true;
             cts.Cancel();
+        };
+        // An exception on a thread nobody awaits (a timer, a callback) would otherwise end the
+        // process with SIGABRT and no stats: report it like any other failure first.
+        AppDomain.CurrentDomain.UnhandledException += (_, e) =>
+        {
+            Report(args[0], opts, null, $"internal error: {(e.ExceptionObject as Exception)?.GetType().Name}: {(e.ExceptionObject as Exception)?.Message}");
+            Environment.Exit(1);
         };
         string? orphaned = null;
         // Handed a socket by bfmigd (--fd): if the daemon dies, give the stream up (see ParentWatch).
@@ -107,27 +115,41 @@ internal static class Program
             error = orphaned ?? e.Message;
             code = 1;
         }
-        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {error.ReplaceLineEndings(" ")}");
+        catch (Exception e)
+        {
+            // Whatever a peer or QEMU made this helper do, it ends reported: a reason in the stats
+            // and a non-zero exit, never an unhandled exception (SIGABRT, no stats, store in flux
+            // with nobody saying why).
+            error = $"internal error: {e.GetType().Name}: {e.Message}";
+            code = 1;
+        }
+        Report(args[0], opts, stats, error);
+        return code;
+    }
+
+    /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
+    private static void Report(string role, Dictionary<string, string> opts, TransferStats? stats, string? error)
+    {
+        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {role}: {error.ReplaceLineEndings(" ")}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
-            stats ??= new TransferStats { Role = args[0] };
+            stats ??= new TransferStats { Role = role };
             stats.Error = error;
             try
             {
                 File.WriteAllBytes(statsPath, JsonSerializer.SerializeToUtf8Bytes(stats, StatsJsonContext.Default.TransferStats));
             }
-            catch (IOException e)
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 Console.Error.WriteLine($"bfmig-transfer: cannot write stats to {statsPath}: {e.Message}");
             }
         }
-        return code;
     }
 
     private static readonly HashSet<string> Flags = ["no-store"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd", "max-ram"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -194,6 +216,7 @@ internal static class Program
             ZstdLevel = d.TryGetValue("zstd-level", out var lvl) ? ParseInt(lvl, "zstd-level") : 1,
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
             DiskImages = images,
+            MaxRamBytes = d.TryGetValue("max-ram", out var mr) ? RamLimit.ForGuest(ParseLong(mr, "max-ram")) : 0,
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
         };
     }
@@ -211,6 +234,9 @@ internal static class Program
         if (d.ContainsKey("psk-file")) throw new FormatException("--psk-file and --tls-* exclude each other");
         return TlsPeerAuthenticator.FromPemFiles(d["tls-cert"], d["tls-key"], d["tls-ca"], d.GetValueOrDefault("tls-peer-name"));
     }
+
+    private static long ParseLong(string s, string name) =>
+        long.TryParse(s, out long v) && v > 0 ? v : throw new FormatException($"--{name} {s}: not a positive number");
 
     private static int ParseInt(string s, string name) =>
         int.TryParse(s, out int v) ? v : throw new FormatException($"--{name} {s}: not a number");

@@ -144,14 +144,18 @@ public sealed class TransferManager
     /// <summary>
     /// Hands an accepted peer connection to a receiving helper that connects to the local QEMU at
     /// <paramref name="localSocket"/>. Takes ownership of <paramref name="peerSocket"/>.
+    /// <paramref name="guestMemoryBytes"/> (the incoming domain's, 0 when unknown) bounds the RAM layout the peer may declare.
     /// </summary>
-    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket, IReadOnlyList<DomainDisk> disks)
+    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string localSocket, Socket peerSocket, IReadOnlyList<DomainDisk> disks,
+        long guestMemoryBytes = 0)
     {
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
             "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
         };
+        if (kind == StreamKind.Mig && guestMemoryBytes > 0)
+            args.AddRange(["--max-ram", guestMemoryBytes.ToString(CultureInfo.InvariantCulture)]);
         if (_options.AuthMode == PeerAuthMode.Tls)
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);

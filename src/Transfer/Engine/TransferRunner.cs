@@ -42,6 +42,11 @@ public sealed class TransferOptions
     /// and the guest is not paused while the destination still loads a backlog.
     /// </summary>
     public bool Pacing { get; init; } = true;
+    /// <summary>
+    /// Receiver, kind mig: the most RAM the sender may declare (<see cref="RamLimit"/>; the daemon
+    /// passes the incoming domain's memory); 0: this host's physical memory.
+    /// </summary>
+    public long MaxRamBytes { get; init; }
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -182,7 +187,7 @@ public static class TransferRunner
             {
                 bool keep = decision.Status == HelloStatus.Match;
                 stats.Mode = keep ? "store-match" : "store-full";
-                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced);
+                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
                 await receiver.RunAsync(local, ct);
             }
             else
