@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Text.Json;
 using BFMig.Native;
 using BFMig.Native.Compression;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
@@ -26,6 +27,7 @@ internal static class Program
                  --image EXPORT=FORMAT:PATH (repeatable: the image behind an NBD export on this host)
                  --tls-cert F --tls-key F --tls-ca F [--tls-peer-name NAME] (mutual TLS instead of --psk-file)
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
+                 --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
                  --max-ram BYTES (receive, kind mig: the incoming guest's memory; caps the RAM layout a peer may declare)
         """;
 
@@ -149,7 +151,7 @@ internal static class Program
     private static readonly HashSet<string> Flags = ["no-store"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd", "max-ram"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "progress-fd", "max-ram", "qemu-pid-file"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -263,6 +265,17 @@ internal static class Program
     {
         var local = Endpoint.Parse(Required(d, "connect"));
         var peer = await ListenOrFdAsync(d, ct);
-        return await TransferRunner.ReceiveAsync(peer, async t => LocalConnection.FromSocket(await local.ConnectAsync(o.ConnectTimeout, t)), o, ct);
+        var pidFile = d.GetValueOrDefault("qemu-pid-file");
+        return await TransferRunner.ReceiveAsync(peer, async t =>
+        {
+            var socket = await local.ConnectAsync(o.ConnectTimeout, t);
+            // Another guest's QEMU (same user and group) could have created this path first.
+            if (pidFile is not null && GuestQemu.Check(socket, pidFile) is { } refusal)
+            {
+                socket.Dispose();
+                throw new IOException($"local socket {Required(d, "connect")} refused: {refusal}");
+            }
+            return LocalConnection.FromSocket(socket);
+        }, o, ct);
     }
 }

@@ -6,6 +6,7 @@ using System.Text.Json.Serialization;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
+using BFMig.Native.Linux;
 using BFMig.Native.Processes;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Wire;
@@ -154,6 +155,8 @@ public sealed class TransferManager
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", "unix:" + localSocket,
             "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName,
         };
+        // The socket there is the destination QEMU's: the helper talks only to this guest's.
+        args.AddRange(["--qemu-pid-file", GuestQemu.PidFile(_options.QemuPidDirectory, guest)]);
         if (kind == StreamKind.Mig && guestMemoryBytes > 0)
             args.AddRange(["--max-ram", guestMemoryBytes.ToString(CultureInfo.InvariantCulture)]);
         if (_options.AuthMode == PeerAuthMode.Tls)
