@@ -6,7 +6,8 @@ using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Store;
 
-// File format, version 1, little-endian:
+// File format, version 2, little-endian (version 1 had no fingerprint; such a map is refused and the
+// next trip sends the disk once):
 //   0  8  magic "BFMDMAP\0"
 //   8  4  version (1)
 //  12  4  flags (bit 0: last trip unclean)
@@ -21,7 +22,8 @@ namespace BFMig.Transfer.Store;
 //  72  1  identity: 0 none, 1 captured, 2 pending (path and format only, captured later)
 //  73  1  format length F (<= 32)
 //  74  2  path length P (<= 4096)
-//  76  F  format, UTF-8;  then P bytes path, UTF-8
+//  76 16  identity content fingerprint (UInt128 LE, DiskImageIdentity.ReadFingerprint)
+//  92  F  format, UTF-8;  then P bytes path, UTF-8
 //   ..  ceil(blocks / 64) * 8  known bitmap (u64 words, bit i = block i known)
 //   ..  blocks * 16           hashes (UInt128 LE, zero when unknown)
 //   .. 16                     XxHash128 (seed 0) of every byte before it
@@ -30,9 +32,9 @@ public sealed partial class DiskBlockMap
     private static ReadOnlySpan<byte> FileMagic => "BFMDMAP\0"u8;
 
     /// <summary>Current file format version.</summary>
-    public const int FileVersion = 1;
+    public const int FileVersion = 2;
 
-    private const int FixedHeaderLength = 76;
+    private const int FixedHeaderLength = 92;
     private const string InFluxSuffix = ".influx";
 
     /// <summary>
@@ -111,7 +113,8 @@ public sealed partial class DiskBlockMap
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[48..]),
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[56..]),
                 BinaryPrimitives.ReadInt64LittleEndian(fixedHeader[64..]),
-                Encoding.UTF8.GetString(strings, 0, formatLength)) { IsPending = identityState == 2 };
+                Encoding.UTF8.GetString(strings, 0, formatLength),
+                BinaryPrimitives.ReadUInt128LittleEndian(fixedHeader[76..])) { IsPending = identityState == 2 };
         }
         long at = FixedHeaderLength + strings.Length;
         var known = MemoryMarshal.AsBytes(map._known.AsSpan());
@@ -229,6 +232,7 @@ public sealed partial class DiskBlockMap
         span[72] = Identity is null ? (byte)0 : Identity.IsPending ? (byte)2 : (byte)1;
         span[73] = (byte)format.Length;
         BinaryPrimitives.WriteUInt16LittleEndian(span[74..], (ushort)imagePath.Length);
+        BinaryPrimitives.WriteUInt128LittleEndian(span[76..], Identity?.Fingerprint ?? default);
         format.CopyTo(span[FixedHeaderLength..]);
         imagePath.CopyTo(span[(FixedHeaderLength + format.Length)..]);
         return header;
