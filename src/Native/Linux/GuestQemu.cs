@@ -9,6 +9,9 @@ namespace BFMig.Native.Linux;
 /// (<c>/run/libvirt/qemu</c>, written by libvirtd as root in a directory only root can write).
 /// Group membership is not enough: every guest's QEMU, and any other member of the QEMU group,
 /// can reach the socket directories, but only this guest's QEMU may move this guest's memory.
+/// A root process passes too: libvirtd itself connects the migration stream of a unix
+/// <c>--migrateuri</c> and hands QEMU the descriptor (seen in the lab, libvirt 9.0), and root can
+/// read any guest's memory anyway.
 /// </summary>
 public static class GuestQemu
 {
@@ -24,7 +27,9 @@ public static class GuestQemu
         int peer;
         try
         {
-            peer = UnixSockets.GetPeerCredentials(socket).Pid;
+            (peer, uint uid, _) = UnixSockets.GetPeerCredentials(socket);
+            if (uid == 0)
+                return null;
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
