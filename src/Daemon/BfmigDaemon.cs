@@ -66,7 +66,6 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private readonly DomainXmlCache _domainXml = new();
     private string? _dataPathOff;
     private TransparentMode? _transparent;
-    private readonly QemuProcesses _qemuProcesses = new();
     private readonly TimeProvider _time;
     private readonly Func<LibvirtDomain, string, string>? _qemuMonitor;
 
@@ -535,6 +534,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private IReadOnlyList<DomainDisk> DisksOf(Guid uuid, StreamKind kind) =>
         kind == StreamKind.Nbd && _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainDisks.Parse(xml) : [];
 
+    /// <summary>The incoming domain's memory (0 when its XML is unknown): the most RAM its sender may declare.</summary>
+    private long MemoryOf(Guid uuid) =>
+        _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainMemory.MaxBytes(xml) : 0;
+
     /// <summary>Reads the guest's live XML into the cache in the background (never on a stream's path).</summary>
     private void RefreshDomainXml(Guid uuid)
     {
@@ -571,7 +574,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         {
             local = "unix:" + Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
         }
-        else if (_qemuProcesses.GuestListener(guest, hello.TargetPort) is { } listener)
+        else if (new QemuProcesses(_options.QemuPidDirectory).GuestListener(guest, hello.TargetPort) is { } listener)
         {
             local = ProcNet.ConnectArgument(ProcNet.ConnectableAddress(listener));
         }
@@ -584,7 +587,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             return;
         }
         StreamStarting(hello.Guest, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
-        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind), hello.FromRouteFrame);
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
+            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.

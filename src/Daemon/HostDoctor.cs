@@ -61,8 +61,9 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt,
                 continue;
             }
             var mode = File.GetUnixFileMode(path);
-            if ((mode & ~MigrationSockets.DirectoryMode) != 0)
-                problems.Add($"{path} has mode {Octal(mode)}, expected at most {Octal(MigrationSockets.DirectoryMode)}");
+            var expected = dir == options.HostName ? MigrationSockets.OwnDirectoryMode : MigrationSockets.DirectoryMode;
+            if ((mode & ~expected) != 0)
+                problems.Add($"{path} has mode {Octal(mode)}, expected at most {Octal(expected)}");
         }
         return problems.Count == 0
             ? new("runtime_dir", true, $"{options.RuntimeDirectory} and its per-host directories exist, reachable only by root and {options.QemuUser}:{options.QemuGroup}")

@@ -14,6 +14,8 @@ internal static partial class Interop
         internal const int ScmRights = 1;
         /// <summary>SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share the value 80.</summary>
         internal const int SoOriginalDst = 80;
+        /// <summary>SO_PEERCRED (asm-generic/socket.h): struct ucred of the process that connected (or listened).</summary>
+        internal const int SoPeerCred = 17;
         internal const int MsgCtrunc = 0x8;
         internal const int MsgDontwait = 0x40;
         internal const int MsgNosignal = 0x4000;

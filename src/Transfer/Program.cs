@@ -3,6 +3,7 @@ using System.Text.Json;
 using BFMig.Native;
 using BFMig.Native.Compression;
 using BFMig.Native.Systemd;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
@@ -31,6 +32,8 @@ internal static class Program
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
                  --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
                  --route-first (receive: a route frame precedes the hello)
+                 --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
+                 --max-ram BYTES (receive, kind mig: the incoming guest's memory; caps the RAM layout a peer may declare)
         """;
 
     private static async Task<int> Main(string[] args)
@@ -60,6 +63,13 @@ internal static class Program
         {
             e.Cancel = true;
             cts.Cancel();
+        };
+        // An exception on a thread nobody awaits (a timer, a callback) would otherwise end the
+        // process with SIGABRT and no stats: report it like any other failure first.
+        AppDomain.CurrentDomain.UnhandledException += (_, e) =>
+        {
+            Report(args[0], opts, null, $"internal error: {(e.ExceptionObject as Exception)?.GetType().Name}: {(e.ExceptionObject as Exception)?.Message}");
+            Environment.Exit(1);
         };
         string? orphaned = null;
         // Handed a socket by bfmigd (--fd): if the daemon dies, give the stream up (see ParentWatch).
@@ -112,27 +122,42 @@ internal static class Program
             error = orphaned ?? e.Message;
             code = 1;
         }
-        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {args[0]}: {LogText.Escape(error)}");
+        catch (Exception e)
+        {
+            // Whatever a peer or QEMU made this helper do, it ends reported: a reason in the stats
+            // and a non-zero exit, never an unhandled exception (SIGABRT, no stats, store in flux
+            // with nobody saying why).
+            error = $"internal error: {e.GetType().Name}: {e.Message}";
+            code = 1;
+        }
+        Report(args[0], opts, stats, error);
+        return code;
+    }
+
+    /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
+    private static void Report(string role, Dictionary<string, string> opts, TransferStats? stats, string? error)
+    {
+        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {role}: {LogText.Escape(error)}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
-            stats ??= new TransferStats { Role = args[0] };
+            stats ??= new TransferStats { Role = role };
             stats.Error = error;
             try
             {
                 File.WriteAllBytes(statsPath, JsonSerializer.SerializeToUtf8Bytes(stats, StatsJsonContext.Default.TransferStats));
             }
-            catch (IOException e)
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 Console.Error.WriteLine($"bfmig-transfer: cannot write stats to {statsPath}: {e.Message}");
             }
         }
-        return code;
     }
 
     private static readonly HashSet<string> Flags = ["no-store", "route-first"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
-         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port"];
+         "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
+         "max-ram", "qemu-pid-file"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -200,6 +225,7 @@ internal static class Program
             ZstdLevel = d.TryGetValue("zstd-level", out var lvl) ? ParseInt(lvl, "zstd-level") : 1,
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
             DiskImages = images,
+            MaxRamBytes = d.TryGetValue("max-ram", out var mr) ? RamLimit.ForGuest(ParseLong(mr, "max-ram")) : 0,
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
@@ -222,6 +248,9 @@ internal static class Program
 
     private static ushort ParsePort(string s) =>
         ushort.TryParse(s, out ushort v) && v != 0 ? v : throw new FormatException($"--target-port {s}: not a TCP port (1-65535)");
+
+    private static long ParseLong(string s, string name) =>
+        long.TryParse(s, out long v) && v > 0 ? v : throw new FormatException($"--{name} {s}: not a positive number");
 
     private static int ParseInt(string s, string name) =>
         int.TryParse(s, out int v) ? v : throw new FormatException($"--{name} {s}: not a number");
@@ -248,6 +277,17 @@ internal static class Program
     {
         var local = Endpoint.Parse(Required(d, "connect"));
         var peer = await ListenOrFdAsync(d, ct);
-        return await TransferRunner.ReceiveAsync(peer, async t => LocalConnection.FromSocket(await local.ConnectAsync(o.ConnectTimeout, t)), o, ct);
+        var pidFile = d.GetValueOrDefault("qemu-pid-file");
+        return await TransferRunner.ReceiveAsync(peer, async t =>
+        {
+            var socket = await local.ConnectAsync(o.ConnectTimeout, t);
+            // Another guest's QEMU (same user and group) could have created this path first.
+            if (pidFile is not null && GuestQemu.Check(socket, pidFile) is { } refusal)
+            {
+                socket.Dispose();
+                throw new IOException($"local socket {Required(d, "connect")} refused: {refusal}");
+            }
+            return LocalConnection.FromSocket(socket);
+        }, o, ct);
     }
 }

@@ -191,7 +191,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
     }
 
     [Fact]
-    public async Task Sockets_belong_to_the_QEMU_user_and_group_and_nobody_else_gets_in()
+    public async Task Socket_directories_belong_to_root_and_only_the_guests_own_QEMU_gets_a_transfer()
     {
         using var bus = new PrivateBus();
         var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9, qemuUser: "nobody", qemuGroup: "nogroup"));
@@ -201,14 +201,27 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             var mig = Path.Combine(run, "hostb", "test.mig");
             await Tools.UntilAsync(() => File.Exists(mig), "sockets of guest test");
             Assert.Equal("root:nogroup 750 directory", Tools.Stat(run));
-            Assert.Equal("nobody:nogroup 750 directory", Tools.Stat(Path.Combine(run, "hostb")));
-            Assert.Equal("nobody:nogroup 750 directory", Tools.Stat(Path.Combine(run, "hosta")));
-            Assert.Equal("nobody:nogroup 660 socket", Tools.Stat(mig));
-            Assert.Equal("nobody:nogroup 660 socket", Tools.Stat(Path.Combine(run, "hostb", "test.nbd")));
+            // Before: nobody:nogroup 750, so the QEMU user could swap a socket for a link that root then chowned.
+            Assert.Equal("root:nogroup 750 directory", Tools.Stat(Path.Combine(run, "hostb")));
+            Assert.Equal("root:nogroup 1770 directory", Tools.Stat(Path.Combine(run, "hosta")));
+            Assert.Equal("root:root 700 directory", Tools.Stat(Path.Combine(run, ".bind")));
+            Assert.Equal("root:nogroup 660 socket", Tools.Stat(mig));
+            Assert.Equal("root:nogroup 660 socket", Tools.Stat(Path.Combine(run, "hostb", "test.nbd")));
 
-            const string connect = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])";
-            var asQemu = Tools.RunAsNobody("/usr/bin/python3", "-c", connect, mig);
-            Assert.True(asQemu.ExitCode == 0, "the QEMU user must reach its socket: " + asQemu.Stderr);
+            // The QEMU user can neither replace nor remove a socket root made.
+            var swap = Tools.RunAsNobody("/usr/bin/python3", "-c", "import os,sys; os.unlink(sys.argv[1])", mig);
+            Assert.NotEqual(0, swap.ExitCode);
+            Assert.Contains("Permission denied", swap.Stderr);
+            Assert.Equal("root:nogroup 660 socket", Tools.Stat(mig));
+
+            // The QEMU group reaches the socket, but a process that is not the guest's QEMU (its pid
+            // is not in libvirt's pid file) is hung up on before any helper starts.
+            const string connect = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.settimeout(10); sys.exit(0 if s.recv(1) == b'' else 3)";
+            var asQemuUser = Tools.RunAsNobody("/usr/bin/python3", "-c", connect, mig);
+            Assert.True(asQemuUser.ExitCode == 0, "the QEMU group must reach the socket and be hung up on: " + asQemuUser.Stderr);
+            await Tools.UntilAsync(() => host.Log.Contains("is not the guest's QEMU", StringComparison.Ordinal), "the refusal in the log");
+            Assert.Contains($"connection to {mig} refused: process ", host.Log);
+            Assert.DoesNotContain("started (pid", host.Log);
             var asOther = Tools.Run("setpriv", "--reuid=1", "--regid=1", "--clear-groups", "/usr/bin/python3", "-c", connect, mig);
             Assert.NotEqual(0, asOther.ExitCode);
             Assert.Contains("Permission denied", asOther.Stderr);

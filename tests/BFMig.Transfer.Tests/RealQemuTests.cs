@@ -32,6 +32,9 @@ public class RealQemuTests
         string storeA = Path.Combine(w, "storeA"), storeB = Path.Combine(w, "storeB");
         string psk = Path.Combine(w, "psk");
         File.WriteAllText(psk, "lab-secret-0123456789abcdef\n");
+        // A key others can read is refused (issue 12): 0600, as an operator keeps it.
+        if (OperatingSystem.IsLinux())
+            File.SetUnixFileMode(psk, UnixFileMode.UserRead | UnixFileMode.UserWrite);
         string guest = Guid.NewGuid().ToString();
         var drive = new[] { "-drive", $"file={boot},format=raw,if=floppy,readonly=on" };
 

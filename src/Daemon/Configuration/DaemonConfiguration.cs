@@ -82,6 +82,7 @@ public static class DaemonConfiguration
             ListenPort = listenPort,
             QemuUser = s.Name("daemon:qemu_user", "libvirt-qemu"),
             QemuGroup = s.Name("daemon:qemu_group", "kvm"),
+            QemuPidDirectory = s.Path("daemon:qemu_pid_dir", BFMig.Native.Linux.GuestQemu.DefaultPidDirectory),
             LogLevel = s.OneOf("daemon:log_level", "info", "debug", "info", "warning", "error"),
             AuthMode = auth,
             PskFile = pskFile,

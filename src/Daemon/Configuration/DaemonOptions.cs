@@ -46,6 +46,9 @@ public sealed record DaemonOptions
     public required int ListenPort { get; init; }
     public required string QemuUser { get; init; }
     public required string QemuGroup { get; init; }
+
+    /// <summary>Where libvirt keeps its QEMU pid files (<c>GUEST.pid</c>): a socket accepts only the guest's own QEMU.</summary>
+    public string QemuPidDirectory { get; init; } = BFMig.Native.Linux.GuestQemu.DefaultPidDirectory;
     public required string LogLevel { get; init; }
     public required PeerAuthMode AuthMode { get; init; }
     public required string? PskFile { get; init; }

@@ -73,6 +73,9 @@ internal static partial class DaemonLog
     [LoggerMessage(32, LogLevel.Error, "guest {Guest}: cannot set up migration socket {Path}: {Reason}")]
     public static partial void SocketFailed(ILogger logger, string guest, string path, string reason);
 
+    [LoggerMessage(33, LogLevel.Warning, "guest {Guest}: connection to {Path} refused: {Reason} ({Suppressed} more refused since the last report)")]
+    public static partial void SocketConnectionRefused(ILogger logger, string guest, string path, string reason, long suppressed);
+
     // 40-49: transfers
     [LoggerMessage(40, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} with peer {Peer} started (pid {Pid})")]
     public static partial void TransferStarted(ILogger logger, int id, string direction, string kind, string guest, string peer, int pid);

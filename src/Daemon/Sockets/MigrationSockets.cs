@@ -13,34 +13,48 @@ public delegate void QemuConnected(string guest, Guid uuid, PeerOptions peer, St
 /// <summary>
 /// The explicit-mode sockets: for each running guest and each configured peer, listening unix
 /// sockets <c>RUNTIME/PEER/GUEST.mig</c> and <c>.nbd</c> that the source libvirt points QEMU at
-/// (<c>--migrateuri</c>, <c>--disks-uri</c>). Only the QEMU user and group (and root) can reach
-/// them: directories <c>qemu_user:qemu_group 0750</c>, sockets <c>0660</c>. <c>RUNTIME/HOST/</c>
-/// (this host's own name) is where the destination QEMU creates its listening sockets when a
-/// guest migrates here, so it is owned by the QEMU user and left to it.
+/// (<c>--migrateuri</c>, <c>--disks-uri</c>). Every directory belongs to root, so that a
+/// compromised QEMU can neither swap a socket for a link nor plant one: <c>RUNTIME</c> and the
+/// per-peer directories <c>root:qemu_group 0750</c>; sockets <c>root:qemu_group 0660</c>, given
+/// their owner and mode in <c>RUNTIME/.bind</c> (root only) and only then renamed into place, so
+/// no call as root ever follows a path another user could change. <c>RUNTIME/HOST/</c> (this
+/// host's own name) is where the destination QEMU creates its listening sockets when a guest
+/// migrates here: <c>root:qemu_group 1770</c>. A connection counts only when it comes from the
+/// guest's own QEMU (SO_PEERCRED against libvirt's pid file, <see cref="GuestQemu"/>); the
+/// receiving helper checks the same of the socket it connects to in <c>RUNTIME/HOST/</c>.
 /// </summary>
 public sealed class MigrationSockets : IDisposable
 {
-    /// <summary>Mode of the per-peer and own-host directories.</summary>
+    /// <summary>Mode of the runtime and per-peer directories.</summary>
     public const UnixFileMode DirectoryMode = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute
         | UnixFileMode.GroupRead | UnixFileMode.GroupExecute;
+
+    /// <summary>Mode of the own-host directory: the QEMU group creates its sockets there; sticky, so it removes only its own.</summary>
+    public const UnixFileMode OwnDirectoryMode = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute
+        | UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute | UnixFileMode.StickyBit;
+
+    private const UnixFileMode PrivateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute;
+    private const string BindDirectory = ".bind";
+    private static readonly TimeSpan RefusalReportInterval = TimeSpan.FromSeconds(10);
 
     /// <summary>Mode of every socket.</summary>
     public const UnixFileMode SocketMode = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.GroupWrite;
 
     private const int MaxSocketPath = 107;
     private readonly DaemonOptions _options;
-    private readonly uint _uid;
     private readonly uint _gid;
     private readonly ILogger _logger;
     private readonly QemuConnected _onConnected;
     private readonly Lock _gate = new();
     private readonly Dictionary<Guid, GuestSockets> _guests = [];
     private bool _disposed;
+    private long _refusedSinceReport;
+    private long _lastRefusalReport = long.MinValue;
 
     public MigrationSockets(DaemonOptions options, uint qemuUid, uint qemuGid, ILogger logger, QemuConnected onConnected)
     {
+        _ = qemuUid; // Nothing here belongs to the QEMU user any more: the group grants access.
         _options = options;
-        _uid = qemuUid;
         _gid = qemuGid;
         _logger = logger;
         _onConnected = onConnected;
@@ -54,22 +68,35 @@ public sealed class MigrationSockets : IDisposable
         Path.Combine(_options.RuntimeDirectory, hostDirectory, guest + (kind == StreamKind.Mig ? ".mig" : ".nbd"));
 
     /// <summary>
-    /// Creates the runtime directory (root:qemu_group 0750), the own-host directory and one
-    /// directory per peer (qemu_user:qemu_group 0750). Throws when that is impossible.
+    /// Creates the runtime directory (root:qemu_group 0750), the private bind directory (root
+    /// 0700), one directory per peer (root:qemu_group 0750) and the own-host directory
+    /// (root:qemu_group 1770). Throws when that is impossible.
     /// </summary>
     public void PrepareDirectories()
     {
         var root = _options.RuntimeDirectory;
+        // The runtime directory's parent (/run) is root's: creating and changing it by path is safe.
         Directory.CreateDirectory(root);
         UnixUsers.ChangeOwner(root, 0, _gid);
         UnixUsers.ChangeMode(root, DirectoryMode);
-        foreach (var dir in _options.Peers.Select(p => p.Name).Append(_options.HostName))
-        {
-            var path = Path.Combine(root, dir);
-            Directory.CreateDirectory(path);
-            UnixUsers.ChangeOwner(path, _uid, _gid);
-            UnixUsers.ChangeMode(path, DirectoryMode);
-        }
+        // Below it only root can create entries, so each path checked here stays what it was.
+        PrepareDirectory(Path.Combine(root, BindDirectory), 0, PrivateMode);
+        foreach (var peer in _options.Peers)
+            PrepareDirectory(Path.Combine(root, peer.Name), _gid, DirectoryMode);
+        PrepareDirectory(OwnDirectory, _gid, OwnDirectoryMode);
+    }
+
+    // An earlier version left these to the QEMU user: anything that is not a plain directory goes.
+    private static void PrepareDirectory(string path, uint gid, UnixFileMode mode)
+    {
+        var info = new DirectoryInfo(path);
+        if (info.LinkTarget is not null)
+            File.Delete(path);
+        else if (File.Exists(path))
+            File.Delete(path);
+        Directory.CreateDirectory(path);
+        UnixUsers.ChangeOwner(path, 0, gid);
+        UnixUsers.ChangeMode(path, mode);
     }
 
     /// <summary>Guests that currently have sockets.</summary>
@@ -153,20 +180,23 @@ public sealed class MigrationSockets : IDisposable
     {
         if (System.Text.Encoding.UTF8.GetByteCount(path) > MaxSocketPath)
             throw new ArgumentException($"socket path is longer than {MaxSocketPath} bytes");
-        // A file left by an earlier run (or a crash) would make bind fail; nothing else lives here.
-        TryDelete(path);
+        // Bound, owned and moded where only root can look, then renamed over whatever was at the
+        // path (rename replaces a link, it never follows it): QEMU never sees a socket without
+        // its final owner and mode.
+        var staging = Path.Combine(_options.RuntimeDirectory, BindDirectory, Guid.NewGuid().ToString("N") + ".sock");
         var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         try
         {
-            socket.Bind(new UnixDomainSocketEndPoint(path));
-            UnixUsers.ChangeOwner(path, _uid, _gid);
-            UnixUsers.ChangeMode(path, SocketMode);
+            socket.Bind(new UnixDomainSocketEndPoint(staging));
+            UnixUsers.ChangeOwner(staging, 0, _gid);
+            UnixUsers.ChangeMode(staging, SocketMode);
             socket.Listen(4);
+            File.Move(staging, path, overwrite: true);
         }
         catch
         {
             socket.Dispose();
-            TryDelete(path);
+            TryDelete(staging);
             throw;
         }
         var listener = new Listener(path, socket);
@@ -187,6 +217,12 @@ public sealed class MigrationSockets : IDisposable
             {
                 return;
             }
+            if (GuestQemu.Check(connection, GuestQemu.PidFile(_options.QemuPidDirectory, guest)) is { } refusal)
+            {
+                connection.Dispose();
+                ReportRefusal(guest, listener.Path, refusal);
+                continue;
+            }
             try
             {
                 _onConnected(guest, uuid, peer, kind, connection);
@@ -197,6 +233,20 @@ public sealed class MigrationSockets : IDisposable
                 DaemonLog.SocketFailed(_logger, guest, listener.Path, $"cannot hand the connection on: {e.Message}");
             }
         }
+    }
+
+    // Any member of the QEMU group can connect: one report per interval, with the count of the rest.
+    private void ReportRefusal(string guest, string path, string reason)
+    {
+        long now = Environment.TickCount64;
+        long last = Interlocked.Read(ref _lastRefusalReport);
+        if (last != long.MinValue && now - last < (long)RefusalReportInterval.TotalMilliseconds
+            || Interlocked.CompareExchange(ref _lastRefusalReport, now, last) != last)
+        {
+            Interlocked.Increment(ref _refusedSinceReport);
+            return;
+        }
+        DaemonLog.SocketConnectionRefused(_logger, guest, path, reason, Interlocked.Exchange(ref _refusedSinceReport, 0));
     }
 
     private static bool IsUsableName(string name) =>

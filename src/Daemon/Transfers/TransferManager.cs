@@ -6,6 +6,7 @@ using System.Text.Json.Serialization;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
+using BFMig.Native.Linux;
 using BFMig.Native.Processes;
 using BFMig.Transfer.Engine;
 using BFMig.Transfer.Wire;
@@ -168,16 +169,25 @@ public sealed class TransferManager
     /// <summary>
     /// Hands an accepted peer connection to a receiving helper that connects to the local QEMU at
     /// <paramref name="local"/> (<c>unix:PATH</c>, or <c>tcp:ADDRESS:PORT</c> in transparent mode).
-    /// Takes ownership of <paramref name="peerSocket"/>. <paramref name="routeFirst"/>: a route frame precedes the hello.
+    /// Takes ownership of <paramref name="peerSocket"/>. <paramref name="guestMemoryBytes"/> (the
+    /// incoming domain's, 0 when unknown) bounds the RAM layout the peer may declare.
+    /// <paramref name="routeFirst"/>: a route frame precedes the hello.
     /// </summary>
     public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket, IReadOnlyList<DomainDisk> disks,
-        bool routeFirst = false)
+        long guestMemoryBytes = 0, bool routeFirst = false)
     {
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", local,
             "--guest", uuid.ToString("D"), "--store", _options.StateDirectory, "--name", _options.HostName, "--peer-name", peerName,
         };
+        // The socket there is the destination QEMU's: the helper talks only to this guest's. (A
+        // transparent-mode TCP target has no SO_PEERCRED: bfmigd checked, from /proc, that the
+        // guest's own QEMU holds that listener before it named it.)
+        if (local.StartsWith("unix:", StringComparison.Ordinal))
+            args.AddRange(["--qemu-pid-file", GuestQemu.PidFile(_options.QemuPidDirectory, guest)]);
+        if (kind == StreamKind.Mig && guestMemoryBytes > 0)
+            args.AddRange(["--max-ram", guestMemoryBytes.ToString(CultureInfo.InvariantCulture)]);
         if (_options.AuthMode == PeerAuthMode.Tls)
         {
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);

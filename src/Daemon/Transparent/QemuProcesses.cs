@@ -1,5 +1,5 @@
-using System.Globalization;
 using System.Net;
+using BFMig.Native.Linux;
 
 namespace BFMig.Daemon.Transparent;
 
@@ -8,25 +8,14 @@ namespace BFMig.Daemon.Transparent;
 /// by libvirtd as root in a root-owned directory, so neither a guest nor the QEMU user can change
 /// it), and what that process's sockets are.
 /// </summary>
-public sealed class QemuProcesses(string pidDirectory = QemuProcesses.DefaultPidDirectory, string procRoot = "/proc")
+public sealed class QemuProcesses(string pidDirectory = GuestQemu.DefaultPidDirectory, string procRoot = "/proc")
 {
-    /// <summary>Where libvirt's QEMU driver keeps one pid file per running guest.</summary>
-    public const string DefaultPidDirectory = "/run/libvirt/qemu";
-
-    /// <summary>The guest's QEMU pid, or null when libvirt has no pid file for it.</summary>
+    /// <summary>The guest's QEMU pid, or null when libvirt has no (plain) pid file for it.</summary>
     public int? PidOf(string guestName)
     {
         if (guestName.Length == 0 || guestName.Contains('/', StringComparison.Ordinal) || guestName.StartsWith('.'))
             return null;
-        try
-        {
-            var text = File.ReadAllText(Path.Combine(pidDirectory, guestName + ".pid")).Trim();
-            return int.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out int pid) && pid > 1 ? pid : null;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            return null;
-        }
+        return GuestQemu.ReadPid(GuestQemu.PidFile(pidDirectory, guestName), out _) is { } pid and > 1 ? pid : null;
     }
 
     /// <summary>

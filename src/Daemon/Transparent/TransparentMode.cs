@@ -56,7 +56,7 @@ public sealed class TransparentMode : IDisposable
         TransparentInterceptor? interceptor = null;
         try
         {
-            interceptor = new TransparentInterceptor(options.TransparentPort, peers, host, new QemuProcesses(),
+            interceptor = new TransparentInterceptor(options.TransparentPort, peers, host, new QemuProcesses(options.QemuPidDirectory),
                 TimeSpan.FromMilliseconds(options.TransparentSilenceMilliseconds), logger);
             var table = RedirectTable.Install(qemuUid, [.. peers.Keys], ports, interceptor.Port);
             var names = string.Join(", ", peers.Select(p => $"{p.Value.Name}={p.Key}"));

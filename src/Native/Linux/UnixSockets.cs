@@ -38,6 +38,24 @@ public static class UnixSockets
     }
 
     /// <summary>
+    /// The process at the other end of a connected AF_UNIX socket (SO_PEERCRED): for an accepted
+    /// connection the one that called connect(2), for a connecting socket the one that called
+    /// listen(2). Fixed by the kernel at that moment; passing the descriptor on does not change it.
+    /// </summary>
+    public static unsafe (int Pid, uint Uid, uint Gid) GetPeerCredentials(Socket socket)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
+        int* cred = stackalloc int[3];
+        uint length = 12;
+        if (Interop.Socket.GetSockOpt(socket.Handle, Interop.Socket.SolSocket, Interop.Socket.SoPeerCred, cred, &length) != 0)
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            throw new SocketException(errno, $"SO_PEERCRED failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+        }
+        return (cred[0], (uint)cred[1], (uint)cred[2]);
+    }
+
+    /// <summary>
     /// Sends <paramref name="data"/> (at least one byte) with <paramref name="fds"/> attached as
     /// SCM_RIGHTS over a connected AF_UNIX socket. The receiver gets duplicates; ours stay open.
     /// </summary>

@@ -37,13 +37,19 @@ public sealed class MigDecoder
     private int _batchCount;
     private long _frame;
     private bool _sealed;
+    private readonly long _maxRamBytes;
 
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
     /// <param name="keep">The hello matched: keep retained content.</param>
     /// <param name="seed">Page-hash seed from the hello.</param>
     /// <param name="stats">Counters to update.</param>
-    public MigDecoder(MemoryStore? store, bool keep, ulong seed, TransferStats stats)
+    /// <param name="maxRamBytes">
+    /// The most RAM the sender may declare, all blocks together (<see cref="RamLimit"/>); 0: this
+    /// host's physical memory plus <see cref="RamLimit.DeviceAllowance"/>.
+    /// </param>
+    public MigDecoder(MemoryStore? store, bool keep, ulong seed, TransferStats stats, long maxRamBytes = 0)
     {
+        _maxRamBytes = maxRamBytes > 0 ? maxRamBytes : RamLimit.ForHost();
         _store = store;
         _keep = keep;
         _seed = seed;
@@ -156,6 +162,7 @@ public sealed class MigDecoder
         var names = new byte[count][];
         var pages = new long[count];
         var infos = new List<RamBlockInfo>((int)count);
+        ulong total = 0;
         for (int i = 0; i < (int)count; i++)
         {
             if (pos >= p.Length) throw Bad("block list truncated", opStart);
@@ -164,8 +171,13 @@ public sealed class MigDecoder
             names[i] = p.Slice(pos, len).ToArray();
             pos += len;
             ulong length = ReadVarint(p, ref pos, "block length", opStart);
-            if (length == 0 || (length & (QemuFormat.PageSize - 1)) != 0 || length > (1UL << 52))
+            if (length == 0 || (length & (QemuFormat.PageSize - 1)) != 0)
                 throw Bad($"block length {length}", opStart);
+            // The layout sizes the store's files and page indexes (16 bytes per page): a peer must
+            // not be able to make them larger than the guest it migrates can need.
+            total += Math.Min(length, (ulong)long.MaxValue);
+            if (length > (ulong)_maxRamBytes || total > (ulong)_maxRamBytes)
+                throw Bad($"block {i} of {length} bytes takes the declared RAM to {total} bytes, over this guest's limit of {_maxRamBytes}", opStart);
             pages[i] = (long)(length >> QemuFormat.PageShift);
             infos.Add(new RamBlockInfo(Encoding.UTF8.GetString(names[i]), (long)length));
         }

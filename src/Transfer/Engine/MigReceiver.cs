@@ -30,11 +30,11 @@ public sealed class MigReceiver
     private Task? _commit;
 
     public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout,
-        bool paced = false)
+        bool paced = false, long maxRamBytes = 0)
     {
         _paced = paced;
         _store = store;
-        _decoder = new MigDecoder(store, keep, seed, stats);
+        _decoder = new MigDecoder(store, keep, seed, stats, maxRamBytes);
         _reader = reader;
         _writer = writer;
         _stats = stats;

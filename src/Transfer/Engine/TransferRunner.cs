@@ -49,6 +49,11 @@ public sealed class TransferOptions
     public ushort TargetPort { get; init; }
     /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
     public bool RouteFirst { get; init; }
+    /// <summary>
+    /// Receiver, kind mig: the most RAM the sender may declare (<see cref="RamLimit"/>; the daemon
+    /// passes the incoming domain's memory); 0: this host's physical memory.
+    /// </summary>
+    public long MaxRamBytes { get; init; }
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -207,7 +212,7 @@ public static class TransferRunner
             {
                 bool keep = decision.Status == HelloStatus.Match;
                 stats.Mode = keep ? "store-match" : "store-full";
-                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced);
+                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
                 await receiver.RunAsync(local, ct);
             }
             else

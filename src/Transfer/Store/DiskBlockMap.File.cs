@@ -6,8 +6,9 @@ using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Store;
 
-// File format, version 2, little-endian (version 1 had an XXH3 seed at 24 and no key; such a
-// map is refused as unknown, so its disk is sent whole once, never trusted under the old hash):
+// File format, version 3, little-endian (version 1 had an XXH3 seed at 24, no key and no
+// fingerprint; version 2 had either the key or the fingerprint; such a map is refused as unknown,
+// so its disk is sent whole once, never trusted under the old hash or identity):
 //   0  8  magic "BFMDMAP\0"
 //   8  4  version (1)
 //  12  4  flags (bit 0: last trip unclean)
@@ -23,7 +24,8 @@ namespace BFMig.Transfer.Store;
 //  73  1  format length F (<= 32)
 //  74  2  path length P (<= 4096)
 //  76 32  block hash key (DiskHashKey)
-// 108  F  format, UTF-8;  then P bytes path, UTF-8
+// 108 16  identity content fingerprint (UInt128 LE, DiskImageIdentity.ReadFingerprint)
+// 124  F  format, UTF-8;  then P bytes path, UTF-8
 //   ..  ceil(blocks / 64) * 8  known bitmap (u64 words, bit i = block i known)
 //   ..  blocks * 16           hashes (UInt128 LE, zero when unknown)
 //   .. 16                     XxHash128 (seed 0) of every byte before it
@@ -32,9 +34,10 @@ public sealed partial class DiskBlockMap
     private static ReadOnlySpan<byte> FileMagic => "BFMDMAP\0"u8;
 
     /// <summary>Current file format version.</summary>
-    public const int FileVersion = 2;
+    public const int FileVersion = 3;
 
-    private const int FixedHeaderLength = 108;
+    private const int FixedHeaderLength = 124;
+    private const int FingerprintOffset = 108;
     private const string InFluxSuffix = ".influx";
 
     /// <summary>
@@ -113,7 +116,8 @@ public sealed partial class DiskBlockMap
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[48..]),
                 BinaryPrimitives.ReadUInt64LittleEndian(fixedHeader[56..]),
                 BinaryPrimitives.ReadInt64LittleEndian(fixedHeader[64..]),
-                Encoding.UTF8.GetString(strings, 0, formatLength)) { IsPending = identityState == 2 };
+                Encoding.UTF8.GetString(strings, 0, formatLength),
+                BinaryPrimitives.ReadUInt128LittleEndian(fixedHeader[FingerprintOffset..])) { IsPending = identityState == 2 };
         }
         long at = FixedHeaderLength + strings.Length;
         var known = MemoryMarshal.AsBytes(map._known.AsSpan());
@@ -231,6 +235,7 @@ public sealed partial class DiskBlockMap
         span[72] = Identity is null ? (byte)0 : Identity.IsPending ? (byte)2 : (byte)1;
         span[73] = (byte)format.Length;
         BinaryPrimitives.WriteUInt16LittleEndian(span[74..], (ushort)imagePath.Length);
+        BinaryPrimitives.WriteUInt128LittleEndian(span[FingerprintOffset..], Identity?.Fingerprint ?? default);
         format.CopyTo(span[FixedHeaderLength..]);
         imagePath.CopyTo(span[(FixedHeaderLength + format.Length)..]);
         return header;

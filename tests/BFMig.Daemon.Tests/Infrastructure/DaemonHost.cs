@@ -55,6 +55,9 @@ public sealed class DaemonHost : IAsyncDisposable
         var conf = Path.Combine(root, "bfmig.conf");
         File.WriteAllText(conf, ini.Replace("ROOT", root, StringComparison.Ordinal).Replace("BUS", bus.Address, StringComparison.Ordinal));
         WritePsk(Path.Combine(root, "psk"));
+        // The test process plays the QEMU of the test driver's guest "test" on both ends of its sockets.
+        Directory.CreateDirectory(Path.Combine(root, "qemu-pids"));
+        File.WriteAllText(Path.Combine(root, "qemu-pids", "test.pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
         var options = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
         var logPath = Path.Combine(root, "bfmigd.log");
         var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
@@ -89,6 +92,7 @@ public sealed class DaemonHost : IAsyncDisposable
         host_name = {host}
         state_dir = ROOT/state
         runtime_dir = ROOT/run
+        qemu_pid_dir = ROOT/qemu-pids
         libvirt_uri = test:///default
         listen = {listen}
         qemu_user = {qemuUser}
