@@ -11,14 +11,14 @@ public class EndToEndTests
     private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError);
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
-        IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null)
+        IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
         var (senderPeer, receiverPeer) = await WireTests.Pair();
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var so = new TransferOptions { Kind = kind, StoreRoot = senderRoot, Guest = guest, PeerName = "hostB", Compression = CompressionMode.Zstd, Authenticator = sa ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
-        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
         var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
         // "Source QEMU": writes the stream, then closes its side.
@@ -48,6 +48,46 @@ public class EndToEndTests
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
         return new Result(delivered.ToArray(), ss, rs, se, re);
+    }
+
+    /// <summary>
+    /// The store is a cache (issue 12, finding 8): a receiver whose store file system is full
+    /// (a 64 KiB tmpfs; before, ENOSPC mid-stream dropped the migration with exit 4) carries the
+    /// stream plain, delivers every byte, retains nothing and says why.
+    /// </summary>
+    [Fact]
+    public async Task A_full_store_file_system_carries_the_stream_plain_and_says_why()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var root = Path.Combine(b.Path, "store");
+        Directory.CreateDirectory(root);
+        bool mounted = Environment.UserName == "root" && Mount(root);
+        try
+        {
+            // Without root (no tmpfs), a guest larger than any disk stands in for the full file system.
+            var r = await Run(s, a.Path, root, Guid.NewGuid(), receiverMaxRam: mounted ? 256L << 20 : long.MaxValue / 4);
+            Assert.Null(r.SendError);
+            Assert.Null(r.ReceiveError);
+            Assert.Equal(s, r.Delivered);
+            Assert.Equal("plain", r.Receive!.Mode);
+            Assert.Contains("bytes free, this trip may write", r.Receive.StoreSkipped);
+            Assert.False(r.Receive.Committed);
+            Assert.Empty(Directory.EnumerateFileSystemEntries(root));
+        }
+        finally
+        {
+            if (mounted)
+                System.Diagnostics.Process.Start("umount", root)!.WaitForExit();
+        }
+    }
+
+    private static bool Mount(string at)
+    {
+        using var p = System.Diagnostics.Process.Start("mount", ["-t", "tmpfs", "-o", "size=64k", "bfmig-full-store", at])!;
+        p.WaitForExit();
+        return p.ExitCode == 0;
     }
 
     [Fact]

@@ -80,6 +80,9 @@ internal static partial class DaemonLog
     [LoggerMessage(40, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} with peer {Peer} started (pid {Pid})")]
     public static partial void TransferStarted(ILogger logger, int id, string direction, string kind, string guest, string peer, int pid);
 
+    [LoggerMessage(45, LogLevel.Warning, "transfer {Id}: {Kind} of guest {Guest} ran without a store: {Reason}")]
+    public static partial void TransferWithoutStore(ILogger logger, int id, string kind, string guest, string reason);
+
     [LoggerMessage(41, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} finished: exit {ExitCode}, {WireBytes} bytes on the wire for {StreamBytes} stream bytes in {Seconds:F1} s")]
     public static partial void TransferSucceeded(ILogger logger, int id, string direction, string kind, string guest, int exitCode, long wireBytes, long streamBytes, double seconds);
 

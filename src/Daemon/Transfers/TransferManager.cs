@@ -381,6 +381,8 @@ public sealed class TransferManager
             return;
         }
         var outcome = new TransferOutcome(running.Guest, running.Uuid, running.Peer, StreamName(running.Kind), running.Direction, code, error, stats);
+        if (stats?.StoreSkipped is { } noStore)
+            DaemonLog.TransferWithoutStore(_logger, running.Id, KindArg(running.Kind), running.Guest, noStore);
         if (code == 0)
         {
             DaemonLog.TransferSucceeded(_logger, running.Id, DirectionText(running.Direction), KindArg(running.Kind), running.Guest, code,

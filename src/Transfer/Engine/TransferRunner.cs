@@ -195,7 +195,7 @@ public static class TransferRunner
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
                 hs.CancelAfter(o.HandshakeTimeout);
-                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o), hs.Token), o);
+                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, stats), hs.Token), o);
             }
             if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
             // The sender has proved itself: only now is the store opened and locked, and the daemon told (it then counts this stream as a transfer).
@@ -243,7 +243,7 @@ public static class TransferRunner
     /// Answers a hello from what the store says, without opening or locking it: in PSK mode the
     /// sender has not proved anything yet, and a forged hello must not hold the guest's store.
     /// </summary>
-    private static HelloDecision Decide(Hello h, TransferOptions o)
+    private static HelloDecision Decide(Hello h, TransferOptions o, TransferStats stats)
     {
         var none = new byte[16];
         if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
@@ -263,9 +263,16 @@ public static class TransferRunner
             Console.Error.WriteLine($"bfmig-transfer: receiving without store: {e.Message}");
             return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         }
+        var digest = s is null ? none : DigestBytes(s.Digest);
+        bool match = s is not null && s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
+        // A full store file system must not fail the migration: carry this trip plain instead.
+        if (StoreSpace.Shortfall(o.StoreRoot, StoreSpace.NeededForMemory(match, o.MaxRamBytes > 0 ? o.MaxRamBytes : RamLimit.ForHost())) is { } why)
+        {
+            stats.StoreSkipped = why;
+            Console.Error.WriteLine($"bfmig-transfer: receiving without store: {why}");
+            return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        }
         if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");
-        var digest = DigestBytes(s.Digest);
-        bool match = s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
         return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
     }
 
