@@ -230,11 +230,11 @@ cmd_roundtrip() {
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
-            --argjson down "$DOWN_JSON" \
+            --argjson daemondown "$DOWN_JSON" \
             '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
-              + (if $down == null then {} else {daemon_down: $down} end)')")
+              + (if $daemondown == null then {} else {daemon_down: $daemondown} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then
