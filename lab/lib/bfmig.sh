@@ -69,6 +69,21 @@ bfmig_publish() {
 # measures the socket-URI path alone; bfmig-transparent runs stock's own command line with it on.
 BFMIG_TRANSPARENT=no
 
+# BFMIG_AUTH=psk (default) or tls: how the lab's daemons authenticate the data path. tls uses the
+# lab's own CA (lab_migration_pki): the server certificate for receiving, the client certificate
+# for sending, both naming both hosts' addresses.
+BFMIG_AUTH=${BFMIG_AUTH:-psk}
+bfmig_auth_section() {
+    local psk=$1 pki=$LAB_VAR/pki
+    if [[ $BFMIG_AUTH == tls ]]; then
+        lab_migration_pki
+        printf '[auth]\nmode = tls\ntls_cert = %s\ntls_key = %s\ntls_client_cert = %s\ntls_client_key = %s\ntls_ca = %s\n' \
+            "$pki/server-cert.pem" "$pki/server-key.pem" "$pki/client-cert.pem" "$pki/client-key.pem" "$pki/ca-cert.pem"
+    else
+        printf '[auth]\nmode = psk\npsk_file = %s\n' "$psk"
+    fi
+}
+
 bfmig_write_config() {
     local h=$1 peer=$2 dir state psk conf helper_line
     dir=$(bfmig_dir "$h")
@@ -120,9 +135,7 @@ qemu_group = kvm
 log_level = debug
 transparent = $BFMIG_TRANSPARENT
 
-[auth]
-mode = psk
-psk_file = $psk
+$(bfmig_auth_section "$psk")
 
 [transfer]
 $helper_line
@@ -159,7 +172,7 @@ bfmig_start_host() {
         fi
         host_spawn "$h" "$dir/bfmigd.log" "$BFMIGD_EXE" "${args[@]}" > "$LAB_RUN/$h.bfmigd.pid"
         echo "$BFMIGD_EXE" > "$LAB_RUN/$h.bfmigd.exe"
-        echo "$BFMIG_TRANSPARENT" > "$LAB_RUN/$h.bfmigd.transparent"
+        echo "$BFMIG_TRANSPARENT $BFMIG_AUTH" > "$LAB_RUN/$h.bfmigd.transparent"
     fi
 }
 
@@ -228,7 +241,7 @@ bfmig_daemon_matches() {
     # Same path is not enough: a republished binary replaces the file, and the running daemon is
     # then the old build (its /proc exe link says "(deleted)").
     if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" && $(readlink "/proc/$pid/exe") != *" (deleted)" &&
-          $(cat "$LAB_RUN/$h.bfmigd.transparent" 2> /dev/null) == "$BFMIG_TRANSPARENT" ]]; then
+          $(cat "$LAB_RUN/$h.bfmigd.transparent" 2> /dev/null) == "$BFMIG_TRANSPARENT $BFMIG_AUTH" ]]; then
         return 0
     fi
     log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd') ($(readlink "/proc/$pid/exe")); restarting it with $BFMIGD_EXE"
