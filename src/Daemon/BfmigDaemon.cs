@@ -545,13 +545,25 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             _domainXml.RefreshInBackground(uuid, libvirt.GetXml);
     }
 
+    /// <summary>
+    /// The hook's own record of an incoming migration, left when it could not reach this daemon
+    /// in time (restarting, or a loaded host past the hook's deadline): a root-written file in
+    /// <c>RUNTIME/incoming/UUID</c> (root-owned directories, so neither a guest nor the QEMU user
+    /// writes there), valid for the hook's 5 minutes. Without it such a migration would fail here.
+    /// </summary>
+    private bool HookMarkedIncoming(Guid uuid)
+    {
+        var marker = new FileInfo(Path.Combine(_options.RuntimeDirectory, "incoming", uuid.ToString("D")));
+        return marker.Exists && marker.LinkTarget is null && _time.GetUtcNow() - marker.LastWriteTimeUtc <= TimeSpan.FromMinutes(5);
+    }
+
     private PeerRoute RoutePeer(RouteRequest hello)
     {
         if (!_options.Peers.Any(p => p.Name == hello.SenderName))
             return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
         // Checked before anything costs more than a lookup: only a migration this host's own hook announced
         // (or one whose authenticated streams already run) gets a helper, a store or a checkpoint exchange.
-        if (!_guard.ExpectsStreams(hello.Guest) && _transfers?.IsReceiving(hello.Guest) != true)
+        if (!_guard.ExpectsStreams(hello.Guest) && _transfers?.IsReceiving(hello.Guest) != true && !HookMarkedIncoming(hello.Guest))
             return new PeerRoute(null, $"no incoming migration of guest {hello.Guest:D} is expected here (this host's hook has not announced one)");
         var name = _libvirt?.LookupName(hello.Guest);
         if (name is null)

@@ -66,6 +66,30 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.False(Directory.Exists(Path.Combine(_b.Options.StateDirectory, TestGuestUuid, "mem")), "a store was created for a refused stream");
     }
 
+    /// <summary>
+    /// The hook could not reach B's daemon in time (restarting, loaded host) and left its own
+    /// marker of the incoming migration: that announces it too, so the stream is not refused
+    /// (the migration would otherwise fail because of BFMig). Seen in the lab with a daemon that
+    /// restarted as the trip began.
+    /// </summary>
+    [Fact]
+    public async Task The_hooks_own_incoming_marker_announces_a_migration_when_the_daemon_missed_the_call()
+    {
+        var marker = Path.Combine(_b.Options.RuntimeDirectory, "incoming", TestGuestUuid);
+        Directory.CreateDirectory(Path.GetDirectoryName(marker)!);
+        File.WriteAllText(marker, DateTime.UtcNow.ToString("O"));
+        using var s = await ConnectAsync();
+        await s.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
+        // Routed to a receiving helper now (which then waits for the proof this forged hello cannot give).
+        await Tools.UntilAsync(() => _b.Log.Contains("transfer 1:", StringComparison.Ordinal), "a receiving helper for the announced guest");
+        Assert.DoesNotContain("no incoming migration of guest " + TestGuestUuid, _b.Log);
+        // A stale marker (older than the hook's 5 minutes) announces nothing.
+        File.SetLastWriteTimeUtc(marker, DateTime.UtcNow - TimeSpan.FromMinutes(6));
+        using var s2 = await ConnectAsync();
+        await s2.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
+        await Tools.UntilAsync(() => _b.Log.Contains("no incoming migration of guest " + TestGuestUuid, StringComparison.Ordinal), "the refusal of a stale marker");
+    }
+
     [Fact]
     public async Task Idle_connections_and_unauthenticated_hellos_cannot_keep_a_real_migration_out()
     {
