@@ -59,11 +59,12 @@ shape_link() {
 }
 
 cmd_up() {
-    local stack="" rate=""
+    local stack="" rate="" storage=local
     while (($#)); do
         case $1 in
             --stack) stack=$2; shift 2 ;;
             --rate) rate=$2; shift 2 ;;
+            --storage) [[ $2 =~ ^(local|shared)$ ]] || die "up: --storage local or shared"; storage=$2; shift 2 ;;
             *) die "up: unknown option $1" ;;
         esac
     done
@@ -79,11 +80,14 @@ cmd_up() {
     ensure_lab_tools
     if lab_is_up; then
         [[ -n $rate ]] && shape_link "$rate"
+        [[ $storage == shared ]] && storage_up
         log "lab is up (libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version), rate $(state_get rate))"
         return 0
     fi
     [[ -e $LAB_RUN || -e $LAB_VAR ]] && { log "cleaning a partial lab"; cmd_down; }
     host_setup_all "${stack:-$(stack_guess)}" "${rate:-$LAB_DEFAULT_RATE}"
+    [[ $storage == shared ]] && storage_up
+    return 0
 }
 
 stack_guess() {
@@ -142,6 +146,9 @@ EOF
 
 # --- BFMig lab host $h ---
 cgroup_controllers = [ ]
+# A migration that names no URI (virt-manager with an empty Address, --storage shared) gets this
+# host's lab address from its libvirt, not the machine's host name (which resolves outside the lab).
+migration_host = "${HOST_ADDR[$h]}"
 EOF
     cp "$LAB_VAR/guest/vmlinuz" "$LAB_VAR/guest/initrd.img" "$dir/lib/boot/"
 }
@@ -191,6 +198,9 @@ lab_pids() {
         f=/run/netns/$(netns_name "$h")
         [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
     done
+    # The shared storage's namespace (qemu-nbd), when --storage shared made it.
+    f=/run/netns/$(netns_name s)
+    [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
     for h in "${LAB_HOSTS[@]}"; do
         for f in libvirtd virtlogd; do p=$(host_pid "$h" "$f"); [[ -n $p ]] && echo "$p"; done
     done
@@ -231,6 +241,7 @@ cmd_down() {
         if [[ -e $LAB_RUN/$h.mnt ]]; then umount "$LAB_RUN/$h.mnt" 2> /dev/null || true; fi
         if [[ -e /run/netns/$(netns_name "$h") ]]; then ip netns del "$(netns_name "$h")"; fi
     done
+    storage_down
     if mountpoint -q "$LAB_RUN" 2> /dev/null; then umount "$LAB_RUN"; fi
     rm -rf "$LAB_RUN" "$LAB_VAR" "$LAB_VAR.apt.log"
     log "lab is down"

@@ -102,10 +102,19 @@ storage_trace_bfmig() {
 }
 
 # Lines of the bfmigd traces in which a BFMig process opened the shared image for writing or
-# connected to the storage's NBD server (the only ways to write a network disk).
+# connected to the storage's NBD server (the only ways to write a network disk). strace prints
+# an IPv4 peer as sin_port=htons(P), sin_addr=inet_addr("A") and a mapped one as
+# sin6_port=htons(P), ..., "::ffff:A".
 storage_bfmig_writes() {
+    local addr=${STORAGE_ADDR//./\\.}
     cat "$LAB_VAR"/storage/strace-*.* 2> /dev/null |
-        grep -E "($(storage_image)|$LAB_GUEST\\.qcow2).*O_(RDWR|WRONLY)|sin_port=htons\\($STORAGE_PORT\\).*$STORAGE_ADDR|$STORAGE_ADDR.*htons\\($STORAGE_PORT\\)|creat\\(\"$(storage_image)\"" || true
+        grep -E "$LAB_GUEST\\.qcow2\".*O_(RDWR|WRONLY)|creat\\(\"[^\"]*$LAB_GUEST\\.qcow2\"|_port=htons\\($STORAGE_PORT\\).*\"(::ffff:)?$addr\"" || true
+}
+
+# How many files the traced BFMig processes opened for writing at all (their own state, logs):
+# evidence that the trace saw them work, so that no write access to the image means something.
+storage_traced_writes() {
+    cat "$LAB_VAR"/storage/strace-*.* 2> /dev/null | grep -cE 'open(at)?\(.*O_(RDWR|WRONLY)' || true
 }
 
 storage_untrace() {

@@ -21,13 +21,22 @@ cmd_table() {
     echo "Each trip runs, inside the source host (DST = the destination's lab address):"
     for f in "${files[@]}"; do
         [[ -n $(jq -r '.skipped // empty' "$f") ]] && continue
-        if [[ $(jq -r '.call // "virsh"' "$f") != virsh ]]; then
+        local call copy="--copy-storage-all "
+        call=$(jq -r '.call // "virsh"' "$f")
+        [[ $(jq -r '.scenario.storage // "local"' "$f") == shared ]] && copy=""
+        if [[ $call == virt-manager* ]]; then
+            printf '  %-18s virt-manager'"'"'s call (%s): virDomainMigrate(dconn qemu+tcp://DST/system, LIVE|PERSIST_DEST|UNDEFINE_SOURCE, uri %s)\n' \
+                "$(jq -r .mode "$f")" "$call" \
+                "$([[ $call == virt-manager-nouri ]] && echo none || jq -r '.migrate_args as $a | ($a | index("--migrateuri")) as $i | if $i == null then "none" else $a[$i + 1] end' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+            continue
+        fi
+        if [[ $call != virsh ]]; then
             printf '  %-18s OpenStack Nova'"'"'s call (%s): virDomainMigrateToURI3 qemu+tcp://DST/system, migrate_uri tcp://DST, LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST|NON_SHARED_INC\n' \
                 "$(jq -r .mode "$f")" "$(jq -r .call "$f")"
             continue
         fi
-        printf '  %-18s virsh migrate --live --persistent --copy-storage-all %s qemu+tcp://DST/system %s\n' \
-            "$(jq -r .mode "$f")" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+        printf '  %-18s virsh migrate --live --persistent %s%s qemu+tcp://DST/system %s\n' \
+            "$(jq -r .mode "$f")" "$copy" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
     done
     echo
     printf "%-${first}s" ""
