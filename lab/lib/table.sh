@@ -93,13 +93,16 @@ cmd_table() {
 }
 
 # Runs the roundtrip in every mode on the current stack, prints the table, takes the lab down.
+# --storage shared: memory-only trips on the shared network disk, transparent mode through
+# virt-manager's call (the tool those fleets use).
 cmd_demo() {
-    local quick=false out="" rate=$LAB_DEFAULT_RATE
+    local quick=false out="" rate=$LAB_DEFAULT_RATE storage=local
     while (($#)); do
         case $1 in
             --quick) quick=true; shift ;;
             --out) out=$2; shift 2 ;;
             --rate) rate=$2; shift 2 ;;
+            --storage) [[ $2 =~ ^(local|shared)$ ]] || die "demo: --storage local or shared"; storage=$2; shift 2 ;;
             *) die "demo: unknown option $1" ;;
         esac
     done
@@ -110,10 +113,12 @@ cmd_demo() {
     if $quick; then
         size=(--ram-mib 256 --fill-mib 64 --disk-gib 1 --disk-data-mib 64)
     fi
-    local mode files=() failed=0
-    cmd_up --rate "$rate"
+    local mode files=() failed=0 call
+    cmd_up --rate "$rate" --storage "$storage"
     for mode in "${LAB_MODES[@]}"; do
-        if ( cmd_roundtrip --mode "$mode" --json "$out/$mode.json" "${size[@]}" ); then
+        call=virsh
+        [[ $storage == shared && $mode == bfmig-transparent ]] && call=virt-manager
+        if ( cmd_roundtrip --mode "$mode" --json "$out/$mode.json" --storage "$storage" --call "$call" "${size[@]}" ); then
             files+=("$out/$mode.json")
         else
             log "demo: mode $mode failed"
@@ -122,7 +127,7 @@ cmd_demo() {
     done
     cmd_down
     echo
-    echo "Back-and-forth migration, rate $rate ($($quick && echo quick || echo default) scenario; results in $out)"
+    echo "Back-and-forth migration, rate $rate ($($quick && echo quick || echo default) scenario, $storage storage; results in $out)"
     ((${#files[@]})) && cmd_table "${files[@]}"
     return $failed
 }
