@@ -1,12 +1,13 @@
 # Scenario "roundtrip": boot on A, fill, then trips A->B, B->A, ... Each trip is one live
 # migration with non-shared storage (--copy-storage-all); after each arrival the harness verifies
 # memory and disk (guest checksums + offline image comparison), then changes data on the new host.
-# With --storage shared the disk is a network disk both hosts use (lib/storage.sh): trips move
-# memory only, the guest's own checksums verify memory and the disk as the guest sees it (there
+# With --storage shared the disk is a network disk both hosts use (lib/storage.sh; shared-file:
+# one qcow2 path both hosts see, as a new user's first try looks): trips move memory only, the guest's own checksums verify memory and the disk as the guest sees it (there
 # is one image, nothing to compare offline), and the shared image's persistent bitmap is checked.
 
-# What `virsh migrate` copies of the disk: the whole disk with local storage, nothing with shared.
-LAB_COPY_STORAGE=(--copy-storage-all)
+# The storage part of `virsh migrate`: copy the whole disk (local storage), nothing (shared), or
+# --unsafe (shared-file: libvirt cannot tell that the lab's directory is shared).
+LAB_STORAGE_ARGS=(--copy-storage-all)
 # Text of `info block` that identifies the guest's disk (its qcow2 file, or the NBD server).
 GUEST_DISK_MATCH=$LAB_GUEST.qcow2
 
@@ -95,7 +96,7 @@ lab_migrate() {
     local call=$1 src=$2 dst=$3
     case $call in
         virsh)
-            host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_COPY_STORAGE[@]}" \
+            host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
                 "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" ;;
         virt-manager | virt-manager-nouri)
             local uri=none
@@ -193,7 +194,7 @@ cmd_roundtrip() {
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
             --call) [[ $2 =~ ^(virsh|nova|nova-autoconverge|virt-manager|virt-manager-nouri)$ ]] ||
                         die "--call: virsh, nova, nova-autoconverge, virt-manager or virt-manager-nouri"; call=$2 ;;
-            --storage) [[ $2 =~ ^(local|shared)$ ]] || die "--storage: local or shared"; storage=$2 ;;
+            --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
@@ -211,14 +212,18 @@ cmd_roundtrip() {
     esac
     [[ $call != virt-manager* || $storage == shared ]] ||
         die "--call $call: virt-manager's call never copies storage; use it with --storage shared"
-    if [[ $storage == shared ]]; then
-        [[ $call != nova* ]] || die "--call $call is Nova's block migration (NON_SHARED_INC): not with --storage shared"
-        ((touch_mib == 0)) || die "--touch-retained-mib: with --storage shared no image is left behind"
-        LAB_COPY_STORAGE=()
+    if [[ $storage == shared* ]]; then
+        [[ $call != nova* ]] || die "--call $call is Nova's block migration (NON_SHARED_INC): not with --storage $storage"
+        ((touch_mib == 0)) || die "--touch-retained-mib: with --storage $storage no image is left behind"
+        LAB_STORAGE_ARGS=()
         GUEST_DISK_MATCH=$STORAGE_ADDR
     fi
-    [[ $trace_shared == no || ($storage == shared && $mode == bfmig*) ]] ||
-        die "--trace-shared yes: needs --storage shared and a bfmig mode (it traces bfmigd)"
+    if [[ $storage == shared-file ]]; then
+        LAB_STORAGE_ARGS=(--unsafe)
+        GUEST_DISK_MATCH=$(storage_image)
+    fi
+    [[ $trace_shared == no || ($storage == shared* && $mode == bfmig*) ]] ||
+        die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
     mode_known "$mode" || die "unknown mode '$mode' (known: ${LAB_MODES[*]})"
     ((fill_mib < ram_mib)) || die "--fill-mib must be below --ram-mib"
     ((disk_data_mib <= disk_gib * 1024)) || die "disk data does not fit the disk"
@@ -233,7 +238,7 @@ cmd_roundtrip() {
     local up_args=()
     [[ -n $stack ]] && up_args+=(--stack "$stack")
     [[ -n $rate ]] && up_args+=(--rate "$rate")
-    up_args+=(--storage "$storage")
+    [[ $storage == shared ]] && up_args+=(--storage shared)
     cmd_up "${up_args[@]}"
 
     local reason
@@ -259,12 +264,12 @@ cmd_roundtrip() {
     bfmig_hook_mark
     EXP_M=()
     EXP_D=()
-    if [[ $storage == shared ]]; then
-        log "$mode: preparing a ${disk_gib} GiB shared disk with ${disk_data_mib} MiB of data, persistent bitmap $STORAGE_BITMAP, served by qemu-nbd on $STORAGE_ADDR"
+    if [[ $storage == shared* ]]; then
+        log "$mode: preparing a ${disk_gib} GiB shared disk with ${disk_data_mib} MiB of data, persistent bitmap $STORAGE_BITMAP ($storage)"
         rm -f "$LAB_VAR"/storage/strace-*
         guest_prepare_disk a "$disk_gib" "$disk_data_mib" "$(storage_image)"
         qemu-img bitmap --add "$(storage_image)" "$STORAGE_BITMAP"
-        storage_serve "$(storage_image)"
+        if [[ $storage == shared ]]; then storage_serve "$(storage_image)"; fi
     else
         log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
         guest_prepare_disk a "$disk_gib" "$disk_data_mib"
@@ -280,10 +285,10 @@ cmd_roundtrip() {
     local trip src=a dst=b trip_json=() chunks=$disk_data_mib
     local before after t0 t1 bad images wire secs verified
     for ((trip = 1; trip <= trips; trip++)); do
-        [[ $storage == shared || -e $(guest_image "$dst") ]] ||
+        [[ $storage == shared* || -e $(guest_image "$dst") ]] ||
             qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"
         "$(mode_fn "$mode" args)" "$src" "$dst"
-        [[ $storage == shared ]] && storage_filter_args
+        [[ $storage == shared* ]] && storage_filter_args
         mode_call_optional "$mode" prepare "$src" "$dst"
         if [[ $trace_shared == yes ]]; then
             storage_trace_bfmig "$src"
@@ -320,7 +325,7 @@ cmd_roundtrip() {
         bad=$VERIFY_BAD
         verified=false
         local shared_json=null
-        if [[ $storage == shared ]]; then
+        if [[ $storage == shared* ]]; then
             # One image: what the guest reads back is the whole truth about the disk.
             images=null
             [[ $bad == 0 ]] && verified=true

@@ -127,6 +127,18 @@ storage_untrace() {
     return 0
 }
 
+# shared-file: the same image as a file both hosts' mount namespaces see (/var/tmp is not
+# private to a host). cache='none' as on a cluster file system; libvirt still needs --unsafe.
+storage_file_disk_xml() {
+    cat <<EOF
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>
+      <source file='$(storage_image)'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+EOF
+}
+
 # The guest's disk on the storage: a network disk, same text in both hosts' definitions.
 storage_disk_xml() {
     cat <<EOF
