@@ -9,7 +9,9 @@ namespace BFMig.Lab.Tests;
 /// use (qemu-nbd in a third namespace), so every trip moves memory only. BFMig must make the
 /// return trips cheap and leave the shared image alone: the persistent bitmap put into it before
 /// the trips is there after every trip, and no BFMig process (bfmigd and everything it starts,
-/// traced with strace) opens the image for writing or connects to its NBD server.
+/// traced with strace) opens the image for writing or connects to its NBD server. The same on one
+/// qcow2 file both hosts see (<c>--storage shared-file</c>, <c>--unsafe</c>), where the image lock is
+/// all that stood between the old daemon and the running guest's image.
 /// </summary>
 [Collection(LabCollection.Name)]
 public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
@@ -21,7 +23,7 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
 
     private static readonly string[] Small =
         ["--rate", "1gbit", "--ram-mib", "256", "--fill-mib", "64", "--disk-gib", "1", "--disk-data-mib", "16", "--trips", "3",
-         "--storage", "shared", "--trace-shared", "yes"];
+         "--trace-shared", "yes"];
 
     /// <summary>
     /// Explicit mode: virsh migrate --live --persistent lab-guest qemu+tcp://B/system --migrateuri
@@ -34,6 +36,22 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
         // The last (third) trip went A -> B.
         var args = root.GetProperty("migrate_args").EnumerateArray().Select(a => a.GetString()).ToList();
         Assert.Equal(["--migrateuri", "unix:///run/bfmig/b/lab-guest.mig"], args);
+        AssertReturnTripsCheap(trips);
+    }
+
+    /// <summary>
+    /// The set-up of issue 17's report: one qcow2 path both hosts see (<c>--storage shared-file</c>,
+    /// cache=none, <c>virsh migrate ... --unsafe</c>), explicit mode. libvirt copies no disk, so
+    /// the image the source's bfmigd sees after each departure is the one the guest now runs from:
+    /// BFMig must not open it for writing. Before the ImageCustody rule the source's bfmigd ran
+    /// <c>qemu-img bitmap --remove</c> on it after every departure (the trace showed 5, 23 and 56
+    /// O_RDWR opens of the image after trips 1-3; only QEMU's image lock kept the bitmap).
+    /// </summary>
+    [LabFact]
+    public void ExplicitMode_OnASharedFile_NeverOpensTheImageForWriting()
+    {
+        var trips = Run("bfmig-file.json", "bfmig", "virsh", out var root, "shared-file");
+        Assert.Equal(["--migrateuri", "unix:///run/bfmig/b/lab-guest.mig"], root.GetProperty("migrate_args").EnumerateArray().Select(a => a.GetString()).ToList());
         AssertReturnTripsCheap(trips);
     }
 
@@ -60,18 +78,18 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
         AssertReturnTripsCheap(trips);
     }
 
-    private List<JsonElement> Run(string file, string mode, string call, out JsonElement root)
+    private List<JsonElement> Run(string file, string mode, string call, out JsonElement root, string storage = "shared")
     {
         var json = Path.Combine(dir, file);
         lab.Run(TimeSpan.FromMinutes(15),
-            ["scenario", "roundtrip", "--mode", mode, "--call", call, "--json", json, .. Small]);
+            ["scenario", "roundtrip", "--mode", mode, "--call", call, "--json", json, "--storage", storage, .. Small]);
         Assert.True(File.Exists(json), $"no result file {json}");
         using var result = LabRunner.ReadResult(json);
         root = result.RootElement.Clone();
         Assert.Equal(mode, root.GetProperty("mode").GetString());
         Assert.False(root.TryGetProperty("skipped", out var skipped), $"skipped: {skipped}");
         Assert.Equal(call, root.GetProperty("call").GetString());
-        Assert.Equal("shared", root.GetProperty("scenario").GetProperty("storage").GetString());
+        Assert.Equal(storage, root.GetProperty("scenario").GetProperty("storage").GetString());
         var trips = root.GetProperty("trips").EnumerateArray().ToList();
         Assert.Equal(3, trips.Count);
         foreach (var trip in trips)
