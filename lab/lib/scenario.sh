@@ -167,6 +167,29 @@ shared_trip_json() {
           bfmig_write_access: $writes, write_lines: $lines, traced_writes: $all}'
 }
 
+# Whether CALL can make the trips of MODE on STORAGE (dies with the reason when not).
+roundtrip_check_call() {
+    local call=$1 mode=$2 storage=$3
+    case $call in
+        virsh) ;;
+        nova | nova-autoconverge)
+            [[ $mode == stock || $mode == bfmig-transparent ]] ||
+                die "--call $call carries no socket URIs; use it with --mode stock or bfmig-transparent"
+            [[ $storage == local ]] || die "--call $call is Nova's block migration (NON_SHARED_INC): not with --storage $storage" ;;
+        virt-manager-nouri)
+            # With --mode bfmig (explicit, transparent off) the call goes around BFMig: the
+            # daemons must record the trip as bypassed, at stock cost.
+            [[ $mode == stock || $mode == bfmig* ]] ||
+                die "--call $call: use it with --mode stock, bfmig (bypassed) or bfmig-transparent" ;;
+        virt-manager)
+            [[ $mode == stock || $mode == bfmig || $mode == bfmig-transparent ]] ||
+                die "--call virt-manager passes only a URI: use it with --mode stock, bfmig or bfmig-transparent" ;;
+        *) die "--call: virsh, nova, nova-autoconverge, virt-manager or virt-manager-nouri, not '$call'" ;;
+    esac
+    [[ $call != virt-manager* || $storage == shared ]] ||
+        die "--call $call: virt-manager's call never copies storage; use it with --storage shared"
+}
+
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
@@ -192,8 +215,7 @@ cmd_roundtrip() {
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
-            --call) [[ $2 =~ ^(virsh|nova|nova-autoconverge|virt-manager|virt-manager-nouri)$ ]] ||
-                        die "--call: virsh, nova, nova-autoconverge, virt-manager or virt-manager-nouri"; call=$2 ;;
+            --call) call=$2 ;;
             --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
@@ -202,18 +224,13 @@ cmd_roundtrip() {
         shift 2
     done
     [[ -n $mode && -n $json ]] || die "roundtrip needs --mode and --json"
-    case $call in
-        nova* | virt-manager-nouri)
-            [[ $mode == stock || $mode == bfmig-transparent ]] ||
-                die "--call $call carries no socket URIs; use it with --mode stock or bfmig-transparent" ;;
-        virt-manager)
-            [[ $mode == stock || $mode == bfmig || $mode == bfmig-transparent ]] ||
-                die "--call virt-manager passes only a URI: use it with --mode stock, bfmig or bfmig-transparent" ;;
-    esac
-    [[ $call != virt-manager* || $storage == shared ]] ||
-        die "--call $call: virt-manager's call never copies storage; use it with --storage shared"
+    # --call CALL[,CALL...]: one call per trip, the last one for the remaining trips (e.g.
+    # virsh,virt-manager-nouri,virsh: a trip around BFMig between two through it).
+    local calls=() c
+    IFS=, read -r -a calls <<< "$call"
+    ((${#calls[@]} > 0)) || die "--call: give at least one call"
+    for c in "${calls[@]}"; do roundtrip_check_call "$c" "$mode" "$storage"; done
     if [[ $storage == shared* ]]; then
-        [[ $call != nova* ]] || die "--call $call is Nova's block migration (NON_SHARED_INC): not with --storage $storage"
         ((touch_mib == 0)) || die "--touch-retained-mib: with --storage $storage no image is left behind"
         LAB_STORAGE_ARGS=()
         GUEST_DISK_MATCH=$STORAGE_ADDR
@@ -308,7 +325,9 @@ cmd_roundtrip() {
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
-        if ! lab_migrate "$call" "$src" "$dst"; then
+        c=${calls[trip - 1]:-${calls[-1]}}
+        ((${#calls[@]} == 1)) || log "$mode: trip $trip by call $c"
+        if ! lab_migrate "$c" "$src" "$dst"; then
             mode_call_optional "$mode" cleanup "$src" "$dst"
             scenario_cleanup
             die "$mode: trip $trip ${src^^} -> ${dst^^} failed"
@@ -324,7 +343,14 @@ cmd_roundtrip() {
         guest_verify "$dst" "$chunks"
         bad=$VERIFY_BAD
         verified=false
-        local shared_json=null
+        local shared_json=null records=null
+        if [[ $mode == bfmig* ]]; then
+            # What each daemon recorded about this trip (bfmig list's LAST TRIP).
+            local uuid since=${t0%.*}
+            uuid=$(host_virsh "$dst" domuuid "$LAB_GUEST" 2> /dev/null | tr -d '[:space:]')
+            records=$(jq -n --argjson s "$(bfmig_trip_record "$src" "$uuid" "$since")" \
+                --argjson d "$(bfmig_trip_record "$dst" "$uuid" "$since")" '{source: $s, destination: $d}')
+        fi
         if [[ $storage == shared* ]]; then
             # One image: what the guest reads back is the whole truth about the disk.
             images=null
@@ -339,12 +365,13 @@ cmd_roundtrip() {
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
-            --argjson down "$DOWN_JSON" --argjson shared "$shared_json" \
-            '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
+            --argjson down "$DOWN_JSON" --argjson shared "$shared_json" --argjson records "$records" --arg call "$c" \
+            '{from: $from, to: $to, call: $call, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
               + (if $down == null then {} else {daemon_down: $down} end)
-              + (if $shared == null then {} else {shared: $shared} end)')")
+              + (if $shared == null then {} else {shared: $shared} end)
+              + (if $records == null then {} else {bfmig_trip: $records} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then

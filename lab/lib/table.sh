@@ -24,6 +24,11 @@ cmd_table() {
         local call copy="--copy-storage-all "
         call=$(jq -r '.call // "virsh"' "$f")
         [[ $(jq -r '.scenario.storage // "local"' "$f") == shared ]] && copy=""
+        if [[ $call == *,* ]]; then
+            printf '  %-18s one call per trip: %s (mode arguments %s)\n' "$(jq -r .mode "$f")" "$call" \
+                "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+            continue
+        fi
         if [[ $call == virt-manager* ]]; then
             printf '  %-18s virt-manager'"'"'s call (%s): virDomainMigrate(dconn qemu+tcp://DST/system, LIVE|PERSIST_DEST|UNDEFINE_SOURCE, uri %s)\n' \
                 "$(jq -r .mode "$f")" "$call" \

@@ -37,6 +37,7 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
         var args = root.GetProperty("migrate_args").EnumerateArray().Select(a => a.GetString()).ToList();
         Assert.Equal(["--migrateuri", "unix:///run/bfmig/b/lab-guest.mig"], args);
         AssertReturnTripsCheap(trips);
+        Assert.All(trips, t => AssertRecorded(t, "accelerated", memoryOnly: true));
     }
 
     /// <summary>
@@ -53,6 +54,7 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
         var trips = Run("bfmig-file.json", "bfmig", "virsh", out var root, "shared-file");
         Assert.Equal(["--migrateuri", "unix:///run/bfmig/b/lab-guest.mig"], root.GetProperty("migrate_args").EnumerateArray().Select(a => a.GetString()).ToList());
         AssertReturnTripsCheap(trips);
+        Assert.All(trips, t => AssertRecorded(t, "accelerated", memoryOnly: true));
     }
 
     /// <summary>
@@ -65,6 +67,7 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
         var trips = Run("virt-manager.json", "bfmig-transparent", "virt-manager", out var root);
         Assert.Equal(["--migrateuri", "tcp://198.18.0.2"], root.GetProperty("migrate_args").EnumerateArray().Select(a => a.GetString()).ToList());
         AssertReturnTripsCheap(trips);
+        Assert.All(trips, t => AssertRecorded(t, "accelerated (transparent)", memoryOnly: true));
     }
 
     /// <summary>
@@ -76,6 +79,44 @@ public sealed class SharedStorageTests(ITestOutputHelper output) : IDisposable
     {
         var trips = Run("virt-manager-nouri.json", "bfmig-transparent", "virt-manager-nouri", out _);
         AssertReturnTripsCheap(trips);
+        Assert.All(trips, t => AssertRecorded(t, "accelerated (transparent)", memoryOnly: true));
+    }
+
+    /// <summary>
+    /// Explicit mode with transparent mode off, and trip 2 made by virt-manager's call without a
+    /// URI (<c>--call virsh,virt-manager-nouri,virsh</c>): that trip goes around BFMig at stock cost
+    /// and both daemons record it as bypassed (what <c>bfmig list</c> shows); trip 3, through
+    /// BFMig again, still sends only the delta against what the destination kept from trip 1.
+    /// </summary>
+    [LabFact]
+    public void ATripAroundBfmig_IsRecordedAsBypassed_AndTheNextTripStillSendsOnlyTheDelta()
+    {
+        var trips = Run("bypass.json", "bfmig", "virsh,virt-manager-nouri,virsh", out _);
+        Assert.Equal(["virsh", "virt-manager-nouri", "virsh"], trips.Select(t => t.GetProperty("call").GetString()).ToList());
+        var first = trips[0].GetProperty("wire_bytes").GetInt64();
+        var bypassed = trips[1].GetProperty("wire_bytes").GetInt64();
+        var after = trips[2].GetProperty("wire_bytes").GetInt64();
+        output.WriteLine($"through BFMig {first}, around it {bypassed}, through it again {after} wire bytes");
+        AssertRecorded(trips[0], "accelerated", memoryOnly: true);
+        AssertRecorded(trips[1], "bypassed", memoryOnly: false);
+        Assert.True(bypassed * 2 > first, $"the bypassed trip moved {bypassed} bytes against the first trip's {first}: did it go through BFMig?");
+        AssertRecorded(trips[2], "accelerated", memoryOnly: true);
+        Assert.True(after * 5 < first, $"the trip after the bypass moved {after} bytes, not less than a fifth of the first's {first}");
+    }
+
+    /// <summary>Both daemons' record of the trip (ListTrips, <c>bfmig list</c>'s LAST TRIP).</summary>
+    private void AssertRecorded(JsonElement trip, string path, bool memoryOnly)
+    {
+        var records = trip.GetProperty("bfmig_trip");
+        output.WriteLine($"recorded: {records}");
+        foreach (var (side, direction) in new[] { ("source", "departure"), ("destination", "arrival") })
+        {
+            var record = records.GetProperty(side);
+            Assert.True(record.ValueKind == JsonValueKind.Object, $"the {side} recorded no trip: {records}");
+            Assert.Equal(direction, record.GetProperty("direction").GetString());
+            Assert.Equal(path, record.GetProperty("path").GetString());
+            Assert.Equal(memoryOnly, record.GetProperty("memory_only").GetBoolean());
+        }
     }
 
     private List<JsonElement> Run(string file, string mode, string call, out JsonElement root, string storage = "shared")
