@@ -254,6 +254,11 @@ cmd_status() {
         for h in "${LAB_HOSTS[@]}"; do
             echo "host $h (${HOST_ADDR[$h]}): libvirtd pid $(host_pid "$h" libvirtd), guests: $(host_virsh "$h" list --all --name | xargs)"
         done
+        if storage_is_up; then
+            local nbd
+            nbd=$(cat "$LAB_RUN/s.qemu-nbd.pid" 2> /dev/null || true)
+            echo "shared storage $(storage_netns) ($STORAGE_ADDR:$STORAGE_PORT): $(pid_alive "$nbd" && echo "qemu-nbd pid $nbd serving $(storage_image)" || echo "no export (a --storage shared scenario starts one)")"
+        fi
     else
         echo "down"
         [[ -e $LAB_RUN || -e $LAB_VAR ]] && echo "(partial state present: run lab down)"
