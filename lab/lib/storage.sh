@@ -6,9 +6,12 @@
 # so the storage traffic never crosses the rate-limited WAN lab-a <-> lab-b and the link counters
 # keep measuring the memory stream alone.
 #
-# Files: the image $LAB_VAR/storage/lab-guest.qcow2 (root mount namespace; QEMU never opens it,
-# only qemu-nbd does), qemu-nbd's output $LAB_VAR/storage/qemu-nbd.log, its pid
-# $LAB_RUN/s.qemu-nbd.pid; the bfmigd traces of --storage shared in $LAB_VAR/storage/strace-<h>.
+# --storage shared-file instead puts the same qcow2 as a plain file at one path both hosts see
+# (the set-up of issue 17's report): libvirt cannot know it is shared, so trips need --unsafe.
+#
+# Files: the image $LAB_VAR/storage/lab-guest.qcow2 (root mount namespace; with shared only
+# qemu-nbd opens it), qemu-nbd's output $LAB_VAR/storage/qemu-nbd.log, its pid
+# $LAB_RUN/s.qemu-nbd.pid; the bfmigd traces of --trace-shared in $LAB_VAR/storage/strace-<h>.<pid>.
 
 STORAGE_NS_HOST=s
 STORAGE_ADDR=198.18.0.9
@@ -47,9 +50,9 @@ storage_down() {
     ip netns del "$(storage_netns)"
 }
 
-# Serves IMAGE from the storage namespace: one writer (the guest's QEMU on A, later on B) and,
-# during a migration, the destination's QEMU opening the same export (--shared). --persistent
-# keeps serving when the last client goes away (between the source's close and nothing else).
+# Serves IMAGE from the storage namespace: the guest's QEMU, and during a migration also the
+# destination's QEMU on the same export (--shared); --persistent keeps serving when the source's
+# QEMU disconnects (without it qemu-nbd exits with its last client).
 storage_serve() {
     local image=$1 log=$LAB_VAR/storage/qemu-nbd.log pid i
     storage_stop
