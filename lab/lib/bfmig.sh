@@ -356,3 +356,22 @@ bfmig_daemon_down() {
     log "$mode: bfmigd of ${h^^} ($which) killed before the trip; no BFMig table left in its ruleset"
     DOWN_JSON=$(jq -n --arg host "${h^^}" --arg which "$which" '{host: $host, which: $which, nft_table_left: false}')
 }
+
+# Host H's record of the lab guest's last trip as bfmigd keeps it (ListTrips on its bus, what
+# `bfmig list` shows): {direction, path, memory_only, peer, reason}, or null when H has none
+# from SINCE (unix seconds) on. The source records its departure when it has joined libvirt's
+# stop with the trip's streams, which may be a moment after `virsh migrate` returned: retry.
+bfmig_trip_record() {
+    local h=$1 uuid=$2 since=$3 out rec i
+    for ((i = 0; i < 20; i++)); do
+        out=$(host_exec "$h" busctl --system --json=short call org.bfmig.BFMig1 /org/bfmig/BFMig1 \
+            org.bfmig.BFMig1.Manager ListTrips 2> /dev/null || true)
+        rec=$(jq -c --arg u "$uuid" --argjson since "$since" \
+            '[.data[0][] | select(.[0] == $u and .[6] >= $since)
+              | {direction: .[1], path: .[2], memory_only: .[3], peer: .[4], reason: .[5]}] | .[0] // null' \
+            <<< "${out:-{\}}" 2> /dev/null || echo null)
+        [[ $rec != null && -n $rec ]] && { echo "$rec"; return 0; }
+        sleep 0.5
+    done
+    echo null
+}

@@ -14,8 +14,22 @@ guest_build() {
 guest_image() { echo "$(host_dir "$1")/lib/images/$LAB_GUEST.qcow2"; }
 guest_serial() { echo "$(host_dir "$1")/lib/qemu/$LAB_GUEST.serial"; }
 
+# RAM_MIB [STORAGE]: STORAGE local (default: the qcow2 in each host's own images directory) or
+# shared (the network disk of lib/storage.sh, the same on both hosts) or shared-file (the same
+# qcow2 path on both hosts, which libvirt cannot know is shared).
 guest_xml() {
-    local ram_mib=$1
+    local ram_mib=$1 storage=${2:-local} disk
+    if [[ $storage == shared ]]; then
+        disk=$(storage_disk_xml)
+    elif [[ $storage == shared-file ]]; then
+        disk=$(storage_file_disk_xml)
+    else
+        disk="    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/$LAB_GUEST.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"
+    fi
     cat <<EOF
 <domain type='qemu'>
   <name>$LAB_GUEST</name>
@@ -32,11 +46,7 @@ guest_xml() {
   <on_crash>destroy</on_crash>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' discard='unmap'/>
-      <source file='/var/lib/libvirt/images/$LAB_GUEST.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+$disk
     <serial type='unix'>
       <source mode='bind' path='/var/lib/libvirt/qemu/$LAB_GUEST.serial'/>
       <target port='0'/>
@@ -119,9 +129,11 @@ guest_verify() {
 }
 
 # Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB random
-# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums.
+# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums. The image
+# is host H's own unless IMAGE names another (the shared storage's).
 guest_prepare_disk() {
-    local h=$1 disk_gib=$2 data_mib=$3 raw i=0 sum
+    local h=$1 disk_gib=$2 data_mib=$3 image=${4:-} raw i=0 sum
+    [[ -n $image ]] || image=$(guest_image "$h")
     raw=$LAB_VAR/work/disk.raw
     mkdir -p "$LAB_VAR/work"
     rm -f "$raw"
@@ -133,6 +145,7 @@ guest_prepare_disk() {
             i=$((i + 1))
         done < <(head -c $((data_mib * MiB)) "$raw" | split -b $MiB -a 6 --filter='md5sum' -)
     fi
-    qemu-img convert -f raw -O qcow2 "$raw" "$(guest_image "$h")"
+    mkdir -p "$(dirname "$image")"
+    qemu-img convert -f raw -O qcow2 "$raw" "$image"
     rm -f "$raw"
 }

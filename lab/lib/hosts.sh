@@ -59,11 +59,12 @@ shape_link() {
 }
 
 cmd_up() {
-    local stack="" rate=""
+    local stack="" rate="" storage=local
     while (($#)); do
         case $1 in
             --stack) stack=$2; shift 2 ;;
             --rate) rate=$2; shift 2 ;;
+            --storage) [[ $2 =~ ^(local|shared)$ ]] || die "up: --storage local or shared"; storage=$2; shift 2 ;;
             *) die "up: unknown option $1" ;;
         esac
     done
@@ -79,11 +80,14 @@ cmd_up() {
     ensure_lab_tools
     if lab_is_up; then
         [[ -n $rate ]] && shape_link "$rate"
+        [[ $storage == shared ]] && storage_up
         log "lab is up (libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version), rate $(state_get rate))"
         return 0
     fi
     [[ -e $LAB_RUN || -e $LAB_VAR ]] && { log "cleaning a partial lab"; cmd_down; }
     host_setup_all "${stack:-$(stack_guess)}" "${rate:-$LAB_DEFAULT_RATE}"
+    [[ $storage == shared ]] && storage_up
+    return 0
 }
 
 stack_guess() {
@@ -219,6 +223,9 @@ lab_pids() {
         f=/run/netns/$(netns_name "$h")
         [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
     done
+    # The shared storage's namespace (qemu-nbd), when --storage shared made it.
+    f=/run/netns/$(netns_name s)
+    [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
     for h in "${LAB_HOSTS[@]}"; do
         for f in libvirtd virtlogd; do p=$(host_pid "$h" "$f"); [[ -n $p ]] && echo "$p"; done
     done
@@ -259,6 +266,7 @@ cmd_down() {
         if [[ -e $LAB_RUN/$h.mnt ]]; then umount "$LAB_RUN/$h.mnt" 2> /dev/null || true; fi
         if [[ -e /run/netns/$(netns_name "$h") ]]; then ip netns del "$(netns_name "$h")"; fi
     done
+    storage_down
     if mountpoint -q "$LAB_RUN" 2> /dev/null; then umount "$LAB_RUN"; fi
     rm -rf "$LAB_RUN" "$LAB_VAR" "$LAB_VAR.apt.log"
     log "lab is down"
@@ -271,6 +279,11 @@ cmd_status() {
         for h in "${LAB_HOSTS[@]}"; do
             echo "host $h (${HOST_ADDR[$h]}): libvirtd pid $(host_pid "$h" libvirtd), guests: $(host_virsh "$h" list --all --name | xargs)"
         done
+        if storage_is_up; then
+            local nbd
+            nbd=$(cat "$LAB_RUN/s.qemu-nbd.pid" 2> /dev/null || true)
+            echo "shared storage $(storage_netns) ($STORAGE_ADDR:$STORAGE_PORT): $(pid_alive "$nbd" && echo "qemu-nbd pid $nbd serving $(storage_image)" || echo "no export (a --storage shared scenario starts one)")"
+        fi
     else
         echo "down"
         [[ -e $LAB_RUN || -e $LAB_VAR ]] && echo "(partial state present: run lab down)"

@@ -70,7 +70,7 @@ kill_attempt() {
     esac
     log "$mode: trip $trip ${src^^} -> ${dst^^}: attempt with $what killed ${delay}s into the memory stream"
     t0=$(now)
-    host_exec "$src" timeout 600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
+    host_exec "$src" timeout 600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
         "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" > "$out" 2>&1 &
     local migrate=$!
     helper=$(kill_wait_helper "$h" "$role" "$migrate") ||

@@ -1,6 +1,15 @@
 # Scenario "roundtrip": boot on A, fill, then trips A->B, B->A, ... Each trip is one live
-# migration with non-shared storage; after each arrival the harness verifies memory and disk
-# (guest checksums + offline image comparison), then changes data on the new host.
+# migration with non-shared storage (--copy-storage-all); after each arrival the harness verifies
+# memory and disk (guest checksums + offline image comparison), then changes data on the new host.
+# With --storage shared the disk is a network disk both hosts use (lib/storage.sh; shared-file:
+# one qcow2 path both hosts see, as a new user's first try looks): trips move memory only, the guest's own checksums verify memory and the disk as the guest sees it (there
+# is one image, nothing to compare offline), and the shared image's persistent bitmap is checked.
+
+# The storage part of `virsh migrate`: copy the whole disk (local storage), nothing (shared), or
+# --unsafe (shared-file: libvirt cannot tell that the lab's directory is shared).
+LAB_STORAGE_ARGS=(--copy-storage-all)
+# Text of `info block` that identifies the guest's disk (its qcow2 file, or the NBD server).
+GUEST_DISK_MATCH=$LAB_GUEST.qcow2
 
 # Bytes that crossed the veth in both directions so far (one end sees both).
 link_bytes() {
@@ -30,7 +39,7 @@ job_downtime_ms() {
 guest_qemu_io() {
     local h=$1 cmd=$2 dev out
     dev=$(host_virsh "$h" qemu-monitor-command --hmp "$LAB_GUEST" 'info block' |
-        awk -v img="$LAB_GUEST.qcow2" 'index($0, img) {found = 1} found && /Attached to:/ {print $3; exit}')
+        awk -v img="$GUEST_DISK_MATCH" 'index($0, img) {found = 1} found && /Attached to:/ {print $3; exit}')
     [[ -n $dev ]] || die "no device for $LAB_GUEST.qcow2 on host $h"
     out=$(host_virsh "$h" qemu-monitor-command --hmp "$LAB_GUEST" "qemu-io -d $dev \"$cmd\"")
     [[ -z ${out//[[:space:]]/} ]] || die "qemu-io '$cmd' on $h: $out"
@@ -62,6 +71,9 @@ scenario_cleanup() {
         host_virsh "$h" undefine "$LAB_GUEST" > /dev/null 2>&1 || true
         rm -f "$(guest_image "$h")"
     done
+    storage_untrace
+    storage_stop
+    rm -f "$(storage_image)"
 }
 
 json_skipped() {
@@ -76,18 +88,49 @@ json_skipped() {
 # tcp://DST, migrate_disks vda, destination/persistent XML, LIVE|PEER2PEER|UNDEFINE_SOURCE|
 # PERSIST_DEST|NON_SHARED_INC, optionally AUTO_CONVERGE). Nova never passes socket URIs: with
 # nova the mode decides only what runs around the call (stock: nothing; bfmig-transparent: the daemons).
+# Or virt-manager's exact call (virDomainMigrate over two connections, LIVE|PERSIST_DEST|
+# UNDEFINE_SOURCE, memory only): `virt-manager` passes the mode's --migrateuri as uri (tcp://DST,
+# or BFMig's socket URI in explicit mode), `virt-manager-nouri` passes none (the destination's
+# libvirt offers its migration_host).
 lab_migrate() {
     local call=$1 src=$2 dst=$3
     case $call in
         virsh)
-            host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent --copy-storage-all \
+            host_exec "$src" timeout 3600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
                 "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" ;;
+        virt-manager | virt-manager-nouri)
+            local uri=none
+            [[ $call == virt-manager ]] && uri=$(mig_arg --migrateuri)
+            [[ -n $uri ]] || die "--call virt-manager: the mode gives no --migrateuri"
+            host_exec "$src" timeout 3600 "$LAB_CALLS_EXE" virt-manager --guest "$LAB_GUEST" \
+                --dest-uri "qemu+tcp://${HOST_ADDR[$dst]}/system" --uri "$uri" ;;
         nova | nova-autoconverge)
             local extra=()
             [[ $call == nova-autoconverge ]] && extra=(--auto-converge)
             host_exec "$src" timeout 3600 "$LAB_CALLS_EXE" nova --guest "$LAB_GUEST" \
                 --dest-uri "qemu+tcp://${HOST_ADDR[$dst]}/system" --migrate-uri "tcp://${HOST_ADDR[$dst]}" --disk vda "${extra[@]}" ;;
     esac
+}
+
+# The value of option NAME in MIG_ARGS ("" when absent).
+mig_arg() {
+    local i
+    for ((i = 0; i + 1 < ${#MIG_ARGS[@]}; i++)); do
+        [[ ${MIG_ARGS[i]} == "$1" ]] && { echo "${MIG_ARGS[i + 1]}"; return 0; }
+    done
+}
+
+# A memory-only migration keeps only the mode's stream URI: the disk options (--disks-uri, and
+# --listen-address, which a tcp:// URI naming the destination makes redundant) go.
+storage_filter_args() {
+    local keep=() i=0
+    while ((i < ${#MIG_ARGS[@]})); do
+        case ${MIG_ARGS[i]} in
+            --disks-uri | --listen-address) i=$((i + 2)) ;;
+            *) keep+=("${MIG_ARGS[i]}"); i=$((i + 1)) ;;
+        esac
+    done
+    MIG_ARGS=("${keep[@]}")
 }
 
 # The Nova call's tool, built once per source tree into the lab's cache.
@@ -102,10 +145,55 @@ lab_build_calls() {
     LAB_CALLS_EXE=$out/bfmig-lab-call
 }
 
+# After a trip with --storage shared: {bitmaps: the shared image's persistent bitmaps, bitmap_kept:
+# whether $STORAGE_BITMAP is among them, bfmig_write_access: the lines of the bfmigd traces in
+# which a BFMig process opened the image for writing or connected to its NBD server (null
+# without --trace-shared), write_lines: the first few of them, traced_writes: how many files the
+# traced processes opened for writing at all (null without --trace-shared)}.
+shared_trip_json() {
+    local traced=$1 bitmaps writes=null lines="[]" all=null
+    bitmaps=$(storage_bitmaps)
+    [[ -n $bitmaps ]] || bitmaps=null
+    if [[ $traced == yes ]]; then
+        local found
+        found=$(storage_bfmig_writes)
+        writes=$(grep -c . <<< "$found" || true)
+        lines=$(head -n 5 <<< "$found" | jq -R . | jq -s 'map(select(. != ""))')
+        all=$(storage_traced_writes)
+    fi
+    jq -n --argjson bitmaps "$bitmaps" --arg name "$STORAGE_BITMAP" --argjson writes "$writes" --argjson lines "$lines" \
+        --argjson all "$all" \
+        '{bitmaps: $bitmaps, bitmap_kept: (($bitmaps // []) | index($name) != null),
+          bfmig_write_access: $writes, write_lines: $lines, traced_writes: $all}'
+}
+
+# Whether CALL can make the trips of MODE on STORAGE (dies with the reason when not).
+roundtrip_check_call() {
+    local call=$1 mode=$2 storage=$3
+    case $call in
+        virsh) ;;
+        nova | nova-autoconverge)
+            [[ $mode == stock || $mode == bfmig-transparent ]] ||
+                die "--call $call carries no socket URIs; use it with --mode stock or bfmig-transparent"
+            [[ $storage == local ]] || die "--call $call is Nova's block migration (NON_SHARED_INC): not with --storage $storage" ;;
+        virt-manager-nouri)
+            # With --mode bfmig (explicit, transparent off) the call goes around BFMig: the
+            # daemons must record the trip as bypassed, at stock cost.
+            [[ $mode == stock || $mode == bfmig* ]] ||
+                die "--call $call: use it with --mode stock, bfmig (bypassed) or bfmig-transparent" ;;
+        virt-manager)
+            [[ $mode == stock || $mode == bfmig || $mode == bfmig-transparent ]] ||
+                die "--call virt-manager passes only a URI: use it with --mode stock, bfmig or bfmig-transparent" ;;
+        *) die "--call: virsh, nova, nova-autoconverge, virt-manager or virt-manager-nouri, not '$call'" ;;
+    esac
+    [[ $call != virt-manager* || $storage == shared ]] ||
+        die "--call $call: virt-manager's call never copies storage; use it with --storage shared"
+}
+
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
-    local binaries=build hook="" call=virsh
+    local binaries=build hook="" call=virsh storage=local trace_shared=no
     local kills=() downs=() spec
     while (($#)); do
         case $1 in
@@ -127,15 +215,32 @@ cmd_roundtrip() {
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
-            --call) [[ $2 =~ ^(virsh|nova|nova-autoconverge)$ ]] || die "--call: virsh, nova or nova-autoconverge"; call=$2 ;;
+            --call) call=$2 ;;
+            --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
+            --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
     done
     [[ -n $mode && -n $json ]] || die "roundtrip needs --mode and --json"
-    [[ $call == virsh || $mode == stock || $mode == bfmig-transparent ]] ||
-        die "--call $call: Nova's call carries no socket URIs; use it with --mode stock or bfmig-transparent"
+    # --call CALL[,CALL...]: one call per trip, the last one for the remaining trips (e.g.
+    # virsh,virt-manager-nouri,virsh: a trip around BFMig between two through it).
+    local calls=() c
+    IFS=, read -r -a calls <<< "$call"
+    ((${#calls[@]} > 0)) || die "--call: give at least one call"
+    for c in "${calls[@]}"; do roundtrip_check_call "$c" "$mode" "$storage"; done
+    if [[ $storage == shared* ]]; then
+        ((touch_mib == 0)) || die "--touch-retained-mib: with --storage $storage no image is left behind"
+        LAB_STORAGE_ARGS=()
+        GUEST_DISK_MATCH=$STORAGE_ADDR
+    fi
+    if [[ $storage == shared-file ]]; then
+        LAB_STORAGE_ARGS=(--unsafe)
+        GUEST_DISK_MATCH=$(storage_image)
+    fi
+    [[ $trace_shared == no || ($storage == shared* && $mode == bfmig*) ]] ||
+        die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
     mode_known "$mode" || die "unknown mode '$mode' (known: ${LAB_MODES[*]})"
     ((fill_mib < ram_mib)) || die "--fill-mib must be below --ram-mib"
     ((disk_data_mib <= disk_gib * 1024)) || die "disk data does not fit the disk"
@@ -150,6 +255,7 @@ cmd_roundtrip() {
     local up_args=()
     [[ -n $stack ]] && up_args+=(--stack "$stack")
     [[ -n $rate ]] && up_args+=(--rate "$rate")
+    [[ $storage == shared ]] && up_args+=(--storage shared)
     cmd_up "${up_args[@]}"
 
     local reason
@@ -170,13 +276,22 @@ cmd_roundtrip() {
     bfmig_hook_sync "$hook"
 
     [[ $call == virsh ]] || lab_build_calls
+    [[ $trace_shared == yes ]] && ensure_commands strace:strace
     scenario_cleanup
     bfmig_hook_mark
     EXP_M=()
     EXP_D=()
-    log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
-    guest_prepare_disk a "$disk_gib" "$disk_data_mib"
-    guest_xml "$ram_mib" > "$LAB_VAR/work/guest.xml"
+    if [[ $storage == shared* ]]; then
+        log "$mode: preparing a ${disk_gib} GiB shared disk with ${disk_data_mib} MiB of data, persistent bitmap $STORAGE_BITMAP ($storage)"
+        rm -f "$LAB_VAR"/storage/strace-*
+        guest_prepare_disk a "$disk_gib" "$disk_data_mib" "$(storage_image)"
+        qemu-img bitmap --add "$(storage_image)" "$STORAGE_BITMAP"
+        if [[ $storage == shared ]]; then storage_serve "$(storage_image)"; fi
+    else
+        log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
+        guest_prepare_disk a "$disk_gib" "$disk_data_mib"
+    fi
+    guest_xml "$ram_mib" "$storage" > "$LAB_VAR/work/guest.xml"
     host_virsh a define "$LAB_VAR/work/guest.xml" > /dev/null
     host_virsh a start "$LAB_GUEST" > /dev/null
     guest_wait_ready a
@@ -187,10 +302,15 @@ cmd_roundtrip() {
     local trip src=a dst=b trip_json=() chunks=$disk_data_mib
     local before after t0 t1 bad images wire secs verified
     for ((trip = 1; trip <= trips; trip++)); do
-        [[ -e $(guest_image "$dst") ]] ||
+        [[ $storage == shared* || -e $(guest_image "$dst") ]] ||
             qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"
         "$(mode_fn "$mode" args)" "$src" "$dst"
+        [[ $storage == shared* ]] && storage_filter_args
         mode_call_optional "$mode" prepare "$src" "$dst"
+        if [[ $trace_shared == yes ]]; then
+            storage_trace_bfmig "$src"
+            storage_trace_bfmig "$dst"
+        fi
         KILL_JSON=null
         if spec=$(kill_spec_for_trip "$trip" "${kills[@]}"); then
             KILL_CHUNKS=$chunks
@@ -207,7 +327,9 @@ cmd_roundtrip() {
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
-        if ! lab_migrate "$call" "$src" "$dst"; then
+        c=${calls[trip - 1]:-${calls[-1]}}
+        ((${#calls[@]} == 1)) || log "$mode: trip $trip by call $c"
+        if ! lab_migrate "$c" "$src" "$dst"; then
             mode_call_optional "$mode" cleanup "$src" "$dst"
             scenario_cleanup
             die "$mode: trip $trip ${src^^} -> ${dst^^} failed"
@@ -223,18 +345,36 @@ cmd_roundtrip() {
         ((trip == 1)) && corrupt_guest "$corrupt" "$dst"
         guest_verify "$dst" "$chunks"
         bad=$VERIFY_BAD
-        if images_identical "$src" "$dst"; then images=true; else images=false; fi
         verified=false
-        [[ $bad == 0 && $images == true ]] && verified=true
+        local shared_json=null records=null
+        if [[ $mode == bfmig* ]]; then
+            # What each daemon recorded about this trip (bfmig list's LAST TRIP).
+            local uuid since=${t0%.*}
+            uuid=$(host_virsh "$dst" domuuid "$LAB_GUEST" 2> /dev/null | tr -d '[:space:]')
+            records=$(jq -n --argjson s "$(bfmig_trip_record "$src" "$uuid" "$since")" \
+                --argjson d "$(bfmig_trip_record "$dst" "$uuid" "$since")" '{source: $s, destination: $d}')
+        fi
+        if [[ $storage == shared* ]]; then
+            # One image: what the guest reads back is the whole truth about the disk.
+            images=null
+            [[ $bad == 0 ]] && verified=true
+            shared_json=$(shared_trip_json "$trace_shared")
+            log "$mode: trip $trip: shared image $(jq -c . <<< "$shared_json")"
+        else
+            if images_identical "$src" "$dst"; then images=true; else images=false; fi
+            [[ $bad == 0 && $images == true ]] && verified=true
+        fi
         log "$mode: trip $trip: $wire bytes, ${secs}s, downtime ${JOB_DOWNTIME} ms, guest mismatches $bad, images identical $images"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
-            --argjson daemondown "$DOWN_JSON" \
-            '{from: $from, to: $to, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
+            --argjson daemondown "$DOWN_JSON" --argjson shared "$shared_json" --argjson records "$records" --arg call "$c" \
+            '{from: $from, to: $to, call: $call, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
-              + (if $daemondown == null then {} else {daemon_down: $daemondown} end)')")
+              + (if $daemondown == null then {} else {daemon_down: $daemondown} end)
+              + (if $shared == null then {} else {shared: $shared} end)
+              + (if $records == null then {} else {bfmig_trip: $records} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then
@@ -270,11 +410,11 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
-                     disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch},
+                     disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch, storage: $storage},
           call: $call, migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup

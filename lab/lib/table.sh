@@ -21,13 +21,27 @@ cmd_table() {
     echo "Each trip runs, inside the source host (DST = the destination's lab address):"
     for f in "${files[@]}"; do
         [[ -n $(jq -r '.skipped // empty' "$f") ]] && continue
-        if [[ $(jq -r '.call // "virsh"' "$f") != virsh ]]; then
+        local call copy="--copy-storage-all "
+        call=$(jq -r '.call // "virsh"' "$f")
+        [[ $(jq -r '.scenario.storage // "local"' "$f") == shared ]] && copy=""
+        if [[ $call == *,* ]]; then
+            printf '  %-18s one call per trip: %s (mode arguments %s)\n' "$(jq -r .mode "$f")" "$call" \
+                "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+            continue
+        fi
+        if [[ $call == virt-manager* ]]; then
+            printf '  %-18s virt-manager'"'"'s call (%s): virDomainMigrate(dconn qemu+tcp://DST/system, LIVE|PERSIST_DEST|UNDEFINE_SOURCE, uri %s)\n' \
+                "$(jq -r .mode "$f")" "$call" \
+                "$([[ $call == virt-manager-nouri ]] && echo none || jq -r '.migrate_args as $a | ($a | index("--migrateuri")) as $i | if $i == null then "none" else $a[$i + 1] end' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+            continue
+        fi
+        if [[ $call != virsh ]]; then
             printf '  %-18s OpenStack Nova'"'"'s call (%s): virDomainMigrateToURI3 qemu+tcp://DST/system, migrate_uri tcp://DST, LIVE|PEER2PEER|UNDEFINE_SOURCE|PERSIST_DEST|NON_SHARED_INC\n' \
                 "$(jq -r .mode "$f")" "$(jq -r .call "$f")"
             continue
         fi
-        printf '  %-18s virsh migrate --live --persistent --copy-storage-all %s qemu+tcp://DST/system %s\n' \
-            "$(jq -r .mode "$f")" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+        printf '  %-18s virsh migrate --live --persistent %s%s qemu+tcp://DST/system %s\n' \
+            "$(jq -r .mode "$f")" "$copy" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
     done
     echo
     printf "%-${first}s" ""
@@ -84,13 +98,16 @@ cmd_table() {
 }
 
 # Runs the roundtrip in every mode on the current stack, prints the table, takes the lab down.
+# --storage shared: memory-only trips on the shared network disk, transparent mode through
+# virt-manager's call (the tool those fleets use).
 cmd_demo() {
-    local quick=false out="" rate=$LAB_DEFAULT_RATE
+    local quick=false out="" rate=$LAB_DEFAULT_RATE storage=local
     while (($#)); do
         case $1 in
             --quick) quick=true; shift ;;
             --out) out=$2; shift 2 ;;
             --rate) rate=$2; shift 2 ;;
+            --storage) [[ $2 =~ ^(local|shared)$ ]] || die "demo: --storage local or shared"; storage=$2; shift 2 ;;
             *) die "demo: unknown option $1" ;;
         esac
     done
@@ -101,10 +118,12 @@ cmd_demo() {
     if $quick; then
         size=(--ram-mib 256 --fill-mib 64 --disk-gib 1 --disk-data-mib 64)
     fi
-    local mode files=() failed=0
-    cmd_up --rate "$rate"
+    local mode files=() failed=0 call
+    cmd_up --rate "$rate" --storage "$storage"
     for mode in "${LAB_MODES[@]}"; do
-        if ( cmd_roundtrip --mode "$mode" --json "$out/$mode.json" "${size[@]}" ); then
+        call=virsh
+        [[ $storage == shared && $mode == bfmig-transparent ]] && call=virt-manager
+        if ( cmd_roundtrip --mode "$mode" --json "$out/$mode.json" --storage "$storage" --call "$call" "${size[@]}" ); then
             files+=("$out/$mode.json")
         else
             log "demo: mode $mode failed"
@@ -113,7 +132,7 @@ cmd_demo() {
     done
     cmd_down
     echo
-    echo "Back-and-forth migration, rate $rate ($($quick && echo quick || echo default) scenario; results in $out)"
+    echo "Back-and-forth migration, rate $rate ($($quick && echo quick || echo default) scenario, $storage storage; results in $out)"
     ((${#files[@]})) && cmd_table "${files[@]}"
     return $failed
 }

@@ -75,6 +75,10 @@ internal static partial class Interop
         [LibraryImport(Library, StringMarshalling = StringMarshalling.Utf8)]
         private static unsafe partial int virDomainMigrateToURI3(DomainHandle domain, string? dconnuri, VirTypedParameter* parameters, uint nparams, uint flags);
 
+        /// <summary>Returns the domain on <paramref name="dconn"/> (owned), or null on failure. C <c>unsigned long</c> is 64 bits here (LP64).</summary>
+        [LibraryImport(Library, StringMarshalling = StringMarshalling.Utf8)]
+        private static partial virDomainPtr virDomainMigrate(DomainHandle domain, ConnectHandle dconn, nuint flags, string? dname, string? uri, nuint bandwidth);
+
         [LibraryImport(Library)]
         private static partial int virDomainMigrateSetMaxDowntime(DomainHandle domain, ulong downtimeMs, uint flags);
 
@@ -180,6 +184,10 @@ internal static partial class Interop
 
         internal static void DomainMigrateSetMaxDowntime(DomainHandle domain, ulong downtimeMs) =>
             Check(virDomainMigrateSetMaxDowntime(domain, downtimeMs, 0), "SetMaxDowntime");
+
+        /// <summary>virDomainMigrate: the managed migration a client drives over two connections; the migrated domain on <paramref name="destination"/>.</summary>
+        internal static DomainHandle DomainMigrate(DomainHandle domain, ConnectHandle destination, uint flags, string? destinationName, string? uri, ulong bandwidthMiBps) =>
+            AdoptDomainOrThrow(virDomainMigrate(domain, destination, flags, destinationName, uri, (nuint)bandwidthMiBps), destination, "Migrate");
 
         internal static unsafe void DomainMigrateToUri3(DomainHandle domain, string? destinationUri, TypedParameterList parameters, uint flags) =>
             Check(virDomainMigrateToURI3(domain, destinationUri, parameters.Pointer, (uint)parameters.Count, flags), "MigrateToUri3");

@@ -30,7 +30,7 @@ public sealed class LabCollection : ICollectionFixture<LabLease>
 }
 
 /// <summary>
-/// Holds the machine's lab lock (<c>/run/bfmig-lab.lock</c>, the one <c>lab/lab</c> takes) for
+/// Holds the lab's lock (<c>/run/bfmig-lab.lock</c>, or that of <c>BFMIG_LAB_NAME</c>: the one <c>lab/lab</c> takes) for
 /// the whole collection, so another checkout's lab commands wait instead of tearing down the
 /// hosts under these tests; takes the lab down after the last test.
 /// </summary>
@@ -75,6 +75,7 @@ public sealed class LabLease : IDisposable
             {
                 var psi = new System.Diagnostics.ProcessStartInfo(LabRunner.LabScript, "down");
                 psi.Environment["BFMIG_LAB_LOCK_HELD"] = "1";
+                psi.Environment["BFMIG_LAB_NAME"] = LabRunner.LabName;
                 using var process = System.Diagnostics.Process.Start(psi)!;
                 if (!process.WaitForExit(TimeSpan.FromMinutes(2)))
                 {

@@ -15,8 +15,14 @@ internal sealed class LabRunner(ITestOutputHelper output)
     /// <summary>Path of the lab's entry script.</summary>
     public static string LabScript => Path.Combine(RepoRoot, "lab", "lab");
 
-    /// <summary>The lock lab/lab takes for the default lab name.</summary>
-    public const string LockPath = "/run/bfmig-lab.lock";
+    /// <summary>
+    /// The lab instance the tests drive: <c>BFMIG_LAB_NAME</c> when it is set (so that several
+    /// checkouts on one machine can each test in their own lab), else the default <c>bfmig-lab</c>.
+    /// </summary>
+    public static string LabName { get; } = ChooseLabName();
+
+    /// <summary>The lock lab/lab takes for <see cref="LabName"/>.</summary>
+    public static string LockPath => $"/run/{LabName}.lock";
 
     /// <summary>Runs <c>lab/lab ARGS</c>; fails the test when it exits non-zero or outlives <paramref name="timeout"/>.</summary>
     public string Run(TimeSpan timeout, params string[] args)
@@ -37,7 +43,8 @@ internal sealed class LabRunner(ITestOutputHelper output)
         };
         // The collection fixture holds the lab lock for all lab tests.
         psi.Environment["BFMIG_LAB_LOCK_HELD"] = "1";
-        psi.Environment.Remove("BFMIG_LAB_NAME");
+        // The same instance whose lock the collection holds.
+        psi.Environment["BFMIG_LAB_NAME"] = LabName;
         foreach (var arg in args)
         {
             psi.ArgumentList.Add(arg);
@@ -79,6 +86,21 @@ internal sealed class LabRunner(ITestOutputHelper output)
         {
             text.AppendLine(line);
         }
+    }
+
+    private static string ChooseLabName()
+    {
+        var name = Environment.GetEnvironmentVariable("BFMIG_LAB_NAME");
+        if (string.IsNullOrEmpty(name))
+        {
+            return "bfmig-lab";
+        }
+        // lab/lab's own rule: the name becomes namespace, directory and lock file names.
+        if (!System.Text.RegularExpressions.Regex.IsMatch(name, "^[a-z][a-z0-9-]{0,20}$"))
+        {
+            throw new InvalidOperationException($"BFMIG_LAB_NAME '{name}' is not a lab name ([a-z][a-z0-9-]*, at most 21 characters)");
+        }
+        return name;
     }
 
     private static string FindRepoRoot()

@@ -8,8 +8,8 @@ namespace BFMig.Lab.Tests;
 [Collection(LabCollection.Name)]
 public sealed partial class UpDownTests(ITestOutputHelper output)
 {
-    private const string RunDir = "/run/bfmig-lab";
-    private const string VarDir = "/var/tmp/bfmig-lab";
+    private static readonly string RunDir = $"/run/{LabRunner.LabName}";
+    private static readonly string VarDir = $"/var/tmp/{LabRunner.LabName}";
     private static readonly string[] Hosts = ["a", "b"];
 
     private readonly LabRunner lab = new(output);
@@ -25,10 +25,14 @@ public sealed partial class UpDownTests(ITestOutputHelper output)
         var pids = ReadPids();
         Assert.Equal(4, pids.Count);
         Assert.All(pids, pid => Assert.True(Directory.Exists($"/proc/{pid}"), $"pid {pid} is not running"));
-        Assert.All(Hosts, h => Assert.True(File.Exists($"/run/netns/bfmig-lab-{h}"), $"netns of host {h} missing"));
+        Assert.All(Hosts, h => Assert.True(File.Exists($"/run/netns/{LabRunner.LabName}-{h}"), $"netns of host {h} missing"));
 
-        lab.Run(TimeSpan.FromMinutes(2), "up");
+        // Again, with the shared storage's namespace: the hosts stay, both route the storage
+        // address over their own link to it (st-s), not over the WAN.
+        lab.Run(TimeSpan.FromMinutes(2), "up", "--storage", "shared");
         Assert.Equal(pids, ReadPids());
+        Assert.True(File.Exists($"/run/netns/{LabRunner.LabName}-s"), "netns of the shared storage missing");
+        Assert.All(Hosts, h => Assert.Contains("dev st-s", lab.Run(TimeSpan.FromMinutes(1), "exec", h, "ip", "route", "get", "198.18.0.9"), StringComparison.Ordinal));
         Assert.Contains("up: stack", lab.Run(TimeSpan.FromMinutes(1), "status"), StringComparison.Ordinal);
 
         // Two hosts as libvirt sees them: different host UUIDs; B's libvirtd reachable from A over the veth.
@@ -56,8 +60,8 @@ public sealed partial class UpDownTests(ITestOutputHelper output)
 
     private static void AssertNoTrace(IReadOnlyList<int> formerPids)
     {
-        Assert.All(Hosts, h => Assert.False(File.Exists($"/run/netns/bfmig-lab-{h}"), $"netns of host {h} left behind"));
-        var mounts = File.ReadAllLines("/proc/self/mountinfo").Where(l => l.Contains("bfmig-lab", StringComparison.Ordinal)).ToList();
+        Assert.All([.. Hosts, "s"], h => Assert.False(File.Exists($"/run/netns/{LabRunner.LabName}-{h}"), $"netns {h} left behind"));
+        var mounts = File.ReadAllLines("/proc/self/mountinfo").Where(l => l.Contains(LabRunner.LabName, StringComparison.Ordinal)).ToList();
         Assert.True(mounts.Count == 0, "mounts left behind:\n" + string.Join('\n', mounts));
         Assert.False(Directory.Exists(RunDir), $"{RunDir} left behind");
         Assert.False(Directory.Exists(VarDir), $"{VarDir} left behind");

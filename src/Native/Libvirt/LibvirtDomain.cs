@@ -77,6 +77,21 @@ public sealed class LibvirtDomain : IDisposable
         Interop.Libvirt.DomainMigrateToUri3(_handle, destinationUri, list, (uint)flags);
     }
 
+    /// <summary>
+    /// virDomainMigrate: a managed, non-peer-to-peer migration driven by this process over two
+    /// connections (this domain's and <paramref name="destination"/>), as virt-manager makes it.
+    /// <paramref name="uri"/> is where the source QEMU sends the stream (<c>tcp://HOST[:PORT]</c>, or
+    /// <c>unix:///PATH</c> for BFMig's socket); null lets the destination's libvirt choose its own
+    /// address (qemu.conf <c>migration_host</c>) and port. Blocks until the migration ends and
+    /// returns the domain on the destination (dispose it).
+    /// </summary>
+    public LibvirtDomain Migrate(LibvirtConnection destination, LibvirtMigrateFlags flags, string? uri = null,
+        string? destinationName = null, ulong bandwidthMiBps = 0)
+    {
+        ArgumentNullException.ThrowIfNull(destination);
+        return new LibvirtDomain(Interop.Libvirt.DomainMigrate(_handle, destination.Handle, (uint)flags, destinationName, uri, bandwidthMiBps));
+    }
+
     /// <summary>Creates a checkpoint from XML, or with <see cref="LibvirtCheckpointCreateFlags.Redefine"/> restores its metadata.</summary>
     public LibvirtCheckpoint CreateCheckpoint(string xml, LibvirtCheckpointCreateFlags flags = LibvirtCheckpointCreateFlags.None) =>
         new(Interop.Libvirt.CheckpointCreateXml(_handle, xml, (uint)flags), _handle);

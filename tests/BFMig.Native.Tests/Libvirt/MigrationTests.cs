@@ -93,6 +93,60 @@ public sealed class MigrationTests(ITestOutputHelper output)
         }
     }
 
+    /// <summary>
+    /// virt-manager's shape: virDomainMigrate over two connections (managed, not peer to peer),
+    /// LIVE | PERSIST_DEST | UNDEFINE_SOURCE, with an explicit stream URI (a unix socket, as BFMig's
+    /// explicit mode passes it); the guest arrives running and persistent and the source forgets it.
+    /// </summary>
+    [Fact]
+    public void Managed_migration_over_two_connections_moves_and_undefines_the_source()
+    {
+        using var a = new LibvirtdInstance(Guid.NewGuid().ToString());
+        using var b = new LibvirtdInstance(Guid.NewGuid().ToString());
+        if (!Prerequisite.Require(a.StartError is null && b.StartError is null, $"two private libvirtds ({a.StartError ?? b.StartError})", output))
+        {
+            return;
+        }
+        DirectoryInfo dir = Directory.CreateTempSubdirectory("bfmig-vmm-");
+        try
+        {
+            UnixUser qemu = UnixUsers.GetUser("libvirt-qemu") ?? throw new InvalidOperationException("no libvirt-qemu user");
+            UnixUsers.ChangeOwner(dir.FullName, qemu.Uid, qemu.Gid);
+            UnixUsers.ChangeMode(dir.FullName, (UnixFileMode)0b111_101_101);
+            using var source = LibvirtConnection.Open(a.Uri);
+            using var destination = LibvirtConnection.Open(b.Uri);
+            string name = TestDriverTests.UniqueName("bfmig-vmm");
+            using var dom = source.DefineDomain($"""
+                <domain type='qemu'>
+                  <name>{name}</name>
+                  <memory unit='MiB'>64</memory>
+                  <vcpu>1</vcpu>
+                  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+                  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+                </domain>
+                """);
+            dom.Start();
+            string uuid = dom.Uuid;
+
+            using (var arrived = dom.Migrate(destination,
+                LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PersistDestination | LibvirtMigrateFlags.UndefineSource,
+                "unix://" + Path.Combine(dir.FullName, "guest.mig")))
+            {
+                Assert.Equal(name, arrived.Name);
+                Assert.Equal(uuid, arrived.Uuid);
+                Assert.True(arrived.IsActive);
+                Assert.True(arrived.IsPersistent);
+                arrived.Destroy();
+                arrived.Undefine();
+            }
+            Assert.Null(source.TryLookupDomainByName(name));
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+
     [Fact]
     public async Task Aborted_migration_leaves_the_guest_running_on_the_source()
     {

@@ -231,6 +231,25 @@ public sealed class TestDriverTests
     }
 
     [Fact]
+    public void Managed_migration_over_two_connections_reaches_the_driver()
+    {
+        using var source = LibvirtConnection.Open(DefaultUri);
+        using var destination = LibvirtConnection.Open(DefaultUri);
+        using var dom = source.LookupDomainByName("test");
+        // virt-manager's call. The test driver implements no migration protocol, so libvirt's
+        // virDomainMigrate must get as far as asking both drivers and then say so (not crash on
+        // our two handles, flags and null dname).
+        var e = Assert.Throws<LibvirtException>(() => dom.Migrate(destination,
+            LibvirtMigrateFlags.Live | LibvirtMigrateFlags.PersistDestination | LibvirtMigrateFlags.UndefineSource, "tcp://198.18.0.2"));
+        Assert.Equal("Migrate", e.Operation);
+        Assert.Equal(LibvirtErrorCode.NoSupport, e.Code);
+        Assert.Contains("virDomainMigrate", e.LibvirtMessage);
+        Assert.True(dom.IsActive);
+        Assert.True(dom.IsPersistent);
+        Assert.Throws<ArgumentNullException>(() => dom.Migrate(null!, LibvirtMigrateFlags.Live));
+    }
+
+    [Fact]
     public void Typed_parameters_round_trip_through_libvirt_allocation()
     {
         var input = new LibvirtMigrationParameters
