@@ -157,6 +157,9 @@ cmd_checkpoints() {
         json_skipped "$json" "$CK_MODE" "$reason"
         return 0
     fi
+    # A destination bfmigd takes streams only for a migration its own hook announced (issue 12):
+    # the hook is part of BFMig, as on a real host.
+    [[ $CK_MODE == bfmig ]] && bfmig_hook_sync yes
     ck_cleanup
     EXP_M=()
     EXP_D=()
