@@ -721,9 +721,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
 
     private GuestRecord FindRetained(string guest)
     {
-        var record = _store.Find(guest);
-        if (record is null && _libvirt?.Lookup(guest) is { } known)
-            record = _store.Read(known.Uuid);
+        // A name is not an identity: guests that were undefined and defined again under the same
+        // name leave records with other UUIDs. The guest libvirt knows by that name now comes
+        // first; a UUID, or a name libvirt no longer knows, is looked up in the records.
+        var record = _libvirt?.Lookup(guest) is { } known ? _store.Read(known.Uuid) : _store.Find(guest);
         return record ?? throw new DaemonApiException(DaemonErrors.UnknownGuest, $"nothing is retained for guest '{guest}' on this host");
     }
 
