@@ -14,7 +14,7 @@ namespace BFMig.Fuzz;
 /// </summary>
 internal static class Program
 {
-    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops"];
+    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml"];
 
     private static int Main(string[] args)
     {
@@ -31,7 +31,7 @@ internal static class Program
         }
         if (args.Length < 1 || !Targets.Contains(args[0]))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
@@ -60,6 +60,9 @@ internal static class Program
         }
         _opsStore?.Dispose();
         if (Directory.Exists(StoreRoot)) Directory.Delete(StoreRoot, recursive: true);
+        HelloTarget.Close();
+        ConfigTarget.Close();
+        XmlTarget.Close();
         Console.WriteLine($"{args[0]}: {runs} inputs in {clock.Elapsed.TotalSeconds:0.0} s, seed {seed}, no failure");
         return 0;
     }
@@ -69,6 +72,10 @@ internal static class Program
         "qemu" => LoadFixtures(),
         "frames" => FrameCorpus(),
         "sealed" => SealedCorpus(),
+        "nbd" => NbdTarget.Corpus(),
+        "hello" => HelloTarget.Corpus(),
+        "config" => ConfigTarget.Corpus(),
+        "xml" => XmlTarget.Corpus(),
         _ => OpsCorpus(),
     };
 
@@ -77,6 +84,10 @@ internal static class Program
         "qemu" => FuzzQemu,
         "frames" => FuzzFrames,
         "sealed" => FuzzSealed,
+        "nbd" => NbdTarget.Run,
+        "hello" => HelloTarget.Run,
+        "config" => ConfigTarget.Run,
+        "xml" => XmlTarget.Run,
         _ => FuzzOps,
     };
 

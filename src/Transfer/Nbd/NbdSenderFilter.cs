@@ -180,7 +180,9 @@ public sealed partial class NbdSenderFilter
         if (!transmission)
         {
             // Nothing was written through us, but an opaque or aborted stream may still have changed the image.
-            recorder.BeginTrip(_exportSize == 0 ? retained.ImageSize : _exportSize, _blockSize, _key);
+            // A declared export no map can hold (refused before transmission) keeps the retained geometry.
+            ulong size = _exportSize == 0 || !DiskBlockMap.CanDescribe(_exportSize, _blockSize) ? retained.ImageSize : _exportSize;
+            recorder.BeginTrip(size, _blockSize, _key);
             recorder.EndTrip(false);
             return;
         }

@@ -106,7 +106,16 @@ public sealed class NbdStreamObserver
         ArgumentNullException.ThrowIfNull(recorder);
         lock (_sync)
         {
-            recorder.BeginTrip(ExportSize == 0 ? _retained.ImageSize : ExportSize, _retained.BlockSize, _retained.HashKey);
+            ulong size = ExportSize == 0 ? _retained.ImageSize : ExportSize;
+            if (!DiskBlockMap.CanDescribe(size, _retained.BlockSize))
+            {
+                // The server declared an export no map can hold (and transmission never started):
+                // nothing is known of the target, which the retained geometry and an unclean trip say.
+                recorder.BeginTrip(_retained.ImageSize, _retained.BlockSize, _retained.HashKey);
+                recorder.EndTrip(false);
+                return;
+            }
+            recorder.BeginTrip(size, _retained.BlockSize, _retained.HashKey);
             bool transmission = _state.Length > 0 && !Opaque;
             if (transmission)
             {

@@ -143,11 +143,19 @@ public sealed partial class DiskBlockMap : IDiskBlockView, IDiskRecorder
     /// <inheritdoc/>
     void IDiskRecorder.EndTrip(bool clean) => LastTripUnclean = !clean;
 
+    /// <summary>
+    /// True when a map of <paramref name="blockSize"/> blocks can describe an image of
+    /// <paramref name="imageSize"/> bytes (at most <see cref="MaxBlockCount"/> blocks). An NBD
+    /// server may declare any export size: who reports a trip checks this first.
+    /// </summary>
+    public static bool CanDescribe(ulong imageSize, int blockSize) =>
+        blockSize > 0 && imageSize <= (ulong)MaxBlockCount * (ulong)blockSize;
+
     private static void ValidateGeometry(ulong imageSize, int blockSize)
     {
         if (blockSize < 512 || blockSize > (64 << 20) || !int.IsPow2(blockSize))
             throw new ArgumentOutOfRangeException(nameof(blockSize), blockSize, "block size must be a power of two between 512 B and 64 MiB");
-        if (imageSize > (ulong)MaxBlockCount * (ulong)blockSize)
+        if (!CanDescribe(imageSize, blockSize))
             throw new ArgumentOutOfRangeException(nameof(imageSize), imageSize, $"more than {MaxBlockCount} blocks");
     }
 }

@@ -185,4 +185,63 @@ public sealed class NbdMalformedStreamTests
         var e = Assert.Throws<NbdProtocolException>(() => observer.OnServerBytes(reply));
         Assert.Contains("server at byte 36: reply for unknown cookie 0x1234", e.Message, StringComparison.Ordinal);
     }
+
+    // A server that declares an export of 2^62 bytes (more blocks than any map holds) in the
+    // NBD_INFO_EXPORT of its GO reply; found by the nbd fuzz target (tests/BFMig.Fuzz).
+    private const ulong AbsurdExportSize = 1UL << 62;
+
+    private static byte[] ClientGo()
+    {
+        var b = new byte[4 + NbdHandshake.OptionHeaderLength + 6];
+        BinaryPrimitives.WriteUInt32BigEndian(b, (uint)(NbdClientFlags.FixedNewstyle | NbdClientFlags.NoZeroes));
+        // GO with an empty export name and no information requests.
+        NbdHandshake.WriteOptionHeader(b.AsSpan(4), NbdOption.Go, 6);
+        return b;
+    }
+
+    private static byte[] ServerAbsurdExport()
+    {
+        var b = new byte[NbdHandshake.GreetingLength + NbdHandshake.OptionReplyHeaderLength + 12 + NbdHandshake.OptionReplyHeaderLength];
+        int at = 0;
+        Greeting().CopyTo(b, 0);
+        at += NbdHandshake.GreetingLength;
+        NbdHandshake.WriteOptionReplyHeader(b.AsSpan(at), NbdOption.Go, NbdOptionReplyType.Info, 12);
+        at += NbdHandshake.OptionReplyHeaderLength;
+        BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(at), (ushort)NbdInfoType.Export);
+        BinaryPrimitives.WriteUInt64BigEndian(b.AsSpan(at + 2), AbsurdExportSize);
+        at += 12;
+        NbdHandshake.WriteOptionReplyHeader(b.AsSpan(at), NbdOption.Go, NbdOptionReplyType.Ack, 0);
+        return b;
+    }
+
+    [Fact]
+    public async Task ExportTooLargeForAMapFailsWithTheProtocolError()
+    {
+        // Before the fix the filter's report of the trip threw ArgumentOutOfRangeException from
+        // DiskBlockMap.BeginTrip over the declared size, hiding the protocol error.
+        var e = await RunRawAsync(async (client, server, ct) =>
+        {
+            await server.WriteAsync(ServerAbsurdExport(), ct);
+            await client.WriteAsync(ClientGo(), ct);
+        });
+        var p = Assert.IsType<NbdProtocolException>(e);
+        Assert.Contains($"NBD export of {AbsurdExportSize} bytes has more than {DiskBlockMap.MaxBlockCount} blocks", p.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void ObserverReportsAnExportTooLargeForAMapAsUnknownAndUnclean()
+    {
+        var retained = new DiskBlockMap(1 << 20, 4096);
+        retained.Set(0, UInt128.One);
+        var observer = new NbdStreamObserver(retained);
+        observer.OnClientBytes(ClientGo());
+        var e = Assert.Throws<NbdProtocolException>(() => observer.OnServerBytes(ServerAbsurdExport()));
+        Assert.Contains("blocks", e.Message, StringComparison.Ordinal);
+        // Before the fix Report threw ArgumentOutOfRangeException (the receiving helper's end of trip).
+        var observed = new DiskBlockMap(0, 4096);
+        observer.Report(observed);
+        Assert.True(observed.LastTripUnclean);
+        Assert.Equal(0, observed.KnownCount);
+        Assert.Equal((ulong)(1 << 20), observed.ImageSize);
+    }
 }
