@@ -25,8 +25,19 @@ internal static class XmlTarget
         // The lab's guest as lab/lib/guest.sh defines it, then as libvirt shows it running, then on a network disk.
         string script = File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "Seeds", "guest.sh"));
         int start = script.IndexOf("<domain", StringComparison.Ordinal);
-        int end = script.IndexOf("</domain>", start, StringComparison.Ordinal) + "</domain>".Length;
-        string defined = script[start..end].Replace("$LAB_GUEST", "bfmig-lab", StringComparison.Ordinal).Replace("$ram_mib", "256", StringComparison.Ordinal);
+        int end = start < 0 ? -1 : script.IndexOf("</domain>", start, StringComparison.Ordinal) + "</domain>".Length;
+        // guest.sh fills in the disk element per storage mode ($disk): the seed uses the file disk.
+        const string FileDisk = """
+                <disk type='file' device='disk'>
+                  <driver name='qemu' type='qcow2' discard='unmap'/>
+                  <source file='/var/lib/libvirt/images/$LAB_GUEST.qcow2'/>
+                  <target dev='vda' bus='virtio'/>
+                </disk>
+            """;
+        if (start < 0 || end < start)
+            throw new InvalidOperationException("lab/lib/guest.sh has no <domain>...</domain> template any more: update the xml seeds");
+        string defined = script[start..end].Replace("$disk", FileDisk, StringComparison.Ordinal)
+            .Replace("$LAB_GUEST", "bfmig-lab", StringComparison.Ordinal).Replace("$ram_mib", "256", StringComparison.Ordinal);
         string live = defined
             .Replace("<name>bfmig-lab</name>", $"<name>bfmig-lab</name>\n  <uuid>{SeedUuid}</uuid>", StringComparison.Ordinal)
             .Replace("<memory unit='MiB'>256</memory>", "<memory unit='KiB'>262144</memory>\n  <currentMemory unit='KiB'>262144</currentMemory>\n  <maxMemory slots='4' unit='KiB'>1048576</maxMemory>", StringComparison.Ordinal)
