@@ -52,7 +52,7 @@ ensure_commands() {
 ensure_lab_tools() {
     ensure_commands ip:iproute2 tc:iproute2 socat:socat jq:jq qemu-img:qemu-utils \
         qemu-system-x86_64:qemu-system-x86 libvirtd:libvirt-daemon-system virsh:libvirt-clients \
-        virtlogd:libvirt-daemon-system nsenter:util-linux unshare:util-linux
+        virtlogd:libvirt-daemon-system nsenter:util-linux unshare:util-linux openssl:openssl nft:nftables
 }
 
 # Rate like 100mbit / 1gbit / 500kbit -> bits per second.
