@@ -126,7 +126,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
     public void Methods_that_reveal_guests_or_make_the_host_work_are_root_only_without_an_admin_group()
     {
         _host.Daemon.Store.SaveName(Guid.Parse(TestGuestUuid), "test");
-        foreach (var (method, args) in new[] { ("ListGuests", Array.Empty<string>()), ("Doctor", []), ("Estimate", ["test", "hostb"]) })
+        foreach (var (method, args) in new[] { ("ListGuests", Array.Empty<string>()), ("ListTrips", []), ("Doctor", []), ("Estimate", ["test", "hostb"]) })
         {
             // A supplementary group changes nothing while daemon:admin_group is not set.
             foreach (var groups in new[] { "--clear-groups", "--groups=50" })

@@ -169,7 +169,14 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
         w.CloseContainer();
     }
 
-    private void ListTrips(DBusMethodCall call) => Deferred(call, "ListTrips", service.ListTrips, (w, trips) =>
+    private void ListTrips(DBusMethodCall call)
+    {
+        // Like ListGuests: it names every guest (UUID) and peer that travelled (issue 12, finding 10).
+        Require(call, CallerAccess.Admin);
+        Deferred(call, "ListTrips", service.ListTrips, WriteTrips);
+    }
+
+    private static void WriteTrips(DBusMessageWriter w, IReadOnlyList<TripListing> trips)
     {
         w.OpenArray("(sssbssx)");
         foreach (var t in trips)
@@ -185,7 +192,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
             w.CloseContainer();
         }
         w.CloseContainer();
-    });
+    }
 
     private void Forget(DBusMethodCall call)
     {
