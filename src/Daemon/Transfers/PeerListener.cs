@@ -218,7 +218,8 @@ public sealed class PeerListener : IDisposable
         }
     }
 
-    private static async Task<bool> WaitReadableAsync(Socket socket, DateTime deadline, CancellationToken ct)
+    /// <summary>Waits until the socket has data (or EOF) without consuming any, false at <paramref name="deadline"/>.</summary>
+    internal static async Task<bool> WaitReadableAsync(Socket socket, DateTime deadline, CancellationToken ct)
     {
         // A zero-byte receive completes when data (or EOF) arrives, without consuming anything.
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
+using BFMig.Daemon.Transfers;
 
 namespace BFMig.Daemon.Transparent;
 
@@ -64,7 +65,7 @@ public static class StreamSniffer
         while (true)
         {
             var left = deadline - started.Elapsed;
-            if (left <= TimeSpan.Zero || !await WaitReadableAsync(socket, left, ct).ConfigureAwait(false))
+            if (left <= TimeSpan.Zero || (socket.Available == 0 && !await PeerListener.WaitReadableAsync(socket, DateTime.UtcNow + left, ct).ConfigureAwait(false)))
                 return (SniffedStream.ServerFirst, started.Elapsed);
             int got = socket.Receive(buffer, 0, buffer.Length, SocketFlags.Peek);
             // QEMU writes its 4-byte magic in one go; a shorter first segment is waited out briefly.
@@ -73,24 +74,6 @@ public static class StreamSniffer
             await Task.Delay(5, ct).ConfigureAwait(false);
             if (started.Elapsed > deadline)
                 return (Classify(buffer.AsSpan(0, got)), started.Elapsed);
-        }
-    }
-
-    private static async Task<bool> WaitReadableAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
-    {
-        if (socket.Available > 0)
-            return true;
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        cts.CancelAfter(timeout);
-        try
-        {
-            // A zero-byte receive completes when data (or EOF) arrives, without consuming anything.
-            await socket.ReceiveAsync(Memory<byte>.Empty, SocketFlags.None, cts.Token).ConfigureAwait(false);
-            return true;
-        }
-        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
-        {
-            return false;
         }
     }
 }
