@@ -33,6 +33,9 @@ public partial class TransparentTests(ITestOutputHelper output)
         Assert.NotNull(v6);
         Assert.Equal(new IPEndPoint(IPAddress.Loopback, 8080), v6.Local);
         Assert.Null(ProcNet.TryParse("garbage line", v6: false));
+        // A wildcard listener is reached through loopback; the helper's --connect brackets IPv6.
+        Assert.Equal("tcp:127.0.0.1:49152", ProcNet.ConnectArgument(ProcNet.ConnectableAddress(listen.Local)));
+        Assert.Equal("tcp:[::1]:49152", ProcNet.ConnectArgument(ProcNet.ConnectableAddress(new IPEndPoint(IPAddress.IPv6Any, 49152))));
         Assert.Null(ProcNet.TryParse("   0: 0000000:C000 00000000:0000 0A 0 0 0 0 0 1", v6: false));
     }
 

@@ -149,7 +149,7 @@ public sealed class TransferManager
         var args = new List<string>
         {
             "send", "--kind", KindArg(kind), "--fd", "3",
-            "--peer", $"tcp:{FormatHost(peer.Host)}:{peer.Port.ToString(CultureInfo.InvariantCulture)}",
+            "--peer", TcpArgument(peer.Host, peer.Port),
             "--guest", uuid.ToString("D"), "--peer-name", peer.Name,
             "--store", _options.StateDirectory, "--name", _options.HostName,
         };
@@ -487,7 +487,9 @@ public sealed class TransferManager
 
     private static string DirectionText(TransferDirection direction) => direction == TransferDirection.Send ? "send" : "receive";
 
-    private static string FormatHost(string host) => host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host;
+    /// <summary>"tcp:HOST:PORT" as bfmig-transfer's <c>--peer</c> and <c>--connect</c> take it (an IPv6 address in brackets).</summary>
+    internal static string TcpArgument(string host, int port) =>
+        $"tcp:{(host.Contains(':', StringComparison.Ordinal) ? $"[{host}]" : host)}:{port.ToString(CultureInfo.InvariantCulture)}";
 
     private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath,
         IReadOnlyList<DomainDisk> Disks)

@@ -1,7 +1,6 @@
 using System.Buffers.Binary;
 using System.Globalization;
 using System.Net;
-using System.Net.Sockets;
 
 namespace BFMig.Daemon.Transparent;
 
@@ -116,9 +115,6 @@ public static class ProcNet
         : listener.Address.Equals(IPAddress.IPv6Any) ? new IPEndPoint(IPAddress.IPv6Loopback, listener.Port)
         : listener;
 
-    /// <summary>"tcp:ADDRESS:PORT" as bfmig-transfer's <c>--connect</c> takes it (IPv6 in brackets).</summary>
-    public static string ConnectArgument(IPEndPoint endpoint) =>
-        endpoint.AddressFamily == AddressFamily.InterNetworkV6
-            ? $"tcp:[{endpoint.Address}]:{endpoint.Port.ToString(CultureInfo.InvariantCulture)}"
-            : $"tcp:{endpoint.Address}:{endpoint.Port.ToString(CultureInfo.InvariantCulture)}";
+    /// <summary>"tcp:ADDRESS:PORT" as bfmig-transfer's <c>--connect</c> takes it.</summary>
+    public static string ConnectArgument(IPEndPoint endpoint) => Transfers.TransferManager.TcpArgument(endpoint.Address.ToString(), endpoint.Port);
 }
