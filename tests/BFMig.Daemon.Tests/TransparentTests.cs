@@ -260,3 +260,42 @@ public partial class TransparentTests(ITestOutputHelper output)
     [LibraryImport("libc", EntryPoint = "geteuid")]
     private static partial int Geteuid();
 }
+
+/// <summary>The loopback port as any local user sees it: a direct connection carries nothing and floods no log.</summary>
+public class TransparentInterceptorTests
+{
+    private sealed class Lines : Microsoft.Extensions.Logging.ILogger
+    {
+        public readonly System.Collections.Concurrent.ConcurrentQueue<string> All = new();
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state,
+            Exception? exception, Func<TState, Exception?, string> formatter) => All.Enqueue(formatter(state, exception));
+    }
+
+    private sealed class NoGuests : ITransparentHost
+    {
+        public IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests() => [];
+        public bool HasTransferCapacity() => true;
+        public bool StartSend(string guest, Guid uuid, PeerOptions peer, BFMig.Transfer.Wire.StreamKind kind, Socket qemu, ushort targetPort) =>
+            throw new InvalidOperationException("nothing may be accelerated here");
+    }
+
+    [Fact]
+    public async Task Direct_connections_to_the_loopback_port_are_dropped_with_a_bounded_log()
+    {
+        var log = new Lines();
+        using var interceptor = new TransparentInterceptor(0, new Dictionary<IPAddress, PeerOptions>(), new NoGuests(), new QemuProcesses(),
+            TimeSpan.FromMilliseconds(50), log);
+        _ = interceptor.RunAsync();
+        for (int i = 0; i < 30; i++)
+        {
+            using var c = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+            await c.ConnectAsync(new IPEndPoint(IPAddress.Loopback, interceptor.Port));
+            // Not redirected by the table: no original destination, so the connection is closed unanswered.
+            Assert.Equal(0, await c.ReceiveAsync(new byte[16]).WaitAsync(TimeSpan.FromSeconds(10)));
+        }
+        var dropped = log.All.Count(l => l.Contains("dropped", StringComparison.Ordinal) && l.Contains("SO_ORIGINAL_DST", StringComparison.Ordinal));
+        Assert.InRange(dropped, 1, 10);
+    }
+}

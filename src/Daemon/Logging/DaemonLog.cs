@@ -196,6 +196,9 @@ internal static partial class DaemonLog
     [LoggerMessage(106, LogLevel.Warning, "transparent: connection from {Remote} dropped: {Reason}")]
     public static partial void TransparentDropped(ILogger logger, string remote, string reason);
 
+    [LoggerMessage(108, LogLevel.Warning, "transparent: {Count} more dropped connections were not logged (at most 10 lines per 10 s)")]
+    public static partial void TransparentDropsSuppressed(ILogger logger, long count);
+
     [LoggerMessage(107, LogLevel.Warning, "refused a transparent {Kind} stream of guest {Guest} from {Peer} to port {Port}: {Reason}")]
     public static partial void TransparentTargetRefused(ILogger logger, string kind, string guest, string peer, int port, string reason);
 }

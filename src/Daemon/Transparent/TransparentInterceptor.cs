@@ -43,6 +43,9 @@ public sealed class TransparentInterceptor : IDisposable
     // once is a flood (only QEMU's user and root can be redirected here), not migrations.
     private const int MaxConnections = 128;
     private readonly SemaphoreSlim _connections = new(MaxConnections);
+    // Any local user can connect to the loopback port directly: what is dropped is logged at most
+    // 10 lines per 10 s, with a count of the rest, like the peer port's refusals.
+    private readonly LogRateLimiter _dropLog = new(10, TimeSpan.FromSeconds(10), TimeProvider.System);
 
     private readonly IReadOnlyList<Socket> _listeners;
     private readonly IReadOnlyDictionary<IPAddress, PeerOptions> _peersByAddress;
@@ -128,7 +131,7 @@ public sealed class TransparentInterceptor : IDisposable
     {
         if (!_connections.Wait(0))
         {
-            DaemonLog.TransparentDropped(_logger, connection.RemoteEndPoint?.ToString() ?? "?", $"{MaxConnections} intercepted connections are already open");
+            Dropped(connection.RemoteEndPoint?.ToString() ?? "?", $"{MaxConnections} intercepted connections are already open");
             connection.Dispose();
             return;
         }
@@ -152,7 +155,7 @@ public sealed class TransparentInterceptor : IDisposable
         catch (SocketException e)
         {
             // Not redirected by our table (someone connected to the loopback port directly): nowhere to carry it.
-            DaemonLog.TransparentDropped(_logger, connection.RemoteEndPoint?.ToString() ?? "?", e.Message);
+            Dropped(connection.RemoteEndPoint?.ToString() ?? "?", e.Message);
             connection.Dispose();
             return;
         }
@@ -162,7 +165,7 @@ public sealed class TransparentInterceptor : IDisposable
         }
         catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException or OperationCanceledException)
         {
-            DaemonLog.TransparentDropped(_logger, original.ToString(), e.Message);
+            Dropped(original.ToString(), e.Message);
             connection.Dispose();
         }
     }
@@ -210,6 +213,15 @@ public sealed class TransparentInterceptor : IDisposable
         var kind = sniffed == SniffedStream.Memory ? StreamKind.Mig : StreamKind.Nbd;
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
         _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
+    }
+
+    private void Dropped(string remote, string reason)
+    {
+        if (!_dropLog.TryAcquire(out var suppressed))
+            return;
+        if (suppressed > 0)
+            DaemonLog.TransparentDropsSuppressed(_logger, suppressed);
+        DaemonLog.TransparentDropped(_logger, remote, reason);
     }
 
     /// <summary>The guest whose QEMU holds the connection; libvirtd's hand-over may take a moment, so it is looked for a few times.</summary>
