@@ -1,3 +1,4 @@
+using BFMig.Contracts;
 using BFMig.Native.DBus;
 
 namespace BFMig.Cli;
@@ -9,12 +10,10 @@ namespace BFMig.Cli;
 /// </summary>
 internal sealed class DaemonClient : IDisposable
 {
-    public const string BusName = "org.bfmig.BFMig1";
-    public const string ObjectPath = "/org/bfmig/BFMig1";
-    public const string Interface = "org.bfmig.BFMig1.Manager";
-
-    /// <summary>Environment variable naming a bus other than the system bus (tests, the lab).</summary>
-    public const string BusAddressVariable = "BFMIG_BUS_ADDRESS";
+    public const string BusName = BusContract.BusName;
+    public const string ObjectPath = BusContract.ObjectPath;
+    public const string Interface = BusContract.Interface;
+    public const string BusAddressVariable = BusContract.BusAddressVariable;
 
     private static readonly TimeSpan QuickTimeout = TimeSpan.FromSeconds(30);
 

@@ -1,3 +1,4 @@
+using BFMig.Contracts;
 using BFMig.Native.DBus;
 
 namespace BFMig.Hooks;
@@ -11,9 +12,9 @@ namespace BFMig.Hooks;
 /// </summary>
 internal static class Hook
 {
-    public const string BusName = "org.bfmig.BFMig1";
-    public const string ObjectPath = "/org/bfmig/BFMig1";
-    public const string Interface = "org.bfmig.BFMig1.Manager";
+    public const string BusName = BusContract.BusName;
+    public const string ObjectPath = BusContract.ObjectPath;
+    public const string Interface = BusContract.Interface;
 
     /// <summary>An incoming migration announces itself with "migrate begin" shortly before "prepare begin".</summary>
     private static readonly TimeSpan IncomingMarkerLifetime = TimeSpan.FromMinutes(5);

@@ -1,3 +1,5 @@
+using BFMig.Contracts;
+
 namespace BFMig.Hooks;
 
 /// <summary>
@@ -15,6 +17,6 @@ internal sealed record HookSettings(string StateDirectory, string RunDirectory, 
     public static HookSettings FromEnvironment() => new(
         Environment.GetEnvironmentVariable("BFMIG_STATE_DIR") ?? DefaultStateDirectory,
         Environment.GetEnvironmentVariable("BFMIG_RUN_DIR") ?? DefaultRunDirectory,
-        Environment.GetEnvironmentVariable("BFMIG_BUS_ADDRESS"),
+        Environment.GetEnvironmentVariable(BusContract.BusAddressVariable),
         DefaultDaemonTimeout);
 }

@@ -1,3 +1,4 @@
+using BFMig.Contracts;
 using BFMig.Daemon.Logging;
 using BFMig.Native.DBus;
 using BFMig.Native.Linux;
@@ -81,9 +82,9 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
     /// <summary>Estimates a non-root caller may start per minute: each asks QEMU to sample the guest's memory for a second.</summary>
     public const int EstimatesPerMinute = 6;
 
-    public const string BusName = "org.bfmig.BFMig1";
-    public const string ObjectPath = "/org/bfmig/BFMig1";
-    public const string InterfaceName = "org.bfmig.BFMig1.Manager";
+    public const string BusName = BusContract.BusName;
+    public const string ObjectPath = BusContract.ObjectPath;
+    public const string InterfaceName = BusContract.Interface;
 
     /// <summary>The object to export.</summary>
     public DBusObject CreateObject()
