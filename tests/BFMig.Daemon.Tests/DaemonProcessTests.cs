@@ -101,7 +101,19 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         var start = new ProcessStartInfo(Bfmigd, ["--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
         start.Environment["NOTIFY_SOCKET"] = notifyPath;
         using var daemon = Process.Start(start)!;
-        var stdout = daemon.StandardOutput.ReadToEndAsync();
+        // Lines as they come, so the test can wait for one (signal handlers run asynchronously).
+        var logLines = new List<string>();
+        var stdout = Task.Run(async () =>
+        {
+            while (await daemon.StandardOutput.ReadLineAsync() is { } line)
+                lock (logLines)
+                    logLines.Add(line);
+        });
+        bool Logged(string text)
+        {
+            lock (logLines)
+                return logLines.Any(l => l.Contains(text, StringComparison.Ordinal));
+        }
         var stderr = daemon.StandardError.ReadToEndAsync();
         try
         {
@@ -118,12 +130,18 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             Assert.Equal(0, Tools.Run("kill", "-HUP", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
             Assert.False(daemon.WaitForExit(1000), "SIGHUP must not stop bfmigd");
             Assert.Equal(0, Tools.Busctl(bus, "GetStatus").ExitCode);
+            // The runtime runs signal handlers on its own thread: on a loaded machine the SIGHUP
+            // line can come after a second; SIGTERM sent before it would race the logger's end.
+            await Tools.UntilAsync(() => Logged("SIGHUP: settings are read at start only"), "the SIGHUP log line", 30);
 
             Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
             Assert.True(daemon.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
             Assert.Equal(0, daemon.ExitCode);
             Assert.False(File.Exists(socket), "the sockets are removed on stop");
-            var log = await stdout;
+            await stdout;
+            string log;
+            lock (logLines)
+                log = string.Join('\n', logLines);
             output.WriteLine(log + await stderr);
             Assert.Contains("stopping: SIGTERM", log);
             Assert.Contains("SIGHUP: settings are read at start only", log);
