@@ -80,6 +80,20 @@ public sealed class LibvirtdInstance : IDisposable
 
     public int Pid { get; }
 
+    /// <summary>The end of a guest's QEMU log in this instance's private /var/log (for failure messages).</summary>
+    public string QemuLog(string guest)
+    {
+        try
+        {
+            string text = File.ReadAllText($"/proc/{Pid}/root/var/log/libvirt/qemu/{guest}.log");
+            return text.Length <= 4000 ? text : text[^4000..];
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return $"(no log: {e.Message})";
+        }
+    }
+
     /// <summary>Kills libvirtd (and only it), to see what clients notice.</summary>
     public void KillDaemon()
     {

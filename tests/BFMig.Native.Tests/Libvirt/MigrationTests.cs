@@ -50,7 +50,7 @@ public sealed class MigrationTests(ITestOutputHelper output)
             Assert.False(dom.IsActive);
             using (var arrived = destination.LookupDomainByName(name))
             {
-                Assert.True(arrived.IsActive);
+                Assert.True(arrived.IsActive, $"the guest is not running on the destination after a successful migration; its QEMU log:\n{b.QemuLog(name)}");
                 Assert.Equal(dom.Uuid, arrived.Uuid);
                 arrived.Destroy();
                 arrived.Undefine();
