@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>
 /// Passes everything through to the local QEMU's stream and adds the bytes of one direction

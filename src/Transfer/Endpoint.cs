@@ -1,7 +1,7 @@
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>A socket address from the command line: <c>unix:PATH</c> or <c>tcp:HOST:PORT</c> (IPv6 in brackets).</summary>
 public sealed record Endpoint(EndPoint Address, string Text)

@@ -1,6 +1,6 @@
 using System.Net.Sockets;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>The connection to the local QEMU (or qemu-nbd): a stream, and the socket when there is one (for half-close).</summary>
 public sealed class LocalConnection : IAsyncDisposable

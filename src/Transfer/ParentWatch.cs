@@ -1,6 +1,6 @@
 using System.Globalization;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>
 /// A helper started by bfmigd lives and dies with its trip's owner: when the daemon is gone

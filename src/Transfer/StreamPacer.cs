@@ -1,6 +1,7 @@
 using System.Diagnostics;
+using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>
 /// Keeps the sender of a memory stream at most a window of stream bytes ahead of what the

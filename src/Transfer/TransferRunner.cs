@@ -2,11 +2,12 @@ using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Net.Sockets;
 using System.Security.Cryptography;
-using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>Settings of one stream (one helper process).</summary>
 public sealed class TransferOptions

@@ -1,6 +1,6 @@
 using System.Text.Json.Serialization;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer;
 
 /// <summary>Counters of one stream, written as JSON by <c>--stats FILE</c>.</summary>
 public sealed class TransferStats
@@ -47,8 +47,3 @@ public sealed class TransferStats
     public double Seconds { get; set; }
     public string? Error { get; set; }
 }
-
-[JsonSourceGenerationOptions(WriteIndented = true, PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase,
-    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
-[JsonSerializable(typeof(TransferStats))]
-internal sealed partial class StatsJsonContext : JsonSerializerContext;

@@ -4,7 +4,7 @@ using System.Runtime.InteropServices;
 using System.Text;
 using BFMig.Native.Linux;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Disk;
 
 // File format, version 3, little-endian (version 1 had an XXH3 seed at 24, no key and no
 // fingerprint; version 2 had either the key or the fingerprint; such a map is refused as unknown,

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Hashing;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// The block-hash map of one disk image: per block a 16-byte keyed hash (<see cref="DiskBlockHash"/>) or "unknown", plus the

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Security.Cryptography;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// Read-only view of what one disk image holds, block by block: the hash of each block's

@@ -1,10 +1,9 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 using System.Text;
-using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>Chunk types of the disk channel (carried inside the tunnel of an nbd stream with stores on both sides).</summary>
 public enum DiskChunk : byte
@@ -13,7 +12,7 @@ public enum DiskChunk : byte
     Data = 1,
     /// <summary>This direction's NBD bytes ended.</summary>
     DataEof = 2,
-    /// <summary>S->R, before the option that names it is forwarded: <c>16 sender map digest, 32 block hash key (<see cref="BFMig.Transfer.Store.DiskHashKey"/>; secret: the channel runs inside TLS or sealed frames), u8 len + export name</c>.</summary>
+    /// <summary>S->R, before the option that names it is forwarded: <c>16 sender map digest, 32 block hash key (<see cref="BFMig.Transfer.Disk.DiskHashKey"/>; secret: the channel runs inside TLS or sealed frames), u8 len + export name</c>.</summary>
     ExportHello = 3,
     /// <summary>R->S, before anything the server says about that option: <c>u8 match (1: same map, elide) or 0, 16 receiver map digest</c>.</summary>
     ExportReply = 4,

@@ -2,7 +2,7 @@ using System.Buffers.Binary;
 using System.Globalization;
 using System.IO.Hashing;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// Which file a block map describes and how it looked when the map was made. If any field

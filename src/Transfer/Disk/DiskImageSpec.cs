@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// The image file behind one NBD export on this host, as the daemon read it from the domain
@@ -20,7 +20,7 @@ public sealed record DiskImageSpec(string Path, string Format)
             throw new FormatException($"--image {value}: expected EXPORT=FORMAT:PATH");
         string format = value[(eq + 1)..colon];
         string path = value[(colon + 1)..];
-        if (format.Length is 0 or > Store.DiskImageIdentity.MaxFormatLength || !format.All(char.IsAsciiLetterOrDigit))
+        if (format.Length is 0 or > DiskImageIdentity.MaxFormatLength || !format.All(char.IsAsciiLetterOrDigit))
             throw new FormatException($"--image {value}: format '{format}' is not a QEMU format name");
         if (!path.StartsWith('/'))
             throw new FormatException($"--image {value}: the image path must be absolute");

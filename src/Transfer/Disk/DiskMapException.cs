@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// A stored disk block map is unusable (truncated, bad magic, wrong checksum, absurd geometry).

@@ -1,8 +1,7 @@
 using System.IO.Hashing;
 using System.Text;
-using BFMig.Transfer.Store;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// Where a guest's disk block maps live (<c>ROOT/UUID/disk/EXPORT.map</c>, one per NBD export,

@@ -1,9 +1,8 @@
 using System.Buffers;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk.Nbd;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// The nbd kind with stores on both hosts: the source QEMU's mirror goes through

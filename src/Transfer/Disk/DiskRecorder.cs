@@ -1,10 +1,12 @@
-namespace BFMig.Transfer.Store;
+using BFMig.Transfer.Disk.Nbd;
+
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// Receives the block map of a target image after one trip: what every block of the receiver's
 /// image holds once the disk stream ended (hash, or unknown when a write was partial, failed,
 /// still in flight, or a TRIM made its content unspecified). The NBD sender filter and the
-/// receiver's <see cref="BFMig.Transfer.Nbd.NbdStreamObserver"/> report the same map for the
+/// receiver's <see cref="BFMig.Transfer.Disk.Nbd.NbdStreamObserver"/> report the same map for the
 /// same stream, so both hosts can compare digests at the end of a trip.
 /// </summary>
 public interface IDiskRecorder

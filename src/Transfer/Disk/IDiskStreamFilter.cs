@@ -1,6 +1,7 @@
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+
+namespace BFMig.Transfer.Disk;
 
 /// <summary>
 /// The seam for the disk (NBD) stream: a filter sits between the source QEMU's NBD client and the

@@ -1,14 +1,15 @@
 using System.Net.Sockets;
 using System.Text.Json;
-using BFMig.Native;
 using BFMig.Native.Compression;
-using BFMig.Native.Systemd;
 using BFMig.Native.Linux;
-using BFMig.Transfer.Engine;
+using BFMig.Native.Systemd;
+using BFMig.Native;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer;
+namespace BFMig.Transfer.Helper;
 
 /// <summary>
 /// <c>bfmig-transfer send|receive</c>: one migration stream per process. Exit codes: 0 done,

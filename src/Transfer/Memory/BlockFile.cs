@@ -1,10 +1,9 @@
 using System.IO.MemoryMappedFiles;
 using System.Runtime.InteropServices;
 using BFMig.Native.Linux;
-using BFMig.Transfer.Qemu;
 using Microsoft.Win32.SafeHandles;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// One RAMBlock in the store: a sparse, page-addressed data file (read and written with

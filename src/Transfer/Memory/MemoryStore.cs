@@ -1,12 +1,12 @@
 using System.IO.Hashing;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
-using System.Text;
 using System.Text.Json;
+using System.Text;
 using BFMig.Native.Linux;
-using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Store;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// A guest's memory store on one host: <c>ROOT/UUID/mem/</c>. Both hosts of a guest keep their

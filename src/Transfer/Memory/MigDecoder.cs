@@ -1,10 +1,8 @@
 using System.Buffers.Binary;
 using System.Text;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Receiver core (synchronous, no I/O): rebuilds the exact QEMU stream from <see cref="MigOps"/>

@@ -1,9 +1,7 @@
 using System.Buffers.Binary;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Sender core (synchronous, no I/O): turns QEMU stream bytes into <see cref="MigOps"/>, deciding

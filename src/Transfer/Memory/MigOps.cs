@@ -1,4 +1,6 @@
-namespace BFMig.Transfer.Engine;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// The op stream inside <see cref="BFMig.Transfer.Wire.FrameType.MigData"/> frames: everything the

@@ -1,7 +1,8 @@
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Receiving side of a memory stream in store mode: rebuilds the stream with

@@ -1,8 +1,7 @@
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Sending side of a memory stream in store mode: reads the source QEMU, encodes with

@@ -1,9 +1,8 @@
 using System.Numerics;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
-using BFMig.Transfer.Qemu;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Delta of a page against the version the receiver retained, in 8-byte words: pairs of

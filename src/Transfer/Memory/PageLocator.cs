@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Store;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Finds a retained page by its content hash (the sender's REF candidates). A fixed array of

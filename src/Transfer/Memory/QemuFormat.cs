@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Qemu;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>Constants of the QEMU migration stream (migration/savevm.c, migration/ram.c), QEMU 7.2 to 10.0.</summary>
 public static class QemuFormat

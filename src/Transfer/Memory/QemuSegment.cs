@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Qemu;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>What a <see cref="QemuSegment"/> is.</summary>
 public enum SegmentKind : byte

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 
-namespace BFMig.Transfer.Qemu;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// Incremental parser of the QEMU migration main channel. It recognises the header, the

@@ -1,6 +1,6 @@
 using System.Globalization;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>
 /// How much RAM a peer may declare for a guest it migrates here: the guest's memory as the

@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Memory;
 
 /// <summary>ULEB128 integers of the op stream.</summary>
 internal static class Varint

@@ -1,7 +1,6 @@
 using System.Buffers;
-using BFMig.Transfer.Wire;
 
-namespace BFMig.Transfer.Engine;
+namespace BFMig.Transfer.Wire;
 
 /// <summary>
 /// Copies a local connection to and from a <see cref="PeerByteTunnel"/> (YARP StreamCopier style):

@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>What a request does to a range of target blocks once the server confirms it.</summary>
 internal enum BlockCommitKind : byte

@@ -1,4 +1,6 @@
-namespace BFMig.Transfer.Nbd;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>Magic numbers of the NBD protocol (NetworkBlockDevice/nbd doc/proto.md), all big-endian on the wire.</summary>
 public static class NbdMagic

@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>Counters of one <see cref="NbdSenderFilter"/> run (updated by the filter, readable any time).</summary>
 public sealed class NbdFilterStats

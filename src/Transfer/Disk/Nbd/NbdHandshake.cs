@@ -1,7 +1,7 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// Readers and writers for the fixed-newstyle handshake messages. Every <c>TryRead</c> consumes

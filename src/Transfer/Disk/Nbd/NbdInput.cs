@@ -1,6 +1,6 @@
 using System.Buffers;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// A contiguous receive buffer over one direction of an NBD connection. Parsers look at

@@ -1,4 +1,4 @@
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// The NBD stream is unusable: a peer broke the protocol (bad magic, absurd length, unknown

@@ -1,7 +1,7 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>Form of a reply header on the wire.</summary>
 public enum NbdReplyKind

@@ -1,7 +1,7 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// One transmission-phase request. <see cref="Payload"/> is a slice of the reader's buffer

@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 public sealed partial class NbdSenderFilter
 {

@@ -1,6 +1,5 @@
-using BFMig.Transfer.Store;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 public sealed partial class NbdSenderFilter
 {

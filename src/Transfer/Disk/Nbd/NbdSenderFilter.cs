@@ -1,6 +1,5 @@
-using BFMig.Transfer.Store;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// The sender's NBD proxy between the source QEMU's mirror job (the client) and the

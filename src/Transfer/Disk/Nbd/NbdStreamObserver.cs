@@ -1,7 +1,6 @@
 using System.Buffers;
-using BFMig.Transfer.Store;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>
 /// A passive tap for the receiving host: it watches the bytes of one NBD connection (both

@@ -1,12 +1,13 @@
 using System.Diagnostics;
 using System.Net.Sockets;
+using BFMig.Transfer.Disk.Nbd;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Tests.Shared.Nbd;
 
 /// <summary>
 /// A <c>qemu-nbd</c> process serving one image on a private unix socket, stopped (by its pid)
-/// on dispose. Used to read images (block-map building, re-validation) and by tests as the
-/// destination's NBD server.
+/// on dispose: the tests' destination NBD server and their way to read images
+/// (<see cref="DiskBlockMapBuilder"/>).
 /// </summary>
 public sealed class QemuNbdServer : IAsyncDisposable
 {

@@ -1,8 +1,9 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 using System.Text;
+using BFMig.Transfer.Disk.Nbd;
 
-namespace BFMig.Transfer.Nbd;
+namespace BFMig.Tests.Shared.Nbd;
 
 /// <summary>What <see cref="NbdClient.ConnectAsync"/> asks the server for.</summary>
 public sealed class NbdClientOptions

@@ -1,6 +1,7 @@
-using BFMig.Transfer.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 
-namespace BFMig.Transfer.Store;
+namespace BFMig.Tests.Shared.Nbd;
 
 /// <summary>
 /// Builds the block map of an existing image by reading all of it (through a read-only
