@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+
 namespace BFMig.Transfer.Disk;
 
 /// <summary>
@@ -25,6 +27,31 @@ public sealed record DiskImageSpec(string Path, string Format)
         if (!path.StartsWith('/'))
             throw new FormatException($"--image {value}: the image path must be absolute");
         return (value[..eq], new DiskImageSpec(path, format));
+    }
+
+    /// <summary>
+    /// The disk's virtual size: a qcow2 header's size field, a raw file's length. Null when it
+    /// cannot be read or the format is another (a raw block device reports no length here).
+    /// </summary>
+    public ulong? ReadVirtualSize()
+    {
+        try
+        {
+            if (Format == "raw")
+                return new FileInfo(Path).Length is > 0 and var length ? (ulong)length : null;
+            if (Format != "qcow2")
+                return null;
+            // qcow2 header (QEMU docs/interop/qcow2.txt): be32 magic "QFI\xfb" at 0, be64 size at 24.
+            Span<byte> header = stackalloc byte[32];
+            using var file = File.OpenHandle(Path);
+            if (RandomAccess.Read(file, header, 0) < header.Length || BinaryPrimitives.ReadUInt32BigEndian(header) != 0x514649fb)
+                return null;
+            return BinaryPrimitives.ReadUInt64BigEndian(header[24..]);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
     }
 
     /// <summary>The <c>--image</c> value for <paramref name="export"/>.</summary>

@@ -23,7 +23,10 @@ public static class DiskPath
     {
         var channel = new DiskChannel(new PeerByteTunnel(reader, writer));
         var view = new AgreedDiskView();
-        var filter = new NbdSenderFilter();
+        var filter = new NbdSenderFilter(new NbdSenderFilterOptions
+        {
+            SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize() : null,
+        });
         var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize);
         string? mapPath = null;
         DiskBlockMap? peerView = null;

@@ -115,7 +115,7 @@ public sealed class NbdTraceFixtureTests(ITestOutputHelper output)
         output.WriteLine($"captured {records.Count} records into {SourceFixturePath(fixture)}");
     }
 
-    private static async Task<List<(bool FromClient, byte[] Bytes)>> LoadAsync(string fixture)
+    internal static async Task<List<(bool FromClient, byte[] Bytes)>> LoadAsync(string fixture)
     {
         byte[] plain = Convert.FromBase64String(await TestEnv.RunAsync("sh", ["-c", $"zstd -q -d -c '{FixturePath(fixture)}' | base64 -w0"]));
         var records = new List<(bool, byte[])>();

@@ -92,4 +92,11 @@ public sealed class NbdSenderFilterOptions
 
     /// <summary>How long to wait for outstanding replies and the upstream close after the client left.</summary>
     public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// The virtual size of this host's disk behind an export name (null when not known). The
+    /// peer's server may declare any export size, and the map costs about 17 bytes per block of
+    /// it: an export larger than the disk it mirrors is refused before anything is allocated.
+    /// </summary>
+    public Func<string, ulong?>? SourceDiskSize { get; init; }
 }

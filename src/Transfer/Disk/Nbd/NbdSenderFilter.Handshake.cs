@@ -61,8 +61,7 @@ public sealed partial class NbdSenderFilter
                     bool noZeroes = (clientFlags & NbdClientFlags.NoZeroes) != 0;
                     if (NbdHandshake.TryReadExportNameReply(ref buffered, noZeroes, out ulong size, out var flags))
                     {
-                        _exportSize = size;
-                        _exportFlags = flags;
+                        _export.OnExportInfo(size, flags);
                         await ForwardConsumedAsync(upstreamIn, buffered, _client, ct);
                         return HandshakeOutcome.Transmission;
                     }
@@ -87,34 +86,18 @@ public sealed partial class NbdSenderFilter
                 }
                 if (reply.Option != option)
                     throw NbdProtocolException.At("option reply", at + 8, $"reply names option {(uint)reply.Option} but the client asked for {option}");
-                if (reply.Type == NbdOptionReplyType.Info && (option == NbdOption.Go || option == NbdOption.Info)
-                    && NbdHandshake.TryParseExportInfo(reply.Data, at + NbdHandshake.OptionReplyHeaderLength, out ulong size, out var flags))
-                {
-                    _exportSize = size;
-                    _exportFlags = flags;
-                }
-                bool final = reply.IsFinal;
-                bool ack = reply.Type == NbdOptionReplyType.Ack;
+                var step = _export.OnOptionReply(option, reply, at);
                 await ForwardConsumedAsync(upstreamIn, buffered, _client, ct);
-                if (!final)
-                    continue;
-                if (ack)
+                switch (step)
                 {
-                    switch (option)
-                    {
-                        case NbdOption.StructuredReply when _style == NbdHeaderStyle.Compact:
-                            _style = NbdHeaderStyle.Structured;
-                            break;
-                        case NbdOption.ExtendedHeaders:
-                            _style = NbdHeaderStyle.Extended;
-                            break;
-                        case NbdOption.Go:
-                            return HandshakeOutcome.Transmission;
-                        case NbdOption.StartTls:
-                            return HandshakeOutcome.Opaque;
-                        case NbdOption.Abort:
-                            return HandshakeOutcome.Aborted;
-                    }
+                    case NbdOptionStep.MoreReplies:
+                        continue;
+                    case NbdOptionStep.Transmission:
+                        return HandshakeOutcome.Transmission;
+                    case NbdOptionStep.Opaque:
+                        return HandshakeOutcome.Opaque;
+                    case NbdOptionStep.Aborted:
+                        return HandshakeOutcome.Aborted;
                 }
                 break;
             }

@@ -16,7 +16,7 @@ public sealed partial class NbdSenderFilter
             while (true)
             {
                 long at = upstreamIn.Position;
-                if (!NbdReplyHeader.TryPeek(upstreamIn.Buffered, _style, maxPayload, at, out var reply))
+                if (!NbdReplyHeader.TryPeek(upstreamIn.Buffered, _export.Style, maxPayload, at, out var reply))
                 {
                     if (await upstreamIn.FillAsync(ct))
                         continue;
@@ -88,22 +88,8 @@ public sealed partial class NbdSenderFilter
         lock (_sync)
         {
             _ops.Remove(cookie);
-            if (op.Commits is { } commits)
-            {
-                foreach (var commit in commits)
-                {
-                    for (long block = commit.First; block < commit.First + commit.Count; block++)
-                    {
-                        if (op.Error != 0 || commit.Kind == BlockCommitKind.Unknown)
-                        {
-                            _state[block] = StateUnknown;
-                            continue;
-                        }
-                        _hash[block] = commit.Kind == BlockCommitKind.Zero ? ZeroHash(block) : commit.Hash;
-                        _state[block] = StateKnown;
-                    }
-                }
-            }
+            foreach (var commit in op.Commits ?? [])
+                _export.Apply(commit, succeeded: op.Error == 0);
             if (op.Client is { } client)
             {
                 if (op.Error != 0 && client.Error == 0)
@@ -120,7 +106,7 @@ public sealed partial class NbdSenderFilter
     private async ValueTask SendCompletionAsync(ulong cookie, ulong offset, uint error, CancellationToken ct)
     {
         var bytes = new byte[40];
-        int n = NbdReplyHeader.WriteCompletion(bytes, _style, cookie, offset, error);
+        int n = NbdReplyHeader.WriteCompletion(bytes, _export.Style, cookie, offset, error);
         await _clientWriteLock.WaitAsync(ct);
         try
         {
@@ -142,7 +128,7 @@ public sealed partial class NbdSenderFilter
             foreach (var op in ops)
             {
                 foreach (var commit in op.Commits ?? [])
-                    Array.Fill(_state, StateUnknown, (int)commit.First, (int)commit.Count);
+                    _export.Forget(commit.First, commit.Count);
             }
             _ops.Clear();
         }

@@ -6,7 +6,7 @@ public sealed partial class NbdSenderFilter
     // Reads client requests until DISC (returns true) or a hard disconnect (false).
     private async Task<bool> ProcessRequestsAsync(NbdInput clientIn, Task pump, CancellationToken ct)
     {
-        bool extended = _style == NbdHeaderStyle.Extended;
+        bool extended = _export.Style == NbdHeaderStyle.Extended;
         while (true)
         {
             var buffered = clientIn.Buffered;
@@ -40,7 +40,7 @@ public sealed partial class NbdSenderFilter
                     await HandleWriteZeroesAsync(request, ct);
                     break;
                 case NbdCommand.Flush:
-                    await MaterializeZeroesAsync(0, _blockCount, ct);
+                    await MaterializeZeroesAsync(0, _export.BlockCount, ct);
                     await WaitForOutstandingAsync(bounded: false, ct);
                     _deferZeroes = false;
                     if (_deferredZeroFailed)
@@ -72,8 +72,7 @@ public sealed partial class NbdSenderFilter
         }
     }
 
-    private bool InRange(in NbdRequest request) =>
-        request.Length > 0 && request.Offset <= _exportSize && request.Length <= _exportSize - request.Offset;
+    private bool InRange(in NbdRequest request) => _export.InRange(request.Offset, request.Length);
 
     private async ValueTask HandleWriteAsync(NbdRequest request, ReadOnlyMemory<byte> payload, CancellationToken ct)
     {
@@ -95,7 +94,7 @@ public sealed partial class NbdSenderFilter
             ulong start = Math.Max(request.Offset, BlockStart(b));
             ulong stop = Math.Min(end, BlockEnd(b));
             if (start == BlockStart(b) && stop == BlockEnd(b))
-                hashes[b - first] = DiskBlockHash.Compute(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)), _key);
+                hashes[b - first] = _export.HashBlock(payload.Span.Slice((int)(start - request.Offset), (int)(stop - start)));
         }
         var runs = new List<(ulong Start, ulong End, List<BlockCommit> Commits, long FullBlocks)>();
         lock (_sync)
@@ -110,10 +109,9 @@ public sealed partial class NbdSenderFilter
                 if (full)
                 {
                     var h = hashes[b - first];
-                    if (mayElide && (_state[b] & ~PendingZeroFlag) == StateKnown && _hash[b] == h)
+                    if (mayElide && _export.Holds(b, h))
                     {
                         ClearPending(b);
-                        _state[b] = StateKnown;
                         Stats.AddElided((long)(stop - start));
                         continue;
                     }
@@ -125,7 +123,7 @@ public sealed partial class NbdSenderFilter
                     Stats.AddPartial();
                 }
                 ClearPending(b);
-                _state[b] = StateInFlight;
+                _export.Forget(b);
                 AddToRuns(runs, start, stop, b, kind, commit, full);
             }
         }
@@ -152,8 +150,8 @@ public sealed partial class NbdSenderFilter
                 ulong start = Math.Max(request.Offset, BlockStart(b));
                 ulong stop = Math.Min(end, BlockEnd(b));
                 bool full = start == BlockStart(b) && stop == BlockEnd(b);
-                bool known = (_state[b] & ~PendingZeroFlag) == StateKnown;
-                if (full && known && _hash[b] == ZeroHash(b) && (request.Flags & NbdCommandFlags.Fua) == 0)
+                bool known = _export.IsKnown(b);
+                if (full && _export.Holds(b, _export.ZeroHash(b)) && (request.Flags & NbdCommandFlags.Fua) == 0)
                 {
                     ClearPending(b);
                     Stats.AddZeroElided();
@@ -163,9 +161,9 @@ public sealed partial class NbdSenderFilter
                 {
                     // The target still holds this block's old data; a later WRITE may bring exactly that
                     // back (mirror's pre-zeroing pass). Zero it only if nothing covers it before FLUSH.
-                    if ((_state[b] & PendingZeroFlag) == 0)
+                    if (!_pendingZero[b])
                     {
-                        _state[b] |= PendingZeroFlag;
+                        _pendingZero[b] = true;
                         _pendingZeroBlocks++;
                         Stats.AddZeroDeferred();
                     }
@@ -174,7 +172,7 @@ public sealed partial class NbdSenderFilter
                 if (!full)
                     Stats.AddPartial();
                 ClearPending(b);
-                _state[b] = StateInFlight;
+                _export.Forget(b);
                 AddToRuns(runs, start, stop, b, full ? BlockCommitKind.Zero : BlockCommitKind.Unknown, default, full);
             }
         }
@@ -226,11 +224,11 @@ public sealed partial class NbdSenderFilter
     private async ValueTask DisconnectAsync(NbdRequest request, CancellationToken ct)
     {
         long before = Stats.ZeroBlocksMaterialized;
-        await MaterializeZeroesAsync(0, _blockCount, ct);
+        await MaterializeZeroesAsync(0, _export.BlockCount, ct);
         await WaitForOutstandingAsync(bounded: false, ct);
         if (_deferredZeroFailed)
             throw new NbdProtocolException("NBD: deferred zeroes failed on the target; refusing a clean disconnect that would hide it");
-        if (Stats.ZeroBlocksMaterialized != before && (_exportFlags & NbdTransmissionFlags.SendFlush) != 0)
+        if (Stats.ZeroBlocksMaterialized != before && (_export.ExportFlags & NbdTransmissionFlags.SendFlush) != 0)
         {
             var flush = new UpstreamOp(OpKind.Internal, NbdCommand.Flush, 0);
             await SendUpstreamAsync(flush, NbdCommandFlags.None, NbdCommand.Flush, 0, 0, ReadOnlyMemory<byte>.Empty, ct);
@@ -248,7 +246,7 @@ public sealed partial class NbdSenderFilter
             lock (_sync)
                 _ops.Add(cookie, op);
         }
-        int n = NbdRequest.WriteHeader(_requestHeader, _style == NbdHeaderStyle.Extended, flags, command, cookie, offset, length);
+        int n = NbdRequest.WriteHeader(_requestHeader, _export.Style == NbdHeaderStyle.Extended, flags, command, cookie, offset, length);
         await _upstream.WriteAsync(_requestHeader.AsMemory(0, n), ct);
         if (!payload.IsEmpty)
             await _upstream.WriteAsync(payload, ct);
@@ -257,33 +255,35 @@ public sealed partial class NbdSenderFilter
 
     private void ClearPending(long block)
     {
-        if ((_state[block] & PendingZeroFlag) != 0)
+        if (_pendingZero[block])
         {
-            _state[block] &= unchecked((byte)~PendingZeroFlag);
+            _pendingZero[block] = false;
             _pendingZeroBlocks--;
         }
     }
 
     private void MarkUnknown(ulong offset, ulong length)
     {
-        if (length == 0 || offset >= _exportSize)
+        ulong size = _export.ExportSize;
+        if (length == 0 || offset >= size)
             return;
-        ulong end = Math.Min(_exportSize, offset + Math.Min(length, _exportSize));
+        ulong end = Math.Min(size, offset + Math.Min(length, size));
         lock (_sync)
         {
             for (long b = (long)(offset / (ulong)_blockSize); b <= (long)((end - 1) / (ulong)_blockSize); b++)
             {
                 ClearPending(b);
-                _state[b] = StateUnknown;
+                _export.Forget(b);
             }
         }
     }
 
     private ValueTask MaterializeOverlapAsync(in NbdRequest request, CancellationToken ct)
     {
-        if (_pendingZeroBlocks == 0 || request.Length == 0 || request.Offset >= _exportSize)
+        ulong size = _export.ExportSize;
+        if (_pendingZeroBlocks == 0 || request.Length == 0 || request.Offset >= size)
             return ValueTask.CompletedTask;
-        ulong end = Math.Min(_exportSize, request.Offset + Math.Min(request.Length, _exportSize));
+        ulong end = Math.Min(size, request.Offset + Math.Min(request.Length, size));
         return MaterializeZeroesAsync((long)(request.Offset / (ulong)_blockSize), (long)((end - 1) / (ulong)_blockSize) + 1, ct);
     }
 
@@ -312,10 +312,10 @@ public sealed partial class NbdSenderFilter
         {
             for (long b = from; b < to; b++)
             {
-                if ((_state[b] & PendingZeroFlag) == 0)
+                if (!_pendingZero[b])
                     continue;
                 ClearPending(b);
-                _state[b] = StateInFlight;
+                _export.Forget(b);
                 if (runs.Count > 0 && runs[^1].First + runs[^1].Count == b && runs[^1].Count < maxBlocks)
                     runs[^1] = (runs[^1].First, runs[^1].Count + 1);
                 else

@@ -14,11 +14,6 @@ namespace BFMig.Transfer.Disk.Nbd;
 /// </summary>
 public sealed partial class NbdSenderFilter
 {
-    private const byte StateUnknown = 0;
-    private const byte StateKnown = 1;
-    private const byte StateInFlight = 2;
-    private const byte PendingZeroFlag = 0x80;
-
     private readonly NbdSenderFilterOptions _options;
     private readonly object _sync = new();
     private readonly Dictionary<ulong, UpstreamOp> _ops = [];
@@ -27,16 +22,10 @@ public sealed partial class NbdSenderFilter
 
     private Stream _client = Stream.Null;
     private Stream _upstream = Stream.Null;
-    private NbdHeaderStyle _style = NbdHeaderStyle.Compact;
-    private ulong _exportSize;
-    private NbdTransmissionFlags _exportFlags;
+    private NbdExportTracker _export = null!;
+    // Blocks whose WRITE_ZEROES is deferred (the target still holds their known old data).
+    private bool[] _pendingZero = [];
     private int _blockSize;
-    private DiskHashKey _key = DiskHashKey.Unkeyed;
-    private long _blockCount;
-    private UInt128[] _hash = [];
-    private byte[] _state = [];
-    private UInt128 _zeroHashFull;
-    private UInt128 _zeroHashTail;
     private ulong _nextCookie = 1;
     private bool _deferZeroes = true;
     private long _pendingZeroBlocks;
@@ -72,26 +61,24 @@ public sealed partial class NbdSenderFilter
         _client = client;
         _upstream = upstream;
         _blockSize = retained.BlockSize;
-        _key = retained.HashKey;
+        _export = new NbdExportTracker(retained);
         int capacity = _options.MaxPayload + 64 * 1024;
         using var clientIn = new NbdInput(client, "client", capacity);
         using var upstreamIn = new NbdInput(upstream, "upstream", capacity);
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         bool clean = false;
-        bool transmission = false;
         try
         {
             var outcome = await HandshakeAsync(clientIn, upstreamIn, cts.Token);
             if (outcome == HandshakeOutcome.Opaque)
             {
                 await PumpOpaqueAsync(clientIn, upstreamIn, cts);
-                return new NbdFilterResult(_exportSize, _style, CleanDisconnect: false, Opaque: true);
+                return new NbdFilterResult(_export.ExportSize, _export.Style, CleanDisconnect: false, Opaque: true);
             }
             if (outcome == HandshakeOutcome.Aborted)
-                return new NbdFilterResult(_exportSize, _style, CleanDisconnect: false, Opaque: false);
+                return new NbdFilterResult(_export.ExportSize, _export.Style, CleanDisconnect: false, Opaque: false);
 
-            InitState(retained);
-            transmission = true;
+            StartTransmission();
             var pump = Task.Run(() => PumpRepliesAsync(upstreamIn, cts), CancellationToken.None);
             try
             {
@@ -135,70 +122,27 @@ public sealed partial class NbdSenderFilter
             {
                 // The pump was only waiting for a server that has nothing more to say.
             }
-            return new NbdFilterResult(_exportSize, _style, clean, Opaque: false);
+            return new NbdFilterResult(_export.ExportSize, _export.Style, clean, Opaque: false);
         }
         finally
         {
-            Report(recorder, retained, transmission, clean);
+            // A pending zero that never went out leaves the target holding its old (known) content.
+            lock (_sync)
+                _export.Report(recorder, clean);
         }
     }
 
-    private void InitState(IDiskBlockView retained)
+    private void StartTransmission()
     {
-        _blockCount = DiskBlockHash.CountBlocks(_exportSize, _blockSize);
-        if (_blockCount > DiskBlockMap.MaxBlockCount)
-            throw new NbdProtocolException($"NBD export of {_exportSize} bytes has more than {DiskBlockMap.MaxBlockCount} blocks");
-        _hash = new UInt128[_blockCount];
-        _state = new byte[_blockCount];
-        // The key is final once the export is agreed, which is before its transmission starts.
-        _key = retained.HashKey;
-        _zeroHashFull = DiskBlockHash.Zero(_blockSize, _key);
-        int tail = _blockCount == 0 ? _blockSize : DiskBlockHash.BlockLength(_blockCount - 1, _exportSize, _blockSize);
-        _zeroHashTail = tail == _blockSize ? _zeroHashFull : DiskBlockHash.Zero(tail, _key);
-        // A retained image of another size cannot be trusted block by block (it was resized): send everything.
-        if (retained.ImageSize != _exportSize)
-            return;
-        for (long b = 0; b < _blockCount; b++)
-        {
-            if (retained.TryGetHash(b, out var h))
-            {
-                _hash[b] = h;
-                _state[b] = StateKnown;
-            }
-        }
+        if (ExportName is { } name && _options.SourceDiskSize?.Invoke(name) is ulong local)
+            _export.MaxExportSize = local;
+        _export.StartTransmission();
+        _pendingZero = new bool[_export.BlockCount];
     }
 
-    private UInt128 ZeroHash(long block) => block == _blockCount - 1 ? _zeroHashTail : _zeroHashFull;
+    private ulong BlockStart(long block) => _export.BlockStart(block);
 
-    private ulong BlockStart(long block) => (ulong)block * (ulong)_blockSize;
-
-    private ulong BlockEnd(long block) => Math.Min(BlockStart(block) + (ulong)_blockSize, _exportSize);
-
-    private void Report(IDiskRecorder recorder, IDiskBlockView retained, bool transmission, bool clean)
-    {
-        if (!transmission)
-        {
-            // Nothing was written through us, but an opaque or aborted stream may still have changed the image.
-            // A declared export no map can hold (refused before transmission) keeps the retained geometry.
-            ulong size = _exportSize == 0 || !DiskBlockMap.CanDescribe(_exportSize, _blockSize) ? retained.ImageSize : _exportSize;
-            recorder.BeginTrip(size, _blockSize, _key);
-            recorder.EndTrip(false);
-            return;
-        }
-        recorder.BeginTrip(_exportSize, _blockSize, _key);
-        lock (_sync)
-        {
-            for (long b = 0; b < _blockCount; b++)
-            {
-                // A pending zero that never went out leaves the target holding its old (known) content.
-                if ((_state[b] & ~PendingZeroFlag) == StateKnown)
-                    recorder.RecordBlock(b, _hash[b]);
-                else
-                    recorder.RecordBlock(b, null);
-            }
-        }
-        recorder.EndTrip(clean);
-    }
+    private ulong BlockEnd(long block) => _export.BlockEnd(block);
 
     private enum HandshakeOutcome
     {

@@ -13,11 +13,8 @@ namespace BFMig.Transfer.Disk.Nbd;
 /// </summary>
 public sealed class NbdStreamObserver
 {
-    private const byte StateUnknown = 0;
-    private const byte StateKnown = 1;
-
     private readonly object _sync = new();
-    private readonly IDiskBlockView _retained;
+    private readonly NbdExportTracker _export;
     private readonly int _maxPayload;
     private readonly ByteQueue _fromClient;
     private readonly ByteQueue _fromServer;
@@ -26,27 +23,22 @@ public sealed class NbdStreamObserver
     private ClientPhase _clientPhase = ClientPhase.Flags;
     private ServerPhase _serverPhase = ServerPhase.Greeting;
     private NbdClientFlags _clientFlags;
-    private UInt128[] _hash = [];
-    private byte[] _state = [];
-    private long _blockCount;
-    private UInt128 _zeroFull;
-    private UInt128 _zeroTail;
     private NbdProtocolException? _failure;
 
     /// <summary>Creates a tap whose map starts as <paramref name="retained"/>.</summary>
     public NbdStreamObserver(IDiskBlockView retained, int maxPayload = 32 << 20)
     {
-        _retained = retained;
+        _export = new NbdExportTracker(retained);
         _maxPayload = maxPayload;
         _fromClient = new ByteQueue(maxPayload + 64 * 1024);
         _fromServer = new ByteQueue(maxPayload + 64 * 1024);
     }
 
     /// <summary>Export size learnt from the handshake.</summary>
-    public ulong ExportSize { get; private set; }
+    public ulong ExportSize => _export.ExportSize;
 
     /// <summary>Negotiated header style.</summary>
-    public NbdHeaderStyle Style { get; private set; } = NbdHeaderStyle.Compact;
+    public NbdHeaderStyle Style => _export.Style;
 
     /// <summary>True once the client sent NBD_CMD_DISC.</summary>
     public bool SawDisconnect { get; private set; }
@@ -104,25 +96,7 @@ public sealed class NbdStreamObserver
     {
         ArgumentNullException.ThrowIfNull(recorder);
         lock (_sync)
-        {
-            ulong size = ExportSize == 0 ? _retained.ImageSize : ExportSize;
-            if (!DiskBlockMap.CanDescribe(size, _retained.BlockSize))
-            {
-                // The server declared an export no map can hold (and transmission never started):
-                // nothing is known of the target, which the retained geometry and an unclean trip say.
-                recorder.BeginTrip(_retained.ImageSize, _retained.BlockSize, _retained.HashKey);
-                recorder.EndTrip(false);
-                return;
-            }
-            recorder.BeginTrip(size, _retained.BlockSize, _retained.HashKey);
-            bool transmission = _state.Length > 0 && !Opaque;
-            if (transmission)
-            {
-                for (long b = 0; b < _blockCount; b++)
-                    recorder.RecordBlock(b, _state[b] == StateKnown ? _hash[b] : null);
-            }
-            recorder.EndTrip(transmission && _failure is null && SawDisconnect && _pending.Count == 0 && _fromClient.Length == 0 && _fromServer.Length == 0);
-        }
+            _export.Report(recorder, _failure is null && SawDisconnect && _pending.Count == 0 && _fromClient.Length == 0 && _fromServer.Length == 0);
     }
 
     private void ThrowIfFailed()
@@ -198,43 +172,34 @@ public sealed class NbdStreamObserver
                     throw NbdProtocolException.At("server", at, "option reply without an option asked");
                 if (option == NbdOption.ExportName)
                 {
-                    if (!NbdHandshake.TryReadExportNameReply(ref input, (_clientFlags & NbdClientFlags.NoZeroes) != 0, out ulong size, out _))
+                    if (!NbdHandshake.TryReadExportNameReply(ref input, (_clientFlags & NbdClientFlags.NoZeroes) != 0, out ulong size, out var flags))
                         return false;
                     _fromServer.ConsumeTo(input);
                     _options.Dequeue();
-                    StartTransmission(size);
+                    _export.OnExportInfo(size, flags);
+                    StartTransmission();
                     return true;
                 }
                 if (!NbdHandshake.TryReadOptionReply(ref input, at, out var reply))
                     return false;
                 if (reply.Option != option)
                     throw NbdProtocolException.At("server", at + 8, $"reply names option {(uint)reply.Option} but the client asked for {option}");
-                if (reply.Type == NbdOptionReplyType.Info && option is NbdOption.Go or NbdOption.Info
-                    && NbdHandshake.TryParseExportInfo(reply.Data, at + NbdHandshake.OptionReplyHeaderLength, out ulong exportSize, out _))
-                    ExportSize = exportSize;
+                var step = _export.OnOptionReply(option, reply, at);
                 _fromServer.ConsumeTo(input);
-                if (!reply.IsFinal)
+                if (step == NbdOptionStep.MoreReplies)
                     return true;
                 _options.Dequeue();
                 if (_clientPhase == ClientPhase.AwaitingServer && _options.Count == 0)
                     _clientPhase = ClientPhase.Options;
-                if (reply.Type != NbdOptionReplyType.Ack)
-                    return true;
-                switch (option)
+                switch (step)
                 {
-                    case NbdOption.StructuredReply when Style == NbdHeaderStyle.Compact:
-                        Style = NbdHeaderStyle.Structured;
+                    case NbdOptionStep.Transmission:
+                        StartTransmission();
                         break;
-                    case NbdOption.ExtendedHeaders:
-                        Style = NbdHeaderStyle.Extended;
-                        break;
-                    case NbdOption.Go:
-                        StartTransmission(ExportSize);
-                        break;
-                    case NbdOption.StartTls:
+                    case NbdOptionStep.Opaque:
                         Opaque = true;
                         return false;
-                    case NbdOption.Abort:
+                    case NbdOptionStep.Aborted:
                         _clientPhase = ClientPhase.Done;
                         break;
                 }
@@ -258,48 +223,22 @@ public sealed class NbdStreamObserver
                 if (header.IsLast)
                 {
                     _pending.Remove(header.Cookie);
+                    // A failed request leaves its blocks unknown, as the request itself made them.
                     if (!pending.Failed)
                     {
                         foreach (var commit in pending.Commits)
-                        {
-                            if (commit.Kind == BlockCommitKind.Unknown)
-                                continue;
-                            for (long block = commit.First; block < commit.First + commit.Count; block++)
-                            {
-                                _hash[block] = commit.Kind == BlockCommitKind.Data ? commit.Hash : (block == _blockCount - 1 ? _zeroTail : _zeroFull);
-                                _state[block] = StateKnown;
-                            }
-                        }
+                            _export.Apply(commit, succeeded: true);
                     }
                 }
                 return true;
         }
     }
 
-    private void StartTransmission(ulong size)
+    private void StartTransmission()
     {
-        ExportSize = size;
         _serverPhase = ServerPhase.Transmission;
         _clientPhase = ClientPhase.Transmission;
-        int blockSize = _retained.BlockSize;
-        _blockCount = DiskBlockHash.CountBlocks(size, blockSize);
-        if (_blockCount > DiskBlockMap.MaxBlockCount)
-            throw new NbdProtocolException($"NBD export of {size} bytes has more than {DiskBlockMap.MaxBlockCount} blocks");
-        _hash = new UInt128[_blockCount];
-        _state = new byte[Math.Max(1, _blockCount)];
-        _zeroFull = DiskBlockHash.Zero(blockSize, _retained.HashKey);
-        int tail = _blockCount == 0 ? blockSize : DiskBlockHash.BlockLength(_blockCount - 1, size, blockSize);
-        _zeroTail = tail == blockSize ? _zeroFull : DiskBlockHash.Zero(tail, _retained.HashKey);
-        if (_retained.ImageSize != size)
-            return;
-        for (long b = 0; b < _blockCount; b++)
-        {
-            if (_retained.TryGetHash(b, out var h))
-            {
-                _hash[b] = h;
-                _state[b] = StateKnown;
-            }
-        }
+        _export.StartTransmission();
     }
 
     private void OnRequest(in NbdRequest request, long at)
@@ -316,18 +255,19 @@ public sealed class NbdStreamObserver
             throw NbdProtocolException.At("client", at + 6, "RESIZE is not supported by the disk observer");
         if (!_pending.TryAdd(request.Cookie, pending))
             throw NbdProtocolException.At("client", at + 8, $"cookie 0x{request.Cookie:x} is already in flight");
-        if (!touches || request.Length == 0 || request.Offset > ExportSize || request.Length > ExportSize - request.Offset)
+        if (!touches || !_export.InRange(request.Offset, request.Length))
             return;
-        int blockSize = _retained.BlockSize;
+        int blockSize = _export.BlockSize;
         ulong end = request.Offset + request.Length;
         byte[]? scratch = null;
         for (long b = (long)(request.Offset / (ulong)blockSize); b <= (long)((end - 1) / (ulong)blockSize); b++)
         {
-            ulong blockStart = (ulong)b * (ulong)blockSize;
-            ulong blockEnd = Math.Min(blockStart + (ulong)blockSize, ExportSize);
+            ulong blockStart = _export.BlockStart(b);
+            ulong blockEnd = _export.BlockEnd(b);
             ulong start = Math.Max(request.Offset, blockStart);
             ulong stop = Math.Min(end, blockEnd);
-            _state[b] = StateUnknown;
+            // Unknown until the server confirms: a failed request leaves it so.
+            _export.Forget(b);
             bool full = start == blockStart && stop == blockEnd;
             if (!full || request.Command == NbdCommand.Trim)
                 continue;
@@ -340,13 +280,13 @@ public sealed class NbdStreamObserver
             UInt128 hash;
             if (piece.IsSingleSegment)
             {
-                hash = DiskBlockHash.Compute(piece.FirstSpan, _retained.HashKey);
+                hash = _export.HashBlock(piece.FirstSpan);
             }
             else
             {
                 scratch ??= new byte[blockSize];
                 piece.CopyTo(scratch);
-                hash = DiskBlockHash.Compute(scratch.AsSpan(0, (int)piece.Length), _retained.HashKey);
+                hash = _export.HashBlock(scratch.AsSpan(0, (int)piece.Length));
             }
             BlockCommit.Add(pending.Commits, b, BlockCommitKind.Data, hash);
         }
