@@ -50,7 +50,7 @@ public static class DiskMapStore
         }
         catch (Exception e) when (e is DiskMapException or IOException or UnauthorizedAccessException)
         {
-            Console.Error.WriteLine($"bfmig-transfer: ignoring disk map {path}: {e.Message}");
+            TransferLog.Note($"bfmig-transfer: ignoring disk map {path}: {e.Message}");
             return null;
         }
         return map.LastTripUnclean || map.BlockSize != BlockSize || map.HashKey.Equals(DiskHashKey.Unkeyed) ? null : map;
@@ -97,7 +97,7 @@ public static class DiskMapStore
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            Console.Error.WriteLine($"bfmig-transfer: carrying the disk without maps: {dir}: {e.Message}");
+            TransferLog.Note($"bfmig-transfer: carrying the disk without maps: {dir}: {e.Message}");
             return false;
         }
     }

@@ -46,7 +46,7 @@ public static class DiskPath
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 // Without the marker this host could not keep a map safely: send everything, keep nothing.
-                Console.Error.WriteLine($"bfmig-transfer: disk map {mapPath}: {e.Message}; sending everything");
+                TransferLog.Note($"bfmig-transfer: disk map {mapPath}: {e.Message}; sending everything");
                 mapPath = null;
                 peerView = null;
             }
@@ -93,7 +93,7 @@ public static class DiskPath
                     stats.DiskMap = mapPath;
             }
             else
-                Console.Error.WriteLine($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
+                TransferLog.Note($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
             await channel.Tunnel.ShutdownWriteAsync(end.Token);
             await DrainAsync(channel.Tunnel, end.Token);
         }
@@ -127,7 +127,7 @@ public static class DiskPath
             if (map is not null && DiskMapStore.IdentityMismatch(map, name, o.DiskImages) is { } refused)
             {
                 // Only the image itself can say it still holds what the map describes.
-                Console.Error.WriteLine($"bfmig-transfer: not using disk map {mapPath}: {refused}; receiving everything");
+                TransferLog.Note($"bfmig-transfer: not using disk map {mapPath}: {refused}; receiving everything");
                 stats.DiskMapRefused = refused;
                 map = null;
             }
@@ -192,7 +192,7 @@ public static class DiskPath
             stats.DiskMap = mapPath;
         if (!committed)
         {
-            Console.Error.WriteLine($"bfmig-transfer: disk map of export '{exportName}' left in flux (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");
+            TransferLog.Note($"bfmig-transfer: disk map of export '{exportName}' left in flux (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");
         }
         stats.Committed = committed;
         stats.SnapshotComplete = committed;
@@ -212,7 +212,7 @@ public static class DiskPath
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            Console.Error.WriteLine($"bfmig-transfer: cannot save disk map {path}: {e.Message}; the next trip sends everything");
+            TransferLog.Note($"bfmig-transfer: cannot save disk map {path}: {e.Message}; the next trip sends everything");
             return false;
         }
     }

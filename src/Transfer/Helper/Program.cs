@@ -39,6 +39,8 @@ internal static class Program
 
     private static async Task<int> Main(string[] args)
     {
+        // The library's notes go where this process's own errors go: stderr, read by bfmigd and the lab.
+        TransferLog.UseSink(Console.Error.WriteLine);
         if (args is ["--version"])
         {
             Console.WriteLine($"bfmig-transfer {BuildInfo.Version}");

@@ -173,7 +173,7 @@ public sealed class MigReceiver
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
             {
                 // QEMU has the whole stream already; only the retained copy is lost (it stays in flux).
-                Console.Error.WriteLine($"bfmig-transfer: store commit failed, the next trip sends everything: {e.Message}");
+                TransferLog.Note($"bfmig-transfer: store commit failed, the next trip sends everything: {e.Message}");
             }
         }
         _stats.Committed = committed;
