@@ -24,6 +24,11 @@ public sealed class TransferOptions
     public CompressionMode Compression { get; init; } = CompressionMode.Auto;
     public int ZstdLevel { get; init; } = 1;
     public TimeSpan IdleTimeout { get; init; } = TimeSpan.FromSeconds(120);
+    /// <summary>
+    /// Idle timeout of a plain tunnel (<see cref="TunnelBridge"/>): the memory stream's. A disk
+    /// mirror that reached ready waits, idle, for the whole memory stream, so its tunnel has none.
+    /// </summary>
+    public TimeSpan BridgeIdleTimeout => Kind == StreamKind.Mig ? IdleTimeout : Timeout.InfiniteTimeSpan;
     public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
     public TimeSpan EndTimeout { get; init; } = TimeSpan.FromSeconds(30);
@@ -84,7 +89,7 @@ public static class TransferRunner
             }
             catch (StoreException e)
             {
-                Console.Error.WriteLine($"bfmig-transfer: carrying without store: {e.Message}");
+                TransferLog.Note($"bfmig-transfer: carrying without store: {e.Message}");
                 wantsStore = false;
             }
         }
@@ -138,7 +143,7 @@ public static class TransferRunner
             else
             {
                 stats.Mode = "plain";
-                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, ct);
+                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
             }
         }
         catch (Exception e) when (e is not OperationCanceledException)
@@ -220,7 +225,7 @@ public static class TransferRunner
             {
                 stats.Mode = "plain";
                 var tunnel = new PeerByteTunnel(reader, writer);
-                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, ct);
+                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, o.BridgeIdleTimeout, ct);
                 stats.StreamBytes = tunnel.BytesRead;
                 stats.ReverseBytes = tunnel.BytesWritten;
             }
@@ -261,7 +266,7 @@ public static class TransferRunner
         }
         catch (StoreException e)
         {
-            Console.Error.WriteLine($"bfmig-transfer: receiving without store: {e.Message}");
+            TransferLog.Note($"bfmig-transfer: receiving without store: {e.Message}");
             return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         }
         var digest = s is null ? none : DigestBytes(s.Digest);
@@ -270,7 +275,7 @@ public static class TransferRunner
         if (StoreSpace.Shortfall(o.StoreRoot, StoreSpace.NeededForMemory(match, o.MaxRamBytes > 0 ? o.MaxRamBytes : RamLimit.ForHost())) is { } why)
         {
             stats.StoreSkipped = why;
-            Console.Error.WriteLine($"bfmig-transfer: receiving without store: {why}");
+            TransferLog.Note($"bfmig-transfer: receiving without store: {why}");
             return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         }
         if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");

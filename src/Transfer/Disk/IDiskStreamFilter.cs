@@ -15,9 +15,13 @@ public interface IDiskStreamFilter
     Task RunAsync(Stream qemuClient, Stream upstream, CancellationToken ct);
 }
 
-/// <summary>Until the NBD filter lands: a plain (compressed) byte tunnel in both directions.</summary>
+/// <summary>
+/// The disk stream without stores on both hosts: a plain (compressed) byte tunnel in both
+/// directions, without an idle timeout (a mirror that reached ready is idle until the memory
+/// stream ends).
+/// </summary>
 public sealed class PlainDiskStreamFilter : IDiskStreamFilter
 {
     public Task RunAsync(Stream qemuClient, Stream upstream, CancellationToken ct) =>
-        TunnelBridge.CopyBothWaysAsync(qemuClient, () => (qemuClient as System.Net.Sockets.NetworkStream)?.Socket.Shutdown(System.Net.Sockets.SocketShutdown.Send), upstream, ReadOnlyMemory<byte>.Empty, stats: null, ct);
+        TunnelBridge.CopyBothWaysAsync(qemuClient, () => (qemuClient as System.Net.Sockets.NetworkStream)?.Socket.Shutdown(System.Net.Sockets.SocketShutdown.Send), upstream, ReadOnlyMemory<byte>.Empty, stats: null, Timeout.InfiniteTimeSpan, ct);
 }
