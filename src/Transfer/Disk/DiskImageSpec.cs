@@ -43,7 +43,7 @@ public sealed record DiskImageSpec(string Path, string Format)
                 return null;
             // qcow2 header (QEMU docs/interop/qcow2.txt): be32 magic "QFI\xfb" at 0, be64 size at 24.
             Span<byte> header = stackalloc byte[32];
-            using var file = File.OpenHandle(Path);
+            using var file = File.OpenHandle(Path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
             if (RandomAccess.Read(file, header, 0) < header.Length || BinaryPrimitives.ReadUInt32BigEndian(header) != 0x514649fb)
                 return null;
             return BinaryPrimitives.ReadUInt64BigEndian(header[24..]);
