@@ -1,8 +1,6 @@
 using System.Diagnostics;
 using BFMig.Native.Compression;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Benchmarks;
 

@@ -1,6 +1,5 @@
+using BFMig.Transfer.Memory;
 using BenchmarkDotNet.Attributes;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Store;
 
 namespace BFMig.Benchmarks;
 

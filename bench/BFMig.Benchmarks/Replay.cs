@@ -2,10 +2,10 @@ using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Text;
 using BFMig.Native.Compression;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 
 namespace BFMig.Benchmarks;
 

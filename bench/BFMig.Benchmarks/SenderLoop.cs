@@ -1,7 +1,5 @@
 using System.Diagnostics;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Store;
-using BFMig.Transfer.Wire;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Benchmarks;
 

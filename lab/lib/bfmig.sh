@@ -56,11 +56,11 @@ bfmig_publish() {
         return 0
     fi
     mkdir -p "$BFMIG_BIN"
-    for p in Transfer Daemon Hooks; do
+    for p in Transfer/Helper Daemon Hooks; do
         log "bfmig: publishing src/$p (native AOT) to $BFMIG_BIN"
         dotnet publish "$BFMIG_REPO/src/$p" -c Release -r linux-x64 -o "$BFMIG_BIN" \
-            > "$BFMIG_BIN/publish-$p.log" 2>&1 ||
-            { tail -n 30 "$BFMIG_BIN/publish-$p.log" >&2; die "bfmig: dotnet publish src/$p failed (log $BFMIG_BIN/publish-$p.log)"; }
+            > "$BFMIG_BIN/publish-${p//\//-}.log" 2>&1 ||
+            { tail -n 30 "$BFMIG_BIN/publish-${p//\//-}.log" >&2; die "bfmig: dotnet publish src/$p failed (log $BFMIG_BIN/publish-${p//\//-}.log)"; }
     done
     echo "$stamp" > "$BFMIG_BIN/.stamp"
 }

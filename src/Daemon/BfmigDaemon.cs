@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 using BFMig.Daemon.Api;
 using BFMig.Daemon.Checkpoints;
 using BFMig.Daemon.Configuration;
@@ -10,13 +10,13 @@ using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
-using BFMig.Native;
 using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Store;
+using BFMig.Native;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 using Microsoft.Extensions.Logging;
 
 namespace BFMig.Daemon;

@@ -5,6 +5,7 @@ using BFMig.Daemon.Tests.Infrastructure;
 using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 using Xunit.Abstractions;
 
 namespace BFMig.Daemon.Tests;

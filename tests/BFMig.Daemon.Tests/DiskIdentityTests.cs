@@ -1,7 +1,10 @@
 using System.Diagnostics;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Transfers;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Store;
+using BFMig.Transfer;
 using Xunit.Abstractions;
 
 namespace BFMig.Daemon.Tests;
@@ -88,7 +91,7 @@ public sealed class DiskIdentityTests(ITestOutputHelper output)
 
     private static IReadOnlyList<TransferOutcome> Trip(Guid guest, string map) =>
         [new TransferOutcome("vm", guest, "hostB", "disk", TransferDirection.Send, 0, null,
-            new BFMig.Transfer.Engine.TransferStats { Export = "drive-virtio-disk0", Committed = true, DiskMap = map })];
+            new BFMig.Transfer.TransferStats { Export = "drive-virtio-disk0", Committed = true, DiskMap = map })];
 
     [Fact]
     public void A_departure_joins_the_trip_and_the_source_stop_in_either_order()

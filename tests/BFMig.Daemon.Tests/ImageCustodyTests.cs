@@ -1,7 +1,7 @@
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Transfers;
-using BFMig.Transfer.Engine;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 
 namespace BFMig.Daemon.Tests;
 

@@ -1,5 +1,5 @@
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 using BFMig.Daemon.Logging;
 using BFMig.Daemon.Tests.Infrastructure;
 using BFMig.Native.Systemd;

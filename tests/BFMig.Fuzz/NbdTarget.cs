@@ -1,8 +1,8 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 using BFMig.Native.Compression;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 
 namespace BFMig.Fuzz;
 

@@ -1,9 +1,8 @@
 using System.Diagnostics;
 using BFMig.Native.Compression;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 
 namespace BFMig.Fuzz;
 

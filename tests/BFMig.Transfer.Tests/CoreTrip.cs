@@ -1,5 +1,5 @@
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Memory;
+
 
 namespace BFMig.Transfer.Tests;
 

@@ -1,5 +1,5 @@
 using System.Net.Sockets;
-using BFMig.Transfer.Engine;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
@@ -250,7 +250,7 @@ internal sealed class QemuStreamParserProbe
 {
     public QemuStreamParserProbe(byte[] stream)
     {
-        var p = new BFMig.Transfer.Qemu.QemuStreamParser();
+        var p = new BFMig.Transfer.Memory.QemuStreamParser();
         int pos = 0;
         while (p.Blocks.Count == 0 || !p.IsOpaque)
         {
@@ -260,5 +260,5 @@ internal sealed class QemuStreamParserProbe
         Blocks = p.Blocks;
     }
 
-    public IReadOnlyList<BFMig.Transfer.Qemu.RamBlockInfo> Blocks { get; }
+    public IReadOnlyList<BFMig.Transfer.Memory.RamBlockInfo> Blocks { get; }
 }

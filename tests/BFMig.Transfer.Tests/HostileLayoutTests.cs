@@ -1,5 +1,5 @@
 using System.Net.Sockets;
-using BFMig.Transfer.Engine;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer.Tests;
@@ -50,7 +50,7 @@ public class HostileLayoutTests
     public void A_layout_within_the_guest_is_accepted()
     {
         using var d = new TempDir();
-        using var store = BFMig.Transfer.Store.MemoryStore.Open(d.Path, Guid.NewGuid());
+        using var store = BFMig.Transfer.Memory.MemoryStore.Open(d.Path, Guid.NewGuid());
         var decoder = new MigDecoder(store, keep: false, seed: 1, new TransferStats(), RamLimit.ForGuest(64 << 20));
         byte[] ops = BlockList(0x80, 0x80, 0x80, 0x20); // 64 MiB
         Assert.Equal(ops.Length, decoder.Process(ops, 0));

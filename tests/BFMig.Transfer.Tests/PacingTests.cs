@@ -1,5 +1,5 @@
 using System.Net.Sockets;
-using BFMig.Transfer.Engine;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer.Tests;

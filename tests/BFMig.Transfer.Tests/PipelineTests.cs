@@ -1,7 +1,5 @@
 using System.Runtime.InteropServices;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Qemu;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer.Tests;

@@ -1,4 +1,5 @@
-using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Memory;
+
 
 namespace BFMig.Transfer.Tests;
 

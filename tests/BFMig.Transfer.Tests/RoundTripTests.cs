@@ -1,4 +1,4 @@
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Memory;
 using CsCheck;
 
 namespace BFMig.Transfer.Tests;

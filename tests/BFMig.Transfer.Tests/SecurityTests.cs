@@ -1,8 +1,8 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
 using System.Security.Cryptography;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Tests.Nbd;
 using BFMig.Transfer.Wire;
 

@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Store;
 
 namespace BFMig.Transfer.Tests;

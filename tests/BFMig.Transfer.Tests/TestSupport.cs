@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using System.Text;
 using BFMig.Native.Compression;
-using BFMig.Transfer.Qemu;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Transfer.Tests;
 

@@ -1,12 +1,13 @@
 using System.Collections.Concurrent;
 using System.Globalization;
 using System.Net.Sockets;
-using System.Text.Json;
 using System.Text.Json.Serialization;
+using System.Text.Json;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
 
@@ -350,7 +351,7 @@ public sealed class CheckpointKeeper
     /// <see cref="Guests.ImageCustody"/> says BFMig carried on this trip: any other image may be
     /// the one the guest now runs from on the destination (shared storage), and is never opened.
     /// </summary>
-    public Task OnDeparted(Guid uuid, string guest, IReadOnlyList<BFMig.Transfer.Engine.DiskImageSpec> carried)
+    public Task OnDeparted(Guid uuid, string guest, IReadOnlyList<BFMig.Transfer.Disk.DiskImageSpec> carried)
     {
         _arrivals.TryRemove(uuid, out _);
         return Task.Run(async () =>

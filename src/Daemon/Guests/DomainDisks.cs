@@ -1,6 +1,6 @@
 using System.Globalization;
 using System.Xml;
-using BFMig.Transfer.Engine;
+using BFMig.Transfer.Disk;
 
 namespace BFMig.Daemon.Guests;
 

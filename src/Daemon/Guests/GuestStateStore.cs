@@ -1,7 +1,9 @@
 using System.Runtime.InteropServices;
-using System.Text.Json;
 using System.Text.Json.Serialization;
+using System.Text.Json;
 using BFMig.Native.Linux;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Store;
 
 namespace BFMig.Daemon.Guests;

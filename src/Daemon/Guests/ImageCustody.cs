@@ -1,5 +1,6 @@
 using BFMig.Daemon.Transfers;
-using BFMig.Transfer.Engine;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Wire;
 
 namespace BFMig.Daemon.Guests;
 

@@ -1,5 +1,5 @@
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 using System.Runtime.InteropServices;
 using BFMig.Daemon.Logging;
 using BFMig.Transfer.Wire;

@@ -1,15 +1,15 @@
 using System.Globalization;
 using System.IO.Pipes;
 using System.Net.Sockets;
-using System.Text.Json;
 using System.Text.Json.Serialization;
+using System.Text.Json;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Logging;
 using BFMig.Native.Linux;
 using BFMig.Native.Processes;
-using BFMig.Transfer.Engine;
 using BFMig.Transfer.Wire;
+using BFMig.Transfer;
 using Microsoft.Extensions.Logging;
 
 namespace BFMig.Daemon.Transfers;

@@ -1,5 +1,5 @@
-using System.Net;
 using System.Net.Sockets;
+using System.Net;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Native.Linux;

@@ -1,4 +1,5 @@
 using System.Text.Json.Serialization;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Transfer.Store;
 

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Transfer.Wire;
 
@@ -10,7 +11,7 @@ public enum FrameType : byte
     Auth = 0x03,
     /// <summary>In clear before TLS: which guest and stream a connection is for, so the receiving daemon can route it (<see cref="RouteRequest"/>).</summary>
     Route = 0x04,
-    /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Engine.MigOps"/>).</summary>
+    /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Memory.MigOps"/>).</summary>
     MigData = 0x10,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
     Tunnel = 0x11,

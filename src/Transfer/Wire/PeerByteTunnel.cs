@@ -1,10 +1,12 @@
+using BFMig.Transfer.Disk;
+
 namespace BFMig.Transfer.Wire;
 
 /// <summary>
 /// A byte stream carried in <see cref="FrameType.Tunnel"/> frames over the peer connection, both
 /// ways: what is written here comes out of the peer's tunnel, compressed on the wire when that
 /// pays. <see cref="ShutdownWriteAsync"/> (or disposing) sends EOF; reads return 0 after the peer's EOF.
-/// This is the upstream an <see cref="BFMig.Transfer.Engine.IDiskStreamFilter"/> writes NBD requests into.
+/// This is the upstream an <see cref="BFMig.Transfer.Disk.IDiskStreamFilter"/> writes NBD requests into.
 /// </summary>
 public sealed class PeerByteTunnel : Stream
 {

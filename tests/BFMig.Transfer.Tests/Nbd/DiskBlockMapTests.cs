@@ -1,6 +1,8 @@
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Store;
-using Xunit;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

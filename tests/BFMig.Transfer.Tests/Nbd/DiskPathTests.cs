@@ -1,13 +1,14 @@
 using System.Diagnostics;
+using System.Net.Sockets;
 using System.Net;
 using System.Text.Json.Nodes;
-using System.Net.Sockets;
-using BFMig.Transfer.Engine;
-using BFMig.Transfer.Nbd;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
-using Xunit;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,7 +1,7 @@
-using System.Buffers;
 using System.Buffers.Binary;
+using System.Buffers;
 using System.Net.Sockets;
-using BFMig.Transfer.Nbd;
+using BFMig.Transfer.Disk.Nbd;
 using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;

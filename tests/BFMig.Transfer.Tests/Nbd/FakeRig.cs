@@ -1,5 +1,7 @@
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
+
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,8 +1,8 @@
-using Xunit;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using BFMig.Transfer.Store;
+using BFMig.Transfer.Disk;
 using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;

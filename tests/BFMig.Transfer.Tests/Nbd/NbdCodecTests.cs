@@ -1,5 +1,5 @@
 using System.Buffers;
-using BFMig.Transfer.Nbd;
+using BFMig.Transfer.Disk.Nbd;
 using CsCheck;
 using Xunit;
 

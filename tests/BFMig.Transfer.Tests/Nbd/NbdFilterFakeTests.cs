@@ -1,5 +1,6 @@
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using CsCheck;
 using Xunit;
 

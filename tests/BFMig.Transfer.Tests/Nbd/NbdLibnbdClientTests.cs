@@ -1,7 +1,8 @@
-using BFMig.Transfer.Nbd;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
 using BFMig.Transfer.Store;
-using Xunit;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;

@@ -1,7 +1,9 @@
-using Xunit;
-using BFMig.Transfer.Nbd;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using BFMig.Transfer.Store;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,8 +1,9 @@
 using System.Diagnostics;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
-using Xunit;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

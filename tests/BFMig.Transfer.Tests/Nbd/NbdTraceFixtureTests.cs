@@ -1,8 +1,9 @@
 using System.Buffers.Binary;
-using BFMig.Transfer.Nbd;
-using BFMig.Transfer.Store;
-using Xunit;
+using BFMig.Tests.Shared.Nbd;
+using BFMig.Transfer.Disk.Nbd;
+using BFMig.Transfer.Disk;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 
@@ -114,7 +115,7 @@ public sealed class NbdTraceFixtureTests(ITestOutputHelper output)
         output.WriteLine($"captured {records.Count} records into {SourceFixturePath(fixture)}");
     }
 
-    private static async Task<List<(bool FromClient, byte[] Bytes)>> LoadAsync(string fixture)
+    internal static async Task<List<(bool FromClient, byte[] Bytes)>> LoadAsync(string fixture)
     {
         byte[] plain = Convert.FromBase64String(await TestEnv.RunAsync("sh", ["-c", $"zstd -q -d -c '{FixturePath(fixture)}' | base64 -w0"]));
         var records = new List<(bool, byte[])>();

@@ -1,7 +1,7 @@
-using BFMig.Transfer.Nbd;
-using Xunit;
 using System.Diagnostics;
+using BFMig.Transfer.Disk.Nbd;
 using Xunit.Abstractions;
+using Xunit;
 
 namespace BFMig.Transfer.Tests.Nbd;
 

@@ -1,0 +1,345 @@
+using System.IO.Hashing;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using System.Text.Json;
+using System.Text;
+using BFMig.Native.Linux;
+using BFMig.Transfer.Store;
+
+namespace BFMig.Transfer.Memory;
+
+/// <summary>
+/// A guest's memory store on one host: <c>ROOT/UUID/mem/</c>. Both hosts of a guest keep their
+/// stores identical (each trip's sender records what it sends, the receiver what it receives), so
+/// the local index is also the peer view: what the other host holds, as of
+/// <see cref="StoreState.Generation"/>/<see cref="StoreState.Digest"/>, which the hello confirms.
+/// Crash consistency: <c>INFLUX</c> is made durable before the first write of a trip and removed
+/// after the data and index are durable; a store opened with <c>INFLUX</c> present rehashes every
+/// page from its data file and forgets its peer (next trip sends everything).
+/// </summary>
+public sealed partial class MemoryStore : IDisposable
+{
+    private const string InfluxName = "INFLUX";
+    private readonly string _dir;
+    private readonly FileStream _lock;
+    private readonly List<BlockFile> _blocks = [];
+    private static readonly byte[] ZeroPage = new byte[QemuFormat.PageSize];
+    private readonly byte[] _scratch = new byte[QemuFormat.PageSize];
+    // Pages mostly come in address order: consecutive writes go out as one pwrite, and sequential
+    // single-page reads read ahead. Reads flush overlapping pending writes; writes invalidate read-ahead slots.
+    private const int BatchPages = 64;
+    private readonly byte[] _writeBuffer = new byte[BatchPages * QemuFormat.PageSize];
+    private int _writeBlock = -1;
+    private long _writeFirst;
+    private int _writeCount;
+    private readonly byte[] _readBuffer = new byte[BatchPages * QemuFormat.PageSize];
+    private readonly bool[] _readValid = new bool[BatchPages];
+    private int _readBlock = -1;
+    private long _readFirst;
+    private int _readCount;
+    private int _lastReadBlock = -1;
+    private long _lastReadPage = -2;
+    private PageLocator? _locator;
+    private bool _locatorWanted;
+    private bool _inTrip;
+    private bool _pacedWriteback;
+
+    private MemoryStore(string guestDir, FileStream lockFile, StoreState state)
+    {
+        GuestDirectory = guestDir;
+        _dir = Path.Combine(guestDir, "mem");
+        _lock = lockFile;
+        State = state;
+    }
+
+    /// <summary>Default root of all guests' stores.</summary>
+    public const string DefaultRoot = "/var/lib/bfmig";
+
+    /// <summary><c>ROOT/UUID</c>.</summary>
+    public string GuestDirectory { get; }
+
+    /// <summary><c>ROOT/UUID/disk</c>: reserved for the disk block map.</summary>
+    public string DiskDirectory => Path.Combine(GuestDirectory, "disk");
+
+    /// <summary>The persisted state (generation, digest, seed, location).</summary>
+    public StoreState State { get; private set; }
+
+    /// <summary>True when the last open found an interrupted trip and rebuilt the index.</summary>
+    public bool Recovered { get; private set; }
+
+    /// <summary>Blocks of the current trip (after <see cref="BeginTrip"/>).</summary>
+    public int BlockCount => _blocks.Count;
+
+    /// <summary>
+    /// Bounds the store's queued writeback while a trip writes it (the receiving side: its commit
+    /// otherwise lands on the destination's switchover; see <see cref="BlockFile"/>).
+    /// </summary>
+    public bool PacedWriteback
+    {
+        get => _pacedWriteback;
+        set
+        {
+            _pacedWriteback = value;
+            foreach (var b in _blocks) b.PacedWriteback = value;
+        }
+    }
+
+    /// <summary>Hash of an all-zero page under the current seed.</summary>
+    public UInt128 ZeroHash { get; private set; }
+
+    /// <summary>
+    /// Opens (creating if needed) the store of <paramref name="guest"/> under <paramref name="root"/>,
+    /// taking its lock, and recovers from an interrupted trip.
+    /// </summary>
+    /// <exception cref="StoreException">another helper holds the lock, or the store is unreadable.</exception>
+    public static MemoryStore Open(string root, Guid guest)
+    {
+        string guestDir = Path.Combine(root, guest.ToString("D"));
+        string mem = Path.Combine(guestDir, "mem");
+        Directory.CreateDirectory(mem);
+        Directory.CreateDirectory(Path.Combine(guestDir, "disk"));
+        FileStream lockFile;
+        try
+        {
+            lockFile = new FileStream(Path.Combine(mem, "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException e)
+        {
+            throw new StoreException($"memory store of {guest} is in use by another helper ({mem}/lock)", e);
+        }
+        try
+        {
+            var state = ReadState(mem) ?? new StoreState { Seed = NewSeed(), Since = DateTimeOffset.UtcNow, Digest = "" };
+            var store = new MemoryStore(guestDir, lockFile, state);
+            store.LoadBlocks(loadIndex: true);
+            if (File.Exists(Path.Combine(mem, InfluxName)))
+                store.Recover();
+            store.ZeroHash = HashPage(new byte[QemuFormat.PageSize], state.Seed);
+            return store;
+        }
+        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        {
+            lockFile.Dispose();
+            throw new StoreException($"memory store {mem} unreadable: {e.Message}", e);
+        }
+    }
+
+    /// <summary>
+    /// The store's state as its file says now, without creating, locking or recovering anything
+    /// (null when the guest has no store yet): enough to answer a hello.
+    /// </summary>
+    /// <exception cref="StoreException">the state file is unreadable.</exception>
+    public static StoreState? PeekState(string root, Guid guest)
+    {
+        string mem = Path.Combine(root, guest.ToString("D"), "mem");
+        try
+        {
+            // An interrupted trip's store is rehashed on open with generation 0: it can match nothing.
+            return File.Exists(Path.Combine(mem, InfluxName)) ? null : ReadState(mem);
+        }
+        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
+        {
+            throw new StoreException($"memory store {mem} unreadable: {e.Message}", e);
+        }
+    }
+
+    /// <summary>XxHash128 of a page under <paramref name="seed"/>; 0 is reserved for "unknown".</summary>
+    public static UInt128 HashPage(ReadOnlySpan<byte> page, ulong seed)
+    {
+        var h = XxHash128.HashToUInt128(page, unchecked((long)seed));
+        return h == UInt128.Zero ? UInt128.One : h;
+    }
+
+    /// <summary>Hash of a page under the store's seed.</summary>
+    public UInt128 Hash(ReadOnlySpan<byte> page) => HashPage(page, State.Seed);
+
+    private static ulong NewSeed() => BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8));
+
+    private static StoreState? ReadState(string mem)
+    {
+        string path = Path.Combine(mem, "state.json");
+        if (!File.Exists(path)) return null;
+        return JsonSerializer.Deserialize(File.ReadAllBytes(path), StoreJsonContext.Default.StoreState);
+    }
+
+    private List<StoredBlock> ReadBlockList()
+    {
+        string path = Path.Combine(_dir, "blocks.json");
+        if (!File.Exists(path)) return [];
+        return JsonSerializer.Deserialize(File.ReadAllBytes(path), StoreJsonContext.Default.ListStoredBlock) ?? [];
+    }
+
+    private void LoadBlocks(bool loadIndex)
+    {
+        foreach (var b in ReadBlockList())
+        {
+            if (b.Length <= 0 || (b.Length & (QemuFormat.PageSize - 1)) != 0 || b.File.Contains('/'))
+                throw new StoreException($"blocks.json entry '{b.Name}' is invalid");
+            _blocks.Add(new BlockFile(Path.Combine(_dir, b.File + ".pages"), Path.Combine(_dir, b.File + ".hash"), b.Name, b.Length, loadIndex) { PacedWriteback = _pacedWriteback });
+        }
+    }
+
+    private void Recover()
+    {
+        Recovered = true;
+        foreach (var b in _blocks)
+        {
+            b.Rehash(State.Seed);
+            b.Persist();
+        }
+        State.Generation = 0;
+        State.Peer = null;
+        State.Digest = ComputeDigest();
+        DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
+        File.Delete(Path.Combine(_dir, InfluxName));
+        DurableFile.FsyncDirectory(_dir);
+    }
+
+    /// <summary>
+    /// Starts a trip with the block layout <paramref name="blocks"/>. With <paramref name="keep"/>
+    /// (hello matched and same seed), blocks with the same name and length keep their content;
+    /// otherwise everything is forgotten and <paramref name="seed"/> becomes the store's seed.
+    /// Marks the store in flux durably before anything else changes.
+    /// </summary>
+    public void BeginTrip(IReadOnlyList<RamBlockInfo> blocks, ulong seed, bool keep, bool buildLocator)
+    {
+        if (_inTrip) throw new InvalidOperationException("trip already started");
+        _inTrip = true;
+        _writeCount = 0;
+        _readBlock = -1;
+        _lastReadBlock = -1;
+        string influx = Path.Combine(_dir, InfluxName);
+        using (var f = new FileStream(influx, FileMode.Create, FileAccess.Write))
+            f.Flush(flushToDisk: true);
+        DurableFile.FsyncDirectory(_dir);
+
+        if (seed != State.Seed) keep = false;
+        State.Seed = seed;
+        ZeroHash = HashPage(new byte[QemuFormat.PageSize], seed);
+        var old = _blocks.ToDictionary(b => b.Name, StringComparer.Ordinal);
+        var layout = new List<StoredBlock>();
+        var next = new List<BlockFile>();
+        foreach (var info in blocks)
+        {
+            string stem = "b-" + XxHash64.HashToUInt64(Encoding.UTF8.GetBytes(info.Name)).ToString("x16");
+            if (keep && old.Remove(info.Name, out var existing) && existing.Length == info.UsedLength)
+            {
+                next.Add(existing);
+            }
+            else
+            {
+                if (old.Remove(info.Name, out var stale)) DeleteBlock(stale);
+                File.Delete(Path.Combine(_dir, stem + ".pages"));
+                File.Delete(Path.Combine(_dir, stem + ".hash"));
+                next.Add(new BlockFile(Path.Combine(_dir, stem + ".pages"), Path.Combine(_dir, stem + ".hash"), info.Name, info.UsedLength, loadIndex: false) { PacedWriteback = _pacedWriteback });
+            }
+            layout.Add(new StoredBlock { Name = info.Name, Length = info.UsedLength, File = stem });
+        }
+        foreach (var gone in old.Values) DeleteBlock(gone);
+        _blocks.Clear();
+        _blocks.AddRange(next);
+        DurableFile.WriteAtomically(Path.Combine(_dir, "blocks.json"), JsonSerializer.SerializeToUtf8Bytes(layout, StoreJsonContext.Default.ListStoredBlock));
+
+        // Built on first use: a trip whose pages are all unchanged never needs it.
+        _locator = null;
+        _locatorWanted = buildLocator && PageLocator.Fits(_blocks.Count, _blocks.Count == 0 ? 0 : _blocks.Max(b => b.PageCount));
+    }
+
+    private PageLocator? Locator()
+    {
+        if (_locator is not null || !_locatorWanted) return _locator;
+        var locator = new PageLocator(_blocks.Sum(b => b.PageCount));
+        for (int bi = 0; bi < _blocks.Count; bi++)
+        {
+            var hashes = _blocks[bi].Hashes;
+            for (long p = 0; p < hashes.LongLength; p++)
+            {
+                if (hashes[p] != UInt128.Zero && hashes[p] != ZeroHash) locator.Insert(hashes[p], bi, p);
+            }
+        }
+        _locator = locator;
+        return locator;
+    }
+
+    private static void DeleteBlock(BlockFile b)
+    {
+        b.Dispose();
+        File.Delete(b.DataPath);
+        File.Delete(b.HashPath);
+    }
+
+    /// <summary>Finds a page anywhere in the store whose current content has <paramref name="hash"/> (sender only).</summary>
+    public bool TryLocate(UInt128 hash, out int block, out long page)
+    {
+        if (Locator() is { } locator)
+        {
+            var check = new HoldsHash(_blocks, hash);
+            return locator.TryFind(hash, ref check, out block, out page);
+        }
+        block = -1;
+        page = -1;
+        return false;
+    }
+
+    private readonly struct HoldsHash(List<BlockFile> blocks, UInt128 hash) : PageLocator.ICandidateCheck
+    {
+        public bool Holds(int block, long page) => block < blocks.Count && page < blocks[block].PageCount && blocks[block].Hashes[page] == hash;
+    }
+
+    /// <summary>XxHash128 over every block's name, length and page-hash index, in order: equal digests mean equal stores.</summary>
+    public string ComputeDigest()
+    {
+        var h = new XxHash128();
+        Span<byte> len = stackalloc byte[8];
+        foreach (var b in _blocks)
+        {
+            h.Append(Encoding.UTF8.GetBytes(b.Name));
+            BitConverter.TryWriteBytes(len, b.Length);
+            h.Append(len);
+            h.Append(MemoryMarshal.AsBytes(b.Hashes.AsSpan()));
+        }
+        return Convert.ToHexStringLower(h.GetCurrentHash());
+    }
+
+    /// <summary>
+    /// Ends a trip: makes data and index durable, records generation/digest/location, then clears
+    /// the in-flux mark. Returns the digest.
+    /// </summary>
+    public string Commit(ulong generation, string? peer, bool away, bool snapshotComplete)
+    {
+        FlushWrites();
+        foreach (var b in _blocks) b.Persist();
+        State.Generation = generation;
+        State.Peer = peer;
+        State.Digest = ComputeDigest();
+        string location = away ? "away" : "here";
+        if (State.Location != location) State.Since = DateTimeOffset.UtcNow;
+        State.Location = location;
+        State.SnapshotComplete = snapshotComplete;
+        DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
+        File.Delete(Path.Combine(_dir, InfluxName));
+        DurableFile.FsyncDirectory(_dir);
+        _inTrip = false;
+        return State.Digest;
+    }
+
+    /// <summary>
+    /// Ends a failed trip: the index is rebuilt from the data (a failure may come from data that
+    /// no longer matches its index) and the store no longer matches any peer (generation 0).
+    /// </summary>
+    public void Abandon()
+    {
+        if (!_inTrip) return;
+        FlushWrites();
+        foreach (var b in _blocks) b.Rehash(State.Seed);
+        Commit(0, null, State.Location == "away", snapshotComplete: false);
+    }
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        foreach (var b in _blocks) b.Dispose();
+        _blocks.Clear();
+        _lock.Dispose();
+    }
+}

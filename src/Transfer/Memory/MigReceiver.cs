@@ -1,0 +1,227 @@
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+
+namespace BFMig.Transfer.Memory;
+
+/// <summary>
+/// Receiving side of a memory stream in store mode: rebuilds the stream with
+/// <see cref="MigDecoder"/> into the destination QEMU, carries its return path back as tunnel
+/// frames, and commits the store when the sender's end digest equals its own. In a paced stream
+/// it reports how much of the stream its QEMU has taken (<see cref="StreamPacer"/>).
+/// </summary>
+public sealed class MigReceiver
+{
+    private const int ReverseBuffer = 64 << 10;
+    /// <summary>A paced stream's progress is reported every this many stream bytes (well below <see cref="StreamPacer.MinWindow"/>).</summary>
+    public const int ProgressStep = 256 << 10;
+    private readonly MemoryStore? _store;
+    private readonly MigDecoder _decoder;
+    private readonly FrameReader _reader;
+    private readonly FrameWriter _writer;
+    private readonly TransferStats _stats;
+    private readonly string _peerName;
+    private readonly TimeSpan _endTimeout;
+    private readonly byte[] _one = new byte[1];
+    private readonly bool _paced;
+    private readonly byte[] _progress = new byte[ProgressMessage.Length];
+    private long _reported;
+    private int _heldBack = -1;
+    private bool _endChecked;
+    private Task? _commit;
+
+    public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout,
+        bool paced = false, long maxRamBytes = 0)
+    {
+        _paced = paced;
+        _store = store;
+        _decoder = new MigDecoder(store, keep, seed, stats, maxRamBytes);
+        _reader = reader;
+        _writer = writer;
+        _stats = stats;
+        _peerName = peerName;
+        _endTimeout = endTimeout;
+    }
+
+    /// <summary>Runs the stream to its end; on failure the store is abandoned (consistent, no longer in sync).</summary>
+    public async Task RunAsync(LocalConnection qemu, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var reverse = Task.Run(() => ReverseAsync(qemu, cts.Token), cts.Token);
+        try
+        {
+            await ForwardAsync(qemu, reverse, cts.Token);
+            await _commit!;
+            var done = await Task.WhenAny(reverse, Task.Delay(_endTimeout, ct));
+            if (done == reverse) await reverse;
+        }
+        catch
+        {
+            await cts.CancelAsync();
+            if (_commit is not null)
+            {
+                try
+                {
+                    await _commit;
+                }
+                catch (Exception)
+                {
+                    // The stream's own failure is the one reported.
+                }
+            }
+            if (_decoder.TripStarted) _store!.Abandon();
+            throw;
+        }
+    }
+
+    private async Task ForwardAsync(LocalConnection qemu, Task reverse, CancellationToken ct)
+    {
+        while (true)
+        {
+            var frame = await _reader.ReadAsync(ct) ?? throw new PeerProtocolException($"peer closed the connection before the end of the stream (at byte {_reader.BytesRead})");
+            switch (frame.Type)
+            {
+                case FrameType.MigData:
+                {
+                    _decoder.BeginFrame();
+                    int pos = 0;
+                    do
+                    {
+                        pos = _decoder.Process(frame.Payload.Span, pos);
+                        if (_decoder.Output.Length > 0)
+                        {
+                            var output = _decoder.OutputMemory;
+                            if (_endChecked)
+                            {
+                                // After a passed end check only opaque bytes (device state) follow.
+                                await qemu.Stream.WriteAsync(output, ct);
+                                _stats.StreamBytes += output.Length;
+                            }
+                            else
+                            {
+                                // The last byte so far waits for the end check: without it QEMU cannot finish loading.
+                                if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
+                                await qemu.Stream.WriteAsync(output[..^1], ct);
+                                _heldBack = output.Span[^1];
+                                _stats.StreamBytes += output.Length - 1;
+                            }
+                            _decoder.ResetOutput();
+                            await ReportProgressAsync(ct);
+                        }
+                    }
+                    while (pos < frame.Payload.Length || _decoder.HasPendingOutput);
+                    break;
+                }
+                case FrameType.End:
+                {
+                    if (_endChecked) throw new PeerProtocolException($"second end frame at byte {_reader.BytesRead}");
+                    var end = EndMessage.Decode(frame.Payload.Span);
+                    if (_decoder.HasPendingOutput) throw new PeerProtocolException("end frame while an elide run is still open");
+                    _decoder.Seal();
+                    var digest = new byte[16];
+                    if (_decoder.TripStarted)
+                    {
+                        digest = Convert.FromHexString(_store!.ComputeDigest());
+                        if (!digest.AsSpan().SequenceEqual(end.Digest))
+                        {
+                            // Every page this side rebuilt is in its index: a different digest means some page
+                            // QEMU got is not the sender's. Withholding the last byte keeps that guest from starting.
+                            await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, digest).Encode(), compress: false, ct);
+                            throw new PeerProtocolException(
+                                $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
+                        }
+                    }
+                    // Checked: QEMU may finish now. The guest is paused until it has, so the store's
+                    // durable commit (fsyncs) runs alongside; until it completes the store stays in
+                    // flux, and a crash in between only means that the next trip sends everything.
+                    if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
+                    await qemu.Stream.FlushAsync(ct);
+                    _endChecked = true;
+                    _stats.SnapshotComplete = end.SnapshotComplete;
+                    _commit = Task.Run(() => CommitAsync(end, digest, ct), CancellationToken.None);
+                    break;
+                }
+                case FrameType.TunnelEof:
+                {
+                    // The sender's QEMU closed: the stream is complete (End comes first, checked).
+                    if (!_endChecked) throw new PeerProtocolException($"stream ended without an end frame at byte {_reader.BytesRead}");
+                    await qemu.Stream.FlushAsync(ct);
+                    qemu.HalfClose();
+                    return;
+                }
+                case FrameType.Abort:
+                    throw new PeerAbortedException(Handshake.AbortReason(frame.Payload.Span));
+                default:
+                    throw new PeerProtocolException($"unexpected {frame.Type} frame in a memory stream at byte {_reader.BytesRead}");
+            }
+        }
+    }
+
+    /// <summary>Commits the store (when this trip used one) and answers the end frame with the outcome.</summary>
+    private async Task CommitAsync(EndMessage end, byte[] digest, CancellationToken ct)
+    {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool committed = false;
+        if (_decoder.TripStarted)
+        {
+            try
+            {
+                _store!.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
+                committed = true;
+                _stats.Generation = end.Generation;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
+            {
+                // QEMU has the whole stream already; only the retained copy is lost (it stays in flux).
+                TransferLog.Note($"bfmig-transfer: store commit failed, the next trip sends everything: {e.Message}");
+            }
+        }
+        _stats.Committed = committed;
+        _stats.CommitSeconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
+        await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    /// <summary>In a paced stream, tells the sender how far its QEMU got once another step was taken.</summary>
+    private async ValueTask ReportProgressAsync(CancellationToken ct)
+    {
+        if (!_paced || _stats.StreamBytes - _reported < ProgressStep) return;
+        _reported = _stats.StreamBytes;
+        new ProgressMessage(_reported).Encode(_progress);
+        await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    private async Task WriteHeldAsync(LocalConnection qemu, CancellationToken ct)
+    {
+        _one[0] = (byte)_heldBack;
+        _heldBack = -1;
+        await qemu.Stream.WriteAsync(_one, ct);
+        _stats.StreamBytes++;
+    }
+
+    private async Task ReverseAsync(LocalConnection qemu, CancellationToken ct)
+    {
+        var buffer = new byte[ReverseBuffer];
+        while (true)
+        {
+            int n;
+            try
+            {
+                n = await qemu.Stream.ReadAsync(buffer, ct);
+            }
+            catch (IOException)
+            {
+                n = 0; // QEMU reset the connection after loading: same as EOF for the return path
+            }
+            if (n == 0)
+            {
+                await _writer.WriteAsync(FrameType.TunnelEof, ReadOnlyMemory<byte>.Empty, compress: false, ct);
+                await _writer.FlushAsync(ct);
+                return;
+            }
+            await _writer.WriteAsync(FrameType.Tunnel, buffer.AsMemory(0, n), compress: false, ct);
+            _stats.ReverseBytes += n;
+        }
+    }
+}

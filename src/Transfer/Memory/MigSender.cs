@@ -1,0 +1,236 @@
+using BFMig.Transfer.Wire;
+
+
+namespace BFMig.Transfer.Memory;
+
+/// <summary>
+/// Sending side of a memory stream in store mode: reads the source QEMU, encodes with
+/// <see cref="MigEncoder"/>, frames to the peer, carries the return path back, and commits the
+/// store once the receiver has committed the same digest. Frames are compressed and written by a
+/// <see cref="FramePipeline"/> on other threads while this one parses, hashes and records the
+/// next. Buffers are bounded (input 256 KiB, <see cref="FramePipeline.DefaultDepth"/> frame
+/// buffers), and with a <see cref="StreamPacer"/> the sender stays within a window of what the
+/// destination QEMU has taken, so QEMU's own bandwidth estimate sees the rate at which the
+/// destination really loads (not just the post-dedup wire rate).
+/// </summary>
+public sealed class MigSender
+{
+    private const int InputSize = 256 << 10;
+    private readonly MemoryStore? _store;
+    private readonly MigEncoder _encoder;
+    private readonly FrameReader _reader;
+    private readonly FrameWriter _writer;
+    private readonly TransferStats _stats;
+    private readonly ulong _newGeneration;
+    private readonly string _peerName;
+    private readonly TimeSpan _endTimeout;
+    private FramePipeline? _frames;
+    private FramePipeline.Slot? _current;
+    private readonly StreamPacer? _pacer;
+    private long _consumed;
+    private long _wireAtLastWait;
+
+    public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
+        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null)
+    {
+        _pacer = pacer;
+        _store = store;
+        _encoder = new MigEncoder(store, synced, seed, stats);
+        _reader = reader;
+        _writer = writer;
+        _stats = stats;
+        _newGeneration = newGeneration;
+        _peerName = peerName;
+        _endTimeout = endTimeout;
+    }
+
+    /// <summary>Runs the stream to its end. On failure the store is abandoned (consistent, no longer in sync).</summary>
+    public async Task RunAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
+        await using var frames = new FramePipeline(_writer);
+        var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);
+        // A peer that aborts (or a broken return path) must also stop the forward direction, which may be blocked on QEMU.
+        _ = inbox.ContinueWith(_ => cts.Cancel(), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
+        try
+        {
+            await ForwardAsync(qemu, prefix, frames, cts.Token);
+            var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
+            if (_encoder.TripStarted)
+            {
+                if (ack.Committed && ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest())))
+                {
+                    _store.Commit(_newGeneration, _peerName, away: true, _encoder.Parser.RamComplete);
+                    _stats.Committed = true;
+                    _stats.Generation = _newGeneration;
+                }
+                else
+                {
+                    _store!.Abandon();
+                    throw new PeerProtocolException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
+                }
+            }
+            await WaitForInboxAsync(inbox, ct);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested && inbox.IsFaulted)
+        {
+            if (_encoder.TripStarted) _store!.Abandon();
+            throw inbox.Exception!.InnerException!;
+        }
+        catch
+        {
+            if (_encoder.TripStarted) _store!.Abandon();
+            await cts.CancelAsync();
+            throw;
+        }
+        finally
+        {
+            _stats.SnapshotComplete = _encoder.Parser.RamComplete;
+            if (_pacer is not null)
+            {
+                _stats.PacedWaits = _pacer.Waits;
+                _stats.PacedWaitSeconds = _pacer.Waited.TotalSeconds;
+            }
+        }
+    }
+
+    private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
+    {
+        // The receiver ends the return path when its QEMU closes; do not hang on a QEMU that never does.
+        var done = await Task.WhenAny(inbox, Task.Delay(_endTimeout, ct));
+        if (done == inbox) await inbox;
+    }
+
+    private async Task<T> WaitAsync<T>(Task<T> task, Task inbox, string what, CancellationToken ct)
+    {
+        var done = await Task.WhenAny(task, inbox, Task.Delay(_endTimeout, ct));
+        if (done == task) return await task;
+        if (done == inbox)
+        {
+            await inbox; // throws the inbox's failure
+            if (task.IsCompleted) return await task;
+            throw new PeerProtocolException($"peer closed the connection before {what}");
+        }
+        throw new TimeoutException($"no {what} within {_endTimeout.TotalSeconds:0} s");
+    }
+
+    private async Task ForwardAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, FramePipeline frames, CancellationToken ct)
+    {
+        _frames = frames;
+        _current = await frames.RentAsync(ct);
+        _encoder.SwapOps(_current.Payload);
+        var buffer = new byte[InputSize + QemuStreamParser.MaxRecordLength];
+        prefix.CopyTo(buffer);
+        int start = 0;
+        int end = prefix.Length;
+        _stats.StreamBytes += prefix.Length;
+        bool eof = false;
+        bool endSent = false;
+        while (true)
+        {
+            start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
+            _consumed = _stats.StreamBytes - (end - start);
+            if (!endSent && _encoder.Parser.IsOpaque)
+            {
+                // From here on no page is recorded, so the digest is final. With a return path
+                // (libvirt turns it on) the source QEMU closes only after the destination has loaded
+                // everything, so an End sent at EOF would wait for a stream the receiver withholds.
+                await SendEndAsync(ct);
+                endSent = true;
+            }
+            if (_encoder.OpsLength >= MigEncoder.FlushThreshold)
+            {
+                await FlushAsync(ct);
+                continue;
+            }
+            if (eof && start == end) break;
+            if (start > 0)
+            {
+                buffer.AsSpan(start, end - start).CopyTo(buffer);
+                end -= start;
+                start = 0;
+            }
+            if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
+            if (_pacer is not null && _pacer.MustWait(_consumed))
+            {
+                // Everything consumed must be on its way, or the receiver could never catch up.
+                await FlushAsync(ct);
+                await _frames!.FlushAsync(ct);
+                var waited = await _pacer.WaitForRoomAsync(_consumed, ct);
+                _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
+                _wireAtLastWait = _writer.BytesWritten;
+            }
+            int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
+            if (n == 0) eof = true;
+            end += n;
+            _stats.StreamBytes += n;
+        }
+        if (!endSent)
+            await SendEndAsync(ct);
+        await FlushAsync(ct);
+        await frames.FlushAsync(ct);
+        await _writer.WriteAsync(FrameType.TunnelEof, ReadOnlyMemory<byte>.Empty, compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    /// <summary>Sends every op so far, then End with the store's digest (the receiver checks it before the rest flows).</summary>
+    private async Task SendEndAsync(CancellationToken ct)
+    {
+        await FlushAsync(ct);
+        await _frames!.FlushAsync(ct);
+        var digest = _encoder.TripStarted ? Convert.FromHexString(_store!.ComputeDigest()) : new byte[16];
+        await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, digest, _encoder.Parser.RamComplete).Encode(), compress: false, ct);
+        await _writer.FlushAsync(ct);
+    }
+
+    /// <summary>Queues the ops so far as a frame (waiting for a free buffer when all are in flight) and encodes on into a fresh buffer.</summary>
+    private async Task FlushAsync(CancellationToken ct)
+    {
+        _encoder.CompleteOps();
+        if (_encoder.OpsLength == 0) return;
+        var next = await _frames!.RentAsync(ct);
+        int length = _encoder.OpsLength;
+        _encoder.SwapOps(next.Payload);
+        _frames.Post(_current!, FrameType.MigData, length, compress: true);
+        _current = next;
+        _pacer?.Sent(_consumed);
+    }
+
+    private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)
+    {
+        while (true)
+        {
+            var frame = await _reader.ReadAsync(ct);
+            if (frame is null)
+            {
+                if (!endAck.Task.IsCompleted) throw new PeerProtocolException("peer closed the connection before acknowledging the end of the stream");
+                qemu.HalfClose();
+                return;
+            }
+            var f = frame.Value;
+            switch (f.Type)
+            {
+                case FrameType.Tunnel:
+                    await qemu.Stream.WriteAsync(f.Payload, ct);
+                    _stats.ReverseBytes += f.Payload.Length;
+                    break;
+                case FrameType.TunnelEof:
+                    await qemu.Stream.FlushAsync(ct);
+                    qemu.HalfClose();
+                    if (endAck.Task.IsCompleted) return;
+                    break;
+                case FrameType.EndAck:
+                    endAck.TrySetResult(EndAck.Decode(f.Payload.Span));
+                    break;
+                case FrameType.Progress when _pacer is not null:
+                    _pacer.OnProgress(ProgressMessage.Decode(f.Payload.Span).Delivered);
+                    break;
+                case FrameType.Abort:
+                    throw new PeerAbortedException(Handshake.AbortReason(f.Payload.Span));
+                default:
+                    throw new PeerProtocolException($"unexpected {f.Type} frame from the receiver at byte {_reader.BytesRead}");
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+using System.Buffers.Binary;
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Security.Cryptography;
+using BFMig.Transfer.Disk;
+using BFMig.Transfer.Memory;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer;
+
+/// <summary>Settings of one stream (one helper process).</summary>
+public sealed class TransferOptions
+{
+    public StreamKind Kind { get; init; } = StreamKind.Mig;
+    /// <summary>Root of the stores (a guest's store is <c>ROOT/UUID</c>); null runs without a store.</summary>
+    public string? StoreRoot { get; init; } = MemoryStore.DefaultRoot;
+    public Guid Guest { get; init; }
+    /// <summary>Sender: the peer's name (recorded as where the guest went). Receiver: when set, the only sender whose hello it accepts.</summary>
+    public string PeerName { get; init; } = "";
+    /// <summary>This host's name, sent in the hello.</summary>
+    public string LocalName { get; init; } = Environment.MachineName;
+    public IPeerAuthenticator Authenticator { get; init; } = NoPeerAuthenticator.Instance;
+    public CompressionMode Compression { get; init; } = CompressionMode.Auto;
+    public int ZstdLevel { get; init; } = 1;
+    public TimeSpan IdleTimeout { get; init; } = TimeSpan.FromSeconds(120);
+    /// <summary>
+    /// Idle timeout of a plain tunnel (<see cref="TunnelBridge"/>): the memory stream's. A disk
+    /// mirror that reached ready waits, idle, for the whole memory stream, so its tunnel has none.
+    /// </summary>
+    public TimeSpan BridgeIdleTimeout => Kind == StreamKind.Mig ? IdleTimeout : Timeout.InfiniteTimeSpan;
+    public TimeSpan HandshakeTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    public TimeSpan EndTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// Kind nbd: the image file behind each export name on this host. The receiver trusts its
+    /// retained map of an export only if the map's identity matches this image now; the sender
+    /// names its image in the map it saves (identity captured once its QEMU let go of it).
+    /// An export not listed here is never elided into.
+    /// </summary>
+    public IReadOnlyDictionary<string, DiskImageSpec> DiskImages { get; init; } = new Dictionary<string, DiskImageSpec>();
+    /// <summary>Called about every <see cref="ProgressInterval"/> with the stream's live counters (any thread).</summary>
+    public Action<TransferProgress>? Progress { get; init; }
+    public TimeSpan ProgressInterval { get; init; } = TimeSpan.FromMilliseconds(500);
+    /// <summary>
+    /// Memory stream with stores: stay within a window of what the destination QEMU has taken
+    /// (<see cref="StreamPacer"/>), so that the source QEMU measures the real end-to-end rate
+    /// and the guest is not paused while the destination still loads a backlog.
+    /// </summary>
+    public bool Pacing { get; init; } = true;
+    /// <summary>
+    /// Sender in transparent mode: the port on the peer that QEMU's connection was aimed at, named
+    /// in a route frame sent first (whatever the authentication); 0 in explicit mode.
+    /// </summary>
+    public ushort TargetPort { get; init; }
+    /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
+    public bool RouteFirst { get; init; }
+    /// <summary>
+    /// Receiver, kind mig: the most RAM the sender may declare (<see cref="RamLimit"/>; the daemon
+    /// passes the incoming domain's memory); 0: this host's physical memory.
+    /// </summary>
+    public long MaxRamBytes { get; init; }
+    /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
+    public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
+}
+
+/// <summary>Runs one stream end to end, for the sender or the receiver.</summary>
+public static class TransferRunner
+{
+    /// <summary>
+    /// Sender: <paramref name="qemu"/> is the local QEMU's connection, <paramref name="peer"/> the
+    /// connected socket to the receiving helper.
+    /// </summary>
+    public static async Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct)
+    {
+        var stats = new TransferStats { Role = "send", Kind = o.Kind.ToString().ToLowerInvariant() };
+        var clock = Stopwatch.StartNew();
+        qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
+        var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
+        MemoryStore? store = null;
+        bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
+        bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
+            && BinaryPrimitives.ReadUInt32BigEndian(prefix) == QemuFormat.FileMagic;
+        if (wantsStore)
+        {
+            try
+            {
+                store = MemoryStore.Open(o.StoreRoot!, o.Guest);
+            }
+            catch (StoreException e)
+            {
+                TransferLog.Note($"bfmig-transfer: carrying without store: {e.Message}");
+                wantsStore = false;
+            }
+        }
+        var raw = new NetworkStream(peer, ownsSocket: true);
+        Stream secured;
+        using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        {
+            // A receiver that accepts the connection but never finishes TLS must not hold this stream (and the source QEMU) forever.
+            hs.CancelAfter(o.HandshakeTimeout);
+            if (o.Authenticator.HidesHello || o.TargetPort != 0)
+                await new RouteRequest(o.Kind, o.Guest, o.LocalName) { TargetPort = o.TargetPort }.WriteAsync(raw, hs.Token);
+            secured = await SecureWithinAsync(raw, isInitiator: true, o.PeerName, o, hs, ct);
+        }
+        await using var transport = secured;
+        using var reader = new FrameReader(transport, o.IdleTimeout);
+        using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        await using var progress = ProgressReporter.Start(o, stats, writer, reader);
+        try
+        {
+            var state = store?.State;
+            bool paced = wantsStore && o.Pacing;
+            var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
+                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced };
+            HelloReply reply;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                reply = await ExplainTlsCloseAsync(Handshake.ClientAsync(reader, writer, o.Authenticator, hello, hs.Token), o);
+            }
+            if (diskStore && reply.HasStore)
+            {
+                await DiskPath.SendAsync(qemu, reader, writer, o, stats, ct);
+            }
+            else if (o.Kind == StreamKind.Nbd)
+            {
+                stats.Mode = "plain";
+                var tunnel = new PeerByteTunnel(reader, writer);
+                await o.DiskFilter.RunAsync(qemu.Stream, tunnel, ct);
+                stats.StreamBytes = tunnel.BytesWritten;
+                stats.ReverseBytes = tunnel.BytesRead;
+            }
+            else if (store is not null && reply.HasStore)
+            {
+                bool synced = reply.Status == HelloStatus.Match;
+                stats.Mode = synced ? "store-match" : "store-full";
+                ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
+                var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
+                    paced ? new StreamPacer(o.IdleTimeout) : null);
+                await sender.RunAsync(qemu, prefix, ct);
+            }
+            else
+            {
+                stats.Mode = "plain";
+                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            await TryAbortAsync(writer, e.Message);
+            throw;
+        }
+        finally
+        {
+            store?.Dispose();
+            stats.WireBytesOut = writer.BytesWritten;
+            stats.WireBytesIn = reader.BytesRead;
+            stats.Seconds = clock.Elapsed.TotalSeconds;
+        }
+        return stats;
+    }
+
+    /// <summary>
+    /// Receiver: <paramref name="peer"/> is the accepted socket from the sending helper;
+    /// <paramref name="connectLocal"/> opens the connection to the local QEMU (or NBD server).
+    /// </summary>
+    public static async Task<TransferStats> ReceiveAsync(Socket peer, Func<CancellationToken, Task<LocalConnection>> connectLocal, TransferOptions o,
+        CancellationToken ct)
+    {
+        var stats = new TransferStats { Role = "receive", Kind = o.Kind.ToString().ToLowerInvariant() };
+        var clock = Stopwatch.StartNew();
+        MemoryStore? store = null;
+        var raw = new NetworkStream(peer, ownsSocket: true);
+        if (o.Authenticator.HidesHello || o.RouteFirst)
+        {
+            RouteRequest route;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                route = await RouteRequest.ReadAsync(raw, hs.Token);
+            }
+            if (route.Guest != o.Guest || route.Kind != o.Kind)
+                throw new PeerProtocolException($"route names a {route.Kind} stream of guest {route.Guest}, this receiver takes a {o.Kind} stream of {o.Guest}");
+        }
+        Stream secured;
+        using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        {
+            // An unauthenticated client that starts TLS and stalls must not keep this helper (a handshake slot) past the deadline.
+            hs.CancelAfter(o.HandshakeTimeout);
+            secured = await SecureWithinAsync(raw, isInitiator: false, "", o, hs, ct);
+        }
+        await using var transport = secured;
+        using var reader = new FrameReader(transport, o.IdleTimeout);
+        using var writer = new FrameWriter(transport, o.Compression, o.ZstdLevel);
+        await using var progress = ProgressReporter.Start(o, stats, writer, reader);
+        try
+        {
+            Hello hello;
+            HelloDecision decision;
+            using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                hs.CancelAfter(o.HandshakeTimeout);
+                (hello, decision) = await ExplainTlsCloseAsync(Handshake.ServerAsync(reader, writer, o.Authenticator, h => Decide(h, o, stats), hs.Token), o);
+            }
+            if (decision.Status == HelloStatus.Refused) throw new PeerProtocolException($"refused the sender's stream: {decision.Message}");
+            // The sender has proved itself: only now is the store opened and locked, and the daemon told (it then counts this stream as a transfer).
+            store = OpenAnsweredStore(hello, decision, o);
+            stats.Authenticated = true;
+            progress?.ReportNow();
+            var opened = await connectLocal(ct);
+            await using var local = new LocalConnection(new CountingStream(opened.Stream, stats, countReads: false), opened.Socket);
+            if (o.Kind == StreamKind.Nbd && decision.HasStore)
+            {
+                await DiskPath.ReceiveAsync(local, reader, writer, o, stats, ct);
+            }
+            else if (store is not null && hello.WantsStore)
+            {
+                bool keep = decision.Status == HelloStatus.Match;
+                stats.Mode = keep ? "store-match" : "store-full";
+                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
+                await receiver.RunAsync(local, ct);
+            }
+            else
+            {
+                stats.Mode = "plain";
+                var tunnel = new PeerByteTunnel(reader, writer);
+                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, o.BridgeIdleTimeout, ct);
+                stats.StreamBytes = tunnel.BytesRead;
+                stats.ReverseBytes = tunnel.BytesWritten;
+            }
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            await TryAbortAsync(writer, e.Message);
+            throw;
+        }
+        finally
+        {
+            store?.Dispose();
+            stats.WireBytesOut = writer.BytesWritten;
+            stats.WireBytesIn = reader.BytesRead;
+            stats.Seconds = clock.Elapsed.TotalSeconds;
+        }
+        return stats;
+    }
+
+    /// <summary>
+    /// Answers a hello from what the store says, without opening or locking it: in PSK mode the
+    /// sender has not proved anything yet, and a forged hello must not hold the guest's store.
+    /// </summary>
+    private static HelloDecision Decide(Hello h, TransferOptions o, TransferStats stats)
+    {
+        var none = new byte[16];
+        if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
+        if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
+        if (o.PeerName.Length > 0 && h.SenderName != o.PeerName)
+            return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a stream from {o.PeerName}, not from the sender the hello names");
+        if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
+        if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
+        StoreState? s;
+        try
+        {
+            s = MemoryStore.PeekState(o.StoreRoot, o.Guest);
+        }
+        catch (StoreException e)
+        {
+            TransferLog.Note($"bfmig-transfer: receiving without store: {e.Message}");
+            return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        }
+        var digest = s is null ? none : DigestBytes(s.Digest);
+        bool match = s is not null && s.Generation != 0 && s.Generation == h.Generation && s.Seed == h.Seed && digest.AsSpan().SequenceEqual(h.Digest);
+        // A full store file system must not fail the migration: carry this trip plain instead.
+        if (StoreSpace.Shortfall(o.StoreRoot, StoreSpace.NeededForMemory(match, o.MaxRamBytes > 0 ? o.MaxRamBytes : RamLimit.ForHost())) is { } why)
+        {
+            stats.StoreSkipped = why;
+            TransferLog.Note($"bfmig-transfer: receiving without store: {why}");
+            return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
+        }
+        if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");
+        return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
+    }
+
+    /// <summary>
+    /// Opens the memory store the reply promised, once the sender is authenticated. If it changed
+    /// since the answer (another trip of the same guest got there first), the stream is given up:
+    /// the sender would elide against content this host no longer holds.
+    /// </summary>
+    private static MemoryStore? OpenAnsweredStore(Hello hello, HelloDecision decision, TransferOptions o)
+    {
+        if (o.Kind != StreamKind.Mig || !decision.HasStore || !hello.WantsStore || o.StoreRoot is null)
+            return null;
+        MemoryStore store;
+        try
+        {
+            store = MemoryStore.Open(o.StoreRoot, o.Guest);
+        }
+        catch (StoreException e)
+        {
+            throw new PeerProtocolException($"the memory store promised in the hello reply cannot be opened now: {e.Message}", e);
+        }
+        if (decision.Status == HelloStatus.Match
+            && (store.State.Generation != decision.Generation || !DigestBytes(store.State.Digest).AsSpan().SequenceEqual(decision.Digest)))
+        {
+            store.Dispose();
+            throw new PeerProtocolException($"the memory store changed during the handshake (generation {decision.Generation} answered, {store.State.Generation} now)");
+        }
+        store.PacedWriteback = true;
+        return store;
+    }
+
+    private static async Task<Stream> SecureWithinAsync(Stream raw, bool isInitiator, string peerName, TransferOptions o, CancellationTokenSource hs, CancellationToken ct)
+    {
+        try
+        {
+            return await o.Authenticator.SecureAsync(raw, isInitiator, peerName, hs.Token);
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            await raw.DisposeAsync();
+            throw new PeerProtocolException($"no authenticated connection within {o.HandshakeTimeout.TotalSeconds:F0} s (the peer did not complete the {(o.Authenticator.HidesHello ? "TLS" : "")} handshake)");
+        }
+    }
+
+    // With TLS 1.3 a side learns that the other rejected its certificate only when the
+    // connection closes right after the handshake: say so, the other side's log has the reason.
+    private static async Task<T> ExplainTlsCloseAsync<T>(Task<T> handshake, TransferOptions o)
+    {
+        try
+        {
+            return await handshake;
+        }
+        catch (PeerProtocolException e) when (o.Authenticator.HidesHello && e is not PeerAuthenticationException
+            && e.Message.Contains("closed the connection", StringComparison.Ordinal))
+        {
+            throw new PeerProtocolException(e.Message + " (over TLS this usually means the peer rejected this host's certificate; its log says why)", e);
+        }
+    }
+
+    private static byte[] DigestBytes(string? hex) => string.IsNullOrEmpty(hex) || hex.Length != 32 ? new byte[16] : Convert.FromHexString(hex);
+
+    private static async Task TryAbortAsync(FrameWriter writer, string reason)
+    {
+        try
+        {
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+            await writer.WriteAsync(FrameType.Abort, Handshake.EncodeAbort(reason), compress: false, cts.Token);
+            await writer.FlushAsync(cts.Token);
+        }
+        catch (Exception e) when (e is IOException or OperationCanceledException or ObjectDisposedException or SocketException or InvalidOperationException)
+        {
+            // The peer may already be gone; the abort is a courtesy.
+        }
+    }
+
+    private static async Task<byte[]> PeekAsync(Stream s, int count, TimeSpan timeout, CancellationToken ct)
+    {
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(timeout);
+        var buffer = new byte[count];
+        int n = 0;
+        while (n < 4)
+        {
+            int r = await s.ReadAsync(buffer.AsMemory(n), cts.Token);
+            if (r == 0) break;
+            n += r;
+        }
+        return buffer[..n];
+    }
+}
+
+/// <summary>Calls <see cref="TransferOptions.Progress"/> every <see cref="TransferOptions.ProgressInterval"/> and once more when disposed.</summary>
+internal sealed class ProgressReporter : IAsyncDisposable
+{
+    private readonly TransferOptions _o;
+    private readonly TransferStats _stats;
+    private readonly FrameWriter _writer;
+    private readonly FrameReader _reader;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _loop;
+
+    private ProgressReporter(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader)
+    {
+        _o = o;
+        _stats = stats;
+        _writer = writer;
+        _reader = reader;
+        _loop = Task.Run(LoopAsync);
+    }
+
+    public static ProgressReporter? Start(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader) =>
+        o.Progress is null ? null : new ProgressReporter(o, stats, writer, reader);
+
+    private async Task LoopAsync()
+    {
+        try
+        {
+            while (true)
+            {
+                await Task.Delay(_o.ProgressInterval, _stop.Token);
+                Report(final: false);
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            // Disposed: the final report follows.
+        }
+    }
+
+    // Counters are read while the stream's threads update them: a report may be a moment behind, never wrong in kind.
+    private void Report(bool final) =>
+        _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
+        {
+            Authenticated = _stats.Authenticated,
+        });
+
+    /// <summary>Reports now, out of turn (the peer just authenticated: the daemon waits for that).</summary>
+    public void ReportNow() => Report(final: false);
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync();
+        await _loop;
+        Report(final: true);
+        _stop.Dispose();
+    }
+}

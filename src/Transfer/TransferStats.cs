@@ -1,0 +1,49 @@
+using System.Text.Json.Serialization;
+
+namespace BFMig.Transfer;
+
+/// <summary>Counters of one stream, written as JSON by <c>--stats FILE</c>.</summary>
+public sealed class TransferStats
+{
+    public string Role { get; set; } = "";
+    public string Kind { get; set; } = "";
+    /// <summary>"store-match" (elision on), "store-full" (stores disagreed: everything sent), or "plain" (tunnel).</summary>
+    public string Mode { get; set; } = "";
+    /// <summary>Bytes read from the local QEMU (sender) or written to it (receiver), forward direction.</summary>
+    public long StreamBytes { get; set; }
+    /// <summary>Bytes of the reverse direction (return path, NBD replies).</summary>
+    public long ReverseBytes { get; set; }
+    /// <summary>Bytes read from the local QEMU (sender) or written to it (receiver), before elision; counted as they move.</summary>
+    public long LocalBytes { get; set; }
+    /// <summary>Kind nbd: the export the NBD client opened.</summary>
+    public string? Export { get; set; }
+    /// <summary>Receiver: the sender proved who it is (TLS client certificate, or the PSK proof in its auth frame).</summary>
+    public bool Authenticated { get; set; }
+    public long WireBytesOut { get; set; }
+    public long WireBytesIn { get; set; }
+    public long PagesElided { get; set; }
+    public long PagesReferenced { get; set; }
+    public long PagesDelta { get; set; }
+    public long PagesFull { get; set; }
+    public long ZeroPages { get; set; }
+    public long UnknownPages { get; set; }
+    public long PassthroughBytes { get; set; }
+    /// <summary>Paced memory stream, sender: how often and how long it waited for the destination QEMU to catch up.</summary>
+    public int PacedWaits { get; set; }
+    /// <inheritdoc cref="PacedWaits"/>
+    public double PacedWaitSeconds { get; set; }
+    /// <summary>Memory stream, receiver: seconds from the end frame to the store's commit (the guest may already run on this host meanwhile).</summary>
+    public double CommitSeconds { get; set; }
+    public bool SnapshotComplete { get; set; }
+    public string? OpaqueReason { get; set; }
+    /// <summary>Why this stream ran without a store (e.g. its file system was full), null when it had one or never asked.</summary>
+    public string? StoreSkipped { get; set; }
+    public ulong Generation { get; set; }
+    public bool Committed { get; set; }
+    /// <summary>Kind nbd: the map file this helper saved (committed trips only).</summary>
+    public string? DiskMap { get; set; }
+    /// <summary>Kind nbd, receiver: why the retained map of the export was not used (null when it was, or there was none).</summary>
+    public string? DiskMapRefused { get; set; }
+    public double Seconds { get; set; }
+    public string? Error { get; set; }
+}
