@@ -40,7 +40,8 @@ bfmig_unsupported() {
 
 # Newest modification time (seconds) of anything the published binaries are built from.
 bfmig_source_stamp() {
-    find "$BFMIG_REPO/src/Native" "$BFMIG_REPO/src/Transfer" "$BFMIG_REPO/src/Daemon" "$BFMIG_REPO/src/Hooks" \
+    # All of src/: the binaries also compile in src/Contracts (and whatever library comes next).
+    find "$BFMIG_REPO/src" \
         "$BFMIG_REPO/Directory.Build.props" "$BFMIG_REPO/Directory.Packages.props" \
         \( -name bin -o -name obj \) -prune -o -type f -printf '%T@\n' | sort -n | tail -n 1 | cut -d. -f1
 }
