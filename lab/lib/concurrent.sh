@@ -142,7 +142,8 @@ roundtrip_concurrent() {
         log "$mode: trip $trip: $wire bytes on the link, ${secs}s for all $n guests, all verified: $all_verified"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" --argjson secs "$secs" \
             --argjson verified "$all_verified" '{from: $from, to: $to, call: "virsh", wire_bytes: $wire,
-              total_seconds: $secs, verified: $verified, guests: $ARGS.positional}' --jsonargs "${guest_json[@]}")")
+              total_seconds: $secs, downtime_ms: ([$ARGS.positional[].downtime_ms] | max), verified: $verified,
+              guests: $ARGS.positional}' --jsonargs "${guest_json[@]}")")
 
         if ((trip < trips)); then
             for g in "${names[@]}"; do
