@@ -128,13 +128,9 @@ guest_verify() {
     VERIFY_BAD=$bad
 }
 
-# Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB random
-# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums. The image
-# is host H's own unless IMAGE names another (the shared storage's).
-guest_prepare_disk() {
-    local h=$1 disk_gib=$2 data_mib=$3 image=${4:-} raw i=0 sum
-    [[ -n $image ]] || image=$(guest_image "$h")
-    raw=$LAB_VAR/work/disk.raw
+# DATA_MIB random MiB at the start of a sparse DISK_GIB raw file RAW; records the chunk sums.
+guest_random_raw() {
+    local raw=$1 disk_gib=$2 data_mib=$3 i=0 sum
     mkdir -p "$LAB_VAR/work"
     rm -f "$raw"
     truncate -s "${disk_gib}G" "$raw"
@@ -145,7 +141,58 @@ guest_prepare_disk() {
             i=$((i + 1))
         done < <(head -c $((data_mib * MiB)) "$raw" | split -b $MiB -a 6 --filter='md5sum' -)
     fi
+}
+
+# Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB random
+# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums. The image
+# is host H's own unless IMAGE names another (the shared storage's).
+guest_prepare_disk() {
+    local h=$1 disk_gib=$2 data_mib=$3 image=${4:-} raw
+    [[ -n $image ]] || image=$(guest_image "$h")
+    raw=$LAB_VAR/work/disk.raw
+    guest_random_raw "$raw" "$disk_gib" "$data_mib"
     mkdir -p "$(dirname "$image")"
     qemu-img convert -f raw -O qcow2 "$raw" "$image"
     rm -f "$raw"
+}
+
+# The backing file of the guest's disk (--backing-top-mib), beside the image on every host.
+guest_base_image() { echo "$(host_dir "$1")/lib/images/$LAB_GUEST-base.qcow2"; }
+
+# The guest's disk as a qcow2 overlay on a backing file (an OpenStack instance on its image):
+# DATA_MIB random MiB as guest_prepare_disk makes them, of which the base holds all but the first
+# TOP_MIB (there it holds other random data: what the guest overwrote since), and the overlay on
+# host H only those TOP_MIB. The base goes to every host, identical (libvirt needs it present on a
+# destination; only the top layer travels with --copy-storage-inc). The backing file is named
+# relative to the overlay, so it resolves the same inside a host and from the machine.
+guest_prepare_backing_disk() {
+    local h=$1 disk_gib=$2 data_mib=$3 top_mib=$4 raw old base image other
+    image=$(guest_image "$h")
+    base=$(guest_base_image "$h")
+    raw=$LAB_VAR/work/disk.raw
+    old=$LAB_VAR/work/base.raw
+    guest_random_raw "$raw" "$disk_gib" "$data_mib"
+    cp --sparse=always "$raw" "$old"
+    dd if=/dev/urandom of="$old" bs=1M count="$top_mib" conv=notrunc status=none
+    mkdir -p "$(dirname "$image")"
+    qemu-img convert -f raw -O qcow2 "$old" "$base"
+    guest_create_overlay "$h"
+    head -c $((top_mib * MiB)) "$raw" > "$old"
+    ((top_mib == 0)) || qemu-io -f qcow2 -c "write -q -s $old 0 ${top_mib}M" "$image" || die "writing the overlay's top layer failed"
+    rm -f "$raw" "$old"
+    for other in "${LAB_HOSTS[@]}"; do
+        [[ $other == "$h" ]] || { mkdir -p "$(dirname "$(guest_base_image "$other")")"; cp --sparse=always "$base" "$(guest_base_image "$other")"; }
+    done
+}
+
+# An empty overlay on the guest's backing file on host H: where --copy-storage-inc lands.
+guest_create_overlay() {
+    local image
+    image=$(guest_image "$1")
+    (cd "$(dirname "$image")" && qemu-img create -q -f qcow2 -b "$(basename "$(guest_base_image "$1")")" -F qcow2 "$(basename "$image")")
+}
+
+# Bytes allocated in the top layer of host H's image (what --copy-storage-inc copies).
+guest_top_bytes() {
+    qemu-img map -U --output=json "$(guest_image "$1")" | jq '[.[] | select(.depth == 0 and .data) | .length] | add // 0'
 }

@@ -25,10 +25,9 @@ host_virsh() {
 host_spawn() {
     local h=$1 logfile=$2
     shift 2
-    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-        "$@" > "$logfile" 2>&1 < /dev/null 9>&- &
-    echo $! >> "$LAB_RUN/$h.spawned"
-    echo $!
+    hostns_spawn "$LAB_RUN/$h.mnt" "$(netns_name "$h")" "$logfile" "$@"
+    echo "$HOSTNS_PID" >> "$LAB_RUN/$h.spawned"
+    echo "$HOSTNS_PID"
 }
 
 pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2> /dev/null; }
@@ -96,12 +95,8 @@ stack_guess() {
 
 host_setup_all() {
     local stack=$1 rate=$2 h
-    mkdir -p "$LAB_RUN" "$LAB_VAR"
-    # nsfs bind mounts must live on a private mount (as `ip netns` does for /run/netns).
-    if ! mountpoint -q "$LAB_RUN"; then
-        mount --bind "$LAB_RUN" "$LAB_RUN"
-        mount --make-private "$LAB_RUN"
-    fi
+    mkdir -p "$LAB_VAR"
+    hostns_private_dir "$LAB_RUN"
     cat > "$LAB_RUN/state" <<EOF
 stack=$stack:$(stack_libvirt_version)
 rate=$rate
@@ -182,23 +177,14 @@ host_setup() {
     local h=$1 dir
     dir=$(host_dir "$h")
     host_write_config "$h"
-    touch "$LAB_RUN/$h.mnt"
-    unshare --mount="$LAB_RUN/$h.mnt" --propagation private true
-    nsenter --mount="$LAB_RUN/$h.mnt" sh -ec "
-        mount -t tmpfs -o mode=0755 $LAB_NAME-run /run
-        mkdir -p /run/lock /run/libvirt
-        mount --bind '$dir/etc' /etc/libvirt
-        mount --bind '$dir/lib' /var/lib/libvirt
-        mount --bind '$dir/log' /var/log/libvirt
-        mount --bind '$dir/cache' /var/cache/libvirt
-    "
-    # The daemons outlive this command: they must not inherit the lab lock (fd 9).
-    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-        virtlogd > "$dir/virtlogd.out" 2>&1 < /dev/null 9>&- &
-    echo $! > "$LAB_RUN/$h.virtlogd.pid"
-    setsid nsenter --mount="$LAB_RUN/$h.mnt" --net="/run/netns/$(netns_name "$h")" \
-        libvirtd --listen > "$dir/libvirtd.out" 2>&1 < /dev/null 9>&- &
-    echo $! > "$LAB_RUN/$h.libvirtd.pid"
+    hostns_create "$LAB_RUN/$h.mnt" "$LAB_NAME-run" "lock libvirt" \
+        "$dir/etc:/etc/libvirt" "$dir/lib:/var/lib/libvirt" "$dir/log:/var/log/libvirt" "$dir/cache:/var/cache/libvirt"
+    local netns
+    netns=$(netns_name "$h")
+    hostns_spawn "$LAB_RUN/$h.mnt" "$netns" "$dir/virtlogd.out" virtlogd
+    echo "$HOSTNS_PID" > "$LAB_RUN/$h.virtlogd.pid"
+    hostns_spawn "$LAB_RUN/$h.mnt" "$netns" "$dir/libvirtd.out" libvirtd --listen
+    echo "$HOSTNS_PID" > "$LAB_RUN/$h.libvirtd.pid"
 }
 
 # libvirtd needs seconds to start, far more on a loaded machine: wait up to two minutes.
@@ -218,8 +204,8 @@ host_wait_ready() {
 lab_pids() {
     local ids=() h f p ns
     for h in "${LAB_HOSTS[@]}"; do
-        f=$LAB_RUN/$h.mnt
-        [[ -e $f ]] && mountpoint -q "$f" 2> /dev/null && ids+=("mnt:[$(stat -L -c %i "$f")]")
+        f=$(hostns_id "$LAB_RUN/$h.mnt")
+        [[ -n $f ]] && ids+=("$f")
         f=/run/netns/$(netns_name "$h")
         [[ -e $f ]] && ids+=("net:[$(stat -L -c %i "$f")]")
     done
@@ -263,7 +249,7 @@ cmd_down() {
     done
     lab_kill_all
     for h in "${LAB_HOSTS[@]}"; do
-        if [[ -e $LAB_RUN/$h.mnt ]]; then umount "$LAB_RUN/$h.mnt" 2> /dev/null || true; fi
+        hostns_remove "$LAB_RUN/$h.mnt"
         if [[ -e /run/netns/$(netns_name "$h") ]]; then ip netns del "$(netns_name "$h")"; fi
     done
     storage_down

@@ -69,7 +69,7 @@ scenario_cleanup() {
     for h in "${LAB_HOSTS[@]}"; do
         host_virsh "$h" destroy "$LAB_GUEST" > /dev/null 2>&1 || true
         host_virsh "$h" undefine "$LAB_GUEST" > /dev/null 2>&1 || true
-        rm -f "$(guest_image "$h")"
+        rm -f "$(guest_image "$h")" "$(guest_base_image "$h")"
     done
     storage_untrace
     storage_stop
@@ -193,7 +193,7 @@ roundtrip_check_call() {
 cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
-    local binaries=build hook="" call=virsh storage=local trace_shared=no
+    local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
     local kills=() downs=() spec
     while (($#)); do
         case $1 in
@@ -219,6 +219,9 @@ cmd_roundtrip() {
             --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
+            --copy-storage) [[ $2 =~ ^(all|inc)$ ]] || die "--copy-storage: all or inc"; copy_storage=$2 ;;
+            --backing-top-mib) [[ $2 =~ ^[0-9]+$ ]] || die "--backing-top-mib: a number of MiB"; backing_top_mib=$2 ;;
+            --guests) [[ $2 =~ ^[1-9]$ ]] || die "--guests: 1 to 9"; guests=$2 ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -238,6 +241,16 @@ cmd_roundtrip() {
     if [[ $storage == shared-file ]]; then
         LAB_STORAGE_ARGS=(--unsafe)
         GUEST_DISK_MATCH=$(storage_image)
+    fi
+    if [[ $copy_storage == inc || $backing_top_mib -gt 0 ]]; then
+        [[ $storage == local ]] || die "--copy-storage inc and --backing-top-mib copy local storage: not with --storage $storage"
+        ((backing_top_mib <= disk_data_mib)) || die "--backing-top-mib must lie within the disk data"
+    fi
+    [[ $copy_storage == inc ]] && LAB_STORAGE_ARGS=(--copy-storage-inc)
+    if ((guests > 1)); then
+        [[ $storage == local && $call == virsh && $copy_storage == all && $backing_top_mib == 0 && $corrupt == none &&
+           $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 ]] ||
+            die "--guests $guests: local storage and the virsh call only, without --kill, --daemon-down, --corrupt, --touch-retained-mib, --disk-discard/rewrite-mib, --copy-storage inc or --backing-top-mib"
     fi
     [[ $trace_shared == no || ($storage == shared* && $mode == bfmig*) ]] ||
         die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
@@ -278,7 +291,12 @@ cmd_roundtrip() {
     [[ $call == virsh ]] || lab_build_calls
     [[ $trace_shared == yes ]] && ensure_commands strace:strace
     scenario_cleanup
+    if ((guests > 1)); then
+        roundtrip_concurrent "$mode" "$json" "$guests" "$trips" "$ram_mib" "$fill_mib" "$disk_gib" "$disk_data_mib" "$mem_pct" "$disk_pct" "$hook"
+        return 0
+    fi
     bfmig_hook_mark
+    local base_sum=""
     EXP_M=()
     EXP_D=()
     if [[ $storage == shared* ]]; then
@@ -287,6 +305,10 @@ cmd_roundtrip() {
         guest_prepare_disk a "$disk_gib" "$disk_data_mib" "$(storage_image)"
         qemu-img bitmap --add "$(storage_image)" "$STORAGE_BITMAP"
         if [[ $storage == shared ]]; then storage_serve "$(storage_image)"; fi
+    elif ((backing_top_mib > 0)); then
+        log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A: a qcow2 overlay holding ${backing_top_mib} MiB on a backing file present on both hosts"
+        guest_prepare_backing_disk a "$disk_gib" "$disk_data_mib" "$backing_top_mib"
+        base_sum=$(md5sum < "$(guest_base_image a)")
     else
         log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
         guest_prepare_disk a "$disk_gib" "$disk_data_mib"
@@ -302,8 +324,11 @@ cmd_roundtrip() {
     local trip src=a dst=b trip_json=() chunks=$disk_data_mib
     local before after t0 t1 bad images wire secs verified
     for ((trip = 1; trip <= trips; trip++)); do
-        [[ $storage == shared* || -e $(guest_image "$dst") ]] ||
-            qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"
+        if [[ $storage != shared* && ! -e $(guest_image "$dst") ]]; then
+            if ((backing_top_mib > 0)); then guest_create_overlay "$dst"; else qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"; fi
+        fi
+        local backing_json=null top_bytes=0
+        ((backing_top_mib == 0)) || top_bytes=$(guest_top_bytes "$src")
         "$(mode_fn "$mode" args)" "$src" "$dst"
         [[ $storage == shared* ]] && storage_filter_args
         mode_call_optional "$mode" prepare "$src" "$dst"
@@ -364,17 +389,27 @@ cmd_roundtrip() {
             if images_identical "$src" "$dst"; then images=true; else images=false; fi
             [[ $bad == 0 && $images == true ]] && verified=true
         fi
+        if ((backing_top_mib > 0)); then
+            # The backing file is read by both hosts and written by no one: the same bytes as made.
+            local intact=true h
+            for h in "${LAB_HOSTS[@]}"; do [[ $(md5sum < "$(guest_base_image "$h")") == "$base_sum" ]] || intact=false; done
+            [[ $intact == true ]] || { verified=false; log "$mode: trip $trip: a backing file changed"; }
+            backing_json=$(jq -n --argjson top "$top_bytes" --argjson intact "$intact" '{source_top_layer_bytes: $top, backing_files_intact: $intact}')
+            log "$mode: trip $trip: source's top layer held $top_bytes bytes; backing files intact: $intact"
+        fi
         log "$mode: trip $trip: $wire bytes, ${secs}s, downtime ${JOB_DOWNTIME} ms, guest mismatches $bad, images identical $images"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
             --argjson daemondown "$DOWN_JSON" --argjson shared "$shared_json" --argjson records "$records" --arg call "$c" \
+            --argjson backing "$backing_json" \
             '{from: $from, to: $to, call: $call, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
               + (if $daemondown == null then {} else {daemon_down: $daemondown} end)
               + (if $shared == null then {} else {shared: $shared} end)
-              + (if $records == null then {} else {bfmig_trip: $records} end)')")
+              + (if $records == null then {} else {bfmig_trip: $records} end)
+              + (if $backing == null then {} else {backing: $backing} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then
@@ -410,11 +445,13 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --arg copy "$copy_storage" --argjson top "$backing_top_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
-          scenario: {ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
+          scenario: ({ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
-                     disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch, storage: $storage},
+                     disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch, storage: $storage}
+                    + (if $copy == "all" then {} else {copy_storage: $copy} end)
+                    + (if $top == 0 then {} else {backing_top_mib: $top} end)),
           call: $call, migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup

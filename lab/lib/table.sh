@@ -24,6 +24,7 @@ cmd_table() {
         local call copy="--copy-storage-all "
         call=$(jq -r '.call // "virsh"' "$f")
         [[ $(jq -r '.scenario.storage // "local"' "$f") == shared ]] && copy=""
+        [[ $(jq -r '.scenario.copy_storage // "all"' "$f") == inc ]] && copy="--copy-storage-inc "
         if [[ $call == *,* ]]; then
             printf '  %-18s one call per trip: %s (mode arguments %s)\n' "$(jq -r .mode "$f")" "$call" \
                 "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
@@ -41,7 +42,8 @@ cmd_table() {
             continue
         fi
         printf '  %-18s virsh migrate --live --persistent %s%s qemu+tcp://DST/system %s\n' \
-            "$(jq -r .mode "$f")" "$copy" "$LAB_GUEST" "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
+            "$(jq -r .mode "$f")" "$copy" "$(jq -r 'if (.guests // 1) > 1 then "GUEST (\(.guests) at once)" else "'"$LAB_GUEST"'" end' "$f")" \
+            "$(jq -r '.migrate_args // [] | join(" ")' "$f" | sed -E 's/198\.18\.0\.[0-9]+/DST/g')"
     done
     echo
     printf "%-${first}s" ""

@@ -21,6 +21,17 @@ public sealed class LabFactAttribute : FactAttribute
     }
 }
 
+/// <summary>A lab integration test with data rows; skips and fails like <see cref="LabFactAttribute"/>.</summary>
+[AttributeUsage(AttributeTargets.Method)]
+public sealed class LabTheoryAttribute : TheoryAttribute
+{
+    /// <summary>Sets <see cref="FactAttribute.Skip"/> when the lab cannot run here and CI is not set.</summary>
+    public LabTheoryAttribute()
+    {
+        Skip = new LabFactAttribute().Skip;
+    }
+}
+
 /// <summary>One lab at a time: every lab test belongs to this collection, which never runs in parallel.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
 public sealed class LabCollection : ICollectionFixture<LabLease>
