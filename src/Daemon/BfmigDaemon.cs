@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Net;
 using System.Net.Sockets;
+using BFMig.Contracts;
 using BFMig.Daemon.Api;
 using BFMig.Daemon.Checkpoints;
 using BFMig.Daemon.Configuration;
@@ -29,12 +30,7 @@ namespace BFMig.Daemon;
 public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHost, IAsyncDisposable
 {
     /// <summary>Installed location of the transfer helper.</summary>
-    public const string DefaultHelper = "/usr/libexec/bfmig/bfmig-transfer";
-
-    // virDomainEventStoppedDetailType / virDomainEventResumedDetailType values for "migrated".
-    private const int StoppedMigrated = 3;
-    private const int ResumedMigrated = 1;
-    private const int StartedMigrated = 1;
+    public const string DefaultHelper = DefaultPaths.TransferHelper;
 
     private readonly DaemonOptions _options;
     private readonly ILogger _logger;
@@ -47,9 +43,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
-    private readonly Lock _stateQueueGate = new();
-    private Task _stateQueue = Task.CompletedTask;
-    private Task _sealQueue = Task.CompletedTask;
+    private readonly GuestSessions _sessions;
     private DBusConnection? _bus;
     private IDisposable? _export;
     private LibvirtWatcher? _libvirt;
@@ -87,7 +81,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _loggers = loggers;
         _logger = loggers.CreateLogger("bfmigd");
         _store = new GuestStateStore(options.StateDirectory);
-        _guard = new SplitBrainGuard(_store, options.HostName, _time);
+        _guard = new SplitBrainGuard(_store, _time);
+        _sessions = new GuestSessions(_store, _time, loggers.CreateLogger("bfmigd.guests"));
         _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
         _departures = new DepartureJoin(OnDeparted, _time);
@@ -249,10 +244,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
                 await _transfers.ShutdownAsync(TimeSpan.FromSeconds(_options.ShutdownGraceSeconds)).ConfigureAwait(false);
             await _stop.CancelAsync().ConfigureAwait(false);
             await Task.WhenAll(_libvirtTask, _peerTask, _transparent?.Running ?? Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
-            Task queue;
-            lock (_stateQueueGate)
-                queue = Task.WhenAll(_stateQueue, _sealQueue);
-            await queue.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+            await _sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
         }
         catch (Exception e) when (e is TimeoutException or OperationCanceledException)
         {
@@ -276,6 +268,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _sockets?.Reconcile(running);
         foreach (var (uuid, _) in running)
             RefreshDomainXml(uuid);
+        // Events may have been missed (a restart, a lost connection): libvirt's state settles pending trips.
+        if (_libvirt is { } libvirt)
+            _sessions.ReconcilePending(libvirt.GetState, uuid => _transfers?.IsBusy(uuid) == true);
     }
 
     void IGuestEvents.OnEvent(LibvirtDomainEvent domainEvent) => OnEvent(domainEvent);
@@ -290,6 +285,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         {
             case LibvirtLifecycleDomainEvent e:
                 DaemonLog.LifecycleEvent(_logger, name, domainEvent.DomainUuid, e.Event.ToString(), e.Detail);
+                var session = _sessions.Get(uuid, name);
                 switch (e.Event)
                 {
                     case LibvirtLifecycleEvent.Started or LibvirtLifecycleEvent.Resumed:
@@ -297,24 +293,33 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
                         RefreshDomainXml(uuid);
                         // Running here again: the image the last trip left behind is in use, never capture its identity now.
                         _departures.GuestRunning(uuid);
-                        if (e.Event == LibvirtLifecycleEvent.Resumed && e.Detail == ResumedMigrated)
+                        if (e.Is(LibvirtResumedDetail.Migrated))
                         {
-                            QueueLocation(uuid, name, away: false, _transfers?.LastIncomingPeer(uuid));
-                            QueueTripRecord(uuid, name, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
+                            // The destination runs the guest, or a source whose migration failed runs it again: here either way.
+                            session.Arrived(_transfers?.LastIncomingPeer(uuid));
+                            QueueTripRecord(session, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
                             _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
                         }
-                        if (e.Event == LibvirtLifecycleEvent.Started && e.Detail != StartedMigrated)
-                            QueueInvalidateIfAway(uuid, name);
-                        if (e.Event == LibvirtLifecycleEvent.Started && e.Detail == StartedMigrated)
+                        else if (!e.Is(LibvirtStartedDetail.Migrated))
+                        {
+                            session.RunsHere();
+                        }
+                        if (e.Event == LibvirtLifecycleEvent.Started && !e.Is(LibvirtStartedDetail.Migrated))
+                            QueueInvalidateIfAway(session);
+                        if (e.Is(LibvirtStartedDetail.Migrated))
                             _trips.IncomingStarted(uuid);
                         break;
                     case LibvirtLifecycleEvent.Stopped:
                         _sockets?.Remove(uuid);
                         _trips.GuestStopped(uuid);
-                        if (e.Detail == StoppedMigrated)
+                        if (e.Is(LibvirtStoppedDetail.Migrated))
                         {
-                            QueueLocation(uuid, name, away: true, _transfers?.LastOutgoingPeer(uuid));
+                            session.Departed(_transfers?.LastOutgoingPeer(uuid));
                             _departures.SourceStopped(uuid, name);
+                        }
+                        else
+                        {
+                            session.StoppedHere();
                         }
                         break;
                     case LibvirtLifecycleEvent.Undefined:
@@ -326,58 +331,6 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             case LibvirtJobCompletedDomainEvent j:
                 DaemonLog.JobCompleted(_logger, name, j.Statistics.Fields.Count);
                 break;
-        }
-    }
-
-    /// <summary>Records a departure or arrival off the event thread (it may wait for a helper's store lock).</summary>
-    private void QueueLocation(Guid uuid, string name, bool away, string? peer)
-    {
-        lock (_stateQueueGate)
-        {
-            _stateQueue = _stateQueue.ContinueWith(_ =>
-            {
-                var location = away ? "away" : "here";
-                try
-                {
-                    _store.SaveName(uuid, name);
-                    var state = _store.RecordLocation(uuid, away, peer, TimeSpan.FromSeconds(60));
-                    var peerText = away ? (state.Peer is null ? "" : $" at {state.Peer}") : (peer is null ? "" : $" (came from {peer})");
-                    DaemonLog.LocationRecorded(_logger, name, uuid.ToString("D"), location, peerText);
-                }
-                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                {
-                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), location, e.Message);
-                }
-            }, CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
-        }
-    }
-
-    /// <summary>
-    /// The sending helper records "away" when its stream ends, but QEMU may still fail the
-    /// migration after that (or the stream failed): then the guest keeps running here and must
-    /// not stay recorded as away, or the split-brain guard would refuse its next start here.
-    /// A successful migration stops the guest here (the Stopped/MIGRATED event records it); a
-    /// source still paused is finishing; a source running again has stayed.
-    /// </summary>
-    private async Task ConfirmDepartureAsync(Guid uuid, string name)
-    {
-        var deadline = DateTime.UtcNow + TimeSpan.FromMinutes(2);
-        try
-        {
-            while (DateTime.UtcNow < deadline)
-            {
-                await Task.Delay(TimeSpan.FromSeconds(3), _stop.Token).ConfigureAwait(false);
-                var state = _libvirt?.GetState(uuid);
-                if (state is null or LibvirtDomainState.Paused)
-                    continue;
-                if (state == LibvirtDomainState.Running && _transfers?.IsBusy(uuid) == false && _store.ReadState(uuid)?.Location == "away")
-                    QueueLocation(uuid, name, away: false, peer: null);
-                return;
-            }
-        }
-        catch (OperationCanceledException)
-        {
-            // Stopping: the next start reconciles nothing here, the record stays as the helper left it.
         }
     }
 
@@ -393,7 +346,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         var (uuid, name) = (departure.Uuid, departure.Name);
         var disks = _domainXml.Get(uuid, query: null) is { } xml ? DomainDisks.Describe(xml) : [];
         var verdicts = ImageCustody.Decide(disks, departure.Trip);
-        QueueTripRecord(uuid, name, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid)));
+        var session = _sessions.Get(uuid, name);
+        QueueTripRecord(session, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid)));
         var untouched = verdicts.Where(v => !v.Carried).ToList();
         bool tell;
         lock (_sharedDisksTold)
@@ -404,35 +358,21 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         var cleaned = _checkpoints?.OnDeparted(uuid, name, ImageCustody.CarriedImages(verdicts)) ?? Task.CompletedTask;
         if (maps.Count > 0)
         {
-            _ = cleaned.ContinueWith(_ => QueueSeal(uuid, name, maps), CancellationToken.None,
+            _ = cleaned.ContinueWith(_ => session.Enqueue(() => Seal(uuid, name, maps)), CancellationToken.None,
                 TaskContinuationOptions.None, TaskScheduler.Default);
         }
     }
 
-    private void QueueTripRecord(Guid uuid, string name, Func<TripRecord?> record) => Queue(() =>
+    private void QueueTripRecord(GuestSession session, Func<TripRecord?> record) => session.Enqueue(() =>
     {
-        try
-        {
-            if (record() is not { } r)
-                return;
-            DaemonLog.TripRecorded(_logger, name, uuid.ToString("D"), r.Direction, r.Summary, r.Peer.Length > 0 ? r.Peer : "?", r.Reason);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "trip record", e.Message);
-        }
+        if (record() is { } r)
+            DaemonLog.TripRecorded(_logger, session.Name, session.Uuid.ToString("D"), r.Direction, r.Summary, r.Peer.Length > 0 ? r.Peer : "?", r.Reason);
     });
 
     // ---- disk image identity (after a departure, only for carried disks) ----
 
-    // Own chain, not the location queue: that one may wait up to 60 s for a helper's store lock,
-    // and every second before the capture is a second in which a write to the image goes unseen.
-    private void QueueSeal(Guid uuid, string name, IReadOnlyList<string> maps)
-    {
-        lock (_stateQueueGate)
-            _sealQueue = _sealQueue.ContinueWith(_ => Seal(uuid, name, maps), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
-    }
-
+    // On the guest's session queue, which holds only short file writes: every second before the
+    // capture is a second in which a write to the image goes unseen.
     private void Seal(Guid uuid, string name, IReadOnlyList<string> maps)
     {
         foreach (var map in maps)
@@ -455,9 +395,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     /// retained image is being written by a forked copy, so no map of it may be trusted again.
     /// (The identity check would see most such writes; this does not depend on timestamps.)
     /// </summary>
-    private void QueueInvalidateIfAway(Guid uuid, string name) => Queue(() =>
+    private void QueueInvalidateIfAway(GuestSession session) => session.Enqueue(() =>
     {
-        if (_store.ReadState(uuid)?.Location != "away")
+        var (uuid, name) = (session.Uuid, session.Name);
+        if (_store.ReadLocation(uuid)?.Place != GuestPlace.Away)
             return;
         var dir = Path.Combine(_store.GuestDirectory(uuid), "disk");
         if (!Directory.Exists(dir))
@@ -476,18 +417,8 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         }
     });
 
-    private void Queue(Action action)
-    {
-        lock (_stateQueueGate)
-            _stateQueue = _stateQueue.ContinueWith(_ => action(), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
-    }
-
-    /// <summary>Completes when every location update queued so far is written.</summary>
-    public Task FlushStateAsync()
-    {
-        lock (_stateQueueGate)
-            return _stateQueue;
-    }
+    /// <summary>Completes when every state change queued so far (locations, trip records, seals) is written.</summary>
+    public Task FlushStateAsync() => _sessions.IdleAsync();
 
     // ---- data path ----
 
@@ -500,7 +431,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             return;
         }
         _checkpoints?.OnTripStarting(uuid, guest, peer);
-        StreamStarting(uuid, TransferDirection.Send, kind, TripRoute.Explicit);
+        StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Explicit);
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
     }
 
@@ -510,7 +441,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
     {
-        StreamStarting(uuid, TransferDirection.Send, kind, TripRoute.Transparent);
+        StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
         _checkpoints?.OnTripStarting(uuid, guest, peer);
         return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
     }
@@ -520,8 +451,9 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     /// before the trip ends. Explicit mode calls it for each connection on a socket; transparent
     /// mode calls it with <see cref="TripRoute.Transparent"/> for each redirected connection.
     /// </summary>
-    internal void StreamStarting(Guid uuid, TransferDirection direction, StreamKind kind, TripRoute route)
+    internal void StreamStarting(Guid uuid, string guest, string peer, TransferDirection direction, StreamKind kind, TripRoute route)
     {
+        _sessions.Get(uuid, guest).TripStarting(direction, peer);
         _trips.StreamStarted(uuid, direction, kind, route);
         if (direction == TransferDirection.Send)
             _departures.StreamStarted(uuid);
@@ -549,12 +481,13 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     /// The hook's own record of an incoming migration, left when it could not reach this daemon
     /// in time (restarting, or a loaded host past the hook's deadline): a root-written file in
     /// <c>RUNTIME/incoming/UUID</c> (root-owned directories, so neither a guest nor the QEMU user
-    /// writes there), valid for the hook's 5 minutes. Without it such a migration would fail here.
+    /// writes there), valid for <see cref="SplitBrainGuard.StreamWindow"/>. Without it such a migration would fail here.
     /// </summary>
     private bool HookMarkedIncoming(Guid uuid)
     {
-        var marker = new FileInfo(Path.Combine(_options.RuntimeDirectory, "incoming", uuid.ToString("D")));
-        return marker.Exists && marker.LinkTarget is null && _time.GetUtcNow() - marker.LastWriteTimeUtc <= TimeSpan.FromMinutes(5);
+        var path = DefaultPaths.IncomingMarker(_options.RuntimeDirectory, uuid);
+        return new[] { path, path + ".prepared" }.Select(p => new FileInfo(p))
+            .Any(m => m.Exists && m.LinkTarget is null && _time.GetUtcNow() - m.LastWriteTimeUtc <= SplitBrainGuard.StreamWindow);
     }
 
     private PeerRoute RoutePeer(RouteRequest hello)
@@ -598,7 +531,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
             connection.Dispose();
             return;
         }
-        StreamStarting(hello.Guest, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
+        StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
         _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
             hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame);
     }
@@ -621,12 +554,10 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
     {
         var first = outcomes[0];
-        if (first.Direction == TransferDirection.Send)
-        {
-            _ = ConfirmDepartureAsync(first.Uuid, first.Guest);
-            _departures.TripEnded(first.Uuid, first.Guest, outcomes);
-        }
         var ok = outcomes.All(o => o.Ok);
+        _sessions.Get(first.Uuid, first.Guest).TripEnded(first.Direction, ok, string.Join("; ", outcomes.Where(o => !o.Ok).Select(o => $"{o.Stream}: {o.Error}")));
+        if (first.Direction == TransferDirection.Send)
+            _departures.TripEnded(first.Uuid, first.Guest, outcomes);
         var message = string.Join("; ", outcomes.Select(o => o.Ok
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
             : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
