@@ -194,7 +194,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no
-    local kills=() downs=() spec
+    local kills=() downs=() unconfirmed=() spec
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -219,6 +219,7 @@ cmd_roundtrip() {
             --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
+            --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -316,6 +317,11 @@ cmd_roundtrip() {
             KILL_CHUNKS=$chunks
             kill_attempt "$mode" "$src" "$dst" "$spec"
             # Restarts whatever daemon the kill took and waits until both are ready again.
+            mode_call_optional "$mode" prepare "$src" "$dst"
+        fi
+        if [[ " ${unconfirmed[*]} " == *" $trip "* ]]; then
+            KILL_CHUNKS=$chunks
+            kill_unconfirmed_attempt "$mode" "$src" "$dst" "$trip"
             mode_call_optional "$mode" prepare "$src" "$dst"
         fi
         DOWN_JSON=null
