@@ -113,9 +113,9 @@ kill_location() {
 }
 
 # --kill-unconfirmed TRIP (bfmig modes): before trip TRIP's real attempt, one extra trip SRC -> DST
-# runs to its end, and both hosts' bfmigd are frozen (SIGSTOP) the moment the source's memory
-# stream helper has ended, i.e. between the trip's end and libvirt's confirmation of it
-# (Stopped/Migrated on the source, Resumed/Migrated on the destination), then SIGKILLed once
+# runs to its end with both hosts' bfmigd frozen (SIGSTOP) before libvirt's confirmation of it
+# (Stopped/Migrated on the source, Resumed/Migrated on the destination): the source's the moment
+# its memory stream helper has ended, the destination's once its helper runs (see below); SIGKILLed once
 # `virsh migrate` returned. The migration itself must succeed. Both location records must still
 # hold the trip as pending; restarted, the daemons must settle it against libvirt's real state
 # (source: away, destination: here); `virsh start` on the source must be refused; the guest's
@@ -133,11 +133,18 @@ kill_unconfirmed_attempt() {
     local migrate=$!
     helper=$(kill_wait_helper "$src" send "$migrate") ||
         { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${src^^} (migrate: $(tr '\n' ' ' < "$out"))"; }
-    # Until the helper has exited (a zombie its daemon has not reaped yet counts as exited).
+    # The destination's stream end and its Resumed/Migrated come within milliseconds of each
+    # other, too close to aim between from outside: its daemon is frozen as soon as its memory
+    # helper runs (it accepts no further connection for the trip; all it has left to see is the
+    # stream's end and the confirmation). The source's is frozen the moment its helper exited
+    # (a zombie its daemon has not reaped yet counts as exited): its Stopped/Migrated comes later.
+    kill_wait_helper "$dst" receive "$migrate" > /dev/null ||
+        { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${dst^^}"; }
+    kill -STOP "$pid_dst"
     while [[ $(awk '{print $3}' "/proc/$helper/stat" 2> /dev/null) =~ ^[^Z]$ ]]; do
         sleep 0.005
     done
-    kill -STOP "$pid_src" "$pid_dst"
+    kill -STOP "$pid_src"
     wait "$migrate" || rc=$?
     at_kill_src=$(kill_location "$src" "$uuid") at_kill_dst=$(kill_location "$dst" "$uuid")
     kill -KILL "$pid_src" "$pid_dst"
