@@ -52,8 +52,14 @@ public sealed record LocationRecord(GuestPlace Place, string Peer, DateTimeOffse
     /// <summary>The host the guest may run on when <see cref="MayRunElsewhere"/>.</summary>
     public string ElsewhereHost => Place == GuestPlace.Away ? Peer : PendingPeer;
 
-    /// <summary>"here" or "away", as the record and the bus API spell it.</summary>
-    public static string Spell(GuestPlace place) => place == GuestPlace.Away ? "away" : "here";
+    /// <summary><see cref="GuestPlace.Here"/> as the record, the bus API and the CLI spell it.</summary>
+    public const string HereText = "here";
+
+    /// <summary><see cref="GuestPlace.Away"/> as the record, the bus API and the CLI spell it.</summary>
+    public const string AwayText = "away";
+
+    /// <summary><see cref="HereText"/> or <see cref="AwayText"/>.</summary>
+    public static string Spell(GuestPlace place) => place == GuestPlace.Away ? AwayText : HereText;
 
     /// <summary>The record's JSON (camelCase, as the other state files).</summary>
     public byte[] ToJson()
@@ -100,10 +106,10 @@ public sealed record LocationRecord(GuestPlace Place, string Peer, DateTimeOffse
             GuestPlace place;
             switch (location)
             {
-                case "here":
+                case HereText:
                     place = GuestPlace.Here;
                     break;
-                case "away":
+                case AwayText:
                     place = GuestPlace.Away;
                     break;
                 default:

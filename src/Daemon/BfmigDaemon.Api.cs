@@ -69,7 +69,7 @@ public sealed partial class BfmigDaemon
     /// does not exist. The record itself stays (the retained state is still the peer's view).
     /// </summary>
     private string ListedLocation(GuestRecord r) =>
-        r.Location == "here" && _libvirt?.IsDefined(r.Uuid) == false ? "undefined" : r.Location;
+        r.Place?.Place == GuestPlace.Here && _libvirt?.IsDefined(r.Uuid) == false ? "undefined" : r.Location;
 
     /// <inheritdoc/>
     public IReadOnlyList<TripListing> ListTrips() =>

@@ -62,7 +62,8 @@ public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
                 _expectedStreams.TryRemove(gone, out _);
                 break;
         }
-        return refusal is null ? HookDecision.Allowed : new HookDecision(false, "bfmig: " + refusal, "");
+        // The hook prefixes what it prints with "bfmig: ".
+        return refusal is null ? HookDecision.Allowed : new HookDecision(false, refusal, "");
     }
 
     /// <summary>True while an incoming migration of the guest (UUID or name) is announced and not over.</summary>
