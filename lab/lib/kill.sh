@@ -102,3 +102,93 @@ kill_attempt() {
         '{what: $what, delay_seconds: $delay, migrate_failed: true, migrate_rc: $rc, migrate_error: $err,
           source_state: $src, destination_state: $dst, source_mismatches: $bad, attempt_seconds: $secs}')
 }
+
+# The lab guest's location record on host H (bfmigd's location.json) as "LOCATION PENDING",
+# e.g. "away none", "here departing"; "missing" when there is none.
+kill_location() {
+    local h=$1 uuid=$2 file
+    file=$(bfmig_dir "$h")/state/$uuid/location.json
+    [[ -f $file ]] || { echo missing; return 0; }
+    jq -r '"\(.location) \(.pending // "none")"' "$file"
+}
+
+# --kill-unconfirmed TRIP (bfmig modes): before trip TRIP's real attempt, one extra trip SRC -> DST
+# runs to its end with both hosts' bfmigd frozen (SIGSTOP) before libvirt's confirmation of it
+# (Stopped/Migrated on the source, Resumed/Migrated on the destination): the source's the moment
+# its memory stream helper has ended, the destination's once its helper runs (see below); SIGKILLed once
+# `virsh migrate` returned. The migration itself must succeed. Both location records must still
+# hold the trip as pending; restarted, the daemons must settle it against libvirt's real state
+# (source: away, destination: here); `virsh start` on the source must be refused; the guest's
+# data must verify on the destination, and the guest is migrated back (its return must be let in)
+# so that trip TRIP runs as usual. Fills KILL_JSON.
+kill_unconfirmed_attempt() {
+    local mode=$1 src=$2 dst=$3 trip=$4
+    [[ $mode == bfmig* ]] || die "--kill-unconfirmed needs --mode bfmig or bfmig-transparent"
+    local out=$LAB_VAR/work/unconfirmed-$trip.out helper rc=0 pid_src pid_dst uuid at_kill_src at_kill_dst
+    uuid=$(host_virsh "$src" domuuid "$LAB_GUEST" | head -n 1)
+    pid_src=$(host_pid "$src" bfmigd) pid_dst=$(host_pid "$dst" bfmigd)
+    log "$mode: trip $trip: extra trip ${src^^} -> ${dst^^} with both daemons killed between its end and libvirt's confirmation"
+    host_exec "$src" timeout 600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
+        "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" > "$out" 2>&1 &
+    local migrate=$!
+    helper=$(kill_wait_helper "$src" send "$migrate") ||
+        { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${src^^} (migrate: $(tr '\n' ' ' < "$out"))"; }
+    # The destination's stream end and its Resumed/Migrated come within milliseconds of each
+    # other, too close to aim between from outside: its daemon is frozen as soon as its memory
+    # helper runs (it accepts no further connection for the trip; all it has left to see is the
+    # stream's end and the confirmation). The source's is frozen the moment its helper exited
+    # (a zombie its daemon has not reaped yet counts as exited): its Stopped/Migrated comes later.
+    kill_wait_helper "$dst" receive "$migrate" > /dev/null ||
+        { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${dst^^}"; }
+    kill -STOP "$pid_dst"
+    while [[ $(awk '{print $3}' "/proc/$helper/stat" 2> /dev/null) =~ ^[^Z]$ ]]; do
+        sleep 0.005
+    done
+    kill -STOP "$pid_src"
+    wait "$migrate" || rc=$?
+    at_kill_src=$(kill_location "$src" "$uuid") at_kill_dst=$(kill_location "$dst" "$uuid")
+    kill -KILL "$pid_src" "$pid_dst"
+    for _ in $(seq 1 50); do pid_alive "$pid_src" || pid_alive "$pid_dst" || break; sleep 0.1; done
+    rm -f "$LAB_RUN/$src.bfmigd.pid" "$LAB_RUN/$dst.bfmigd.pid"
+    ((rc == 0)) || die "$mode: trip $trip: the extra trip failed (rc $rc): $(tail -n 1 "$out")"
+    log "$mode: trip $trip: daemons killed; records at the kill: ${src^^} '$at_kill_src', ${dst^^} '$at_kill_dst'"
+
+    # Restart both daemons (the mode's prepare starts what is not running and waits until ready).
+    mode_call_optional "$mode" prepare "$dst" "$src"
+    local settled_src settled_dst
+    for _ in $(seq 1 100); do
+        settled_src=$(kill_location "$src" "$uuid") settled_dst=$(kill_location "$dst" "$uuid")
+        [[ $settled_src == "away none" && $settled_dst == "here none" ]] && break
+        sleep 0.2
+    done
+    log "$mode: trip $trip: after the restart: ${src^^} '$settled_src', ${dst^^} '$settled_dst'"
+    local start_rc=0 start_out
+    start_out=$(host_virsh "$src" start "$LAB_GUEST" 2>&1) || start_rc=$?
+    log "$mode: trip $trip: virsh start on ${src^^}: rc $start_rc: $(tr '\n' ' ' <<< "$start_out")"
+    local dst_state bad
+    dst_state=$(host_virsh "$dst" domstate "$LAB_GUEST" 2> /dev/null | head -n 1 || true)
+    guest_verify "$dst" "$KILL_CHUNKS"
+    bad=$VERIFY_BAD
+
+    # Back to the source, so that the trip itself runs as planned.
+    local back_rc=0
+    "$(mode_fn "$mode" args)" "$dst" "$src"
+    mode_call_optional "$mode" prepare "$dst" "$src"
+    lab_migrate virsh "$dst" "$src" || back_rc=$?
+    mode_call_optional "$mode" cleanup "$dst" "$src"
+    "$(mode_fn "$mode" args)" "$src" "$dst"
+    ((back_rc == 0)) || die "$mode: trip $trip: the return to ${src^^} after the restart failed"
+    local back_src back_dst
+    for _ in $(seq 1 50); do
+        back_src=$(kill_location "$src" "$uuid") back_dst=$(kill_location "$dst" "$uuid")
+        [[ $back_src == "here none" && $back_dst == "away none" ]] && break
+        sleep 0.2
+    done
+    log "$mode: trip $trip: back on ${src^^}: ${src^^} '$back_src', ${dst^^} '$back_dst'"
+    KILL_JSON=$(jq -n --arg kill_src "$at_kill_src" --arg kill_dst "$at_kill_dst" --arg src "$settled_src" --arg dst "$settled_dst" \
+        --argjson start_rc "$start_rc" --arg start_out "$start_out" --arg dst_state "${dst_state:-none}" --argjson bad "$bad" \
+        --arg back_src "$back_src" --arg back_dst "$back_dst" \
+        '{what: "bfmigd-unconfirmed", migrate_failed: false, at_kill: {source: $kill_src, destination: $kill_dst},
+          after_restart: {source: $src, destination: $dst}, source_start_rc: $start_rc, source_start_output: $start_out,
+          destination_state: $dst_state, destination_mismatches: $bad, after_return: {source: $back_src, destination: $back_dst}}')
+}

@@ -194,7 +194,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() spec
+    local kills=() downs=() unconfirmed=() spec
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -222,6 +222,7 @@ cmd_roundtrip() {
             --copy-storage) [[ $2 =~ ^(all|inc)$ ]] || die "--copy-storage: all or inc"; copy_storage=$2 ;;
             --backing-top-mib) [[ $2 =~ ^[0-9]+$ ]] || die "--backing-top-mib: a number of MiB"; backing_top_mib=$2 ;;
             --guests) [[ $2 =~ ^[1-9]$ ]] || die "--guests: 1 to 9"; guests=$2 ;;
+            --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -341,6 +342,11 @@ cmd_roundtrip() {
             KILL_CHUNKS=$chunks
             kill_attempt "$mode" "$src" "$dst" "$spec"
             # Restarts whatever daemon the kill took and waits until both are ready again.
+            mode_call_optional "$mode" prepare "$src" "$dst"
+        fi
+        if [[ " ${unconfirmed[*]} " == *" $trip "* ]]; then
+            KILL_CHUNKS=$chunks
+            kill_unconfirmed_attempt "$mode" "$src" "$dst" "$trip"
             mode_call_optional "$mode" prepare "$src" "$dst"
         fi
         DOWN_JSON=null

@@ -1,4 +1,5 @@
 using System.Globalization;
+using BFMig.Contracts;
 
 namespace BFMig.Cli;
 
@@ -103,8 +104,8 @@ internal static class Commands
 
     private static string Where(RetainedGuest g) => g.Location switch
     {
-        "here" when g.Peer.Length > 0 => $"here (from {g.Peer})",
-        "away" => g.Peer.Length > 0 ? $"away at {g.Peer}" : "away",
+        LocationRecord.HereText when g.Peer.Length > 0 => $"{LocationRecord.HereText} (from {g.Peer})",
+        LocationRecord.AwayText => g.Peer.Length > 0 ? $"{LocationRecord.AwayText} at {g.Peer}" : LocationRecord.AwayText,
         _ => g.Location,
     };
 

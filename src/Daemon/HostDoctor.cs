@@ -86,7 +86,7 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt,
     {
         try
         {
-            var helper = BfmigDaemon.LocateHelper(options);
+            var helper = StartupChecks.LocateHelper(options);
             return (File.GetUnixFileMode(helper) & AnyExecute) == 0
                 ? new("transfer_helper", false, $"{helper} is not executable")
                 : new("transfer_helper", true, helper);

@@ -16,9 +16,6 @@ internal static class Hook
     public const string ObjectPath = BusContract.ObjectPath;
     public const string Interface = BusContract.Interface;
 
-    /// <summary>An incoming migration announces itself with "migrate begin" shortly before "prepare begin".</summary>
-    private static readonly TimeSpan IncomingMarkerLifetime = TimeSpan.FromMinutes(5);
-
     public static int Run(string[] args, TextReader stdin, TextWriter stdout, TextWriter stderr, HookSettings settings)
     {
         if (args.Length < 2)
@@ -40,13 +37,11 @@ internal static class Hook
             stderr.WriteLine($"bfmig: {message}");
             return 1;
         }
-        if (answer == DaemonAnswer.Unreachable)
+        // The hook keeps its own note of an incoming migration whether or not the daemon answered,
+        // so that a daemon that stops answering mid-migration does not turn the return trip away.
+        if (LocalGuard(settings, guest, op, subop, uuid, decide: answer == DaemonAnswer.Unreachable, stderr) != 0)
         {
-            int guard = LocalGuard(settings, guest, op, subop, uuid, stderr);
-            if (guard != 0)
-            {
-                return guard;
-            }
+            return 1;
         }
         if (op == "migrate")
         {
@@ -104,72 +99,43 @@ internal static class Hook
     }
 
     /// <summary>
-    /// The split-brain guard without the daemon: refuse "prepare begin" (start or incoming
-    /// migration) of a guest recorded as away, unless a "migrate begin" marked it as an incoming
-    /// migration moments ago (the return trip).
+    /// The split-brain rule (<see cref="SplitBrainRule"/>, the same the daemon applies) from local
+    /// state: the guest's location record and this hook's incoming-migration markers in
+    /// <c>RUN/incoming/</c>. Keeps the markers up to date on every call; refuses only when
+    /// <paramref name="decide"/> (the daemon did not answer).
     /// </summary>
-    private static int LocalGuard(HookSettings settings, string guest, string op, string subop, string? uuid, TextWriter stderr)
+    private static int LocalGuard(HookSettings settings, string guest, string op, string subop, string? uuid, bool decide, TextWriter stderr)
     {
-        if (uuid is null)
+        SplitBrainRule.Step step = SplitBrainRule.Classify(op, subop);
+        if (uuid is null || step == SplitBrainRule.Step.Other)
         {
             return 0;
         }
-        string marker = Path.Combine(settings.RunDirectory, "incoming", uuid);
-        if (op == "migrate" && subop == "begin")
+        var markers = new IncomingMarkers(settings.RunDirectory, Guid.Parse(uuid));
+        IncomingAnnouncement? before = markers.Read();
+        IncomingAnnouncement? announcement = before;
+        LocationRecord? record = null;
+        if (decide && step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start)
         {
-            TryWriteMarker(marker, stderr);
+            record = LocationRecord.Read(settings.StateDirectory, Guid.Parse(uuid), out string? problem);
+            if (problem is not null)
+            {
+                // A damaged record must not make a guest unstartable; say so loudly instead.
+                stderr.WriteLine($"bfmig: warning: {problem}; not applying the split-brain guard");
+            }
+        }
+        string? refusal = SplitBrainRule.Apply(guest, op, subop, record, ref announcement, settings.Now);
+        if (announcement != before)
+        {
+            markers.Write(announcement, stderr);
+        }
+        if (refusal is null)
+        {
             return 0;
         }
-        if (op != "prepare" || subop != "begin")
-        {
-            return 0;
-        }
-        GuestLocation? location = GuestLocation.Read(settings.StateDirectory, uuid, out string? problem);
-        if (problem is not null)
-        {
-            // A damaged record must not make a guest unstartable; say so loudly instead.
-            stderr.WriteLine($"bfmig: warning: {problem}; not applying the split-brain guard");
-        }
-        if (location is not { Away: true })
-        {
-            return 0;
-        }
-        if (File.Exists(marker) && DateTime.UtcNow - File.GetLastWriteTimeUtc(marker) < IncomingMarkerLifetime)
-        {
-            TryDelete(marker);
-            return 0;
-        }
-        string since = location.Since is { } t ? $" since {t.ToUniversalTime():u}" : "";
-        stderr.WriteLine($"bfmig: refusing to start guest '{guest}' ({uuid}): BFMig recorded that it runs on {location.Peer}{since} "
-            + "(bfmigd is not answering, so this comes from local state). Starting it here too would fork the guest and corrupt "
-            + $"its retained state. If it really no longer runs on {location.Peer}, drop the record with 'bfmig forget {guest}' "
-            + $"(or remove {Path.Combine(settings.StateDirectory, uuid)}) and retry.");
+        stderr.WriteLine($"bfmig: {refusal} (bfmigd is not answering, so this comes from local state; the record is "
+            + $"{DefaultPaths.LocationFile(settings.StateDirectory, Guid.Parse(uuid))}.)");
         return 1;
-    }
-
-    private static void TryWriteMarker(string marker, TextWriter stderr)
-    {
-        try
-        {
-            Directory.CreateDirectory(Path.GetDirectoryName(marker)!);
-            File.WriteAllText(marker, DateTime.UtcNow.ToString("O"));
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            stderr.WriteLine($"bfmig: warning: cannot mark incoming migration ({marker}): {e.Message}");
-        }
-    }
-
-    private static void TryDelete(string path)
-    {
-        try
-        {
-            File.Delete(path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            // A stale marker expires by itself.
-        }
     }
 
     /// <summary>The domain's top-level &lt;uuid&gt; (libvirt writes it before any nested element), or null.</summary>

@@ -108,7 +108,7 @@ public sealed class ApiAccessTests : IAsyncLifetime
     {
         var uuid = Guid.Parse(TestGuestUuid);
         _host.Daemon.Store.SaveName(uuid, "test");
-        _host.Daemon.Store.RecordLocation(uuid, away: false, "hostb", TimeSpan.FromSeconds(5));
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Here, "hostb", DateTimeOffset.UtcNow));
         // The guest arrived from hostb: Estimate now asks QEMU for the dirty rate since then.
         _ = _host.Daemon.Checkpoints!.OnArrived(uuid, "test", "hostb");
         await Tools.UntilAsync(() => _host.Daemon.Checkpoints.ArrivalOf(uuid) is not null, "the arrival to be recorded");

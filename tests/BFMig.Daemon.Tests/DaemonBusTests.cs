@@ -154,7 +154,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
         Assert.True(Hook("web1", "prepare", "begin", xml).Allow, "a guest BFMig knows nothing about starts as usual");
 
         _host.Daemon.Store.SaveName(uuid, "web1");
-        _host.Daemon.Store.RecordLocation(uuid, away: true, "hostb", TimeSpan.FromSeconds(5));
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Away, "hostb", DateTimeOffset.UtcNow));
         foreach (var op in new[] { "prepare", "start" })
         {
             var refused = Hook("web1", op, "begin", xml);
@@ -175,7 +175,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
         Assert.False(Hook("web1", "prepare", "begin", xml).Allow);
 
         // Back here: starting is fine again.
-        _host.Daemon.Store.RecordLocation(uuid, away: false, null, TimeSpan.FromSeconds(5));
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Here, "", DateTimeOffset.UtcNow));
         Assert.True(Hook("web1", "prepare", "begin", xml).Allow);
     }
 
@@ -184,8 +184,9 @@ public sealed class DaemonBusTests : IAsyncLifetime
     {
         var uuid = Guid.Parse("aaaaaaaa-2222-3333-4444-555555555555");
         _host.Daemon.Store.SaveName(uuid, "db1");
-        _host.Daemon.Store.RecordLocation(uuid, away: true, "hostb", TimeSpan.FromSeconds(5));
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Away, "hostb", DateTimeOffset.UtcNow));
         var dir = _host.Daemon.Store.GuestDirectory(uuid);
+        Directory.CreateDirectory(Path.Combine(dir, "mem"));
 
         var listed = Call("ListGuests", null, ReadGuests);
         Assert.Contains(listed, g => g.Uuid == uuid.ToString() && g.Name == "db1" && g.Location == "away" && g.Peer == "hostb");
@@ -275,7 +276,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
     {
         var uuid = Guid.Parse("bbbbbbbb-2222-3333-4444-555555555555");
         _host.Daemon.Store.SaveName(uuid, "app1");
-        _host.Daemon.Store.RecordLocation(uuid, away: false, "hostb", TimeSpan.FromSeconds(5));
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Here, "hostb", DateTimeOffset.UtcNow));
         var (disk, memory, stockDisk, stockMemory, basis) = Call("Estimate", w =>
         {
             w.WriteString("app1");

@@ -49,7 +49,6 @@ public class StoreTests
             Assert.Equal(7UL, s.State.Generation);
             Assert.Equal(digest, s.State.Digest);
             Assert.Equal(seed, s.State.Seed);
-            Assert.Equal("away", s.State.Location);
             Assert.Equal("hostB", s.State.Peer);
             Assert.Equal(digest, s.ComputeDigest());
             Assert.Equal(s.Hash(Content(3)), s.GetHash(0, 3));

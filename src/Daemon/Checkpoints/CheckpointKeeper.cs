@@ -29,7 +29,7 @@ public sealed record DiskDelta(ulong Bytes, string Basis);
 /// </list>
 /// Every step logs and never throws into the event path: a failure here costs the metadata, never the guest.
 /// </summary>
-public sealed class CheckpointKeeper
+public sealed partial class CheckpointKeeper
 {
     /// <summary>
     /// BFMig's rolling bitmap on every disk. libvirt refuses '/' in checkpoint names, so no
@@ -378,98 +378,6 @@ public sealed class CheckpointKeeper
     }
 
     // ---- estimates ----
-
-    /// <summary>
-    /// Bytes written to the guest's disks since it arrived from <paramref name="peer"/>, from the
-    /// rolling bitmaps' dirty counts (QEMU's counters; the disk is not read). Null when the guest
-    /// is not tracked for that peer, with the reason.
-    /// </summary>
-    public DiskDelta? DiskSinceArrival(Guid uuid, string peer, out string reason)
-    {
-        reason = "";
-        if (_arrivals.GetValueOrDefault(uuid) is not { } arrival)
-        {
-            reason = "no rolling bitmap (the guest did not arrive by migration since bfmigd started)";
-            return null;
-        }
-        if (arrival.Peer != peer)
-        {
-            reason = $"the rolling bitmap counts since the arrival from {arrival.Peer ?? "an unknown host"}, not from {peer}";
-            return null;
-        }
-        try
-        {
-            using var domain = _openDomain(uuid);
-            if (domain is null || !domain.IsActive)
-            {
-                reason = "the guest does not run here";
-                return null;
-            }
-            var devices = TryQueryBlock(domain);
-            ulong bytes = 0;
-            var parts = new List<string>();
-            foreach (var disk in GuestDisk.FromDomainXml(domain.GetXmlDesc()))
-            {
-                var bitmap = QemuBlockDevice.ForAlias(devices, disk.Alias)?.Bitmaps.FirstOrDefault(b => b.Name == RollingBitmap);
-                if (bitmap is null)
-                {
-                    reason = $"disk {disk.Target} has no rolling bitmap";
-                    return null;
-                }
-                bytes += bitmap.Count;
-                parts.Add($"{disk.Target} {bitmap.Count}");
-            }
-            var since = (long)(_time.GetUtcNow() - arrival.At).TotalSeconds;
-            return new DiskDelta(bytes, $"disk: rolling bitmap {RollingBitmap} since the arrival from {peer} {since} s ago: {string.Join(", ", parts)} bytes written");
-        }
-        catch (Exception e) when (e is LibvirtException or CheckpointSetException or JsonException or KeyNotFoundException or InvalidOperationException)
-        {
-            reason = e.Message;
-            return null;
-        }
-    }
-
-    /// <summary>The running guest's memory size, null when it does not run here or libvirt cannot tell.</summary>
-    public ulong? MemoryBytes(Guid uuid)
-    {
-        try
-        {
-            using var domain = _openDomain(uuid);
-            return domain is null || !domain.IsActive ? null : GuestMemory.FromDomainXml(domain.GetXmlDesc());
-        }
-        catch (Exception e) when (e is LibvirtException or System.Xml.XmlException)
-        {
-            return null;
-        }
-    }
-
-    /// <summary>
-    /// QEMU's page-sampling dirty rate of the guest's memory in MiB/s (<c>calc-dirty-rate</c> over
-    /// one second, then <c>query-dirty-rate</c>), null when it cannot be measured.
-    /// </summary>
-    public async Task<double?> MeasureDirtyRateAsync(Guid uuid, CancellationToken ct)
-    {
-        try
-        {
-            using var domain = _openDomain(uuid);
-            if (domain is null || !domain.IsActive)
-                return null;
-            _qemuMonitor(domain, """{"execute":"calc-dirty-rate","arguments":{"calc-time":1}}""");
-            for (int i = 0; i < 20; i++)
-            {
-                await Task.Delay(TimeSpan.FromMilliseconds(i == 0 ? 1100 : 250), _time, ct).ConfigureAwait(false);
-                using var reply = JsonDocument.Parse(_qemuMonitor(domain, """{"execute":"query-dirty-rate"}"""));
-                var result = reply.RootElement.GetProperty("return");
-                if (result.GetProperty("status").GetString() == "measured")
-                    return result.TryGetProperty("dirty-rate", out var rate) ? rate.GetDouble() : null;
-            }
-            return null;
-        }
-        catch (Exception e) when (e is LibvirtException or JsonException or KeyNotFoundException or InvalidOperationException)
-        {
-            return null;
-        }
-    }
 }
 
 /// <summary>What the last arrival did, written to <c>STATE/UUID/checkpoints/status.json</c>.</summary>

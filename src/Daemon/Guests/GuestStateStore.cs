@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text.Json.Serialization;
 using System.Text.Json;
+using BFMig.Contracts;
 using BFMig.Native.Linux;
 using BFMig.Transfer.Disk;
 using BFMig.Transfer.Memory;
@@ -12,21 +13,23 @@ namespace BFMig.Daemon.Guests;
 /// <param name="Uuid">The guest's UUID (the directory name).</param>
 /// <param name="Name">The guest's name as last seen, or "" if never seen by this daemon.</param>
 /// <param name="State">The transfer store's <c>mem/state.json</c>, null when there is none yet.</param>
+/// <param name="Place">The location record (<c>location.json</c>), null when there is none.</param>
 /// <param name="MemoryBytes">Retained memory (the sum of the RAM blocks in <c>mem/blocks.json</c>).</param>
 /// <param name="DiskBytes">Retained disk: the virtual size of every disk block map in <c>disk/*.map</c>.</param>
-public sealed record GuestRecord(Guid Uuid, string Name, StoreState? State, ulong MemoryBytes, ulong DiskBytes)
+public sealed record GuestRecord(Guid Uuid, string Name, StoreState? State, LocationRecord? Place, ulong MemoryBytes, ulong DiskBytes)
 {
-    /// <summary>"here", "away" or "unknown" (no state file).</summary>
-    public string Location => State?.Location ?? "unknown";
+    /// <summary>"here", "away" or "unknown" (no location record).</summary>
+    public string Location => Place is { } p ? LocationRecord.Spell(p.Place) : "unknown";
 }
 
 /// <summary>
 /// The per-guest state directories under <c>state_dir</c>, shared with bfmig-transfer so that
 /// there is one source of truth. Per guest <c>STATE_DIR/UUID/</c>:
 /// <list type="bullet">
-/// <item><c>mem/state.json</c>: the transfer store's <see cref="StoreState"/>. The helpers write it at the
-/// end of each memory stream; the daemon rewrites only <c>location</c>, <c>peer</c> and <c>since</c>
-/// when libvirt reports a departure or an arrival, holding <c>mem/lock</c> as the helpers do.</item>
+/// <item><c>location.json</c>: where the guest runs (<see cref="LocationRecord"/>), written only by
+/// the guest's <see cref="GuestSession"/>.</item>
+/// <item><c>mem/state.json</c>: the transfer store's <see cref="StoreState"/>, written by the helpers
+/// at the end of each memory stream and only read here.</item>
 /// <item><c>name</c>: the guest's name (one line, daemon only), for listings and for
 /// <c>bfmig forget NAME</c> after the guest left.</item>
 /// <item><c>mem/blocks.json</c>, <c>mem/*.pages|hash</c>, <c>disk/*.map</c>: read for sizes and estimates.</item>
@@ -52,7 +55,32 @@ public sealed class GuestStateStore
         var dir = GuestDirectory(uuid);
         if (!Directory.Exists(dir))
             return null;
-        return new GuestRecord(uuid, ReadName(dir), ReadState(uuid), MemoryBytes(dir), DiskBytes(dir));
+        return new GuestRecord(uuid, ReadName(dir), ReadState(uuid), ReadLocation(uuid), MemoryBytes(dir), DiskBytes(dir));
+    }
+
+    /// <summary>Every guest with a state directory.</summary>
+    public IEnumerable<Guid> Uuids()
+    {
+        if (!Directory.Exists(_root))
+            yield break;
+        foreach (var dir in Directory.EnumerateDirectories(_root))
+        {
+            if (Guid.TryParseExact(Path.GetFileName(dir), "D", out var uuid))
+                yield return uuid;
+        }
+    }
+
+    /// <summary>The guest's location record; null when there is none or it cannot be read (then nothing is known).</summary>
+    public LocationRecord? ReadLocation(Guid uuid) => LocationRecord.Read(_root, uuid, out _);
+
+    /// <summary>
+    /// Writes the guest's location record (atomically). Only a <see cref="GuestSession"/> calls this
+    /// (and tests setting a scene): it is the record's one writer.
+    /// </summary>
+    public void WriteLocation(Guid uuid, LocationRecord record)
+    {
+        Directory.CreateDirectory(GuestDirectory(uuid), UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        DurableFile.WriteAtomically(DefaultPaths.LocationFile(_root, uuid), record.ToJson());
     }
 
     /// <summary>Every retained guest, ordered by name then UUID.</summary>
@@ -104,35 +132,6 @@ public sealed class GuestStateStore
     }
 
     /// <summary>
-    /// Records where the guest is: <paramref name="away"/> at <paramref name="peer"/>, or here
-    /// (<paramref name="peer"/> then names where it came from, null to keep the recorded one).
-    /// Creates the state file when the guest has none (a first trip, or one made without BFMig),
-    /// with a fresh random page-hash seed as the helper would. Waits up to
-    /// <paramref name="lockTimeout"/> for a helper still holding the store's lock.
-    /// </summary>
-    public StoreState RecordLocation(Guid uuid, bool away, string? peer, TimeSpan lockTimeout)
-    {
-        var mem = Path.Combine(GuestDirectory(uuid), "mem");
-        Directory.CreateDirectory(mem, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
-        using var guard = Lock(mem, lockTimeout);
-        var state = ReadState(uuid) ?? new StoreState
-        {
-            Seed = BitConverter.ToUInt64(System.Security.Cryptography.RandomNumberGenerator.GetBytes(8)),
-            Digest = "",
-            Location = "here",
-            Since = DateTimeOffset.UtcNow,
-        };
-        var location = away ? "away" : "here";
-        if (state.Location != location)
-            state.Since = DateTimeOffset.UtcNow;
-        state.Location = location;
-        if (peer is not null)
-            state.Peer = peer;
-        DurableFile.WriteAtomically(StatePath(uuid), JsonSerializer.SerializeToUtf8Bytes(state, DaemonStateJsonContext.Default.StoreState));
-        return state;
-    }
-
-    /// <summary>
     /// Deletes everything retained for the guest. Takes the store's lock first, so a helper that is
     /// using it makes this fail (<see cref="IOException"/>) rather than lose its files mid-trip.
     /// </summary>
@@ -147,7 +146,7 @@ public sealed class GuestStateStore
         var doomed = Path.Combine(_root, $".forget-{uuid:D}-{Environment.TickCount64}");
         if (Directory.Exists(mem))
         {
-            using var guard = Lock(mem, TimeSpan.Zero);
+            using var guard = Lock(mem);
             Directory.Move(dir, doomed);
         }
         else
@@ -157,24 +156,16 @@ public sealed class GuestStateStore
         Directory.Delete(doomed, recursive: true);
     }
 
-    private static FileStream Lock(string mem, TimeSpan timeout)
+    private static FileStream Lock(string mem)
     {
-        var deadline = DateTime.UtcNow + timeout;
-        while (true)
+        try
         {
-            try
-            {
-                // FileShare.None is an exclusive flock, the lock MemoryStore takes in the helper.
-                return new FileStream(Path.Combine(mem, "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
-            }
-            catch (IOException) when (DateTime.UtcNow < deadline)
-            {
-                Thread.Sleep(100);
-            }
-            catch (IOException e)
-            {
-                throw new IOException($"the store {mem} is in use by a transfer helper", e);
-            }
+            // FileShare.None is an exclusive flock, the lock MemoryStore takes in the helper.
+            return new FileStream(Path.Combine(mem, "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException e)
+        {
+            throw new IOException($"the store {mem} is in use by a transfer helper", e);
         }
     }
 

@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Xml;
+using BFMig.Contracts;
 
 namespace BFMig.Daemon.Guests;
 
@@ -13,17 +14,12 @@ public sealed record HookDecision(bool Allow, string Message, string XmlOut)
 }
 
 /// <summary>
-/// Refuses to start a guest on this host while BFMig knows it runs on a peer: after
-/// <c>virsh migrate --persistent</c> without <c>--undefinesource</c> the definition stays here,
-/// and booting it would fork the guest and corrupt what this host retained. An incoming
-/// migration of the guest is told apart by the <c>migrate begin</c> hook libvirt runs on the
-/// destination just before <c>prepare</c>: it is remembered for <see cref="IncomingWindow"/>.
+/// The daemon's side of <see cref="SplitBrainRule"/> (the hook applies the same rule when the
+/// daemon does not answer): the announced incoming migrations live here, the location record in
+/// the store. Also remembers which incoming streams the peer port may take.
 /// </summary>
-public sealed class SplitBrainGuard(GuestStateStore store, string hostName, TimeProvider time)
+public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
 {
-    /// <summary>How long a <c>migrate begin</c> lets a following prepare/start through.</summary>
-    public static readonly TimeSpan IncomingWindow = TimeSpan.FromMinutes(2);
-
     /// <summary>
     /// How long after the hook announced an incoming migration (<c>migrate begin</c> or
     /// <c>prepare begin</c>) the peer port takes a first stream of that guest. Streams that
@@ -32,7 +28,7 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
     /// </summary>
     public static readonly TimeSpan StreamWindow = TimeSpan.FromMinutes(5);
 
-    private readonly ConcurrentDictionary<string, DateTimeOffset> _incoming = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, IncomingAnnouncement> _incoming = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<Guid, DateTimeOffset> _expectedStreams = new();
 
     /// <summary>Raised when the hook announces an incoming migration (guest name).</summary>
@@ -42,35 +38,37 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
     public HookDecision Decide(string guest, string operation, string subOperation, string domainXml)
     {
         var key = KeyOf(guest, domainXml);
-        switch (operation)
+        var step = SplitBrainRule.Classify(operation, subOperation);
+        if (step == SplitBrainRule.Step.Other)
+            return HookDecision.Allowed;
+        IncomingAnnouncement? announcement = _incoming.TryGetValue(key, out var known) ? known : null;
+        var record = step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start && Guid.TryParse(key, out var uuid) ? store.ReadLocation(uuid) : null;
+        var refusal = SplitBrainRule.Apply(guest, operation, subOperation, record, ref announcement, time.GetUtcNow());
+        if (announcement is { } next)
+            _incoming[key] = next;
+        else
+            _incoming.TryRemove(key, out _);
+        switch (step)
         {
-            case "migrate" when subOperation == "begin":
-                _incoming[key] = time.GetUtcNow();
+            case SplitBrainRule.Step.Announce:
                 ExpectStreams(key);
                 IncomingMigrationAnnounced?.Invoke(guest);
-                return HookDecision.Allowed;
-            case "prepare" or "start" when subOperation == "begin":
-                var decision = CheckStart(guest, key, operation);
-                if (decision.Allow && operation == "prepare")
-                    ExpectStreams(key);
-                return decision;
-            case "started":
-                // The incoming QEMU runs (paused): its streams connect only now, so they stay expected.
-                _incoming.TryRemove(key, out _);
-                return HookDecision.Allowed;
-            case "release" or "stopped":
-                _incoming.TryRemove(key, out _);
-                if (Guid.TryParse(key, out var gone))
-                    _expectedStreams.TryRemove(gone, out _);
-                return HookDecision.Allowed;
-            default:
-                return HookDecision.Allowed;
+                break;
+            case SplitBrainRule.Step.Prepare when refusal is null:
+                ExpectStreams(key);
+                break;
+            // "started": the incoming QEMU runs (paused), its streams connect only now, so they stay expected.
+            case SplitBrainRule.Step.End when operation is "release" or "stopped" && Guid.TryParse(key, out var gone):
+                _expectedStreams.TryRemove(gone, out _);
+                break;
         }
+        // The hook prefixes what it prints with "bfmig: ".
+        return refusal is null ? HookDecision.Allowed : new HookDecision(false, refusal, "");
     }
 
     /// <summary>True while an incoming migration of the guest (UUID or name) is announced and not over.</summary>
     public bool IsIncoming(string key) =>
-        _incoming.TryGetValue(key, out var since) && time.GetUtcNow() - since <= IncomingWindow;
+        _incoming.TryGetValue(key, out var a) && time.GetUtcNow() - a.At <= SplitBrainRule.IncomingWindow;
 
     /// <summary>
     /// True while this host's own hook announced an incoming migration of the guest within
@@ -83,23 +81,6 @@ public sealed class SplitBrainGuard(GuestStateStore store, string hostName, Time
     {
         if (Guid.TryParse(key, out var uuid))
             _expectedStreams[uuid] = time.GetUtcNow();
-    }
-
-    private HookDecision CheckStart(string guest, string key, string operation)
-    {
-        if (IsIncoming(key))
-            return HookDecision.Allowed;
-        if (!Guid.TryParse(key, out var uuid))
-            return HookDecision.Allowed;
-        var state = store.ReadState(uuid);
-        if (state is null || state.Location != "away" || state.Peer == hostName)
-            return HookDecision.Allowed;
-        var where = string.IsNullOrEmpty(state.Peer) ? "another host" : $"host {state.Peer}";
-        var since = state.Since == default ? "" : $" since {state.Since.UtcDateTime:yyyy-MM-dd HH:mm:ss} UTC";
-        return new HookDecision(false,
-            $"bfmig: refusing to {operation} guest {guest}: it migrated to {where} and runs there{since}. Starting it here too " +
-            $"would fork it and corrupt its retained state. If it really is no longer running on {where}, run " +
-            $"`bfmig forget {guest}` on this host, then start it again.", "");
     }
 
     /// <summary>The guest's UUID from the domain XML (the hook's stdin), or its name when the XML has none.</summary>

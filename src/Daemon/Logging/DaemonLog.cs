@@ -115,6 +115,12 @@ internal static partial class DaemonLog
     [LoggerMessage(61, LogLevel.Error, "guest {Guest} ({Uuid}): cannot record location {Location}: {Reason}")]
     public static partial void LocationFailed(ILogger logger, string guest, string uuid, string location, string reason);
 
+    [LoggerMessage(68, LogLevel.Information, "guest {Guest} ({Uuid}): {Trip} {Peer} pending until libvirt confirms it")]
+    public static partial void TripPending(ILogger logger, string guest, string uuid, string trip, string peer);
+
+    [LoggerMessage(69, LogLevel.Warning, "guest {Guest} ({Uuid}): {Trip} {Peer} did not happen ({Why}); it stays {Location}")]
+    public static partial void TripRolledBack(ILogger logger, string guest, string uuid, string trip, string peer, string why, string location);
+
     [LoggerMessage(62, LogLevel.Warning, "forgot everything retained for guest {Guest} ({Uuid})")]
     public static partial void Forgotten(ILogger logger, string guest, string uuid);
 

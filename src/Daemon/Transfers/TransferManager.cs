@@ -14,46 +14,13 @@ using Microsoft.Extensions.Logging;
 
 namespace BFMig.Daemon.Transfers;
 
-/// <summary>Which way a stream goes.</summary>
-public enum TransferDirection
-{
-    /// <summary>From the local QEMU to a peer (this host is the source).</summary>
-    Send,
-
-    /// <summary>From a peer to the local QEMU (this host is the destination).</summary>
-    Receive,
-}
-
-/// <summary>One stream's outcome, as the helper reported it.</summary>
-/// <param name="Guest">Guest name.</param>
-/// <param name="Uuid">Guest UUID.</param>
-/// <param name="Peer">The other host.</param>
-/// <param name="Stream">"memory" or "disk".</param>
-/// <param name="Direction">Send or receive.</param>
-/// <param name="ExitCode">The helper's exit code (0 = done).</param>
-/// <param name="Error">The helper's one-line error, null when it succeeded.</param>
-/// <param name="Stats">The helper's statistics, when it wrote them.</param>
-public sealed record TransferOutcome(string Guest, Guid Uuid, string Peer, string Stream, TransferDirection Direction, int ExitCode, string? Error, TransferStats? Stats)
-{
-    public bool Ok => ExitCode == 0;
-}
-
-/// <summary>Live counters of one running stream (from the helper's <c>--progress-fd</c>).</summary>
-/// <param name="Guest">Guest name.</param>
-/// <param name="Uuid">Guest UUID.</param>
-/// <param name="Peer">The other host.</param>
-/// <param name="Stream">"memory", or the disk's target device ("vda"), "disk" while unknown.</param>
-/// <param name="Direction">Send or receive.</param>
-/// <param name="Progress">The helper's report.</param>
-public sealed record StreamProgress(string Guest, Guid Uuid, string Peer, string Stream, TransferDirection Direction, TransferProgress Progress);
-
 /// <summary>
 /// Runs one <c>bfmig-transfer</c> process per migration stream, with the stream's socket in the
 /// child's descriptor 3, and at most <see cref="DaemonOptions.MaxTransfers"/> at once. Reports
 /// each stream (<see cref="StreamFinished"/>) and each trip, i.e. when the last stream of a guest
 /// in one direction ended (<see cref="TripFinished"/>).
 /// </summary>
-public sealed class TransferManager
+public sealed partial class TransferManager
 {
     private const int HelperFd = 3;
     private const int ProgressFd = 4;
@@ -325,34 +292,6 @@ public sealed class TransferManager
         running.Child.Signal(9);
     }
 
-    private async Task ReadProgressAsync(Running running, AnonymousPipeServerStream pipe)
-    {
-        using var reader = new StreamReader(pipe);
-        try
-        {
-            // A helper sends a line twice a second: a longer line is not one of its reports.
-            while (await reader.ReadLineAsync().ConfigureAwait(false) is { } line)
-            {
-                if (line.Length > 4096 || TransferProgress.TryParse(line) is not { } report)
-                    continue;
-                if (!running.Authenticated)
-                {
-                    if (!report.Authenticated)
-                        continue;
-                    OnAuthenticated(running);
-                }
-                var stream = running.Kind == StreamKind.Mig ? StreamName(running.Kind)
-                    : running.Disks.FirstOrDefault(d => report.Export is { } e && d.ExportNames.Contains(e))?.Target ?? StreamName(running.Kind);
-                var progress = new StreamProgress(running.Guest, running.Uuid, running.Peer, stream, running.Direction, report);
-                Raise(() => Progressed?.Invoke(progress));
-            }
-        }
-        catch (IOException)
-        {
-            // The helper's end is gone; its exit is reported by the watcher.
-        }
-    }
-
     private async Task WatchAsync(Running running)
     {
         int code;
@@ -443,18 +382,6 @@ public sealed class TransferManager
         await Task.WhenAny(Task.WhenAll(watchers), Task.Delay(TimeSpan.FromSeconds(5))).ConfigureAwait(false);
     }
 
-    private static TransferStats? ReadStats(string path)
-    {
-        try
-        {
-            return File.Exists(path) ? JsonSerializer.Deserialize(File.ReadAllBytes(path), DaemonStatsJsonContext.Default.TransferStats) : null;
-        }
-        catch (Exception e) when (e is IOException or JsonException)
-        {
-            return null;
-        }
-    }
-
     private static void TryDelete(string path)
     {
         try
@@ -507,8 +434,3 @@ public sealed class TransferManager
         public List<TransferOutcome> Outcomes { get; } = [];
     }
 }
-
-/// <summary>Reads the helper's <c>--stats</c> JSON with the conventions it writes it with.</summary>
-[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase)]
-[JsonSerializable(typeof(TransferStats))]
-internal sealed partial class DaemonStatsJsonContext : JsonSerializerContext;

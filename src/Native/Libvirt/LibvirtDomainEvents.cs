@@ -8,7 +8,17 @@ public abstract record LibvirtDomainEvent(string DomainName, string DomainUuid);
 
 /// <summary>VIR_DOMAIN_EVENT_ID_LIFECYCLE. <paramref name="Detail"/> is the per-event virDomainEvent*DetailType value.</summary>
 public sealed record LibvirtLifecycleDomainEvent(string DomainName, string DomainUuid, LibvirtLifecycleEvent Event, int Detail)
-    : LibvirtDomainEvent(DomainName, DomainUuid);
+    : LibvirtDomainEvent(DomainName, DomainUuid)
+{
+    /// <summary>True for Started with <paramref name="detail"/>.</summary>
+    public bool Is(LibvirtStartedDetail detail) => Event == LibvirtLifecycleEvent.Started && Detail == (int)detail;
+
+    /// <summary>True for Resumed with <paramref name="detail"/>.</summary>
+    public bool Is(LibvirtResumedDetail detail) => Event == LibvirtLifecycleEvent.Resumed && Detail == (int)detail;
+
+    /// <summary>True for Stopped with <paramref name="detail"/>.</summary>
+    public bool Is(LibvirtStoppedDetail detail) => Event == LibvirtLifecycleEvent.Stopped && Detail == (int)detail;
+}
 
 /// <summary>VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION: a new pass over guest memory started.</summary>
 public sealed record LibvirtMigrationIterationDomainEvent(string DomainName, string DomainUuid, int Iteration)

@@ -164,3 +164,36 @@ public enum LibvirtLifecycleEvent
     PmSuspended = 7,
     Crashed = 8,
 }
+
+/// <summary>virDomainEventStartedDetailType: why a guest started.</summary>
+public enum LibvirtStartedDetail
+{
+    Booted = 0,
+    Migrated = 1,
+    Restored = 2,
+    FromSnapshot = 3,
+    Wakeup = 4,
+    Recreated = 5,
+}
+
+/// <summary>virDomainEventResumedDetailType: why a guest resumed (Migrated: on the destination, or a source whose migration failed).</summary>
+public enum LibvirtResumedDetail
+{
+    Unpaused = 0,
+    Migrated = 1,
+    FromSnapshot = 2,
+    PostCopy = 3,
+    PostCopyFailed = 4,
+}
+
+/// <summary>virDomainEventStoppedDetailType: why a guest stopped.</summary>
+public enum LibvirtStoppedDetail
+{
+    Shutdown = 0,
+    Destroyed = 1,
+    Crashed = 2,
+    Migrated = 3,
+    Saved = 4,
+    Failed = 5,
+    FromSnapshot = 6,
+}

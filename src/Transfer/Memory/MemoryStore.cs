@@ -302,8 +302,10 @@ public sealed partial class MemoryStore : IDisposable
     }
 
     /// <summary>
-    /// Ends a trip: makes data and index durable, records generation/digest/location, then clears
-    /// the in-flux mark. Returns the digest.
+    /// Ends a trip: makes data and index durable, records generation and digest, then clears
+    /// the in-flux mark. Returns the digest. Where the guest runs is not recorded here: bfmigd owns
+    /// that record (location.json) and decides it when libvirt confirms the trip, so
+    /// <paramref name="away"/> is ignored (kept until the callers move).
     /// </summary>
     public string Commit(ulong generation, string? peer, bool away, bool snapshotComplete)
     {
@@ -312,9 +314,6 @@ public sealed partial class MemoryStore : IDisposable
         State.Generation = generation;
         State.Peer = peer;
         State.Digest = ComputeDigest();
-        string location = away ? "away" : "here";
-        if (State.Location != location) State.Since = DateTimeOffset.UtcNow;
-        State.Location = location;
         State.SnapshotComplete = snapshotComplete;
         DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
         File.Delete(Path.Combine(_dir, InfluxName));

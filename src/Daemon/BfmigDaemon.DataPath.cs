@@ -1,0 +1,189 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Contracts;
+using BFMig.Daemon.Api;
+using BFMig.Daemon.Checkpoints;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Guests;
+using BFMig.Daemon.Logging;
+using BFMig.Daemon.Sockets;
+using BFMig.Daemon.Transfers;
+using BFMig.Daemon.Transparent;
+using BFMig.Native;
+using BFMig.Native.DBus;
+using BFMig.Native.Libvirt;
+using BFMig.Native.Linux;
+using BFMig.Transfer;
+using BFMig.Transfer.Store;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon;
+
+/// <summary>bfmigd's data path: QEMU and peer connections handed to helpers, and what their reports mean.</summary>
+public sealed partial class BfmigDaemon
+{
+    // ---- data path ----
+
+    private void OnQemuConnected(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket connection)
+    {
+        if (_dataPathOff is { } why)
+        {
+            DaemonLog.TransferRefused(_logger, TransferManager.KindArg(kind), guest, why);
+            connection.Dispose();
+            return;
+        }
+        _checkpoints?.OnTripStarting(uuid, guest, peer);
+        StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Explicit);
+        _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));
+    }
+
+    IReadOnlyCollection<(Guid Uuid, string Name)> ITransparentHost.RunningGuests() => _sockets?.Guests ?? [];
+
+    bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
+
+    bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
+    {
+        StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
+        _checkpoints?.OnTripStarting(uuid, guest, peer);
+        return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
+    }
+
+    /// <summary>
+    /// A stream of the guest's trip reached BFMig: the trip record and the departure join must know
+    /// before the trip ends. Explicit mode calls it for each connection on a socket; transparent
+    /// mode calls it with <see cref="TripRoute.Transparent"/> for each redirected connection.
+    /// </summary>
+    internal void StreamStarting(Guid uuid, string guest, string peer, TransferDirection direction, StreamKind kind, TripRoute route)
+    {
+        _sessions.Get(uuid, guest).TripStarting(direction, peer);
+        _trips.StreamStarted(uuid, direction, kind, route);
+        if (direction == TransferDirection.Send)
+            _departures.StreamStarted(uuid);
+    }
+
+    /// <summary>
+    /// The file-backed disks of the guest as libvirt has them now: on the source the images the
+    /// mirror reads, on the destination (the incoming domain) the ones it writes into.
+    /// </summary>
+    private IReadOnlyList<DomainDisk> DisksOf(Guid uuid, StreamKind kind) =>
+        kind == StreamKind.Nbd && _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainDisks.Parse(xml) : [];
+
+    /// <summary>The incoming domain's memory (0 when its XML is unknown): the most RAM its sender may declare.</summary>
+    private long MemoryOf(Guid uuid) =>
+        _domainXml.Get(uuid, _libvirt is { } l ? l.GetXml : null) is { } xml ? DomainMemory.MaxBytes(xml) : 0;
+
+    /// <summary>Reads the guest's live XML into the cache in the background (never on a stream's path).</summary>
+    private void RefreshDomainXml(Guid uuid)
+    {
+        if (_libvirt is { } libvirt)
+            _domainXml.RefreshInBackground(uuid, libvirt.GetXml);
+    }
+
+    /// <summary>
+    /// The hook's own record of an incoming migration, left when it could not reach this daemon
+    /// in time (restarting, or a loaded host past the hook's deadline): a root-written file in
+    /// <c>RUNTIME/incoming/UUID</c> (root-owned directories, so neither a guest nor the QEMU user
+    /// writes there), valid for <see cref="SplitBrainGuard.StreamWindow"/>. Without it such a migration would fail here.
+    /// </summary>
+    private bool HookMarkedIncoming(Guid uuid)
+    {
+        var path = DefaultPaths.IncomingMarker(_options.RuntimeDirectory, uuid);
+        return new[] { path, path + ".prepared" }.Select(p => new FileInfo(p))
+            .Any(m => m.Exists && m.LinkTarget is null && _time.GetUtcNow() - m.LastWriteTimeUtc <= SplitBrainGuard.StreamWindow);
+    }
+
+    private PeerRoute RoutePeer(RouteRequest hello)
+    {
+        if (!_options.Peers.Any(p => p.Name == hello.SenderName))
+            return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
+        // Checked before anything costs more than a lookup: only a migration this host's own hook announced
+        // (or one whose authenticated streams already run) gets a helper, a store or a checkpoint exchange.
+        if (!_guard.ExpectsStreams(hello.Guest) && _transfers?.IsReceiving(hello.Guest) != true && !HookMarkedIncoming(hello.Guest))
+            return new PeerRoute(null, $"no incoming migration of guest {hello.Guest:D} is expected here (this host's hook has not announced one)");
+        var name = _libvirt?.LookupName(hello.Guest);
+        if (name is null)
+            return new PeerRoute(null, $"no guest {hello.Guest:D} here (the migration's prepare step has not run, or libvirt is unreachable)");
+        return new PeerRoute(name, "");
+    }
+
+    private void AcceptPeer(RouteRequest hello, string guest, Socket connection)
+    {
+        if (hello.Kind == StreamKind.Control)
+        {
+            if (_checkpoints is { } keeper)
+                _ = keeper.ServeAsync(connection);
+            else
+                connection.Dispose();
+            return;
+        }
+        string local;
+        if (hello.TargetPort == 0)
+        {
+            local = "unix:" + Path.Combine(_options.RuntimeDirectory, _options.HostName, guest + (hello.Kind == StreamKind.Mig ? ".mig" : ".nbd"));
+        }
+        else if (new QemuProcesses(_options.QemuPidDirectory).GuestListener(guest, hello.TargetPort) is { } listener)
+        {
+            local = ProcNet.ConnectArgument(ProcNet.ConnectableAddress(listener));
+        }
+        else
+        {
+            // Never take the peer's word for a local port: only the incoming guest's own QEMU listener.
+            DaemonLog.TransparentTargetRefused(_logger, TransferManager.KindArg(hello.Kind), guest, hello.SenderName, hello.TargetPort,
+                "the guest's QEMU does not listen on that port");
+            connection.Dispose();
+            return;
+        }
+        StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
+        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
+            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame);
+    }
+
+    // The helper reports about twice a second and once at its end: the signal follows each report.
+    private void OnProgress(StreamProgress p)
+    {
+        var sent = (ulong)Math.Max(0, p.Progress.WireBytes);
+        var saved = (ulong)Math.Max(0, p.Progress.LocalBytes - p.Progress.WireBytes);
+        EmitSignal("TransferProgress", w =>
+        {
+            w.WriteString(p.Guest);
+            w.WriteString(p.Peer);
+            w.WriteString(p.Stream);
+            w.WriteUInt64(sent);
+            w.WriteUInt64(saved);
+        });
+    }
+
+    private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
+    {
+        var first = outcomes[0];
+        var ok = outcomes.All(o => o.Ok);
+        _sessions.Get(first.Uuid, first.Guest).TripEnded(first.Direction, ok, string.Join("; ", outcomes.Where(o => !o.Ok).Select(o => $"{o.Stream}: {o.Error}")));
+        if (first.Direction == TransferDirection.Send)
+            _departures.TripEnded(first.Uuid, first.Guest, outcomes);
+        var message = string.Join("; ", outcomes.Select(o => o.Ok
+            ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
+            : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
+        EmitSignal("TransferFinished", w =>
+        {
+            w.WriteString(first.Guest);
+            w.WriteString(first.Peer);
+            w.WriteBool(ok);
+            w.WriteString(message);
+        });
+    }
+
+    private void EmitSignal(string member, Action<DBusMessageWriter> write)
+    {
+        try
+        {
+            _bus?.EmitSignal(ManagerApi.ObjectPath, ManagerApi.InterfaceName, member, write);
+        }
+        catch (Exception e) when (e is DBusException or ObjectDisposedException)
+        {
+            DaemonLog.MethodFailed(_logger, member, e.Message);
+        }
+    }
+}

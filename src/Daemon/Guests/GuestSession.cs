@@ -1,0 +1,213 @@
+using BFMig.Contracts;
+using BFMig.Daemon.Logging;
+using BFMig.Daemon.Transfers;
+using BFMig.Native.Libvirt;
+using Microsoft.Extensions.Logging;
+
+namespace BFMig.Daemon.Guests;
+
+/// <summary>
+/// The one owner of a guest's location record (<see cref="LocationRecord"/>) and of the order in
+/// which its state changes: every change runs on this session's serialized queue, so two events of
+/// one guest never interleave and no lock on the record is needed (the helpers never write it).
+/// <para>
+/// A trip is recorded as pending when its first stream starts; libvirt decides how it ends:
+/// Stopped/Migrated here confirms a departure, Resumed/Migrated here confirms an arrival. A trip
+/// whose streams failed, a source that runs again, or an incoming QEMU that stopped rolls the
+/// pending trip back. A pending trip found after a restart is settled against libvirt's real state
+/// (<see cref="Reconcile"/>). Until then the split-brain rule treats a pending departure as
+/// possibly elsewhere, which never lets two copies run.
+/// </para>
+/// </summary>
+public sealed class GuestSession
+{
+    private readonly GuestStateStore _store;
+    private readonly TimeProvider _time;
+    private readonly ILogger _logger;
+    private readonly Lock _gate = new();
+    private Task _tail = Task.CompletedTask;
+
+    internal GuestSession(Guid uuid, string name, GuestStateStore store, TimeProvider time, ILogger logger)
+    {
+        Uuid = uuid;
+        Name = name;
+        _store = store;
+        _time = time;
+        _logger = logger;
+    }
+
+    /// <summary>The guest's UUID.</summary>
+    public Guid Uuid { get; }
+
+    /// <summary>The guest's name as last seen.</summary>
+    public string Name { get; private set; }
+
+    private string Id => Uuid.ToString("D");
+
+    /// <summary>Completes when everything queued so far has run.</summary>
+    public Task Idle
+    {
+        get
+        {
+            lock (_gate)
+                return _tail;
+        }
+    }
+
+    /// <summary>Runs <paramref name="work"/> after everything queued before it (never on the caller's thread).</summary>
+    public Task Enqueue(Action work)
+    {
+        lock (_gate)
+        {
+            _tail = _tail.ContinueWith(_ => Run(work), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+            return _tail;
+        }
+    }
+
+    private void Run(Action work)
+    {
+        try
+        {
+            work();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            DaemonLog.LocationFailed(_logger, Name, Id, "state", e.Message);
+        }
+    }
+
+    internal void Rename(string name)
+    {
+        if (name.Length > 0)
+            Name = name;
+    }
+
+    /// <summary>A stream of a trip started: the trip is pending from now on (until libvirt confirms or the trip fails).</summary>
+    public void TripStarting(TransferDirection direction, string peer) => Enqueue(() =>
+    {
+        var pending = direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving;
+        var record = _store.ReadLocation(Uuid);
+        if (record is not null && record.Pending == pending && record.PendingPeer == peer)
+            return;
+        // No record yet: a departing guest runs here; an arriving one runs at the sender until it has arrived.
+        record ??= direction == TransferDirection.Send
+            ? new LocationRecord(GuestPlace.Here, "", _time.GetUtcNow())
+            : new LocationRecord(GuestPlace.Away, peer, _time.GetUtcNow());
+        Write(record with { Pending = pending, PendingPeer = peer });
+        DaemonLog.TripPending(_logger, Name, Id, pending == PendingTrip.Departing ? "departure to" : "arrival from", peer);
+    });
+
+    /// <summary>
+    /// The trip's last stream ended. A failed trip is rolled back now (QEMU fails the migration
+    /// without its stream); a successful one stays pending until libvirt says how the migration ended.
+    /// </summary>
+    public void TripEnded(TransferDirection direction, bool ok, string why)
+    {
+        if (!ok)
+            RollBack(direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving, why);
+    }
+
+    /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated) from <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
+    public void Arrived(string? peer) => Enqueue(() =>
+    {
+        var record = _store.ReadLocation(Uuid);
+        var from = peer ?? (record is { Pending: PendingTrip.Arriving } ? record.PendingPeer : record?.Peer ?? "");
+        Settle(GuestPlace.Here, from, record);
+    });
+
+    /// <summary>Libvirt confirmed the guest left (Stopped/Migrated) for <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
+    public void Departed(string? peer) => Enqueue(() =>
+    {
+        var record = _store.ReadLocation(Uuid);
+        var to = peer ?? (record is { Pending: PendingTrip.Departing } ? record.PendingPeer : record?.Peer ?? "");
+        Settle(GuestPlace.Away, to, record);
+    });
+
+    /// <summary>The guest runs here again other than by an arrival (Resumed, or started): a pending departure did not happen.</summary>
+    public void RunsHere() => RollBack(PendingTrip.Departing, "the guest runs here again");
+
+    /// <summary>The guest stopped here other than by a departure: a pending arrival did not happen (the incoming QEMU ended).</summary>
+    public void StoppedHere() => RollBack(PendingTrip.Arriving, "the incoming guest stopped here");
+
+    /// <summary>
+    /// Settles a pending trip against libvirt's state of the guest here (after a restart or a
+    /// reconnect, events may have been missed). Running: it is here. Not running: it is not.
+    /// Paused (a migration's last phase) or unknown (libvirt unreachable): the events will tell.
+    /// </summary>
+    public void Reconcile(LibvirtDomainState? state) => Enqueue(() =>
+    {
+        if (_store.ReadLocation(Uuid) is not { Pending: not PendingTrip.None } record || state is null or LibvirtDomainState.Paused)
+            return;
+        var runs = state is LibvirtDomainState.Running or LibvirtDomainState.Blocked;
+        switch (record.Pending, runs)
+        {
+            case (PendingTrip.Arriving, true):
+                Settle(GuestPlace.Here, record.PendingPeer, record);
+                break;
+            case (PendingTrip.Departing, false):
+                Settle(GuestPlace.Away, record.PendingPeer, record);
+                break;
+            default:
+                RollBackNow(record, "libvirt's state after a restart: " + state);
+                break;
+        }
+    });
+
+    private void Settle(GuestPlace place, string peer, LocationRecord? record)
+    {
+        var now = _time.GetUtcNow();
+        var since = record is not null && record.Place == place ? record.Since : now;
+        Write(new LocationRecord(place, peer, since));
+        var peerText = place == GuestPlace.Away ? (peer.Length == 0 ? "" : $" at {peer}") : (peer.Length == 0 ? "" : $" (came from {peer})");
+        DaemonLog.LocationRecorded(_logger, Name, Id, LocationRecord.Spell(place), peerText);
+    }
+
+    private void RollBack(PendingTrip trip, string why) => Enqueue(() =>
+    {
+        if (_store.ReadLocation(Uuid) is { } record && record.Pending == trip)
+            RollBackNow(record, why);
+    });
+
+    private void RollBackNow(LocationRecord record, string why)
+    {
+        Write(record with { Pending = PendingTrip.None, PendingPeer = "" });
+        DaemonLog.TripRolledBack(_logger, Name, Id, record.Pending == PendingTrip.Departing ? "departure to" : "arrival from", record.PendingPeer, why,
+            LocationRecord.Spell(record.Place) + (record.Place == GuestPlace.Away && record.Peer.Length > 0 ? " at " + record.Peer : ""));
+    }
+
+    private void Write(LocationRecord record)
+    {
+        _store.SaveName(Uuid, Name);
+        _store.WriteLocation(Uuid, record);
+    }
+}
+
+/// <summary>The daemon's <see cref="GuestSession"/>s, one per guest UUID, created on first use.</summary>
+public sealed class GuestSessions(GuestStateStore store, TimeProvider time, ILogger logger)
+{
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<Guid, GuestSession> _sessions = new();
+
+    /// <summary>The guest's session (its name is updated when <paramref name="name"/> is known).</summary>
+    public GuestSession Get(Guid uuid, string name = "")
+    {
+        var session = _sessions.GetOrAdd(uuid, u => new GuestSession(u, name.Length > 0 ? name : store.Read(u)?.Name ?? "", store, time, logger));
+        session.Rename(name);
+        return session;
+    }
+
+    /// <summary>Completes when everything queued so far on every session has run.</summary>
+    public Task IdleAsync() => Task.WhenAll(_sessions.Values.Select(s => s.Idle));
+
+    /// <summary>
+    /// Settles every pending trip against libvirt (<see cref="GuestSession.Reconcile"/>), except for
+    /// guests whose streams still run (their trip is not over).
+    /// </summary>
+    public void ReconcilePending(Func<Guid, LibvirtDomainState?> state, Func<Guid, bool> busy)
+    {
+        foreach (var uuid in store.Uuids())
+        {
+            if (!busy(uuid) && store.ReadLocation(uuid) is { Pending: not PendingTrip.None })
+                Get(uuid).Reconcile(state(uuid));
+        }
+    }
+}

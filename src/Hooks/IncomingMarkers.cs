@@ -1,0 +1,59 @@
+using BFMig.Contracts;
+
+namespace BFMig.Hooks;
+
+/// <summary>
+/// The hook's own record of an <see cref="IncomingAnnouncement"/>, for when bfmigd does not answer:
+/// <c>RUN/incoming/UUID</c> while announced, <c>RUN/incoming/UUID.prepared</c> once it let a prepare
+/// through; the file's modification time is the announcement's. Root-owned directories: neither a
+/// guest nor the QEMU user can plant one. bfmigd also reads them (a peer's streams are let in).
+/// </summary>
+internal sealed class IncomingMarkers(string runDirectory, Guid uuid)
+{
+    private readonly string _announced = DefaultPaths.IncomingMarker(runDirectory, uuid);
+    private string Prepared => _announced + ".prepared";
+
+    public IncomingAnnouncement? Read()
+    {
+        if (File.Exists(Prepared))
+        {
+            return new IncomingAnnouncement(File.GetLastWriteTimeUtc(Prepared), Prepared: true);
+        }
+        return File.Exists(_announced) ? new IncomingAnnouncement(File.GetLastWriteTimeUtc(_announced), Prepared: false) : null;
+    }
+
+    public void Write(IncomingAnnouncement? announcement, TextWriter stderr)
+    {
+        try
+        {
+            switch (announcement)
+            {
+                case null:
+                    File.Delete(_announced);
+                    File.Delete(Prepared);
+                    break;
+                case { Prepared: false } a:
+                    Directory.CreateDirectory(Path.GetDirectoryName(_announced)!);
+                    File.Delete(Prepared);
+                    Touch(_announced, a.At);
+                    break;
+                case { } a:
+                    Directory.CreateDirectory(Path.GetDirectoryName(_announced)!);
+                    Touch(Prepared, a.At);
+                    File.Delete(_announced);
+                    break;
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // Without the marker the local rule refuses the return trip while bfmigd is down: say why.
+            stderr.WriteLine($"bfmig: warning: cannot update the incoming-migration marker {_announced}: {e.Message}");
+        }
+    }
+
+    private static void Touch(string path, DateTimeOffset at)
+    {
+        File.WriteAllText(path, at.ToString("O"));
+        File.SetLastWriteTimeUtc(path, at.UtcDateTime);
+    }
+}
