@@ -11,7 +11,6 @@ using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
 using BFMig.Native;
-using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 using BFMig.Transfer.Engine;
@@ -50,8 +49,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     private readonly Lock _stateQueueGate = new();
     private Task _stateQueue = Task.CompletedTask;
     private Task _sealQueue = Task.CompletedTask;
-    private DBusConnection? _bus;
-    private IDisposable? _export;
+    private DaemonBus? _bus;
     private LibvirtWatcher? _libvirt;
     private Task _libvirtTask = Task.CompletedTask;
     private MigrationSockets? _sockets;
@@ -152,18 +150,14 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         _transfers.Progressed += OnProgress;
         _transfers.TripFinished += OnTripFinished;
 
-        _bus = _options.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
-        _bus.Disconnected += e =>
-        {
-            DaemonLog.BusLost(_logger, e.Message);
-            _ = StopAsync("D-Bus connection lost");
-        };
         var api = new ManagerApi(this, _loggers.CreateLogger("bfmigd.api"), admins,
             new CallRateLimit(ManagerApi.EstimatesPerMinute, TimeSpan.FromMinutes(1), _time),
             new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time));
-        _export = _bus.Export(api.CreateObject());
-        _bus.RequestName(ManagerApi.BusName);
-        _bus.StartProcessing();
+        _bus = DaemonBus.Open(_options.BusAddress, api, _loggers.CreateLogger("bfmigd.api"), reason =>
+        {
+            DaemonLog.BusLost(_logger, reason);
+            _ = StopAsync("D-Bus connection lost");
+        });
         DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
 
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
@@ -260,7 +254,6 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         }
         finally
         {
-            _export?.Dispose();
             _bus?.Dispose();
             DaemonLog.Stopped(_logger);
             _stopped.TrySetResult();
@@ -608,14 +601,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
     {
         var sent = (ulong)Math.Max(0, p.Progress.WireBytes);
         var saved = (ulong)Math.Max(0, p.Progress.LocalBytes - p.Progress.WireBytes);
-        EmitSignal("TransferProgress", w =>
-        {
-            w.WriteString(p.Guest);
-            w.WriteString(p.Peer);
-            w.WriteString(p.Stream);
-            w.WriteUInt64(sent);
-            w.WriteUInt64(saved);
-        });
+        _bus?.TransferProgress(p.Guest, p.Peer, p.Stream, sent, saved);
     }
 
     private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
@@ -630,25 +616,7 @@ public sealed class BfmigDaemon : IGuestEvents, IManagerService, ITransparentHos
         var message = string.Join("; ", outcomes.Select(o => o.Ok
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
             : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
-        EmitSignal("TransferFinished", w =>
-        {
-            w.WriteString(first.Guest);
-            w.WriteString(first.Peer);
-            w.WriteBool(ok);
-            w.WriteString(message);
-        });
-    }
-
-    private void EmitSignal(string member, Action<DBusMessageWriter> write)
-    {
-        try
-        {
-            _bus?.EmitSignal(ManagerApi.ObjectPath, ManagerApi.InterfaceName, member, write);
-        }
-        catch (Exception e) when (e is DBusException or ObjectDisposedException)
-        {
-            DaemonLog.MethodFailed(_logger, member, e.Message);
-        }
+        _bus?.TransferFinished(first.Guest, first.Peer, ok, message);
     }
 
     // ---- D-Bus methods ----
