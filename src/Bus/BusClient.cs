@@ -40,11 +40,27 @@ public sealed class BusClient : IDisposable
             await connection.ConnectAsync().AsTask().WaitAsync(timeout).ConfigureAwait(false);
             return new BusClient(connection, address);
         }
+        catch (Exception e) when (e is DBusConnectionException or System.Net.Sockets.SocketException && MissingSocket(resolved) is { } path)
+        {
+            connection.Dispose();
+            // .NET reports a unix socket path that does not exist as "Cannot assign requested address".
+            throw new DBusConnectFailedException($"{path}: No such file or directory", e);
+        }
         catch
         {
             connection.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The path of a <c>unix:path=</c> address whose socket file does not exist, else null.</summary>
+    private static string? MissingSocket(string address)
+    {
+        const string Prefix = "unix:path=";
+        if (!address.StartsWith(Prefix, StringComparison.Ordinal))
+            return null;
+        string path = address[Prefix.Length..].Split([',', ';'])[0];
+        return File.Exists(path) ? null : path;
     }
 
     /// <summary>Calls a method and waits for its reply (at most <paramref name="timeout"/>).</summary>

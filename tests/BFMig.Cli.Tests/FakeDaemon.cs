@@ -89,6 +89,11 @@ public sealed class FakeDaemon : IDisposable
     /// <summary>Answers a Manager method from the contract, or org.bfmig.Test.Kick; false for anything else.</summary>
     private bool Serve(MethodContext call)
     {
+        if (call.IsDBusIntrospectRequest)
+        {
+            call.ReplyIntrospectXml([ContractMethod.InterfaceXml()]);
+            return true;
+        }
         Message request = call.Request;
         if (request.InterfaceAsString == TestInterface && request.MemberAsString == "Kick")
         {
@@ -239,6 +244,16 @@ public sealed record FakeGuest(string Uuid, string Name, string Location, string
 /// <summary>A method or signal of src/Daemon/org.bfmig.BFMig1.xml.</summary>
 public sealed record ContractMethod(string Name, bool IsSignal, string InSignature, string OutSignature, string[] InNames, string[] OutNames)
 {
+    /// <summary>The Manager interface element of the contract, as the fake's introspection data.</summary>
+    public static ReadOnlyMemory<byte> InterfaceXml()
+    {
+        string text = System.Text.RegularExpressions.Regex.Replace(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "org.bfmig.BFMig1.xml")),
+            "<!--.*?-->", "", System.Text.RegularExpressions.RegexOptions.Singleline);
+        int start = text.IndexOf("<interface ", StringComparison.Ordinal);
+        int end = text.IndexOf("</interface>", start, StringComparison.Ordinal) + "</interface>".Length;
+        return System.Text.Encoding.UTF8.GetBytes(text[start..end]);
+    }
+
     public static IReadOnlyDictionary<string, ContractMethod> Load()
     {
         // Comments are dropped before parsing: the contract's comments quote virsh flags ("--migrateuri"),
