@@ -27,7 +27,7 @@ public sealed class FakeDaemon : IDisposable
         Contract = ContractMethod.Load();
         _connection = TestBus.Open(busAddress);
         _connection.Connection.AddMethodHandler(new TestObject(ObjectPath, Serve));
-        _connection.Connection.RequestNameAsync(BusName, RequestNameOptions.None).Wait(TestBus.Timeout);
+        _connection.RequestName(BusName);
     }
 
     /// <summary>Methods and signals of the contract by name.</summary>

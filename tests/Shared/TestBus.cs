@@ -29,6 +29,10 @@ public static class TestBus
 
     public static BusClient Open(string address) => BusClient.Connect(address, Timeout);
 
+    /// <summary>Takes a well-known name (refused if another connection owns it).</summary>
+    public static void RequestName(this BusClient client, string name) =>
+        client.Connection.RequestNameAsync(name, RequestNameOptions.None).WaitAsync(Timeout).GetAwaiter().GetResult();
+
     /// <summary>Calls a method of bfmigd's Manager interface.</summary>
     public static T CallManager<T>(this BusClient client, string member, string signature, BodyWriter? write, MessageValueReader<T> read) =>
         client.Call(BusContract.BusName, BusContract.ObjectPath, BusContract.Interface, member, signature, write, read, Timeout);

@@ -163,7 +163,7 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
                     return true;
             }
         }));
-        daemon.Connection.RequestNameAsync(Hook.BusName, RequestNameOptions.None).Wait(TestBus.Timeout);
+        daemon.RequestName(Hook.BusName);
         var settings = Settings(_bus.Address, TimeSpan.FromMilliseconds(500));
 
         var (code, stdout, _) = Run(settings, "g1", "migrate", "begin", "-");
