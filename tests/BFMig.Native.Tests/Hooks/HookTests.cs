@@ -164,7 +164,10 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
             }
         }));
         daemon.RequestName(Hook.BusName);
-        var settings = Settings(_bus.Address, TimeSpan.FromMilliseconds(500));
+        // In this test process the first call also JIT-compiles the bus client (the installed hook is
+        // native AOT): the answered calls get room for that; the unanswered one has the short deadline.
+        var settings = Settings(_bus.Address, TimeSpan.FromSeconds(5));
+        var impatient = Settings(_bus.Address, TimeSpan.FromMilliseconds(500));
 
         var (code, stdout, _) = Run(settings, "g1", "migrate", "begin", "-");
         Assert.Equal(0, code);
@@ -178,7 +181,7 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         Assert.Equal(0, Run(settings, "g1", "release", "end", "-").Code);
 
         var started = DateTime.UtcNow;
-        Assert.Equal(0, Run(settings, "g1", "stopped", "end", "-").Code);
+        Assert.Equal(0, Run(impatient, "g1", "stopped", "end", "-").Code);
         Assert.InRange(DateTime.UtcNow - started, TimeSpan.FromMilliseconds(400), TimeSpan.FromSeconds(5));
 
         lock (calls)
