@@ -3,9 +3,9 @@ using System.Runtime.InteropServices;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Native;
-using Tmds.DBus.Protocol;
 using BFMig.Native.Systemd;
 using Microsoft.Extensions.Logging;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Daemon;
 
