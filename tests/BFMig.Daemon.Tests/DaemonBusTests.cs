@@ -8,7 +8,7 @@ using BFMig.Native.Libvirt;
 namespace BFMig.Daemon.Tests;
 
 /// <summary>
-/// The daemon's D-Bus API on a private dbus-daemon, called through the native sd-bus client and
+/// The daemon's D-Bus API on a private dbus-daemon, called through the Tmds.DBus.Protocol client and
 /// through busctl/dbus-send as independent clients (and as uid 65534 through setpriv).
 /// </summary>
 public sealed class DaemonBusTests : IAsyncLifetime
