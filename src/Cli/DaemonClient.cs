@@ -1,5 +1,6 @@
+using BFMig.Bus;
 using BFMig.Contracts;
-using BFMig.Native.DBus;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Cli;
 
@@ -20,18 +21,15 @@ internal sealed class DaemonClient : IDisposable
     // PrepareMigration may have to create sockets and reach the peer; Estimate reads bitmaps.
     private static readonly TimeSpan SlowTimeout = TimeSpan.FromSeconds(120);
 
-    private readonly string? _address;
+    private readonly BusClient _bus;
 
-    private DaemonClient(DBusConnection connection, string? address)
-    {
-        Connection = connection;
-        _address = address;
-    }
+    private DaemonClient(BusClient bus) => _bus = bus;
 
-    public DBusConnection Connection { get; }
+    /// <summary>The Tmds connection (signal subscriptions).</summary>
+    public DBusConnection Connection => _bus.Connection;
 
     /// <summary>Where the bus is, for messages: the address, or "the system bus".</summary>
-    public string BusDescription => _address is null ? "the system bus" : $"the bus at {_address}";
+    public string BusDescription => _bus.Address is null ? "the system bus" : $"the bus at {_bus.Address}";
 
     /// <summary>The address to use: the option, else <see cref="BusAddressVariable"/>, else null (system bus).</summary>
     public static string? ResolveAddress(string? option)
@@ -49,69 +47,78 @@ internal sealed class DaemonClient : IDisposable
     {
         try
         {
-            DBusConnection connection = address is null ? DBusConnection.OpenSystem() : DBusConnection.Open(address);
-            return new DaemonClient(connection, address);
+            return new DaemonClient(BusClient.Connect(address, QuickTimeout));
         }
-        catch (DBusException e)
+        catch (Exception e) when (e is DBusExceptionBase or TimeoutException)
         {
             string where = address is null ? "the system bus" : $"the bus at {address}";
-            throw new CommandFailedException($"cannot connect to {where}: {e.ErrorMessage}", e);
+            throw new CommandFailedException($"cannot connect to {where}: {e.Message}", e);
         }
     }
 
     public Dictionary<string, object> GetStatus() =>
-        Call("GetStatus", null, static r => r.ReadVariantDictionary(), QuickTimeout);
+        Call("GetStatus", "", null, static (m, _) =>
+        {
+            Reader r = m.GetBodyReader();
+            return Variants.ReadDictionary(ref r);
+        }, QuickTimeout);
 
     public IReadOnlyList<RetainedGuest> ListGuests() =>
-        Call("ListGuests", null, RetainedGuest.ReadArray, QuickTimeout);
+        Call("ListGuests", "", null, static (m, _) => RetainedGuest.ReadArray(m), QuickTimeout);
 
     /// <summary>Each guest's last trip; empty from a daemon older than ListTrips.</summary>
     public IReadOnlyList<LastTrip> ListTrips()
     {
         try
         {
-            return Call("ListTrips", null, LastTrip.ReadArray, QuickTimeout);
+            return Call("ListTrips", "", null, static (m, _) => LastTrip.ReadArray(m), QuickTimeout);
         }
-        catch (CommandFailedException e) when (e.InnerException is DBusException { ErrorName: DBusErrorNames.UnknownMethod })
+        catch (CommandFailedException e) when (e.InnerException is DBusErrorReplyException { ErrorName: BusErrorNames.UnknownMethod })
         {
             return [];
         }
     }
 
     public void Forget(string guest) =>
-        Call("Forget", w => w.WriteString(guest), static _ => true, QuickTimeout);
+        Call("Forget", "s", (ref MessageWriter w) => w.WriteString(guest), static (_, _) => true, QuickTimeout);
 
     public TripEstimate Estimate(string guest, string peer) =>
-        Call("Estimate", w =>
+        Call("Estimate", "ss", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString(peer);
-        }, static r => new TripEstimate(
-            DiskBytes: r.ReadUInt64(),
-            MemoryBytes: r.ReadUInt64(),
-            StockDiskBytes: r.ReadUInt64(),
-            StockMemoryBytes: r.ReadUInt64(),
-            Basis: r.ReadString()), SlowTimeout);
+        }, static (m, _) =>
+        {
+            Reader r = m.GetBodyReader();
+            return new TripEstimate(
+                DiskBytes: r.ReadUInt64(),
+                MemoryBytes: r.ReadUInt64(),
+                StockDiskBytes: r.ReadUInt64(),
+                StockMemoryBytes: r.ReadUInt64(),
+                Basis: r.ReadString());
+        }, SlowTimeout);
 
     public MigrationUris PrepareMigration(string guest, string peer) =>
-        Call("PrepareMigration", w =>
+        Call("PrepareMigration", "ss", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString(peer);
-        }, static r => new MigrationUris(r.ReadString(), r.ReadString(), r.ReadString()), SlowTimeout);
+        }, static (m, _) =>
+        {
+            Reader r = m.GetBodyReader();
+            return new MigrationUris(r.ReadString(), r.ReadString(), r.ReadString());
+        }, SlowTimeout);
 
     public IReadOnlyList<DoctorCheck> Doctor() =>
-        Call("Doctor", null, static r =>
+        Call("Doctor", "", null, static (m, _) =>
         {
+            Reader r = m.GetBodyReader();
             var checks = new List<DoctorCheck>();
-            if (r.EnterArray("(sbs)"))
+            ArrayEnd end = r.ReadArrayStart(DBusType.Struct);
+            while (r.HasNext(end))
             {
-                while (r.EnterStruct("sbs"))
-                {
-                    checks.Add(new DoctorCheck(r.ReadString(), r.ReadBool(), r.ReadString()));
-                    r.ExitContainer();
-                }
-                r.ExitContainer();
+                r.AlignStruct();
+                checks.Add(new DoctorCheck(r.ReadString(), r.ReadBool(), r.ReadString()));
             }
             return checks;
         }, SlowTimeout);
@@ -124,10 +131,10 @@ internal sealed class DaemonClient : IDisposable
     {
         try
         {
-            return Connection.Call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner",
-                static w => w.WriteString(BusName), static r => r.ReadString(), QuickTimeout);
+            return _bus.Call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner", "s",
+                static (ref MessageWriter w) => w.WriteString(BusName), static (m, _) => m.GetBodyReader().ReadString(), QuickTimeout);
         }
-        catch (DBusException e)
+        catch (Exception e) when (e is DBusExceptionBase or TimeoutException)
         {
             throw Translate(e, "GetNameOwner");
         }
@@ -135,41 +142,43 @@ internal sealed class DaemonClient : IDisposable
 
     /// <summary>
     /// Completes once every message the daemon sent before now has been dispatched (its signals
-    /// included): the Peer.Ping reply travels behind them and is handled on the same thread.
-    /// Needs <see cref="DBusConnection.StartProcessing"/>.
+    /// included): the Peer.Ping reply travels behind them on the same connection.
     /// </summary>
     public Task FlushSignalsAsync() =>
-        Connection.CallAsync(BusName, ObjectPath, "org.freedesktop.DBus.Peer", "Ping", null, static _ => true, QuickTimeout);
+        _bus.CallAsync(BusName, ObjectPath, "org.freedesktop.DBus.Peer", "Ping", "", null, static (_, _) => true, QuickTimeout);
 
-    private T Call<T>(string member, Action<DBusMessageWriter>? write, Func<DBusMessageReader, T> read, TimeSpan timeout)
+    private T Call<T>(string member, string signature, BodyWriter? write, MessageValueReader<T> read, TimeSpan timeout)
     {
         try
         {
-            return Connection.Call(BusName, ObjectPath, Interface, member, write, read, timeout);
+            return _bus.Call(BusName, ObjectPath, Interface, member, signature, write, read, timeout);
         }
-        catch (DBusException e)
+        catch (Exception e) when (e is DBusExceptionBase or TimeoutException)
         {
             throw Translate(e, member);
         }
     }
 
     /// <summary>Turns a D-Bus failure into the message an operator needs.</summary>
-    public CommandFailedException Translate(DBusException e, string member) => e.ErrorName switch
+    public CommandFailedException Translate(Exception e, string member) => e switch
     {
-        DBusErrorNames.ServiceUnknown or "org.freedesktop.DBus.Error.NameHasNoOwner" => new CommandFailedException(NotRunningMessage, e),
-        DBusErrorNames.AccessDenied => new CommandFailedException($"{member} was refused: {e.ErrorMessage} (state-changing commands need root)", e),
-        DBusErrorNames.NoReply or DBusErrorNames.Timeout => new CommandFailedException($"bfmigd did not answer {member} in time: {e.ErrorMessage}", e),
-        _ when e.Errno != 0 => new CommandFailedException($"talking to bfmigd on {BusDescription} failed ({member}): {e.ErrorMessage}", e),
+        DBusErrorReplyException { ErrorName: BusErrorNames.ServiceUnknown or BusErrorNames.NameHasNoOwner } => new CommandFailedException(NotRunningMessage, e),
+        DBusErrorReplyException { ErrorName: BusErrorNames.AccessDenied } r =>
+            new CommandFailedException($"{member} was refused: {r.ErrorMessage} (state-changing commands need root)", e),
+        DBusErrorReplyException { ErrorName: BusErrorNames.NoReply or BusErrorNames.Timeout } r =>
+            new CommandFailedException($"bfmigd did not answer {member} in time: {r.ErrorMessage}", e),
+        TimeoutException => new CommandFailedException($"bfmigd did not answer {member} in time: {e.Message}", e),
         // bfmigd's own errors carry a message written for the operator; anything else keeps its name for a search.
-        _ when e.ErrorName.StartsWith(BusName + ".Error.", StringComparison.Ordinal) => new CommandFailedException(e.ErrorMessage, e),
-        _ => new CommandFailedException($"bfmigd: {e.ErrorMessage} ({e.ErrorName})", e),
+        DBusErrorReplyException r when r.ErrorName.StartsWith(BusName + ".Error.", StringComparison.Ordinal) => new CommandFailedException(r.ErrorMessage, e),
+        DBusErrorReplyException r => new CommandFailedException($"bfmigd: {r.ErrorMessage} ({r.ErrorName})", e),
+        _ => new CommandFailedException($"talking to bfmigd on {BusDescription} failed ({member}): {e.Message}", e),
     };
 
-    private string NotRunningMessage => _address is null
+    private string NotRunningMessage => _bus.Address is null
         ? $"bfmigd is not running on the system bus ({BusName}): start it with `systemctl start bfmigd`"
-        : $"bfmigd is not running on the bus at {_address} ({BusName})";
+        : $"bfmigd is not running on the bus at {_bus.Address} ({BusName})";
 
-    public void Dispose() => Connection.Dispose();
+    public void Dispose() => _bus.Dispose();
 }
 
 /// <summary>
@@ -184,20 +193,21 @@ internal sealed record RetainedGuest(string Uuid, string Name, string Location, 
     /// time, as the contract's comment lists them. The contract's signature line says
     /// <c>a(ssssttx)</c> (one size); that form is read too, its size taken as the total retained.
     /// </summary>
-    public static IReadOnlyList<RetainedGuest> ReadArray(DBusMessageReader reader)
+    public static IReadOnlyList<RetainedGuest> ReadArray(Message message)
     {
-        var (type, contents) = reader.PeekType();
-        if (type != 'a' || contents is not ("(sssstttx)" or "(ssssttx)"))
+        string signature = message.SignatureAsString ?? "";
+        if (signature is not ("a(sssstttx)" or "a(ssssttx)"))
         {
-            throw new DBusException(DBusErrorNames.InvalidArgs,
-                $"ListGuests returned '{reader.Signature}', expected a(sssstttx) or a(ssssttx): bfmig and bfmigd versions differ?");
+            throw new DBusUnexpectedValueException(
+                $"ListGuests returned '{signature}', expected a(sssstttx) or a(ssssttx): bfmig and bfmigd versions differ?");
         }
-        string structure = contents[1..^1];
-        bool twoSizes = structure.Length == 8;
+        bool twoSizes = signature.Length == "a(sssstttx)".Length;
         var guests = new List<RetainedGuest>();
-        reader.EnterArray(contents);
-        while (reader.EnterStruct(structure))
+        Reader reader = message.GetBodyReader();
+        ArrayEnd end = reader.ReadArrayStart(DBusType.Struct);
+        while (reader.HasNext(end))
         {
+            reader.AlignStruct();
             string uuid = reader.ReadString();
             string name = reader.ReadString();
             string location = reader.ReadString();
@@ -206,12 +216,10 @@ internal sealed record RetainedGuest(string Uuid, string Name, string Location, 
             ulong first = reader.ReadUInt64();
             ulong? second = twoSizes ? reader.ReadUInt64() : null;
             long since = reader.ReadInt64();
-            reader.ExitContainer();
             guests.Add(second is { } disk
                 ? new RetainedGuest(uuid, name, location, peer, generation, first, disk, first + disk, since)
                 : new RetainedGuest(uuid, name, location, peer, generation, null, null, first, since));
         }
-        reader.ExitContainer();
         return guests;
     }
 }
@@ -223,19 +231,19 @@ internal sealed record LastTrip(string Uuid, string Direction, string Path, bool
     public string Summary => Path == "bypassed" || !MemoryOnly ? Path : Path + ", shared storage (memory only)";
 
     /// <summary>Reads <c>a(sssbssx)</c> as the contract lists it.</summary>
-    public static IReadOnlyList<LastTrip> ReadArray(DBusMessageReader reader)
+    public static IReadOnlyList<LastTrip> ReadArray(Message message)
     {
-        var (type, contents) = reader.PeekType();
-        if (type != 'a' || contents != "(sssbssx)")
-            throw new DBusException(DBusErrorNames.InvalidArgs, $"ListTrips returned '{reader.Signature}', expected a(sssbssx): bfmig and bfmigd versions differ?");
+        string signature = message.SignatureAsString ?? "";
+        if (signature != "a(sssbssx)")
+            throw new DBusUnexpectedValueException($"ListTrips returned '{signature}', expected a(sssbssx): bfmig and bfmigd versions differ?");
         var trips = new List<LastTrip>();
-        reader.EnterArray(contents);
-        while (reader.EnterStruct("sssbssx"))
+        Reader reader = message.GetBodyReader();
+        ArrayEnd end = reader.ReadArrayStart(DBusType.Struct);
+        while (reader.HasNext(end))
         {
+            reader.AlignStruct();
             trips.Add(new LastTrip(reader.ReadString(), reader.ReadString(), reader.ReadString(), reader.ReadBool(), reader.ReadString(), reader.ReadString(), reader.ReadInt64()));
-            reader.ExitContainer();
         }
-        reader.ExitContainer();
         return trips;
     }
 }

@@ -1,6 +1,6 @@
 using System.ComponentModel;
 using System.Diagnostics;
-using BFMig.Native.DBus;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Cli;
 
@@ -49,9 +49,13 @@ internal static class Migration
             ? (stream, sent, saved) => JsonOutput.Write(new ProgressJson("progress", guest, peer, stream, sent, saved), JsonOutput.LineContext.ProgressJson)
             : null;
         var progress = new TransferProgress(peer, AliasesOf(client, guest), options.Json ? null : new ProgressDisplay(Console.Out), jsonLine);
-        client.Connection.StartProcessing();
-        using IDisposable subscription = client.Connection.SubscribeSignal(daemon, DaemonClient.ObjectPath,
-            DaemonClient.Interface, null, progress.OnSignal);
+        var rule = new MatchRule { Type = MessageType.Signal, Sender = daemon, Path = DaemonClient.ObjectPath, Interface = DaemonClient.Interface };
+        using IDisposable subscription = client.Connection.AddMatchAsync(rule, static (m, _) => TransferSignal.Read(m),
+            n =>
+            {
+                if (n.HasValue && n.Value is { } signal)
+                    progress.OnSignal(signal);
+            }, emitOnCapturedContext: false, ObserverFlags.None, null).AsTask().GetAwaiter().GetResult();
         MigrationUris prepared = client.PrepareMigration(guest, peer);
         string[] virshArgs = VirshArguments(guest, prepared);
 
@@ -147,7 +151,23 @@ internal static class Migration
     }
 }
 
-/// <summary>Collects TransferProgress/TransferFinished for one guest and peer (signals arrive on the sd-bus thread).</summary>
+/// <summary>One TransferProgress or TransferFinished signal, read while its message is valid.</summary>
+internal sealed record TransferSignal(string Member, string Guest, string Peer, string Stream, ulong Sent, ulong Saved, bool Ok, string Message)
+{
+    /// <summary>The signal, or null for another member or a signature other than the contract's.</summary>
+    public static TransferSignal? Read(Message message)
+    {
+        Reader r = message.GetBodyReader();
+        return (message.MemberAsString, message.SignatureAsString) switch
+        {
+            ("TransferProgress", "ssstt") => new TransferSignal("TransferProgress", r.ReadString(), r.ReadString(), r.ReadString(), r.ReadUInt64(), r.ReadUInt64(), false, ""),
+            ("TransferFinished", "ssbs") => new TransferSignal("TransferFinished", r.ReadString(), r.ReadString(), "", 0, 0, r.ReadBool(), r.ReadString()),
+            _ => null,
+        };
+    }
+}
+
+/// <summary>Collects TransferProgress/TransferFinished for one guest and peer (signals arrive on the connection's receive loop).</summary>
 internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAliases, ProgressDisplay? display,
     Action<string, ulong, ulong>? jsonLine = null)
 {
@@ -175,48 +195,31 @@ internal sealed class TransferProgress(string peer, IReadOnlySet<string> guestAl
         }
     }
 
-    public void OnSignal(DBusSignal signal)
+    public void OnSignal(TransferSignal signal)
     {
-        DBusMessageReader r = signal.Reader;
-        switch (signal.Member)
+        if (!IsOurs(signal.Guest, signal.Peer))
         {
-            case "TransferProgress":
-            {
-                string g = r.ReadString(), p = r.ReadString(), stream = r.ReadString();
-                ulong sent = r.ReadUInt64(), saved = r.ReadUInt64();
-                if (!IsOurs(g, p))
-                {
-                    return;
-                }
-                Snapshot snapshot;
-                lock (_gate)
-                {
-                    _streams[stream] = (sent, saved);
-                    snapshot = new Snapshot(new SortedDictionary<string, (ulong, ulong)>(_streams, StringComparer.Ordinal), _finishedOk, _finishedMessage);
-                }
-                display?.Update(snapshot);
-                jsonLine?.Invoke(stream, sent, saved);
-                break;
-            }
-            case "TransferFinished":
-            {
-                string g = r.ReadString(), p = r.ReadString();
-                bool ok = r.ReadBool();
-                string message = r.ReadString();
-                if (!IsOurs(g, p))
-                {
-                    return;
-                }
-                lock (_gate)
-                {
-                    _finishedOk = ok;
-                    _finishedMessage = message;
-                }
-                display?.Finished(ok, message);
-                Finished.Set();
-                break;
-            }
+            return;
         }
+        if (signal.Member == "TransferProgress")
+        {
+            Snapshot snapshot;
+            lock (_gate)
+            {
+                _streams[signal.Stream] = (signal.Sent, signal.Saved);
+                snapshot = new Snapshot(new SortedDictionary<string, (ulong, ulong)>(_streams, StringComparer.Ordinal), _finishedOk, _finishedMessage);
+            }
+            display?.Update(snapshot);
+            jsonLine?.Invoke(signal.Stream, signal.Sent, signal.Saved);
+            return;
+        }
+        lock (_gate)
+        {
+            _finishedOk = signal.Ok;
+            _finishedMessage = signal.Message;
+        }
+        display?.Finished(signal.Ok, signal.Message);
+        Finished.Set();
     }
 
     private bool IsOurs(string g, string p) => guestAliases.Contains(g) && string.Equals(p, peer, StringComparison.Ordinal);

@@ -1,2 +1,2 @@
-// bfmigd drives libvirt/KVM hosts: Linux only (unix sockets with owners and modes, posix_spawn, sd-bus).
+// bfmigd drives libvirt/KVM hosts: Linux only (unix sockets with owners and modes, posix_spawn, the system bus).
 [assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]

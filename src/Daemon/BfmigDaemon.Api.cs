@@ -12,7 +12,6 @@ using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
 using BFMig.Native;
-using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 using BFMig.Transfer;

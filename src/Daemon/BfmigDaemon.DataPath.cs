@@ -12,7 +12,6 @@ using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
 using BFMig.Native;
-using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 using BFMig.Transfer;
@@ -146,14 +145,7 @@ public sealed partial class BfmigDaemon
     {
         var sent = (ulong)Math.Max(0, p.Progress.WireBytes);
         var saved = (ulong)Math.Max(0, p.Progress.LocalBytes - p.Progress.WireBytes);
-        EmitSignal("TransferProgress", w =>
-        {
-            w.WriteString(p.Guest);
-            w.WriteString(p.Peer);
-            w.WriteString(p.Stream);
-            w.WriteUInt64(sent);
-            w.WriteUInt64(saved);
-        });
+        _bus?.TransferProgress(p.Guest, p.Peer, p.Stream, sent, saved);
     }
 
     private void OnTripFinished(IReadOnlyList<TransferOutcome> outcomes)
@@ -166,24 +158,6 @@ public sealed partial class BfmigDaemon
         var message = string.Join("; ", outcomes.Select(o => o.Ok
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
             : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
-        EmitSignal("TransferFinished", w =>
-        {
-            w.WriteString(first.Guest);
-            w.WriteString(first.Peer);
-            w.WriteBool(ok);
-            w.WriteString(message);
-        });
-    }
-
-    private void EmitSignal(string member, Action<DBusMessageWriter> write)
-    {
-        try
-        {
-            _bus?.EmitSignal(ManagerApi.ObjectPath, ManagerApi.InterfaceName, member, write);
-        }
-        catch (Exception e) when (e is DBusException or ObjectDisposedException)
-        {
-            DaemonLog.MethodFailed(_logger, member, e.Message);
-        }
+        _bus?.TransferFinished(first.Guest, first.Peer, ok, message);
     }
 }

@@ -11,7 +11,6 @@ using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
 using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
-using BFMig.Native.DBus;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 using BFMig.Native;
@@ -44,8 +43,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
     private readonly GuestSessions _sessions;
-    private DBusConnection? _bus;
-    private IDisposable? _export;
+    private DaemonBus? _bus;
     private LibvirtWatcher? _libvirt;
     private Task _libvirtTask = Task.CompletedTask;
     private MigrationSockets? _sockets;
@@ -147,18 +145,14 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         _transfers.Progressed += OnProgress;
         _transfers.TripFinished += OnTripFinished;
 
-        _bus = _options.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
-        _bus.Disconnected += e =>
-        {
-            DaemonLog.BusLost(_logger, e.Message);
-            _ = StopAsync("D-Bus connection lost");
-        };
         var api = new ManagerApi(this, _loggers.CreateLogger("bfmigd.api"), admins,
             new CallRateLimit(ManagerApi.EstimatesPerMinute, TimeSpan.FromMinutes(1), _time),
             new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time));
-        _export = _bus.Export(api.CreateObject());
-        _bus.RequestName(ManagerApi.BusName);
-        _bus.StartProcessing();
+        _bus = DaemonBus.Open(_options.BusAddress, api, _loggers.CreateLogger("bfmigd.api"), reason =>
+        {
+            DaemonLog.BusLost(_logger, reason);
+            _ = StopAsync("D-Bus connection lost");
+        });
         DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
 
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
@@ -208,7 +202,6 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         }
         finally
         {
-            _export?.Dispose();
             _bus?.Dispose();
             DaemonLog.Stopped(_logger);
             _stopped.TrySetResult();

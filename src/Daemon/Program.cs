@@ -3,9 +3,9 @@ using System.Runtime.InteropServices;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Native;
-using BFMig.Native.DBus;
 using BFMig.Native.Systemd;
 using Microsoft.Extensions.Logging;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Daemon;
 
@@ -61,7 +61,7 @@ internal static class Program
             await daemon.StopAsync("start failed");
             return 2;
         }
-        catch (Exception e) when (e is DBusException or IOException or SocketException or UnauthorizedAccessException)
+        catch (Exception e) when (e is DBusExceptionBase or TimeoutException or IOException or SocketException or UnauthorizedAccessException)
         {
             DaemonLog.StartFailed(logger, e.Message, e);
             Console.Error.WriteLine($"bfmigd: cannot start: {e.Message}");

@@ -1,5 +1,6 @@
+using BFMig.Bus;
 using BFMig.Contracts;
-using BFMig.Native.DBus;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Hooks;
 
@@ -78,20 +79,24 @@ internal static class Hook
         message = null;
         try
         {
-            using DBusConnection bus = settings.BusAddress is { } address ? DBusConnection.Open(address) : DBusConnection.OpenSystem();
-            (bool allow, string text, string output) = bus.Call(BusName, ObjectPath, Interface, "HookEvent", w =>
+            using BusClient bus = BusClient.Connect(settings.BusAddress, settings.DaemonTimeout);
+            (bool allow, string text, string output) = bus.Call(BusName, ObjectPath, Interface, "HookEvent", "sssss", (ref MessageWriter w) =>
             {
                 w.WriteString(guest);
                 w.WriteString(op);
                 w.WriteString(subop);
                 w.WriteString(extra);
                 w.WriteString(xml);
-            }, r => (r.ReadBool(), r.ReadString(), r.ReadString()), settings.DaemonTimeout);
+            }, static (m, _) =>
+            {
+                Reader r = m.GetBodyReader();
+                return (r.ReadBool(), r.ReadString(), r.ReadString());
+            }, settings.DaemonTimeout);
             xmlOut = output;
             message = text;
             return allow ? DaemonAnswer.Accepted : DaemonAnswer.Refused;
         }
-        catch (DBusException)
+        catch (Exception e) when (e is DBusExceptionBase or TimeoutException or IOException or System.Net.Sockets.SocketException)
         {
             // No bus, no daemon, timeout, or a daemon bug: behave like stock libvirt.
             return DaemonAnswer.Unreachable;

@@ -47,20 +47,6 @@ internal static partial class Interop
 {
     internal static partial class Libc
     {
-        internal const short PollIn = 0x001;
-        internal const short PollOut = 0x004;
-        internal const int EfdCloexec = 0x80000;
-        internal const int EfdNonblock = 0x800;
-        internal const int ClockMonotonic = 1;
-
-        [StructLayout(LayoutKind.Sequential)]
-        internal struct PollFd
-        {
-            public int Fd;
-            public short Events;
-            public short Revents;
-        }
-
         [StructLayout(LayoutKind.Sequential)]
         internal struct Timespec
         {
@@ -68,30 +54,10 @@ internal static partial class Interop
             public long Nanoseconds;
         }
 
-        [LibraryImport(Library, EntryPoint = "poll", SetLastError = true)]
-        internal static unsafe partial int Poll(PollFd* fds, nuint count, int timeoutMs);
-
-        [LibraryImport(Library, EntryPoint = "eventfd", SetLastError = true)]
-        internal static partial int EventFd(uint initial, int flags);
-
-        [LibraryImport(Library, EntryPoint = "read", SetLastError = true)]
-        internal static unsafe partial nint Read(int fd, void* buffer, nuint count);
-
-        [LibraryImport(Library, EntryPoint = "write", SetLastError = true)]
-        internal static unsafe partial nint Write(int fd, void* buffer, nuint count);
-
         [LibraryImport(Library, EntryPoint = "close", SetLastError = true)]
         internal static partial int Close(int fd);
 
         [LibraryImport(Library, EntryPoint = "clock_gettime", SetLastError = true)]
         internal static unsafe partial int ClockGetTime(int clock, Timespec* ts);
-
-        /// <summary>CLOCK_MONOTONIC in microseconds, the clock sd-bus timeouts use.</summary>
-        internal static unsafe ulong MonotonicMicroseconds()
-        {
-            Timespec ts;
-            ClockGetTime(ClockMonotonic, &ts);
-            return (ulong)ts.Seconds * 1_000_000UL + (ulong)ts.Nanoseconds / 1000UL;
-        }
     }
 }

@@ -1,6 +1,8 @@
 using System.Collections.Concurrent;
 using System.Xml.Linq;
-using BFMig.Native.DBus;
+using BFMig.Bus;
+using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Cli.Tests;
 
@@ -17,29 +19,14 @@ public sealed class FakeDaemon : IDisposable
     public const string Interface = "org.bfmig.BFMig1.Manager";
     public const string TestInterface = "org.bfmig.Test";
 
-    private readonly DBusConnection _connection;
-    private readonly IDisposable _manager;
-    private readonly IDisposable _test;
+    private readonly BusClient _connection;
     private int _disposed;
 
     public FakeDaemon(string busAddress)
     {
         Contract = ContractMethod.Load();
-        _connection = DBusConnection.Open(busAddress);
-        var manager = new DBusObject(ObjectPath, Interface);
-        foreach (ContractMethod method in Contract.Values.Where(m => !m.IsSignal))
-        {
-            manager.AddMethod(method.Name, method.InSignature, method.OutSignature, call => Serve(method, call),
-                method.InNames, method.OutNames, DBusMethodAccess.Anyone);
-        }
-        foreach (ContractMethod signal in Contract.Values.Where(m => m.IsSignal))
-        {
-            manager.AddSignal(signal.Name, signal.OutSignature, signal.OutNames);
-        }
-        _manager = _connection.Export(manager);
-        _test = _connection.Export(new DBusObject(ObjectPath, TestInterface)
-            .AddMethod("Kick", "", "", _ => OnKick?.Invoke(this), access: DBusMethodAccess.Anyone));
-        _connection.StartProcessing();
+        _connection = TestBus.Open(busAddress);
+        _connection.Connection.AddMethodHandler(new TestObject(ObjectPath, Serve));
         _connection.RequestName(BusName);
     }
 
@@ -81,7 +68,7 @@ public sealed class FakeDaemon : IDisposable
     public Action<FakeDaemon>? OnKick { get; set; }
 
     public void EmitProgress(string guest, string peer, string stream, ulong sent, ulong saved) =>
-        _connection.EmitSignal(ObjectPath, Interface, "TransferProgress", w =>
+        _connection.Emit("TransferProgress", "ssstt", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString(peer);
@@ -91,7 +78,7 @@ public sealed class FakeDaemon : IDisposable
         });
 
     public void EmitFinished(string guest, string peer, bool ok, string message) =>
-        _connection.EmitSignal(ObjectPath, Interface, "TransferFinished", w =>
+        _connection.Emit("TransferFinished", "ssbs", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString(peer);
@@ -99,9 +86,32 @@ public sealed class FakeDaemon : IDisposable
             w.WriteString(message);
         });
 
-    private void Serve(ContractMethod method, DBusMethodCall call)
+    /// <summary>Answers a Manager method from the contract, or org.bfmig.Test.Kick; false for anything else.</summary>
+    private bool Serve(MethodContext call)
     {
-        DBusMessageReader r = call.Reader;
+        if (call.IsDBusIntrospectRequest)
+        {
+            call.ReplyIntrospectXml([ContractMethod.InterfaceXml()]);
+            return true;
+        }
+        Message request = call.Request;
+        if (request.InterfaceAsString == TestInterface && request.MemberAsString == "Kick")
+        {
+            OnKick?.Invoke(this);
+            call.Reply("");
+            return true;
+        }
+        if (request.InterfaceAsString != Interface || request.MemberAsString is not { } member
+            || !Contract.TryGetValue(member, out ContractMethod? method) || method.IsSignal)
+        {
+            return false;
+        }
+        if ((request.SignatureAsString ?? "") != method.InSignature)
+        {
+            call.ReplyError(BusErrorNames.InvalidArgs, $"{member} takes ({method.InSignature})");
+            return true;
+        }
+        Reader r = request.GetBodyReader();
         var args = new List<string>();
         foreach (char type in method.InSignature)
         {
@@ -111,23 +121,24 @@ public sealed class FakeDaemon : IDisposable
         if (Error is { } error)
         {
             call.ReplyError(error.Name, error.Message);
-            return;
+            return true;
         }
+        string outSignature = method.OutSignature;
         switch (method.Name)
         {
             case "GetStatus":
-                call.Reply(WriteStatus);
+                call.Reply(outSignature, (ref MessageWriter w) => Variants.WriteDictionary(ref w, Status));
                 break;
             case "ListGuests":
-                call.Reply(w => WriteGuests(w, method.OutSignature));
+                call.Reply(outSignature, (ref MessageWriter w) => WriteGuests(ref w, outSignature));
                 break;
             case "ListTrips":
-                call.Reply(w =>
+                call.Reply(outSignature, (ref MessageWriter w) =>
                 {
-                    w.OpenArray("(sssbssx)");
+                    ArrayStart array = w.WriteArrayStart(DBusType.Struct);
                     foreach (var t in Trips)
                     {
-                        w.OpenStruct("sssbssx");
+                        w.WriteStructureStart();
                         w.WriteString(t.Uuid);
                         w.WriteString(t.Direction);
                         w.WriteString(t.Path);
@@ -135,16 +146,15 @@ public sealed class FakeDaemon : IDisposable
                         w.WriteString(t.Peer);
                         w.WriteString(t.Reason);
                         w.WriteInt64(t.At);
-                        w.CloseContainer();
                     }
-                    w.CloseContainer();
+                    w.WriteArrayEnd(array);
                 });
                 break;
             case "Forget":
-                call.Reply();
+                call.Reply(outSignature);
                 break;
             case "Estimate":
-                call.Reply(w =>
+                call.Reply(outSignature, (ref MessageWriter w) =>
                 {
                     w.WriteUInt64(Estimate.Disk);
                     w.WriteUInt64(Estimate.Memory);
@@ -154,7 +164,7 @@ public sealed class FakeDaemon : IDisposable
                 });
                 break;
             case "PrepareMigration":
-                call.Reply(w =>
+                call.Reply(outSignature, (ref MessageWriter w) =>
                 {
                     w.WriteString(Uris.Destination);
                     w.WriteString(Uris.Migrate);
@@ -162,22 +172,21 @@ public sealed class FakeDaemon : IDisposable
                 });
                 break;
             case "Doctor":
-                call.Reply(w =>
+                call.Reply(outSignature, (ref MessageWriter w) =>
                 {
-                    w.OpenArray("(sbs)");
+                    ArrayStart array = w.WriteArrayStart(DBusType.Struct);
                     foreach (var (name, passed, detail) in Checks)
                     {
-                        w.OpenStruct("sbs");
+                        w.WriteStructureStart();
                         w.WriteString(name);
                         w.WriteBool(passed);
                         w.WriteString(detail);
-                        w.CloseContainer();
                     }
-                    w.CloseContainer();
+                    w.WriteArrayEnd(array);
                 });
                 break;
             case "HookEvent":
-                call.Reply(w =>
+                call.Reply(outSignature, (ref MessageWriter w) =>
                 {
                     w.WriteBool(true);
                     w.WriteString("");
@@ -185,42 +194,20 @@ public sealed class FakeDaemon : IDisposable
                 });
                 break;
             default:
-                call.ReplyError(DBusErrorNames.UnknownMethod, method.Name);
+                call.ReplyError(BusErrorNames.UnknownMethod, method.Name);
                 break;
         }
-    }
-
-    private void WriteStatus(DBusMessageWriter w)
-    {
-        w.OpenArray("{sv}");
-        foreach (var (key, value) in Status)
-        {
-            w.OpenDictEntry("sv");
-            w.WriteString(key);
-            if (value is string[] strings)
-            {
-                w.OpenVariant("as");
-                w.WriteStringArray(strings);
-                w.CloseContainer();
-            }
-            else
-            {
-                w.WriteVariant(value);
-            }
-            w.CloseContainer();
-        }
-        w.CloseContainer();
+        return true;
     }
 
     /// <summary>Writes the guests in whichever struct layout the contract declares (see RetainedGuest.ReadArray).</summary>
-    private void WriteGuests(DBusMessageWriter w, string signature)
+    private void WriteGuests(ref MessageWriter w, string signature)
     {
-        string element = signature[1..];
-        string fields = element[1..^1];
-        w.OpenArray(element);
+        string fields = signature[2..^1];
+        ArrayStart array = w.WriteArrayStart(DBusType.Struct);
         foreach (FakeGuest g in Guests)
         {
-            w.OpenStruct(fields);
+            w.WriteStructureStart();
             w.WriteString(g.Uuid);
             w.WriteString(g.Name);
             w.WriteString(g.Location);
@@ -236,9 +223,8 @@ public sealed class FakeDaemon : IDisposable
                 w.WriteUInt64(g.MemoryBytes + g.DiskBytes);
             }
             w.WriteInt64(g.SinceUnix);
-            w.CloseContainer();
         }
-        w.CloseContainer();
+        w.WriteArrayEnd(array);
     }
 
     /// <summary>Gives up the name first (synchronously, so the next client already finds it unowned), then closes.</summary>
@@ -248,9 +234,7 @@ public sealed class FakeDaemon : IDisposable
         {
             return;
         }
-        _connection.ReleaseName(BusName);
-        _test.Dispose();
-        _manager.Dispose();
+        _connection.Connection.ReleaseNameAsync(BusName).Wait(TestBus.Timeout);
         _connection.Dispose();
     }
 }
@@ -260,6 +244,16 @@ public sealed record FakeGuest(string Uuid, string Name, string Location, string
 /// <summary>A method or signal of src/Daemon/org.bfmig.BFMig1.xml.</summary>
 public sealed record ContractMethod(string Name, bool IsSignal, string InSignature, string OutSignature, string[] InNames, string[] OutNames)
 {
+    /// <summary>The Manager interface element of the contract, as the fake's introspection data.</summary>
+    public static ReadOnlyMemory<byte> InterfaceXml()
+    {
+        string text = System.Text.RegularExpressions.Regex.Replace(File.ReadAllText(Path.Combine(AppContext.BaseDirectory, "org.bfmig.BFMig1.xml")),
+            "<!--.*?-->", "", System.Text.RegularExpressions.RegexOptions.Singleline);
+        int start = text.IndexOf("<interface ", StringComparison.Ordinal);
+        int end = text.IndexOf("</interface>", start, StringComparison.Ordinal) + "</interface>".Length;
+        return System.Text.Encoding.UTF8.GetBytes(text[start..end]);
+    }
+
     public static IReadOnlyDictionary<string, ContractMethod> Load()
     {
         // Comments are dropped before parsing: the contract's comments quote virsh flags ("--migrateuri"),

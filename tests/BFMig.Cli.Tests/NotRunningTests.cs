@@ -13,7 +13,7 @@ public sealed class NotRunningTests(PrivateBus bus)
     [InlineData("forget", "vm1")]
     public void System_bus_without_daemon_says_how_to_start_it(params string[] args)
     {
-        // sd-bus takes the "system bus" from DBUS_SYSTEM_BUS_ADDRESS: point it at the private bus.
+        // Tmds.DBus.Protocol takes the "system bus" from DBUS_SYSTEM_BUS_ADDRESS: point it at the private bus.
         CliResult result = CliRunner.Run(args, new Dictionary<string, string> { ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.Address });
         Assert.Equal(1, result.ExitCode);
         Assert.Equal("", result.Stdout);

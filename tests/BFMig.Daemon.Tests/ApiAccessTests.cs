@@ -1,7 +1,9 @@
 using System.Diagnostics;
 using BFMig.Daemon.Api;
 using BFMig.Daemon.Tests.Infrastructure;
-using BFMig.Native.DBus;
+using BFMig.Bus;
+using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 
@@ -66,12 +68,12 @@ public sealed class ApiAccessTests : IAsyncLifetime
         return inGroup ? Tools.RunAsNobodyInGroup(_adminGid, call[0], call[1..]) : Tools.RunAsNobody(call[0], call[1..]);
     }
 
-    private static (ulong Disk, ulong Memory, string Basis) Estimate(DBusConnection client, string guest) =>
-        client.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", Manager, "Estimate", w =>
+    private static (ulong Disk, ulong Memory, string Basis) Estimate(BusClient client, string guest) =>
+        client.CallManager("Estimate", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString("hostb");
-        }, r => (r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadString()) is var (d, m, _, _, b) ? (d, m, b) : default, Timeout);
+        }, (ref Reader r) => (r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadString()) is var (d, m, _, _, b) ? (d, m, b) : default);
 
     [Fact]
     public void Members_of_the_admin_group_may_list_estimate_and_run_doctor_and_other_users_may_not()
@@ -113,22 +115,22 @@ public sealed class ApiAccessTests : IAsyncLifetime
         _ = _host.Daemon.Checkpoints!.OnArrived(uuid, "test", "hostb");
         await Tools.UntilAsync(() => _host.Daemon.Checkpoints.ArrivalOf(uuid) is not null, "the arrival to be recorded");
 
-        using var first = DBusConnection.Open(_bus.Address);
+        using var first = TestBus.Open(_bus.Address);
         var waiting = Task.Run(() => Estimate(first, "test"));
         await _measuring.Task.WaitAsync(Timeout);
 
         // While QEMU measures: more Estimates of the same guest (each on its own connection, as
         // separate processes would) are refused at once, and everything else answers promptly.
-        var clients = Enumerable.Range(0, 8).Select(_ => DBusConnection.Open(_bus.Address)).ToList();
+        var clients = Enumerable.Range(0, 8).Select(_ => TestBus.Open(_bus.Address)).ToList();
         try
         {
             var watch = Stopwatch.StartNew();
-            var burst = clients.Select(c => Task.Run(() => Assert.Throws<DBusException>(() => Estimate(c, "test")))).ToList();
-            using var root = DBusConnection.Open(_bus.Address);
+            var burst = clients.Select(c => Task.Run(() => Assert.Throws<DBusErrorReplyException>(() => Estimate(c, "test")))).ToList();
+            using var root = TestBus.Open(_bus.Address);
             for (int i = 0; i < 5; i++)
             {
-                root.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", Manager, "ListGuests", null, r => { r.Skip(); return true; }, Timeout);
-                root.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", Manager, "GetStatus", null, r => { r.Skip(); return true; }, Timeout);
+                root.CallManager("ListGuests", null, (ref Reader _) => true);
+                root.CallManager("GetStatus", null, (ref Reader _) => true);
             }
             foreach (var refused in await Task.WhenAll(burst))
             {
@@ -150,7 +152,7 @@ public sealed class ApiAccessTests : IAsyncLifetime
         Assert.Contains("plus QEMU's dirty rate 12 MiB/s", basis);
         Assert.True(memory > 0, basis);
         // The measurement is over: the guest can be estimated again.
-        using var again = DBusConnection.Open(_bus.Address);
+        using var again = TestBus.Open(_bus.Address);
         Assert.Contains("dirty rate 12 MiB/s", Estimate(again, "test").Basis);
     }
 

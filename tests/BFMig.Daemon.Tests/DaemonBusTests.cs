@@ -1,12 +1,14 @@
 using System.Xml.Linq;
 using BFMig.Daemon.Tests.Infrastructure;
-using BFMig.Native.DBus;
+using BFMig.Bus;
+using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 using BFMig.Native.Libvirt;
 
 namespace BFMig.Daemon.Tests;
 
 /// <summary>
-/// The daemon's D-Bus API on a private dbus-daemon, called through the native sd-bus client and
+/// The daemon's D-Bus API on a private dbus-daemon, called through the Tmds.DBus.Protocol client and
 /// through busctl/dbus-send as independent clients (and as uid 65534 through setpriv).
 /// </summary>
 public sealed class DaemonBusTests : IAsyncLifetime
@@ -16,12 +18,12 @@ public sealed class DaemonBusTests : IAsyncLifetime
     private static readonly TimeSpan Timeout = TimeSpan.FromSeconds(20);
     private readonly PrivateBus _bus = new();
     private DaemonHost _host = null!;
-    private DBusConnection _client = null!;
+    private BusClient _client = null!;
 
     public Task InitializeAsync()
     {
         _host = DaemonHost.Start(_bus, DaemonHost.Ini("hosta", "hostb", 9));
-        _client = DBusConnection.Open(_bus.Address);
+        _client = TestBus.Open(_bus.Address);
         return Task.CompletedTask;
     }
 
@@ -39,18 +41,17 @@ public sealed class DaemonBusTests : IAsyncLifetime
         }
     }
 
-    private T Call<T>(string method, Action<DBusMessageWriter>? write, Func<DBusMessageReader, T> read) =>
-        _client.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", Manager, method, write, read, Timeout);
+    private T Call<T>(string method, BodyWriter? write, BodyReader<T> read) => _client.CallManager(method, write, read);
 
     private (bool Allow, string Message, string XmlOut) Hook(string guest, string op, string subop, string xml) =>
-        Call("HookEvent", w =>
+        Call("HookEvent", (ref MessageWriter w) =>
         {
             w.WriteString(guest);
             w.WriteString(op);
             w.WriteString(subop);
             w.WriteString("-");
             w.WriteString(xml);
-        }, r => (r.ReadBool(), r.ReadString(), r.ReadString()));
+        }, (ref Reader r) => (r.ReadBool(), r.ReadString(), r.ReadString()));
 
     private static string DomainXml(string name, string uuid) => $"<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><devices><disk><uuid>00000000-0000-0000-0000-000000000001</uuid></disk></devices></domain>";
 
@@ -60,7 +61,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
         var contract = Describe(XDocument.Load(Path.Combine(Tools.RepositoryRoot(), "src", "Daemon", "org.bfmig.BFMig1.xml")));
         Assert.Contains(contract, l => l.StartsWith("method HookEvent(", StringComparison.Ordinal));
 
-        var native = _client.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", "org.freedesktop.DBus.Introspectable", "Introspect", null, r => r.ReadString(), Timeout);
+        var native = _client.Call("org.bfmig.BFMig1", "/org/bfmig/BFMig1", "org.freedesktop.DBus.Introspectable", "Introspect", "", null, (m, _) => m.GetBodyReader().ReadString(), Timeout);
         Assert.Equal(contract, Describe(XDocument.Parse(native)));
 
         var (code, busctl, err) = Tools.Run("busctl", "--address=" + _bus.Address, "introspect", "--xml-interface", "org.bfmig.BFMig1", "/org/bfmig/BFMig1");
@@ -86,7 +87,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
     [Fact]
     public void GetStatus_answers_the_native_client_and_dbus_send()
     {
-        var status = Call("GetStatus", null, r => r.ReadVariantDictionary());
+        var status = Call("GetStatus", null, (ref Reader r) => Variants.ReadDictionary(ref r));
         Assert.Equal("hosta", status["host_name"]);
         Assert.Equal(new[] { "hostb" }, (string[])status["peers"]);
         Assert.Equal(0u, status["active_transfers"]);
@@ -194,7 +195,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
         // A helper holds the store (as during a trip): refused, nothing deleted.
         using (new FileStream(Path.Combine(dir, "mem", "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None))
         {
-            var busy = Assert.Throws<DBusException>(() => Call("Forget", w => w.WriteString("db1"), _ => 0));
+            var busy = Assert.Throws<DBusErrorReplyException>(() => Call("Forget", (ref MessageWriter w) => w.WriteString("db1"), (ref Reader _) => 0));
             Assert.Equal("org.bfmig.BFMig1.Error.Busy", busy.ErrorName);
             Assert.True(Directory.Exists(dir));
         }
@@ -204,7 +205,7 @@ public sealed class DaemonBusTests : IAsyncLifetime
         Assert.False(Directory.Exists(dir));
         Assert.DoesNotContain(Call("ListGuests", null, ReadGuests), g => g.Uuid == uuid.ToString());
 
-        var unknown = Assert.Throws<DBusException>(() => Call("Forget", w => w.WriteString("db1"), _ => 0));
+        var unknown = Assert.Throws<DBusErrorReplyException>(() => Call("Forget", (ref MessageWriter w) => w.WriteString("db1"), (ref Reader _) => 0));
         Assert.Equal("org.bfmig.BFMig1.Error.UnknownGuest", unknown.ErrorName);
         Assert.Contains("nothing is retained for guest 'db1'", unknown.ErrorMessage);
     }
@@ -212,45 +213,44 @@ public sealed class DaemonBusTests : IAsyncLifetime
     [Fact]
     public void PrepareMigration_returns_the_peer_uri_and_the_sockets_of_a_running_guest()
     {
-        var (destination, mig, nbd) = Call("PrepareMigration", w =>
+        var (destination, mig, nbd) = Call("PrepareMigration", (ref MessageWriter w) =>
         {
             w.WriteString("test");
             w.WriteString("hostb");
-        }, r => (r.ReadString(), r.ReadString(), r.ReadString()));
+        }, (ref Reader r) => (r.ReadString(), r.ReadString(), r.ReadString()));
         Assert.Equal("qemu+tcp://hostb/system", destination);
         var run = _host.Options.RuntimeDirectory;
         Assert.Equal($"unix://{run}/hostb/test.mig", mig);
         Assert.Equal($"unix://{run}/hostb/test.nbd", nbd);
         Assert.StartsWith("socket", Tools.Stat(mig["unix://".Length..]).Split(' ')[2]);
 
-        var unknownPeer = Assert.Throws<DBusException>(() => Call("PrepareMigration", w =>
+        var unknownPeer = Assert.Throws<DBusErrorReplyException>(() => Call("PrepareMigration", (ref MessageWriter w) =>
         {
             w.WriteString("test");
             w.WriteString("hostz");
-        }, _ => 0));
+        }, (ref Reader _) => 0));
         Assert.Equal("org.bfmig.BFMig1.Error.UnknownPeer", unknownPeer.ErrorName);
 
-        var unknownGuest = Assert.Throws<DBusException>(() => Call("PrepareMigration", w =>
+        var unknownGuest = Assert.Throws<DBusErrorReplyException>(() => Call("PrepareMigration", (ref MessageWriter w) =>
         {
             w.WriteString("no-such-guest");
             w.WriteString("hostb");
-        }, _ => 0));
+        }, (ref Reader _) => 0));
         Assert.Equal("org.bfmig.BFMig1.Error.UnknownGuest", unknownGuest.ErrorName);
     }
 
     [Fact]
     public void Doctor_reports_each_check_with_a_reason()
     {
-        var checks = Call("Doctor", null, r =>
+        var checks = Call("Doctor", null, (ref Reader r) =>
         {
             var list = new List<(string Name, bool Passed, string Detail)>();
-            r.EnterArray("(sbs)");
-            while (r.EnterStruct("sbs"))
+            var end = r.ReadArrayStart(DBusType.Struct);
+            while (r.HasNext(end))
             {
+                r.AlignStruct();
                 list.Add((r.ReadString(), r.ReadBool(), r.ReadString()));
-                r.ExitContainer();
             }
-            r.ExitContainer();
             return list;
         }).ToDictionary(c => c.Name);
         Assert.False(checks["hook"].Passed);
@@ -277,26 +277,25 @@ public sealed class DaemonBusTests : IAsyncLifetime
         var uuid = Guid.Parse("bbbbbbbb-2222-3333-4444-555555555555");
         _host.Daemon.Store.SaveName(uuid, "app1");
         _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Here, "hostb", DateTimeOffset.UtcNow));
-        var (disk, memory, stockDisk, stockMemory, basis) = Call("Estimate", w =>
+        var (disk, memory, stockDisk, stockMemory, basis) = Call("Estimate", (ref MessageWriter w) =>
         {
             w.WriteString("app1");
             w.WriteString("hostb");
-        }, r => (r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadString()));
+        }, (ref Reader r) => (r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadString()));
         Assert.Equal((0ul, 0ul, 0ul, 0ul), (disk, memory, stockDisk, stockMemory));
         Assert.Contains("memory: nothing retained", basis);
         Assert.Contains("disk: no block map retained", basis);
     }
 
-    private static List<(string Uuid, string Name, string Location, string Peer, ulong Generation, ulong Memory, ulong Disk, long Since)> ReadGuests(DBusMessageReader r)
+    private static List<(string Uuid, string Name, string Location, string Peer, ulong Generation, ulong Memory, ulong Disk, long Since)> ReadGuests(ref Reader r)
     {
         var list = new List<(string, string, string, string, ulong, ulong, ulong, long)>();
-        r.EnterArray("(sssstttx)");
-        while (r.EnterStruct("sssstttx"))
+        var end = r.ReadArrayStart(DBusType.Struct);
+        while (r.HasNext(end))
         {
+            r.AlignStruct();
             list.Add((r.ReadString(), r.ReadString(), r.ReadString(), r.ReadString(), r.ReadUInt64(), r.ReadUInt64(), r.ReadUInt64(), r.ReadInt64()));
-            r.ExitContainer();
         }
-        r.ExitContainer();
         return list;
     }
 

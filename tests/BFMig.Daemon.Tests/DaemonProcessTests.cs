@@ -1,7 +1,8 @@
 using System.Diagnostics;
 using System.Net.Sockets;
 using BFMig.Daemon.Tests.Infrastructure;
-using BFMig.Native.DBus;
+using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 using Xunit.Abstractions;
 
 namespace BFMig.Daemon.Tests;
@@ -170,15 +171,15 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         try
         {
             var finished = new TaskCompletionSource<(bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
-            using var watcher = DBusConnection.Open(bus.Address);
-            using var subscription = watcher.SubscribeSignal(null, null, "org.bfmig.BFMig1.Manager", "TransferFinished", s =>
+            using var watcher = TestBus.Open(bus.Address);
+            using var subscription = watcher.WatchManager("TransferFinished", static (m, _) =>
             {
-                s.Reader.ReadString();
-                s.Reader.ReadString();
-                finished.TrySetResult((s.Reader.ReadBool(), s.Reader.ReadString()));
-            });
-            watcher.StartProcessing();
-
+                var r = m.GetBodyReader();
+                r.ReadString();
+                r.ReadString();
+                return (r.ReadBool(), r.ReadString());
+            }, f => finished.TrySetResult(f));
+    
             var mig = Path.Combine(host.Options.RuntimeDirectory, "hostb", "test.mig");
             var nbd = Path.Combine(host.Options.RuntimeDirectory, "hostb", "test.nbd");
             await Tools.UntilAsync(() => File.Exists(mig), "sockets of guest test");

@@ -2,7 +2,8 @@ using System.Net.Sockets;
 using System.Security.Cryptography;
 using System.Text.Json;
 using BFMig.Daemon.Tests.Infrastructure;
-using BFMig.Native.DBus;
+using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 using BFMig.Native.Libvirt;
 using BFMig.Transfer.Wire;
 using BFMig.Transfer;
@@ -65,17 +66,19 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
 
         var finished = new TaskCompletionSource<(string Guest, string Peer, bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
         var progress = new System.Collections.Concurrent.ConcurrentQueue<(string Stream, ulong Sent, ulong Saved)>();
-        using var watcher = DBusConnection.Open(_busA.Address);
-        using var onFinished = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferFinished",
-            s => finished.TrySetResult((s.Reader.ReadString(), s.Reader.ReadString(), s.Reader.ReadBool(), s.Reader.ReadString())));
-        using var onProgress = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferProgress", s =>
+        using var watcher = TestBus.Open(_busA.Address);
+        using var onFinished = watcher.WatchManager("TransferFinished", static (m, _) =>
         {
-            var r = s.Reader;
+            var r = m.GetBodyReader();
+            return (r.ReadString(), r.ReadString(), r.ReadBool(), r.ReadString());
+        }, f => finished.TrySetResult(f));
+        using var onProgress = watcher.WatchManager("TransferProgress", static (m, _) =>
+        {
+            var r = m.GetBodyReader();
             r.ReadString();
             r.ReadString();
-            progress.Enqueue((r.ReadString(), r.ReadUInt64(), r.ReadUInt64()));
-        });
-        watcher.StartProcessing();
+            return (r.ReadString(), r.ReadUInt64(), r.ReadUInt64());
+        }, progress.Enqueue);
 
         // B's hook announced the incoming migration (libvirt runs `migrate begin` there first).
         _b.AnnounceIncoming("test", TestGuestUuid);

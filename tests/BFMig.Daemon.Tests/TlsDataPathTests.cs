@@ -2,8 +2,8 @@ using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net.Sockets;
 using BFMig.Daemon.Tests.Infrastructure;
-using BFMig.Native.DBus;
 using BFMig.Tests.Shared;
+using Tmds.DBus.Protocol;
 using Xunit.Abstractions;
 
 namespace BFMig.Daemon.Tests;
@@ -82,21 +82,23 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         var finished = new TaskCompletionSource<(bool Ok, string Message)>(TaskCreationOptions.RunContinuationsAsynchronously);
         var progress = new ConcurrentQueue<(string Guest, string Peer, string Stream, ulong Sent, ulong Saved)>();
         int progressBeforeFinished = -1;
-        using var watcher = DBusConnection.Open(_busA.Address);
-        using var onProgress = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferProgress", s =>
+        using var watcher = TestBus.Open(_busA.Address);
+        using var onProgress = watcher.WatchManager("TransferProgress", static (m, _) =>
         {
-            var r = s.Reader;
-            progress.Enqueue((r.ReadString(), r.ReadString(), r.ReadString(), r.ReadUInt64(), r.ReadUInt64()));
-        });
-        using var onFinished = watcher.SubscribeSignal(null, "/org/bfmig/BFMig1", "org.bfmig.BFMig1.Manager", "TransferFinished", s =>
+            var r = m.GetBodyReader();
+            return (r.ReadString(), r.ReadString(), r.ReadString(), r.ReadUInt64(), r.ReadUInt64());
+        }, progress.Enqueue);
+        using var onFinished = watcher.WatchManager("TransferFinished", static (m, _) =>
         {
-            var r = s.Reader;
+            var r = m.GetBodyReader();
             r.ReadString();
             r.ReadString();
+            return (r.ReadBool(), r.ReadString());
+        }, f =>
+        {
             progressBeforeFinished = progress.Count;
-            finished.TrySetResult((r.ReadBool(), r.ReadString()));
+            finished.TrySetResult(f);
         });
-        watcher.StartProcessing();
 
         _b.AnnounceIncoming("test", "6695eb01-f6a4-8304-79aa-97f2502e193f");
         var destinationPath = Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig");

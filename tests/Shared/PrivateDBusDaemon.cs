@@ -53,7 +53,7 @@ public class PrivateDBusDaemon : IDisposable
             string stderr = _daemon.HasExited ? _daemon.StandardError.ReadToEnd() : "(still running)";
             throw new InvalidOperationException($"dbus-daemon did not print its address: {stderr}");
         }
-        // Without the guid the same string works for sd-bus, busctl --address and bfmigd's bus_address.
+        // Without the guid the same string works for Tmds.DBus.Protocol, busctl --address and bfmigd's bus_address.
         Address = "unix:path=" + socket;
     }
 

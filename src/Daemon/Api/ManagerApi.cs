@@ -1,8 +1,9 @@
 using BFMig.Contracts;
 using BFMig.Daemon.Logging;
-using BFMig.Native.DBus;
+using BFMig.Bus;
 using BFMig.Native.Linux;
 using Microsoft.Extensions.Logging;
+using Tmds.DBus.Protocol;
 
 namespace BFMig.Daemon.Api;
 
@@ -69,15 +70,15 @@ public enum CallerAccess
 /// <c>org.bfmig.BFMig1.Manager</c> at <c>/org/bfmig/BFMig1</c>, as <c>org.bfmig.BFMig1.xml</c>
 /// defines it. The bus policy lets every local user send to it, so each method says here who may
 /// call it (<see cref="CallerAccess"/>), checked against the credentials the bus daemon took from
-/// the caller's socket. Anything that may block (files, libvirt, network, QEMU) runs off the bus
-/// thread with a deferred reply.
+/// the caller's socket (<see cref="CallerCredentials"/>, asked for each call). Every method runs
+/// off the connection's receive loop (ManagerApi.Dispatch.cs), so a slow one holds no other call.
 /// </summary>
 /// <param name="service">The daemon behind the methods.</param>
 /// <param name="logger">Refusals and failed methods.</param>
 /// <param name="adminGroup">The group of <c>daemon:admin_group</c>; null: the admin methods are root's only.</param>
 /// <param name="estimates">How many Estimates a non-root caller may start per window.</param>
 /// <param name="refusals">The rate limit of refusal log lines.</param>
-public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGroup? adminGroup, CallRateLimit estimates, LogRateLimiter refusals)
+public sealed partial class ManagerApi(IManagerService service, ILogger logger, UnixGroup? adminGroup, CallRateLimit estimates, LogRateLimiter refusals)
 {
     /// <summary>Estimates a non-root caller may start per minute: each asks QEMU to sample the guest's memory for a second.</summary>
     public const int EstimatesPerMinute = 6;
@@ -86,35 +87,28 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
     public const string ObjectPath = BusContract.ObjectPath;
     public const string InterfaceName = BusContract.Interface;
 
-    /// <summary>The object to export.</summary>
-    public DBusObject CreateObject()
-    {
-        var obj = new DBusObject(ObjectPath, InterfaceName);
-        obj.AddMethod("HookEvent", "sssss", "bss", HookEvent,
-            ["guest", "operation", "sub_operation", "extra", "domain_xml"], ["allow", "message", "xml_out"], DBusMethodAccess.Anyone);
-        obj.AddMethod("GetStatus", "", "a{sv}", GetStatus, [], ["status"], DBusMethodAccess.Anyone);
-        obj.AddMethod("ListGuests", "", "a(sssstttx)", ListGuests, [], ["guests"], DBusMethodAccess.Anyone);
-        obj.AddMethod("ListTrips", "", "a(sssbssx)", ListTrips, [], ["trips"], DBusMethodAccess.Anyone);
-        obj.AddMethod("Forget", "s", "", Forget, ["guest"], [], DBusMethodAccess.Anyone);
-        obj.AddMethod("Estimate", "ss", "tttts", Estimate, ["guest", "peer"],
-            ["disk_bytes", "memory_bytes", "stock_disk_bytes", "stock_memory_bytes", "basis"], DBusMethodAccess.Anyone);
-        obj.AddMethod("PrepareMigration", "ss", "sss", PrepareMigration, ["guest", "peer"],
-            ["destination_uri", "migrate_uri", "disks_uri"], DBusMethodAccess.Anyone);
-        obj.AddMethod("Doctor", "", "a(sbs)", Doctor, [], ["checks"], DBusMethodAccess.Anyone);
-        obj.AddSignal("TransferProgress", "ssstt", ["guest", "peer", "stream", "bytes_sent", "bytes_saved"]);
-        obj.AddSignal("TransferFinished", "ssbs", ["guest", "peer", "ok", "message"]);
-        return obj;
-    }
+    /// <summary>
+    /// The methods: name, in and out signatures (as in the XML), who may call, and the work. Every
+    /// in-argument of the API is a string, so the dispatcher reads them for the method.
+    /// </summary>
+    private Method[] CreateMethods() =>
+    [
+        new("HookEvent", "sssss", "bss", CallerAccess.Root, HookEvent),
+        new("GetStatus", "", "a{sv}", CallerAccess.Anyone, GetStatus),
+        new("ListGuests", "", "a(sssstttx)", CallerAccess.Admin, ListGuests),
+        // Like ListGuests: it names every guest (UUID) and peer that travelled (issue 12, finding 10).
+        new("ListTrips", "", "a(sssbssx)", CallerAccess.Admin, ListTrips),
+        new("Forget", "s", "", CallerAccess.Root, Forget),
+        new("Estimate", "ss", "tttts", CallerAccess.Admin, Estimate),
+        new("PrepareMigration", "ss", "sss", CallerAccess.Root, PrepareMigration),
+        new("Doctor", "", "a(sbs)", CallerAccess.Admin, Doctor),
+    ];
 
-    private void HookEvent(DBusMethodCall call)
+    private Task<BodyWriter?> HookEvent(CallerCredentials caller, string[] a)
     {
-        Require(call, CallerAccess.Root);
-        var r = call.Reader;
-        var (guest, op, subop, extra, xml) = (r.ReadString(), r.ReadString(), r.ReadString(), r.ReadString(), r.ReadString());
-        // Synchronous on purpose: the hook is waiting, libvirt is waiting for the hook, and the
-        // decision reads one small local file.
-        var d = service.HookEvent(guest, op, subop, extra, xml);
-        call.Reply(w =>
+        // The hook is waiting, and libvirt is waiting for the hook; the decision reads one small local file.
+        var d = service.HookEvent(a[0], a[1], a[2], a[3], a[4]);
+        return Answer((ref MessageWriter w) =>
         {
             w.WriteBool(d.Allow);
             w.WriteString(d.Message);
@@ -122,93 +116,63 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
         });
     }
 
-    private void GetStatus(DBusMethodCall call)
+    private Task<BodyWriter?> GetStatus(CallerCredentials caller, string[] a)
     {
         var status = service.GetStatus(out var peers);
-        call.Reply(w =>
+        return Answer((ref MessageWriter w) => Variants.WriteDictionary(ref w, [.. status, new("peers", peers.ToArray())]));
+    }
+
+    private Task<BodyWriter?> ListGuests(CallerCredentials caller, string[] a)
+    {
+        var guests = service.ListGuests();
+        return Answer((ref MessageWriter w) =>
         {
-            w.OpenArray("{sv}");
-            foreach (var (key, value) in status)
+            ArrayStart array = w.WriteArrayStart(DBusType.Struct);
+            foreach (var g in guests)
             {
-                w.OpenDictEntry("sv");
-                w.WriteString(key);
-                w.WriteVariant(value);
-                w.CloseContainer();
+                w.WriteStructureStart();
+                w.WriteString(g.Uuid);
+                w.WriteString(g.Name);
+                w.WriteString(g.Location);
+                w.WriteString(g.Peer);
+                w.WriteUInt64(g.Generation);
+                w.WriteUInt64(g.MemoryBytes);
+                w.WriteUInt64(g.DiskBytes);
+                w.WriteInt64(g.Since);
             }
-            w.OpenDictEntry("sv");
-            w.WriteString("peers");
-            w.OpenVariant("as");
-            w.WriteStringArray(peers);
-            w.CloseContainer();
-            w.CloseContainer();
-            w.CloseContainer();
+            w.WriteArrayEnd(array);
         });
     }
 
-    private void ListGuests(DBusMethodCall call)
+    private Task<BodyWriter?> ListTrips(CallerCredentials caller, string[] a)
     {
-        Require(call, CallerAccess.Admin);
-        Deferred(call, "ListGuests", service.ListGuests, WriteGuests);
-    }
-
-    private static void WriteGuests(DBusMessageWriter w, IReadOnlyList<GuestListing> guests)
-    {
-        w.OpenArray("(sssstttx)");
-        foreach (var g in guests)
+        var trips = service.ListTrips();
+        return Answer((ref MessageWriter w) =>
         {
-            w.OpenStruct("sssstttx");
-            w.WriteString(g.Uuid);
-            w.WriteString(g.Name);
-            w.WriteString(g.Location);
-            w.WriteString(g.Peer);
-            w.WriteUInt64(g.Generation);
-            w.WriteUInt64(g.MemoryBytes);
-            w.WriteUInt64(g.DiskBytes);
-            w.WriteInt64(g.Since);
-            w.CloseContainer();
-        }
-        w.CloseContainer();
+            ArrayStart array = w.WriteArrayStart(DBusType.Struct);
+            foreach (var t in trips)
+            {
+                w.WriteStructureStart();
+                w.WriteString(t.Uuid);
+                w.WriteString(t.Direction);
+                w.WriteString(t.Path);
+                w.WriteBool(t.MemoryOnly);
+                w.WriteString(t.Peer);
+                w.WriteString(t.Reason);
+                w.WriteInt64(t.At);
+            }
+            w.WriteArrayEnd(array);
+        });
     }
 
-    private void ListTrips(DBusMethodCall call)
+    private Task<BodyWriter?> Forget(CallerCredentials caller, string[] a)
     {
-        // Like ListGuests: it names every guest (UUID) and peer that travelled (issue 12, finding 10).
-        Require(call, CallerAccess.Admin);
-        Deferred(call, "ListTrips", service.ListTrips, WriteTrips);
+        service.Forget(a[0]);
+        return Task.FromResult<BodyWriter?>(null);
     }
 
-    private static void WriteTrips(DBusMessageWriter w, IReadOnlyList<TripListing> trips)
+    private async Task<BodyWriter?> Estimate(CallerCredentials caller, string[] a)
     {
-        w.OpenArray("(sssbssx)");
-        foreach (var t in trips)
-        {
-            w.OpenStruct("sssbssx");
-            w.WriteString(t.Uuid);
-            w.WriteString(t.Direction);
-            w.WriteString(t.Path);
-            w.WriteBool(t.MemoryOnly);
-            w.WriteString(t.Peer);
-            w.WriteString(t.Reason);
-            w.WriteInt64(t.At);
-            w.CloseContainer();
-        }
-        w.CloseContainer();
-    }
-
-    private void Forget(DBusMethodCall call)
-    {
-        Require(call, CallerAccess.Root);
-        var guest = call.Reader.ReadString();
-        Deferred(call, "Forget", () =>
-        {
-            service.Forget(guest);
-            return true;
-        }, static (_, _) => { });
-    }
-
-    private void Estimate(DBusMethodCall call)
-    {
-        var caller = Require(call, CallerAccess.Admin);
         // Root is not counted: it could stop the daemon anyway. The one-per-guest rule still holds for it.
         if (caller.Uid != 0 && !estimates.TryTake(caller.Uid, out var retryAfter))
         {
@@ -216,26 +180,23 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
             var message = $"Estimate is limited to {estimates.Limit} calls per {(int)estimates.Window.TotalSeconds} s for each user other than root " +
                 $"(uid {caller.Uid} used them up); try again in {seconds} s";
             LogRefusal("Estimate", caller.Uid, $"rate limit ({estimates.Limit} per {(int)estimates.Window.TotalSeconds} s)");
-            throw new DBusException(DaemonErrors.LimitExceeded, message);
+            throw new RefusedException(DaemonErrors.LimitExceeded, message);
         }
-        var r = call.Reader;
-        var (guest, peer) = (r.ReadString(), r.ReadString());
-        DeferredAsync(call, "Estimate", () => service.EstimateAsync(guest, peer), (w, e) =>
+        var e = await service.EstimateAsync(a[0], a[1]).ConfigureAwait(false);
+        return (ref MessageWriter w) =>
         {
             w.WriteUInt64(e.DiskBytes);
             w.WriteUInt64(e.MemoryBytes);
             w.WriteUInt64(e.StockDiskBytes);
             w.WriteUInt64(e.StockMemoryBytes);
             w.WriteString(e.Basis);
-        });
+        };
     }
 
-    private void PrepareMigration(DBusMethodCall call)
+    private Task<BodyWriter?> PrepareMigration(CallerCredentials caller, string[] a)
     {
-        Require(call, CallerAccess.Root);
-        var r = call.Reader;
-        var (guest, peer) = (r.ReadString(), r.ReadString());
-        Deferred(call, "PrepareMigration", () => service.PrepareMigration(guest, peer), (w, u) =>
+        var u = service.PrepareMigration(a[0], a[1]);
+        return Answer((ref MessageWriter w) =>
         {
             w.WriteString(u.DestinationUri);
             w.WriteString(u.MigrateUri);
@@ -243,38 +204,35 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
         });
     }
 
-    private void Doctor(DBusMethodCall call)
+    private Task<BodyWriter?> Doctor(CallerCredentials caller, string[] a)
     {
-        Require(call, CallerAccess.Admin);
-        Deferred(call, "Doctor", service.Doctor, WriteChecks);
+        var checks = service.Doctor();
+        return Answer((ref MessageWriter w) =>
+        {
+            ArrayStart array = w.WriteArrayStart(DBusType.Struct);
+            foreach (var c in checks)
+            {
+                w.WriteStructureStart();
+                w.WriteString(c.Name);
+                w.WriteBool(c.Passed);
+                w.WriteString(c.Detail);
+            }
+            w.WriteArrayEnd(array);
+        });
     }
 
-    private static void WriteChecks(DBusMessageWriter w, IReadOnlyList<DoctorCheck> checks)
-    {
-        w.OpenArray("(sbs)");
-        foreach (var c in checks)
-        {
-            w.OpenStruct("sbs");
-            w.WriteString(c.Name);
-            w.WriteBool(c.Passed);
-            w.WriteString(c.Detail);
-            w.CloseContainer();
-        }
-        w.CloseContainer();
-    }
+    private static Task<BodyWriter?> Answer(BodyWriter write) => Task.FromResult<BodyWriter?>(write);
 
     /// <summary>
     /// The one access rule of the API: root may call everything, members of the admin group the
     /// <see cref="CallerAccess.Admin"/> methods, everyone the rest. Throws AccessDenied (logged,
     /// rate-limited) with what the caller would need.
     /// </summary>
-    private DBusCallerCredentials Require(DBusMethodCall call, CallerAccess access)
+    private void Require(CallerCredentials caller, string method, CallerAccess access)
     {
-        var caller = call.GetSenderCredentials();
         if (access == CallerAccess.Anyone || caller.Uid == 0
             || access == CallerAccess.Admin && adminGroup is { } group && caller.InGroup(group.Gid))
-            return caller;
-        var method = call.Method.Name;
+            return;
         var (rule, message) = access == CallerAccess.Root
             ? ("root only", $"{method} changes BFMig state and is allowed to root only (caller uid {caller.Uid}); run it with sudo")
             : adminGroup is { } admins
@@ -285,7 +243,7 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
                     $"{method} shows this host's guests or makes it work and is allowed to root only (caller uid {caller.Uid}; " +
                     "daemon:admin_group is not set in bfmig.conf); run it with sudo");
         LogRefusal(method, caller.Uid, rule);
-        throw new DBusException(DaemonErrors.AccessDenied, message);
+        throw new RefusedException(DaemonErrors.AccessDenied, message);
     }
 
     /// <summary>A local user looping on a refused call costs the journal a few lines, not one per call.</summary>
@@ -298,56 +256,9 @@ public sealed class ManagerApi(IManagerService service, ILogger logger, UnixGrou
         DaemonLog.CallerRefused(logger, method, uid, rule);
     }
 
-    private void Deferred<T>(DBusMethodCall call, string method, Func<T> work, Action<DBusMessageWriter, T> write) =>
-        DeferredAsync(call, method, () => Task.FromResult(work()), write);
-
-    /// <summary>
-    /// Answers later: <paramref name="work"/> starts on the thread pool (never on the bus thread)
-    /// and holds no thread while it awaits.
-    /// </summary>
-    private void DeferredAsync<T>(DBusMethodCall call, string method, Func<Task<T>> work, Action<DBusMessageWriter, T> write)
+    /// <summary>A refusal the caller sees by name; already logged (rate-limited), so not logged again as a failure.</summary>
+    private sealed class RefusedException(string errorName, string message) : Exception(message)
     {
-        var reply = call.Defer();
-        _ = Task.Run(async () =>
-        {
-            T result;
-            try
-            {
-                result = await work().ConfigureAwait(false);
-            }
-            catch (DaemonApiException e)
-            {
-                DaemonLog.MethodFailed(logger, method, e.Message);
-                TryReplyError(reply, e.ErrorName, e.Message);
-                return;
-            }
-            catch (Exception e)
-            {
-                DaemonLog.MethodFailed(logger, method, e.ToString());
-                TryReplyError(reply, DaemonErrors.Failed, $"{method} failed: {e.Message}");
-                return;
-            }
-            try
-            {
-                reply.Reply(w => write(w, result));
-            }
-            catch (Exception e) when (e is DBusException or ObjectDisposedException)
-            {
-                // The deferred call is used up even when writing the reply failed: the caller times out.
-                DaemonLog.MethodFailed(logger, method, $"cannot send the reply: {e.Message}");
-            }
-        });
-    }
-
-    private void TryReplyError(DBusDeferredReply reply, string name, string message)
-    {
-        try
-        {
-            reply.ReplyError(name, message);
-        }
-        catch (Exception e) when (e is DBusException or ObjectDisposedException)
-        {
-            DaemonLog.MethodFailed(logger, "reply", e.Message);
-        }
+        public string ErrorName { get; } = errorName;
     }
 }
