@@ -96,9 +96,11 @@ internal static class Hook
             message = text;
             return allow ? DaemonAnswer.Accepted : DaemonAnswer.Refused;
         }
-        catch (Exception e) when (e is DBusExceptionBase or TimeoutException or IOException or System.Net.Sockets.SocketException)
+        catch (Exception)
         {
-            // No bus, no daemon, timeout, or a daemon bug: behave like stock libvirt.
+            // No bus, no daemon, a timeout, a reply of the wrong shape or a bug on either side:
+            // the local rule decides. An exception escaping here would make the hook exit non-zero,
+            // and libvirt would then refuse prepare, start and migrate of every guest.
             return DaemonAnswer.Unreachable;
         }
     }

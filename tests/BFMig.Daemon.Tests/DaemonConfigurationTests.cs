@@ -82,6 +82,12 @@ public sealed class DaemonConfigurationTests : IDisposable
     [InlineData("[auth]\nmode = psk\n", "auth:mode = psk needs auth:psk_file", "")]
     [InlineData("[peers:hostb]\nlibvirt_uri = qemu+tcp://x/system\n", "peers:hostb:address is required", "")]
     [InlineData("[peers:bad/name]\naddress = x\n", "[peers:bad/name]", "peer name")]
+    // Host and peer names are directories under runtime_dir, beside the daemon's and the hook's own.
+    [InlineData("[daemon]\nhost_name = incoming\n", "daemon:host_name = 'incoming'", "not be 'incoming'")]
+    [InlineData("[daemon]\nhost_name = ..\n", "daemon:host_name = '..'", "start with a letter or digit")]
+    [InlineData("[daemon]\nhost_name = .bind\n", "daemon:host_name = '.bind'", "start with a letter or digit")]
+    [InlineData("[peers:incoming]\naddress = x\n", "[peers:incoming]", "not be 'incoming'")]
+    [InlineData("[peers:.transfers]\naddress = x\n", "[peers:.transfers]", "start with a letter or digit")]
     public void A_bad_value_names_the_key_the_value_and_the_file(string conf, string expectedKey, string expectedWhy)
     {
         var path = WriteConf(conf);

@@ -74,7 +74,7 @@ public static class DaemonConfiguration
         var peers = ReadPeers(config, s);
         return new DaemonOptions
         {
-            HostName = s.Name("daemon:host_name", Environment.MachineName),
+            HostName = s.HostName("daemon:host_name", Environment.MachineName),
             StateDirectory = s.Path("daemon:state_dir", "/var/lib/bfmig"),
             RuntimeDirectory = s.Path("daemon:runtime_dir", "/run/bfmig"),
             LibvirtUri = s.Text("daemon:libvirt_uri", "qemu:///system"),
@@ -115,8 +115,8 @@ public static class DaemonConfiguration
         foreach (var section in config.GetSection("peers").GetChildren())
         {
             var name = section.Key;
-            if (!SettingReader.IsSimpleName(name))
-                throw new ConfigurationException($"[peers:{name}]: a peer name may use only letters, digits, '-', '_' and '.' ({s.Where($"peers:{name}")})");
+            if (!SettingReader.IsHostName(name))
+                throw new ConfigurationException($"[peers:{name}]: a peer name {SettingReader.HostNameRule} ({s.Where($"peers:{name}")})");
             var (host, port) = s.Endpoint($"peers:{name}:address", null, DefaultPort);
             var uri = s.Text($"peers:{name}:libvirt_uri", $"qemu+tls://{host}/system");
             var migration = s.OptionalText($"peers:{name}:migration_addresses") is { } list
@@ -202,6 +202,26 @@ public static class DaemonConfiguration
             var value = Text(key, fallback);
             if (!IsSimpleName(value))
                 throw Bad(key, value, "may use only letters, digits, '-', '_' and '.'");
+            return value;
+        }
+
+        /// <summary>What <see cref="IsHostName"/> demands, for messages.</summary>
+        public const string HostNameRule = "must start with a letter or digit, use only letters, digits, '-', '_' and '.', and not be 'incoming'";
+
+        /// <summary>
+        /// A host or peer name: each names a directory under runtime_dir (RUNTIME/NAME, whose
+        /// own-host one the QEMU group may write to), beside the daemon's own ".bind" and
+        /// ".transfers" and the hook's root-only "incoming" markers; "..", a dot name or
+        /// "incoming" would hand one of those to QEMU.
+        /// </summary>
+        public static bool IsHostName(string value) =>
+            IsSimpleName(value) && char.IsAsciiLetterOrDigit(value[0]) && value != "incoming";
+
+        public string HostName(string key, string fallback)
+        {
+            var value = Text(key, fallback);
+            if (!IsHostName(value))
+                throw Bad(key, value, HostNameRule);
             return value;
         }
 

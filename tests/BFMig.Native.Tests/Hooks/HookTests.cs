@@ -203,6 +203,25 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
         }
     }
 
+    [Fact]
+    public void A_reply_of_the_wrong_shape_fails_open_like_no_daemon()
+    {
+        using var daemon = TestBus.Open(_bus.Address);
+        // A daemon of another version, or anything else that took the name: "s" instead of "bss".
+        daemon.Connection.AddMethodHandler(new TestObject(Hook.ObjectPath, call =>
+        {
+            call.Reply("s", (ref MessageWriter w) => w.WriteString("not what the hook expects"));
+            return true;
+        }));
+        daemon.RequestName(Hook.BusName);
+        var settings = Settings(_bus.Address, TimeSpan.FromSeconds(5));
+
+        var (code, stdout, stderr) = Run(settings, "g1", "migrate", "begin", "-");
+        Assert.True(code == 0, stderr);
+        Assert.Equal(Xml, stdout.TrimEnd());
+        Assert.Equal(0, Run(settings, "g1", "prepare", "begin", "-").Code);
+    }
+
     [Theory]
     [InlineData("<domain><name>x</name><uuid>0B5D1C4E-1111-2222-3333-444455556666</uuid></domain>", Uuid)]
     [InlineData("<domain><name>x</name><uuid> not-a-uuid </uuid></domain>", null)]
