@@ -13,8 +13,16 @@ internal sealed class IncomingMarkers(string runDirectory, Guid uuid)
     private readonly string _announced = DefaultPaths.IncomingMarker(runDirectory, uuid);
     private string Prepared => _announced + ".prepared";
 
+    private const UnixFileMode DirectoryMode = UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute;
+
     public IncomingAnnouncement? Read()
     {
+        // A marker lets a guest in, so only one in a directory nobody but root can write counts;
+        // without it the local rule refuses the return trip while bfmigd is down, the safe side.
+        if (!IsTrustedDirectory(new DirectoryInfo(Path.GetDirectoryName(_announced)!)))
+        {
+            return null;
+        }
         if (File.Exists(Prepared))
         {
             return new IncomingAnnouncement(File.GetLastWriteTimeUtc(Prepared), Prepared: true);
@@ -33,12 +41,12 @@ internal sealed class IncomingMarkers(string runDirectory, Guid uuid)
                     File.Delete(Prepared);
                     break;
                 case { Prepared: false } a:
-                    Directory.CreateDirectory(Path.GetDirectoryName(_announced)!);
+                    EnsureDirectory();
                     File.Delete(Prepared);
                     Touch(_announced, a.At);
                     break;
                 case { } a:
-                    Directory.CreateDirectory(Path.GetDirectoryName(_announced)!);
+                    EnsureDirectory();
                     Touch(Prepared, a.At);
                     File.Delete(_announced);
                     break;
@@ -50,6 +58,19 @@ internal sealed class IncomingMarkers(string runDirectory, Guid uuid)
             stderr.WriteLine($"bfmig: warning: cannot update the incoming-migration marker {_announced}: {e.Message}");
         }
     }
+
+    private void EnsureDirectory()
+    {
+        var directory = Directory.CreateDirectory(Path.GetDirectoryName(_announced)!, DirectoryMode);
+        if (!IsTrustedDirectory(directory))
+        {
+            throw new IOException($"{directory.FullName} is a link or writable by others than root; not writing markers into it");
+        }
+    }
+
+    private static bool IsTrustedDirectory(DirectoryInfo directory) =>
+        directory.Exists && directory.LinkTarget is null &&
+        (directory.UnixFileMode & (UnixFileMode.GroupWrite | UnixFileMode.OtherWrite)) == 0;
 
     private static void Touch(string path, DateTimeOffset at)
     {

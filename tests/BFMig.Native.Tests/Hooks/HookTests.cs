@@ -107,6 +107,21 @@ public sealed class HookTests : IClassFixture<PrivateBusFixture>, IDisposable
     }
 
     [Fact]
+    public void A_marker_in_a_directory_others_can_write_does_not_count()
+    {
+        var settings = Settings(null);
+        RecordLocation(State("away"));
+        Assert.Equal(0, Run(settings, "g1", "migrate", "begin", "-").Code);
+        string incoming = Path.Combine(settings.RunDirectory, "incoming");
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute, File.GetUnixFileMode(incoming));
+        // Had anyone but root been able to write there, they could have planted the marker.
+        File.SetUnixFileMode(incoming, File.GetUnixFileMode(incoming) | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute);
+        var (code, _, stderr) = Run(settings, "g1", "prepare", "begin", "-");
+        Assert.Equal(1, code);
+        Assert.Contains("hostB", stderr);
+    }
+
+    [Fact]
     public void A_damaged_location_record_warns_but_does_not_block()
     {
         RecordLocation("{ \"location\": \"away\", truncated");

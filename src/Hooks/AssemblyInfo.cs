@@ -1,0 +1,2 @@
+// bfmig-hook runs only on Linux hosts under libvirt (file modes, /run markers).
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]
