@@ -87,12 +87,8 @@ public sealed partial class BfmigDaemon
     /// <c>RUNTIME/incoming/UUID</c> (root-owned directories, so neither a guest nor the QEMU user
     /// writes there), valid for <see cref="SplitBrainGuard.StreamWindow"/>. Without it such a migration would fail here.
     /// </summary>
-    private bool HookMarkedIncoming(Guid uuid)
-    {
-        var path = DefaultPaths.IncomingMarker(_options.RuntimeDirectory, uuid);
-        return new[] { path, path + ".prepared" }.Select(p => new FileInfo(p))
-            .Any(m => m.Exists && m.LinkTarget is null && _time.GetUtcNow() - m.LastWriteTimeUtc <= SplitBrainGuard.StreamWindow);
-    }
+    private bool HookMarkedIncoming(Guid uuid) =>
+        new IncomingMarkers(_options.RuntimeDirectory, uuid).Read() is { } marker && _time.GetUtcNow() - marker.At <= SplitBrainGuard.StreamWindow;
 
     private PeerRoute RoutePeer(RouteRequest hello)
     {

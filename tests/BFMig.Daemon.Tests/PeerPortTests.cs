@@ -88,6 +88,22 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         using var s2 = await ConnectAsync();
         await s2.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
         await Tools.UntilAsync(() => _b.Log.Contains("no incoming migration of guest " + TestGuestUuid, StringComparison.Ordinal), "the refusal of a stale marker");
+        // A fresh marker in a directory others could write to announces nothing either (the hook's rule).
+        File.SetLastWriteTimeUtc(marker, DateTime.UtcNow);
+        var dir = Path.GetDirectoryName(marker)!;
+        File.SetUnixFileMode(dir, File.GetUnixFileMode(dir) | UnixFileMode.OtherWrite);
+        int refusals = CountOf(_b.Log, "no incoming migration of guest " + TestGuestUuid);
+        using var s3 = await ConnectAsync();
+        await s3.SendAsync(HelloFrame(Guid.Parse(TestGuestUuid), "hosta"), SocketFlags.None);
+        await Tools.UntilAsync(() => CountOf(_b.Log, "no incoming migration of guest " + TestGuestUuid) > refusals, "the refusal of a marker others could have planted");
+    }
+
+    private static int CountOf(string text, string part)
+    {
+        int count = 0;
+        for (int i = text.IndexOf(part, StringComparison.Ordinal); i >= 0; i = text.IndexOf(part, i + part.Length, StringComparison.Ordinal))
+            count++;
+        return count;
     }
 
     [Fact]

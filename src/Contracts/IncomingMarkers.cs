@@ -1,14 +1,14 @@
-using BFMig.Contracts;
-
-namespace BFMig.Hooks;
+namespace BFMig.Contracts;
 
 /// <summary>
 /// The hook's own record of an <see cref="IncomingAnnouncement"/>, for when bfmigd does not answer:
 /// <c>RUN/incoming/UUID</c> while announced, <c>RUN/incoming/UUID.prepared</c> once it let a prepare
 /// through; the file's modification time is the announcement's. Root-owned directories: neither a
-/// guest nor the QEMU user can plant one. bfmigd also reads them (a peer's streams are let in).
+/// guest nor the QEMU user can plant one. bfmigd reads them with the same rules (a peer's streams
+/// are let in while the hook's marker is fresh, even when bfmigd missed the hook's call).
 /// </summary>
-internal sealed class IncomingMarkers(string runDirectory, Guid uuid)
+[System.Runtime.Versioning.SupportedOSPlatform("linux")]
+public sealed class IncomingMarkers(string runDirectory, Guid uuid)
 {
     private readonly string _announced = DefaultPaths.IncomingMarker(runDirectory, uuid);
     private string Prepared => _announced + ".prepared";
