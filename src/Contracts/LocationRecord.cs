@@ -116,12 +116,26 @@ public sealed record LocationRecord(GuestPlace Place, string Peer, DateTimeOffse
                     problem = $"has location '{location}', expected 'here' or 'away'";
                     return null;
             }
-            var pending = String(root, "pending") switch
+            var pendingText = root.TryGetProperty("pending", out var p) && p.ValueKind != JsonValueKind.Null
+                ? (p.ValueKind == JsonValueKind.String ? p.GetString() : p.GetRawText())
+                : null;
+            PendingTrip pending;
+            switch (pendingText)
             {
-                "departing" => PendingTrip.Departing,
-                "arriving" => PendingTrip.Arriving,
-                _ => PendingTrip.None,
-            };
+                case null:
+                    pending = PendingTrip.None;
+                    break;
+                case "departing":
+                    pending = PendingTrip.Departing;
+                    break;
+                case "arriving":
+                    pending = PendingTrip.Arriving;
+                    break;
+                default:
+                    // Reading it as "no trip" would hide a departure that may have happened.
+                    problem = $"has pending '{pendingText}', expected 'departing' or 'arriving'";
+                    return null;
+            }
             return new LocationRecord(place, peer, since, pending, pending == PendingTrip.None ? "" : String(root, "pendingPeer") ?? "");
         }
         catch (JsonException e)

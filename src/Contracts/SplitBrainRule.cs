@@ -14,7 +14,9 @@ public readonly record struct IncomingAnnouncement(DateTimeOffset At, bool Prepa
 /// retained. So a guest whose <see cref="LocationRecord"/> says it may run elsewhere
 /// (<see cref="LocationRecord.MayRunElsewhere"/>: away, or leaving and not yet confirmed) is
 /// refused at <c>prepare begin</c> and <c>start begin</c>, the hook points every boot, restore and
-/// incoming migration passes. Prepare alone would do; start is checked too so that nothing that
+/// incoming migration passes. So is a guest whose record exists but cannot be read or parsed: it
+/// may say away, and guessing "here" would disable the guard exactly when its state is in doubt;
+/// <c>bfmig forget GUEST</c> clears it. Prepare alone would do; start is checked too so that nothing that
 /// reaches start without a passed prepare slips through.
 /// </para>
 /// <para>
@@ -67,11 +69,12 @@ public static class SplitBrainRule
     /// <param name="guest">The guest's name (for the message).</param>
     /// <param name="operation">libvirt's hook operation.</param>
     /// <param name="subOperation">libvirt's hook sub-operation.</param>
-    /// <param name="record">The guest's location record, null when BFMig knows nothing of it.</param>
+    /// <param name="record">The guest's location record, null when BFMig knows nothing of it or it cannot be read.</param>
+    /// <param name="recordProblem">Why the record that exists cannot be read (it names the file), else null.</param>
     /// <param name="announcement">The guest's announced incoming migration, if any; replaced by what to keep after this call.</param>
     /// <param name="now">The clock.</param>
     /// <returns>Null to allow, else the refusal to show the user.</returns>
-    public static string? Apply(string guest, string operation, string subOperation, LocationRecord? record,
+    public static string? Apply(string guest, string operation, string subOperation, LocationRecord? record, string? recordProblem,
         ref IncomingAnnouncement? announcement, DateTimeOffset now)
     {
         var step = Classify(operation, subOperation);
@@ -91,14 +94,20 @@ public static class SplitBrainRule
             case Step.Start when announcement is not null:
                 return null;
             case Step.Prepare or Step.Start:
-                return Refusal(guest, operation, record);
+                return Refusal(guest, operation, record, recordProblem);
             default:
                 return null;
         }
     }
 
-    private static string? Refusal(string guest, string operation, LocationRecord? record)
+    private static string? Refusal(string guest, string operation, LocationRecord? record, string? recordProblem)
     {
+        if (recordProblem is not null)
+        {
+            return $"refusing to {operation} guest {guest}: its location record cannot be used ({recordProblem}), so BFMig cannot tell " +
+                "whether it runs on another host, and starting it here too would fork it and corrupt its retained state. " +
+                $"If it really is not running on another host, run `bfmig forget {guest}` on this host (that clears the record), then start it again.";
+        }
         if (record is not { MayRunElsewhere: true })
             return null;
         var host = record.ElsewhereHost.Length == 0 ? "another host" : record.ElsewhereHost;

@@ -162,7 +162,7 @@ public sealed partial class BfmigDaemon
     private void QueueInvalidateIfAway(GuestSession session) => session.Enqueue(() =>
     {
         var (uuid, name) = (session.Uuid, session.Name);
-        if (_store.ReadLocation(uuid)?.Place != GuestPlace.Away)
+        if (_store.ReadLocation(uuid).Record?.Place != GuestPlace.Away)
             return;
         var dir = Path.Combine(_store.GuestDirectory(uuid), "disk");
         if (!Directory.Exists(dir))

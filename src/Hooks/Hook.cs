@@ -122,16 +122,13 @@ internal static class Hook
         IncomingAnnouncement? before = markers.Read();
         IncomingAnnouncement? announcement = before;
         LocationRecord? record = null;
+        string? problem = null;
         if (decide && step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start)
         {
-            record = LocationRecord.Read(settings.StateDirectory, Guid.Parse(uuid), out string? problem);
-            if (problem is not null)
-            {
-                // A damaged record must not make a guest unstartable; say so loudly instead.
-                stderr.WriteLine($"bfmig: warning: {problem}; not applying the split-brain guard");
-            }
+            // A damaged record is refused by the rule (as bfmigd does): it may say away.
+            record = LocationRecord.Read(settings.StateDirectory, Guid.Parse(uuid), out problem);
         }
-        string? refusal = SplitBrainRule.Apply(guest, op, subop, record, ref announcement, settings.Now);
+        string? refusal = SplitBrainRule.Apply(guest, op, subop, record, problem, ref announcement, settings.Now);
         if (announcement != before)
         {
             markers.Write(announcement, stderr);

@@ -125,10 +125,10 @@ public sealed class DataPathTests(ITestOutputHelper output) : IAsyncLifetime
 
         // No helper records where the guest is: A holds the departure as pending (still here) until
         // libvirt confirms it, and B the arrival, so nothing has to be taken back if QEMU fails now.
-        await Tools.UntilAsync(() => _a.Daemon.Store.ReadLocation(Guid.Parse(TestGuestUuid)) is { Place: GuestPlace.Here, Pending: PendingTrip.Departing, PendingPeer: "hostb" },
+        await Tools.UntilAsync(() => _a.Daemon.Store.ReadLocation(Guid.Parse(TestGuestUuid)).Record is { Place: GuestPlace.Here, Pending: PendingTrip.Departing, PendingPeer: "hostb" },
             "A to hold the departure as pending", 30);
         Assert.Equal("here", _a.Daemon.Store.Read(Guid.Parse(TestGuestUuid))!.Location);
-        Assert.Equal(PendingTrip.Arriving, _b.Daemon.Store.ReadLocation(Guid.Parse(TestGuestUuid))?.Pending);
+        Assert.Equal(PendingTrip.Arriving, _b.Daemon.Store.ReadLocation(Guid.Parse(TestGuestUuid)).Record?.Pending);
 
         // libvirt would now report the departure on A and the arrival on B (the test driver cannot migrate).
         _a.Daemon.OnEvent(new LibvirtLifecycleDomainEvent("test", TestGuestUuid, LibvirtLifecycleEvent.Stopped, 3));

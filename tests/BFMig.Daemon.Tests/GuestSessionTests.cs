@@ -21,7 +21,7 @@ public sealed class GuestSessionTests : IDisposable
     private async Task<LocationRecord?> SettledAsync(GuestSessions sessions)
     {
         await sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(10));
-        return _store.ReadLocation(Uuid);
+        return _store.ReadLocation(Uuid).Record;
     }
 
     [Fact]
@@ -68,12 +68,34 @@ public sealed class GuestSessionTests : IDisposable
         Assert.True(pending.MayRunElsewhere);
 
         session.RunsHere();
-        Assert.Equal((GuestPlace.Here, PendingTrip.None), ((await SettledAsync(sessions))!.Place, _store.ReadLocation(Uuid)!.Pending));
+        Assert.Equal((GuestPlace.Here, PendingTrip.None), ((await SettledAsync(sessions))!.Place, _store.ReadLocation(Uuid).Record!.Pending));
 
         session.TripStarting(TransferDirection.Send, "hostb");
         session.Departed(null);
         var away = await SettledAsync(sessions);
         Assert.Equal((GuestPlace.Away, "hostb", PendingTrip.None), (away!.Place, away.Peer, away.Pending));
+    }
+
+    [Fact]
+    public async Task A_location_record_that_cannot_be_read_is_never_overwritten()
+    {
+        var file = DefaultPaths.LocationFile(_dir.FullName, Uuid);
+        Directory.CreateDirectory(Path.GetDirectoryName(file)!);
+        var damaged = "{\"location\": \"away\", \"peer\": \"hostb\", \"pending\": \"leaving\"}"u8.ToArray();
+        File.WriteAllBytes(file, damaged);
+        Assert.NotNull(_store.ReadLocation(Uuid).Problem);
+
+        var sessions = NewDaemon();
+        var session = sessions.Get(Uuid, "vm1");
+        session.TripStarting(TransferDirection.Receive, "hostb");
+        session.Arrived(null);
+        session.TripStarting(TransferDirection.Send, "hostb");
+        session.Departed(null);
+        session.RunsHere();
+        session.StoppedHere();
+        session.Reconcile(LibvirtDomainState.Running);
+        await sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(damaged, File.ReadAllBytes(file));
     }
 
     [Theory]

@@ -24,7 +24,8 @@ public sealed class SplitBrainRuleTests : IDisposable
     }
 
     /// <summary>
-    /// Record: none, here, away, departing (here, leaving for hostB), arriving (away at hostB, coming back).
+    /// Record: none, here, away, departing (here, leaving for hostB), arriving (away at hostB, coming back),
+    /// damaged (location.json is not JSON), badpending (a pending trip of a kind this version does not know).
     /// Steps: hook calls ("migrate" = migrate begin, "release" = release end, "wait" = 3 minutes pass);
     /// the expectation is for the last step.
     /// </summary>
@@ -49,6 +50,11 @@ public sealed class SplitBrainRuleTests : IDisposable
             ("away", "migrate release prepare", false),
             ("away", "migrate prepare started start", false),
             ("arriving", "migrate prepare start", true),
+            ("damaged", "prepare", false),
+            ("damaged", "start", false),
+            ("damaged", "release", true),
+            ("damaged", "migrate prepare start", true),
+            ("badpending", "prepare", false),
         };
         var data = new TheoryData<Side, string, string, bool>();
         foreach (var side in Enum.GetValues<Side>())
@@ -76,6 +82,14 @@ public sealed class SplitBrainRuleTests : IDisposable
         };
         if (location is not null)
             store.WriteLocation(Guid.Parse(Uuid), location);
+        var locationFile = DefaultPaths.LocationFile(state, Guid.Parse(Uuid));
+        if (record is "damaged" or "badpending")
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(locationFile)!);
+            File.WriteAllText(locationFile, record == "damaged"
+                ? "{\"location\": \"aw"
+                : "{\"location\": \"here\", \"peer\": \"\", \"pending\": \"leaving\", \"pendingPeer\": \"hostB\"}");
+        }
 
         var guard = new SplitBrainGuard(store, _clock);
         var settings = new HookSettings(state, Path.Combine(_dir.FullName, "run"), $"unix:path={Path.Combine(_dir.FullName, "no-bus")}",
@@ -98,7 +112,7 @@ public sealed class SplitBrainRuleTests : IDisposable
         Assert.True(allowed == last.Allowed, $"{side}: {record} / {steps}: expected {(allowed ? "allowed" : "refused")}, got {last}");
         if (!allowed)
         {
-            Assert.Contains("hostB", last.Message);
+            Assert.Contains(record is "damaged" or "badpending" ? locationFile : "hostB", last.Message);
             Assert.Contains("bfmig forget g1", last.Message);
         }
     }

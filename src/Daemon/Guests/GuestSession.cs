@@ -86,7 +86,8 @@ public sealed class GuestSession
     public void TripStarting(TransferDirection direction, string peer) => Enqueue(() =>
     {
         var pending = direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving;
-        var record = _store.ReadLocation(Uuid);
+        if (!TryReadForUpdate("a pending trip", out var record))
+            return;
         if (record is not null && record.Pending == pending && record.PendingPeer == peer)
             return;
         // No record yet: a departing guest runs here; an arriving one runs at the sender until it has arrived.
@@ -110,7 +111,8 @@ public sealed class GuestSession
     /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated) from <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
     public void Arrived(string? peer) => Enqueue(() =>
     {
-        var record = _store.ReadLocation(Uuid);
+        if (!TryReadForUpdate("an arrival", out var record))
+            return;
         var from = peer ?? (record is { Pending: PendingTrip.Arriving } ? record.PendingPeer : record?.Peer ?? "");
         Settle(GuestPlace.Here, from, record);
     });
@@ -118,7 +120,8 @@ public sealed class GuestSession
     /// <summary>Libvirt confirmed the guest left (Stopped/Migrated) for <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
     public void Departed(string? peer) => Enqueue(() =>
     {
-        var record = _store.ReadLocation(Uuid);
+        if (!TryReadForUpdate("a departure", out var record))
+            return;
         var to = peer ?? (record is { Pending: PendingTrip.Departing } ? record.PendingPeer : record?.Peer ?? "");
         Settle(GuestPlace.Away, to, record);
     });
@@ -136,7 +139,8 @@ public sealed class GuestSession
     /// </summary>
     public void Reconcile(LibvirtDomainState? state) => Enqueue(() =>
     {
-        if (_store.ReadLocation(Uuid) is not { Pending: not PendingTrip.None } record || state is null or LibvirtDomainState.Paused)
+        if (state is null or LibvirtDomainState.Paused || !TryReadForUpdate("libvirt's state after a restart", out var found)
+            || found is not { Pending: not PendingTrip.None } record)
             return;
         var runs = state is LibvirtDomainState.Running or LibvirtDomainState.Blocked;
         switch (record.Pending, runs)
@@ -164,7 +168,7 @@ public sealed class GuestSession
 
     private void RollBack(PendingTrip trip, string why) => Enqueue(() =>
     {
-        if (_store.ReadLocation(Uuid) is { } record && record.Pending == trip)
+        if (TryReadForUpdate("a rollback", out var record) && record is not null && record.Pending == trip)
             RollBackNow(record, why);
     });
 
@@ -173,6 +177,19 @@ public sealed class GuestSession
         Write(record with { Pending = PendingTrip.None, PendingPeer = "" });
         DaemonLog.TripRolledBack(_logger, Name, Id, record.Pending == PendingTrip.Departing ? "departure to" : "arrival from", record.PendingPeer, why,
             LocationRecord.Spell(record.Place) + (record.Place == GuestPlace.Away && record.Peer.Length > 0 ? " at " + record.Peer : ""));
+    }
+
+    /// <summary>
+    /// Reads the record before changing it. False (logged) when one exists but cannot be read: it
+    /// may say away or hold a pending trip, so it is never overwritten unread.
+    /// </summary>
+    private bool TryReadForUpdate(string change, out LocationRecord? record)
+    {
+        (record, var problem) = _store.ReadLocation(Uuid);
+        if (problem is null)
+            return true;
+        DaemonLog.LocationUnreadable(_logger, Name, Id, change, problem);
+        return false;
     }
 
     private void Write(LocationRecord record)
@@ -206,7 +223,7 @@ public sealed class GuestSessions(GuestStateStore store, TimeProvider time, ILog
     {
         foreach (var uuid in store.Uuids())
         {
-            if (!busy(uuid) && store.ReadLocation(uuid) is { Pending: not PendingTrip.None })
+            if (!busy(uuid) && store.ReadLocation(uuid).Record is { Pending: not PendingTrip.None })
                 Get(uuid).Reconcile(state(uuid));
         }
     }

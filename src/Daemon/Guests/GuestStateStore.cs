@@ -55,7 +55,7 @@ public sealed class GuestStateStore
         var dir = GuestDirectory(uuid);
         if (!Directory.Exists(dir))
             return null;
-        return new GuestRecord(uuid, ReadName(dir), ReadState(uuid), ReadLocation(uuid), MemoryBytes(dir), DiskBytes(dir));
+        return new GuestRecord(uuid, ReadName(dir), ReadState(uuid), ReadLocation(uuid).Record, MemoryBytes(dir), DiskBytes(dir));
     }
 
     /// <summary>Every guest with a state directory.</summary>
@@ -70,8 +70,16 @@ public sealed class GuestStateStore
         }
     }
 
-    /// <summary>The guest's location record; null when there is none or it cannot be read (then nothing is known).</summary>
-    public LocationRecord? ReadLocation(Guid uuid) => LocationRecord.Read(_root, uuid, out _);
+    /// <summary>
+    /// The guest's location record: (null, null) when there is none; (null, why) when one exists but
+    /// cannot be read or parsed (the problem names the file). Callers must not treat the second as
+    /// the first: the unreadable record may say the guest is away.
+    /// </summary>
+    public (LocationRecord? Record, string? Problem) ReadLocation(Guid uuid)
+    {
+        var record = LocationRecord.Read(_root, uuid, out var problem);
+        return (record, problem);
+    }
 
     /// <summary>
     /// Writes the guest's location record (atomically). Only a <see cref="GuestSession"/> calls this

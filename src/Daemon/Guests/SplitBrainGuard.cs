@@ -42,8 +42,10 @@ public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
         if (step == SplitBrainRule.Step.Other)
             return HookDecision.Allowed;
         IncomingAnnouncement? announcement = _incoming.TryGetValue(key, out var known) ? known : null;
-        var record = step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start && Guid.TryParse(key, out var uuid) ? store.ReadLocation(uuid) : null;
-        var refusal = SplitBrainRule.Apply(guest, operation, subOperation, record, ref announcement, time.GetUtcNow());
+        var (record, problem) = step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start && Guid.TryParse(key, out var uuid)
+            ? store.ReadLocation(uuid)
+            : (null, null);
+        var refusal = SplitBrainRule.Apply(guest, operation, subOperation, record, problem, ref announcement, time.GetUtcNow());
         if (announcement is { } next)
             _incoming[key] = next;
         else

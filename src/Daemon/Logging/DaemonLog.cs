@@ -149,6 +149,10 @@ internal static partial class DaemonLog
     [LoggerMessage(67, LogLevel.Information, "guest {Guest} ({Uuid}) was undefined here")]
     public static partial void GuestUndefined(ILogger logger, string guest, string uuid);
 
+    // 90-99: location record (60-69 are full)
+    [LoggerMessage(90, LogLevel.Error, "guest {Guest} ({Uuid}): not recording {Change}: its location record {Problem}; it is left as it is (never overwritten unread), and `bfmig forget` clears it")]
+    public static partial void LocationUnreadable(ILogger logger, string guest, string uuid, string change, string problem);
+
     // 80-89: checkpoints and bitmaps
     [LoggerMessage(80, LogLevel.Information, "guest {Guest}: sent {Count} checkpoint(s) to {Peer}")]
     public static partial void CheckpointsSent(ILogger logger, string guest, int count, string peer);
