@@ -110,10 +110,11 @@ public static class SplitBrainRule
         }
         if (record is not { MayRunElsewhere: true })
             return null;
-        var host = record.ElsewhereHost.Length == 0 ? "another host" : record.ElsewhereHost;
+        // The peer is "" when the trip that took it away named none.
+        var host = record.ElsewhereHost.Length == 0 ? "another host" : "host " + record.ElsewhereHost;
         var state = record.Place == GuestPlace.Away
-            ? $"it migrated to host {host} and runs on {host}" + (record.Since == default ? "" : $" since {record.Since.UtcDateTime:u}")
-            : $"it was migrating to host {host}, and libvirt has not confirmed whether it stayed here";
+            ? $"it migrated to {host} and runs there" + (record.Since == default ? "" : $" since {record.Since.UtcDateTime:u}")
+            : $"it was migrating to {host}, and libvirt has not confirmed whether it stayed here";
         return $"refusing to {operation} guest {guest}: {state}. Starting it here too would fork it and corrupt its retained state. " +
             $"If it really is not running on {host}, run `bfmig forget {guest}` on this host, then start it again.";
     }

@@ -60,7 +60,7 @@ public sealed partial class BfmigDaemon
                         if (e.Is(LibvirtResumedDetail.Migrated))
                         {
                             // The destination runs the guest, or a source whose migration failed runs it again: here either way.
-                            session.Arrived(_transfers?.LastIncomingPeer(uuid));
+                            session.Arrived();
                             QueueTripRecord(session, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
                             _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
                         }
@@ -78,7 +78,7 @@ public sealed partial class BfmigDaemon
                         _trips.GuestStopped(uuid);
                         if (e.Is(LibvirtStoppedDetail.Migrated))
                         {
-                            session.Departed(_transfers?.LastOutgoingPeer(uuid));
+                            session.Departed();
                             _departures.SourceStopped(uuid, name);
                         }
                         else

@@ -51,7 +51,7 @@ public sealed class GuestSessionTests : IDisposable
         Assert.Equal((GuestPlace.Away, PendingTrip.None), ((await SettledAsync(sessions))!.Place, (await SettledAsync(sessions))!.Pending));
 
         session.TripStarting(TransferDirection.Receive, "hosta");
-        session.Arrived(null);
+        session.Arrived();
         var record = await SettledAsync(sessions);
         Assert.Equal((GuestPlace.Here, "hosta", PendingTrip.None), (record!.Place, record.Peer, record.Pending));
     }
@@ -71,9 +71,33 @@ public sealed class GuestSessionTests : IDisposable
         Assert.Equal((GuestPlace.Here, PendingTrip.None), ((await SettledAsync(sessions))!.Place, _store.ReadLocation(Uuid).Record!.Pending));
 
         session.TripStarting(TransferDirection.Send, "hostb");
-        session.Departed(null);
+        session.Departed();
         var away = await SettledAsync(sessions);
         Assert.Equal((GuestPlace.Away, "hostb", PendingTrip.None), (away!.Place, away.Peer, away.Pending));
+    }
+
+    [Fact]
+    public async Task A_confirmed_trip_takes_the_pending_trips_peer_and_with_none_pending_no_earlier_peer()
+    {
+        _store.WriteLocation(Uuid, new LocationRecord(GuestPlace.Here, "hosta", DateTimeOffset.UtcNow.AddHours(-1)));
+        var sessions = NewDaemon();
+        var session = sessions.Get(Uuid, "vm1");
+        session.TripStarting(TransferDirection.Send, "hostb");
+        session.Departed();
+        Assert.Equal((GuestPlace.Away, "hostb"), ((await SettledAsync(sessions))!.Place, (await SettledAsync(sessions))!.Peer));
+
+        // Back here by a migration BFMig did not carry: no pending arrival, so the peer is unknown, not "hostb".
+        session.Arrived();
+        Assert.Equal((GuestPlace.Here, ""), ((await SettledAsync(sessions))!.Place, (await SettledAsync(sessions))!.Peer));
+        session.Departed();
+        var away = (await SettledAsync(sessions))!;
+        Assert.Equal((GuestPlace.Away, ""), (away.Place, away.Peer));
+
+        IncomingAnnouncement? none = null;
+        var refusal = SplitBrainRule.Apply("vm1", "start", "begin", away, null, ref none, DateTimeOffset.UtcNow);
+        Assert.NotNull(refusal);
+        Assert.Contains("migrated to another host and runs there", refusal);
+        Assert.DoesNotContain("host another host", refusal);
     }
 
     [Fact]
@@ -88,9 +112,9 @@ public sealed class GuestSessionTests : IDisposable
         var sessions = NewDaemon();
         var session = sessions.Get(Uuid, "vm1");
         session.TripStarting(TransferDirection.Receive, "hostb");
-        session.Arrived(null);
+        session.Arrived();
         session.TripStarting(TransferDirection.Send, "hostb");
-        session.Departed(null);
+        session.Departed();
         session.RunsHere();
         session.StoppedHere();
         session.Reconcile(LibvirtDomainState.Running);

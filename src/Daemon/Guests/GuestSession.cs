@@ -108,23 +108,29 @@ public sealed class GuestSession
             RollBack(direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving, why);
     }
 
-    /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated) from <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
-    public void Arrived(string? peer) => Enqueue(() =>
+    /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated, or Resumed/PostCopy on the destination), from the pending arrival's peer (<see cref="ConfirmedPeer"/>).</summary>
+    public void Arrived() => Enqueue(() =>
     {
         if (!TryReadForUpdate("an arrival", out var record))
             return;
-        var from = peer ?? (record is { Pending: PendingTrip.Arriving } ? record.PendingPeer : record?.Peer ?? "");
-        Settle(GuestPlace.Here, from, record);
+        Settle(GuestPlace.Here, ConfirmedPeer(record, PendingTrip.Arriving, GuestPlace.Here), record);
     });
 
-    /// <summary>Libvirt confirmed the guest left (Stopped/Migrated) for <paramref name="peer"/> (null: the pending trip's peer, or the recorded one).</summary>
-    public void Departed(string? peer) => Enqueue(() =>
+    /// <summary>Libvirt confirmed the guest left (Stopped/Migrated), for the pending departure's peer (<see cref="ConfirmedPeer"/>).</summary>
+    public void Departed() => Enqueue(() =>
     {
         if (!TryReadForUpdate("a departure", out var record))
             return;
-        var to = peer ?? (record is { Pending: PendingTrip.Departing } ? record.PendingPeer : record?.Peer ?? "");
-        Settle(GuestPlace.Away, to, record);
+        Settle(GuestPlace.Away, ConfirmedPeer(record, PendingTrip.Departing, GuestPlace.Away), record);
     });
+
+    /// <summary>
+    /// The other host of a trip libvirt confirmed: the pending trip's peer, never the peer of some
+    /// earlier trip's streams. With no such trip pending, the record's own peer when it already
+    /// said <paramref name="place"/> (nothing changed), else "" (unknown: "another host").
+    /// </summary>
+    private static string ConfirmedPeer(LocationRecord? record, PendingTrip trip, GuestPlace place) =>
+        record is null ? "" : record.Pending == trip ? record.PendingPeer : record.Place == place ? record.Peer : "";
 
     /// <summary>The guest runs here again other than by an arrival (Resumed, or started): a pending departure did not happen.</summary>
     public void RunsHere() => RollBack(PendingTrip.Departing, "the guest runs here again");
