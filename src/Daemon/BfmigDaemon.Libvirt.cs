@@ -64,6 +64,12 @@ public sealed partial class BfmigDaemon
                             QueueTripRecord(session, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
                             _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
                         }
+                        else if (e.Is(LibvirtResumedDetail.PostCopy))
+                        {
+                            // Post-copy: the destination runs the guest from now on (the source cannot resume
+                            // it), and libvirt sends no Resumed/Migrated later, so this is the arrival.
+                            session.Arrived();
+                        }
                         else if (!e.Is(LibvirtStartedDetail.Migrated))
                         {
                             session.RunsHere();
