@@ -81,9 +81,22 @@ public sealed partial class BfmigDaemon
         var record = FindRetained(guest);
         if (_transfers?.IsBusy(record.Uuid) == true)
             throw new DaemonApiException(DaemonErrors.Busy, $"a transfer of guest {guest} is running; wait for the migration to end, then forget it");
+        // On the guest's queue: a settle queued before runs first and cannot recreate the record after the delete.
+        var forgotten = _sessions.Get(record.Uuid).Submit(() =>
+        {
+            if (_store.ReadLocation(record.Uuid).Record is { Pending: not PendingTrip.None } pending)
+            {
+                var peer = pending.PendingPeer.Length == 0 ? "another host" : pending.PendingPeer;
+                var trip = pending.Pending == PendingTrip.Departing ? $"departure to {peer}" : $"arrival from {peer}";
+                throw new DaemonApiException(DaemonErrors.Busy,
+                    $"guest {guest} has a pending {trip} that libvirt has not confirmed yet; wait for the migration to end (bfmigd settles it from libvirt's events), then forget it");
+            }
+            _store.Delete(record.Uuid);
+        });
         try
         {
-            _store.Delete(record.Uuid);
+            // The queue holds only small file operations; the bus call waits for them.
+            forgotten.GetAwaiter().GetResult();
         }
         catch (IOException e)
         {

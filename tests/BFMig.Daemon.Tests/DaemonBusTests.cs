@@ -211,6 +211,25 @@ public sealed class DaemonBusTests : IAsyncLifetime
     }
 
     [Fact]
+    public void Forget_refuses_a_guest_whose_trip_is_pending_and_naming_it()
+    {
+        var uuid = Guid.Parse("aaaaaaaa-2222-3333-4444-666666666666");
+        _host.Daemon.Store.SaveName(uuid, "db2");
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Here, "", DateTimeOffset.UtcNow, PendingTrip.Departing, "hostb"));
+        var dir = _host.Daemon.Store.GuestDirectory(uuid);
+
+        var pending = Assert.Throws<DBusErrorReplyException>(() => Call("Forget", (ref MessageWriter w) => w.WriteString("db2"), (ref Reader _) => 0));
+        Assert.Equal("org.bfmig.BFMig1.Error.Busy", pending.ErrorName);
+        Assert.Contains("pending departure to hostb", pending.ErrorMessage);
+        Assert.True(Directory.Exists(dir));
+
+        _host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Away, "hostb", DateTimeOffset.UtcNow));
+        var (code, _, err) = Tools.Busctl(_bus, "Forget", "s", "db2");
+        Assert.True(code == 0, err);
+        Assert.False(Directory.Exists(dir));
+    }
+
+    [Fact]
     public void PrepareMigration_returns_the_peer_uri_and_the_sockets_of_a_running_guest()
     {
         var (destination, mig, nbd) = Call("PrepareMigration", (ref MessageWriter w) =>

@@ -64,6 +64,28 @@ public sealed class GuestSession
         }
     }
 
+    /// <summary>
+    /// Like <see cref="Enqueue"/>, but hands <paramref name="work"/>'s outcome to the caller: its
+    /// exception faults the returned task instead of being logged (for API calls that must answer).
+    /// </summary>
+    public Task Submit(Action work)
+    {
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Enqueue(() =>
+        {
+            try
+            {
+                work();
+                done.SetResult();
+            }
+            catch (Exception e)
+            {
+                done.SetException(e);
+            }
+        });
+        return done.Task;
+    }
+
     private void Run(Action work)
     {
         try
