@@ -101,6 +101,19 @@ public sealed class GuestSessionTests : IDisposable
     }
 
     [Fact]
+    public async Task A_failure_of_any_kind_in_queued_work_is_logged_and_the_queue_keeps_running()
+    {
+        var sessions = NewDaemon();
+        var session = sessions.Get(Uuid, "vm1");
+        var failed = session.Enqueue(() => throw new InvalidOperationException("a bug"));
+        var ran = false;
+        _ = session.Enqueue(() => ran = true);
+        await sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.True(failed.IsCompletedSuccessfully, "the tail must not fault");
+        Assert.True(ran);
+    }
+
+    [Fact]
     public async Task A_location_record_that_cannot_be_read_is_never_overwritten()
     {
         var file = DefaultPaths.LocationFile(_dir.FullName, Uuid);

@@ -92,9 +92,11 @@ public sealed class GuestSession
         {
             work();
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is not OperationCanceledException)
         {
-            DaemonLog.LocationFailed(_logger, Name, Id, "state", e.Message);
+            // Any failure, not only IO: an escaping one would fault the queue's tail, and every later
+            // change of the guest (and the daemon's stop) would see it instead of running.
+            DaemonLog.LocationFailed(_logger, Name, Id, "state", e is IOException or UnauthorizedAccessException ? e.Message : e.ToString());
         }
     }
 
