@@ -111,9 +111,10 @@ public static class SplitBrainRule
         if (record is not { MayRunElsewhere: true })
             return null;
         // The peer is "" when the trip that took it away named none.
-        var host = record.ElsewhereHost.Length == 0 ? "another host" : "host " + record.ElsewhereHost;
+        var unknown = record.ElsewhereHost.Length == 0;
+        var host = unknown ? "another host" : "host " + record.ElsewhereHost;
         var state = record.Place == GuestPlace.Away
-            ? $"it migrated to {host} and runs there" + (record.Since == default ? "" : $" since {record.Since.UtcDateTime:u}")
+            ? $"it migrated to {host} and runs on {(unknown ? "it" : record.ElsewhereHost)}" + (record.Since == default ? "" : $" since {record.Since.UtcDateTime:u}")
             : $"it was migrating to {host}, and libvirt has not confirmed whether it stayed here";
         return $"refusing to {operation} guest {guest}: {state}. Starting it here too would fork it and corrupt its retained state. " +
             $"If it really is not running on {host}, run `bfmig forget {guest}` on this host, then start it again.";

@@ -96,7 +96,7 @@ public sealed class GuestSessionTests : IDisposable
         IncomingAnnouncement? none = null;
         var refusal = SplitBrainRule.Apply("vm1", "start", "begin", away, null, ref none, DateTimeOffset.UtcNow);
         Assert.NotNull(refusal);
-        Assert.Contains("migrated to another host and runs there", refusal);
+        Assert.Contains("migrated to another host and runs on it", refusal);
         Assert.DoesNotContain("host another host", refusal);
     }
 
