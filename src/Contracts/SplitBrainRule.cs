@@ -100,15 +100,17 @@ public static class SplitBrainRule
         }
     }
 
+    /// <summary>What the hook prints and bfmigd logs when a guest's record cannot be used for the rule.</summary>
+    public static string UnusableRecordWarning(string guest, string operation, string recordProblem) =>
+        $"warning: {recordProblem}; not applying the split-brain guard to {operation} of guest {guest}: make sure it does not run on another host " +
+        $"(`bfmig forget {guest}` clears the record)";
+
     private static string? Refusal(string guest, string operation, LocationRecord? record, string? recordProblem)
     {
-        if (recordProblem is not null)
-        {
-            return $"refusing to {operation} guest {guest}: its location record cannot be used ({recordProblem}), so BFMig cannot tell " +
-                "whether it runs on another host, and starting it here too would fork it and corrupt its retained state. " +
-                $"If it really is not running on another host, run `bfmig forget {guest}` on this host (that clears the record), then start it again.";
-        }
-        if (record is not { MayRunElsewhere: true })
+        // A record BFMig cannot read is BFMig's own failure: like a daemon that is gone, it falls back
+        // to stock behaviour (allow) rather than making the guest unstartable. It is never silent:
+        // the caller says so with UnusableRecordWarning (the hook on stderr, bfmigd in its journal).
+        if (recordProblem is not null || record is not { MayRunElsewhere: true })
             return null;
         // The peer is "" when the trip that took it away named none.
         var unknown = record.ElsewhereHost.Length == 0;

@@ -83,6 +83,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         _sessions = new GuestSessions(_store, _time, loggers.CreateLogger("bfmigd.guests"));
         _peerRejections = new LogRateLimiter(10, TimeSpan.FromSeconds(10), _time);
         _guard.IncomingMigrationAnnounced += guest => DaemonLog.IncomingMigration(_logger, guest);
+        _guard.UnusableRecord += warning => DaemonLog.SplitBrainRecordUnusable(_logger, warning);
         _departures = new DepartureJoin(OnDeparted, _time);
         _trips = new TripRecorder(_store, _time);
     }

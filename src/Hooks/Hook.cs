@@ -125,8 +125,11 @@ internal static class Hook
         string? problem = null;
         if (decide && step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start)
         {
-            // A damaged record is refused by the rule (as bfmigd does): it may say away.
             record = LocationRecord.Read(settings.StateDirectory, Guid.Parse(uuid), out problem);
+            if (problem is not null)
+            {
+                stderr.WriteLine($"bfmig: {SplitBrainRule.UnusableRecordWarning(guest, op, problem)}");
+            }
         }
         string? refusal = SplitBrainRule.Apply(guest, op, subop, record, problem, ref announcement, settings.Now);
         if (announcement != before)

@@ -31,6 +31,9 @@ public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
     private readonly ConcurrentDictionary<string, IncomingAnnouncement> _incoming = new(StringComparer.Ordinal);
     private readonly ConcurrentDictionary<Guid, DateTimeOffset> _expectedStreams = new();
 
+    /// <summary>Raised when a guest's record exists but cannot be used for the rule (the warning to log).</summary>
+    public event Action<string>? UnusableRecord;
+
     /// <summary>Raised when the hook announces an incoming migration (guest name).</summary>
     public event Action<string>? IncomingMigrationAnnounced;
 
@@ -45,6 +48,8 @@ public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
         var (record, problem) = step is SplitBrainRule.Step.Prepare or SplitBrainRule.Step.Start && Guid.TryParse(key, out var uuid)
             ? store.ReadLocation(uuid)
             : (null, null);
+        if (problem is not null)
+            UnusableRecord?.Invoke(SplitBrainRule.UnusableRecordWarning(guest, operation, problem));
         var refusal = SplitBrainRule.Apply(guest, operation, subOperation, record, problem, ref announcement, time.GetUtcNow());
         if (announcement is { } next)
             _incoming[key] = next;

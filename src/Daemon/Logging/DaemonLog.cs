@@ -153,6 +153,10 @@ internal static partial class DaemonLog
     [LoggerMessage(90, LogLevel.Error, "guest {Guest} ({Uuid}): not recording {Change}: its location record {Problem}; it is left as it is (never overwritten unread), and `bfmig forget` clears it")]
     public static partial void LocationUnreadable(ILogger logger, string guest, string uuid, string change, string problem);
 
+    // One per prepare or start of such a guest: those come from an operator or libvirt, never from a peer or a guest.
+    [LoggerMessage(91, LogLevel.Warning, "split-brain guard: {Warning}")]
+    public static partial void SplitBrainRecordUnusable(ILogger logger, string warning);
+
     // 80-89: checkpoints and bitmaps
     [LoggerMessage(80, LogLevel.Information, "guest {Guest}: sent {Count} checkpoint(s) to {Peer}")]
     public static partial void CheckpointsSent(ILogger logger, string guest, int count, string peer);
