@@ -142,6 +142,11 @@ public sealed class GuestSessionTests : IDisposable
     [InlineData(TransferDirection.Receive, LibvirtDomainState.Running, GuestPlace.Here, PendingTrip.None)]
     [InlineData(TransferDirection.Receive, LibvirtDomainState.Shutoff, GuestPlace.Away, PendingTrip.None)]
     [InlineData(TransferDirection.Receive, LibvirtDomainState.Paused, GuestPlace.Away, PendingTrip.Arriving)]
+    // A QEMU that still exists here but neither runs nor is gone settles nothing.
+    [InlineData(TransferDirection.Send, LibvirtDomainState.Crashed, GuestPlace.Here, PendingTrip.Departing)]
+    [InlineData(TransferDirection.Send, LibvirtDomainState.PmSuspended, GuestPlace.Here, PendingTrip.Departing)]
+    [InlineData(TransferDirection.Send, LibvirtDomainState.Shutdown, GuestPlace.Here, PendingTrip.Departing)]
+    [InlineData(TransferDirection.Receive, LibvirtDomainState.Crashed, GuestPlace.Away, PendingTrip.Arriving)]
     public async Task After_a_restart_a_pending_trip_is_settled_by_libvirts_real_state(TransferDirection direction, LibvirtDomainState state,
         GuestPlace place, PendingTrip pending)
     {

@@ -164,24 +164,30 @@ public sealed class GuestSession
 
     /// <summary>
     /// Settles a pending trip against libvirt's state of the guest here (after a restart or a
-    /// reconnect, events may have been missed). Running: it is here. Not running: it is not.
-    /// Paused (a migration's last phase) or unknown (libvirt unreachable): the events will tell.
+    /// reconnect, events may have been missed). Running: it is here. Shut off or undefined: it is
+    /// not. Paused (a migration's last phase), any other state of a QEMU that still exists, or
+    /// unknown (libvirt unreachable): the events will tell.
     /// </summary>
     public void Reconcile(LibvirtDomainState? state) => Enqueue(() =>
     {
         if (state is null or LibvirtDomainState.Paused || !TryReadForUpdate("libvirt's state after a restart", out var found)
             || found is not { Pending: not PendingTrip.None } record)
             return;
+        // Only a QEMU that runs, or none at all, settles a trip. One that exists but is shutting
+        // down, crashed (and kept), suspended or in no state is still here: the trip stays pending
+        // (the rule keeps refusing a second copy) until libvirt's next event for the guest.
         var runs = state is LibvirtDomainState.Running or LibvirtDomainState.Blocked;
-        switch (record.Pending, runs)
+        var gone = state is LibvirtDomainState.Shutoff;
+        switch (record.Pending)
         {
-            case (PendingTrip.Arriving, true):
+            case PendingTrip.Arriving when runs:
                 Settle(GuestPlace.Here, record.PendingPeer, record);
                 break;
-            case (PendingTrip.Departing, false):
+            case PendingTrip.Departing when gone:
                 Settle(GuestPlace.Away, record.PendingPeer, record);
                 break;
-            default:
+            case PendingTrip.Arriving when gone:
+            case PendingTrip.Departing when runs:
                 RollBackNow(record, "libvirt's state after a restart: " + state);
                 break;
         }
