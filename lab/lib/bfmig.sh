@@ -288,13 +288,15 @@ bfmig_hook_sync() {
 }
 
 # Evidence that the hook ran in host H, as "DAEMON_CALLS MARKERS": the hook calls bfmigd logged
-# (event 70, "hook: <guest> <op> <subop> <extra>", log_level debug) and the incoming-migration
-# markers the hook leaves in /run/bfmig/incoming when bfmigd does not answer (fail-open path).
+# (event 70, "hook: <guest> <op> <subop> <extra>", log_level debug) and the hook's own
+# incoming-migration markers in /run/bfmig/incoming (its local split-brain rule, which decides
+# when bfmigd does not answer). A finished migration uses its markers up ("started" ends the
+# announcement), so the directory's own change time counts too: only the hook writes there.
 bfmig_hook_evidence() {
     local h=$1 dir calls markers
     dir=$(bfmig_dir "$h")
     calls=$(cat "$dir"/bfmigd.log* 2> /dev/null | grep -c "hook: $LAB_GUEST " || true)
-    markers=$(host_exec "$h" sh -c 'find /run/bfmig/incoming -type f -newermt "@$1" 2>/dev/null | wc -l' sh "$BFMIG_HOOK_SINCE")
+    markers=$(host_exec "$h" sh -c 'find /run/bfmig/incoming -newermt "@$1" 2>/dev/null | wc -l' sh "$BFMIG_HOOK_SINCE")
     echo "${calls:-0} ${markers:-0}"
 }
 
