@@ -143,8 +143,8 @@ internal static class Replay
         if (produced != stream.Length) throw new InvalidOperationException($"receiver rebuilt {produced} bytes of {stream.Length}");
         ulong gen = Math.Max(sender.State.Generation, receiver.State.Generation) + 1;
         if (sender.ComputeDigest() != receiver.ComputeDigest()) throw new InvalidOperationException("stores disagree after replay");
-        receiver.Commit(gen, "s", away: false, true);
-        sender.Commit(gen, "r", away: true, true);
+        receiver.Commit(gen, "s", true);
+        sender.Commit(gen, "r", true);
     }
 
     /// <summary>Runs the sender core over <paramref name="stream"/>, framing to <paramref name="wireStream"/>; returns the wire bytes.</summary>

@@ -33,7 +33,7 @@ internal static class SenderLoop
             var cpu = BFMig.Native.Linux.ProcessClock.CpuTime;
             var wall = Stopwatch.StartNew();
             Replay.Send(streams[t % 2], store, synced: t > 0, sink);
-            store.Commit((ulong)t + 1, "peer", away: true, true);
+            store.Commit((ulong)t + 1, "peer", true);
             double w = wall.Elapsed.TotalSeconds;
             double c = (BFMig.Native.Linux.ProcessClock.CpuTime - cpu).TotalSeconds;
             Console.WriteLine($"trip {t}: wall {streams[t % 2].Length / w / 1e6,8:N0} MB/s, per core {streams[t % 2].Length / c / 1e6,8:N0} MB/s");

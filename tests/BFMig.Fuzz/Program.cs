@@ -296,7 +296,7 @@ internal static class Program
                 if (enc.OpsLength > 0) list.Add(enc.Ops.ToArray());
                 enc.ResetOps();
             }
-            a.Commit(1, "x", false, true);
+            a.Commit(1, "x", true);
         }
         return list;
     }

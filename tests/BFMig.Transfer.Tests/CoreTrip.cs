@@ -46,8 +46,8 @@ internal static class CoreTrip
         if (enc.TripStarted)
         {
             Assert.Equal(sender.ComputeDigest(), receiver.ComputeDigest());
-            receiver.Commit(gen, "sender", away: false, enc.Parser.RamComplete);
-            sender.Commit(gen, "receiver", away: true, enc.Parser.RamComplete);
+            receiver.Commit(gen, "sender", enc.Parser.RamComplete);
+            sender.Commit(gen, "receiver", enc.Parser.RamComplete);
         }
         return (output.ToArray(), ss, rs);
     }

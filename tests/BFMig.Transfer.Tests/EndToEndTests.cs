@@ -136,7 +136,7 @@ public class EndToEndTests
             sb.Put(block, page, garbage, sb.Hash(garbage));
             string digest = sb.State.Digest;
             ulong gen = sb.State.Generation;
-            sb.Commit(gen, "hostA", away: true, snapshotComplete: true);
+            sb.Commit(gen, "hostA", snapshotComplete: true);
             sb.State.Digest = digest;
             BFMig.Native.Linux.DurableFile.WriteAtomically(Path.Combine(a.Path, guest.ToString(), "mem", "state.json"),
                 System.Text.Json.JsonSerializer.SerializeToUtf8Bytes(sb.State, StoreJsonContext.Default.StoreState));

@@ -41,7 +41,7 @@ public class StoreTests
             s.Put(0, 3, Content(3), s.Hash(Content(3)));
             s.PutZero(0, 4);
             s.PutUnknown(0, 5);
-            digest = s.Commit(7, "hostB", away: true, snapshotComplete: true);
+            digest = s.Commit(7, "hostB", snapshotComplete: true);
         }
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
@@ -78,7 +78,7 @@ public class StoreTests
             for (long p = 17; p < Pages; p += 509) Put(s, p, (int)p + 100_000);      // rewrites behind the writeback
             for (long p = Pages - 1; p >= 0; p -= 1021) Put(s, p, (int)p + 200_000);  // backwards
             Assert.Equal(expected[17], s.Page(0, 17).ToArray());
-            s.Commit(1, "peer", away: true, snapshotComplete: true);
+            s.Commit(1, "peer", snapshotComplete: true);
         }
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
@@ -116,7 +116,7 @@ public class StoreTests
         {
             s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
             for (int p = 0; p < 16; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
-            s.Commit(3, "hostB", away: true, snapshotComplete: true);
+            s.Commit(3, "hostB", snapshotComplete: true);
         }
         // A trip starts, writes some pages, and the process dies (no commit, no abandon).
         using (var s = MemoryStore.Open(dir.Path, guest))
@@ -149,7 +149,7 @@ public class StoreTests
         {
             s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
             for (int p = 0; p < 16; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
-            s.Commit(3, "hostB", away: true, snapshotComplete: true);
+            s.Commit(3, "hostB", snapshotComplete: true);
         }
         string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
         File.WriteAllText(Path.Combine(mem, "INFLUX"), "");
@@ -174,7 +174,7 @@ public class StoreTests
         {
             s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
             s.Put(0, 0, Content(1), s.Hash(Content(1)));
-            s.Commit(1, "x", away: false, snapshotComplete: true);
+            s.Commit(1, "x", snapshotComplete: true);
         }
         string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
         foreach (var h in Directory.GetFiles(mem, "*.hash")) using (var f = new FileStream(h, FileMode.Open)) f.SetLength(17);
@@ -194,7 +194,7 @@ public class StoreTests
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
             s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
-            s.Commit(2, "x", away: false, snapshotComplete: true);
+            s.Commit(2, "x", snapshotComplete: true);
         }
         string mem = Path.Combine(dir.Path, guest.ToString(), "mem");
         string pages = Directory.GetFiles(mem, "*.pages").OrderBy(f => new FileInfo(f).Length).Last();
@@ -223,7 +223,7 @@ public class StoreTests
         {
             s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
             s.Put(0, 0, Content(1), s.Hash(Content(1)));
-            s.Commit(5, "x", away: false, snapshotComplete: true);
+            s.Commit(5, "x", snapshotComplete: true);
             s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: false);
             s.Put(0, 0, Content(2), s.Hash(Content(2)));
             s.Abandon();
@@ -246,11 +246,11 @@ public class StoreTests
         s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
         s.Put(0, 0, Content(1), s.Hash(Content(1)));
         s.Put(1, 0, Content(2), s.Hash(Content(2)));
-        s.Commit(1, "x", away: false, snapshotComplete: true);
+        s.Commit(1, "x", snapshotComplete: true);
         s.BeginTrip([new("pc.bios", 2 * 4096), new("pc.ram", 32 * 4096)], s.State.Seed, keep: true, buildLocator: false);
         Assert.Equal(s.Hash(Content(2)), s.GetHash(0, 0));   // pc.bios kept (now first)
         Assert.Equal(UInt128.Zero, s.GetHash(1, 0));         // pc.ram resized: forgotten
-        s.Commit(2, "x", away: false, snapshotComplete: true);
+        s.Commit(2, "x", snapshotComplete: true);
         Assert.Equal(2, Directory.GetFiles(Path.Combine(dir.Path, guest.ToString(), "mem"), "*.pages").Length);
     }
 }

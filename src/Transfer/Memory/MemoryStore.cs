@@ -304,10 +304,9 @@ public sealed partial class MemoryStore : IDisposable
     /// <summary>
     /// Ends a trip: makes data and index durable, records generation and digest, then clears
     /// the in-flux mark. Returns the digest. Where the guest runs is not recorded here: bfmigd owns
-    /// that record (location.json) and decides it when libvirt confirms the trip, so
-    /// <paramref name="away"/> is ignored (kept until the callers move).
+    /// that record (location.json) and decides it when libvirt confirms the trip.
     /// </summary>
-    public string Commit(ulong generation, string? peer, bool away, bool snapshotComplete)
+    public string Commit(ulong generation, string? peer, bool snapshotComplete)
     {
         FlushWrites();
         foreach (var b in _blocks) b.Persist();
@@ -331,7 +330,7 @@ public sealed partial class MemoryStore : IDisposable
         if (!_inTrip) return;
         FlushWrites();
         foreach (var b in _blocks) b.Rehash(State.Seed);
-        Commit(0, null, State.Location == "away", snapshotComplete: false);
+        Commit(0, null, snapshotComplete: false);
     }
 
     /// <inheritdoc/>

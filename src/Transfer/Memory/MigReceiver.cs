@@ -166,7 +166,7 @@ public sealed class MigReceiver
         {
             try
             {
-                _store!.Commit(end.Generation, _peerName, away: false, end.SnapshotComplete);
+                _store!.Commit(end.Generation, _peerName, end.SnapshotComplete);
                 committed = true;
                 _stats.Generation = end.Generation;
             }

@@ -61,7 +61,7 @@ public sealed class MigSender
             {
                 if (ack.Committed && ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest())))
                 {
-                    _store.Commit(_newGeneration, _peerName, away: true, _encoder.Parser.RamComplete);
+                    _store.Commit(_newGeneration, _peerName, _encoder.Parser.RamComplete);
                     _stats.Committed = true;
                     _stats.Generation = _newGeneration;
                 }
