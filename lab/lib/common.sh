@@ -63,6 +63,6 @@ rate_bps() {
         *mbit) echo $((${r%mbit} * 1000000)) ;;
         *kbit) echo $((${r%kbit} * 1000)) ;;
         *bit) echo "${r%bit}" ;;
-        *) die "rate '$1' not understood (use e.g. 100mbit, 1gbit)" ;;
+        *) die "rate '$1' not understood (use e.g. 100mbit, 1gbit, or unlimited for lab up)" ;;
     esac
 }

@@ -130,27 +130,65 @@ guest_verify() {
 
 # DATA_MIB random MiB at the start of a sparse DISK_GIB raw file RAW; records the chunk sums.
 guest_random_raw() {
-    local raw=$1 disk_gib=$2 data_mib=$3 i=0 sum
+    local raw=$1 disk_gib=$2 data_mib=$3
     mkdir -p "$LAB_VAR/work"
     rm -f "$raw"
     truncate -s "${disk_gib}G" "$raw"
     if ((data_mib > 0)); then
         dd if=/dev/urandom of="$raw" bs=1M count="$data_mib" conv=notrunc status=none
-        while read -r sum _; do
-            EXP_D[$i]=$sum
-            i=$((i + 1))
-        done < <(head -c $((data_mib * MiB)) "$raw" | split -b $MiB -a 6 --filter='md5sum' -)
+        guest_record_raw "$raw" "$data_mib"
     fi
 }
 
-# Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB random
-# MiB at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums. The image
-# is host H's own unless IMAGE names another (the shared storage's).
+# Records the sums of the first DATA_MIB MiB chunks of RAW as the disk's truth.
+guest_record_raw() {
+    local raw=$1 data_mib=$2 i=0 sum
+    while read -r sum _; do
+        EXP_D[$i]=$sum
+        i=$((i + 1))
+    done < <(head -c $((data_mib * MiB)) "$raw" | split -b $MiB -a 6 --filter='md5sum' -)
+}
+
+# OS-like content (--content os): an ext4 file system of DATA_MIB MiB at the start of a sparse
+# DISK_GIB raw file RAW, holding this machine's own files (programs, libraries, documentation,
+# locale data: what a guest's root file system holds) up to about 85 % of it, taken in a fixed
+# order so every run builds the same image from the same machine. Records the chunk sums.
+guest_os_raw() {
+    local raw=$1 disk_gib=$2 data_mib=$3 tree budget
+    ensure_commands mkfs.ext4:e2fsprogs
+    mkdir -p "$LAB_VAR/work"
+    tree=$LAB_VAR/work/os-tree
+    rm -rf "$tree" "$raw"
+    mkdir -p "$tree"
+    budget=$((data_mib * MiB * 85 / 100))
+    # Sorted paths mix binaries, libraries and text as a root file system does.
+    # awk reads to the end (no early exit) so no stage of the pipe dies of SIGPIPE under pipefail.
+    { (cd / && find usr/bin usr/lib usr/share -xdev -type f -size -8M -printf '%s\t%p\n' 2> /dev/null) || true; } |
+        sort -t $'\t' -k2 |
+        awk -F '\t' -v budget="$budget" '!full { if (total + $1 > budget) full = 1; else { total += $1; print $2 } }' |
+        tar -cf - -C / --no-recursion --verbatim-files-from --files-from=- | tar -C "$tree" -xf -
+    truncate -s "${data_mib}M" "$raw"
+    mkfs.ext4 -q -F -d "$tree" -E lazy_itable_init=0,lazy_journal_init=0 "$raw" > /dev/null || die "mkfs.ext4 -d failed"
+    rm -rf "$tree"
+    truncate -s "${disk_gib}G" "$raw"
+    guest_record_raw "$raw" "$data_mib"
+}
+
+# The disk's content: random (GUEST_CONTENT=random, default; no compressor helps) or os.
+GUEST_CONTENT=random
+
+# Prepares the disk on the host (much faster than writing it under TCG): DATA_MIB MiB of
+# GUEST_CONTENT at the start of a DISK_GIB qcow2, the rest unallocated. Records the chunk sums.
+# The image is host H's own unless IMAGE names another (the shared storage's).
 guest_prepare_disk() {
     local h=$1 disk_gib=$2 data_mib=$3 image=${4:-} raw
     [[ -n $image ]] || image=$(guest_image "$h")
     raw=$LAB_VAR/work/disk.raw
-    guest_random_raw "$raw" "$disk_gib" "$data_mib"
+    if [[ $GUEST_CONTENT == os ]]; then
+        guest_os_raw "$raw" "$disk_gib" "$data_mib"
+    else
+        guest_random_raw "$raw" "$disk_gib" "$data_mib"
+    fi
     mkdir -p "$(dirname "$image")"
     qemu-img convert -f raw -O qcow2 "$raw" "$image"
     rm -f "$raw"

@@ -44,8 +44,17 @@ lab_is_up() {
 
 state_get() { sed -n "s/^$1=//p" "$LAB_RUN/state" 2> /dev/null; }
 
+# RATE: e.g. 100mbit, 1gbit, or unlimited (no shaping: the veth pair at memory speed).
 shape_link() {
     local rate=$1 bps burst h
+    if [[ $rate == unlimited ]]; then
+        for h in "${LAB_HOSTS[@]}"; do
+            ip -n "$(netns_name "$h")" link set "lab-$h" up
+            tc -n "$(netns_name "$h")" qdisc del dev "lab-$h" root 2> /dev/null || true
+        done
+        sed -i "s/^rate=.*/rate=$rate/" "$LAB_RUN/state"
+        return 0
+    fi
     bps=$(rate_bps "$rate")
     # tbf needs a bucket of at least one timer tick's worth of data at high rates.
     burst=$((bps / 8 / 100))

@@ -194,7 +194,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() unconfirmed=() spec
+    local kills=() downs=() unconfirmed=() spec content=random
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -222,6 +222,7 @@ cmd_roundtrip() {
             --copy-storage) [[ $2 =~ ^(all|inc)$ ]] || die "--copy-storage: all or inc"; copy_storage=$2 ;;
             --backing-top-mib) [[ $2 =~ ^[0-9]+$ ]] || die "--backing-top-mib: a number of MiB"; backing_top_mib=$2 ;;
             --guests) [[ $2 =~ ^[1-9]$ ]] || die "--guests: 1 to 9"; guests=$2 ;;
+            --content) [[ $2 =~ ^(random|os)$ ]] || die "--content: random or os"; content=$2 ;;
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
@@ -257,6 +258,12 @@ cmd_roundtrip() {
         die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
     mode_known "$mode" || die "unknown mode '$mode' (known: ${LAB_MODES[*]})"
     ((fill_mib < ram_mib)) || die "--fill-mib must be below --ram-mib"
+    if [[ $content == os ]]; then
+        # RAM is filled from the disk's own chunks: one copy each, no repeats to deduplicate.
+        ((fill_mib <= disk_data_mib)) || die "--content os: --fill-mib must not exceed --disk-data-mib (RAM holds disk chunks)"
+        ((guests == 1 && backing_top_mib == 0)) || die "--content os: one guest without --backing-top-mib"
+    fi
+    GUEST_CONTENT=$content
     ((disk_data_mib <= disk_gib * 1024)) || die "disk data does not fit the disk"
     ((discard_mib <= disk_data_mib && rewrite_mib <= disk_data_mib)) || die "discard/rewrite must lie within the disk data"
     need_root
@@ -318,8 +325,13 @@ cmd_roundtrip() {
     host_virsh a define "$LAB_VAR/work/guest.xml" > /dev/null
     host_virsh a start "$LAB_GUEST" > /dev/null
     guest_wait_ready a
-    log "$mode: guest filling ${fill_mib} MiB of RAM"
-    guest_cmd a 1800 fill "$fill_mib" || die "$mode: filling guest RAM failed"
+    if [[ $content == os ]]; then
+        log "$mode: guest filling ${fill_mib} MiB of RAM with its disk's files (page cache and copies)"
+        guest_cmd a 1800 fill-from-disk "$fill_mib" || die "$mode: filling guest RAM failed"
+    else
+        log "$mode: guest filling ${fill_mib} MiB of RAM"
+        guest_cmd a 1800 fill "$fill_mib" || die "$mode: filling guest RAM failed"
+    fi
     guest_record
 
     local trip src=a dst=b trip_json=() chunks=$disk_data_mib
@@ -451,13 +463,14 @@ cmd_roundtrip() {
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --arg copy "$copy_storage" --argjson top "$backing_top_mib" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --arg copy "$copy_storage" --argjson top "$backing_top_mib" --arg content "$content" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: ({ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
                      disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch, storage: $storage}
                     + (if $copy == "all" then {} else {copy_storage: $copy} end)
-                    + (if $top == 0 then {} else {backing_top_mib: $top} end)),
+                    + (if $top == 0 then {} else {backing_top_mib: $top} end)
+                    + (if $content == "random" then {} else {content: $content} end)),
           call: $call, migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup
