@@ -86,7 +86,7 @@ bfmig_auth_section() {
 }
 
 bfmig_write_config() {
-    local h=$1 peer=$2 dir state psk conf helper_line
+    local h=$1 dir state psk conf helper_line
     dir=$(bfmig_dir "$h")
     mkdir -p "$dir/state"
     chmod 0700 "$dir/state"
@@ -141,18 +141,26 @@ $(bfmig_auth_section "$psk")
 [transfer]
 $helper_line
 
-[peers:$peer]
-address = ${HOST_ADDR[$peer]}:$BFMIG_PORT
-libvirt_uri = qemu+tcp://${HOST_ADDR[$peer]}/system
+$(bfmig_peer_sections "$h")
 EOF
+}
+
+# A [peers:X] section for every other host of the lab: a guest may come from or go to any of them.
+bfmig_peer_sections() {
+    local h=$1 peer
+    for peer in "${LAB_HOSTS[@]}"; do
+        [[ $peer == "$h" ]] && continue
+        printf '[peers:%s]\naddress = %s:%s\nlibvirt_uri = qemu+tcp://%s/system\n\n' \
+            "$peer" "${HOST_ADDR[$peer]}" "$BFMIG_PORT" "${HOST_ADDR[$peer]}"
+    done
 }
 
 bfmig_running() { pid_alive "$(host_pid "$1" bfmigd)" && pid_alive "$(host_pid "$1" bfmig-dbus)"; }
 
 bfmig_start_host() {
-    local h=$1 peer=$2 dir deadline
+    local h=$1 dir deadline
     dir=$(bfmig_dir "$h")
-    bfmig_write_config "$h" "$peer"
+    bfmig_write_config "$h"
     if ! pid_alive "$(host_pid "$h" bfmig-dbus)"; then
         host_exec "$h" sh -c 'rm -f /run/dbus/system_bus_socket; mkdir -p /run/dbus'
         host_spawn "$h" "$dir/dbus.log" dbus-daemon --config-file="$dir/dbus.conf" --nofork --nopidfile \

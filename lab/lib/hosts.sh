@@ -1,7 +1,9 @@
-# Hosts A and B: each a network namespace (<lab name>-a/-b) plus a persistent mount namespace
-# (bind-mounted at $LAB_RUN/<h>.mnt) with its own /etc/libvirt, /var/lib/libvirt, /run,
-# /var/log/libvirt, /var/cache/libvirt, virtlogd and libvirtd. The veth pair lab-a <-> lab-b
-# is the WAN, shaped with tbf on both ends.
+# Hosts A and B (and C with `up --hosts 3`): each a network namespace (<lab name>-a/-b/-c) plus
+# a persistent mount namespace (bind-mounted at $LAB_RUN/<h>.mnt) with its own /etc/libvirt,
+# /var/lib/libvirt, /run, /var/log/libvirt, /var/cache/libvirt, virtlogd and libvirtd. With two
+# hosts the veth pair lab-a <-> lab-b is the WAN; with three, each host's lab-<h> is one end of a
+# veth pair whose other end sits on a bridge in the switch namespace <lab name>-sw. Either way
+# every host shapes its own lab-<h> with tbf, so each byte crosses one shaped egress.
 
 netns_name() { echo "$LAB_NAME-$1"; }
 host_dir() { echo "$LAB_VAR/$1"; }
@@ -67,11 +69,12 @@ shape_link() {
 }
 
 cmd_up() {
-    local stack="" rate="" storage=local
+    local stack="" rate="" storage=local hosts=""
     while (($#)); do
         case $1 in
             --stack) stack=$2; shift 2 ;;
             --rate) rate=$2; shift 2 ;;
+            --hosts) [[ $2 =~ ^[23]$ ]] || die "up: --hosts 2 or 3"; hosts=$2; shift 2 ;;
             --storage) [[ $2 =~ ^(local|shared)$ ]] || die "up: --storage local or shared"; storage=$2; shift 2 ;;
             *) die "up: unknown option $1" ;;
         esac
@@ -86,6 +89,17 @@ cmd_up() {
         stack_ensure "$stack"
     fi
     ensure_lab_tools
+    if [[ -n $hosts ]] && lab_is_up && ((hosts != ${#LAB_HOSTS[@]})); then
+        log "changing the lab to $hosts hosts: taking it down first"
+        cmd_down
+    fi
+    if [[ -n $hosts ]] && ! lab_is_up; then
+        LAB_HOSTS=("${LAB_ALL_HOSTS[@]:0:hosts}")
+        LAB_PREFIX=$((hosts == 3 ? 29 : 30))
+    fi
+    # The storage namespace's links use addresses inside the three hosts' /29.
+    [[ $storage == shared && ${#LAB_HOSTS[@]} == 3 ]] && die "up: --storage shared needs the two-host lab"
+
     if lab_is_up; then
         [[ -n $rate ]] && shape_link "$rate"
         [[ $storage == shared ]] && storage_up
@@ -109,10 +123,14 @@ host_setup_all() {
     cat > "$LAB_RUN/state" <<EOF
 stack=$stack:$(stack_libvirt_version)
 rate=$rate
+hosts=${#LAB_HOSTS[@]}
 EOF
-    ip netns add "$(netns_name a)"
-    ip netns add "$(netns_name b)"
-    ip -n "$(netns_name a)" link add lab-a type veth peer name lab-b netns "$(netns_name b)"
+    for h in "${LAB_HOSTS[@]}"; do ip netns add "$(netns_name "$h")"; done
+    if ((${#LAB_HOSTS[@]} == 2)); then
+        ip -n "$(netns_name a)" link add lab-a type veth peer name lab-b netns "$(netns_name b)"
+    else
+        lab_switch_up
+    fi
     for h in "${LAB_HOSTS[@]}"; do
         ip -n "$(netns_name "$h")" link set lo up
         ip -n "$(netns_name "$h")" addr add "${HOST_ADDR[$h]}/$LAB_PREFIX" dev "lab-$h"
@@ -121,7 +139,22 @@ EOF
     guest_build "$LAB_VAR/guest"
     for h in "${LAB_HOSTS[@]}"; do host_setup "$h"; done
     for h in "${LAB_HOSTS[@]}"; do host_wait_ready "$h"; done
-    log "lab is up: A=${HOST_ADDR[a]} B=${HOST_ADDR[b]} rate $rate, libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
+    log "lab is up: $(for h in "${LAB_HOSTS[@]}"; do printf '%s=%s ' "${h^^}" "${HOST_ADDR[$h]}"; done)rate $rate, libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
+}
+
+# Three hosts: a bridge in the switch namespace, one veth pair per host (lab-<h> in the host,
+# sw-<h> on the bridge). Nothing else runs in the switch namespace.
+lab_switch_up() {
+    local sw h
+    sw=$(netns_name sw)
+    ip netns add "$sw"
+    ip -n "$sw" link add br0 type bridge
+    ip -n "$sw" link set br0 up
+    for h in "${LAB_HOSTS[@]}"; do
+        ip -n "$sw" link add "sw-$h" type veth peer name "lab-$h" netns "$(netns_name "$h")"
+        ip -n "$sw" link set "sw-$h" master br0
+        ip -n "$sw" link set "sw-$h" up
+    done
 }
 
 # A CA and one server/client certificate pair for QEMU's native migration TLS (virsh migrate
@@ -135,7 +168,7 @@ lab_migration_pki() {
         openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=BFMig lab CA" -keyout ca-key.pem -out ca-cert.pem
         for role in server client; do
             openssl req -newkey rsa:2048 -nodes -subj "/CN=bfmig-lab-$role" -keyout "$role-key.pem" -out "$role.csr"
-            printf 'subjectAltName = IP:%s, IP:%s\nextendedKeyUsage = %sAuth\n' "${HOST_ADDR[a]}" "${HOST_ADDR[b]}" "$role" > "$role.ext"
+            printf 'subjectAltName = IP:%s, IP:%s, IP:%s\nextendedKeyUsage = %sAuth\n' "${HOST_ADDR[a]}" "${HOST_ADDR[b]}" "${HOST_ADDR[c]}" "$role" > "$role.ext"
             openssl x509 -req -in "$role.csr" -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 30 \
                 -extfile "$role.ext" -out "$role-cert.pem"
         done
@@ -212,7 +245,7 @@ host_wait_ready() {
 # Every process whose mount or network namespace is one of the lab's, by pid.
 lab_pids() {
     local ids=() h f p ns
-    for h in "${LAB_HOSTS[@]}"; do
+    for h in "${LAB_ALL_HOSTS[@]}"; do
         f=$(hostns_id "$LAB_RUN/$h.mnt")
         [[ -n $f ]] && ids+=("$f")
         f=/run/netns/$(netns_name "$h")
@@ -257,10 +290,11 @@ cmd_down() {
         fi
     done
     lab_kill_all
-    for h in "${LAB_HOSTS[@]}"; do
+    for h in "${LAB_ALL_HOSTS[@]}"; do
         hostns_remove "$LAB_RUN/$h.mnt"
         if [[ -e /run/netns/$(netns_name "$h") ]]; then ip netns del "$(netns_name "$h")"; fi
     done
+    if [[ -e /run/netns/$(netns_name sw) ]]; then ip netns del "$(netns_name sw)"; fi
     storage_down
     if mountpoint -q "$LAB_RUN" 2> /dev/null; then umount "$LAB_RUN"; fi
     rm -rf "$LAB_RUN" "$LAB_VAR" "$LAB_VAR.apt.log"

@@ -128,8 +128,8 @@ bfmig_prepare_hosts() {
     fi
     bfmig_daemon_matches "$src"
     bfmig_daemon_matches "$dst"
-    bfmig_running "$src" || bfmig_start_host "$src" "$dst"
-    bfmig_running "$dst" || bfmig_start_host "$dst" "$src"
+    bfmig_running "$src" || bfmig_start_host "$src"
+    bfmig_running "$dst" || bfmig_start_host "$dst"
     bfmig_wait_ready "$dst"
     bfmig_wait_ready "$src" "/run/bfmig/$dst/$LAB_GUEST.mig" "/run/bfmig/$dst/$LAB_GUEST.nbd"
 }

@@ -11,10 +11,12 @@ LAB_STORAGE_ARGS=(--copy-storage-all)
 # Text of `info block` that identifies the guest's disk (its qcow2 file, or the NBD server).
 GUEST_DISK_MATCH=$LAB_GUEST.qcow2
 
-# Bytes that crossed the veth in both directions so far (one end sees both).
+# Bytes that crossed the lab's network so far: what every host sent on its lab-<h> (each byte
+# leaves exactly one host; with two hosts that is what one end of the veth saw both ways).
 link_bytes() {
-    ip -n "$(netns_name a)" -s -j link show lab-a |
-        jq '.[0].stats64.rx.bytes + .[0].stats64.tx.bytes'
+    local h
+    for h in "${LAB_HOSTS[@]}"; do ip -n "$(netns_name "$h")" -s -j link show "lab-$h"; done |
+        jq -s 'map(.[0].stats64.tx.bytes) | add'
 }
 
 # "Total downtime: 663 ms" from libvirt's completed-job statistics; the destination has them
@@ -194,7 +196,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() unconfirmed=() spec content=random
+    local kills=() downs=() unconfirmed=() spec content=random route_arg=""
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -223,12 +225,25 @@ cmd_roundtrip() {
             --backing-top-mib) [[ $2 =~ ^[0-9]+$ ]] || die "--backing-top-mib: a number of MiB"; backing_top_mib=$2 ;;
             --guests) [[ $2 =~ ^[1-9]$ ]] || die "--guests: 1 to 9"; guests=$2 ;;
             --content) [[ $2 =~ ^(random|os)$ ]] || die "--content: random or os"; content=$2 ;;
+            --route) [[ $2 =~ ^a(,[abc])+$ ]] || die "--route: hosts from a, e.g. a,b,c,a"; route_arg=$2 ;;
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
     done
     [[ -n $mode && -n $json ]] || die "roundtrip needs --mode and --json"
+    # The hosts the guest visits, from A: --route a,b,c,a, or A and B in turn for --trips.
+    local route=() i
+    if [[ -n $route_arg ]]; then
+        IFS=, read -r -a route <<< "$route_arg"
+        for ((i = 1; i < ${#route[@]}; i++)); do
+            [[ ${route[i]} != "${route[i - 1]}" ]] || die "--route: a trip from ${route[i]} to itself"
+        done
+        trips=$((${#route[@]} - 1))
+        ((guests == 1)) || die "--route: one guest"
+    else
+        for ((i = 0; i <= trips; i++)); do route+=("$([[ $((i % 2)) == 0 ]] && echo a || echo b)"); done
+    fi
     # --call CALL[,CALL...]: one call per trip, the last one for the remaining trips (e.g.
     # virsh,virt-manager-nouri,virsh: a trip around BFMig between two through it).
     local calls=() c
@@ -277,6 +292,7 @@ cmd_roundtrip() {
     [[ -n $stack ]] && up_args+=(--stack "$stack")
     [[ -n $rate ]] && up_args+=(--rate "$rate")
     [[ $storage == shared ]] && up_args+=(--storage shared)
+    [[ " ${route[*]} " == *" c "* ]] && up_args+=(--hosts 3)
     cmd_up "${up_args[@]}"
 
     local reason
@@ -334,9 +350,11 @@ cmd_roundtrip() {
     fi
     guest_record
 
-    local trip src=a dst=b trip_json=() chunks=$disk_data_mib
+    local trip src dst trip_json=() chunks=$disk_data_mib
     local before after t0 t1 bad images wire secs verified
     for ((trip = 1; trip <= trips; trip++)); do
+        src=${route[trip - 1]}
+        dst=${route[trip]}
         if [[ $storage != shared* && ! -e $(guest_image "$dst") ]]; then
             if ((backing_top_mib > 0)); then guest_create_overlay "$dst"; else qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"; fi
         fi
@@ -454,23 +472,21 @@ cmd_roundtrip() {
                 guest_record
             fi
         fi
-        local tmp=$src
-        src=$dst
-        dst=$tmp
     done
 
     jq -n --arg mode "$mode" --arg libvirt "$(stack_libvirt_version)" --arg qemu "$(stack_qemu_version)" \
         --arg rate "$(state_get rate)" --argjson ram "$ram_mib" --argjson fill "$fill_mib" \
         --argjson dgib "$disk_gib" --argjson dmib "$disk_data_mib" --argjson mpct "$mem_pct" \
         --argjson dpct "$disk_pct" --argjson disc "$discard_mib" --argjson rew "$rewrite_mib" \
-        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --arg copy "$copy_storage" --argjson top "$backing_top_mib" --arg content "$content" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
+        --arg corrupt "$corrupt" --argjson touch "$touch_mib" --arg storage "$storage" --arg copy "$copy_storage" --argjson top "$backing_top_mib" --arg content "$content" --arg route "$route_arg" --argjson bfmig "$(bfmig_hook_report "$hook")" --arg call "$call" --argjson migargs "$(printf '%s\n' "${MIG_ARGS[@]}" | jq -R . | jq -s 'map(select(. != ""))')" \
         '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu}, rate: $rate,
           scenario: ({ram_mib: $ram, fill_mib: $fill, disk_gib: $dgib, disk_data_mib: $dmib,
                      mem_change_pct: $mpct, disk_change_pct: $dpct, disk_discard_mib: $disc,
                      disk_rewrite_mib: $rew, corrupt: $corrupt, touch_retained_mib: $touch, storage: $storage}
                     + (if $copy == "all" then {} else {copy_storage: $copy} end)
                     + (if $top == 0 then {} else {backing_top_mib: $top} end)
-                    + (if $content == "random" then {} else {content: $content} end)),
+                    + (if $content == "random" then {} else {content: $content} end)
+                    + (if $route == "" then {} else {route: ($route | split(","))} end)),
           call: $call, migrate_args: $migargs, bfmig: $bfmig, trips: $ARGS.positional}' \
         --jsonargs "${trip_json[@]}" > "$json"
     scenario_cleanup

@@ -46,8 +46,36 @@ public sealed partial class UpDownTests(ITestOutputHelper output)
         lab.Run(TimeSpan.FromMinutes(2), "down");
     }
 
-    private static List<int> ReadPids() =>
-        [.. Hosts.SelectMany(h => new[] { "libvirtd", "virtlogd" }.Select(d => $"{RunDir}/{h}.{d}.pid"))
+    /// <summary>
+    /// <c>up --hosts 3</c>: host C behind the switch namespace, reachable from A; <c>up --hosts 2</c>
+    /// rebuilds the two-host lab (no C, no switch); <c>down</c> leaves nothing of either.
+    /// </summary>
+    [LabFact]
+    public void ThreeHosts_UpThenBackToTwo_LeavesNoTrace()
+    {
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+        lab.Run(TimeSpan.FromMinutes(10), "up", "--hosts", "3", "--rate", "1gbit");
+        var pids = ReadPids(["a", "b", "c"]);
+        Assert.Equal(6, pids.Count);
+        Assert.All(["c", "sw"], n => Assert.True(File.Exists($"/run/netns/{LabRunner.LabName}-{n}"), $"netns {n} missing"));
+        Assert.Contains("host c (198.18.0.3)", lab.Run(TimeSpan.FromMinutes(1), "status"), StringComparison.Ordinal);
+        var uuids = new[] { "a", "b", "c" }.Select(h => HostUuid(lab.Run(TimeSpan.FromMinutes(1), "virsh", h, "capabilities"))).ToList();
+        Assert.Equal(3, uuids.Distinct().Count());
+        lab.Run(TimeSpan.FromMinutes(1), "exec", "a", "timeout", "10", "bash", "-c", "exec 3<>/dev/tcp/198.18.0.3/16509");
+        lab.Run(TimeSpan.FromMinutes(1), "exec", "c", "timeout", "10", "bash", "-c", "exec 3<>/dev/tcp/198.18.0.2/16509");
+
+        lab.Run(TimeSpan.FromMinutes(10), "up", "--hosts", "2");
+        Assert.All(["c", "sw"], n => Assert.False(File.Exists($"/run/netns/{LabRunner.LabName}-{n}"), $"netns {n} left in the two-host lab"));
+        Assert.All(pids, pid => Assert.False(Directory.Exists($"/proc/{pid}"), $"pid {pid} of the three-host lab still running"));
+        Assert.Equal(4, ReadPids(Hosts).Count);
+        lab.Run(TimeSpan.FromMinutes(2), "down");
+        AssertNoTrace([]);
+    }
+
+    private static List<int> ReadPids() => ReadPids(Hosts);
+
+    private static List<int> ReadPids(IEnumerable<string> hosts) =>
+        [.. hosts.SelectMany(h => new[] { "libvirtd", "virtlogd" }.Select(d => $"{RunDir}/{h}.{d}.pid"))
             .Where(File.Exists)
             .Select(f => int.Parse(File.ReadAllText(f).Trim(), System.Globalization.CultureInfo.InvariantCulture))];
 
@@ -60,7 +88,7 @@ public sealed partial class UpDownTests(ITestOutputHelper output)
 
     private static void AssertNoTrace(IReadOnlyList<int> formerPids)
     {
-        Assert.All([.. Hosts, "s"], h => Assert.False(File.Exists($"/run/netns/{LabRunner.LabName}-{h}"), $"netns {h} left behind"));
+        Assert.All([.. Hosts, "c", "sw", "s"], h => Assert.False(File.Exists($"/run/netns/{LabRunner.LabName}-{h}"), $"netns {h} left behind"));
         var mounts = File.ReadAllLines("/proc/self/mountinfo").Where(l => l.Contains(LabRunner.LabName, StringComparison.Ordinal)).ToList();
         Assert.True(mounts.Count == 0, "mounts left behind:\n" + string.Join('\n', mounts));
         Assert.False(Directory.Exists(RunDir), $"{RunDir} left behind");
