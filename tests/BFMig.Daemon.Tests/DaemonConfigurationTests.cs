@@ -30,6 +30,20 @@ public sealed class DaemonConfigurationTests : IDisposable
         Assert.Equal(PeerAuthMode.Tls, options.AuthMode);
         Assert.Equal(CompressionChoice.Auto, options.Compression);
         Assert.Empty(options.Peers);
+        Assert.Equal(DaemonConfiguration.DefaultMaxTransfers(Environment.ProcessorCount), options.MaxTransfers);
+    }
+
+    [Theory]
+    [InlineData(1, 16)]
+    [InlineData(2, 16)]
+    [InlineData(4, 32)]
+    [InlineData(16, 128)]
+    [InlineData(96, 128)]
+    public void Default_stream_limit_follows_the_cores_and_lets_eight_guests_cross(int cores, int expected)
+    {
+        Assert.Equal(expected, DaemonConfiguration.DefaultMaxTransfers(cores));
+        // Four guests leaving and four arriving, each with memory and one disk: 16 streams on each host.
+        Assert.True(DaemonConfiguration.DefaultMaxTransfers(cores) >= 16);
     }
 
     [Fact]

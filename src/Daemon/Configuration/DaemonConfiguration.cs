@@ -60,6 +60,16 @@ public static class DaemonConfiguration
         }
     }
 
+    /// <summary>
+    /// Default <c>transfer:max_concurrent</c> on a host with <paramref name="cores"/> cores: 8 per
+    /// core, at least 16, at most 128. Every guest in a migration takes one stream for memory and
+    /// one per copied disk (plus one per multifd channel), on both hosts; 16 lets 4 guests leave
+    /// while 4 others arrive even on a 2-core host. A stream over the limit is not carried (in
+    /// transparent mode it goes byte for byte at stock cost), so the default errs high: a helper
+    /// mostly waits on the link, and its memory is a few MiB of buffers.
+    /// </summary>
+    public static int DefaultMaxTransfers(int cores) => Math.Clamp(8 * cores, 16, 128);
+
     /// <summary>Validates and returns the options; throws <see cref="ConfigurationException"/> on the first bad value.</summary>
     public static DaemonOptions Load(IConfigurationRoot config)
     {
@@ -99,7 +109,7 @@ public static class DaemonConfiguration
             AdminGroup = s.OptionalText("daemon:admin_group") is { Length: > 0 } admins ? s.Name("daemon:admin_group", admins) : null,
             HookPath = s.Path("daemon:hook_path", "/etc/libvirt/hooks/qemu.d/50-bfmig"),
             TransferHelper = s.OptionalPath("transfer:helper"),
-            MaxTransfers = s.Integer("transfer:max_concurrent", 8, min: 1, max: 64),
+            MaxTransfers = s.Integer("transfer:max_concurrent", DefaultMaxTransfers(Environment.ProcessorCount), min: 1, max: 256),
             ShutdownGraceSeconds = s.Integer("transfer:shutdown_grace_seconds", 20, min: 0, max: 3600),
             Peers = peers,
             Transparent = s.Boolean("daemon:transparent", peers.Count > 0),

@@ -95,7 +95,7 @@ public sealed record DaemonOptions
     public string? TransferHelper { get; init; }
 
     /// <summary>Streams (helpers) running at once, both directions together; more are refused.</summary>
-    public int MaxTransfers { get; init; } = 8;
+    public int MaxTransfers { get; init; } = DaemonConfiguration.DefaultMaxTransfers(Environment.ProcessorCount);
 
     /// <summary>
     /// Transparent mode (<c>daemon:transparent</c>, default yes when peers are configured): ordinary
