@@ -133,3 +133,15 @@ bfmig_prepare_hosts() {
     bfmig_wait_ready "$dst"
     bfmig_wait_ready "$src" "/run/bfmig/$dst/$LAB_GUEST.mig" "/run/bfmig/$dst/$LAB_GUEST.nbd"
 }
+
+# Post-copy (issue 15): the mode's own transport plus `--postcopy --postcopy-after-precopy`, so
+# that virsh itself calls virDomainMigrateStartPostCopy (what `virsh migrate-postcopy` does) once
+# the first precopy pass is done: every trip switches to post-copy mid-trip.
+LAB_POSTCOPY_ARGS=(--postcopy --postcopy-after-precopy)
+mode_stock_postcopy_args() { mode_stock_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_bfmig_postcopy_unsupported() { mode_bfmig_unsupported; }
+mode_bfmig_postcopy_args() { mode_bfmig_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_bfmig_postcopy_prepare() { mode_bfmig_prepare "$@"; }
+mode_bfmig_transparent_postcopy_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_postcopy_args() { mode_bfmig_transparent_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_bfmig_transparent_postcopy_prepare() { mode_bfmig_transparent_prepare "$@"; }
