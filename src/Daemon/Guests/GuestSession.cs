@@ -68,15 +68,21 @@ public sealed class GuestSession
     /// Like <see cref="Enqueue"/>, but hands <paramref name="work"/>'s outcome to the caller: its
     /// exception faults the returned task instead of being logged (for API calls that must answer).
     /// </summary>
-    public Task Submit(Action work)
+    public Task Submit(Action work) => Submit(() =>
     {
-        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        work();
+        return true;
+    });
+
+    /// <summary>Like <see cref="Submit(Action)"/>, with <paramref name="work"/>'s result.</summary>
+    public Task<T> Submit<T>(Func<T> work)
+    {
+        var done = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
         Enqueue(() =>
         {
             try
             {
-                work();
-                done.SetResult();
+                done.SetResult(work());
             }
             catch (Exception e)
             {
@@ -85,6 +91,35 @@ public sealed class GuestSession
         });
         return done.Task;
     }
+
+    /// <summary>
+    /// Why the guest's retained state must not be removed now (a trip libvirt has not confirmed
+    /// yet: its streams may still need the store, and its outcome decides where the guest is), or
+    /// null when it may. The one rule for <c>bfmig forget</c> and for eviction.
+    /// </summary>
+    public static string? PendingTripText(LocationRecord? record)
+    {
+        if (record is not { Pending: not PendingTrip.None } pending)
+            return null;
+        var peer = pending.PendingPeer.Length == 0 ? "another host" : pending.PendingPeer;
+        return pending.Pending == PendingTrip.Departing ? $"a pending departure to {peer}" : $"a pending arrival from {peer}";
+    }
+
+    /// <summary>
+    /// Evicts the guest's departure snapshot (<see cref="GuestStateStore.Evict"/>) on its queue,
+    /// after everything queued before (a settle cannot interleave). Faults with
+    /// <see cref="InvalidOperationException"/> while a trip is pending or the record cannot be
+    /// read, with <see cref="IOException"/> while a helper holds the store. Returns the bytes freed.
+    /// </summary>
+    public Task<long> EvictSnapshot() => Submit(() =>
+    {
+        var (record, problem) = _store.ReadLocation(Uuid);
+        if (problem is not null)
+            throw new InvalidOperationException($"its location record {problem}");
+        if (PendingTripText(record) is { } pending)
+            throw new InvalidOperationException($"it has {pending} that libvirt has not confirmed yet");
+        return _store.Evict(Uuid);
+    });
 
     private void Run(Action work)
     {

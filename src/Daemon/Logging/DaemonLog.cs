@@ -215,4 +215,16 @@ internal static partial class DaemonLog
 
     [LoggerMessage(107, LogLevel.Warning, "refused a transparent {Kind} stream of guest {Guest} from {Peer} to port {Port}: {Reason}")]
     public static partial void TransparentTargetRefused(ILogger logger, string kind, string guest, string peer, int port, string reason);
+    // 110-119: retention
+    [LoggerMessage(110, LogLevel.Information, "retention: {Limits}; checked every {Minutes} min and after every trip")]
+    public static partial void RetentionLimits(ILogger logger, string limits, double minutes);
+
+    [LoggerMessage(111, LogLevel.Warning, "retention: evicted the departure snapshot of guest {Guest} ({Uuid}), {Bytes} bytes: {Reason}; its next trip sends everything")]
+    public static partial void Evicted(ILogger logger, string guest, string uuid, long bytes, string reason);
+
+    [LoggerMessage(112, LogLevel.Information, "retention: not evicting guest {Guest} ({Uuid}) now: {Why}; tried again at the next check")]
+    public static partial void EvictionDeferred(ILogger logger, string guest, string uuid, string why);
+
+    [LoggerMessage(113, LogLevel.Error, "retention: the check failed: {Reason}")]
+    public static partial void RetentionFailed(ILogger logger, string reason);
 }
