@@ -109,7 +109,7 @@ public sealed partial class BfmigDaemon
         if (hello.Kind == StreamKind.Control)
         {
             if (_checkpoints is { } keeper)
-                _ = keeper.ServeAsync(connection);
+                _ = keeper.ServeAsync(connection, hello);
             else
                 connection.Dispose();
             return;
