@@ -27,6 +27,9 @@ public sealed class GuestSession
     private readonly Lock _gate = new();
     private Task _tail = Task.CompletedTask;
 
+    /// <summary>The pending departure switched to post-copy (only touched on the queue).</summary>
+    private bool _postCopy;
+
     internal GuestSession(Guid uuid, string name, GuestStateStore store, TimeProvider time, ILogger logger)
     {
         Uuid = uuid;
@@ -163,9 +166,27 @@ public sealed class GuestSession
     /// </summary>
     public void TripEnded(TransferDirection direction, bool ok, string why)
     {
-        if (!ok)
-            RollBack(direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving, why);
+        if (ok)
+            return;
+        if (direction == TransferDirection.Send)
+        {
+            Enqueue(() =>
+            {
+                // After the switch to post-copy the guest runs at the destination: a stream that
+                // ended badly since cannot bring it back. It stays pending (possibly elsewhere)
+                // until libvirt says Stopped/Migrated, or the source resumes it.
+                if (_postCopy)
+                    DaemonLog.PostCopyStreamEnded(_logger, Name, Id, why);
+                else if (TryReadForUpdate("a rollback", out var record) && record is not null && record.Pending == PendingTrip.Departing)
+                    RollBackNow(record, why);
+            });
+            return;
+        }
+        RollBack(PendingTrip.Arriving, why);
     }
+
+    /// <summary>libvirt reported that the pending departure switched to post-copy (Suspended/PostCopy here).</summary>
+    public void PostCopyStarted() => Enqueue(() => _postCopy = true);
 
     /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated, or Resumed/PostCopy on the destination), from the pending arrival's peer (<see cref="ConfirmedPeer"/>).</summary>
     public void Arrived() => Enqueue(() =>
@@ -180,6 +201,7 @@ public sealed class GuestSession
     {
         if (!TryReadForUpdate("a departure", out var record))
             return;
+        _postCopy = false;
         Settle(GuestPlace.Away, ConfirmedPeer(record, PendingTrip.Departing, GuestPlace.Away), record);
     });
 
@@ -192,7 +214,11 @@ public sealed class GuestSession
         record is null ? "" : record.Pending == trip ? record.PendingPeer : record.Place == place ? record.Peer : "";
 
     /// <summary>The guest runs here again other than by an arrival (Resumed, or started): a pending departure did not happen.</summary>
-    public void RunsHere() => RollBack(PendingTrip.Departing, "the guest runs here again");
+    public void RunsHere()
+    {
+        Enqueue(() => _postCopy = false);
+        RollBack(PendingTrip.Departing, "the guest runs here again");
+    }
 
     /// <summary>The guest stopped here other than by a departure: a pending arrival did not happen (the incoming QEMU ended).</summary>
     public void StoppedHere() => RollBack(PendingTrip.Arriving, "the incoming guest stopped here");
