@@ -136,12 +136,16 @@ cmd_checkpoints() {
             --mode) CK_MODE=$2 ;;
             --json) json=$2 ;;
             --rate) rate=$2 ;;
+            # How the daemons authenticate each other (lib/bfmig.sh): the checkpoint exchange
+            # rides the same peer port, so it must work in both.
+            --auth) BFMIG_AUTH=$2 ;;
             *) die "checkpoints: unknown option $1" ;;
         esac
         shift 2
     done
     [[ $CK_MODE == stock || $CK_MODE == bfmig ]] || die "checkpoints needs --mode stock|bfmig"
     [[ -n $json ]] || die "checkpoints needs --json FILE"
+    [[ $BFMIG_AUTH == psk || $BFMIG_AUTH == tls ]] || die "checkpoints: --auth psk|tls"
     need_root
     json=$(realpath -m "$json")
     if [[ $CK_MODE == bfmig ]]; then
@@ -206,12 +210,12 @@ cmd_checkpoints() {
     local still_on_b=false
     [[ $(host_virsh b domstate "$LAB_GUEST" 2> /dev/null) == running ]] && still_on_b=true
 
-    jq -n --arg mode "$CK_MODE" --arg libvirt "$(stack_libvirt_version)" --arg qemu "$(stack_qemu_version)" \
+    jq -n --arg mode "$CK_MODE" --arg auth "$BFMIG_AUTH" --arg libvirt "$(stack_libvirt_version)" --arg qemu "$(stack_qemu_version)" \
         --argjson before "$before_trip1" \
         --argjson t1ok "$trip1_ok" --arg t1err "$trip1_error" --argjson a1 "$arrival1" \
         --argjson t2ok "$trip2_ok" --arg t2err "$trip2_error" --argjson a2 "$arrival2" \
         --argjson est "$estimate" --argjson moved "$moved" --argjson onb "$still_on_b" \
-        '{mode: $mode, stack: {libvirt: $libvirt, qemu: $qemu},
+        '{mode: $mode, auth: $auth, stack: {libvirt: $libvirt, qemu: $qemu},
           written: {before_c2: [20, 21], after_c2_before_restart: [30], after_restart: [40], on_b: [50, 51, 52]},
           expected: {trip1: {c1: [20, 21, 30, 40], c2: [30, 40]}, trip2: {c1: [20, 21, 30, 40, 50, 51, 52], c2: [30, 40, 50, 51, 52]}},
           before_trip1: $before,

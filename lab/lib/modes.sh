@@ -133,3 +133,56 @@ bfmig_prepare_hosts() {
     bfmig_wait_ready "$dst"
     bfmig_wait_ready "$src" "/run/bfmig/$dst/$LAB_GUEST.mig" "/run/bfmig/$dst/$LAB_GUEST.nbd"
 }
+
+# Post-copy (issue 15): the mode's own transport plus `--postcopy`, and a watcher on the source
+# that runs `virsh migrate-postcopy` as soon as the memory stream moves: during the first precopy
+# pass, so QEMU really switches (an idle guest's precopy would converge before a later switch).
+# QEMU 7.2 runs as libvirt-qemu and uses the userfaultfd syscall, which the kernel grants such a
+# user only with vm.unprivileged_userfaultfd = 1 (QEMU 8.1+ can use /dev/userfaultfd instead):
+# set for the trip when it is 0 (QEMU refuses postcopy at the start otherwise), restored after.
+LAB_POSTCOPY_ARGS=(--postcopy)
+
+postcopy_prepare() {
+    local src=$1 uffd=/proc/sys/vm/unprivileged_userfaultfd
+    if [[ -w $uffd && $(cat "$uffd") == 0 ]]; then
+        echo 1 > "$uffd"
+        echo 0 > "$LAB_RUN/postcopy.uffd-restore"
+        log "post-copy: vm.unprivileged_userfaultfd set to 1 for the trip (QEMU 7.2 as libvirt-qemu needs it)"
+    fi
+    rm -f "$LAB_RUN/postcopy.switched"
+    (
+        for _ in $(seq 1 1500); do
+            if host_exec "$src" virsh -q -c qemu:///system domjobinfo "$LAB_GUEST" 2> /dev/null |
+                grep -Eq '^Memory processed: +[0-9]*[1-9]'; then
+                host_exec "$src" virsh -q -c qemu:///system migrate-postcopy "$LAB_GUEST" > "$LAB_RUN/postcopy.switched" 2>&1 &&
+                    echo "migrate-postcopy at $(date +%T.%N)" >> "$LAB_RUN/postcopy.switched"
+                exit 0
+            fi
+            sleep 0.2
+        done
+    ) > /dev/null 2>&1 &
+    echo $! > "$LAB_RUN/postcopy.watcher"
+}
+
+postcopy_cleanup() {
+    local pid
+    pid=$(cat "$LAB_RUN/postcopy.watcher" 2> /dev/null) && kill "$pid" 2> /dev/null || true
+    rm -f "$LAB_RUN/postcopy.watcher"
+    if [[ -f $LAB_RUN/postcopy.uffd-restore ]]; then
+        cat "$LAB_RUN/postcopy.uffd-restore" > /proc/sys/vm/unprivileged_userfaultfd
+        rm -f "$LAB_RUN/postcopy.uffd-restore"
+    fi
+    if [[ -s $LAB_RUN/postcopy.switched ]]; then log "post-copy: $(tail -n 1 "$LAB_RUN/postcopy.switched")"; else log "post-copy: the trip ended before the switch"; fi
+}
+
+mode_stock_postcopy_args() { mode_stock_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_stock_postcopy_prepare() { postcopy_prepare "$@"; }
+mode_stock_postcopy_cleanup() { postcopy_cleanup "$@"; }
+mode_bfmig_postcopy_unsupported() { mode_bfmig_unsupported; }
+mode_bfmig_postcopy_args() { mode_bfmig_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_bfmig_postcopy_prepare() { mode_bfmig_prepare "$@"; postcopy_prepare "$@"; }
+mode_bfmig_postcopy_cleanup() { postcopy_cleanup "$@"; }
+mode_bfmig_transparent_postcopy_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_postcopy_args() { mode_bfmig_transparent_args "$@"; MIG_ARGS+=("${LAB_POSTCOPY_ARGS[@]}"); }
+mode_bfmig_transparent_postcopy_prepare() { mode_bfmig_transparent_prepare "$@"; postcopy_prepare "$@"; }
+mode_bfmig_transparent_postcopy_cleanup() { postcopy_cleanup "$@"; }

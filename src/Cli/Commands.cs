@@ -70,11 +70,17 @@ internal static class Commands
         using DaemonClient client = DaemonClient.Connect(DaemonClient.ResolveAddress(options.BusAddress));
         IReadOnlyList<RetainedGuest> guests = client.ListGuests();
         Dictionary<string, LastTrip> trips = client.ListTrips().GroupBy(t => t.Uuid).ToDictionary(g => g.Key, g => g.Last());
+        (IReadOnlyList<StoreCost> costList, string? limits) = client.ListStoreCosts();
+        Dictionary<string, StoreCost> costs = costList.GroupBy(c => c.Uuid).ToDictionary(g => g.Key, g => g.Last());
+        ulong? onDisk = limits is null ? null : (ulong)costList.Sum(c => (decimal)c.TotalBytes);
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         if (options.Json)
         {
             JsonOutput.Write(new ListJson([.. guests.Select(g => new GuestJson(g.Uuid, g.Name, g.Location, g.Peer, g.Generation,
                 g.MemoryBytes, g.DiskBytes, g.RetainedBytes, g.SinceUnixSeconds, Format.UnixTimeIso(g.SinceUnixSeconds),
-                trips.TryGetValue(g.Uuid, out LastTrip? t) ? new TripJson(t.Direction, t.Path, t.MemoryOnly, t.Peer, t.Reason, t.AtUnixSeconds, Format.UnixTimeIso(t.AtUnixSeconds)) : null))]),
+                trips.TryGetValue(g.Uuid, out LastTrip? t) ? new TripJson(t.Direction, t.Path, t.MemoryOnly, t.Peer, t.Reason, t.AtUnixSeconds, Format.UnixTimeIso(t.AtUnixSeconds)) : null,
+                costs.TryGetValue(g.Uuid, out StoreCost? c) ? new OnDiskJson(c.MemoryStoreBytes, c.DiskMapBytes, c.CheckpointBytes, c.OtherBytes, c.TotalBytes,
+                    c.LastChangedUnixSeconds, Format.UnixTimeIso(c.LastChangedUnixSeconds), Age(c, now)) : null))], onDisk, limits),
                 JsonOutput.Context.ListJson);
             return 0;
         }
@@ -83,9 +89,10 @@ internal static class Commands
             Console.Out.WriteLine("no retained guests");
             return 0;
         }
-        var rows = new List<string[]> { new[] { "GUEST", "WHERE", "SINCE", "GEN", "MEMORY", "DISK", "TOTAL", "UUID", "LAST TRIP" } };
+        var rows = new List<string[]> { new[] { "GUEST", "WHERE", "SINCE", "GEN", "MEMORY", "DISK", "TOTAL", "ON DISK", "AGE", "UUID", "LAST TRIP" } };
         foreach (RetainedGuest g in guests.OrderBy(g => g.Name, StringComparer.Ordinal))
         {
+            StoreCost? cost = costs.GetValueOrDefault(g.Uuid);
             rows.Add([
                 g.Name,
                 Where(g),
@@ -94,13 +101,24 @@ internal static class Commands
                 g.MemoryBytes is { } m ? Format.Bytes(m) : "-",
                 g.DiskBytes is { } d ? Format.Bytes(d) : "-",
                 Format.Bytes(g.RetainedBytes),
+                cost is null ? "-" : Format.Bytes(cost.TotalBytes),
+                cost is null ? "-" : Format.Duration(Age(cost, now)),
                 g.Uuid,
                 trips.TryGetValue(g.Uuid, out LastTrip? t) ? $"{t.Direction} {t.Summary}" : "-",
             ]);
         }
         Console.Out.Write(Format.Table(rows));
+        if (onDisk is { } total)
+        {
+            Console.Out.WriteLine($"on disk: {Format.Bytes(total)} in all (memory stores {Format.Bytes(Sum(costList, c => c.MemoryStoreBytes))}, " +
+                $"disk maps {Format.Bytes(Sum(costList, c => c.DiskMapBytes))}, checkpoints {Format.Bytes(Sum(costList, c => c.CheckpointBytes))}); retention: {limits}");
+        }
         return 0;
     }
+
+    private static ulong Age(StoreCost cost, long now) => (ulong)Math.Max(0, now - cost.LastChangedUnixSeconds);
+
+    private static ulong Sum(IEnumerable<StoreCost> costs, Func<StoreCost, ulong> part) => (ulong)costs.Sum(c => (decimal)part(c));
 
     private static string Where(RetainedGuest g) => g.Location switch
     {

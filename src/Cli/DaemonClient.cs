@@ -79,6 +79,19 @@ internal sealed class DaemonClient : IDisposable
         }
     }
 
+    /// <summary>What each guest's state occupies on disk, and the retention limits; (empty, null) from a daemon older than ListStoreCosts.</summary>
+    public (IReadOnlyList<StoreCost> Costs, string? Limits) ListStoreCosts()
+    {
+        try
+        {
+            return Call("ListStoreCosts", "", null, static (m, _) => StoreCost.Read(m), QuickTimeout);
+        }
+        catch (CommandFailedException e) when (e.InnerException is DBusErrorReplyException { ErrorName: BusErrorNames.UnknownMethod })
+        {
+            return ([], null);
+        }
+    }
+
     public void Forget(string guest) =>
         Call("Forget", "s", (ref MessageWriter w) => w.WriteString(guest), static (_, _) => true, QuickTimeout);
 
@@ -245,6 +258,29 @@ internal sealed record LastTrip(string Uuid, string Direction, string Path, bool
             trips.Add(new LastTrip(reader.ReadString(), reader.ReadString(), reader.ReadString(), reader.ReadBool(), reader.ReadString(), reader.ReadString(), reader.ReadInt64()));
         }
         return trips;
+    }
+}
+
+/// <summary>One entry of ListStoreCosts: what a guest's state occupies on disk, by part, and when it last changed.</summary>
+internal sealed record StoreCost(string Uuid, ulong MemoryStoreBytes, ulong DiskMapBytes, ulong CheckpointBytes, ulong OtherBytes, long LastChangedUnixSeconds)
+{
+    public ulong TotalBytes => MemoryStoreBytes + DiskMapBytes + CheckpointBytes + OtherBytes;
+
+    /// <summary>Reads <c>a(sttttx)s</c> as the contract lists it.</summary>
+    public static (IReadOnlyList<StoreCost> Costs, string? Limits) Read(Message message)
+    {
+        string signature = message.SignatureAsString ?? "";
+        if (signature != "a(sttttx)s")
+            throw new DBusUnexpectedValueException($"ListStoreCosts returned '{signature}', expected a(sttttx)s: bfmig and bfmigd versions differ?");
+        var costs = new List<StoreCost>();
+        Reader reader = message.GetBodyReader();
+        ArrayEnd end = reader.ReadArrayStart(DBusType.Struct);
+        while (reader.HasNext(end))
+        {
+            reader.AlignStruct();
+            costs.Add(new StoreCost(reader.ReadString(), reader.ReadUInt64(), reader.ReadUInt64(), reader.ReadUInt64(), reader.ReadUInt64(), reader.ReadInt64()));
+        }
+        return (costs, reader.ReadString());
     }
 }
 

@@ -7,12 +7,19 @@ namespace BFMig.Cli;
 // like the D-Bus contract's argument names; sizes are bytes, times ISO 8601 UTC.
 
 internal sealed record GuestJson(string Uuid, string Name, string Location, string Peer, ulong Generation,
-    ulong? MemoryBytes, ulong? DiskBytes, ulong RetainedBytes, long SinceUnix, string? Since, TripJson? LastTrip);
+    ulong? MemoryBytes, ulong? DiskBytes, ulong RetainedBytes, long SinceUnix, string? Since, TripJson? LastTrip, OnDiskJson? OnDisk);
+
+/// <summary>What the guest's state occupies on this host's disk (null from a daemon that does not say).</summary>
+internal sealed record OnDiskJson(ulong MemoryStoreBytes, ulong DiskMapBytes, ulong CheckpointBytes, ulong OtherBytes, ulong TotalBytes,
+    long LastChangedUnix, string? LastChanged, ulong AgeSeconds);
 
 /// <summary>How the guest's last migration went (null when none was recorded).</summary>
 internal sealed record TripJson(string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long AtUnix, string? At);
 
-internal sealed record ListJson(IReadOnlyList<GuestJson> Guests);
+/// <param name="Guests">Every retained guest.</param>
+/// <param name="OnDiskBytes">All guests' state on this host's disk together (null from a daemon that does not say).</param>
+/// <param name="Retention">The daemon's retention limits in one line (null from a daemon that does not say).</param>
+internal sealed record ListJson(IReadOnlyList<GuestJson> Guests, ulong? OnDiskBytes, string? Retention);
 
 internal sealed record EstimateJson(string Guest, string Peer, ulong MemoryBytes, ulong DiskBytes, ulong TotalBytes,
     ulong StockMemoryBytes, ulong StockDiskBytes, ulong StockTotalBytes, string Basis);

@@ -76,6 +76,16 @@ public sealed partial class BfmigDaemon
             .Select(t => new TripListing(t.Uuid.ToString("D"), t.Trip!.Direction, t.Trip.Path, t.Trip.MemoryOnly, t.Trip.Peer, t.Trip.Reason, t.Trip.AtUnixSeconds))];
 
     /// <inheritdoc/>
+    public IReadOnlyList<StoreCostListing> ListStoreCosts(out string limits)
+    {
+        limits = _options.Retention.ToString();
+        return [.. _store.Uuids().Select(u => (Uuid: u, Cost: _store.Cost(u), Changed: _store.LastChanged(u)))
+            .Where(c => c.Changed is not null)
+            .Select(c => new StoreCostListing(c.Uuid.ToString("D"), (ulong)c.Cost.MemoryStore, (ulong)c.Cost.DiskMaps, (ulong)c.Cost.Checkpoints,
+                (ulong)c.Cost.Other, c.Changed!.Value.ToUnixTimeSeconds()))];
+    }
+
+    /// <inheritdoc/>
     public void Forget(string guest)
     {
         var record = FindRetained(guest);
@@ -84,12 +94,10 @@ public sealed partial class BfmigDaemon
         // On the guest's queue: a settle queued before runs first and cannot recreate the record after the delete.
         var forgotten = _sessions.Get(record.Uuid).Submit(() =>
         {
-            if (_store.ReadLocation(record.Uuid).Record is { Pending: not PendingTrip.None } pending)
+            if (GuestSession.PendingTripText(_store.ReadLocation(record.Uuid).Record) is { } pending)
             {
-                var peer = pending.PendingPeer.Length == 0 ? "another host" : pending.PendingPeer;
-                var trip = pending.Pending == PendingTrip.Departing ? $"departure to {peer}" : $"arrival from {peer}";
                 throw new DaemonApiException(DaemonErrors.Busy,
-                    $"guest {guest} has a pending {trip} that libvirt has not confirmed yet; wait for the migration to end (bfmigd settles it from libvirt's events), then forget it");
+                    $"guest {guest} has {pending} that libvirt has not confirmed yet; wait for the migration to end (bfmigd settles it from libvirt's events), then forget it");
             }
             _store.Delete(record.Uuid);
         });

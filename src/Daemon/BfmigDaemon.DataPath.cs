@@ -109,7 +109,7 @@ public sealed partial class BfmigDaemon
         if (hello.Kind == StreamKind.Control)
         {
             if (_checkpoints is { } keeper)
-                _ = keeper.ServeAsync(connection);
+                _ = keeper.ServeAsync(connection, hello);
             else
                 connection.Dispose();
             return;
@@ -155,5 +155,7 @@ public sealed partial class BfmigDaemon
             ? $"{o.Stream}: {o.Stats?.StreamBytes ?? 0} bytes carried, {(o.Stats?.WireBytesOut ?? 0) + (o.Stats?.WireBytesIn ?? 0)} on the wire"
             : $"{o.Stream}: failed (exit {o.ExitCode}): {o.Error}"));
         _bus?.TransferFinished(first.Guest, first.Peer, ok, message);
+        // The trip's stores are committed: what the host retains may have grown past its limits.
+        _retention?.Request();
     }
 }

@@ -79,6 +79,12 @@ public sealed partial class BfmigDaemon
                         if (e.Is(LibvirtStartedDetail.Migrated))
                             _trips.IncomingStarted(uuid);
                         break;
+                    case LibvirtLifecycleEvent.Suspended when e.Is(LibvirtSuspendedDetail.PostCopy):
+                        // The source switched to post-copy: the guest runs at the destination from
+                        // now on; a stream that fails later does not bring it back here.
+                        session.PostCopyStarted();
+                        _departures.PostCopyStarted(uuid);
+                        break;
                     case LibvirtLifecycleEvent.Stopped:
                         _sockets?.Remove(uuid);
                         _trips.GuestStopped(uuid);
@@ -115,7 +121,7 @@ public sealed partial class BfmigDaemon
     {
         var (uuid, name) = (departure.Uuid, departure.Name);
         var disks = _domainXml.Get(uuid, query: null) is { } xml ? DomainDisks.Describe(xml) : [];
-        var verdicts = ImageCustody.Decide(disks, departure.Trip);
+        var verdicts = ImageCustody.Decide(disks, departure.Trip, departure.PostCopy);
         var session = _sessions.Get(uuid, name);
         QueueTripRecord(session, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid)));
         var untouched = verdicts.Where(v => !v.Carried).ToList();
@@ -124,7 +130,7 @@ public sealed partial class BfmigDaemon
             tell = untouched.Count > 0 && _sharedDisksTold.Add(uuid);
         if (tell)
             DaemonLog.DisksNotTouched(_logger, name, uuid.ToString("D"), string.Join("; ", untouched.Select(v => v.Why)));
-        var maps = ImageCustody.SealableMaps(verdicts, departure.Trip);
+        var maps = ImageCustody.SealableMaps(verdicts, departure.Trip, departure.PostCopy);
         var cleaned = _checkpoints?.OnDeparted(uuid, name, ImageCustody.CarriedImages(verdicts)) ?? Task.CompletedTask;
         if (maps.Count > 0)
         {

@@ -50,6 +50,8 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     private TransferManager? _transfers;
     private PeerListener? _peers;
     private CheckpointKeeper? _checkpoints;
+    private RetentionKeeper? _retention;
+    private Task _retentionTask = Task.CompletedTask;
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
     private readonly DepartureJoin _departures;
@@ -109,6 +111,8 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
 
     internal CheckpointKeeper? Checkpoints => _checkpoints;
 
+    internal RetentionKeeper? Retention => _retention;
+
     /// <summary>
     /// Checks what the configuration names (users, helper), prepares the directories, takes the
     /// bus name and starts following libvirt and accepting peers. Throws
@@ -162,6 +166,10 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), _time, _stop.Token,
             qemuMonitor: _qemuMonitor);
 
+        var transfers = _transfers;
+        _retention = new RetentionKeeper(_store, _sessions, _options.Retention, transfers.IsBusy, _time, _loggers.CreateLogger("bfmigd.retention"));
+        _retentionTask = Task.Run(() => _retention.RunAsync(_stop.Token));
+
         if (_dataPathOff is null)
         {
             _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
@@ -194,7 +202,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
             if (_transfers is not null)
                 await _transfers.ShutdownAsync(TimeSpan.FromSeconds(_options.ShutdownGraceSeconds)).ConfigureAwait(false);
             await _stop.CancelAsync().ConfigureAwait(false);
-            await Task.WhenAll(_libvirtTask, _peerTask, _transparent?.Running ?? Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+            await Task.WhenAll(_libvirtTask, _peerTask, _retentionTask, _transparent?.Running ?? Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
             await _sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
         }
         catch (Exception e) when (e is TimeoutException or OperationCanceledException)

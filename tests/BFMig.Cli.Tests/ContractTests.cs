@@ -10,6 +10,7 @@ public sealed class ContractTests(PrivateBus bus) : CliTestBase(bus)
         Assert.Equal(("", "a{sv}"), (c["GetStatus"].InSignature, c["GetStatus"].OutSignature));
         Assert.Contains(c["ListGuests"].OutSignature, new[] { "a(sssstttx)", "a(ssssttx)" });
         Assert.Equal(("", "a(sssbssx)"), (c["ListTrips"].InSignature, c["ListTrips"].OutSignature));
+        Assert.Equal(("", "a(sttttx)s"), (c["ListStoreCosts"].InSignature, c["ListStoreCosts"].OutSignature));
         Assert.Equal(("s", ""), (c["Forget"].InSignature, c["Forget"].OutSignature));
         Assert.Equal(("ss", "tttts"), (c["Estimate"].InSignature, c["Estimate"].OutSignature));
         Assert.Equal(["disk_bytes", "memory_bytes", "stock_disk_bytes", "stock_memory_bytes", "basis"], c["Estimate"].OutNames);

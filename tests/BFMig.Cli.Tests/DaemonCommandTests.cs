@@ -47,15 +47,15 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
         Assert.Equal(0, result.ExitCode);
         string[] lines = Lines(result.Stdout);
         Assert.Equal(3, lines.Length);
-        Assert.Matches(@"^GUEST\s+WHERE\s+SINCE\s+GEN\s+MEMORY\s+DISK\s+TOTAL\s+UUID\s+LAST TRIP$", lines[0]);
+        Assert.Matches(@"^GUEST\s+WHERE\s+SINCE\s+GEN\s+MEMORY\s+DISK\s+TOTAL\s+ON DISK\s+AGE\s+UUID\s+LAST TRIP$", lines[0]);
         // Sorted by name; the memory/disk columns depend on the contract's struct (one or two sizes).
         bool twoSizes = Daemon.Contract["ListGuests"].OutSignature == "a(sssstttx)";
         Assert.Matches(twoSizes
-            ? @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+2\.0 GiB\s+20\.0 GiB\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$"
-            : @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+-\s+-\s+22\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$", lines[1]);
+            ? @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+2\.0 GiB\s+20\.0 GiB\s+22\.0 GiB\s+-\s+-\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$"
+            : @"^db1\s+away at hostB\s+2026-11-23 12:00:00 UTC\s+7\s+-\s+-\s+22\.0 GiB\s+-\s+-\s+5f0c1c2e-0000-4000-8000-000000000002\s+departure accelerated, shared storage \(memory only\)$", lines[1]);
         Assert.Matches(twoSizes
-            ? @"^vm1\s+here \(from hostB\)\s+-\s+3\s+512\.0 MiB\s+1\.5 GiB\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$"
-            : @"^vm1\s+here \(from hostB\)\s+-\s+3\s+-\s+-\s+2\.0 GiB\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$", lines[2]);
+            ? @"^vm1\s+here \(from hostB\)\s+-\s+3\s+512\.0 MiB\s+1\.5 GiB\s+2\.0 GiB\s+-\s+-\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$"
+            : @"^vm1\s+here \(from hostB\)\s+-\s+3\s+-\s+-\s+2\.0 GiB\s+-\s+-\s+5f0c1c2e-0000-4000-8000-000000000001\s+-$", lines[2]);
     }
 
     [Fact]
@@ -84,6 +84,30 @@ public sealed class DaemonCommandTests(PrivateBus bus) : CliTestBase(bus)
         Assert.Equal("bypassed", vm1.GetProperty("last_trip").GetProperty("path").GetString());
         Assert.Equal("2026-11-23T12:00:00Z", vm1.GetProperty("last_trip").GetProperty("at").GetString());
         Assert.Equal(JsonValueKind.Null, db1.GetProperty("last_trip").ValueKind);
+    }
+
+    [Fact]
+    public void List_shows_what_each_guest_occupies_on_disk_its_age_and_the_hosts_total()
+    {
+        AddGuests();
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        Daemon.RetentionLimits = "4096 MiB per host, 90 days";
+        Daemon.Costs.Add(("5f0c1c2e-0000-4000-8000-000000000002", 300UL << 20, 2UL << 20, 4096, 8192, now - 3 * 86400 - 7200));
+        Daemon.Costs.Add(("5f0c1c2e-0000-4000-8000-000000000001", 100UL << 20, 0, 0, 4096, now - 90));
+        string[] lines = Lines(Bfmig("list").Stdout);
+        Assert.Equal(4, lines.Length);
+        Assert.Matches(@"^db1\s.*\s302\.0 MiB\s+3d 2h 0m\s+5f0c1c2e-0000-4000-8000-000000000002\s", lines[1]);
+        Assert.Matches(@"^vm1\s.*\s100\.0 MiB\s+1m [3-5]\ds\s+5f0c1c2e-0000-4000-8000-000000000001\s", lines[2]);
+        Assert.Equal("on disk: 402.0 MiB in all (memory stores 400.0 MiB, disk maps 2.0 MiB, checkpoints 4.0 KiB); retention: 4096 MiB per host, 90 days", lines[3]);
+
+        JsonElement json = Json(Bfmig("list", "--json"));
+        Assert.Equal("4096 MiB per host, 90 days", json.GetProperty("retention").GetString());
+        JsonElement db1 = json.GetProperty("guests").EnumerateArray().Single(g => g.GetProperty("name").GetString() == "db1").GetProperty("on_disk");
+        Assert.Equal(300UL << 20, db1.GetProperty("memory_store_bytes").GetUInt64());
+        Assert.Equal(2UL << 20, db1.GetProperty("disk_map_bytes").GetUInt64());
+        Assert.Equal((300UL << 20) + (2UL << 20) + 4096 + 8192, db1.GetProperty("total_bytes").GetUInt64());
+        Assert.InRange(db1.GetProperty("age_seconds").GetUInt64(), 3UL * 86400 + 7200, 3UL * 86400 + 7200 + 60);
+        Assert.Equal(Daemon.Costs.Sum(c => (decimal)(c.MemoryStore + c.DiskMaps + c.Checkpoints + c.Other)), json.GetProperty("on_disk_bytes").GetDecimal());
     }
 
     [Fact]

@@ -49,6 +49,11 @@ public sealed class FakeDaemon : IDisposable
 
     public List<(string Uuid, string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long At)> Trips { get; } = [];
 
+    /// <summary>ListStoreCosts' answer; with <see cref="RetentionLimits"/> null the fake answers UnknownMethod (a daemon older than the method).</summary>
+    public List<(string Uuid, ulong MemoryStore, ulong DiskMaps, ulong Checkpoints, ulong Other, long LastChanged)> Costs { get; } = [];
+
+    public string? RetentionLimits { get; set; }
+
     public (ulong Disk, ulong Memory, ulong StockDisk, ulong StockMemory, string Basis) Estimate { get; set; } =
         (40UL << 20, 12UL << 20, 8UL << 30, 1UL << 30, "rolling dirty bitmap since departure at generation 3; memory from the last trip");
 
@@ -148,6 +153,24 @@ public sealed class FakeDaemon : IDisposable
                         w.WriteInt64(t.At);
                     }
                     w.WriteArrayEnd(array);
+                });
+                break;
+            case "ListStoreCosts" when RetentionLimits is { } limits:
+                call.Reply(outSignature, (ref MessageWriter w) =>
+                {
+                    ArrayStart array = w.WriteArrayStart(DBusType.Struct);
+                    foreach (var c in Costs)
+                    {
+                        w.WriteStructureStart();
+                        w.WriteString(c.Uuid);
+                        w.WriteUInt64(c.MemoryStore);
+                        w.WriteUInt64(c.DiskMaps);
+                        w.WriteUInt64(c.Checkpoints);
+                        w.WriteUInt64(c.Other);
+                        w.WriteInt64(c.LastChanged);
+                    }
+                    w.WriteArrayEnd(array);
+                    w.WriteString(limits);
                 });
                 break;
             case "Forget":

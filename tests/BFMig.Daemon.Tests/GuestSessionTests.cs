@@ -39,6 +39,28 @@ public sealed class GuestSessionTests : IDisposable
     }
 
     [Fact]
+    public async Task A_departure_that_switched_to_post_copy_is_not_rolled_back_by_a_stream_that_fails_afterwards()
+    {
+        var sessions = NewDaemon();
+        var session = sessions.Get(Uuid, "vm1");
+        session.TripStarting(TransferDirection.Send, "hostb");
+        session.PostCopyStarted();
+        session.TripEnded(TransferDirection.Send, ok: false, "memory: broken pipe");
+        var record = await SettledAsync(sessions);
+        Assert.Equal((PendingTrip.Departing, "hostb"), (record!.Pending, record.PendingPeer));
+        Assert.True(record.MayRunElsewhere, "the guest runs at the destination: a start here must stay refused");
+        session.Departed();
+        record = await SettledAsync(sessions);
+        Assert.Equal((GuestPlace.Away, "hostb", PendingTrip.None), (record!.Place, record.Peer, record.Pending));
+
+        // The next departure starts without the flag: a failed precopy trip rolls back as before.
+        session.RunsHere();
+        session.TripStarting(TransferDirection.Send, "hostb");
+        session.TripEnded(TransferDirection.Send, ok: false, "memory: broken pipe");
+        Assert.Equal(PendingTrip.None, (await SettledAsync(sessions))!.Pending);
+    }
+
+    [Fact]
     public async Task An_arrival_whose_streams_ended_but_whose_QEMU_stopped_is_rolled_back_and_a_confirmed_one_is_here()
     {
         _store.WriteLocation(Uuid, new LocationRecord(GuestPlace.Away, "hosta", DateTimeOffset.UtcNow.AddHours(-1)));

@@ -74,6 +74,20 @@ public sealed class ImageCustodyTests
     }
 
     [Fact]
+    public void After_a_switch_to_post_copy_a_failed_memory_stream_leaves_what_the_disk_streams_carried()
+    {
+        var disks = DomainDisks.Describe(LiveXml);
+        TransferOutcome[] trip = [Memory(exit: 1), Disk("drive-virtio-disk0")];
+        Assert.Empty(ImageCustody.CarriedImages(ImageCustody.Decide(disks, trip)));
+        var postCopy = ImageCustody.Decide(disks, trip, postCopy: true);
+        Assert.Equal(["/var/lib/libvirt/images/vm.qcow2"], ImageCustody.CarriedImages(postCopy).Select(i => i.Path));
+        Assert.Equal(["/state/drive-virtio-disk0.map"], ImageCustody.SealableMaps(postCopy, trip, postCopy: true));
+        // A disk stream that failed carried nothing, post-copy or not.
+        TransferOutcome[] diskFailed = [Memory(), Disk("drive-virtio-disk0", exit: 1)];
+        Assert.Empty(ImageCustody.CarriedImages(ImageCustody.Decide(disks, diskFailed, postCopy: true)));
+    }
+
+    [Fact]
     public void A_memory_only_trip_a_bypass_or_a_failed_trip_touches_no_image()
     {
         var disks = DomainDisks.Describe(LiveXml);

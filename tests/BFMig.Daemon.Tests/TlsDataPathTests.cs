@@ -158,4 +158,42 @@ public sealed class TlsDataPathTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.False(auth.Passed);
         Assert.Contains("absent-cert.pem", auth.Detail);
     }
+
+    /// <summary>
+    /// Checkpoints in the default <c>auth:mode = tls</c> (issue 15): the source daemon's exchange
+    /// goes through the destination's peer port as a route frame plus mutual TLS, with the
+    /// credentials the helpers use, and is stored for the arrival; a client certificate of the same
+    /// CA that does not name the peer it claims to be is refused before anything is stored.
+    /// </summary>
+    [Fact]
+    public async Task Checkpoints_cross_mutual_TLS_and_a_sender_whose_certificate_names_another_host_is_refused()
+    {
+        if (_a is null || _b is null)
+        {
+            Assert.False(string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase), "openssl is required (CI=true)");
+            output.WriteLine("skipped: openssl not installed");
+            return;
+        }
+        const string uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+        var pending = Path.Combine(_b.Options.StateDirectory, uuid, "checkpoints", "pending.json");
+        var snapshot = new Checkpoints.CheckpointSnapshot(uuid, "hosta", 1700000000,
+            ["<domaincheckpoint><name>c1</name><creationTime>1</creationTime></domaincheckpoint>"]);
+        var peerB = _a.Options.Peers.Single(p => p.Name == "hostb");
+        _b.AnnounceIncoming("test", uuid);
+
+        // Someone else's certificate from the same CA, claiming to be hosta.
+        var rogue = _certs!.Issue("hostc-client", "hostc", ["hostc"], []);
+        var impostor = BFMig.Transfer.Wire.TlsPeerAuthenticator.FromPemFiles(rogue.Cert, rogue.Key, _certs.Ca, "127.0.0.1");
+        await Assert.ThrowsAnyAsync<Exception>(() => Checkpoints.CheckpointExchange.SendAsync(peerB.Host, peerB.Port, impostor, "hosta", Guid.Parse(uuid),
+            snapshot, TimeSpan.FromSeconds(10), CancellationToken.None));
+        Assert.False(File.Exists(pending), "a sender whose certificate names another host stored checkpoints");
+
+        var auth = Transfers.PeerCredentials.ForSending(_a.Options, peerB);
+        Assert.True(auth.HidesHello);
+        await Checkpoints.CheckpointExchange.SendAsync(peerB.Host, peerB.Port, auth, "hosta", Guid.Parse(uuid), snapshot,
+            TimeSpan.FromSeconds(10), CancellationToken.None);
+        Assert.True(File.Exists(pending));
+        Assert.Contains("c1", File.ReadAllText(pending));
+        Assert.Contains($"guest {uuid}: received 1 checkpoint(s) from hosta", _b.Log);
+    }
 }

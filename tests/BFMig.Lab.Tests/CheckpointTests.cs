@@ -19,10 +19,10 @@ public sealed class CheckpointTests(ITestOutputHelper output) : IDisposable
 
     public void Dispose() => Directory.Delete(dir, recursive: true);
 
-    private JsonDocument RunScenario(string mode)
+    private JsonDocument RunScenario(string mode, string auth = "psk")
     {
-        var json = Path.Combine(dir, mode + ".json");
-        lab.Run(TimeSpan.FromMinutes(25), "scenario", "checkpoints", "--mode", mode, "--json", json, "--rate", "1gbit");
+        var json = Path.Combine(dir, mode + "-" + auth + ".json");
+        lab.Run(TimeSpan.FromMinutes(25), "scenario", "checkpoints", "--mode", mode, "--json", json, "--rate", "1gbit", "--auth", auth);
         var doc = LabRunner.ReadResult(json);
         output.WriteLine(File.ReadAllText(json));
         Assert.Equal(mode, doc.RootElement.GetProperty("mode").GetString());
@@ -39,10 +39,17 @@ public sealed class CheckpointTests(ITestOutputHelper output) : IDisposable
         string.Join(", ", list.EnumerateArray().Select(c => $"{c.GetProperty("name").GetString()}<-{(c.GetProperty("parent").ValueKind == JsonValueKind.Null ? "" : c.GetProperty("parent").GetString())}"));
 
     [LabFact]
-    public void Bfmig_KeepsCheckpointsAndBitmapsBothWays_AndEstimatesTheReturnTripsDisk()
+    public void Bfmig_KeepsCheckpointsAndBitmapsBothWays_AndEstimatesTheReturnTripsDisk() => AssertBfmigKeepsCheckpoints("psk");
+
+    /// <summary>The same in the default <c>auth:mode = tls</c> (issue 15): the checkpoint exchange crosses mutual TLS.</summary>
+    [LabFact]
+    public void Bfmig_KeepsCheckpointsBothWays_InTlsMode() => AssertBfmigKeepsCheckpoints("tls");
+
+    private void AssertBfmigKeepsCheckpoints(string auth)
     {
-        using var result = RunScenario("bfmig");
+        using var result = RunScenario("bfmig", auth);
         var root = result.RootElement;
+        Assert.Equal(auth, root.GetProperty("auth").GetString());
         Assert.Equal("c1<-, c2<-c1", Checkpoints(root.GetProperty("before_trip1").GetProperty("checkpoints")));
         var trips = root.GetProperty("trips").EnumerateArray().ToList();
         for (int i = 0; i < 2; i++)

@@ -30,6 +30,9 @@ public sealed record GuestListing(string Uuid, string Name, string Location, str
 /// <summary>One guest's last trip, as ListTrips returns it.</summary>
 public sealed record TripListing(string Uuid, string Direction, string Path, bool MemoryOnly, string Peer, string Reason, long At);
 
+/// <summary>What one guest's state occupies on disk, as ListStoreCosts returns it (see <see cref="Guests.StoreCost"/>).</summary>
+public sealed record StoreCostListing(string Uuid, ulong MemoryStoreBytes, ulong DiskMapBytes, ulong CheckpointBytes, ulong OtherBytes, long LastChanged);
+
 /// <summary>Estimate's answer.</summary>
 public sealed record TripEstimate(ulong DiskBytes, ulong MemoryBytes, ulong StockDiskBytes, ulong StockMemoryBytes, string Basis);
 
@@ -46,6 +49,8 @@ public interface IManagerService
     IReadOnlyList<KeyValuePair<string, object>> GetStatus(out IReadOnlyList<string> peers);
     IReadOnlyList<GuestListing> ListGuests();
     IReadOnlyList<TripListing> ListTrips();
+    /// <summary>What each guest's state occupies on disk, and the retention limits in one line.</summary>
+    IReadOnlyList<StoreCostListing> ListStoreCosts(out string limits);
     void Forget(string guest);
     /// <summary>Waits for QEMU (dirty rate) without holding a thread; refuses a second estimate of the same guest while one runs.</summary>
     Task<TripEstimate> EstimateAsync(string guest, string peer);
@@ -98,6 +103,7 @@ public sealed partial class ManagerApi(IManagerService service, ILogger logger, 
         new("ListGuests", "", "a(sssstttx)", CallerAccess.Admin, ListGuests),
         // Like ListGuests: it names every guest (UUID) and peer that travelled (issue 12, finding 10).
         new("ListTrips", "", "a(sssbssx)", CallerAccess.Admin, ListTrips),
+        new("ListStoreCosts", "", "a(sttttx)s", CallerAccess.Admin, ListStoreCosts),
         new("Forget", "s", "", CallerAccess.Root, Forget),
         new("Estimate", "ss", "tttts", CallerAccess.Admin, Estimate),
         new("PrepareMigration", "ss", "sss", CallerAccess.Root, PrepareMigration),
@@ -162,6 +168,27 @@ public sealed partial class ManagerApi(IManagerService service, ILogger logger, 
                 w.WriteInt64(t.At);
             }
             w.WriteArrayEnd(array);
+        });
+    }
+
+    private Task<BodyWriter?> ListStoreCosts(CallerCredentials caller, string[] a)
+    {
+        var costs = service.ListStoreCosts(out var limits);
+        return Answer((ref MessageWriter w) =>
+        {
+            ArrayStart array = w.WriteArrayStart(DBusType.Struct);
+            foreach (var c in costs)
+            {
+                w.WriteStructureStart();
+                w.WriteString(c.Uuid);
+                w.WriteUInt64(c.MemoryStoreBytes);
+                w.WriteUInt64(c.DiskMapBytes);
+                w.WriteUInt64(c.CheckpointBytes);
+                w.WriteUInt64(c.OtherBytes);
+                w.WriteInt64(c.LastChanged);
+            }
+            w.WriteArrayEnd(array);
+            w.WriteString(limits);
         });
     }
 

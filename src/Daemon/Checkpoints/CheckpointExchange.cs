@@ -18,8 +18,9 @@ internal sealed partial class CheckpointJsonContext : JsonSerializerContext;
 
 /// <summary>
 /// The daemon-to-daemon control exchange that carries checkpoint metadata, on the peers' data
-/// port. It reuses the helpers' handshake (hello with kind <see cref="StreamKind.Control"/>,
-/// mutual proof with the pre-shared key), then the sender writes the JSON document as Tunnel
+/// port. It reuses the helpers' handshake (hello with kind <see cref="StreamKind.Control"/>;
+/// mutual proof with the pre-shared key, or mutual TLS after a route frame in clear, as the
+/// helpers do), then the sender writes the JSON document as Tunnel
 /// frames followed by TunnelEof, and the receiver answers EndAck (committed = stored) or Abort
 /// with the reason.
 /// </summary>
@@ -63,6 +64,9 @@ public static class CheckpointExchange
         cts.CancelAfter(timeout);
         using var client = new TcpClient { NoDelay = true };
         await client.ConnectAsync(host, port, cts.Token).ConfigureAwait(false);
+        // With TLS the hello travels encrypted: the route in clear tells the peer's daemon what this connection is.
+        if (auth.HidesHello)
+            await new RouteRequest(StreamKind.Control, guest, senderName).WriteAsync(client.GetStream(), cts.Token).ConfigureAwait(false);
         await using var stream = await auth.SecureAsync(client.GetStream(), isInitiator: true, host, cts.Token).ConfigureAwait(false);
         using var reader = new FrameReader(stream, timeout);
         using var writer = new FrameWriter(stream, CompressionMode.Zstd);
@@ -90,23 +94,36 @@ public static class CheckpointExchange
     }
 
     /// <summary>
-    /// Receiver side, on a connection whose hello (kind Control) the listener peeked at: runs the
-    /// handshake, reads the document and hands it to <paramref name="store"/>, which returns null
+    /// Receiver side, on a connection whose hello or route (kind Control) the listener peeked at:
+    /// with TLS (<see cref="IPeerAuthenticator.HidesHello"/>) reads the route and secures the
+    /// connection first, then runs the handshake (the hello inside must name the route's guest and
+    /// sender), reads the document and hands it to <paramref name="store"/>, which returns null
     /// when stored or the reason it refused. Returns the snapshot that was stored.
     /// </summary>
-    public static async Task<CheckpointSnapshot?> ServeAsync(Stream stream, IPeerAuthenticator auth, Func<Hello, CheckpointSnapshot, string?> store,
+    public static async Task<CheckpointSnapshot?> ServeAsync(Stream transport, IPeerAuthenticator auth, Func<Hello, CheckpointSnapshot, string?> store,
         TimeSpan timeout, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         cts.CancelAfter(timeout);
+        RouteRequest? route = null;
+        if (auth.HidesHello)
+        {
+            route = await RouteRequest.ReadAsync(transport, cts.Token).ConfigureAwait(false);
+            if (route.Kind != StreamKind.Control)
+                throw new PeerProtocolException($"{route.Kind} route sent to the control exchange");
+        }
+        await using var stream = await auth.SecureAsync(transport, isInitiator: false, route?.SenderName ?? "", cts.Token).ConfigureAwait(false);
         using var reader = new FrameReader(stream, timeout);
         using var writer = new FrameWriter(stream, CompressionMode.None);
-        var (hello, _) = await Handshake.ServerAsync(reader, writer, auth,
-            h => h.Kind == StreamKind.Control
-                ? new HelloDecision(HelloStatus.Match, false, 0, NoDigest, "")
-                : new HelloDecision(HelloStatus.Refused, false, 0, NoDigest, $"{h.Kind} stream sent to the control exchange"),
+        var (hello, decision) = await Handshake.ServerAsync(reader, writer, auth,
+            h => h.Kind != StreamKind.Control
+                ? new HelloDecision(HelloStatus.Refused, false, 0, NoDigest, $"{h.Kind} stream sent to the control exchange")
+                : route is not null && (h.Guest != route.Guest || h.SenderName != route.SenderName)
+                    ? new HelloDecision(HelloStatus.Refused, false, 0, NoDigest,
+                        $"the hello names guest {h.Guest:D} from '{h.SenderName}', the route guest {route.Guest:D} from '{route.SenderName}'")
+                    : new HelloDecision(HelloStatus.Match, false, 0, NoDigest, ""),
             cts.Token).ConfigureAwait(false);
-        if (hello.Kind != StreamKind.Control)
+        if (decision.Status == HelloStatus.Refused)
             return null;
         using var document = new MemoryStream();
         while (true)

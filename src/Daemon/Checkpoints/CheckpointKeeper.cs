@@ -5,6 +5,7 @@ using System.Text.Json.Serialization;
 using System.Text.Json;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
+using BFMig.Daemon.Transfers;
 using BFMig.Native.Libvirt;
 using BFMig.Native.Linux;
 using BFMig.Transfer.Disk;
@@ -89,8 +90,6 @@ public sealed partial class CheckpointKeeper
     /// </summary>
     public Task OnTripStarting(Guid uuid, string guest, PeerOptions peer)
     {
-        if (_options.AuthMode != PeerAuthMode.Psk || _options.PskFile is null)
-            return Task.CompletedTask;
         lock (_sending)
         {
             if (_sending.TryGetValue(uuid, out var running) && !running.IsCompleted)
@@ -110,7 +109,7 @@ public sealed partial class CheckpointKeeper
             {
                 snapshot = ReadCheckpoints(domain, uuid, _options.HostName, _time.GetUtcNow());
             }
-            var auth = PskPeerAuthenticator.FromFile(_options.PskFile!);
+            var auth = PeerCredentials.ForSending(_options, peer);
             await CheckpointExchange.SendAsync(peer.Host, peer.Port, auth, _options.HostName, uuid, snapshot, ExchangeTimeout, _stop).ConfigureAwait(false);
             DaemonLog.CheckpointsSent(_logger, guest, snapshot.Checkpoints.Count, peer.Name);
         }
@@ -141,10 +140,11 @@ public sealed partial class CheckpointKeeper
     private int _serving;
 
     /// <summary>
-    /// Serves one control connection (its hello was peeked by the listener). Owns <paramref name="connection"/>.
-    /// Beyond <see cref="MaxServing"/> at once, a connection is closed at once.
+    /// Serves one control connection (its hello or route, <paramref name="route"/>, was peeked by
+    /// the listener). Owns <paramref name="connection"/>. Beyond <see cref="MaxServing"/> at once,
+    /// a connection is closed at once.
     /// </summary>
-    public async Task ServeAsync(Socket connection)
+    public async Task ServeAsync(Socket connection, RouteRequest route)
     {
         var remote = connection.RemoteEndPoint?.ToString() ?? "?";
         if (Interlocked.Increment(ref _serving) > MaxServing)
@@ -159,7 +159,7 @@ public sealed partial class CheckpointKeeper
             using (connection)
             await using (var stream = new NetworkStream(connection, ownsSocket: false))
             {
-                var auth = PskPeerAuthenticator.FromFile(_options.PskFile!);
+                var auth = PeerCredentials.ForReceiving(_options, route.SenderName);
                 await CheckpointExchange.ServeAsync(stream, auth, Store, ExchangeTimeout, _stop).ConfigureAwait(false);
             }
         }

@@ -17,6 +17,12 @@ public static class DaemonConfiguration
     public const string EnvironmentPrefix = "BFMIG_";
     public const int DefaultPort = 16600;
 
+    /// <summary>
+    /// A departure snapshot left unchanged this long is evicted unless bfmig.conf says otherwise:
+    /// after months away little of it still matches the guest (VeCycle: 20-50 % after a day).
+    /// </summary>
+    public const int DefaultMaxAgeDays = 90;
+
     /// <summary>Short command-line switches for the settings an operator overrides most.</summary>
     private static readonly Dictionary<string, string> Switches = new(StringComparer.Ordinal)
     {
@@ -116,6 +122,11 @@ public static class DaemonConfiguration
             TransparentPort = s.Integer("daemon:transparent_port", 16601, min: 0, max: 65535),
             TransparentSilenceMilliseconds = s.Integer("daemon:transparent_silence_ms", 300, min: 50, max: 10000),
             QemuConf = s.Path("daemon:qemu_conf", "/etc/libvirt/qemu.conf"),
+            Retention = new Guests.RetentionLimits(
+                MaxTotalBytes: s.Integer("retention:max_total_mib", 0, min: 0, max: int.MaxValue) * 1048576L,
+                MaxGuestBytes: s.Integer("retention:max_guest_mib", 0, min: 0, max: int.MaxValue) * 1048576L,
+                MaxAge: TimeSpan.FromDays(s.Integer("retention:max_age_days", DefaultMaxAgeDays, min: 0, max: 36500)),
+                Interval: TimeSpan.FromMinutes(s.Integer("retention:interval_minutes", 60, min: 1, max: 10080))),
         };
     }
 

@@ -114,4 +114,10 @@ public sealed record DaemonOptions
 
     /// <summary>On SIGTERM, how long running transfers may still finish before they are killed.</summary>
     public int ShutdownGraceSeconds { get; init; } = 20;
+
+    /// <summary>
+    /// What the host retains at most (<c>[retention]</c>): beyond it bfmigd evicts departure
+    /// snapshots, oldest first (see <c>Guests/RetentionPolicy</c>).
+    /// </summary>
+    public Guests.RetentionLimits Retention { get; init; } = Guests.RetentionLimits.None;
 }

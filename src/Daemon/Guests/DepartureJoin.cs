@@ -6,7 +6,11 @@ namespace BFMig.Daemon.Guests;
 /// <param name="Uuid">The guest.</param>
 /// <param name="Name">Its name.</param>
 /// <param name="Trip">The outgoing trip's stream outcomes; null when no stream went through BFMig (bypassed).</param>
-public sealed record Departure(Guid Uuid, string Name, IReadOnlyList<TransferOutcome>? Trip);
+/// <param name="PostCopy">
+/// The migration switched to post-copy before the trip ended: the guest ran at the destination
+/// from then on, so a memory stream that failed afterwards did not stop the departure.
+/// </param>
+public sealed record Departure(Guid Uuid, string Name, IReadOnlyList<TransferOutcome>? Trip, bool PostCopy = false);
 
 /// <summary>
 /// Joins the two halves of a departure: libvirt reports that the source QEMU stopped for the
@@ -30,7 +34,7 @@ public sealed class DepartureJoin(Action<Departure> departed, TimeProvider time)
     private readonly Dictionary<Guid, Pending> _pending = [];
 
     // Streaming: an outgoing stream connected and its trip has not ended yet.
-    private sealed record Pending(bool Streaming, IReadOnlyList<TransferOutcome>? Outcomes, bool SourceStopped, DateTimeOffset At);
+    private sealed record Pending(bool Streaming, IReadOnlyList<TransferOutcome>? Outcomes, bool SourceStopped, DateTimeOffset At, bool PostCopy = false);
 
     /// <summary>An outgoing BFMig stream of the guest connected (its trip is under way).</summary>
     public void StreamStarted(Guid uuid)
@@ -42,20 +46,33 @@ public sealed class DepartureJoin(Action<Departure> departed, TimeProvider time)
         }
     }
 
+    /// <summary>libvirt reported that the outgoing migration switched to post-copy (the source paused for good).</summary>
+    public void PostCopyStarted(Guid uuid)
+    {
+        lock (_gate)
+        {
+            if (_pending.TryGetValue(uuid, out var p) && Fresh(p))
+                _pending[uuid] = p with { PostCopy = true };
+        }
+    }
+
     /// <summary>The last stream of an outgoing trip ended, with these outcomes.</summary>
     public void TripEnded(Guid uuid, string name, IReadOnlyList<TransferOutcome> outcomes)
     {
         bool now;
+        bool postCopy;
         lock (_gate)
         {
-            now = _pending.TryGetValue(uuid, out var p) && p.SourceStopped && Fresh(p);
+            var known = _pending.TryGetValue(uuid, out var p) && Fresh(p);
+            postCopy = known && p!.PostCopy;
+            now = known && p!.SourceStopped;
             if (now)
                 _pending.Remove(uuid);
             else
-                _pending[uuid] = new Pending(false, outcomes, false, time.GetUtcNow());
+                _pending[uuid] = new Pending(false, outcomes, false, time.GetUtcNow(), postCopy);
         }
         if (now)
-            departed(new Departure(uuid, name, outcomes));
+            departed(new Departure(uuid, name, outcomes, postCopy));
     }
 
     /// <summary>libvirt reported the guest stopped here because it migrated away.</summary>
@@ -67,7 +84,7 @@ public sealed class DepartureJoin(Action<Departure> departed, TimeProvider time)
             _pending.TryGetValue(uuid, out var p);
             if (p is { Outcomes: not null, SourceStopped: false } && Fresh(p))
             {
-                now = new Departure(uuid, name, p.Outcomes);
+                now = new Departure(uuid, name, p.Outcomes, p.PostCopy);
                 _pending.Remove(uuid);
             }
             else if (p is { Streaming: true } && Fresh(p))

@@ -27,6 +27,9 @@ public sealed class GuestSession
     private readonly Lock _gate = new();
     private Task _tail = Task.CompletedTask;
 
+    /// <summary>The pending departure switched to post-copy (only touched on the queue).</summary>
+    private bool _postCopy;
+
     internal GuestSession(Guid uuid, string name, GuestStateStore store, TimeProvider time, ILogger logger)
     {
         Uuid = uuid;
@@ -68,15 +71,21 @@ public sealed class GuestSession
     /// Like <see cref="Enqueue"/>, but hands <paramref name="work"/>'s outcome to the caller: its
     /// exception faults the returned task instead of being logged (for API calls that must answer).
     /// </summary>
-    public Task Submit(Action work)
+    public Task Submit(Action work) => Submit(() =>
     {
-        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        work();
+        return true;
+    });
+
+    /// <summary>Like <see cref="Submit(Action)"/>, with <paramref name="work"/>'s result.</summary>
+    public Task<T> Submit<T>(Func<T> work)
+    {
+        var done = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
         Enqueue(() =>
         {
             try
             {
-                work();
-                done.SetResult();
+                done.SetResult(work());
             }
             catch (Exception e)
             {
@@ -85,6 +94,35 @@ public sealed class GuestSession
         });
         return done.Task;
     }
+
+    /// <summary>
+    /// Why the guest's retained state must not be removed now (a trip libvirt has not confirmed
+    /// yet: its streams may still need the store, and its outcome decides where the guest is), or
+    /// null when it may. The one rule for <c>bfmig forget</c> and for eviction.
+    /// </summary>
+    public static string? PendingTripText(LocationRecord? record)
+    {
+        if (record is not { Pending: not PendingTrip.None } pending)
+            return null;
+        var peer = pending.PendingPeer.Length == 0 ? "another host" : pending.PendingPeer;
+        return pending.Pending == PendingTrip.Departing ? $"a pending departure to {peer}" : $"a pending arrival from {peer}";
+    }
+
+    /// <summary>
+    /// Evicts the guest's departure snapshot (<see cref="GuestStateStore.Evict"/>) on its queue,
+    /// after everything queued before (a settle cannot interleave). Faults with
+    /// <see cref="InvalidOperationException"/> while a trip is pending or the record cannot be
+    /// read, with <see cref="IOException"/> while a helper holds the store. Returns the bytes freed.
+    /// </summary>
+    public Task<long> EvictSnapshot() => Submit(() =>
+    {
+        var (record, problem) = _store.ReadLocation(Uuid);
+        if (problem is not null)
+            throw new InvalidOperationException($"its location record {problem}");
+        if (PendingTripText(record) is { } pending)
+            throw new InvalidOperationException($"it has {pending} that libvirt has not confirmed yet");
+        return _store.Evict(Uuid);
+    });
 
     private void Run(Action work)
     {
@@ -128,9 +166,27 @@ public sealed class GuestSession
     /// </summary>
     public void TripEnded(TransferDirection direction, bool ok, string why)
     {
-        if (!ok)
-            RollBack(direction == TransferDirection.Send ? PendingTrip.Departing : PendingTrip.Arriving, why);
+        if (ok)
+            return;
+        if (direction == TransferDirection.Send)
+        {
+            Enqueue(() =>
+            {
+                // After the switch to post-copy the guest runs at the destination: a stream that
+                // ended badly since cannot bring it back. It stays pending (possibly elsewhere)
+                // until libvirt says Stopped/Migrated, or the source resumes it.
+                if (_postCopy)
+                    DaemonLog.PostCopyStreamEnded(_logger, Name, Id, why);
+                else if (TryReadForUpdate("a rollback", out var record) && record is not null && record.Pending == PendingTrip.Departing)
+                    RollBackNow(record, why);
+            });
+            return;
+        }
+        RollBack(PendingTrip.Arriving, why);
     }
+
+    /// <summary>libvirt reported that the pending departure switched to post-copy (Suspended/PostCopy here).</summary>
+    public void PostCopyStarted() => Enqueue(() => _postCopy = true);
 
     /// <summary>Libvirt confirmed the guest arrived here (Resumed/Migrated, or Resumed/PostCopy on the destination), from the pending arrival's peer (<see cref="ConfirmedPeer"/>).</summary>
     public void Arrived() => Enqueue(() =>
@@ -145,6 +201,7 @@ public sealed class GuestSession
     {
         if (!TryReadForUpdate("a departure", out var record))
             return;
+        _postCopy = false;
         Settle(GuestPlace.Away, ConfirmedPeer(record, PendingTrip.Departing, GuestPlace.Away), record);
     });
 
@@ -157,7 +214,11 @@ public sealed class GuestSession
         record is null ? "" : record.Pending == trip ? record.PendingPeer : record.Place == place ? record.Peer : "";
 
     /// <summary>The guest runs here again other than by an arrival (Resumed, or started): a pending departure did not happen.</summary>
-    public void RunsHere() => RollBack(PendingTrip.Departing, "the guest runs here again");
+    public void RunsHere()
+    {
+        Enqueue(() => _postCopy = false);
+        RollBack(PendingTrip.Departing, "the guest runs here again");
+    }
 
     /// <summary>The guest stopped here other than by a departure: a pending arrival did not happen (the incoming QEMU ended).</summary>
     public void StoppedHere() => RollBack(PendingTrip.Arriving, "the incoming guest stopped here");

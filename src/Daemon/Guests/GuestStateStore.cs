@@ -35,7 +35,7 @@ public sealed record GuestRecord(Guid Uuid, string Name, StoreState? State, Loca
 /// <item><c>mem/blocks.json</c>, <c>mem/*.pages|hash</c>, <c>disk/*.map</c>: read for sizes and estimates.</item>
 /// </list>
 /// </summary>
-public sealed class GuestStateStore
+public sealed partial class GuestStateStore
 {
     private readonly string _root;
 

@@ -29,9 +29,9 @@ public static class ImageCustody
     /// trip's stream outcomes (null: no stream went through BFMig, the migration bypassed it).
     /// A trip in which any stream failed carried nothing: the migration it belonged to failed.
     /// </summary>
-    public static IReadOnlyList<DiskVerdict> Decide(IReadOnlyList<DomainDiskSource> disks, IReadOnlyList<TransferOutcome>? trip)
+    public static IReadOnlyList<DiskVerdict> Decide(IReadOnlyList<DomainDiskSource> disks, IReadOnlyList<TransferOutcome>? trip, bool postCopy = false)
     {
-        var carried = CarriedExports(trip);
+        var carried = CarriedExports(trip, postCopy);
         return [.. disks.Select(d => Decide(d, carried, trip is null))];
     }
 
@@ -47,15 +47,21 @@ public static class ImageCustody
             : $"{disk.Target}: {what} not copied through BFMig on this trip (shared storage): left untouched");
     }
 
-    /// <summary>The export names whose NBD stream a successful outgoing trip carried.</summary>
-    public static IReadOnlySet<string> CarriedExports(IReadOnlyList<TransferOutcome>? trip)
+    /// <summary>
+    /// The export names whose NBD stream a successful outgoing trip carried. After a switch to
+    /// post-copy (<paramref name="postCopy"/>) the mirror had completed and the guest ran at the
+    /// destination, so a memory stream that failed afterwards does not undo what the disk
+    /// streams carried; a failed disk stream still does.
+    /// </summary>
+    public static IReadOnlySet<string> CarriedExports(IReadOnlyList<TransferOutcome>? trip, bool postCopy = false)
     {
         var exports = new HashSet<string>(StringComparer.Ordinal);
-        if (trip is null || trip.Count == 0 || trip.Any(o => !o.Ok || o.Direction != TransferDirection.Send))
+        var nbd = TransferManager.StreamName(BFMig.Transfer.Wire.StreamKind.Nbd);
+        if (trip is null || trip.Count == 0 || trip.Any(o => (!o.Ok && !(postCopy && o.Stream != nbd)) || o.Direction != TransferDirection.Send))
             return exports;
         foreach (var o in trip)
         {
-            if (o.Stream == TransferManager.StreamName(BFMig.Transfer.Wire.StreamKind.Nbd) && o.Stats?.Export is { Length: > 0 } export)
+            if (o.Stream == nbd && o.Stats?.Export is { Length: > 0 } export)
                 exports.Add(export);
         }
         return exports;
@@ -69,9 +75,9 @@ public static class ImageCustody
     /// The disk maps of this trip whose identity may be captured: confirmed by both hosts and
     /// describing a carried disk (a map of anything else would name an image BFMig must not trust).
     /// </summary>
-    public static IReadOnlyList<string> SealableMaps(IReadOnlyList<DiskVerdict> verdicts, IReadOnlyList<TransferOutcome>? trip)
+    public static IReadOnlyList<string> SealableMaps(IReadOnlyList<DiskVerdict> verdicts, IReadOnlyList<TransferOutcome>? trip, bool postCopy = false)
     {
-        var carried = CarriedExports(trip);
+        var carried = CarriedExports(trip, postCopy);
         var exports = verdicts.Where(v => v.Carried).SelectMany(v => v.Disk.ExportNames).ToHashSet(StringComparer.Ordinal);
         return trip is null ? [] : [.. trip
             .Where(o => o.Stats is { Committed: true, DiskMap: not null, Export: { } e } && carried.Contains(e) && exports.Contains(e))

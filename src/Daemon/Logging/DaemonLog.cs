@@ -157,6 +157,9 @@ internal static partial class DaemonLog
     [LoggerMessage(91, LogLevel.Warning, "split-brain guard: {Warning}")]
     public static partial void SplitBrainRecordUnusable(ILogger logger, string warning);
 
+    [LoggerMessage(94, LogLevel.Warning, "guest {Guest} ({Uuid}): a stream of its post-copy departure ended badly ({Why}); the guest already runs at the destination, so the departure stays pending until libvirt says how the migration ended")]
+    public static partial void PostCopyStreamEnded(ILogger logger, string guest, string uuid, string why);
+
     // 80-89: checkpoints and bitmaps
     [LoggerMessage(80, LogLevel.Information, "guest {Guest}: sent {Count} checkpoint(s) to {Peer}")]
     public static partial void CheckpointsSent(ILogger logger, string guest, int count, string peer);
@@ -215,4 +218,17 @@ internal static partial class DaemonLog
 
     [LoggerMessage(107, LogLevel.Warning, "refused a transparent {Kind} stream of guest {Guest} from {Peer} to port {Port}: {Reason}")]
     public static partial void TransparentTargetRefused(ILogger logger, string kind, string guest, string peer, int port, string reason);
+
+    // 110-119: retention
+    [LoggerMessage(110, LogLevel.Information, "retention: {Limits}; checked every {Minutes} min and after every trip")]
+    public static partial void RetentionLimits(ILogger logger, string limits, double minutes);
+
+    [LoggerMessage(111, LogLevel.Warning, "retention: evicted the departure snapshot of guest {Guest} ({Uuid}), {Bytes} bytes: {Reason}; its next trip sends everything")]
+    public static partial void Evicted(ILogger logger, string guest, string uuid, long bytes, string reason);
+
+    [LoggerMessage(112, LogLevel.Information, "retention: not evicting guest {Guest} ({Uuid}) now: {Why}; tried again at the next check")]
+    public static partial void EvictionDeferred(ILogger logger, string guest, string uuid, string why);
+
+    [LoggerMessage(113, LogLevel.Error, "retention: the check failed: {Reason}")]
+    public static partial void RetentionFailed(ILogger logger, string reason);
 }

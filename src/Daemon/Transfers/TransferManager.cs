@@ -124,8 +124,8 @@ public sealed partial class TransferManager
         {
             // This host connects: it is the TLS client, as libvirt is when it migrates to qemu+tls://PEER.
             args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
-            if (_options.TlsVerifyPeerName)
-                args.AddRange(["--tls-peer-name", peer.Host]);
+            if (PeerCredentials.ReceiverName(_options, peer) is { } receiver)
+                args.AddRange(["--tls-peer-name", receiver]);
             args.AddRange(CrlArguments());
         }
         if (targetPort != 0)
@@ -159,8 +159,8 @@ public sealed partial class TransferManager
         {
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);
             // The route named a configured peer (the listener checked): its client certificate must name that peer, not just any host of the CA.
-            if (_options.TlsVerifyPeerName && _options.Peers.FirstOrDefault(p => p.Name == peerName) is { } claimed)
-                args.AddRange(["--tls-peer-name", claimed.Host == claimed.Name ? claimed.Host : $"{claimed.Host},{claimed.Name}"]);
+            if (PeerCredentials.SenderNames(_options, peerName) is { } senders)
+                args.AddRange(["--tls-peer-name", senders]);
             args.AddRange(CrlArguments());
         }
         if (routeFirst)
@@ -168,7 +168,7 @@ public sealed partial class TransferManager
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
 
-    private IEnumerable<string> CrlArguments() => File.Exists(_options.TlsCrl) ? ["--tls-crl", _options.TlsCrl] : [];
+    private IEnumerable<string> CrlArguments() => PeerCredentials.RevocationList(_options) is { } crl ? ["--tls-crl", crl] : [];
 
     /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
     public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>

@@ -13,6 +13,9 @@ public sealed record LibvirtLifecycleDomainEvent(string DomainName, string Domai
     /// <summary>True for Started with <paramref name="detail"/>.</summary>
     public bool Is(LibvirtStartedDetail detail) => Event == LibvirtLifecycleEvent.Started && Detail == (int)detail;
 
+    /// <summary>True for Suspended with <paramref name="detail"/>.</summary>
+    public bool Is(LibvirtSuspendedDetail detail) => Event == LibvirtLifecycleEvent.Suspended && Detail == (int)detail;
+
     /// <summary>True for Resumed with <paramref name="detail"/>.</summary>
     public bool Is(LibvirtResumedDetail detail) => Event == LibvirtLifecycleEvent.Resumed && Detail == (int)detail;
 

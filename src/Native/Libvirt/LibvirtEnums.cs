@@ -176,6 +176,20 @@ public enum LibvirtStartedDetail
     Recreated = 5,
 }
 
+/// <summary>virDomainEventSuspendedDetailType: why a guest paused (PostCopy: on the source, the migration switched to post-copy).</summary>
+public enum LibvirtSuspendedDetail
+{
+    Paused = 0,
+    Migrated = 1,
+    IoError = 2,
+    Watchdog = 3,
+    Restored = 4,
+    FromSnapshot = 5,
+    ApiError = 6,
+    PostCopy = 7,
+    PostCopyFailed = 8,
+}
+
 /// <summary>virDomainEventResumedDetailType: why a guest resumed (Migrated: on the destination, or a source whose migration failed).</summary>
 public enum LibvirtResumedDetail
 {

@@ -54,7 +54,7 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
         ushort version = BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
         if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
         byte kind = p[6];
-        if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd)) throw new PeerProtocolException($"route names unknown stream kind {kind} at byte 6");
+        if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"route names unknown stream kind {kind} at byte 6");
         int nameLen = p[23];
         if (p.Length != 24 + nameLen && p.Length != 24 + nameLen + 2)
             throw new PeerProtocolException($"route of {p.Length} bytes, expected {24 + nameLen} or {24 + nameLen + 2} (with a target port)");
