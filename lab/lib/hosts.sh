@@ -296,6 +296,10 @@ cmd_down() {
     done
     if [[ -e /run/netns/$(netns_name sw) ]]; then ip netns del "$(netns_name sw)"; fi
     storage_down
+    # A post-copy trip that died before its cleanup leaves the machine-wide setting it changed.
+    if [[ -f $LAB_RUN/postcopy.uffd-restore ]]; then
+        cat "$LAB_RUN/postcopy.uffd-restore" > /proc/sys/vm/unprivileged_userfaultfd || true
+    fi
     if mountpoint -q "$LAB_RUN" 2> /dev/null; then umount "$LAB_RUN"; fi
     rm -rf "$LAB_RUN" "$LAB_VAR" "$LAB_VAR.apt.log"
     log "lab is down"
