@@ -188,7 +188,7 @@ fault_run() {
         return 0
     fi
 
-    local phase=mem out=$LAB_VAR/work/fault-$trip.out helper rc=0 t0 t1 before after injected=""
+    local phase=mem out=$LAB_VAR/work/fault-$trip.out helper rc=0 t0 t1 before after injected="" h
     [[ $kind == *-disk ]] && phase=disk
     [[ $kind == store-full ]] && { fault_store_fill "$dst"; mode_call_optional "$mode" prepare "$src" "$dst"; }
     log "$mode: trip $trip ${src^^} -> ${dst^^}: attempt with $kind ${delay}s into the $phase phase"
@@ -214,7 +214,7 @@ fault_run() {
             bfmigd-src) fault_stop_daemon "$src" bfmigd; mode_call_optional "$mode" prepare "$src" "$dst" ;;
             bfmigd-dst) fault_stop_daemon "$dst" bfmigd; mode_call_optional "$mode" prepare "$src" "$dst" ;;
             kill-all)
-                local pids=() h
+                local pids=()
                 for h in "${LAB_HOSTS[@]}"; do
                     mapfile -t -O "${#pids[@]}" pids < <(host_pids_matching "$h" 'bfmig-transfer |bfmigd')
                     rm -f "$LAB_RUN/$h.bfmigd.pid"
@@ -234,8 +234,6 @@ fault_run() {
     [[ $kind == store-full ]] && fault_store_restore "$dst"
     for h in "${LAB_HOSTS[@]}"; do pid_alive "$(host_pid "$h" libvirtd)" || fault_restart_libvirtd "$h"; done
     mode_call_optional "$mode" cleanup "$src" "$dst"
-    # The daemons that a fault took are started again; both must come back ready.
-    mode_call_optional "$mode" prepare "$src" "$dst"
     local states s d on bad
     states=$(fault_settle "$src" "$dst")
     s=${states%|*} d=${states#*|}
@@ -246,6 +244,9 @@ fault_run() {
     else
         die "$mode: trip $trip: after the $kind attempt the guest is '$s' on ${src^^} and '$d' on ${dst^^}: not on exactly one host"
     fi
+    # The daemons that a fault took are started again; both must come back ready (the host the
+    # guest runs on with its sockets towards the other).
+    if [[ $on == "$src" ]]; then mode_call_optional "$mode" prepare "$src" "$dst"; else mode_call_optional "$mode" prepare "$dst" "$src"; fi
     guest_verify "$on" "$FAULT_CHUNKS"
     bad=$VERIFY_BAD
     [[ $bad == 0 ]] || die "$mode: trip $trip: $bad guest data mismatches on ${on^^} after the $kind attempt"
