@@ -1,6 +1,6 @@
 # The fault matrix for `roundtrip --fault KIND@TRIP[:DELAY]` (bfmig modes). An in-trip fault
 # runs one extra attempt of trip TRIP with KIND injected DELAY seconds (default 0) into the phase
-# it names; a between-trips fault damages the destination's retained state before trip TRIP.
+# it names; a damage fault damages the destination's retained state before that attempt.
 # Either way the guest must then run on exactly one host with verified data, and trip TRIP
 # itself (the retry) runs as usual, measured and verified. The trip's result gets a "fault"
 # object: what was done, how the attempt ended, where the guest was and the attempt's bytes; the
@@ -18,9 +18,9 @@
 #                                  copy of the store), for the whole attempt; memory phase
 #   kill-all                       SIGKILL of every bfmigd and bfmig-transfer on both hosts, then
 #                                  both daemons started again; memory phase
-#   damage-pages damage-map        between trips: 64 KiB of random bytes written into the
+#   damage-pages damage-map        before the attempt: 64 KiB of random bytes written into the
 #                                  destination's largest retained page file (mem/*.pages) or
-#                                  disk map (disk/*.map); no extra attempt
+#                                  disk map (disk/*.map); the attempt itself is an ordinary trip
 #
 # Phases come from the helpers the daemons spawn: a copy-storage migration mirrors the disk
 # first (NBD helper) and opens the memory stream only when the mirror is in sync (mig helper).
@@ -175,7 +175,10 @@ fault_run() {
     [[ $mode == bfmig* ]] || die "--fault needs --mode bfmig or bfmig-transparent"
     [[ $spec =~ ^([a-z0-9-]+)@([0-9]+)(:([0-9.]+))?$ ]]
     kind=${BASH_REMATCH[1]} trip=${BASH_REMATCH[2]} delay=${BASH_REMATCH[4]:-0}
+    local phase=mem out=$LAB_VAR/work/fault-$trip.out helper rc=0 t0 t1 before after injected="" h damaged=null
+    [[ $kind == *-disk ]] && phase=disk
     if fault_between_trips "$kind"; then
+        # The damage is done before the attempt, which then runs as any trip would.
         local uuid where
         uuid=$(host_virsh "$src" domuuid "$LAB_GUEST" | head -n 1)
         case $kind in
@@ -183,13 +186,10 @@ fault_run() {
             damage-map) where=$(fault_damage "$dst" "disk/*.map" "$uuid") ;;
         esac
         log "$mode: trip $trip: $kind: 64 KiB of random bytes into ${dst^^}'s retained ${where% *} at ${where#* }"
-        FAULT_JSON=$(jq -n --arg kind "$kind" --arg host "${dst^^}" --arg file "${where% *}" --argjson off "${where#* }" \
-            '{kind: $kind, attempt: false, damaged: {host: $host, file: $file, offset: $off, bytes: 65536}}')
-        return 0
+        damaged=$(jq -n --arg host "${dst^^}" --arg file "${where% *}" --argjson off "${where#* }" \
+            '{host: $host, file: $file, offset: $off, bytes: 65536}')
+        phase=before
     fi
-
-    local phase=mem out=$LAB_VAR/work/fault-$trip.out helper rc=0 t0 t1 before after injected="" h
-    [[ $kind == *-disk ]] && phase=disk
     [[ $kind == store-full ]] && { fault_store_fill "$dst"; mode_call_optional "$mode" prepare "$src" "$dst"; }
     log "$mode: trip $trip ${src^^} -> ${dst^^}: attempt with $kind ${delay}s into the $phase phase"
     before=$(link_bytes)
@@ -197,7 +197,9 @@ fault_run() {
     host_exec "$src" timeout 900 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
         "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" > "$out" 2>&1 &
     local migrate=$!
-    if helper=$(fault_wait_phase "$src" "$phase" "$migrate"); then
+    if [[ $phase == before ]]; then
+        injected=0
+    elif helper=$(fault_wait_phase "$src" "$phase" "$migrate"); then
         sleep "$delay"
         injected=$(awk -v a="$t0" -v b="$(now)" 'BEGIN {printf "%.3f", b - a}')
         case $kind in
@@ -267,9 +269,10 @@ fault_run() {
     fi
     FAULT_JSON=$(jq -n --arg kind "$kind" --arg phase "$phase" --argjson delay "$delay" --arg injected "${injected:-}" \
         --argjson rc "$rc" --arg err "$(tail -n 1 "$out")" --arg s "$s" --arg d "$d" --arg on "${on^^}" --argjson bad "$bad" \
-        --argjson wire $((after - before)) --argjson secs "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')" \
+        --argjson damaged "$damaged" --argjson wire $((after - before)) --argjson secs "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')" \
         '{kind: $kind, attempt: true, phase: $phase, delay_seconds: $delay,
           injected_after_seconds: (if $injected == "" then null else ($injected | tonumber) end),
           migrate_failed: ($rc != 0), migrate_rc: $rc, migrate_error: $err, source_state: $s, destination_state: $d,
-          guest_on: $on, mismatches: $bad, attempt_wire_bytes: $wire, attempt_seconds: $secs}')
+          guest_on: $on, mismatches: $bad, attempt_wire_bytes: $wire, attempt_seconds: $secs}
+         + (if $damaged == null then {} else {damaged: $damaged} end)')
 }
