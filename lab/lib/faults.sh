@@ -15,7 +15,7 @@
 #   bfmigd-src bfmigd-dst          that host's bfmigd restarted (SIGTERM, started again), memory phase
 #   store-full                     the destination's BFMig store on a small file system with no
 #                                  space left (loop-mounted ext4 in its mount namespace, holding a
-#                                  copy of the store), for the whole attempt; memory phase
+#                                  copy of the store), for the whole attempt
 #   kill-all                       SIGKILL of every bfmigd and bfmig-transfer on both hosts, then
 #                                  both daemons started again; memory phase
 #   damage-pages damage-map        before the attempt: 64 KiB of random bytes written into the
@@ -190,7 +190,8 @@ fault_run() {
             '{host: $host, file: $file, offset: $off, bytes: 65536}')
         phase=before
     fi
-    [[ $kind == store-full ]] && { fault_store_fill "$dst"; mode_call_optional "$mode" prepare "$src" "$dst"; }
+    # A full store is full from the attempt's first byte on.
+    [[ $kind == store-full ]] && { fault_store_fill "$dst"; mode_call_optional "$mode" prepare "$src" "$dst"; phase=before; }
     log "$mode: trip $trip ${src^^} -> ${dst^^}: attempt with $kind ${delay}s into the $phase phase"
     before=$(link_bytes)
     t0=$(now)
@@ -223,9 +224,8 @@ fault_run() {
                 done
                 kill -KILL "${pids[@]}" 2> /dev/null || true
                 log "$mode: trip $trip: SIGKILL to ${#pids[@]} BFMig processes (${pids[*]})" ;;
-            store-full) ;;
         esac
-        [[ $kind == store-full ]] || log "$mode: trip $trip: $kind injected ${injected}s into the attempt"
+        log "$mode: trip $trip: $kind injected ${injected}s into the attempt"
     else
         log "$mode: trip $trip: the attempt never reached its $phase phase (or ended before it): no fault injected"
     fi
