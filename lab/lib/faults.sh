@@ -85,6 +85,13 @@ fault_restart_libvirtd() {
     host_wait_ready "$h"
 }
 
+# Host H's bfmigd (peer P) as the mode runs it, without waiting for any guest's sockets.
+fault_start_bfmigd() {
+    local mode=$1 h=$2 peer=$3 transparent=no
+    [[ $mode == bfmig-transparent* ]] && transparent=yes
+    BFMIG_TRANSPARENT=$transparent bfmig_start_host "$h" "$peer"
+}
+
 # --- store-full: the destination's store on a small, full file system -----------------------
 
 fault_store_image() { echo "$LAB_VAR/work/store-full-$1.img"; }
@@ -214,8 +221,10 @@ fault_run() {
             abort) host_virsh "$src" domjobabort "$LAB_GUEST" || log "$mode: trip $trip: domjobabort failed" ;;
             libvirtd-src) fault_restart_libvirtd "$src" ;;
             libvirtd-dst) fault_restart_libvirtd "$dst" ;;
-            bfmigd-src) fault_stop_daemon "$src" bfmigd; mode_call_optional "$mode" prepare "$src" "$dst" ;;
-            bfmigd-dst) fault_stop_daemon "$dst" bfmigd; mode_call_optional "$mode" prepare "$src" "$dst" ;;
+            # Started again at once; a graceful stop may first let the trip finish, so where the
+            # guest's sockets must be is known only after the attempt (the prepare below).
+            bfmigd-src) fault_stop_daemon "$src" bfmigd; fault_start_bfmigd "$mode" "$src" "$dst" ;;
+            bfmigd-dst) fault_stop_daemon "$dst" bfmigd; fault_start_bfmigd "$mode" "$dst" "$src" ;;
             kill-all)
                 local pids=()
                 for h in "${LAB_HOSTS[@]}"; do
