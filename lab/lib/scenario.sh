@@ -196,7 +196,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() unconfirmed=() spec content=random route_arg=""
+    local kills=() downs=() unconfirmed=() faults=() spec move_files=0 content=random route_arg=""
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -217,6 +217,8 @@ cmd_roundtrip() {
             --binaries) binaries=$2 ;;
             --hook) hook=$2 ;;
             --kill) kill_check_spec "$2"; kills+=("$2") ;;
+            --fault) fault_check_spec "$2"; faults+=("$2") ;;
+            --mem-move-files) [[ $2 =~ ^[0-9]+$ ]] || die "--mem-move-files: a number of RAM files"; move_files=$2 ;;
             --call) call=$2 ;;
             --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
@@ -266,8 +268,8 @@ cmd_roundtrip() {
     [[ $copy_storage == inc ]] && LAB_STORAGE_ARGS=(--copy-storage-inc)
     if ((guests > 1)); then
         [[ $storage == local && $call == virsh && $copy_storage == all && $backing_top_mib == 0 && $corrupt == none &&
-           $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 ]] ||
-            die "--guests $guests: local storage and the virsh call only, without --kill, --daemon-down, --corrupt, --touch-retained-mib, --disk-discard/rewrite-mib, --copy-storage inc or --backing-top-mib"
+           $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 && ${#faults[@]} == 0 ]] ||
+            die "--guests $guests: local storage and the virsh call only, without --kill, --fault, --daemon-down, --corrupt, --touch-retained-mib, --disk-discard/rewrite-mib, --copy-storage inc or --backing-top-mib"
     fi
     [[ $trace_shared == no || ($storage == shared* && $mode == bfmig*) ]] ||
         die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
@@ -350,7 +352,7 @@ cmd_roundtrip() {
     fi
     guest_record
 
-    local trip src dst trip_json=() chunks=$disk_data_mib
+    local trip src dst trip_json=() chunks=$disk_data_mib workload_json=null
     local before after t0 t1 bad images wire secs verified
     for ((trip = 1; trip <= trips; trip++)); do
         src=${route[trip - 1]}
@@ -373,6 +375,11 @@ cmd_roundtrip() {
             kill_attempt "$mode" "$src" "$dst" "$spec"
             # Restarts whatever daemon the kill took and waits until both are ready again.
             mode_call_optional "$mode" prepare "$src" "$dst"
+        fi
+        FAULT_JSON=null
+        if spec=$(kill_spec_for_trip "$trip" "${faults[@]}"); then
+            FAULT_CHUNKS=$chunks
+            fault_run "$mode" "$src" "$dst" "$spec"
         fi
         if [[ " ${unconfirmed[*]} " == *" $trip "* ]]; then
             KILL_CHUNKS=$chunks
@@ -434,18 +441,21 @@ cmd_roundtrip() {
             log "$mode: trip $trip: source's top layer held $top_bytes bytes; backing files intact: $intact"
         fi
         log "$mode: trip $trip: $wire bytes, ${secs}s, downtime ${JOB_DOWNTIME} ms, guest mismatches $bad, images identical $images"
+        [[ $FAULT_JSON == null ]] || log "$mode: trip $trip: after fault $(jq -r .kind <<< "$FAULT_JSON"): the retry moved $wire bytes in ${secs}s, verified $verified"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
             --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
             --argjson daemondown "$DOWN_JSON" --argjson shared "$shared_json" --argjson records "$records" --arg call "$c" \
-            --argjson backing "$backing_json" \
+            --argjson backing "$backing_json" --argjson fault "$FAULT_JSON" --argjson workload "$workload_json" \
             '{from: $from, to: $to, call: $call, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
               + (if $daemondown == null then {} else {daemon_down: $daemondown} end)
               + (if $shared == null then {} else {shared: $shared} end)
               + (if $records == null then {} else {bfmig_trip: $records} end)
-              + (if $backing == null then {} else {backing: $backing} end)')")
+              + (if $backing == null then {} else {backing: $backing} end)
+              + (if $fault == null then {} else {fault: $fault} end)
+              + (if $workload == null then {} else {workload_before: $workload} end)')")
 
         if ((trip < trips)); then
             if ((touch_mib > 0)); then
@@ -456,6 +466,8 @@ cmd_roundtrip() {
                 qemu-io -f qcow2 -c "write -P 0x5a $((disk_gib * 1024 - touch_mib))M ${touch_mib}M" "$(guest_image "$src")" > /dev/null ||
                     die "$mode: writing into ${src^^}'s retained image failed"
             fi
+            # A scenario may choose each trip's changes (the soak draws them from its seed).
+            [[ -z ${ROUNDTRIP_WORKLOAD:-} ]] || "$ROUNDTRIP_WORKLOAD" "$trip"
             log "$mode: changing ${mem_pct}% of RAM data and ${disk_pct}% of disk data on ${dst^^}"
             guest_cmd "$dst" 1800 mchange "$mem_pct" "$trip" || die "$mode: changing RAM data failed"
             guest_record
@@ -471,6 +483,13 @@ cmd_roundtrip() {
                     die "$mode: rewrite failed"
                 guest_record
             fi
+            if ((move_files > 0)); then
+                guest_cmd "$dst" 600 mmove "$move_files" "$trip" || die "$mode: moving RAM data failed"
+                guest_record
+            fi
+            workload_json=$(jq -n --argjson m "$mem_pct" --argjson d "$disk_pct" --argjson disc "$discard_mib" \
+                --argjson rew "$rewrite_mib" --argjson mv "$move_files" \
+                '{mem_change_pct: $m, disk_change_pct: $d, disk_discard_mib: $disc, disk_rewrite_mib: $rew, mem_move_files: $mv}')
         fi
     done
 

@@ -56,7 +56,12 @@ cmd_table() {
     for ((i = 0; i < ntrips; i++)); do
         local label
         label=$(jq -r ".trips[$i] | \"\(.from)->\(.to)\"" "$longest")
-        for row in wire time downtime verified; do
+        local rows=(wire time downtime verified)
+        # A trip preceded by a fault (roundtrip --fault, the soak) says which; its wire is the retry's.
+        for f in "${files[@]}"; do
+            [[ $(jq ".trips[$i].fault != null" "$f") == true ]] && { rows+=(fault); break; }
+        done
+        for row in "${rows[@]}"; do
             printf "%-${first}s" "trip $((i + 1)) $label $row"
             for f in "${files[@]}"; do
                 if [[ $(jq -r '.skipped // empty' "$f") != "" ]]; then
@@ -69,6 +74,7 @@ cmd_table() {
                         time) cell="$(jq -r ".trips[$i].total_seconds" "$f") s" ;;
                         downtime) cell="$(jq -r ".trips[$i].downtime_ms" "$f") ms" ;;
                         verified) cell=$(jq -r "if .trips[$i].verified then \"yes\" else \"NO\" end" "$f") ;;
+                        fault) cell=$(jq -r ".trips[$i].fault | if . == null then \"-\" elif .attempt then \"\(.kind) (\(.attempt_wire_bytes / 1000000 | floor) MB)\" else .kind end" "$f") ;;
                     esac
                 fi
                 printf "%-${width}s" "$cell"
@@ -91,6 +97,10 @@ cmd_table() {
         printf "%-${width}s" "$cell"
     done
     printf '\n'
+    for f in "${files[@]}"; do
+        [[ $(jq '.soak != null' "$f") == true ]] &&
+            printf '%s soak: %s\n' "$(jq -r .mode "$f")" "$(jq -r '.soak | "seed \(.seed), \(.cycles) cycles, faults \(.faults): \(.trips_verified) trips verified, \(.mismatches) mismatches"' "$f")"
+    done
     for f in "${files[@]}"; do
         local why
         why=$(jq -r '.skipped // empty' "$f")

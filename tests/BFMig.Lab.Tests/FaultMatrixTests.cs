@@ -1,0 +1,129 @@
+using System.Globalization;
+using System.Text.Json;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace BFMig.Lab.Tests;
+
+/// <summary>
+/// The fault matrix (lab/lib/faults.sh): each fault hits a return trip in both directions. One
+/// scenario per group: trip 1 A->B, trips 2 (B->A) and 3 (A->B) are normal return trips (the
+/// baselines), then per fault two trips, B->A and A->B, each first attempted with the fault and
+/// then retried. After every attempt the guest must run on exactly one host with verified data
+/// (the lab dies otherwise), every retry is verified, and the retry's bytes are reported. The
+/// retry (or the attempt, when it got through despite the fault) must cost at most 1.5 x the
+/// normal return trip in the same direction plus what changed since the attempt (nothing: the
+/// harness changes no data between an attempt and its retry).
+/// </summary>
+[Collection(LabCollection.Name)]
+public sealed class FaultMatrixTests(ITestOutputHelper output) : IDisposable
+{
+    private const double RetryBound = 1.5;
+    private readonly LabRunner lab = new(output);
+    private readonly string dir = Directory.CreateTempSubdirectory("bfmig-lab-faults-").FullName;
+
+    public void Dispose() => Directory.Delete(dir, recursive: true);
+
+    /// <summary>What CI runs: a handful that covers each way a trip ends (QEMU's job aborted, every BFMig process gone, retained state damaged).</summary>
+    [LabFact]
+    public void Representative_AbortKillAllDamagedPages() => RunMatrix("abort", "kill-all", "damage-pages");
+
+    [LongLabFact]
+    public void Link_DownFiveSeconds_InMemoryAndDiskPhase() => RunMatrix("link5-mem", "link5-disk");
+
+    [LongLabFact]
+    public void Link_DownSixtySeconds_InMemoryAndDiskPhase() => RunMatrix("link60-mem", "link60-disk");
+
+    [LongLabFact]
+    public void Libvirtd_RestartedOnSourceAndDestination() => RunMatrix("libvirtd-src", "libvirtd-dst");
+
+    [LongLabFact]
+    public void Bfmigd_RestartedOnSourceAndDestination() => RunMatrix("bfmigd-src", "bfmigd-dst");
+
+    [LongLabFact]
+    public void ReceiverStoreFull_AndDamagedDiskMap() => RunMatrix("store-full", "damage-map");
+
+    private void RunMatrix(params string[] kinds)
+    {
+        var trips = 3 + (2 * kinds.Length);
+        var json = Path.Combine(dir, "faults.json");
+        var args = new List<string>
+        {
+            "scenario", "roundtrip", "--mode", "bfmig", "--json", json, "--rate", "100mbit",
+            "--ram-mib", "256", "--fill-mib", "128", "--disk-gib", "1", "--disk-data-mib", "256",
+            "--trips", trips.ToString(CultureInfo.InvariantCulture),
+        };
+        for (int i = 0; i < kinds.Length; i++)
+        {
+            args.AddRange(["--fault", $"{kinds[i]}@{4 + (2 * i)}", "--fault", $"{kinds[i]}@{5 + (2 * i)}"]);
+        }
+
+        // A 60 s link loss in each direction, with the libvirt keepalive and retries around it.
+        lab.Run(TimeSpan.FromMinutes(20 + (10 * kinds.Length)), [.. args]);
+        using var result = LabRunner.ReadResult(json);
+        var list = result.RootElement.GetProperty("trips").EnumerateArray().ToList();
+        Assert.Equal(trips, list.Count);
+        foreach (var trip in list)
+        {
+            Assert.True(trip.GetProperty("verified").GetBoolean(), $"trip not verified: {trip}");
+            Assert.Equal(0, trip.GetProperty("guest_mismatches").GetInt32());
+        }
+
+        // Trip n (1-based) goes B->A when n is even: its baseline is trip 2, else trip 3.
+        long Baseline(int n) => list[n % 2 == 0 ? 1 : 2].GetProperty("wire_bytes").GetInt64();
+        output.WriteLine($"baselines (normal return trips): B->A {Baseline(2)} bytes, A->B {Baseline(3)} bytes");
+        var over = new List<string>();
+        for (int n = 4; n <= trips; n++)
+        {
+            var trip = list[n - 1];
+            Assert.True(trip.TryGetProperty("fault", out var fault), $"trip {n} has no fault record: {trip}");
+            var kind = fault.GetProperty("kind").GetString()!;
+            Assert.Equal(kinds[(n - 4) / 2], kind);
+            if (fault.GetProperty("attempt").GetBoolean())
+            {
+                Assert.Equal(0, fault.GetProperty("mismatches").GetInt32());
+                Assert.True(
+                    fault.GetProperty("injected_after_seconds").ValueKind == JsonValueKind.Number,
+                    $"trip {n}: the attempt ended before its phase, {kind} was never injected: {fault}");
+            }
+
+            // The trip that carried the guest after the fault: the retry, or the attempt itself when
+            // it got through (a damaged store, a short link loss); then the retry follows a
+            // return and has nothing left to carry.
+            var through = fault.GetProperty("migrate_rc").GetInt32() == 0;
+            var retry = trip.GetProperty("wire_bytes").GetInt64();
+            var cost = through ? fault.GetProperty("attempt_wire_bytes").GetInt64() : retry;
+            var bound = (long)(RetryBound * Baseline(n));
+            var line = string.Create(
+                CultureInfo.InvariantCulture,
+                $"trip {n} {trip.GetProperty("from")}->{trip.GetProperty("to")} after {kind}: {(through ? "the attempt got through" : "the attempt failed")}, the trip that carried the guest moved {cost} bytes = {(double)cost / Baseline(n):0.00} x the normal return trip {Baseline(n)} (bound {RetryBound}); retry {retry} bytes in {trip.GetProperty("total_seconds")} s; attempt {fault}");
+            output.WriteLine(line);
+            if (cost > bound)
+            {
+                over.Add(line);
+            }
+        }
+
+        Assert.True(over.Count == 0, $"retries over {RetryBound} x a normal return trip:\n{string.Join('\n', over)}");
+    }
+}
+
+/// <summary>
+/// A long lab case: runs where a <see cref="LabFactAttribute"/> runs, except under CI=true (CI's
+/// budget holds the representative handful), unless BFMIG_LAB_LONG=1 asks for it there too.
+/// </summary>
+[AttributeUsage(AttributeTargets.Method)]
+public sealed class LongLabFactAttribute : FactAttribute
+{
+    /// <summary>Skips with the reason (seen in the test output) under CI or without root.</summary>
+    public LongLabFactAttribute()
+    {
+        Skip = new LabFactAttribute().Skip;
+        var ci = string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
+        var longWanted = Environment.GetEnvironmentVariable("BFMIG_LAB_LONG") == "1";
+        if (Skip is null && ci && !longWanted)
+        {
+            Skip = "long fault-matrix case (several minutes): CI runs only FaultMatrixTests.Representative_AbortKillAllDamagedPages; set BFMIG_LAB_LONG=1 to run it under CI";
+        }
+    }
+}
