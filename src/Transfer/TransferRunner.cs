@@ -148,7 +148,20 @@ public static class TransferRunner
             else
             {
                 stats.Mode = "plain";
-                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+                var tap = hello.MultifdChannel ? new MultifdChannelTap(qemu.Stream) : null;
+                tap?.Observe(prefix);
+                try
+                {
+                    await TunnelBridge.CopyBothWaysAsync(tap ?? qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+                }
+                finally
+                {
+                    if (tap is not null)
+                    {
+                        stats.Multifd = tap.Summary();
+                        TransferLog.Note($"bfmig-transfer: {stats.Multifd}");
+                    }
+                }
             }
         }
         catch (Exception e) when (e is not OperationCanceledException)
