@@ -50,7 +50,7 @@ internal static class MultifdTarget
             while (parser.TryRead(input.AsSpan(start, end - start), final, out var seg))
             {
                 if (seg.Length <= 0 || start + seg.Length > end) throw new InvalidOperationException($"segment of {seg.Length} bytes at {start} beyond {end}");
-                if (seg.Kind != MultifdSegmentKind.Raw && seg.Length > MultifdFormat.PacketHeaderLength)
+                if (seg.Kind != MultifdSegmentKind.Raw && seg.Length > MultifdChannelParser.MaxSegmentLength)
                     throw new InvalidOperationException($"{seg.Kind} segment of {seg.Length} bytes at {start}");
                 if (seg.Kind == MultifdSegmentKind.Page && (seg.Length != 4096 || seg.Offset % 4096 != 0))
                     throw new InvalidOperationException("page segment");

@@ -30,11 +30,14 @@ public readonly record struct MultifdSegment(MultifdSegmentKind Kind, int Length
 /// channel. It never fails: the first thing it does not understand in full (compression,
 /// 10.0's device-state packets, another page size, a damaged header) switches it to opaque
 /// mode, says why in <see cref="OpaqueReason"/>, and the rest comes back as raw bytes, so nothing
-/// it has not understood is ever elided. No segment is longer than
-/// <see cref="MultifdFormat.PacketHeaderLength"/> except raw bytes, which are returned as they come.
+/// it has not understood is ever elided. No segment is longer than <see cref="MaxSegmentLength"/>
+/// except raw bytes, which are returned as they come.
 /// </summary>
 public sealed class MultifdChannelParser
 {
+    /// <summary>The most input one call may need before it can produce a segment: a page (a packet header is 1,344 bytes).</summary>
+    public const int MaxSegmentLength = QemuFormat.PageSize > MultifdFormat.PacketHeaderLength ? QemuFormat.PageSize : MultifdFormat.PacketHeaderLength;
+
     private enum State { Init, Header, Pages, Opaque }
 
     private State _state = State.Init;

@@ -9,8 +9,7 @@ namespace BFMig.Transfer.Memory;
 internal sealed class MultifdChannelTap(Stream inner) : Stream
 {
     private readonly MultifdChannelParser _parser = new();
-    // Room for the largest piece the parser waits for (a page; a header is smaller).
-    private readonly byte[] _pending = new byte[Math.Max(MultifdFormat.PacketHeaderLength, QemuFormat.PageSize)];
+    private readonly byte[] _pending = new byte[MultifdChannelParser.MaxSegmentLength];
     private int _pendingLength;
 
     /// <summary>The parser's view of the channel so far.</summary>
