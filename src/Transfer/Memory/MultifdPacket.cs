@@ -17,7 +17,8 @@ namespace BFMig.Transfer.Memory;
 /// </list>
 /// The header's length is fixed by both sides' page count (512 KiB / 4 KiB = 128 offsets), not by
 /// what pages_alloc says, so a packet whose pages_alloc differs, whose flags name compression or
-/// device state (10.0), or whose next_packet_size is not its pages' bytes is not understood.
+/// device state (10.0), or whose next_packet_size is not its pages' bytes (when it has pages: a
+/// packet without pages keeps the previous one's value in 7.2) is not understood.
 /// </summary>
 public static class MultifdFormat
 {
@@ -147,8 +148,10 @@ public sealed record MultifdPacket(uint Flags, ulong PacketNumber, string RamBlo
         uint zero = BinaryPrimitives.ReadUInt32BigEndian(h[32..]);
         if ((ulong)normal + zero > alloc)
             return $"packet lists {normal} normal and {zero} zero pages in {alloc} slots";
+        // Without pages QEMU neither prepares nor reads content, and 7.2 leaves the previous
+        // packet's size in the field (seen in the lab on sync packets): it counts only with pages.
         uint next = BinaryPrimitives.ReadUInt32BigEndian(h[20..]);
-        if (next != normal * (ulong)QemuFormat.PageSize)
+        if (normal > 0 && next != normal * (ulong)QemuFormat.PageSize)
             return $"packet announces {next} content bytes for {normal} pages";
         if (h.Slice(36, 28).ContainsAnyExcept((byte)0))
             return "reserved header bytes are set (a newer packet layout?)";
