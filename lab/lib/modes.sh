@@ -57,6 +57,12 @@ mode_stock_multifd_zstd_unsupported() {
         echo "libvirt $v rejects --comp-methods zstd (\"Unsupported compression method 'zstd'\"): zstd for parallel (multifd) migration needs libvirt >= 9.4"
 }
 
+# Plain multifd (--parallel): the main stream and two channels, uncompressed.
+mode_stock_multifd_args() {
+    MIG_ARGS=(--parallel --parallel-connections 2)
+    mode_tcp_transport "$2"
+}
+
 mode_stock_multifd_zstd_args() {
     MIG_ARGS=(--parallel --parallel-connections 2 --compressed --comp-methods zstd)
     mode_tcp_transport "$2"
@@ -103,6 +109,16 @@ mode_bfmig_transparent_prepare() {
     [[ -n $(bfmig_nft_table "$1") ]] ||
         die "bfmig-transparent: host $1 has no inet bfmig table (see $(bfmig_dir "$1")/bfmigd.log)"
 }
+
+# Not in LAB_MODES (the demo), for the multifd lab tests: BFMig's explicit sockets and
+# transparent mode with --parallel (QEMU connects the main stream and each channel to the same
+# socket or port; each channel runs through its own helper pair).
+mode_bfmig_multifd_unsupported() { bfmig_unsupported; }
+mode_bfmig_multifd_args() { mode_bfmig_args "$@"; MIG_ARGS+=(--parallel --parallel-connections 2); }
+mode_bfmig_multifd_prepare() { mode_bfmig_prepare "$@"; }
+mode_bfmig_transparent_multifd_unsupported() { mode_bfmig_transparent_unsupported; }
+mode_bfmig_transparent_multifd_args() { MIG_ARGS=(--parallel --parallel-connections 2); mode_tcp_transport "$2"; }
+mode_bfmig_transparent_multifd_prepare() { mode_bfmig_transparent_prepare "$@"; }
 
 # Not in LAB_MODES (the demo), for the lab tests of what transparent mode must leave alone:
 # tunnelled migration (through libvirtd's own connection: never redirected) and QEMU native TLS

@@ -60,6 +60,11 @@ public sealed class TransferOptions
     /// passes the incoming domain's memory); 0: this host's physical memory.
     /// </summary>
     public long MaxRamBytes { get; init; }
+    /// <summary>
+    /// Receiver: called before a multifd channel connects to the local QEMU, to let the main
+    /// channel connect first (<see cref="MainChannelGate"/>); null connects at once.
+    /// </summary>
+    public Func<CancellationToken, Task>? AwaitMainChannel { get; init; }
     /// <summary>The NBD filter for kind nbd (default: plain tunnel).</summary>
     public IDiskStreamFilter DiskFilter { get; init; } = new PlainDiskStreamFilter();
 }
@@ -112,7 +117,7 @@ public static class TransferRunner
             var state = store?.State;
             bool paced = wantsStore && o.Pacing;
             var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
-                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced };
+                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced, MultifdChannel = IsMultifdChannel(o.Kind, prefix) };
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
@@ -143,7 +148,20 @@ public static class TransferRunner
             else
             {
                 stats.Mode = "plain";
-                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+                var tap = hello.MultifdChannel ? new MultifdChannelTap(qemu.Stream) : null;
+                tap?.Observe(prefix);
+                try
+                {
+                    await TunnelBridge.CopyBothWaysAsync(tap ?? qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+                }
+                finally
+                {
+                    if (tap is not null)
+                    {
+                        stats.Multifd = tap.Summary();
+                        TransferLog.Note($"bfmig-transfer: {stats.Multifd}");
+                    }
+                }
             }
         }
         catch (Exception e) when (e is not OperationCanceledException)
@@ -208,6 +226,8 @@ public static class TransferRunner
             store = OpenAnsweredStore(hello, decision, o);
             stats.Authenticated = true;
             progress?.ReportNow();
+            if (hello.MultifdChannel && o.AwaitMainChannel is { } awaitMain)
+                await awaitMain(ct);
             var opened = await connectLocal(ct);
             await using var local = new LocalConnection(new CountingStream(opened.Stream, stats, countReads: false), opened.Socket);
             if (o.Kind == StreamKind.Nbd && decision.HasStore)
@@ -337,6 +357,10 @@ public static class TransferRunner
             throw new PeerProtocolException(e.Message + " (over TLS this usually means the peer rejected this host's certificate; its log says why)", e);
         }
     }
+
+    /// <summary>A memory stream whose first bytes are a multifd channel's magic (QEMU connects one per <c>--parallel-connections</c>).</summary>
+    private static bool IsMultifdChannel(StreamKind kind, byte[] prefix) =>
+        kind == StreamKind.Mig && prefix.Length >= 4 && BinaryPrimitives.ReadUInt32BigEndian(prefix) == QemuFormat.MultifdMagic;
 
     private static byte[] DigestBytes(string? hex) => string.IsNullOrEmpty(hex) || hex.Length != 32 ? new byte[16] : Convert.FromHexString(hex);
 

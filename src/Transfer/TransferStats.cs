@@ -36,6 +36,8 @@ public sealed class TransferStats
     public double CommitSeconds { get; set; }
     public bool SnapshotComplete { get; set; }
     public string? OpaqueReason { get; set; }
+    /// <summary>A multifd channel (sender): what it carried, or where its parser stopped following it.</summary>
+    public string? Multifd { get; set; }
     /// <summary>Why this stream ran without a store (e.g. its file system was full), null when it had one or never asked.</summary>
     public string? StoreSkipped { get; set; }
     public ulong Generation { get; set; }

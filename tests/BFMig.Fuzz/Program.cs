@@ -13,7 +13,7 @@ namespace BFMig.Fuzz;
 /// </summary>
 internal static class Program
 {
-    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml"];
+    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml", "multifd"];
 
     private static int Main(string[] args)
     {
@@ -30,7 +30,7 @@ internal static class Program
         }
         if (args.Length < 1 || !Targets.Contains(args[0]))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml|multifd [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
@@ -75,6 +75,7 @@ internal static class Program
         "hello" => HelloTarget.Corpus(),
         "config" => ConfigTarget.Corpus(),
         "xml" => XmlTarget.Corpus(),
+        "multifd" => MultifdTarget.Corpus(),
         _ => OpsCorpus(),
     };
 
@@ -87,6 +88,7 @@ internal static class Program
         "hello" => HelloTarget.Run,
         "config" => ConfigTarget.Run,
         "xml" => XmlTarget.Run,
+        "multifd" => MultifdTarget.Run,
         _ => FuzzOps,
     };
 

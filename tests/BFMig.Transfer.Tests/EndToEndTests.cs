@@ -11,14 +11,15 @@ public class EndToEndTests
     private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError);
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
-        IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0)
+        IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
+        Func<CancellationToken, Task>? awaitMain = null)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
         var (senderPeer, receiverPeer) = await WireTests.Pair();
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var so = new TransferOptions { Kind = kind, StoreRoot = senderRoot, Guest = guest, PeerName = "hostB", Compression = CompressionMode.Zstd, Authenticator = sa ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
-        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5), AwaitMainChannel = awaitMain };
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
         var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
         // "Source QEMU": writes the stream, then closes its side.
@@ -168,6 +169,43 @@ public class EndToEndTests
         Assert.IsType<PeerProtocolException>(r.SendError);
         Assert.Contains("peer refused the stream: this receiver is for guest", r.SendError!.Message);
         Assert.Empty(r.Delivered);
+    }
+
+    /// <summary>
+    /// A multifd channel (issue 13): carried exactly, its receiver waits for the main channel
+    /// before it connects to its QEMU (and fails, delivering nothing, when that wait fails), the
+    /// sender's stats say what the channel carried; the main stream never waits.
+    /// </summary>
+    [Fact]
+    public async Task A_multifd_channel_waits_for_the_main_channel_and_is_carried_exactly()
+    {
+        var page = new byte[4096];
+        new Random(13).NextBytes(page);
+        byte[] channel = [.. new MultifdInit(3, Guid.NewGuid()).Encode(),
+            .. new MultifdPacket(0, 1, "pc.ram", [0x1000, 0x2000], []).EncodeHeader(), .. page, .. page,
+            .. new MultifdPacket(MultifdFormat.FlagSync, 2, "pc.ram", [0x9000], []).EncodeHeader(), .. page];
+        using var a = new TempDir();
+        using var b = new TempDir();
+        int waits = 0;
+        var r = await Run(channel, a.Path, b.Path, Guid.NewGuid(), awaitMain: _ =>
+        {
+            Interlocked.Increment(ref waits);
+            return Task.CompletedTask;
+        });
+        Assert.Null(r.SendError);
+        Assert.Null(r.ReceiveError);
+        Assert.Equal(channel, r.Delivered);
+        Assert.Equal(1, waits);
+        Assert.Equal("plain", r.Send!.Mode);
+        Assert.Equal("multifd channel 3: carried byte for byte, 2 packets, 3 pages, 0 zero pages (multifd pages are not elided yet)", r.Send.Multifd);
+
+        var refused = await Run(channel, a.Path, b.Path, Guid.NewGuid(), awaitMain: _ => throw new TimeoutException("main channel never came"));
+        Assert.IsType<TimeoutException>(refused.ReceiveError);
+        Assert.Empty(refused.Delivered);
+
+        var main = await Run(Fixtures.Load("q72-pc-paused.bin"), a.Path, b.Path, Guid.NewGuid(), awaitMain: _ => throw new InvalidOperationException("the main stream waited"));
+        Assert.Null(main.ReceiveError);
+        Assert.Null(main.Send!.Multifd);
     }
 
     [Fact]

@@ -13,7 +13,7 @@ public enum SniffedStream
     /// <summary>Silence: an NBD client waits for the server's greeting (the disk mirror).</summary>
     ServerFirst,
 
-    /// <summary>A multifd channel (magic 0x11223344): carried byte for byte.</summary>
+    /// <summary>A multifd channel (magic 0x11223344): carried by a helper pair like the main stream.</summary>
     Multifd,
 
     /// <summary>A TLS ClientHello (QEMU native TLS): encrypted, carried byte for byte.</summary>

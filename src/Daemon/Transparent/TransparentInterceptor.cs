@@ -30,7 +30,7 @@ public interface ITransparentHost
 /// made it (the kernel's socket table and the QEMU pid libvirt recorded) and what it carries
 /// (<see cref="StreamSniffer"/>), then hands it to a sending helper exactly as an explicit-mode
 /// socket would, naming the target port so that the peer's bfmigd can connect its receiver there.
-/// Whatever it cannot accelerate (TLS, multifd, an unknown guest, a peer whose bfmigd does not
+/// Whatever it cannot accelerate (TLS, an unknown guest, a peer whose bfmigd does not
 /// answer, no free slot) it carries straight to the original destination and says why.
 /// </summary>
 public sealed class TransparentInterceptor : IDisposable
@@ -191,7 +191,6 @@ public sealed class TransparentInterceptor : IDisposable
         string? notAccelerated = sniffed switch
         {
             SniffedStream.Tls => "QEMU native TLS (--tls): the stream is encrypted end to end, carried byte for byte",
-            SniffedStream.Multifd => "a multifd channel (--parallel): carried byte for byte (multifd pages are not elided yet)",
             SniffedStream.Unknown => "QEMU's first bytes are neither a migration stream nor a multifd channel: carried byte for byte",
             SniffedStream.Closed => "",
             _ => null,
@@ -210,7 +209,10 @@ public sealed class TransparentInterceptor : IDisposable
             await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
             return;
         }
-        var kind = sniffed == SniffedStream.Memory ? StreamKind.Mig : StreamKind.Nbd;
+        // A multifd channel goes through a helper pair like the main stream, never straight to the
+        // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
+        // only the peer's receiver can keep the channels behind it (MainChannelGate).
+        var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd ? StreamKind.Mig : StreamKind.Nbd;
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
         _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
     }

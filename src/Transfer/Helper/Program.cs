@@ -232,6 +232,9 @@ internal static class Program
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
+            AwaitMainChannel = !send && d.TryGetValue("connect", out var connect)
+                ? t => MainChannelGate.WaitAsync(Endpoint.Parse(connect), MainChannelGate.DefaultTimeout, t)
+                : null,
         };
     }
 

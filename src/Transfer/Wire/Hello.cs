@@ -14,7 +14,7 @@ public enum StreamKind : byte
 
 /// <summary>
 /// Sender's hello (frame <see cref="FrameType.Hello"/>):
-/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced), 16 guest uuid (RFC 4122 byte
+/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced, 4 = multifd channel), 16 guest uuid (RFC 4122 byte
 /// order), be64 generation, 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
 /// Generation and digest are what the sender believes the receiver holds.
 /// </summary>
@@ -22,6 +22,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
 {
     private const byte WantsStoreFlag = 1;
     private const byte PacedFlag = 2;
+    private const byte MultifdChannelFlag = 4;
     private static ReadOnlySpan<byte> Magic => "BFMG"u8;
 
     /// <summary>
@@ -29,6 +30,13 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     /// reports it (<see cref="FrameType.Progress"/>).
     /// </summary>
     public bool Paced { get; init; }
+
+    /// <summary>
+    /// The stream is one of QEMU's multifd channels (<c>--parallel</c>), not the main migration
+    /// stream: the receiver connects it to its QEMU only after the main channel (QEMU 7.2 takes
+    /// the first connection for the main one, see <see cref="MainChannelGate"/>).
+    /// </summary>
+    public bool MultifdChannel { get; init; }
 
     public byte[] Encode()
     {
@@ -39,7 +47,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         Magic.CopyTo(s);
         BinaryPrimitives.WriteUInt16BigEndian(s[4..], FrameCodec.ProtocolVersion);
         s[6] = (byte)Kind;
-        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0));
+        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0));
         Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
         BinaryPrimitives.WriteUInt64BigEndian(s[24..], Generation);
         Digest.AsSpan(0, 16).CopyTo(s[32..]);
@@ -58,13 +66,14 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
-        if ((p[7] & ~(WantsStoreFlag | PacedFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        if ((p[7] & ~(WantsStoreFlag | PacedFlag | MultifdChannelFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
         return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
             p.Slice(32, 16).ToArray(), BinaryPrimitives.ReadUInt64BigEndian(p[48..]), p.Slice(56, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(89, nameLen)))
         {
             Paced = (p[7] & PacedFlag) != 0,
+            MultifdChannel = (p[7] & MultifdChannelFlag) != 0,
         };
     }
 }
