@@ -90,6 +90,7 @@ public sealed partial class BfmigDaemon
                         else
                         {
                             session.StoppedHere();
+                            QueueSealAfterFailedArrival(session);
                         }
                         break;
                     case LibvirtLifecycleEvent.Undefined:
@@ -185,6 +186,21 @@ public sealed partial class BfmigDaemon
                 DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", e.Message);
             }
         }
+    });
+
+    /// <summary>
+    /// The guest stopped here while recorded away: an incoming trip failed and its QEMU is gone.
+    /// Its receiver marked the identity of each image it wrote as pending and journaled the
+    /// blocks it wrote; capturing the identity now lets the retry use the rest of the map
+    /// (<see cref="DiskBlockMap.SealIdentity"/> leaves every other map alone).
+    /// </summary>
+    private void QueueSealAfterFailedArrival(GuestSession session) => session.Enqueue(() =>
+    {
+        if (_store.ReadLocation(session.Uuid).Record?.Place != GuestPlace.Away)
+            return;
+        var dir = Path.Combine(_store.GuestDirectory(session.Uuid), "disk");
+        if (Directory.Exists(dir))
+            Seal(session.Uuid, session.Name, [.. Directory.EnumerateFiles(dir, "*.map")]);
     });
 
     /// <summary>Completes when every state change queued so far (locations, trip records, seals) is written.</summary>
