@@ -68,6 +68,8 @@ mode_stock_multifd_zstd_args() {
 source "$LAB_DIR/lib/bfmig.sh"
 # shellcheck source=kill.sh
 source "$LAB_DIR/lib/kill.sh"
+# shellcheck source=abort.sh
+source "$LAB_DIR/lib/abort.sh"
 
 mode_bfmig_unsupported() { bfmig_unsupported; }
 
