@@ -128,6 +128,8 @@ public static class DiskPath
                 await DrainAsync(channel.Tunnel, end.Token);
             }
             stats.SnapshotComplete = stats.Committed;
+            if (filter.ExportName is not null && !result.CleanDisconnect && !result.Opaque)
+                throw new StreamCutException("the source QEMU's mirror left the NBD connection without NBD_CMD_DISC: the migration was cancelled or failed");
         }
         finally
         {
@@ -244,8 +246,12 @@ public static class DiskPath
             var observed = new DiskBlockMap(0, DiskMapStore.BlockSize);
             observer.Report(observed);
             var digest = observed.ComputeDigest();
-            // Saved without an identity: the local QEMU keeps writing this image as the guest runs, so
-            // the map is only the peer view (what the sender holds) until this host sends it back.
+            // The image is named but its identity not captured: should the guest run here, its QEMU
+            // writes the image and the map is only the peer view (what the sender holds) until this
+            // host sends it back; should the migration fail after all (an abort after the mirror's
+            // clean end), bfmigd captures the identity once the incoming QEMU stopped, and the retry
+            // uses the map.
+            observed.Identity = o.DiskImages.TryGetValue(exportName ?? "", out var image) ? DiskImageIdentity.PendingCapture(image.Path, image.Format) : null;
             bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && journal is not null && digest == senderDigest && TrySave(observed, mapPath, journal);
             settled = committed;
             if (committed)
@@ -264,6 +270,8 @@ public static class DiskPath
             await channel.WriteChunkAsync(DiskChunk.EndAck, DiskChannel.EncodeFlagDigest(committed, digest), end.Token);
             await channel.Tunnel.ShutdownWriteAsync(end.Token);
             await DrainAsync(channel.Tunnel, end.Token);
+            if (exportName is not null && !observer.SawDisconnect && !observer.Opaque && !observer.Failed)
+                throw new StreamCutException("the source QEMU's mirror left the NBD connection without NBD_CMD_DISC: the migration was cancelled or failed");
         }
         finally
         {
