@@ -42,6 +42,13 @@ public sealed class LifecycleEventTests
         host.Daemon.Store.WriteLocation(uuid, new LocationRecord(GuestPlace.Away, "hosta", DateTimeOffset.UtcNow.AddHours(-1), PendingTrip.Arriving, "hosta"));
         var disk = Path.Combine(host.Daemon.Store.GuestDirectory(uuid), "disk");
         Directory.CreateDirectory(disk);
+        // A map an earlier trip left pending: it describes the image as it was then.
+        var older = Path.Combine(disk, "vdc.map");
+        var olderImage = Path.Combine(disk, "vdc.img");
+        File.WriteAllBytes(olderImage, new byte[1 << 20]);
+        new DiskBlockMap(1 << 20, DiskMapStore.BlockSize, DiskHashKey.NewRandom(), DiskImageIdentity.PendingCapture(olderImage, "raw")).Save(older);
+        await Task.Delay(600);
+        host.Daemon.StreamStarting(uuid, "test", "hosta", BFMig.Daemon.Transfers.TransferDirection.Receive, BFMig.Transfer.Wire.StreamKind.Nbd, BFMig.Daemon.Guests.TripRoute.Explicit);
         string MapWithPendingIdentity(string name)
         {
             var image = Path.Combine(disk, name + ".img");
@@ -64,6 +71,7 @@ public sealed class LifecycleEventTests
         await Tools.UntilAsync(() => DiskBlockMap.Load(journaled).Identity is { IsPending: false }, "the identity of the journaled map's image captured");
         Assert.Equal(GuestPlace.Away, host.Daemon.Store.ReadLocation(uuid).Record?.Place);
         Assert.True(DiskBlockMap.Load(invalidated).Identity!.IsPending);
+        Assert.True(DiskBlockMap.Load(older).Identity!.IsPending);
         // The journal stays: the blocks the trip wrote remain in doubt.
         Assert.Equal([new BlockRange(0, 1)], DiskDoubtJournal.Read(journaled).Ranges);
     }

@@ -114,6 +114,8 @@ public sealed class MigSender
         if (done == task) return await task;
         if (done == inbox)
         {
+            // An answer that came before the peer's abort (or close) still counts.
+            if (task.IsCompleted) return await task;
             await inbox; // throws the inbox's failure
             if (task.IsCompleted) return await task;
             throw new PeerProtocolException($"peer closed the connection before {what}");
