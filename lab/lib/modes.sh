@@ -76,6 +76,8 @@ source "$LAB_DIR/lib/bfmig.sh"
 source "$LAB_DIR/lib/kill.sh"
 # shellcheck source=faults.sh
 source "$LAB_DIR/lib/faults.sh"
+# shellcheck source=abort.sh
+source "$LAB_DIR/lib/abort.sh"
 
 mode_bfmig_unsupported() { bfmig_unsupported; }
 

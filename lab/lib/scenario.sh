@@ -196,7 +196,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() unconfirmed=() faults=() spec move_files=0 content=random route_arg=""
+    local kills=() downs=() unconfirmed=() faults=() aborts=() spec move_files=0 content=random route_arg=""
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -229,6 +229,7 @@ cmd_roundtrip() {
             --content) [[ $2 =~ ^(random|os)$ ]] || die "--content: random or os"; content=$2 ;;
             --route) [[ $2 =~ ^a(,[abc])+$ ]] || die "--route: hosts from a, e.g. a,b,c,a"; route_arg=$2 ;;
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
+            --abort) abort_check_spec "$2"; aborts+=("$2") ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -268,8 +269,9 @@ cmd_roundtrip() {
     [[ $copy_storage == inc ]] && LAB_STORAGE_ARGS=(--copy-storage-inc)
     if ((guests > 1)); then
         [[ $storage == local && $call == virsh && $copy_storage == all && $backing_top_mib == 0 && $corrupt == none &&
-           $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 && ${#faults[@]} == 0 ]] ||
-            die "--guests $guests: local storage and the virsh call only, without --kill, --fault, --daemon-down, --corrupt, --touch-retained-mib, --disk-discard/rewrite-mib, --copy-storage inc or --backing-top-mib"
+           $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 && ${#faults[@]} == 0 &&
+           ${#aborts[@]} == 0 ]] ||
+            die "--guests $guests: local storage and the virsh call only, without --kill, --fault, --abort, --daemon-down, --corrupt, --touch-retained-mib, --disk-discard/rewrite-mib, --copy-storage inc or --backing-top-mib"
     fi
     [[ $trace_shared == no || ($storage == shared* && $mode == bfmig*) ]] ||
         die "--trace-shared yes: needs --storage shared or shared-file and a bfmig mode (it traces bfmigd)"
@@ -386,6 +388,12 @@ cmd_roundtrip() {
             kill_unconfirmed_attempt "$mode" "$src" "$dst" "$trip"
             mode_call_optional "$mode" prepare "$src" "$dst"
         fi
+        ABORT_JSON=null
+        if spec=$(abort_delay_for_trip "$trip" "${aborts[@]}"); then
+            ABORT_CHUNKS=$chunks
+            abort_attempt "$mode" "$src" "$dst" "$trip" "$spec"
+            mode_call_optional "$mode" prepare "$src" "$dst"
+        fi
         DOWN_JSON=null
         for spec in "${downs[@]}"; do
             [[ ${spec#*@} == "$trip" ]] && bfmig_daemon_down "$mode" "${spec%@*}" "$src" "$dst"
@@ -444,12 +452,13 @@ cmd_roundtrip() {
         [[ $FAULT_JSON == null ]] || log "$mode: trip $trip: after fault $(jq -r .kind <<< "$FAULT_JSON"): the retry moved $wire bytes in ${secs}s, verified $verified"
         trip_json+=("$(jq -n --arg from "${src^^}" --arg to "${dst^^}" --argjson wire "$wire" \
             --argjson secs "$secs" --argjson down "$JOB_DOWNTIME" --argjson elapsed "$JOB_ELAPSED" \
-            --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" \
+            --argjson verified "$verified" --argjson bad "$bad" --argjson images "$images" --argjson kill "$KILL_JSON" --argjson abort "$ABORT_JSON" \
             --argjson daemondown "$DOWN_JSON" --argjson shared "$shared_json" --argjson records "$records" --arg call "$c" \
             --argjson backing "$backing_json" --argjson fault "$FAULT_JSON" --argjson workload "$workload_json" \
             '{from: $from, to: $to, call: $call, wire_bytes: $wire, total_seconds: $secs, downtime_ms: $down,
               verified: $verified, libvirt_elapsed_ms: $elapsed, guest_mismatches: $bad,
               images_identical: $images} + (if $kill == null then {} else {kill: $kill} end)
+              + (if $abort == null then {} else {abort: $abort} end)
               + (if $daemondown == null then {} else {daemon_down: $daemondown} end)
               + (if $shared == null then {} else {shared: $shared} end)
               + (if $records == null then {} else {bfmig_trip: $records} end)

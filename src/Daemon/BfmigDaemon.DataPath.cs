@@ -61,6 +61,8 @@ public sealed partial class BfmigDaemon
         _trips.StreamStarted(uuid, direction, kind, route);
         if (direction == TransferDirection.Send)
             _departures.StreamStarted(uuid);
+        else
+            _arrivalStreamsSince.TryAdd(uuid, _time.GetUtcNow());
     }
 
     /// <summary>

@@ -61,6 +61,7 @@ public sealed partial class BfmigDaemon
                         {
                             // The destination runs the guest, or a source whose migration failed runs it again: here either way.
                             session.Arrived();
+                            _arrivalStreamsSince.TryRemove(uuid, out _);
                             QueueTripRecord(session, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
                             _checkpoints?.OnArrived(uuid, name, _transfers?.LastIncomingPeer(uuid));
                         }
@@ -96,6 +97,7 @@ public sealed partial class BfmigDaemon
                         else
                         {
                             session.StoppedHere();
+                            QueueSealAfterFailedArrival(session);
                         }
                         break;
                     case LibvirtLifecycleEvent.Undefined:
@@ -134,7 +136,7 @@ public sealed partial class BfmigDaemon
         var cleaned = _checkpoints?.OnDeparted(uuid, name, ImageCustody.CarriedImages(verdicts)) ?? Task.CompletedTask;
         if (maps.Count > 0)
         {
-            _ = cleaned.ContinueWith(_ => session.Enqueue(() => Seal(uuid, name, maps)), CancellationToken.None,
+            _ = cleaned.ContinueWith(_ => session.Enqueue(() => Seal(uuid, name, maps, "the source QEMU stopped")), CancellationToken.None,
                 TaskContinuationOptions.None, TaskScheduler.Default);
         }
     }
@@ -149,7 +151,7 @@ public sealed partial class BfmigDaemon
 
     // On the guest's session queue, which holds only short file writes: every second before the
     // capture is a second in which a write to the image goes unseen.
-    private void Seal(Guid uuid, string name, IReadOnlyList<string> maps)
+    private void Seal(Guid uuid, string name, IReadOnlyList<string> maps, string moment)
     {
         foreach (var map in maps)
         {
@@ -162,7 +164,7 @@ public sealed partial class BfmigDaemon
             {
                 result = "failed: " + e.Message;
             }
-            DaemonLog.DiskIdentityCaptured(_logger, name, uuid.ToString("D"), map, result);
+            DaemonLog.DiskIdentityCaptured(_logger, name, uuid.ToString("D"), map, moment, result);
         }
     }
 
@@ -192,6 +194,33 @@ public sealed partial class BfmigDaemon
             }
         }
     });
+
+    /// <summary>
+    /// The guest stopped here while recorded away: an incoming trip failed and its QEMU is gone.
+    /// Its receiver marked the identity of each image it wrote as pending and journaled the
+    /// blocks it wrote; capturing the identity now lets the retry use the rest of the map
+    /// (<see cref="DiskBlockMap.SealIdentity"/> leaves every other map alone).
+    /// </summary>
+    private void QueueSealAfterFailedArrival(GuestSession session)
+    {
+        // Only maps that this arrival's receivers wrote (after its first stream started): an older
+        // map with a pending identity describes the image as it was then, not as it is now.
+        if (!_arrivalStreamsSince.TryRemove(session.Uuid, out var since))
+            return;
+        session.Enqueue(() =>
+        {
+            if (_store.ReadLocation(session.Uuid).Record?.Place != GuestPlace.Away)
+                return;
+            var dir = Path.Combine(_store.GuestDirectory(session.Uuid), "disk");
+            if (!Directory.Exists(dir))
+                return;
+            // File times come from the kernel's coarse clock (up to a tick behind): allow for it.
+            var after = since.UtcDateTime - TimeSpan.FromMilliseconds(100);
+            var written = Directory.EnumerateFiles(dir, "*.map").Where(m => File.GetLastWriteTimeUtc(m) >= after).ToList();
+            if (written.Count > 0)
+                Seal(session.Uuid, session.Name, written, "the failed arrival's QEMU stopped");
+        });
+    }
 
     /// <summary>Completes when every state change queued so far (locations, trip records, seals) is written.</summary>
     public Task FlushStateAsync() => _sessions.IdleAsync();

@@ -55,6 +55,8 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     private Task _peerTask = Task.CompletedTask;
     private int _stopping;
     private readonly DepartureJoin _departures;
+    // Per guest, when the first stream of an arrival under way started (see QueueSealAfterFailedArrival).
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<Guid, DateTimeOffset> _arrivalStreamsSince = new();
     private readonly TripRecorder _trips;
     private readonly HashSet<Guid> _sharedDisksTold = [];
     private readonly DomainXmlCache _domainXml = new();

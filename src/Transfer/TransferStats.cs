@@ -46,6 +46,12 @@ public sealed class TransferStats
     public string? DiskMap { get; set; }
     /// <summary>Kind nbd, receiver: why the retained map of the export was not used (null when it was, or there was none).</summary>
     public string? DiskMapRefused { get; set; }
+    /// <summary>Kind nbd: why no retained map was used (no map yet, in doubt, refused, differs), null when one was.</summary>
+    public string? DiskMapUnused { get; set; }
+    /// <summary>Kind nbd: blocks not elided because an interrupted trip left them in doubt (when a map was used).</summary>
+    public long DiskDoubtBlocks { get; set; }
+    /// <summary>Kind nbd, a trip that did not commit: what its journal leaves in doubt for the next one.</summary>
+    public string? DiskDoubtAfter { get; set; }
     public double Seconds { get; set; }
     public string? Error { get; set; }
 }

@@ -91,6 +91,45 @@ public class EndToEndTests
         return p.ExitCode == 0;
     }
 
+    /// <summary>
+    /// A migration cancelled in its RAM phase (QEMU closes the stream mid-way, as on `virsh
+    /// domjobabort`): both helpers fail with the reason (a StreamCutException, exit 4 with the
+    /// reason in the stats; before, both exited 0), yet both stores keep what was carried, in step,
+    /// so the retry elides it.
+    /// </summary>
+    [Fact]
+    public async Task A_stream_QEMU_cuts_in_its_RAM_phase_fails_both_helpers_and_keeps_the_stores_in_step()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var first = await Run(s, a.Path, b.Path, guest);
+        Assert.Null(first.SendError);
+        Assert.True(first.Send!.Committed);
+
+        var cut = await Run(s[..(s.Length / 2)], b.Path, a.Path, guest);
+        Assert.True(cut.SendError is StreamCutException, $"sender: {cut.SendError}; receiver: {cut.ReceiveError}");
+        Assert.True(cut.ReceiveError is StreamCutException, $"receiver: {cut.ReceiveError}");
+        Assert.Contains("before its device state", cut.SendError!.Message);
+        using (var sa = MemoryStore.Open(a.Path, guest))
+        using (var sb = MemoryStore.Open(b.Path, guest))
+        {
+            Assert.False(sa.Recovered);
+            Assert.Equal(2UL, sa.State.Generation);
+            Assert.Equal(sa.State.Generation, sb.State.Generation);
+            Assert.Equal(sa.State.Digest, sb.State.Digest);
+            Assert.False(sa.State.SnapshotComplete);
+        }
+
+        var retry = await Run(s, b.Path, a.Path, guest);
+        Assert.Null(retry.SendError);
+        Assert.Null(retry.ReceiveError);
+        Assert.Equal(s, retry.Delivered);
+        Assert.Equal("store-match", retry.Send!.Mode);
+        Assert.True(retry.Send.WireBytesOut * 4 < first.Send.WireBytesOut, $"{retry.Send.WireBytesOut} vs {first.Send.WireBytesOut}");
+    }
+
     [Fact]
     public async Task Two_trips_over_sockets_deliver_exact_bytes_and_the_second_is_small()
     {

@@ -134,8 +134,8 @@ internal static partial class DaemonLog
     [LoggerMessage(72, LogLevel.Information, "guest {Guest}: incoming migration announced by the hook")]
     public static partial void IncomingMigration(ILogger logger, string guest);
 
-    [LoggerMessage(63, LogLevel.Information, "guest {Guest} ({Uuid}): identity of the image behind disk map {Map} captured after the source QEMU stopped: {Result}")]
-    public static partial void DiskIdentityCaptured(ILogger logger, string guest, string uuid, string map, string result);
+    [LoggerMessage(63, LogLevel.Information, "guest {Guest} ({Uuid}): identity of the image behind disk map {Map} captured after {Moment}: {Result}")]
+    public static partial void DiskIdentityCaptured(ILogger logger, string guest, string uuid, string map, string moment, string result);
 
     [LoggerMessage(64, LogLevel.Warning, "guest {Guest} ({Uuid}) started here while recorded away: disk map {Map} invalidated, the next trip here sends the whole disk")]
     public static partial void DiskMapInvalidated(ILogger logger, string guest, string uuid, string map);

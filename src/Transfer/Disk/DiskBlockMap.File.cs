@@ -38,7 +38,6 @@ public sealed partial class DiskBlockMap
 
     private const int FixedHeaderLength = 124;
     private const int FingerprintOffset = 108;
-    private const string InFluxSuffix = ".influx";
 
     /// <summary>
     /// Saves crash-consistently: writes <c>path.tmp</c>, fsyncs it, renames it over
@@ -175,7 +174,9 @@ public sealed partial class DiskBlockMap
     {
         if (!File.Exists(path))
             return SealResult.NoMap;
-        if (IsInFlux(path))
+        // A journal that names the blocks a failed trip may have written leaves the rest of the
+        // map true: the image that trip's QEMU let go of is the one to name now.
+        if (DiskDoubtJournal.Read(path).Whole)
             return SealResult.InFlux;
         var map = Load(path);
         if (map.LastTripUnclean)
@@ -197,22 +198,16 @@ public sealed partial class DiskBlockMap
     }
 
     /// <summary>
-    /// Durably marks the map at <paramref name="path"/> as describing an image that is being
-    /// modified (an incoming mirror is about to write it). Call before the first write reaches
-    /// the image; after a crash the marker stays and <see cref="TryLoadValid"/> refuses the map.
+    /// Durably marks every block of the map at <paramref name="path"/> in doubt: its image was
+    /// written by something no journal follows (<see cref="DiskDoubtJournal.DoubtAll"/>).
     /// </summary>
-    public static void MarkInFlux(string path)
-    {
-        using var stream = new FileStream(path + InFluxSuffix, FileMode.Create, FileAccess.Write, FileShare.None);
-        stream.Write("in flux\n"u8);
-        stream.Flush(flushToDisk: true);
-    }
+    public static void MarkInFlux(string path) => DiskDoubtJournal.DoubtAll(path);
 
-    /// <summary>Removes the in-flux marker (after the new map was saved).</summary>
-    public static void ClearInFlux(string path) => File.Delete(path + InFluxSuffix);
+    /// <summary>Removes the in-flux journal (after the new map was saved).</summary>
+    public static void ClearInFlux(string path) => File.Delete(DiskDoubtJournal.PathOf(path));
 
-    /// <summary>True when the in-flux marker of <paramref name="path"/> exists.</summary>
-    public static bool IsInFlux(string path) => File.Exists(path + InFluxSuffix);
+    /// <summary>True when the map of <paramref name="path"/> has an in-flux journal (some block may be in doubt).</summary>
+    public static bool IsInFlux(string path) => DiskDoubtJournal.Exists(path);
 
     private byte[] EncodeHeader()
     {

@@ -12,9 +12,9 @@ public enum DiskChunk : byte
     Data = 1,
     /// <summary>This direction's NBD bytes ended.</summary>
     DataEof = 2,
-    /// <summary>S->R, before the option that names it is forwarded: <c>16 sender map digest, 32 block hash key (<see cref="BFMig.Transfer.Disk.DiskHashKey"/>; secret: the channel runs inside TLS or sealed frames), u8 len + export name</c>.</summary>
+    /// <summary>S->R, before the option that names it is forwarded: <c>16 digest of the sender's saved map, 32 block hash key (<see cref="BFMig.Transfer.Disk.DiskHashKey"/>; secret: the channel runs inside TLS or sealed frames), u8 len + export name, the sender's doubt (<see cref="DiskDoubt.Encode"/>)</c>.</summary>
     ExportHello = 3,
-    /// <summary>R->S, before anything the server says about that option: <c>u8 match (1: same map, elide) or 0, 16 receiver map digest</c>.</summary>
+    /// <summary>R->S, before anything the server says about that option: <c>u8 match (1: same saved map, elide outside both doubts) or 0, 16 digest of the map in use (the saved map minus both doubts), the receiver's doubt</c>.</summary>
     ExportReply = 4,
     /// <summary>S->R after both NBD directions ended: <c>u8 clean, 16 digest of the map the sender recorded</c>.</summary>
     End = 5,
@@ -155,10 +155,14 @@ public sealed class DiskChannel
         var type = (DiskChunk)_header[0];
         int length = BinaryPrimitives.ReadInt32BigEndian(_header.AsSpan(1));
         if (type is < DiskChunk.Data or > DiskChunk.EndAck) throw Bad($"unknown chunk type {_header[0]} at tunnel byte {at}");
-        if (length < 0 || length > MaxPayload || (type != DiskChunk.Data && length > 1024))
+        if (length < 0 || length > MaxPayload || (type != DiskChunk.Data && length > MaxControlLength(type)))
             throw Bad($"{type} chunk of {length} bytes at tunnel byte {at}");
         return (type, length);
     }
+
+    // The hello and its reply carry a doubt of up to DiskDoubt.MaxRanges ranges.
+    private static int MaxControlLength(DiskChunk type) =>
+        type is DiskChunk.ExportHello or DiskChunk.ExportReply ? 1024 + 5 + 16 * DiskDoubt.MaxRanges : 1024;
 
     private async ValueTask ReadExactAsync(Memory<byte> buffer, CancellationToken ct)
     {
@@ -174,24 +178,40 @@ public sealed class DiskChannel
     private static PeerProtocolException Bad(string what) => new($"disk channel: {what}");
 
     /// <summary>Encodes an <see cref="DiskChunk.ExportHello"/> payload.</summary>
-    public static byte[] EncodeExportHello(UInt128 digest, DiskHashKey key, string exportName)
+    public static byte[] EncodeExportHello(UInt128 digest, DiskHashKey key, string exportName, DiskDoubt doubt)
     {
         var name = Encoding.UTF8.GetBytes(exportName);
         if (name.Length > 255) name = name[..255];
-        var b = new byte[16 + DiskHashKey.Length + 1 + name.Length];
+        var tail = doubt.Encode();
+        var b = new byte[16 + DiskHashKey.Length + 1 + name.Length + tail.Length];
         BinaryPrimitives.WriteUInt128BigEndian(b, digest);
         key.CopyTo(b.AsSpan(16));
         b[16 + DiskHashKey.Length] = (byte)name.Length;
         name.CopyTo(b.AsSpan(17 + DiskHashKey.Length));
+        tail.CopyTo(b.AsSpan(17 + DiskHashKey.Length + name.Length));
         return b;
     }
 
     /// <summary>Decodes an <see cref="DiskChunk.ExportHello"/> payload.</summary>
-    public static (UInt128 Digest, DiskHashKey Key, string ExportName) DecodeExportHello(ReadOnlySpan<byte> p)
+    public static (UInt128 Digest, DiskHashKey Key, string ExportName, DiskDoubt Doubt) DecodeExportHello(ReadOnlySpan<byte> p)
     {
         const int fixedLength = 16 + DiskHashKey.Length + 1;
-        if (p.Length < fixedLength || p.Length != fixedLength + p[fixedLength - 1]) throw Bad($"export hello of {p.Length} bytes is malformed");
-        return (BinaryPrimitives.ReadUInt128BigEndian(p), new DiskHashKey(p.Slice(16, DiskHashKey.Length)), Encoding.UTF8.GetString(p.Slice(fixedLength, p[fixedLength - 1])));
+        if (p.Length < fixedLength || p.Length < fixedLength + p[fixedLength - 1]) throw Bad($"export hello of {p.Length} bytes is malformed");
+        int nameLength = p[fixedLength - 1];
+        var doubt = DiskDoubt.Decode(p[(fixedLength + nameLength)..]) ?? throw Bad($"export hello of {p.Length} bytes has a malformed doubt");
+        return (BinaryPrimitives.ReadUInt128BigEndian(p), new DiskHashKey(p.Slice(16, DiskHashKey.Length)), Encoding.UTF8.GetString(p.Slice(fixedLength, nameLength)), doubt);
+    }
+
+    /// <summary>Encodes an <see cref="DiskChunk.ExportReply"/> payload.</summary>
+    public static byte[] EncodeExportReply(bool match, UInt128 digest, DiskDoubt doubt) => [.. EncodeFlagDigest(match, digest), .. doubt.Encode()];
+
+    /// <summary>Decodes an <see cref="DiskChunk.ExportReply"/> payload.</summary>
+    public static (bool Match, UInt128 Digest, DiskDoubt Doubt) DecodeExportReply(ReadOnlySpan<byte> p)
+    {
+        if (p.Length < 17) throw Bad($"export reply of {p.Length} bytes is malformed");
+        var (match, digest) = DecodeFlagDigest(p[..17], "export reply");
+        var doubt = DiskDoubt.Decode(p[17..]) ?? throw Bad($"export reply of {p.Length} bytes has a malformed doubt");
+        return (match, digest, doubt);
     }
 
     /// <summary>Encodes a flag + digest payload (<see cref="DiskChunk.ExportReply"/>, <see cref="DiskChunk.End"/>, <see cref="DiskChunk.EndAck"/>).</summary>

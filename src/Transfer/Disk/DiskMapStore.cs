@@ -35,25 +35,43 @@ public static class DiskMapStore
     }
 
     /// <summary>
-    /// The map at <paramref name="path"/> if it may be trusted: present, readable, not in flux,
-    /// its last trip clean, of the current format (an older one, hashed with a guest-derivable
-    /// seed, is refused by <see cref="DiskBlockMap.Load"/>), made with this helper's block size and
-    /// a real key. Null otherwise (the trip then sends everything).
+    /// The map saved at <paramref name="path"/> and what its journal puts in doubt, if the map may
+    /// be trusted outside that doubt: present, readable, its last trip clean, of the current
+    /// format (an older one, hashed with a guest-derivable seed, is refused by
+    /// <see cref="DiskBlockMap.Load"/>), made with this helper's block size and a real key, and
+    /// not wholly in doubt. Otherwise the map is null and <c>Why</c> says why (the trip then sends
+    /// everything).
     /// </summary>
-    public static DiskBlockMap? LoadTrusted(string path)
+    public static (DiskBlockMap? Saved, DiskDoubt Doubt, string? Why) LoadRetained(string path)
     {
-        if (!File.Exists(path) || DiskBlockMap.IsInFlux(path)) return null;
+        if (!File.Exists(path)) return (null, DiskDoubt.All, "no map of this export yet");
         DiskBlockMap map;
+        DiskDoubt doubt;
         try
         {
+            doubt = DiskDoubtJournal.Read(path);
+            if (doubt.Whole)
+                return (null, doubt, "every block of the map is in doubt (its image was written outside a journaled trip, or the journal is unreadable)");
             map = DiskBlockMap.Load(path);
         }
         catch (Exception e) when (e is DiskMapException or IOException or UnauthorizedAccessException)
         {
-            TransferLog.Note($"bfmig-transfer: ignoring disk map {path}: {e.Message}");
-            return null;
+            return (null, DiskDoubt.All, $"map unreadable: {e.Message}");
         }
-        return map.LastTripUnclean || map.BlockSize != BlockSize || map.HashKey.Equals(DiskHashKey.Unkeyed) ? null : map;
+        if (map.LastTripUnclean) return (null, DiskDoubt.All, "the map's last trip ended unclean");
+        if (map.BlockSize != BlockSize) return (null, DiskDoubt.All, $"the map has {map.BlockSize}-byte blocks, this helper {BlockSize}");
+        if (map.HashKey.Equals(DiskHashKey.Unkeyed)) return (null, DiskDoubt.All, "the map has no hash key");
+        return (map, doubt, null);
+    }
+
+    /// <summary>
+    /// The map at <paramref name="path"/> with every block in doubt unknown, if it may be trusted
+    /// (<see cref="LoadRetained"/>); null otherwise.
+    /// </summary>
+    public static DiskBlockMap? LoadTrusted(string path)
+    {
+        var (saved, doubt, _) = LoadRetained(path);
+        return saved is null ? null : doubt.Apply(saved);
     }
 
     /// <summary>
@@ -102,12 +120,6 @@ public static class DiskMapStore
         }
     }
 
-    /// <summary>Marks <paramref name="path"/> in flux durably, creating its directory if needed.</summary>
-    public static void MarkInFlux(string path)
-    {
-        Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        DiskBlockMap.MarkInFlux(path);
-    }
 }
 
 /// <summary>

@@ -11,8 +11,10 @@ namespace BFMig.Transfer.Disk;
 /// When the client names its export, the sender announces the digest of its map of that export
 /// (its view of what the receiver holds); elision is on only if the receiver's own map has the
 /// same digest. At the end both compare the digests of the maps they recorded; each host saves
-/// its map only if the trip ended clean and the digests agree, otherwise the map stays in flux
-/// and the next trip sends everything.
+/// its map only if the trip ended clean and the digests agree. Otherwise each keeps its saved map
+/// and a journal of the blocks the trip may have written (<see cref="DiskDoubtJournal"/>); the
+/// next trip's hello exchanges both journals, and both hosts use the saved map minus what either
+/// doubts, if that proves equal (digest).
 /// </summary>
 public static class DiskPath
 {
@@ -23,13 +25,16 @@ public static class DiskPath
     {
         var channel = new DiskChannel(new PeerByteTunnel(reader, writer));
         var view = new AgreedDiskView();
+        DiskDoubtJournal? journal = null;
         var filter = new NbdSenderFilter(new NbdSenderFilterOptions
         {
             SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize() : null,
+            Touching = (offset, length) => journal?.Touching(offset, length),
         });
         var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize);
         string? mapPath = null;
-        DiskBlockMap? peerView = null;
+        DiskBlockMap? saved = null;
+        var savedDoubt = DiskDoubt.All;
         stats.Mode = "store-full";
 
         async ValueTask AnnounceAsync(string name, CancellationToken t)
@@ -37,67 +42,101 @@ public static class DiskPath
             view.Use(null);
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
-            peerView = DiskMapStore.LoadTrusted(mapPath);
+            string? why;
+            (saved, savedDoubt, why) = DiskMapStore.LoadRetained(mapPath);
             try
             {
-                // The receiver's image is about to change: until this trip is confirmed our view of it is void.
-                DiskMapStore.MarkInFlux(mapPath);
+                // The receiver's image is about to change: from now on our view of it holds only outside the journal.
+                journal?.Dispose();
+                journal = DiskDoubtJournal.Begin(mapPath, DiskMapStore.BlockSize, saved is null ? DiskDoubt.All : savedDoubt);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                // Without the marker this host could not keep a map safely: send everything, keep nothing.
-                TransferLog.Note($"bfmig-transfer: disk map {mapPath}: {e.Message}; sending everything");
+                // Without the journal this host could not keep a map safely: send everything, keep nothing.
+                why = $"cannot journal {mapPath}: {e.Message}";
                 mapPath = null;
-                peerView = null;
+                saved = null;
+                journal = null;
             }
+            if (why is not null)
+                MapUnused(stats, name, why);
             // The map's key continues; without a map this trip starts a new one (both hosts record under it).
-            var key = peerView?.HashKey ?? DiskHashKey.NewRandom();
+            var key = saved?.HashKey ?? DiskHashKey.NewRandom();
             view.UseKey(key);
-            await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(peerView?.ComputeDigest() ?? UInt128.Zero, key, name), t);
+            await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(saved?.ComputeDigest() ?? UInt128.Zero, key, name, saved is null ? DiskDoubt.All : savedDoubt), t);
         }
 
         ValueTask OnControlAsync(DiskChunk type, byte[] payload, CancellationToken t)
         {
             if (type != DiskChunk.ExportReply) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the receiver");
-            var (match, receiverDigest) = DiskChannel.DecodeFlagDigest(payload, "export reply");
-            bool agreed = match && peerView is not null && receiverDigest == peerView.ComputeDigest();
-            view.Use(agreed ? peerView : null);
-            stats.Mode = agreed ? "store-match" : "store-full";
+            var (match, receiverDigest, receiverDoubt) = DiskChannel.DecodeExportReply(payload);
+            // Both hosts drop what either may have written since the saved map: the rest is proven equal by the digest.
+            var agreed = match && saved is not null ? savedDoubt.Union(receiverDoubt).Apply(saved) : null;
+            bool usable = agreed is not null && receiverDigest == agreed.ComputeDigest();
+            view.Use(usable ? agreed : null);
+            stats.Mode = usable ? "store-match" : "store-full";
+            if (usable)
+                stats.DiskDoubtBlocks = savedDoubt.Union(receiverDoubt).BlockCount;
+            else if (saved is not null)
+                MapUnused(stats, filter.ExportName ?? "", !match ? "the receiver's map differs from this host's view of it (or the receiver has none it trusts)"
+                    : agreed is null ? "every block is in doubt after the hosts' interrupted trips"
+                    : "the receiver's map minus both hosts' doubt differs from this host's");
             return ValueTask.CompletedTask;
         }
 
         var upstream = new SenderUpstream(channel, () => filter.ExportName, AnnounceAsync, OnControlAsync);
-        var result = await filter.RunAsync(qemu.Stream, upstream, view, recorded, ct);
-        await channel.WriteDataEofAsync(ct);
-        stats.StreamBytes = channel.DataBytesWritten;
-        stats.ReverseBytes = channel.DataBytesRead;
-
-        bool clean = result.CleanDisconnect && !result.Opaque && !recorded.LastTripUnclean && mapPath is not null;
-        var digest = recorded.ComputeDigest();
-        await channel.WriteChunkAsync(DiskChunk.End, DiskChannel.EncodeFlagDigest(clean, digest), ct);
-        bool committed;
-        UInt128 receiverDigest;
-        using (var end = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        bool settled = false;
+        try
         {
-            end.CancelAfter(o.EndTimeout);
-            (committed, receiverDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.EndAck, end.Token), "end ack");
-            if (clean && committed && receiverDigest == digest)
+            var result = await filter.RunAsync(qemu.Stream, upstream, view, recorded, ct);
+            await channel.WriteDataEofAsync(ct);
+            stats.StreamBytes = channel.DataBytesWritten;
+            stats.ReverseBytes = channel.DataBytesRead;
+
+            bool clean = result.CleanDisconnect && !result.Opaque && !recorded.LastTripUnclean && mapPath is not null;
+            var digest = recorded.ComputeDigest();
+            await channel.WriteChunkAsync(DiskChunk.End, DiskChannel.EncodeFlagDigest(clean, digest), ct);
+            bool committed;
+            UInt128 receiverDigest;
+            using (var end = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
-                // This host's image is the departure snapshot now, but its QEMU still holds it and
-                // rewrites its header on the way out: name it here, capture it once QEMU let go.
-                recorded.Identity = o.DiskImages.TryGetValue(filter.ExportName ?? "", out var image)
-                    ? DiskImageIdentity.PendingCapture(image.Path, image.Format)
-                    : null;
-                stats.Committed = TrySave(recorded, mapPath!);
-                if (stats.Committed)
-                    stats.DiskMap = mapPath;
+                end.CancelAfter(o.EndTimeout);
+                (committed, receiverDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.EndAck, end.Token), "end ack");
+                if (clean && committed && receiverDigest == digest)
+                {
+                    // This host's image is the departure snapshot now, but its QEMU still holds it and
+                    // rewrites its header on the way out: name it here, capture it once QEMU let go.
+                    recorded.Identity = o.DiskImages.TryGetValue(filter.ExportName ?? "", out var image)
+                        ? DiskImageIdentity.PendingCapture(image.Path, image.Format)
+                        : null;
+                    stats.Committed = TrySave(recorded, mapPath!, journal!);
+                    settled = stats.Committed;
+                    if (stats.Committed)
+                        stats.DiskMap = mapPath;
+                }
+                else
+                {
+                    TransferLog.Note($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
+                    if (clean && committed)
+                    {
+                        // Both sides think the trip went well but disagree on what it left: trust nothing of it.
+                        TryDoubtEverything(journal);
+                        settled = true;
+                    }
+                }
+                await channel.Tunnel.ShutdownWriteAsync(end.Token);
+                await DrainAsync(channel.Tunnel, end.Token);
             }
-            else
-                TransferLog.Note($"bfmig-transfer: disk map of export '{filter.ExportName}' not confirmed (clean {clean}, receiver committed {committed}); the next trip sends everything");
-            await channel.Tunnel.ShutdownWriteAsync(end.Token);
-            await DrainAsync(channel.Tunnel, end.Token);
+            stats.SnapshotComplete = stats.Committed;
+            if (filter.ExportName is not null && !result.CleanDisconnect && !result.Opaque)
+                throw new StreamCutException("the source QEMU's mirror left the NBD connection without NBD_CMD_DISC: the migration was cancelled or failed");
         }
-        stats.SnapshotComplete = stats.Committed;
+        finally
+        {
+            if (!settled)
+                stats.DiskDoubtAfter = Settle(journal);
+            journal?.Dispose();
+        }
     }
 
     /// <summary>Receiver side: forwards to the local NBD server, observes, and confirms the maps at the end.</summary>
@@ -105,7 +144,8 @@ public static class DiskPath
     {
         var channel = new DiskChannel(new PeerByteTunnel(reader, writer));
         var view = new AgreedDiskView();
-        var observer = new NbdStreamObserver(view);
+        DiskDoubtJournal? journal = null;
+        var observer = new NbdStreamObserver(view) { Touching = (offset, length) => journal?.Touching(offset, length) };
         string? mapPath = null;
         string? exportName = null;
         stats.Mode = "store-full";
@@ -113,7 +153,7 @@ public static class DiskPath
         async ValueTask OnControlAsync(DiskChunk type, byte[] payload, CancellationToken t)
         {
             if (type != DiskChunk.ExportHello) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the sender");
-            var (senderDigest, senderKey, name) = DiskChannel.DecodeExportHello(payload);
+            var (senderDigest, senderKey, name, senderDoubt) = DiskChannel.DecodeExportHello(payload);
             view.Use(null);
             // What arrives is hashed under the sender's key whatever the match, so that the maps
             // both hosts record of this trip agree.
@@ -121,93 +161,169 @@ public static class DiskPath
             exportName = name;
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
-            var map = DiskMapStore.LoadTrusted(mapPath);
-            if (map is not null && !map.HashKey.Equals(senderKey))
-                map = null;
-            if (map is not null && DiskMapStore.IdentityMismatch(map, name, o.DiskImages) is { } refused)
+            var (saved, doubt, why) = DiskMapStore.LoadRetained(mapPath);
+            if (saved is not null && !saved.HashKey.Equals(senderKey))
+                (saved, why) = (null, "the sender hashes under another key (its map is not this one's peer)");
+            if (saved is not null && DiskMapStore.IdentityMismatch(saved, name, o.DiskImages) is { } refused)
             {
                 // Only the image itself can say it still holds what the map describes.
-                TransferLog.Note($"bfmig-transfer: not using disk map {mapPath}: {refused}; receiving everything");
                 stats.DiskMapRefused = refused;
-                map = null;
+                (saved, why) = (null, refused);
             }
-            var mine = map?.ComputeDigest() ?? UInt128.Zero;
-            bool match = map is not null && mine == senderDigest;
+            if (saved?.Identity is { IsPending: false } verified && o.DiskImages.TryGetValue(name, out var image))
+            {
+                // The image was just proven to be the one the map describes, and this trip writes it:
+                // should the trip not commit, bfmigd names it again once its QEMU let go (SealIdentity).
+                saved.Identity = DiskImageIdentity.PendingCapture(image.Path, image.Format);
+                saved.Save(mapPath);
+                saved.Identity = verified;
+            }
             // Durable before the option that opens the export (and so any write) reaches the server.
-            DiskMapStore.MarkInFlux(mapPath);
-            view.Use(match ? map : null);
-            stats.Mode = match ? "store-match" : "store-full";
-            await channel.WriteChunkAsync(DiskChunk.ExportReply, DiskChannel.EncodeFlagDigest(match, mine), t);
+            journal?.Dispose();
+            journal = DiskDoubtJournal.Begin(mapPath, DiskMapStore.BlockSize, saved is null ? DiskDoubt.All : doubt);
+            bool match = saved is not null && saved.ComputeDigest() == senderDigest;
+            var agreed = match ? senderDoubt.Union(doubt).Apply(saved!) : null;
+            if (saved is not null && agreed is null)
+                why = match ? "every block is in doubt after the hosts' interrupted trips" : "the sender's view of this host's map differs from it";
+            if (why is not null)
+                MapUnused(stats, name, why);
+            else
+                stats.DiskDoubtBlocks = senderDoubt.Union(doubt).BlockCount;
+            view.Use(agreed);
+            stats.Mode = agreed is not null ? "store-match" : "store-full";
+            await channel.WriteChunkAsync(DiskChunk.ExportReply, DiskChannel.EncodeExportReply(match, agreed?.ComputeDigest() ?? UInt128.Zero, saved is null ? DiskDoubt.All : doubt), t);
         }
 
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        var fromServer = Task.Run(() => ServerToPeerAsync(local.Stream, channel, observer, cts.Token), CancellationToken.None);
+        bool settled = false;
         try
         {
-            var buffer = ArrayPool<byte>.Shared.Rent(BufferSize);
+            using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            var fromServer = Task.Run(() => ServerToPeerAsync(local.Stream, channel, observer, cts.Token), CancellationToken.None);
             try
             {
-                while (true)
+                var buffer = ArrayPool<byte>.Shared.Rent(BufferSize);
+                try
                 {
-                    int n = await channel.ReadDataAsync(buffer.AsMemory(0, BufferSize), OnControlAsync, cts.Token);
-                    if (n == 0) break;
-                    Observe(observer.OnClientBytes, buffer.AsSpan(0, n));
-                    await local.Stream.WriteAsync(buffer.AsMemory(0, n), cts.Token);
+                    while (true)
+                    {
+                        int n = await channel.ReadDataAsync(buffer.AsMemory(0, BufferSize), OnControlAsync, cts.Token);
+                        if (n == 0) break;
+                        if (!Observe(observer.OnClientBytes, buffer.AsSpan(0, n)) && journal is not null)
+                        {
+                            // The journal follows writes through the observer: once it is lost, so is every block.
+                            journal.DoubtEverything();
+                        }
+                        await local.Stream.WriteAsync(buffer.AsMemory(0, n), cts.Token);
+                    }
+                }
+                finally
+                {
+                    ArrayPool<byte>.Shared.Return(buffer);
+                }
+                await local.Stream.FlushAsync(cts.Token);
+                local.HalfClose();
+                await fromServer.WaitAsync(o.EndTimeout, cts.Token);
+            }
+            catch
+            {
+                await cts.CancelAsync();
+                try
+                {
+                    await fromServer;
+                }
+                catch (Exception)
+                {
+                    // The first failure is the one reported.
+                }
+                throw;
+            }
+            stats.StreamBytes = channel.DataBytesRead;
+            stats.ReverseBytes = channel.DataBytesWritten;
+
+            using var end = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            end.CancelAfter(o.EndTimeout);
+            var (senderClean, senderDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.End, end.Token), "end");
+            var observed = new DiskBlockMap(0, DiskMapStore.BlockSize);
+            observer.Report(observed);
+            var digest = observed.ComputeDigest();
+            // The image is named but its identity not captured: should the guest run here, its QEMU
+            // writes the image and the map is only the peer view (what the sender holds) until this
+            // host sends it back; should the migration fail after all (an abort after the mirror's
+            // clean end), bfmigd captures the identity once the incoming QEMU stopped, and the retry
+            // uses the map.
+            observed.Identity = o.DiskImages.TryGetValue(exportName ?? "", out var image) ? DiskImageIdentity.PendingCapture(image.Path, image.Format) : null;
+            bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && journal is not null && digest == senderDigest && TrySave(observed, mapPath, journal);
+            settled = committed;
+            if (committed)
+                stats.DiskMap = mapPath;
+            if (!committed)
+            {
+                TransferLog.Note($"bfmig-transfer: disk map of export '{exportName}' not committed (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");
+                if (senderClean && !observed.LastTripUnclean && digest != senderDigest)
+                {
+                    TryDoubtEverything(journal);
+                    settled = true;
                 }
             }
-            finally
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-            }
-            await local.Stream.FlushAsync(cts.Token);
-            local.HalfClose();
-            await fromServer.WaitAsync(o.EndTimeout, cts.Token);
+            stats.Committed = committed;
+            stats.SnapshotComplete = committed;
+            await channel.WriteChunkAsync(DiskChunk.EndAck, DiskChannel.EncodeFlagDigest(committed, digest), end.Token);
+            await channel.Tunnel.ShutdownWriteAsync(end.Token);
+            await DrainAsync(channel.Tunnel, end.Token);
+            if (exportName is not null && !observer.SawDisconnect && !observer.Opaque && !observer.Failed)
+                throw new StreamCutException("the source QEMU's mirror left the NBD connection without NBD_CMD_DISC: the migration was cancelled or failed");
         }
-        catch
+        finally
         {
-            await cts.CancelAsync();
-            try
-            {
-                await fromServer;
-            }
-            catch (Exception)
-            {
-                // The first failure is the one reported.
-            }
-            throw;
+            if (!settled)
+                stats.DiskDoubtAfter = Settle(journal);
+            journal?.Dispose();
         }
-        stats.StreamBytes = channel.DataBytesRead;
-        stats.ReverseBytes = channel.DataBytesWritten;
-
-        using var end = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        end.CancelAfter(o.EndTimeout);
-        var (senderClean, senderDigest) = DiskChannel.DecodeFlagDigest(await channel.ReadControlAsync(DiskChunk.End, end.Token), "end");
-        var observed = new DiskBlockMap(0, DiskMapStore.BlockSize);
-        observer.Report(observed);
-        var digest = observed.ComputeDigest();
-        // Saved without an identity: the local QEMU keeps writing this image as the guest runs, so
-        // the map is only the peer view (what the sender holds) until this host sends it back.
-        bool committed = senderClean && !observed.LastTripUnclean && mapPath is not null && digest == senderDigest && TrySave(observed, mapPath);
-        if (committed)
-            stats.DiskMap = mapPath;
-        if (!committed)
-        {
-            TransferLog.Note($"bfmig-transfer: disk map of export '{exportName}' left in flux (sender clean {senderClean}, observed clean {!observed.LastTripUnclean}, digests {(digest == senderDigest ? "equal" : "differ")})");
-        }
-        stats.Committed = committed;
-        stats.SnapshotComplete = committed;
-        await channel.WriteChunkAsync(DiskChunk.EndAck, DiskChannel.EncodeFlagDigest(committed, digest), end.Token);
-        await channel.Tunnel.ShutdownWriteAsync(end.Token);
-        await DrainAsync(channel.Tunnel, end.Token);
     }
 
-    // The map becomes trusted only once it is on disk and the marker is gone; a failure leaves it in flux.
-    private static bool TrySave(DiskBlockMap map, string path)
+    // One line and the stats say why a map is not used.
+    private static void MapUnused(TransferStats stats, string export, string why)
+    {
+        stats.DiskMapUnused = why;
+        TransferLog.Note($"bfmig-transfer: not using the disk map of export '{export}': {why}; the disk is sent whole");
+    }
+
+    // A trip that did not commit keeps the saved map, minus exactly what it may have written.
+    private static string? Settle(DiskDoubtJournal? journal)
+    {
+        if (journal is null) return null;
+        try
+        {
+            journal.Settle();
+            return journal.Doubt.Describe();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // The coarse journal stays: a superset of the exact one.
+            TransferLog.Note($"bfmig-transfer: cannot settle the disk map's journal: {e.Message}; its coarse form stays");
+            return "coarse journal (settle failed)";
+        }
+    }
+
+    private static void TryDoubtEverything(DiskDoubtJournal? journal)
+    {
+        try
+        {
+            journal?.DoubtEverything();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            TransferLog.Note($"bfmig-transfer: cannot mark the disk map in doubt: {e.Message}; its journal stays");
+        }
+    }
+
+    // The map becomes trusted only once it is on disk and the journal is gone; a failure leaves the journal.
+    private static bool TrySave(DiskBlockMap map, string path, DiskDoubtJournal journal)
     {
         try
         {
             map.Save(path);
-            DiskBlockMap.ClearInFlux(path);
+            journal.Clear();
             return true;
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -243,14 +359,16 @@ public static class DiskPath
     // The observer only decides whether the map can be kept; bytes it cannot follow still reach
     // the server (the sender's filter is the one that refuses a confusing stream). A failed
     // observer stays failed and reports the trip unclean.
-    private static void Observe(Tap tap, ReadOnlySpan<byte> data)
+    private static bool Observe(Tap tap, ReadOnlySpan<byte> data)
     {
         try
         {
             tap(data);
+            return true;
         }
         catch (NbdProtocolException)
         {
+            return false;
         }
     }
 

@@ -22,6 +22,8 @@ public sealed class MigReceiver
     private readonly TransferStats _stats;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
+    // The sender's QEMU cut the stream (MigSender.CutMark on its TunnelEof).
+    private bool _cut;
     private readonly byte[] _one = new byte[1];
     private readonly bool _paced;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
@@ -52,6 +54,8 @@ public sealed class MigReceiver
         {
             await ForwardAsync(qemu, reverse, cts.Token);
             await _commit!;
+            if (_cut)
+                throw new StreamCutException($"the source QEMU ended the migration stream before its device state (at byte {_stats.StreamBytes} here): the migration was cancelled or failed");
             var done = await Task.WhenAny(reverse, Task.Delay(_endTimeout, ct));
             if (done == reverse) await reverse;
         }
@@ -145,6 +149,7 @@ public sealed class MigReceiver
                 {
                     // The sender's QEMU closed: the stream is complete (End comes first, checked).
                     if (!_endChecked) throw new PeerProtocolException($"stream ended without an end frame at byte {_reader.BytesRead}");
+                    _cut = frame.Payload.Span.SequenceEqual(MigSender.CutMark.Span);
                     await qemu.Stream.FlushAsync(ct);
                     qemu.HalfClose();
                     return;

@@ -24,6 +24,8 @@ public sealed class MigSender
     private readonly ulong _newGeneration;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
+    // Stream bytes at which QEMU cut the stream (EOF before its device state); -1 while it has not.
+    private long _cutAt = -1;
     private FramePipeline? _frames;
     private FramePipeline.Slot? _current;
     private readonly StreamPacer? _pacer;
@@ -71,6 +73,10 @@ public sealed class MigSender
                     throw new PeerProtocolException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
                 }
             }
+            // Kept (both stores agreed on what was carried), but the migration itself failed; its
+            // QEMU is gone, so there is no return path to wait for.
+            if (_cutAt >= 0)
+                throw new StreamCutException($"the local QEMU ended the migration stream at byte {_cutAt}, before its device state: the migration was cancelled or failed");
             await WaitForInboxAsync(inbox, ct);
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested && inbox.IsFaulted)
@@ -108,6 +114,8 @@ public sealed class MigSender
         if (done == task) return await task;
         if (done == inbox)
         {
+            // An answer that came before the peer's abort (or close) still counts.
+            if (task.IsCompleted) return await task;
             await inbox; // throws the inbox's failure
             if (task.IsCompleted) return await task;
             throw new PeerProtocolException($"peer closed the connection before {what}");
@@ -161,8 +169,22 @@ public sealed class MigSender
                 _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
                 _wireAtLastWait = _writer.BytesWritten;
             }
-            int n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
-            if (n == 0) eof = true;
+            int n;
+            try
+            {
+                n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
+            }
+            catch (IOException) when (!_encoder.Parser.IsOpaque)
+            {
+                // A cancelled migration may reset the socket: what came before it is whole.
+                n = 0;
+            }
+            if (n == 0)
+            {
+                eof = true;
+                // Every complete stream reaches its device state, where parsing stops.
+                if (!_encoder.Parser.IsOpaque) _cutAt = _stats.StreamBytes;
+            }
             end += n;
             _stats.StreamBytes += n;
         }
@@ -170,9 +192,12 @@ public sealed class MigSender
             await SendEndAsync(ct);
         await FlushAsync(ct);
         await frames.FlushAsync(ct);
-        await _writer.WriteAsync(FrameType.TunnelEof, ReadOnlyMemory<byte>.Empty, compress: false, ct);
+        await _writer.WriteAsync(FrameType.TunnelEof, _cutAt >= 0 ? CutMark : ReadOnlyMemory<byte>.Empty, compress: false, ct);
         await _writer.FlushAsync(ct);
     }
+
+    /// <summary>Payload of the forward TunnelEof when QEMU cut the stream (empty when it ended it).</summary>
+    internal static readonly ReadOnlyMemory<byte> CutMark = new byte[] { 1 };
 
     /// <summary>Sends every op so far, then End with the store's digest (the receiver checks it before the rest flows).</summary>
     private async Task SendEndAsync(CancellationToken ct)

@@ -317,8 +317,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         var sealedIdentity = DiskBlockMap.Load(MapOf(a)).Identity!;
         Assert.False(sealedIdentity.IsPending);
         Assert.Equal(DiskImageIdentity.Capture(a.Image, "qcow2"), sealedIdentity);
-        // The receiver's map is only the peer view while its QEMU runs the guest: it names no image.
-        Assert.Null(DiskBlockMap.Load(MapOf(b)).Identity);
+        // The receiver's map is only the peer view while its QEMU runs the guest: it names its image, uncaptured.
+        Assert.True(DiskBlockMap.Load(MapOf(b)).Identity!.IsPending);
 
         await Images.IoAsync(b.Image, Changes(4, 8));
         var back = await RunTripAsync(dir, b, a);
@@ -378,7 +378,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task KilledReceiverLeavesItsMapInFluxAndTheNextTripSendsEverything()
+    public async Task KilledReceiverKeepsWhatItDidNotTouchAndTheRetrySendsOnlyTheRest()
     {
         if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
             return;
@@ -392,14 +392,89 @@ public sealed class DiskPathTests(ITestOutputHelper output)
 
         await Images.IoAsync(b.Image, Changes(8, 17));
         await RunTripAsync(dir, b, a, killReceiver: true);
-        Assert.True(DiskBlockMap.IsInFlux(MapOf(a)), "receiver's map not in flux after it was killed");
-        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "sender's map not in flux after the trip failed");
-        Assert.Null(DiskMapStore.LoadTrusted(MapOf(a)));
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(a)), "receiver's map has no journal after it was killed");
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "sender's map has no journal after the trip failed");
+        Assert.False(DiskDoubtJournal.Read(MapOf(a)).Whole);
+        Assert.False(DiskDoubtJournal.Read(MapOf(b)).Whole);
+        // The trip wrote A's image: its identity waits for bfmigd, once the trip's NBD server let go.
+        Assert.True(DiskBlockMap.Load(MapOf(a)).Identity!.IsPending);
+        Seal(a);
 
         var retry = await RunTripAsync(dir, b, a);
         Assert.True(retry.Identical, retry.CompareOutput);
-        Assert.Equal("store-full", retry.Sender.Mode);
-        Assert.True(retry.Sender.StreamBytes >= (long)Size, $"retry after the kill carried only {retry.Sender.StreamBytes}");
+        Assert.Equal("store-match", retry.Sender.Mode);
+        Assert.Equal("store-match", retry.Receiver.Mode);
+        Assert.True(retry.Sender.StreamBytes < first.Sender.StreamBytes / 4, $"retry after the kill carried {retry.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+        Assert.False(DiskBlockMap.IsInFlux(MapOf(a)));
+    }
+
+    /// <summary>
+    /// A failed trip wrote a block into the receiver's image, and the guest then put that block
+    /// back to what both saved maps say: without the journal the retry would elide it and leave
+    /// the failed trip's content there. Whichever host's journal holds the block (the receiver's,
+    /// or only the sender's, as after a receiver whose last writes were never journaled on its
+    /// side), the retry sends it.
+    /// </summary>
+    [Theory]
+    [InlineData("receiver")]
+    [InlineData("sender")]
+    [InlineData("both")]
+    public async Task ABlockAFailedTripLeftInDoubtIsSentEvenWhenTheMapsSayItMatches(string journaledBy)
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 19);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+
+        // The failed trip B -> A: block 40 (and its neighbour) reached A's image, then the trip broke.
+        const ulong at = 40UL * 65536;
+        await Images.IoAsync(a.Image, [$"write -P 0x6b {at} 128k"]);
+        foreach (var (host, journals) in new[] { (a, journaledBy is "receiver" or "both"), (b, journaledBy is "sender" or "both") })
+        {
+            using var journal = DiskDoubtJournal.Begin(MapOf(host), DiskMapStore.BlockSize, DiskDoubt.None);
+            if (journals)
+                journal.Touching(at, 128 << 10);
+            journal.Settle();
+        }
+        // What the receiver does at the hello and bfmigd once the trip's QEMU let go.
+        var mapA = DiskBlockMap.Load(MapOf(a));
+        mapA.Identity = DiskImageIdentity.PendingCapture(a.Image, "qcow2");
+        mapA.Save(MapOf(a));
+        Seal(a);
+
+        await Images.IoAsync(b.Image, Changes(3, 23));
+        var retry = await RunTripAsync(dir, b, a);
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-match", retry.Sender.Mode);
+        Assert.Equal(2, retry.Sender.DiskDoubtBlocks);
+        Assert.True(retry.Sender.StreamBytes < first.Sender.StreamBytes / 4, $"retry carried {retry.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    [Fact]
+    public async Task AMapWhollyInDoubtIsNotUsedAndTheStatsSayWhy()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 18);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.Equal("no map of this export yet", first.Sender.DiskMapUnused);
+        // bfmigd's invalidation (the guest was started on A while away): every block of A's map in doubt.
+        DiskBlockMap.MarkInFlux(MapOf(a));
+        await Images.IoAsync(b.Image, Changes(2, 4));
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-full", back.Receiver.Mode);
+        Assert.Contains("in doubt", back.Receiver.DiskMapUnused);
+        Assert.NotNull(back.Sender.DiskMapUnused);
         await AssertMapsAgreeAsync(b, a);
     }
 
@@ -432,13 +507,16 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         await Images.IoAsync(a.Image, Changes(5, 33));
         var killed = await RunCliTripAsync(dir, a, b, killReceiver: true);
         Assert.NotEqual(0, killed.SenderExit);
-        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "killed receiver's map not in flux");
+        Assert.NotNull(killed.Sender!["error"]);
+        Assert.True(DiskBlockMap.IsInFlux(MapOf(b)), "killed receiver's map has no journal");
+        // Killed, it could not settle its journal: the coarse one stays, never less than it wrote.
+        Assert.False(DiskDoubtJournal.Read(MapOf(b)).Whole);
+        Seal(b);
 
         var retry = await RunCliTripAsync(dir, a, b);
         Assert.Equal((0, 0), (retry.SenderExit, retry.ReceiverExit));
         Assert.True(retry.Identical, retry.CompareOutput);
-        Assert.Equal("store-full", retry.Sender!["mode"]!.GetValue<string>());
-        Assert.True(retry.Sender["streamBytes"]!.GetValue<long>() >= (long)Size, $"retry carried only {retry.Sender["streamBytes"]}");
+        Assert.Equal("store-match", retry.Sender!["mode"]!.GetValue<string>());
         await AssertMapsAgreeAsync(a, b);
     }
 
@@ -475,9 +553,22 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     public void DiskChannelControlPayloadsRoundTripAndRejectGarbage()
     {
         var key = DiskHashKey.NewRandom();
-        var hello = DiskChannel.EncodeExportHello(UInt128.MaxValue - 5, key, Export);
-        Assert.Equal((UInt128.MaxValue - 5, key, Export), DiskChannel.DecodeExportHello(hello));
+        var doubt = DiskDoubt.Of([new BlockRange(7, 3), new BlockRange(100, 1)]);
+        var hello = DiskChannel.EncodeExportHello(UInt128.MaxValue - 5, key, Export, doubt);
+        var (digest, decodedKey, name, decodedDoubt) = DiskChannel.DecodeExportHello(hello);
+        Assert.Equal((UInt128.MaxValue - 5, key, Export), (digest, decodedKey, name));
+        Assert.Equal(doubt.Ranges, decodedDoubt.Ranges);
         Assert.Throws<PeerProtocolException>(() => DiskChannel.DecodeExportHello(hello.AsSpan(0, hello.Length - 1)));
+        Assert.True(DiskChannel.DecodeExportHello(DiskChannel.EncodeExportHello(1, key, Export, DiskDoubt.All)).Doubt.Whole);
+        var reply = DiskChannel.EncodeExportReply(true, 9, doubt);
+        var (match, replyDigest, replyDoubt) = DiskChannel.DecodeExportReply(reply);
+        Assert.True(match);
+        Assert.Equal((UInt128)9, replyDigest);
+        Assert.Equal(doubt.Ranges, replyDoubt.Ranges);
+        reply[^1] ^= 2;
+        Assert.Equal(2, DiskChannel.DecodeExportReply(reply).Doubt.Ranges.Count);
+        reply[18] = 0xff;
+        Assert.Throws<PeerProtocolException>(() => DiskChannel.DecodeExportReply(reply));
         var ack = DiskChannel.EncodeFlagDigest(true, 42);
         Assert.Equal((true, (UInt128)42), DiskChannel.DecodeFlagDigest(ack, "ack"));
         ack[0] = 2;

@@ -60,6 +60,9 @@ internal sealed class FakeNbdServer
     /// <summary>When set, WRITEs touching this offset fail with EIO.</summary>
     public ulong? FailWritesAt { get; init; }
 
+    /// <summary>When set, the server answers this many requests, then closes the connection (its QEMU went away).</summary>
+    public int? CloseAfterRequests { get; init; }
+
     public async Task RunAsync(Stream stream, CancellationToken ct)
     {
         using var input = new NbdInput(stream, "fake-client", 64 << 20);
@@ -133,6 +136,12 @@ internal sealed class FakeNbdServer
                 if (!await input.FillAsync(ct))
                     return;
                 continue;
+            }
+            if (Requests.Count == CloseAfterRequests)
+            {
+                await FlushRepliesAsync(stream, ct);
+                stream.Close();
+                return;
             }
             Requests.Add((request.Command, request.Offset, request.Length, request.Flags));
             uint error = 0;

@@ -171,6 +171,42 @@ public sealed class NbdFilterFakeTests
         Assert.Equal(old, kept);
     }
 
+    /// <summary>
+    /// The target's server goes away (its QEMU was killed: an aborted migration) while the mirror
+    /// waits with a request in flight. The filter gives up at once with the reason and fails the
+    /// client's request, instead of waiting (the issue saw about two minutes) for a client that
+    /// waits for it.
+    /// </summary>
+    [Fact]
+    public async Task AServerThatGoesAwayEndsTheFilterWithinSecondsWhileTheClientWaits()
+    {
+        byte[] disk = Random(8 * BlockSize, 8);
+        var server = new FakeNbdServer((byte[])disk.Clone(), structured: true) { CloseAfterRequests = 1 };
+        var (clientSide, filterClient) = await SocketPair.CreateAsync();
+        var (filterUp, serverSide) = await SocketPair.CreateAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
+        var serverTask = Task.Run(() => server.RunAsync(serverSide, cts.Token));
+        var filter = new NbdSenderFilter();
+        var recorded = new DiskBlockMap(0, BlockSize);
+        var filterTask = Task.Run(() => filter.RunAsync(filterClient, filterUp, FakeRig.MapOf(disk, BlockSize), recorded, cts.Token));
+        await using var client = await NbdClient.ConnectAsync(clientSide, Options(NbdHeaderStyle.Structured), cts.Token);
+        Assert.Equal(0u, await client.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, 0, BlockSize, Random(BlockSize, 9), cts.Token));
+        var started = DateTime.UtcNow;
+        // The second write reaches a server that is gone; the client then waits for its reply.
+        var second = client.CommandAsync(NbdCommand.Write, NbdCommandFlags.None, BlockSize, BlockSize, Random(BlockSize, 10), cts.Token);
+        var error = await Assert.ThrowsAsync<NbdProtocolException>(() => filterTask.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Contains("server closed the connection", error.Message);
+        Assert.True(DateTime.UtcNow - started < TimeSpan.FromSeconds(5), $"the filter took {DateTime.UtcNow - started} to give up");
+        Assert.True(recorded.LastTripUnclean);
+        // Its caller closes the client connection: the client's request then fails rather than hangs.
+        await filterClient.DisposeAsync();
+        await Assert.ThrowsAnyAsync<Exception>(() => second.WaitAsync(TimeSpan.FromSeconds(10)));
+        await serverTask.WaitAsync(TimeSpan.FromSeconds(10));
+        await clientSide.DisposeAsync();
+        await filterUp.DisposeAsync();
+        await serverSide.DisposeAsync();
+    }
+
     [Fact]
     public async Task StartTlsTurnsTheFilterIntoAnOpaquePump()
     {

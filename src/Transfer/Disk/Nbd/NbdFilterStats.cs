@@ -99,4 +99,11 @@ public sealed class NbdSenderFilterOptions
     /// it: an export larger than the disk it mirrors is refused before anything is allocated.
     /// </summary>
     public Func<string, ulong?>? SourceDiskSize { get; init; }
+
+    /// <summary>
+    /// Called with the byte range of every WRITE, WRITE_ZEROES and TRIM just before it goes
+    /// upstream (synchronously: the target must not change before the range is journaled, see
+    /// <see cref="DiskDoubtJournal"/>).
+    /// </summary>
+    public Action<ulong, ulong>? Touching { get; init; }
 }

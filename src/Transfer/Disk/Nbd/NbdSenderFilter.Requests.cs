@@ -246,6 +246,8 @@ public sealed partial class NbdSenderFilter
             lock (_sync)
                 _ops.Add(cookie, op);
         }
+        if (command is NbdCommand.Write or NbdCommand.WriteZeroes or NbdCommand.Trim)
+            _options.Touching?.Invoke(offset, length);
         int n = NbdRequest.WriteHeader(_requestHeader, _export.Style == NbdHeaderStyle.Extended, flags, command, cookie, offset, length);
         await _upstream.WriteAsync(_requestHeader.AsMemory(0, n), ct);
         if (!payload.IsEmpty)

@@ -46,6 +46,16 @@ public sealed class NbdStreamObserver
     /// <summary>True when the stream became opaque (STARTTLS): nothing can be known.</summary>
     public bool Opaque { get; private set; }
 
+    /// <summary>True once the tap failed to follow the stream (it then stays failed).</summary>
+    public bool Failed => _failure is not null;
+
+    /// <summary>
+    /// Called with the byte range of every WRITE, WRITE_ZEROES and TRIM as soon as the request is
+    /// complete in the client's bytes, so before the bytes that complete it are forwarded
+    /// (see <see cref="DiskDoubtJournal"/>).
+    /// </summary>
+    public Action<ulong, ulong>? Touching { get; init; }
+
     private enum ClientPhase
     {
         Flags,
@@ -255,8 +265,10 @@ public sealed class NbdStreamObserver
             throw NbdProtocolException.At("client", at + 6, "RESIZE is not supported by the disk observer");
         if (!_pending.TryAdd(request.Cookie, pending))
             throw NbdProtocolException.At("client", at + 8, $"cookie 0x{request.Cookie:x} is already in flight");
+        // Outside the export the server refuses it: nothing to journal.
         if (!touches || !_export.InRange(request.Offset, request.Length))
             return;
+        Touching?.Invoke(request.Offset, request.Length);
         int blockSize = _export.BlockSize;
         ulong end = request.Offset + request.Length;
         byte[]? scratch = null;
