@@ -47,10 +47,12 @@ public static class FrameCodec
 {
     /// <summary>
     /// 2: frames after a pre-shared-key handshake are sealed (<see cref="FrameSealer"/>), and the
-    /// disk channel's export hello carries the block-identity key. A version-1 peer is refused in
-    /// the hello rather than misread.
+    /// disk channel's export hello carries the block-identity key. 3: the export hello and reply
+    /// carry each host's blocks in doubt after a failed trip (<c>DiskDoubt</c>), and the hello may
+    /// mark a stream as a multifd channel. An older peer is refused in the hello, by name, rather
+    /// than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 2;
+    public const ushort ProtocolVersion = 3;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
