@@ -32,6 +32,26 @@ public sealed class LabTheoryAttribute : TheoryAttribute
     }
 }
 
+/// <summary>
+/// A long lab case: runs where a <see cref="LabFactAttribute"/> runs, except under CI=true (CI's
+/// budget holds the representative handful), unless BFMIG_LAB_LONG=1 asks for it there too.
+/// </summary>
+[AttributeUsage(AttributeTargets.Method)]
+public sealed class LongLabFactAttribute : FactAttribute
+{
+    /// <summary>Skips with the reason (seen in the test output) under CI or without root.</summary>
+    public LongLabFactAttribute()
+    {
+        Skip = new LabFactAttribute().Skip;
+        var ci = string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
+        var longWanted = Environment.GetEnvironmentVariable("BFMIG_LAB_LONG") == "1";
+        if (Skip is null && ci && !longWanted)
+        {
+            Skip = "long lab case (several minutes), kept out of CI's budget; CI runs a shorter case of the same class; set BFMIG_LAB_LONG=1 to run it under CI";
+        }
+    }
+}
+
 /// <summary>One lab at a time: every lab test belongs to this collection, which never runs in parallel.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
 public sealed class LabCollection : ICollectionFixture<LabLease>

@@ -48,7 +48,7 @@ public sealed partial class MultifdTests(ITestOutputHelper output) : IDisposable
     /// the main stream, not sent straight to the peer's QEMU (which, on QEMU 7.2, could then
     /// reach it before the main stream and fail the migration); both trips verified.
     /// </summary>
-    [LabFact]
+    [LongLabFact]
     public void TransparentMode_WithParallel_IsVerifiedOnEveryTrip()
     {
         var trips = Run("bfmig-transparent-multifd", "2");
