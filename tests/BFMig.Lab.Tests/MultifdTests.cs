@@ -27,11 +27,11 @@ public sealed partial class MultifdTests(ITestOutputHelper output) : IDisposable
     /// Explicit mode with --parallel: three trips (A->B->A->B) each verified, every channel went
     /// through a helper pair whose parser followed it to the end, and each return trip costs less
     /// than stock multifd's (the disk is elided; multifd pages are carried in full for now).
-    /// Out of CI for now: in the CI run of the merged tree its first trip stalled (the destination
-    /// QEMU read none of the channels for 120 s; the migration then failed with the guest on the
-    /// source), although it passed on its branch; the cause is being looked into (issue 13).
+    /// Out of CI for now: trips stall intermittently (the destination QEMU reads none of the
+    /// channels for 120 s; the migration then fails with the guest on the source), on the merged
+    /// tree and on the multifd branch alone; the cause is open (issue 13).
     /// </summary>
-    [LongLabFact(Why = "multifd through BFMig stalled once in CI after the merge (destination QEMU read no channel for 120 s; guest stayed on the source): out of CI until the cause is found (issue 13)")]
+    [LongLabFact(Why = "multifd through BFMig stalls intermittently (destination QEMU reads no channel for 120 s; the guest stays on the source): out of CI until the cause is found (issue 13)")]
     public void ExplicitMode_WithParallel_IsVerifiedOnEveryTrip()
     {
         var stock = Run("stock-multifd", "2");
