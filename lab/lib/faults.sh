@@ -265,14 +265,9 @@ fault_run() {
     if [[ $on == "$dst" ]]; then
         # The attempt got through despite the fault: back to the source, so that the trip
         # itself (the one measured) runs as planned.
-        local back_rc=0
-        "$(mode_fn "$mode" args)" "$dst" "$src"
-        mode_call_optional "$mode" prepare "$dst" "$src"
-        lab_migrate virsh "$dst" "$src" || back_rc=$?
-        mode_call_optional "$mode" cleanup "$dst" "$src"
-        "$(mode_fn "$mode" args)" "$src" "$dst"
+        lab_migrate_back "$mode" "$src" "$dst"
         mode_call_optional "$mode" prepare "$src" "$dst"
-        ((back_rc == 0)) || die "$mode: trip $trip: the return to ${src^^} after the $kind attempt succeeded failed"
+        ((LAB_BACK_RC == 0)) || die "$mode: trip $trip: the return to ${src^^} after the $kind attempt succeeded failed"
         guest_verify "$src" "$FAULT_CHUNKS"
         [[ $VERIFY_BAD == 0 ]] || die "$mode: trip $trip: $VERIFY_BAD guest data mismatches on ${src^^} after the return"
     fi

@@ -171,13 +171,8 @@ kill_unconfirmed_attempt() {
     bad=$VERIFY_BAD
 
     # Back to the source, so that the trip itself runs as planned.
-    local back_rc=0
-    "$(mode_fn "$mode" args)" "$dst" "$src"
-    mode_call_optional "$mode" prepare "$dst" "$src"
-    lab_migrate virsh "$dst" "$src" || back_rc=$?
-    mode_call_optional "$mode" cleanup "$dst" "$src"
-    "$(mode_fn "$mode" args)" "$src" "$dst"
-    ((back_rc == 0)) || die "$mode: trip $trip: the return to ${src^^} after the restart failed"
+    lab_migrate_back "$mode" "$src" "$dst"
+    ((LAB_BACK_RC == 0)) || die "$mode: trip $trip: the return to ${src^^} after the restart failed"
     local back_src back_dst
     for _ in $(seq 1 50); do
         back_src=$(kill_location "$src" "$uuid") back_dst=$(kill_location "$dst" "$uuid")
@@ -191,4 +186,19 @@ kill_unconfirmed_attempt() {
         '{what: "bfmigd-unconfirmed", migrate_failed: false, at_kill: {source: $kill_src, destination: $kill_dst},
           after_restart: {source: $src, destination: $dst}, source_start_rc: $start_rc, source_start_output: $start_out,
           destination_state: $dst_state, destination_mismatches: $bad, after_return: {source: $back_src, destination: $back_dst}}')
+}
+
+# An attempt that got through left the guest on DST: takes it back to SRC with the mode's own
+# arguments and daemons for that direction, then sets MIG_ARGS for SRC -> DST again, so that the
+# trip itself runs as planned. LAB_BACK_RC: the return migration's exit code (a global, not the
+# function's status, so that `set -e` still stops the lab on any other failure in here).
+LAB_BACK_RC=0
+lab_migrate_back() {
+    local mode=$1 src=$2 dst=$3
+    LAB_BACK_RC=0
+    "$(mode_fn "$mode" args)" "$dst" "$src"
+    mode_call_optional "$mode" prepare "$dst" "$src"
+    lab_migrate virsh "$dst" "$src" || LAB_BACK_RC=$?
+    mode_call_optional "$mode" cleanup "$dst" "$src"
+    "$(mode_fn "$mode" args)" "$src" "$dst"
 }
