@@ -10,14 +10,12 @@ LAB_VAR=/var/tmp/$LAB_NAME
 LAB_LOCK=/run/$LAB_NAME.lock
 LAB_HOSTS=(a b)
 declare -A HOST_ADDR=([a]=198.18.0.1 [b]=198.18.0.2 [c]=198.18.0.3)
-LAB_PREFIX=30
 # Every host name a lab may have: what `down` cleans whatever the state says.
 LAB_ALL_HOSTS=(a b c)
 # A lab brought up with --hosts 3 has host C too (behind a switch namespace instead of the
 # two-host veth pair); every later command of that lab learns it from the lab's state.
 if [[ $(sed -n 's/^hosts=//p' "$LAB_RUN/state" 2> /dev/null) == 3 ]]; then
     LAB_HOSTS=(a b c)
-    LAB_PREFIX=29
 fi
 LAB_GUEST=lab-guest
 LAB_DEFAULT_RATE=100mbit

@@ -95,7 +95,6 @@ cmd_up() {
     fi
     if [[ -n $hosts ]] && ! lab_is_up; then
         LAB_HOSTS=("${LAB_ALL_HOSTS[@]:0:hosts}")
-        LAB_PREFIX=$((hosts == 3 ? 29 : 30))
     fi
     # The storage namespace's links use addresses inside the three hosts' /29.
     [[ $storage == shared && ${#LAB_HOSTS[@]} == 3 ]] && die "up: --storage shared needs the two-host lab"
@@ -133,7 +132,7 @@ EOF
     fi
     for h in "${LAB_HOSTS[@]}"; do
         ip -n "$(netns_name "$h")" link set lo up
-        ip -n "$(netns_name "$h")" addr add "${HOST_ADDR[$h]}/$LAB_PREFIX" dev "lab-$h"
+        ip -n "$(netns_name "$h")" addr add "${HOST_ADDR[$h]}/$(lab_prefix)" dev "lab-$h"
     done
     shape_link "$rate"
     guest_build "$LAB_VAR/guest"
@@ -141,6 +140,9 @@ EOF
     for h in "${LAB_HOSTS[@]}"; do host_wait_ready "$h"; done
     log "lab is up: $(for h in "${LAB_HOSTS[@]}"; do printf '%s=%s ' "${h^^}" "${HOST_ADDR[$h]}"; done)rate $rate, libvirt $(stack_libvirt_version), QEMU $(stack_qemu_version)"
 }
+
+# The hosts' prefix: a /30 for the two-host veth pair, a /29 for three hosts on the switch.
+lab_prefix() { ((${#LAB_HOSTS[@]} == 3)) && echo 29 || echo 30; }
 
 # Three hosts: a bridge in the switch namespace, one veth pair per host (lab-<h> in the host,
 # sw-<h> on the bridge). Nothing else runs in the switch namespace.
