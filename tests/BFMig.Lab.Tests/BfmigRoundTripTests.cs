@@ -83,8 +83,10 @@ public sealed class BfmigRoundTripTests(ITestOutputHelper output) : IDisposable
     public void KillsInTheMiddleOfReturnTrips_FailCleanly_AndTheNextAttemptIsVerified()
     {
         // A helper notices its daemon's death within 50 ms (ParentWatch); a return trip's memory
-        // stream can be over in well under a second, so the daemons die as soon as it starts.
-        string[] kills = ["transfer-send@2:0.5", "transfer-receive@3:0.5", "bfmigd-src@4:0", "bfmigd-dst@5:0"];
+        // stream can be over in about half a second here (0.54 s measured for this guest at
+        // 1 Gbit/s), so the daemons die as soon as it starts and the helpers 0.1 s into it: a
+        // 0.5 s delay raced the stream's end, and the attempt then rightly succeeded.
+        string[] kills = ["transfer-send@2:0.1", "transfer-receive@3:0.1", "bfmigd-src@4:0", "bfmigd-dst@5:0"];
         var json = Path.Combine(dir, "kills.json");
         var args = new List<string>
         {
