@@ -106,7 +106,7 @@ public sealed partial class BfmigDaemon
         return new PeerRoute(name, "");
     }
 
-    private void AcceptPeer(RouteRequest hello, string guest, Socket connection)
+    private async Task AcceptPeerAsync(RouteRequest hello, string guest, Socket connection)
     {
         if (hello.Kind == StreamKind.Control)
         {
@@ -134,8 +134,8 @@ public sealed partial class BfmigDaemon
             return;
         }
         StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
-        _transfers!.StartReceive(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
-            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame);
+        await _transfers!.StartReceiveAsync(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
+            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame).ConfigureAwait(false);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.

@@ -174,7 +174,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
 
         if (_dataPathOff is null)
         {
-            _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeer, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
+            _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeerAsync, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
             _peerTask = _peers.RunAsync();
             _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
         }

@@ -108,6 +108,10 @@ internal static partial class DaemonLog
     [LoggerMessage(53, LogLevel.Warning, "receiving helper of transfer {Id} (guest {Guest}) killed: its peer did not authenticate within {Seconds} s")]
     public static partial void HandshakeExpired(ILogger logger, int id, string guest, int seconds);
 
+    // Debug: a peer can cause it at will (bounded by the waiters' limit, but not worth a line each).
+    [LoggerMessage(54, LogLevel.Debug, "{Kind} stream of guest {Guest} waits for a handshake slot ({Slots} incoming streams are authenticating)")]
+    public static partial void HandshakeQueued(ILogger logger, string kind, string guest, int slots);
+
     // 60-69: state
     [LoggerMessage(60, LogLevel.Information, "guest {Guest} ({Uuid}) is now {Location}{PeerText}")]
     public static partial void LocationRecorded(ILogger logger, string guest, string uuid, string location, string peerText);

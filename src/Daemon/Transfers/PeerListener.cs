@@ -28,17 +28,19 @@ public sealed class PeerListener : IDisposable
     public static readonly TimeSpan HelloTimeout = TimeSpan.FromSeconds(5);
 
     /// <summary>Connections still waiting for their first frame, in total.</summary>
-    public const int MaxPendingHellos = 32;
+    public const int MaxPendingHellos = 64;
 
     /// <summary>
     /// Connections still waiting for their first frame, per source address: one host cannot take
-    /// all <see cref="MaxPendingHellos"/> (a real peer opens one memory and a few disk streams at a time).
+    /// all <see cref="MaxPendingHellos"/>. A real peer sends its first frame at once, but several
+    /// guests leaving together open a memory stream, multifd channels and disk streams each
+    /// (4 guests with 2 channels: 16), and a connection refused here fails its guest's migration.
     /// </summary>
-    public const int MaxPendingPerSource = 4;
+    public const int MaxPendingPerSource = 16;
 
     private readonly Socket _socket;
     private readonly Func<RouteRequest, PeerRoute> _route;
-    private readonly Action<RouteRequest, string, Socket> _accept;
+    private readonly Func<RouteRequest, string, Socket, Task> _accept;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
     private readonly Lock _gate = new();
@@ -50,7 +52,7 @@ public sealed class PeerListener : IDisposable
     /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
     /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
     /// </summary>
-    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Action<RouteRequest, string, Socket> accept, ILogger logger,
+    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Func<RouteRequest, string, Socket, Task> accept, ILogger logger,
         LogRateLimiter rejections)
     {
         _rejections = rejections;
@@ -105,6 +107,7 @@ public sealed class PeerListener : IDisposable
             connection.Dispose();
             return;
         }
+        bool pending = true;
         try
         {
             RouteRequest hello;
@@ -125,7 +128,10 @@ public sealed class PeerListener : IDisposable
                 connection.Dispose();
                 return;
             }
-            _accept(hello, route.GuestName, connection);
+            // Routed: it no longer waits for its hello (a slot of its own kind bounds what comes next).
+            LeavePending(remote?.Address);
+            pending = false;
+            await _accept(hello, route.GuestName, connection).ConfigureAwait(false);
         }
         catch (Exception e)
         {
@@ -134,7 +140,8 @@ public sealed class PeerListener : IDisposable
         }
         finally
         {
-            LeavePending(remote?.Address);
+            if (pending)
+                LeavePending(remote?.Address);
         }
     }
 

@@ -29,8 +29,14 @@ public sealed partial class TransferManager
     /// Receiving helpers whose peer has not authenticated yet, at most. They do not hold transfer
     /// slots (<c>transfer:max_concurrent</c>), so connections that never authenticate cannot keep real
     /// transfers out; this small pool and <see cref="HandshakeDeadline"/> bound what they cost.
+    /// A stream that finds the pool full waits for a place (<see cref="MaxHandshakeWaiters"/>, each
+    /// at most <see cref="HandshakeDeadline"/>): guests arriving together open more streams at once
+    /// than the pool holds, and a refused stream would fail its migration.
     /// </summary>
     public const int HandshakeSlots = 4;
+
+    /// <summary>Routed incoming streams waiting for a handshake slot, at most (each is one socket and no process).</summary>
+    public const int MaxHandshakeWaiters = 32;
 
     /// <summary>A receiving helper whose peer has not authenticated by then is killed.</summary>
     public static readonly TimeSpan HandshakeDeadline = TimeSpan.FromSeconds(10);
@@ -44,6 +50,11 @@ public sealed partial class TransferManager
     private readonly Dictionary<Guid, string> _lastOutgoingPeer = [];
     private readonly Dictionary<Guid, string> _lastIncomingPeer = [];
     private readonly HashSet<Task> _watchers = [];
+    // Handshake slots promised to waiters that are about to start their helper (counted as taken).
+    private int _handshakesReserved;
+    private int _handshakeWaiters;
+    // Completed (and replaced) whenever a handshake slot frees: the waiters look again.
+    private TaskCompletionSource _handshakeFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _nextId;
     private bool _closed;
 
@@ -140,9 +151,15 @@ public sealed partial class TransferManager
     /// incoming domain's, 0 when unknown) bounds the RAM layout the peer may declare.
     /// <paramref name="routeFirst"/>: a route frame precedes the hello.
     /// </summary>
-    public bool StartReceive(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket, IReadOnlyList<DomainDisk> disks,
-        long guestMemoryBytes = 0, bool routeFirst = false)
+    public async Task<bool> StartReceiveAsync(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket,
+        IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false)
     {
+        if (await ReserveHandshakeAsync(guest, kind, peerSocket).ConfigureAwait(false) is { } refusal)
+        {
+            using (peerSocket)
+                Refuse(TransferDirection.Receive, kind, guest, peerSocket, refusal);
+            return false;
+        }
         var args = new List<string>
         {
             "receive", "--kind", KindArg(kind), "--fd", "3", "--connect", local,
@@ -168,6 +185,77 @@ public sealed partial class TransferManager
         return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
     }
 
+    /// <summary>
+    /// Waits until a handshake slot is free and reserves it for the caller's <see cref="Start"/>;
+    /// null when reserved, else why not (too many waiting, no slot within <see cref="HandshakeDeadline"/>,
+    /// or the daemon stopping).
+    /// </summary>
+    private async Task<string?> ReserveHandshakeAsync(string guest, StreamKind kind, Socket peerSocket)
+    {
+        var deadline = DateTime.UtcNow + HandshakeDeadline;
+        bool waiting = false;
+        try
+        {
+            while (true)
+            {
+                Task freed;
+                lock (_gate)
+                {
+                    if (_closed)
+                        return "the daemon is stopping";
+                    if (_running.Values.Count(r => !r.Authenticated) + _handshakesReserved < HandshakeSlots)
+                    {
+                        _handshakesReserved++;
+                        return null;
+                    }
+                    if (!waiting)
+                    {
+                        if (_handshakeWaiters >= MaxHandshakeWaiters)
+                            return $"{HandshakeSlots} incoming streams are still authenticating and {MaxHandshakeWaiters} more wait";
+                        _handshakeWaiters++;
+                        waiting = true;
+                        DaemonLog.HandshakeQueued(_logger, KindArg(kind), guest, HandshakeSlots);
+                    }
+                    freed = _handshakeFreed.Task;
+                }
+                var left = deadline - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero || await Task.WhenAny(freed, Task.Delay(left)).ConfigureAwait(false) != freed)
+                    return $"no handshake slot freed within {(int)HandshakeDeadline.TotalSeconds} s ({HandshakeSlots} incoming streams still authenticating)";
+            }
+        }
+        finally
+        {
+            if (waiting)
+            {
+                lock (_gate)
+                    _handshakeWaiters--;
+            }
+        }
+    }
+
+    // Under _gate: the reserved slot's helper did not start.
+    private void ReleaseReservedHandshake()
+    {
+        _handshakesReserved--;
+        HandshakeSlotFreed();
+    }
+
+    // Under _gate: a receiving helper authenticated, or ended before it did.
+    private void HandshakeSlotFreed()
+    {
+        var freed = _handshakeFreed;
+        _handshakeFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        freed.TrySetResult();
+    }
+
+    private void Refuse(TransferDirection direction, StreamKind kind, string guest, Socket socket, string refusal)
+    {
+        if (direction == TransferDirection.Receive && _logRefusal is { } log)
+            log(socket.RemoteEndPoint?.ToString() ?? "?", $"{KindArg(kind)} stream of guest {guest} refused: {refusal}");
+        else
+            DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
+    }
+
     private IEnumerable<string> CrlArguments() => PeerCredentials.RevocationList(_options) is { } crl ? ["--tls-crl", crl] : [];
 
     /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
@@ -180,23 +268,21 @@ public sealed partial class TransferManager
         using (socket)
         {
             int id;
+            string? refusal;
             lock (_gate)
             {
                 int transfers = _running.Values.Count(r => r.Authenticated);
-                string? refusal = _closed ? "the daemon is stopping"
+                refusal = _closed ? "the daemon is stopping"
                     : transfers >= _options.MaxTransfers ? $"{transfers} transfers already running (transfer:max_concurrent = {_options.MaxTransfers})"
-                    : direction == TransferDirection.Receive && _running.Count - transfers >= HandshakeSlots
-                        ? $"{HandshakeSlots} incoming streams are still authenticating"
                     : null;
-                if (refusal is not null)
-                {
-                    if (direction == TransferDirection.Receive && _logRefusal is { } log)
-                        log(socket.RemoteEndPoint?.ToString() ?? "?", $"{KindArg(kind)} stream of guest {guest} refused: {refusal}");
-                    else
-                        DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
-                    return false;
-                }
                 id = ++_nextId;
+                if (refusal is not null && direction == TransferDirection.Receive)
+                    ReleaseReservedHandshake();
+            }
+            if (refusal is not null)
+            {
+                Refuse(direction, kind, guest, socket, refusal);
+                return false;
             }
             var statsPath = Path.Combine(_statsDirectory, $"{id}-{uuid:D}-{KindArg(kind)}.json");
             args.AddRange(["--stats", statsPath]);
@@ -219,6 +305,8 @@ public sealed partial class TransferManager
                 catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or ArgumentException)
                 {
                     progress.Dispose();
+                    if (direction == TransferDirection.Receive)
+                        ReleaseReservedHandshake();
                     DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot start {_helper}: {e.Message}");
                     return false;
                 }
@@ -227,6 +315,9 @@ public sealed partial class TransferManager
                 var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks);
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
+                // The receiving helper now counts as unauthenticated itself, in place of the slot ReserveHandshakeAsync reserved.
+                if (direction == TransferDirection.Receive)
+                    _handshakesReserved--;
                 // A sending helper was started for the local QEMU: it is a transfer from the start. A receiving
                 // one becomes one when its peer has authenticated (until then its claimed name is not recorded).
                 if (direction == TransferDirection.Send)
@@ -250,6 +341,8 @@ public sealed partial class TransferManager
     private void JoinTrip(Running running)
     {
         running.Authenticated = true;
+        if (running.Direction == TransferDirection.Receive)
+            HandshakeSlotFreed();
         var key = (running.Uuid, running.Direction);
         if (!_trips.TryGetValue(key, out var trip))
             _trips[key] = trip = new Trip();
@@ -314,7 +407,10 @@ public sealed partial class TransferManager
         {
             // Its peer never proved who it is: not a stream of any trip, only a refused connection.
             lock (_gate)
+            {
                 _running.Remove(running.Id);
+                HandshakeSlotFreed();
+            }
             TryDelete(running.StatsPath);
             _logRefusal?.Invoke($"transfer {running.Id}", $"{KindArg(running.Kind)} stream of guest {running.Guest} ended before its peer authenticated: {error ?? "closed"}");
             return;
@@ -362,6 +458,7 @@ public sealed partial class TransferManager
         lock (_gate)
         {
             _closed = true;
+            HandshakeSlotFreed(); // the waiters look again, and see the daemon stopping
             running = [.. _running.Values];
             watchers = [.. _watchers];
         }

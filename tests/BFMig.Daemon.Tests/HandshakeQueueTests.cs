@@ -1,0 +1,135 @@
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Tests.Infrastructure;
+using BFMig.Daemon.Transfers;
+using BFMig.Transfer.Wire;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace BFMig.Daemon.Tests;
+
+/// <summary>
+/// Guests arriving together open more incoming streams at once than there are handshake slots
+/// (issue 15: 4 guests each way, a memory and a disk stream each). The streams beyond the slots
+/// wait for one instead of being refused (a refused stream fails its guest's migration), and the
+/// slots still bound how many unauthenticated helpers run. The helper here is a small script that
+/// reports its authentication after a pause: the real helper's handshake is covered by the data
+/// path tests and the lab.
+/// </summary>
+public sealed class HandshakeQueueTests : IDisposable
+{
+    private readonly string _root = Directory.CreateTempSubdirectory("bfmig-handshakes-").FullName;
+    private readonly List<Socket> _sockets = [];
+
+    public void Dispose()
+    {
+        foreach (var s in _sockets)
+            s.Dispose();
+        Directory.Delete(_root, recursive: true);
+    }
+
+    [Fact]
+    public async Task More_streams_than_handshake_slots_all_start_and_at_most_the_slots_are_unauthenticated_at_once()
+    {
+        const int streams = 3 * TransferManager.HandshakeSlots;
+        var events = Path.Combine(_root, "events");
+        var manager = Manager(FakeHelper(events, authenticateAfter: "0.3"));
+        var finished = 0;
+        manager.StreamFinished += _ => Interlocked.Increment(ref finished);
+
+        var started = await Task.WhenAll(Enumerable.Range(0, streams).Select(async i =>
+            await manager.StartReceiveAsync($"guest{i}", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [])));
+
+        Assert.All(started, Assert.True);
+        await Tools.UntilAsync(() => Volatile.Read(ref finished) == streams, "every stream to end", 30);
+        var (peak, starts) = PeakUnauthenticated(events);
+        Assert.Equal(streams, starts);
+        Assert.InRange(peak, 1, TransferManager.HandshakeSlots);
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
+    [Fact]
+    public async Task A_stream_that_finds_every_slot_held_waits_for_one_until_the_deadline_instead_of_being_refused_at_once()
+    {
+        var events = Path.Combine(_root, "events");
+        // Helpers that never authenticate hold every slot until the handshake deadline kills them.
+        var manager = Manager(FakeHelper(events, authenticateAfter: null));
+        for (int i = 0; i < TransferManager.HandshakeSlots; i++)
+            Assert.True(await manager.StartReceiveAsync($"guest{i}", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), []));
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        var late = await AcceptedSocketAsync();
+        // The killed helpers free their slots at the deadline, just as the waiter's own deadline ends: either outcome is bounded.
+        bool accepted = await manager.StartReceiveAsync("late", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", late, []);
+        Assert.InRange(waited.Elapsed, TransferManager.HandshakeDeadline - TimeSpan.FromSeconds(1), TransferManager.HandshakeDeadline + TimeSpan.FromSeconds(5));
+        if (!accepted)
+            Assert.Throws<ObjectDisposedException>(() => late.Send(new byte[1]));
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
+    private TransferManager Manager(string helper)
+    {
+        var conf = Path.Combine(_root, "bfmig.conf");
+        File.WriteAllText(conf, DaemonHost.Ini("hostb", "hosta", 9).Replace("ROOT", _root, StringComparison.Ordinal).Replace("BUS", "unix:path=/nonexistent", StringComparison.Ordinal));
+        var options = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
+        var stats = Directory.CreateDirectory(Path.Combine(_root, "stats")).FullName;
+        return new TransferManager(options, helper, stats, NullLogger.Instance);
+    }
+
+    // Logs "start"/"auth" with a timestamp; reports authentication on the progress pipe (fd 4) after the pause, or never.
+    private string FakeHelper(string events, string? authenticateAfter)
+    {
+        var path = Path.Combine(_root, "fake-helper");
+        const string report = """{"role":"receive","kind":"mig","localBytes":0,"wireBytesOut":0,"wireBytesIn":0,"final":false,"authenticated":true}""";
+        var auth = authenticateAfter is null
+            ? "sleep 60"
+            : $"""
+               sleep {authenticateAfter}
+               echo "$(date +%s.%N) auth" >> {events}
+               printf '%s\n' '{report}' >&4
+               sleep 0.2
+               """;
+        File.WriteAllText(path, $"""
+            #!/bin/sh
+            echo "$(date +%s.%N) start" >> {events}
+            {auth}
+            exit 0
+
+            """);
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        return path;
+    }
+
+    // The most helpers started but not yet authenticated at any moment, and how many started.
+    private static (int Peak, int Starts) PeakUnauthenticated(string events)
+    {
+        int now = 0, peak = 0, starts = 0;
+        foreach (var (_, what) in File.ReadAllLines(events)
+                     .Select(l => l.Split(' '))
+                     .Select(f => (Time: double.Parse(f[0], CultureInfo.InvariantCulture), What: f[1]))
+                     .OrderBy(e => e.Time).ThenBy(e => e.What == "auth" ? 0 : 1))
+        {
+            if (what == "start")
+            {
+                starts++;
+                peak = Math.Max(peak, ++now);
+            }
+            else
+            {
+                now--;
+            }
+        }
+        return (peak, starts);
+    }
+
+    private async Task<Socket> AcceptedSocketAsync()
+    {
+        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        listener.Listen(1);
+        var client = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        _sockets.Add(client);
+        await client.ConnectAsync(listener.LocalEndPoint!);
+        return await listener.AcceptAsync();
+    }
+}
