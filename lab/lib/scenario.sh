@@ -196,7 +196,7 @@ cmd_roundtrip() {
     local mode="" json="" ram_mib=512 fill_mib=384 disk_gib=2 disk_data_mib=1024
     local mem_pct=10 disk_pct=1 discard_mib=0 rewrite_mib=0 trips=2 rate="" stack="" corrupt=none touch_mib=0
     local binaries=build hook="" call=virsh storage=local trace_shared=no copy_storage=all backing_top_mib=0 guests=1
-    local kills=() downs=() unconfirmed=() faults=() aborts=() spec move_files=0 content=random route_arg=""
+    local kills=() downs=() unconfirmed=() faults=() aborts=() spec move_files=0 content=random route_arg="" both_ways=no serial=no
     while (($#)); do
         case $1 in
             --mode) mode=$2 ;;
@@ -226,6 +226,8 @@ cmd_roundtrip() {
             --copy-storage) [[ $2 =~ ^(all|inc)$ ]] || die "--copy-storage: all or inc"; copy_storage=$2 ;;
             --backing-top-mib) [[ $2 =~ ^[0-9]+$ ]] || die "--backing-top-mib: a number of MiB"; backing_top_mib=$2 ;;
             --guests) [[ $2 =~ ^[1-9]$ ]] || die "--guests: 1 to 9"; guests=$2 ;;
+            --both-ways) [[ $2 =~ ^(yes|no)$ ]] || die "--both-ways: yes or no"; both_ways=$2 ;;
+            --serial) [[ $2 =~ ^(yes|no)$ ]] || die "--serial: yes or no"; serial=$2 ;;
             --content) [[ $2 =~ ^(random|os)$ ]] || die "--content: random or os"; content=$2 ;;
             --route) [[ $2 =~ ^a(,[abc])+$ ]] || die "--route: hosts from a, e.g. a,b,c,a"; route_arg=$2 ;;
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
@@ -267,6 +269,7 @@ cmd_roundtrip() {
         ((backing_top_mib <= disk_data_mib)) || die "--backing-top-mib must lie within the disk data"
     fi
     [[ $copy_storage == inc ]] && LAB_STORAGE_ARGS=(--copy-storage-inc)
+    [[ ($both_ways == no && $serial == no) || $guests -gt 1 ]] || die "--both-ways and --serial: with --guests 2 or more"
     if ((guests > 1)); then
         [[ $storage == local && $call == virsh && $copy_storage == all && $backing_top_mib == 0 && $corrupt == none &&
            $touch_mib == 0 && $discard_mib == 0 && $rewrite_mib == 0 && ${#kills[@]} == 0 && ${#downs[@]} == 0 && ${#faults[@]} == 0 &&
@@ -320,7 +323,8 @@ cmd_roundtrip() {
     [[ $trace_shared == yes ]] && ensure_commands strace:strace
     scenario_cleanup
     if ((guests > 1)); then
-        roundtrip_concurrent "$mode" "$json" "$guests" "$trips" "$ram_mib" "$fill_mib" "$disk_gib" "$disk_data_mib" "$mem_pct" "$disk_pct" "$hook"
+        roundtrip_concurrent "$mode" "$json" "$guests" "$trips" "$ram_mib" "$fill_mib" "$disk_gib" "$disk_data_mib" "$mem_pct" "$disk_pct" "$hook" \
+            "$both_ways" "$serial"
         return 0
     fi
     bfmig_hook_mark

@@ -102,6 +102,42 @@ public partial class TransparentTests(ITestOutputHelper output)
         Assert.Equal(0x51, all[0]);
     }
 
+    /// <summary>
+    /// An NBD client (QEMU's mirror) says nothing until the server speaks: the sniffer must give
+    /// up at its silence deadline every time. The lab once saw it hang for good (a wait that woke
+    /// with nothing queued, then a blocking peek): the migration hung instead of failing.
+    /// </summary>
+    [Fact]
+    public async Task Sniffing_silent_connections_always_ends_at_the_silence_deadline()
+    {
+        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        listener.Listen(64);
+        var clients = new List<Socket>();
+        var accepted = new List<Socket>();
+        try
+        {
+            for (int i = 0; i < 32; i++)
+            {
+                var c = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+                clients.Add(c);
+                await c.ConnectAsync(listener.LocalEndPoint!);
+                accepted.Add(await listener.AcceptAsync());
+            }
+            for (int round = 0; round < 20; round++)
+            {
+                var kinds = await Task.WhenAll(accepted.Select(a => StreamSniffer.SniffAsync(a, TimeSpan.FromMilliseconds(5), CancellationToken.None)))
+                    .WaitAsync(TimeSpan.FromSeconds(10));
+                Assert.All(kinds, k => Assert.Equal(SniffedStream.ServerFirst, k.Kind));
+            }
+        }
+        finally
+        {
+            foreach (var s in clients.Concat(accepted))
+                s.Dispose();
+        }
+    }
+
     [Fact]
     public void Port_range_comes_from_qemu_conf_or_libvirts_defaults()
     {

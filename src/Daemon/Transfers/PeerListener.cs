@@ -197,8 +197,8 @@ public sealed class PeerListener : IDisposable
         int need = FrameCodec.HeaderLength;
         while (true)
         {
-            int got = socket.Available >= need || await WaitReadableAsync(socket, deadline, ct).ConfigureAwait(false)
-                ? socket.Receive(buffer, 0, buffer.Length, SocketFlags.Peek)
+            int got = await PeekAsync(socket, buffer, deadline, ct).ConfigureAwait(false) is var peeked and >= 0
+                ? peeked
                 : throw new TimeoutException($"no complete hello within {timeout.TotalSeconds:F0} s");
             if (got == 0)
                 throw new PeerProtocolException("connection closed before a hello");
@@ -225,23 +225,26 @@ public sealed class PeerListener : IDisposable
         }
     }
 
-    /// <summary>Waits until the socket has data (or EOF) without consuming any, false at <paramref name="deadline"/>.</summary>
-    internal static async Task<bool> WaitReadableAsync(Socket socket, DateTime deadline, CancellationToken ct)
+    /// <summary>
+    /// Copies what the socket has queued into <paramref name="buffer"/> without consuming it,
+    /// waiting until at least one byte (or EOF: 0) is there; -1 at <paramref name="deadline"/>.
+    /// Always asynchronous: a blocking peek (the earlier zero-byte wait followed by a synchronous
+    /// receive) once hung a thread for good on a silent NBD client when the wait woke with nothing queued.
+    /// </summary>
+    internal static async Task<int> PeekAsync(Socket socket, Memory<byte> buffer, DateTime deadline, CancellationToken ct)
     {
-        // A zero-byte receive completes when data (or EOF) arrives, without consuming anything.
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var left = deadline - DateTime.UtcNow;
         if (left <= TimeSpan.Zero)
-            return false;
+            return -1;
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         cts.CancelAfter(left);
         try
         {
-            await socket.ReceiveAsync(Memory<byte>.Empty, SocketFlags.None, cts.Token).ConfigureAwait(false);
-            return true;
+            return await socket.ReceiveAsync(buffer, SocketFlags.Peek, cts.Token).ConfigureAwait(false);
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
-            return false;
+            return -1;
         }
     }
 

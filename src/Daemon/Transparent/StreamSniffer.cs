@@ -65,9 +65,9 @@ public static class StreamSniffer
         while (true)
         {
             var left = deadline - started.Elapsed;
-            if (left <= TimeSpan.Zero || (socket.Available == 0 && !await PeerListener.WaitReadableAsync(socket, DateTime.UtcNow + left, ct).ConfigureAwait(false)))
+            int got = left <= TimeSpan.Zero ? -1 : await PeerListener.PeekAsync(socket, buffer, DateTime.UtcNow + left, ct).ConfigureAwait(false);
+            if (got < 0)
                 return (SniffedStream.ServerFirst, started.Elapsed);
-            int got = socket.Receive(buffer, 0, buffer.Length, SocketFlags.Peek);
             // QEMU writes its 4-byte magic in one go; a shorter first segment is waited out briefly.
             if (got == 0 || got >= 4 || buffer[0] == TlsHandshakeRecord)
                 return (Classify(buffer.AsSpan(0, got)), started.Elapsed);

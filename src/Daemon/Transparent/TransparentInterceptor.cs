@@ -168,6 +168,14 @@ public sealed class TransparentInterceptor : IDisposable
             Dropped(original.ToString(), e.Message);
             connection.Dispose();
         }
+        catch (Exception e)
+        {
+            // A bug of ours must not leave QEMU waiting on a connection nobody serves (the
+            // migration would hang, not fail): close it, so that QEMU fails the migration and
+            // keeps the guest, and say what happened.
+            Dropped(original.ToString(), $"internal error ({e.GetType().Name}): {e.Message}");
+            connection.Dispose();
+        }
     }
 
     private async Task RouteAsync(Socket connection, IPEndPoint original)
