@@ -8,11 +8,12 @@ namespace BFMig.Transfer.Tests;
 /// <summary>Sender and receiver helpers in process, over unix sockets, with a captured stream standing in for QEMU.</summary>
 public class EndToEndTests
 {
-    private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError);
+    private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError,
+        bool PauseDelivered = false);
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
         IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
-        Func<CancellationToken, Task>? awaitMain = null)
+        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
@@ -22,13 +23,25 @@ public class EndToEndTests
         var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5), AwaitMainChannel = awaitMain };
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
         var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
-        // "Source QEMU": writes the stream, then closes its side.
+        long received = 0;
+        bool pauseDelivered = false;
+        // "Source QEMU": writes the stream, then closes its side. With pauseAt, it writes that much
+        // and goes on only once the destination has it all, or after 5 s (as a multifd source
+        // waits for its channels, which wait for the destination to take the main stream's EOS).
         var src = Task.Run(async () =>
         {
             using var s = new NetworkStream(qemuSrc, true);
             try
             {
-                await s.WriteAsync(stream, cts.Token);
+                if (pauseAt >= 0)
+                {
+                    await s.WriteAsync(stream.AsMemory(0, pauseAt), cts.Token);
+                    var until = DateTime.UtcNow + TimeSpan.FromSeconds(5);
+                    while (Interlocked.Read(ref received) < pauseAt && DateTime.UtcNow < until)
+                        await Task.Delay(10, cts.Token);
+                    pauseDelivered = Interlocked.Read(ref received) >= pauseAt;
+                }
+                await s.WriteAsync(stream.AsMemory(Math.Max(pauseAt, 0)), cts.Token);
                 qemuSrc.Shutdown(SocketShutdown.Send);
                 await s.CopyToAsync(Stream.Null, cts.Token);
             }
@@ -39,7 +52,17 @@ public class EndToEndTests
         var dst = Task.Run(async () =>
         {
             using var s = new NetworkStream(qemuDst, true);
-            try { await s.CopyToAsync(delivered, cts.Token); } catch (IOException) { }
+            var buffer = new byte[64 << 10];
+            try
+            {
+                int n;
+                while ((n = await s.ReadAsync(buffer, cts.Token)) > 0)
+                {
+                    delivered.Write(buffer, 0, n);
+                    Interlocked.Add(ref received, n);
+                }
+            }
+            catch (IOException) { }
         });
         TransferStats? ss = null, rs = null;
         Exception? se = null, re = null;
@@ -48,7 +71,7 @@ public class EndToEndTests
         try { rs = await receive; } catch (Exception e) { re = e; }
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
-        return new Result(delivered.ToArray(), ss, rs, se, re);
+        return new Result(delivered.ToArray(), ss, rs, se, re, pauseDelivered);
     }
 
     /// <summary>
@@ -187,6 +210,7 @@ public class EndToEndTests
         Assert.Contains("stores disagree", r2.ReceiveError!.Message);
         Assert.NotNull(r2.SendError);
         Assert.True(r2.Delivered.Length < s.Length, "the destination got the whole stream");
+        Assert.True(r2.Delivered.Length <= OpaqueFrom(s), $"the destination got {r2.Delivered.Length - OpaqueFrom(s)} bytes of device state before the digest check");
         using var sa = MemoryStore.Open(a.Path, guest);
         Assert.Equal(0UL, sa.State.Generation);
         for (int bl = 0; bl < sa.BlockCount; bl++)
@@ -197,6 +221,59 @@ public class EndToEndTests
                 if (h != UInt128.Zero) Assert.Equal(sa.Hash(sa.Page(bl, p)), h);
             }
         }
+    }
+
+    /// <summary>
+    /// With multifd (issue 13) the source QEMU 7.2 sends the main stream's next bytes only after
+    /// the destination has taken its EOS (the destination's channels wait for it, the source waits
+    /// for its channels): every byte the source has written must reach the destination without
+    /// waiting for a later one. A receiver that held back the stream's last byte until End stalled
+    /// such trips until the 120 s idle timeout. Checked on a first trip and on a return trip (elided).
+    /// </summary>
+    [Fact]
+    public async Task Every_byte_of_a_paused_stream_reaches_the_destination_before_the_source_goes_on()
+    {
+        var s = Fixtures.Load("q72-pc-paused.bin");
+        int pauseAt = RecordBoundaryInRam(s);
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var r1 = await Run(s, a.Path, b.Path, guest, pauseAt: pauseAt);
+        Assert.Null(r1.SendError);
+        Assert.Null(r1.ReceiveError);
+        Assert.True(r1.PauseDelivered, $"the destination did not get the first {pauseAt} bytes while the source waited");
+        Assert.Equal(s, r1.Delivered);
+        Assert.Equal("store-full", r1.Send!.Mode);
+        var r2 = await Run(s, b.Path, a.Path, guest, pauseAt: pauseAt);
+        Assert.Null(r2.SendError);
+        Assert.Null(r2.ReceiveError);
+        Assert.True(r2.PauseDelivered, $"the destination did not get the first {pauseAt} bytes of the return trip while the source waited");
+        Assert.Equal(s, r2.Delivered);
+        Assert.Equal("store-match", r2.Send!.Mode);
+    }
+
+    /// <summary>A record boundary half way to the device state (QEMU flushes at records: at an EOS, with multifd).</summary>
+    private static int RecordBoundaryInRam(byte[] stream)
+    {
+        int half = OpaqueFrom(stream) / 2;
+        var parser = new QemuStreamParser();
+        int pos = 0;
+        while (pos < half && parser.TryRead(stream.AsSpan(pos), true, out var seg)) pos += seg.Length;
+        Assert.False(parser.IsOpaque);
+        return pos;
+    }
+
+    /// <summary>Stream offset of the first byte the parser does not understand (the device state).</summary>
+    private static int OpaqueFrom(byte[] stream)
+    {
+        var parser = new QemuStreamParser();
+        int pos = 0;
+        while (parser.TryRead(stream.AsSpan(pos), true, out var seg))
+        {
+            if (seg.Kind == SegmentKind.OpaqueFromHere) return pos;
+            pos += seg.Length;
+        }
+        return pos;
     }
 
     [Fact]

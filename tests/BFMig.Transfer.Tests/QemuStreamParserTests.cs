@@ -205,10 +205,14 @@ public class QemuStreamParserTests
     {
         var input = new StreamBuilder().Be32(QemuFormat.MultifdMagic).Be32(1).Bytes(new byte[100]).ToArray();
         var parser = new QemuStreamParser();
+        // First the zero-length marker (a memory sender's End goes here), once; then the bytes.
+        Assert.True(parser.TryRead(input, false, out var mark));
+        Assert.Equal(new QemuSegment(SegmentKind.OpaqueFromHere, 0), mark);
         Assert.True(parser.TryRead(input, false, out var seg));
         Assert.Equal(SegmentKind.Raw, seg.Kind);
         Assert.Equal(input.Length, seg.Length);
         Assert.Equal("multifd channel", parser.OpaqueReason);
+        Assert.False(parser.TryRead([], true, out _));
     }
 
     [Theory]

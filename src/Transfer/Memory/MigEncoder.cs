@@ -88,8 +88,9 @@ public sealed class MigEncoder
     }
 
     /// <summary>
-    /// Consumes segments from <paramref name="input"/> until no complete segment remains or the
-    /// ops reach <see cref="FlushThreshold"/>; returns the bytes consumed.
+    /// Consumes segments from <paramref name="input"/> until no complete segment remains, the
+    /// ops reach <see cref="FlushThreshold"/>, or the parser has just turned opaque (the caller
+    /// sends End before any opaque byte: see <see cref="MigSender"/>); returns the bytes consumed.
     /// </summary>
     public int Consume(ReadOnlySpan<byte> input, bool isFinal)
     {
@@ -106,6 +107,9 @@ public sealed class MigEncoder
                 case SegmentKind.BlocksDefined:
                     OnBlocks();
                     break;
+                case SegmentKind.OpaqueFromHere:
+                    _stats.OpaqueReason = Parser.OpaqueReason;
+                    return consumed;
                 default:
                     OnRaw(seg, bytes);
                     break;

@@ -24,11 +24,9 @@ public sealed class MigReceiver
     private readonly TimeSpan _endTimeout;
     // The sender's QEMU cut the stream (MigSender.CutMark on its TunnelEof).
     private bool _cut;
-    private readonly byte[] _one = new byte[1];
     private readonly bool _paced;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
     private long _reported;
-    private int _heldBack = -1;
     private bool _endChecked;
     private Task? _commit;
 
@@ -94,21 +92,15 @@ public sealed class MigReceiver
                         pos = _decoder.Process(frame.Payload.Span, pos);
                         if (_decoder.Output.Length > 0)
                         {
+                            // Every byte goes to QEMU as soon as it is rebuilt: the sender sends End
+                            // before any byte its parser did not understand (device state, QEMU's
+                            // EOF), so a QEMU can never finish loading before End checked out. No
+                            // byte may wait here for a later frame: with multifd, the source QEMU
+                            // sends the next bytes of this stream only after the destination has
+                            // taken this stream's EOS (and then its channels' pages).
                             var output = _decoder.OutputMemory;
-                            if (_endChecked)
-                            {
-                                // After a passed end check only opaque bytes (device state) follow.
-                                await qemu.Stream.WriteAsync(output, ct);
-                                _stats.StreamBytes += output.Length;
-                            }
-                            else
-                            {
-                                // The last byte so far waits for the end check: without it QEMU cannot finish loading.
-                                if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
-                                await qemu.Stream.WriteAsync(output[..^1], ct);
-                                _heldBack = output.Span[^1];
-                                _stats.StreamBytes += output.Length - 1;
-                            }
+                            await qemu.Stream.WriteAsync(output, ct);
+                            _stats.StreamBytes += output.Length;
                             _decoder.ResetOutput();
                             await ReportProgressAsync(ct);
                         }
@@ -129,7 +121,7 @@ public sealed class MigReceiver
                         if (!digest.AsSpan().SequenceEqual(end.Digest))
                         {
                             // Every page this side rebuilt is in its index: a different digest means some page
-                            // QEMU got is not the sender's. Withholding the last byte keeps that guest from starting.
+                            // QEMU got is not the sender's. The device state comes only after End, so that guest never starts.
                             await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, digest).Encode(), compress: false, ct);
                             throw new PeerProtocolException(
                                 $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
@@ -138,7 +130,6 @@ public sealed class MigReceiver
                     // Checked: QEMU may finish now. The guest is paused until it has, so the store's
                     // durable commit (fsyncs) runs alongside; until it completes the store stays in
                     // flux, and a crash in between only means that the next trip sends everything.
-                    if (_heldBack >= 0) await WriteHeldAsync(qemu, ct);
                     await qemu.Stream.FlushAsync(ct);
                     _endChecked = true;
                     _stats.SnapshotComplete = end.SnapshotComplete;
@@ -195,14 +186,6 @@ public sealed class MigReceiver
         new ProgressMessage(_reported).Encode(_progress);
         await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);
         await _writer.FlushAsync(ct);
-    }
-
-    private async Task WriteHeldAsync(LocalConnection qemu, CancellationToken ct)
-    {
-        _one[0] = (byte)_heldBack;
-        _heldBack = -1;
-        await qemu.Stream.WriteAsync(_one, ct);
-        _stats.StreamBytes++;
     }
 
     private async Task ReverseAsync(LocalConnection qemu, CancellationToken ct)

@@ -141,11 +141,15 @@ public sealed class MigSender
             _consumed = _stats.StreamBytes - (end - start);
             if (!endSent && _encoder.Parser.IsOpaque)
             {
-                // From here on no page is recorded, so the digest is final. With a return path
-                // (libvirt turns it on) the source QEMU closes only after the destination has loaded
-                // everything, so an End sent at EOF would wait for a stream the receiver withholds.
+                // From here on no page is recorded, so the digest is final. End goes ahead of every
+                // opaque byte (the encoder stops at the switch): the device state and QEMU's EOF
+                // reach the receiver only after End, so a receiver whose store disagrees keeps its
+                // QEMU from finishing without holding back any byte of the stream before it. With
+                // a return path (libvirt turns it on) the source QEMU closes only after the
+                // destination has loaded everything, so End cannot wait for EOF either.
                 await SendEndAsync(ct);
                 endSent = true;
+                continue;
             }
             if (_encoder.OpsLength >= MigEncoder.FlushThreshold)
             {

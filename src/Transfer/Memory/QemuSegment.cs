@@ -9,6 +9,11 @@ public enum SegmentKind : byte
     Page,
     /// <summary>The MEM_SIZE block list is complete (zero bytes long): <see cref="QemuStreamParser.Blocks"/> is final.</summary>
     BlocksDefined,
+    /// <summary>
+    /// The parser stops understanding the stream here (zero bytes long, once): every later byte is
+    /// <see cref="Raw"/>, and no page after it is recorded, so a digest taken now is final.
+    /// </summary>
+    OpaqueFromHere,
 }
 
 /// <summary>What a raw record says about a page's content.</summary>

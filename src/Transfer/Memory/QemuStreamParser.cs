@@ -30,6 +30,7 @@ public sealed partial class QemuStreamParser
     private int _lastBlock = -1;
     private long _memSizeRemaining;
     private bool _blocksDefinedPending;
+    private bool _opaqueMarked;
     private long _position;
 
     /// <summary>RAMBlocks announced by MEM_SIZE, in stream order.</summary>
@@ -51,6 +52,8 @@ public sealed partial class QemuStreamParser
     /// Produces the next segment from <paramref name="input"/> (which starts at <see cref="Position"/>).
     /// Returns false and consumes nothing when the input holds no complete segment yet; when
     /// <paramref name="isFinal"/> is set, a trailing incomplete record is returned as raw bytes.
+    /// When it stops understanding the stream it first returns one
+    /// <see cref="SegmentKind.OpaqueFromHere"/> marker, then the rest as raw bytes.
     /// </summary>
     public bool TryRead(ReadOnlySpan<byte> input, bool isFinal, out QemuSegment segment)
     {
@@ -67,6 +70,13 @@ public sealed partial class QemuStreamParser
         }
         if (_state != State.Opaque && isFinal && input.Length > 0)
             GoOpaque($"stream ended inside a record at offset {_position}");
+        if (_state == State.Opaque && !_opaqueMarked)
+        {
+            // Before any opaque byte: the memory sender sends End here, ahead of the device state.
+            _opaqueMarked = true;
+            segment = new QemuSegment(SegmentKind.OpaqueFromHere, 0);
+            return true;
+        }
         if (_state == State.Opaque && input.Length > 0)
         {
             segment = new QemuSegment(SegmentKind.Raw, input.Length);

@@ -49,10 +49,12 @@ public static class FrameCodec
     /// 2: frames after a pre-shared-key handshake are sealed (<see cref="FrameSealer"/>), and the
     /// disk channel's export hello carries the block-identity key. 3: the export hello and reply
     /// carry each host's blocks in doubt after a failed trip (<c>DiskDoubt</c>), and the hello may
-    /// mark a stream as a multifd channel. An older peer is refused in the hello, by name, rather
-    /// than misread.
+    /// mark a stream as a multifd channel. 4: a memory stream's End comes before every byte the
+    /// sender's parser did not understand, and the receiver no longer holds back the stream's last
+    /// byte until End (a 3 sender with a 4 receiver would let the device state reach QEMU before the
+    /// digest check). An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 3;
+    public const ushort ProtocolVersion = 4;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
