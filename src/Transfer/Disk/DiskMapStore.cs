@@ -85,6 +85,8 @@ public static class DiskMapStore
     {
         if (!images.TryGetValue(exportName, out var image))
             return $"no image known for export '{exportName}' (bfmig-transfer --image)";
+        if (File.Exists(image.Path) && !DiskImageIdentity.IsRegularFile(image.Path))
+            return $"{image.Path} is a block device: its timestamps cannot tell whether it was written";
         if (map.Identity is null)
             return "the map names no image (it was recorded while the image was in use)";
         if (map.Identity.IsPending)
