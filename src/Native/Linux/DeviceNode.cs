@@ -3,6 +3,9 @@ using Microsoft.Win32.SafeHandles;
 
 namespace BFMig.Native.Linux;
 
+/// <summary>An owner of a file: uid and gid.</summary>
+public readonly record struct NodeOwner(uint Uid, uint Gid);
+
 /// <summary>What lstat/fstat says about one file: type and permission bits, owner, inode, device number.</summary>
 public readonly record struct NodeStatus(uint Mode, uint Uid, uint Gid, ulong Inode, uint RdevMajor, uint RdevMinor)
 {
@@ -127,15 +130,15 @@ public static class DeviceNode
 
     /// <summary>
     /// Opens the block device at <paramref name="path"/> for reading (see the type for the
-    /// checks); returns the handle and the resolved path. Throws
+    /// checks; <paramref name="lentTo"/>: the QEMU user, who may own it while a guest uses it); returns the handle and the resolved path. Throws
     /// <see cref="UnauthorizedAccessException"/> when a check fails, <see cref="IOException"/>
     /// when something cannot be read.
     /// </summary>
-    public static (SafeFileHandle Handle, string Resolved) OpenBlockDeviceForReading(string path, uint? otherOwner, uint? otherGroup)
+    public static (SafeFileHandle Handle, string Resolved) OpenBlockDeviceForReading(string path, NodeOwner? lentTo)
     {
         string resolved = ResolveSafely(path);
         var before = LStat(resolved) ?? throw new IOException($"{resolved}: cannot be read");
-        CheckDevice(resolved, before, otherOwner, otherGroup);
+        CheckDevice(resolved, before, lentTo);
         var handle = File.OpenHandle(resolved, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
         try
         {
@@ -167,12 +170,12 @@ public static class DeviceNode
             throw new UnauthorizedAccessException($"{path}: a directory that someone other than root can change (owner {status.Uid}, mode {Convert.ToString(status.Mode & 0xFFF, 8)})");
     }
 
-    private static void CheckDevice(string path, NodeStatus status, uint? otherOwner, uint? otherGroup)
+    private static void CheckDevice(string path, NodeStatus status, NodeOwner? lentTo)
     {
         if (!status.IsBlockDevice)
             throw new UnauthorizedAccessException($"{path}: not a block device");
         bool rootOwned = status.Uid == 0 && (status.Gid == 0 || status.Gid == DiskGroup.Value);
-        bool qemuOwned = otherOwner is { } uid && status.Uid == uid && (status.Gid == 0 || status.Gid == DiskGroup.Value || status.Gid == otherGroup);
+        bool qemuOwned = lentTo is { } qemu && status.Uid == qemu.Uid && (status.Gid == 0 || status.Gid == DiskGroup.Value || status.Gid == qemu.Gid);
         if (!rootOwned && !qemuOwned)
             throw new UnauthorizedAccessException($"{path}: a block device of {status.Uid}:{status.Gid}, neither root's (group root or disk) nor the QEMU user's");
         if ((status.Mode & 0x2) != 0)

@@ -28,7 +28,7 @@ public static class DiskPath
         DiskDoubtJournal? journal = null;
         var filter = new NbdSenderFilter(new NbdSenderFilterOptions
         {
-            SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize() : null,
+            SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize(o.QemuUser) : null,
             Touching = (offset, length) => journal?.Touching(offset, length),
         });
         var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize);
@@ -303,7 +303,7 @@ public static class DiskPath
         if (o.Rehash is not { } limits || !o.DiskImages.TryGetValue(export, out var image) || DiskRehash.Unsupported(image) is not null)
             return null;
         TransferLog.Note($"bfmig-transfer: re-hashing {image.Path} for export '{export}' ({refused})");
-        var (result, why) = await DiskRehash.ProveAsync(image, saved, o.StoreRoot!, limits, ct);
+        var (result, why) = await DiskRehash.ProveAsync(image, saved, o.StoreRoot!, limits, o.QemuUser, ct);
         if (result is null)
         {
             TransferLog.Note($"bfmig-transfer: re-hash of {image.Path} gave up: {why}");

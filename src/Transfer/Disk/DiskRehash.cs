@@ -8,9 +8,7 @@ namespace BFMig.Transfer.Disk;
 /// <summary>How much a re-hash may cost this host.</summary>
 /// <param name="BytesPerSecond">Read rate cap, for all re-hashes of this host together (they run one at a time).</param>
 /// <param name="Timeout">Longest a re-hash may take, waiting for another one included; past it the disk is sent whole.</param>
-/// <param name="QemuUid">The QEMU user's uid: libvirt hands a guest's block device to it while the guest runs (null: root only).</param>
-/// <param name="QemuGid">The QEMU user's group.</param>
-public sealed record DiskRehashLimits(long BytesPerSecond, TimeSpan Timeout, uint? QemuUid = null, uint? QemuGid = null)
+public sealed record DiskRehashLimits(long BytesPerSecond, TimeSpan Timeout)
 {
     /// <summary>400 MB/s (a local disk's sequential rate, far above any WAN), at most two minutes.</summary>
     public static DiskRehashLimits Default { get; } = new(400_000_000, TimeSpan.FromMinutes(2));
@@ -56,10 +54,11 @@ public static class DiskRehash
     /// <summary>
     /// Reads <paramref name="image"/> and compares it with <paramref name="saved"/>. Returns the
     /// result, or null with the reason when the image cannot be read safely or in time (the
-    /// caller then does not use the map). Cancelled with <paramref name="ct"/>.
+    /// caller then does not use the map). <paramref name="qemu"/>: the QEMU user, who may own a
+    /// block device while libvirt lends it to a guest. Cancelled with <paramref name="ct"/>.
     /// </summary>
     public static async Task<(DiskRehashResult? Result, string? Why)> ProveAsync(DiskImageSpec image, DiskBlockMap saved, string lockDirectory,
-        DiskRehashLimits limits, CancellationToken ct)
+        DiskRehashLimits limits, NodeOwner? qemu, CancellationToken ct)
     {
         if (Unsupported(image) is { } why)
             return (null, why);
@@ -69,7 +68,7 @@ public static class DiskRehash
         try
         {
             using var turn = await TakeTurnAsync(lockDirectory, budget.Token);
-            using var handle = Open(image, limits);
+            using var handle = Open(image, qemu);
             var (differing, bytes) = await CompareAsync(handle, saved, limits.BytesPerSecond, clock, budget.Token);
             return (new DiskRehashResult(differing, saved.KnownCount, bytes, clock.Elapsed), null);
         }
@@ -85,11 +84,11 @@ public static class DiskRehash
 
     // A block device only along a path and with an owner nobody less privileged controls; a file
     // as its identity is read (the daemon named it from the domain XML), but never a FIFO or the like.
-    private static SafeFileHandle Open(DiskImageSpec image, DiskRehashLimits limits)
+    private static SafeFileHandle Open(DiskImageSpec image, NodeOwner? qemu)
     {
         var status = DeviceNode.Stat(image.Path) ?? throw new IOException($"{image.Path}: cannot be read");
         if (status.IsBlockDevice)
-            return DeviceNode.OpenBlockDeviceForReading(image.Path, limits.QemuUid, limits.QemuGid).Handle;
+            return DeviceNode.OpenBlockDeviceForReading(image.Path, qemu).Handle;
         if (!status.IsRegularFile)
             throw new UnauthorizedAccessException($"{image.Path}: neither a regular file nor a block device");
         var handle = File.OpenHandle(image.Path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);

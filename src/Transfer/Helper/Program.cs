@@ -191,15 +191,16 @@ internal static class Program
         return d;
     }
 
-    // --rehash-rate MB/s (0: never re-hash); --qemu-user: whose a guest's block device may be while libvirt lends it to QEMU.
+    // --rehash-rate MB/s (0: never re-hash).
     private static DiskRehashLimits? RehashLimits(Dictionary<string, string> d)
     {
         long rate = d.TryGetValue("rehash-rate", out var r) ? ParseLong(r, "rehash-rate") : DiskRehashLimits.Default.BytesPerSecond / 1_000_000;
-        if (rate <= 0)
-            return null;
-        var qemu = d.TryGetValue("qemu-user", out var user) ? UnixUsers.GetUser(user) ?? throw new FormatException($"--qemu-user {user}: no such user") : null;
-        return DiskRehashLimits.Default with { BytesPerSecond = rate * 1_000_000, QemuUid = qemu?.Uid, QemuGid = qemu?.Gid };
+        return rate <= 0 ? null : DiskRehashLimits.Default with { BytesPerSecond = rate * 1_000_000 };
     }
+
+    // --qemu-user: who may own a guest's block device while libvirt lends it to QEMU.
+    private static NodeOwner QemuUser(string name) =>
+        UnixUsers.GetUser(name) is { } u ? new NodeOwner(u.Uid, u.Gid) : throw new FormatException($"--qemu-user {name}: no such user");
 
     private static string Required(Dictionary<string, string> d, string name) =>
         d.TryGetValue(name, out var v) ? v : throw new FormatException($"--{name} is required");
@@ -241,6 +242,7 @@ internal static class Program
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
             DiskImages = images,
             Rehash = RehashLimits(d),
+            QemuUser = d.TryGetValue("qemu-user", out var user) ? QemuUser(user) : null,
             MaxRamBytes = d.TryGetValue("max-ram", out var mr) ? RamLimit.ForGuest(ParseLong(mr, "max-ram")) : 0,
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,

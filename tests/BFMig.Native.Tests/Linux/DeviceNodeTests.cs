@@ -27,7 +27,7 @@ public sealed class DeviceNodeTests : IDisposable
     [Fact]
     public void A_character_device_is_not_a_block_device()
     {
-        var e = Assert.Throws<UnauthorizedAccessException>(() => DeviceNode.OpenBlockDeviceForReading("/dev/null", null, null));
+        var e = Assert.Throws<UnauthorizedAccessException>(() => DeviceNode.OpenBlockDeviceForReading("/dev/null", null));
         Assert.Contains("not a block device", e.Message);
     }
 
@@ -82,7 +82,7 @@ public sealed class DeviceNodeTests : IDisposable
             Directory.CreateDirectory(Path.GetDirectoryName(link)!);
             // Relative, like LVM's /dev/VG/LV -> ../dm-N.
             File.CreateSymbolicLink(link, Path.GetRelativePath(Path.GetDirectoryName(link)!, loop));
-            var (handle, resolved) = DeviceNode.OpenBlockDeviceForReading(link, null, null);
+            var (handle, resolved) = DeviceNode.OpenBlockDeviceForReading(link, null);
             using (handle)
             {
                 Assert.Equal(loop, resolved);
@@ -92,9 +92,9 @@ public sealed class DeviceNodeTests : IDisposable
 
             // Handed to another user (not the QEMU user named): refused.
             Run("chown", "65534", loop);
-            Assert.Contains("neither root's", Assert.Throws<UnauthorizedAccessException>(() => DeviceNode.OpenBlockDeviceForReading(link, null, null)).Message);
+            Assert.Contains("neither root's", Assert.Throws<UnauthorizedAccessException>(() => DeviceNode.OpenBlockDeviceForReading(link, null)).Message);
             // The QEMU user libvirt lent it to: accepted.
-            DeviceNode.OpenBlockDeviceForReading(link, 65534, 65534).Handle.Dispose();
+            DeviceNode.OpenBlockDeviceForReading(link, new NodeOwner(65534, 65534)).Handle.Dispose();
         }
         finally
         {

@@ -362,6 +362,9 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         try
         {
             loopB = (await TestEnv.RunAsync("losetup", ["--find", "--show", dir.File("b.raw")])).Trim();
+            // The sender's bound on the export a peer may declare: the device's size, through a link too.
+            File.CreateSymbolicLink(dir.File("a.link"), loopA);
+            Assert.Equal(Size, new DiskImageSpec(dir.File("a.link"), "raw").ReadVirtualSize());
             var a = new Host("a", loopA, dir.File("store-a"), "raw");
             var b = new Host("b", loopB, dir.File("store-b"), "raw");
             var first = await RunTripAsync(dir, a, b);
