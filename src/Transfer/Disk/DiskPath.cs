@@ -162,23 +162,30 @@ public static class DiskPath
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             var (saved, doubt, why) = DiskMapStore.LoadRetained(mapPath);
+            // A map wholly in doubt (its image written outside any journaled trip: a guest started
+            // here while away) may still be proven block by block; nothing else can say which.
+            bool wholly = false;
+            if (saved is null && doubt.Whole && DiskMapStore.LoadSound(mapPath) is { } doubted)
+                (saved, wholly) = (doubted, true);
             if (saved is not null && !saved.HashKey.Equals(senderKey))
-                (saved, why) = (null, "the sender hashes under another key (its map is not this one's peer)");
+                (saved, why, wholly) = (null, "the sender hashes under another key (its map is not this one's peer)", false);
             bool rehashed = false;
-            if (saved is not null && DiskMapStore.IdentityMismatch(saved, name, o.DiskImages) is { } refused)
+            if (saved is not null && (wholly ? why : DiskMapStore.IdentityMismatch(saved, name, o.DiskImages)) is { } refused)
             {
                 // Only the image itself can say it still holds what the map describes: its identity
                 // could not, so its content must, block by block.
                 var proof = await RehashAsync(saved, name, refused, o, stats, t);
                 if (proof is null)
                 {
-                    stats.DiskMapRefused = refused;
+                    if (!wholly)
+                        stats.DiskMapRefused = refused;
                     (saved, why) = (null, refused);
                 }
                 else
                 {
-                    // A block that differs is in doubt like one a failed trip wrote: both hosts drop it.
-                    doubt = doubt.Union(proof.Differing);
+                    // A block that differs is in doubt like one a failed trip wrote: both hosts drop
+                    // it. A map wholly in doubt is now in doubt exactly where it differs.
+                    doubt = wholly ? proof.Differing : doubt.Union(proof.Differing);
                     rehashed = true;
                 }
             }

@@ -339,6 +339,35 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     }
 
     /// <summary>
+    /// The guest was started on A while away (bfmigd marks A's map wholly in doubt) and wrote its
+    /// raw image: the re-hash proves the rest of the map, and only what the fork wrote travels
+    /// back besides B's changes.
+    /// </summary>
+    [Fact]
+    public async Task AMapWhollyInDoubtIsProvenBlockByBlockByAReHash()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        using var dir = TestEnv.CreateTempDir();
+        var a = new Host("a", dir.File("a.raw"), dir.File("store-a"), "raw");
+        var b = new Host("b", dir.File("b.raw"), dir.File("store-b"), "raw");
+        Images.CreateRandomRaw(a.Image, Size, seed: 47);
+        await Images.CreateAsync(b.Image, Size, "raw");
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+
+        DiskBlockMap.MarkInFlux(MapOf(a));
+        await Images.IoAsync(a.Image, ["write -P 0x33 5M 192k"], "raw");
+        await Images.IoAsync(b.Image, Changes(3, 7), "raw");
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+        Assert.Equal("store-match", back.Receiver.Mode);
+        Assert.Contains("3 blocks in 1 ranges of", back.Receiver.DiskRehash);
+        Assert.True(back.Sender.StreamBytes < first.Sender.StreamBytes / 20, $"return trip carried {back.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    /// <summary>
     /// Both hosts' disks are block devices (loop devices): no identity can prove them, so every
     /// arrival re-hashes the retained device; a write to it behind BFMig's back (which no
     /// timestamp shows) is found and sent, and the trips stay cheap and exact.
