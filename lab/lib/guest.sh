@@ -16,13 +16,16 @@ guest_serial() { echo "$(host_dir "$1")/lib/qemu/$LAB_GUEST.serial"; }
 
 # RAM_MIB [STORAGE]: STORAGE local (default: the qcow2 in each host's own images directory) or
 # shared (the network disk of lib/storage.sh, the same on both hosts) or shared-file (the same
-# qcow2 path on both hosts, which libvirt cannot know is shared).
+# qcow2 path on both hosts, which libvirt cannot know is shared) or block (each host's loop
+# device, lib/blockdev.sh).
 guest_xml() {
     local ram_mib=$1 storage=${2:-local} disk
     if [[ $storage == shared ]]; then
         disk=$(storage_disk_xml)
     elif [[ $storage == shared-file ]]; then
         disk=$(storage_file_disk_xml)
+    elif [[ $storage == block ]]; then
+        disk=$(blockdev_disk_xml)
     else
         disk="    <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2' discard='unmap'/>

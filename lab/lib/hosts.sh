@@ -298,6 +298,7 @@ cmd_down() {
     done
     if [[ -e /run/netns/$(netns_name sw) ]]; then ip netns del "$(netns_name sw)"; fi
     storage_down
+    blockdev_detach_all
     # A post-copy trip that died before its cleanup leaves the machine-wide setting it changed.
     if [[ -f $LAB_RUN/postcopy.uffd-restore ]]; then
         cat "$LAB_RUN/postcopy.uffd-restore" > /proc/sys/vm/unprivileged_userfaultfd || true

@@ -10,6 +10,12 @@
 LAB_STORAGE_ARGS=(--copy-storage-all)
 # Text of `info block` that identifies the guest's disk (its qcow2 file, or the NBD server).
 GUEST_DISK_MATCH=$LAB_GUEST.qcow2
+# yes: the guest's disk is each host's loop device (--storage block), not its qcow2.
+LAB_DISK_BLOCK=no
+
+# The guest's disk on host H as the machine reads it, and its format.
+guest_disk_path() { if [[ $LAB_DISK_BLOCK == yes ]]; then blockdev_device "$1"; else guest_image "$1"; fi; }
+guest_disk_format() { if [[ $LAB_DISK_BLOCK == yes ]]; then echo raw; else echo qcow2; fi; }
 
 # Bytes that crossed the lab's network so far: what every host sent on its lab-<h> (each byte
 # leaves exactly one host; with two hosts that is what one end of the veth saw both ways).
@@ -52,7 +58,7 @@ guest_qemu_io() {
 images_identical() {
     local src=$1 dst=$2
     guest_qemu_io "$dst" flush
-    qemu-img compare -U -f qcow2 -F qcow2 "$(guest_image "$src")" "$(guest_image "$dst")" > "$LAB_VAR/work/compare.out" 2>&1
+    qemu-img compare -U -f "$(guest_disk_format)" -F "$(guest_disk_format)" "$(guest_disk_path "$src")" "$(guest_disk_path "$dst")" > "$LAB_VAR/work/compare.out" 2>&1
 }
 
 # Behind the guest's back: a test that the verifier can fail.
@@ -76,6 +82,7 @@ scenario_cleanup() {
     storage_untrace
     storage_stop
     rm -f "$(storage_image)"
+    blockdev_detach_all
 }
 
 json_skipped() {
@@ -220,7 +227,7 @@ cmd_roundtrip() {
             --fault) fault_check_spec "$2"; faults+=("$2") ;;
             --mem-move-files) [[ $2 =~ ^[0-9]+$ ]] || die "--mem-move-files: a number of RAM files"; move_files=$2 ;;
             --call) call=$2 ;;
-            --storage) [[ $2 =~ ^(local|shared|shared-file)$ ]] || die "--storage: local, shared or shared-file"; storage=$2 ;;
+            --storage) [[ $2 =~ ^(local|shared|shared-file|block)$ ]] || die "--storage: local, shared, shared-file or block"; storage=$2 ;;
             --trace-shared) [[ $2 =~ ^(yes|no)$ ]] || die "--trace-shared: yes or no"; trace_shared=$2 ;;
             --daemon-down) [[ $2 =~ ^(src|dst)@[0-9]+$ ]] || die "--daemon-down: src@TRIP or dst@TRIP"; downs+=("$2") ;;
             --copy-storage) [[ $2 =~ ^(all|inc)$ ]] || die "--copy-storage: all or inc"; copy_storage=$2 ;;
@@ -263,6 +270,13 @@ cmd_roundtrip() {
     if [[ $storage == shared-file ]]; then
         LAB_STORAGE_ARGS=(--unsafe)
         GUEST_DISK_MATCH=$(storage_image)
+    fi
+    LAB_DISK_BLOCK=no
+    if [[ $storage == block ]]; then
+        [[ $copy_storage == all && $backing_top_mib == 0 && $guests == 1 && $call == virsh ]] ||
+            die "--storage block: one guest, the virsh call, --copy-storage all, no --backing-top-mib"
+        LAB_DISK_BLOCK=yes
+        GUEST_DISK_MATCH=$LAB_GUEST.blk
     fi
     if [[ $copy_storage == inc || $backing_top_mib -gt 0 ]]; then
         [[ $storage == local ]] || die "--copy-storage inc and --backing-top-mib copy local storage: not with --storage $storage"
@@ -341,6 +355,9 @@ cmd_roundtrip() {
         log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A: a qcow2 overlay holding ${backing_top_mib} MiB on a backing file present on both hosts"
         guest_prepare_backing_disk a "$disk_gib" "$disk_data_mib" "$backing_top_mib"
         base_sum=$(md5sum < "$(guest_base_image a)")
+    elif [[ $storage == block ]]; then
+        log "$mode: preparing a ${disk_gib} GiB block device (loop) with ${disk_data_mib} MiB of data on A"
+        blockdev_prepare_disk a "$disk_gib" "$disk_data_mib"
     else
         log "$mode: preparing a ${disk_gib} GiB disk with ${disk_data_mib} MiB of data on A"
         guest_prepare_disk a "$disk_gib" "$disk_data_mib"
@@ -363,7 +380,9 @@ cmd_roundtrip() {
     for ((trip = 1; trip <= trips; trip++)); do
         src=${route[trip - 1]}
         dst=${route[trip]}
-        if [[ $storage != shared* && ! -e $(guest_image "$dst") ]]; then
+        if [[ $storage == block ]]; then
+            [[ -n $(blockdev_device "$dst") ]] || blockdev_attach "$dst" "$disk_gib"
+        elif [[ $storage != shared* && ! -e $(guest_image "$dst") ]]; then
             if ((backing_top_mib > 0)); then guest_create_overlay "$dst"; else qemu-img create -q -f qcow2 "$(guest_image "$dst")" "${disk_gib}G"; fi
         fi
         local backing_json=null top_bytes=0
@@ -476,7 +495,7 @@ cmd_roundtrip() {
                 # gets a pattern at the end of the disk, where the guest has no data; only a trip
                 # that sends the whole disk puts back what the guest has there.
                 log "$mode: writing ${touch_mib} MiB into the image the guest left on ${src^^} (qemu-io)"
-                qemu-io -f qcow2 -c "write -P 0x5a $((disk_gib * 1024 - touch_mib))M ${touch_mib}M" "$(guest_image "$src")" > /dev/null ||
+                qemu-io -f "$(guest_disk_format)" -c "write -P 0x5a $((disk_gib * 1024 - touch_mib))M ${touch_mib}M" "$(guest_disk_path "$src")" > /dev/null ||
                     die "$mode: writing into ${src^^}'s retained image failed"
             fi
             # A scenario may choose each trip's changes (the soak draws them from its seed).

@@ -39,6 +39,15 @@ public sealed class TransferOptions
     /// An export not listed here is never elided into.
     /// </summary>
     public IReadOnlyDictionary<string, DiskImageSpec> DiskImages { get; init; } = new Dictionary<string, DiskImageSpec>();
+
+    /// <summary>
+    /// What a receiver may spend proving its retained raw image by reading it when the image's
+    /// identity cannot (a block device, a file touched since); null: never re-hash.
+    /// </summary>
+    public DiskRehashLimits? Rehash { get; init; } = DiskRehashLimits.Default;
+
+    /// <summary>The QEMU user: libvirt lends a guest's block device to it (owner) while the guest runs; null: only root's devices are read.</summary>
+    public BFMig.Native.Linux.NodeOwner? QemuUser { get; init; }
     /// <summary>Called about every <see cref="ProgressInterval"/> with the stream's live counters (any thread).</summary>
     public Action<TransferProgress>? Progress { get; init; }
     public TimeSpan ProgressInterval { get; init; } = TimeSpan.FromMilliseconds(500);

@@ -46,6 +46,12 @@ public sealed class TransferStats
     public string? DiskMap { get; set; }
     /// <summary>Kind nbd, receiver: why the retained map of the export was not used (null when it was, or there was none).</summary>
     public string? DiskMapRefused { get; set; }
+    /// <summary>Receiver: what re-hashing the retained image proved and cost, when the identity could not prove it (<see cref="Disk.DiskRehash"/>).</summary>
+    public string? DiskRehash { get; set; }
+    /// <summary>Receiver: seconds the re-hash took (0: none).</summary>
+    public double DiskRehashSeconds { get; set; }
+    /// <summary>Receiver: bytes the re-hash read.</summary>
+    public long DiskRehashBytes { get; set; }
     /// <summary>Kind nbd: why no retained map was used (no map yet, in doubt, refused, differs), null when one was.</summary>
     public string? DiskMapUnused { get; set; }
     /// <summary>Kind nbd: blocks not elided because an interrupted trip left them in doubt (when a map was used).</summary>

@@ -51,15 +51,18 @@ public sealed class DiskIdentityTests(ITestOutputHelper output)
         """;
 
     [Fact]
-    public void File_backed_disks_are_named_under_every_export_name_libvirt_may_use()
+    public void File_backed_and_block_device_disks_are_named_under_every_export_name_libvirt_may_use()
     {
         var disks = DomainDisks.Parse(LiveXml);
-        Assert.Equal(["vda", "vdb"], disks.Select(d => d.Target));
+        Assert.Equal(["vda", "vdb", "vdc"], disks.Select(d => d.Target));
         Assert.Equal(["drive-virtio-disk0", "libvirt-2-storage", "libvirt-2-format"], disks[0].ExportNames);
         Assert.Equal(("/var/lib/libvirt/images/lab-guest.qcow2", "qcow2"), (disks[0].Image.Path, disks[0].Image.Format));
         Assert.Equal(("/var/lib/libvirt/images/data.img", "raw"), (disks[1].Image.Path, disks[1].Image.Format));
+        // A block device is named too: its receiver re-hashes it (its timestamps prove nothing).
+        Assert.Equal(("/dev/vg0/lv", "raw"), (disks[2].Image.Path, disks[2].Image.Format));
+        Assert.Equal(["drive-virtio-disk2", "libvirt-3-storage", "libvirt-3-format"], disks[2].ExportNames);
         var args = TransferManager.ImageArguments(disks).ToList();
-        Assert.Equal(12, args.Count);
+        Assert.Equal(18, args.Count);
         Assert.Equal(["--image", "drive-virtio-disk0=qcow2:/var/lib/libvirt/images/lab-guest.qcow2"], args.Take(2));
         // No export name is claimed by two disks.
         var names = disks.SelectMany(d => d.ExportNames).ToList();

@@ -117,6 +117,7 @@ public static class DaemonConfiguration
             TransferHelper = s.OptionalPath("transfer:helper"),
             MaxTransfers = s.Integer("transfer:max_concurrent", DefaultMaxTransfers(Environment.ProcessorCount), min: 1, max: 256),
             ShutdownGraceSeconds = s.Integer("transfer:shutdown_grace_seconds", 20, min: 0, max: 3600),
+            RehashRateMBps = s.Integer("transfer:rehash_mbps", 400, min: 0, max: 100_000),
             Peers = peers,
             Transparent = s.Boolean("daemon:transparent", peers.Count > 0),
             TransparentPort = s.Integer("daemon:transparent_port", 16601, min: 0, max: 65535),

@@ -91,6 +91,13 @@ public sealed record DaemonOptions
     /// <summary>Where the libvirt hook should be installed; <c>Doctor</c> checks it.</summary>
     public string HookPath { get; init; } = "/etc/libvirt/hooks/qemu.d/50-bfmig";
 
+    /// <summary>
+    /// Read rate cap (MB/s) of a receiver re-hashing a retained raw image that its identity cannot
+    /// prove (a block device, a file touched since); the host's re-hashes run one at a time, so
+    /// it caps the host. 0: never re-hash (such disks are sent whole).
+    /// </summary>
+    public int RehashRateMBps { get; init; } = 400;
+
     /// <summary>The <c>bfmig-transfer</c> executable; null means the installed one (see <c>TransferHelperLocator</c>).</summary>
     public string? TransferHelper { get; init; }
 

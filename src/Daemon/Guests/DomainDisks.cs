@@ -18,19 +18,21 @@ public sealed record DomainDisk(string Target, DiskImageSpec Image, IReadOnlyLis
 /// <param name="Target">The guest's device name.</param>
 /// <param name="SourceType">The disk's <c>type</c>: <c>file</c>, <c>block</c>, <c>network</c>, <c>volume</c>, ...</param>
 /// <param name="Protocol">For a network disk its protocol (<c>rbd</c>, <c>nbd</c>, <c>iscsi</c>, <c>gluster</c>), else "".</param>
-/// <param name="File">The usable image of a file-backed disk (absolute path, QEMU format name), else null.</param>
+/// <param name="File">The usable image of a file-backed or block-device disk (absolute path, QEMU format name), else null.</param>
 /// <param name="ExportNames">The NBD export names libvirt may give the disk (see <see cref="DomainDisk"/>).</param>
 public sealed record DomainDiskSource(string Target, string SourceType, string Protocol, DiskImageSpec? File, IReadOnlyList<string> ExportNames);
 
 /// <summary>
 /// Reads the disks of a domain XML (the live one: aliases and indexes are assigned when the
-/// guest starts). Only file-backed disks are named to helpers: a block device's mtime does not
-/// change when it is written, so its identity could not tell that it was touched, and it is
-/// always sent whole; a network disk is shared storage by nature (see <see cref="ImageCustody"/>).
+/// guest starts). File-backed disks and block devices (<c>type='block'</c>: LVM volumes,
+/// partitions) are named to helpers; a block device's timestamps do not move when it is written,
+/// so no identity can prove it unwritten and a receiver re-hashes it instead (DiskRehash, which
+/// also checks its path and owner). A network disk is shared storage by nature (see
+/// <see cref="ImageCustody"/>).
 /// </summary>
 public static class DomainDisks
 {
-    /// <summary>The file-backed disks of <paramref name="domainXml"/>; an XML that does not parse has none.</summary>
+    /// <summary>The file-backed and block-device disks of <paramref name="domainXml"/>; an XML that does not parse has none.</summary>
     public static IReadOnlyList<DomainDisk> Parse(string domainXml) =>
         [.. Describe(domainXml).Where(d => d.File is not null && d.ExportNames.Count > 0).Select(d => new DomainDisk(d.Target, d.File!, d.ExportNames))];
 
@@ -55,7 +57,12 @@ public static class DomainDisks
         {
             var type = disk.GetAttribute("type");
             var source = disk["source"];
-            string path = type == "file" ? source?.GetAttribute("file") ?? "" : "";
+            string path = type switch
+            {
+                "file" => source?.GetAttribute("file") ?? "",
+                "block" => source?.GetAttribute("dev") ?? "",
+                _ => "",
+            };
             string format = disk["driver"]?.GetAttribute("type") ?? "";
             string target = disk["target"]?.GetAttribute("dev") ?? "";
             var names = new List<string>();

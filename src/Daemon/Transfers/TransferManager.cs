@@ -258,7 +258,7 @@ public sealed partial class TransferManager
 
     private IEnumerable<string> CrlArguments() => PeerCredentials.RevocationList(_options) is { } crl ? ["--tls-crl", crl] : [];
 
-    /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed disk.</summary>
+    /// <summary>The helper's <c>--image</c> arguments: every export name of every file-backed or block-device disk.</summary>
     public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>
         disks.SelectMany(d => d.ExportNames.SelectMany(e => new[] { "--image", d.Image.ToArgument(e) }));
 
@@ -290,7 +290,10 @@ public sealed partial class TransferManager
                 args.AddRange(["--psk-file", _options.PskFile]);
             args.AddRange(["--compress", _options.Compression.ToString().ToLowerInvariant()]);
             if (kind == StreamKind.Nbd)
+            {
                 args.AddRange(ImageArguments(disks));
+                args.AddRange(["--qemu-user", _options.QemuUser, "--rehash-rate", _options.RehashRateMBps.ToString(CultureInfo.InvariantCulture)]);
+            }
             args.AddRange(["--progress-fd", ProgressFd.ToString(CultureInfo.InvariantCulture)]);
             ChildProcess child;
             lock (_gate)

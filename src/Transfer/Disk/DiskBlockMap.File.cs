@@ -183,6 +183,8 @@ public sealed partial class DiskBlockMap
             return SealResult.Unclean;
         if (map.Identity is not { IsPending: true } pending)
             return SealResult.NotPending;
+        if (File.Exists(pending.Path) && !DiskImageIdentity.IsRegularFile(pending.Path))
+            return SealResult.NotAFile;
         DiskImageIdentity captured;
         try
         {

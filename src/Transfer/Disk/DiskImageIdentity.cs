@@ -56,8 +56,17 @@ public sealed record DiskImageIdentity(string Path, ulong Inode, ulong Size, lon
         var info = new FileInfo(full);
         if (!info.Exists)
             throw new FileNotFoundException("disk image not found", full);
+        if (!IsRegularFile(full))
+            throw new NotAFileException(full);
         return new DiskImageIdentity(full, ReadInode(full), (ulong)info.Length, info.LastWriteTimeUtc.Ticks, format, ReadFingerprint(full, format));
     }
+
+    /// <summary>
+    /// True when <paramref name="path"/> (following links) is a regular file: only a file's
+    /// identity says whether it was written (a block device's timestamps do not move when it is,
+    /// and opening a FIFO or a character device to fingerprint it could block or consume it).
+    /// </summary>
+    public static bool IsRegularFile(string path) => BFMig.Native.Linux.DeviceNode.Stat(path) is { IsRegularFile: true };
 
     /// <summary>
     /// Hash of the first <see cref="HeadBytes"/>, for qcow2 the L1 table (up to
@@ -134,6 +143,17 @@ public sealed record DiskImageIdentity(string Path, ulong Inode, ulong Size, lon
     }
 }
 
+/// <summary>
+/// The image is not a regular file (a block device): it has no identity that could prove it
+/// unwritten, only a re-hash can (<see cref="DiskRehash"/>).
+/// </summary>
+public sealed class NotAFileException(string path)
+    : IOException($"{path} is not a regular file: its identity cannot tell whether it was written, only a re-hash can")
+{
+    /// <summary>The image's path.</summary>
+    public string ImagePath { get; } = path;
+}
+
 /// <summary>What <see cref="DiskBlockMap.SealIdentity"/> did.</summary>
 public enum SealResult
 {
@@ -154,4 +174,7 @@ public enum SealResult
 
     /// <summary>The image the map names does not exist: left alone.</summary>
     ImageMissing,
+
+    /// <summary>The image is a block device: its identity stays pending, the next trip's receiver re-hashes it.</summary>
+    NotAFile,
 }

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Disk;
 
@@ -30,15 +31,23 @@ public sealed record DiskImageSpec(string Path, string Format)
     }
 
     /// <summary>
-    /// The disk's virtual size: a qcow2 header's size field, a raw file's length. Null when it
-    /// cannot be read or the format is another (a raw block device reports no length here).
+    /// The disk's virtual size: a qcow2 header's size field, a raw file's length, a raw block
+    /// device's size (opened only as <see cref="DeviceNode"/> allows, <paramref name="qemu"/>
+    /// being the user libvirt may have lent it to). Null when it cannot be read or the format is another.
     /// </summary>
-    public ulong? ReadVirtualSize()
+    public ulong? ReadVirtualSize(NodeOwner? qemu = null)
     {
         try
         {
+            if (Format == "raw" && DeviceNode.IsBlockDevice(Path))
+            {
+                using var device = DeviceNode.OpenBlockDeviceForReading(Path, qemu).Handle;
+                return DeviceNode.Size(device) is > 0 and var size ? (ulong)size : null;
+            }
             if (Format == "raw")
-                return new FileInfo(Path).Length is > 0 and var length ? (ulong)length : null;
+                // The file a link names, not the link (FileInfo.Length of a link is the link's own).
+                return new FileInfo(Path).ResolveLinkTarget(returnFinalTarget: true) is FileInfo { Exists: true } target ? Positive(target.Length)
+                    : new FileInfo(Path).Length is > 0 and var length ? (ulong)length : null;
             if (Format != "qcow2")
                 return null;
             // qcow2 header (QEMU docs/interop/qcow2.txt): be32 magic "QFI\xfb" at 0, be64 size at 24.
@@ -53,6 +62,8 @@ public sealed record DiskImageSpec(string Path, string Format)
             return null;
         }
     }
+
+    private static ulong? Positive(long length) => length > 0 ? (ulong)length : null;
 
     /// <summary>The <c>--image</c> value for <paramref name="export"/>.</summary>
     public string ToArgument(string export) => $"{export}={Format}:{Path}";

@@ -58,11 +58,32 @@ public static class DiskMapStore
         {
             return (null, DiskDoubt.All, $"map unreadable: {e.Message}");
         }
-        if (map.LastTripUnclean) return (null, DiskDoubt.All, "the map's last trip ended unclean");
-        if (map.BlockSize != BlockSize) return (null, DiskDoubt.All, $"the map has {map.BlockSize}-byte blocks, this helper {BlockSize}");
-        if (map.HashKey.Equals(DiskHashKey.Unkeyed)) return (null, DiskDoubt.All, "the map has no hash key");
-        return (map, doubt, null);
+        return Unsound(map) is { } why ? (null, DiskDoubt.All, why) : (map, doubt, null);
     }
+
+    /// <summary>
+    /// The map saved at <paramref name="path"/> whatever its journal says, if it is otherwise as
+    /// <see cref="LoadRetained"/> requires; null otherwise. Only a re-hash of the image may use a
+    /// map wholly in doubt (<see cref="DiskRehash"/>): it proves each block itself.
+    /// </summary>
+    public static DiskBlockMap? LoadSound(string path)
+    {
+        try
+        {
+            var map = DiskBlockMap.Load(path);
+            return Unsound(map) is null ? map : null;
+        }
+        catch (Exception e) when (e is DiskMapException or IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
+    }
+
+    private static string? Unsound(DiskBlockMap map) =>
+        map.LastTripUnclean ? "the map's last trip ended unclean"
+        : map.BlockSize != BlockSize ? $"the map has {map.BlockSize}-byte blocks, this helper {BlockSize}"
+        : map.HashKey.Equals(DiskHashKey.Unkeyed) ? "the map has no hash key"
+        : null;
 
     /// <summary>
     /// The map at <paramref name="path"/> with every block in doubt unknown, if it may be trusted
@@ -85,6 +106,8 @@ public static class DiskMapStore
     {
         if (!images.TryGetValue(exportName, out var image))
             return $"no image known for export '{exportName}' (bfmig-transfer --image)";
+        if (File.Exists(image.Path) && !DiskImageIdentity.IsRegularFile(image.Path))
+            return $"{image.Path} is a block device: its timestamps cannot tell whether it was written";
         if (map.Identity is null)
             return "the map names no image (it was recorded while the image was in use)";
         if (map.Identity.IsPending)

@@ -28,7 +28,7 @@ public static class DiskPath
         DiskDoubtJournal? journal = null;
         var filter = new NbdSenderFilter(new NbdSenderFilterOptions
         {
-            SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize() : null,
+            SourceDiskSize = export => o.DiskImages.TryGetValue(export, out var image) ? image.ReadVirtualSize(o.QemuUser) : null,
             Touching = (offset, length) => journal?.Touching(offset, length),
         });
         var recorded = new DiskBlockMap(0, DiskMapStore.BlockSize);
@@ -162,21 +162,42 @@ public static class DiskPath
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             var (saved, doubt, why) = DiskMapStore.LoadRetained(mapPath);
+            // A map wholly in doubt (its image written outside any journaled trip: a guest started
+            // here while away) may still be proven block by block; nothing else can say which.
+            bool wholly = false;
+            if (saved is null && doubt.Whole && DiskMapStore.LoadSound(mapPath) is { } doubted)
+                (saved, wholly) = (doubted, true);
             if (saved is not null && !saved.HashKey.Equals(senderKey))
-                (saved, why) = (null, "the sender hashes under another key (its map is not this one's peer)");
-            if (saved is not null && DiskMapStore.IdentityMismatch(saved, name, o.DiskImages) is { } refused)
+                (saved, why, wholly) = (null, "the sender hashes under another key (its map is not this one's peer)", false);
+            bool rehashed = false;
+            if (saved is not null && (wholly ? why : DiskMapStore.IdentityMismatch(saved, name, o.DiskImages)) is { } refused)
             {
-                // Only the image itself can say it still holds what the map describes.
-                stats.DiskMapRefused = refused;
-                (saved, why) = (null, refused);
+                // Only the image itself can say it still holds what the map describes: its identity
+                // could not, so its content must, block by block.
+                var proof = await RehashAsync(saved, name, refused, o, stats, t);
+                if (proof is null)
+                {
+                    if (!wholly)
+                        stats.DiskMapRefused = refused;
+                    (saved, why) = (null, refused);
+                }
+                else
+                {
+                    // A block that differs is in doubt like one a failed trip wrote: both hosts drop
+                    // it. A map wholly in doubt is now in doubt exactly where it differs.
+                    doubt = wholly ? proof.Differing : doubt.Union(proof.Differing);
+                    rehashed = true;
+                }
             }
-            if (saved?.Identity is { IsPending: false } verified && o.DiskImages.TryGetValue(name, out var image))
+            if (saved is not null && (rehashed || saved.Identity is { IsPending: false }) && o.DiskImages.TryGetValue(name, out var image))
             {
-                // The image was just proven to be the one the map describes, and this trip writes it:
-                // should the trip not commit, bfmigd names it again once its QEMU let go (SealIdentity).
+                // The image was just proven to hold what the map describes (outside the doubt), and
+                // this trip writes it: should the trip not commit, bfmigd names it again once its
+                // QEMU let go (SealIdentity; a block device stays pending and is re-hashed again).
+                var proven = saved.Identity;
                 saved.Identity = DiskImageIdentity.PendingCapture(image.Path, image.Format);
                 saved.Save(mapPath);
-                saved.Identity = verified;
+                saved.Identity = proven;
             }
             // Durable before the option that opens the export (and so any write) reaches the server.
             journal?.Dispose();
@@ -279,6 +300,28 @@ public static class DiskPath
                 stats.DiskDoubtAfter = Settle(journal);
             journal?.Dispose();
         }
+    }
+
+    // The receiver's retained image, read and compared with its map when its identity was refused
+    // (a block device always is); null when it cannot be (not raw, unsafe path, too slow, off).
+    private static async Task<DiskRehashResult?> RehashAsync(DiskBlockMap saved, string export, string refused, TransferOptions o, TransferStats stats,
+        CancellationToken ct)
+    {
+        if (o.Rehash is not { } limits || !o.DiskImages.TryGetValue(export, out var image) || DiskRehash.Unsupported(image) is not null)
+            return null;
+        TransferLog.Note($"bfmig-transfer: re-hashing {image.Path} for export '{export}' ({refused})");
+        var (result, why) = await DiskRehash.ProveAsync(image, saved, o.StoreRoot!, limits, o.QemuUser, ct);
+        if (result is null)
+        {
+            TransferLog.Note($"bfmig-transfer: re-hash of {image.Path} gave up: {why}");
+            stats.DiskRehash = why;
+            return null;
+        }
+        stats.DiskRehash = result.Describe();
+        stats.DiskRehashSeconds = result.Elapsed.TotalSeconds;
+        stats.DiskRehashBytes = result.BytesRead;
+        TransferLog.Note($"bfmig-transfer: re-hashed {image.Path}: {result.Describe()}");
+        return result;
     }
 
     // One line and the stats say why a map is not used.

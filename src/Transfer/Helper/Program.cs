@@ -34,6 +34,8 @@ internal static class Program
                  --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
                  --route-first (receive: a route frame precedes the hello)
                  --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
+                 --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
+                 --qemu-user NAME (kind nbd: the QEMU user, who may own a guest's block device while libvirt lends it to QEMU)
                  --max-ram BYTES (receive, kind mig: the incoming guest's memory; caps the RAM layout a peer may declare)
         """;
 
@@ -160,7 +162,7 @@ internal static class Program
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
          "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
-         "max-ram", "qemu-pid-file"];
+         "max-ram", "qemu-pid-file", "qemu-user", "rehash-rate"];
 
     // --image may be given once per export; its values are kept under "image" joined by NUL.
     private const string Repeated = "image";
@@ -188,6 +190,17 @@ internal static class Program
         }
         return d;
     }
+
+    // --rehash-rate MB/s (0: never re-hash).
+    private static DiskRehashLimits? RehashLimits(Dictionary<string, string> d)
+    {
+        long rate = d.TryGetValue("rehash-rate", out var r) ? ParseLong(r, "rehash-rate") : DiskRehashLimits.Default.BytesPerSecond / 1_000_000;
+        return rate <= 0 ? null : DiskRehashLimits.Default with { BytesPerSecond = rate * 1_000_000 };
+    }
+
+    // --qemu-user: who may own a guest's block device while libvirt lends it to QEMU.
+    private static NodeOwner QemuUser(string name) =>
+        UnixUsers.GetUser(name) is { } u ? new NodeOwner(u.Uid, u.Gid) : throw new FormatException($"--qemu-user {name}: no such user");
 
     private static string Required(Dictionary<string, string> d, string name) =>
         d.TryGetValue(name, out var v) ? v : throw new FormatException($"--{name} is required");
@@ -228,6 +241,8 @@ internal static class Program
             ZstdLevel = d.TryGetValue("zstd-level", out var lvl) ? ParseInt(lvl, "zstd-level") : 1,
             IdleTimeout = TimeSpan.FromSeconds(d.TryGetValue("idle-timeout", out var it) ? ParseInt(it, "idle-timeout") : 120),
             DiskImages = images,
+            Rehash = RehashLimits(d),
+            QemuUser = d.TryGetValue("qemu-user", out var user) ? QemuUser(user) : null,
             MaxRamBytes = d.TryGetValue("max-ram", out var mr) ? RamLimit.ForGuest(ParseLong(mr, "max-ram")) : 0,
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,

@@ -122,14 +122,15 @@ internal sealed class FilterHarness : IAsyncDisposable
 /// <summary>Drives a real QEMU mirror job (blockdev-mirror sync=full) into an NBD socket, as libvirt's --copy-storage-all does.</summary>
 internal static class Mirror
 {
-    public static async Task RunAsync(string qemuBinary, string sourceImage, string nbdSocket, string exportName, bool discardUnmap, string qmpSocket, CancellationToken ct)
+    public static async Task RunAsync(string qemuBinary, string sourceImage, string nbdSocket, string exportName, bool discardUnmap, string qmpSocket, CancellationToken ct,
+        string format = "qcow2")
     {
         await using var qmp = await QemuQmp.StartAsync(qemuBinary, qmpSocket, ct);
         await qmp.ExecuteAsync("blockdev-add", new JsonObject
         {
-            ["driver"] = "qcow2",
+            ["driver"] = format,
             ["node-name"] = "src",
-            ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = sourceImage },
+            ["file"] = new JsonObject { ["driver"] = sourceImage.StartsWith("/dev/", StringComparison.Ordinal) ? "host_device" : "file", ["filename"] = sourceImage },
         }, ct);
         var target = new JsonObject
         {

@@ -139,6 +139,14 @@ internal static class Images
     public static async Task CreateRandomQcow2Async(string path, ulong size, int seed, double fillFraction = 1.0)
     {
         string raw = path + ".raw";
+        CreateRandomRaw(raw, size, seed, fillFraction);
+        await TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "raw", "-O", "qcow2", raw, path]);
+        File.Delete(raw);
+    }
+
+    /// <summary>Writes a raw file of deterministic pseudo-random content (unfilled blocks are holes).</summary>
+    public static void CreateRandomRaw(string raw, ulong size, int seed, double fillFraction = 1.0)
+    {
         var rng = new Random(seed);
         using (var f = new FileStream(raw, FileMode.Create))
         {
@@ -157,17 +165,15 @@ internal static class Images
             }
             f.SetLength((long)size);
         }
-        await TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "raw", "-O", "qcow2", raw, path]);
-        File.Delete(raw);
     }
 
     public static Task CopyAsync(string from, string to) =>
         TestEnv.RunAsync("qemu-img", ["convert", "-q", "-f", "qcow2", "-O", "qcow2", from, to]);
 
     /// <summary>Runs qemu-io commands (e.g. "write -P 0x41 0 64k") on an image.</summary>
-    public static Task IoAsync(string path, IEnumerable<string> commands)
+    public static Task IoAsync(string path, IEnumerable<string> commands, string format = "qcow2")
     {
-        var args = new List<string> { "-f", "qcow2" };
+        var args = new List<string> { "-f", format };
         foreach (string c in commands)
         {
             args.Add("-c");
@@ -178,9 +184,9 @@ internal static class Images
     }
 
     /// <summary>True when qemu-img compare says the images read the same.</summary>
-    public static async Task<(bool Identical, string Output)> CompareAsync(string a, string b)
+    public static async Task<(bool Identical, string Output)> CompareAsync(string a, string b, string format = "qcow2")
     {
-        string output = await TestEnv.RunAsync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", a, b], okExitCodes: [0, 1]);
+        string output = await TestEnv.RunAsync("qemu-img", ["compare", "-f", format, "-F", format, a, b], okExitCodes: [0, 1]);
         return (output.Contains("Images are identical", StringComparison.Ordinal), output);
     }
 }

@@ -13,7 +13,8 @@ public static class DiskBlockMapBuilder
     /// <summary>Reads <paramref name="imagePath"/> and returns its map with identity attached.</summary>
     public static async Task<DiskBlockMap> BuildFromImageAsync(string imagePath, string format, int blockSize = DiskBlockHash.DefaultBlockSize, DiskHashKey? hashKey = null, CancellationToken ct = default)
     {
-        var identity = DiskImageIdentity.Capture(imagePath, format);
+        // A block device has no identity (only a re-hash proves it).
+        var identity = DiskImageIdentity.IsRegularFile(imagePath) ? DiskImageIdentity.Capture(imagePath, format) : null;
         string dir = Path.Combine(Path.GetTempPath(), "bfmig-map-" + Guid.NewGuid().ToString("N")[..12]);
         Directory.CreateDirectory(dir);
         try
