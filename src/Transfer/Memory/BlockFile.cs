@@ -31,9 +31,15 @@ internal sealed unsafe class BlockFile : IDisposable
         {
             using var hs = new FileStream(hashPath, FileMode.Open, FileAccess.Read);
             if (hs.Length == Hashes.LongLength * 16)
+            {
                 hs.ReadExactly(MemoryMarshal.AsBytes(Hashes.AsSpan()));
+                IndexLoaded = true;
+            }
         }
     }
+
+    /// <summary>The index was read whole from its file (false: absent or of the wrong length, every page unknown).</summary>
+    public bool IndexLoaded { get; }
 
     public string Name { get; }
     public long Length { get; }

@@ -13,6 +13,8 @@ public enum FrameType : byte
     Route = 0x04,
     /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Memory.MigOps"/>).</summary>
     MigData = 0x10,
+    /// <summary>S->R, first frame of a memory stream with a store: the sender's pages in doubt (<see cref="BFMig.Transfer.Memory.MemoryDoubt"/>).</summary>
+    MigDoubt = 0x13,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
     Tunnel = 0x11,
     /// <summary>The writer of a tunnel direction reached EOF.</summary>
@@ -49,10 +51,11 @@ public static class FrameCodec
     /// 2: frames after a pre-shared-key handshake are sealed (<see cref="FrameSealer"/>), and the
     /// disk channel's export hello carries the block-identity key. 3: the export hello and reply
     /// carry each host's blocks in doubt after a failed trip (<c>DiskDoubt</c>), and the hello may
-    /// mark a stream as a multifd channel. An older peer is refused in the hello, by name, rather
-    /// than misread.
+    /// mark a stream as a multifd channel. 4: the hello reply carries the receiver's memory pages
+    /// in doubt and a memory stream with a store starts with the sender's (<see cref="FrameType.MigDoubt"/>).
+    /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 3;
+    public const ushort ProtocolVersion = 4;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
