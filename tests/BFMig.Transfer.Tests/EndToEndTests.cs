@@ -183,7 +183,7 @@ public class EndToEndTests
         }
         // The guest's memory is unchanged; B sends it back to A believing A holds its (corrupted) view.
         var r2 = await Run(s, b.Path, a.Path, guest);
-        Assert.IsType<PeerProtocolException>(r2.ReceiveError);
+        Assert.IsType<StoreOutOfStepException>(r2.ReceiveError);
         Assert.Contains("stores disagree", r2.ReceiveError!.Message);
         Assert.NotNull(r2.SendError);
         Assert.True(r2.Delivered.Length < s.Length, "the destination got the whole stream");
@@ -309,9 +309,10 @@ public class EndToEndTests
             using var r = new FrameReader(ns, TimeSpan.FromSeconds(5));
             using var w = new FrameWriter(ns);
             await Handshake.ClientAsync(r, w, NoPeerAuthenticator.Instance, new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], "x"), default);
+            await w.WriteAsync(FrameType.MigDoubt, MemoryDoubt.None.Encode(), false, default);
             await w.WriteAsync(FrameType.MigData, ops, false, default);
             if (message.StartsWith("peer closed", StringComparison.Ordinal)) ns.Dispose();
-            var e = await Assert.ThrowsAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
+            var e = await Assert.ThrowsAnyAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
             Assert.Contains(message, e.Message);
             ns.Dispose();
             using var store = MemoryStore.Open(d.Path, guest);

@@ -22,7 +22,7 @@ namespace BFMig.Transfer.Memory;
 /// <c>INFLUX</c> of older helpers, a damaged record) puts the whole store in doubt.
 /// </para>
 /// </summary>
-internal sealed class MemoryDoubtJournal : IDisposable
+public sealed class MemoryDoubtJournal : IDisposable
 {
     public const string FileName = "INFLUX";
     // Header: "BFMMEMD1", 16-byte boot id (zero: settled), u64 XxHash64 of those 24 bytes.
