@@ -397,17 +397,18 @@ public sealed partial class MemoryStore : IDisposable
     /// <paramref name="whole"/> (the store proved out of step with its peer: something other than
     /// a trip changed it), the index is instead rebuilt from the data and the store matches no
     /// peer (generation 0). The trip's in-memory index is stale afterwards: reopen to use the store.
+    /// Returns false when no trip was under way (never started, or committed).
     /// </summary>
-    public void Abandon(bool whole = false)
+    public bool Abandon(bool whole = false)
     {
-        if (!_inTrip) return;
+        if (!_inTrip) return false;
         if (whole || _journal is null || _journal.Doubt.Whole)
         {
             FlushWrites();
             foreach (var b in _blocks) b.Rehash(State.Seed);
             Commit(0, null, snapshotComplete: false);
             Doubt = MemoryDoubt.All;
-            return;
+            return true;
         }
         _writeCount = 0;
         _inTrip = false;
@@ -422,6 +423,7 @@ public sealed partial class MemoryStore : IDisposable
             TransferLog.Note($"bfmig-transfer: memory store journal not settled ({e.Message}); the next open settles it");
         }
         _journal = null;
+        return true;
     }
 
     /// <inheritdoc/>

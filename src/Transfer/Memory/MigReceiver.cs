@@ -77,9 +77,8 @@ public sealed class MigReceiver
                     // The stream's own failure is the one reported.
                 }
             }
-            if (_decoder.TripStarted && !_stats.Committed)
+            if (_decoder.TripStarted && _store!.Abandon(whole: e is StoreOutOfStepException))
             {
-                _store!.Abandon(whole: e is StoreOutOfStepException);
                 _stats.MemDoubtAfter = _store.Doubt.Describe();
                 TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
             }

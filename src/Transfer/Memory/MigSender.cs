@@ -68,15 +68,21 @@ public sealed class MigSender
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
             {
-                if (ack.Committed && ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest())))
+                bool agree = ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest()));
+                if (ack.Committed && agree)
                 {
                     _store.Commit(_newGeneration, _peerName, _encoder.Parser.RamComplete);
                     _stats.Committed = true;
                     _stats.Generation = _newGeneration;
                 }
+                else if (agree)
+                {
+                    // Its commit failed (its journal still names what it wrote): abandoned below, this store keeps its doubt too.
+                    throw new PeerProtocolException("the receiver could not commit its store at the end of the trip");
+                }
                 else
                 {
-                    _store!.Abandon(whole: true);
+                    // Abandoned below as a whole.
                     throw new StoreOutOfStepException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
                 }
             }
@@ -110,8 +116,7 @@ public sealed class MigSender
 
     private void Abandon(Exception why)
     {
-        if (!_encoder.TripStarted) return;
-        _store!.Abandon(whole: why is StoreOutOfStepException);
+        if (!_encoder.TripStarted || !_store!.Abandon(whole: why is StoreOutOfStepException)) return;
         _stats.MemDoubtAfter = _store.Doubt.Describe();
         TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }
