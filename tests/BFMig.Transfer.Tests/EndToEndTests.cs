@@ -12,7 +12,7 @@ public class EndToEndTests
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
         IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
-        Func<CancellationToken, Task>? awaitMain = null)
+        Func<CancellationToken, Task>? awaitMain = null, int destinationGoesAwayAt = -1)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
@@ -39,7 +39,24 @@ public class EndToEndTests
         var dst = Task.Run(async () =>
         {
             using var s = new NetworkStream(qemuDst, true);
-            try { await s.CopyToAsync(delivered, cts.Token); } catch (IOException) { }
+            try
+            {
+                if (destinationGoesAwayAt < 0)
+                {
+                    await s.CopyToAsync(delivered, cts.Token);
+                    return;
+                }
+                // A destination QEMU that fails mid-load: reads so far, then closes its socket.
+                var buffer = new byte[4096];
+                while (delivered.Length < destinationGoesAwayAt)
+                {
+                    int n = await s.ReadAsync(buffer.AsMemory(0, (int)Math.Min(buffer.Length, destinationGoesAwayAt - delivered.Length)), cts.Token);
+                    if (n == 0) break;
+                    delivered.Write(buffer, 0, n);
+                }
+                qemuDst.Close(0);
+            }
+            catch (IOException) { }
         });
         TransferStats? ss = null, rs = null;
         Exception? se = null, re = null;
@@ -49,6 +66,43 @@ public class EndToEndTests
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
         return new Result(delivered.ToArray(), ss, rs, se, re);
+    }
+
+    /// <summary>
+    /// A memory trip that fails midway (the destination QEMU went away while pages flowed) keeps
+    /// both stores in step: the retry of the same trip still matches and elides every page the
+    /// failed one did not leave in doubt (issue 13; before, both stores dropped to generation 0
+    /// and the retry sent everything).
+    /// </summary>
+    [Fact]
+    public async Task A_memory_trip_that_fails_midway_costs_its_retry_only_the_pages_in_doubt()
+    {
+        var s = Fixtures.Load("q72-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var first = await Run(s, a.Path, b.Path, guest);
+        Assert.True(first.Send!.Committed);
+        var failed = await Run(s, b.Path, a.Path, guest, destinationGoesAwayAt: s.Length / 3);
+        Assert.NotNull(failed.ReceiveError);
+        Assert.NotNull(failed.SendError);
+        Assert.NotNull(failed.Receive?.MemDoubtAfter ?? failed.ReceiveError!.Message);
+        using (var sa = MemoryStore.Open(a.Path, guest))
+        using (var sb = MemoryStore.Open(b.Path, guest))
+        {
+            Assert.False(sa.Recovered || sb.Recovered);
+            Assert.Equal(1UL, sa.State.Generation);
+            Assert.Equal(sa.State.Digest, sb.State.Digest);
+        }
+        var retry = await Run(s, b.Path, a.Path, guest);
+        Assert.Null(retry.SendError);
+        Assert.Null(retry.ReceiveError);
+        Assert.Equal(s, retry.Delivered);
+        Assert.Equal("store-match", retry.Send!.Mode);
+        Assert.Null(retry.Send.StoreUnused);
+        Assert.Equal(first.Send.PagesFull, retry.Send.PagesElided + retry.Send.PagesFull + retry.Send.PagesReferenced + retry.Send.PagesDelta);
+        Assert.InRange(retry.Send.PagesFull + retry.Send.PagesReferenced + retry.Send.PagesDelta, 0, retry.Send.MemDoubtPages);
+        Assert.True(retry.Send.PagesElided > first.Send.PagesFull / 2, $"elided {retry.Send.PagesElided} of {first.Send.PagesFull}");
     }
 
     /// <summary>
