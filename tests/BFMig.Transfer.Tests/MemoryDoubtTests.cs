@@ -324,6 +324,11 @@ public class MemoryDoubtTests
         Assert.Equal([new PageRange(0, 0, 4), new PageRange(2, 9, 1)], union.Ranges);
         Assert.True(union.Union(MemoryDoubt.All).Whole);
 
+        // Not canonical (out of order, overlapping or adjacent): refused, so what decodes re-encodes to the same bytes.
+        var twisted = MemoryDoubt.Of([new PageRange(0, 1, 1), new PageRange(0, 5, 1)]).Encode();
+        Assert.Null(MemoryDoubt.Decode([.. twisted[..5], .. twisted[25..45], .. twisted[5..25]]));
+        BinaryPrimitives.WriteInt64BigEndian(twisted.AsSpan(25 + 4), 2);
+        Assert.Null(MemoryDoubt.Decode(twisted));
         foreach (var bad in new byte[][] { [], [2, 0, 0, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0x7f, 0xff, 0xff, 0xff],
                      [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] })
             Assert.Null(MemoryDoubt.Decode(bad));

@@ -101,8 +101,8 @@ public sealed class MemoryDoubt
 
     /// <summary>
     /// Decodes <see cref="Encode"/>'s form from the start of <paramref name="p"/>: the doubt and
-    /// the bytes it took, or null when malformed (a peer's doubt is only ever widened, never
-    /// trusted to be narrow, but it must be well-formed to be used at all).
+    /// the bytes it took, or null when malformed or not canonical (ranges sorted, disjoint, not
+    /// adjacent: what <see cref="Encode"/> writes, so a decoded doubt encodes to the same bytes).
     /// </summary>
     public static (MemoryDoubt Doubt, int Length)? Decode(ReadOnlySpan<byte> p)
     {
@@ -120,8 +120,9 @@ public sealed class MemoryDoubt
             long n = BinaryPrimitives.ReadInt64BigEndian(s[12..]);
             if (block < 0 || first < 0 || n <= 0 || first > MaxPages || n > MaxPages) return null;
             ranges[i] = new PageRange(block, first, n);
+            if (i > 0 && (block < ranges[i - 1].Block || block == ranges[i - 1].Block && first <= ranges[i - 1].End)) return null;
         }
-        return (Of(ranges), length);
+        return (count == 0 ? None : new MemoryDoubt(false, ranges), length);
     }
 
     /// <summary>Pages of the largest block a doubt can name (2^52: far beyond any RAM block).</summary>
