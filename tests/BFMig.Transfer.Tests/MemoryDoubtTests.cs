@@ -278,22 +278,38 @@ public class MemoryDoubtTests
         mem.Select(m => new RamBlockInfo(m.Name, m.Pages.Length * 4096L)).ToList();
 
     [Fact]
-    public void A_store_out_of_step_goes_in_doubt_as_a_whole()
+    public void Damaged_pages_found_by_a_trip_go_in_doubt_and_indexes_that_differ_put_the_whole_store_there()
     {
         using var dirA = new TempDir();
         using var dirB = new TempDir();
         var guest = Guid.NewGuid();
         var mem = FirstTripAndChange(dirA.Path, dirB.Path, guest, changed: 0);
-        // Something other than a trip writes A's page file: the journal cannot know.
+        // Something other than a trip writes A's page file: no journal can know.
         var pages = Directory.GetFiles(Mem(dirA.Path, guest), "*.pages").OrderBy(f => new FileInfo(f).Length).Last();
-        using (var f = new FileStream(pages, FileMode.Open)) { f.Position = 4096 * 9 + 7; f.WriteByte(0x42); }
+        using (var f = new FileStream(pages, FileMode.Open)) { f.Position = 4096 * 9 + 7; f.WriteByte(0x42); f.Position = 4096 * 200; f.WriteByte(0x42); }
         using (var b = MemoryStore.Open(dirB.Path, guest))
         using (var a = MemoryStore.Open(dirA.Path, guest))
         {
             var e = Assert.Throws<StoreOutOfStepException>(() => Trip(StreamBuilder.FullStream(mem), b, a));
             Assert.Contains("not retained here", e.Message);
-            a.Abandon(whole: true);
-            b.Abandon();
+            Assert.True(e.PagesDiffer);
+            Assert.True(a.Abandon(MigReceiver.FaultOf(e)));
+            Assert.True(b.Abandon());
+        }
+        // A rehashed its pages: the two that differ from its committed index are in doubt, nothing else.
+        using (var b = MemoryStore.Open(dirB.Path, guest))
+        using (var a = MemoryStore.Open(dirA.Path, guest))
+        {
+            Assert.Equal(1UL, a.State.Generation);
+            Assert.Equal([new PageRange(0, 9, 1), new PageRange(0, 200, 1)], a.Doubt.Ranges);
+            var retry = Trip(StreamBuilder.FullStream(mem), b, a);
+            Assert.Equal(2, retry.PagesFull);
+        }
+        // Indexes that differ (a digest check failed) cannot be followed page by page.
+        using (var a = MemoryStore.Open(dirA.Path, guest))
+        {
+            a.BeginTrip(QemuStreamParserProbeBlocks(mem), a.State.Seed, keep: true, buildLocator: false);
+            Assert.True(a.Abandon(MemoryStore.StoreFault.IndexesDiffer));
         }
         using (var a = MemoryStore.Open(dirA.Path, guest))
         {

@@ -151,11 +151,14 @@ public sealed class MemoryDoubtJournal : IDisposable
     /// <summary>What this journal puts in doubt so far: the earlier trips' doubt and this trip's writes.</summary>
     public MemoryDoubt Doubt => _prior.Union(MemoryDoubt.Of(_touched));
 
-    /// <summary>The trip ends without a commit: the journal becomes <see cref="Doubt"/>, settled (a crash meanwhile leaves the live one, which covers it).</summary>
-    public void Settle()
+    /// <summary>
+    /// The trip ends without a commit: the journal becomes <paramref name="doubt"/> (at least
+    /// <see cref="Doubt"/>), settled; a crash meanwhile leaves the live one, which covers this trip.
+    /// </summary>
+    public void Settle(MemoryDoubt? doubt = null)
     {
         Close();
-        WriteSettled(Path.GetDirectoryName(_path)!, Doubt);
+        WriteSettled(Path.GetDirectoryName(_path)!, Doubt.Union(doubt ?? MemoryDoubt.None));
     }
 
     /// <summary>The trip committed: nothing is in doubt any more.</summary>

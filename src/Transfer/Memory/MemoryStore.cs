@@ -22,6 +22,17 @@ namespace BFMig.Transfer.Memory;
 /// </summary>
 public sealed partial class MemoryStore : IDisposable
 {
+    /// <summary>How a failed trip found the store (<see cref="Abandon"/>).</summary>
+    public enum StoreFault
+    {
+        /// <summary>Interrupted: the journal says what is in doubt.</summary>
+        None,
+        /// <summary>A retained page was not what its index says.</summary>
+        PagesDiffer,
+        /// <summary>The two hosts' indexes differ.</summary>
+        IndexesDiffer,
+    }
+
     private const string InfluxName = MemoryDoubtJournal.FileName;
     private readonly string _dir;
     private readonly FileStream _lock;
@@ -393,16 +404,20 @@ public sealed partial class MemoryStore : IDisposable
     /// <summary>
     /// Ends a failed trip without touching the committed index or state: the journal is settled to
     /// exactly the pages written so far (writes still buffered are dropped, never having reached
-    /// the file) plus the earlier doubt, which becomes <see cref="Doubt"/>. With
-    /// <paramref name="whole"/> (the store proved out of step with its peer: something other than
-    /// a trip changed it), the index is instead rebuilt from the data and the store matches no
-    /// peer (generation 0). The trip's in-memory index is stale afterwards: reopen to use the store.
+    /// the file) plus the earlier doubt, which becomes <see cref="Doubt"/>.
+    /// <see cref="StoreFault.PagesDiffer"/> (a retained page was not what the index says: something
+    /// other than a trip wrote the page files): every page is rehashed and those that differ from
+    /// the committed index join the doubt, so that the next trip sends them in full instead of
+    /// failing on them again. <see cref="StoreFault.IndexesDiffer"/> (or damage that the rehash
+    /// cannot find): the index is rebuilt from the data and the store matches no peer
+    /// (generation 0). The trip's in-memory index is stale afterwards: reopen to use the store.
     /// Returns false when no trip was under way (never started, or committed).
     /// </summary>
-    public bool Abandon(bool whole = false)
+    public bool Abandon(StoreFault fault = StoreFault.None)
     {
         if (!_inTrip) return false;
-        if (whole || _journal is null || _journal.Doubt.Whole)
+        var damaged = fault == StoreFault.PagesDiffer ? FindDamage() : null;
+        if (fault == StoreFault.IndexesDiffer || (fault == StoreFault.PagesDiffer && damaged is not { Count: > 0 }) || _journal is null || _journal.Doubt.Whole)
         {
             FlushWrites();
             foreach (var b in _blocks) b.Rehash(State.Seed);
@@ -412,10 +427,10 @@ public sealed partial class MemoryStore : IDisposable
         }
         _writeCount = 0;
         _inTrip = false;
-        Doubt = _journal.Doubt;
+        Doubt = _journal.Doubt.Union(MemoryDoubt.Of(damaged ?? []));
         try
         {
-            _journal.Settle();
+            _journal.Settle(Doubt);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -424,6 +439,27 @@ public sealed partial class MemoryStore : IDisposable
         }
         _journal = null;
         return true;
+    }
+
+    // Pages whose data no longer hashes to the committed index (null: an index file is unreadable).
+    private List<PageRange>? FindDamage()
+    {
+        FlushWrites();
+        var damaged = new List<PageRange>();
+        for (int bi = 0; bi < _blocks.Count; bi++)
+        {
+            var committed = _blocks[bi].ReadCommittedIndex();
+            if (committed is null) return null;
+            var actual = _blocks[bi].HashData(State.Seed);
+            for (long p = 0; p < actual.LongLength; p++)
+            {
+                if (committed[p] != UInt128.Zero && committed[p] != actual[p])
+                    damaged.Add(new PageRange(bi, p, 1));
+            }
+        }
+        if (damaged.Count > 0)
+            TransferLog.Note($"bfmig-transfer: {damaged.Count} retained pages differ from the committed index (written by something other than a trip); in doubt from now on");
+        return damaged;
     }
 
     /// <inheritdoc/>

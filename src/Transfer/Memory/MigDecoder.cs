@@ -305,5 +305,5 @@ public sealed class MigDecoder
         new($"mig data frame {_frame}, op at byte {opStart}: {what}");
 
     private StoreOutOfStepException OutOfStep(string what, int opStart) =>
-        new($"mig data frame {_frame}, op at byte {opStart}: {what}");
+        new($"mig data frame {_frame}, op at byte {opStart}: {what}") { PagesDiffer = true };
 }

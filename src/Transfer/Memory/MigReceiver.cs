@@ -77,7 +77,7 @@ public sealed class MigReceiver
                     // The stream's own failure is the one reported.
                 }
             }
-            if (_decoder.TripStarted && _store!.Abandon(whole: e is StoreOutOfStepException))
+            if (_decoder.TripStarted && _store!.Abandon(FaultOf(e)))
             {
                 _stats.MemDoubtAfter = _store.Doubt.Describe();
                 TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
@@ -85,6 +85,14 @@ public sealed class MigReceiver
             throw;
         }
     }
+
+    /// <summary>How a failure found this host's store (the sender's side, when its peer aborted, is only interrupted).</summary>
+    internal static MemoryStore.StoreFault FaultOf(Exception e) => e switch
+    {
+        StoreOutOfStepException { PagesDiffer: true } => MemoryStore.StoreFault.PagesDiffer,
+        StoreOutOfStepException => MemoryStore.StoreFault.IndexesDiffer,
+        _ => MemoryStore.StoreFault.None,
+    };
 
     private async Task ForwardAsync(LocalConnection qemu, Task reverse, CancellationToken ct)
     {

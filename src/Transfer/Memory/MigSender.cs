@@ -116,7 +116,7 @@ public sealed class MigSender
 
     private void Abandon(Exception why)
     {
-        if (!_encoder.TripStarted || !_store!.Abandon(whole: why is StoreOutOfStepException)) return;
+        if (!_encoder.TripStarted || !_store!.Abandon(MigReceiver.FaultOf(why))) return;
         _stats.MemDoubtAfter = _store.Doubt.Describe();
         TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }

@@ -38,6 +38,9 @@ public sealed class PeerAbortedException : PeerProtocolException
 /// </summary>
 public sealed class StoreOutOfStepException : PeerProtocolException
 {
+    /// <summary>This host found a retained page that is not what its index says (rather than indexes that differ).</summary>
+    public bool PagesDiffer { get; init; }
+
     public StoreOutOfStepException(string message) : base(message) { }
     public StoreOutOfStepException(string message, Exception inner) : base(message, inner) { }
     public StoreOutOfStepException() { }
