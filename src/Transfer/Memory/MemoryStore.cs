@@ -458,7 +458,7 @@ public sealed partial class MemoryStore : IDisposable
             }
         }
         if (damaged.Count > 0)
-            TransferLog.Note($"bfmig-transfer: {damaged.Count} retained pages differ from the committed index (written by something other than a trip); in doubt from now on");
+            TransferLog.Note($"bfmig-transfer: a retained page was not what the index says; {damaged.Count} pages differ from the committed index (this trip's own writes included): in doubt from now on");
         return damaged;
     }
 
