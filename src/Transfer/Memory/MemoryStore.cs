@@ -161,24 +161,6 @@ public sealed partial class MemoryStore : IDisposable
     }
 
     /// <summary>
-    /// The store's state as its file says now, without creating, locking or recovering anything
-    /// (null when the guest has no store yet): enough to answer a hello.
-    /// </summary>
-    /// <exception cref="StoreException">the state file is unreadable.</exception>
-    public static StoreState? PeekState(string root, Guid guest)
-    {
-        string mem = Path.Combine(root, guest.ToString("D"), "mem");
-        try
-        {
-            return Peek(root, guest)?.State;
-        }
-        catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
-        {
-            throw new StoreException($"memory store {mem} unreadable: {e.Message}", e);
-        }
-    }
-
-    /// <summary>
     /// The store's state and doubt as its files say now, without creating, locking or recovering
     /// anything (null when the guest has no store yet, or its whole store is in doubt: opened, it is
     /// rebuilt with generation 0 and can match nothing). Enough to answer a hello.
