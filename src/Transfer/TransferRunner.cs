@@ -149,9 +149,13 @@ public static class TransferRunner
             {
                 bool synced = reply.Status == HelloStatus.Match;
                 stats.Mode = synced ? "store-match" : "store-full";
+                if (!synced)
+                    NoteStoreUnused(stats, reply.Message.Length > 0 ? $"the receiver: {reply.Message}" : "the receiver's store differs from this one");
+                else if (!store.Doubt.IsEmpty || !reply.Doubt.IsEmpty)
+                    TransferLog.Note($"bfmig-transfer: memory store in doubt after an interrupted trip: here {store.Doubt.Describe()}, on the receiver {reply.Doubt.Describe()}: sent in full");
                 ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
                 var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
-                    paced ? new StreamPacer(o.IdleTimeout) : null);
+                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None);
                 await sender.RunAsync(qemu, prefix, ct);
             }
             else
@@ -247,6 +251,7 @@ public static class TransferRunner
             {
                 bool keep = decision.Status == HelloStatus.Match;
                 stats.Mode = keep ? "store-match" : "store-full";
+                if (!keep) NoteStoreUnused(stats, decision.Message);
                 var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
                 await receiver.RunAsync(local, ct);
             }
@@ -289,9 +294,10 @@ public static class TransferRunner
         // A disk's map is agreed per export inside the disk channel, once the NBD client names it.
         if (o.Kind == StreamKind.Nbd) return new HelloDecision(HelloStatus.Mismatch, DiskMapStore.TryPrepare(o.StoreRoot, o.Guest), 0, none, "");
         StoreState? s;
+        MemoryDoubt doubt;
         try
         {
-            s = MemoryStore.PeekState(o.StoreRoot, o.Guest);
+            (s, doubt) = MemoryStore.Peek(o.StoreRoot, o.Guest) is { } peeked ? (peeked.State, peeked.Doubt) : ((StoreState?)null, MemoryDoubt.None);
         }
         catch (StoreException e)
         {
@@ -307,8 +313,14 @@ public static class TransferRunner
             TransferLog.Note($"bfmig-transfer: receiving without store: {why}");
             return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");
         }
-        if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "");
-        return new HelloDecision(match ? HelloStatus.Match : HelloStatus.Mismatch, true, s.Generation, digest, "");
+        if (s is null) return new HelloDecision(HelloStatus.Mismatch, true, 0, none, "no store here yet, or its whole store is in doubt after an interrupted trip it could not follow");
+        if (match) return new HelloDecision(HelloStatus.Match, true, s.Generation, digest, "") { Doubt = doubt };
+        string reason = s.Generation == 0 ? "this store is in step with no peer (generation 0: rebuilt, or never completed a trip)"
+            : h.Generation == 0 ? "the sender's store is in step with no peer (generation 0)"
+            : s.Generation != h.Generation ? $"generation {s.Generation} here, {h.Generation} on the sender"
+            : s.Seed != h.Seed ? "the page-hash seeds differ"
+            : "the stores' digests differ";
+        return new HelloDecision(HelloStatus.Mismatch, true, s.Generation, digest, reason);
     }
 
     /// <summary>
@@ -330,13 +342,20 @@ public static class TransferRunner
             throw new PeerProtocolException($"the memory store promised in the hello reply cannot be opened now: {e.Message}", e);
         }
         if (decision.Status == HelloStatus.Match
-            && (store.State.Generation != decision.Generation || !DigestBytes(store.State.Digest).AsSpan().SequenceEqual(decision.Digest)))
+            && (store.State.Generation != decision.Generation || !DigestBytes(store.State.Digest).AsSpan().SequenceEqual(decision.Digest) || !store.Doubt.SameAs(decision.Doubt)))
         {
             store.Dispose();
             throw new PeerProtocolException($"the memory store changed during the handshake (generation {decision.Generation} answered, {store.State.Generation} now)");
         }
         store.PacedWriteback = true;
         return store;
+    }
+
+    /// <summary>A memory stream that carries without its retained store: one log line, and the reason in the stats.</summary>
+    private static void NoteStoreUnused(TransferStats stats, string why)
+    {
+        stats.StoreUnused = why.Length > 0 ? why : "not in step with the peer";
+        TransferLog.Note($"bfmig-transfer: memory store not used, every page sent in full: {stats.StoreUnused}");
     }
 
     private static async Task<Stream> SecureWithinAsync(Stream raw, bool isInitiator, string peerName, TransferOptions o, CancellationTokenSource hs, CancellationToken ct)

@@ -40,6 +40,12 @@ public sealed class TransferStats
     public string? Multifd { get; set; }
     /// <summary>Why this stream ran without a store (e.g. its file system was full), null when it had one or never asked.</summary>
     public string? StoreSkipped { get; set; }
+    /// <summary>Kind mig: pages not elided because an interrupted trip left them in doubt on either host (-1: the store kept nothing).</summary>
+    public long MemDoubtPages { get; set; }
+    /// <summary>Kind mig: why the retained memory store was not used (null when it was, or never asked for).</summary>
+    public string? StoreUnused { get; set; }
+    /// <summary>Kind mig, a trip that did not commit: what it leaves in doubt for the next one.</summary>
+    public string? MemDoubtAfter { get; set; }
     public ulong Generation { get; set; }
     public bool Committed { get; set; }
     /// <summary>Kind nbd: the map file this helper saved (committed trips only).</summary>

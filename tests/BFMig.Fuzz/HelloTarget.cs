@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Net.Sockets;
 using System.Text;
 using BFMig.Daemon.Transfers;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Fuzz;
@@ -9,7 +10,8 @@ namespace BFMig.Fuzz;
 /// <summary>
 /// The first bytes a peer sends: the hello, the hello reply and the route decoders, and the two
 /// readers of a connection's first frame, the helper's (<see cref="RouteRequest.ReadAsync"/>) and
-/// the daemon's (<see cref="PeerListener.PeekRouteAsync"/>, over a real Unix socket). Allowed
+/// the daemon's (<see cref="PeerListener.PeekRouteAsync"/>, over a real Unix socket), and the
+/// memory pages in doubt that the reply and a memory stream's first frame carry. Allowed
 /// failure: <see cref="PeerProtocolException"/>. Whatever decodes re-encodes to the same bytes
 /// (when the name is valid UTF-8; invalid sequences decode to U+FFFD by design).
 /// </summary>
@@ -41,10 +43,16 @@ internal static class HelloTarget
         };
         var reply = new HelloReply(HelloStatus.Match, true, 3, digest, nonce, "ok").EncodeUnsigned();
         byte[] signed = [.. reply, 32, .. Enumerable.Repeat((byte)0xab, 32)];
+        var doubt = MemoryDoubt.Of([new PageRange(0, 5, 3), new PageRange(0, 100, 1), new PageRange(2, 0, 4096)]);
+        var doubtful = new HelloReply(HelloStatus.Match, true, 3, digest, nonce, "") { Doubt = doubt }.EncodeUnsigned();
+        byte[] signedDoubt = [.. doubtful, 32, .. Enumerable.Repeat((byte)0xcd, 32)];
         var list = new List<byte[]>();
         list.AddRange(hellos);
         list.AddRange(routes);
         list.Add(signed);
+        list.Add(signedDoubt);
+        list.Add(doubt.Encode());
+        list.Add(MemoryDoubt.All.Encode());
         // As a connection starts: one frame, uncompressed (a hello in PSK mode, a route before TLS).
         list.AddRange(hellos.Select(h => Framed(FrameType.Hello, h)));
         list.AddRange(routes.Select(r => Framed(FrameType.Route, r)));
@@ -74,6 +82,13 @@ internal static class HelloTarget
         }
         catch (PeerProtocolException)
         {
+        }
+        if (MemoryDoubt.Decode(input) is { } d)
+        {
+            if (d.Length > input.Length || d.Doubt.Ranges.Count > MemoryDoubt.MaxRanges)
+                throw new InvalidOperationException("a decoded doubt claims more bytes or ranges than it may");
+            if (MemoryDoubt.Decode(d.Doubt.Encode()) is not { } again || !again.Doubt.SameAs(d.Doubt))
+                throw new InvalidOperationException("a decoded doubt does not survive its own encoding");
         }
         try
         {

@@ -204,6 +204,7 @@ internal static class Program
                     case FrameType.HelloReply: HelloReply.Decode(f.Payload.Span); break;
                     case FrameType.End: EndMessage.Decode(f.Payload.Span); break;
                     case FrameType.EndAck: EndAck.Decode(f.Payload.Span); break;
+                    case FrameType.MigDoubt: MemoryDoubt.Decode(f.Payload.Span); break;
                 }
             }
         }

@@ -13,7 +13,7 @@ public class EndToEndTests
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
         IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
-        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1)
+        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1, int destinationGoesAwayAt = -1)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
@@ -55,12 +55,17 @@ public class EndToEndTests
             var buffer = new byte[64 << 10];
             try
             {
+                // destinationGoesAwayAt: a destination QEMU that fails mid-load reads that much, then closes its socket.
+                long limit = destinationGoesAwayAt < 0 ? long.MaxValue : destinationGoesAwayAt;
                 int n;
-                while ((n = await s.ReadAsync(buffer, cts.Token)) > 0)
+                while (delivered.Length < limit
+                       && (n = await s.ReadAsync(buffer.AsMemory(0, (int)Math.Min(buffer.Length, limit - delivered.Length)), cts.Token)) > 0)
                 {
                     delivered.Write(buffer, 0, n);
                     Interlocked.Add(ref received, n);
                 }
+                if (destinationGoesAwayAt >= 0)
+                    qemuDst.Close(0);
             }
             catch (IOException) { }
         });
@@ -72,6 +77,43 @@ public class EndToEndTests
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
         return new Result(delivered.ToArray(), ss, rs, se, re, pauseDelivered);
+    }
+
+    /// <summary>
+    /// A memory trip that fails midway (the destination QEMU went away while pages flowed) keeps
+    /// both stores in step: the retry of the same trip still matches and elides every page the
+    /// failed one did not leave in doubt (issue 13; before, both stores dropped to generation 0
+    /// and the retry sent everything).
+    /// </summary>
+    [Fact]
+    public async Task A_memory_trip_that_fails_midway_costs_its_retry_only_the_pages_in_doubt()
+    {
+        var s = Fixtures.Load("q72-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var first = await Run(s, a.Path, b.Path, guest);
+        Assert.True(first.Send!.Committed);
+        var failed = await Run(s, b.Path, a.Path, guest, destinationGoesAwayAt: s.Length / 3);
+        Assert.NotNull(failed.ReceiveError);
+        Assert.NotNull(failed.SendError);
+        Assert.NotNull(failed.Receive?.MemDoubtAfter ?? failed.ReceiveError!.Message);
+        using (var sa = MemoryStore.Open(a.Path, guest))
+        using (var sb = MemoryStore.Open(b.Path, guest))
+        {
+            Assert.False(sa.Recovered || sb.Recovered);
+            Assert.Equal(1UL, sa.State.Generation);
+            Assert.Equal(sa.State.Digest, sb.State.Digest);
+        }
+        var retry = await Run(s, b.Path, a.Path, guest);
+        Assert.Null(retry.SendError);
+        Assert.Null(retry.ReceiveError);
+        Assert.Equal(s, retry.Delivered);
+        Assert.Equal("store-match", retry.Send!.Mode);
+        Assert.Null(retry.Send.StoreUnused);
+        Assert.Equal(first.Send.PagesFull, retry.Send.PagesElided + retry.Send.PagesFull + retry.Send.PagesReferenced + retry.Send.PagesDelta);
+        Assert.InRange(retry.Send.PagesFull + retry.Send.PagesReferenced + retry.Send.PagesDelta, 0, retry.Send.MemDoubtPages);
+        Assert.True(retry.Send.PagesElided > first.Send.PagesFull / 2, $"elided {retry.Send.PagesElided} of {first.Send.PagesFull}");
     }
 
     /// <summary>
@@ -206,7 +248,7 @@ public class EndToEndTests
         }
         // The guest's memory is unchanged; B sends it back to A believing A holds its (corrupted) view.
         var r2 = await Run(s, b.Path, a.Path, guest);
-        Assert.IsType<PeerProtocolException>(r2.ReceiveError);
+        Assert.IsType<StoreOutOfStepException>(r2.ReceiveError);
         Assert.Contains("stores disagree", r2.ReceiveError!.Message);
         Assert.NotNull(r2.SendError);
         Assert.True(r2.Delivered.Length < s.Length, "the destination got the whole stream");
@@ -386,9 +428,10 @@ public class EndToEndTests
             using var r = new FrameReader(ns, TimeSpan.FromSeconds(5));
             using var w = new FrameWriter(ns);
             await Handshake.ClientAsync(r, w, NoPeerAuthenticator.Instance, new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], "x"), default);
+            await w.WriteAsync(FrameType.MigDoubt, MemoryDoubt.None.Encode(), false, default);
             await w.WriteAsync(FrameType.MigData, ops, false, default);
             if (message.StartsWith("peer closed", StringComparison.Ordinal)) ns.Dispose();
-            var e = await Assert.ThrowsAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
+            var e = await Assert.ThrowsAnyAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));
             Assert.Contains(message, e.Message);
             ns.Dispose();
             using var store = MemoryStore.Open(d.Path, guest);

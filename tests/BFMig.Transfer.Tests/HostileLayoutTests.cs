@@ -37,6 +37,7 @@ public class HostileLayoutTests
         using var r = new FrameReader(ns, TimeSpan.FromSeconds(5));
         using var w = new FrameWriter(ns);
         await Handshake.ClientAsync(r, w, NoPeerAuthenticator.Instance, new Hello(StreamKind.Mig, true, guest, 0, new byte[16], 1, new byte[32], "x"), default);
+        await w.WriteAsync(FrameType.MigDoubt, MemoryDoubt.None.Encode(), false, default);
         await w.WriteAsync(FrameType.MigData, ops, false, default);
         await w.FlushAsync(default);
         var e = await Assert.ThrowsAsync<PeerProtocolException>(() => recv.WaitAsync(TimeSpan.FromSeconds(20)));

@@ -108,7 +108,7 @@ public class StoreTests
     }
 
     [Fact]
-    public void Interrupted_trip_is_recovered_by_rehashing_and_forgets_the_peer()
+    public void Interrupted_trip_keeps_the_committed_index_minus_what_its_journal_names()
     {
         using var dir = new TempDir();
         var guest = Guid.NewGuid();
@@ -118,25 +118,25 @@ public class StoreTests
             for (int p = 0; p < 16; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
             s.Commit(3, "hostB", snapshotComplete: true);
         }
-        // A trip starts, writes some pages, and the process dies (no commit, no abandon).
+        // A trip starts, writes some pages, and the process dies (no commit, no abandon): page 1
+        // reached the file (the write to page 7 flushed it), page 7 was still buffered.
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
             s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: true);
             s.Put(0, 1, Content(100), s.Hash(Content(100)));
-            var torn = s.Page(0, 2).ToArray();
-            torn[10] ^= 0xff; // a torn write: data changed, index not
-            using (var f = new FileStream(Directory.GetFiles(Path.Combine(dir.Path, guest.ToString(), "mem"), "*.pages").OrderBy(x => new FileInfo(x).Length).Last(), FileMode.Open)) { f.Position = 2 * 4096; f.Write(torn); }
+            s.Put(0, 7, Content(107), s.Hash(Content(107)));
         }
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
-            Assert.True(s.Recovered);
-            Assert.Equal(0UL, s.State.Generation);
-            Assert.Null(s.State.Peer);
-            AssertIndexMatchesData(s);
-            // The write may or may not have reached the file before the crash: either way the hash is the content's.
-            Assert.Contains(s.GetHash(0, 1), new[] { s.Hash(Content(100)), s.Hash(Content(1)) });
-            Assert.NotEqual(s.Hash(Content(2)), s.GetHash(0, 2));
-            Assert.Equal(s.Hash(Content(3)), s.GetHash(0, 3));
+            Assert.False(s.Recovered);
+            Assert.Equal(3UL, s.State.Generation);
+            Assert.Equal("hostB", s.State.Peer);
+            Assert.Equal(s.State.Digest, s.ComputeDigest());
+            Assert.Equal([new PageRange(0, 1, 1)], s.Doubt.Ranges);
+            Assert.Equal(Content(100), s.Page(0, 1).ToArray());
+            Assert.Equal(Content(7), s.Page(0, 7).ToArray());
+            for (int p = 0; p < 16; p++)
+                if (p != 1) Assert.Equal(s.Hash(s.Page(0, p)), s.GetHash(0, p));
         }
     }
 
@@ -215,7 +215,7 @@ public class StoreTests
     }
 
     [Fact]
-    public void Abandoned_trip_keeps_a_consistent_index_and_drops_sync()
+    public void Abandoned_trip_keeps_the_committed_index_and_names_the_pages_it_wrote()
     {
         using var dir = new TempDir();
         var guest = Guid.NewGuid();
@@ -226,14 +226,19 @@ public class StoreTests
             s.Commit(5, "x", snapshotComplete: true);
             s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: false);
             s.Put(0, 0, Content(2), s.Hash(Content(2)));
+            s.Put(0, 5, Content(5), s.Hash(Content(5))); // flushes page 0; itself still buffered, so dropped
             s.Abandon();
+            Assert.Equal([new PageRange(0, 0, 1)], s.Doubt.Ranges);
         }
         using (var s = MemoryStore.Open(dir.Path, guest))
         {
             Assert.False(s.Recovered);
-            Assert.Equal(0UL, s.State.Generation);
-            Assert.Equal(s.Hash(Content(2)), s.GetHash(0, 0));
-            AssertIndexMatchesData(s);
+            Assert.Equal(5UL, s.State.Generation);
+            Assert.Equal([new PageRange(0, 0, 1)], s.Doubt.Ranges);
+            Assert.Equal(s.Hash(Content(1)), s.GetHash(0, 0));
+            Assert.Equal(Content(2), s.Page(0, 0).ToArray());
+            Assert.Equal(UInt128.Zero, s.GetHash(0, 5));
+            Assert.Equal(new byte[4096], s.Page(0, 5).ToArray());
         }
     }
 

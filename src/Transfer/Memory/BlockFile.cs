@@ -31,9 +31,15 @@ internal sealed unsafe class BlockFile : IDisposable
         {
             using var hs = new FileStream(hashPath, FileMode.Open, FileAccess.Read);
             if (hs.Length == Hashes.LongLength * 16)
+            {
                 hs.ReadExactly(MemoryMarshal.AsBytes(Hashes.AsSpan()));
+                IndexLoaded = true;
+            }
         }
     }
+
+    /// <summary>The index was read whole from its file (false: absent or of the wrong length, every page unknown).</summary>
+    public bool IndexLoaded { get; }
 
     public string Name { get; }
     public long Length { get; }
@@ -125,8 +131,23 @@ internal sealed unsafe class BlockFile : IDisposable
     }
 
     /// <summary>Recomputes every page hash from the data file (recovery after a crash).</summary>
-    public void Rehash(ulong seed)
+    public void Rehash(ulong seed) => HashData(seed, Hashes);
+
+    /// <summary>The index as the last commit wrote it (null when absent or of the wrong length).</summary>
+    public UInt128[]? ReadCommittedIndex()
     {
+        if (!File.Exists(HashPath)) return null;
+        using var hs = new FileStream(HashPath, FileMode.Open, FileAccess.Read);
+        if (hs.Length != Hashes.LongLength * 16) return null;
+        var index = new UInt128[Hashes.LongLength];
+        hs.ReadExactly(MemoryMarshal.AsBytes(index.AsSpan()));
+        return index;
+    }
+
+    /// <summary>Every page's hash as the data file holds it now, into <paramref name="into"/> (a new array when null).</summary>
+    public UInt128[] HashData(ulong seed, UInt128[]? into = null)
+    {
+        var hashes = into ?? new UInt128[PageCount];
         var buffer = new byte[1 << 20];
         for (long p = 0; p < PageCount;)
         {
@@ -141,9 +162,10 @@ internal sealed unsafe class BlockFile : IDisposable
             }
             span[got..].Clear();
             for (int i = 0; i < pages; i++)
-                Hashes[p + i] = MemoryStore.HashPage(span.Slice(i << QemuFormat.PageShift, QemuFormat.PageSize), seed);
+                hashes[p + i] = MemoryStore.HashPage(span.Slice(i << QemuFormat.PageShift, QemuFormat.PageSize), seed);
             p += pages;
         }
+        return hashes;
     }
 
     /// <summary>Makes the data and the index durable.</summary>

@@ -74,6 +74,7 @@ public sealed partial class MemoryStore
     private void FlushWrites()
     {
         if (_writeCount == 0) return;
+        _journal?.Touching(_writeBlock, _writeFirst, _writeCount);
         _blocks[_writeBlock].WritePages(_writeFirst, _writeBuffer.AsSpan(0, _writeCount << QemuFormat.PageShift));
         _writeCount = 0;
     }
@@ -114,5 +115,17 @@ public sealed partial class MemoryStore
     }
 
     /// <summary>Records that a page's content is not known (it will be sent in full next time).</summary>
-    public void PutUnknown(int block, long page) => _blocks[block].Hashes[page] = UInt128.Zero;
+    public void PutUnknown(int block, long page)
+    {
+        var hashes = _blocks[block].Hashes;
+        if (hashes[page] == UInt128.Zero) return;
+        hashes[page] = UInt128.Zero;
+        // Journaled at the commit, before the index files are rewritten (nothing on disk changes until then).
+        if (_unknownTouched.Count > 0 && _unknownTouched[^1].Block == block && _unknownTouched[^1].End == page)
+            _unknownTouched[^1] = _unknownTouched[^1] with { Count = _unknownTouched[^1].Count + 1 };
+        else
+            _unknownTouched.Add(new PageRange(block, page, 1));
+    }
+
+    private readonly List<PageRange> _unknownTouched = [];
 }

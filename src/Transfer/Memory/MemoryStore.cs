@@ -13,13 +13,27 @@ namespace BFMig.Transfer.Memory;
 /// stores identical (each trip's sender records what it sends, the receiver what it receives), so
 /// the local index is also the peer view: what the other host holds, as of
 /// <see cref="StoreState.Generation"/>/<see cref="StoreState.Digest"/>, which the hello confirms.
-/// Crash consistency: <c>INFLUX</c> is made durable before the first write of a trip and removed
-/// after the data and index are durable; a store opened with <c>INFLUX</c> present rehashes every
-/// page from its data file and forgets its peer (next trip sends everything).
+/// Crash consistency: a trip journals the pages it may write (<see cref="MemoryDoubtJournal"/>,
+/// <c>INFLUX</c>) before it writes them, and a commit removes the journal after data, index and
+/// state are durable. A trip that does not commit leaves the last committed index on disk and its
+/// journal naming the pages in doubt: the next trip elides everything else (<see cref="Doubt"/>).
+/// A journal that cannot be trusted puts the whole store in doubt: opened so, the store rehashes
+/// every page from its data file and forgets its peer (the next trip sends everything).
 /// </summary>
 public sealed partial class MemoryStore : IDisposable
 {
-    private const string InfluxName = "INFLUX";
+    /// <summary>How a failed trip found the store (<see cref="Abandon"/>).</summary>
+    public enum StoreFault
+    {
+        /// <summary>Interrupted: the journal says what is in doubt.</summary>
+        None,
+        /// <summary>A retained page was not what its index says.</summary>
+        PagesDiffer,
+        /// <summary>The two hosts' indexes differ.</summary>
+        IndexesDiffer,
+    }
+
+    private const string InfluxName = MemoryDoubtJournal.FileName;
     private readonly string _dir;
     private readonly FileStream _lock;
     private readonly List<BlockFile> _blocks = [];
@@ -43,6 +57,7 @@ public sealed partial class MemoryStore : IDisposable
     private bool _locatorWanted;
     private bool _inTrip;
     private bool _pacedWriteback;
+    private MemoryDoubtJournal? _journal;
 
     private MemoryStore(string guestDir, FileStream lockFile, StoreState state)
     {
@@ -64,8 +79,18 @@ public sealed partial class MemoryStore : IDisposable
     /// <summary>The persisted state (generation, digest, seed, location).</summary>
     public StoreState State { get; private set; }
 
-    /// <summary>True when the last open found an interrupted trip and rebuilt the index.</summary>
+    /// <summary>True when the last open found an interrupted trip it could not follow and rebuilt the index.</summary>
     public bool Recovered { get; private set; }
+
+    /// <summary>
+    /// The pages that interrupted trips since the last commit may have changed on this host (never
+    /// <see cref="MemoryDoubt.Whole"/> after an open: such a store is rebuilt at generation 0). After
+    /// <see cref="Abandon"/>: what the failed trip leaves in doubt.
+    /// </summary>
+    public MemoryDoubt Doubt { get; private set; } = MemoryDoubt.None;
+
+    /// <summary>The pages unknown for the current trip because either host had them in doubt (<see cref="MemoryDoubt.All"/>: the trip keeps nothing).</summary>
+    public MemoryDoubt TripDoubt { get; private set; } = MemoryDoubt.None;
 
     /// <summary>Blocks of the current trip (after <see cref="BeginTrip"/>).</summary>
     public int BlockCount => _blocks.Count;
@@ -113,7 +138,18 @@ public sealed partial class MemoryStore : IDisposable
             var store = new MemoryStore(guestDir, lockFile, state);
             store.LoadBlocks(loadIndex: true);
             if (File.Exists(Path.Combine(mem, InfluxName)))
-                store.Recover();
+            {
+                var doubt = MemoryDoubtJournal.Read(mem, out bool live);
+                // A commit killed while it rewrote an index leaves it short: that index is unknown, so is the store.
+                if (doubt.Whole || store._blocks.Any(b => !b.IndexLoaded))
+                    store.Recover();
+                else
+                {
+                    // A killed trip's live journal only holds in this boot's page cache: settle it to survive a reboot.
+                    if (live) MemoryDoubtJournal.WriteSettled(mem, doubt);
+                    store.Doubt = doubt;
+                }
+            }
             store.ZeroHash = HashPage(new byte[QemuFormat.PageSize], state.Seed);
             return store;
         }
@@ -125,17 +161,19 @@ public sealed partial class MemoryStore : IDisposable
     }
 
     /// <summary>
-    /// The store's state as its file says now, without creating, locking or recovering anything
-    /// (null when the guest has no store yet): enough to answer a hello.
+    /// The store's state and doubt as its files say now, without creating, locking or recovering
+    /// anything (null when the guest has no store yet, or its whole store is in doubt: opened, it is
+    /// rebuilt with generation 0 and can match nothing). Enough to answer a hello.
     /// </summary>
-    /// <exception cref="StoreException">the state file is unreadable.</exception>
-    public static StoreState? PeekState(string root, Guid guest)
+    /// <exception cref="StoreException">the state file or journal is unreadable.</exception>
+    public static (StoreState State, MemoryDoubt Doubt)? Peek(string root, Guid guest)
     {
         string mem = Path.Combine(root, guest.ToString("D"), "mem");
         try
         {
-            // An interrupted trip's store is rehashed on open with generation 0: it can match nothing.
-            return File.Exists(Path.Combine(mem, InfluxName)) ? null : ReadState(mem);
+            var doubt = MemoryDoubtJournal.Read(mem, out _);
+            if (doubt.Whole) return null;
+            return ReadState(mem) is { } state ? (state, doubt) : null;
         }
         catch (Exception e) when (e is IOException or JsonException or UnauthorizedAccessException)
         {
@@ -193,27 +231,41 @@ public sealed partial class MemoryStore : IDisposable
         DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
         File.Delete(Path.Combine(_dir, InfluxName));
         DurableFile.FsyncDirectory(_dir);
+        Doubt = MemoryDoubt.None;
     }
 
     /// <summary>
     /// Starts a trip with the block layout <paramref name="blocks"/>. With <paramref name="keep"/>
     /// (hello matched and same seed), blocks with the same name and length keep their content;
     /// otherwise everything is forgotten and <paramref name="seed"/> becomes the store's seed.
-    /// Marks the store in flux durably before anything else changes.
+    /// With <paramref name="keep"/> and the same layout, the pages in doubt on either host (this
+    /// store's <see cref="Doubt"/> and <paramref name="peerDoubt"/>, the peer's: both sides must
+    /// start from the same index) are unknown for the trip, and a journal follows every page it writes; otherwise the whole store
+    /// is in doubt until the commit. Either is durable before anything else changes.
     /// </summary>
-    public void BeginTrip(IReadOnlyList<RamBlockInfo> blocks, ulong seed, bool keep, bool buildLocator)
+    public void BeginTrip(IReadOnlyList<RamBlockInfo> blocks, ulong seed, bool keep, bool buildLocator, MemoryDoubt? peerDoubt = null)
     {
         if (_inTrip) throw new InvalidOperationException("trip already started");
         _inTrip = true;
         _writeCount = 0;
         _readBlock = -1;
         _lastReadBlock = -1;
-        string influx = Path.Combine(_dir, InfluxName);
-        using (var f = new FileStream(influx, FileMode.Create, FileAccess.Write))
-            f.Flush(flushToDisk: true);
+        var inDoubt = Doubt.Union(peerDoubt ?? MemoryDoubt.None);
+        if (seed != State.Seed || inDoubt.Whole) keep = false;
+        bool sameLayout = blocks.Count == _blocks.Count && blocks.Select((b, i) => b.Name == _blocks[i].Name && b.UsedLength == _blocks[i].Length).All(x => x);
+        // A trip that changes the layout deletes and creates index files: no journal follows that.
+        _journal = MemoryDoubtJournal.Begin(_dir, keep && sameLayout ? Doubt : MemoryDoubt.All);
         DurableFile.FsyncDirectory(_dir);
-
-        if (seed != State.Seed) keep = false;
+        TripDoubt = keep && sameLayout ? inDoubt : MemoryDoubt.All;
+        if (keep && sameLayout)
+        {
+            foreach (var r in inDoubt.Ranges)
+            {
+                if (r.Block >= _blocks.Count) continue;
+                var hashes = _blocks[r.Block].Hashes;
+                Array.Clear(hashes, (int)Math.Min(r.First, hashes.LongLength), (int)(Math.Min(r.End, hashes.LongLength) - Math.Min(r.First, hashes.LongLength)));
+            }
+        }
         State.Seed = seed;
         ZeroHash = HashPage(new byte[QemuFormat.PageSize], seed);
         var old = _blocks.ToDictionary(b => b.Name, StringComparer.Ordinal);
@@ -309,33 +361,93 @@ public sealed partial class MemoryStore : IDisposable
     public string Commit(ulong generation, string? peer, bool snapshotComplete)
     {
         FlushWrites();
+        // The index files are rewritten next, pages made unknown included: the journal covers those too.
+        foreach (var r in _unknownTouched) _journal?.Touching(r.Block, r.First, r.Count);
+        _unknownTouched.Clear();
         foreach (var b in _blocks) b.Persist();
         State.Generation = generation;
         State.Peer = peer;
         State.Digest = ComputeDigest();
         State.SnapshotComplete = snapshotComplete;
         DurableFile.WriteAtomically(Path.Combine(_dir, "state.json"), JsonSerializer.SerializeToUtf8Bytes(State, StoreJsonContext.Default.StoreState));
-        File.Delete(Path.Combine(_dir, InfluxName));
-        DurableFile.FsyncDirectory(_dir);
+        if (_journal is not null)
+            _journal.Clear();
+        else
+        {
+            File.Delete(Path.Combine(_dir, InfluxName));
+            DurableFile.FsyncDirectory(_dir);
+        }
+        _journal = null;
+        Doubt = MemoryDoubt.None;
         _inTrip = false;
         return State.Digest;
     }
 
     /// <summary>
-    /// Ends a failed trip: the index is rebuilt from the data (a failure may come from data that
-    /// no longer matches its index) and the store no longer matches any peer (generation 0).
+    /// Ends a failed trip without touching the committed index or state: the journal is settled to
+    /// exactly the pages written so far (writes still buffered are dropped, never having reached
+    /// the file) plus the earlier doubt, which becomes <see cref="Doubt"/>.
+    /// <see cref="StoreFault.PagesDiffer"/> (a retained page was not what the index says: something
+    /// other than a trip wrote the page files): every page is rehashed and those that differ from
+    /// the committed index join the doubt, so that the next trip sends them in full instead of
+    /// failing on them again. <see cref="StoreFault.IndexesDiffer"/> (or damage that the rehash
+    /// cannot find): the index is rebuilt from the data and the store matches no peer
+    /// (generation 0). The trip's in-memory index is stale afterwards: reopen to use the store.
+    /// Returns false when no trip was under way (never started, or committed).
     /// </summary>
-    public void Abandon()
+    public bool Abandon(StoreFault fault = StoreFault.None)
     {
-        if (!_inTrip) return;
+        if (!_inTrip) return false;
+        var damaged = fault == StoreFault.PagesDiffer ? FindDamage() : null;
+        if (fault == StoreFault.IndexesDiffer || (fault == StoreFault.PagesDiffer && damaged is not { Count: > 0 }) || _journal is null || _journal.Doubt.Whole)
+        {
+            FlushWrites();
+            foreach (var b in _blocks) b.Rehash(State.Seed);
+            Commit(0, null, snapshotComplete: false);
+            Doubt = MemoryDoubt.All;
+            return true;
+        }
+        _writeCount = 0;
+        _inTrip = false;
+        Doubt = _journal.Doubt.Union(MemoryDoubt.Of(damaged ?? []));
+        try
+        {
+            _journal.Settle(Doubt);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // The live journal stays: it covers every write, and the next open settles it.
+            TransferLog.Note($"bfmig-transfer: memory store journal not settled ({e.Message}); the next open settles it");
+        }
+        _journal = null;
+        return true;
+    }
+
+    // Pages whose data no longer hashes to the committed index (null: an index file is unreadable).
+    private List<PageRange>? FindDamage()
+    {
         FlushWrites();
-        foreach (var b in _blocks) b.Rehash(State.Seed);
-        Commit(0, null, snapshotComplete: false);
+        var damaged = new List<PageRange>();
+        for (int bi = 0; bi < _blocks.Count; bi++)
+        {
+            var committed = _blocks[bi].ReadCommittedIndex();
+            if (committed is null) return null;
+            var actual = _blocks[bi].HashData(State.Seed);
+            for (long p = 0; p < actual.LongLength; p++)
+            {
+                if (committed[p] != UInt128.Zero && committed[p] != actual[p])
+                    damaged.Add(new PageRange(bi, p, 1));
+            }
+        }
+        if (damaged.Count > 0)
+            TransferLog.Note($"bfmig-transfer: a retained page was not what the index says; {damaged.Count} pages differ from the committed index (this trip's own writes included): in doubt from now on");
+        return damaged;
     }
 
     /// <inheritdoc/>
     public void Dispose()
     {
+        _journal?.Dispose();
         foreach (var b in _blocks) b.Dispose();
         _blocks.Clear();
         _lock.Dispose();

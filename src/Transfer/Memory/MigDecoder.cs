@@ -57,6 +57,9 @@ public sealed class MigDecoder
     /// <summary>True once the store trip began (BLOCKS received with a store).</summary>
     public bool TripStarted { get; private set; }
 
+    /// <summary>The sender's pages in doubt (its first frame): with this store's own, unknown for the trip.</summary>
+    public MemoryDoubt PeerDoubt { get; set; } = MemoryDoubt.None;
+
     /// <summary>Rebuilt stream bytes waiting to be written to QEMU.</summary>
     public ReadOnlySpan<byte> Output => _out.AsSpan(0, _outLength);
 
@@ -184,7 +187,8 @@ public sealed class MigDecoder
         _haveBlocks = true;
         if (_store is not null)
         {
-            _store.BeginTrip(infos, _seed, _keep, buildLocator: false);
+            _store.BeginTrip(infos, _seed, _keep, buildLocator: false, PeerDoubt);
+            _stats.MemDoubtPages = _store.TripDoubt.Whole ? -1 : _store.TripDoubt.PageCount;
             TripStarted = true;
         }
         return pos;
@@ -238,7 +242,7 @@ public sealed class MigDecoder
                 }
                 _batch.AsSpan((int)(page - _batchFirst) << QemuFormat.PageShift, QemuFormat.PageSize).CopyTo(content);
                 if (known == UInt128.Zero || store.Hash(content) != known)
-                    throw Bad($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
+                    throw OutOfStep($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
                 _stats.PagesElided++;
                 break;
             }
@@ -253,7 +257,7 @@ public sealed class MigDecoder
                 q += 16;
                 if (sb >= (ulong)_names.Length || sp >= (ulong)_pages[sb]) throw Bad($"REF to block {sb} page {sp} out of range", opStart);
                 store.ReadPage((int)sb, (long)sp, content);
-                if (store.Hash(content) != hash) throw Bad($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
+                if (store.Hash(content) != hash) throw OutOfStep($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
                 store.Put(block, page, content, hash);
                 _stats.PagesReferenced++;
                 used = q;
@@ -299,4 +303,7 @@ public sealed class MigDecoder
 
     private PeerProtocolException Bad(string what, int opStart) =>
         new($"mig data frame {_frame}, op at byte {opStart}: {what}");
+
+    private StoreOutOfStepException OutOfStep(string what, int opStart) =>
+        new($"mig data frame {_frame}, op at byte {opStart}: {what}") { PagesDiffer = true };
 }

@@ -49,6 +49,9 @@ public sealed class MigEncoder
     /// <summary>True once the store trip began (the block list was seen).</summary>
     public bool TripStarted { get; private set; }
 
+    /// <summary>The receiver's pages in doubt (its hello reply): with this store's own, unknown for the trip.</summary>
+    public MemoryDoubt PeerDoubt { get; set; } = MemoryDoubt.None;
+
     /// <summary>Ops produced so far and not yet taken.</summary>
     public ReadOnlySpan<byte> Ops => _ops.AsSpan(0, _length);
 
@@ -135,7 +138,8 @@ public sealed class MigEncoder
         }
         if (_store is not null)
         {
-            _store.BeginTrip(blocks, _seed, keep: _synced, buildLocator: _synced);
+            _store.BeginTrip(blocks, _seed, keep: _synced, buildLocator: _synced, PeerDoubt);
+            _stats.MemDoubtPages = _store.TripDoubt.Whole ? -1 : _store.TripDoubt.PageCount;
             TripStarted = true;
         }
     }

@@ -28,6 +28,7 @@ public sealed class MigReceiver
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
     private long _reported;
     private bool _endChecked;
+    private bool _doubtSeen;
     private Task? _commit;
 
     public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout,
@@ -43,7 +44,10 @@ public sealed class MigReceiver
         _endTimeout = endTimeout;
     }
 
-    /// <summary>Runs the stream to its end; on failure the store is abandoned (consistent, no longer in sync).</summary>
+    /// <summary>
+    /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
+    /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
+    /// </summary>
     public async Task RunAsync(LocalConnection qemu, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
@@ -57,7 +61,7 @@ public sealed class MigReceiver
             var done = await Task.WhenAny(reverse, Task.Delay(_endTimeout, ct));
             if (done == reverse) await reverse;
         }
-        catch
+        catch (Exception e)
         {
             await cts.CancelAsync();
             if (_commit is not null)
@@ -71,10 +75,22 @@ public sealed class MigReceiver
                     // The stream's own failure is the one reported.
                 }
             }
-            if (_decoder.TripStarted) _store!.Abandon();
+            if (_decoder.TripStarted && _store!.Abandon(FaultOf(e)))
+            {
+                _stats.MemDoubtAfter = _store.Doubt.Describe();
+                TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
+            }
             throw;
         }
     }
+
+    /// <summary>How a failure found this host's store (the sender's side, when its peer aborted, is only interrupted).</summary>
+    internal static MemoryStore.StoreFault FaultOf(Exception e) => e switch
+    {
+        StoreOutOfStepException { PagesDiffer: true } => MemoryStore.StoreFault.PagesDiffer,
+        StoreOutOfStepException => MemoryStore.StoreFault.IndexesDiffer,
+        _ => MemoryStore.StoreFault.None,
+    };
 
     private async Task ForwardAsync(LocalConnection qemu, Task reverse, CancellationToken ct)
     {
@@ -83,8 +99,20 @@ public sealed class MigReceiver
             var frame = await _reader.ReadAsync(ct) ?? throw new PeerProtocolException($"peer closed the connection before the end of the stream (at byte {_reader.BytesRead})");
             switch (frame.Type)
             {
+                case FrameType.MigDoubt:
+                {
+                    if (_doubtSeen || _decoder.TripStarted)
+                        throw new PeerProtocolException($"pages in doubt at byte {_reader.BytesRead}, not as the stream's first frame");
+                    _doubtSeen = true;
+                    if (MemoryDoubt.Decode(frame.Payload.Span) is not { } d || d.Length != frame.Payload.Length)
+                        throw new PeerProtocolException($"the sender's pages in doubt are malformed ({frame.Payload.Length} bytes)");
+                    _decoder.PeerDoubt = d.Doubt;
+                    break;
+                }
                 case FrameType.MigData:
                 {
+                    // The sender's pages in doubt come first: without them, its elisions could name pages that are in doubt here.
+                    if (!_doubtSeen && _store is not null) throw new PeerProtocolException("memory stream without the sender's pages in doubt");
                     _decoder.BeginFrame();
                     int pos = 0;
                     do
@@ -123,7 +151,7 @@ public sealed class MigReceiver
                             // Every page this side rebuilt is in its index: a different digest means some page
                             // QEMU got is not the sender's. The device state comes only after End, so that guest never starts.
                             await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, digest).Encode(), compress: false, ct);
-                            throw new PeerProtocolException(
+                            throw new StoreOutOfStepException(
                                 $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
                         }
                     }
@@ -168,8 +196,8 @@ public sealed class MigReceiver
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
             {
-                // QEMU has the whole stream already; only the retained copy is lost (it stays in flux).
-                TransferLog.Note($"bfmig-transfer: store commit failed, the next trip sends everything: {e.Message}");
+                // QEMU has the whole stream already; the journal still covers every page the trip wrote.
+                TransferLog.Note($"bfmig-transfer: store commit failed, its pages stay in doubt: {e.Message}");
             }
         }
         _stats.Committed = committed;

@@ -32,12 +32,13 @@ public sealed class MigSender
     private long _consumed;
     private long _wireAtLastWait;
 
+    // peerDoubt: the receiver's pages in doubt (its hello reply; none without a match).
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
-        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null)
+        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null, MemoryDoubt? peerDoubt = null)
     {
         _pacer = pacer;
         _store = store;
-        _encoder = new MigEncoder(store, synced, seed, stats);
+        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None };
         _reader = reader;
         _writer = writer;
         _stats = stats;
@@ -46,7 +47,10 @@ public sealed class MigSender
         _endTimeout = endTimeout;
     }
 
-    /// <summary>Runs the stream to its end. On failure the store is abandoned (consistent, no longer in sync).</summary>
+    /// <summary>
+    /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
+    /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
+    /// </summary>
     public async Task RunAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
@@ -57,20 +61,29 @@ public sealed class MigSender
         _ = inbox.ContinueWith(_ => cts.Cancel(), CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted, TaskScheduler.Default);
         try
         {
+            // First, this host's pages in doubt: the receiver unites them with its own before its first page.
+            if (_store is not null)
+                await _writer.WriteAsync(FrameType.MigDoubt, _store.Doubt.Encode(), compress: true, cts.Token);
             await ForwardAsync(qemu, prefix, frames, cts.Token);
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
             {
-                if (ack.Committed && ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest())))
+                bool agree = ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest()));
+                if (ack.Committed && agree)
                 {
                     _store.Commit(_newGeneration, _peerName, _encoder.Parser.RamComplete);
                     _stats.Committed = true;
                     _stats.Generation = _newGeneration;
                 }
+                else if (agree)
+                {
+                    // Its commit failed (its journal still names what it wrote): abandoned below, this store keeps its doubt too.
+                    throw new PeerProtocolException("the receiver could not commit its store at the end of the trip");
+                }
                 else
                 {
-                    _store!.Abandon();
-                    throw new PeerProtocolException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
+                    // Abandoned below as a whole.
+                    throw new StoreOutOfStepException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
                 }
             }
             // Kept (both stores agreed on what was carried), but the migration itself failed; its
@@ -81,12 +94,12 @@ public sealed class MigSender
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested && inbox.IsFaulted)
         {
-            if (_encoder.TripStarted) _store!.Abandon();
+            Abandon(inbox.Exception!.InnerException!);
             throw inbox.Exception!.InnerException!;
         }
-        catch
+        catch (Exception e)
         {
-            if (_encoder.TripStarted) _store!.Abandon();
+            Abandon(e);
             await cts.CancelAsync();
             throw;
         }
@@ -99,6 +112,13 @@ public sealed class MigSender
                 _stats.PacedWaitSeconds = _pacer.Waited.TotalSeconds;
             }
         }
+    }
+
+    private void Abandon(Exception why)
+    {
+        if (!_encoder.TripStarted || !_store!.Abandon(MigReceiver.FaultOf(why))) return;
+        _stats.MemDoubtAfter = _store.Doubt.Describe();
+        TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }
 
     private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)

@@ -13,6 +13,8 @@ public enum FrameType : byte
     Route = 0x04,
     /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Memory.MigOps"/>).</summary>
     MigData = 0x10,
+    /// <summary>S->R, first frame of a memory stream with a store: the sender's pages in doubt (<see cref="BFMig.Transfer.Memory.MemoryDoubt"/>).</summary>
+    MigDoubt = 0x13,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
     Tunnel = 0x11,
     /// <summary>The writer of a tunnel direction reached EOF.</summary>
@@ -52,7 +54,9 @@ public static class FrameCodec
     /// mark a stream as a multifd channel. 4: a memory stream's End comes before every byte the
     /// sender's parser did not understand, and the receiver no longer holds back the stream's last
     /// byte until End (a 3 sender with a 4 receiver would let the device state reach QEMU before the
-    /// digest check). An older peer is refused in the hello, by name, rather than misread.
+    /// digest check); the hello reply carries the receiver's memory pages in doubt and a memory
+    /// stream with a store starts with the sender's (<see cref="FrameType.MigDoubt"/>).
+    /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
     public const ushort ProtocolVersion = 4;
     public const int HeaderLength = 8;

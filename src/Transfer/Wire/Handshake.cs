@@ -8,7 +8,11 @@ namespace BFMig.Transfer.Wire;
 /// <param name="Generation">The receiver's generation.</param>
 /// <param name="Digest">The receiver's digest (16 bytes).</param>
 /// <param name="Message">Why, for a refusal.</param>
-public sealed record HelloDecision(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, string Message);
+public sealed record HelloDecision(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, string Message)
+{
+    /// <summary>The receiver's memory pages in doubt, answered with a match.</summary>
+    public BFMig.Transfer.Memory.MemoryDoubt Doubt { get; init; } = BFMig.Transfer.Memory.MemoryDoubt.None;
+}
 
 /// <summary>
 /// The hello exchange with authentication, for both roles. With an authenticator that derives
@@ -60,7 +64,7 @@ public static class Handshake
         var helloBytes = frame.Payload.ToArray();
         var hello = Hello.Decode(helloBytes);
         var decision = decide(hello);
-        var reply = new HelloReply(decision.Status, decision.HasStore, decision.Generation, decision.Digest, RandomNumberGenerator.GetBytes(32), decision.Message);
+        var reply = new HelloReply(decision.Status, decision.HasStore, decision.Generation, decision.Digest, RandomNumberGenerator.GetBytes(32), decision.Message) { Doubt = decision.Doubt };
         var unsigned = reply.EncodeUnsigned();
         var transcript = Concat(helloBytes, unsigned);
         var payload = new byte[unsigned.Length + 1 + auth.ProofLength];

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Text;
+using BFMig.Transfer.Memory;
 
 namespace BFMig.Transfer.Wire;
 
@@ -91,17 +92,22 @@ public enum HelloStatus : byte
 
 /// <summary>
 /// Receiver's reply (frame <see cref="FrameType.HelloReply"/>): <c>u8 status, u8 flags (1 = store
-/// in use), be64 generation, 16 digest, 32 nonce, u8 message length + message, u8 proof length +
-/// proof</c>. The proof covers the hello and the reply up to the proof.
+/// in use), be64 generation, 16 digest, 32 nonce, u8 message length + message, doubt
+/// (<see cref="MemoryDoubt.Encode"/>), u8 proof length + proof</c>. The proof covers the hello and
+/// the reply up to the proof. The message says why, for a refusal or a mismatch.
 /// </summary>
 public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, byte[] Nonce, string Message)
 {
+    /// <summary>The receiver's memory pages in doubt after interrupted trips (a memory stream on a match; none otherwise).</summary>
+    public MemoryDoubt Doubt { get; init; } = MemoryDoubt.None;
+
     /// <summary>The bytes the receiver's proof covers (everything but the proof).</summary>
     public byte[] EncodeUnsigned()
     {
         var msg = Encoding.UTF8.GetBytes(Message);
         if (msg.Length > 255) msg = msg[..255];
-        var b = new byte[1 + 1 + 8 + 16 + 32 + 1 + msg.Length];
+        var doubt = Doubt.Encode();
+        var b = new byte[1 + 1 + 8 + 16 + 32 + 1 + msg.Length + doubt.Length];
         b[0] = (byte)Status;
         b[1] = HasStore ? (byte)1 : (byte)0;
         BinaryPrimitives.WriteUInt64BigEndian(b.AsSpan(2), Generation);
@@ -109,21 +115,24 @@ public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generat
         Nonce.AsSpan(0, 32).CopyTo(b.AsSpan(26));
         b[58] = (byte)msg.Length;
         msg.CopyTo(b.AsSpan(59));
+        doubt.CopyTo(b.AsSpan(59 + msg.Length));
         return b;
     }
 
     public static (HelloReply Reply, int UnsignedLength, byte[] Proof) Decode(ReadOnlySpan<byte> p)
     {
-        if (p.Length < 60) throw new PeerProtocolException($"hello reply of {p.Length} bytes is shorter than 60");
+        if (p.Length < 65) throw new PeerProtocolException($"hello reply of {p.Length} bytes is shorter than 65");
         if (p[0] > (byte)HelloStatus.Refused) throw new PeerProtocolException($"hello reply status {p[0]} unknown");
         if ((p[1] & ~1) != 0) throw new PeerProtocolException($"hello reply has unknown flags 0x{p[1]:x2}");
         int msgLen = p[58];
-        int unsigned = 59 + msgLen;
-        if (p.Length < unsigned + 1) throw new PeerProtocolException("hello reply truncated in its message");
+        if (p.Length < 59 + msgLen) throw new PeerProtocolException("hello reply truncated in its message");
+        var doubt = MemoryDoubt.Decode(p[(59 + msgLen)..]) ?? throw new PeerProtocolException("hello reply's pages in doubt are malformed or truncated");
+        int unsigned = 59 + msgLen + doubt.Length;
+        if (p.Length < unsigned + 1) throw new PeerProtocolException("hello reply truncated before its proof");
         int proofLen = p[unsigned];
         if (p.Length != unsigned + 1 + proofLen) throw new PeerProtocolException($"hello reply of {p.Length} bytes, expected {unsigned + 1 + proofLen}");
         var reply = new HelloReply((HelloStatus)p[0], (p[1] & 1) != 0, BinaryPrimitives.ReadUInt64BigEndian(p[2..]), p.Slice(10, 16).ToArray(),
-            p.Slice(26, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(59, msgLen)));
+            p.Slice(26, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(59, msgLen))) { Doubt = doubt.Doubt };
         return (reply, unsigned, p.Slice(unsigned + 1, proofLen).ToArray());
     }
 }

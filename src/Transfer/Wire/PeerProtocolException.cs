@@ -30,3 +30,18 @@ public sealed class PeerAbortedException : PeerProtocolException
     /// <summary>The reason the peer gave.</summary>
     public string Reason { get; }
 }
+
+/// <summary>
+/// This host's store proved out of step with the peer's (an elided or referenced page that is not
+/// what the index says, a digest that differs at the end): something other than a trip changed
+/// it, so no journal can say which pages to trust, and the whole store goes in doubt.
+/// </summary>
+public sealed class StoreOutOfStepException : PeerProtocolException
+{
+    /// <summary>This host found a retained page that is not what its index says (rather than indexes that differ).</summary>
+    public bool PagesDiffer { get; init; }
+
+    public StoreOutOfStepException(string message) : base(message) { }
+    public StoreOutOfStepException(string message, Exception inner) : base(message, inner) { }
+    public StoreOutOfStepException() { }
+}
