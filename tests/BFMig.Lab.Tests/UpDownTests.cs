@@ -94,18 +94,22 @@ public sealed partial class UpDownTests(ITestOutputHelper output)
         Assert.False(Directory.Exists(RunDir), $"{RunDir} left behind");
         Assert.False(Directory.Exists(VarDir), $"{VarDir} left behind");
         Assert.All(formerPids, pid => Assert.False(Directory.Exists($"/proc/{pid}"), $"pid {pid} still running"));
+        // Only this lab's QEMUs: another checkout's lab may run on the same machine (its hosts'
+        // libvirt directories are bind mounts from its own /var/tmp/NAME/, seen in mountinfo).
+        var ours = $" {VarDir}/";
         var guests = Directory.EnumerateDirectories("/proc")
             .Where(d => int.TryParse(Path.GetFileName(d), out _))
-            .Where(d => ReadCmdline(d).Contains("guest=lab-guest", StringComparison.Ordinal))
+            .Where(d => ReadProcFile(d, "cmdline").Contains("guest=lab-guest", StringComparison.Ordinal))
+            .Where(d => ReadProcFile(d, "mountinfo").Contains(ours, StringComparison.Ordinal))
             .ToList();
         Assert.True(guests.Count == 0, "lab QEMU still running: " + string.Join(' ', guests));
     }
 
-    private static string ReadCmdline(string procDir)
+    private static string ReadProcFile(string procDir, string name)
     {
         try
         {
-            return File.ReadAllText(Path.Combine(procDir, "cmdline"));
+            return File.ReadAllText(Path.Combine(procDir, name));
         }
         catch (IOException)
         {
