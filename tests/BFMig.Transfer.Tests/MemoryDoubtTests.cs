@@ -39,22 +39,7 @@ public class MemoryDoubtTests
         var enc = new MigEncoder(sender, synced, sender.State.Seed, ss) { PeerDoubt = synced ? receiver.Doubt : MemoryDoubt.None };
         var dec = new MigDecoder(receiver, synced, sender.State.Seed, rs) { PeerDoubt = sender.Doubt };
         using var output = new MemoryStream();
-        void Ship()
-        {
-            enc.CompleteOps();
-            var frame = enc.Ops.ToArray();
-            enc.ResetOps();
-            if (frame.Length == 0) return;
-            dec.BeginFrame();
-            int pos = 0;
-            do
-            {
-                pos = dec.Process(frame, pos);
-                output.Write(dec.Output);
-                dec.ResetOutput();
-            }
-            while (pos < frame.Length || dec.HasPendingOutput);
-        }
+        void Ship() => CoreTrip.Ship(enc, dec, output);
         int end = Math.Min(stream.Length, cutAt);
         int start = 0, fed = 0;
         while (true)
