@@ -220,6 +220,15 @@ public static class DiskPath
         {
             using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
             var fromServer = Task.Run(() => ServerToPeerAsync(local.Stream, channel, observer, cts.Token), CancellationToken.None);
+            // A server that ends before the client's NBD_CMD_DISC is a destination QEMU that went
+            // away (a failed or cancelled migration). Nothing the source sends can land any more,
+            // and the source QEMU's mirror may be waiting for replies to requests in flight: its
+            // cancel, and so libvirt's failure, would wait on us until the idle timeout. End now.
+            _ = fromServer.ContinueWith(t =>
+            {
+                if (ServerEndedEarly(t, observer) is not null)
+                    cts.Cancel();
+            }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             try
             {
                 var buffer = ArrayPool<byte>.Shared.Rent(BufferSize);
@@ -254,8 +263,10 @@ public static class DiskPath
                 }
                 catch (Exception)
                 {
-                    // The first failure is the one reported.
+                    // The first failure is the one reported, unless it was only our reaction to the server's.
                 }
+                if (!ct.IsCancellationRequested && ServerEndedEarly(fromServer, observer) is { } why)
+                    throw new StreamCutException($"{why} (byte {channel.DataBytesRead} of the source's stream): the destination QEMU stopped, the migration failed or was cancelled");
                 throw;
             }
             stats.StreamBytes = channel.DataBytesRead;
@@ -374,6 +385,18 @@ public static class DiskPath
             TransferLog.Note($"bfmig-transfer: cannot save disk map {path}: {e.Message}; the next trip sends everything");
             return false;
         }
+    }
+
+    // Why the local NBD server's side ended before the client disconnected, or null while it runs
+    // or when it ended as NBD says it should (after NBD_CMD_DISC or NBD_OPT_ABORT, or on a stream
+    // not followed).
+    private static string? ServerEndedEarly(Task fromServer, NbdStreamObserver observer)
+    {
+        if (!fromServer.IsCompleted || observer.ClientFinished)
+            return null;
+        return fromServer.IsFaulted
+            ? $"the local NBD server's connection failed before NBD_CMD_DISC ({fromServer.Exception!.GetBaseException().Message})"
+            : fromServer.IsCanceled ? null : "the local NBD server closed the connection before NBD_CMD_DISC";
     }
 
     private static async Task ServerToPeerAsync(Stream server, DiskChannel channel, NbdStreamObserver observer, CancellationToken ct)

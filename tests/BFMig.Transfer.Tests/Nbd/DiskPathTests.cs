@@ -51,7 +51,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         Assert.Equal(DeviceNode.IsBlockDevice(h.Image) ? SealResult.NotAFile : SealResult.Sealed, result);
     }
 
-    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64", bool seal = true)
+    private async Task<Trip> RunTripAsync(TempDir dir, Host from, Host to, bool killReceiver = false, string qemu = "qemu-system-x86_64", bool seal = true,
+        ResettingProxy? resetServer = null)
     {
         using var cts = new CancellationTokenSource(Timeout);
         var ct = cts.Token;
@@ -73,6 +74,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
             var peer = await peerListener.AcceptAsync(receiverCts.Token);
             return await TransferRunner.ReceiveAsync(peer, async t =>
             {
+                if (resetServer is not null)
+                    return LocalConnection.FromSocket(await resetServer.ConnectAsync(nbdSock, t));
                 var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
                 await s.ConnectAsync(new UnixDomainSocketEndPoint(nbdSock), t);
                 return LocalConnection.FromSocket(s);
@@ -98,6 +101,27 @@ public sealed class DiskPathTests(ITestOutputHelper output)
             await Assert.ThrowsAnyAsync<Exception>(() => receiver);
             await Assert.ThrowsAnyAsync<Exception>(() => sender);
             await Assert.ThrowsAnyAsync<Exception>(() => mirror);
+            return new Trip(new TransferStats(), new TransferStats(), false, "");
+        }
+        if (resetServer is not null)
+        {
+            // The destination QEMU goes away mid-mirror (as when libvirt kills it after an abort)
+            // with its connection reset, while the source's mirror waits for replies to the writes
+            // it has in flight and so sends nothing more: only the receiver can notice.
+            while (!DiskBlockMap.IsInFlux(MapOf(to)))
+                await Task.Delay(2, ct);
+            await Task.Delay(20, ct);
+            await resetServer.ResetAsync(ct);
+            var reset = Stopwatch.StartNew();
+            var cut = await Assert.ThrowsAnyAsync<Exception>(() => receiver);
+            output.WriteLine($"receiver ended {reset.Elapsed.TotalSeconds:F2} s after the reset: {cut.GetType().Name}: {cut.Message}");
+            await Assert.ThrowsAnyAsync<Exception>(() => sender);
+            await Assert.ThrowsAnyAsync<Exception>(() => mirror);
+            output.WriteLine($"sender and mirror ended {reset.Elapsed.TotalSeconds:F2} s after the reset");
+            Assert.IsType<StreamCutException>(cut);
+            Assert.Contains("local NBD server", cut.Message);
+            // Seconds, not the helpers' idle timeout (120 s): libvirt's failure must not wait on us.
+            Assert.True(reset.Elapsed < TimeSpan.FromSeconds(20), $"the helpers took {reset.Elapsed.TotalSeconds:F1} s to give up");
             return new Trip(new TransferStats(), new TransferStats(), false, "");
         }
         await mirror;
@@ -529,6 +553,35 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         Assert.True(retry.Sender.StreamBytes < first.Sender.StreamBytes / 4, $"retry after the kill carried {retry.Sender.StreamBytes} of {first.Sender.StreamBytes}");
         await AssertMapsAgreeAsync(b, a);
         Assert.False(DiskBlockMap.IsInFlux(MapOf(a)));
+    }
+
+    /// <summary>
+    /// The destination's NBD server dies mid-trip and its connection is reset: the receiving helper
+    /// ends the stream at once (it does not wait for a source that waits for replies), everything
+    /// ends within seconds, and the retry still sends only what the dead trip may have touched.
+    /// </summary>
+    [Fact]
+    public async Task ADeadDestinationServerEndsTheTripInSecondsAndTheRetryStaysSmall()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        await Images.CreateRandomQcow2Async(a.Image, Size, seed: 29);
+        await Images.CreateAsync(b.Image, Size);
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+
+        await Images.IoAsync(b.Image, Changes(8, 31));
+        await using (var proxy = new ResettingProxy())
+            await RunTripAsync(dir, b, a, resetServer: proxy);
+        Seal(a);
+
+        var retry = await RunTripAsync(dir, b, a);
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-match", retry.Sender.Mode);
+        Assert.True(retry.Sender.StreamBytes < first.Sender.StreamBytes / 4, $"retry after the dead server carried {retry.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
     }
 
     /// <summary>

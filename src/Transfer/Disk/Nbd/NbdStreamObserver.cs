@@ -43,6 +43,22 @@ public sealed class NbdStreamObserver
     /// <summary>True once the client sent NBD_CMD_DISC.</summary>
     public bool SawDisconnect { get; private set; }
 
+    /// <summary>
+    /// True once the client said it is done (NBD_CMD_DISC, or NBD_OPT_ABORT in the handshake), so
+    /// that the server may close; also true when the stream is not followed (opaque or failed), as
+    /// then nobody can tell. Safe to read from either side's thread.
+    /// </summary>
+    public bool ClientFinished
+    {
+        get
+        {
+            lock (_sync)
+                return _clientPhase == ClientPhase.Done || _clientAborted || Opaque || _failure is not null;
+        }
+    }
+
+    private bool _clientAborted;
+
     /// <summary>True when the stream became opaque (STARTTLS): nothing can be known.</summary>
     public bool Opaque { get; private set; }
 
@@ -149,6 +165,8 @@ public sealed class NbdStreamObserver
                 _options.Enqueue(option.Option);
                 if (option.Option is NbdOption.Go or NbdOption.ExportName or NbdOption.StartTls or NbdOption.Abort)
                     _clientPhase = ClientPhase.AwaitingServer;
+                // The server may close at once, without replying.
+                _clientAborted |= option.Option == NbdOption.Abort;
                 return true;
             case ClientPhase.Transmission:
                 if (!NbdRequest.TryRead(ref input, Style == NbdHeaderStyle.Extended, _maxPayload, at, out var request))
