@@ -205,18 +205,56 @@ public sealed class DiskDoubtJournal : IDisposable
     /// earlier trips left in doubt (<paramref name="prior"/>, as read before). Durable on return:
     /// from then on the saved map is only trusted minus the journal.
     /// </summary>
+    /// <remarks>
+    /// When the store cannot take the journal (its file system is full or read-only) the map is
+    /// removed instead (<see cref="Lost"/> says why) and the trip goes on keeping none: a full
+    /// store costs a stock-sized trip, never a failed one.
+    /// </remarks>
+    /// <exception cref="IOException">the journal could not be written and the map not removed either.</exception>
     public static DiskDoubtJournal Begin(string mapPath, int blockSize, DiskDoubt prior)
     {
-        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(mapPath))!);
         string path = PathOf(mapPath);
-        if (prior.Whole)
+        try
         {
-            DoubtAll(mapPath);
-            return new DiskDoubtJournal(path, blockSize, prior, null);
+            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(mapPath))!);
+            if (prior.Whole)
+            {
+                DoubtAll(mapPath);
+                return new DiskDoubtJournal(path, blockSize, prior, null);
+            }
+            DurableFile.WriteAtomically(path, Encode(prior.Ranges));
+            var append = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read);
+            return new DiskDoubtJournal(path, blockSize, prior, append);
         }
-        DurableFile.WriteAtomically(path, Encode(prior.Ranges));
-        var append = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read);
-        return new DiskDoubtJournal(path, blockSize, prior, append);
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return new DiskDoubtJournal(path, blockSize, DiskDoubt.All, null) { Lost = RemoveMap(mapPath, e) };
+        }
+    }
+
+    /// <summary>
+    /// Why this journal no longer follows the trip and its map was removed (the store could not
+    /// be written), or null. Once set, this host keeps no map of this trip.
+    /// </summary>
+    public string? Lost { get; private set; }
+
+    /// <summary>
+    /// The rule for a journal that cannot be written: without it the saved map could later be
+    /// trusted against an image this trip changed, so the map goes; a deletion needs no free
+    /// space. Returns the reason for logs and stats; throws only when even that fails.
+    /// </summary>
+    public static string RemoveMap(string mapPath, Exception cause)
+    {
+        try
+        {
+            File.Delete(mapPath);
+            File.Delete(PathOf(mapPath));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new IOException($"cannot journal the disk map {mapPath} ({cause.Message}), nor remove it ({e.Message})", cause);
+        }
+        return $"the store cannot be written ({cause.Message}): the disk map {mapPath} was removed, this trip keeps none";
     }
 
     /// <summary>
@@ -259,8 +297,17 @@ public sealed class DiskDoubtJournal : IDisposable
             }
             if (fresh is null) return;
             var bytes = Encode(fresh)[Magic.Length..];
-            _append.Write(bytes);
-            _append.Flush(flushToDisk: true);
+            try
+            {
+                _append.Write(bytes);
+                _append.Flush(flushToDisk: true);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Whole doubt needs no record per write (and, failing that, the map goes).
+                TransferLog.Note($"bfmig-transfer: cannot append to the disk map's journal {_path}: {e.Message}; every block is in doubt");
+                DoubtEverythingLocked();
+            }
         }
     }
 
@@ -276,8 +323,16 @@ public sealed class DiskDoubtJournal : IDisposable
         if (_whole) return;
         _append?.Dispose();
         _append = null;
-        DoubtAll(_path[..^Suffix.Length]);
         _whole = true;
+        try
+        {
+            DoubtAll(_path[..^Suffix.Length]);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Lost = RemoveMap(_path[..^Suffix.Length], e);
+            TransferLog.Note($"bfmig-transfer: {Lost}");
+        }
     }
 
     /// <summary>What this journal puts in doubt so far: the earlier trips' doubt and this trip's exact writes.</summary>

@@ -49,6 +49,8 @@ public static class DiskPath
                 // The receiver's image is about to change: from now on our view of it holds only outside the journal.
                 journal?.Dispose();
                 journal = DiskDoubtJournal.Begin(mapPath, DiskMapStore.BlockSize, saved is null ? DiskDoubt.All : savedDoubt);
+                if (journal.Lost is { } lost)
+                    (why, mapPath, saved) = (lost, null, null);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
@@ -196,12 +198,22 @@ public static class DiskPath
                 // QEMU let go (SealIdentity; a block device stays pending and is re-hashed again).
                 var proven = saved.Identity;
                 saved.Identity = DiskImageIdentity.PendingCapture(image.Path, image.Format);
-                saved.Save(mapPath);
-                saved.Identity = proven;
+                try
+                {
+                    saved.Save(mapPath);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    (saved, why) = (null, DiskDoubtJournal.RemoveMap(mapPath, e));
+                }
+                if (saved is not null)
+                    saved.Identity = proven;
             }
             // Durable before the option that opens the export (and so any write) reaches the server.
             journal?.Dispose();
             journal = DiskDoubtJournal.Begin(mapPath, DiskMapStore.BlockSize, saved is null ? DiskDoubt.All : doubt);
+            if (journal.Lost is { } lost)
+                (saved, why, mapPath) = (null, lost, null);
             bool match = saved is not null && saved.ComputeDigest() == senderDigest;
             var agreed = match ? senderDoubt.Union(doubt).Apply(saved!) : null;
             if (saved is not null && agreed is null)

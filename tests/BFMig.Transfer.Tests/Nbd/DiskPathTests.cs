@@ -556,6 +556,60 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     }
 
     /// <summary>
+    /// The receiver's store is on a file system with no space left when a return trip starts: the
+    /// trip goes through at stock cost (everything sent, the image exact), the receiver removes
+    /// its map rather than keep one it cannot journal, and says why.
+    /// </summary>
+    [Fact]
+    public async Task AFullStoreOnTheReceiverCostsAWholeTripNotAFailedOne()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        if (Environment.UserName != "root")
+        {
+            output.WriteLine("skipped: mounting a small tmpfs for the full store needs root");
+            return;
+        }
+        var (dir, a, b) = Setup();
+        using var _ = dir;
+        Directory.CreateDirectory(b.Store!);
+        Assert.Equal(0, await RunAsync("mount", "-t", "tmpfs", "-o", "size=1m", "bfmig-full-disk-store", b.Store!));
+        try
+        {
+            await Images.CreateRandomQcow2Async(a.Image, Size, seed: 37);
+            await Images.CreateAsync(b.Image, Size);
+            var first = await RunTripAsync(dir, a, b);
+            Assert.True(first.Identical, first.CompareOutput);
+            await Images.IoAsync(b.Image, Changes(8, 41));
+            var back = await RunTripAsync(dir, b, a);
+            Assert.True(back.Identical, back.CompareOutput);
+            Assert.True(File.Exists(MapOf(b)));
+
+            // Nothing left on B's store: the next arrival there cannot journal its writes.
+            await Images.IoAsync(a.Image, Changes(8, 43));
+            await RunAsync("dd", "if=/dev/zero", $"of={Path.Combine(b.Store!, "filler")}", "bs=4k");
+            var full = await RunTripAsync(dir, a, b, seal: false);
+            Assert.True(full.Identical, full.CompareOutput);
+            Assert.Equal("store-full", full.Receiver.Mode);
+            Assert.Contains("the store cannot be written", full.Receiver.DiskMapUnused);
+            Assert.False(full.Receiver.Committed);
+            Assert.True(full.Sender.StreamBytes >= (long)Size, $"the trip into the full store carried {full.Sender.StreamBytes} of {Size}");
+            Assert.False(File.Exists(MapOf(b)), "the receiver kept a map it could not journal");
+        }
+        finally
+        {
+            await RunAsync("umount", b.Store!);
+        }
+    }
+
+    private static async Task<int> RunAsync(string file, params string[] args)
+    {
+        using var p = Process.Start(new ProcessStartInfo(file, args) { RedirectStandardError = true })!;
+        await p.WaitForExitAsync();
+        return p.ExitCode;
+    }
+
+    /// <summary>
     /// The destination's NBD server dies mid-trip and its connection is reset: the receiving helper
     /// ends the stream at once (it does not wait for a source that waits for replies), everything
     /// ends within seconds, and the retry still sends only what the dead trip may have touched.
