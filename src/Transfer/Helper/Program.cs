@@ -117,8 +117,10 @@ internal static class Program
             error = e.Message;
             code = 6;
         }
-        catch (Exception e) when (e is IOException or SocketException or CompressionException)
+        catch (Exception e) when (e is IOException or SocketException or CompressionException or Disk.Nbd.NbdProtocolException)
         {
+            // An NBD stream that ended or broke mid-message is a failed stream like a cut socket:
+            // mostly a QEMU that went away (a cancelled migration), not a fault of ours.
             error = $"{e.GetType().Name}: {e.Message}";
             code = 4;
         }
