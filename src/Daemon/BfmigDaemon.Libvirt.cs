@@ -190,7 +190,15 @@ public sealed partial class BfmigDaemon
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", e.Message);
+                // A full store cannot take the marker; the map goes instead (the journal's rule).
+                try
+                {
+                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", DiskDoubtJournal.RemoveMap(map, e));
+                }
+                catch (IOException removal)
+                {
+                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", removal.Message);
+                }
             }
         }
     });

@@ -254,7 +254,7 @@ public sealed class DiskDoubtJournal : IDisposable
         {
             throw new IOException($"cannot journal the disk map {mapPath} ({cause.Message}), nor remove it ({e.Message})", cause);
         }
-        return $"the store cannot be written ({cause.Message}): the disk map {mapPath} was removed, this trip keeps none";
+        return $"the store cannot be written ({cause.Message}): the disk map {mapPath} was removed";
     }
 
     /// <summary>
