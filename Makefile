@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CONFIG ?= Release
 
-.PHONY: all deps build test demo bench fuzz packages package-check clean lab-down
+.PHONY: all deps build test demo bench bench-big fuzz packages package-check clean lab-down
 
 all: build
 
@@ -27,6 +27,14 @@ demo: build
 
 bench: build
 	dotnet run -c Release --project bench/BFMig.Benchmarks -- replay 128
+
+## A big guest's cost through the shipped (AOT) helper: CPU seconds per GiB and peak RSS of each
+## side of a return trip; BIG_GIB of memory (two stores of that size under /tmp), BIG_CHANGED %.
+BIG_GIB ?= 16
+BIG_CHANGED ?= 10
+bench-big: build
+	dotnet publish src/Transfer/Helper -c Release -r linux-x64 -o bench/out/helper >/dev/null
+	dotnet run -c Release --project bench/BFMig.Benchmarks -- replay-big bench/out/helper/bfmig-transfer $(BIG_GIB) $(BIG_CHANGED)
 
 packages: build
 	scripts/build-packages
