@@ -259,6 +259,24 @@ public class MultifdElisionTests
         Assert.True(wire > 3 * 4096);
     }
 
+    [Fact]
+    public void AChannelCutInsideAPage_IsRebuiltAsItCame_AndTheReceiverSaysWhere()
+    {
+        var guest = RandomPages(8);
+        var whole = Channel(0, Packet(1, guest, 0, 1));
+        var channel = whole[..^1000];
+        var enc = new MultifdEncoder(null, synced: false, new TransferStats());
+        Assert.Equal(channel.Length, enc.Consume(channel, isFinal: true));
+        var dec = new MultifdDecoder(null, new TransferStats());
+        var frame = enc.Ops.ToArray();
+        dec.BeginFrame();
+        Assert.Equal(frame.Length, dec.Process(frame, 0));
+        dec.Finish();
+        Assert.Equal(channel, dec.Output.ToArray());
+        Assert.True(dec.Parser.IsOpaque);
+        Assert.Contains("channel ended inside a packet", dec.Parser.OpaqueReason);
+    }
+
     public static TheoryData<string, byte[]> HostileFrames => new()
     {
         { "page op where the channel has no page next", [MigOps.KindFull, .. new byte[4096]] },

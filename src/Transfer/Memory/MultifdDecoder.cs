@@ -18,7 +18,7 @@ public sealed class MultifdDecoder
     private readonly TransferStats _stats;
     private readonly byte[] _out = new byte[MigDecoder.OutputThreshold + FrameCodec.MaxPayload + QemuFormat.PageSize];
     private readonly MultifdFollower _follower = new();
-    private readonly MultifdBlockNames _names;
+    private readonly MultifdPlacement _placement;
     private int _outLength;
     private long _frame;
 
@@ -28,7 +28,7 @@ public sealed class MultifdDecoder
     {
         _store = store is { InTrip: true } ? store : null;
         _stats = stats;
-        _names = new MultifdBlockNames(_store);
+        _placement = new MultifdPlacement(_store);
     }
 
     /// <summary>The parser following the rebuilt channel.</summary>
@@ -75,7 +75,7 @@ public sealed class MultifdDecoder
             if (!_follower.AtSegmentBoundary || Parser.PagePacket is not { } packet)
                 throw Bad("page op where the channel has no page next", opStart);
             ulong offsetInBlock = packet.NormalOffsets[Parser.NextPage];
-            bool located = _names.TryLocate(packet.RamBlock, offsetInBlock, out int block, out long page);
+            bool located = _placement.TryLocate(packet.RamBlock, offsetInBlock, out int block, out long page);
             var content = _out.AsSpan(_outLength, QemuFormat.PageSize);
             pos = RebuildPage(op, located, block, page, content, p, pos, opStart);
             if (!Parser.TryRead(content, isFinal: false, out var seg) || seg.Kind != MultifdSegmentKind.Page)
@@ -86,12 +86,12 @@ public sealed class MultifdDecoder
     }
 
     /// <summary>The channel ended: a packet cut short is carried as it came (the parser says so).</summary>
-    public void Finish() => Parser.TryRead(ReadOnlySpan<byte>.Empty, isFinal: true, out _);
+    public void Finish() => _follower.Finish();
 
     private void OnRawSegment(MultifdSegment s, int opStart)
     {
         if (s.Kind == MultifdSegmentKind.Page) throw Bad("page content inside a RAW op", opStart);
-        if (s.Kind == MultifdSegmentKind.PacketHeader) MultifdEncoder.RecordZeroPages(_store, _names, s.Packet!);
+        if (s.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(s.Packet!);
     }
 
     private int RebuildPage(byte kind, bool located, int block, long page, Span<byte> content, ReadOnlySpan<byte> p, int pos, int opStart)

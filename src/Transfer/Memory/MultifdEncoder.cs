@@ -30,7 +30,7 @@ public sealed class MultifdEncoder
     private readonly byte[] _delta = new byte[QemuFormat.PageSize];
     private int _length;
     private int _rawStart = -1;
-    private readonly MultifdBlockNames _names;
+    private readonly MultifdPlacement _placement;
 
     /// <param name="store">The sender's store, its trip begun by the main channel (its block list); null or not in a trip: pages are sent in full, unrecorded.</param>
     /// <param name="synced">The hello matched: the receiver holds what this store holds.</param>
@@ -41,7 +41,7 @@ public sealed class MultifdEncoder
         _synced = synced && _store is not null;
         _stats = stats;
         _ops = new byte[FrameCodec.MaxPayload];
-        _names = new MultifdBlockNames(_store);
+        _placement = new MultifdPlacement(_store);
     }
 
     /// <summary>The most input one <see cref="Consume"/> takes, so that the ops never outgrow a frame.</summary>
@@ -81,28 +81,17 @@ public sealed class MultifdEncoder
                 OnPage(seg, bytes);
             else
             {
-                if (seg.Kind == MultifdSegmentKind.PacketHeader) RecordZeroPages(_store, _names, seg.Packet!);
+                if (seg.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(seg.Packet!);
                 AppendRaw(bytes);
             }
         }
         return consumed;
     }
 
-    /// <summary>Records the zero pages a header lists (9.0+): QEMU's receiver zeroes them, so both stores must.</summary>
-    internal static void RecordZeroPages(MemoryStore? store, MultifdBlockNames names, MultifdPacket packet)
-    {
-        if (store is null) return;
-        foreach (ulong offset in packet.ZeroOffsets)
-        {
-            if (names.TryLocate(packet.RamBlock, offset, out int block, out long page))
-                store.PutZero(block, page);
-        }
-    }
-
     private void OnPage(MultifdSegment seg, ReadOnlySpan<byte> body)
     {
         _rawStart = -1;
-        if (!_names.TryLocate(seg.Packet!.RamBlock, seg.Offset, out int block, out long page))
+        if (!_placement.TryLocate(seg.Packet!.RamBlock, seg.Offset, out int block, out long page))
         {
             Full(body);
             return;
@@ -160,27 +149,5 @@ public sealed class MultifdEncoder
         _length += bytes.Length;
         _stats.PassthroughBytes += bytes.Length;
         BinaryPrimitives.WriteUInt32BigEndian(_ops.AsSpan(_rawStart + 1), (uint)(_length - _rawStart - 5));
-    }
-}
-
-/// <summary>Where a multifd page belongs in the store: its packet's RAMBlock name and offset, mapped onto the trip's layout.</summary>
-internal sealed class MultifdBlockNames(MemoryStore? store)
-{
-    private string? _lastName;
-    private int _lastBlock = -1;
-
-    /// <summary>False when there is no store trip, the block is not in its layout, or the page lies beyond the block.</summary>
-    public bool TryLocate(string name, ulong offset, out int block, out long page)
-    {
-        page = (long)Math.Min(offset >> QemuFormat.PageShift, long.MaxValue);
-        block = -1;
-        if (store is null) return false;
-        if (!ReferenceEquals(name, _lastName) && name != _lastName)
-        {
-            _lastName = name;
-            _lastBlock = store.BlockIndex(name);
-        }
-        block = _lastBlock;
-        return block >= 0 && page < store.PageCount(block);
     }
 }

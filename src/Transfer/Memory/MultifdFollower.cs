@@ -41,4 +41,11 @@ internal sealed class MultifdFollower
             }
         }
     }
+
+    /// <summary>The channel ended: a segment cut short makes the parser say where (it goes opaque).</summary>
+    public void Finish()
+    {
+        if (_pendingLength > 0 && !Parser.IsOpaque) Parser.TryRead(_pending.AsSpan(0, _pendingLength), isFinal: true, out _);
+        _pendingLength = 0;
+    }
 }
