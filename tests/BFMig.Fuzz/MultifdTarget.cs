@@ -1,4 +1,6 @@
+using BFMig.Transfer;
 using BFMig.Transfer.Memory;
+using BFMig.Transfer.Wire;
 
 namespace BFMig.Fuzz;
 
@@ -66,5 +68,73 @@ internal static class MultifdTarget
         }
         if (start != input.Length) throw new InvalidOperationException($"parser stopped at {start} of {input.Length}");
         return segments;
+    }
+
+    private const int OpsPages = 16;
+    private static MemoryStore? _opsStore;
+    private static readonly string OpsRoot = Path.Combine(Directory.Exists("/dev/shm") ? "/dev/shm" : Path.GetTempPath(), "bfmig-fuzz-multifd-" + Environment.ProcessId);
+
+    /// <summary>Frames of <see cref="MultifdEncoder"/> ops: the channels above sent in full, and one eliding against the fuzz store.</summary>
+    public static List<byte[]> OpsCorpus()
+    {
+        var list = new List<byte[]>();
+        foreach (var channel in Corpus())
+        {
+            var enc = new MultifdEncoder(null, synced: false, new TransferStats());
+            enc.Consume(channel, isFinal: true);
+            list.Add(enc.Ops.ToArray());
+        }
+        byte[] head = [.. new MultifdInit(0, Guid.Empty).Encode(), .. new MultifdPacket(0, 1, "pc.ram", [0x1000, 0x2000, 0x3000], []).EncodeHeader()];
+        list.Add([MigOps.Raw, 0, 0, (byte)(head.Length >> 8), (byte)head.Length, .. head, MigOps.KindElide, MigOps.KindRef, 0, 5, .. new byte[16], MigOps.KindElide]);
+        return list;
+    }
+
+    /// <summary>
+    /// A hostile sender's multifd ops into <see cref="MultifdDecoder"/>, in a trip on a store that
+    /// holds pages: anything but a protocol error or a store-out-of-step error is a bug, output
+    /// stays bounded, and the store's index matches its pages afterwards.
+    /// </summary>
+    public static void RunOps(byte[] input, Random r)
+    {
+        var store = _opsStore ??= OpenOpsStore();
+        store.BeginTrip([new RamBlockInfo("pc.ram", OpsPages * 4096L)], store.State.Seed, keep: true, buildLocator: false);
+        var dec = new MultifdDecoder(store, new TransferStats());
+        try
+        {
+            dec.BeginFrame();
+            int pos = 0;
+            do
+            {
+                pos = dec.Process(input, pos);
+                if (dec.Output.Length > MigDecoder.OutputThreshold + FrameCodec.MaxPayload + 4096) throw new InvalidOperationException($"output of {dec.Output.Length} bytes");
+                dec.ResetOutput();
+            }
+            while (pos < input.Length);
+            dec.Finish();
+        }
+        catch (Exception e) when (e is PeerProtocolException or StoreOutOfStepException)
+        {
+        }
+        store.Commit(1, "fuzz", snapshotComplete: false);
+        for (long p = 0; p < OpsPages; p++)
+        {
+            var h = store.GetHash(0, p);
+            if (h != UInt128.Zero && store.Hash(store.Page(0, p)) != h) throw new InvalidOperationException($"store index wrong for page {p}");
+        }
+    }
+
+    private static MemoryStore OpenOpsStore()
+    {
+        if (Directory.Exists(OpsRoot)) Directory.Delete(OpsRoot, recursive: true);
+        AppDomain.CurrentDomain.ProcessExit += (_, _) => { try { Directory.Delete(OpsRoot, recursive: true); } catch (IOException) { } };
+        var store = MemoryStore.Open(OpsRoot, Guid.NewGuid());
+        store.BeginTrip([new RamBlockInfo("pc.ram", OpsPages * 4096L)], store.State.Seed, keep: false, buildLocator: false);
+        for (int p = 0; p < OpsPages; p++)
+        {
+            var page = Enumerable.Range(0, 4096).Select(i => (byte)(i * p + 1)).ToArray();
+            store.Put(0, p, page, store.Hash(page));
+        }
+        store.Commit(1, "fuzz", snapshotComplete: false);
+        return store;
     }
 }

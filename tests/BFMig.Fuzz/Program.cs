@@ -13,7 +13,7 @@ namespace BFMig.Fuzz;
 /// </summary>
 internal static class Program
 {
-    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml", "multifd"];
+    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml", "multifd", "multifd-ops"];
 
     private static int Main(string[] args)
     {
@@ -30,7 +30,7 @@ internal static class Program
         }
         if (args.Length < 1 || !Targets.Contains(args[0]))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml|multifd [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml|multifd|multifd-ops [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
@@ -76,6 +76,7 @@ internal static class Program
         "config" => ConfigTarget.Corpus(),
         "xml" => XmlTarget.Corpus(),
         "multifd" => MultifdTarget.Corpus(),
+        "multifd-ops" => MultifdTarget.OpsCorpus(),
         _ => OpsCorpus(),
     };
 
@@ -89,6 +90,7 @@ internal static class Program
         "config" => ConfigTarget.Run,
         "xml" => XmlTarget.Run,
         "multifd" => MultifdTarget.Run,
+        "multifd-ops" => MultifdTarget.RunOps,
         _ => FuzzOps,
     };
 

@@ -95,6 +95,12 @@ public sealed partial class MemoryStore : IDisposable
     /// <summary>Blocks of the current trip (after <see cref="BeginTrip"/>).</summary>
     public int BlockCount => _blocks.Count;
 
+    /// <summary>True between <see cref="BeginTrip"/> and the commit or abandon: pages may be recorded.</summary>
+    public bool InTrip => _inTrip;
+
+    /// <summary>The index of the trip's block named <paramref name="name"/>, or -1.</summary>
+    public int BlockIndex(string name) => _blocks.FindIndex(b => b.Name == name);
+
     /// <summary>
     /// Bounds the store's queued writeback while a trip writes it (the receiving side: its commit
     /// otherwise lands on the destination's switchover; see <see cref="BlockFile"/>).

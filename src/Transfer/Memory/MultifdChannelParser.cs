@@ -65,6 +65,12 @@ public sealed class MultifdChannelParser
     /// <summary>Zero pages listed so far (9.0+ sends them as offsets only).</summary>
     public long ZeroPages { get; private set; }
 
+    /// <summary>The packet whose page comes next (null unless the next segment is a page).</summary>
+    public MultifdPacket? PagePacket => _state == State.Pages ? _packet : null;
+
+    /// <summary>With <see cref="PagePacket"/>: the index of the next page in its <see cref="MultifdPacket.NormalOffsets"/>.</summary>
+    public int NextPage => _nextPage;
+
     /// <summary>
     /// Produces the next segment from <paramref name="input"/> (which starts at <see cref="Position"/>).
     /// Returns false and consumes nothing when the input holds no complete segment yet; with

@@ -8,39 +8,18 @@ namespace BFMig.Transfer.Memory;
 /// </summary>
 internal sealed class MultifdChannelTap(Stream inner) : Stream
 {
-    private readonly MultifdChannelParser _parser = new();
-    private readonly byte[] _pending = new byte[MultifdChannelParser.MaxSegmentLength];
-    private int _pendingLength;
+    private readonly MultifdFollower _follower = new();
 
     /// <summary>The parser's view of the channel so far.</summary>
-    public MultifdChannelParser Parser => _parser;
+    public MultifdChannelParser Parser => _follower.Parser;
 
     /// <summary>Feeds bytes that already left (the prefix read before the tunnel started).</summary>
-    public void Observe(ReadOnlySpan<byte> bytes)
-    {
-        while (!bytes.IsEmpty && !_parser.IsOpaque)
-        {
-            if (_pendingLength == 0 && _parser.TryRead(bytes, isFinal: false, out var whole))
-            {
-                bytes = bytes[whole.Length..];
-                continue;
-            }
-            int take = Math.Min(bytes.Length, _pending.Length - _pendingLength);
-            bytes[..take].CopyTo(_pending.AsSpan(_pendingLength));
-            _pendingLength += take;
-            bytes = bytes[take..];
-            while (_pendingLength > 0 && _parser.TryRead(_pending.AsSpan(0, _pendingLength), isFinal: false, out var s))
-            {
-                _pending.AsSpan(s.Length, _pendingLength - s.Length).CopyTo(_pending);
-                _pendingLength -= s.Length;
-            }
-        }
-    }
+    public void Observe(ReadOnlySpan<byte> bytes) => _follower.Feed(bytes);
 
     /// <summary>One line for the helper's log: what the channel carried, or where the parser stopped following it.</summary>
     public string Summary()
     {
-        var p = _parser;
+        var p = Parser;
         var channel = p.Init is { } init ? $"multifd channel {init.ChannelId}" : "multifd channel";
         return p.IsOpaque
             ? $"{channel}: carried byte for byte; the parser stopped following it at byte {p.Position}: {p.OpaqueReason}"

@@ -1,0 +1,324 @@
+using BFMig.Transfer.Memory;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Tests;
+
+/// <summary>
+/// Multifd channels recoded against the retained stores (<see cref="MultifdEncoder"/> ->
+/// <see cref="MultifdDecoder"/>): after a first trip both stores hold the guest's pages; a
+/// multifd trip then elides what is unchanged, sends what changed or is in doubt, rebuilds the
+/// channel byte for byte, and leaves both stores holding what the channel carried.
+/// </summary>
+public class MultifdElisionTests
+{
+    private const int PageCount = 64;
+    private const string Ram = "pc.ram";
+    private static readonly Guid Guest = Guid.Parse("5d1e2c3b-0000-4000-8000-00000000aa01");
+    private static readonly Guid SourceUuid = Guid.Parse("0f3c1d2e-4b5a-6978-8a9b-acbdcedf0102");
+
+    private static byte[][] RandomPages(int seed)
+    {
+        var rng = new Random(seed);
+        return Enumerable.Range(0, PageCount).Select(_ => { var p = new byte[4096]; rng.NextBytes(p); return p; }).ToArray();
+    }
+
+    /// <summary>Two stores in step after a first (main channel) trip that carried <paramref name="pages"/>.</summary>
+    private sealed class Pair : IDisposable
+    {
+        private readonly TempDir _a = new(), _b = new();
+        public MemoryStore Sender, Receiver;
+        public string ReceiverRoot => _b.Path;
+
+        public Pair(byte[][] pages)
+        {
+            Sender = MemoryStore.Open(_a.Path, Guest);
+            Receiver = MemoryStore.Open(_b.Path, Guest);
+            CoreTrip.Run(StreamBuilder.FullStream([(Ram, pages)]), Sender, Receiver);
+        }
+
+        /// <summary>Begins a trip on both stores as the main channel's block list does.</summary>
+        public void BeginTrip(MemoryDoubt? senderDoubt = null, MemoryDoubt? receiverDoubt = null)
+        {
+            RamBlockInfo[] layout = [new(Ram, PageCount * 4096L)];
+            Sender.BeginTrip(layout, Sender.State.Seed, keep: true, buildLocator: true, receiverDoubt);
+            Receiver.BeginTrip(layout, Sender.State.Seed, keep: true, buildLocator: false, senderDoubt);
+        }
+
+        public void Commit(ulong generation)
+        {
+            Assert.Equal(Sender.ComputeDigest(), Receiver.ComputeDigest());
+            Receiver.Commit(generation, "a", snapshotComplete: true);
+            Sender.Commit(generation, "b", snapshotComplete: true);
+        }
+
+        public void Dispose()
+        {
+            Sender.Dispose();
+            Receiver.Dispose();
+            _a.Dispose();
+            _b.Dispose();
+        }
+    }
+
+    private static byte[] Channel(byte id, params MultifdPacket[] packets) => Channel(id, packets.Select(p => (p, Array.Empty<byte[]>())).ToArray());
+
+    private static byte[] Channel(byte id, params (MultifdPacket Packet, byte[][] Pages)[] packets)
+    {
+        var b = new MemoryStream();
+        b.Write(new MultifdInit(id, SourceUuid).Encode());
+        foreach (var (packet, pages) in packets)
+        {
+            b.Write(packet.EncodeHeader());
+            foreach (var page in pages) b.Write(page);
+        }
+        return b.ToArray();
+    }
+
+    private static (MultifdPacket, byte[][]) Packet(ulong number, byte[][] guest, params int[] pages) =>
+        (new MultifdPacket(0, number, Ram, pages.Select(p => (ulong)p << 12).ToArray(), []), pages.Select(p => guest[p]).ToArray());
+
+    private static readonly (MultifdPacket, byte[][]) Sync = (new MultifdPacket(MultifdFormat.FlagSync, 99, "", [], []), []);
+
+    /// <summary>Encodes <paramref name="channel"/> in chunks, ships every frame through a decoder; returns the rebuilt bytes and the wire bytes.</summary>
+    private static (byte[] Rebuilt, long Wire, TransferStats Send, TransferStats Receive) Carry(byte[] channel, MemoryStore? sender, MemoryStore? receiver, bool synced, int chunk)
+    {
+        var ss = new TransferStats();
+        var rs = new TransferStats();
+        var enc = new MultifdEncoder(sender, synced, ss);
+        var dec = new MultifdDecoder(receiver, rs);
+        var output = new MemoryStream();
+        long wire = 0;
+        void Ship()
+        {
+            var frame = enc.Ops.ToArray();
+            enc.ResetOps();
+            if (frame.Length == 0) return;
+            wire += frame.Length;
+            dec.BeginFrame();
+            int pos = 0;
+            do
+            {
+                pos = dec.Process(frame, pos);
+                output.Write(dec.Output);
+                dec.ResetOutput();
+            }
+            while (pos < frame.Length);
+        }
+        int start = 0, end = 0;
+        while (true)
+        {
+            bool final = end == channel.Length;
+            start += enc.Consume(channel.AsSpan(start, end - start), final);
+            if (enc.OpsLength >= MigEncoder.FlushThreshold) { Ship(); continue; }
+            if (final && start == end) break;
+            end = Math.Min(channel.Length, Math.Min(end + chunk, start + MultifdEncoder.MaxInput));
+            Ship();
+        }
+        Ship();
+        dec.Finish();
+        return (output.ToArray(), wire, ss, rs);
+    }
+
+    [Theory]
+    [InlineData(1000)]
+    [InlineData(4096)]
+    [InlineData(200_000)]
+    public void UnchangedPages_AreElided_AndEachChannelIsRebuiltExactly(int chunk)
+    {
+        var guest = RandomPages(1);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var ch0 = Channel(0, Packet(1, guest, 0, 1, 2, 3, 4, 5, 6, 7), Packet(3, guest, 16, 17, 40), Sync);
+        var ch1 = Channel(1, Packet(2, guest, 8, 9, 10, 11, 12, 13, 14, 15, 63), Sync);
+
+        var (r0, wire0, s0, _) = Carry(ch0, pair.Sender, pair.Receiver, synced: true, chunk);
+        var (r1, wire1, s1, rs1) = Carry(ch1, pair.Sender, pair.Receiver, synced: true, chunk);
+
+        Assert.Equal(ch0, r0);
+        Assert.Equal(ch1, r1);
+        Assert.Equal(11, s0.PagesElided);
+        Assert.Equal(9, s1.PagesElided);
+        Assert.Equal(9, rs1.PagesElided);
+        Assert.Equal(0, s0.PagesFull + s1.PagesFull);
+        // Headers and a byte per page: far below the 80 KiB of content the channels carried.
+        Assert.True(wire0 + wire1 < (ch0.Length + ch1.Length) / 10, $"wire {wire0 + wire1} of {ch0.Length + ch1.Length}");
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void ChangedMovedAndNewPages_AreSent_AndBothStoresHoldThemForTheNextTrip()
+    {
+        var guest = RandomPages(2);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var now = guest.Select(p => p.ToArray()).ToArray();
+        now[3][100] ^= 0xff;                   // a few bytes changed: delta
+        now[5] = guest[20].ToArray();          // moved: a reference to page 20
+        new Random(9).NextBytes(now[7]);       // all new: full
+        var channel = Channel(0, Packet(1, now, 3, 4, 5, 6, 7), Sync);
+
+        var (rebuilt, _, send, receive) = Carry(channel, pair.Sender, pair.Receiver, synced: true, 5000);
+
+        Assert.Equal(channel, rebuilt);
+        Assert.Equal((2L, 1L, 1L, 1L), (send.PagesElided, send.PagesDelta, send.PagesReferenced, send.PagesFull));
+        Assert.Equal((2L, 1L, 1L, 1L), (receive.PagesElided, receive.PagesDelta, receive.PagesReferenced, receive.PagesFull));
+        pair.Commit(2);
+        // The way back, on the main channel: every page, the three that came over multifd included, is elided.
+        var (output, back, _) = CoreTrip.Run(StreamBuilder.FullStream([(Ram, now)]), pair.Receiver, pair.Sender);
+        Assert.Equal(StreamBuilder.FullStream([(Ram, now)]), output);
+        Assert.Equal(PageCount, back.PagesElided);
+        Assert.Equal(0, back.PagesFull + back.PagesDelta + back.PagesReferenced);
+    }
+
+    [Fact]
+    public void PagesInDoubt_AreSentInFull()
+    {
+        var guest = RandomPages(3);
+        using var pair = new Pair(guest);
+        var doubt = MemoryDoubt.Of([new PageRange(0, 2, 2)]);
+        pair.BeginTrip(receiverDoubt: doubt, senderDoubt: MemoryDoubt.None);
+        var channel = Channel(0, Packet(1, guest, 1, 2, 3, 4), Sync);
+
+        var (rebuilt, _, send, receive) = Carry(channel, pair.Sender, pair.Receiver, synced: true, 4096);
+
+        Assert.Equal(channel, rebuilt);
+        Assert.Equal(2, send.PagesElided);
+        Assert.Equal(2, send.PagesFull);
+        Assert.Equal(2, receive.PagesFull);
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void ARetainedPageDamagedOnTheReceiver_FailsTheTrip()
+    {
+        var guest = RandomPages(4);
+        using var pair = new Pair(guest);
+        var pages = Directory.GetFiles(Path.Combine(pair.ReceiverRoot, Guest.ToString("D"), "mem"), "*.pages").Single();
+        using (var f = new FileStream(pages, FileMode.Open, FileAccess.Write))
+        {
+            f.Position = 6 * 4096 + 17;
+            f.Write([0x5a, 0xa5, 0x5a]);
+        }
+        pair.BeginTrip();
+        var channel = Channel(0, Packet(1, guest, 4, 5, 6, 7), Sync);
+
+        var e = Assert.Throws<StoreOutOfStepException>(() => Carry(channel, pair.Sender, pair.Receiver, synced: true, 4096));
+        Assert.True(e.PagesDiffer);
+        Assert.Contains("elided page 6", e.Message);
+    }
+
+    [Fact]
+    public void ZeroPagesAndPagesOutsideTheLayout_AreRecordedAlike_OnBothSides()
+    {
+        var guest = RandomPages(5);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var bios = new byte[4096];
+        bios[0] = 0xea;
+        // 10.0: zero pages listed after the normal ones; a block the trip's layout does not know.
+        var channel = Channel(0, (new MultifdPacket(0, 1, Ram, [0x1000], [0x2000, 0x3000]), [guest[1]]),
+            (new MultifdPacket(0, 2, "pc.bios", [0], []), [bios]), Sync);
+
+        var (rebuilt, _, send, receive) = Carry(channel, pair.Sender, pair.Receiver, synced: true, 3000);
+
+        Assert.Equal(channel, rebuilt);
+        Assert.Equal((1L, 1L), (send.PagesElided, send.PagesFull));
+        Assert.Equal((1L, 1L), (receive.PagesElided, receive.PagesFull));
+        Assert.Equal(pair.Sender.ZeroHash, pair.Receiver.GetHash(0, 2));
+        Assert.Equal(pair.Sender.ZeroHash, pair.Sender.GetHash(0, 3));
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void AChannelTheParserCannotFollow_IsCarriedRawAndRecordsNothing()
+    {
+        var guest = RandomPages(6);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var compressed = new MultifdPacket(0, 1, Ram, [0x1000], []).EncodeHeader();
+        compressed[11] = 0x02; // MULTIFD_FLAG_ZLIB
+        byte[] channel = [.. new MultifdInit(0, SourceUuid).Encode(), .. compressed, .. guest[9].AsSpan(0, 777)];
+        string before = pair.Receiver.ComputeDigest();
+
+        var (rebuilt, _, send, _) = Carry(channel, pair.Sender, pair.Receiver, synced: true, 100);
+
+        Assert.Equal(channel, rebuilt);
+        Assert.Equal(0, send.PagesElided + send.PagesFull);
+        Assert.Equal(before, pair.Receiver.ComputeDigest());
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void WithoutAStoreTrip_PagesTravelInFull_AndTheChannelIsRebuilt()
+    {
+        var guest = RandomPages(7);
+        var channel = Channel(2, Packet(1, guest, 0, 1, 2), Sync);
+        var (rebuilt, wire, send, _) = Carry(channel, null, null, synced: false, 4096);
+        Assert.Equal(channel, rebuilt);
+        Assert.Equal(3, send.PagesFull);
+        Assert.True(wire > 3 * 4096);
+    }
+
+    [Fact]
+    public void AChannelCutInsideAPage_IsRebuiltAsItCame_AndTheReceiverSaysWhere()
+    {
+        var guest = RandomPages(8);
+        var whole = Channel(0, Packet(1, guest, 0, 1));
+        var channel = whole[..^1000];
+        var enc = new MultifdEncoder(null, synced: false, new TransferStats());
+        Assert.Equal(channel.Length, enc.Consume(channel, isFinal: true));
+        var dec = new MultifdDecoder(null, new TransferStats());
+        var frame = enc.Ops.ToArray();
+        dec.BeginFrame();
+        Assert.Equal(frame.Length, dec.Process(frame, 0));
+        dec.Finish();
+        Assert.Equal(channel, dec.Output.ToArray());
+        Assert.True(dec.Parser.IsOpaque);
+        Assert.Contains("channel ended inside a packet", dec.Parser.OpaqueReason);
+    }
+
+    public static TheoryData<string, byte[]> HostileFrames => new()
+    {
+        { "page op where the channel has no page next", [MigOps.KindFull, .. new byte[4096]] },
+        { "page content inside a RAW op", Raw([.. new MultifdInit(0, SourceUuid).Encode(), .. new MultifdPacket(0, 1, Ram, [0], []).EncodeHeader(), .. new byte[4096]]) },
+        { "RAW of 4294967295 bytes", [MigOps.Raw, 0xff, 0xff, 0xff, 0xff, 1, 2] },
+        { "unknown op 0x07", [0x07] },
+        { "FULL page truncated", [.. Raw([.. new MultifdInit(0, SourceUuid).Encode(), .. new MultifdPacket(0, 1, "pc.bios", [0], []).EncodeHeader()]), MigOps.KindFull, 1, 2, 3] },
+        { "for a page this store does not hold", [.. Raw([.. new MultifdInit(0, SourceUuid).Encode(), .. new MultifdPacket(0, 1, Ram, [0], []).EncodeHeader()]), MigOps.KindElide] },
+    };
+
+    private static byte[] Raw(byte[] bytes) => [MigOps.Raw, (byte)(bytes.Length >> 24), (byte)(bytes.Length >> 16), (byte)(bytes.Length >> 8), (byte)bytes.Length, .. bytes];
+
+    [Theory]
+    [MemberData(nameof(HostileFrames))]
+    public void MalformedOps_GiveAClearProtocolError(string expected, byte[] frame)
+    {
+        var dec = new MultifdDecoder(null, new TransferStats());
+        dec.BeginFrame();
+        var e = Assert.Throws<PeerProtocolException>(() => dec.Process(frame, 0));
+        Assert.Contains(expected, e.Message);
+    }
+
+    [Fact]
+    public void RandomFrames_NeverThrowAnythingButProtocolErrors()
+    {
+        var rng = new Random(13);
+        var init = Raw(new MultifdInit(0, SourceUuid).Encode());
+        for (int i = 0; i < 2000; i++)
+        {
+            var frame = new byte[rng.Next(1, 6000)];
+            rng.NextBytes(frame);
+            if (i % 2 == 0) frame[0] = (byte)rng.Next(0, 4);
+            var dec = new MultifdDecoder(null, new TransferStats());
+            dec.BeginFrame();
+            try
+            {
+                dec.Process(init, 0);
+                dec.Process(frame, 0);
+            }
+            catch (PeerProtocolException)
+            {
+            }
+        }
+    }
+}
