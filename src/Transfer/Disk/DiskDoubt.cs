@@ -223,7 +223,9 @@ public sealed class DiskDoubtJournal : IDisposable
                 return new DiskDoubtJournal(path, blockSize, prior, null);
             }
             DurableFile.WriteAtomically(path, Encode(prior.Ranges));
-            var append = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read);
+            // Unbuffered: every record is flushed at once anyway, and a buffer that failed to
+            // flush would fail again in Dispose.
+            var append = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read, bufferSize: 0);
             return new DiskDoubtJournal(path, blockSize, prior, append);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -233,8 +235,8 @@ public sealed class DiskDoubtJournal : IDisposable
     }
 
     /// <summary>
-    /// Why this journal no longer follows the trip and its map was removed (the store could not
-    /// be written), or null. Once set, this host keeps no map of this trip.
+    /// Why this trip has no journal and the map was removed (the store could not be written when
+    /// the trip began), or null. Once set, this host keeps no map of this trip.
     /// </summary>
     public string? Lost { get; private set; }
 
@@ -247,8 +249,12 @@ public sealed class DiskDoubtJournal : IDisposable
     {
         try
         {
+            // The map first: a crash between the two leaves a journal without a map (nothing trusted).
             File.Delete(mapPath);
             File.Delete(PathOf(mapPath));
+            // Durable before the caller lets a write out: a map that came back after a power loss
+            // would be trusted against an image this trip changed.
+            DurableFile.FsyncDirectory(Path.GetDirectoryName(Path.GetFullPath(mapPath))!);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -297,17 +303,11 @@ public sealed class DiskDoubtJournal : IDisposable
             }
             if (fresh is null) return;
             var bytes = Encode(fresh)[Magic.Length..];
-            try
-            {
-                _append.Write(bytes);
-                _append.Flush(flushToDisk: true);
-            }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                // Whole doubt needs no record per write (and, failing that, the map goes).
-                TransferLog.Note($"bfmig-transfer: cannot append to the disk map's journal {_path}: {e.Message}; every block is in doubt");
-                DoubtEverythingLocked();
-            }
+            // A failure here (the store filled up during the trip) fails the trip before the write
+            // goes out. Removing the map instead, as Begin does, could race bfmigd, which seals
+            // a failed arrival's map as soon as its QEMU stopped; at Begin nothing is written yet.
+            _append.Write(bytes);
+            _append.Flush(flushToDisk: true);
         }
     }
 
@@ -323,16 +323,9 @@ public sealed class DiskDoubtJournal : IDisposable
         if (_whole) return;
         _append?.Dispose();
         _append = null;
+        // On failure the coarse journal stays: durable, and a superset of what was written.
+        DoubtAll(_path[..^Suffix.Length]);
         _whole = true;
-        try
-        {
-            DoubtAll(_path[..^Suffix.Length]);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            Lost = RemoveMap(_path[..^Suffix.Length], e);
-            TransferLog.Note($"bfmig-transfer: {Lost}");
-        }
     }
 
     /// <summary>What this journal puts in doubt so far: the earlier trips' doubt and this trip's exact writes.</summary>

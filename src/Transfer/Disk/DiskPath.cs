@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Net.Sockets;
 using BFMig.Transfer.Disk.Nbd;
 using BFMig.Transfer.Wire;
 
@@ -231,15 +232,24 @@ public static class DiskPath
         try
         {
             using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-            var fromServer = Task.Run(() => ServerToPeerAsync(local.Stream, channel, observer, cts.Token), CancellationToken.None);
+            var server = new ServerSide();
+            var fromServer = Task.Run(() => ServerToPeerAsync(local.Stream, channel, observer, server, cts.Token), CancellationToken.None);
             // A server that ends before the client's NBD_CMD_DISC is a destination QEMU that went
             // away (a failed or cancelled migration). Nothing the source sends can land any more,
             // and the source QEMU's mirror may be waiting for replies to requests in flight: its
             // cancel, and so libvirt's failure, would wait on us until the idle timeout. End now.
-            _ = fromServer.ContinueWith(t =>
+            _ = fromServer.ContinueWith(_ =>
             {
-                if (ServerEndedEarly(t, observer) is not null)
+                if (server.EndedEarly(observer) is null)
+                    return;
+                try
+                {
                     cts.Cancel();
+                }
+                catch (ObjectDisposedException)
+                {
+                    // The trip already ended.
+                }
             }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
             try
             {
@@ -249,7 +259,13 @@ public static class DiskPath
                     while (true)
                     {
                         int n = await channel.ReadDataAsync(buffer.AsMemory(0, BufferSize), OnControlAsync, cts.Token);
-                        if (n == 0) break;
+                        if (n == 0)
+                        {
+                            // The source's side ended (cancelled without DISC, or done): the server
+                            // closing after that is the answer, not a destination that went away.
+                            server.ClientEnded = true;
+                            break;
+                        }
                         if (!Observe(observer.OnClientBytes, buffer.AsSpan(0, n)) && journal is not null)
                         {
                             // The journal follows writes through the observer: once it is lost, so is every block.
@@ -277,7 +293,7 @@ public static class DiskPath
                 {
                     // The first failure is the one reported, unless it was only our reaction to the server's.
                 }
-                if (!ct.IsCancellationRequested && ServerEndedEarly(fromServer, observer) is { } why)
+                if (!ct.IsCancellationRequested && server.EndedEarly(observer) is { } why)
                     throw new StreamCutException($"{why} (byte {channel.DataBytesRead} of the source's stream): the destination QEMU stopped, the migration failed or was cancelled");
                 throw;
             }
@@ -399,27 +415,57 @@ public static class DiskPath
         }
     }
 
-    // Why the local NBD server's side ended before the client disconnected, or null while it runs
-    // or when it ended as NBD says it should (after NBD_CMD_DISC or NBD_OPT_ABORT, or on a stream
-    // not followed).
-    private static string? ServerEndedEarly(Task fromServer, NbdStreamObserver observer)
+    // How the local NBD server's side of the connection ended, as its reader saw it.
+    private sealed class ServerSide
     {
-        if (!fromServer.IsCompleted || observer.ClientFinished)
-            return null;
-        return fromServer.IsFaulted
-            ? $"the local NBD server's connection failed before NBD_CMD_DISC ({fromServer.Exception!.GetBaseException().Message})"
-            : fromServer.IsCanceled ? null : "the local NBD server closed the connection before NBD_CMD_DISC";
+        private volatile bool _ended;
+        private volatile Exception? _readFailure;
+
+        // Set by the reader of the source's side once it ended.
+        public volatile bool ClientEnded;
+
+        public void Ended(Exception? readFailure)
+        {
+            _readFailure = readFailure;
+            _ended = true;
+        }
+
+        // Why the server's side ended before the client was done, or null while it runs or when
+        // it ended as NBD says it should: after NBD_CMD_DISC or NBD_OPT_ABORT, after the source's
+        // side ended, or on a stream not followed. Only the server's own reads count: a failed
+        // write to the peer is the peer's failure, reported as such.
+        public string? EndedEarly(NbdStreamObserver observer)
+        {
+            if (!_ended || ClientEnded || observer.ClientFinished)
+                return null;
+            return _readFailure is { } e
+                ? $"the local NBD server's connection failed before NBD_CMD_DISC ({e.Message})"
+                : "the local NBD server closed the connection before NBD_CMD_DISC";
+        }
     }
 
-    private static async Task ServerToPeerAsync(Stream server, DiskChannel channel, NbdStreamObserver observer, CancellationToken ct)
+    private static async Task ServerToPeerAsync(Stream server, DiskChannel channel, NbdStreamObserver observer, ServerSide side, CancellationToken ct)
     {
         var buffer = ArrayPool<byte>.Shared.Rent(DiskChannel.MaxPayload);
         try
         {
             while (true)
             {
-                int n = await server.ReadAsync(buffer.AsMemory(0, DiskChannel.MaxPayload), ct);
-                if (n == 0) break;
+                int n;
+                try
+                {
+                    n = await server.ReadAsync(buffer.AsMemory(0, DiskChannel.MaxPayload), ct);
+                }
+                catch (Exception e) when (e is IOException or SocketException)
+                {
+                    side.Ended(e);
+                    throw;
+                }
+                if (n == 0)
+                {
+                    side.Ended(null);
+                    break;
+                }
                 Observe(observer.OnServerBytes, buffer.AsSpan(0, n));
                 await channel.WriteDataAsync(buffer.AsMemory(0, n), ct);
             }

@@ -119,8 +119,9 @@ internal static class Program
         }
         catch (Exception e) when (e is IOException or SocketException or CompressionException or Disk.Nbd.NbdProtocolException)
         {
-            // An NBD stream that ended or broke mid-message is a failed stream like a cut socket:
-            // mostly a QEMU that went away (a cancelled migration), not a fault of ours.
+            // An NBD stream that ended mid-message or that a side broke (the message says which
+            // and where) fails the stream like a cut socket: a reason and exit 4. It is mostly a
+            // QEMU that went away in a cancelled migration, never a fault of this helper's own.
             error = $"{e.GetType().Name}: {e.Message}";
             code = 4;
         }

@@ -4,12 +4,14 @@ using System.Net.Sockets;
 namespace BFMig.Transfer.Tests.Nbd;
 
 /// <summary>
-/// Stands between the receiving helper and a real NBD server and, on <see cref="ResetAsync"/>,
-/// stops forwarding in both directions, waits until the helper has nothing more to send, and
-/// resets the helper's connection (TCP RST): what the helper sees when the destination QEMU dies
-/// with data still unread, and the source's mirror waits for replies that will never come.
+/// Stands between the receiving helper and a real NBD server. It forwards the helper's first
+/// <c>forwardLimit</c> bytes (so the handshake and the first write get through) and drops the
+/// rest, and from then on forwards nothing back; <see cref="ResetAsync"/> waits for that point
+/// and for the helper to have nothing more to send, and resets the helper's connection (TCP RST):
+/// what the helper sees when the destination QEMU dies with data still unread, while the source's
+/// mirror waits for replies that will never come. Deterministic: it does not depend on timing.
 /// </summary>
-internal sealed class ResettingProxy : IAsyncDisposable
+internal sealed class ResettingProxy(long forwardLimit) : IAsyncDisposable
 {
     private static readonly TimeSpan Quiet = TimeSpan.FromMilliseconds(300);
     private readonly Socket _listener = new(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
@@ -18,6 +20,7 @@ internal sealed class ResettingProxy : IAsyncDisposable
     private Socket? _server;
     private Task _pumps = Task.CompletedTask;
     private volatile bool _forwarding = true;
+    private long _fromHelper;
     private long _lastFromHelper = Environment.TickCount64;
 
     /// <summary>Connects to the server at <paramref name="unixPath"/> and returns the helper's end, a TCP socket on loopback.</summary>
@@ -35,11 +38,10 @@ internal sealed class ResettingProxy : IAsyncDisposable
         return helperEnd;
     }
 
-    /// <summary>Stops forwarding, waits for the helper to go quiet, and resets its connection.</summary>
+    /// <summary>Waits until forwarding stopped and the helper went quiet, then resets its connection.</summary>
     public async Task ResetAsync(CancellationToken ct)
     {
-        _forwarding = false;
-        while (Environment.TickCount64 - Interlocked.Read(ref _lastFromHelper) < Quiet.TotalMilliseconds)
+        while (_forwarding || Environment.TickCount64 - Interlocked.Read(ref _lastFromHelper) < Quiet.TotalMilliseconds)
             await Task.Delay(20, ct);
         _helper!.LingerState = new LingerOption(true, 0);
         _helper.Close();
@@ -54,10 +56,20 @@ internal sealed class ResettingProxy : IAsyncDisposable
             {
                 int n = await from.ReceiveAsync(buffer, SocketFlags.None, _stop.Token);
                 if (n == 0) return;
+                int forward = n;
                 if (fromHelper)
+                {
                     Interlocked.Exchange(ref _lastFromHelper, Environment.TickCount64);
-                if (_forwarding)
-                    await to.SendAsync(buffer.AsMemory(0, n), SocketFlags.None, _stop.Token);
+                    long before = _fromHelper;
+                    _fromHelper += n;
+                    forward = (int)Math.Clamp(forwardLimit - before, 0, n);
+                    if (_fromHelper >= forwardLimit)
+                        _forwarding = false;
+                }
+                else if (!_forwarding)
+                    forward = 0;
+                if (forward > 0)
+                    await to.SendAsync(buffer.AsMemory(0, forward), SocketFlags.None, _stop.Token);
             }
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException or OperationCanceledException)
