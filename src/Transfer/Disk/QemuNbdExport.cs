@@ -1,7 +1,7 @@
 using System.ComponentModel;
-using System.Diagnostics;
 using System.Net.Sockets;
 using BFMig.Native.Linux;
+using BFMig.Native.Processes;
 using BFMig.Transfer.Disk.Nbd;
 
 namespace BFMig.Transfer.Disk;
@@ -20,25 +20,31 @@ public sealed class QemuNbdExport : IAsyncDisposable
 {
     private const int MaxRequest = 4 << 20;
 
-    private readonly Process _process;
+    private const int SigKill = 9;
+
+    // Where setpriv may be (posix_spawn takes a path); qemu-nbd is found along SafePath.
+    private static readonly string[] SetprivPaths = ["/usr/bin/setpriv", "/bin/setpriv"];
+    private const string SafePath = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+    private readonly ChildProcess _process;
     private readonly string _directory;
-    private readonly Task<string> _stderr;
+    private readonly string _logPath;
     private Socket? _socket;
     private NetworkStream? _stream;
     private NbdClient? _client;
 
-    private QemuNbdExport(Process process, string directory, Task<string> stderr)
+    private QemuNbdExport(ChildProcess process, string directory, string logPath)
     {
         _process = process;
         _directory = directory;
-        _stderr = stderr;
+        _logPath = logPath;
     }
 
     /// <summary>The export's size: the disk's virtual size.</summary>
     public ulong Size => _client!.ExportSize;
 
     /// <summary>Process id of qemu-nbd.</summary>
-    public int ProcessId => _process.Id;
+    public int ProcessId => _process.Pid;
 
     /// <summary>
     /// Starts qemu-nbd on <paramref name="image"/> as <paramref name="qemu"/> and connects to it.
@@ -49,32 +55,25 @@ public sealed class QemuNbdExport : IAsyncDisposable
     {
         string directory = PrivateDirectory(qemu);
         string socketPath = Path.Combine(directory, "q", "nbd.sock");
-        var psi = new ProcessStartInfo("setpriv")
-        {
-            RedirectStandardError = true,
-            RedirectStandardOutput = true,
-            RedirectStandardInput = true,
-            UseShellExecute = false,
-        };
-        foreach (string a in (string[])[$"--reuid={qemu.Uid}", $"--regid={qemu.Gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs", "--",
-                     "qemu-nbd", "--read-only", "--shared=1", $"--socket={socketPath}", "--image-opts", ImageOptions(image)])
-            psi.ArgumentList.Add(a);
-        // qemu-nbd would serve an inherited socket named by systemd's activation variables instead.
-        psi.Environment.Remove("LISTEN_FDS");
-        psi.Environment.Remove("LISTEN_PID");
-        psi.Environment.Remove("LISTEN_FDNAMES");
-        Process process;
+        string logPath = Path.Combine(directory, "qemu-nbd.log");
+        string[] args = [$"--reuid={qemu.Uid}", $"--regid={qemu.Gid}", "--clear-groups", "--inh-caps=-all", "--no-new-privs", "--",
+            "qemu-nbd", "--read-only", "--shared=1", $"--socket={socketPath}", "--image-opts", ImageOptions(image)];
+        ChildProcess process;
         try
         {
-            process = Process.Start(psi) ?? throw new IOException("qemu-nbd did not start");
+            string setpriv = SetprivPaths.FirstOrDefault(File.Exists) ?? throw new IOException("setpriv (util-linux) is not installed");
+            // qemu-nbd's words go to a file of this root-only directory, for the reason of a failure.
+            using var log = new FileStream(logPath, FileMode.CreateNew, FileAccess.Write);
+            int fd = (int)log.SafeFileHandle.DangerousGetHandle();
+            // Nothing of this environment: no inherited socket named by systemd's LISTEN_FDS, no PATH of another's.
+            process = ChildProcess.Start(setpriv, args, [(fd, 1), (fd, 2)], new Dictionary<string, string> { ["PATH"] = SafePath, ["LC_ALL"] = "C" });
         }
         catch (Exception e) when (e is Win32Exception or IOException)
         {
             Directory.Delete(directory, recursive: true);
             throw new IOException($"cannot start qemu-nbd (setpriv): {e.Message}", e);
         }
-        process.StandardInput.Close();
-        var export = new QemuNbdExport(process, directory, ReadBoundedAsync(process.StandardError));
+        var export = new QemuNbdExport(process, directory, logPath);
         try
         {
             await export.ConnectAsync(socketPath, ct);
@@ -142,8 +141,8 @@ public sealed class QemuNbdExport : IAsyncDisposable
     {
         while (true)
         {
-            if (_process.HasExited)
-                throw new IOException($"qemu-nbd exited with {_process.ExitCode}: {(await _stderr).Trim()}");
+            if (_process.Exited.IsCompleted)
+                throw Exited();
             if (File.Exists(socketPath))
             {
                 var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
@@ -151,7 +150,7 @@ public sealed class QemuNbdExport : IAsyncDisposable
                 {
                     await socket.ConnectAsync(new UnixDomainSocketEndPoint(socketPath), ct);
                     // setpriv execs qemu-nbd: the listener must be our child itself, not whatever else the QEMU user might bind there.
-                    if (UnixSockets.GetPeerCredentials(socket).Pid != _process.Id)
+                    if (UnixSockets.GetPeerCredentials(socket).Pid != _process.Pid)
                         throw new IOException($"{socketPath}: the listener is not the qemu-nbd started for the re-hash");
                     _socket = socket;
                     break;
@@ -180,28 +179,31 @@ public sealed class QemuNbdExport : IAsyncDisposable
             exit.CancelAfter(TimeSpan.FromSeconds(2));
             try
             {
-                await _process.WaitForExitAsync(exit.Token);
+                await _process.Exited.WaitAsync(exit.Token);
             }
             catch (OperationCanceledException) when (!ct.IsCancellationRequested)
             {
                 throw new IOException($"qemu-nbd's handshake failed: {e.Message}", e);
             }
-            throw new IOException($"qemu-nbd exited with {_process.ExitCode}: {(await _stderr).Trim()}", e);
+            throw Exited();
         }
     }
 
-    // qemu-nbd's complaint, for the reason of a failed re-hash: a few lines at most.
-    private static async Task<string> ReadBoundedAsync(StreamReader reader)
+    // qemu-nbd's exit and complaint, for the reason of a failed re-hash: a few lines at most.
+    private IOException Exited()
     {
-        var buffer = new char[2048];
-        int length = 0;
-        while (length < buffer.Length)
+        string said;
+        try
         {
-            int n = await reader.ReadAsync(buffer.AsMemory(length));
-            if (n == 0) break;
-            length += n;
+            using var log = File.OpenHandle(_logPath);
+            var buffer = new byte[2048];
+            said = System.Text.Encoding.UTF8.GetString(buffer, 0, RandomAccess.Read(log, buffer, 0)).Trim();
         }
-        return new string(buffer, 0, length);
+        catch (IOException e)
+        {
+            said = e.Message;
+        }
+        return new IOException($"qemu-nbd exited with {_process.Exited.Result}: {said}");
     }
 
     /// <summary>Kills qemu-nbd (SIGKILL to its pid), reaps it and removes the private directory.</summary>
@@ -212,26 +214,15 @@ public sealed class QemuNbdExport : IAsyncDisposable
         _stream?.Dispose();
         if (_stream is null)
             _socket?.Dispose();
+        _process.Signal(SigKill);
         try
         {
-            _process.Kill();
+            await _process.Exited.WaitAsync(TimeSpan.FromSeconds(10));
         }
-        catch (InvalidOperationException)
+        catch (TimeoutException)
         {
-            // Already exited.
+            TransferLog.Note($"bfmig-transfer: qemu-nbd (pid {_process.Pid}) did not exit within 10 s of SIGKILL");
         }
-        using (var reap = new CancellationTokenSource(TimeSpan.FromSeconds(10)))
-        {
-            try
-            {
-                await _process.WaitForExitAsync(reap.Token);
-            }
-            catch (OperationCanceledException)
-            {
-                TransferLog.Note($"bfmig-transfer: qemu-nbd (pid {_process.Id}) did not exit within 10 s of SIGKILL");
-            }
-        }
-        _process.Dispose();
         try
         {
             Directory.Delete(_directory, recursive: true);
