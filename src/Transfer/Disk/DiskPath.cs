@@ -74,12 +74,19 @@ public static class DiskPath
             if (type != DiskChunk.ExportReply) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the receiver");
             var (match, receiverDigest, receiverDoubt) = DiskChannel.DecodeExportReply(payload);
             // Both hosts drop what either may have written since the saved map: the rest is proven equal by the digest.
-            var agreed = match && saved is not null ? savedDoubt.Union(receiverDoubt).Apply(saved) : null;
+            var inDoubt = savedDoubt.Union(receiverDoubt);
+            var agreed = match && saved is not null ? inDoubt.Apply(saved) : null;
             bool usable = agreed is not null && receiverDigest == agreed.ComputeDigest();
+            if (!usable && match && saved is not null && receiverDoubt.Apply(saved) is { } proven && receiverDigest == proven.ComputeDigest())
+            {
+                // The receiver re-hashed its image: its doubt is exactly what differs there, and
+                // what this host may have forwarded into it adds nothing (the image is its own).
+                (inDoubt, agreed, usable) = (receiverDoubt, proven, true);
+            }
             view.Use(usable ? agreed : null);
             stats.Mode = usable ? "store-match" : "store-full";
             if (usable)
-                stats.DiskDoubtBlocks = savedDoubt.Union(receiverDoubt).BlockCount;
+                stats.DiskDoubtBlocks = inDoubt.BlockCount;
             else if (saved is not null)
                 MapUnused(stats, filter.ExportName ?? "", !match ? "the receiver's map differs from this host's view of it (or the receiver has none it trusts)"
                     : agreed is null ? "every block is in doubt after the hosts' interrupted trips"
@@ -187,8 +194,9 @@ public static class DiskPath
                 else
                 {
                     // A block that differs is in doubt like one a failed trip wrote: both hosts drop
-                    // it. A map wholly in doubt is now in doubt exactly where it differs.
-                    doubt = wholly ? proof.Differing : doubt.Union(proof.Differing);
+                    // it. Every other block was read and holds what the map says, whatever a journal
+                    // (this host's or the sender's, coarse after a crash) feared: the doubt is exact.
+                    doubt = proof.Differing;
                     rehashed = true;
                 }
             }
@@ -216,13 +224,15 @@ public static class DiskPath
             if (journal.Lost is { } lost)
                 (saved, why, mapPath) = (null, lost, null);
             bool match = saved is not null && saved.ComputeDigest() == senderDigest;
-            var agreed = match ? senderDoubt.Union(doubt).Apply(saved!) : null;
+            // After a re-hash only this host's exact doubt counts (the sender accepts it: see its ExportReply).
+            var inDoubt = rehashed ? doubt : senderDoubt.Union(doubt);
+            var agreed = match ? inDoubt.Apply(saved!) : null;
             if (saved is not null && agreed is null)
                 why = match ? "every block is in doubt after the hosts' interrupted trips" : "the sender's view of this host's map differs from it";
             if (why is not null)
                 MapUnused(stats, name, why);
             else
-                stats.DiskDoubtBlocks = senderDoubt.Union(doubt).BlockCount;
+                stats.DiskDoubtBlocks = inDoubt.BlockCount;
             view.Use(agreed);
             stats.Mode = agreed is not null ? "store-match" : "store-full";
             await channel.WriteChunkAsync(DiskChunk.ExportReply, DiskChannel.EncodeExportReply(match, agreed?.ComputeDigest() ?? UInt128.Zero, saved is null ? DiskDoubt.All : doubt), t);

@@ -45,38 +45,52 @@ public static class DiskRehash
     private const string LockFileName = "rehash.lock";
 
     /// <summary>
-    /// Why <paramref name="image"/> cannot be re-hashed, or null when it can: only a raw image's
-    /// bytes are the disk's (a qcow2 file maps them through its own tables).
+    /// Why <paramref name="image"/> cannot be re-hashed, or null when it can: a raw image's bytes
+    /// are the disk's and are read directly; a qcow2 image maps them through its own tables (and
+    /// may name a backing file), so its content is read through qemu-nbd as the QEMU user
+    /// (<see cref="QemuNbdExport"/>).
     /// </summary>
     public static string? Unsupported(DiskImageSpec image) =>
-        image.Format == "raw" ? null : $"a {image.Format} image cannot be re-hashed (only raw images are read directly)";
+        image.Format is "raw" or "qcow2" ? null : $"a {image.Format} image cannot be re-hashed (only raw and qcow2 images are)";
 
     /// <summary>
     /// Reads <paramref name="image"/> and compares it with <paramref name="saved"/>. Returns the
     /// result, or null with the reason when the image cannot be read safely or in time (the
     /// caller then does not use the map). <paramref name="qemu"/>: the QEMU user, who may own a
-    /// block device while libvirt lends it to a guest. Cancelled with <paramref name="ct"/>.
+    /// block device while libvirt lends it to a guest, and as whom a qcow2 image is read (without
+    /// it a qcow2 image is not re-hashed). Cancelled with <paramref name="ct"/>.
     /// </summary>
     public static async Task<(DiskRehashResult? Result, string? Why)> ProveAsync(DiskImageSpec image, DiskBlockMap saved, string lockDirectory,
         DiskRehashLimits limits, NodeOwner? qemu, CancellationToken ct)
     {
         if (Unsupported(image) is { } why)
             return (null, why);
+        if (image.Format != "raw" && qemu is null)
+            return (null, $"a {image.Format} image is re-hashed only as the QEMU user (--qemu-user), who is not known here");
         var clock = Stopwatch.StartNew();
         using var budget = CancellationTokenSource.CreateLinkedTokenSource(ct);
         budget.CancelAfter(limits.Timeout);
         try
         {
             using var turn = await TakeTurnAsync(lockDirectory, budget.Token);
-            using var handle = Open(image, qemu);
-            var (differing, bytes) = await CompareAsync(handle, saved, limits.BytesPerSecond, clock, budget.Token);
-            return (new DiskRehashResult(differing, saved.KnownCount, bytes, clock.Elapsed), null);
+            (DiskDoubt Differing, long Bytes) compared;
+            if (image.Format == "raw")
+            {
+                using var handle = Open(image, qemu);
+                compared = await CompareAsync((offset, buffer, t) => ReadFullyAsync(handle, buffer, offset, t), saved, limits.BytesPerSecond, clock, budget.Token);
+            }
+            else
+            {
+                await using var export = await QemuNbdExport.StartAsync(image, qemu!.Value, budget.Token);
+                compared = await CompareAsync(export.ReadAsync, saved, limits.BytesPerSecond, clock, budget.Token);
+            }
+            return (new DiskRehashResult(compared.Differing, saved.KnownCount, compared.Bytes, clock.Elapsed), null);
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
             return (null, $"the re-hash of {image.Path} did not finish within {limits.Timeout.TotalSeconds:F0} s");
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or Nbd.NbdProtocolException)
         {
             return (null, $"cannot re-hash {image.Path}: {e.Message}");
         }
@@ -119,7 +133,10 @@ public static class DiskRehash
         }
     }
 
-    private static async Task<(DiskDoubt Differing, long Bytes)> CompareAsync(SafeFileHandle handle, DiskBlockMap saved, long bytesPerSecond,
+    // Reads up to the buffer's length at an offset of the disk; fewer bytes past its end, 0 where it cannot be read.
+    private delegate ValueTask<int> ReadAt(long offset, Memory<byte> destination, CancellationToken ct);
+
+    private static async Task<(DiskDoubt Differing, long Bytes)> CompareAsync(ReadAt read, DiskBlockMap saved, long bytesPerSecond,
         Stopwatch clock, CancellationToken ct)
     {
         int blockSize = saved.BlockSize;
@@ -138,7 +155,7 @@ public static class DiskRehash
                     continue;
                 long offset = first * blockSize;
                 int want = (int)Math.Min((ulong)(last - first) * (ulong)blockSize, saved.ImageSize - (ulong)offset);
-                int got = await ReadFullyAsync(handle, buffer.AsMemory(0, want), offset, ct);
+                int got = await read(offset, buffer.AsMemory(0, want), ct);
                 bytes += got;
                 for (long b = first; b < last; b++)
                 {
@@ -146,7 +163,7 @@ public static class DiskRehash
                         continue;
                     int at = (int)((b - first) * blockSize);
                     int length = DiskBlockHash.BlockLength(b, saved.ImageSize, blockSize);
-                    // A block past the image's end (it shrank) cannot hold what the map says.
+                    // A block past the image's end (it shrank), or one that could not be read, cannot be proven to hold what the map says.
                     if (at + length > got || DiskBlockHash.Compute(buffer.AsSpan(at, length), saved.HashKey) != expected)
                         Add(differing, b);
                 }

@@ -360,6 +360,54 @@ public sealed class DiskPathTests(ITestOutputHelper output)
     }
 
     /// <summary>
+    /// Every BFMig process on both hosts was SIGKILLed during a trip B -> A that wrote two blocks
+    /// into A's image: both journals stay coarse (whole 8 MiB regions, here the whole image) and
+    /// bfmigd never captured A's identity. The retry's receiver re-hashes its image, so only the
+    /// two blocks that differ are in doubt (not the journals' regions) and the sender accepts that
+    /// exact doubt: the retry carries them and B's changes, not the disk.
+    /// </summary>
+    [Fact]
+    public async Task AfterACrashOnBothHostsTheReHashNotTheCoarseJournalsDecidesWhatIsSent()
+    {
+        if (!TestEnv.Require(output, "qemu-system-x86_64", "qemu-nbd", "qemu-img", "qemu-io"))
+            return;
+        using var dir = TestEnv.CreateTempDir();
+        var a = new Host("a", dir.File("a.raw"), dir.File("store-a"), "raw");
+        var b = new Host("b", dir.File("b.raw"), dir.File("store-b"), "raw");
+        Images.CreateRandomRaw(a.Image, Size, seed: 43);
+        await Images.CreateAsync(b.Image, Size, "raw");
+        var first = await RunTripAsync(dir, a, b);
+        Assert.True(first.Identical, first.CompareOutput);
+        var back = await RunTripAsync(dir, b, a);
+        Assert.True(back.Identical, back.CompareOutput);
+
+        // The crashed trip B -> A: its receiver named A's image pending at the hello, both helpers
+        // journaled coarsely before writing, two blocks reached A's image, and nothing settled.
+        var mapA = DiskBlockMap.Load(MapOf(a));
+        mapA.Identity = DiskImageIdentity.PendingCapture(a.Image, "raw");
+        mapA.Save(MapOf(a));
+        foreach (var host in new[] { a, b })
+        {
+            var journal = DiskDoubtJournal.Begin(MapOf(host), DiskMapStore.BlockSize, DiskDoubt.None);
+            journal.Touching(0, Size);
+            journal.Dispose();
+            Assert.True(DiskDoubtJournal.Read(MapOf(host)).BlockCount >= (long)(Size / DiskMapStore.BlockSize));
+        }
+        await Images.IoAsync(a.Image, ["write -P 0x6c 5M 128k"], "raw");
+
+        await Images.IoAsync(b.Image, Changes(3, 29), "raw");
+        var retry = await RunTripAsync(dir, b, a);
+        Assert.True(retry.Identical, retry.CompareOutput);
+        Assert.Equal("store-match", retry.Receiver.Mode);
+        Assert.Equal("store-match", retry.Sender.Mode);
+        Assert.Contains("2 blocks in 1 ranges of", retry.Receiver.DiskRehash);
+        Assert.Equal(2, retry.Receiver.DiskDoubtBlocks);
+        Assert.Equal(2, retry.Sender.DiskDoubtBlocks);
+        Assert.True(retry.Sender.StreamBytes < first.Sender.StreamBytes / 10, $"retry carried {retry.Sender.StreamBytes} of {first.Sender.StreamBytes}");
+        await AssertMapsAgreeAsync(b, a);
+    }
+
+    /// <summary>
     /// The guest was started on A while away (bfmigd marks A's map wholly in doubt) and wrote its
     /// raw image: the re-hash proves the rest of the map, and only what the fork wrote travels
     /// back besides B's changes.

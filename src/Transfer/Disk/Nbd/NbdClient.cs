@@ -1,9 +1,8 @@
 using System.Buffers.Binary;
 using System.Buffers;
 using System.Text;
-using BFMig.Transfer.Disk.Nbd;
 
-namespace BFMig.Tests.Shared.Nbd;
+namespace BFMig.Transfer.Disk.Nbd;
 
 /// <summary>What <see cref="NbdClient.ConnectAsync"/> asks the server for.</summary>
 public sealed class NbdClientOptions
@@ -26,7 +25,8 @@ public sealed class NbdClientOptions
 
 /// <summary>
 /// A small sequential NBD client (one request in flight): used to read an image through
-/// qemu-nbd when building a block map, and by tests to script exact request sequences.
+/// qemu-nbd (a re-hash of a qcow2 image, <see cref="QemuNbdExport"/>; tests building a block map),
+/// and by tests to script exact request sequences.
 /// </summary>
 public sealed class NbdClient : IAsyncDisposable
 {
