@@ -10,8 +10,9 @@ namespace BFMig.Native.Tests.Linux;
 /// </summary>
 public sealed class DeviceNodeTests : IDisposable
 {
-    // Under the test binaries: a root-owned, 0755 path on this machine when the tests run as root.
-    private readonly string _dir = Path.Combine(AppContext.BaseDirectory, "devnode-" + Guid.NewGuid().ToString("N")[..8]);
+    // A path that only root can change when the tests run as root: under /run (root's, 0755),
+    // not under the checkout, which may itself sit below /tmp (1777: refused, rightly).
+    private readonly string _dir = Path.Combine(Root ? "/run" : Path.GetTempPath(), "bfmig-devnode-" + Guid.NewGuid().ToString("N")[..8]);
 
     public DeviceNodeTests()
     {
