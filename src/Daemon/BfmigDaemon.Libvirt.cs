@@ -191,14 +191,16 @@ public sealed partial class BfmigDaemon
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 // A full store cannot take the marker; the map goes instead (the journal's rule).
+                string outcome;
                 try
                 {
-                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", DiskDoubtJournal.RemoveMap(map, e));
+                    outcome = DiskDoubtJournal.RemoveMap(map, e);
                 }
                 catch (IOException removal)
                 {
-                    DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", removal.Message);
+                    outcome = removal.Message;
                 }
+                DaemonLog.LocationFailed(_logger, name, uuid.ToString("D"), "disk map invalidated", outcome);
             }
         }
     });

@@ -618,7 +618,7 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         var (dir, a, b) = Setup();
         using var _ = dir;
         Directory.CreateDirectory(b.Store!);
-        Assert.Equal(0, await RunAsync("mount", "-t", "tmpfs", "-o", "size=1m", "bfmig-full-disk-store", b.Store!));
+        Assert.Equal(0, await TestEnv.ExitCodeAsync("mount", ["-t", "tmpfs", "-o", "size=1m", "bfmig-full-disk-store", b.Store!]));
         try
         {
             await Images.CreateRandomQcow2Async(a.Image, Size, seed: 37);
@@ -632,7 +632,8 @@ public sealed class DiskPathTests(ITestOutputHelper output)
 
             // Nothing left on B's store: the next arrival there cannot journal its writes.
             await Images.IoAsync(a.Image, Changes(8, 43));
-            await RunAsync("dd", "if=/dev/zero", $"of={Path.Combine(b.Store!, "filler")}", "bs=4k");
+            // dd ends with "No space left on device" (exit 1): that is the point.
+            await TestEnv.ExitCodeAsync("dd", ["if=/dev/zero", $"of={Path.Combine(b.Store!, "filler")}", "bs=4k"]);
             var full = await RunTripAsync(dir, a, b, seal: false);
             Assert.True(full.Identical, full.CompareOutput);
             Assert.Equal("store-full", full.Receiver.Mode);
@@ -643,16 +644,9 @@ public sealed class DiskPathTests(ITestOutputHelper output)
         }
         finally
         {
-            if (await RunAsync("umount", b.Store!) != 0)
-                Assert.Equal(0, await RunAsync("umount", "-l", b.Store!));
+            if (await TestEnv.ExitCodeAsync("umount", [b.Store!]) != 0)
+                Assert.Equal(0, await TestEnv.ExitCodeAsync("umount", ["-l", b.Store!]));
         }
-    }
-
-    private static async Task<int> RunAsync(string file, params string[] args)
-    {
-        using var p = Process.Start(new ProcessStartInfo(file, args) { RedirectStandardError = true })!;
-        await p.WaitForExitAsync();
-        return p.ExitCode;
     }
 
     /// <summary>
