@@ -20,7 +20,6 @@ namespace BFMig.Benchmarks;
 [System.Runtime.Versioning.SupportedOSPlatform("linux")]
 internal static class BigReplay
 {
-    private const int PageSize = 4096;
     private static readonly Guid Guest = Guid.Parse("0b16a000-5e1a-4c1e-9a00-000000000016");
 
     private sealed record Side(double Seconds, double UserSeconds, double SystemSeconds, long MaxRssKiB);
@@ -147,55 +146,45 @@ internal static class BigReplay
         BinaryPrimitives.WriteInt64LittleEndian(into[8..], version);
     }
 
-    // A QEMU 7.2-style stream as Replay.StreamOf writes, made on the fly (it does not fit in memory).
+    // Replay's stream, made on the fly (it does not fit in memory), hashed as it goes out.
     private static (long Bytes, UInt128 Hash) Generate(string socketPath, long pages, byte[][] corpus, int changedPercent)
     {
         using var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         s.Connect(new UnixDomainSocketEndPoint(socketPath));
-        var hash = new XxHash128();
-        long total = 0;
-        var buffer = new byte[1 << 20];
-        int at = 0;
-        void Flush()
-        {
-            hash.Append(buffer.AsSpan(0, at));
-            for (int sent = 0; sent < at;)
-                sent += s.Send(buffer.AsSpan(sent, at - sent));
-            total += at;
-            at = 0;
-        }
-        void Bytes(ReadOnlySpan<byte> b)
-        {
-            if (at + b.Length > buffer.Length) Flush();
-            b.CopyTo(buffer.AsSpan(at));
-            at += b.Length;
-        }
-        void Be32(uint v) { Span<byte> b = stackalloc byte[4]; BinaryPrimitives.WriteUInt32BigEndian(b, v); Bytes(b); }
-        void Be64(ulong v) { Span<byte> b = stackalloc byte[8]; BinaryPrimitives.WriteUInt64BigEndian(b, v); Bytes(b); }
-        void One(byte v) => Bytes([v]);
-
-        Be32(QemuFormat.FileMagic); Be32(3); One(7); Be32(2); Bytes("pc"u8);
-        One(1); Be32(2); One(3); Bytes("ram"u8); Be32(0); Be32(4);
-        Be64(((ulong)pages << 12) | QemuFormat.FlagMemSize); One(6); Bytes("pc.ram"u8); Be64((ulong)pages << 12);
-        Be64(QemuFormat.FlagEos); One(0x7e); Be32(2);
-        One(3); Be32(2);
-        Span<byte> page = stackalloc byte[PageSize];
-        for (long i = 0; i < pages; i++)
-        {
-            Be64(((ulong)i << 12) | QemuFormat.FlagPage | (i > 0 ? QemuFormat.FlagContinue : 0));
-            if (i == 0) { One(6); Bytes("pc.ram"u8); }
-            Page(page, corpus, i, changedPercent > 0 && i % 100 < changedPercent ? 1 : 0);
-            Bytes(page);
-        }
-        Be64(QemuFormat.FlagEos); One(0x7e); Be32(2);
-        One(4); Be32(3); One(5); Bytes("timer"u8); Be32(0); Be32(2); Bytes(new byte[64]); One(0);
-        Flush();
+        var hashed = new HashingStream(new NetworkStream(s, ownsSocket: false));
+        using (var output = new BufferedStream(hashed, 1 << 20))
+            Replay.WriteStream(output, pages, (i, into) => Page(into, corpus, i, changedPercent > 0 && i % 100 < changedPercent ? 1 : 0));
         s.Shutdown(SocketShutdown.Send);
         // QEMU waits for the destination's end of the stream; the helper closes when done.
         var scratch = new byte[64];
         while (s.Receive(scratch) > 0)
         {
         }
-        return (total, hash.GetCurrentHashAsUInt128());
+        return (hashed.Bytes, hashed.Hash.GetCurrentHashAsUInt128());
+    }
+
+    // Passes writes on to the socket, counting and hashing them.
+    private sealed class HashingStream(Stream inner) : Stream
+    {
+        public XxHash128 Hash { get; } = new();
+        public long Bytes { get; private set; }
+
+        public override void Write(ReadOnlySpan<byte> buffer)
+        {
+            Hash.Append(buffer);
+            Bytes += buffer.Length;
+            inner.Write(buffer);
+        }
+
+        public override void Write(byte[] buffer, int offset, int count) => Write(buffer.AsSpan(offset, count));
+        public override void Flush() => inner.Flush();
+        public override bool CanRead => false;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
     }
 }

@@ -298,23 +298,34 @@ internal static class Replay
     internal static byte[] StreamOf(byte[][] pages)
     {
         var ms = new MemoryStream(pages.Length * 4104 + 1024);
+        WriteStream(ms, pages.Length, (i, into) => pages[i].CopyTo(into));
+        return ms.ToArray();
+    }
+
+    /// <summary>Writes page <paramref name="index"/> (4096 bytes) into <paramref name="into"/>.</summary>
+    internal delegate void PageSource(long index, Span<byte> into);
+
+    /// <summary>The stream of <see cref="StreamOf"/> for <paramref name="pages"/> pages made on demand, written to <paramref name="output"/>.</summary>
+    internal static void WriteStream(Stream output, long pages, PageSource page)
+    {
         var b8 = new byte[8];
-        void Be32(uint v) { BinaryPrimitives.WriteUInt32BigEndian(b8, v); ms.Write(b8, 0, 4); }
-        void Be64(ulong v) { BinaryPrimitives.WriteUInt64BigEndian(b8, v); ms.Write(b8); }
-        Be32(QemuFormat.FileMagic); Be32(3); ms.WriteByte(7); Be32(2); ms.Write("pc"u8);
-        ms.WriteByte(1); Be32(2); ms.WriteByte(3); ms.Write("ram"u8); Be32(0); Be32(4);
-        Be64(((ulong)pages.Length << 12) | QemuFormat.FlagMemSize); ms.WriteByte(6); ms.Write("pc.ram"u8); Be64((ulong)pages.Length << 12);
-        Be64(QemuFormat.FlagEos); ms.WriteByte(0x7e); Be32(2);
-        ms.WriteByte(3); Be32(2);
-        for (int i = 0; i < pages.Length; i++)
+        void Be32(uint v) { BinaryPrimitives.WriteUInt32BigEndian(b8, v); output.Write(b8, 0, 4); }
+        void Be64(ulong v) { BinaryPrimitives.WriteUInt64BigEndian(b8, v); output.Write(b8); }
+        Be32(QemuFormat.FileMagic); Be32(3); output.WriteByte(7); Be32(2); output.Write("pc"u8);
+        output.WriteByte(1); Be32(2); output.WriteByte(3); output.Write("ram"u8); Be32(0); Be32(4);
+        Be64(((ulong)pages << 12) | QemuFormat.FlagMemSize); output.WriteByte(6); output.Write("pc.ram"u8); Be64((ulong)pages << 12);
+        Be64(QemuFormat.FlagEos); output.WriteByte(0x7e); Be32(2);
+        output.WriteByte(3); Be32(2);
+        var content = new byte[4096];
+        for (long i = 0; i < pages; i++)
         {
             Be64(((ulong)i << 12) | QemuFormat.FlagPage | (i > 0 ? QemuFormat.FlagContinue : 0));
-            if (i == 0) { ms.WriteByte(6); ms.Write("pc.ram"u8); }
-            ms.Write(pages[i]);
+            if (i == 0) { output.WriteByte(6); output.Write("pc.ram"u8); }
+            page(i, content);
+            output.Write(content);
         }
-        Be64(QemuFormat.FlagEos); ms.WriteByte(0x7e); Be32(2);
-        ms.WriteByte(4); Be32(3); ms.WriteByte(5); ms.Write("timer"u8); Be32(0); Be32(2); ms.Write(new byte[64]); ms.WriteByte(0);
-        return ms.ToArray();
+        Be64(QemuFormat.FlagEos); output.WriteByte(0x7e); Be32(2);
+        output.WriteByte(4); Be32(3); output.WriteByte(5); output.Write("timer"u8); Be32(0); Be32(2); output.Write(new byte[64]); output.WriteByte(0);
     }
 
     internal sealed class TempDir : IDisposable
