@@ -170,6 +170,187 @@ public class MultifdElisionTests
         Assert.Equal(0, back.PagesFull + back.PagesDelta + back.PagesReferenced);
     }
 
+    /// <summary>The sender's half of <see cref="Carry"/>: the frames of one channel, coded now.</summary>
+    private static List<byte[]> Encode(byte[] channel, MemoryStore sender, TransferStats stats)
+    {
+        var enc = new MultifdEncoder(sender, synced: true, stats);
+        var frames = new List<byte[]>();
+        int start = 0;
+        while (true)
+        {
+            int end = Math.Min(channel.Length, start + 7000);
+            start += enc.Consume(channel.AsSpan(start, end - start), end == channel.Length);
+            if (enc.OpsLength > 0) frames.Add(enc.Ops.ToArray());
+            enc.ResetOps();
+            if (start == channel.Length) return frames;
+        }
+    }
+
+    /// <summary>The receiver's half of <see cref="Carry"/>, on frames coded earlier.</summary>
+    private static byte[] Decode(List<byte[]> frames, MemoryStore receiver, TransferStats stats)
+    {
+        var dec = new MultifdDecoder(receiver, stats);
+        var output = new MemoryStream();
+        foreach (var frame in frames)
+        {
+            dec.BeginFrame();
+            int pos = 0;
+            do
+            {
+                pos = dec.Process(frame, pos);
+                output.Write(dec.Output);
+                dec.ResetOutput();
+            }
+            while (pos < frame.Length);
+        }
+        dec.Finish();
+        return output.ToArray();
+    }
+
+    private static byte[] Changed(byte[] page, int seed)
+    {
+        var copy = page.ToArray();
+        new Random(seed).NextBytes(copy.AsSpan(0, 64));
+        return copy;
+    }
+
+    [Fact]
+    public void ChannelsAndTheMainStream_RecordedInOppositeOrders_LeaveBothStoresAlike_WithTheLatestRound()
+    {
+        var guest = RandomPages(21);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var round1 = guest.Select(p => p.ToArray()).ToArray();
+        round1[3] = Changed(guest[3], 1);
+        round1[5] = Changed(guest[5], 2);
+        var round2 = round1.Select(p => p.ToArray()).ToArray();
+        round2[3] = Changed(round1[3], 3);
+        round2[6] = Changed(guest[6], 4);
+        round2[7] = guest[3].ToArray(); // page 3's departure content, moved: a reference to what channel 0 overwrote in round 1
+        // Round 1: page 3 on channel 0, page 5 on channel 1. Round 2: page 3 again and 7 on
+        // channel 1, page 6 on channel 0, and page 5 zero on the main stream (QEMU 7.2 sends zero pages there).
+        var ch0 = Channel(0, Packet(1, round1, 3, 4), Sync, Packet(3, round2, 6), Sync);
+        var ch1 = Channel(1, Packet(2, round1, 5), Sync, Packet(4, round2, 3, 7), Sync);
+
+        var (s0, s1, r0, r1) = (new TransferStats(), new TransferStats(), new TransferStats(), new TransferStats());
+        var frames0 = Encode(ch0, pair.Sender, s0);
+        pair.Sender.PutZero(0, 5, PageWrite.Main(2));
+        var frames1 = Encode(ch1, pair.Sender, s1);
+        // The receiver gets them the other way round: the main stream, channel 1, then channel 0.
+        pair.Receiver.PutZero(0, 5, PageWrite.Main(2));
+        Assert.Equal(ch1, Decode(frames1, pair.Receiver, r1));
+        Assert.Equal(ch0, Decode(frames0, pair.Receiver, r0));
+
+        Assert.Equal(1, s1.PagesReferenced);
+        Assert.Equal(1, r1.PagesReferenced);
+        Assert.Equal(pair.Sender.Hash(round2[3]), pair.Receiver.GetHash(0, 3));
+        Assert.Equal(pair.Sender.ZeroHash, pair.Receiver.GetHash(0, 5));
+        Assert.Equal(pair.Sender.Hash(guest[3]), pair.Receiver.GetHash(0, 7));
+        Assert.Equal(0, pair.Sender.ConflictPages + pair.Receiver.ConflictPages);
+        pair.Commit(2);
+
+        // Both stores now hold the guest as it left: the way back elides every page.
+        var final = round2.Select(p => p.ToArray()).ToArray();
+        final[5] = new byte[4096];
+        var (output, back, _) = CoreTrip.Run(StreamBuilder.FullStream([(Ram, final)]), pair.Receiver, pair.Sender);
+        Assert.Equal(StreamBuilder.FullStream([(Ram, final)]), output);
+        Assert.Equal(PageCount - 1, back.PagesElided);
+        Assert.Equal(0, back.PagesFull + back.PagesDelta + back.PagesReferenced);
+    }
+
+    [Fact]
+    public void APageTwoChannelsCarryInOneRound_BecomesUnknownOnBothHosts_WhateverTheOrder()
+    {
+        var guest = RandomPages(22);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var a = guest.Select(p => p.ToArray()).ToArray();
+        var b = guest.Select(p => p.ToArray()).ToArray();
+        a[9] = Changed(guest[9], 5);
+        b[9] = Changed(guest[9], 6);
+        var ch0 = Channel(0, Packet(1, a, 9), Sync);
+        var ch1 = Channel(1, Packet(2, b, 9, 10), Sync);
+
+        var frames0 = Encode(ch0, pair.Sender, new TransferStats());
+        var frames1 = Encode(ch1, pair.Sender, new TransferStats());
+        Assert.Equal(ch1, Decode(frames1, pair.Receiver, new TransferStats()));
+        Assert.Equal(ch0, Decode(frames0, pair.Receiver, new TransferStats()));
+
+        Assert.Equal(UInt128.Zero, pair.Sender.GetHash(0, 9));
+        Assert.Equal(UInt128.Zero, pair.Receiver.GetHash(0, 9));
+        Assert.Equal((1L, 1L), (pair.Sender.ConflictPages, pair.Receiver.ConflictPages));
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void TheMainStream_NeverCodesAgainstAPageAChannelWrote_AndAReceiverThatSeesSuchAnOpRefusesIt()
+    {
+        var guest = RandomPages(23);
+        using var pair = new Pair(guest);
+        var now = guest.Select(p => p.ToArray()).ToArray();
+        now[2] = Changed(guest[2], 7);
+        var ch0 = Channel(0, Packet(1, now, 2), Sync);
+        // The main stream sends page 2 with its departure content after channel 0 carried it.
+        var main = new StreamBuilder().Header().RamStart((Ram, PageCount * 4096L)).Part().Page(0, 2, guest[2]).Eos().Footer().DeviceStateAndEof().ToArray();
+        ulong seed = pair.Sender.State.Seed;
+        var (ss, rs) = (new TransferStats(), new TransferStats());
+        var enc = new MigEncoder(pair.Sender, synced: true, seed, ss);
+        var dec = new MigDecoder(pair.Receiver, keep: true, seed, rs);
+        int blockList = new StreamBuilder().Header().RamStart((Ram, PageCount * 4096L)).ToArray().Length;
+        int used = enc.Consume(main.AsSpan(0, blockList), isFinal: false); // up to the block list: both trips begin
+        CoreTrip.Ship(enc, dec, Stream.Null);
+        var frames = Encode(ch0, pair.Sender, new TransferStats());
+        enc.Consume(main.AsSpan(used), isFinal: true);
+        Assert.Equal(0, ss.PagesElided);
+        Assert.Equal(1, ss.PagesFull);
+
+        // A receiver that recorded the channel first, given an ELIDE for that page, fails the trip rather than guess.
+        Decode(frames, pair.Receiver, new TransferStats());
+        var elide = new byte[] { MigOps.KindElide | MigOps.ContBit, 0, 2 };
+        dec.BeginFrame();
+        var e = Assert.Throws<StoreOutOfStepException>(() => dec.Process(elide, 0));
+        Assert.False(e.PagesDiffer);
+        Assert.Contains("which a multifd channel wrote in this trip", e.Message);
+    }
+
+    [Fact]
+    public void TheMainStreamsRounds_TravelAsRoundOps_SoItsLaterZeroPageWinsOverAChannelsEarlierCopy()
+    {
+        var guest = RandomPages(24);
+        using var pair = new Pair(guest);
+        var now = guest.Select(p => p.ToArray()).ToArray();
+        now[4] = Changed(guest[4], 8);
+        // Round 2 (after the setup's sync): page 4 on channel 0. Round 3: page 4 zero on the main stream.
+        var ch0 = Channel(0, Sync, Packet(1, now, 4), Sync);
+        var setup = new StreamBuilder().Header().RamStart((Ram, PageCount * 4096L)).ToArray();
+        var main = new StreamBuilder().Header().RamStart((Ram, PageCount * 4096L)).Part().Eos().Footer().Part().Zero(0, 4).Eos().Footer()
+            .DeviceStateAndEof().ToArray();
+        ulong seed = pair.Sender.State.Seed;
+        var enc = new MigEncoder(pair.Sender, synced: true, seed, new TransferStats()) { CountRounds = true };
+        var dec = new MigDecoder(pair.Receiver, keep: true, seed, new TransferStats()) { CountRounds = true };
+        var rebuilt = new MemoryStream();
+        int used = enc.Consume(main.AsSpan(0, setup.Length), isFinal: false);
+        CoreTrip.Ship(enc, dec, rebuilt);
+        // The sender codes the channel first, the receiver records the main stream first.
+        var frames = Encode(ch0, pair.Sender, new TransferStats());
+        while (used < main.Length)
+        {
+            used += enc.Consume(main.AsSpan(used), isFinal: true);
+            CoreTrip.Ship(enc, dec, rebuilt);
+        }
+        Assert.Equal(ch0, Decode(frames, pair.Receiver, new TransferStats()));
+
+        Assert.Equal(main, rebuilt.ToArray());
+        Assert.Equal(pair.Sender.ZeroHash, pair.Sender.GetHash(0, 4));
+        Assert.Equal(pair.Sender.ZeroHash, pair.Receiver.GetHash(0, 4));
+        Assert.Equal(pair.Sender.ComputeDigest(), pair.Receiver.ComputeDigest());
+
+        // A receiver that was not told the sender counts rounds refuses the op by name.
+        var plain = new MigDecoder(null, keep: false, seed, new TransferStats());
+        plain.BeginFrame();
+        Assert.Contains("ROUND from a sender that does not count rounds", Assert.Throws<PeerProtocolException>(() => plain.Process(new[] { MigOps.Round }, 0)).Message);
+    }
+
     [Fact]
     public void PagesInDoubt_AreSentInFull()
     {

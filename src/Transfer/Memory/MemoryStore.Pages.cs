@@ -93,9 +93,14 @@ public sealed partial class MemoryStore
         if (block == _readBlock && slot >= 0 && slot < _readCount) _readValid[slot] = false;
     }
 
-    /// <summary>Records that a page now holds <paramref name="content"/> with hash <paramref name="hash"/>.</summary>
-    public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash)
+    /// <summary>Records that a page now holds <paramref name="content"/> with hash <paramref name="hash"/> (the main stream, round 0).</summary>
+    public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash) => Put(block, page, content, hash, PageWrite.Main(0));
+
+    /// <summary>Records that a page now holds <paramref name="content"/> with hash <paramref name="hash"/>, as <paramref name="write"/> (<see cref="TripWrites"/> orders it).</summary>
+    public void Put(int block, long page, ReadOnlySpan<byte> content, UInt128 hash, PageWrite write)
     {
+        if (!Admit(block, page, write)) return;
+        BeforeModify(block, page);
         var bf = _blocks[block];
         // Written even when the hash is unchanged: equal hashes of different bytes (a collision a
         // guest crafted) must still leave the store holding what was sent.
@@ -105,20 +110,50 @@ public sealed partial class MemoryStore
         if (hash != ZeroHash) locator?.Insert(hash, block, page);
     }
 
-    /// <summary>Records that a page is all zero.</summary>
-    public void PutZero(int block, long page)
+    /// <summary>
+    /// Records that a page holds its content of when the trip began (a multifd channel's elided
+    /// page, as <paramref name="write"/>): nothing is written unless the trip had changed the page.
+    /// </summary>
+    public void PutDeparture(int block, long page, PageWrite write)
     {
+        if (!Admit(block, page, write) || _trip is not { } trip || !trip.Modified(block, page)) return;
+        var hash = trip.PreservedHash(block, page);
+        if (hash == UInt128.Zero)
+            throw new InvalidOperationException($"page {page} of block {block} has no departure content to restore");
+        trip.ReadPreserved(block, page, _baseScratch);
+        WritePage(block, page, _baseScratch);
+        _blocks[block].Hashes[page] = hash;
+        if (hash != ZeroHash) Locator()?.Insert(hash, block, page);
+    }
+
+    /// <summary>Records that a page is all zero (the main stream, round 0).</summary>
+    public void PutZero(int block, long page) => PutZero(block, page, PageWrite.Main(0));
+
+    /// <summary>Records that a page is all zero, as <paramref name="write"/>.</summary>
+    public void PutZero(int block, long page, PageWrite write)
+    {
+        if (!Admit(block, page, write)) return;
         var bf = _blocks[block];
         if (bf.Hashes[page] == ZeroHash) return;
+        BeforeModify(block, page);
         WritePage(block, page, ZeroPage);
         bf.Hashes[page] = ZeroHash;
     }
 
     /// <summary>Records that a page's content is not known (it will be sent in full next time).</summary>
-    public void PutUnknown(int block, long page)
+    public void PutUnknown(int block, long page) => PutUnknown(block, page, PageWrite.Main(0));
+
+    /// <summary>Records that a page's content is not known, as <paramref name="write"/>.</summary>
+    public void PutUnknown(int block, long page, PageWrite write)
+    {
+        if (Admit(block, page, write)) MakeUnknown(block, page);
+    }
+
+    private void MakeUnknown(int block, long page)
     {
         var hashes = _blocks[block].Hashes;
         if (hashes[page] == UInt128.Zero) return;
+        BeforeModify(block, page);
         hashes[page] = UInt128.Zero;
         // Journaled at the commit, before the index files are rewritten (nothing on disk changes until then).
         if (_unknownTouched.Count > 0 && _unknownTouched[^1].Block == block && _unknownTouched[^1].End == page)
@@ -126,6 +161,74 @@ public sealed partial class MemoryStore
         else
             _unknownTouched.Add(new PageRange(block, page, 1));
     }
+
+    // True when the write is to be recorded; a page two writers wrote in one round becomes unknown.
+    private bool Admit(int block, long page, PageWrite write)
+    {
+        if (_trip is not { } trip) return true;
+        switch (trip.Admit(block, page, write))
+        {
+            case TripWrites.Admission.Write:
+                return true;
+            case TripWrites.Admission.Conflict:
+                ConflictPages++;
+                MakeUnknown(block, page);
+                return false;
+            default:
+                return false;
+        }
+    }
+
+    // Before the trip first changes a page's bytes or hash: keeps its departure content, which the
+    // multifd channels code against, when it had a known one.
+    private void BeforeModify(int block, long page)
+    {
+        if (_trip is not { } trip || trip.Modified(block, page)) return;
+        var hash = _blocks[block].Hashes[page];
+        if (hash != UInt128.Zero)
+        {
+            bool zero = hash == ZeroHash;
+            if (!zero)
+            {
+                FlushWritesOverlapping(block, page, 1);
+                _blocks[block].Read(page, _baseScratch);
+            }
+            trip.Preserve(block, page, hash, zero, _baseScratch);
+        }
+        trip.MarkModified(block, page);
+    }
+
+    /// <summary>The page's hash as the main stream may use it: 0 once a multifd channel wrote the page in this trip.</summary>
+    public UInt128 MainHash(int block, long page) => _trip is null || _trip.MainView(block, page) ? _blocks[block].Hashes[page] : UInt128.Zero;
+
+    /// <summary>True when a multifd channel wrote the page in this trip (the main stream must not use it: the hosts may have recorded it at different moments).</summary>
+    public bool ChannelWrote(int block, long page) => _trip is not null && !_trip.MainView(block, page);
+
+    /// <summary>The page's hash when the trip began (the departure snapshot; 0 = unknown): what a multifd channel codes against.</summary>
+    public UInt128 BaseHash(int block, long page) =>
+        _trip is null || !_trip.Modified(block, page) ? _blocks[block].Hashes[page] : _trip.PreservedHash(block, page);
+
+    /// <summary>Reads a page's content when the trip began (only for a page whose <see cref="BaseHash"/> is known).</summary>
+    public void ReadBase(int block, long page, Span<byte> destination)
+    {
+        if (_trip is null || !_trip.Modified(block, page))
+            ReadPage(block, page, destination);
+        else
+            _trip.ReadPreserved(block, page, destination);
+    }
+
+    /// <summary>True when a page's content when the trip began is exactly <paramref name="content"/>.</summary>
+    public bool BaseEquals(int block, long page, ReadOnlySpan<byte> content)
+    {
+        if (_trip is null || !_trip.Modified(block, page)) return PageEquals(block, page, content);
+        _trip.ReadPreserved(block, page, _baseScratch);
+        return content[..QemuFormat.PageSize].SequenceEqual(_baseScratch);
+    }
+
+    private readonly byte[] _baseScratch = new byte[QemuFormat.PageSize];
+
+    /// <summary>Pages of this trip that two writers recorded in the same round (made unknown).</summary>
+    public long ConflictPages { get; private set; }
 
     private readonly List<PageRange> _unknownTouched = [];
 }

@@ -58,6 +58,14 @@ public sealed partial class MemoryStore : IDisposable
     private bool _inTrip;
     private bool _pacedWriteback;
     private MemoryDoubtJournal? _journal;
+    private TripWrites? _trip;
+
+    /// <summary>
+    /// Serialises the trip's codecs: the main stream's and its multifd channels' run on their own
+    /// threads and take this around every call that reads or records pages. The store itself
+    /// is single-threaded.
+    /// </summary>
+    public Lock Gate { get; } = new();
 
     private MemoryStore(string guestDir, FileStream lockFile, StoreState state)
     {
@@ -143,6 +151,7 @@ public sealed partial class MemoryStore : IDisposable
             var state = ReadState(mem) ?? new StoreState { Seed = NewSeed(), Since = DateTimeOffset.UtcNow, Digest = "" };
             var store = new MemoryStore(guestDir, lockFile, state);
             store.LoadBlocks(loadIndex: true);
+            File.Delete(Path.Combine(mem, TripWrites.FileName));
             if (File.Exists(Path.Combine(mem, InfluxName)))
             {
                 var doubt = MemoryDoubtJournal.Read(mem, out bool live);
@@ -298,6 +307,10 @@ public sealed partial class MemoryStore : IDisposable
         _blocks.AddRange(next);
         DurableFile.WriteAtomically(Path.Combine(_dir, "blocks.json"), JsonSerializer.SerializeToUtf8Bytes(layout, StoreJsonContext.Default.ListStoredBlock));
 
+        _trip?.Dispose();
+        _trip = new TripWrites(_dir, [.. _blocks.Select(b => b.PageCount)]);
+        ConflictPages = 0;
+
         // Built on first use: a trip whose pages are all unchanged never needs it.
         _locator = null;
         _locatorWanted = buildLocator && PageLocator.Fits(_blocks.Count, _blocks.Count == 0 ? 0 : _blocks.Max(b => b.PageCount));
@@ -326,12 +339,17 @@ public sealed partial class MemoryStore : IDisposable
         File.Delete(b.HashPath);
     }
 
-    /// <summary>Finds a page anywhere in the store whose current content has <paramref name="hash"/> (sender only).</summary>
-    public bool TryLocate(UInt128 hash, out int block, out long page)
+    /// <summary>Finds a page anywhere in the store whose current content, as the main stream sees it (<see cref="MainHash"/>), has <paramref name="hash"/> (sender only).</summary>
+    public bool TryLocate(UInt128 hash, out int block, out long page) => TryLocate(hash, departure: false, out block, out page);
+
+    /// <summary>Finds a page whose content when the trip began (<see cref="BaseHash"/>) has <paramref name="hash"/> (sender only): what a multifd channel may reference.</summary>
+    public bool TryLocateBase(UInt128 hash, out int block, out long page) => TryLocate(hash, departure: true, out block, out page);
+
+    private bool TryLocate(UInt128 hash, bool departure, out int block, out long page)
     {
         if (Locator() is { } locator)
         {
-            var check = new HoldsHash(_blocks, hash);
+            var check = new HoldsHash(this, hash, departure);
             return locator.TryFind(hash, ref check, out block, out page);
         }
         block = -1;
@@ -339,9 +357,11 @@ public sealed partial class MemoryStore : IDisposable
         return false;
     }
 
-    private readonly struct HoldsHash(List<BlockFile> blocks, UInt128 hash) : PageLocator.ICandidateCheck
+    private readonly struct HoldsHash(MemoryStore store, UInt128 hash, bool departure) : PageLocator.ICandidateCheck
     {
-        public bool Holds(int block, long page) => block < blocks.Count && page < blocks[block].PageCount && blocks[block].Hashes[page] == hash;
+        public bool Holds(int block, long page) =>
+            block < store._blocks.Count && page < store._blocks[block].PageCount
+            && (departure ? store.BaseHash(block, page) : store.MainHash(block, page)) == hash;
     }
 
     /// <summary>XxHash128 over every block's name, length and page-hash index, in order: equal digests mean equal stores.</summary>
@@ -386,6 +406,7 @@ public sealed partial class MemoryStore : IDisposable
         _journal = null;
         Doubt = MemoryDoubt.None;
         _inTrip = false;
+        EndTripWrites();
         return State.Digest;
     }
 
@@ -415,6 +436,7 @@ public sealed partial class MemoryStore : IDisposable
         }
         _writeCount = 0;
         _inTrip = false;
+        EndTripWrites();
         Doubt = _journal.Doubt.Union(MemoryDoubt.Of(damaged ?? []));
         try
         {
@@ -427,6 +449,12 @@ public sealed partial class MemoryStore : IDisposable
         }
         _journal = null;
         return true;
+    }
+
+    private void EndTripWrites()
+    {
+        _trip?.Dispose();
+        _trip = null;
     }
 
     // Pages whose data no longer hashes to the committed index (null: an index file is unreadable).
@@ -453,6 +481,7 @@ public sealed partial class MemoryStore : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        EndTripWrites();
         _journal?.Dispose();
         foreach (var b in _blocks) b.Dispose();
         _blocks.Clear();

@@ -35,6 +35,8 @@ public sealed class MigDecoder
     private int _batchCount;
     private long _frame;
     private bool _sealed;
+    // Sync round of the main stream's records, advanced by MigOps.Round ops.
+    private long _round = 1;
     private readonly long _maxRamBytes;
 
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
@@ -56,6 +58,12 @@ public sealed class MigDecoder
 
     /// <summary>True once the store trip began (BLOCKS received with a store).</summary>
     public bool TripStarted { get; private set; }
+
+    /// <summary>The sender counts sync rounds (<see cref="MigEncoder.CountRounds"/>, protocol 5); without it every main-stream write counts as round 0.</summary>
+    public bool CountRounds { get; init; }
+
+    // The write the main stream's next record makes.
+    private PageWrite MainWrite => PageWrite.Main(CountRounds ? _round : 0);
 
     /// <summary>The sender's pages in doubt (its first frame): with this store's own, unknown for the trip.</summary>
     public MemoryDoubt PeerDoubt { get; set; } = MemoryDoubt.None;
@@ -88,6 +96,14 @@ public sealed class MigDecoder
     /// </summary>
     public int Process(ReadOnlySpan<byte> p, int offset)
     {
+        // The store is shared with the trip's other codecs (MemoryStore.Gate).
+        if (_store is not { } store) return ProcessCore(p, offset);
+        lock (store.Gate)
+            return ProcessCore(p, offset);
+    }
+
+    private int ProcessCore(ReadOnlySpan<byte> p, int offset)
+    {
         int pos = offset;
         while (true)
         {
@@ -116,6 +132,12 @@ public sealed class MigDecoder
                 case MigOps.Blocks:
                     if (_sealed) throw Bad("block list after the end frame", opStart);
                     pos = ReadBlocks(p, pos, opStart);
+                    break;
+                case MigOps.Round:
+                    if (!CountRounds) throw Bad("ROUND from a sender that does not count rounds", opStart);
+                    if (_sealed) throw Bad("ROUND after the end frame", opStart);
+                    if (_runLeft != 0) throw Bad("ROUND inside an elide run", opStart);
+                    _round++;
                     break;
                 case MigOps.ElideRun:
                 {
@@ -202,7 +224,7 @@ public sealed class MigDecoder
         if (kind != MigOps.KindElide) _batchBlock = -1;
         if (kind == MigOps.KindUnknown)
         {
-            if (TripStarted) _store!.PutUnknown(block, page);
+            if (TripStarted) _store!.PutUnknown(block, page, MainWrite);
             _stats.UnknownPages++;
             return pos;
         }
@@ -221,7 +243,7 @@ public sealed class MigDecoder
         {
             o[h] = 0;
             _outLength += h + 1;
-            if (TripStarted) _store!.PutZero(block, page);
+            if (TripStarted) _store!.PutZero(block, page, MainWrite);
             _stats.ZeroPages++;
             return pos;
         }
@@ -232,6 +254,7 @@ public sealed class MigDecoder
             case MigOps.KindElide:
             {
                 var store = RequireStore("ELIDE", opStart);
+                RequireMainView(store, block, page, "ELIDE", opStart);
                 var known = store.GetHash(block, page);
                 if (block != _batchBlock || page < _batchFirst || page >= _batchFirst + _batchCount)
                 {
@@ -256,9 +279,10 @@ public sealed class MigDecoder
                 var hash = BinaryPrimitives.ReadUInt128LittleEndian(rest[q..]);
                 q += 16;
                 if (sb >= (ulong)_names.Length || sp >= (ulong)_pages[sb]) throw Bad($"REF to block {sb} page {sp} out of range", opStart);
+                RequireMainView(store, (int)sb, (long)sp, "REF", opStart);
                 store.ReadPage((int)sb, (long)sp, content);
                 if (store.Hash(content) != hash) throw OutOfStep($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
-                store.Put(block, page, content, hash);
+                store.Put(block, page, content, hash, MainWrite);
                 _stats.PagesReferenced++;
                 used = q;
                 break;
@@ -269,10 +293,11 @@ public sealed class MigDecoder
                 int q = 0;
                 ulong n = ReadVarint(rest, ref q, "DELTA length", opStart);
                 if (n > (ulong)(rest.Length - q) || n > QemuFormat.PageSize * 2) throw Bad($"DELTA of {n} bytes overruns the frame", opStart);
+                RequireMainView(store, block, page, "DELTA", opStart);
                 if (store.GetHash(block, page) == UInt128.Zero) throw Bad($"DELTA against page {page} of block {block}, unknown here", opStart);
                 store.ReadPage(block, page, content);
                 if (!PageDelta.TryApply(rest.Slice(q, (int)n), content)) throw Bad("malformed DELTA", opStart);
-                store.Put(block, page, content, store.Hash(content));
+                store.Put(block, page, content, store.Hash(content), MainWrite);
                 _stats.PagesDelta++;
                 used = q + (int)n;
                 break;
@@ -280,13 +305,22 @@ public sealed class MigDecoder
             default: // FULL
                 if (rest.Length < QemuFormat.PageSize) throw Bad("FULL page truncated", opStart);
                 rest[..QemuFormat.PageSize].CopyTo(content);
-                if (TripStarted) _store!.Put(block, page, content, _store.Hash(content));
+                if (TripStarted) _store!.Put(block, page, content, _store.Hash(content), MainWrite);
                 _stats.PagesFull++;
                 used = QemuFormat.PageSize;
                 break;
         }
         _outLength += h + QemuFormat.PageSize;
         return pos + used;
+    }
+
+    // The sender never codes the main stream against a page a multifd channel wrote in this trip
+    // (MemoryStore.MainHash); here that write may have come earlier than there, so such an op
+    // cannot be followed: the trip fails, nothing is guessed.
+    private void RequireMainView(MemoryStore store, int block, long page, string op, int opStart)
+    {
+        if (store.ChannelWrote(block, page))
+            throw new StoreOutOfStepException($"mig data frame {_frame}, op at byte {opStart}: {op} of page {page} of block {block}, which a multifd channel wrote in this trip on this host");
     }
 
     private MemoryStore RequireStore(string op, int opStart)

@@ -49,6 +49,18 @@ public sealed class MigEncoder
     /// <summary>True once the store trip began (the block list was seen).</summary>
     public bool TripStarted { get; private set; }
 
+    /// <summary>
+    /// Emit a <see cref="MigOps.Round"/> op at every ram EOS, so that both hosts record the main
+    /// stream's pages with their sync round (<see cref="PageWrite"/>; a peer that speaks protocol 5).
+    /// Without it every main-stream write counts as round 0.
+    /// </summary>
+    public bool CountRounds { get; init; }
+
+    private long _round = 1;
+
+    // The write the main stream's next record makes.
+    private PageWrite MainWrite => PageWrite.Main(CountRounds ? _round : 0);
+
     /// <summary>The receiver's pages in doubt (its hello reply): with this store's own, unknown for the trip.</summary>
     public MemoryDoubt PeerDoubt { get; set; } = MemoryDoubt.None;
 
@@ -97,6 +109,14 @@ public sealed class MigEncoder
     /// </summary>
     public int Consume(ReadOnlySpan<byte> input, bool isFinal)
     {
+        // The store is shared with the trip's other codecs (MemoryStore.Gate).
+        if (_store is not { } store) return ConsumeCore(input, isFinal);
+        lock (store.Gate)
+            return ConsumeCore(input, isFinal);
+    }
+
+    private int ConsumeCore(ReadOnlySpan<byte> input, bool isFinal)
+    {
         int consumed = 0;
         while (_length < FlushThreshold && Parser.TryRead(input[consumed..], isFinal, out var seg))
         {
@@ -116,6 +136,13 @@ public sealed class MigEncoder
                 default:
                     OnRaw(seg, bytes);
                     break;
+            }
+            if (CountRounds && Parser.RamRound != _round)
+            {
+                FlushRun();
+                _rawStart = -1;
+                _ops[_length++] = MigOps.Round;
+                _round = Parser.RamRound;
             }
         }
         _stats.OpaqueReason = Parser.OpaqueReason;
@@ -150,7 +177,7 @@ public sealed class MigEncoder
         {
             PageOp(MigOps.KindZero, seg.BlockIndex, seg.PageIndex, seg.Continue);
             _stats.ZeroPages++;
-            if (TripStarted) _store!.PutZero(seg.BlockIndex, seg.PageIndex);
+            if (TripStarted) _store!.PutZero(seg.BlockIndex, seg.PageIndex, MainWrite);
             return;
         }
         AppendRaw(bytes);
@@ -159,7 +186,7 @@ public sealed class MigEncoder
         {
             PageOp(MigOps.KindUnknown, seg.BlockIndex, seg.PageIndex, cont: false);
             _stats.UnknownPages++;
-            if (TripStarted) _store!.PutUnknown(seg.BlockIndex, seg.PageIndex);
+            if (TripStarted) _store!.PutUnknown(seg.BlockIndex, seg.PageIndex, MainWrite);
         }
     }
 
@@ -179,7 +206,9 @@ public sealed class MigEncoder
         // receiver holds the same bytes); the page hash only finds REF candidates. So a guest that
         // crafts a page colliding with another under the hash gets it carried, not swapped for the
         // other. Unchanged pages (the common case) are compared first and need no hash at all.
-        var old = _synced ? store.GetHash(block, page) : UInt128.Zero;
+        // A page a multifd channel wrote in this trip is not used (MainHash 0): the receiver may
+        // not have recorded that write yet, or may have already.
+        var old = _synced ? store.MainHash(block, page) : UInt128.Zero;
         if (old != UInt128.Zero && store.PageEquals(block, page, body))
         {
             PageOp(MigOps.KindElide, block, page, seg.Continue);
@@ -197,7 +226,7 @@ public sealed class MigEncoder
                 BinaryPrimitives.WriteUInt128LittleEndian(_ops.AsSpan(_length), hash);
                 _length += 16;
                 _stats.PagesReferenced++;
-                store.Put(block, page, body, hash);
+                store.Put(block, page, body, hash, MainWrite);
                 return;
             }
             if (old != UInt128.Zero)
@@ -209,7 +238,7 @@ public sealed class MigEncoder
                     _length += Varint.Write(_ops.AsSpan(_length), (ulong)n);
                     Append(_delta.AsSpan(0, n));
                     _stats.PagesDelta++;
-                    store.Put(block, page, body, hash);
+                    store.Put(block, page, body, hash, MainWrite);
                     return;
                 }
             }
@@ -217,7 +246,7 @@ public sealed class MigEncoder
         PageOp(MigOps.KindFull, block, page, seg.Continue);
         Append(body);
         _stats.PagesFull++;
-        store.Put(block, page, body, hash);
+        store.Put(block, page, body, hash, MainWrite);
     }
 
     private void PageOp(byte kind, int block, long page, bool cont)

@@ -62,6 +62,15 @@ public sealed class MultifdChannelParser
     /// <summary>Normal pages (with content) seen so far.</summary>
     public long Pages { get; private set; }
 
+    /// <summary>
+    /// The sync round of the latest packet: 1 + the SYNC packets before it (a SYNC packet's own
+    /// pages belong to the round it ends). The channels and the main stream count the same
+    /// iterations this way (<see cref="PageWrite"/>).
+    /// </summary>
+    public long Round { get; private set; }
+
+    private long _syncs;
+
     /// <summary>Zero pages listed so far (9.0+ sends them as offsets only).</summary>
     public long ZeroPages { get; private set; }
 
@@ -115,6 +124,8 @@ public sealed class MultifdChannelParser
                 if (MultifdPacket.TryParse(input[..MultifdFormat.PacketHeaderLength], out why) is not { } packet)
                     return GoOpaque($"packet {Packets}: {why}");
                 Packets++;
+                Round = _syncs + 1;
+                if (packet.IsSync) _syncs++;
                 ZeroPages += packet.ZeroOffsets.Length;
                 _packet = packet;
                 _nextPage = 0;

@@ -53,6 +53,14 @@ public sealed class MultifdDecoder
     /// </summary>
     public int Process(ReadOnlySpan<byte> p, int offset)
     {
+        // The store is shared with the trip's other codecs (MemoryStore.Gate).
+        if (_store is not { } store) return ProcessCore(p, offset);
+        lock (store.Gate)
+            return ProcessCore(p, offset);
+    }
+
+    private int ProcessCore(ReadOnlySpan<byte> p, int offset)
+    {
         int pos = offset;
         while (pos < p.Length && _outLength < MigDecoder.OutputThreshold)
         {
@@ -91,16 +99,20 @@ public sealed class MultifdDecoder
     private void OnRawSegment(MultifdSegment s, int opStart)
     {
         if (s.Kind == MultifdSegmentKind.Page) throw Bad("page content inside a RAW op", opStart);
-        if (s.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(s.Packet!);
+        if (s.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(s.Packet!, Write);
     }
 
+    // The write this channel's current packet makes: its sync round orders it against the other writers.
+    private PageWrite Write => PageWrite.Channel(Parser.Init?.ChannelId ?? 0, Parser.Round);
+
+    // Every retained page used is the departure snapshot's (MultifdEncoder codes against it), checked against its hash.
     private int RebuildPage(byte kind, bool located, int block, long page, Span<byte> content, ReadOnlySpan<byte> p, int pos, int opStart)
     {
         if (kind == MigOps.KindFull)
         {
             if (p.Length - pos < QemuFormat.PageSize) throw Bad("FULL page truncated", opStart);
             p.Slice(pos, QemuFormat.PageSize).CopyTo(content);
-            if (located) _store!.Put(block, page, content, _store.Hash(content));
+            if (located) _store!.Put(block, page, content, _store.Hash(content), Write);
             _stats.PagesFull++;
             return pos + QemuFormat.PageSize;
         }
@@ -110,10 +122,12 @@ public sealed class MultifdDecoder
         {
             case MigOps.KindElide:
             {
-                var known = store.GetHash(block, page);
-                store.ReadPage(block, page, content);
-                if (known == UInt128.Zero || store.Hash(content) != known)
-                    throw OutOfStep($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
+                var known = store.BaseHash(block, page);
+                if (known == UInt128.Zero) throw OutOfStep($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
+                store.ReadBase(block, page, content);
+                if (store.Hash(content) != known)
+                    throw OutOfStep($"elided page {page} of block {block} is not what the index says (damaged store)", opStart, damaged: true);
+                store.PutDeparture(block, page, Write);
                 _stats.PagesElided++;
                 return pos;
             }
@@ -125,9 +139,10 @@ public sealed class MultifdDecoder
                 var hash = BinaryPrimitives.ReadUInt128LittleEndian(p[pos..]);
                 pos += 16;
                 if (sb >= (ulong)store.BlockCount || sp >= (ulong)store.PageCount((int)sb)) throw Bad($"REF to block {sb} page {sp} out of range", opStart);
-                store.ReadPage((int)sb, (long)sp, content);
-                if (store.Hash(content) != hash) throw OutOfStep($"REF to block {sb} page {sp}: retained content differs (stores out of step)", opStart);
-                store.Put(block, page, content, hash);
+                if (store.BaseHash((int)sb, (long)sp) != hash) throw OutOfStep($"REF to block {sb} page {sp}: not retained here with that hash (stores out of step)", opStart);
+                store.ReadBase((int)sb, (long)sp, content);
+                if (store.Hash(content) != hash) throw OutOfStep($"REF to block {sb} page {sp}: retained content differs from its index (damaged store)", opStart, damaged: true);
+                store.Put(block, page, content, hash, Write);
                 _stats.PagesReferenced++;
                 return pos;
             }
@@ -135,12 +150,12 @@ public sealed class MultifdDecoder
             {
                 ulong n = ReadVarint(p, ref pos, "DELTA length", opStart);
                 if (n > (ulong)(p.Length - pos) || n > QemuFormat.PageSize * 2) throw Bad($"DELTA of {n} bytes overruns the frame", opStart);
-                var known = store.GetHash(block, page);
+                var known = store.BaseHash(block, page);
                 if (known == UInt128.Zero) throw Bad($"DELTA against page {page} of block {block}, unknown here", opStart);
-                store.ReadPage(block, page, content);
-                if (store.Hash(content) != known) throw OutOfStep($"DELTA base page {page} of block {block} is not retained here (stores out of step)", opStart);
+                store.ReadBase(block, page, content);
+                if (store.Hash(content) != known) throw OutOfStep($"DELTA base page {page} of block {block} is not what the index says (damaged store)", opStart, damaged: true);
                 if (!PageDelta.TryApply(p.Slice(pos, (int)n), content)) throw Bad("malformed DELTA", opStart);
-                store.Put(block, page, content, store.Hash(content));
+                store.Put(block, page, content, store.Hash(content), Write);
                 _stats.PagesDelta++;
                 return pos + (int)n;
             }
@@ -156,6 +171,6 @@ public sealed class MultifdDecoder
     private PeerProtocolException Bad(string what, int opStart) =>
         new($"multifd data frame {_frame}, op at byte {opStart}: {what}");
 
-    private StoreOutOfStepException OutOfStep(string what, int opStart) =>
-        new($"multifd data frame {_frame}, op at byte {opStart}: {what}") { PagesDiffer = true };
+    private StoreOutOfStepException OutOfStep(string what, int opStart, bool damaged = false) =>
+        new($"multifd data frame {_frame}, op at byte {opStart}: {what}") { PagesDiffer = damaged };
 }

@@ -28,6 +28,7 @@ public sealed class MultifdEncoder
     private readonly TransferStats _stats;
     private readonly byte[] _ops;
     private readonly byte[] _delta = new byte[QemuFormat.PageSize];
+    private readonly byte[] _base = new byte[QemuFormat.PageSize];
     private int _length;
     private int _rawStart = -1;
     private readonly MultifdPlacement _placement;
@@ -71,6 +72,14 @@ public sealed class MultifdEncoder
     /// </summary>
     public int Consume(ReadOnlySpan<byte> input, bool isFinal)
     {
+        // The store is shared with the trip's other codecs (MemoryStore.Gate).
+        if (_store is not { } store) return ConsumeCore(input, isFinal);
+        lock (store.Gate)
+            return ConsumeCore(input, isFinal);
+    }
+
+    private int ConsumeCore(ReadOnlySpan<byte> input, bool isFinal)
+    {
         if (input.Length > MaxInput) throw new ArgumentException($"at most {MaxInput} bytes per call", nameof(input));
         int consumed = 0;
         while (_length < MigEncoder.FlushThreshold && Parser.TryRead(input[consumed..], isFinal, out var seg))
@@ -81,7 +90,7 @@ public sealed class MultifdEncoder
                 OnPage(seg, bytes);
             else
             {
-                if (seg.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(seg.Packet!);
+                if (seg.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(seg.Packet!, Write);
                 AppendRaw(bytes);
             }
         }
@@ -97,15 +106,19 @@ public sealed class MultifdEncoder
             return;
         }
         var store = _store!;
-        var old = _synced ? store.GetHash(block, page) : UInt128.Zero;
-        if (old != UInt128.Zero && store.PageEquals(block, page, body))
+        // Coded against the store as the trip found it (BaseHash), never against what this trip
+        // wrote: the other host may record the main stream's and the other channels' pages of
+        // this trip earlier or later than this host does, but both hold the same departure snapshot.
+        var old = _synced ? store.BaseHash(block, page) : UInt128.Zero;
+        if (old != UInt128.Zero && store.BaseEquals(block, page, body))
         {
             _ops[_length++] = MigOps.KindElide;
             _stats.PagesElided++;
+            store.PutDeparture(block, page, Write);
             return;
         }
         var hash = store.Hash(body);
-        if (_synced && store.TryLocate(hash, out int srcBlock, out long srcPage) && store.PageEquals(srcBlock, srcPage, body))
+        if (_synced && store.TryLocateBase(hash, out int srcBlock, out long srcPage) && store.BaseEquals(srcBlock, srcPage, body))
         {
             _ops[_length++] = MigOps.KindRef;
             _length += Varint.Write(_ops.AsSpan(_length), (ulong)srcBlock);
@@ -114,7 +127,7 @@ public sealed class MultifdEncoder
             _length += 16;
             _stats.PagesReferenced++;
         }
-        else if (old != UInt128.Zero && PageDelta.Encode(store.Page(block, page), body, _delta, MigEncoder.DeltaLimit) is int n and > 0)
+        else if (old != UInt128.Zero && DeltaAgainstBase(store, block, page, body) is int n and > 0)
         {
             _ops[_length++] = MigOps.KindDelta;
             _length += Varint.Write(_ops.AsSpan(_length), (ulong)n);
@@ -126,8 +139,17 @@ public sealed class MultifdEncoder
         {
             Full(body);
         }
-        store.Put(block, page, body, hash);
+        store.Put(block, page, body, hash, Write);
     }
+
+    private int DeltaAgainstBase(MemoryStore store, int block, long page, ReadOnlySpan<byte> body)
+    {
+        store.ReadBase(block, page, _base);
+        return PageDelta.Encode(_base, body, _delta, MigEncoder.DeltaLimit);
+    }
+
+    // The write this channel's current packet makes: its sync round orders it against the other writers.
+    private PageWrite Write => PageWrite.Channel(Parser.Init?.ChannelId ?? 0, Parser.Round);
 
     private void Full(ReadOnlySpan<byte> body)
     {

@@ -22,12 +22,12 @@ internal sealed class MultifdPlacement(MemoryStore? store)
     }
 
     /// <summary>Records the zero pages a header lists (9.0+): QEMU's receiver zeroes them, so both stores must.</summary>
-    public void PutZeroPages(MultifdPacket packet)
+    public void PutZeroPages(MultifdPacket packet, PageWrite write)
     {
         foreach (ulong offset in packet.ZeroOffsets)
         {
             if (TryLocate(packet.RamBlock, offset, out int block, out long page))
-                store!.PutZero(block, page);
+                store!.PutZero(block, page, write);
         }
     }
 }

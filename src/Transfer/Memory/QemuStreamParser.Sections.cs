@@ -176,6 +176,7 @@ public sealed partial class QemuStreamParser
                 return true;
             case QemuFormat.FlagEos:
                 _state = State.SectionTop;
+                RamRound++;
                 if (_ramInEndSection) RamComplete = true;
                 segment = Raw(8);
                 return true;

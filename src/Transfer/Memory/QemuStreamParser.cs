@@ -45,6 +45,13 @@ public sealed partial class QemuStreamParser
     /// <summary>True when the ram section's END records were all parsed: every page QEMU sent on this channel was seen.</summary>
     public bool RamComplete { get; private set; }
 
+    /// <summary>
+    /// The ram section's sync round: 1 + the ram EOS records seen. QEMU 7.2 writes one after every
+    /// iteration, once each multifd channel has sent that iteration's SYNC packet, so the main
+    /// stream's round n and a channel's round n hold the same iteration (<see cref="PageWrite"/>).
+    /// </summary>
+    public long RamRound { get; private set; } = 1;
+
     /// <summary>Stream offset of the next byte this parser will look at.</summary>
     public long Position => _position;
 
