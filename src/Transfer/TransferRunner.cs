@@ -107,6 +107,14 @@ public static class TransferRunner
                 wantsStore = false;
             }
         }
+        bool channel = IsMultifdChannel(o.Kind, prefix);
+        Socket? codec = null;
+        if (channel && o.StoreRoot is not null)
+        {
+            // The guest's main stream helper owns the store: a channel is coded through it, or carried as it is.
+            (codec, var whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot, o.Guest.ToString("D")), sending: true, ChannelAttachWait, ct);
+            if (whyNot is not null) TransferLog.Note($"bfmig-transfer: multifd channel carried byte for byte: {whyNot}");
+        }
         var raw = new NetworkStream(peer, ownsSocket: true);
         Stream secured;
         using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
@@ -126,7 +134,7 @@ public static class TransferRunner
             var state = store?.State;
             bool paced = wantsStore && o.Pacing;
             var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
-                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced, MultifdChannel = IsMultifdChannel(o.Kind, prefix) };
+                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced, MultifdChannel = channel, CodedChannel = codec is not null };
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
@@ -158,6 +166,14 @@ public static class TransferRunner
                     paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None);
                 await sender.RunAsync(qemu, prefix, ct);
             }
+            else if (codec is not null)
+            {
+                stats.Mode = "coded-channel";
+                await using var coded = CodedChannel.ForSending(codec, reader, writer, stats);
+                codec = null;
+                await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, coded, prefix, stats, o.BridgeIdleTimeout, ct);
+                stats.Multifd = CodedSummary(stats);
+            }
             else
             {
                 stats.Mode = "plain";
@@ -184,6 +200,7 @@ public static class TransferRunner
         }
         finally
         {
+            codec?.Dispose();
             store?.Dispose();
             stats.WireBytesOut = writer.BytesWritten;
             stats.WireBytesIn = reader.BytesRead;
@@ -191,6 +208,12 @@ public static class TransferRunner
         }
         return stats;
     }
+
+    /// <summary>How long a multifd channel's helper looks for its main stream's helper's codec service (it starts a moment later).</summary>
+    public static readonly TimeSpan ChannelAttachWait = TimeSpan.FromSeconds(5);
+
+    private static string CodedSummary(TransferStats s) =>
+        $"multifd channel coded against the store: {s.PagesElided} pages elided, {s.PagesReferenced} referenced, {s.PagesDelta} delta, {s.PagesFull} full";
 
     /// <summary>
     /// Receiver: <paramref name="peer"/> is the accepted socket from the sending helper;
@@ -239,6 +262,16 @@ public static class TransferRunner
             store = OpenAnsweredStore(hello, decision, o);
             stats.Authenticated = true;
             progress?.ReportNow();
+            Socket? codec = null;
+            if (hello.CodedChannel)
+            {
+                // Its pages come coded against the store: only the main stream's helper, which owns it, can rebuild them.
+                string? whyNot = o.StoreRoot is null ? "this receiver has no store" : null;
+                if (whyNot is null)
+                    (codec, whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot!, o.Guest.ToString("D")), sending: false, ChannelAttachWait, ct);
+                if (codec is null) throw new PeerProtocolException($"a coded multifd channel, and {whyNot}");
+            }
+            await using var coded = codec is null ? null : CodedChannel.ForReceiving(codec, reader, writer, stats);
             if (hello.MultifdChannel && o.AwaitMainChannel is { } awaitMain)
                 await awaitMain(ct);
             var opened = await connectLocal(ct);
@@ -254,6 +287,12 @@ public static class TransferRunner
                 if (!keep) NoteStoreUnused(stats, decision.Message);
                 var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
                 await receiver.RunAsync(local, ct);
+            }
+            else if (coded is not null)
+            {
+                stats.Mode = "coded-channel";
+                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, coded, ReadOnlyMemory<byte>.Empty, null, o.BridgeIdleTimeout, ct);
+                stats.Multifd = CodedSummary(stats);
             }
             else
             {

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.IO.Hashing;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer.Memory;
@@ -57,6 +58,11 @@ public sealed class MigEncoder
     public bool CountRounds { get; init; }
 
     private long _round = 1;
+    private readonly XxHash128 _streamHash = new();
+    private bool _opaqueSeen;
+
+    /// <summary>XXH3-128 of the stream consumed before the parser stopped following it: what End carries, and the receiver checks against what it rebuilt.</summary>
+    public byte[] StreamDigest() => _streamHash.GetCurrentHash();
 
     // The write the main stream's next record makes.
     private PageWrite MainWrite => PageWrite.Main(CountRounds ? _round : 0);
@@ -122,6 +128,8 @@ public sealed class MigEncoder
         {
             var bytes = input.Slice(consumed, seg.Length);
             consumed += seg.Length;
+            if (seg.Kind == SegmentKind.OpaqueFromHere) _opaqueSeen = true;
+            else if (!_opaqueSeen) _streamHash.Append(bytes);
             switch (seg.Kind)
             {
                 case SegmentKind.Page:

@@ -1,3 +1,4 @@
+using System.IO.Hashing;
 using BFMig.Transfer.Store;
 using BFMig.Transfer.Wire;
 
@@ -30,13 +31,17 @@ public sealed class MigReceiver
     private bool _endChecked;
     private bool _doubtSeen;
     private Task? _commit;
+    // What this side rebuilt before End: End carries the sender's hash of the same bytes.
+    private readonly XxHash128 _streamHash = new();
+    // The store work of this trip's multifd channels (null without a store, or when it could not listen).
+    private ChannelCodecService? _channels;
 
     public MigReceiver(MemoryStore? store, bool keep, ulong seed, string peerName, FrameReader reader, FrameWriter writer, TransferStats stats, TimeSpan endTimeout,
         bool paced = false, long maxRamBytes = 0)
     {
         _paced = paced;
         _store = store;
-        _decoder = new MigDecoder(store, keep, seed, stats, maxRamBytes);
+        _decoder = new MigDecoder(store, keep, seed, stats, maxRamBytes) { CountRounds = true };
         _reader = reader;
         _writer = writer;
         _stats = stats;
@@ -51,6 +56,7 @@ public sealed class MigReceiver
     public async Task RunAsync(LocalConnection qemu, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        _channels = ChannelCodecs.TryStart(_store, sending: false);
         var reverse = Task.Run(() => ReverseAsync(qemu, cts.Token), cts.Token);
         try
         {
@@ -75,12 +81,23 @@ public sealed class MigReceiver
                     // The stream's own failure is the one reported.
                 }
             }
-            if (_decoder.TripStarted && _store!.Abandon(FaultOf(e)))
+            if (_channels is not null) await _channels.DisposeAsync();
+            if (_decoder.TripStarted)
             {
-                _stats.MemDoubtAfter = _store.Doubt.Describe();
-                TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
+                lock (_store!.Gate)
+                {
+                    if (_store.Abandon(FaultOf(e)))
+                    {
+                        _stats.MemDoubtAfter = _store.Doubt.Describe();
+                        TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
+                    }
+                }
             }
             throw;
+        }
+        finally
+        {
+            if (_channels is not null) await _channels.DisposeAsync();
         }
     }
 
@@ -127,6 +144,7 @@ public sealed class MigReceiver
                             // sends the next bytes of this stream only after the destination has
                             // taken this stream's EOS (and then its channels' pages).
                             var output = _decoder.OutputMemory;
+                            if (!_endChecked) _streamHash.Append(output.Span);
                             await qemu.Stream.WriteAsync(output, ct);
                             _stats.StreamBytes += output.Length;
                             _decoder.ResetOutput();
@@ -134,6 +152,7 @@ public sealed class MigReceiver
                         }
                     }
                     while (pos < frame.Payload.Length || _decoder.HasPendingOutput);
+                    if (_decoder.TripStarted) _channels?.Begin(synced: true);
                     break;
                 }
                 case FrameType.End:
@@ -142,18 +161,14 @@ public sealed class MigReceiver
                     var end = EndMessage.Decode(frame.Payload.Span);
                     if (_decoder.HasPendingOutput) throw new PeerProtocolException("end frame while an elide run is still open");
                     _decoder.Seal();
-                    var digest = new byte[16];
-                    if (_decoder.TripStarted)
+                    var rebuilt = _streamHash.GetCurrentHash();
+                    if (!rebuilt.AsSpan().SequenceEqual(end.Digest))
                     {
-                        digest = Convert.FromHexString(_store!.ComputeDigest());
-                        if (!digest.AsSpan().SequenceEqual(end.Digest))
-                        {
-                            // Every page this side rebuilt is in its index: a different digest means some page
-                            // QEMU got is not the sender's. The device state comes only after End, so that guest never starts.
-                            await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, digest).Encode(), compress: false, ct);
-                            throw new StoreOutOfStepException(
-                                $"stores disagree after the trip (sender digest {Convert.ToHexStringLower(end.Digest)}, receiver {Convert.ToHexStringLower(digest)}): end of stream withheld from QEMU");
-                        }
+                        // Some byte QEMU got is not the sender's. The device state comes only after
+                        // End, so that guest never starts.
+                        await _writer.WriteAsync(FrameType.EndAck, new EndAck(false, new byte[16]).Encode(), compress: false, ct);
+                        throw new StoreOutOfStepException(
+                            $"the stream rebuilt here is not the sender's (sender {Convert.ToHexStringLower(end.Digest)}, here {Convert.ToHexStringLower(rebuilt)}): end of stream withheld from QEMU");
                     }
                     // Checked: QEMU may finish now. The guest is paused until it has, so the store's
                     // durable commit (fsyncs) runs alongside; until it completes the store stays in
@@ -161,7 +176,7 @@ public sealed class MigReceiver
                     await qemu.Stream.FlushAsync(ct);
                     _endChecked = true;
                     _stats.SnapshotComplete = end.SnapshotComplete;
-                    _commit = Task.Run(() => CommitAsync(end, digest, ct), CancellationToken.None);
+                    _commit = Task.Run(() => CommitAsync(end, ct), CancellationToken.None);
                     break;
                 }
                 case FrameType.TunnelEof:
@@ -181,29 +196,49 @@ public sealed class MigReceiver
         }
     }
 
-    /// <summary>Commits the store (when this trip used one) and answers the end frame with the outcome.</summary>
-    private async Task CommitAsync(EndMessage end, byte[] digest, CancellationToken ct)
+    /// <summary>
+    /// Once the trip's multifd channels have ended, commits the store (when this trip used one) and
+    /// answers the end frame with the outcome and the store's digest, which the sender compares with
+    /// its own. A channel that failed (or is still open after the end timeout) leaves the store
+    /// uncommitted: the failure is thrown after the answer, and the store abandoned.
+    /// </summary>
+    private async Task CommitAsync(EndMessage end, CancellationToken ct)
     {
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         bool committed = false;
+        var digest = new byte[16];
+        string? channelsFailed = null;
         if (_decoder.TripStarted)
         {
-            try
+            if (_channels is not null)
+                channelsFailed = await _channels.CloseAsync(end.Channels, _endTimeout);
+            else if (end.Channels > 0)
+                channelsFailed = $"the sender coded {end.Channels} multifd channel(s) through its store, and this host could not serve them";
+            ChannelCodecs.Report(_channels, _stats);
+            lock (_store!.Gate)
             {
-                _store!.Commit(end.Generation, _peerName, end.SnapshotComplete);
-                committed = true;
-                _stats.Generation = end.Generation;
-            }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
-            {
-                // QEMU has the whole stream already; the journal still covers every page the trip wrote.
-                TransferLog.Note($"bfmig-transfer: store commit failed, its pages stay in doubt: {e.Message}");
+                digest = Convert.FromHexString(_store.ComputeDigest());
+                if (channelsFailed is null)
+                {
+                    try
+                    {
+                        _store.Commit(end.Generation, _peerName, end.SnapshotComplete);
+                        committed = true;
+                        _stats.Generation = end.Generation;
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException or StoreException)
+                    {
+                        // QEMU has the whole stream already; the journal still covers every page the trip wrote.
+                        TransferLog.Note($"bfmig-transfer: store commit failed, its pages stay in doubt: {e.Message}");
+                    }
+                }
             }
         }
         _stats.Committed = committed;
         _stats.CommitSeconds = System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalSeconds;
         await _writer.WriteAsync(FrameType.EndAck, new EndAck(committed, digest).Encode(), compress: false, ct);
         await _writer.FlushAsync(ct);
+        if (channelsFailed is not null) throw new PeerProtocolException(channelsFailed);
     }
 
     /// <summary>In a paced stream, tells the sender how far its QEMU got once another step was taken.</summary>

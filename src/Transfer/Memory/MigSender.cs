@@ -31,6 +31,9 @@ public sealed class MigSender
     private readonly StreamPacer? _pacer;
     private long _consumed;
     private long _wireAtLastWait;
+    private readonly bool _synced;
+    // The store work of this trip's multifd channels (null without a store, or when it could not listen).
+    private ChannelCodecService? _channels;
 
     // peerDoubt: the receiver's pages in doubt (its hello reply; none without a match).
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
@@ -38,7 +41,8 @@ public sealed class MigSender
     {
         _pacer = pacer;
         _store = store;
-        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None };
+        _synced = synced;
+        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None, CountRounds = true };
         _reader = reader;
         _writer = writer;
         _stats = stats;
@@ -54,6 +58,7 @@ public sealed class MigSender
     public async Task RunAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        _channels = ChannelCodecs.TryStart(_store, sending: true);
         var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
         await using var frames = new FramePipeline(_writer);
         var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);
@@ -68,22 +73,29 @@ public sealed class MigSender
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
             {
-                bool agree = ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store!.ComputeDigest()));
-                if (ack.Committed && agree)
+                // The receiver answered once its channels had ended; this side's must have too before the digests compare.
+                if (_channels is not null && await _channels.CloseAsync(0, _endTimeout) is { } channelsFailed)
+                    throw new PeerProtocolException(channelsFailed);
+                ChannelCodecs.Report(_channels, _stats);
+                lock (_store!.Gate)
                 {
-                    _store.Commit(_newGeneration, _peerName, _encoder.Parser.RamComplete);
-                    _stats.Committed = true;
-                    _stats.Generation = _newGeneration;
-                }
-                else if (agree)
-                {
-                    // Its commit failed (its journal still names what it wrote): abandoned below, this store keeps its doubt too.
-                    throw new PeerProtocolException("the receiver could not commit its store at the end of the trip");
-                }
-                else
-                {
-                    // Abandoned below as a whole.
-                    throw new StoreOutOfStepException("the receiver's store disagreed at the end of the trip: it withheld the end of the stream from its QEMU");
+                    bool agree = ack.Digest.AsSpan().SequenceEqual(Convert.FromHexString(_store.ComputeDigest()));
+                    if (ack.Committed && agree)
+                    {
+                        _store.Commit(_newGeneration, _peerName, _encoder.Parser.RamComplete);
+                        _stats.Committed = true;
+                        _stats.Generation = _newGeneration;
+                    }
+                    else if (agree)
+                    {
+                        // Its commit failed (its journal still names what it wrote): abandoned below, this store keeps its doubt too.
+                        throw new PeerProtocolException("the receiver could not commit its store at the end of the trip");
+                    }
+                    else
+                    {
+                        // Abandoned below as a whole.
+                        throw new StoreOutOfStepException("the receiver's store disagreed at the end of the trip");
+                    }
                 }
             }
             // Kept (both stores agreed on what was carried), but the migration itself failed; its
@@ -105,6 +117,7 @@ public sealed class MigSender
         }
         finally
         {
+            if (_channels is not null) await _channels.DisposeAsync();
             _stats.SnapshotComplete = _encoder.Parser.RamComplete;
             if (_pacer is not null)
             {
@@ -116,7 +129,13 @@ public sealed class MigSender
 
     private void Abandon(Exception why)
     {
-        if (!_encoder.TripStarted || !_store!.Abandon(MigReceiver.FaultOf(why))) return;
+        if (!_encoder.TripStarted) return;
+        // No channel may record once the trip is abandoned (the store then refuses them too).
+        _channels?.DisposeAsync().AsTask().Wait(TimeSpan.FromSeconds(3));
+        lock (_store!.Gate)
+        {
+            if (!_store.Abandon(MigReceiver.FaultOf(why))) return;
+        }
         _stats.MemDoubtAfter = _store.Doubt.Describe();
         TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }
@@ -159,6 +178,7 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
+            if (_encoder.TripStarted) _channels?.Begin(_synced);
             if (!endSent && _encoder.Parser.IsOpaque)
             {
                 // From here on no page is recorded, so the digest is final. End goes ahead of every
@@ -223,13 +243,13 @@ public sealed class MigSender
     /// <summary>Payload of the forward TunnelEof when QEMU cut the stream (empty when it ended it).</summary>
     internal static readonly ReadOnlyMemory<byte> CutMark = new byte[] { 1 };
 
-    /// <summary>Sends every op so far, then End with the store's digest (the receiver checks it before the rest flows).</summary>
+    /// <summary>Sends every op so far, then End with the stream's hash (the receiver checks it before the rest flows).</summary>
     private async Task SendEndAsync(CancellationToken ct)
     {
         await FlushAsync(ct);
         await _frames!.FlushAsync(ct);
-        var digest = _encoder.TripStarted ? Convert.FromHexString(_store!.ComputeDigest()) : new byte[16];
-        await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, digest, _encoder.Parser.RamComplete).Encode(), compress: false, ct);
+        ushort channels = (ushort)(_channels?.Seal() ?? 0);
+        await _writer.WriteAsync(FrameType.End, new EndMessage(_newGeneration, _encoder.StreamDigest(), _encoder.Parser.RamComplete, channels).Encode(), compress: false, ct);
         await _writer.FlushAsync(ct);
     }
 

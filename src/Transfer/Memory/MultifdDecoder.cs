@@ -1,3 +1,4 @@
+using BFMig.Transfer.Store;
 using System.Buffers.Binary;
 using BFMig.Transfer.Wire;
 
@@ -56,7 +57,11 @@ public sealed class MultifdDecoder
         // The store is shared with the trip's other codecs (MemoryStore.Gate).
         if (_store is not { } store) return ProcessCore(p, offset);
         lock (store.Gate)
+        {
+            // A channel that outlives its trip (abandoned, or committed) must not write into the store.
+            if (!store.InTrip) throw new StoreException("the guest's store trip has ended; this multifd channel can no longer be recorded");
             return ProcessCore(p, offset);
+        }
     }
 
     private int ProcessCore(ReadOnlySpan<byte> p, int offset)

@@ -1,3 +1,4 @@
+using BFMig.Transfer.Store;
 using System.Buffers.Binary;
 using BFMig.Transfer.Wire;
 
@@ -75,7 +76,11 @@ public sealed class MultifdEncoder
         // The store is shared with the trip's other codecs (MemoryStore.Gate).
         if (_store is not { } store) return ConsumeCore(input, isFinal);
         lock (store.Gate)
+        {
+            // A channel that outlives its trip (abandoned, or committed) must not write into the store.
+            if (!store.InTrip) throw new StoreException("the guest's store trip has ended; this multifd channel can no longer be recorded");
             return ConsumeCore(input, isFinal);
+        }
     }
 
     private int ConsumeCore(ReadOnlySpan<byte> input, bool isFinal)

@@ -15,6 +15,8 @@ public enum FrameType : byte
     MigData = 0x10,
     /// <summary>S->R, first frame of a memory stream with a store: the sender's pages in doubt (<see cref="BFMig.Transfer.Memory.MemoryDoubt"/>).</summary>
     MigDoubt = 0x13,
+    /// <summary>A multifd channel coded against the store: ops of <see cref="BFMig.Transfer.Memory.MultifdEncoder"/> (protocol 5).</summary>
+    MultifdData = 0x14,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
     Tunnel = 0x11,
     /// <summary>The writer of a tunnel direction reached EOF.</summary>
@@ -56,9 +58,13 @@ public static class FrameCodec
     /// byte until End (a 3 sender with a 4 receiver would let the device state reach QEMU before the
     /// digest check); the hello reply carries the receiver's memory pages in doubt and a memory
     /// stream with a store starts with the sender's (<see cref="FrameType.MigDoubt"/>).
+    /// 5: multifd channels are coded against the store (<see cref="FrameType.MultifdData"/>, the
+    /// hello's coded-channel flag); the main stream's ops carry its sync rounds, and its End carries
+    /// a hash of the rebuilt stream instead of the store's digest, which the channels' writes
+    /// would make depend on timing (the digest is compared in the end acknowledgement instead).
     /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 4;
+    public const ushort ProtocolVersion = 5;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;

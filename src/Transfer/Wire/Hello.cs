@@ -15,7 +15,7 @@ public enum StreamKind : byte
 
 /// <summary>
 /// Sender's hello (frame <see cref="FrameType.Hello"/>):
-/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced, 4 = multifd channel), 16 guest uuid (RFC 4122 byte
+/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced, 4 = multifd channel, 8 = coded channel), 16 guest uuid (RFC 4122 byte
 /// order), be64 generation, 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
 /// Generation and digest are what the sender believes the receiver holds.
 /// </summary>
@@ -24,6 +24,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     private const byte WantsStoreFlag = 1;
     private const byte PacedFlag = 2;
     private const byte MultifdChannelFlag = 4;
+    private const byte CodedChannelFlag = 8;
     private static ReadOnlySpan<byte> Magic => "BFMG"u8;
 
     /// <summary>
@@ -39,6 +40,9 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     /// </summary>
     public bool MultifdChannel { get; init; }
 
+    /// <summary>A multifd channel whose pages come coded against the guest's store (<see cref="FrameType.MultifdData"/>): the receiver must rebuild them through its main stream's helper.</summary>
+    public bool CodedChannel { get; init; }
+
     public byte[] Encode()
     {
         var name = Encoding.UTF8.GetBytes(SenderName);
@@ -48,7 +52,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         Magic.CopyTo(s);
         BinaryPrimitives.WriteUInt16BigEndian(s[4..], FrameCodec.ProtocolVersion);
         s[6] = (byte)Kind;
-        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0));
+        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0) | (CodedChannel ? CodedChannelFlag : 0));
         Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
         BinaryPrimitives.WriteUInt64BigEndian(s[24..], Generation);
         Digest.AsSpan(0, 16).CopyTo(s[32..]);
@@ -67,7 +71,8 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
-        if ((p[7] & ~(WantsStoreFlag | PacedFlag | MultifdChannelFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        if ((p[7] & ~(WantsStoreFlag | PacedFlag | MultifdChannelFlag | CodedChannelFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        if ((p[7] & (MultifdChannelFlag | CodedChannelFlag)) == CodedChannelFlag) throw new PeerProtocolException("hello marks a coded channel that is not a multifd channel");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
         return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
@@ -75,6 +80,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         {
             Paced = (p[7] & PacedFlag) != 0,
             MultifdChannel = (p[7] & MultifdChannelFlag) != 0,
+            CodedChannel = (p[7] & (MultifdChannelFlag | CodedChannelFlag)) == (MultifdChannelFlag | CodedChannelFlag),
         };
     }
 }
@@ -139,26 +145,30 @@ public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generat
 
 /// <summary>
 /// End of a memory stream (frame <see cref="FrameType.End"/>, sender to receiver):
-/// <c>be64 new generation, 16 digest of the sender's store, u8 flags (1 = snapshot complete)</c>.
-/// The receiver commits its store only if its own digest is equal, then answers
-/// <see cref="EndAck"/>.
+/// <c>be64 new generation, 16 XXH3-128 of the stream the sender's QEMU wrote up to here, u8 flags (1 = snapshot complete), be16 multifd channels coded through the sender's store</c>.
+/// The receiver passes the rest of the stream (the device state) to its QEMU only if the stream it
+/// rebuilt hashes the same; once the trip's multifd channels have ended it commits its store and
+/// answers <see cref="EndAck"/> with its store's digest, which the sender compares with its own.
 /// </summary>
-public sealed record EndMessage(ulong Generation, byte[] Digest, bool SnapshotComplete)
+public sealed record EndMessage(ulong Generation, byte[] Digest, bool SnapshotComplete, ushort Channels = 0)
 {
     public byte[] Encode()
     {
-        var b = new byte[25];
+        var b = new byte[27];
         BinaryPrimitives.WriteUInt64BigEndian(b, Generation);
         Digest.AsSpan(0, 16).CopyTo(b.AsSpan(8));
         b[24] = SnapshotComplete ? (byte)1 : (byte)0;
+        BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(25), Channels);
         return b;
     }
 
     public static EndMessage Decode(ReadOnlySpan<byte> p)
     {
-        if (p.Length != 25) throw new PeerProtocolException($"end frame of {p.Length} bytes, expected 25");
+        if (p.Length != 27) throw new PeerProtocolException($"end frame of {p.Length} bytes, expected 27");
         if ((p[24] & ~1) != 0) throw new PeerProtocolException($"end frame has unknown flags 0x{p[24]:x2}");
-        return new EndMessage(BinaryPrimitives.ReadUInt64BigEndian(p), p.Slice(8, 16).ToArray(), p[24] == 1);
+        ushort channels = BinaryPrimitives.ReadUInt16BigEndian(p[25..]);
+        if (channels > Memory.ChannelCodecService.MaxChannels) throw new PeerProtocolException($"end frame names {channels} multifd channels (at most {Memory.ChannelCodecService.MaxChannels})");
+        return new EndMessage(BinaryPrimitives.ReadUInt64BigEndian(p), p.Slice(8, 16).ToArray(), p[24] == 1, channels);
     }
 }
 

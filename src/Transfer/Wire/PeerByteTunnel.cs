@@ -8,7 +8,7 @@ namespace BFMig.Transfer.Wire;
 /// pays. <see cref="ShutdownWriteAsync"/> (or disposing) sends EOF; reads return 0 after the peer's EOF.
 /// This is the upstream an <see cref="BFMig.Transfer.Disk.IDiskStreamFilter"/> writes NBD requests into.
 /// </summary>
-public sealed class PeerByteTunnel : Stream
+public sealed class PeerByteTunnel : Stream, IPeerTunnel
 {
     private const int MaxChunk = 256 << 10;
     private readonly FrameReader _reader;

@@ -38,7 +38,7 @@ public static class TunnelBridge
             await toPeer.CopyAsync(local, upstream, n => { if (stats is not null) stats.StreamBytes += n; }, idle, cts);
             await toPeer.RunAsync(async () =>
             {
-                if (upstream is PeerByteTunnel t) await t.ShutdownWriteAsync(cts.Token);
+                if (upstream is IPeerTunnel t) await t.ShutdownWriteAsync(cts.Token);
                 else await upstream.FlushAsync(cts.Token);
             }, TunnelSide.Peer, "closing", cts);
         }, CancellationToken.None);
