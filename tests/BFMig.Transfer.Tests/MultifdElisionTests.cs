@@ -308,8 +308,8 @@ public class MultifdElisionTests
         Decode(frames, pair.Receiver, new TransferStats());
         var elide = new byte[] { MigOps.KindElide | MigOps.ContBit, 0, 2 };
         dec.BeginFrame();
-        var e = Assert.Throws<StoreOutOfStepException>(() => dec.Process(elide, 0));
-        Assert.False(e.PagesDiffer);
+        // Timing, not damage: a protocol error (the journal covers the trip's writes), never a store rebuilt from scratch.
+        var e = Assert.Throws<PeerProtocolException>(() => dec.Process(elide, 0));
         Assert.Contains("which a multifd channel wrote in this trip", e.Message);
     }
 
@@ -349,6 +349,58 @@ public class MultifdElisionTests
         var plain = new MigDecoder(null, keep: false, seed, new TransferStats());
         plain.BeginFrame();
         Assert.Contains("ROUND from a sender that does not count rounds", Assert.Throws<PeerProtocolException>(() => plain.Process(new[] { MigOps.Round }, 0)).Message);
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void APageOneChannelChangedAndALaterOneElided_HoldsItsDepartureContentOnBothHosts(bool receiverOrderReversed)
+    {
+        var guest = RandomPages(25);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var changed = guest.Select(p => p.ToArray()).ToArray();
+        changed[11] = Changed(guest[11], 9);
+        // Round 1: channel 0 carries page 11 changed. Round 2: channel 1 carries it as it left (elided).
+        var ch0 = Channel(0, Packet(1, changed, 11), Sync);
+        var ch1 = Channel(1, Sync, Packet(2, guest, 11, 12), Sync);
+
+        var (s0, s1) = (new TransferStats(), new TransferStats());
+        var frames0 = Encode(ch0, pair.Sender, s0);
+        var frames1 = Encode(ch1, pair.Sender, s1);
+        if (receiverOrderReversed)
+        {
+            Assert.Equal(ch1, Decode(frames1, pair.Receiver, new TransferStats()));
+            Assert.Equal(ch0, Decode(frames0, pair.Receiver, new TransferStats()));
+        }
+        else
+        {
+            Assert.Equal(ch0, Decode(frames0, pair.Receiver, new TransferStats()));
+            Assert.Equal(ch1, Decode(frames1, pair.Receiver, new TransferStats()));
+        }
+
+        Assert.Equal(2, s1.PagesElided);
+        var departed = pair.Sender.Hash(guest[11]);
+        Assert.Equal(departed, pair.Sender.GetHash(0, 11));
+        Assert.Equal(departed, pair.Receiver.GetHash(0, 11));
+        Assert.Equal(guest[11], pair.Receiver.Page(0, 11).ToArray());
+        Assert.Equal(guest[11], pair.Sender.Page(0, 11).ToArray());
+        pair.Commit(2);
+    }
+
+    [Fact]
+    public void TwoChannelsClaimingOneId_TheSecondIsRefused()
+    {
+        var guest = RandomPages(26);
+        using var pair = new Pair(guest);
+        pair.BeginTrip();
+        var claimed = new HashSet<byte>();
+        var first = new MultifdEncoder(pair.Sender, synced: true, new TransferStats()) { ClaimChannel = claimed.Add };
+        var second = new MultifdEncoder(pair.Sender, synced: true, new TransferStats()) { ClaimChannel = claimed.Add };
+        var ch = Channel(3, Packet(1, guest, 1), Sync);
+        first.Consume(ch, isFinal: true);
+        var e = Assert.Throws<PeerProtocolException>(() => second.Consume(ch, isFinal: true));
+        Assert.Contains("multifd channel 3 is already carried in this trip", e.Message);
     }
 
     [Fact]

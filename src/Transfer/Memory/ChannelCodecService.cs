@@ -31,6 +31,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
     private readonly TaskCompletionSource<string?> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Lock _gate = new();
     private readonly List<Task> _sessions = [];
+    private readonly HashSet<byte> _claimed = [];
     // Completed (and replaced) whenever a channel is admitted: CloseAsync counts again.
     private TaskCompletionSource _added = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Task _accepting;
@@ -247,13 +248,20 @@ public sealed class ChannelCodecService : IAsyncDisposable
         }
     }
 
+    // Called under the store's gate by a codec that has just read its channel's initial packet.
+    private bool Claim(byte channel)
+    {
+        lock (_gate)
+            return _claimed.Add(channel);
+    }
+
     private static ValueTask RefuseAsync(Stream stream, string why, CancellationToken ct) =>
         CodecMessages.WriteAsync(stream, CodecMessage.Refused, System.Text.Encoding.UTF8.GetBytes(why), ct);
 
     // Sending side: QEMU's channel bytes in, ops out. Bytes a segment cut wait for the next Data.
     private async Task EncodeAsync(Stream stream, Ref<byte[]> buffer, TransferStats counts, CancellationToken ct)
     {
-        var encoder = new MultifdEncoder(_store, _synced, counts);
+        var encoder = new MultifdEncoder(_store, _synced, counts) { ClaimChannel = Claim };
         var pending = new byte[MultifdEncoder.MaxInput + MultifdChannelParser.MaxSegmentLength];
         int length = 0;
         while (true)
@@ -299,7 +307,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
     // Receiving side: each frame's ops in, the rebuilt channel bytes out, then FrameDone.
     private async Task DecodeAsync(Stream stream, Ref<byte[]> buffer, TransferStats counts, CancellationToken ct)
     {
-        var decoder = new MultifdDecoder(_store, counts);
+        var decoder = new MultifdDecoder(_store, counts) { ClaimChannel = Claim };
         while (true)
         {
             var message = await CodecMessages.ReadAsync(stream, buffer, ct)

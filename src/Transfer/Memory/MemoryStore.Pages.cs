@@ -107,7 +107,8 @@ public sealed partial class MemoryStore
         var locator = Locator();
         WritePage(block, page, content);
         bf.Hashes[page] = hash;
-        if (hash != ZeroHash) locator?.Insert(hash, block, page);
+        // Only the main stream looks for pages by their current content (channels look by the departure's).
+        if (hash != ZeroHash && write.Writer == PageWrite.MainWriter) locator?.Insert(hash, block, page);
     }
 
     /// <summary>
@@ -123,8 +124,13 @@ public sealed partial class MemoryStore
         trip.ReadPreserved(block, page, _baseScratch);
         WritePage(block, page, _baseScratch);
         _blocks[block].Hashes[page] = hash;
-        if (hash != ZeroHash) Locator()?.Insert(hash, block, page);
     }
+
+    /// <summary>
+    /// Records that the main stream sent a page unchanged (elided) as <paramref name="write"/>: nothing
+    /// is written, but a multifd channel's copy from an earlier round no longer replaces it.
+    /// </summary>
+    public void PutUnchanged(int block, long page, PageWrite write) => Admit(block, page, write);
 
     /// <summary>Records that a page is all zero (the main stream, round 0).</summary>
     public void PutZero(int block, long page) => PutZero(block, page, PageWrite.Main(0));
@@ -165,6 +171,7 @@ public sealed partial class MemoryStore
     // True when the write is to be recorded; a page two writers wrote in one round becomes unknown.
     private bool Admit(int block, long page, PageWrite write)
     {
+        if (!_inTrip) throw new InvalidOperationException($"page {page} of block {block} recorded outside a trip");
         if (_trip is not { } trip) return true;
         switch (trip.Admit(block, page, write))
         {
@@ -199,7 +206,7 @@ public sealed partial class MemoryStore
     }
 
     /// <summary>The page's hash as the main stream may use it: 0 once a multifd channel wrote the page in this trip.</summary>
-    public UInt128 MainHash(int block, long page) => _trip is null || _trip.MainView(block, page) ? _blocks[block].Hashes[page] : UInt128.Zero;
+    public UInt128 MainHash(int block, long page) => ChannelWrote(block, page) ? UInt128.Zero : _blocks[block].Hashes[page];
 
     /// <summary>True when a multifd channel wrote the page in this trip (the main stream must not use it: the hosts may have recorded it at different moments).</summary>
     public bool ChannelWrote(int block, long page) => _trip is not null && !_trip.MainView(block, page);

@@ -326,6 +326,10 @@ public sealed partial class MemoryStore : IDisposable
             for (long p = 0; p < hashes.LongLength; p++)
             {
                 if (hashes[p] != UInt128.Zero && hashes[p] != ZeroHash) locator.Insert(hashes[p], bi, p);
+                // A page the trip already changed is also found by its departure content (what channels reference).
+                if (_trip is { } trip && trip.Modified(bi, p) && trip.PreservedHash(bi, p) is var departed
+                    && departed != UInt128.Zero && departed != ZeroHash && departed != hashes[p])
+                    locator.Insert(departed, bi, p);
             }
         }
         _locator = locator;

@@ -266,6 +266,7 @@ public sealed class MigDecoder
                 _batch.AsSpan((int)(page - _batchFirst) << QemuFormat.PageShift, QemuFormat.PageSize).CopyTo(content);
                 if (known == UInt128.Zero || store.Hash(content) != known)
                     throw OutOfStep($"elided page {page} of block {block} is not retained here (stores out of step)", opStart);
+                store.PutUnchanged(block, page, MainWrite);
                 _stats.PagesElided++;
                 break;
             }
@@ -319,8 +320,9 @@ public sealed class MigDecoder
     // cannot be followed: the trip fails, nothing is guessed.
     private void RequireMainView(MemoryStore store, int block, long page, string op, int opStart)
     {
+        // Not a damaged or diverged store (the journal covers the trip's writes): only the two hosts' timing.
         if (store.ChannelWrote(block, page))
-            throw new StoreOutOfStepException($"mig data frame {_frame}, op at byte {opStart}: {op} of page {page} of block {block}, which a multifd channel wrote in this trip on this host");
+            throw Bad($"{op} of page {page} of block {block}, which a multifd channel wrote in this trip on this host", opStart);
     }
 
     private MemoryStore RequireStore(string op, int opStart)

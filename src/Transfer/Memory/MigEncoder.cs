@@ -220,6 +220,7 @@ public sealed class MigEncoder
         if (old != UInt128.Zero && store.PageEquals(block, page, body))
         {
             PageOp(MigOps.KindElide, block, page, seg.Continue);
+            store.PutUnchanged(block, page, MainWrite);
             _stats.PagesElided++;
             return;
         }

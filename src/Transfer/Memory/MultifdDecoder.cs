@@ -104,11 +104,16 @@ public sealed class MultifdDecoder
     private void OnRawSegment(MultifdSegment s, int opStart)
     {
         if (s.Kind == MultifdSegmentKind.Page) throw Bad("page content inside a RAW op", opStart);
+        if (s.Kind == MultifdSegmentKind.Init && ClaimChannel is { } claim && !claim(Parser.Init!.Value.ChannelId))
+            throw Bad($"multifd channel {Parser.Init!.Value.ChannelId} is already carried in this trip", opStart);
         if (s.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(s.Packet!, Write);
     }
 
+    /// <summary>Claims a channel id for the trip (<see cref="MultifdEncoder.ClaimChannel"/>): false refuses the channel.</summary>
+    public Func<byte, bool>? ClaimChannel { get; init; }
+
     // The write this channel's current packet makes: its sync round orders it against the other writers.
-    private PageWrite Write => PageWrite.Channel(Parser.Init?.ChannelId ?? 0, Parser.Round);
+    private PageWrite Write => PageWrite.Channel(Parser.Init!.Value.ChannelId, Parser.Round);
 
     // Every retained page used is the departure snapshot's (MultifdEncoder codes against it), checked against its hash.
     private int RebuildPage(byte kind, bool located, int block, long page, Span<byte> content, ReadOnlySpan<byte> p, int pos, int opStart)

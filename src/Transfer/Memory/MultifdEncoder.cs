@@ -95,6 +95,7 @@ public sealed class MultifdEncoder
                 OnPage(seg, bytes);
             else
             {
+                if (seg.Kind == MultifdSegmentKind.Init) ClaimId();
                 if (seg.Kind == MultifdSegmentKind.PacketHeader) _placement.PutZeroPages(seg.Packet!, Write);
                 AppendRaw(bytes);
             }
@@ -153,8 +154,21 @@ public sealed class MultifdEncoder
         return PageDelta.Encode(_base, body, _delta, MigEncoder.DeltaLimit);
     }
 
+    /// <summary>
+    /// Claims a channel id for the trip (false: another channel of the trip has it). The id is the
+    /// channel's writer in the store on both hosts, so two channels with one id would be ordered by
+    /// arrival, differently on each host: the second is refused.
+    /// </summary>
+    public Func<byte, bool>? ClaimChannel { get; init; }
+
+    private void ClaimId()
+    {
+        byte id = Parser.Init!.Value.ChannelId;
+        if (ClaimChannel is { } claim && !claim(id)) throw new PeerProtocolException($"multifd channel {id} is already carried in this trip");
+    }
+
     // The write this channel's current packet makes: its sync round orders it against the other writers.
-    private PageWrite Write => PageWrite.Channel(Parser.Init?.ChannelId ?? 0, Parser.Round);
+    private PageWrite Write => PageWrite.Channel(Parser.Init!.Value.ChannelId, Parser.Round);
 
     private void Full(ReadOnlySpan<byte> body)
     {

@@ -41,6 +41,7 @@ internal sealed class TripWrites : IDisposable
     private readonly Dictionary<long, (long Slot, UInt128 Hash)> _base = [];
     private SafeFileHandle? _file;
     private long _slots;
+    private bool _disposed;
 
     public TripWrites(string directory, IReadOnlyList<long> pageCounts)
     {
@@ -78,6 +79,7 @@ internal sealed class TripWrites : IDisposable
     /// <summary>Decides a write by round and writer, and records it as the page's latest.</summary>
     public Admission Admit(int block, long page, PageWrite write)
     {
+        if (write.Writer is < PageWrite.MainWriter or >= (int)Conflict) throw new ArgumentOutOfRangeException(nameof(write), $"writer {write.Writer}");
         var tags = _tags[block] ??= new uint[_pageCounts[block]];
         uint tag = tags[page];
         uint modified = tag & ModifiedBit;
@@ -105,6 +107,7 @@ internal sealed class TripWrites : IDisposable
     /// <summary>Keeps the departure content of a page about to be modified for the first time (zero pages need no copy).</summary>
     public void Preserve(int block, long page, UInt128 hash, bool zero, ReadOnlySpan<byte> content)
     {
+        ObjectDisposedException.ThrowIf(_disposed, this);
         long key = Key(block, page);
         if (_base.ContainsKey(key)) return;
         if (zero)
@@ -139,13 +142,14 @@ internal sealed class TripWrites : IDisposable
     /// <summary>Closes and deletes the scratch file.</summary>
     public void Dispose()
     {
+        _disposed = true;
         _file?.Dispose();
         _file = null;
         try
         {
             File.Delete(_path);
         }
-        catch (IOException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // Deleted again when the store next opens or begins a trip.
         }
