@@ -173,6 +173,7 @@ public static class TransferRunner
                 codec = null;
                 await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, coded, prefix, stats, o.BridgeIdleTimeout, ct);
                 stats.Multifd = CodedSummary(stats);
+                TransferLog.Note($"bfmig-transfer: {stats.Multifd}");
             }
             else
             {
