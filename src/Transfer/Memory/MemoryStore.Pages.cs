@@ -130,7 +130,12 @@ public sealed partial class MemoryStore
     /// Records that the main stream sent a page unchanged (elided) as <paramref name="write"/>: nothing
     /// is written, but a multifd channel's copy from an earlier round no longer replaces it.
     /// </summary>
-    public void PutUnchanged(int block, long page, PageWrite write) => Admit(block, page, write);
+    public void PutUnchanged(int block, long page, PageWrite write)
+    {
+        // The main stream elides only what it still sees as its own (MainHash); the decoder refuses the rest.
+        if (ChannelWrote(block, page)) throw new InvalidOperationException($"page {page} of block {block} was written by a multifd channel: the main stream cannot keep it unchanged");
+        Admit(block, page, write);
+    }
 
     /// <summary>Records that a page is all zero (the main stream, round 0).</summary>
     public void PutZero(int block, long page) => PutZero(block, page, PageWrite.Main(0));
