@@ -32,6 +32,7 @@ public sealed class MigSender
     private long _consumed;
     private long _wireAtLastWait;
     private readonly bool _synced;
+    private bool _returnPathGone;
     // The store work of this trip's multifd channels (null without a store, or when it could not listen).
     private ChannelCodecService? _channels;
 
@@ -266,6 +267,26 @@ public sealed class MigSender
         _pacer?.Sent(_consumed);
     }
 
+    // The destination's return path, handed to the local QEMU while it listens. A QEMU that closed
+    // its socket (a cancelled migration: QEMU 10.0's destination still answers as its load fails)
+    // needs nothing more from it, and the end exchange must still complete, or the receiver
+    // commits the trip alone and the next one finds the generations apart and sends everything.
+    private async ValueTask<bool> ReturnPathAsync(LocalConnection qemu, Func<LocalConnection, ValueTask> deliver)
+    {
+        if (_returnPathGone) return false;
+        try
+        {
+            await deliver(qemu);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException)
+        {
+            _returnPathGone = true;
+            TransferLog.Note($"bfmig-transfer: the local QEMU no longer takes the return path ({e.Message}); the rest of it is dropped");
+            return false;
+        }
+    }
+
     private async Task InboxAsync(LocalConnection qemu, TaskCompletionSource<EndAck> endAck, CancellationToken ct)
     {
         while (true)
@@ -281,12 +302,15 @@ public sealed class MigSender
             switch (f.Type)
             {
                 case FrameType.Tunnel:
-                    await qemu.Stream.WriteAsync(f.Payload, ct);
-                    _stats.ReverseBytes += f.Payload.Length;
+                    if (await ReturnPathAsync(qemu, q => q.Stream.WriteAsync(f.Payload, ct)))
+                        _stats.ReverseBytes += f.Payload.Length;
                     break;
                 case FrameType.TunnelEof:
-                    await qemu.Stream.FlushAsync(ct);
-                    qemu.HalfClose();
+                    await ReturnPathAsync(qemu, async q =>
+                    {
+                        await q.Stream.FlushAsync(ct);
+                        q.HalfClose();
+                    });
                     if (endAck.Task.IsCompleted) return;
                     break;
                 case FrameType.EndAck:
