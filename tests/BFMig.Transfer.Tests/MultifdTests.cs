@@ -171,6 +171,25 @@ public class MultifdTests
     }
 
     [Fact]
+    public void Qemu10SyncPacket_WithNoPageSlots_IsASyncPacket_NotAReasonToStopFollowing()
+    {
+        // QEMU 10.0 zeroes a SYNC packet and fills only magic, version, flags and number (pages_alloc 0).
+        var sync = new byte[MultifdFormat.PacketHeaderLength];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(sync, MultifdFormat.Magic);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(sync.AsSpan(4), MultifdFormat.Version);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(sync.AsSpan(8), MultifdFormat.FlagSync);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(sync.AsSpan(24), 7);
+        var packet = MultifdPacket.TryParse(sync, out var why);
+        Assert.True(packet is not null, why);
+        Assert.True(packet!.IsSync);
+        Assert.Empty(packet.NormalOffsets);
+        // Slots 0 with a page listed is still refused.
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(sync.AsSpan(16), 1);
+        Assert.Null(MultifdPacket.TryParse(sync, out why));
+        Assert.Contains("0 page slots", why);
+    }
+
+    [Fact]
     public void MainStreamOnAChannel_AndATruncatedChannel_GoOpaque()
     {
         var main = new MultifdChannelParser();

@@ -142,10 +142,12 @@ public sealed record MultifdPacket(uint Flags, ulong PacketNumber, string RamBlo
         if ((flags & ~MultifdFormat.FlagSync) != 0)
             return $"packet flags 0x{flags:x} (compression or device state): not understood";
         uint alloc = BinaryPrimitives.ReadUInt32BigEndian(h[12..]);
-        if (alloc != MultifdFormat.PagesPerPacket)
-            return $"packet of {alloc} page slots, expected {MultifdFormat.PagesPerPacket} (another page size?)";
         uint normal = BinaryPrimitives.ReadUInt32BigEndian(h[16..]);
         uint zero = BinaryPrimitives.ReadUInt32BigEndian(h[32..]);
+        // QEMU 9.1+ fills only the common header of a packet without RAM (its SYNC packets): no slots, no pages.
+        bool withoutRam = alloc == 0 && normal == 0 && zero == 0;
+        if (alloc != MultifdFormat.PagesPerPacket && !withoutRam)
+            return $"packet of {alloc} page slots, expected {MultifdFormat.PagesPerPacket} (another page size?)";
         if ((ulong)normal + zero > alloc)
             return $"packet lists {normal} normal and {zero} zero pages in {alloc} slots";
         // Without pages QEMU neither prepares nor reads content, and 7.2 leaves the previous
