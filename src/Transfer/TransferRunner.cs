@@ -112,18 +112,24 @@ public static class TransferRunner
         if (channel && o.StoreRoot is not null)
         {
             // The guest's main stream helper owns the store: a channel is coded through it, or carried as it is.
-            (codec, var whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot, o.Guest.ToString("D")), sending: true, ChannelAttachWait, ct);
+            (codec, var whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot, o.Guest.ToString("D")), sending: true, SenderAttachWait, ct);
             if (whyNot is not null) TransferLog.Note($"bfmig-transfer: multifd channel carried byte for byte: {whyNot}");
         }
         var raw = new NetworkStream(peer, ownsSocket: true);
         Stream secured;
-        using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
+        try
         {
+            using var hs = CancellationTokenSource.CreateLinkedTokenSource(ct);
             // A receiver that accepts the connection but never finishes TLS must not hold this stream (and the source QEMU) forever.
             hs.CancelAfter(o.HandshakeTimeout);
             if (o.Authenticator.HidesHello || o.TargetPort != 0)
                 await new RouteRequest(o.Kind, o.Guest, o.LocalName) { TargetPort = o.TargetPort }.WriteAsync(raw, hs.Token);
             secured = await SecureWithinAsync(raw, isInitiator: true, o.PeerName, o, hs, ct);
+        }
+        catch
+        {
+            codec?.Dispose();
+            throw;
         }
         await using var transport = secured;
         using var reader = new FrameReader(transport, o.IdleTimeout);
@@ -210,8 +216,15 @@ public static class TransferRunner
         return stats;
     }
 
-    /// <summary>How long a multifd channel's helper looks for its main stream's helper's codec service (it starts a moment later).</summary>
-    public static readonly TimeSpan ChannelAttachWait = TimeSpan.FromSeconds(5);
+    /// <summary>
+    /// How long a sending multifd channel's helper looks for its main stream's helper's codec socket
+    /// (it appears a moment after, once that helper's handshake is done); without it, the channel is
+    /// carried byte for byte, so this is also what a channel waits when there is nothing to find.
+    /// </summary>
+    public static readonly TimeSpan SenderAttachWait = TimeSpan.FromSeconds(5);
+
+    /// <summary>The same for a receiving channel its sender coded: it has no fallback, so it waits longer (the main helper opens and loads the store first).</summary>
+    public static readonly TimeSpan ReceiverAttachWait = TimeSpan.FromSeconds(20);
 
     private static string CodedSummary(TransferStats s) =>
         $"multifd channel coded against the store: {s.PagesElided} pages elided, {s.PagesReferenced} referenced, {s.PagesDelta} delta, {s.PagesFull} full";
@@ -269,7 +282,7 @@ public static class TransferRunner
                 // Its pages come coded against the store: only the main stream's helper, which owns it, can rebuild them.
                 string? whyNot = o.StoreRoot is null ? "this receiver has no store" : null;
                 if (whyNot is null)
-                    (codec, whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot!, o.Guest.ToString("D")), sending: false, ChannelAttachWait, ct);
+                    (codec, whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot!, o.Guest.ToString("D")), sending: false, ReceiverAttachWait, ct);
                 if (codec is null) throw new PeerProtocolException($"a coded multifd channel, and {whyNot}");
             }
             await using var coded = codec is null ? null : CodedChannel.ForReceiving(codec, reader, writer, stats);
@@ -328,6 +341,8 @@ public static class TransferRunner
         var none = new byte[16];
         if (h.Guest != o.Guest) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver is for guest {o.Guest}, not {h.Guest}");
         if (h.Kind != o.Kind) return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a {o.Kind} stream, not {h.Kind}");
+        if (h.CodedChannel && (h.Kind != StreamKind.Mig || h.WantsStore))
+            return new HelloDecision(HelloStatus.Refused, false, 0, none, "a coded multifd channel is a memory stream without a store of its own");
         if (o.PeerName.Length > 0 && h.SenderName != o.PeerName)
             return new HelloDecision(HelloStatus.Refused, false, 0, none, $"this receiver takes a stream from {o.PeerName}, not from the sender the hello names");
         if (!h.WantsStore || o.StoreRoot is null) return new HelloDecision(HelloStatus.Mismatch, false, 0, none, "");

@@ -47,7 +47,7 @@ public class CodedChannelTests
 
     /// <summary>Runs one connection: a "source QEMU" writing <paramref name="stream"/> and a "destination QEMU" reading all.</summary>
     private static async Task<Connection> Carry(byte[] stream, string senderRoot, string receiverRoot, Guid guest, CancellationToken ct, TimeSpan startAfter,
-        int holdAt = -1, Task? release = null)
+        int holdAt = -1, Task? release = null, Task? closeAfter = null, TaskCompletionSource? delivered = null)
     {
         await Task.Delay(startAfter, ct);
         var (qemuSrc, senderLocal) = await WireTests.Pair();
@@ -65,14 +65,22 @@ public class CodedChannelTests
             await s.WriteAsync(stream.AsMemory(0, head), ct);
             if (release is not null) await release.WaitAsync(ct);
             await s.WriteAsync(stream.AsMemory(head), ct);
+            // A source QEMU closes its channels only once the migration completed (closeAfter).
+            if (closeAfter is not null) await closeAfter.WaitAsync(ct);
             qemuSrc.Shutdown(SocketShutdown.Send);
             await s.CopyToAsync(Stream.Null, ct);
         });
-        var delivered = new MemoryStream();
+        var received = new MemoryStream();
         var dst = Task.Run(async () =>
         {
             using var s = new NetworkStream(qemuDst, true);
-            await s.CopyToAsync(delivered, ct);
+            var buffer = new byte[64 << 10];
+            int n;
+            while ((n = await s.ReadAsync(buffer, ct)) > 0)
+            {
+                received.Write(buffer, 0, n);
+                if (received.Length == stream.Length) delivered?.TrySetResult();
+            }
         });
         TransferStats? ss = null, rs = null;
         Exception? se = null, re = null;
@@ -81,17 +89,24 @@ public class CodedChannelTests
         try { rs = await receive; } catch (Exception e) { re = e; }
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20), ct).ContinueWith(_ => { }, TaskScheduler.Default);
-        return new Connection(delivered.ToArray(), ss, rs, se, re);
+        return new Connection(received.ToArray(), ss, rs, se, re);
     }
 
-    /// <summary>One migration: the main stream first, its two channels a moment later (QEMU connects them after it).</summary>
+    /// <summary>
+    /// One migration, in QEMU's order: the main stream first, its two channels a moment later; the
+    /// main stream's last sync point and device state once the destination has every channel's
+    /// pages; the channels closed only once the destination has the whole main stream (so the
+    /// main helpers reach End while the channels are still open, and commit after they close).
+    /// </summary>
     private static async Task<Connection[]> Migrate(string from, string to, Guid guest, byte[][] memory, int[] channel0, int[] channel1)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(90));
         var streams = new[] { MainStream(), Channel(0, memory, channel0), Channel(1, memory, channel1) };
-        var channels = streams.Skip(1).Select((s, i) => Carry(s, from, to, guest, cts.Token, TimeSpan.FromMilliseconds(20 * (i + 1)))).ToArray();
+        var arrived = streams.Select(_ => new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).ToArray();
+        var channels = streams.Skip(1).Select((s, i) => Carry(s, from, to, guest, cts.Token, TimeSpan.FromMilliseconds(20 * (i + 1)),
+            closeAfter: arrived[0].Task, delivered: arrived[i + 1])).ToArray();
         int head = new StreamBuilder().Header().RamStart((Ram, PageCount * 4096L)).ToArray().Length;
-        var main = Carry(streams[0], from, to, guest, cts.Token, TimeSpan.Zero, head, Task.WhenAll(channels));
+        var main = Carry(streams[0], from, to, guest, cts.Token, TimeSpan.Zero, head, Task.WhenAll(arrived[1].Task, arrived[2].Task), delivered: arrived[0]);
         var results = await Task.WhenAll([main, .. channels]);
         string Describe(Connection c) => $"send {c.Send?.Mode} e{c.Send?.PagesElided} f{c.Send?.PagesFull} {c.Send?.Multifd} / receive {c.Receive?.Mode} e{c.Receive?.PagesElided} f{c.Receive?.PagesFull} {c.Receive?.Multifd} {c.ReceiveError?.Message}";
         for (int i = 0; i < streams.Length; i++)

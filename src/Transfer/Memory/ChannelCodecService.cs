@@ -30,14 +30,17 @@ public sealed class ChannelCodecService : IAsyncDisposable
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource<string?> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Lock _gate = new();
+    // Channels whose session opened (each counted once; End tells the receiver how many).
     private readonly List<Task> _sessions = [];
+    // Connections that have not opened a session yet.
+    private readonly List<Task> _pending = [];
     private readonly HashSet<byte> _claimed = [];
     // Completed (and replaced) whenever a channel is admitted: CloseAsync counts again.
     private TaskCompletionSource _added = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Task _accepting;
     private bool _synced;
     private bool _closed;
-    private bool _disposed;
+    private Task? _disposing;
     private string? _failure;
 
     private ChannelCodecService(MemoryStore store, bool sending, Socket listener, string path)
@@ -95,11 +98,14 @@ public sealed class ChannelCodecService : IAsyncDisposable
     /// </summary>
     public int Seal()
     {
+        int count;
         lock (_gate)
         {
             _closed = true;
-            return _sessions.Count;
+            count = _sessions.Count;
         }
+        Refuse("the trip has ended");
+        return count;
     }
 
     /// <summary>
@@ -158,8 +164,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
             {
                 return;
             }
-            string? refusal = Admit(connection);
-            if (refusal is not null)
+            if (Stranger(connection) is { } refusal)
             {
                 TransferLog.Note($"bfmig-transfer: multifd channel refused: {refusal}");
                 connection.Dispose();
@@ -167,33 +172,46 @@ public sealed class ChannelCodecService : IAsyncDisposable
             }
             lock (_gate)
             {
-                _sessions.Add(Task.Run(() => ServeAsync(connection)));
-                var added = _added;
-                _added = new(TaskCreationOptions.RunContinuationsAsynchronously);
-                added.TrySetResult();
+                // Bounded: a connection costs a task only until it opens its session or the trip ends.
+                if (_pending.Count + _sessions.Count >= 2 * MaxChannels)
+                {
+                    connection.Dispose();
+                    continue;
+                }
+                _pending.Add(Task.Run(() => ServeAsync(connection)));
+                _pending.RemoveAll(t => t.IsCompleted);
             }
         }
     }
 
-    // Who may be served: a process of this helper's own user, while the trip is open and has room.
-    private string? Admit(Socket connection)
+    // A process of another user (SO_PEERCRED): not a helper of this host.
+    private static string? Stranger(Socket connection)
     {
         try
         {
             var (pid, uid, _) = UnixSockets.GetPeerCredentials(connection);
-            if (uid != UnixUsers.EffectiveUid) return $"process {pid} of user {uid} is not a helper of this host";
+            return uid != UnixUsers.EffectiveUid ? $"process {pid} of user {uid} is not a helper of this host" : null;
         }
         catch (SocketException e)
         {
             return e.Message;
         }
+    }
+
+    // A channel whose session opens is counted, once, in one step with the check that the trip still takes channels (Seal counts what was admitted).
+    private string? Register(Task session)
+    {
         lock (_gate)
         {
             if (_closed) return "the trip has ended";
             if (_sessions.Count >= MaxChannels) return $"{MaxChannels} channels already served";
+            _sessions.Add(session);
             Channels++;
+            var added = _added;
+            _added = new(TaskCreationOptions.RunContinuationsAsynchronously);
+            added.TrySetResult();
+            return null;
         }
-        return null;
     }
 
     private async Task ServeAsync(Socket connection)
@@ -202,21 +220,22 @@ public sealed class ChannelCodecService : IAsyncDisposable
         await using var stream = new NetworkStream(connection, ownsSocket: false);
         var buffer = new Ref<byte[]>(new byte[64 << 10]);
         var ct = _stop.Token;
+        var served = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        bool registered = false;
         try
         {
+            // Before the session opens, a connection that goes away is no channel of the trip: nothing to count or fail.
             if (await CodecMessages.ReadAsync(stream, buffer, ct) is not { Type: CodecMessage.Open, Length: 1 })
-                throw new PeerProtocolException("a channel opened its codec session without an Open message");
+                return;
             bool wantsSending = buffer.Value[0] == 1;
-            if (wantsSending != _sending)
+            string? refusal = wantsSending != _sending ? $"this is the {(_sending ? "sending" : "receiving")} side of the trip"
+                : await _ready.Task.WaitAsync(ct) ?? Register(served.Task);
+            if (refusal is not null)
             {
-                await RefuseAsync(stream, $"this is the {(_sending ? "sending" : "receiving")} side of the trip", ct);
+                await RefuseAsync(stream, refusal, ct);
                 return;
             }
-            if (await _ready.Task.WaitAsync(ct) is { } why)
-            {
-                await RefuseAsync(stream, why, ct);
-                return;
-            }
+            registered = true;
             await CodecMessages.WriteAsync(stream, CodecMessage.Ready, ReadOnlyMemory<byte>.Empty, ct);
             var counts = new TransferStats();
             if (_sending)
@@ -231,7 +250,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
                 Counts.PagesFull += counts.PagesFull;
             }
         }
-        catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
+        catch (Exception e) when (registered && (e is not OperationCanceledException || !ct.IsCancellationRequested))
         {
             lock (_gate)
                 _failure ??= $"multifd channel: {e.Message}";
@@ -245,6 +264,14 @@ public sealed class ChannelCodecService : IAsyncDisposable
             {
                 // The channel's helper is gone or stuck: its own end fails the channel anyway.
             }
+        }
+        catch (Exception e) when (e is IOException or SocketException or PeerProtocolException or OperationCanceledException)
+        {
+            // Went away, or spoke nonsense, before its session opened: not a channel of the trip.
+        }
+        finally
+        {
+            served.TrySetResult();
         }
     }
 
@@ -286,7 +313,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
                     start += used;
                     if (encoder.OpsLength > 0)
                     {
-                        await CodecMessages.WriteAsync(stream, CodecMessage.Ops, encoder.Ops.ToArray(), ct);
+                        await CodecMessages.WriteAsync(stream, CodecMessage.Ops, encoder.OpsMemory, ct);
                         encoder.ResetOps();
                     }
                     else if (used == 0)
@@ -336,30 +363,32 @@ public sealed class ChannelCodecService : IAsyncDisposable
     }
 
     /// <inheritdoc/>
-    public async ValueTask DisposeAsync()
+    public ValueTask DisposeAsync()
     {
         lock (_gate)
-        {
-            if (_disposed) return;
-            _disposed = true;
+            _disposing ??= DisposeOnceAsync();
+        return new ValueTask(_disposing);
+    }
+
+    private async Task DisposeOnceAsync()
+    {
+        lock (_gate)
             _closed = true;
-        }
         Refuse("the trip has ended");
         await _stop.CancelAsync();
         _listener.Dispose();
-        Task[] sessions;
+        Task[] all;
         lock (_gate)
-            sessions = [.. _sessions];
-        await Task.WhenAny(Task.WhenAll(sessions), Task.Delay(TimeSpan.FromSeconds(2)));
-        await _accepting.WaitAsync(TimeSpan.FromSeconds(2)).ContinueWith(_ => { }, TaskScheduler.Default);
+            all = [.. _sessions, .. _pending];
+        await Task.WhenAny(Task.WhenAll(all), Task.Delay(TimeSpan.FromSeconds(2)));
+        await Task.WhenAny(_accepting, Task.Delay(TimeSpan.FromSeconds(2)));
         try
         {
             File.Delete(_path);
         }
-        catch (IOException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             // Removed when the next trip's service starts.
         }
-        _stop.Dispose();
     }
 }

@@ -13,9 +13,9 @@ internal static class ChannelCodecs
         {
             return ChannelCodecService.Start(store, sending);
         }
-        catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException or ArgumentException)
         {
-            TransferLog.Note($"bfmig-transfer: multifd channels of this trip will be carried byte for byte: no codec socket ({e.Message})");
+            TransferLog.Note($"bfmig-transfer: no codec socket for this trip's multifd channels ({e.Message}): a sending channel is carried byte for byte, a receiving channel coded by its sender fails");
             return null;
         }
     }

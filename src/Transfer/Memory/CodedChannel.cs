@@ -67,9 +67,20 @@ public sealed class CodedChannel : Stream, IPeerTunnel
                 await using var codec = new NetworkStream(socket, ownsSocket: false);
                 await CodecMessages.WriteAsync(codec, CodecMessage.Open, new[] { sending ? (byte)1 : (byte)2 }, ct);
                 var buffer = new Ref<byte[]>(new byte[4096]);
+                // Connected: the main helper answers once its trip began, or refuses when it ends.
                 using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
-                timeout.CancelAfter(Remaining(deadline, TimeSpan.FromSeconds(1)));
-                var answer = await CodecMessages.ReadAsync(codec, buffer, timeout.Token);
+                timeout.CancelAfter(ReadyWait);
+                ValueTask<(CodecMessage, int)?> read = CodecMessages.ReadAsync(codec, buffer, timeout.Token);
+                (CodecMessage Type, int Length)? answer;
+                try
+                {
+                    answer = await read;
+                }
+                catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+                {
+                    socket.Dispose();
+                    return (null, $"the main stream's helper did not begin its trip within {ReadyWait.TotalSeconds:0} s");
+                }
                 if (answer is { Type: CodecMessage.Ready }) return (socket, null);
                 socket.Dispose();
                 return (null, answer is { Type: CodecMessage.Refused } r
@@ -82,7 +93,7 @@ public sealed class CodedChannel : Stream, IPeerTunnel
                 socket.Dispose();
                 await Task.Delay(50, ct);
             }
-            catch (Exception e) when (e is SocketException or IOException or OperationCanceledException or PeerProtocolException && !ct.IsCancellationRequested)
+            catch (Exception e) when (e is SocketException or IOException or PeerProtocolException or ArgumentException && !ct.IsCancellationRequested)
             {
                 socket.Dispose();
                 return (null, $"no codec session at {path}: {e.Message}");
@@ -90,11 +101,8 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         }
     }
 
-    private static TimeSpan Remaining(DateTime deadline, TimeSpan least)
-    {
-        var left = deadline - DateTime.UtcNow;
-        return left > least ? left : least;
-    }
+    /// <summary>How long a connected channel waits for its main stream's trip to begin (the block list comes within the main stream's first frames).</summary>
+    public static readonly TimeSpan ReadyWait = TimeSpan.FromSeconds(30);
 
     /// <summary>The upstream of a sending channel: <paramref name="session"/> from <see cref="ConnectAsync"/>.</summary>
     public static CodedChannel ForSending(Socket session, FrameReader reader, FrameWriter writer, TransferStats stats) =>

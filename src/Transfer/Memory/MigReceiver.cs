@@ -70,6 +70,8 @@ public sealed class MigReceiver
         catch (Exception e)
         {
             await cts.CancelAsync();
+            // A commit still waiting for the channels must not keep a failed stream for the end timeout.
+            if (_channels is not null) await _channels.DisposeAsync();
             if (_commit is not null)
             {
                 try
@@ -81,7 +83,6 @@ public sealed class MigReceiver
                     // The stream's own failure is the one reported.
                 }
             }
-            if (_channels is not null) await _channels.DisposeAsync();
             if (_decoder.TripStarted)
             {
                 lock (_store!.Gate)
@@ -135,6 +136,9 @@ public sealed class MigReceiver
                     do
                     {
                         pos = _decoder.Process(frame.Payload.Span, pos);
+                        // The channels are served as soon as the block list began the trip, before any byte
+                        // goes to QEMU: QEMU 7.2 reads its main stream only once every channel has connected.
+                        if (_decoder.TripStarted) _channels?.Begin(synced: true);
                         if (_decoder.Output.Length > 0)
                         {
                             // Every byte goes to QEMU as soon as it is rebuilt: the sender sends End
@@ -152,7 +156,6 @@ public sealed class MigReceiver
                         }
                     }
                     while (pos < frame.Payload.Length || _decoder.HasPendingOutput);
-                    if (_decoder.TripStarted) _channels?.Begin(synced: true);
                     break;
                 }
                 case FrameType.End:

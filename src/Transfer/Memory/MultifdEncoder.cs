@@ -55,6 +55,9 @@ public sealed class MultifdEncoder
     /// <summary>Ops produced so far and not yet taken.</summary>
     public ReadOnlySpan<byte> Ops => _ops.AsSpan(0, _length);
 
+    /// <summary><see cref="Ops"/> as memory, for asynchronous writes.</summary>
+    public ReadOnlyMemory<byte> OpsMemory => _ops.AsMemory(0, _length);
+
     /// <summary>Length of <see cref="Ops"/>.</summary>
     public int OpsLength => _length;
 
