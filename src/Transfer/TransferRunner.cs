@@ -184,6 +184,9 @@ public static class TransferRunner
             else
             {
                 stats.Mode = "plain";
+                // A main stream carried plain records nothing: its channels hear so at once instead of looking for 5 s.
+                await using var refusing = ChannelCodecs.TryStart(store, sending: true);
+                refusing?.Refuse("the receiver keeps no store for this trip");
                 var tap = hello.MultifdChannel ? new MultifdChannelTap(qemu.Stream) : null;
                 tap?.Observe(prefix);
                 try
