@@ -140,7 +140,7 @@ public static class TransferRunner
             var state = store?.State;
             bool paced = wantsStore && o.Pacing;
             var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
-                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced, MultifdChannel = channel, CodedChannel = codec is not null };
+                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced || (codec is not null && o.Pacing), MultifdChannel = channel, CodedChannel = codec is not null };
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
@@ -175,7 +175,7 @@ public static class TransferRunner
             else if (codec is not null)
             {
                 stats.Mode = "coded-channel";
-                await using var coded = CodedChannel.ForSending(codec, reader, writer, stats);
+                await using var coded = CodedChannel.ForSending(codec, reader, writer, stats, hello.Paced, o.IdleTimeout);
                 codec = null;
                 await TunnelBridge.CopyBothWaysAsync(qemu.Stream, qemu.HalfClose, coded, prefix, stats, o.BridgeIdleTimeout, ct);
                 stats.Multifd = CodedSummary(stats);
@@ -288,7 +288,7 @@ public static class TransferRunner
                     (codec, whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot!, o.Guest.ToString("D")), sending: false, ReceiverAttachWait, ct);
                 if (codec is null) throw new PeerProtocolException($"a coded multifd channel, and {whyNot}");
             }
-            await using var coded = codec is null ? null : CodedChannel.ForReceiving(codec, reader, writer, stats);
+            await using var coded = codec is null ? null : CodedChannel.ForReceiving(codec, reader, writer, stats, hello.Paced);
             if (hello.MultifdChannel && o.AwaitMainChannel is { } awaitMain)
                 await awaitMain(ct);
             var opened = await connectLocal(ct);

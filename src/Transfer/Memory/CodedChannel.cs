@@ -27,12 +27,24 @@ public sealed class CodedChannel : Stream, IPeerTunnel
     private readonly Task? _pump;
     private readonly CancellationTokenSource _pumpStop = new();
     private ReadOnlyMemory<byte> _rebuilt;
+    // Sending: a paced channel stays within a window of what the destination QEMU has taken (as the main stream does).
+    private readonly StreamPacer? _pacer;
+    private long _consumed;
+    // Receiving: what QEMU has taken of the rebuilt channel, and what was last reported of it.
+    private readonly bool _reportProgress;
+    private long _handedOut;
+    private long _reported;
+    private readonly byte[] _progress = new byte[ProgressMessage.Length];
+    private ReadOnlyMemory<byte> _reverse;
+    private bool _reverseEnded;
     private bool _inFrame;
     private bool _ended;
     private bool _finished;
 
-    private CodedChannel(Socket socket, bool sending, FrameReader reader, FrameWriter writer, TransferStats stats)
+    private CodedChannel(Socket socket, bool sending, FrameReader reader, FrameWriter writer, TransferStats stats, bool paced, TimeSpan stallTimeout)
     {
+        _pacer = sending && paced ? new StreamPacer(stallTimeout) : null;
+        _reportProgress = !sending && paced;
         _socket = socket;
         _codec = new NetworkStream(socket, ownsSocket: false);
         _tunnel = new PeerByteTunnel(reader, writer);
@@ -104,13 +116,18 @@ public sealed class CodedChannel : Stream, IPeerTunnel
     /// <summary>How long a connected channel waits for its main stream's trip to begin (the block list comes within the main stream's first frames).</summary>
     public static readonly TimeSpan ReadyWait = TimeSpan.FromSeconds(30);
 
-    /// <summary>The upstream of a sending channel: <paramref name="session"/> from <see cref="ConnectAsync"/>.</summary>
-    public static CodedChannel ForSending(Socket session, FrameReader reader, FrameWriter writer, TransferStats stats) =>
-        new(session, sending: true, reader, writer, stats);
+    /// <summary>
+    /// The upstream of a sending channel: <paramref name="session"/> from <see cref="ConnectAsync"/>.
+    /// <paramref name="paced"/>: stay within a window of what the destination QEMU has taken
+    /// (its Progress frames), so that the source QEMU's bandwidth estimate counts an elided page
+    /// when the destination has loaded it, not when its op left.
+    /// </summary>
+    public static CodedChannel ForSending(Socket session, FrameReader reader, FrameWriter writer, TransferStats stats, bool paced, TimeSpan stallTimeout) =>
+        new(session, sending: true, reader, writer, stats, paced, stallTimeout);
 
-    /// <summary>The upstream of a receiving channel: <paramref name="session"/> from <see cref="ConnectAsync"/>.</summary>
-    public static CodedChannel ForReceiving(Socket session, FrameReader reader, FrameWriter writer, TransferStats stats) =>
-        new(session, sending: false, reader, writer, stats);
+    /// <summary>The upstream of a receiving channel: <paramref name="session"/> from <see cref="ConnectAsync"/>; <paramref name="paced"/>: report what QEMU has taken.</summary>
+    public static CodedChannel ForReceiving(Socket session, FrameReader reader, FrameWriter writer, TransferStats stats, bool paced) =>
+        new(session, sending: false, reader, writer, stats, paced, TimeSpan.Zero);
 
     // Sending: every Ops message becomes one frame, until Done.
     private async Task PumpOpsAsync(CancellationToken ct)
@@ -124,6 +141,7 @@ public sealed class CodedChannel : Stream, IPeerTunnel
             {
                 case CodecMessage.Ops:
                     await _writer.WriteAsync(FrameType.MultifdData, buffer.Value.AsMemory(0, message.Length), compress: true, ct);
+                    if (_pacer is not null) await _writer.FlushAsync(ct);
                     break;
                 case CodecMessage.Done:
                     CodecMessages.AddCounts(buffer.Value.AsSpan(0, message.Length), _stats);
@@ -146,9 +164,14 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         if (_pump!.IsFaulted) await _pump;
         while (!buffer.IsEmpty)
         {
+            // Everything before _consumed is with the service, whose ops go out as they come: waiting cannot stall the channel.
+            if (_pacer is not null && _pacer.MustWait(_consumed))
+                await _pacer.WaitForRoomAsync(_consumed, cancellationToken);
             int n = Math.Min(buffer.Length, MultifdEncoder.MaxInput);
             await CodecMessages.WriteAsync(_codec, CodecMessage.Data, buffer[..n], cancellationToken);
             buffer = buffer[n..];
+            _consumed += n;
+            _pacer?.Sent(_consumed);
         }
     }
 
@@ -166,7 +189,8 @@ public sealed class CodedChannel : Stream, IPeerTunnel
 
     public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
-        if (_sending) return await _tunnel.ReadAsync(buffer, cancellationToken);
+        if (_sending) return await ReadReturnPathAsync(buffer, cancellationToken);
+        await ReportProgressAsync(cancellationToken);
         while (_rebuilt.IsEmpty)
         {
             if (_ended) return 0;
@@ -198,7 +222,49 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         _rebuilt[..n].CopyTo(buffer);
         _rebuilt = _rebuilt[n..];
         _stats.StreamBytes += n;
+        _handedOut += n;
         return n;
+    }
+
+    // Sending: the destination's return path (tunnel frames) and its Progress reports.
+    private async ValueTask<int> ReadReturnPathAsync(Memory<byte> buffer, CancellationToken ct)
+    {
+        while (_reverse.IsEmpty)
+        {
+            if (_reverseEnded) return 0;
+            var frame = await _reader.ReadAsync(ct) ?? throw new PeerProtocolException("peer closed the connection without ending the channel's return path");
+            switch (frame.Type)
+            {
+                case FrameType.Tunnel:
+                    _reverse = frame.Payload;
+                    break;
+                case FrameType.TunnelEof:
+                    _reverseEnded = true;
+                    break;
+                case FrameType.Progress when _pacer is not null:
+                    _pacer.OnProgress(ProgressMessage.Decode(frame.Payload.Span).Delivered);
+                    break;
+                case FrameType.Abort:
+                    throw new PeerAbortedException(Handshake.AbortReason(frame.Payload.Span));
+                default:
+                    throw new PeerProtocolException($"unexpected {frame.Type} frame on a coded multifd channel's return path at byte {_reader.BytesRead}");
+            }
+        }
+        int n = Math.Min(buffer.Length, _reverse.Length);
+        _reverse[..n].CopyTo(buffer);
+        _reverse = _reverse[n..];
+        return n;
+    }
+
+    // Receiving: the bridge asks for more only once it has written what it got to QEMU, so
+    // everything handed out so far has been taken; reported every MigReceiver.ProgressStep.
+    private async ValueTask ReportProgressAsync(CancellationToken ct)
+    {
+        if (!_reportProgress || _handedOut - _reported < MigReceiver.ProgressStep) return;
+        _reported = _handedOut;
+        new ProgressMessage(_reported).Encode(_progress);
+        await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);
+        await _writer.FlushAsync(ct);
     }
 
     // Receiving: the service's answer to the frame (or Finish) in flight.
