@@ -35,8 +35,6 @@ public sealed class CodedChannel : Stream, IPeerTunnel
     private long _handedOut;
     private long _reported;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
-    private ReadOnlyMemory<byte> _reverse;
-    private bool _reverseEnded;
     private bool _inFrame;
     private bool _ended;
     private bool _finished;
@@ -47,7 +45,7 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         _reportProgress = !sending && paced;
         _socket = socket;
         _codec = new NetworkStream(socket, ownsSocket: false);
-        _tunnel = new PeerByteTunnel(reader, writer);
+        _tunnel = new PeerByteTunnel(reader, writer, onProgress: _pacer is null ? null : _pacer.OnProgress);
         _reader = reader;
         _writer = writer;
         _sending = sending;
@@ -189,7 +187,8 @@ public sealed class CodedChannel : Stream, IPeerTunnel
 
     public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
     {
-        if (_sending) return await ReadReturnPathAsync(buffer, cancellationToken);
+        // Sending: the destination's return path, its Progress reports going to the pacer.
+        if (_sending) return await _tunnel.ReadAsync(buffer, cancellationToken);
         await ReportProgressAsync(cancellationToken);
         while (_rebuilt.IsEmpty)
         {
@@ -223,36 +222,6 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         _rebuilt = _rebuilt[n..];
         _stats.StreamBytes += n;
         _handedOut += n;
-        return n;
-    }
-
-    // Sending: the destination's return path (tunnel frames) and its Progress reports.
-    private async ValueTask<int> ReadReturnPathAsync(Memory<byte> buffer, CancellationToken ct)
-    {
-        while (_reverse.IsEmpty)
-        {
-            if (_reverseEnded) return 0;
-            var frame = await _reader.ReadAsync(ct) ?? throw new PeerProtocolException("peer closed the connection without ending the channel's return path");
-            switch (frame.Type)
-            {
-                case FrameType.Tunnel:
-                    _reverse = frame.Payload;
-                    break;
-                case FrameType.TunnelEof:
-                    _reverseEnded = true;
-                    break;
-                case FrameType.Progress when _pacer is not null:
-                    _pacer.OnProgress(ProgressMessage.Decode(frame.Payload.Span).Delivered);
-                    break;
-                case FrameType.Abort:
-                    throw new PeerAbortedException(Handshake.AbortReason(frame.Payload.Span));
-                default:
-                    throw new PeerProtocolException($"unexpected {frame.Type} frame on a coded multifd channel's return path at byte {_reader.BytesRead}");
-            }
-        }
-        int n = Math.Min(buffer.Length, _reverse.Length);
-        _reverse[..n].CopyTo(buffer);
-        _reverse = _reverse[n..];
         return n;
     }
 

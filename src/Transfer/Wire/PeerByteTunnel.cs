@@ -18,8 +18,15 @@ public sealed class PeerByteTunnel : Stream, IPeerTunnel
     private bool _readEof;
     private bool _writeEof;
 
-    public PeerByteTunnel(FrameReader reader, FrameWriter writer, bool compress = true)
+    private readonly Action<long>? _onProgress;
+
+    /// <param name="reader">The peer connection's frames in.</param>
+    /// <param name="writer">The peer connection's frames out.</param>
+    /// <param name="compress">Compress tunnel frames when that pays.</param>
+    /// <param name="onProgress">Takes the peer's Progress reports (a paced sender's return path); without it such a frame is a protocol error.</param>
+    public PeerByteTunnel(FrameReader reader, FrameWriter writer, bool compress = true, Action<long>? onProgress = null)
     {
+        _onProgress = onProgress;
         _reader = reader;
         _writer = writer;
         _compress = compress;
@@ -51,6 +58,9 @@ public sealed class PeerByteTunnel : Stream, IPeerTunnel
                     break;
                 case FrameType.TunnelEof:
                     _readEof = true;
+                    break;
+                case FrameType.Progress when _onProgress is not null:
+                    _onProgress(ProgressMessage.Decode(frame.Payload.Span).Delivered);
                     break;
                 case FrameType.Abort:
                     throw new PeerAbortedException(Handshake.AbortReason(frame.Payload.Span));
