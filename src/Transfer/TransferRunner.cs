@@ -162,14 +162,20 @@ public static class TransferRunner
             else if (store is not null && reply.HasStore)
             {
                 bool synced = reply.Status == HelloStatus.Match;
-                stats.Mode = synced ? "store-match" : "store-full";
-                if (!synced)
+                var index = reply.IndexFollows ? await PeerPageIndex.ReadAsync(reader, o.MaxRamBytes > 0 ? o.MaxRamBytes : RamLimit.ForHost(), ct) : null;
+                stats.Mode = synced ? "store-match" : index is not null ? "store-index" : "store-full";
+                if (index is not null)
+                {
+                    stats.IndexPages = index.KnownPages;
+                    TransferLog.Note($"bfmig-transfer: memory store not in step with the receiver ({reply.Message}): coding against its index of {stats.IndexPages} pages (its generation {index.Generation})");
+                }
+                else if (!synced)
                     NoteStoreUnused(stats, reply.Message.Length > 0 ? $"the receiver: {reply.Message}" : "the receiver's store differs from this one");
                 else if (!store.Doubt.IsEmpty || !reply.Doubt.IsEmpty)
                     TransferLog.Note($"bfmig-transfer: memory store in doubt after an interrupted trip: here {store.Doubt.Describe()}, on the receiver {reply.Doubt.Describe()}: sent in full");
                 ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
-                var sender = new MigSender(store, synced, store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
-                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None);
+                var sender = new MigSender(store, synced || index is not null, index?.Seed ?? store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
+                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None, index);
                 await sender.RunAsync(qemu, prefix, ct);
             }
             else if (codec is not null)
@@ -300,9 +306,20 @@ public static class TransferRunner
             else if (store is not null && hello.WantsStore)
             {
                 bool keep = decision.Status == HelloStatus.Match;
-                stats.Mode = keep ? "store-match" : "store-full";
-                if (!keep) NoteStoreUnused(stats, decision.Message);
-                var receiver = new MigReceiver(store, keep, hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout, hello.Paced, o.MaxRamBytes);
+                bool indexed = decision.IndexFollows;
+                stats.Mode = keep ? "store-match" : indexed ? "store-index" : "store-full";
+                if (indexed)
+                {
+                    stats.IndexPages = await PeerPageIndex.SendAsync(store, writer, ct);
+                    TransferLog.Note($"bfmig-transfer: memory store not in step with the sender ({decision.Message}): offered its index of {stats.IndexPages} pages (generation {store.State.Generation})");
+                }
+                else if (!keep)
+                {
+                    NoteStoreUnused(stats, decision.Message);
+                }
+                // Coded against this store's own pages, the trip records under its seed, so what it keeps keeps its index entries.
+                var receiver = new MigReceiver(store, keep || indexed, indexed ? store.State.Seed : hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout,
+                    hello.Paced, o.MaxRamBytes) { Indexed = indexed };
                 await receiver.RunAsync(local, ct);
             }
             else if (coded is not null)
@@ -378,7 +395,9 @@ public static class TransferRunner
             : s.Generation != h.Generation ? $"generation {s.Generation} here, {h.Generation} on the sender"
             : s.Seed != h.Seed ? "the page-hash seeds differ"
             : "the stores' digests differ";
-        return new HelloDecision(HelloStatus.Mismatch, true, s.Generation, digest, reason);
+        // Whatever it last exchanged the guest with, a store still holds pages of it: it offers them by
+        // index (sent only once the sender has proved itself). Not for a multifd channel, which has no store of its own.
+        return new HelloDecision(HelloStatus.Mismatch, true, s.Generation, digest, reason) { IndexFollows = !h.MultifdChannel && !doubt.Whole };
     }
 
     /// <summary>

@@ -44,6 +44,8 @@ public sealed class TransferStats
     public long MemDoubtPages { get; set; }
     /// <summary>Kind mig: why the retained memory store was not used (null when it was, or never asked for).</summary>
     public string? StoreUnused { get; set; }
+    /// <summary>Kind mig, mode store-index: pages of the receiver's earlier snapshot its page index described (the trip was coded against them).</summary>
+    public long IndexPages { get; set; }
     /// <summary>Kind mig, a trip that did not commit: what it leaves in doubt for the next one.</summary>
     public string? MemDoubtAfter { get; set; }
     public ulong Generation { get; set; }

@@ -77,6 +77,7 @@ internal static class Program
         "xml" => XmlTarget.Corpus(),
         "multifd" => MultifdTarget.Corpus(),
         "multifd-ops" => MultifdTarget.OpsCorpus(),
+        "page-index" => PageIndexTarget.Corpus(),
         _ => OpsCorpus(),
     };
 
@@ -91,6 +92,7 @@ internal static class Program
         "xml" => XmlTarget.Run,
         "multifd" => MultifdTarget.Run,
         "multifd-ops" => MultifdTarget.RunOps,
+        "page-index" => PageIndexTarget.Run,
         _ => FuzzOps,
     };
 

@@ -220,6 +220,97 @@ public class EndToEndTests
         Assert.Equal(sa.State.Digest, sb.State.Digest);
     }
 
+    /// <summary>
+    /// A guest that tours A->B->C->A (issue 15): C never exchanged the guest with A, so the hello
+    /// does not match, but A still holds its departure snapshot from the first trip. A offers its
+    /// page index (keyed MACs) and C elides every page A still holds; the stream arrives exact,
+    /// both stores commit the same digest, and the next trip between them matches.
+    /// </summary>
+    [Fact]
+    public async Task An_arrival_from_a_host_the_receiver_never_exchanged_the_guest_with_is_coded_against_its_page_index()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        using var c = new TempDir();
+        var guest = Guid.NewGuid();
+        var key = new PskPeerAuthenticator("a-long-enough-lab-key"u8);
+        var ab = await Run(s, a.Path, b.Path, guest, sa: key, ra: key);
+        var bc = await Run(s, b.Path, c.Path, guest, sa: key, ra: key);
+        Assert.True(ab.Send!.Committed && bc.Send!.Committed, $"{ab.SendError} {bc.SendError}");
+        Assert.Equal("store-full", bc.Send.Mode); // C held nothing: no index to offer
+
+        var ca = await Run(s, c.Path, a.Path, guest, sa: key, ra: key);
+        Assert.Null(ca.SendError);
+        Assert.Null(ca.ReceiveError);
+        Assert.Equal(s, ca.Delivered);
+        Assert.Equal("store-index", ca.Send!.Mode);
+        Assert.Equal("store-index", ca.Receive!.Mode);
+        Assert.True(ca.Send.IndexPages > 0 && ca.Send.IndexPages == ca.Receive.IndexPages, $"index of {ca.Send.IndexPages} / {ca.Receive.IndexPages} pages");
+        Assert.Equal(ab.Send.PagesFull, ca.Send.PagesElided);
+        Assert.Equal(0, ca.Send.PagesFull);
+        Assert.True(ca.Send.WireBytesOut * 4 < ab.Send.WireBytesOut, $"C->A moved {ca.Send.WireBytesOut} bytes, A->B {ab.Send.WireBytesOut}");
+        Assert.True(ca.Send.Committed && ca.Receive.Committed);
+        AssertStoresAgreeAndHoldWhatTheyIndex(a.Path, c.Path, guest);
+
+        var ac = await Run(s, a.Path, c.Path, guest, sa: key, ra: key);
+        Assert.Equal(s, ac.Delivered);
+        Assert.Equal("store-match", ac.Send!.Mode);
+    }
+
+    /// <summary>
+    /// A page of the receiver's snapshot changed behind its store's back (its index still names
+    /// the old content) is left out of the index it offers, so the sender carries it: the arrival
+    /// is exact, and the receiver holds the true page afterwards.
+    /// </summary>
+    [Fact]
+    public async Task A_receiver_page_damaged_behind_its_store_is_left_out_of_its_index_and_carried()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        using var c = new TempDir();
+        var guest = Guid.NewGuid();
+        var ab = await Run(s, a.Path, b.Path, guest);
+        var bc = await Run(s, b.Path, c.Path, guest);
+        Assert.True(ab.Send!.Committed && bc.Send!.Committed);
+        string file;
+        long offset;
+        using (var sa = MemoryStore.Open(a.Path, guest))
+        {
+            var (block, page) = Enumerable.Range(0, sa.BlockCount).SelectMany(bl => Enumerable.Range(0, (int)sa.PageCount(bl)).Select(p => (bl, (long)p)))
+                .First(x => sa.GetHash(x.bl, x.Item2) != sa.ZeroHash && sa.GetHash(x.bl, x.Item2) != UInt128.Zero);
+            file = Path.Combine(a.Path, guest.ToString(), "mem", "b-" + System.IO.Hashing.XxHash64.HashToUInt64(System.Text.Encoding.UTF8.GetBytes(sa.BlockName(block))).ToString("x16") + ".pages");
+            offset = page * 4096;
+        }
+        using (var f = new FileStream(file, FileMode.Open, FileAccess.Write))
+        {
+            f.Position = offset;
+            f.Write(Enumerable.Repeat((byte)0x5a, 4096).ToArray());
+        }
+        var ca = await Run(s, c.Path, a.Path, guest);
+        Assert.Null(ca.SendError);
+        Assert.Null(ca.ReceiveError);
+        Assert.Equal(s, ca.Delivered);
+        Assert.Equal("store-index", ca.Send!.Mode);
+        Assert.Equal(ab.Send.PagesFull - 1, ca.Send.PagesElided);
+        Assert.Equal(1, ca.Send.PagesFull);
+        AssertStoresAgreeAndHoldWhatTheyIndex(a.Path, c.Path, guest);
+    }
+
+    private static void AssertStoresAgreeAndHoldWhatTheyIndex(string root1, string root2, Guid guest)
+    {
+        using var s1 = MemoryStore.Open(root1, guest);
+        using var s2 = MemoryStore.Open(root2, guest);
+        Assert.Equal(s1.State.Digest, s2.State.Digest);
+        Assert.Equal(s1.State.Generation, s2.State.Generation);
+        foreach (var st in new[] { s1, s2 })
+            for (int bl = 0; bl < st.BlockCount; bl++)
+                for (long p = 0; p < st.PageCount(bl); p++)
+                    if (st.GetHash(bl, p) is var h && h != UInt128.Zero)
+                        Assert.Equal(st.Hash(st.Page(bl, p)), h);
+    }
+
     [Fact]
     public async Task A_receiver_whose_store_lies_about_its_digest_cannot_complete_a_wrong_migration()
     {

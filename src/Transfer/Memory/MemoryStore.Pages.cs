@@ -216,6 +216,21 @@ public sealed partial class MemoryStore
     /// <summary>True when a multifd channel wrote the page in this trip (the main stream must not use it: the hosts may have recorded it at different moments).</summary>
     public bool ChannelWrote(int block, long page) => _trip is not null && !_trip.MainView(block, page);
 
+    /// <summary>True when no stream recorded the page yet in this trip: it still holds what it held when the trip began.</summary>
+    public bool Untouched(int block, long page) => _trip is not { } trip || !trip.Written(block, page);
+
+    /// <summary>
+    /// Makes every page no stream recorded in this trip unknown. A trip coded against a receiver's
+    /// page index (<see cref="PeerPageIndex"/>) ends with this on the receiver: the sender's store
+    /// began empty, so only the pages the trip carried are known on both hosts.
+    /// </summary>
+    public void ForgetUntouched()
+    {
+        for (int b = 0; b < _blocks.Count; b++)
+            for (long p = 0; p < _blocks[b].PageCount; p++)
+                if (Untouched(b, p)) MakeUnknown(b, p);
+    }
+
     /// <summary>The page's hash when the trip began (the departure snapshot; 0 = unknown): what a multifd channel codes against.</summary>
     public UInt128 BaseHash(int block, long page) =>
         _trip is null || !_trip.Modified(block, page) ? _blocks[block].Hashes[page] : _trip.PreservedHash(block, page);

@@ -41,7 +41,7 @@ public sealed partial class MemoryStore : IDisposable
     private readonly byte[] _scratch = new byte[QemuFormat.PageSize];
     // Pages mostly come in address order: consecutive writes go out as one pwrite, and sequential
     // single-page reads read ahead. Reads flush overlapping pending writes; writes invalidate read-ahead slots.
-    private const int BatchPages = 64;
+    internal const int BatchPages = 64;
     private readonly byte[] _writeBuffer = new byte[BatchPages * QemuFormat.PageSize];
     private int _writeBlock = -1;
     private long _writeFirst;
@@ -102,6 +102,9 @@ public sealed partial class MemoryStore : IDisposable
 
     /// <summary>Blocks of the current trip (after <see cref="BeginTrip"/>).</summary>
     public int BlockCount => _blocks.Count;
+
+    /// <summary>The RAMBlock name (QEMU's idstr) of block <paramref name="block"/>.</summary>
+    public string BlockName(int block) => _blocks[block].Name;
 
     /// <summary>True between <see cref="BeginTrip"/> and the commit or abandon: pages may be recorded.</summary>
     public bool InTrip => _inTrip;

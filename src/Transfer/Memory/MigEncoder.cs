@@ -67,6 +67,16 @@ public sealed class MigEncoder
     // The write the main stream's next record makes.
     private PageWrite MainWrite => PageWrite.Main(CountRounds ? _round : 0);
 
+    /// <summary>
+    /// The receiver's page index, when the hello did not match but the receiver still holds an
+    /// earlier snapshot (<see cref="PeerPageIndex"/>): this store starts the trip empty, and a page
+    /// the trip has not recorded yet is elided when its MAC equals the receiver's for that page.
+    /// </summary>
+    public PeerPageIndex? PeerIndex { get; init; }
+
+    // PeerIndex's MACs for the stream's blocks, by position (null: not held there).
+    private UInt128[]?[]? _peerMacs;
+
     /// <summary>The receiver's pages in doubt (its hello reply): with this store's own, unknown for the trip.</summary>
     public MemoryDoubt PeerDoubt { get; set; } = MemoryDoubt.None;
 
@@ -173,8 +183,9 @@ public sealed class MigEncoder
         }
         if (_store is not null)
         {
-            _store.BeginTrip(blocks, _seed, keep: _synced, buildLocator: _synced, PeerDoubt);
-            _stats.MemDoubtPages = _store.TripDoubt.Whole ? -1 : _store.TripDoubt.PageCount;
+            _store.BeginTrip(blocks, _seed, keep: _synced && PeerIndex is null, buildLocator: _synced, PeerDoubt);
+            _peerMacs = PeerIndex?.ForLayout(blocks);
+            _stats.MemDoubtPages = PeerIndex is not null ? 0 : _store.TripDoubt.Whole ? -1 : _store.TripDoubt.PageCount;
             TripStarted = true;
         }
     }
@@ -225,6 +236,16 @@ public sealed class MigEncoder
             return;
         }
         var hash = store.Hash(body);
+        // Against the receiver's index: only a page neither stream has recorded yet is still what the
+        // receiver kept (afterwards this store holds what the receiver holds, and the checks above apply).
+        if (old == UInt128.Zero && _peerMacs?[block] is { } macs && macs[page] != UInt128.Zero && store.Untouched(block, page)
+            && PeerIndex!.Mac(body) == macs[page])
+        {
+            PageOp(MigOps.KindElide, block, page, seg.Continue);
+            store.Put(block, page, body, hash, MainWrite);
+            _stats.PagesElided++;
+            return;
+        }
         if (_synced)
         {
             if (store.TryLocate(hash, out int srcBlock, out long srcPage) && store.PageEquals(srcBlock, srcPage, body))

@@ -50,6 +50,13 @@ public sealed class MigReceiver
     }
 
     /// <summary>
+    /// The sender coded this trip against this host's page index (<see cref="PeerPageIndex"/>),
+    /// its own store starting empty: at the end, the pages no stream carried become unknown here
+    /// too, so both stores agree.
+    /// </summary>
+    public bool Indexed { get; init; }
+
+    /// <summary>
     /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
     /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
     /// </summary>
@@ -220,6 +227,7 @@ public sealed class MigReceiver
             ChannelCodecs.Report(_channels, _stats);
             lock (_store!.Gate)
             {
+                if (Indexed) _store.ForgetUntouched();
                 digest = Convert.FromHexString(_store.ComputeDigest());
                 if (channelsFailed is null)
                 {

@@ -37,13 +37,14 @@ public sealed class MigSender
     private ChannelCodecService? _channels;
 
     // peerDoubt: the receiver's pages in doubt (its hello reply; none without a match).
+    // peerIndex: the receiver's page index, when it is not in step with this store (then synced, and seed is the index's).
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
-        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null, MemoryDoubt? peerDoubt = null)
+        TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null, MemoryDoubt? peerDoubt = null, PeerPageIndex? peerIndex = null)
     {
         _pacer = pacer;
         _store = store;
-        _synced = synced;
-        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None, CountRounds = true };
+        _synced = synced && peerIndex is null;
+        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None, CountRounds = true, PeerIndex = peerIndex };
         _reader = reader;
         _writer = writer;
         _stats = stats;
@@ -68,8 +69,9 @@ public sealed class MigSender
         try
         {
             // First, this host's pages in doubt: the receiver unites them with its own before its first page.
+            // (None when coding against the receiver's index: this store starts the trip empty.)
             if (_store is not null)
-                await _writer.WriteAsync(FrameType.MigDoubt, _store.Doubt.Encode(), compress: true, cts.Token);
+                await _writer.WriteAsync(FrameType.MigDoubt, (_encoder.PeerIndex is null ? _store.Doubt : MemoryDoubt.None).Encode(), compress: true, cts.Token);
             await ForwardAsync(qemu, prefix, frames, cts.Token);
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
@@ -179,6 +181,7 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
+            // Channels code against the departure snapshot this store shares with the receiver: with an index, there is none (sent in full).
             if (_encoder.TripStarted) _channels?.Begin(_synced);
             if (!endSent && _encoder.Parser.IsOpaque)
             {

@@ -68,6 +68,9 @@ internal sealed class TripWrites : IDisposable
     /// <summary>Records that the page's bytes or hash are about to change (its departure content kept first: <see cref="Preserve"/>).</summary>
     public void MarkModified(int block, long page) => (_tags[block] ??= new uint[_pageCounts[block]])[page] |= ModifiedBit;
 
+    /// <summary>True once any writer recorded the page in this trip (even unchanged, or unknown).</summary>
+    public bool Written(int block, long page) => _tags[block] is { } t && (t[page] & WriterMask) != 0;
+
     /// <summary>True when the page is as the main stream last saw it: no write yet, or the latest by the main stream.</summary>
     public bool MainView(int block, long page)
     {

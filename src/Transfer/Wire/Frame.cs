@@ -17,6 +17,10 @@ public enum FrameType : byte
     MigDoubt = 0x13,
     /// <summary>A multifd channel coded against the store: ops of <see cref="BFMig.Transfer.Memory.MultifdEncoder"/> (protocol 5).</summary>
     MultifdData = 0x14,
+    /// <summary>R->S after a hello reply that offers it: the head of the receiver's page index (<see cref="BFMig.Transfer.Memory.PeerPageIndex"/>, protocol 6).</summary>
+    PageIndexHead = 0x15,
+    /// <summary>R->S: one run of the receiver's page index (<see cref="BFMig.Transfer.Memory.PeerPageIndex"/>).</summary>
+    PageIndexPages = 0x16,
     /// <summary>Opaque bytes of a tunnelled stream (either direction).</summary>
     Tunnel = 0x11,
     /// <summary>The writer of a tunnel direction reached EOF.</summary>
@@ -62,9 +66,12 @@ public static class FrameCodec
     /// hello's coded-channel flag); the main stream's ops carry its sync rounds, and its End carries
     /// a hash of the rebuilt stream instead of the store's digest, which the channels' writes
     /// would make depend on timing (the digest is compared in the end acknowledgement instead).
+    /// 6: a receiver not in step with the sender but holding a snapshot of the guest from an
+    /// earlier trip offers its page index (keyed MACs, <see cref="FrameType.PageIndexHead"/>), so
+    /// an arrival from a host it never exchanged the guest with is cheap too.
     /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 5;
+    public const ushort ProtocolVersion = 6;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;

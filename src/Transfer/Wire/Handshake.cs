@@ -12,6 +12,9 @@ public sealed record HelloDecision(HelloStatus Status, bool HasStore, ulong Gene
 {
     /// <summary>The receiver's memory pages in doubt, answered with a match.</summary>
     public BFMig.Transfer.Memory.MemoryDoubt Doubt { get; init; } = BFMig.Transfer.Memory.MemoryDoubt.None;
+
+    /// <summary>A mismatch answered with the offer of the receiver's page index (<see cref="BFMig.Transfer.Memory.PeerPageIndex"/>).</summary>
+    public bool IndexFollows { get; init; }
 }
 
 /// <summary>
@@ -64,7 +67,7 @@ public static class Handshake
         var helloBytes = frame.Payload.ToArray();
         var hello = Hello.Decode(helloBytes);
         var decision = decide(hello);
-        var reply = new HelloReply(decision.Status, decision.HasStore, decision.Generation, decision.Digest, RandomNumberGenerator.GetBytes(32), decision.Message) { Doubt = decision.Doubt };
+        var reply = new HelloReply(decision.Status, decision.HasStore, decision.Generation, decision.Digest, RandomNumberGenerator.GetBytes(32), decision.Message) { Doubt = decision.Doubt, IndexFollows = decision.IndexFollows };
         var unsigned = reply.EncodeUnsigned();
         var transcript = Concat(helloBytes, unsigned);
         var payload = new byte[unsigned.Length + 1 + auth.ProofLength];

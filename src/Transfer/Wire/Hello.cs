@@ -98,14 +98,23 @@ public enum HelloStatus : byte
 
 /// <summary>
 /// Receiver's reply (frame <see cref="FrameType.HelloReply"/>): <c>u8 status, u8 flags (1 = store
-/// in use), be64 generation, 16 digest, 32 nonce, u8 message length + message, doubt
+/// in use, 2 = its page index follows), be64 generation, 16 digest, 32 nonce, u8 message length + message, doubt
 /// (<see cref="MemoryDoubt.Encode"/>), u8 proof length + proof</c>. The proof covers the hello and
 /// the reply up to the proof. The message says why, for a refusal or a mismatch.
 /// </summary>
 public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generation, byte[] Digest, byte[] Nonce, string Message)
 {
+    private const byte StoreFlag = 1;
+    private const byte IndexFlag = 2;
+
     /// <summary>The receiver's memory pages in doubt after interrupted trips (a memory stream on a match; none otherwise).</summary>
     public MemoryDoubt Doubt { get; init; } = MemoryDoubt.None;
+
+    /// <summary>
+    /// A mismatch on which the receiver still holds an earlier snapshot of the guest: its page
+    /// index (<see cref="PeerPageIndex"/>) follows once the sender has proved itself.
+    /// </summary>
+    public bool IndexFollows { get; init; }
 
     /// <summary>The bytes the receiver's proof covers (everything but the proof).</summary>
     public byte[] EncodeUnsigned()
@@ -115,7 +124,7 @@ public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generat
         var doubt = Doubt.Encode();
         var b = new byte[1 + 1 + 8 + 16 + 32 + 1 + msg.Length + doubt.Length];
         b[0] = (byte)Status;
-        b[1] = HasStore ? (byte)1 : (byte)0;
+        b[1] = (byte)((HasStore ? StoreFlag : 0) | (IndexFollows ? IndexFlag : 0));
         BinaryPrimitives.WriteUInt64BigEndian(b.AsSpan(2), Generation);
         Digest.AsSpan(0, 16).CopyTo(b.AsSpan(10));
         Nonce.AsSpan(0, 32).CopyTo(b.AsSpan(26));
@@ -129,7 +138,9 @@ public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generat
     {
         if (p.Length < 65) throw new PeerProtocolException($"hello reply of {p.Length} bytes is shorter than 65");
         if (p[0] > (byte)HelloStatus.Refused) throw new PeerProtocolException($"hello reply status {p[0]} unknown");
-        if ((p[1] & ~1) != 0) throw new PeerProtocolException($"hello reply has unknown flags 0x{p[1]:x2}");
+        if ((p[1] & ~(StoreFlag | IndexFlag)) != 0) throw new PeerProtocolException($"hello reply has unknown flags 0x{p[1]:x2}");
+        if ((p[1] & IndexFlag) != 0 && (p[0] != (byte)HelloStatus.Mismatch || (p[1] & StoreFlag) == 0))
+            throw new PeerProtocolException("hello reply offers a page index without a store it is out of step with");
         int msgLen = p[58];
         if (p.Length < 59 + msgLen) throw new PeerProtocolException("hello reply truncated in its message");
         var doubt = MemoryDoubt.Decode(p[(59 + msgLen)..]) ?? throw new PeerProtocolException("hello reply's pages in doubt are malformed or truncated");
@@ -138,7 +149,7 @@ public sealed record HelloReply(HelloStatus Status, bool HasStore, ulong Generat
         int proofLen = p[unsigned];
         if (p.Length != unsigned + 1 + proofLen) throw new PeerProtocolException($"hello reply of {p.Length} bytes, expected {unsigned + 1 + proofLen}");
         var reply = new HelloReply((HelloStatus)p[0], (p[1] & 1) != 0, BinaryPrimitives.ReadUInt64BigEndian(p[2..]), p.Slice(10, 16).ToArray(),
-            p.Slice(26, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(59, msgLen))) { Doubt = doubt.Doubt };
+            p.Slice(26, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(59, msgLen))) { Doubt = doubt.Doubt, IndexFollows = (p[1] & IndexFlag) != 0 };
         return (reply, unsigned, p.Slice(unsigned + 1, proofLen).ToArray());
     }
 }
