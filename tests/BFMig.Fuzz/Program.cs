@@ -13,7 +13,7 @@ namespace BFMig.Fuzz;
 /// </summary>
 internal static class Program
 {
-    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml", "multifd", "multifd-ops"];
+    private static readonly string[] Targets = ["qemu", "frames", "sealed", "ops", "nbd", "hello", "config", "xml", "multifd", "multifd-ops", "page-index"];
 
     private static int Main(string[] args)
     {
@@ -30,7 +30,7 @@ internal static class Program
         }
         if (args.Length < 1 || !Targets.Contains(args[0]))
         {
-            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml|multifd|multifd-ops [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
+            Console.Error.WriteLine("usage: BFMig.Fuzz qemu|frames|sealed|ops|nbd|hello|config|xml|multifd|multifd-ops|page-index [SECONDS] [SEED] | corpus TARGET DIR | afl TARGET | run TARGET FILE");
             return 2;
         }
         double seconds = args.Length > 1 ? double.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture) : 30;
