@@ -20,6 +20,8 @@ public enum DiskChunk : byte
     End = 5,
     /// <summary>R->S: <c>u8 committed, 16 digest of the map the receiver observed</c>.</summary>
     EndAck = 6,
+    /// <summary>R->S, before an <see cref="ExportReply"/> that does not match: a run of the receiver's own map, which it offers instead (<see cref="DiskMapOffer"/>).</summary>
+    ExportMap = 7,
 }
 
 /// <summary>
@@ -154,15 +156,19 @@ public sealed class DiskChannel
         await ReadExactAsync(_header, ct);
         var type = (DiskChunk)_header[0];
         int length = BinaryPrimitives.ReadInt32BigEndian(_header.AsSpan(1));
-        if (type is < DiskChunk.Data or > DiskChunk.EndAck) throw Bad($"unknown chunk type {_header[0]} at tunnel byte {at}");
+        if (type is < DiskChunk.Data or > DiskChunk.ExportMap) throw Bad($"unknown chunk type {_header[0]} at tunnel byte {at}");
         if (length < 0 || length > MaxPayload || (type != DiskChunk.Data && length > MaxControlLength(type)))
             throw Bad($"{type} chunk of {length} bytes at tunnel byte {at}");
         return (type, length);
     }
 
     // The hello and its reply carry a doubt of up to DiskDoubt.MaxRanges ranges.
-    private static int MaxControlLength(DiskChunk type) =>
-        type is DiskChunk.ExportHello or DiskChunk.ExportReply ? 1024 + 5 + 16 * DiskDoubt.MaxRanges : 1024;
+    private static int MaxControlLength(DiskChunk type) => type switch
+    {
+        DiskChunk.ExportHello or DiskChunk.ExportReply => 1024 + 5 + 16 * DiskDoubt.MaxRanges,
+        DiskChunk.ExportMap => MaxPayload,
+        _ => 1024,
+    };
 
     private async ValueTask ReadExactAsync(Memory<byte> buffer, CancellationToken ct)
     {

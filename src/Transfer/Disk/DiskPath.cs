@@ -36,11 +36,16 @@ public static class DiskPath
         string? mapPath = null;
         DiskBlockMap? saved = null;
         var savedDoubt = DiskDoubt.All;
+        DiskHashKey? announcedKey = null;
+        DiskMapOffer? offer = null;
+        bool awaitingReply = false;
         stats.Mode = "store-full";
 
         async ValueTask AnnounceAsync(string name, CancellationToken t)
         {
             view.Use(null);
+            offer = null;
+            awaitingReply = true;
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             string? why;
@@ -65,13 +70,20 @@ public static class DiskPath
                 MapUnused(stats, name, why);
             // The map's key continues; without a map this trip starts a new one (both hosts record under it).
             var key = saved?.HashKey ?? DiskHashKey.NewRandom();
+            announcedKey = key;
             view.UseKey(key);
             await channel.WriteChunkAsync(DiskChunk.ExportHello, DiskChannel.EncodeExportHello(saved?.ComputeDigest() ?? UInt128.Zero, key, name, saved is null ? DiskDoubt.All : savedDoubt), t);
         }
 
         ValueTask OnControlAsync(DiskChunk type, byte[] payload, CancellationToken t)
         {
+            if (type == DiskChunk.ExportMap && awaitingReply)
+            {
+                (offer ??= new DiskMapOffer()).Add(payload);
+                return ValueTask.CompletedTask;
+            }
             if (type != DiskChunk.ExportReply) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the receiver");
+            awaitingReply = false;
             var (match, receiverDigest, receiverDoubt) = DiskChannel.DecodeExportReply(payload);
             // Both hosts drop what either may have written since the saved map: the rest is proven equal by the digest.
             var inDoubt = savedDoubt.Union(receiverDoubt);
@@ -83,10 +95,17 @@ public static class DiskPath
                 // what this host may have forwarded into it adds nothing (the image is its own).
                 (inDoubt, agreed, usable) = (receiverDoubt, proven, true);
             }
-            view.Use(usable ? agreed : null);
-            stats.Mode = usable ? "store-match" : "store-full";
+            // Not in step, but the receiver offered its own map (a host this one never exchanged the guest with).
+            var offered = !usable && !match ? offer?.Complete(announcedKey!) : null;
+            offer = null;
+            if (offered is not null && offered.ComputeDigest() != receiverDigest)
+                throw new PeerProtocolException("disk channel: the receiver's offered map does not have the digest its reply names");
+            view.Use(usable ? agreed : offered);
+            stats.Mode = usable ? "store-match" : offered is not null ? "store-index" : "store-full";
             if (usable)
                 stats.DiskDoubtBlocks = inDoubt.BlockCount;
+            else if (offered is not null)
+                TransferLog.Note($"bfmig-transfer: disk map of export '{filter.ExportName}': not in step with the receiver, using the map it offered ({offered.KnownCount} of {offered.BlockCount} blocks known)");
             else if (saved is not null)
                 MapUnused(stats, filter.ExportName ?? "", !match ? "the receiver's map differs from this host's view of it (or the receiver has none it trusts)"
                     : agreed is null ? "every block is in doubt after the hosts' interrupted trips"
@@ -227,14 +246,25 @@ public static class DiskPath
             // After a re-hash only this host's exact doubt counts (the sender accepts it: see its ExportReply).
             var inDoubt = rehashed ? doubt : senderDoubt.Union(doubt);
             var agreed = match ? inDoubt.Apply(saved!) : null;
+            // The sender's view is of another host's image (the guest was elsewhere since it left
+            // here): this host still holds what its own map says, minus its own doubt, and offers that.
+            bool offered = false;
+            if (!match && saved is not null && doubt.Apply(saved) is { } own)
+                (agreed, inDoubt, offered) = (own, doubt, true);
             if (saved is not null && agreed is null)
-                why = match ? "every block is in doubt after the hosts' interrupted trips" : "the sender's view of this host's map differs from it";
+                why = match ? "every block is in doubt after the hosts' interrupted trips" : "every block of this host's map is in doubt";
             if (why is not null)
                 MapUnused(stats, name, why);
             else
                 stats.DiskDoubtBlocks = inDoubt.BlockCount;
             view.Use(agreed);
-            stats.Mode = agreed is not null ? "store-match" : "store-full";
+            stats.Mode = offered ? "store-index" : agreed is not null ? "store-match" : "store-full";
+            if (offered)
+            {
+                TransferLog.Note($"bfmig-transfer: disk map of export '{name}': the sender's view is of another host's image; offering this host's own ({agreed!.KnownCount} of {agreed.BlockCount} blocks known)");
+                foreach (var chunk in DiskMapOffer.Encode(agreed))
+                    await channel.WriteChunkAsync(DiskChunk.ExportMap, chunk, t);
+            }
             await channel.WriteChunkAsync(DiskChunk.ExportReply, DiskChannel.EncodeExportReply(match, agreed?.ComputeDigest() ?? UInt128.Zero, saved is null ? DiskDoubt.All : doubt), t);
         }
 
