@@ -162,6 +162,8 @@ public static class TransferRunner
             else if (store is not null && reply.HasStore)
             {
                 bool synced = reply.Status == HelloStatus.Match;
+                // Listening before the index arrives: a big index takes seconds, and the channels look for this helper for 5 s only.
+                await using var channels = ChannelCodecs.TryStart(store, sending: true);
                 var index = reply.IndexFollows ? await PeerPageIndex.ReadAsync(reader, o.MaxRamBytes > 0 ? o.MaxRamBytes : RamLimit.ForHost(), ct) : null;
                 stats.Mode = synced ? "store-match" : index is not null ? "store-index" : "store-full";
                 if (index is not null)
@@ -173,9 +175,9 @@ public static class TransferRunner
                     NoteStoreUnused(stats, reply.Message.Length > 0 ? $"the receiver: {reply.Message}" : "the receiver's store differs from this one");
                 else if (!store.Doubt.IsEmpty || !reply.Doubt.IsEmpty)
                     TransferLog.Note($"bfmig-transfer: memory store in doubt after an interrupted trip: here {store.Doubt.Describe()}, on the receiver {reply.Doubt.Describe()}: sent in full");
-                ulong next = Math.Max(store.State.Generation, reply.Generation) + 1;
-                var sender = new MigSender(store, synced || index is not null, index?.Seed ?? store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
-                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None, index);
+                ulong next = Math.Max(Math.Max(store.State.Generation, reply.Generation), index?.Generation ?? 0) + 1;
+                var sender = new MigSender(store, synced, index?.Seed ?? store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
+                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None, index) { Channels = channels };
                 await sender.RunAsync(qemu, prefix, ct);
             }
             else if (codec is not null)
@@ -308,6 +310,8 @@ public static class TransferRunner
                 bool keep = decision.Status == HelloStatus.Match;
                 bool indexed = decision.IndexFollows;
                 stats.Mode = keep ? "store-match" : indexed ? "store-index" : "store-full";
+                // Listening before the index goes out: computing it takes seconds on a big guest, and a coded channel looks for this helper for 20 s only.
+                await using var channels = ChannelCodecs.TryStart(store, sending: false);
                 if (indexed)
                 {
                     stats.IndexPages = await PeerPageIndex.SendAsync(store, writer, ct);
@@ -319,7 +323,7 @@ public static class TransferRunner
                 }
                 // Coded against this store's own pages, the trip records under its seed, so what it keeps keeps its index entries.
                 var receiver = new MigReceiver(store, keep || indexed, indexed ? store.State.Seed : hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout,
-                    hello.Paced, o.MaxRamBytes) { Indexed = indexed };
+                    hello.Paced, o.MaxRamBytes) { Indexed = indexed, Channels = channels };
                 await receiver.RunAsync(local, ct);
             }
             else if (coded is not null)

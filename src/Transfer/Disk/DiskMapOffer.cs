@@ -14,7 +14,8 @@ namespace BFMig.Transfer.Disk;
 /// <para>
 /// Wire: <see cref="DiskChunk.ExportMap"/> chunks before the <see cref="DiskChunk.ExportReply"/>,
 /// each <c>be64 image size, be32 block size, be64 first block, n x 16 hash (0 = unknown)</c>,
-/// covering every block in order. What the sender holds grows only with what it received.
+/// covering every block in order. The sender keeps only a map of its own disk's size, and what it
+/// holds grows only with what it received.
 /// </para>
 /// </summary>
 public sealed class DiskMapOffer
@@ -24,9 +25,16 @@ public sealed class DiskMapOffer
     private const int HeaderLength = 20;
 
     private readonly List<UInt128> _hashes = [];
+    private readonly ulong? _sourceSize;
     private ulong _imageSize;
     private int _blockSize;
     private long _blockCount = -1;
+
+    /// <param name="sourceSize">The size of the disk the sender mirrors (null: unknown). A map of another size is not used (nor kept).</param>
+    public DiskMapOffer(ulong? sourceSize) => _sourceSize = sourceSize;
+
+    /// <summary>Why the offer cannot be used (null while it can).</summary>
+    public string? Unusable { get; private set; }
 
     /// <summary>The chunks that offer <paramref name="map"/>.</summary>
     public static IEnumerable<byte[]> Encode(DiskBlockMap map)
@@ -61,21 +69,27 @@ public sealed class DiskMapOffer
             if (blockSize != DiskMapStore.BlockSize || !DiskBlockMap.CanDescribe(size, blockSize))
                 throw Bad($"export map of {size} bytes in blocks of {blockSize} bytes cannot be a map of this host's (blocks of {DiskMapStore.BlockSize})");
             (_imageSize, _blockSize, _blockCount) = (size, blockSize, DiskBlockHash.CountBlocks(size, blockSize));
+            if (_sourceSize != size)
+                Unusable = $"the receiver offered a map of {size} bytes for a disk of {(_sourceSize is { } s ? $"{s} bytes" : "unknown size")} here";
         }
         else if (size != _imageSize || blockSize != _blockSize)
         {
             throw Bad($"export map chunk of another geometry ({size} bytes, blocks of {blockSize}) than its first ({_imageSize}, {_blockSize})");
         }
-        if (first != _hashes.Count) throw Bad($"export map chunk from block {first}, expected {_hashes.Count}");
+        if (first != _received) throw Bad($"export map chunk from block {first}, expected {_received}");
         if (n > _blockCount - first) throw Bad($"export map chunk of {n} blocks overruns the map's {_blockCount} at block {first}");
+        _received = first + n;
+        if (Unusable is not null) return;
         for (int i = 0; i < n; i++)
             _hashes.Add(BinaryPrimitives.ReadUInt128LittleEndian(p[(HeaderLength + i * 16)..]));
     }
 
+    private long _received;
+
     /// <summary>The offered map, hashed under <paramref name="key"/> (the sender's, which the receiver shares), or null when chunks are missing.</summary>
     public DiskBlockMap? Complete(DiskHashKey key)
     {
-        if (_blockCount < 0 || _hashes.Count != _blockCount) return null;
+        if (_blockCount < 0 || _received != _blockCount || Unusable is not null) return null;
         var map = new DiskBlockMap(_imageSize, _blockSize, key);
         for (int i = 0; i < _hashes.Count; i++)
             if (_hashes[i] != UInt128.Zero) map.Set(i, _hashes[i]);

@@ -39,6 +39,7 @@ public static class DiskPath
         DiskHashKey? announcedKey = null;
         DiskMapOffer? offer = null;
         bool awaitingReply = false;
+        ulong? offerSize = null;
         stats.Mode = "store-full";
 
         async ValueTask AnnounceAsync(string name, CancellationToken t)
@@ -46,6 +47,7 @@ public static class DiskPath
             view.Use(null);
             offer = null;
             awaitingReply = true;
+            offerSize = o.DiskImages.TryGetValue(name, out var source) ? source.ReadVirtualSize(o.QemuUser) : null;
             stats.Export = name;
             mapPath = DiskMapStore.MapPath(o.StoreRoot!, o.Guest, name);
             string? why;
@@ -79,7 +81,7 @@ public static class DiskPath
         {
             if (type == DiskChunk.ExportMap && awaitingReply)
             {
-                (offer ??= new DiskMapOffer()).Add(payload);
+                (offer ??= new DiskMapOffer(offerSize)).Add(payload);
                 return ValueTask.CompletedTask;
             }
             if (type != DiskChunk.ExportReply) throw new PeerProtocolException($"disk channel: unexpected {type} chunk from the receiver");
@@ -97,7 +99,9 @@ public static class DiskPath
             }
             // Not in step, but the receiver offered its own map (a host this one never exchanged the guest with).
             var offered = !usable && !match ? offer?.Complete(announcedKey!) : null;
+            string? offerUnused = offer?.Unusable;
             offer = null;
+            // The reply's digest shows that every chunk arrived as the receiver meant it (the receiver vouches for the map itself).
             if (offered is not null && offered.ComputeDigest() != receiverDigest)
                 throw new PeerProtocolException("disk channel: the receiver's offered map does not have the digest its reply names");
             view.Use(usable ? agreed : offered);
@@ -106,6 +110,8 @@ public static class DiskPath
                 stats.DiskDoubtBlocks = inDoubt.BlockCount;
             else if (offered is not null)
                 TransferLog.Note($"bfmig-transfer: disk map of export '{filter.ExportName}': not in step with the receiver, using the map it offered ({offered.KnownCount} of {offered.BlockCount} blocks known)");
+            else if (offerUnused is not null)
+                MapUnused(stats, filter.ExportName ?? "", offerUnused);
             else if (saved is not null)
                 MapUnused(stats, filter.ExportName ?? "", !match ? "the receiver's map differs from this host's view of it (or the receiver has none it trusts)"
                     : agreed is null ? "every block is in doubt after the hosts' interrupted trips"

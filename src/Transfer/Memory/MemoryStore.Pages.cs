@@ -1,3 +1,5 @@
+using BFMig.Transfer.Disk;
+
 namespace BFMig.Transfer.Memory;
 
 // Page contents and hashes: reads through a small read-ahead window, writes batched into runs
@@ -166,7 +168,12 @@ public sealed partial class MemoryStore
         if (hashes[page] == UInt128.Zero) return;
         BeforeModify(block, page);
         hashes[page] = UInt128.Zero;
-        // Journaled at the commit, before the index files are rewritten (nothing on disk changes until then).
+        NoteUnknown(block, page);
+    }
+
+    // Journaled at the commit, before the index files are rewritten (nothing on disk changes until then).
+    private void NoteUnknown(int block, long page)
+    {
         if (_unknownTouched.Count > 0 && _unknownTouched[^1].Block == block && _unknownTouched[^1].End == page)
             _unknownTouched[^1] = _unknownTouched[^1] with { Count = _unknownTouched[^1].Count + 1 };
         else
@@ -226,10 +233,63 @@ public sealed partial class MemoryStore
     /// </summary>
     public void ForgetUntouched()
     {
+        // No departure copy (BeforeModify): the channels have ended, nothing codes against it any more.
         for (int b = 0; b < _blocks.Count; b++)
-            for (long p = 0; p < _blocks[b].PageCount; p++)
-                if (Untouched(b, p)) MakeUnknown(b, p);
+        {
+            var hashes = _blocks[b].Hashes;
+            for (long p = 0; p < hashes.LongLength; p++)
+            {
+                if (hashes[p] == UInt128.Zero || !Untouched(b, p)) continue;
+                hashes[p] = UInt128.Zero;
+                NoteUnknown(b, p);
+            }
+        }
     }
+
+    /// <summary>
+    /// Vouches for the pages <c>[first, first + macs.Length)</c> of <paramref name="block"/> to a
+    /// sender this store is not in step with (outside a trip): each page's MAC under
+    /// <paramref name="key"/> (<see cref="PeerPageIndex"/>), or 0 for a page that is unknown, in
+    /// doubt, or whose bytes do not hash to its index entry. Such a damaged page joins
+    /// <see cref="Doubt"/>, so the trip that follows drops its hash (durably, as its journal begins).
+    /// </summary>
+    public void Vouch(int block, long first, Span<UInt128> macs, DiskHashKey key, UInt128 zeroMac)
+    {
+        if (_inTrip) throw new InvalidOperationException("a store vouches for its pages only between trips");
+        macs.Clear();
+        if (Doubt.Whole) return;
+        var buffer = _batch ??= new byte[BatchPages << QemuFormat.PageShift];
+        List<PageRange>? damaged = null;
+        for (int done = 0; done < macs.Length; done += BatchPages)
+        {
+            int n = Math.Min(BatchPages, macs.Length - done);
+            ReadPages(block, first + done, n, buffer);
+            for (int i = 0; i < n; i++)
+            {
+                long page = first + done + i;
+                var hash = GetHash(block, page);
+                if (hash == UInt128.Zero) continue;
+                var content = buffer.AsSpan(i << QemuFormat.PageShift, QemuFormat.PageSize);
+                if (Hash(content) != hash)
+                    (damaged ??= []).Add(new PageRange(block, page, 1));
+                else
+                    macs[done + i] = hash == ZeroHash ? zeroMac : DiskBlockHash.Compute(content, key);
+            }
+        }
+        foreach (var r in Doubt.Ranges)
+        {
+            if (r.Block != block || r.End <= first || r.First >= first + macs.Length) continue;
+            long from = Math.Max(r.First, first), to = Math.Min(r.End, first + macs.Length);
+            macs.Slice((int)(from - first), (int)(to - from)).Clear();
+        }
+        if (damaged is not null)
+        {
+            TransferLog.Note($"bfmig-transfer: {damaged.Count} retained pages of block {block} are not what the index says: in doubt from now on");
+            Doubt = Doubt.Union(MemoryDoubt.Of(damaged));
+        }
+    }
+
+    private byte[]? _batch;
 
     /// <summary>The page's hash when the trip began (the departure snapshot; 0 = unknown): what a multifd channel codes against.</summary>
     public UInt128 BaseHash(int block, long page) =>

@@ -275,7 +275,9 @@ public sealed partial class MemoryStore : IDisposable
         _journal = MemoryDoubtJournal.Begin(_dir, keep && sameLayout ? Doubt : MemoryDoubt.All);
         DurableFile.FsyncDirectory(_dir);
         TripDoubt = keep && sameLayout ? inDoubt : MemoryDoubt.All;
-        if (keep && sameLayout)
+        // Whatever the new layout, a page in doubt must not keep its hash in a block the trip keeps
+        // (a trip against this store's page index keeps same-named blocks of another layout too).
+        if (keep)
         {
             foreach (var r in inDoubt.Ranges)
             {

@@ -57,13 +57,19 @@ public sealed class MigReceiver
     public bool Indexed { get; init; }
 
     /// <summary>
+    /// The store work of this trip's multifd channels, when the caller started it already (before
+    /// sending its page index, so that the channels find it); otherwise <see cref="RunAsync"/> starts it.
+    /// </summary>
+    public ChannelCodecService? Channels { get => _channels; init => _channels = value; }
+
+    /// <summary>
     /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
     /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
     /// </summary>
     public async Task RunAsync(LocalConnection qemu, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        _channels = ChannelCodecs.TryStart(_store, sending: false);
+        _channels ??= ChannelCodecs.TryStart(_store, sending: false);
         var reverse = Task.Run(() => ReverseAsync(qemu, cts.Token), cts.Token);
         try
         {

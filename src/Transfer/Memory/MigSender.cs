@@ -37,14 +37,15 @@ public sealed class MigSender
     private ChannelCodecService? _channels;
 
     // peerDoubt: the receiver's pages in doubt (its hello reply; none without a match).
-    // peerIndex: the receiver's page index, when it is not in step with this store (then synced, and seed is the index's).
+    // peerIndex: the receiver's page index, when it is not in step with this store (seed is then the index's).
     public MigSender(MemoryStore? store, bool synced, ulong seed, ulong newGeneration, string peerName, FrameReader reader, FrameWriter writer,
         TransferStats stats, TimeSpan endTimeout, StreamPacer? pacer = null, MemoryDoubt? peerDoubt = null, PeerPageIndex? peerIndex = null)
     {
         _pacer = pacer;
         _store = store;
-        _synced = synced && peerIndex is null;
-        _encoder = new MigEncoder(store, synced, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None, CountRounds = true, PeerIndex = peerIndex };
+        _synced = synced;
+        // Against an index this store starts empty and then holds what the receiver holds: the encoder codes against it as on a match.
+        _encoder = new MigEncoder(store, synced || peerIndex is not null, seed, stats) { PeerDoubt = peerDoubt ?? MemoryDoubt.None, CountRounds = true, PeerIndex = peerIndex };
         _reader = reader;
         _writer = writer;
         _stats = stats;
@@ -54,13 +55,19 @@ public sealed class MigSender
     }
 
     /// <summary>
+    /// The store work of this trip's multifd channels, when the caller started it already (before
+    /// a long handshake, so that the channels find it); otherwise <see cref="RunAsync"/> starts it.
+    /// </summary>
+    public ChannelCodecService? Channels { get => _channels; init => _channels = value; }
+
+    /// <summary>
     /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
     /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
     /// </summary>
     public async Task RunAsync(LocalConnection qemu, ReadOnlyMemory<byte> prefix, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        _channels = ChannelCodecs.TryStart(_store, sending: true);
+        _channels ??= ChannelCodecs.TryStart(_store, sending: true);
         var endAck = new TaskCompletionSource<EndAck>(TaskCreationOptions.RunContinuationsAsynchronously);
         await using var frames = new FramePipeline(_writer);
         var inbox = Task.Run(() => InboxAsync(qemu, endAck, cts.Token), cts.Token);

@@ -13,9 +13,11 @@ namespace BFMig.Transfer.Memory;
 /// <para>
 /// Identity: the sender does not hold these bytes, so the hash <i>is</i> the identity here (as for
 /// disk blocks, <see cref="DiskBlockHash"/>): HMAC-SHA256 truncated to 128 bits under a key the
-/// receiver draws for this trip alone. The guest never sees the key and chose its pages before it
-/// existed, so it cannot craft a page that collides with one the receiver holds; the store's
-/// XXH3 index, whose seed crosses in the hello, is never sent as an identity. The receiver
+/// receiver draws for this trip alone. The key lives only in the two helpers and crosses only
+/// inside the sealed or TLS channel, so a guest cannot compute a single MAC, let alone craft a
+/// page whose MAC equals that of a page the receiver holds (a key seen by an earlier trip is of
+/// no use to the next); the store's XXH3 index, whose seed crosses in the hello, is never sent as
+/// an identity. The receiver
 /// computes each entry from the bytes it will keep (and leaves out any page whose bytes disagree
 /// with its own index), so an elided page is rebuilt from exactly what was hashed.
 /// </para>
@@ -68,13 +70,15 @@ public sealed class PeerPageIndex
         [.. blocks.Select(b => _macs.TryGetValue(b.Name, out var m) && m.LongLength == b.PageCount ? m : null)];
 
     /// <summary>
-    /// Receiver: draws a key, MACs every page the store holds (committed, not in doubt, bytes
-    /// agreeing with its index) and sends the index; returns how many pages it describes. The
-    /// store must be open and not in a trip (a store wholly in doubt describes no page).
+    /// Receiver: draws a key and sends the MACs of every page the store vouches for
+    /// (<see cref="MemoryStore.Vouch"/>); returns how many pages it describes. The store must be
+    /// open and not in a trip. Nothing here fails the migration: a store it cannot describe (more
+    /// blocks than a head names) sends an empty index, a run it cannot read sends no MACs.
     /// </summary>
     public static async Task<long> SendAsync(MemoryStore store, FrameWriter writer, CancellationToken ct)
     {
         var key = DiskHashKey.NewRandom();
+        int blocks = store.BlockCount <= MaxBlocks ? store.BlockCount : 0;
         var head = new MemoryStream();
         head.Write(key.Bytes);
         Span<byte> u64 = stackalloc byte[8];
@@ -82,10 +86,10 @@ public sealed class PeerPageIndex
         head.Write(u64);
         BinaryPrimitives.WriteUInt64BigEndian(u64, store.State.Generation);
         head.Write(u64);
-        if (store.BlockCount > MaxBlocks) throw new StoreException($"the store holds {store.BlockCount} RAM blocks, more than an index may name ({MaxBlocks})");
-        head.WriteByte((byte)store.BlockCount);
-        for (int b = 0; b < store.BlockCount; b++)
+        head.WriteByte((byte)blocks);
+        for (int b = 0; b < blocks; b++)
         {
+            // RAMBlock names come from QEMU's stream, which gives them a u8 length too.
             var name = Encoding.UTF8.GetBytes(store.BlockName(b));
             head.WriteByte((byte)name.Length);
             head.Write(name);
@@ -95,49 +99,32 @@ public sealed class PeerPageIndex
         await writer.WriteAsync(FrameType.PageIndexHead, head.ToArray(), compress: false, ct);
 
         var zeroMac = DiskBlockHash.Compute(new byte[QemuFormat.PageSize], key);
-        var doubt = store.Doubt;
         var frame = new byte[12 + ChunkPages * 16];
-        var pages = new byte[MemoryStore.BatchPages << QemuFormat.PageShift];
+        var macs = new UInt128[ChunkPages];
         long known = 0;
-        for (int b = 0; b < store.BlockCount; b++)
+        for (int b = 0; b < blocks; b++)
         {
             long count = store.PageCount(b);
             for (long first = 0; first < count; first += ChunkPages)
             {
                 int n = (int)Math.Min(ChunkPages, count - first);
+                var run = macs.AsSpan(0, n);
+                try
+                {
+                    store.Vouch(b, first, run, key, zeroMac);
+                }
+                catch (IOException e)
+                {
+                    TransferLog.Note($"bfmig-transfer: pages {first}-{first + n - 1} of block {b} unreadable ({e.Message}): left out of the index");
+                    run.Clear();
+                }
                 BinaryPrimitives.WriteUInt32BigEndian(frame, (uint)b);
                 BinaryPrimitives.WriteUInt64BigEndian(frame.AsSpan(4), (ulong)first);
-                var macs = frame.AsSpan(12, n * 16);
-                macs.Clear();
-                for (int done = 0; done < n; done += MemoryStore.BatchPages)
-                {
-                    int batch = Math.Min(MemoryStore.BatchPages, n - done);
-                    store.ReadPages(b, first + done, batch, pages);
-                    for (int i = 0; i < batch; i++)
-                    {
-                        long page = first + done + i;
-                        var hash = store.GetHash(b, page);
-                        if (hash == UInt128.Zero || doubt.Whole) continue;
-                        var content = pages.AsSpan(i << QemuFormat.PageShift, QemuFormat.PageSize);
-                        UInt128 mac;
-                        if (hash == store.ZeroHash)
-                            mac = content.IndexOfAnyExcept((byte)0) < 0 ? zeroMac : UInt128.Zero;
-                        else
-                            // Bytes that disagree with the index (damaged behind the store's back) are left out: sent in full.
-                            mac = store.Hash(content) == hash ? DiskBlockHash.Compute(content, key) : UInt128.Zero;
-                        if (mac == UInt128.Zero) continue;
-                        BinaryPrimitives.WriteUInt128LittleEndian(macs[((done + i) * 16)..], mac);
-                    }
-                }
-                // Pages an interrupted trip left in doubt are not what the index says they are.
-                foreach (var r in doubt.Ranges)
-                {
-                    if (r.Block != b || r.End <= first || r.First >= first + n) continue;
-                    long from = Math.Max(r.First, first), to = Math.Min(r.End, first + n);
-                    macs.Slice((int)(from - first) * 16, (int)(to - from) * 16).Clear();
-                }
                 for (int i = 0; i < n; i++)
-                    if (BinaryPrimitives.ReadUInt128LittleEndian(macs[(i * 16)..]) != UInt128.Zero) known++;
+                {
+                    BinaryPrimitives.WriteUInt128LittleEndian(frame.AsSpan(12 + i * 16), run[i]);
+                    if (run[i] != UInt128.Zero) known++;
+                }
                 await writer.WriteAsync(FrameType.PageIndexPages, frame.AsMemory(0, 12 + n * 16), compress: true, ct);
             }
         }
