@@ -155,4 +155,40 @@ public class CodedChannelTests
             Assert.Equal(sa.Hash(back[31]), sa.GetHash(0, 31));
         }
     }
+    /// <summary>
+    /// A multifd arrival from a host the receiver never exchanged the guest with (A->B->C->A,
+    /// protocol 6): the main stream codes against the receiver's page index, the channels are
+    /// coded in full and recorded on both hosts (there is no shared snapshot for them), the trip
+    /// arrives exact, both stores commit the same digest, and the next trip's channels elide again.
+    /// </summary>
+    [Fact]
+    public async Task AMultifdArrivalFromAThirdHost_IsExact_AndLeavesBothStoresInStepForTheNextTrip()
+    {
+        using var a = new TempDir();
+        using var b = new TempDir();
+        using var c = new TempDir();
+        var guest = Guid.NewGuid();
+        var memory = RandomPages(47);
+        int[] even = [.. Enumerable.Range(0, PageCount).Where(p => p % 2 == 0)];
+        int[] odd = [.. Enumerable.Range(0, PageCount).Where(p => p % 2 == 1)];
+        await Migrate(a.Path, b.Path, guest, memory, even, odd);
+        await Migrate(b.Path, c.Path, guest, memory, odd, even);
+
+        var home = await Migrate(c.Path, a.Path, guest, memory, even, odd);
+        Assert.Equal("store-index", home[0].Send!.Mode);
+        Assert.Equal("store-index", home[0].Receive!.Mode);
+        Assert.Equal(PageCount, home[1].Send!.PagesFull + home[2].Send!.PagesFull);
+        Assert.True(home[0].Send!.Committed && home[0].Receive!.Committed);
+        using (var sa = MemoryStore.Open(a.Path, guest))
+        using (var sc = MemoryStore.Open(c.Path, guest))
+        {
+            Assert.Equal(sa.State.Digest, sc.State.Digest);
+            for (int p = 0; p < PageCount; p++)
+                Assert.Equal(sa.Hash(memory[p]), sa.GetHash(0, p));
+        }
+
+        var onward = await Migrate(a.Path, c.Path, guest, memory, odd, even);
+        Assert.Equal("store-match", onward[0].Send!.Mode);
+        Assert.Equal(PageCount, onward[1].Send!.PagesElided + onward[2].Send!.PagesElided);
+    }
 }
