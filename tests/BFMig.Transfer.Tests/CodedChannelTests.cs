@@ -157,9 +157,10 @@ public class CodedChannelTests
     }
     /// <summary>
     /// A multifd arrival from a host the receiver never exchanged the guest with (A->B->C->A,
-    /// protocol 6): the main stream codes against the receiver's page index, the channels are
-    /// coded in full and recorded on both hosts (there is no shared snapshot for them), the trip
-    /// arrives exact, both stores commit the same digest, and the next trip's channels elide again.
+    /// protocol 6): the main stream and the channels code against the receiver's page index (a
+    /// channel's ELIDE restores the receiver's departure snapshot, which is what it indexed), the
+    /// trip arrives exact with 8 changed pages carried, both stores commit the same digest, and the
+    /// next trip's channels elide again.
     /// </summary>
     [Fact]
     public async Task AMultifdArrivalFromAThirdHost_IsExact_AndLeavesBothStoresInStepForTheNextTrip()
@@ -174,10 +175,15 @@ public class CodedChannelTests
         await Migrate(a.Path, b.Path, guest, memory, even, odd);
         await Migrate(b.Path, c.Path, guest, memory, odd, even);
 
+        var changed = memory.Select(p => p.ToArray()).ToArray();
+        for (int p = 0; p < 8; p++) new Random(100 + p).NextBytes(changed[p * 29]);
+        memory = changed;
         var home = await Migrate(c.Path, a.Path, guest, memory, even, odd);
         Assert.Equal("store-index", home[0].Send!.Mode);
         Assert.Equal("store-index", home[0].Receive!.Mode);
-        Assert.Equal(PageCount, home[1].Send!.PagesFull + home[2].Send!.PagesFull);
+        Assert.Equal(PageCount - 8, home[1].Send!.PagesElided + home[2].Send!.PagesElided);
+        Assert.Equal(8, home[1].Send!.PagesFull + home[2].Send!.PagesFull);
+        Assert.Equal(PageCount - 8, home[1].Receive!.PagesElided + home[2].Receive!.PagesElided);
         Assert.True(home[0].Send!.Committed && home[0].Receive!.Committed);
         using (var sa = MemoryStore.Open(a.Path, guest))
         using (var sc = MemoryStore.Open(c.Path, guest))

@@ -39,6 +39,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
     private TaskCompletionSource _added = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Task _accepting;
     private bool _synced;
+    private PeerPageIndex? _peerIndex;
     private bool _closed;
     private Task? _disposing;
     private string? _failure;
@@ -81,10 +82,15 @@ public sealed class ChannelCodecService : IAsyncDisposable
     /// <summary>Pages the channels carried, as the codecs counted them.</summary>
     public TransferStats Counts { get; } = new();
 
-    /// <summary>The store trip began: channels may be served. <paramref name="synced"/>: the hello matched (a sender may elide).</summary>
-    public void Begin(bool synced)
+    /// <summary>
+    /// The store trip began: channels may be served. <paramref name="synced"/>: the hello matched (a
+    /// sender may elide against the departure snapshot both hosts share). <paramref name="peerIndex"/>:
+    /// the trip is coded against the receiver's page index instead (a sender elides what it holds).
+    /// </summary>
+    public void Begin(bool synced, PeerPageIndex? peerIndex = null)
     {
         _synced = synced;
+        _peerIndex = peerIndex;
         _ready.TrySetResult(null);
     }
 
@@ -288,7 +294,7 @@ public sealed class ChannelCodecService : IAsyncDisposable
     // Sending side: QEMU's channel bytes in, ops out. Bytes a segment cut wait for the next Data.
     private async Task EncodeAsync(Stream stream, Ref<byte[]> buffer, TransferStats counts, CancellationToken ct)
     {
-        var encoder = new MultifdEncoder(_store, _synced, counts) { ClaimChannel = Claim };
+        var encoder = new MultifdEncoder(_store, _synced, counts) { ClaimChannel = Claim, PeerIndex = _peerIndex };
         var pending = new byte[MultifdEncoder.MaxInput + MultifdChannelParser.MaxSegmentLength];
         int length = 0;
         while (true)

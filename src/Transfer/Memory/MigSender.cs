@@ -188,8 +188,8 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
-            // Channels code against the departure snapshot this store shares with the receiver: with an index, there is none (sent in full).
-            if (_encoder.TripStarted) _channels?.Begin(_synced);
+            // Channels code against the departure snapshot this store shares with the receiver, or against the receiver's index.
+            if (_encoder.TripStarted) _channels?.Begin(_synced, _encoder.PeerIndex);
             if (!endSent && _encoder.Parser.IsOpaque)
             {
                 // From here on no page is recorded, so the digest is final. End goes ahead of every

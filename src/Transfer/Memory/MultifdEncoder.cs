@@ -46,6 +46,15 @@ public sealed class MultifdEncoder
         _placement = new MultifdPlacement(_store);
     }
 
+    /// <summary>
+    /// The receiver's page index, when the trip is coded against it (<see cref="PeerPageIndex"/>):
+    /// a page whose MAC equals the receiver's for that page is elided, since the receiver's
+    /// departure snapshot, which a channel's ELIDE restores, is exactly what it indexed.
+    /// </summary>
+    public PeerPageIndex? PeerIndex { get; init; }
+
+    private UInt128[]?[]? _peerMacs;
+
     /// <summary>The most input one <see cref="Consume"/> takes, so that the ops never outgrow a frame.</summary>
     public const int MaxInput = 256 << 10;
 
@@ -127,6 +136,14 @@ public sealed class MultifdEncoder
             return;
         }
         var hash = store.Hash(body);
+        // Against the receiver's index this store began empty: it records the bytes the receiver keeps.
+        if (PeerIndex is { } index && (_peerMacs ??= index.ForLayout(store))[block] is { } macs && macs[page] != UInt128.Zero && index.Mac(body) == macs[page])
+        {
+            _ops[_length++] = MigOps.KindElide;
+            _stats.PagesElided++;
+            store.Put(block, page, body, hash, Write);
+            return;
+        }
         if (_synced && store.TryLocateBase(hash, out int srcBlock, out long srcPage) && store.BaseEquals(srcBlock, srcPage, body))
         {
             _ops[_length++] = MigOps.KindRef;

@@ -66,8 +66,12 @@ public sealed class PeerPageIndex
     /// The MACs for each block of the stream's layout, by position; null for a block the receiver
     /// holds under another length or not at all (its pages are sent as on a first trip).
     /// </summary>
-    public UInt128[]?[] ForLayout(IReadOnlyList<RamBlockInfo> blocks) =>
-        [.. blocks.Select(b => _macs.TryGetValue(b.Name, out var m) && m.LongLength == b.PageCount ? m : null)];
+    public UInt128[]?[] ForLayout(IReadOnlyList<RamBlockInfo> blocks) => [.. blocks.Select(b => MacsOf(b.Name, b.PageCount))];
+
+    /// <summary>The same for the blocks of <paramref name="store"/>, in its trip's layout.</summary>
+    public UInt128[]?[] ForLayout(MemoryStore store) => [.. Enumerable.Range(0, store.BlockCount).Select(b => MacsOf(store.BlockName(b), store.PageCount(b)))];
+
+    private UInt128[]? MacsOf(string name, long pages) => _macs.TryGetValue(name, out var m) && m.LongLength == pages ? m : null;
 
     /// <summary>
     /// Receiver: draws a key and sends the MACs of every page the store vouches for
