@@ -11,8 +11,8 @@ namespace BFMig.Lab.Tests;
 /// elsewhere; nothing may be trusted wrongly for that, so every trip must arrive verified (guest
 /// checksums and the offline image comparison). Every arrival on a host that still holds a
 /// snapshot of the guest is cheap, whichever host it comes from (issue 15): C->A (C never
-/// exchanged the guest with A; A offers its page index and its disk map) and B->A straight after
-/// A->B must each cost a fraction of the first trip.
+/// exchanged the guest with A; A offers its page index and its disk map), A->B (B holds its
+/// snapshot from B->C) and B->A straight after A->B must each cost a fraction of the first trip.
 /// </summary>
 [Collection(LabCollection.Name)]
 public sealed class ThreeHostTests(ITestOutputHelper output) : IDisposable
@@ -51,7 +51,9 @@ public sealed class ThreeHostTests(ITestOutputHelper output) : IDisposable
         long first = trips[0].GetProperty("wire_bytes").GetInt64();
         long last = trips[^1].GetProperty("wire_bytes").GetInt64();
         long fromC = trips[2].GetProperty("wire_bytes").GetInt64();
+        long toB = trips[3].GetProperty("wire_bytes").GetInt64();
         Assert.True(last * 5 < first, $"B->A right after A->B moved {last} bytes against the first trip's {first}");
         Assert.True(fromC * 5 < first, $"C->A, onto A's snapshot from the first trip, moved {fromC} bytes against the first trip's {first}");
+        Assert.True(toB * 5 < first, $"A->B, onto B's snapshot from B->C, moved {toB} bytes against the first trip's {first}");
     }
 }
