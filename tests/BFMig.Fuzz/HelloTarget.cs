@@ -124,7 +124,8 @@ internal static class HelloTarget
         }
     }
 
-    private static byte[] Framed(FrameType type, byte[] payload)
+    /// <summary>One uncompressed frame as a peer writes it (also the page-index target's corpus).</summary>
+    internal static byte[] Framed(FrameType type, byte[] payload)
     {
         var frame = new byte[FrameCodec.HeaderLength + payload.Length];
         FrameCodec.WriteHeader(frame, type, FrameCodecKind.None, payload.Length);

@@ -37,9 +37,9 @@ internal static class PageIndexTarget
         }
         return
         [
-            [.. Framed(FrameType.PageIndexHead, [.. head]), .. Framed(FrameType.PageIndexPages, Pages(0, 0, 2)),
-                .. Framed(FrameType.PageIndexPages, Pages(0, 2, 1)), .. Framed(FrameType.PageIndexPages, Pages(1, 0, 1))],
-            [.. Framed(FrameType.PageIndexHead, [.. head]), .. Framed(FrameType.PageIndexPages, Pages(0, 0, 3))],
+            [.. HelloTarget.Framed(FrameType.PageIndexHead, [.. head]), .. HelloTarget.Framed(FrameType.PageIndexPages, Pages(0, 0, 2)),
+                .. HelloTarget.Framed(FrameType.PageIndexPages, Pages(0, 2, 1)), .. HelloTarget.Framed(FrameType.PageIndexPages, Pages(1, 0, 1))],
+            [.. HelloTarget.Framed(FrameType.PageIndexHead, [.. head]), .. HelloTarget.Framed(FrameType.PageIndexPages, Pages(0, 0, 3))],
         ];
     }
 
@@ -56,13 +56,5 @@ internal static class PageIndexTarget
         {
         }
         budget.Check(MaxRam / 4096 * 16);
-    }
-
-    private static byte[] Framed(FrameType type, byte[] payload)
-    {
-        var frame = new byte[FrameCodec.HeaderLength + payload.Length];
-        FrameCodec.WriteHeader(frame, type, FrameCodecKind.None, payload.Length);
-        payload.CopyTo(frame, FrameCodec.HeaderLength);
-        return frame;
     }
 }

@@ -53,7 +53,7 @@ public sealed class PeerPageIndex
     /// <summary>The receiver's page-hash seed: the trip records under it, so the pages it keeps keep their index entries.</summary>
     public ulong Seed { get; }
 
-    /// <summary>The receiver's store generation (for the log).</summary>
+    /// <summary>The receiver's store generation as it sent the index: the trip's new generation is above it, and the log names it.</summary>
     public ulong Generation { get; }
 
     /// <summary>Pages with a known MAC.</summary>
