@@ -73,7 +73,7 @@ public sealed record Endpoint(EndPoint Address, string Text)
         cts.CancelAfter(timeout);
         try
         {
-            return await listener.AcceptAsync(cts.Token);
+            return LowLatency(await listener.AcceptAsync(cts.Token));
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
@@ -85,6 +85,19 @@ public sealed record Endpoint(EndPoint Address, string Text)
         }
     }
 
-    /// <summary>Adopts an inherited, already connected socket.</summary>
-    public static Socket FromFd(int fd) => new(new SafeSocketHandle(fd, ownsHandle: true));
+    /// <summary>Adopts an inherited, already connected socket (TCP ones with Nagle off, see <see cref="LowLatency"/>).</summary>
+    public static Socket FromFd(int fd) => LowLatency(new Socket(new SafeSocketHandle(fd, ownsHandle: true)));
+
+    /// <summary>
+    /// Turns Nagle off on a TCP socket (others are returned as they are). The small messages of a
+    /// trip sit on the switchover's critical path: an NBD FLUSH reply, QEMU's return path, an end
+    /// acknowledgement. With Nagle each waits behind the peer's delayed ACK of the data before it,
+    /// up to 200 ms; the lab measured the mirror's FLUSH at STOP taking 250 ms that way.
+    /// </summary>
+    public static Socket LowLatency(Socket socket)
+    {
+        if (socket.SocketType == SocketType.Stream && socket.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
+            socket.NoDelay = true;
+        return socket;
+    }
 }
