@@ -54,6 +54,15 @@ internal static partial class Interop
         [LibraryImport(Libc.Library, EntryPoint = "getsockopt", SetLastError = true)]
         internal static unsafe partial int GetSockOpt(nint fd, int level, int name, void* value, socklen_t* length);
 
+        [LibraryImport(Libc.Library, EntryPoint = "socket", SetLastError = true)]
+        internal static partial int Open(int domain, int type, int protocol);
+
+        [LibraryImport(Libc.Library, EntryPoint = "send", SetLastError = true)]
+        internal static unsafe partial nint Send(int fd, void* buffer, nuint length, int flags);
+
+        [LibraryImport(Libc.Library, EntryPoint = "recv", SetLastError = true)]
+        internal static unsafe partial nint Recv(int fd, void* buffer, nuint length, int flags);
+
         [LibraryImport(Libc.Library, EntryPoint = "sendmsg", SetLastError = true)]
         internal static unsafe partial nint SendMsg(nint fd, MsgHdr* message, int flags);
 

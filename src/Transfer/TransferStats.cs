@@ -32,6 +32,10 @@ public sealed class TransferStats
     public int PacedWaits { get; set; }
     /// <inheritdoc cref="PacedWaits"/>
     public double PacedWaitSeconds { get; set; }
+    /// <summary>Memory stream, receiver: how often and how long it waited for its QEMU to load what it had been given (<see cref="LocalConnection.WaitUntilReadAsync"/>).</summary>
+    public int LoadWaits { get; set; }
+    /// <inheritdoc cref="LoadWaits"/>
+    public double LoadWaitSeconds { get; set; }
     /// <summary>Memory stream, receiver: seconds from the end frame to the store's commit (the guest may already run on this host meanwhile).</summary>
     public double CommitSeconds { get; set; }
     public bool SnapshotComplete { get; set; }

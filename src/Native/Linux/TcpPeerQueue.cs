@@ -1,0 +1,118 @@
+using System.Buffers.Binary;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+
+namespace BFMig.Native.Linux;
+
+/// <summary>
+/// How many bytes written on a local TCP connection the other end has not read yet: its
+/// receive queue (plus this end's unsent bytes), asked of the kernel through NETLINK_SOCK_DIAG (what <c>ss</c> shows as Recv-Q),
+/// by the connection's exact four-tuple. Only a peer on this host (the same network namespace) can
+/// be found. Needs no privilege. One netlink socket per instance; not thread-safe.
+/// </summary>
+/// <remarks>
+/// Why: a helper that writes into a local QEMU's TCP socket sees a write complete as soon as the
+/// bytes sit in QEMU's receive queue, which the kernel grows up to <c>tcp_rmem</c>'s maximum (32
+/// MiB on the lab's hosts). Those bytes are invisible to the writer and must all be loaded before
+/// QEMU serves anything else, the mirror's FLUSH at the switchover included.
+/// </remarks>
+public sealed class TcpPeerQueue : IDisposable
+{
+    private const int AfNetlink = 16;
+    private const int SockDgram = 2;
+    private const int SockCloexec = 0x80000;
+    private const int NetlinkSockDiag = 4;
+    private const ushort SockDiagByFamily = 20;
+    private const ushort NlmFRequest = 1;
+    private const ushort NlmsgError = 2;
+    private const int IpProtoTcp = 6;
+    private const int RequestLength = 16 + 56;
+    // nlmsghdr (16), then inet_diag_msg: family, state, timer, retrans (4), sockid (48), expires (4), rqueue, wqueue.
+    private const int RqueueOffset = 16 + 4 + 48 + 4;
+
+    private readonly byte[] _peerRequest;
+    private readonly byte[] _ownRequest;
+    private readonly byte[] _reply = new byte[512];
+    private int _fd;
+    private uint _sequence;
+
+    private TcpPeerQueue(int fd, IPEndPoint local, IPEndPoint remote)
+    {
+        _fd = fd;
+        _peerRequest = Request(remote, local);
+        _ownRequest = Request(local, remote);
+    }
+
+    // An exact lookup (no NLM_F_DUMP) of the TCP socket bound to source and connected to destination.
+    private static byte[] Request(IPEndPoint source, IPEndPoint destination)
+    {
+        var r = new byte[RequestLength];
+        BinaryPrimitives.WriteUInt32LittleEndian(r, RequestLength);
+        BinaryPrimitives.WriteUInt16LittleEndian(r.AsSpan(4), SockDiagByFamily);
+        BinaryPrimitives.WriteUInt16LittleEndian(r.AsSpan(6), NlmFRequest);
+        // inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
+        r[16] = (byte)(source.AddressFamily == AddressFamily.InterNetworkV6 ? 10 : 2);
+        r[17] = IpProtoTcp;
+        BinaryPrimitives.WriteUInt32LittleEndian(r.AsSpan(20), uint.MaxValue); // every state
+        BinaryPrimitives.WriteUInt16BigEndian(r.AsSpan(24), (ushort)source.Port);
+        BinaryPrimitives.WriteUInt16BigEndian(r.AsSpan(26), (ushort)destination.Port);
+        source.Address.GetAddressBytes().CopyTo(r, 28);
+        destination.Address.GetAddressBytes().CopyTo(r, 44);
+        BinaryPrimitives.WriteUInt64LittleEndian(r.AsSpan(64), ulong.MaxValue); // INET_DIAG_NOCOOKIE
+        return r;
+    }
+
+    /// <summary>A query for the peer of <paramref name="socket"/>; null when it is not a connected TCP socket or netlink is unavailable.</summary>
+    public static TcpPeerQueue? For(Socket socket)
+    {
+        if (socket.SocketType != SocketType.Stream || socket.AddressFamily is not (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
+            || socket.LocalEndPoint is not IPEndPoint local || socket.RemoteEndPoint is not IPEndPoint remote)
+            return null;
+        // Both ends in one family: an IPv4-mapped IPv6 pair is looked up as IPv6.
+        if (local.AddressFamily != remote.AddressFamily) return null;
+        int fd = Interop.Socket.Open(AfNetlink, SockDgram | SockCloexec, NetlinkSockDiag);
+        return fd < 0 ? null : new TcpPeerQueue(fd, local, remote);
+    }
+
+    /// <summary>
+    /// Bytes written on this connection that the peer has not read yet: its receive queue plus
+    /// what is still in this end's send queue (held back while the peer's window is closed).
+    /// Null when the kernel does not know the peer (not on this host, closed) or a query failed.
+    /// </summary>
+    public long? Unread()
+    {
+        if (_fd < 0) throw new ObjectDisposedException(nameof(TcpPeerQueue));
+        if (Query(_peerRequest) is not { } peer || Query(_ownRequest) is not { } own) return null;
+        return peer.Receive + own.Send;
+    }
+
+    private unsafe (long Receive, long Send)? Query(byte[] request)
+    {
+        uint sequence = ++_sequence;
+        BinaryPrimitives.WriteUInt32LittleEndian(request.AsSpan(8), sequence);
+        fixed (byte* r = request)
+        {
+            if (Interop.Socket.Send(_fd, r, RequestLength, 0) != RequestLength) return null;
+        }
+        // The kernel answers a sock_diag request inside send(), so the reply is already queued.
+        while (true)
+        {
+            nint n;
+            fixed (byte* reply = _reply)
+                n = Interop.Socket.Recv(_fd, reply, (nuint)_reply.Length, Interop.Socket.MsgDontwait);
+            if (n < 16) return null;
+            var r = _reply.AsSpan(0, (int)n);
+            if (BinaryPrimitives.ReadUInt32LittleEndian(r[8..]) != sequence) continue; // an answer to an older query
+            if (BinaryPrimitives.ReadUInt16LittleEndian(r[4..]) == NlmsgError || n < RqueueOffset + 8) return null;
+            return (BinaryPrimitives.ReadUInt32LittleEndian(r[RqueueOffset..]), BinaryPrimitives.ReadUInt32LittleEndian(r[(RqueueOffset + 4)..]));
+        }
+    }
+
+    public void Dispose()
+    {
+        if (_fd < 0) return;
+        Interop.Libc.Close(_fd);
+        _fd = -1;
+    }
+}
