@@ -24,6 +24,10 @@ internal static partial class Interop
         [LibraryImport(Library, EntryPoint = "sync_file_range", SetLastError = true)]
         internal static partial int SyncFileRange(Microsoft.Win32.SafeHandles.SafeFileHandle fd, long offset, long nbytes, uint flags);
 
+        /// <summary>Makes a file's data durable (and only the metadata needed to read it back); see fdatasync(2).</summary>
+        [LibraryImport(Library, EntryPoint = "fdatasync", SetLastError = true)]
+        internal static partial int Fdatasync(Microsoft.Win32.SafeHandles.SafeFileHandle fd);
+
         /// <summary>Advice about a range of this process's mappings; see madvise(2).</summary>
         [LibraryImport(Library, EntryPoint = "madvise", SetLastError = true)]
         internal static unsafe partial int Madvise(void* address, nuint length, int advice);

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Net.Sockets;
 using BFMig.Native.Linux;
 
@@ -50,39 +49,47 @@ public sealed class LocalConnection : IAsyncDisposable
         }
     }
 
-    /// <summary>How much a local TCP peer may hold received but not read before <see cref="WaitUntilReadAsync"/> waits.</summary>
-    public const long UnreadLimit = 1L << 20;
-
-    private TcpPeerQueue? _peerQueue;
-    private bool _peerQueueTried;
+    private const int GatedPiece = 64 << 10;
+    private LoadGate? _gate;
+    private bool _gateTried;
 
     /// <summary>
-    /// Waits until the local end has read all but <see cref="UnreadLimit"/> bytes of what was
-    /// written to it; returns how long that took. A write completes once the bytes sit in the
-    /// reader's receive queue, which the kernel grows up to <c>tcp_rmem</c>'s maximum (32 MiB on
-    /// the lab's hosts): a destination QEMU must load all of it before it serves anything else,
-    /// the mirror's FLUSH at the switchover included (lab, 1 Gbit/s: 20-24 MiB queued when the
-    /// guest paused). Writing only into a short queue keeps that backlog small and makes the
-    /// receiver's progress reports, which pace the sender, say what QEMU really loaded. Unix
-    /// sockets (small, fixed buffers) and peers the kernel cannot name are not waited for.
+    /// Writes <paramref name="data"/> in pieces, each only once the local end has loaded all but a
+    /// few milliseconds' worth of what it was given (<see cref="LoadGate"/>); returns how long it
+    /// waited. A plain write completes once the bytes sit in the reader's receive queue, which the
+    /// kernel grows up to <c>tcp_rmem</c>'s maximum (32 MiB on the lab's hosts): a destination QEMU
+    /// must load all of it before it serves anything else, the mirror's FLUSH at the switchover
+    /// included (lab, 1 Gbit/s: 20-24 MiB queued when the guest paused), and the receiver's
+    /// progress reports, which pace the sender, counted it as loaded. Unix sockets (small, fixed
+    /// buffers) and peers the kernel cannot name are written to as they are.
     /// </summary>
-    public async ValueTask<TimeSpan> WaitUntilReadAsync(CancellationToken ct)
+    public async ValueTask<TimeSpan> WriteGatedAsync(ReadOnlyMemory<byte> data, CancellationToken ct)
     {
-        if (!_peerQueueTried)
+        if (!_gateTried)
         {
-            _peerQueueTried = true;
-            _peerQueue = Socket is null ? null : TcpPeerQueue.For(Socket);
+            _gateTried = true;
+            _gate = Socket is not null && TcpPeerQueue.For(Socket) is { } queue ? new LoadGate(queue) : null;
         }
-        if (_peerQueue is null || _peerQueue.Unread() is not > UnreadLimit) return TimeSpan.Zero;
-        long start = Stopwatch.GetTimestamp();
-        while (_peerQueue.Unread() is > UnreadLimit)
-            await Task.Delay(1, ct);
-        return Stopwatch.GetElapsedTime(start);
+        if (_gate is null)
+        {
+            await Stream.WriteAsync(data, ct);
+            return TimeSpan.Zero;
+        }
+        var waited = TimeSpan.Zero;
+        while (!data.IsEmpty)
+        {
+            int n = Math.Min(data.Length, GatedPiece);
+            waited += await _gate.WaitAsync(n, ct);
+            await Stream.WriteAsync(data[..n], ct);
+            _gate.Wrote(n);
+            data = data[n..];
+        }
+        return waited;
     }
 
     public ValueTask DisposeAsync()
     {
-        _peerQueue?.Dispose();
+        _gate?.Dispose();
         return Stream.DisposeAsync();
     }
 }

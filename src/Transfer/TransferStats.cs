@@ -32,7 +32,7 @@ public sealed class TransferStats
     public int PacedWaits { get; set; }
     /// <inheritdoc cref="PacedWaits"/>
     public double PacedWaitSeconds { get; set; }
-    /// <summary>Memory stream, receiver: how often and how long it waited for its QEMU to load what it had been given (<see cref="LocalConnection.WaitUntilReadAsync"/>).</summary>
+    /// <summary>Memory stream, receiver: how often and how long it waited for its QEMU to load what it had been given (<see cref="LocalConnection.WriteGatedAsync"/>).</summary>
     public int LoadWaits { get; set; }
     /// <inheritdoc cref="LoadWaits"/>
     public double LoadWaitSeconds { get; set; }

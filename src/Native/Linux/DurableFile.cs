@@ -52,6 +52,12 @@ public static class DurableFile
         return Interop.Libc.SyncFileRange(file, offset, length, WaitBeforeWriteWaitAfter) == 0;
     }
 
+    /// <summary>
+    /// fdatasync(2): the file's data reaches stable storage, the device's volatile write cache
+    /// included. False when the call failed (the caller decides whether that matters).
+    /// </summary>
+    public static bool SyncData(Microsoft.Win32.SafeHandles.SafeFileHandle file) => Interop.Libc.Fdatasync(file) == 0;
+
     /// <summary>Makes renames and unlinks inside <paramref name="directory"/> durable.</summary>
     public static void FsyncDirectory(string directory)
     {

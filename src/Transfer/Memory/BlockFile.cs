@@ -129,6 +129,7 @@ internal sealed unsafe class BlockFile : IDisposable
     public bool PacedWriteback { get; set; }
 
     private const long WritebackChunk = 8 << 20;
+    private Task _deviceFlush = Task.CompletedTask;
     private long _dirtyFrom = long.MaxValue;
     private long _dirtyTo;
     private long _dirtyBytes;
@@ -143,7 +144,16 @@ internal sealed unsafe class BlockFile : IDisposable
         _dirtyBytes += length;
         if (_dirtyBytes < WritebackChunk) return;
         DurableFile.StartWriteback(_data, _dirtyFrom, _dirtyTo - _dirtyFrom);
-        if (_queuedFrom >= 0) DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom);
+        if (_queuedFrom >= 0)
+        {
+            DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom);
+            // Written is not yet flushed: the device's volatile cache holds it, and the first cache
+            // flush after it pays for all of it. At the switchover that is the destination image's
+            // fdatasync behind the mirror's last FLUSH, with the guest paused (lab: 300 ms). So the
+            // cache is flushed here as the trip goes, one flush at a time, off the stream's thread;
+            // this costs durability nothing and the commit's own fsync nothing but time saved.
+            if (_deviceFlush.IsCompleted) _deviceFlush = Task.Run(() => DurableFile.SyncData(_data));
+        }
         (_queuedFrom, _queuedTo) = (_dirtyFrom, _dirtyTo);
         _dirtyFrom = long.MaxValue;
         _dirtyTo = 0;
@@ -199,6 +209,15 @@ internal sealed unsafe class BlockFile : IDisposable
 
     public void Dispose()
     {
+        // The handle must outlive the background flush that uses it.
+        try
+        {
+            _deviceFlush.Wait();
+        }
+        catch (AggregateException)
+        {
+            // A failed flush costs nothing here: the commit's own fsync reports what matters.
+        }
         if (_mapped != null)
         {
             _view!.SafeMemoryMappedViewHandle.ReleasePointer();

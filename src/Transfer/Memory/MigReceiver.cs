@@ -162,12 +162,11 @@ public sealed class MigReceiver
                             // taken this stream's EOS (and then its channels' pages).
                             var output = _decoder.OutputMemory;
                             if (!_endChecked) _streamHash.Append(output.Span);
-                            if (await qemu.WaitUntilReadAsync(ct) is { Ticks: > 0 } waited)
+                            if (await qemu.WriteGatedAsync(output, ct) is { Ticks: > 0 } waited)
                             {
                                 _stats.LoadWaits++;
                                 _stats.LoadWaitSeconds += waited.TotalSeconds;
                             }
-                            await qemu.Stream.WriteAsync(output, ct);
                             _stats.StreamBytes += output.Length;
                             _decoder.ResetOutput();
                             await ReportProgressAsync(ct);
