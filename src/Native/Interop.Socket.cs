@@ -54,6 +54,12 @@ internal static partial class Interop
         [LibraryImport(Libc.Library, EntryPoint = "getsockopt", SetLastError = true)]
         internal static unsafe partial int GetSockOpt(nint fd, int level, int name, void* value, socklen_t* length);
 
+        /// <summary>SIOCOUTQNSD (linux/sockios.h): bytes in a TCP socket's send queue not yet sent.</summary>
+        internal const nuint SiocOutqNsd = 0x894B;
+
+        [LibraryImport(Libc.Library, EntryPoint = "ioctl", SetLastError = true)]
+        internal static unsafe partial int Ioctl(nint fd, nuint request, int* value);
+
         [LibraryImport(Libc.Library, EntryPoint = "socket", SetLastError = true)]
         internal static partial int Open(int domain, int type, int protocol);
 

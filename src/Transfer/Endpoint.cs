@@ -96,8 +96,16 @@ public sealed record Endpoint(EndPoint Address, string Text)
     /// </summary>
     public static Socket LowLatency(Socket socket)
     {
-        if (socket.SocketType == SocketType.Stream && socket.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
+        if (socket.SocketType != SocketType.Stream || socket.AddressFamily is not (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6))
+            return socket;
+        try
+        {
             socket.NoDelay = true;
+        }
+        catch (SocketException)
+        {
+            // A socket that refuses the option (another protocol behind a TCP face) still carries the stream, only slower.
+        }
         return socket;
     }
 }

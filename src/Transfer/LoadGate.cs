@@ -26,10 +26,11 @@ internal sealed class LoadGate(TcpPeerQueue queue) : IDisposable
     private long _writtenAtMeasure;  // _written when it was
     private long _markAt = Stopwatch.GetTimestamp();
     private long _markConsumed;
-    private double _bytesPerSecond;  // 0: not measured yet
+    private double _bytesPerSecond;
+    private bool _measured;
 
-    /// <summary>The current limit on what QEMU may hold unread.</summary>
-    public long Limit => _bytesPerSecond <= 0 ? MaxLimit
+    /// <summary>The current limit on what QEMU may hold unread (the most until its rate is known).</summary>
+    public long Limit => !_measured ? MaxLimit
         : Math.Clamp((long)(_bytesPerSecond * Horizon.TotalSeconds), MinLimit, MaxLimit);
 
     /// <summary>Waits until <paramref name="next"/> more bytes may be written; returns how long it waited.</summary>
@@ -66,6 +67,7 @@ internal sealed class LoadGate(TcpPeerQueue queue) : IDisposable
             // With bytes left unread QEMU was busy all along: that is how fast it loads now. Drained,
             // it may have waited for us, so the figure is only a floor.
             _bytesPerSecond = unread > 0 ? rate : Math.Max(_bytesPerSecond, rate);
+            _measured = true;
             _markAt = now;
             _markConsumed = consumed;
         }

@@ -7,8 +7,8 @@ namespace BFMig.Native.Linux;
 
 /// <summary>
 /// How many bytes written on a local TCP connection the other end has not read yet: its
-/// receive queue (plus this end's unsent bytes), asked of the kernel through NETLINK_SOCK_DIAG (what <c>ss</c> shows as Recv-Q),
-/// by the connection's exact four-tuple. Only a peer on this host (the same network namespace) can
+/// receive queue, asked of the kernel through NETLINK_SOCK_DIAG (what <c>ss</c> shows as Recv-Q)
+/// by the connection's exact four-tuple, plus this end's bytes not sent yet (SIOCOUTQNSD). Only a peer on this host (the same network namespace) can
 /// be found. Needs no privilege. One netlink socket per instance; not thread-safe.
 /// </summary>
 /// <remarks>
@@ -29,19 +29,25 @@ public sealed class TcpPeerQueue : IDisposable
     private const int IpProtoTcp = 6;
     private const int RequestLength = 16 + 56;
     // nlmsghdr (16), then inet_diag_msg: family, state, timer, retrans (4), sockid (48), expires (4), rqueue, wqueue.
+    private const int StateOffset = 16 + 1;
+    private const int SockIdOffset = 16 + 4;
     private const int RqueueOffset = 16 + 4 + 48 + 4;
+    // inet_diag_sockid in the request: ports and addresses, 36 bytes, compared with the reply's.
+    private const int RequestSockIdOffset = 16 + 8;
+    private const int SockIdCompared = 4 + 32;
+    private const byte TcpListen = 10;
 
-    private readonly byte[] _peerRequest;
-    private readonly byte[] _ownRequest;
+    private readonly Socket _socket;
+    private readonly byte[] _request;
     private readonly byte[] _reply = new byte[512];
     private int _fd;
     private uint _sequence;
 
-    private TcpPeerQueue(int fd, IPEndPoint local, IPEndPoint remote)
+    private TcpPeerQueue(int fd, Socket socket, IPEndPoint local, IPEndPoint remote)
     {
         _fd = fd;
-        _peerRequest = Request(remote, local);
-        _ownRequest = Request(local, remote);
+        _socket = socket;
+        _request = Request(remote, local);
     }
 
     // An exact lookup (no NLM_F_DUMP) of the TCP socket bound to source and connected to destination.
@@ -72,26 +78,29 @@ public sealed class TcpPeerQueue : IDisposable
         // Both ends in one family: an IPv4-mapped IPv6 pair is looked up as IPv6.
         if (local.AddressFamily != remote.AddressFamily) return null;
         int fd = Interop.Socket.Open(AfNetlink, SockDgram | SockCloexec, NetlinkSockDiag);
-        return fd < 0 ? null : new TcpPeerQueue(fd, local, remote);
+        return fd < 0 ? null : new TcpPeerQueue(fd, socket, local, remote);
     }
 
     /// <summary>
     /// Bytes written on this connection that the peer has not read yet: its receive queue plus
-    /// what is still in this end's send queue (held back while the peer's window is closed).
-    /// Null when the kernel does not know the peer (not on this host, closed) or a query failed.
+    /// what this end has not sent yet (held back while the peer's window is closed; bytes sent and
+    /// not yet acknowledged are in the peer's queue already and are not counted twice). Null when
+    /// the kernel does not know the peer (not on this host, closed) or a query failed.
     /// </summary>
-    public long? Unread()
+    public unsafe long? Unread()
     {
         if (_fd < 0) throw new ObjectDisposedException(nameof(TcpPeerQueue));
-        if (Query(_peerRequest) is not { } peer || Query(_ownRequest) is not { } own) return null;
-        return peer.Receive + own.Send;
+        if (QueryPeer() is not { } received) return null;
+        int unsent = 0;
+        if (Interop.Socket.Ioctl(_socket.Handle, Interop.Socket.SiocOutqNsd, &unsent) != 0 || unsent < 0) return null;
+        return received + unsent;
     }
 
-    private unsafe (long Receive, long Send)? Query(byte[] request)
+    private unsafe long? QueryPeer()
     {
         uint sequence = ++_sequence;
-        BinaryPrimitives.WriteUInt32LittleEndian(request.AsSpan(8), sequence);
-        fixed (byte* r = request)
+        BinaryPrimitives.WriteUInt32LittleEndian(_request.AsSpan(8), sequence);
+        fixed (byte* r = _request)
         {
             if (Interop.Socket.Send(_fd, r, RequestLength, 0) != RequestLength) return null;
         }
@@ -104,8 +113,13 @@ public sealed class TcpPeerQueue : IDisposable
             if (n < 16) return null;
             var r = _reply.AsSpan(0, (int)n);
             if (BinaryPrimitives.ReadUInt32LittleEndian(r[8..]) != sequence) continue; // an answer to an older query
-            if (BinaryPrimitives.ReadUInt16LittleEndian(r[4..]) == NlmsgError || n < RqueueOffset + 8) return null;
-            return (BinaryPrimitives.ReadUInt32LittleEndian(r[RqueueOffset..]), BinaryPrimitives.ReadUInt32LittleEndian(r[(RqueueOffset + 4)..]));
+            if (BinaryPrimitives.ReadUInt16LittleEndian(r[4..]) == NlmsgError || n < RqueueOffset + 4) return null;
+            // Without a connected socket of that four-tuple the kernel answers for a listener on
+            // the port (whose "queue" is its accept backlog): that is no answer about the peer.
+            if (r[StateOffset] == TcpListen
+                || !r.Slice(SockIdOffset, SockIdCompared).SequenceEqual(_request.AsSpan(RequestSockIdOffset, SockIdCompared)))
+                return null;
+            return BinaryPrimitives.ReadUInt32LittleEndian(r[RqueueOffset..]);
         }
     }
 

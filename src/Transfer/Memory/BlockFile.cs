@@ -130,6 +130,9 @@ internal sealed unsafe class BlockFile : IDisposable
 
     private const long WritebackChunk = 8 << 20;
     private Task _deviceFlush = Task.CompletedTask;
+    // A write-back error is reported once per open file: whichever call sees it first must make the
+    // commit fail, or the commit's own fsync succeeds over pages that never reached the disk.
+    private volatile bool _writebackFailed;
     private long _dirtyFrom = long.MaxValue;
     private long _dirtyTo;
     private long _dirtyBytes;
@@ -146,13 +149,16 @@ internal sealed unsafe class BlockFile : IDisposable
         DurableFile.StartWriteback(_data, _dirtyFrom, _dirtyTo - _dirtyFrom);
         if (_queuedFrom >= 0)
         {
-            DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom);
+            if (!DurableFile.FinishWriteback(_data, _queuedFrom, _queuedTo - _queuedFrom)) _writebackFailed = true;
             // Written is not yet flushed: the device's volatile cache holds it, and the first cache
             // flush after it pays for all of it. At the switchover that is the destination image's
             // fdatasync behind the mirror's last FLUSH, with the guest paused (lab: 300 ms). So the
             // cache is flushed here as the trip goes, one flush at a time, off the stream's thread;
             // this costs durability nothing and the commit's own fsync nothing but time saved.
-            if (_deviceFlush.IsCompleted) _deviceFlush = Task.Run(() => DurableFile.SyncData(_data));
+            if (_deviceFlush.IsCompleted) _deviceFlush = Task.Run(() =>
+            {
+                if (!DurableFile.SyncData(_data)) _writebackFailed = true;
+            });
         }
         (_queuedFrom, _queuedTo) = (_dirtyFrom, _dirtyTo);
         _dirtyFrom = long.MaxValue;
@@ -201,7 +207,9 @@ internal sealed unsafe class BlockFile : IDisposable
     /// <summary>Makes the data and the index durable.</summary>
     public void Persist()
     {
+        _deviceFlush.Wait();
         RandomAccess.FlushToDisk(_data);
+        if (_writebackFailed) throw new IOException($"{DataPath}: a write-back of the trip's pages failed");
         using var hs = new FileStream(HashPath, FileMode.Create, FileAccess.Write);
         hs.Write(MemoryMarshal.AsBytes(Hashes.AsSpan()));
         hs.Flush(flushToDisk: true);

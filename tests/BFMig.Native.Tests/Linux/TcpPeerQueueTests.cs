@@ -26,7 +26,7 @@ public sealed class TcpPeerQueueTests
         var buffer = new byte[60_000];
         int read = 0;
         while (read < buffer.Length) read += reader.Receive(buffer, read, buffer.Length - read, SocketFlags.None);
-        Assert.Equal(40_000, queue.Unread());
+        Assert.Equal(40_000, WaitFor(queue, 40_000));
 
         // Nothing is unread the other way.
         using var back = TcpPeerQueue.For(reader);
