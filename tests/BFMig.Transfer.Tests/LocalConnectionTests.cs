@@ -1,6 +1,3 @@
-using System.Net;
-using System.Net.Sockets;
-
 namespace BFMig.Transfer.Tests;
 
 public class LocalConnectionTests
@@ -10,12 +7,8 @@ public class LocalConnectionTests
     [Fact]
     public async Task A_gated_write_waits_while_the_local_TCP_peer_holds_more_than_the_limit_unread()
     {
-        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        listener.Listen(1);
-        var socket = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await socket.ConnectAsync(listener.LocalEndPoint!);
-        using var qemu = await listener.AcceptAsync();
+        var (socket, qemu) = await WireTests.TcpPair();
+        using var _ = qemu;
         await using var connection = LocalConnection.FromSocket(socket);
 
         var data = new byte[LoadGate.MaxLimit * 3];
@@ -35,14 +28,8 @@ public class LocalConnectionTests
     [Fact]
     public async Task A_Unix_socket_peer_is_written_to_without_waiting()
     {
-        var path = Path.Combine(Path.GetTempPath(), $"bfmig-lc-{Guid.NewGuid():N}.sock");
-        using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        listener.Bind(new UnixDomainSocketEndPoint(path));
-        listener.Listen(1);
-        var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        await socket.ConnectAsync(new UnixDomainSocketEndPoint(path));
-        using var peer = await listener.AcceptAsync();
-        File.Delete(path);
+        var (socket, peer) = await WireTests.Pair();
+        using var _ = peer;
         await using var connection = LocalConnection.FromSocket(socket);
         Assert.Equal(TimeSpan.Zero, await connection.WriteGatedAsync(new byte[1000], CancellationToken.None));
         var buffer = new byte[1000];

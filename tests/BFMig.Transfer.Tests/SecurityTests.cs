@@ -160,7 +160,7 @@ public class SecurityTests
     [Fact]
     public async Task After_a_psk_handshake_guest_bytes_cross_encrypted_both_ways()
     {
-        var (a, b) = await Pair();
+        var (a, b) = await WireTests.Pair();
         var tapA = new TapStream(new NetworkStream(a, true));
         var tapB = new TapStream(new NetworkStream(b, true));
         using var ra = new FrameReader(tapA, TimeSpan.FromSeconds(5));
@@ -314,20 +314,6 @@ public class SecurityTests
         Assert.NotEqual(k1.SenderToReceiver, k1.ReceiverToSender);
         Assert.NotEqual(k1.SenderToReceiver, k2.SenderToReceiver);
         Assert.Equal(k1.SenderToReceiver, FrameKeys.Derive(Psk, "hello one"u8).SenderToReceiver);
-    }
-
-    private static async Task<(Socket, Socket)> Pair()
-    {
-        string path = Path.Combine(Path.GetTempPath(), $"bfmig-sec-{Guid.NewGuid():N}.sock");
-        using var l = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        l.Bind(new UnixDomainSocketEndPoint(path));
-        l.Listen(1);
-        var c = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        var accept = l.AcceptAsync();
-        await c.ConnectAsync(new UnixDomainSocketEndPoint(path));
-        var s = await accept;
-        File.Delete(path);
-        return (c, s);
     }
 
     /// <summary>Passes everything through and keeps a copy of what was written (what an on-path observer sees).</summary>

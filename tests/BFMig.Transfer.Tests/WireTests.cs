@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Net;
 using System.Net.Sockets;
 using BFMig.Native.Compression;
 using BFMig.Transfer.Wire;
@@ -132,6 +133,18 @@ public class WireTests
         var s = await accept;
         File.Delete(path);
         return (c, s);
+    }
+
+    /// <summary>A connected TCP pair over loopback (client, accepted); the listener is gone.</summary>
+    internal static async Task<(Socket, Socket)> TcpPair()
+    {
+        using var l = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        l.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        l.Listen(1);
+        var c = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        var accept = l.AcceptAsync();
+        await c.ConnectAsync(l.LocalEndPoint!);
+        return (c, await accept);
     }
 
     private static async Task<(HelloReply?, Exception?, Exception?)> Handshake2(IPeerAuthenticator senderAuth, IPeerAuthenticator receiverAuth)

@@ -6,10 +6,11 @@ using System.Runtime.InteropServices;
 namespace BFMig.Native.Linux;
 
 /// <summary>
-/// How many bytes written on a local TCP connection the other end has not read yet: its
-/// receive queue, asked of the kernel through NETLINK_SOCK_DIAG (what <c>ss</c> shows as Recv-Q)
-/// by the connection's exact four-tuple, plus this end's bytes not sent yet (SIOCOUTQNSD). Only a peer on this host (the same network namespace) can
-/// be found. Needs no privilege. One netlink socket per instance; not thread-safe.
+/// How many bytes written on a local TCP connection the other end has not read yet: its receive
+/// queue, asked of the kernel through NETLINK_SOCK_DIAG (what <c>ss</c> shows as Recv-Q) by the
+/// connection's exact four-tuple, plus this end's bytes not sent yet (SIOCOUTQNSD). Only a peer on
+/// this host (the same network namespace) can be found. Needs no privilege. One netlink socket per
+/// instance; not thread-safe.
 /// </summary>
 /// <remarks>
 /// Why: a helper that writes into a local QEMU's TCP socket sees a write complete as soon as the

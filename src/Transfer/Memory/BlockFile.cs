@@ -217,15 +217,8 @@ internal sealed unsafe class BlockFile : IDisposable
 
     public void Dispose()
     {
-        // The handle must outlive the background flush that uses it.
-        try
-        {
-            _deviceFlush.Wait();
-        }
-        catch (AggregateException)
-        {
-            // A failed flush costs nothing here: the commit's own fsync reports what matters.
-        }
+        // The handle must outlive the background flush that uses it (which reports failure by _writebackFailed, never by throwing).
+        _deviceFlush.Wait();
         if (_mapped != null)
         {
             _view!.SafeMemoryMappedViewHandle.ReleasePointer();

@@ -10,12 +10,9 @@ public sealed class TcpPeerQueueTests
     [Fact]
     public void The_peers_unread_bytes_are_what_it_has_not_read_yet()
     {
-        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        listener.Listen(1);
-        using var writer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        writer.Connect(listener.LocalEndPoint!);
-        using var reader = listener.Accept();
+        var (writer, reader) = LoopbackPair();
+        using var w = writer;
+        using var r = reader;
         using var queue = TcpPeerQueue.For(writer);
         Assert.NotNull(queue);
         Assert.Equal(0, queue.Unread());
@@ -36,20 +33,26 @@ public sealed class TcpPeerQueueTests
     [Fact]
     public void A_peer_that_is_gone_or_a_Unix_socket_gives_no_answer()
     {
-        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        listener.Listen(1);
-        using var writer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        writer.Connect(listener.LocalEndPoint!);
-        var reader = listener.Accept();
+        var (writer, reader) = LoopbackPair();
+        using var w = writer;
         using var queue = TcpPeerQueue.For(writer)!;
         reader.Close();
-        listener.Close();
         // Closed with nothing unread: the kernel drops the socket at once (or keeps it in a closing state with an empty queue).
         Assert.True(queue.Unread() is null or 0);
 
         using var unix = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         Assert.Null(TcpPeerQueue.For(unix));
+    }
+
+    // A connected pair (writer, accepted reader); the listener is closed, so no lookup can fall back to it.
+    private static (Socket Writer, Socket Reader) LoopbackPair()
+    {
+        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        listener.Listen(1);
+        var writer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        writer.Connect(listener.LocalEndPoint!);
+        return (writer, listener.Accept());
     }
 
     // Loopback delivers within the send call, but leave the kernel a moment on a loaded machine.
