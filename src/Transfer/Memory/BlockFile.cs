@@ -73,11 +73,19 @@ internal sealed unsafe class BlockFile : IDisposable
     /// compared in place, with no system call or copy per page (the sender compares every
     /// unchanged page). Writes still go through pwrite, which the mapping sees at once.
     /// </summary>
-    public bool PageEquals(long page, ReadOnlySpan<byte> content)
+    public bool PageEquals(long page, ReadOnlySpan<byte> content) => View(page).SequenceEqual(content);
+
+    /// <summary>
+    /// Page <paramref name="page"/> as the page cache holds it, through the same mapping: no system
+    /// call or copy (valid until the file is written or disposed; pending writes are the caller's).
+    /// </summary>
+    public ReadOnlySpan<byte> View(long page)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(page);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(page, PageCount);
         if (_mapped == null) Map();
         NoteCompared(page);
-        return new ReadOnlySpan<byte>(_mapped + (page << QemuFormat.PageShift), QemuFormat.PageSize).SequenceEqual(content);
+        return new ReadOnlySpan<byte>(_mapped + (page << QemuFormat.PageShift), QemuFormat.PageSize);
     }
 
     // A return trip compares nearly every page of the store: left mapped, all of them count in

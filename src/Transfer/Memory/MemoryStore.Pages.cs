@@ -207,12 +207,10 @@ public sealed partial class MemoryStore
         if (hash != UInt128.Zero)
         {
             bool zero = hash == ZeroHash;
-            if (!zero)
-            {
-                FlushWritesOverlapping(block, page, 1);
-                _blocks[block].Read(page, _baseScratch);
-            }
-            trip.Preserve(block, page, hash, zero, _baseScratch);
+            // Read in place through the data file's mapping: every page a trip changes comes this
+            // way, and a pread per page here cost a quarter of the sender's CPU (make bench, c2).
+            if (!zero) FlushWritesOverlapping(block, page, 1);
+            trip.Preserve(block, page, hash, zero, zero ? default : _blocks[block].View(page));
         }
         trip.MarkModified(block, page);
     }

@@ -39,6 +39,11 @@ internal sealed class TripWrites : IDisposable
     private readonly uint[]?[] _tags;
     private readonly long[] _pageCounts;
     private readonly Dictionary<long, (long Slot, UInt128 Hash)> _base = [];
+    // Departure copies go to the scratch file PendingPages at a time (one pwrite instead of one
+    // per page); the newest, not yet written, are read from _pending.
+    private const int PendingPages = 64;
+    private byte[]? _pending;
+    private long _written;
     private SafeFileHandle? _file;
     private long _slots;
     private bool _disposed;
@@ -118,10 +123,20 @@ internal sealed class TripWrites : IDisposable
             _base[key] = (-1, hash);
             return;
         }
-        _file ??= File.OpenHandle(_path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None);
+        _pending ??= new byte[PendingPages << QemuFormat.PageShift];
         long slot = _slots++;
-        RandomAccess.Write(_file, content[..QemuFormat.PageSize], slot << QemuFormat.PageShift);
+        content[..QemuFormat.PageSize].CopyTo(_pending.AsSpan(PendingOffset(slot)));
         _base[key] = (slot, hash);
+        if (_slots - _written == PendingPages) WritePending();
+    }
+
+    private int PendingOffset(long slot) => (int)(slot - _written) << QemuFormat.PageShift;
+
+    private void WritePending()
+    {
+        _file ??= File.OpenHandle(_path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None);
+        RandomAccess.Write(_file, _pending.AsSpan(0, PendingOffset(_slots)), _written << QemuFormat.PageShift);
+        _written = _slots;
     }
 
     /// <summary>The departure hash of a page the trip modified (0: it had none worth keeping).</summary>
@@ -134,6 +149,11 @@ internal sealed class TripWrites : IDisposable
         if (slot < 0)
         {
             destination[..QemuFormat.PageSize].Clear();
+            return;
+        }
+        if (slot >= _written)
+        {
+            _pending.AsSpan(PendingOffset(slot), QemuFormat.PageSize).CopyTo(destination);
             return;
         }
         int n = RandomAccess.Read(_file!, destination[..QemuFormat.PageSize], slot << QemuFormat.PageShift);
