@@ -90,6 +90,7 @@ public static class TransferRunner
         var stats = new TransferStats { Role = "send", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
         qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
+        if (o.Kind == StreamKind.Mig) qemu.LimitReadQueue(LocalConnection.SourceReadQueue);
         var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;

@@ -25,6 +25,36 @@ public class LocalConnectionTests
         Assert.Equal(data, received);
     }
 
+    // The source QEMU's stream must not pile up unread in the helper's socket while the pacer
+    // holds the helper back: that backlog is invisible to QEMU and crosses the link after STOP.
+    [Fact]
+    public async Task A_capped_read_queue_never_holds_more_than_its_cap_while_a_fast_writer_pushes()
+    {
+        var (socket, qemu) = await WireTests.TcpPair();
+        using var _ = qemu;
+        await using var connection = LocalConnection.FromSocket(socket);
+        connection.LimitReadQueue(LocalConnection.SourceReadQueue);
+
+        var data = new byte[32 << 20];
+        Random.Shared.NextBytes(data);
+        var write = new System.Net.Sockets.NetworkStream(qemu).WriteAsync(data).AsTask();
+        var received = new byte[data.Length];
+        int read = 0, mostQueued = 0;
+        // As the helper reads: bursts at full speed (which grow an uncapped queue to several MiB),
+        // then pauses while the pacer holds it back.
+        while (read < received.Length)
+        {
+            for (int burst = read + (4 << 20); read < Math.Min(burst, received.Length);)
+                read += await connection.Stream.ReadAsync(received.AsMemory(read, Math.Min(256 << 10, received.Length - read)));
+            await Task.Delay(20);
+            mostQueued = Math.Max(mostQueued, connection.Available);
+        }
+        await write.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(data, received);
+        // The kernel doubles SO_RCVBUF for its own bookkeeping; the queued payload stays below that.
+        Assert.InRange(mostQueued, 1, 2 * LocalConnection.SourceReadQueue);
+    }
+
     [Fact]
     public async Task A_Unix_socket_peer_is_written_to_without_waiting()
     {
