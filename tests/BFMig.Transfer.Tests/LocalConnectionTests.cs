@@ -34,6 +34,7 @@ public class LocalConnectionTests
         using var _ = qemu;
         await using var connection = LocalConnection.FromSocket(socket);
         connection.LimitReadQueue(LocalConnection.SourceReadQueue);
+        Assert.InRange(socket.ReceiveBufferSize, 1, 2 * LocalConnection.SourceReadQueue);
 
         var data = new byte[32 << 20];
         Random.Shared.NextBytes(data);

@@ -27,6 +27,32 @@ public class StoreTests
         }
     }
 
+    // A trip keeps the departure content of each page it changes, buffered 64 pages at a time
+    // before it reaches the scratch file: pages on both sides of each boundary read back exactly.
+    [Fact]
+    public void Departure_copies_read_back_exactly_across_the_scratch_files_buffer_boundaries()
+    {
+        using var dir = new TempDir();
+        const int Pages = 150;
+        RamBlockInfo[] layout = [new("pc.ram", Pages * 4096L)];
+        using var s = MemoryStore.Open(dir.Path, Guid.NewGuid());
+        s.BeginTrip(layout, s.State.Seed, keep: false, buildLocator: false);
+        for (int p = 0; p < Pages; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
+        s.Commit(1, "peer", snapshotComplete: true);
+
+        s.BeginTrip(layout, s.State.Seed, keep: true, buildLocator: false);
+        for (int p = 0; p < Pages; p++) s.Put(0, p, Content(1000 + p), s.Hash(Content(1000 + p)));
+        var read = new byte[4096];
+        foreach (int p in (int[])[0, 63, 64, 65, 127, 128, 129, Pages - 1])
+        {
+            Assert.Equal(s.Hash(Content(p)), s.BaseHash(0, p));
+            s.ReadBase(0, p, read);
+            Assert.Equal(Content(p), read);
+            Assert.Equal(Content(1000 + p), s.Page(0, p).ToArray());
+        }
+        s.Commit(2, "peer", snapshotComplete: true);
+    }
+
     [Fact]
     public void Committed_trip_survives_reopen_with_layout_hashes_and_state()
     {

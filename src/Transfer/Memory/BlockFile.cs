@@ -77,7 +77,10 @@ internal sealed unsafe class BlockFile : IDisposable
 
     /// <summary>
     /// Page <paramref name="page"/> as the page cache holds it, through the same mapping: no system
-    /// call or copy (valid until the file is written or disposed; pending writes are the caller's).
+    /// call or copy. A live view: its bytes change when the file is written, so it is read under
+    /// the store's gate and before any write; pending writes are the caller's to flush first. An
+    /// I/O error reading the page through the mapping ends the process (SIGBUS) where pread would
+    /// throw: the trip fails either way, with the guest on the source and the pages in doubt.
     /// </summary>
     public ReadOnlySpan<byte> View(long page)
     {

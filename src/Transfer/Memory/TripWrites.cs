@@ -124,10 +124,13 @@ internal sealed class TripWrites : IDisposable
             return;
         }
         _pending ??= new byte[PendingPages << QemuFormat.PageShift];
-        long slot = _slots++;
-        content[..QemuFormat.PageSize].CopyTo(_pending.AsSpan(PendingOffset(slot)));
-        _base[key] = (slot, hash);
+        // Written before the buffer is filled again, and the page recorded only once its copy is
+        // held: a scratch write that failed (disk full) fails again here, by its own error.
         if (_slots - _written == PendingPages) WritePending();
+        long slot = _slots;
+        content[..QemuFormat.PageSize].CopyTo(_pending.AsSpan(PendingOffset(slot)));
+        _slots++;
+        _base[key] = (slot, hash);
     }
 
     private int PendingOffset(long slot) => (int)(slot - _written) << QemuFormat.PageShift;
