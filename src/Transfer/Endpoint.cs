@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using System.Net;
+using BFMig.Native.Linux;
 
 namespace BFMig.Transfer;
 
@@ -96,8 +97,7 @@ public sealed record Endpoint(EndPoint Address, string Text)
     /// </summary>
     public static Socket LowLatency(Socket socket)
     {
-        if (socket.SocketType != SocketType.Stream || socket.AddressFamily is not (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6))
-            return socket;
+        if (!UnixSockets.IsTcp(socket)) return socket;
         try
         {
             socket.NoDelay = true;

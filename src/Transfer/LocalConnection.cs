@@ -63,7 +63,7 @@ public sealed class LocalConnection : IAsyncDisposable
     /// </summary>
     public void LimitReadQueue(int bytes)
     {
-        if (Socket is not { SocketType: SocketType.Stream, AddressFamily: AddressFamily.InterNetwork or AddressFamily.InterNetworkV6 } s) return;
+        if (Socket is not { } s || !UnixSockets.IsTcp(s)) return;
         try
         {
             s.ReceiveBufferSize = bytes;

@@ -1,3 +1,5 @@
+using System.Net.Sockets;
+
 namespace BFMig.Transfer.Tests;
 
 public class LocalConnectionTests
@@ -38,7 +40,7 @@ public class LocalConnectionTests
 
         var data = new byte[32 << 20];
         Random.Shared.NextBytes(data);
-        var write = new System.Net.Sockets.NetworkStream(qemu).WriteAsync(data).AsTask();
+        var write = new NetworkStream(qemu).WriteAsync(data).AsTask();
         var received = new byte[data.Length];
         int read = 0, mostQueued = 0;
         // As the helper reads: bursts at full speed (which grow an uncapped queue to several MiB),

@@ -73,8 +73,7 @@ public sealed class TcpPeerQueue : IDisposable
     /// <summary>A query for the peer of <paramref name="socket"/>; null when it is not a connected TCP socket or netlink is unavailable.</summary>
     public static TcpPeerQueue? For(Socket socket)
     {
-        if (socket.SocketType != SocketType.Stream || socket.AddressFamily is not (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
-            || socket.LocalEndPoint is not IPEndPoint local || socket.RemoteEndPoint is not IPEndPoint remote)
+        if (!UnixSockets.IsTcp(socket) || socket.LocalEndPoint is not IPEndPoint local || socket.RemoteEndPoint is not IPEndPoint remote)
             return null;
         // Both ends in one family: an IPv4-mapped IPv6 pair is looked up as IPv6.
         if (local.AddressFamily != remote.AddressFamily) return null;

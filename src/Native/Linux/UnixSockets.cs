@@ -8,6 +8,10 @@ namespace BFMig.Native.Linux;
 /// <summary>Socket operations .NET does not offer: the pre-NAT destination of a redirected connection, and fd passing.</summary>
 public static class UnixSockets
 {
+    /// <summary>True for a TCP socket (a stream over IPv4 or IPv6): the one test of which sockets take TCP-only options and queries.</summary>
+    public static bool IsTcp(Socket socket) =>
+        socket.SocketType == SocketType.Stream && socket.AddressFamily is (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6);
+
     /// <summary>At most this many descriptors travel in one message (SCM_MAX_FD is 253).</summary>
     public const int MaxFds = 253;
 
