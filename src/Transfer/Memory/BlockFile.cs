@@ -9,7 +9,8 @@ namespace BFMig.Transfer.Memory;
 /// One RAMBlock in the store: a sparse, page-addressed data file (read and written with
 /// pread/pwrite: on ext4 that is about ten times faster than first-touch writes through a shared
 /// mapping) and its page-hash index (in memory while a trip runs, written back at commit).
-/// Hash 0 means "unknown".
+/// Hash 0 means "unknown". A page whose hash is the store's zero hash is not written: its bytes
+/// here are not its content (<see cref="MemoryStore"/> reads it as zeros).
 /// </summary>
 internal sealed unsafe class BlockFile : IDisposable
 {

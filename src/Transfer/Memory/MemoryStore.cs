@@ -396,9 +396,9 @@ public sealed partial class MemoryStore : IDisposable
     public string Commit(ulong generation, string? peer, bool snapshotComplete)
     {
         FlushWrites();
-        // The index files are rewritten next, pages made unknown included: the journal covers those too.
-        foreach (var r in _unknownTouched) _journal?.Touching(r.Block, r.First, r.Count);
-        _unknownTouched.Clear();
+        // The index files are rewritten next, pages made unknown or zero included: the journal covers those too.
+        foreach (var r in _indexOnlyTouched) _journal?.Touching(r.Block, r.First, r.Count);
+        _indexOnlyTouched.Clear();
         foreach (var b in _blocks) b.Persist();
         State.Generation = generation;
         State.Peer = peer;
@@ -478,7 +478,8 @@ public sealed partial class MemoryStore : IDisposable
             var actual = _blocks[bi].HashData(State.Seed);
             for (long p = 0; p < actual.LongLength; p++)
             {
-                if (committed[p] != UInt128.Zero && committed[p] != actual[p])
+                // A zero page's bytes are not its content (IsZero): it cannot be damaged.
+                if (committed[p] != UInt128.Zero && committed[p] != ZeroHash && committed[p] != actual[p])
                     damaged.Add(new PageRange(bi, p, 1));
             }
         }
