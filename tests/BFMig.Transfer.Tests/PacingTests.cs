@@ -134,6 +134,30 @@ public class PacingTests
         Assert.Throws<PeerProtocolException>(() => pacer.OnProgress(1));
     }
 
+    // Zero pages are a few bytes of the stream each but a page of work for the destination QEMU:
+    // paced by bytes, this whole stream (under 1 MiB) fits in the smallest window and the sender
+    // never waits; paced by load (128 MiB of zero pages) it must wait, and nothing stalls.
+    [Fact]
+    public async Task The_pacer_counts_zero_pages_as_pages_and_the_stream_still_completes()
+    {
+        var r = new Random(11);
+        var pages = Enumerable.Range(0, 32 << 10).Select(i =>
+        {
+            var p = new byte[4096];
+            if (i % 512 == 0) r.NextBytes(p);
+            return p;
+        }).ToArray();
+        var stream = StreamBuilder.FullStream([("pc.ram", pages)]);
+        Assert.True(stream.Length < StreamPacer.MinWindow / 2, $"the stream is {stream.Length} bytes");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var trip = await Run(stream, a.Path, b.Path, Guid.NewGuid(), pacing: true);
+        Assert.Equal(stream, trip.Delivered);
+        Assert.True(trip.Send.PacedWaits > 0, "the sender never waited: zero pages were paced as their bytes");
+        Assert.Equal((32 << 10) - 64, trip.Receive.ZeroPages);
+        Assert.True(trip.Send.Committed && trip.Receive.Committed);
+    }
+
     [Fact]
     public async Task A_sender_waiting_on_a_silent_receiver_times_out_naming_the_stall()
     {

@@ -14,7 +14,7 @@ namespace BFMig.Transfer.Memory;
 public sealed class MigReceiver
 {
     private const int ReverseBuffer = 64 << 10;
-    /// <summary>A paced stream's progress is reported every this many stream bytes (well below <see cref="StreamPacer.MinWindow"/>).</summary>
+    /// <summary>A paced stream's progress is reported every this much load (well below <see cref="StreamPacer.MinWindow"/>).</summary>
     public const int ProgressStep = 256 << 10;
     private readonly MemoryStore? _store;
     private readonly MigDecoder _decoder;
@@ -262,11 +262,15 @@ public sealed class MigReceiver
         if (channelsFailed is not null) throw new PeerProtocolException(channelsFailed);
     }
 
-    /// <summary>In a paced stream, tells the sender how far its QEMU got once another step was taken.</summary>
+    /// <summary>
+    /// In a paced stream, tells the sender how far its QEMU got once another step was taken: the
+    /// load it has taken (<see cref="ProgressMessage"/>). Everything decoded so far has been written.
+    /// </summary>
     private async ValueTask ReportProgressAsync(CancellationToken ct)
     {
-        if (!_paced || _stats.StreamBytes - _reported < ProgressStep) return;
-        _reported = _stats.StreamBytes;
+        long load = ProgressMessage.Load(_stats.StreamBytes, _stats.ZeroPages);
+        if (!_paced || load - _reported < ProgressStep) return;
+        _reported = load;
         new ProgressMessage(_reported).Encode(_progress);
         await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);
         await _writer.FlushAsync(ct);

@@ -16,6 +16,9 @@ namespace BFMig.Transfer.Memory;
 public sealed class MigSender
 {
     private const int InputSize = 256 << 10;
+    // Where zero pages are dense (9 bytes of stream, a page of load each) reads are this small, so
+    // that one read cannot put more than about 7 MiB of load past the pacer's window.
+    private const int ZeroDenseRead = 16 << 10;
     private readonly MemoryStore? _store;
     private readonly MigEncoder _encoder;
     private readonly FrameReader _reader;
@@ -215,19 +218,21 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
-            if (_pacer is not null && _pacer.MustWait(_consumed))
+            if (_pacer is not null && _pacer.MustWait(Load))
             {
                 // Everything consumed must be on its way, or the receiver could never catch up.
                 await FlushAsync(ct);
                 await _frames!.FlushAsync(ct);
-                var waited = await _pacer.WaitForRoomAsync(_consumed, ct);
+                var waited = await _pacer.WaitForRoomAsync(Load, ct);
                 _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
                 _wireAtLastWait = _writer.BytesWritten;
             }
             int n;
+            int room = buffer.Length - end;
+            if (_pacer is not null && ZeroDenseSinceLastRead()) room = Math.Min(room, ZeroDenseRead);
             try
             {
-                n = await qemu.Stream.ReadAsync(buffer.AsMemory(end), ct);
+                n = await qemu.Stream.ReadAsync(buffer.AsMemory(end, room), ct);
             }
             catch (IOException) when (!_encoder.Parser.IsOpaque)
             {
@@ -274,7 +279,21 @@ public sealed class MigSender
         _encoder.SwapOps(next.Payload);
         _frames.Post(_current!, FrameType.MigData, length, compress: true);
         _current = next;
-        _pacer?.Sent(_consumed);
+        _pacer?.Sent(Load);
+    }
+
+    // Where the stream consumed so far is in the pacer's units: load, as the receiver reports it.
+    private long Load => ProgressMessage.Load(_consumed, _stats.ZeroPages);
+
+    private long _loadAtRead;
+    private long _consumedAtRead;
+
+    // True when what was consumed since the last read is at least half zero pages' load.
+    private bool ZeroDenseSinceLastRead()
+    {
+        long load = Load - _loadAtRead, bytes = _consumed - _consumedAtRead;
+        (_loadAtRead, _consumedAtRead) = (Load, _consumed);
+        return load > 2 * bytes;
     }
 
     // The destination's return path, handed to the local QEMU while it listens. A QEMU that closed

@@ -69,9 +69,10 @@ public static class FrameCodec
     /// 6: a receiver not in step with the sender but holding a snapshot of the guest from an
     /// earlier trip offers its page index (keyed MACs, <see cref="FrameType.PageIndexHead"/>), so
     /// an arrival from a host it never exchanged the guest with is cheap too.
+    /// 7: a paced main stream's progress counts each zero page as a whole page (<see cref="ProgressMessage.Load"/>).
     /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 6;
+    public const ushort ProtocolVersion = 7;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;

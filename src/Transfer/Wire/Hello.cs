@@ -203,11 +203,20 @@ public sealed record EndAck(bool Committed, byte[] Digest)
 
 /// <summary>
 /// Receiver's progress in a paced memory stream (frame <see cref="FrameType.Progress"/>):
-/// <c>be64 stream bytes written to its QEMU so far</c>. Never decreases.
+/// <c>be64 load its QEMU has taken so far</c>. Never decreases. Load is what the sender paces by
+/// (<see cref="StreamPacer"/>): in the main stream, stream bytes plus a page for each zero page
+/// among them (<see cref="Load"/>); in a coded multifd channel, stream bytes.
 /// </summary>
 public readonly record struct ProgressMessage(long Delivered)
 {
     public const int Length = 8;
+
+    /// <summary>
+    /// The load of a main stream's first <paramref name="streamBytes"/> bytes, which hold
+    /// <paramref name="zeroPages"/> zero pages: a zero page is about 9 bytes of the stream, but
+    /// QEMU reads or clears a whole page of guest memory for it, in new memory with a page fault.
+    /// </summary>
+    public static long Load(long streamBytes, long zeroPages) => streamBytes + (zeroPages << QemuFormat.PageShift);
 
     public void Encode(Span<byte> destination) => BinaryPrimitives.WriteInt64BigEndian(destination, Delivered);
 
