@@ -88,7 +88,12 @@ public sealed class LocalConnection : IAsyncDisposable
     /// progress reports, which pace the sender, counted it as loaded. Unix sockets (small, fixed
     /// buffers) and peers the kernel cannot name are written to as they are.
     /// </summary>
-    public async ValueTask<TimeSpan> WriteGatedAsync(ReadOnlyMemory<byte> data, CancellationToken ct)
+    /// <remarks>
+    /// The bytes carry <paramref name="load"/> (<see cref="Wire.ProgressMessage.Load"/>; their
+    /// length where nothing weighs more than its bytes), taken as spread evenly over them: pieces
+    /// are cut to carry at most <see cref="GatedPiece"/> of load each.
+    /// </remarks>
+    public async ValueTask<TimeSpan> WriteGatedAsync(ReadOnlyMemory<byte> data, long load, CancellationToken ct)
     {
         if (!_gateTried)
         {
@@ -101,13 +106,16 @@ public sealed class LocalConnection : IAsyncDisposable
             return TimeSpan.Zero;
         }
         var waited = TimeSpan.Zero;
+        int piece = (int)Math.Clamp(GatedPiece * (double)data.Length / Math.Max(load, 1), 1, GatedPiece);
         while (!data.IsEmpty)
         {
-            int n = Math.Min(data.Length, GatedPiece);
-            waited += await _gate.WaitAsync(n, ct);
+            int n = Math.Min(data.Length, piece);
+            long pieceLoad = n == data.Length ? load : Math.Min(load, (long)((double)load * n / data.Length));
+            waited += await _gate.WaitAsync(pieceLoad, ct);
             await Stream.WriteAsync(data[..n], ct);
-            _gate.Wrote(n);
+            _gate.Wrote(n, pieceLoad);
             data = data[n..];
+            load -= pieceLoad;
         }
         return waited;
     }

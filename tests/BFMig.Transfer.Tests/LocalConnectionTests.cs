@@ -15,9 +15,32 @@ public class LocalConnectionTests
 
         var data = new byte[LoadGate.MaxLimit * 3];
         Random.Shared.NextBytes(data);
-        var write = connection.WriteGatedAsync(data, CancellationToken.None).AsTask();
+        var write = connection.WriteGatedAsync(data, data.Length, CancellationToken.None).AsTask();
         await Task.Delay(300);
         Assert.False(write.IsCompleted, "the writer went on while its peer held more than the limit unread");
+
+        var received = new byte[data.Length];
+        int read = 0;
+        while (read < received.Length) read += await qemu.ReceiveAsync(received.AsMemory(read));
+        var waited = await write.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.True(waited > TimeSpan.Zero, "the gate never held the writer back");
+        Assert.Equal(data, received);
+    }
+
+    // Bytes that carry more load than their length (zero pages' records: 9 bytes, a page of work
+    // each) are held back by their load: 64 KiB is far below the limit, 3 MiB of load is not.
+    [Fact]
+    public async Task A_gated_write_is_held_back_by_its_load_not_its_length()
+    {
+        var (socket, qemu) = await WireTests.TcpPair();
+        using var _ = qemu;
+        await using var connection = LocalConnection.FromSocket(socket);
+
+        var data = new byte[64 << 10];
+        Random.Shared.NextBytes(data);
+        var write = connection.WriteGatedAsync(data, LoadGate.MaxLimit * 3, CancellationToken.None).AsTask();
+        await Task.Delay(300);
+        Assert.False(write.IsCompleted, "64 KiB carrying 3 MiB of load all went to a peer that read nothing");
 
         var received = new byte[data.Length];
         int read = 0;
@@ -64,7 +87,7 @@ public class LocalConnectionTests
         var (socket, peer) = await WireTests.Pair();
         using var _ = peer;
         await using var connection = LocalConnection.FromSocket(socket);
-        Assert.Equal(TimeSpan.Zero, await connection.WriteGatedAsync(new byte[1000], CancellationToken.None));
+        Assert.Equal(TimeSpan.Zero, await connection.WriteGatedAsync(new byte[1000], 1000, CancellationToken.None));
         var buffer = new byte[1000];
         Assert.Equal(1000, await peer.ReceiveAsync(buffer));
     }

@@ -28,6 +28,7 @@ public sealed class MigReceiver
     private readonly bool _paced;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
     private long _reported;
+    private long _zerosWritten;   // zero pages among the bytes written to QEMU so far
     private bool _endChecked;
     private bool _doubtSeen;
     private Task? _commit;
@@ -162,7 +163,9 @@ public sealed class MigReceiver
                             // taken this stream's EOS (and then its channels' pages).
                             var output = _decoder.OutputMemory;
                             if (!_endChecked) _streamHash.Append(output.Span);
-                            if (await qemu.WriteGatedAsync(output, ct) is { Ticks: > 0 } waited)
+                            long zeros = _stats.ZeroPages - _zerosWritten;
+                            _zerosWritten = _stats.ZeroPages;
+                            if (await qemu.WriteGatedAsync(output, ProgressMessage.Load(output.Length, zeros), ct) is { Ticks: > 0 } waited)
                             {
                                 _stats.LoadWaits++;
                                 _stats.LoadWaitSeconds += waited.TotalSeconds;
