@@ -53,7 +53,9 @@ internal sealed class LoadGate(TcpPeerQueue queue) : IDisposable
         // need to ask while that bound leaves room.
         if (_unread + (_writtenLoad - _loadAtMeasure) + load <= Limit) return TimeSpan.Zero;
         long start = Stopwatch.GetTimestamp();
-        while (Measure() && _unread + load > Limit)
+        // A write goes once QEMU holds nothing, whatever it carries: a piece may weigh a little
+        // more than the smallest limit, and a drained QEMU's rate says nothing new.
+        while (Measure() && _unread > 0 && _unread + load > Limit)
             await Task.Delay(1, ct);
         return Stopwatch.GetElapsedTime(start);
     }

@@ -107,15 +107,16 @@ public sealed class LocalConnection : IAsyncDisposable
         }
         var waited = TimeSpan.Zero;
         int piece = (int)Math.Clamp(GatedPiece * (double)data.Length / Math.Max(load, 1), 1, GatedPiece);
-        while (!data.IsEmpty)
+        long loadDone = 0;
+        for (int done = 0; done < data.Length;)
         {
-            int n = Math.Min(data.Length, piece);
-            long pieceLoad = n == data.Length ? load : Math.Min(load, (long)((double)load * n / data.Length));
-            waited += await _gate.WaitAsync(pieceLoad, ct);
-            await Stream.WriteAsync(data[..n], ct);
-            _gate.Wrote(n, pieceLoad);
-            data = data[n..];
-            load -= pieceLoad;
+            int n = Math.Min(data.Length - done, piece);
+            long upTo = done + n == data.Length ? load : (long)((double)load * (done + n) / data.Length);
+            waited += await _gate.WaitAsync(upTo - loadDone, ct);
+            await Stream.WriteAsync(data.Slice(done, n), ct);
+            _gate.Wrote(n, upTo - loadDone);
+            done += n;
+            loadDone = upTo;
         }
         return waited;
     }

@@ -57,7 +57,7 @@ public sealed class StreamPacer
     /// <param name="stallTimeout">How long the receiver may report no progress while the sender waits.</param>
     public StreamPacer(TimeSpan stallTimeout) => _stallTimeout = stallTimeout;
 
-    /// <summary>Stream bytes the receiving QEMU has taken, as last reported.</summary>
+    /// <summary>What the receiving QEMU has taken, as last reported.</summary>
     public long Delivered
     {
         get
@@ -67,7 +67,7 @@ public sealed class StreamPacer
         }
     }
 
-    /// <summary>The current window in stream bytes.</summary>
+    /// <summary>The current window.</summary>
     public long Window
     {
         get
@@ -83,7 +83,7 @@ public sealed class StreamPacer
     /// <inheritdoc cref="Waits"/>
     public TimeSpan Waited { get; private set; }
 
-    /// <summary>Everything up to stream offset <paramref name="offset"/> has been handed to the peer.</summary>
+    /// <summary>Everything up to <paramref name="offset"/> (load) has been handed to the peer.</summary>
     public void Sent(long offset)
     {
         lock (_gate)
@@ -94,7 +94,7 @@ public sealed class StreamPacer
         }
     }
 
-    /// <summary>The receiver reports <paramref name="delivered"/> stream bytes taken by its QEMU.</summary>
+    /// <summary>The receiver reports <paramref name="delivered"/> taken by its QEMU.</summary>
     /// <exception cref="Wire.PeerProtocolException">the report goes backwards.</exception>
     public void OnProgress(long delivered)
     {
@@ -102,7 +102,7 @@ public sealed class StreamPacer
         lock (_gate)
         {
             if (delivered < _delivered)
-                throw new Wire.PeerProtocolException($"progress went back from {_delivered} to {delivered} stream bytes");
+                throw new Wire.PeerProtocolException($"progress went back from {_delivered} to {delivered}");
             long now = Stopwatch.GetTimestamp();
             long sentAt = -1;
             while (_marks.Count > 0 && _marks.Peek().Offset <= delivered)
@@ -129,7 +129,7 @@ public sealed class StreamPacer
         return (long)Math.Clamp(rate * seconds, MinWindow, MaxWindow);
     }
 
-    /// <summary>True when a sender at stream offset <paramref name="offset"/> must wait before reading more.</summary>
+    /// <summary>True when a sender at <paramref name="offset"/> (load) must wait before reading more.</summary>
     public bool MustWait(long offset)
     {
         lock (_gate)
@@ -166,7 +166,7 @@ public sealed class StreamPacer
                 catch (TimeoutException)
                 {
                     throw new TimeoutException(
-                        $"the receiver reported no progress for {_stallTimeout.TotalSeconds:0} s (its QEMU took {before} stream bytes, this side is at {offset})");
+                        $"the receiver reported no progress for {_stallTimeout.TotalSeconds:0} s (its QEMU took {before}, this side is at {offset})");
                 }
             }
         }

@@ -50,6 +50,22 @@ public class LocalConnectionTests
         Assert.Equal(data, received);
     }
 
+    // A write goes once the reader holds nothing, whatever load it carries: a piece can outweigh
+    // any limit (here 1 byte carrying 3 MiB), and waiting for room then would never end.
+    [Fact]
+    public async Task A_gated_write_heavier_than_the_limit_goes_once_the_reader_holds_nothing()
+    {
+        var (socket, qemu) = await WireTests.TcpPair();
+        using var _ = qemu;
+        await using var connection = LocalConnection.FromSocket(socket);
+
+        var write = connection.WriteGatedAsync(new byte[] { 42 }, 3 * LoadGate.MaxLimit, CancellationToken.None).AsTask();
+        var one = new byte[1];
+        Assert.Equal(1, await qemu.ReceiveAsync(one).WaitAsync(TimeSpan.FromSeconds(10)));
+        await write.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(42, one[0]);
+    }
+
     // The source QEMU's stream must not pile up unread in the helper's socket while the pacer
     // holds the helper back: that backlog is invisible to QEMU and crosses the link after STOP.
     [Fact]

@@ -9,8 +9,7 @@ namespace BFMig.Transfer.Memory;
 /// One RAMBlock in the store: a sparse, page-addressed data file (read and written with
 /// pread/pwrite: on ext4 that is about ten times faster than first-touch writes through a shared
 /// mapping) and its page-hash index (in memory while a trip runs, written back at commit).
-/// Hash 0 means "unknown". A page whose hash is the store's zero hash is not written: its bytes
-/// here are not its content (<see cref="MemoryStore"/> reads it as zeros).
+/// Hash 0 means "unknown".
 /// </summary>
 internal sealed unsafe class BlockFile : IDisposable
 {
@@ -27,7 +26,9 @@ internal sealed unsafe class BlockFile : IDisposable
         HashPath = hashPath;
         Hashes = new UInt128[length >> QemuFormat.PageShift];
         _data = File.OpenHandle(dataPath, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.Read);
-        if (RandomAccess.GetLength(_data) != length) RandomAccess.SetLength(_data, length);
+        long had = RandomAccess.GetLength(_data);
+        if (had != length) RandomAccess.SetLength(_data, length);
+        if (had == 0) _writtenSinceCreated = new ulong[(Hashes.LongLength + 63) >> 6];
         if (loadIndex && File.Exists(hashPath))
         {
             using var hs = new FileStream(hashPath, FileMode.Open, FileAccess.Read);
@@ -48,6 +49,19 @@ internal sealed unsafe class BlockFile : IDisposable
     public string HashPath { get; }
     public UInt128[] Hashes { get; }
     public long PageCount => Hashes.LongLength;
+
+    // For a data file this object created (one hole): the pages anything has written since, pending
+    // writes included (the store marks a page as it buffers it). Null for a file that existed.
+    private readonly ulong[]? _writtenSinceCreated;
+
+    /// <summary>True when the page is part of the hole this object created the data file as: it reads as zeros.</summary>
+    public bool NeverWritten(long page) => _writtenSinceCreated is { } w && (w[page >> 6] & (1UL << (int)(page & 63))) == 0;
+
+    /// <summary>Notes that the page is about to be written (before the write, or its buffering).</summary>
+    public void MarkWritten(long page)
+    {
+        if (_writtenSinceCreated is { } w) w[page >> 6] |= 1UL << (int)(page & 63);
+    }
 
     public void Read(long page, Span<byte> destination) => ReadPages(page, destination[..QemuFormat.PageSize]);
 
@@ -124,6 +138,7 @@ internal sealed unsafe class BlockFile : IDisposable
     public void WritePages(long page, ReadOnlySpan<byte> content)
     {
         long offset = page << QemuFormat.PageShift;
+        for (long p = page; p < page + (content.Length >> QemuFormat.PageShift); p++) MarkWritten(p);
         RandomAccess.Write(_data, content, offset);
         NoteDirty(offset, content.Length);
     }

@@ -15,15 +15,11 @@ public sealed partial class MemoryStore
     /// <summary>The stored content of a page, read into a buffer that the next call reuses.</summary>
     public ReadOnlySpan<byte> Page(int block, long page)
     {
-        if (IsZero(block, page))
-        {
-            NoteRead(block, page);
-            return ZeroPage;
-        }
         long slot = page - _readFirst;
         if (block == _readBlock && slot >= 0 && slot < _readCount && _readValid[slot])
         {
-            NoteRead(block, page);
+            _lastReadBlock = block;
+            _lastReadPage = page;
             return _readBuffer.AsSpan((int)slot << QemuFormat.PageShift, QemuFormat.PageSize);
         }
         ReadPage(block, page, _scratch);
@@ -33,7 +29,6 @@ public sealed partial class MemoryStore
     /// <summary>True when the stored content of a page is exactly <paramref name="content"/> (compared in place, no copy).</summary>
     public bool PageEquals(int block, long page, ReadOnlySpan<byte> content)
     {
-        if (IsZero(block, page)) return !content[..QemuFormat.PageSize].ContainsAnyExcept((byte)0);
         FlushWritesOverlapping(block, page, 1);
         return _blocks[block].PageEquals(page, content);
     }
@@ -43,19 +38,14 @@ public sealed partial class MemoryStore
     {
         FlushWritesOverlapping(block, firstPage, count);
         _blocks[block].ReadPages(firstPage, destination[..(count << QemuFormat.PageShift)]);
-        ClearZeroPages(block, firstPage, count, destination);
     }
 
     /// <summary>Reads the stored content of a page into <paramref name="destination"/>.</summary>
     public void ReadPage(int block, long page, Span<byte> destination)
     {
         bool sequential = block == _lastReadBlock && page == _lastReadPage + 1;
-        NoteRead(block, page);
-        if (IsZero(block, page))
-        {
-            destination[..QemuFormat.PageSize].Clear();
-            return;
-        }
+        _lastReadBlock = block;
+        _lastReadPage = page;
         long slot = page - _readFirst;
         if (block == _readBlock && slot >= 0 && slot < _readCount && _readValid[slot])
         {
@@ -76,26 +66,6 @@ public sealed partial class MemoryStore
         _readCount = count;
         Array.Fill(_readValid, true, 0, count);
         _readBuffer.AsSpan(0, QemuFormat.PageSize).CopyTo(destination);
-    }
-
-    // A zero page is recorded in the index alone (PutZero): it reads as zeros whatever its data
-    // file holds, which may be an earlier content or, in a new store, a hole. Every read of page
-    // content goes through Page, ReadPage, ReadPages or PageEquals, which apply this rule.
-    private bool IsZero(int block, long page) => _blocks[block].Hashes[page] == ZeroHash;
-
-    private void ClearZeroPages(int block, long firstPage, int count, Span<byte> pages)
-    {
-        var hashes = _blocks[block].Hashes.AsSpan((int)firstPage, count);
-        for (int i = 0; i < count; i++)
-        {
-            if (hashes[i] == ZeroHash) pages.Slice(i << QemuFormat.PageShift, QemuFormat.PageSize).Clear();
-        }
-    }
-
-    private void NoteRead(int block, long page)
-    {
-        _lastReadBlock = block;
-        _lastReadPage = page;
     }
 
     private void FlushWritesOverlapping(int block, long first, int count)
@@ -121,6 +91,7 @@ public sealed partial class MemoryStore
         }
         content[..QemuFormat.PageSize].CopyTo(_writeBuffer.AsSpan(_writeCount << QemuFormat.PageShift));
         _writeCount++;
+        _blocks[block].MarkWritten(page);
         long slot = page - _readFirst;
         if (block == _readBlock && slot >= 0 && slot < _readCount) _readValid[slot] = false;
     }
@@ -153,11 +124,6 @@ public sealed partial class MemoryStore
         var hash = trip.PreservedHash(block, page);
         if (hash == UInt128.Zero)
             throw new InvalidOperationException($"page {page} of block {block} has no departure content to restore");
-        if (hash == ZeroHash)
-        {
-            RecordZero(block, page);
-            return;
-        }
         trip.ReadPreserved(block, page, _baseScratch);
         WritePage(block, page, _baseScratch);
         _blocks[block].Hashes[page] = hash;
@@ -180,19 +146,28 @@ public sealed partial class MemoryStore
     /// <summary>Records that a page is all zero, as <paramref name="write"/>.</summary>
     public void PutZero(int block, long page, PageWrite write)
     {
-        if (!Admit(block, page, write) || IsZero(block, page)) return;
+        if (!Admit(block, page, write)) return;
+        var bf = _blocks[block];
+        if (bf.Hashes[page] == ZeroHash) return;
         BeforeModify(block, page);
-        RecordZero(block, page);
+        // A page of a new data file that nothing wrote reads as zeros already (a hole). Writing
+        // zeros there cost a new page-cache page per page: a first trip's unused guest memory
+        // (65,536 zero pages in the lab's 512 MiB guest) took ~0.8 s of each helper's CPU on this
+        // VM, much of it while the guest was paused.
+        if (bf.NeverWritten(page))
+        {
+            NoteIndexOnly(block, page);
+            ZeroPagesUnwritten++;
+        }
+        else
+        {
+            WritePage(block, page, ZeroPage);
+        }
+        bf.Hashes[page] = ZeroHash;
     }
 
-    // In the index alone (see IsZero): writing 4 KiB of zeros cost a new page-cache page per
-    // page, and a first trip's unused guest memory is mostly zero pages. On a 2-core lab host a
-    // first trip's 65,536 zero pages took ~0.8 s of each helper's CPU, much of it at switchover.
-    private void RecordZero(int block, long page)
-    {
-        _blocks[block].Hashes[page] = ZeroHash;
-        NoteIndexOnly(block, page);
-    }
+    /// <summary>Zero pages recorded in the index alone, their data file's hole left as it was (statistics).</summary>
+    public long ZeroPagesUnwritten { get; private set; }
 
     /// <summary>Records that a page's content is not known (it will be sent in full next time).</summary>
     public void PutUnknown(int block, long page) => PutUnknown(block, page, PageWrite.Main(0));
@@ -212,8 +187,8 @@ public sealed partial class MemoryStore
         NoteIndexOnly(block, page);
     }
 
-    // A page whose index entry changes with no data write (made unknown or zero): journaled at the
-    // commit, before the index files are rewritten (nothing on disk changes until then).
+    // A page whose index entry changes with no data write (made unknown, or zero over a hole):
+    // journaled at the commit, before the index files are rewritten (nothing on disk changes until then).
     private void NoteIndexOnly(int block, long page)
     {
         if (_indexOnlyTouched.Count > 0 && _indexOnlyTouched[^1].Block == block && _indexOnlyTouched[^1].End == page)

@@ -478,8 +478,7 @@ public sealed partial class MemoryStore : IDisposable
             var actual = _blocks[bi].HashData(State.Seed);
             for (long p = 0; p < actual.LongLength; p++)
             {
-                // A zero page's bytes are not its content (IsZero): it cannot be damaged.
-                if (committed[p] != UInt128.Zero && committed[p] != ZeroHash && committed[p] != actual[p])
+                if (committed[p] != UInt128.Zero && committed[p] != actual[p])
                     damaged.Add(new PageRange(bi, p, 1));
             }
         }

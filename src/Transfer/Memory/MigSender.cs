@@ -16,8 +16,10 @@ namespace BFMig.Transfer.Memory;
 public sealed class MigSender
 {
     private const int InputSize = 256 << 10;
-    // Where zero pages are dense (9 bytes of stream, a page of load each) reads are this small, so
-    // that one read cannot put more than about 7 MiB of load past the pacer's window.
+    // Where zero pages were dense in the last read (9 bytes of stream, a page of load each), the
+    // next reads are this small, so that one read puts at most about 7 MiB of load past the
+    // pacer's window. The first read into a run of zero pages is still a whole one: up to about
+    // 29,000 zero pages.
     private const int ZeroDenseRead = 16 << 10;
     private readonly MemoryStore? _store;
     private readonly MigEncoder _encoder;
