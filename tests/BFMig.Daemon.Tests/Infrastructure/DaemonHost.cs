@@ -188,13 +188,21 @@ public static class Tools
     /// <summary>Waits until <paramref name="condition"/> holds, failing after <paramref name="seconds"/>.</summary>
     public static async Task UntilAsync(Func<bool> condition, string what, double seconds = 10)
     {
+        if (!await EventuallyAsync(condition, seconds))
+            Assert.Fail($"timed out after {seconds} s waiting for {what}");
+    }
+
+    /// <summary>Waits until <paramref name="condition"/> holds; false when it still does not after <paramref name="seconds"/>.</summary>
+    public static async Task<bool> EventuallyAsync(Func<bool> condition, double seconds)
+    {
         var deadline = DateTime.UtcNow.AddSeconds(seconds);
         while (!condition())
         {
             if (DateTime.UtcNow > deadline)
-                Assert.Fail($"timed out after {seconds} s waiting for {what}");
+                return false;
             await Task.Delay(50);
         }
+        return true;
     }
 
     /// <summary>The repository root (where BFMig.sln is).</summary>
