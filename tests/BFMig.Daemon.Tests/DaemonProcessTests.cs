@@ -133,7 +133,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             Assert.Equal(0, Tools.Busctl(bus, "GetStatus").ExitCode);
             // The runtime runs signal handlers on its own thread: on a loaded machine the SIGHUP
             // line can come after a second; SIGTERM sent before it would race the logger's end.
-            // In three clean-clone CI runs out of about ten the line never came within 30 s of one
+            // In two clean-clone CI runs (2026-12-05, of about ten) the line never came within 30 s of one
             // SIGHUP while the daemon stayed up and answered (cause not found): a second reload
             // after 10 s, as an operator would send, must then be answered by the line.
             if (!await Tools.EventuallyAsync(() => Logged("SIGHUP: settings are read at start only"), 10))
