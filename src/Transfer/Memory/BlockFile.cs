@@ -134,11 +134,10 @@ internal sealed unsafe class BlockFile : IDisposable
         _mapped = p + _view.PointerOffset;
     }
 
-    /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>).</summary>
+    /// <summary>Writes consecutive pages from <paramref name="page"/> (all of <paramref name="content"/>); the caller has marked them (<see cref="MarkWritten"/>).</summary>
     public void WritePages(long page, ReadOnlySpan<byte> content)
     {
         long offset = page << QemuFormat.PageShift;
-        for (long p = page; p < page + (content.Length >> QemuFormat.PageShift); p++) MarkWritten(p);
         RandomAccess.Write(_data, content, offset);
         NoteDirty(offset, content.Length);
     }
