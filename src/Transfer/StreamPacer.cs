@@ -1,15 +1,13 @@
 using System.Diagnostics;
+using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
 namespace BFMig.Transfer;
 
 /// <summary>
-/// Keeps the sender of a memory stream at most a window of load ahead of what the receiving QEMU
-/// has taken (the receiver reports it in Progress frames). Load is stream bytes, with each zero
-/// page of a main stream counted as a whole page (<see cref="Wire.ProgressMessage.Load"/>):
-/// counted in bytes, a window of 6 MB held the 256 MiB of zero pages at the end of a guest's
-/// memory, which the destination QEMU then took 350 ms to load while the guest was paused
-/// (return trips with no rate limit). Positions and windows below are load.
+/// Keeps the sender of a memory stream at most a window ahead of what the receiving QEMU has taken
+/// (the receiver reports it in Progress frames, as load: stream bytes with each zero page of a
+/// main stream counted as a whole page, <see cref="Wire.ProgressMessage.Load"/>).
 /// <para>
 /// Elision makes the wire cheap: without pacing the sender reads the source's memory many times
 /// faster than the destination can rebuild and load it, only the wire bytes are held back by the
@@ -19,19 +17,24 @@ namespace BFMig.Transfer;
 /// left when the guest pauses drains in about <see cref="Target"/>.
 /// </para>
 /// <para>
-/// Window = highest recent delivery rate x (smallest seen round trip + <see cref="Target"/>),
-/// between <see cref="MinWindow"/> and <see cref="MaxWindow"/>: enough in flight to cover the
-/// round trip, no more backlog than drains in <see cref="Target"/>. Thread-safe: the sender's
-/// forward loop calls <see cref="Sent"/> and <see cref="WaitForRoomAsync"/>, its inbox
-/// <see cref="OnProgress"/>.
+/// What is in flight is timed in two kinds, each at the highest rate the destination recently took
+/// it: stream bytes, and zero pages. Counted as bytes alone, a window of 6 MB held the 256 MiB of
+/// zero pages at the end of a guest's memory, which the destination QEMU then took 350 ms to load
+/// while the guest was paused (return trips with no rate limit); counted as load alone, the rate
+/// measured over those zero pages (GB/s) opened the window for the pages after them, which crossed
+/// a 100 Mbit/s link at a thousandth of it. The sender may go on while the backlog drains within
+/// the smallest seen round trip + <see cref="Target"/>, and always while at most
+/// <see cref="MinWindow"/> of load is in flight, never with more than <see cref="MaxWindow"/>.
+/// A zero page is never timed above a page of stream bytes. Thread-safe: the sender's forward loop
+/// calls <see cref="Sent"/> and <see cref="WaitForRoomAsync"/>, its inbox <see cref="OnProgress"/>.
 /// </para>
 /// </summary>
 public sealed class StreamPacer
 {
-    /// <summary>Smallest window; above the receiver's report step plus the sender's input buffer, so pacing cannot stall a stream.</summary>
+    /// <summary>Load that may always be in flight; above the receiver's report step plus the sender's input buffer, so pacing cannot stall a stream.</summary>
     public const long MinWindow = 2L << 20;
 
-    /// <summary>Largest window.</summary>
+    /// <summary>Most load ever in flight.</summary>
     public const long MaxWindow = 256L << 20;
 
     /// <summary>How long the backlog at the receiver may take to drain.</summary>
@@ -41,39 +44,50 @@ public sealed class StreamPacer
     private const int MaxMarks = 4096;
     private static readonly long RateInterval = Stopwatch.Frequency / 20;
 
+    // A point of the stream: where the sender was (Sent), or what the receiver took (interpolated).
+    private readonly record struct Position(long Load, long ZeroPages)
+    {
+        public static Position Of(long streamBytes, long zeroPages) => new(Wire.ProgressMessage.Load(streamBytes, zeroPages), zeroPages);
+
+        public long StreamBytes => Load - (ZeroPages << QemuFormat.PageShift);
+    }
+
     private readonly TimeSpan _stallTimeout;
     private readonly Lock _gate = new();
-    private readonly Queue<(long Offset, long At)> _marks = new();
-    private readonly double[] _rates = new double[RateSamples];
+    private readonly Queue<(Position At, long Time)> _marks = new();
+    private readonly double[] _byteRates = new double[RateSamples];
+    private readonly double[] _zeroRates = new double[RateSamples];
     private int _nextRate;
     private long _rateSince = Stopwatch.GetTimestamp();
-    private long _rateSinceDelivered;
-    private long _delivered;
+    private Position _rateSinceDelivered;
+    private Position _passed;     // the last mark the receiver passed
+    private Position _delivered;  // what the receiver took; its zero pages interpolated between marks
     private long _lastMark = -1;
     private long _minRoundTrip = long.MaxValue;
-    private long _window = MinWindow;
+    private double _byteRate;     // highest recent rates, 0 until measured
+    private double _zeroRate;
     private TaskCompletionSource? _waiter;
 
     /// <param name="stallTimeout">How long the receiver may report no progress while the sender waits.</param>
     public StreamPacer(TimeSpan stallTimeout) => _stallTimeout = stallTimeout;
 
-    /// <summary>What the receiving QEMU has taken, as last reported.</summary>
+    /// <summary>What the receiving QEMU has taken (load), as last reported.</summary>
     public long Delivered
     {
         get
         {
             lock (_gate)
-                return _delivered;
+                return _delivered.Load;
         }
     }
 
-    /// <summary>The current window.</summary>
+    /// <summary>The stream bytes (no zero pages) that may be in flight at the current rates.</summary>
     public long Window
     {
         get
         {
             lock (_gate)
-                return _window;
+                return (long)Math.Clamp(_byteRate * Budget(), MinWindow, MaxWindow);
         }
     }
 
@@ -83,38 +97,41 @@ public sealed class StreamPacer
     /// <inheritdoc cref="Waits"/>
     public TimeSpan Waited { get; private set; }
 
-    /// <summary>Everything up to <paramref name="offset"/> (load) has been handed to the peer.</summary>
-    public void Sent(long offset)
+    /// <summary>Everything up to <paramref name="streamBytes"/>, with <paramref name="zeroPages"/> zero pages among them, has been handed to the peer.</summary>
+    public void Sent(long streamBytes, long zeroPages)
     {
+        var at = Position.Of(streamBytes, zeroPages);
         lock (_gate)
         {
-            if (_marks.Count >= MaxMarks || offset <= _lastMark) return;
-            _marks.Enqueue((offset, Stopwatch.GetTimestamp()));
-            _lastMark = offset;
+            if (_marks.Count >= MaxMarks || at.Load <= _lastMark) return;
+            _marks.Enqueue((at, Stopwatch.GetTimestamp()));
+            _lastMark = at.Load;
         }
     }
 
-    /// <summary>The receiver reports <paramref name="delivered"/> taken by its QEMU.</summary>
+    /// <summary>The receiver reports <paramref name="delivered"/> load taken by its QEMU.</summary>
     /// <exception cref="Wire.PeerProtocolException">the report goes backwards.</exception>
     public void OnProgress(long delivered)
     {
         TaskCompletionSource? wake;
         lock (_gate)
         {
-            if (delivered < _delivered)
-                throw new Wire.PeerProtocolException($"progress went back from {_delivered} to {delivered}");
+            if (delivered < _delivered.Load)
+                throw new Wire.PeerProtocolException($"progress went back from {_delivered.Load} to {delivered}");
             long now = Stopwatch.GetTimestamp();
             long sentAt = -1;
-            while (_marks.Count > 0 && _marks.Peek().Offset <= delivered)
-                sentAt = _marks.Dequeue().At;
+            while (_marks.Count > 0 && _marks.Peek().At.Load <= delivered)
+                (_passed, sentAt) = _marks.Dequeue();
             if (sentAt >= 0) _minRoundTrip = Math.Min(_minRoundTrip, now - sentAt);
-            _delivered = delivered;
+            _delivered = Interpolate(delivered);
             if (now - _rateSince >= RateInterval)
             {
-                _rates[_nextRate++ % RateSamples] = (delivered - _rateSinceDelivered) * (double)Stopwatch.Frequency / (now - _rateSince);
+                double seconds = (double)(now - _rateSince) / Stopwatch.Frequency;
+                _byteRates[_nextRate % RateSamples] = (_delivered.StreamBytes - _rateSinceDelivered.StreamBytes) / seconds;
+                _zeroRates[_nextRate++ % RateSamples] = (_delivered.ZeroPages - _rateSinceDelivered.ZeroPages) / seconds;
+                (_byteRate, _zeroRate) = (_byteRates.Max(), _zeroRates.Max());
                 _rateSince = now;
-                _rateSinceDelivered = delivered;
-                _window = ComputeWindow();
+                _rateSinceDelivered = _delivered;
             }
             wake = _waiter;
             _waiter = null;
@@ -122,29 +139,56 @@ public sealed class StreamPacer
         wake?.TrySetResult();
     }
 
-    private long ComputeWindow()
+    // The receiver reports load alone; its zero pages are spread evenly between the marks around it
+    // (a frame read from a run of zero pages carries thousands), never going back.
+    private Position Interpolate(long delivered)
     {
-        double rate = _rates.Max();
-        double seconds = (_minRoundTrip == long.MaxValue ? 0 : (double)_minRoundTrip / Stopwatch.Frequency) + Target.TotalSeconds;
-        return (long)Math.Clamp(rate * seconds, MinWindow, MaxWindow);
+        long zeros = _passed.ZeroPages;
+        if (_marks.Count > 0)
+        {
+            var next = _marks.Peek().At;
+            long span = next.Load - _passed.Load;
+            if (span > 0)
+                zeros += (long)((double)(delivered - _passed.Load) / span * (next.ZeroPages - _passed.ZeroPages));
+        }
+        zeros = Math.Clamp(zeros, _delivered.ZeroPages, delivered >> QemuFormat.PageShift);
+        return new Position(delivered, zeros);
     }
 
-    /// <summary>True when a sender at <paramref name="offset"/> (load) must wait before reading more.</summary>
-    public bool MustWait(long offset)
+    private double Budget() =>
+        (_minRoundTrip == long.MaxValue ? 0 : (double)_minRoundTrip / Stopwatch.Frequency) + Target.TotalSeconds;
+
+    /// <summary>True when a sender at <paramref name="streamBytes"/>, <paramref name="zeroPages"/> zero pages among them, must wait before reading more.</summary>
+    public bool MustWait(long streamBytes, long zeroPages)
     {
+        var at = Position.Of(streamBytes, zeroPages);
         lock (_gate)
-            return offset - _delivered > _window;
+            return MustWaitLocked(at);
+    }
+
+    private bool MustWaitLocked(Position at)
+    {
+        long load = at.Load - _delivered.Load;
+        if (load <= MinWindow) return false;
+        if (load > MaxWindow || _byteRate <= 0) return true;
+        double bytes = Math.Max(0, at.StreamBytes - _delivered.StreamBytes);
+        double zeros = Math.Max(0, at.ZeroPages - _delivered.ZeroPages);
+        double perZeroPage = (double)QemuFormat.PageSize / _byteRate;
+        if (_zeroRate > 0) perZeroPage = Math.Min(perZeroPage, 1 / _zeroRate);
+        return bytes / _byteRate + zeros * perZeroPage > Budget();
     }
 
     /// <summary>
-    /// Waits until the sender at <paramref name="offset"/> is within the window again. Everything
-    /// up to <paramref name="offset"/> must already be on its way to the peer.
+    /// Waits until the sender at <paramref name="streamBytes"/> (<paramref name="zeroPages"/> zero
+    /// pages among them) is within the window again. Everything up to there must already be on
+    /// its way to the peer.
     /// </summary>
     /// <returns>How long it waited.</returns>
     /// <exception cref="TimeoutException">the receiver reported no progress for the stall timeout.</exception>
-    public async Task<TimeSpan> WaitForRoomAsync(long offset, CancellationToken ct)
+    public async Task<TimeSpan> WaitForRoomAsync(long streamBytes, long zeroPages, CancellationToken ct)
     {
-        if (!MustWait(offset)) return TimeSpan.Zero;
+        if (!MustWait(streamBytes, zeroPages)) return TimeSpan.Zero;
+        var at = Position.Of(streamBytes, zeroPages);
         long start = Stopwatch.GetTimestamp();
         try
         {
@@ -154,10 +198,10 @@ public sealed class StreamPacer
                 long before;
                 lock (_gate)
                 {
-                    if (offset - _delivered <= _window) return Stopwatch.GetElapsedTime(start);
+                    if (!MustWaitLocked(at)) return Stopwatch.GetElapsedTime(start);
                     _waiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
                     progress = _waiter.Task;
-                    before = _delivered;
+                    before = _delivered.Load;
                 }
                 try
                 {
@@ -166,7 +210,7 @@ public sealed class StreamPacer
                 catch (TimeoutException)
                 {
                     throw new TimeoutException(
-                        $"the receiver reported no progress for {_stallTimeout.TotalSeconds:0} s (its QEMU took {before}, this side is at {offset})");
+                        $"the receiver reported no progress for {_stallTimeout.TotalSeconds:0} s (its QEMU took {before}, this side is at {at.Load})");
                 }
             }
         }

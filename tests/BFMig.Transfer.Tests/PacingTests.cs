@@ -115,23 +115,51 @@ public class PacingTests
     {
         var pacer = new StreamPacer(TimeSpan.FromSeconds(5));
         Assert.Equal(StreamPacer.MinWindow, pacer.Window);
-        Assert.False(pacer.MustWait(StreamPacer.MinWindow));
-        Assert.True(pacer.MustWait(StreamPacer.MinWindow + 1));
+        Assert.False(pacer.MustWait(StreamPacer.MinWindow, zeroPages: 0));
+        Assert.True(pacer.MustWait(StreamPacer.MinWindow + 1, zeroPages: 0));
 
         // 64 MiB delivered in about 100 ms: 640 MB/s x (round trip + 30 ms) is well above the minimum.
-        pacer.Sent(64L << 20);
+        pacer.Sent(64L << 20, zeroPages: 0);
         await Task.Delay(100);
         pacer.OnProgress(64L << 20);
         Assert.True(pacer.Window > 8L << 20, $"window {pacer.Window} did not grow with a fast destination");
         Assert.True(pacer.Window <= StreamPacer.MaxWindow);
 
-        long at = pacer.Delivered + pacer.Window + 1;
-        var wait = pacer.WaitForRoomAsync(at, default);
+        long at = pacer.Delivered + pacer.Window + (1 << 20);
+        Assert.True(pacer.MustWait(at, zeroPages: 0));
+        var wait = pacer.WaitForRoomAsync(at, zeroPages: 0, default);
         Assert.False(wait.IsCompleted);
-        pacer.OnProgress(pacer.Delivered + 1);
+        pacer.OnProgress(pacer.Delivered + (2 << 20));
         await wait.WaitAsync(TimeSpan.FromSeconds(5));
         Assert.Equal(1, pacer.Waits);
         Assert.Throws<PeerProtocolException>(() => pacer.OnProgress(1));
+    }
+
+    // A guest's unused memory reaches the destination as a run of zero pages, loaded at GB/s of
+    // load; the pages after it cross the link at its own rate. Timed as one kind, the zero pages'
+    // rate opened the window for the pages after them (100 Mbit/s return trips paused with
+    // hundreds of ms still on the link), or the pages' rate held the zero pages back for seconds.
+    [Fact]
+    public async Task The_pacer_times_stream_bytes_and_zero_pages_each_at_their_own_rate()
+    {
+        var pacer = new StreamPacer(TimeSpan.FromSeconds(5));
+        long bytes = 0, zeros = 0;
+        async Task Deliver(long moreBytes, long moreZeros)
+        {
+            (bytes, zeros) = (bytes + moreBytes, zeros + moreZeros);
+            pacer.Sent(bytes, zeros);
+            await Task.Delay(60); // each report closes a rate sample: at most this much per 50 ms
+            pacer.OnProgress(ProgressMessage.Load(bytes, zeros));
+        }
+        for (int i = 0; i < 3; i++)
+            await Deliver(512 << 10, 0); // stream bytes at <= 10 MB/s
+        await Deliver(9 * 65536, 65536); // 256 MiB of zero pages in one report
+
+        Assert.True(pacer.MustWait(bytes + (16 << 20), zeros),
+            $"16 MiB of stream bytes in flight at <= 10 MB/s, and the sender need not wait (window {pacer.Window})");
+        Assert.False(pacer.MustWait(bytes + 16_000 * 9, zeros + 16_000),
+            "16,000 zero pages in flight, taken at ~1 M/s, and the sender must wait as if each were a page of stream bytes");
+        Assert.True(pacer.MustWait(bytes, zeros + ((StreamPacer.MaxWindow >> 12) + 1)), "more than the largest window in flight");
     }
 
     // Zero pages are a few bytes of the stream each but a page of work for the destination QEMU:
@@ -162,7 +190,7 @@ public class PacingTests
     public async Task A_sender_waiting_on_a_silent_receiver_times_out_naming_the_stall()
     {
         var pacer = new StreamPacer(TimeSpan.FromMilliseconds(200));
-        var e = await Assert.ThrowsAsync<TimeoutException>(() => pacer.WaitForRoomAsync(StreamPacer.MinWindow * 2, default));
+        var e = await Assert.ThrowsAsync<TimeoutException>(() => pacer.WaitForRoomAsync(StreamPacer.MinWindow * 2, zeroPages: 0, default));
         Assert.Contains("no progress", e.Message);
     }
 

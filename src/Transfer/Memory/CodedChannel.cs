@@ -163,13 +163,13 @@ public sealed class CodedChannel : Stream, IPeerTunnel
         while (!buffer.IsEmpty)
         {
             // Everything before _consumed is with the service, whose ops go out as they come: waiting cannot stall the channel.
-            if (_pacer is not null && _pacer.MustWait(_consumed))
-                await _pacer.WaitForRoomAsync(_consumed, cancellationToken);
+            if (_pacer is not null && _pacer.MustWait(_consumed, zeroPages: 0))
+                await _pacer.WaitForRoomAsync(_consumed, zeroPages: 0, cancellationToken);
             int n = Math.Min(buffer.Length, MultifdEncoder.MaxInput);
             await CodecMessages.WriteAsync(_codec, CodecMessage.Data, buffer[..n], cancellationToken);
             buffer = buffer[n..];
             _consumed += n;
-            _pacer?.Sent(_consumed);
+            _pacer?.Sent(_consumed, zeroPages: 0);
         }
     }
 

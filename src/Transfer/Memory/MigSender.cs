@@ -220,12 +220,12 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
-            if (_pacer is not null && _pacer.MustWait(Load))
+            if (_pacer is not null && _pacer.MustWait(_consumed, _stats.ZeroPages))
             {
                 // Everything consumed must be on its way, or the receiver could never catch up.
                 await FlushAsync(ct);
                 await _frames!.FlushAsync(ct);
-                var waited = await _pacer.WaitForRoomAsync(Load, ct);
+                var waited = await _pacer.WaitForRoomAsync(_consumed, _stats.ZeroPages, ct);
                 _writer.RecordLinkWait(_writer.BytesWritten - _wireAtLastWait, waited);
                 _wireAtLastWait = _writer.BytesWritten;
             }
@@ -281,10 +281,10 @@ public sealed class MigSender
         _encoder.SwapOps(next.Payload);
         _frames.Post(_current!, FrameType.MigData, length, compress: true);
         _current = next;
-        _pacer?.Sent(Load);
+        _pacer?.Sent(_consumed, _stats.ZeroPages);
     }
 
-    // Where the stream consumed so far is in the pacer's units: load, as the receiver reports it.
+    // The stream consumed so far as load: zero pages count as pages (ProgressMessage.Load).
     private long Load => ProgressMessage.Load(_consumed, _stats.ZeroPages);
 
     private long _loadAtRead;
