@@ -92,6 +92,34 @@ public class StoreTests
         }
     }
 
+    // A zero page over a hole changes the index alone, and the index files are rewritten at the
+    // commit before the state: a commit cut short there must leave that page in doubt, as it does
+    // a page whose data the trip wrote.
+    [Fact]
+    public void A_commit_cut_short_leaves_a_zero_page_left_as_a_hole_in_doubt()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        string state = Path.Combine(dir.Path, guest.ToString(), "mem", "state.json");
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            s.BeginTrip(Layout, s.State.Seed, keep: false, buildLocator: false);
+            for (int p = 0; p < 8; p++) s.Put(0, p, Content(p), s.Hash(Content(p)));
+            s.Commit(1, "peer", snapshotComplete: true);
+            s.BeginTrip(Layout, s.State.Seed, keep: true, buildLocator: false);
+            s.PutZero(0, 9);
+            Assert.Equal(1, s.ZeroPagesUnwritten);
+            Directory.CreateDirectory(state + ".tmp"); // the state's write fails after the index files'
+            Assert.Throws<UnauthorizedAccessException>(() => s.Commit(2, "peer", snapshotComplete: true));
+        }
+        Directory.Delete(state + ".tmp");
+        using (var s = MemoryStore.Open(dir.Path, guest))
+        {
+            Assert.Equal(1UL, s.State.Generation);
+            Assert.Equal([new PageRange(0, 9, 1)], s.Doubt.Ranges);
+        }
+    }
+
     [Fact]
     public void Committed_trip_survives_reopen_with_layout_hashes_and_state()
     {
