@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using BFMig.Transfer.Memory;
 using BFMig.Transfer.Wire;
 
@@ -22,10 +21,12 @@ namespace BFMig.Transfer;
 /// zero pages at the end of a guest's memory, which the destination QEMU then took 350 ms to load
 /// while the guest was paused (return trips with no rate limit); counted as load alone, the rate
 /// measured over those zero pages (GB/s) opened the window for the pages after them, which crossed
-/// a 100 Mbit/s link at a thousandth of it. The sender may go on while the backlog drains within
-/// the smallest seen round trip + <see cref="Target"/>, and always while at most
-/// <see cref="MinWindow"/> of load is in flight, never with more than <see cref="MaxWindow"/>.
-/// A zero page is never timed above a page of stream bytes. Thread-safe: the sender's forward loop
+/// a 100 Mbit/s link at a thousandth of it. The sender may read on while the backlog is estimated
+/// to drain within the smallest seen round trip + <see cref="Target"/>, always while at most
+/// <see cref="MinWindow"/> of load is in flight, never while more than <see cref="MaxWindow"/> is
+/// (one read can add more). A zero page is never timed above a page of stream bytes. A sample
+/// that mixes both kinds credits each with the whole interval, so mixed memory is paced more
+/// tightly than it needs (conservative: costs throughput on long round trips, never downtime). Thread-safe: the sender's forward loop
 /// calls <see cref="Sent"/> and <see cref="WaitForRoomAsync"/>, its inbox <see cref="OnProgress"/>.
 /// </para>
 /// </summary>
@@ -34,7 +35,7 @@ public sealed class StreamPacer
     /// <summary>Load that may always be in flight; above the receiver's report step plus the sender's input buffer, so pacing cannot stall a stream.</summary>
     public const long MinWindow = 2L << 20;
 
-    /// <summary>Most load ever in flight.</summary>
+    /// <summary>Load in flight beyond which the sender never reads.</summary>
     public const long MaxWindow = 256L << 20;
 
     /// <summary>How long the backlog at the receiver may take to drain.</summary>
@@ -42,7 +43,8 @@ public sealed class StreamPacer
 
     private const int RateSamples = 8;
     private const int MaxMarks = 4096;
-    private static readonly long RateInterval = Stopwatch.Frequency / 20;
+    private readonly TimeProvider _time;
+    private readonly long _rateInterval;
 
     // A point of the stream: where the sender was (Sent), or what the receiver took (interpolated).
     private readonly record struct Position(long Load, long ZeroPages)
@@ -58,18 +60,25 @@ public sealed class StreamPacer
     private readonly double[] _byteRates = new double[RateSamples];
     private readonly double[] _zeroRates = new double[RateSamples];
     private int _nextRate;
-    private long _rateSince = Stopwatch.GetTimestamp();
+    private long _rateSince;
     private Position _rateSinceDelivered;
     private Position _passed;     // the last mark the receiver passed
     private Position _delivered;  // what the receiver took; its zero pages interpolated between marks
-    private long _lastMark = -1;
+    private Position _latest;     // the furthest the sender has been, kept even when the marks are full
     private long _minRoundTrip = long.MaxValue;
     private double _byteRate;     // highest recent rates, 0 until measured
     private double _zeroRate;
     private TaskCompletionSource? _waiter;
 
     /// <param name="stallTimeout">How long the receiver may report no progress while the sender waits.</param>
-    public StreamPacer(TimeSpan stallTimeout) => _stallTimeout = stallTimeout;
+    /// <param name="time">The clock the rates and round trips are measured by (tests pass their own); the system's by default.</param>
+    public StreamPacer(TimeSpan stallTimeout, TimeProvider? time = null)
+    {
+        _stallTimeout = stallTimeout;
+        _time = time ?? TimeProvider.System;
+        _rateInterval = _time.TimestampFrequency / 20;
+        _rateSince = _time.GetTimestamp();
+    }
 
     /// <summary>What the receiving QEMU has taken (load), as last reported.</summary>
     public long Delivered
@@ -81,7 +90,7 @@ public sealed class StreamPacer
         }
     }
 
-    /// <summary>The stream bytes (no zero pages) that may be in flight at the current rates.</summary>
+    /// <summary>Stream bytes of a stream with no zero pages that may be in flight at the current byte rate (statistics and tests; <see cref="MustWait"/> decides).</summary>
     public long Window
     {
         get
@@ -103,9 +112,9 @@ public sealed class StreamPacer
         var at = Position.Of(streamBytes, zeroPages);
         lock (_gate)
         {
-            if (_marks.Count >= MaxMarks || at.Load <= _lastMark) return;
-            _marks.Enqueue((at, Stopwatch.GetTimestamp()));
-            _lastMark = at.Load;
+            if (at.Load <= _latest.Load) return;
+            _latest = at;
+            if (_marks.Count < MaxMarks) _marks.Enqueue((at, _time.GetTimestamp()));
         }
     }
 
@@ -118,15 +127,15 @@ public sealed class StreamPacer
         {
             if (delivered < _delivered.Load)
                 throw new Wire.PeerProtocolException($"progress went back from {_delivered.Load} to {delivered}");
-            long now = Stopwatch.GetTimestamp();
+            long now = _time.GetTimestamp();
             long sentAt = -1;
             while (_marks.Count > 0 && _marks.Peek().At.Load <= delivered)
                 (_passed, sentAt) = _marks.Dequeue();
             if (sentAt >= 0) _minRoundTrip = Math.Min(_minRoundTrip, now - sentAt);
             _delivered = Interpolate(delivered);
-            if (now - _rateSince >= RateInterval)
+            if (now - _rateSince >= _rateInterval)
             {
-                double seconds = (double)(now - _rateSince) / Stopwatch.Frequency;
+                double seconds = (double)(now - _rateSince) / _time.TimestampFrequency;
                 _byteRates[_nextRate % RateSamples] = (_delivered.StreamBytes - _rateSinceDelivered.StreamBytes) / seconds;
                 _zeroRates[_nextRate++ % RateSamples] = (_delivered.ZeroPages - _rateSinceDelivered.ZeroPages) / seconds;
                 (_byteRate, _zeroRate) = (_byteRates.Max(), _zeroRates.Max());
@@ -139,24 +148,22 @@ public sealed class StreamPacer
         wake?.TrySetResult();
     }
 
-    // The receiver reports load alone; its zero pages are spread evenly between the marks around it
-    // (a frame read from a run of zero pages carries thousands), never going back.
+    // The receiver reports load alone; its zero pages are spread evenly between the sender's
+    // positions around the report (a frame read from a run of zero pages carries thousands). The
+    // count never goes back and never exceeds what the load can hold.
     private Position Interpolate(long delivered)
     {
         long zeros = _passed.ZeroPages;
-        if (_marks.Count > 0)
-        {
-            var next = _marks.Peek().At;
-            long span = next.Load - _passed.Load;
-            if (span > 0)
-                zeros += (long)((double)(delivered - _passed.Load) / span * (next.ZeroPages - _passed.ZeroPages));
-        }
+        var next = _marks.Count > 0 ? _marks.Peek().At : _latest;
+        long span = next.Load - _passed.Load;
+        if (span > 0)
+            zeros += (long)(Math.Clamp((double)(delivered - _passed.Load) / span, 0, 1) * (next.ZeroPages - _passed.ZeroPages));
         zeros = Math.Clamp(zeros, _delivered.ZeroPages, delivered >> QemuFormat.PageShift);
         return new Position(delivered, zeros);
     }
 
     private double Budget() =>
-        (_minRoundTrip == long.MaxValue ? 0 : (double)_minRoundTrip / Stopwatch.Frequency) + Target.TotalSeconds;
+        (_minRoundTrip == long.MaxValue ? 0 : (double)_minRoundTrip / _time.TimestampFrequency) + Target.TotalSeconds;
 
     /// <summary>True when a sender at <paramref name="streamBytes"/>, <paramref name="zeroPages"/> zero pages among them, must wait before reading more.</summary>
     public bool MustWait(long streamBytes, long zeroPages)
@@ -189,7 +196,7 @@ public sealed class StreamPacer
     {
         if (!MustWait(streamBytes, zeroPages)) return TimeSpan.Zero;
         var at = Position.Of(streamBytes, zeroPages);
-        long start = Stopwatch.GetTimestamp();
+        long start = _time.GetTimestamp();
         try
         {
             while (true)
@@ -198,7 +205,7 @@ public sealed class StreamPacer
                 long before;
                 lock (_gate)
                 {
-                    if (!MustWaitLocked(at)) return Stopwatch.GetElapsedTime(start);
+                    if (!MustWaitLocked(at)) return _time.GetElapsedTime(start);
                     _waiter ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
                     progress = _waiter.Task;
                     before = _delivered.Load;
@@ -217,7 +224,7 @@ public sealed class StreamPacer
         finally
         {
             Waits++;
-            Waited += Stopwatch.GetElapsedTime(start);
+            Waited += _time.GetElapsedTime(start);
         }
     }
 }

@@ -110,20 +110,32 @@ public class PacingTests
         Assert.True(unpaced.MaxBacklog > 8L << 20, $"unpaced: the destination was only {unpaced.MaxBacklog} stream bytes behind (the control shows nothing)");
     }
 
+    // The pacer's clock, moved by hand: rates and round trips come out the same on any machine.
+    private sealed class ManualClock : TimeProvider
+    {
+        private long _now = 1;
+
+        public override long TimestampFrequency => 1_000_000_000;
+
+        public override long GetTimestamp() => _now;
+
+        public void Advance(TimeSpan by) => _now += by.Ticks * 100;
+    }
+
     [Fact]
     public async Task Pacer_window_follows_the_delivery_rate_and_wakes_a_waiting_sender()
     {
-        var pacer = new StreamPacer(TimeSpan.FromSeconds(5));
+        var clock = new ManualClock();
+        var pacer = new StreamPacer(TimeSpan.FromSeconds(5), clock);
         Assert.Equal(StreamPacer.MinWindow, pacer.Window);
         Assert.False(pacer.MustWait(StreamPacer.MinWindow, zeroPages: 0));
         Assert.True(pacer.MustWait(StreamPacer.MinWindow + 1, zeroPages: 0));
 
-        // 64 MiB delivered in about 100 ms: 640 MB/s x (round trip + 30 ms) is well above the minimum.
+        // 64 MiB delivered in 100 ms: 671 MB/s x (100 ms round trip + 30 ms), well above the minimum.
         pacer.Sent(64L << 20, zeroPages: 0);
-        await Task.Delay(100);
+        clock.Advance(TimeSpan.FromMilliseconds(100));
         pacer.OnProgress(64L << 20);
-        Assert.True(pacer.Window > 8L << 20, $"window {pacer.Window} did not grow with a fast destination");
-        Assert.True(pacer.Window <= StreamPacer.MaxWindow);
+        Assert.InRange(pacer.Window, 80_000_000, 90_000_000);
 
         long at = pacer.Delivered + pacer.Window + (1 << 20);
         Assert.True(pacer.MustWait(at, zeroPages: 0));
@@ -140,26 +152,35 @@ public class PacingTests
     // rate opened the window for the pages after them (100 Mbit/s return trips paused with
     // hundreds of ms still on the link), or the pages' rate held the zero pages back for seconds.
     [Fact]
-    public async Task The_pacer_times_stream_bytes_and_zero_pages_each_at_their_own_rate()
+    public void The_pacer_times_stream_bytes_and_zero_pages_each_at_their_own_rate()
     {
-        var pacer = new StreamPacer(TimeSpan.FromSeconds(5));
+        var clock = new ManualClock();
+        var pacer = new StreamPacer(TimeSpan.FromSeconds(5), clock);
         long bytes = 0, zeros = 0;
-        async Task Deliver(long moreBytes, long moreZeros)
+        void Deliver(long moreBytes, long moreZeros)
         {
             (bytes, zeros) = (bytes + moreBytes, zeros + moreZeros);
             pacer.Sent(bytes, zeros);
-            await Task.Delay(60); // each report closes a rate sample: at most this much per 50 ms
+            clock.Advance(TimeSpan.FromMilliseconds(60)); // a 60 ms round trip; each report closes a rate sample
             pacer.OnProgress(ProgressMessage.Load(bytes, zeros));
         }
         for (int i = 0; i < 3; i++)
-            await Deliver(512 << 10, 0); // stream bytes at <= 10 MB/s
-        await Deliver(9 * 65536, 65536); // 256 MiB of zero pages in one report
+            Deliver(512 << 10, 0); // stream bytes at 8.7 MB/s
+        Deliver(9 * 65536, 65536); // 256 MiB of load: 65,536 zero pages at 1.1 M/s
 
         Assert.True(pacer.MustWait(bytes + (16 << 20), zeros),
-            $"16 MiB of stream bytes in flight at <= 10 MB/s, and the sender need not wait (window {pacer.Window})");
+            $"16 MiB of stream bytes in flight at 8.7 MB/s, and the sender need not wait (window {pacer.Window})");
         Assert.False(pacer.MustWait(bytes + 16_000 * 9, zeros + 16_000),
-            "16,000 zero pages in flight, taken at ~1 M/s, and the sender must wait as if each were a page of stream bytes");
+            "16,000 zero pages in flight, taken at 1.1 M/s, and the sender must wait as if each were a page of stream bytes");
         Assert.True(pacer.MustWait(bytes, zeros + ((StreamPacer.MaxWindow >> 12) + 1)), "more than the largest window in flight");
+
+        // A report inside one frame of zero pages counts its share of them: counted as stream
+        // bytes (2 MB in 60 ms), they would raise the byte rate enough to let 1 MiB more go.
+        pacer.Sent(bytes + 9 * 1000, zeros + 1000);
+        clock.Advance(TimeSpan.FromMilliseconds(60));
+        pacer.OnProgress(ProgressMessage.Load(bytes + 9 * 500, zeros + 500));
+        Assert.True(pacer.MustWait(bytes + 9 * 1000 + (1 << 20), zeros + 1000),
+            $"half a frame of zero pages was counted as stream bytes: the window is {pacer.Window}");
     }
 
     // Zero pages are a few bytes of the stream each but a page of work for the destination QEMU:
