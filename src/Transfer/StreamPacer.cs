@@ -26,8 +26,9 @@ namespace BFMig.Transfer;
 /// <see cref="MinWindow"/> of load is in flight, never while more than <see cref="MaxWindow"/> is
 /// (one read can add more). A zero page is never timed above a page of stream bytes. A sample
 /// that mixes both kinds credits each with the whole interval, so mixed memory is paced more
-/// tightly than it needs (conservative: costs throughput on long round trips, never downtime). Thread-safe: the sender's forward loop
-/// calls <see cref="Sent"/> and <see cref="WaitForRoomAsync"/>, its inbox <see cref="OnProgress"/>.
+/// tightly than it needs (conservative: costs throughput on long round trips, never downtime).
+/// Thread-safe: the sender's forward loop calls <see cref="Sent"/> and <see cref="WaitForRoomAsync"/>,
+/// its inbox <see cref="OnProgress"/>.
 /// </para>
 /// </summary>
 public sealed class StreamPacer
