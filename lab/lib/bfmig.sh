@@ -185,6 +185,16 @@ bfmig_start_host() {
     fi
 }
 
+# After a failed trip: the last warnings and errors of each host's bfmigd (at most 12 lines
+# each, 240 characters a line), so that a test's failure message says what BFMig saw.
+bfmig_log_excerpt() {
+    local h
+    for h; do
+        log "bfmig: bfmigd of ${h^^}, last warnings and errors:"
+        grep -E '^[0-9:.]+ (WRN|ERR|FTL) ' "$(bfmig_dir "$h")/bfmigd.log" 2> /dev/null | tail -n 12 | cut -c 1-240 | sed 's/^/    /' >&2
+    done
+}
+
 # bfmigd is ready when it listens for its peer and has the sockets of the running guests.
 bfmig_wait_ready() {
     local h=$1 deadline=$((SECONDS + 60)) dir

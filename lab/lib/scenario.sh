@@ -429,6 +429,7 @@ cmd_roundtrip() {
         c=${calls[trip - 1]:-${calls[-1]}}
         ((${#calls[@]} == 1)) || log "$mode: trip $trip by call $c"
         if ! lab_migrate "$c" "$src" "$dst"; then
+            [[ $mode != bfmig* ]] || bfmig_log_excerpt "$src" "$dst"
             mode_call_optional "$mode" cleanup "$src" "$dst"
             scenario_cleanup
             die "$mode: trip $trip ${src^^} -> ${dst^^} failed"
