@@ -34,6 +34,15 @@ public sealed partial class BfmigDaemon
             connection.Dispose();
             return;
         }
+        // A socket belongs to a name; which guest has that name now is libvirt's to say. Sockets
+        // set up for an earlier guest of the name (its Stopped event missed) must not send this
+        // one's memory under the earlier one's identity, which its peer refuses.
+        if (_libvirt?.Lookup(guest) is { Running: true } current && current.Uuid != uuid)
+        {
+            DaemonLog.SocketGuestReplaced(_logger, guest, uuid.ToString("D"), current.Uuid.ToString("D"));
+            _sockets?.Ensure(current.Uuid, guest);
+            uuid = current.Uuid;
+        }
         _checkpoints?.OnTripStarting(uuid, guest, peer);
         StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Explicit);
         _transfers!.StartSend(guest, uuid, peer, kind, connection, DisksOf(uuid, kind));

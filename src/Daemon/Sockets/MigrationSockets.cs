@@ -127,6 +127,14 @@ public sealed class MigrationSockets : IDisposable
                 existing.Dispose();
                 _guests.Remove(uuid);
             }
+            // One guest per name: the sockets of an earlier guest of this name (its Stopped event
+            // missed) go first, or they would keep answering for it, and closing them later would
+            // unlink the paths the new ones are bound to.
+            foreach (var (other, earlier) in _guests.Where(g => g.Value.Name == name).ToArray())
+            {
+                earlier.Dispose();
+                _guests.Remove(other);
+            }
             var sockets = new GuestSockets(name);
             bool ok = true;
             foreach (var peer in _options.Peers)

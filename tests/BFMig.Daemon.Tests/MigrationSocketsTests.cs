@@ -1,0 +1,73 @@
+using System.Net.Sockets;
+using BFMig.Daemon.Tests.Infrastructure;
+using Xunit.Abstractions;
+
+namespace BFMig.Daemon.Tests;
+
+/// <summary>
+/// Explicit-mode sockets belong to a guest's name, and a name passes from guest to guest (the
+/// lab defines a new lab-guest for every scenario; an operator re-creates a guest). A real bfmigd
+/// on libvirt's test driver, its sockets driven directly where libvirt's events cannot be.
+/// </summary>
+public sealed class MigrationSocketsTests(ITestOutputHelper output)
+{
+    private const string TestGuestUuid = "6695eb01-f6a4-8304-79aa-97f2502e193f";
+
+    /// <summary>
+    /// A later guest of a name takes the sockets over, and the earlier guest's go first: removing
+    /// the earlier guest afterwards (its Stopped event handled late) leaves the later guest's in place.
+    /// </summary>
+    [Fact]
+    public async Task Closing_an_earlier_guests_sockets_leaves_those_of_the_later_guest_of_the_same_name()
+    {
+        using var bus = new PrivateBus();
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9));
+        var sockets = host.Daemon.Sockets!;
+        // The QEMU of guest "g" is this process, as DaemonHost makes it for "test".
+        File.WriteAllText(Path.Combine(host.Root, "qemu-pids", "g.pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        var (earlier, later) = (Guid.NewGuid(), Guid.NewGuid());
+        var path = sockets.SocketPath("hostb", "g", BFMig.Transfer.Wire.StreamKind.Mig);
+
+        Assert.True(sockets.Ensure(earlier, "g"));
+        Assert.True(sockets.Ensure(later, "g"));
+        Assert.DoesNotContain(sockets.Guests, g => g.Uuid == earlier);
+        Assert.Contains(sockets.Guests, g => g.Uuid == later && g.Name == "g");
+
+        sockets.Remove(earlier);
+        Assert.True(File.Exists(path), $"{path} went with the earlier guest's sockets");
+        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path));
+
+        sockets.Remove(later);
+        Assert.False(File.Exists(path), $"{path} outlived the guest whose socket it was");
+        output.WriteLine(host.Log);
+    }
+
+    /// <summary>
+    /// Sockets still set up for an earlier guest of the name (libvirt's events for the change
+    /// missed): the stream that arrives there is the guest libvirt now names so, and its departure
+    /// is recorded for that guest, not for the earlier one, whose identity the peer would refuse.
+    /// </summary>
+    [Fact]
+    public async Task A_stream_on_sockets_set_up_for_an_earlier_guest_of_the_name_is_the_current_guests()
+    {
+        using var bus = new PrivateBus();
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9));
+        var sockets = host.Daemon.Sockets!;
+        var (current, stale) = (Guid.Parse(TestGuestUuid), Guid.NewGuid());
+        Assert.True(sockets.Ensure(stale, "test"));
+        Assert.Equal([(stale, "test")], sockets.Guests);
+
+        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig)));
+            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(current).Record is { Pending: PendingTrip.Departing },
+                "the departure recorded for the guest libvirt names test");
+        }
+
+        Assert.Contains($"set up for guest {stale:D}, libvirt now names {current:D}", host.Log, StringComparison.Ordinal);
+        Assert.Null(host.Daemon.Store.ReadLocation(stale).Record);
+        Assert.Equal([(current, "test")], sockets.Guests);
+        output.WriteLine(host.Log);
+    }
+}
