@@ -36,11 +36,13 @@ public sealed partial class BfmigDaemon
         }
         // A socket belongs to a name; which guest has that name now is libvirt's to say. Sockets
         // set up for an earlier guest of the name (its Stopped event missed) must not send this
-        // one's memory under the earlier one's identity, which its peer refuses.
-        if (_libvirt?.Lookup(guest) is { Running: true } current && current.Uuid != uuid)
+        // one's memory under the earlier one's identity, which its peer refuses. One lookup per
+        // stream, and only on a live connection: libvirtd is the one connecting here.
+        if (_libvirt is { IsConnected: true } libvirt && libvirt.Lookup(guest) is { Running: true } current
+            && current.Name == guest && current.Uuid != uuid)
         {
             DaemonLog.SocketGuestReplaced(_logger, guest, uuid.ToString("D"), current.Uuid.ToString("D"));
-            _sockets?.Ensure(current.Uuid, guest);
+            _sockets?.Adopt(guest, current.Uuid);
             uuid = current.Uuid;
         }
         _checkpoints?.OnTripStarting(uuid, guest, peer);

@@ -36,7 +36,12 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         sockets.Remove(earlier);
         Assert.True(File.Exists(path), $"{path} went with the earlier guest's sockets");
         using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
             await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path));
+            // Accepted and handed on as the later guest's stream (libvirt knows no "g": nothing to correct).
+            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(later).Record is { Pending: PendingTrip.Departing },
+                "the later guest's departure to start");
+        }
 
         sockets.Remove(later);
         Assert.False(File.Exists(path), $"{path} outlived the guest whose socket it was");
@@ -47,6 +52,8 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
     /// Sockets still set up for an earlier guest of the name (libvirt's events for the change
     /// missed): the stream that arrives there is the guest libvirt now names so, and its departure
     /// is recorded for that guest, not for the earlier one, whose identity the peer would refuse.
+    /// The sockets pass to that guest as they are (libvirt connects a trip's disk streams and its
+    /// memory stream one after the other), so the next stream is the current guest's too.
     /// </summary>
     [Fact]
     public async Task A_stream_on_sockets_set_up_for_an_earlier_guest_of_the_name_is_the_current_guests()
@@ -58,16 +65,59 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         Assert.True(sockets.Ensure(stale, "test"));
         Assert.Equal([(stale, "test")], sockets.Guests);
 
+        var mig = sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig);
+        var inode = Inode(mig);
         using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
         {
-            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig)));
+            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(mig));
             await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(current).Record is { Pending: PendingTrip.Departing },
                 "the departure recorded for the guest libvirt names test");
         }
 
         Assert.Contains($"set up for guest {stale:D}, libvirt now names {current:D}", host.Log, StringComparison.Ordinal);
-        Assert.Null(host.Daemon.Store.ReadLocation(stale).Record);
         Assert.Equal([(current, "test")], sockets.Guests);
+        Assert.Equal(inode, Inode(mig));
+
+        // The trip's next stream, on the other socket of the name: the current guest's without a second correction.
+        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Nbd)));
+            await Tools.UntilAsync(() => Count(host.Log, "send nbd of guest test") > 0, "the disk stream's helper to start");
+        }
+        Assert.Equal(1, Count(host.Log, $"set up for guest {stale:D}"));
+        Assert.Null(host.Daemon.Store.ReadLocation(stale).Record);
         output.WriteLine(host.Log);
     }
+
+    /// <summary>
+    /// A guest whose name reads as another guest's UUID: asking libvirt for the name must not
+    /// answer with that other guest, whose identity its streams would then travel under.
+    /// </summary>
+    [Fact]
+    public async Task A_guest_named_like_another_guests_uuid_keeps_its_own_streams()
+    {
+        using var bus = new PrivateBus();
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9));
+        var sockets = host.Daemon.Sockets!;
+        var (other, own) = (Guid.Parse(TestGuestUuid), Guid.NewGuid());
+        var name = TestGuestUuid;
+        File.WriteAllText(Path.Combine(host.Root, "qemu-pids", name + ".pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        Assert.True(sockets.Ensure(own, name));
+
+        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+        {
+            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", name, BFMig.Transfer.Wire.StreamKind.Mig)));
+            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(own).Record is { Pending: PendingTrip.Departing },
+                "the departure recorded for the guest the sockets were set up for");
+        }
+
+        Assert.Null(host.Daemon.Store.ReadLocation(other).Record);
+        Assert.Contains((own, name), sockets.Guests);
+        Assert.Contains((other, "test"), sockets.Guests);
+        Assert.DoesNotContain("libvirt now names", host.Log, StringComparison.Ordinal);
+    }
+
+    private static ulong Inode(string path) => BFMig.Native.Linux.DeviceNode.LStat(path)?.Inode ?? 0;
+
+    private static int Count(string text, string what) => text.Split(what).Length - 1;
 }

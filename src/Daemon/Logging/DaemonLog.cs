@@ -76,7 +76,7 @@ internal static partial class DaemonLog
     [LoggerMessage(33, LogLevel.Warning, "guest {Guest}: connection to {Path} refused: {Reason} ({Suppressed} more refused since the last report)")]
     public static partial void SocketConnectionRefused(ILogger logger, string guest, string path, string reason, long suppressed);
 
-    [LoggerMessage(34, LogLevel.Warning, "guest {Guest}: its socket was set up for guest {Earlier}, libvirt now names {Current} so: the stream is {Current}'s, and the sockets are set up again (an event from libvirt was missed)")]
+    [LoggerMessage(34, LogLevel.Warning, "guest {Guest}: its sockets were set up for guest {Earlier}, libvirt now names {Current} so: the stream and the sockets are {Current}'s (an event from libvirt was missed)")]
     public static partial void SocketGuestReplaced(ILogger logger, string guest, string earlier, string current);
 
     // 40-49: transfers

@@ -135,7 +135,7 @@ public sealed class MigrationSockets : IDisposable
                 earlier.Dispose();
                 _guests.Remove(other);
             }
-            var sockets = new GuestSockets(name);
+            var sockets = new GuestSockets(name, uuid);
             bool ok = true;
             foreach (var peer in _options.Peers)
             {
@@ -144,7 +144,7 @@ public sealed class MigrationSockets : IDisposable
                     var path = SocketPath(peer.Name, name, kind);
                     try
                     {
-                        sockets.Listeners.Add(Listen(path, name, uuid, peer, kind));
+                        sockets.Listeners.Add(Listen(path, sockets, peer, kind));
                     }
                     catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException or ArgumentException)
                     {
@@ -175,6 +175,27 @@ public sealed class MigrationSockets : IDisposable
         DaemonLog.SocketsRemoved(_logger, name);
     }
 
+    /// <summary>
+    /// Hands the sockets of <paramref name="name"/> to the guest <paramref name="uuid"/>, which
+    /// libvirt now names so (the events of the change were missed), without closing them:
+    /// libvirt may be connecting the trip's other streams to them right now.
+    /// </summary>
+    public void Adopt(string name, Guid uuid)
+    {
+        lock (_gate)
+        {
+            var (earlier, sockets) = _guests.FirstOrDefault(g => g.Value.Name == name);
+            if (sockets is null || earlier == uuid)
+                return;
+            // Sockets of this UUID under another name were its old name's.
+            if (_guests.Remove(uuid, out var renamed))
+                renamed.Dispose();
+            _guests.Remove(earlier);
+            sockets.Uuid = uuid;
+            _guests[uuid] = sockets;
+        }
+    }
+
     /// <summary>After (re)connecting to libvirt: sockets for exactly the running guests.</summary>
     public void Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running)
     {
@@ -184,7 +205,7 @@ public sealed class MigrationSockets : IDisposable
             Ensure(uuid, name);
     }
 
-    private Listener Listen(string path, string guest, Guid uuid, PeerOptions peer, StreamKind kind)
+    private Listener Listen(string path, GuestSockets owner, PeerOptions peer, StreamKind kind)
     {
         if (System.Text.Encoding.UTF8.GetByteCount(path) > MaxSocketPath)
             throw new ArgumentException($"socket path is longer than {MaxSocketPath} bytes");
@@ -208,12 +229,13 @@ public sealed class MigrationSockets : IDisposable
             throw;
         }
         var listener = new Listener(path, socket);
-        _ = AcceptLoopAsync(listener, guest, uuid, peer, kind);
+        _ = AcceptLoopAsync(listener, owner, peer, kind);
         return listener;
     }
 
-    private async Task AcceptLoopAsync(Listener listener, string guest, Guid uuid, PeerOptions peer, StreamKind kind)
+    private async Task AcceptLoopAsync(Listener listener, GuestSockets owner, PeerOptions peer, StreamKind kind)
     {
+        var guest = owner.Name;
         while (!listener.Cancellation.IsCancellationRequested)
         {
             Socket connection;
@@ -231,6 +253,9 @@ public sealed class MigrationSockets : IDisposable
                 ReportRefusal(guest, listener.Path, refusal);
                 continue;
             }
+            Guid uuid;
+            lock (_gate)
+                uuid = owner.Uuid;
             try
             {
                 _onConnected(guest, uuid, peer, kind, connection);
@@ -288,9 +313,12 @@ public sealed class MigrationSockets : IDisposable
             _disposed = true;
     }
 
-    private sealed class GuestSockets(string name) : IDisposable
+    private sealed class GuestSockets(string name, Guid uuid) : IDisposable
     {
         public string Name { get; } = name;
+
+        /// <summary>The guest the sockets answer for (under <c>_gate</c>): <see cref="Adopt"/> may hand them to a later guest of the name.</summary>
+        public Guid Uuid { get; set; } = uuid;
 
         public List<Listener> Listeners { get; } = [];
 
