@@ -23,8 +23,7 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         using var bus = new PrivateBus();
         await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9));
         var sockets = host.Daemon.Sockets!;
-        // The QEMU of guest "g" is this process, as DaemonHost makes it for "test".
-        File.WriteAllText(Path.Combine(host.Root, "qemu-pids", "g.pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        host.ActAsQemuOf("g");
         var (earlier, later) = (Guid.NewGuid(), Guid.NewGuid());
         var path = sockets.SocketPath("hostb", "g", BFMig.Transfer.Wire.StreamKind.Mig);
 
@@ -35,13 +34,8 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
 
         sockets.Remove(earlier);
         Assert.True(File.Exists(path), $"{path} went with the earlier guest's sockets");
-        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
-        {
-            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path));
-            // Accepted and handed on as the later guest's stream (libvirt knows no "g": nothing to correct).
-            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(later).Record is { Pending: PendingTrip.Departing },
-                "the later guest's departure to start");
-        }
+        // Accepted and handed on as the later guest's stream (libvirt knows no "g": nothing to correct).
+        await StreamAsync(path, () => Departing(host, later), "the later guest's departure to start");
 
         sockets.Remove(later);
         Assert.False(File.Exists(path), $"{path} outlived the guest whose socket it was");
@@ -67,23 +61,15 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
 
         var mig = sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig);
         var inode = Inode(mig);
-        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
-        {
-            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(mig));
-            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(current).Record is { Pending: PendingTrip.Departing },
-                "the departure recorded for the guest libvirt names test");
-        }
+        await StreamAsync(mig, () => Departing(host, current), "the departure recorded for the guest libvirt names test");
 
         Assert.Contains($"set up for guest {stale:D}, libvirt now names {current:D}", host.Log, StringComparison.Ordinal);
         Assert.Equal([(current, "test")], sockets.Guests);
         Assert.Equal(inode, Inode(mig));
 
         // The trip's next stream, on the other socket of the name: the current guest's without a second correction.
-        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
-        {
-            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Nbd)));
-            await Tools.UntilAsync(() => Count(host.Log, "send nbd of guest test") > 0, "the disk stream's helper to start");
-        }
+        await StreamAsync(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Nbd),
+            () => Count(host.Log, "send nbd of guest test") > 0, "the disk stream's helper to start");
         Assert.Equal(1, Count(host.Log, $"set up for guest {stale:D}"));
         Assert.Null(host.Daemon.Store.ReadLocation(stale).Record);
         output.WriteLine(host.Log);
@@ -101,21 +87,27 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         var sockets = host.Daemon.Sockets!;
         var (other, own) = (Guid.Parse(TestGuestUuid), Guid.NewGuid());
         var name = TestGuestUuid;
-        File.WriteAllText(Path.Combine(host.Root, "qemu-pids", name + ".pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        host.ActAsQemuOf(name);
         Assert.True(sockets.Ensure(own, name));
 
-        using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
-        {
-            await qemu.ConnectAsync(new UnixDomainSocketEndPoint(sockets.SocketPath("hostb", name, BFMig.Transfer.Wire.StreamKind.Mig)));
-            await Tools.UntilAsync(() => host.Daemon.Store.ReadLocation(own).Record is { Pending: PendingTrip.Departing },
-                "the departure recorded for the guest the sockets were set up for");
-        }
+        await StreamAsync(sockets.SocketPath("hostb", name, BFMig.Transfer.Wire.StreamKind.Mig), () => Departing(host, own),
+            "the departure recorded for the guest the sockets were set up for");
 
         Assert.Null(host.Daemon.Store.ReadLocation(other).Record);
         Assert.Contains((own, name), sockets.Guests);
         Assert.Contains((other, "test"), sockets.Guests);
         Assert.DoesNotContain("libvirt now names", host.Log, StringComparison.Ordinal);
     }
+
+    /// <summary>Connects to <paramref name="path"/> as the guest's QEMU would and holds the connection until <paramref name="handled"/>.</summary>
+    private static async Task StreamAsync(string path, Func<bool> handled, string what)
+    {
+        using var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path));
+        await Tools.UntilAsync(handled, what);
+    }
+
+    private static bool Departing(DaemonHost host, Guid uuid) => host.Daemon.Store.ReadLocation(uuid).Record is { Pending: PendingTrip.Departing };
 
     private static ulong Inode(string path) => BFMig.Native.Linux.DeviceNode.LStat(path)?.Inode ?? 0;
 

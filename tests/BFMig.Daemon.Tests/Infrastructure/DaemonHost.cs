@@ -57,7 +57,7 @@ public sealed class DaemonHost : IAsyncDisposable
         WritePsk(Path.Combine(root, "psk"));
         // The test process plays the QEMU of the test driver's guest "test" on both ends of its sockets.
         Directory.CreateDirectory(Path.Combine(root, "qemu-pids"));
-        File.WriteAllText(Path.Combine(root, "qemu-pids", "test.pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        WriteQemuPid(root, "test");
         var options = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
         var logPath = Path.Combine(root, "bfmigd.log");
         var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
@@ -83,6 +83,12 @@ public sealed class DaemonHost : IAsyncDisposable
         }
         return new DaemonHost(root, options, loggers, daemon, logPath);
     }
+
+    /// <summary>Makes this test process the QEMU of <paramref name="guest"/> too, as <see cref="Start"/> makes it that of "test".</summary>
+    public void ActAsQemuOf(string guest) => WriteQemuPid(Root, guest);
+
+    private static void WriteQemuPid(string root, string guest) =>
+        File.WriteAllText(Path.Combine(root, "qemu-pids", guest + ".pid"), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
 
     /// <summary>A minimal INI for host <paramref name="host"/> with one peer.</summary>
     public static string Ini(string host, string peer, int peerPort, string qemuUser = "root", string qemuGroup = "root", string listen = "127.0.0.1:0",
