@@ -163,21 +163,41 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
 
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
-        _libvirtTask = Task.Run(() => _libvirt.RunAsync(_stop.Token));
+        _libvirtTask = Supervise("the libvirt watcher", Task.Run(() => _libvirt.RunAsync(_stop.Token)));
         var watcher = _libvirt;
         _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), _time, _stop.Token,
             qemuMonitor: _qemuMonitor);
 
         var transfers = _transfers;
         _retention = new RetentionKeeper(_store, _sessions, _options.Retention, transfers.IsBusy, _time, _loggers.CreateLogger("bfmigd.retention"));
-        _retentionTask = Task.Run(() => _retention.RunAsync(_stop.Token));
+        _retentionTask = Supervise("the retention keeper", Task.Run(() => _retention.RunAsync(_stop.Token)));
 
         if (_dataPathOff is null)
         {
             _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeerAsync, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
-            _peerTask = _peers.RunAsync();
+            _peerTask = Supervise("the peer listener", _peers.RunAsync());
             _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
+            Supervise("transparent mode", _transparent.Running);
         }
+    }
+
+    /// <summary>
+    /// A background piece that ends with an exception (libvirt's library unloadable, a bug) would
+    /// leave the daemon up, owning its bus name and silently half-working: no guest followed, so no
+    /// sockets and no trips. Stopping instead names the cause, and systemd restarts the daemon;
+    /// transparent mode's redirect goes with the stop, so migrations meanwhile go at stock cost.
+    /// </summary>
+    private Task Supervise(string component, Task task)
+    {
+        _ = task.ContinueWith(failed =>
+        {
+            if (Volatile.Read(ref _stopping) != 0)
+                return;
+            var cause = failed.Exception!.InnerException ?? failed.Exception;
+            DaemonLog.ComponentFailed(_logger, component, cause.Message, cause);
+            _ = StopAsync(component + " failed");
+        }, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        return task;
     }
 
     /// <summary>Transparent mode's state ("on: ..." or "off: why").</summary>
@@ -204,8 +224,11 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
             if (_transfers is not null)
                 await _transfers.ShutdownAsync(TimeSpan.FromSeconds(_options.ShutdownGraceSeconds)).ConfigureAwait(false);
             await _stop.CancelAsync().ConfigureAwait(false);
-            await Task.WhenAll(_libvirtTask, _peerTask, _retentionTask, _transparent?.Running ?? Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
-            await _sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+            // A piece that failed was logged when it did (Supervise): here it has only ended.
+            var pieces = Task.WhenAll(_libvirtTask, _peerTask, _retentionTask, _transparent?.Running ?? Task.CompletedTask);
+            await pieces.WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            if (pieces.IsCompleted)
+                await _sessions.IdleAsync().WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
         }
         catch (Exception e) when (e is TimeoutException or OperationCanceledException)
         {

@@ -161,6 +161,28 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
     }
 
     [Fact]
+    public void A_daemon_that_cannot_load_libvirt_stops_and_says_why_instead_of_running_blind()
+    {
+        // A real unloadable library: in a mount namespace of its own, libvirt's shared object is
+        // /dev/null (as after a broken upgrade). The daemon starts (libvirt is loaded lazily), but its
+        // watcher cannot follow a guest: it must stop with exit 1 and name the cause, not keep its
+        // bus name and listeners while no guest ever gets a socket.
+        using var bus = new PrivateBus();
+        var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
+        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        var library = Tools.Run("readlink", "-f", "/usr/lib/x86_64-linux-gnu/libvirt.so.0").Stdout.Trim();
+        Assert.True(File.Exists(library), $"libvirt.so.0 not found ({library})");
+        var (code, stdout, stderr) = Tools.Run("unshare", "--mount", "sh", "-c",
+            "mount --bind /dev/null \"$1\" && exec env --default-signal=HUP \"$2\" --config \"$3\"", "sh", library, Bfmigd, conf);
+        output.WriteLine(stdout + stderr);
+        Assert.Equal(1, code);
+        Assert.Contains("the libvirt watcher failed: ", stdout);
+        Assert.Contains("libvirt", stdout[stdout.IndexOf("the libvirt watcher failed: ", StringComparison.Ordinal)..][28..], StringComparison.Ordinal);
+        Assert.Contains("stopping: the libvirt watcher failed", stdout);
+        Assert.Contains("stopped", stdout);
+    }
+
+    [Fact]
     public async Task Transfers_are_bounded_and_killed_after_the_grace_time_on_stop()
     {
         using var bus = new PrivateBus();

@@ -31,6 +31,9 @@ internal static partial class DaemonLog
     [LoggerMessage(7, LogLevel.Warning, "SIGHUP: settings are read at start only; restart bfmigd to apply a changed bfmig.conf (running transfers are not affected)")]
     public static partial void ReloadIgnored(ILogger logger);
 
+    [LoggerMessage(8, LogLevel.Error, "{Component} failed: {Reason}; stopping (systemd restarts bfmigd; until then migrations go at stock cost)")]
+    public static partial void ComponentFailed(ILogger logger, string component, string reason, Exception exception);
+
     // 10-19: D-Bus
     [LoggerMessage(10, LogLevel.Information, "owning {BusName} on {Bus}")]
     public static partial void BusNameOwned(ILogger logger, string busName, string bus);
