@@ -111,6 +111,9 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
 
     internal LibvirtWatcher? Libvirt => _libvirt;
 
+    /// <summary>How often the sockets are checked against libvirt's running guests (tests shorten it).</summary>
+    internal TimeSpan GuestAuditInterval { get; init; } = TimeSpan.FromSeconds(60);
+
     internal CheckpointKeeper? Checkpoints => _checkpoints;
 
     internal RetentionKeeper? Retention => _retention;
@@ -162,7 +165,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         });
         DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
 
-        _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt"));
+        _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt")) { AuditInterval = GuestAuditInterval };
         _libvirtTask = Supervise("the libvirt watcher", Task.Run(() => _libvirt.RunAsync(_stop.Token)));
         var watcher = _libvirt;
         _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), _time, _stop.Token,

@@ -43,6 +43,33 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
     }
 
     /// <summary>
+    /// Events libvirt never delivered on a connection that stayed up (a guest's Stopped, another's
+    /// Started): the periodic audit finds the sockets out of step with the running guests, says so
+    /// and reconciles, without waiting for a stream or a reconnect.
+    /// </summary>
+    [Fact]
+    public async Task The_audit_puts_sockets_back_in_step_with_the_running_guests_after_missed_events()
+    {
+        using var bus = new PrivateBus();
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9), guestAudit: TimeSpan.FromSeconds(1));
+        var sockets = host.Daemon.Sockets!;
+        var (test, ghost) = (Guid.Parse(TestGuestUuid), Guid.NewGuid());
+        Assert.True(sockets.Ensure(ghost, "ghost"));
+        sockets.Remove(test);
+        Assert.Equal([(ghost, "ghost")], sockets.Guests);
+
+        await Tools.UntilAsync(() => sockets.Guests.SequenceEqual([(test, "test")]), "the audit to reconcile the sockets", 20);
+        Assert.Contains("running without sockets: test; sockets without a running guest: ghost; reconciled", host.Log, StringComparison.Ordinal);
+        Assert.True(File.Exists(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig)));
+        Assert.False(File.Exists(sockets.SocketPath("hostb", "ghost", BFMig.Transfer.Wire.StreamKind.Mig)));
+
+        // In step: later audits say nothing more.
+        await Task.Delay(TimeSpan.FromSeconds(6));
+        Assert.Equal(1, Count(host.Log, "out of step"));
+        output.WriteLine(host.Log);
+    }
+
+    /// <summary>
     /// Sockets still set up for an earlier guest of the name (libvirt's events for the change
     /// missed): the stream that arrives there is the guest libvirt now names so, and its departure
     /// is recorded for that guest, not for the earlier one, whose identity the peer would refuse.

@@ -12,17 +12,32 @@ public interface IGuestEvents
 
     /// <summary>One lifecycle or job-completed event, in libvirt's order.</summary>
     void OnEvent(LibvirtDomainEvent domainEvent);
+
+    /// <summary>
+    /// Every <see cref="LibvirtWatcher.AuditInterval"/> on a live connection, after the events that
+    /// came before it: the guests running now, so that an event libvirt never delivered is noticed.
+    /// False when something looks out of step but may be an event still on its way: the watcher
+    /// asks again one poll later.
+    /// </summary>
+    bool Audit(IReadOnlyCollection<(Guid Uuid, string Name)> running);
 }
 
 /// <summary>
 /// Follows libvirt's domain events on <c>daemon:libvirt_uri</c>. When the connection breaks
 /// (libvirtd restarted, keepalive timeout) it reconnects with a growing delay (up to 10 s) and
-/// reconciles, so that events missed in between cannot leave sockets behind or missing.
+/// reconciles, so that events missed in between cannot leave sockets behind or missing; on a
+/// connection that stays up, a periodic audit (<see cref="IGuestEvents.Audit"/>) catches the rest.
 /// </summary>
 public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger)
 {
     private static readonly TimeSpan MaxDelay = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan AlivePoll = TimeSpan.FromSeconds(5);
+
+    /// <summary>
+    /// How often the running guests are compared with what the events built (a connection that
+    /// stays up can still lose an event: reconnecting reconciles, this catches the rest).
+    /// </summary>
+    internal TimeSpan AuditInterval { get; init; } = TimeSpan.FromSeconds(60);
     private volatile LibvirtConnection? _connection;
 
     /// <summary>True while connected.</summary>
@@ -101,6 +116,7 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
     {
         var reader = subscription.Events;
         Task<bool>? next = null;
+        var audited = Environment.TickCount64;
         while (!ct.IsCancellationRequested)
         {
             next ??= reader.WaitToReadAsync(ct).AsTask();
@@ -118,6 +134,15 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
             else if (!SafeIsAlive(connection))
             {
                 return "connection no longer alive";
+            }
+            if (Environment.TickCount64 - audited >= AuditInterval.TotalMilliseconds)
+            {
+                // Events already queued go first: the listing must not be compared with a state
+                // that is only behind, not wrong.
+                while (reader.TryRead(out var domainEvent))
+                    sink.OnEvent(domainEvent);
+                var settled = sink.Audit(ListRunning(connection));
+                audited = Environment.TickCount64 - (settled ? 0 : (long)(AuditInterval - AlivePoll).TotalMilliseconds);
             }
         }
         return "stopping";

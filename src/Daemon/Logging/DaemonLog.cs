@@ -82,6 +82,9 @@ internal static partial class DaemonLog
     [LoggerMessage(34, LogLevel.Warning, "guest {Guest}: its sockets were set up for guest {Earlier}, libvirt now names {Current} so: the stream and the sockets are {Current}'s (an event from libvirt was missed)")]
     public static partial void SocketGuestReplaced(ILogger logger, string guest, string earlier, string current);
 
+    [LoggerMessage(35, LogLevel.Warning, "sockets were out of step with libvirt's running guests (an event from libvirt was missed): running without sockets: {Missing}; sockets without a running guest: {Stale}; reconciled")]
+    public static partial void GuestsOutOfStep(ILogger logger, string missing, string stale);
+
     // 40-49: transfers
     [LoggerMessage(40, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} with peer {Peer} started (pid {Pid})")]
     public static partial void TransferStarted(ILogger logger, int id, string direction, string kind, string guest, string peer, int pid);

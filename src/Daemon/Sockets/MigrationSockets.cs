@@ -282,7 +282,7 @@ public sealed class MigrationSockets : IDisposable
         DaemonLog.SocketConnectionRefused(_logger, guest, path, reason, Interlocked.Exchange(ref _refusedSinceReport, 0));
     }
 
-    private static bool IsUsableName(string name) =>
+    internal static bool IsUsableName(string name) =>
         name.Length > 0 && name[0] != '.' && !name.Contains('/', StringComparison.Ordinal) && !name.Contains('\0', StringComparison.Ordinal);
 
     private static void TryDelete(string path)

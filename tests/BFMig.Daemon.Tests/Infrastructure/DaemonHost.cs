@@ -47,7 +47,8 @@ public sealed class DaemonHost : IAsyncDisposable
     /// directory), loads it and starts the daemon. <paramref name="qemuMonitor"/> answers QMP in
     /// place of a QEMU, which the test driver's guests do not have.
     /// </summary>
-    public static DaemonHost Start(PrivateBus bus, string ini, Func<BFMig.Native.Libvirt.LibvirtDomain, string, string>? qemuMonitor = null)
+    public static DaemonHost Start(PrivateBus bus, string ini, Func<BFMig.Native.Libvirt.LibvirtDomain, string, string>? qemuMonitor = null,
+        TimeSpan? guestAudit = null)
     {
         var root = Directory.CreateTempSubdirectory("bfmigd-host-").FullName;
         // Traversable, so that the QEMU user (nobody in some tests) can reach the runtime directory inside.
@@ -62,7 +63,7 @@ public sealed class DaemonHost : IAsyncDisposable
         var logPath = Path.Combine(root, "bfmigd.log");
         var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
         var loggers = DaemonLogging.Create("debug", writer, underJournal: false);
-        var daemon = new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor);
+        var daemon = new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor) { GuestAuditInterval = guestAudit ?? TimeSpan.FromSeconds(60) };
         try
         {
             daemon.Start();
