@@ -27,12 +27,10 @@ public sealed partial class BfmigDaemon
 {
     // ---- libvirt ----
 
-    // The last audit's difference between the running guests and the sockets, not yet acted on
-    // (the watcher's pump is its only reader and writer).
-    private HashSet<(Guid Uuid, string Name)>? _outOfStep;
 
     void IGuestEvents.Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running)
     {
+        _socketAudit.Reset();
         _sockets?.Reconcile(running);
         foreach (var (uuid, _) in running)
             RefreshDomainXml(uuid);
@@ -43,27 +41,27 @@ public sealed partial class BfmigDaemon
 
     bool IGuestEvents.Audit(IReadOnlyCollection<(Guid Uuid, string Name)> running)
     {
-        if (_sockets is not { } sockets)
+        if (_sockets is not { } sockets || Volatile.Read(ref _stopping) != 0)
             return true;
-        // Only the sockets are compared: they are what a missed event leaves visibly wrong (a guest
-        // no migration can take through BFMig, or a name answered for a guest that is gone).
-        var expected = running.Where(g => MigrationSockets.IsUsableName(g.Name)).ToHashSet();
-        var actual = sockets.Guests.ToHashSet();
-        var differ = expected.ToHashSet();
-        differ.SymmetricExceptWith(actual);
-        // A guest that stopped a moment ago is no longer listed, yet its event may still be on the
-        // way: only the same difference seen again one poll later counts as an event missed.
-        var seenBefore = _outOfStep is { } earlier && earlier.SetEquals(differ);
-        _outOfStep = differ.Count == 0 || seenBefore ? null : differ;
-        if (differ.Count == 0)
-            return true;
-        if (!seenBefore)
-            return false;
-        DaemonLog.GuestsOutOfStep(_logger, Names(expected.Except(actual)), Names(actual.Except(expected)));
-        ((IGuestEvents)this).Reconcile(running);
-        return true;
+        // Only the sockets are compared, and only the guests that differ are corrected: they are
+        // what a missed event leaves visibly wrong (a guest no migration can take through BFMig, or
+        // a name answered for a guest that is gone); pending trips are libvirt's to settle.
+        var (missing, stale, pending) = _socketAudit.Compare(
+            running.Where(g => MigrationSockets.IsUsableName(g.Name)), sockets.Guests, Environment.TickCount64);
+        if (missing.Count + stale.Count > 0)
+        {
+            DaemonLog.GuestsOutOfStep(_logger, Names(missing), Names(stale));
+            foreach (var (uuid, _) in stale)
+                sockets.Remove(uuid);
+            foreach (var (uuid, name) in missing)
+            {
+                sockets.Ensure(uuid, name);
+                RefreshDomainXml(uuid);
+            }
+        }
+        return !pending;
 
-        static string Names(IEnumerable<(Guid Uuid, string Name)> guests)
+        static string Names(List<(Guid Uuid, string Name)> guests)
         {
             var all = guests.Select(g => g.Name).Order(StringComparer.Ordinal).ToList();
             return all.Count == 0 ? "none" : string.Join(", ", all.Take(5)) + (all.Count > 5 ? $" and {all.Count - 5} more" : "");

@@ -41,6 +41,9 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     private readonly LogRateLimiter _peerRejections;
     private readonly CancellationTokenSource _stop = new();
     private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    // Set when Start has returned or thrown: a piece that fails during Start stops the daemon only
+    // after it, so that the stop finds (and closes) every piece Start made.
+    private readonly TaskCompletionSource _started = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly Stopwatch _uptime = Stopwatch.StartNew();
     private readonly GuestSessions _sessions;
     private DaemonBus? _bus;
@@ -114,6 +117,11 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     /// <summary>How often the sockets are checked against libvirt's running guests (tests shorten it).</summary>
     internal TimeSpan GuestAuditInterval { get; init; } = TimeSpan.FromSeconds(60);
 
+    /// <summary>How long a difference the audit finds must last before it counts as a missed event (tests shorten it).</summary>
+    internal TimeSpan GuestAuditConfirm { get => _socketAudit.Confirm; init => _socketAudit = new SocketAudit(value); }
+
+    private readonly SocketAudit _socketAudit = new(TimeSpan.FromSeconds(30));
+
     internal CheckpointKeeper? Checkpoints => _checkpoints;
 
     internal RetentionKeeper? Retention => _retention;
@@ -124,6 +132,18 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
     /// <see cref="ConfigurationException"/> for a setting that cannot work.
     /// </summary>
     public void Start()
+    {
+        try
+        {
+            StartPieces();
+        }
+        finally
+        {
+            _started.TrySetResult();
+        }
+    }
+
+    private void StartPieces()
     {
         DaemonLog.Starting(_logger, BuildInfo.Version, _options.HostName, _options.StateDirectory, _options.RuntimeDirectory);
         if (_options.Peers.Any(p => p.Name == _options.HostName))
@@ -166,40 +186,44 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         DaemonLog.BusNameOwned(_logger, ManagerApi.BusName, _options.BusAddress ?? "the system bus");
 
         _libvirt = new LibvirtWatcher(_options.LibvirtUri, this, _loggers.CreateLogger("bfmigd.libvirt")) { AuditInterval = GuestAuditInterval };
-        _libvirtTask = Supervise("the libvirt watcher", Task.Run(() => _libvirt.RunAsync(_stop.Token)));
+        _libvirtTask = Supervise("the libvirt watcher", Task.Run(() => _libvirt.RunAsync(_stop.Token)), runsUntilStop: true);
         var watcher = _libvirt;
         _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), _time, _stop.Token,
             qemuMonitor: _qemuMonitor);
 
         var transfers = _transfers;
         _retention = new RetentionKeeper(_store, _sessions, _options.Retention, transfers.IsBusy, _time, _loggers.CreateLogger("bfmigd.retention"));
-        _retentionTask = Supervise("the retention keeper", Task.Run(() => _retention.RunAsync(_stop.Token)));
+        // Without retention limits the keeper has nothing to do and returns at once.
+        _retentionTask = Supervise("the retention keeper", Task.Run(() => _retention.RunAsync(_stop.Token)), runsUntilStop: false);
 
         if (_dataPathOff is null)
         {
             _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeerAsync, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
-            _peerTask = Supervise("the peer listener", _peers.RunAsync());
+            _peerTask = Supervise("the peer listener", _peers.RunAsync(), runsUntilStop: true);
             _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
-            Supervise("transparent mode", _transparent.Running);
+            if (_transparent.IsOn)
+                Supervise("transparent mode's listener", _transparent.Running, runsUntilStop: true);
         }
     }
 
     /// <summary>
-    /// A background piece that ends with an exception (libvirt's library unloadable, a bug) would
-    /// leave the daemon up, owning its bus name and silently half-working: no guest followed, so no
-    /// sockets and no trips. Stopping instead names the cause, and systemd restarts the daemon;
-    /// transparent mode's redirect goes with the stop, so migrations meanwhile go at stock cost.
+    /// A background piece that fails (libvirt's library unloadable, a bug), or that ends although it
+    /// should run until the stop, would leave the daemon up, owning its bus name and silently
+    /// half-working: no guest followed, so no sockets and no trips, or a port nobody serves.
+    /// Stopping instead names the cause, and systemd restarts the daemon; transparent mode's
+    /// redirect goes with the stop, so migrations meanwhile go at stock cost.
     /// </summary>
-    private Task Supervise(string component, Task task)
+    private Task Supervise(string component, Task task, bool runsUntilStop)
     {
-        _ = task.ContinueWith(failed =>
+        _ = task.ContinueWith(async ended =>
         {
-            if (Volatile.Read(ref _stopping) != 0)
+            await _started.Task.ConfigureAwait(false);
+            if (Volatile.Read(ref _stopping) != 0 || (!ended.IsFaulted && !runsUntilStop))
                 return;
-            var cause = failed.Exception!.InnerException ?? failed.Exception;
-            DaemonLog.ComponentFailed(_logger, component, cause.Message, cause);
-            _ = StopAsync(component + " failed");
-        }, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            var cause = ended.Exception?.InnerException ?? ended.Exception;
+            DaemonLog.ComponentFailed(_logger, component, cause?.Message ?? "it ended on its own", cause);
+            await StopAsync(component + " failed").ConfigureAwait(false);
+        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default).Unwrap();
         return task;
     }
 

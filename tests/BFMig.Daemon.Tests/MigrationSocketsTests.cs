@@ -51,7 +51,7 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
     public async Task The_audit_puts_sockets_back_in_step_with_the_running_guests_after_missed_events()
     {
         using var bus = new PrivateBus();
-        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9), guestAudit: TimeSpan.FromSeconds(1));
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9), guestAudit: (TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(2)));
         var sockets = host.Daemon.Sockets!;
         var (test, ghost) = (Guid.Parse(TestGuestUuid), Guid.NewGuid());
         Assert.True(sockets.Ensure(ghost, "ghost"));
@@ -59,12 +59,12 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         Assert.Equal([(ghost, "ghost")], sockets.Guests);
 
         await Tools.UntilAsync(() => sockets.Guests.SequenceEqual([(test, "test")]), "the audit to reconcile the sockets", 20);
-        Assert.Contains("running without sockets: test; sockets without a running guest: ghost; reconciled", host.Log, StringComparison.Ordinal);
+        Assert.Contains("running without sockets: test; sockets without a running guest: ghost; corrected", host.Log, StringComparison.Ordinal);
         Assert.True(File.Exists(sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig)));
         Assert.False(File.Exists(sockets.SocketPath("hostb", "ghost", BFMig.Transfer.Wire.StreamKind.Mig)));
 
         // In step: later audits say nothing more.
-        await Task.Delay(TimeSpan.FromSeconds(6));
+        await Task.Delay(TimeSpan.FromSeconds(11));
         Assert.Equal(1, Count(host.Log, "out of step"));
         output.WriteLine(host.Log);
     }

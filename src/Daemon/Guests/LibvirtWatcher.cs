@@ -87,7 +87,7 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
             {
                 var running = ListRunning(connection);
                 DaemonLog.LibvirtConnected(logger, uri, running.Count);
-                sink.Reconcile(running);
+                Deliver(() => sink.Reconcile(running), "the reconcile after connecting");
                 reason = await PumpAsync(connection, subscription, lost.Task, ct).ConfigureAwait(false);
             }
             catch (LibvirtException e)
@@ -128,8 +128,7 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
                 next = null;
                 if (!await ((Task<bool>)done).ConfigureAwait(false))
                     return "event subscription ended";
-                while (reader.TryRead(out var domainEvent))
-                    sink.OnEvent(domainEvent);
+                DeliverQueued(reader);
             }
             else if (!SafeIsAlive(connection))
             {
@@ -139,13 +138,37 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
             {
                 // Events already queued go first: the listing must not be compared with a state
                 // that is only behind, not wrong.
-                while (reader.TryRead(out var domainEvent))
-                    sink.OnEvent(domainEvent);
-                var settled = sink.Audit(ListRunning(connection));
+                DeliverQueued(reader);
+                var running = ListRunning(connection);
+                var settled = true;
+                Deliver(() => settled = sink.Audit(running), "the audit of the sockets");
                 audited = Environment.TickCount64 - (settled ? 0 : (long)(AuditInterval - AlivePoll).TotalMilliseconds);
             }
         }
         return "stopping";
+    }
+
+    private void DeliverQueued(System.Threading.Channels.ChannelReader<LibvirtDomainEvent> reader)
+    {
+        while (reader.TryRead(out var domainEvent))
+            Deliver(() => sink.OnEvent(domainEvent), $"{domainEvent.GetType().Name} of guest {domainEvent.DomainName}");
+    }
+
+    // One event the daemon could not handle (a bug, a state file it could not read) must not end
+    // the following of libvirt: the events after it and the audit still come. A lost connection
+    // (LibvirtException) goes on to the reconnect; a failure to run at all (a library that cannot
+    // be loaded, memory) ends the watcher, and with it the daemon (BfmigDaemon.Supervise).
+    private void Deliver(Action handle, string what)
+    {
+        try
+        {
+            handle();
+        }
+        catch (Exception e) when (e is not (LibvirtException or OutOfMemoryException or DllNotFoundException
+            or EntryPointNotFoundException or TypeInitializationException))
+        {
+            DaemonLog.GuestEventFailed(logger, what, e.Message, e);
+        }
     }
 
     /// <summary>The name of the guest with <paramref name="uuid"/>, null when libvirt has no such guest or is unreachable.</summary>

@@ -32,7 +32,10 @@ internal static partial class DaemonLog
     public static partial void ReloadIgnored(ILogger logger);
 
     [LoggerMessage(8, LogLevel.Error, "{Component} failed: {Reason}; stopping (systemd restarts bfmigd; until then migrations go at stock cost)")]
-    public static partial void ComponentFailed(ILogger logger, string component, string reason, Exception exception);
+    public static partial void ComponentFailed(ILogger logger, string component, string reason, Exception? exception);
+
+    [LoggerMessage(9, LogLevel.Error, "accepting on the {What} failed: {Reason}; retrying in {Milliseconds} ms ({Suppressed} more failures since the last report)")]
+    public static partial void AcceptFailed(ILogger logger, string what, string reason, int milliseconds, long suppressed);
 
     // 10-19: D-Bus
     [LoggerMessage(10, LogLevel.Information, "owning {BusName} on {Bus}")]
@@ -66,6 +69,9 @@ internal static partial class DaemonLog
     [LoggerMessage(24, LogLevel.Information, "guest {Guest}: job completed ({Fields} statistics)")]
     public static partial void JobCompleted(ILogger logger, string guest, int fields);
 
+    [LoggerMessage(25, LogLevel.Error, "handling {What} failed: {Reason}; following libvirt goes on")]
+    public static partial void GuestEventFailed(ILogger logger, string what, string reason, Exception exception);
+
     // 30-39: explicit-mode sockets
     [LoggerMessage(30, LogLevel.Information, "guest {Guest}: listening on {Count} migration sockets under {Directory}")]
     public static partial void SocketsCreated(ILogger logger, string guest, int count, string directory);
@@ -82,7 +88,7 @@ internal static partial class DaemonLog
     [LoggerMessage(34, LogLevel.Warning, "guest {Guest}: its sockets were set up for guest {Earlier}, libvirt now names {Current} so: the stream and the sockets are {Current}'s (an event from libvirt was missed)")]
     public static partial void SocketGuestReplaced(ILogger logger, string guest, string earlier, string current);
 
-    [LoggerMessage(35, LogLevel.Warning, "sockets were out of step with libvirt's running guests (an event from libvirt was missed): running without sockets: {Missing}; sockets without a running guest: {Stale}; reconciled")]
+    [LoggerMessage(35, LogLevel.Warning, "sockets were out of step with libvirt's running guests (an event from libvirt was missed): running without sockets: {Missing}; sockets without a running guest: {Stale}; corrected")]
     public static partial void GuestsOutOfStep(ILogger logger, string missing, string stale);
 
     // 40-49: transfers

@@ -119,7 +119,10 @@ public sealed class MigrationSockets : IDisposable
         }
         lock (_gate)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
+            // The daemon is stopping: a guest that starts now gets no sockets (and the event's
+            // other work still runs, where an exception here would end the following of libvirt).
+            if (_disposed)
+                return false;
             if (_guests.TryGetValue(uuid, out var existing))
             {
                 if (existing.Name == name && existing.Listeners.All(l => File.Exists(l.Path)))
@@ -305,12 +308,12 @@ public sealed class MigrationSockets : IDisposable
         {
             if (_disposed)
                 return;
+            // First: an Ensure from then on makes nothing that this would not remove.
+            _disposed = true;
             all = [.. _guests.Keys];
         }
         foreach (var uuid in all)
             Remove(uuid);
-        lock (_gate)
-            _disposed = true;
     }
 
     private sealed class GuestSockets(string name, Guid uuid) : IDisposable

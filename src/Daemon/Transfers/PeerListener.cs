@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Net;
 using System.Runtime.InteropServices;
 using BFMig.Daemon.Logging;
+using BFMig.Daemon.Sockets;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
 
@@ -81,19 +82,7 @@ public sealed class PeerListener : IDisposable
     public async Task RunAsync()
     {
         DaemonLog.PeerListening(_logger, LocalEndPoint.ToString());
-        while (!_stop.IsCancellationRequested)
-        {
-            Socket connection;
-            try
-            {
-                connection = await _socket.AcceptAsync(_stop.Token).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                return;
-            }
-            _ = HandleAsync(connection);
-        }
+        await AcceptLoop.RunAsync(_socket, "peer port " + LocalEndPoint, _logger, c => _ = HandleAsync(c), _stop.Token).ConfigureAwait(false);
     }
 
     private async Task HandleAsync(Socket connection)

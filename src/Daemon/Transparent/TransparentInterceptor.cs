@@ -2,6 +2,7 @@ using System.Net.Sockets;
 using System.Net;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
+using BFMig.Daemon.Sockets;
 using BFMig.Native.Linux;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
@@ -110,22 +111,8 @@ public sealed class TransparentInterceptor : IDisposable
     /// <summary>Accepts until disposed.</summary>
     public Task RunAsync() => Task.WhenAll(_listeners.Select(AcceptLoopAsync));
 
-    private async Task AcceptLoopAsync(Socket listener)
-    {
-        while (!_stop.IsCancellationRequested)
-        {
-            Socket connection;
-            try
-            {
-                connection = await listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                return;
-            }
-            _ = HandleAsync(connection);
-        }
-    }
+    private Task AcceptLoopAsync(Socket listener) =>
+        AcceptLoop.RunAsync(listener, "transparent port " + listener.LocalEndPoint, _logger, c => _ = HandleAsync(c), _stop.Token);
 
     private async Task HandleAsync(Socket connection)
     {

@@ -48,7 +48,7 @@ public sealed class DaemonHost : IAsyncDisposable
     /// place of a QEMU, which the test driver's guests do not have.
     /// </summary>
     public static DaemonHost Start(PrivateBus bus, string ini, Func<BFMig.Native.Libvirt.LibvirtDomain, string, string>? qemuMonitor = null,
-        TimeSpan? guestAudit = null)
+        (TimeSpan Interval, TimeSpan Confirm)? guestAudit = null)
     {
         var root = Directory.CreateTempSubdirectory("bfmigd-host-").FullName;
         // Traversable, so that the QEMU user (nobody in some tests) can reach the runtime directory inside.
@@ -63,7 +63,9 @@ public sealed class DaemonHost : IAsyncDisposable
         var logPath = Path.Combine(root, "bfmigd.log");
         var writer = new StreamWriter(new FileStream(logPath, FileMode.Create, FileAccess.Write, FileShare.ReadWrite)) { AutoFlush = true };
         var loggers = DaemonLogging.Create("debug", writer, underJournal: false);
-        var daemon = new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor) { GuestAuditInterval = guestAudit ?? TimeSpan.FromSeconds(60) };
+        var daemon = guestAudit is { } audit
+            ? new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor) { GuestAuditInterval = audit.Interval, GuestAuditConfirm = audit.Confirm }
+            : new BfmigDaemon(options, loggers, qemuMonitor: qemuMonitor);
         try
         {
             daemon.Start();
