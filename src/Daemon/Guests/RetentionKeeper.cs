@@ -105,7 +105,10 @@ public sealed class RetentionKeeper(GuestStateStore store, GuestSessions session
                 }
             }
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        // Whatever one pass runs into (a record it cannot read, a bug), the next pass still comes: a
+        // failure here must neither end retention for good nor stop the daemon (BfmigDaemon.Supervise),
+        // which would come back to the same failure.
+        catch (Exception e) when (e is not (OutOfMemoryException or DllNotFoundException or EntryPointNotFoundException or TypeInitializationException))
         {
             DaemonLog.RetentionFailed(logger, e.Message);
         }
