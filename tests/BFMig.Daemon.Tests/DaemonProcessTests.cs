@@ -99,27 +99,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             lock (messages)
                 return messages.Any(m => m.Contains(text, StringComparison.Ordinal));
         }
-        // systemd starts a service with every signal at its default action. A launcher that ignores
-        // SIGHUP (nohup, some CI runners) passes that on, and .NET then leaves an ignored signal
-        // ignored: no handler runs and no line comes (this was the "flake" of earlier CI runs by hand).
-        // env restores the default first, so the test sees what the unit sees.
-        var start = new ProcessStartInfo("env", ["--default-signal=HUP", Bfmigd, "--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
-        start.Environment["NOTIFY_SOCKET"] = notifyPath;
-        using var daemon = Process.Start(start)!;
-        // Lines as they come, so the test can wait for one (signal handlers run asynchronously).
-        var logLines = new List<string>();
-        var stdout = Task.Run(async () =>
-        {
-            while (await daemon.StandardOutput.ReadLineAsync() is { } line)
-                lock (logLines)
-                    logLines.Add(line);
-        });
-        bool Logged(string text)
-        {
-            lock (logLines)
-                return logLines.Any(l => l.Contains(text, StringComparison.Ordinal));
-        }
-        var stderr = daemon.StandardError.ReadToEndAsync();
+        await using var daemon = new BfmigdProcess(Bfmigd, conf, ("NOTIFY_SOCKET", notifyPath));
         try
         {
             // Its own test driver has the guest "test" running: sockets appear once it is ready.
@@ -132,22 +112,18 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
             Assert.True(Notified("STATUS=host hosta, 1 peers, data port "));
 
             // systemctl reload sends SIGHUP: the daemon stays.
-            Assert.Equal(0, Tools.Run("kill", "-HUP", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
-            Assert.False(daemon.WaitForExit(1000), "SIGHUP must not stop bfmigd");
+            Assert.Equal(0, Tools.Run("kill", "-HUP", daemon.Pid).ExitCode);
+            Assert.False(daemon.Process.WaitForExit(1000), "SIGHUP must not stop bfmigd");
             Assert.Equal(0, Tools.Busctl(bus, "GetStatus").ExitCode);
             // The runtime runs the handler on a thread-pool thread: the line can come a moment later,
             // and SIGTERM sent before it would race the logger's end.
-            await Tools.UntilAsync(() => Logged("SIGHUP: settings are read at start only"), "the SIGHUP log line", 30);
+            await Tools.UntilAsync(() => daemon.Line("SIGHUP: settings are read at start only") is not null, "the SIGHUP log line", 30);
 
-            Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)).ExitCode);
-            Assert.True(daemon.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
-            Assert.Equal(0, daemon.ExitCode);
+            Assert.Equal(0, Tools.Run("kill", "-TERM", daemon.Pid).ExitCode);
+            Assert.True(daemon.Process.WaitForExit(20_000), "bfmigd did not stop within 20 s of SIGTERM");
+            Assert.Equal(0, daemon.Process.ExitCode);
             Assert.False(File.Exists(socket), "the sockets are removed on stop");
-            await stdout;
-            string log;
-            lock (logLines)
-                log = string.Join('\n', logLines);
-            output.WriteLine(log + await stderr);
+            var log = await daemon.OutputAsync();
             Assert.Contains("stopping: SIGTERM", log);
             Assert.Contains("SIGHUP: settings are read at start only", log);
             Assert.True(Notified("STOPPING=1"), "STOPPING=1 on NOTIFY_SOCKET");
@@ -155,8 +131,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         }
         finally
         {
-            if (!daemon.HasExited)
-                daemon.Kill();
+            output.WriteLine(await daemon.StopAsync());
         }
     }
 
@@ -195,54 +170,33 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         using var bus = new PrivateBus();
         var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
         DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
-        var start = new ProcessStartInfo("env", ["--default-signal=HUP", Bfmigd, "--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
-        using var daemon = Process.Start(start)!;
-        var logLines = new List<string>();
-        var stdout = Task.Run(async () =>
-        {
-            while (await daemon.StandardOutput.ReadLineAsync() is { } line)
-                lock (logLines)
-                    logLines.Add(line);
-        });
-        string? Line(string text)
-        {
-            lock (logLines)
-                return logLines.FirstOrDefault(l => l.Contains(text, StringComparison.Ordinal));
-        }
-        var stderr = daemon.StandardError.ReadToEndAsync();
-        var pid = daemon.Id.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        await using var daemon = new BfmigdProcess(Bfmigd, conf);
         try
         {
-            await Tools.UntilAsync(() => Line("ready: ") is not null, "bfmigd to be ready", 30);
-            var listening = Line("accepting peer connections on 127.0.0.1:")!;
+            await Tools.UntilAsync(() => daemon.Line("ready: ") is not null, "bfmigd to be ready", 30);
+            var listening = daemon.Line("accepting peer connections on 127.0.0.1:")!;
             var port = int.Parse(listening[(listening.LastIndexOf(':') + 1)..].Trim(), System.Globalization.CultureInfo.InvariantCulture);
 
             // The soft limit at the lowest free descriptor number: no new descriptor can be opened.
-            var open = Directory.GetFiles($"/proc/{pid}/fd").Select(f => int.Parse(Path.GetFileName(f), System.Globalization.CultureInfo.InvariantCulture)).ToHashSet();
+            var open = Directory.GetFiles($"/proc/{daemon.Pid}/fd").Select(f => int.Parse(Path.GetFileName(f), System.Globalization.CultureInfo.InvariantCulture)).ToHashSet();
             var lowestFree = Enumerable.Range(0, int.MaxValue).First(n => !open.Contains(n));
-            var soft = Tools.Run("prlimit", "--pid", pid, "--nofile", "--output=SOFT", "--noheadings").Stdout.Trim();
-            Assert.Equal(0, Tools.Run("prlimit", "--pid", pid, $"--nofile={lowestFree}:").ExitCode);
+            var soft = Tools.Run("prlimit", "--pid", daemon.Pid, "--nofile", "--output=SOFT", "--noheadings").Stdout.Trim();
+            Assert.Equal(0, Tools.Run("prlimit", "--pid", daemon.Pid, $"--nofile={lowestFree}:").ExitCode);
             using var first = new TcpClient();
             await first.ConnectAsync(System.Net.IPAddress.Loopback, port); // the kernel's backlog takes it
-            await Tools.UntilAsync(() => Line("accepting on the peer port") is not null, "the accept failure to be reported", 20);
-            Assert.Matches("failed: Too many open files[^;]*; retrying in ", Line("accepting on the peer port")!);
-            Assert.False(daemon.HasExited, "bfmigd ended when it ran out of descriptors");
+            await Tools.UntilAsync(() => daemon.Line("accepting on the peer port") is not null, "the accept failure to be reported", 20);
+            Assert.Matches("failed: Too many open files[^;]*; retrying in ", daemon.Line("accepting on the peer port")!);
+            Assert.False(daemon.Process.HasExited, "bfmigd ended when it ran out of descriptors");
 
             // Descriptors again: the connection waiting in the backlog is served (refused as no peer's).
-            Assert.Equal(0, Tools.Run("prlimit", "--pid", pid, $"--nofile={soft}:").ExitCode);
+            Assert.Equal(0, Tools.Run("prlimit", "--pid", daemon.Pid, $"--nofile={soft}:").ExitCode);
             await first.GetStream().WriteAsync(new byte[64]);
-            await Tools.UntilAsync(() => Line("rejected peer connection from 127.0.0.1:") is not null, "the waiting connection to be served", 20);
-            Assert.Null(Line("failed: it ended on its own"));
+            await Tools.UntilAsync(() => daemon.Line("rejected peer connection from 127.0.0.1:") is not null, "the waiting connection to be served", 20);
+            Assert.Null(daemon.Line("failed: it ended on its own"));
         }
         finally
         {
-            if (!daemon.HasExited)
-                daemon.Kill();
-            await daemon.WaitForExitAsync();
-            await stdout;
-            var errors = await stderr;
-            lock (logLines)
-                output.WriteLine(string.Join('\n', logLines) + errors);
+            output.WriteLine(await daemon.StopAsync());
         }
     }
 
@@ -341,6 +295,69 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         finally
         {
             await host.DisposeAsync();
+        }
+    }
+
+    /// <summary>
+    /// The built bfmigd started as systemd starts a service, with every signal at its default
+    /// action: a launcher that ignores SIGHUP (nohup, some CI runners) passes that on, and .NET
+    /// leaves an inherited ignored signal ignored, so no handler would run (the "flake" of earlier
+    /// hand-run CIs). Its log lines are collected as they come.
+    /// </summary>
+    private sealed class BfmigdProcess : IAsyncDisposable
+    {
+        private readonly List<string> _lines = [];
+        private readonly Task _stdout;
+        private readonly Task<string> _stderr;
+
+        public BfmigdProcess(string bfmigd, string conf, params (string Name, string Value)[] environment)
+        {
+            var start = new ProcessStartInfo("env", ["--default-signal=HUP", bfmigd, "--config", conf]) { RedirectStandardOutput = true, RedirectStandardError = true };
+            foreach (var (name, value) in environment)
+                start.Environment[name] = value;
+            Process = Process.Start(start)!;
+            _stdout = Task.Run(async () =>
+            {
+                while (await Process.StandardOutput.ReadLineAsync() is { } line)
+                    lock (_lines)
+                        _lines.Add(line);
+            });
+            _stderr = Process.StandardError.ReadToEndAsync();
+        }
+
+        public Process Process { get; }
+
+        public string Pid => Process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture);
+
+        /// <summary>The first log line so far that contains <paramref name="text"/>.</summary>
+        public string? Line(string text)
+        {
+            lock (_lines)
+                return _lines.FirstOrDefault(l => l.Contains(text, StringComparison.Ordinal));
+        }
+
+        /// <summary>Everything it wrote (after it exited).</summary>
+        public async Task<string> OutputAsync()
+        {
+            await _stdout;
+            var errors = await _stderr;
+            lock (_lines)
+                return string.Join('\n', _lines) + errors;
+        }
+
+        /// <summary>Kills it if it still runs; returns everything it wrote.</summary>
+        public async Task<string> StopAsync()
+        {
+            if (!Process.HasExited)
+                Process.Kill();
+            await Process.WaitForExitAsync();
+            return await OutputAsync();
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await StopAsync();
+            Process.Dispose();
         }
     }
 }
