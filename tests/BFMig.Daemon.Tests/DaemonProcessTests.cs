@@ -43,6 +43,13 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         return path;
     }
 
+    /// <summary>bfmig.conf for host "hosta" (one peer, "hostb") on <paramref name="bus"/>, with its PSK file.</summary>
+    private string WriteDaemonConf(PrivateBus bus)
+    {
+        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        return WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
+    }
+
     [Theory]
     [InlineData("[daemon]\nlisten = 127.0.0.1:99999\n", "daemon:listen = '127.0.0.1:99999'")]
     [InlineData("[daemon]\nqemu_user = no-such-user-here\nstate_dir = ROOT/s\nruntime_dir = ROOT/r\n", "daemon:qemu_user = 'no-such-user-here': no such user")]
@@ -70,8 +77,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
     public async Task The_executable_serves_the_bus_and_stops_cleanly_on_SIGTERM()
     {
         using var bus = new PrivateBus();
-        var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
-        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        var conf = WriteDaemonConf(bus);
         // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
         var notifyPath = Path.Combine(_dir, "notify");
         using var notify = new Socket(AddressFamily.Unix, SocketType.Dgram, ProtocolType.Unspecified);
@@ -143,8 +149,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         // watcher cannot follow a guest: it must stop with exit 1 and name the cause, not keep its
         // bus name and listeners while no guest ever gets a socket.
         using var bus = new PrivateBus();
-        var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
-        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        var conf = WriteDaemonConf(bus);
         // The file the loader would open (ldconfig's cache names it; the link's target is the file).
         var cached = Tools.Run("ldconfig", "-p").Stdout.Split('\n')
             .Select(l => l.Trim()).First(l => l.StartsWith("libvirt.so.0 ", StringComparison.Ordinal));
@@ -168,8 +173,7 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         // silently: the port stayed bound, nothing answered, the daemon went on. A real bfmigd whose
         // descriptor limit is lowered under it must say so and serve the port again once it can.
         using var bus = new PrivateBus();
-        var conf = WriteConf(DaemonHost.Ini("hosta", "hostb", 9).Replace("BUS", bus.Address, StringComparison.Ordinal));
-        DaemonHost.WritePsk(Path.Combine(_dir, "psk"));
+        var conf = WriteDaemonConf(bus);
         await using var daemon = new BfmigdProcess(Bfmigd, conf);
         try
         {
