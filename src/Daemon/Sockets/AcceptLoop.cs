@@ -32,7 +32,7 @@ internal static class AcceptLoop
                 connection = await listener.AcceptAsync(stop).ConfigureAwait(false);
             }
             catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException
-                || e is SocketException { SocketErrorCode: SocketError.OperationAborted or SocketError.Interrupted } || stop.IsCancellationRequested)
+                || e is SocketException { SocketErrorCode: SocketError.OperationAborted } || stop.IsCancellationRequested)
             {
                 return;
             }
