@@ -135,6 +135,21 @@ public sealed class RetentionTests : IDisposable
     }
 
     [Fact]
+    public async Task A_pass_that_fails_is_logged_and_the_next_pass_still_evicts()
+    {
+        var uuid = Guest("vm1", pages: 64, TimeSpan.FromDays(100));
+        // The transfer check fails once (a bug, a state it cannot read): not an I/O error.
+        var failures = 1;
+        var keeper = Keeper(Limits(days: 1), busy: _ => failures-- > 0 ? throw new InvalidOperationException("a check that failed") : false);
+
+        Assert.Empty(await keeper.RunPassAsync());
+        Assert.Contains(_log.Lines, l => l.Contains("retention: the check failed: a check that failed"));
+        Assert.True(_store.Cost(uuid).MemoryStore > 0);
+
+        Assert.Equal([uuid], (await keeper.RunPassAsync()).Select(e => e.Uuid));
+    }
+
+    [Fact]
     public async Task A_store_a_helper_holds_open_is_left_alone()
     {
         var uuid = Guest("vm1", pages: 64, TimeSpan.FromDays(100));
