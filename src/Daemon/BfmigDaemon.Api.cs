@@ -216,6 +216,8 @@ public sealed partial class BfmigDaemon
             throw new DaemonApiException(DaemonErrors.Failed, $"guest {domain.Name} is not running; a live migration needs a running guest");
         if (_dataPathOff is { } off)
             throw new DaemonApiException(DaemonErrors.Failed, "the data path is off: " + off);
+        if (Volatile.Read(ref _stopping) != 0)
+            throw new DaemonApiException(DaemonErrors.Failed, "bfmigd is stopping; the migration can go at stock cost or wait for its restart");
         if (_sockets is null || !_sockets.Ensure(domain.Uuid, domain.Name))
             throw new DaemonApiException(DaemonErrors.Failed, $"cannot set up the migration sockets of {domain.Name} (see the daemon's log)");
         return new MigrationUris(target.LibvirtUri,

@@ -50,7 +50,7 @@ public sealed partial class BfmigDaemon
             running.Where(g => MigrationSockets.IsUsableName(g.Name)), sockets.Guests, Environment.TickCount64);
         if (missing.Count + stale.Count > 0)
         {
-            DaemonLog.GuestsOutOfStep(_logger, Names(missing), Names(stale));
+            DaemonLog.GuestsOutOfStep(_logger, (int)_socketAudit.Confirm.TotalSeconds, Names(missing), Names(stale));
             foreach (var (uuid, _) in stale)
                 sockets.Remove(uuid);
             foreach (var (uuid, name) in missing)

@@ -177,15 +177,25 @@ public sealed class DaemonProcessTests(ITestOutputHelper output) : IDisposable
         await using var daemon = new BfmigdProcess(Bfmigd, conf);
         try
         {
-            await Tools.UntilAsync(() => daemon.Line("ready: ") is not null, "bfmigd to be ready", 30);
+            // Settled first: libvirt loaded and followed (its guest's socket), so that nothing but the
+            // accept below needs a new descriptor once the limit is down.
+            await Tools.UntilAsync(() => File.Exists(Path.Combine(_dir, "run", "hostb", "test.mig")), "the daemon's socket for guest test", 30);
             var listening = daemon.Line("accepting peer connections on 127.0.0.1:")!;
             var port = int.Parse(listening[(listening.LastIndexOf(':') + 1)..].Trim(), System.Globalization.CultureInfo.InvariantCulture);
 
-            // The soft limit at the lowest free descriptor number: no new descriptor can be opened.
-            var open = Directory.GetFiles($"/proc/{daemon.Pid}/fd").Select(f => int.Parse(Path.GetFileName(f), System.Globalization.CultureInfo.InvariantCulture)).ToHashSet();
-            var lowestFree = Enumerable.Range(0, int.MaxValue).First(n => !open.Contains(n));
+            // The soft limit at the lowest free descriptor number: no new descriptor can be opened. A
+            // descriptor closed meanwhile would leave a free number below it: lowered again until none.
             var soft = Tools.Run("prlimit", "--pid", daemon.Pid, "--nofile", "--output=SOFT", "--noheadings").Stdout.Trim();
-            Assert.Equal(0, Tools.Run("prlimit", "--pid", daemon.Pid, $"--nofile={lowestFree}:").ExitCode);
+            int LowestFree()
+            {
+                var open = Directory.GetFiles($"/proc/{daemon.Pid}/fd").Select(f => int.Parse(Path.GetFileName(f), System.Globalization.CultureInfo.InvariantCulture)).ToHashSet();
+                return Enumerable.Range(0, int.MaxValue).First(n => !open.Contains(n));
+            }
+            for (int limit = -1, free = LowestFree(); free != limit; free = LowestFree())
+            {
+                Assert.Equal(0, Tools.Run("prlimit", "--pid", daemon.Pid, $"--nofile={free}:").ExitCode);
+                limit = free;
+            }
             using var first = new TcpClient();
             await first.ConnectAsync(System.Net.IPAddress.Loopback, port); // the kernel's backlog takes it
             await Tools.UntilAsync(() => daemon.Line("accepting on the peer port") is not null, "the accept failure to be reported", 20);

@@ -88,8 +88,11 @@ internal static partial class DaemonLog
     [LoggerMessage(34, LogLevel.Warning, "guest {Guest}: its sockets were set up for guest {Earlier}, libvirt now names {Current} so: the stream and the sockets are {Current}'s (an event from libvirt was missed)")]
     public static partial void SocketGuestReplaced(ILogger logger, string guest, string earlier, string current);
 
-    [LoggerMessage(35, LogLevel.Warning, "sockets were out of step with libvirt's running guests (an event from libvirt was missed): running without sockets: {Missing}; sockets without a running guest: {Stale}; corrected")]
-    public static partial void GuestsOutOfStep(ILogger logger, string missing, string stale);
+    [LoggerMessage(35, LogLevel.Warning, "sockets were out of step with libvirt's running guests for {Seconds} s (an event from libvirt missed, or a guest still starting): running without sockets: {Missing}; sockets without a running guest: {Stale}; corrected")]
+    public static partial void GuestsOutOfStep(ILogger logger, int seconds, string missing, string stale);
+
+    [LoggerMessage(36, LogLevel.Error, "accepting on the {What} failed: {Reason}; no longer accepting there (waiting cannot clear this error)")]
+    public static partial void AcceptEnded(ILogger logger, string what, string reason);
 
     // 40-49: transfers
     [LoggerMessage(40, LogLevel.Information, "transfer {Id}: {Direction} {Kind} of guest {Guest} with peer {Peer} started (pid {Pid})")]

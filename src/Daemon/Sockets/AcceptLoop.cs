@@ -5,10 +5,13 @@ using Microsoft.Extensions.Logging;
 namespace BFMig.Daemon.Sockets;
 
 /// <summary>
-/// Accepting on a listening socket until it is closed. An accept that fails while the socket is
-/// still open (EMFILE or ENFILE when descriptors run out, ENOBUFS, ECONNABORTED: load or a peer can
-/// cause each) is reported and retried after a pause that grows to a second, so that a listening
-/// port never goes dark without a word while the daemon goes on as if it served it.
+/// Accepting on a listening socket until it is closed. A connection that failed before it was
+/// accepted (ECONNABORTED and the like: a peer can cause it) is passed over at once. Running out of
+/// descriptors or buffers (EMFILE, ENFILE, ENOBUFS, ENOMEM: load can cause it) is reported and
+/// retried after a pause that grows to a second, so that a listening socket never goes dark without
+/// a word while the daemon goes on as if it served it. Any other error cannot clear by waiting: it
+/// is reported and the loop ends (for the peer and transparent ports the daemon then stops,
+/// BfmigDaemon.Supervise).
 /// </summary>
 internal static class AcceptLoop
 {
@@ -34,6 +37,18 @@ internal static class AcceptLoop
             catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException
                 || e is SocketException { SocketErrorCode: SocketError.OperationAborted } || stop.IsCancellationRequested)
             {
+                return;
+            }
+            // accept(2): errors of the pending connection itself are to be retried; each uses that connection up.
+            catch (SocketException e) when (e.SocketErrorCode is SocketError.ConnectionAborted or SocketError.ConnectionReset
+                or SocketError.Interrupted or SocketError.NetworkDown or SocketError.NetworkUnreachable or SocketError.HostDown
+                or SocketError.HostUnreachable or SocketError.ProtocolOption or SocketError.OperationNotSupported)
+            {
+                continue;
+            }
+            catch (SocketException e) when (e.SocketErrorCode is not (SocketError.TooManyOpenSockets or SocketError.NoBufferSpaceAvailable))
+            {
+                DaemonLog.AcceptEnded(logger, what, e.Message);
                 return;
             }
             catch (SocketException e)

@@ -236,25 +236,16 @@ public sealed class MigrationSockets : IDisposable
         return listener;
     }
 
-    private async Task AcceptLoopAsync(Listener listener, GuestSockets owner, PeerOptions peer, StreamKind kind)
+    private Task AcceptLoopAsync(Listener listener, GuestSockets owner, PeerOptions peer, StreamKind kind)
     {
         var guest = owner.Name;
-        while (!listener.Cancellation.IsCancellationRequested)
+        return AcceptLoop.RunAsync(listener.Socket, $"socket {listener.Path}", _logger, connection =>
         {
-            Socket connection;
-            try
-            {
-                connection = await listener.Socket.AcceptAsync(listener.Cancellation.Token).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                return;
-            }
             if (GuestQemu.Check(connection, GuestQemu.PidFile(_options.QemuPidDirectory, guest)) is { } refusal)
             {
                 connection.Dispose();
                 ReportRefusal(guest, listener.Path, refusal);
-                continue;
+                return;
             }
             Guid uuid;
             lock (_gate)
@@ -268,7 +259,7 @@ public sealed class MigrationSockets : IDisposable
                 connection.Dispose();
                 DaemonLog.SocketFailed(_logger, guest, listener.Path, $"cannot hand the connection on: {e.Message}");
             }
-        }
+        }, listener.Cancellation.Token);
     }
 
     // Any member of the QEMU group can connect: one report per interval, with the count of the rest.

@@ -108,8 +108,8 @@ public sealed class TransparentInterceptor : IDisposable
         }
     }
 
-    /// <summary>Accepts until disposed.</summary>
-    public Task RunAsync() => Task.WhenAll(_listeners.Select(AcceptLoopAsync));
+    /// <summary>Accepts until disposed; ends when the first of its listeners ends (one dead listener is a failure to see).</summary>
+    public Task RunAsync() => Task.WhenAny(_listeners.Select(AcceptLoopAsync)).Unwrap();
 
     private Task AcceptLoopAsync(Socket listener) =>
         AcceptLoop.RunAsync(listener, "transparent port " + listener.LocalEndPoint, _logger, c => _ = HandleAsync(c), _stop.Token);
