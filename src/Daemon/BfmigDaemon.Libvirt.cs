@@ -27,7 +27,6 @@ public sealed partial class BfmigDaemon
 {
     // ---- libvirt ----
 
-
     void IGuestEvents.Reconcile(IReadOnlyCollection<(Guid Uuid, string Name)> running)
     {
         _socketAudit.Reset();

@@ -164,8 +164,7 @@ public sealed class LibvirtWatcher(string uri, IGuestEvents sink, ILogger logger
         {
             handle();
         }
-        catch (Exception e) when (e is not (LibvirtException or OutOfMemoryException or DllNotFoundException
-            or EntryPointNotFoundException or TypeInitializationException))
+        catch (Exception e) when (e is not LibvirtException && !Failures.IsFatal(e))
         {
             DaemonLog.GuestEventFailed(logger, what, e.Message, e);
         }

@@ -108,7 +108,7 @@ public sealed class RetentionKeeper(GuestStateStore store, GuestSessions session
         // Whatever one pass runs into (a record it cannot read, a bug), the next pass still comes: a
         // failure here must neither end retention for good nor stop the daemon (BfmigDaemon.Supervise),
         // which would come back to the same failure.
-        catch (Exception e) when (e is not (OutOfMemoryException or DllNotFoundException or EntryPointNotFoundException or TypeInitializationException))
+        catch (Exception e) when (!Failures.IsFatal(e))
         {
             DaemonLog.RetentionFailed(logger, e.Message);
         }
