@@ -46,7 +46,7 @@ public sealed partial class BfmigDaemon
         // what a missed event leaves visibly wrong (a guest no migration can take through BFMig, or
         // a name answered for a guest that is gone); pending trips are libvirt's to settle.
         var (missing, stale, pending) = _socketAudit.Compare(
-            running.Where(g => MigrationSockets.IsUsableName(g.Name)), sockets.Guests, Environment.TickCount64);
+            running.Where(g => MigrationSockets.IsUsableName(g.Name)), sockets.Serving, Environment.TickCount64);
         if (missing.Count + stale.Count > 0)
         {
             DaemonLog.GuestsOutOfStep(_logger, (int)_socketAudit.Confirm.TotalSeconds, Names(missing), Names(stale));

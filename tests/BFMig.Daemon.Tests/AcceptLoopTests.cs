@@ -32,4 +32,22 @@ public sealed class AcceptLoopTests
         Assert.Contains("no longer accepting there", text, StringComparison.Ordinal);
         Assert.DoesNotContain("retrying in", text, StringComparison.Ordinal);
     }
+
+    /// <summary>
+    /// Only an error of the listening socket itself ends the loop. Running out of memory
+    /// (ENOMEM, which .NET names only SocketError.SocketError, as it does EPROTO) or of
+    /// descriptors is retried: before, any error not on a short list ended the loop, and a guest's
+    /// socket or the peer port went dark on a passing shortage.
+    /// </summary>
+    [Theory]
+    [InlineData(SocketError.SocketError, AcceptLoop.AcceptError.Retry)]
+    [InlineData(SocketError.TooManyOpenSockets, AcceptLoop.AcceptError.Retry)]
+    [InlineData(SocketError.NoBufferSpaceAvailable, AcceptLoop.AcceptError.Retry)]
+    [InlineData(SocketError.AccessDenied, AcceptLoop.AcceptError.Retry)]
+    [InlineData(SocketError.ConnectionAborted, AcceptLoop.AcceptError.PassOver)]
+    [InlineData(SocketError.HostUnreachable, AcceptLoop.AcceptError.PassOver)]
+    [InlineData(SocketError.InvalidArgument, AcceptLoop.AcceptError.Ends)]
+    [InlineData(SocketError.NotSocket, AcceptLoop.AcceptError.Ends)]
+    internal void Only_an_error_of_the_listening_socket_itself_ends_the_loop(SocketError error, AcceptLoop.AcceptError expected) =>
+        Assert.Equal(expected, AcceptLoop.Judge(error));
 }

@@ -126,6 +126,35 @@ public sealed class MigrationSocketsTests(ITestOutputHelper output)
         Assert.DoesNotContain("libvirt now names", host.Log, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// A guest's socket whose accept loop ended (an error of the listening socket itself, event
+    /// 36) no longer counts as serving the guest, and the audit sets it up again: QEMU's next
+    /// stream is served. Before, the file stayed, Ensure answered "already set up", and every
+    /// migration of the guest hung on a socket nobody accepted on.
+    /// </summary>
+    [Fact]
+    public async Task A_socket_that_stopped_accepting_is_set_up_again_by_the_audit()
+    {
+        using var bus = new PrivateBus();
+        await using var host = DaemonHost.Start(bus, DaemonHost.Ini("hosta", "hostb", 9), guestAudit: (TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(2)));
+        var sockets = host.Daemon.Sockets!;
+        var test = Guid.Parse(TestGuestUuid);
+        await Tools.UntilAsync(() => sockets.Serving.SequenceEqual([(test, "test")]), "the running guest's sockets", 20);
+        var path = sockets.SocketPath("hostb", "test", BFMig.Transfer.Wire.StreamKind.Mig);
+
+        // The loops' end on an error of the socket itself is AcceptLoopTests'; here they just end.
+        sockets.EndAcceptingForTest(test);
+        await Tools.UntilAsync(() => sockets.Serving.Count == 0, "the guest's accept loops to end", 10);
+        Assert.True(File.Exists(path));
+        Assert.Contains((test, "test"), sockets.Guests);
+
+        await Tools.UntilAsync(() => sockets.Serving.SequenceEqual([(test, "test")]), "the audit to set the sockets up again", 20);
+        Assert.Contains("running without sockets: test", host.Log, StringComparison.Ordinal);
+        host.ActAsQemuOf("test");
+        await StreamAsync(path, () => Departing(host, test), "the departure on the socket set up again");
+        output.WriteLine(host.Log);
+    }
+
     /// <summary>Connects to <paramref name="path"/> as the guest's QEMU would and holds the connection until <paramref name="handled"/>.</summary>
     private static async Task StreamAsync(string path, Func<bool> handled, string what)
     {

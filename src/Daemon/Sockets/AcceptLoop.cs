@@ -6,15 +6,41 @@ namespace BFMig.Daemon.Sockets;
 
 /// <summary>
 /// Accepting on a listening socket until it is closed. A connection that failed before it was
-/// accepted (ECONNABORTED and the like: a peer can cause it) is passed over at once. Running out of
-/// descriptors or buffers (EMFILE, ENFILE, ENOBUFS, ENOMEM: load can cause it) is reported and
-/// retried after a pause that grows to a second, so that a listening socket never goes dark without
-/// a word while the daemon goes on as if it served it. Any other error cannot clear by waiting: it
-/// is reported and the loop ends (for the peer and transparent ports the daemon then stops,
-/// BfmigDaemon.Supervise).
+/// accepted (ECONNABORTED and the like: a peer can cause it) is passed over at once. An error of
+/// the listening socket itself (EINVAL: it no longer listens; ENOTSOCK, EFAULT) cannot clear by
+/// waiting: it is reported (event 36) and the loop ends (for the peer and transparent ports the
+/// daemon then stops, BfmigDaemon.Supervise; a guest's socket is rebuilt by the next
+/// MigrationSockets.Ensure). Any other error (EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, and
+/// whatever errno .NET does not name) is reported and retried after a pause that grows to a
+/// second: load can cause it and load passes, so a listening socket never goes dark without a word
+/// while the daemon goes on as if it served it, and never spins on an error that persists.
 /// </summary>
 internal static class AcceptLoop
 {
+    /// <summary>What an accept error means for the loop.</summary>
+    internal enum AcceptError
+    {
+        /// <summary>That pending connection failed; the next one is accepted at once.</summary>
+        PassOver,
+        /// <summary>Retried after a pause, reported (rate-limited).</summary>
+        Retry,
+        /// <summary>The listening socket itself is broken: reported, and the loop ends.</summary>
+        Ends,
+    }
+
+    /// <summary>The rule, by the error accept(2) gave.</summary>
+    internal static AcceptError Judge(SocketError error) => error switch
+    {
+        // accept(2): errors of the pending connection itself are to be retried; each uses that connection up.
+        SocketError.ConnectionAborted or SocketError.ConnectionReset or SocketError.Interrupted or SocketError.NetworkDown
+            or SocketError.NetworkUnreachable or SocketError.HostDown or SocketError.HostUnreachable
+            or SocketError.ProtocolOption or SocketError.OperationNotSupported => AcceptError.PassOver,
+        // The socket no longer listens (EINVAL), is no socket, or its address is bad: waiting changes nothing.
+        SocketError.InvalidArgument or SocketError.NotSocket or SocketError.Fault => AcceptError.Ends,
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, an errno .NET does not name (SocketError.SocketError): load passes.
+        _ => AcceptError.Retry,
+    };
+
     private static readonly TimeSpan FirstPause = TimeSpan.FromMilliseconds(50);
     private static readonly TimeSpan LongestPause = TimeSpan.FromSeconds(1);
 
@@ -39,20 +65,16 @@ internal static class AcceptLoop
             {
                 return;
             }
-            // accept(2): errors of the pending connection itself are to be retried; each uses that connection up.
-            catch (SocketException e) when (e.SocketErrorCode is SocketError.ConnectionAborted or SocketError.ConnectionReset
-                or SocketError.Interrupted or SocketError.NetworkDown or SocketError.NetworkUnreachable or SocketError.HostDown
-                or SocketError.HostUnreachable or SocketError.ProtocolOption or SocketError.OperationNotSupported)
-            {
-                continue;
-            }
-            catch (SocketException e) when (e.SocketErrorCode is not (SocketError.TooManyOpenSockets or SocketError.NoBufferSpaceAvailable))
-            {
-                DaemonLog.AcceptEnded(logger, what, e.Message);
-                return;
-            }
             catch (SocketException e)
             {
+                switch (Judge(e.SocketErrorCode))
+                {
+                    case AcceptError.PassOver:
+                        continue;
+                    case AcceptError.Ends:
+                        DaemonLog.AcceptEnded(logger, what, e.Message);
+                        return;
+                }
                 if (limiter.TryAcquire(out var suppressed))
                     DaemonLog.AcceptFailed(logger, what, e.Message, (int)pause.TotalMilliseconds, suppressed);
                 try

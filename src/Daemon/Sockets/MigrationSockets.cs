@@ -109,6 +109,31 @@ public sealed class MigrationSockets : IDisposable
         }
     }
 
+    /// <summary>
+    /// Guests whose every socket still serves: its file is in place and its accept loop runs (the
+    /// audit compares these with the running guests, so a guest whose loop ended is set up again).
+    /// </summary>
+    public IReadOnlyList<(Guid Uuid, string Name)> Serving
+    {
+        get
+        {
+            lock (_gate)
+                return [.. _guests.Where(g => g.Value.Serves).Select(g => (g.Key, g.Value.Name))];
+        }
+    }
+
+    /// <summary>
+    /// For tests: ends a guest's accept loops as an error of its listening sockets would (a Unix
+    /// listener cannot be made to fail accept(2) from outside: shut down, it only answers EAGAIN).
+    /// </summary>
+    internal void EndAcceptingForTest(Guid uuid)
+    {
+        lock (_gate)
+            if (_guests.TryGetValue(uuid, out var g))
+                foreach (var l in g.Listeners)
+                    l.Cancellation.Cancel();
+    }
+
     /// <summary>Makes sure a running guest has its sockets (idempotent); returns false when a socket could not be set up.</summary>
     public bool Ensure(Guid uuid, string name)
     {
@@ -125,7 +150,7 @@ public sealed class MigrationSockets : IDisposable
                 return false;
             if (_guests.TryGetValue(uuid, out var existing))
             {
-                if (existing.Name == name && existing.Listeners.All(l => File.Exists(l.Path)))
+                if (existing.Name == name && existing.Serves)
                     return true;
                 existing.Dispose();
                 _guests.Remove(uuid);
@@ -232,7 +257,7 @@ public sealed class MigrationSockets : IDisposable
             throw;
         }
         var listener = new Listener(path, socket);
-        _ = AcceptLoopAsync(listener, owner, peer, kind);
+        listener.Accepting = AcceptLoopAsync(listener, owner, peer, kind);
         return listener;
     }
 
@@ -316,6 +341,8 @@ public sealed class MigrationSockets : IDisposable
 
         public List<Listener> Listeners { get; } = [];
 
+        public bool Serves => Listeners.All(l => l.Serves);
+
         public void Dispose()
         {
             foreach (var l in Listeners)
@@ -330,6 +357,12 @@ public sealed class MigrationSockets : IDisposable
         public Socket Socket { get; } = socket;
 
         public CancellationTokenSource Cancellation { get; } = new();
+
+        /// <summary>The accept loop; it ends before the stop only on an error of the socket itself (event 36).</summary>
+        public Task Accepting { get; set; } = Task.CompletedTask;
+
+        /// <summary>QEMU can connect and be served: the file is in place and the loop runs.</summary>
+        public bool Serves => File.Exists(Path) && !Accepting.IsCompleted;
 
         public void Dispose()
         {
