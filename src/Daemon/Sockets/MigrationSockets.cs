@@ -100,26 +100,18 @@ public sealed class MigrationSockets : IDisposable
     }
 
     /// <summary>Guests that currently have sockets.</summary>
-    public IReadOnlyList<(Guid Uuid, string Name)> Guests
-    {
-        get
-        {
-            lock (_gate)
-                return [.. _guests.Select(g => (g.Key, g.Value.Name))];
-        }
-    }
+    public IReadOnlyList<(Guid Uuid, string Name)> Guests => GuestsWhere(_ => true);
 
     /// <summary>
     /// Guests whose every socket still serves: its file is in place and its accept loop runs (the
     /// audit compares these with the running guests, so a guest whose loop ended is set up again).
     /// </summary>
-    public IReadOnlyList<(Guid Uuid, string Name)> Serving
+    public IReadOnlyList<(Guid Uuid, string Name)> Serving => GuestsWhere(g => g.Serves);
+
+    private List<(Guid Uuid, string Name)> GuestsWhere(Func<GuestSockets, bool> keep)
     {
-        get
-        {
-            lock (_gate)
-                return [.. _guests.Where(g => g.Value.Serves).Select(g => (g.Key, g.Value.Name))];
-        }
+        lock (_gate)
+            return [.. _guests.Where(g => keep(g.Value)).Select(g => (g.Key, g.Value.Name))];
     }
 
     /// <summary>
