@@ -90,6 +90,7 @@ public sealed partial class BfmigDaemon
                         if (e.Is(LibvirtResumedDetail.Migrated))
                         {
                             // The destination runs the guest, or a source whose migration failed runs it again: here either way.
+                            _transfers?.GuestRuns(uuid);
                             session.Arrived();
                             _arrivalStreamsSince.TryRemove(uuid, out _);
                             QueueTripRecord(session, () => _trips.Arrived(uuid, _transfers?.LastIncomingPeer(uuid)));
@@ -99,6 +100,7 @@ public sealed partial class BfmigDaemon
                         {
                             // Post-copy: the destination runs the guest from now on (the source cannot resume
                             // it), and libvirt sends no Resumed/Migrated later, so this is the arrival.
+                            _transfers?.GuestRuns(uuid);
                             session.Arrived();
                         }
                         else if (!e.Is(LibvirtStartedDetail.Migrated))

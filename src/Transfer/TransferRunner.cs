@@ -70,6 +70,14 @@ public sealed class TransferOptions
     /// </summary>
     public long MaxRamBytes { get; init; }
     /// <summary>
+    /// Receiver, kind mig: completes once the guest runs on this host (bfmigd, on libvirt's
+    /// Resumed/Migrated); the store's commit waits for it, at most <see cref="CommitWaitLimit"/>
+    /// after the end frame (<see cref="MigReceiver.GuestRuns"/>). Null: the commit starts at the end frame.
+    /// </summary>
+    public Task? GuestRuns { get; init; }
+    /// <summary>How long after the end frame the commit waits for <see cref="GuestRuns"/> at most.</summary>
+    public TimeSpan CommitWaitLimit { get; init; } = MigReceiver.DefaultCommitWaitLimit;
+    /// <summary>
     /// Receiver: called before a multifd channel connects to the local QEMU, to let the main
     /// channel connect first (<see cref="MainChannelGate"/>); null connects at once.
     /// </summary>
@@ -324,7 +332,7 @@ public static class TransferRunner
                 }
                 // Coded against this store's own pages, the trip records under its seed, so what it keeps keeps its index entries.
                 var receiver = new MigReceiver(store, keep || indexed, indexed ? store.State.Seed : hello.Seed, hello.SenderName, reader, writer, stats, o.EndTimeout,
-                    hello.Paced, o.MaxRamBytes) { Indexed = indexed, Channels = channels };
+                    hello.Paced, o.MaxRamBytes) { Indexed = indexed, Channels = channels, GuestRuns = o.GuestRuns, CommitWaitLimit = o.CommitWaitLimit };
                 await receiver.RunAsync(local, ct);
             }
             else if (coded is not null)

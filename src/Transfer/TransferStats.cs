@@ -38,6 +38,8 @@ public sealed class TransferStats
     public double LoadWaitSeconds { get; set; }
     /// <summary>Memory stream, receiver: seconds from the end frame to the store's commit (the guest may already run on this host meanwhile).</summary>
     public double CommitSeconds { get; set; }
+    /// <summary>Memory stream, receiver: seconds from the end frame until the commit began, waiting for the guest to run here (<see cref="Memory.MigReceiver.GuestRuns"/>).</summary>
+    public double CommitWaitSeconds { get; set; }
     public bool SnapshotComplete { get; set; }
     public string? OpaqueReason { get; set; }
     /// <summary>A multifd channel (sender): what it carried, or where its parser stopped following it.</summary>

@@ -67,6 +67,49 @@ public sealed class HandshakeQueueTests : IDisposable
         await manager.ShutdownAsync(TimeSpan.Zero);
     }
 
+    /// <summary>
+    /// Libvirt resumed the guest here: its receiving memory helper, started with
+    /// <c>--commit-after-resume</c>, is told by SIGCONT (its store's commit waits for that, off
+    /// libvirt's last fsync before the resume); its disk helper and another guest's are not.
+    /// </summary>
+    [Fact]
+    public async Task The_guest_running_here_is_told_to_its_receiving_memory_helper_and_to_no_other()
+    {
+        var events = Path.Combine(_root, "events");
+        var path = Path.Combine(_root, "waiting-helper");
+        // Logs its start with its arguments, and SIGCONT when it comes.
+        File.WriteAllText(path, $$"""
+            #!/bin/sh
+            trap 'echo "cont $*" >> {{events}}; exit 0' CONT
+            echo "start $*" >> {{events}}
+            i=0
+            while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+            exit 0
+
+            """);
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        var manager = Manager(path);
+        var guest = Guid.NewGuid();
+        var other = Guid.NewGuid();
+        Assert.True(await manager.StartReceiveAsync("g", guest, "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), []));
+        Assert.True(await manager.StartReceiveAsync("g", guest, "hosta", StreamKind.Nbd, "unix:/nonexistent", await AcceptedSocketAsync(), []));
+        Assert.True(await manager.StartReceiveAsync("o", other, "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), []));
+        await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Count(l => l.StartsWith("start ", StringComparison.Ordinal)) == 3, "three helpers to start", 10);
+
+        Assert.Equal(1, manager.GuestRuns(guest));
+
+        await Tools.UntilAsync(() => File.ReadAllLines(events).Any(l => l.StartsWith("cont ", StringComparison.Ordinal)), "the signal to arrive", 10);
+        var starts = File.ReadAllLines(events).Where(l => l.StartsWith("start ", StringComparison.Ordinal)).ToArray();
+        Assert.Equal(2, starts.Count(l => l.Contains("--kind mig", StringComparison.Ordinal) && l.Contains("--commit-after-resume", StringComparison.Ordinal)));
+        Assert.DoesNotContain(starts, l => l.Contains("--kind nbd", StringComparison.Ordinal) && l.Contains("--commit-after-resume", StringComparison.Ordinal));
+        await Task.Delay(300);
+        var told = File.ReadAllLines(events).Where(l => l.StartsWith("cont ", StringComparison.Ordinal)).ToArray();
+        var only = Assert.Single(told);
+        Assert.Contains("--kind mig", only, StringComparison.Ordinal);
+        Assert.Contains(guest.ToString("D"), only, StringComparison.Ordinal);
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
     private TransferManager Manager(string helper)
     {
         var conf = Path.Combine(_root, "bfmig.conf");

@@ -9,18 +9,19 @@ namespace BFMig.Transfer.Tests;
 public class EndToEndTests
 {
     private sealed record Result(byte[] Delivered, TransferStats? Send, TransferStats? Receive, Exception? SendError, Exception? ReceiveError,
-        bool PauseDelivered = false);
+        bool PauseDelivered = false, DateTime DeliveredAt = default);
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
         IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
-        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1, int destinationGoesAwayAt = -1)
+        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1, int destinationGoesAwayAt = -1, Task? guestRuns = null, TimeSpan? commitWaitLimit = null)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
         var (senderPeer, receiverPeer) = await WireTests.Pair();
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var so = new TransferOptions { Kind = kind, StoreRoot = senderRoot, Guest = guest, PeerName = "hostB", Compression = CompressionMode.Zstd, Authenticator = sa ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
-        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5), AwaitMainChannel = awaitMain };
+        var ro = new TransferOptions { Kind = kind, StoreRoot = receiverRoot, MaxRamBytes = receiverMaxRam, Guest = receiverGuest ?? guest, Authenticator = ra ?? NoPeerAuthenticator.Instance, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5), AwaitMainChannel = awaitMain,
+            GuestRuns = guestRuns, CommitWaitLimit = commitWaitLimit ?? MigReceiver.DefaultCommitWaitLimit };
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
         var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
         long received = 0;
@@ -49,6 +50,7 @@ public class EndToEndTests
         });
         // "Destination QEMU": reads until EOF, then closes.
         var delivered = new MemoryStream();
+        var deliveredAt = default(DateTime);
         var dst = Task.Run(async () =>
         {
             using var s = new NetworkStream(qemuDst, true);
@@ -64,6 +66,7 @@ public class EndToEndTests
                     delivered.Write(buffer, 0, n);
                     Interlocked.Add(ref received, n);
                 }
+                deliveredAt = DateTime.UtcNow;
                 if (destinationGoesAwayAt >= 0)
                     qemuDst.Close(0);
             }
@@ -76,7 +79,7 @@ public class EndToEndTests
         try { rs = await receive; } catch (Exception e) { re = e; }
         receiverLocal.Dispose();
         await Task.WhenAll(src, dst).WaitAsync(TimeSpan.FromSeconds(20));
-        return new Result(delivered.ToArray(), ss, rs, se, re, pauseDelivered);
+        return new Result(delivered.ToArray(), ss, rs, se, re, pauseDelivered, deliveredAt);
     }
 
     /// <summary>
@@ -193,6 +196,50 @@ public class EndToEndTests
         Assert.Equal(s, retry.Delivered);
         Assert.Equal("store-match", retry.Send!.Mode);
         Assert.True(retry.Send.WireBytesOut * 4 < first.Send.WireBytesOut, $"{retry.Send.WireBytesOut} vs {first.Send.WireBytesOut}");
+    }
+
+    /// <summary>
+    /// The receiver's store commits only once the guest runs on its host (bfmigd's signal,
+    /// <see cref="MigReceiver.GuestRuns"/>), so its fsyncs stay off libvirt's before the resume;
+    /// the destination QEMU has the whole stream before that, and nothing waits for the commit.
+    /// Without the signal the commit starts at its limit, and the trip is still kept on both hosts.
+    /// </summary>
+    [Fact]
+    public async Task The_receivers_store_commits_once_the_guest_runs_there_or_at_the_limit()
+    {
+        var s = Fixtures.Load("q10-pc-paused.bin");
+        using var a = new TempDir();
+        using var b = new TempDir();
+        var guest = Guid.NewGuid();
+        var runs = new TaskCompletionSource();
+        var signalledAt = default(DateTime);
+        var resumed = Task.Run(async () =>
+        {
+            await Task.Delay(1500);
+            signalledAt = DateTime.UtcNow;
+            runs.SetResult();
+        });
+        var r1 = await Run(s, a.Path, b.Path, guest, guestRuns: runs.Task, commitWaitLimit: TimeSpan.FromSeconds(20));
+        await resumed;
+        Assert.Null(r1.SendError);
+        Assert.Null(r1.ReceiveError);
+        Assert.Equal(s, r1.Delivered);
+        Assert.True(r1.DeliveredAt < signalledAt, $"the destination had the stream at {r1.DeliveredAt:HH:mm:ss.fff}, the guest ran at {signalledAt:HH:mm:ss.fff}");
+        Assert.InRange(r1.Receive!.CommitWaitSeconds, 0.3, 19);
+        Assert.True(r1.Send!.Committed && r1.Receive.Committed);
+
+        // No signal: committed at the limit, and the next trip matches.
+        var never = new TaskCompletionSource().Task;
+        var r2 = await Run(s, b.Path, a.Path, guest, guestRuns: never, commitWaitLimit: TimeSpan.FromMilliseconds(500));
+        Assert.Null(r2.ReceiveError);
+        Assert.Equal(s, r2.Delivered);
+        Assert.Equal("store-match", r2.Send!.Mode);
+        Assert.InRange(r2.Receive!.CommitWaitSeconds, 0.45, 5);
+        Assert.True(r2.Send.Committed && r2.Receive.Committed);
+        using var sa = MemoryStore.Open(a.Path, guest);
+        using var sb = MemoryStore.Open(b.Path, guest);
+        Assert.Equal(sa.State.Digest, sb.State.Digest);
+        Assert.Equal(2UL, sa.State.Generation);
     }
 
     [Fact]

@@ -103,6 +103,35 @@ public sealed partial class TransferManager
             return _running.Values.Any(r => r.Uuid == uuid);
     }
 
+    /// <summary>Linux's SIGCONT: the one a receiving memory helper takes as "the guest runs here" (its default action does nothing).</summary>
+    internal const int GuestRunsSignal = 18;
+
+    /// <summary>
+    /// The guest runs on this host now (libvirt resumed it here after a migration): tells its
+    /// receiving memory helpers, whose store commits wait for that (bfmig-transfer's
+    /// <c>--commit-after-resume</c>). Returns how many were told.
+    /// </summary>
+    public int GuestRuns(Guid uuid)
+    {
+        Running[] receiving;
+        lock (_gate)
+            receiving = [.. _running.Values.Where(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Kind == StreamKind.Mig)];
+        int told = 0;
+        foreach (var r in receiving)
+        {
+            try
+            {
+                r.Child.Signal(GuestRunsSignal);
+                told++;
+            }
+            catch (System.ComponentModel.Win32Exception)
+            {
+                // Its commit starts at its own limit instead (MigReceiver.CommitWaitLimit).
+            }
+        }
+        return told;
+    }
+
     /// <summary>The peer the guest's latest outgoing stream went to (where it is going or went).</summary>
     public string? LastOutgoingPeer(Guid uuid)
     {
@@ -172,6 +201,9 @@ public sealed partial class TransferManager
             args.AddRange(["--qemu-pid-file", GuestQemu.PidFile(_options.QemuPidDirectory, guest)]);
         if (kind == StreamKind.Mig && guestMemoryBytes > 0)
             args.AddRange(["--max-ram", guestMemoryBytes.ToString(CultureInfo.InvariantCulture)]);
+        // Its store's commit waits for the guest to run here (GuestRuns), off libvirt's last fsync before the resume.
+        if (kind == StreamKind.Mig)
+            args.Add("--commit-after-resume");
         if (_options.AuthMode == PeerAuthMode.Tls)
         {
             args.AddRange(["--tls-cert", _options.TlsCertificate, "--tls-key", _options.TlsKey, "--tls-ca", _options.TlsCaCertificate]);

@@ -1,4 +1,5 @@
 using System.Net.Sockets;
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using BFMig.Native.Compression;
 using BFMig.Native.Linux;
@@ -37,6 +38,7 @@ internal static class Program
                  --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
                  --qemu-user NAME (kind nbd: the QEMU user, who may own a guest's block device while libvirt lends it to QEMU)
                  --max-ram BYTES (receive, kind mig: the incoming guest's memory; caps the RAM layout a peer may declare)
+                 --commit-after-resume (receive, kind mig: commit the store once SIGCONT says the guest runs here, at most 3 s after the stream's end)
         """;
 
     private static async Task<int> Main(string[] args)
@@ -161,7 +163,7 @@ internal static class Program
         }
     }
 
-    private static readonly HashSet<string> Flags = ["no-store", "route-first"];
+    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
          "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
@@ -250,10 +252,24 @@ internal static class Program
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
+            GuestRuns = !send && d.ContainsKey("commit-after-resume") ? GuestRunsSignal() : null,
             AwaitMainChannel = !send && d.TryGetValue("connect", out var connect)
                 ? t => MainChannelGate.WaitAsync(Endpoint.Parse(connect), MainChannelGate.DefaultTimeout, t)
                 : null,
         };
+    }
+
+    // Held for the process's life: disposing it would hand SIGCONT back to its default action.
+    private static PosixSignalRegistration? _guestRunsRegistration;
+
+    // bfmigd sends SIGCONT once libvirt reports the guest resumed on this host (MigReceiver.GuestRuns).
+    // SIGCONT because its default action does nothing: a signal that came before this registration,
+    // or to a helper that never made one, cannot end the process.
+    private static Task GuestRunsSignal()
+    {
+        var runs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        _guestRunsRegistration = PosixSignalRegistration.Create(PosixSignal.SIGCONT, _ => runs.TrySetResult());
+        return runs.Task;
     }
 
     private static IPeerAuthenticator Authenticator(Dictionary<string, string> d)
