@@ -71,7 +71,7 @@ public sealed class TransferOptions
     public long MaxRamBytes { get; init; }
     /// <summary>
     /// Receiver, kind mig: completes once the guest runs on this host (bfmigd, on libvirt's
-    /// Resumed/Migrated); the store's commit waits for it, at most <see cref="CommitWaitLimit"/>
+    /// Resumed/Migrated or Resumed/PostCopy); the store's commit waits for it, at most <see cref="CommitWaitLimit"/>
     /// after the end frame (<see cref="MigReceiver.GuestRuns"/>). Null: the commit starts at the end frame.
     /// </summary>
     public Task? GuestRuns { get; init; }
@@ -89,6 +89,13 @@ public sealed class TransferOptions
 /// <summary>Runs one stream end to end, for the sender or the receiver.</summary>
 public static class TransferRunner
 {
+    /// <summary>
+    /// How long a stream waits for its guest's memory store when another helper holds it: the
+    /// trip before may still be committing, as late as <see cref="MigReceiver.DefaultCommitWaitLimit"/>
+    /// after its end (a guest migrated straight back), and the sender's commit only after that.
+    /// </summary>
+    internal static readonly TimeSpan StoreLockWait = MigReceiver.DefaultCommitWaitLimit + TimeSpan.FromSeconds(3);
+
     /// <summary>
     /// Sender: <paramref name="qemu"/> is the local QEMU's connection, <paramref name="peer"/> the
     /// connected socket to the receiving helper.
@@ -108,7 +115,7 @@ public static class TransferRunner
         {
             try
             {
-                store = MemoryStore.Open(o.StoreRoot!, o.Guest);
+                store = MemoryStore.Open(o.StoreRoot!, o.Guest, StoreLockWait);
             }
             catch (StoreException e)
             {
@@ -425,7 +432,7 @@ public static class TransferRunner
         MemoryStore store;
         try
         {
-            store = MemoryStore.Open(o.StoreRoot, o.Guest);
+            store = MemoryStore.Open(o.StoreRoot, o.Guest, StoreLockWait);
         }
         catch (StoreException e)
         {

@@ -36,7 +36,7 @@ public sealed class TransferStats
     public int LoadWaits { get; set; }
     /// <inheritdoc cref="LoadWaits"/>
     public double LoadWaitSeconds { get; set; }
-    /// <summary>Memory stream, receiver: seconds from the end frame to the store's commit (the guest may already run on this host meanwhile).</summary>
+    /// <summary>Memory stream, receiver: seconds the store's commit took, from the end of its wait (<see cref="CommitWaitSeconds"/>).</summary>
     public double CommitSeconds { get; set; }
     /// <summary>Memory stream, receiver: seconds from the end frame until the commit began, waiting for the guest to run here (<see cref="Memory.MigReceiver.GuestRuns"/>).</summary>
     public double CommitWaitSeconds { get; set; }

@@ -13,7 +13,7 @@ public class EndToEndTests
 
     private static async Task<Result> Run(byte[] stream, string? senderRoot, string? receiverRoot, Guid guest, StreamKind kind = StreamKind.Mig,
         IPeerAuthenticator? sa = null, IPeerAuthenticator? ra = null, Guid? receiverGuest = null, long receiverMaxRam = 0,
-        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1, int destinationGoesAwayAt = -1, Task? guestRuns = null, TimeSpan? commitWaitLimit = null)
+        Func<CancellationToken, Task>? awaitMain = null, int pauseAt = -1, int destinationGoesAwayAt = -1, Task? guestRuns = null, TimeSpan? commitWaitLimit = null, Action? onDelivered = null)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
@@ -67,6 +67,7 @@ public class EndToEndTests
                     Interlocked.Add(ref received, n);
                 }
                 deliveredAt = DateTime.UtcNow;
+                onDelivered?.Invoke();
                 if (destinationGoesAwayAt >= 0)
                     qemuDst.Close(0);
             }
@@ -176,7 +177,9 @@ public class EndToEndTests
         Assert.Null(first.SendError);
         Assert.True(first.Send!.Committed);
 
-        var cut = await Run(s[..(s.Length / 2)], b.Path, a.Path, guest);
+        // A cut stream is a failed migration: no resume comes, and the receiver commits without waiting
+        // for one (else the sender's end acknowledgement, 5 s here, would time out first).
+        var cut = await Run(s[..(s.Length / 2)], b.Path, a.Path, guest, guestRuns: new TaskCompletionSource().Task, commitWaitLimit: TimeSpan.FromSeconds(30));
         Assert.True(cut.SendError is StreamCutException, $"sender: {cut.SendError}; receiver: {cut.ReceiveError}");
         Assert.True(cut.ReceiveError is StreamCutException, $"receiver: {cut.ReceiveError}");
         Assert.Contains("before its device state", cut.SendError!.Message);
@@ -211,21 +214,24 @@ public class EndToEndTests
         using var a = new TempDir();
         using var b = new TempDir();
         var guest = Guid.NewGuid();
+        // "libvirt resumes the guest" 800 ms after the destination QEMU had the whole stream.
         var runs = new TaskCompletionSource();
         var signalledAt = default(DateTime);
-        var resumed = Task.Run(async () =>
-        {
-            await Task.Delay(1500);
-            signalledAt = DateTime.UtcNow;
-            runs.SetResult();
-        });
-        var r1 = await Run(s, a.Path, b.Path, guest, guestRuns: runs.Task, commitWaitLimit: TimeSpan.FromSeconds(20));
+        Task? resumed = null;
+        var r1 = await Run(s, a.Path, b.Path, guest, guestRuns: runs.Task, commitWaitLimit: TimeSpan.FromSeconds(20),
+            onDelivered: () => resumed = Task.Run(async () =>
+            {
+                await Task.Delay(800);
+                signalledAt = DateTime.UtcNow;
+                runs.SetResult();
+            }));
+        Assert.NotNull(resumed);
         await resumed;
         Assert.Null(r1.SendError);
         Assert.Null(r1.ReceiveError);
         Assert.Equal(s, r1.Delivered);
         Assert.True(r1.DeliveredAt < signalledAt, $"the destination had the stream at {r1.DeliveredAt:HH:mm:ss.fff}, the guest ran at {signalledAt:HH:mm:ss.fff}");
-        Assert.InRange(r1.Receive!.CommitWaitSeconds, 0.3, 19);
+        Assert.InRange(r1.Receive!.CommitWaitSeconds, 0.6, 19);
         Assert.True(r1.Send!.Committed && r1.Receive.Committed);
 
         // No signal: committed at the limit, and the next trip matches.

@@ -120,6 +120,30 @@ public class StoreTests
         }
     }
 
+    /// <summary>
+    /// A stream that finds its guest's store held by the trip before (committing once the guest
+    /// runs, a moment after the stream ended) waits for it rather than carrying everything without
+    /// it; a caller that does not wait is refused at once, by name.
+    /// </summary>
+    [Fact]
+    public async Task A_store_held_by_the_trip_before_is_waited_for_up_to_the_lock_wait()
+    {
+        using var dir = new TempDir();
+        var guest = Guid.NewGuid();
+        var held = MemoryStore.Open(dir.Path, guest);
+        var e = Assert.Throws<StoreException>(() => MemoryStore.Open(dir.Path, guest));
+        Assert.Contains("in use by another helper", e.Message);
+        var released = Task.Run(async () =>
+        {
+            await Task.Delay(400);
+            held.Dispose();
+        });
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        using var s = MemoryStore.Open(dir.Path, guest, TimeSpan.FromSeconds(20));
+        Assert.InRange(waited.Elapsed, TimeSpan.FromMilliseconds(300), TimeSpan.FromSeconds(19));
+        await released;
+    }
+
     [Fact]
     public void Committed_trip_survives_reopen_with_layout_hashes_and_state()
     {

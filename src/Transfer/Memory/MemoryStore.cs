@@ -132,22 +132,31 @@ public sealed partial class MemoryStore : IDisposable
     /// <summary>
     /// Opens (creating if needed) the store of <paramref name="guest"/> under <paramref name="root"/>,
     /// taking its lock, and recovers from an interrupted trip.
+    /// <paramref name="lockWait"/>: how long to wait for a lock another helper holds (a trip that
+    /// ended a moment ago may still be committing: <see cref="MigReceiver.GuestRuns"/>); zero: not at all.
     /// </summary>
-    /// <exception cref="StoreException">another helper holds the lock, or the store is unreadable.</exception>
-    public static MemoryStore Open(string root, Guid guest)
+    /// <exception cref="StoreException">another helper holds the lock (past <paramref name="lockWait"/>), or the store is unreadable.</exception>
+    public static MemoryStore Open(string root, Guid guest, TimeSpan lockWait = default)
     {
         string guestDir = Path.Combine(root, guest.ToString("D"));
         string mem = Path.Combine(guestDir, "mem");
         Directory.CreateDirectory(mem);
         Directory.CreateDirectory(Path.Combine(guestDir, "disk"));
         FileStream lockFile;
-        try
+        long deadline = Environment.TickCount64 + (long)lockWait.TotalMilliseconds;
+        while (true)
         {
-            lockFile = new FileStream(Path.Combine(mem, "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
-        }
-        catch (IOException e)
-        {
-            throw new StoreException($"memory store of {guest} is in use by another helper ({mem}/lock)", e);
+            try
+            {
+                lockFile = new FileStream(Path.Combine(mem, "lock"), FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+                break;
+            }
+            catch (IOException e)
+            {
+                if (Environment.TickCount64 >= deadline)
+                    throw new StoreException($"memory store of {guest} is in use by another helper ({mem}/lock)", e);
+                Thread.Sleep(50);
+            }
         }
         try
         {

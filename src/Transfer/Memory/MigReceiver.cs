@@ -25,6 +25,8 @@ public sealed class MigReceiver
     private readonly TimeSpan _endTimeout;
     // The sender's QEMU cut the stream (MigSender.CutMark on its TunnelEof).
     private bool _cut;
+    // Set with _cut: the migration failed, no resume will come here, so the commit need not wait for one.
+    private readonly TaskCompletionSource _cutSeen = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly bool _paced;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
     private long _reported;
@@ -71,8 +73,8 @@ public sealed class MigReceiver
     /// resumes the guest: begun at the end frame, the commit often queued that fsync behind the
     /// store's pages, and the guest waited (lab, no rate limit, first trips of a guest with 400 MiB
     /// of data: 151-328 ms from QEMU's last load to the resume in 6 of 10; 14-24 ms in 6 of 6 once
-    /// the commit waited).
-    /// Nothing else waits for the commit: QEMU has every byte, and the return path goes on.
+    /// the commit waited). QEMU has every byte by then and the return path goes on; only the
+    /// sender's own commit waits (for the end acknowledgement), and with it both stores' locks.
     /// </summary>
     public Task? GuestRuns { get; init; }
 
@@ -212,9 +214,9 @@ public sealed class MigReceiver
                         throw new StoreOutOfStepException(
                             $"the stream rebuilt here is not the sender's (sender {Convert.ToHexStringLower(end.Digest)}, here {Convert.ToHexStringLower(rebuilt)}): end of stream withheld from QEMU");
                     }
-                    // Checked: QEMU may finish now. The guest is paused until it has, so the store's
-                    // durable commit (fsyncs) runs alongside; until it completes the store stays in
-                    // flux, and a crash in between only means that the next trip sends everything.
+                    // Checked: QEMU may finish now. The store's durable commit (fsyncs) follows once
+                    // the guest runs here (GuestRuns); until it completes the store stays in flux,
+                    // and a crash in between only means that the next trip sends everything.
                     await qemu.Stream.FlushAsync(ct);
                     _endChecked = true;
                     _stats.SnapshotComplete = end.SnapshotComplete;
@@ -226,6 +228,7 @@ public sealed class MigReceiver
                     // The sender's QEMU closed: the stream is complete (End comes first, checked).
                     if (!_endChecked) throw new PeerProtocolException($"stream ended without an end frame at byte {_reader.BytesRead}");
                     _cut = frame.Payload.Span.SequenceEqual(MigSender.CutMark.Span);
+                    if (_cut) _cutSeen.TrySetResult();
                     await qemu.Stream.FlushAsync(ct);
                     qemu.HalfClose();
                     return;
@@ -247,9 +250,19 @@ public sealed class MigReceiver
     private async Task CommitAsync(EndMessage end, CancellationToken ct)
     {
         long waitStart = System.Diagnostics.Stopwatch.GetTimestamp();
-        // A failed stream cancels the wait (ct); the commit then fails on its own (the answer cannot go).
         if (GuestRuns is { } runs && _decoder.TripStarted)
-            await Task.WhenAny(runs, Task.Delay(CommitWaitLimit, ct));
+        {
+            try
+            {
+                await Task.WhenAny(runs, _cutSeen.Task).WaitAsync(CommitWaitLimit, ct);
+            }
+            catch (TimeoutException)
+            {
+                // No word (a daemon that did not see the resume): commit all the same.
+            }
+            // A stream that failed meanwhile (ct) must not commit: OperationCanceledException goes
+            // up, and RunAsync abandons the trip as the sender does, so both stores keep their last commit.
+        }
         _stats.CommitWaitSeconds = System.Diagnostics.Stopwatch.GetElapsedTime(waitStart).TotalSeconds;
         long start = System.Diagnostics.Stopwatch.GetTimestamp();
         bool committed = false;
