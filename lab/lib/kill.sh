@@ -114,8 +114,8 @@ kill_location() {
 
 # --kill-unconfirmed TRIP (bfmig modes): before trip TRIP's real attempt, one extra trip SRC -> DST
 # runs to its end with both hosts' bfmigd frozen (SIGSTOP) before libvirt's confirmation of it
-# (Stopped/Migrated on the source, Resumed/Migrated on the destination): the source's the moment
-# its memory stream helper has ended, the destination's once its helper runs (see below); SIGKILLed once
+# (Stopped/Migrated on the source, Resumed/Migrated on the destination): both once the
+# destination's memory stream helper runs (see below); SIGKILLed once
 # `virsh migrate` returned. The migration itself must succeed. Both location records must still
 # hold the trip as pending; restarted, the daemons must settle it against libvirt's real state
 # (source: away, destination: here); `virsh start` on the source must be refused; the guest's
@@ -124,27 +124,24 @@ kill_location() {
 kill_unconfirmed_attempt() {
     local mode=$1 src=$2 dst=$3 trip=$4
     [[ $mode == bfmig* ]] || die "--kill-unconfirmed needs --mode bfmig or bfmig-transparent"
-    local out=$LAB_VAR/work/unconfirmed-$trip.out helper rc=0 pid_src pid_dst uuid at_kill_src at_kill_dst
+    local out=$LAB_VAR/work/unconfirmed-$trip.out rc=0 pid_src pid_dst uuid at_kill_src at_kill_dst
     uuid=$(host_virsh "$src" domuuid "$LAB_GUEST" | head -n 1)
     pid_src=$(host_pid "$src" bfmigd) pid_dst=$(host_pid "$dst" bfmigd)
     log "$mode: trip $trip: extra trip ${src^^} -> ${dst^^} with both daemons killed between its end and libvirt's confirmation"
     host_exec "$src" timeout 600 virsh -q -c qemu:///system migrate --live --persistent "${LAB_STORAGE_ARGS[@]}" \
         "$LAB_GUEST" "qemu+tcp://${HOST_ADDR[$dst]}/system" "${MIG_ARGS[@]}" > "$out" 2>&1 &
     local migrate=$!
-    helper=$(kill_wait_helper "$src" send "$migrate") ||
+    kill_wait_helper "$src" send "$migrate" > /dev/null ||
         { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${src^^} (migrate: $(tr '\n' ' ' < "$out"))"; }
-    # The destination's stream end and its Resumed/Migrated come within milliseconds of each
-    # other, too close to aim between from outside: its daemon is frozen as soon as its memory
-    # helper runs (it accepts no further connection for the trip; all it has left to see is the
-    # stream's end and the confirmation). The source's is frozen the moment its helper exited
-    # (a zombie its daemon has not reaped yet counts as exited): its Stopped/Migrated comes later.
+    # The stream's end and libvirt's confirmation come within milliseconds of each other, too
+    # close to aim between from outside, so both daemons are frozen as soon as the destination's
+    # memory helper runs: each has started its helpers for the trip, and all either has left to
+    # see is their end and the confirmation. (The source's helper now ends only after the
+    # destination's store commit, which waits for the destination daemon's word that the guest
+    # runs there, or 3 s without it: later than the source's Stopped/Migrated.)
     kill_wait_helper "$dst" receive "$migrate" > /dev/null ||
         { wait "$migrate" || true; die "$mode: trip $trip: no memory stream helper appeared on ${dst^^}"; }
-    kill -STOP "$pid_dst"
-    while [[ $(awk '{print $3}' "/proc/$helper/stat" 2> /dev/null) =~ ^[^Z]$ ]]; do
-        sleep 0.005
-    done
-    kill -STOP "$pid_src"
+    kill -STOP "$pid_dst" "$pid_src"
     wait "$migrate" || rc=$?
     at_kill_src=$(kill_location "$src" "$uuid") at_kill_dst=$(kill_location "$dst" "$uuid")
     kill -KILL "$pid_src" "$pid_dst"
