@@ -23,10 +23,9 @@ public sealed class MigReceiver
     private readonly TransferStats _stats;
     private readonly string _peerName;
     private readonly TimeSpan _endTimeout;
-    // The sender's QEMU cut the stream (MigSender.CutMark on its TunnelEof).
-    private bool _cut;
-    // Set with _cut: the migration failed, no resume will come here, so the commit need not wait for one.
-    private readonly TaskCompletionSource _cutSeen = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    // Completed when the sender's QEMU cut the stream (MigSender.CutMark on its TunnelEof): the
+    // migration failed, no resume will come here, so the commit need not wait for one.
+    private readonly TaskCompletionSource _cut = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly bool _paced;
     private readonly byte[] _progress = new byte[ProgressMessage.Length];
     private long _reported;
@@ -97,7 +96,7 @@ public sealed class MigReceiver
         {
             await ForwardAsync(qemu, reverse, cts.Token);
             await _commit!;
-            if (_cut)
+            if (_cut.Task.IsCompleted)
                 throw new StreamCutException($"the source QEMU ended the migration stream before its device state (at byte {_stats.StreamBytes} here): the migration was cancelled or failed");
             var done = await Task.WhenAny(reverse, Task.Delay(_endTimeout, ct));
             if (done == reverse) await reverse;
@@ -227,8 +226,7 @@ public sealed class MigReceiver
                 {
                     // The sender's QEMU closed: the stream is complete (End comes first, checked).
                     if (!_endChecked) throw new PeerProtocolException($"stream ended without an end frame at byte {_reader.BytesRead}");
-                    _cut = frame.Payload.Span.SequenceEqual(MigSender.CutMark.Span);
-                    if (_cut) _cutSeen.TrySetResult();
+                    if (frame.Payload.Span.SequenceEqual(MigSender.CutMark.Span)) _cut.TrySetResult();
                     await qemu.Stream.FlushAsync(ct);
                     qemu.HalfClose();
                     return;
@@ -254,7 +252,7 @@ public sealed class MigReceiver
         {
             try
             {
-                await Task.WhenAny(runs, _cutSeen.Task).WaitAsync(CommitWaitLimit, ct);
+                await Task.WhenAny(runs, _cut.Task).WaitAsync(CommitWaitLimit, ct);
             }
             catch (TimeoutException)
             {
