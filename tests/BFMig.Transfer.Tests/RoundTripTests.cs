@@ -124,3 +124,55 @@ public class RoundTripTests
         Assert.Equal(st1.PagesFull, st2.PagesElided + st2.PagesReferenced + st2.PagesDelta + st2.PagesFull);
     }
 }
+
+/// <summary>
+/// The source QEMU pauses the guest before it writes the ram section's END: the sender says so
+/// once (<see cref="MigOps.Paused"/>), right where END begins, so that neither side holds back what a
+/// paused guest waits for (the sender's pacing, the receiver's load gate).
+/// </summary>
+public class SourcePausedTests
+{
+    private static byte[] Page(byte fill) => Enumerable.Repeat(fill, 4096).ToArray();
+
+    [Fact]
+    public void The_sender_says_once_that_the_source_paused_where_the_ram_sections_end_begins_and_the_receiver_hears_it()
+    {
+        var running = new StreamBuilder().Header().RamStart(("pc.ram", 4 * 4096)).Part().Page(0, 0, Page(1)).Page(0, 1, Page(2)).Eos().Footer();
+        int endAt = running.ToArray().Length;
+        var stream = running.End().Page(0, 2, Page(3)).Page(0, 1, Page(4)).Eos().Footer().DeviceStateAndEof().ToArray();
+        using var dirA = new TempDir();
+        using var dirB = new TempDir();
+        var guest = Guid.NewGuid();
+        using var a = MemoryStore.Open(dirA.Path, guest);
+        using var b = MemoryStore.Open(dirB.Path, guest);
+        var enc = new MigEncoder(a, synced: false, a.State.Seed, new TransferStats());
+        var dec = new MigDecoder(b, keep: false, a.State.Seed, new TransferStats());
+        using var output = new MemoryStream();
+
+        // Everything before END: the guest still runs.
+        Assert.Equal(endAt, enc.Consume(stream.AsSpan(0, endAt), isFinal: false));
+        Assert.False(enc.SourcePaused);
+        Assert.DoesNotContain(MigOps.Paused, enc.Ops.ToArray());
+        CoreTrip.Ship(enc, dec, output);
+        Assert.False(dec.SourcePaused);
+
+        // END's header: paused from here on, said once.
+        int consumed = enc.Consume(stream.AsSpan(endAt), isFinal: true);
+        Assert.True(enc.SourcePaused);
+        var ops = enc.Ops.ToArray();
+        Assert.Single(ops, op => op == MigOps.Paused);
+        CoreTrip.Ship(enc, dec, output);
+        Assert.True(dec.SourcePaused);
+        Assert.Equal(stream.AsSpan(0, endAt + consumed).ToArray(), output.ToArray());
+    }
+
+    [Fact]
+    public void A_second_paused_op_is_refused_by_name()
+    {
+        using var dir = new TempDir();
+        using var store = MemoryStore.Open(dir.Path, Guid.NewGuid());
+        var dec = new MigDecoder(store, keep: false, seed: 1, new TransferStats());
+        var e = Assert.Throws<BFMig.Transfer.Wire.PeerProtocolException>(() => dec.Process([MigOps.Paused, MigOps.Paused], 0));
+        Assert.Contains("second PAUSED", e.Message, StringComparison.Ordinal);
+    }
+}

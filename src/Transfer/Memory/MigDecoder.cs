@@ -39,6 +39,9 @@ public sealed class MigDecoder
     private long _round = 1;
     private readonly long _maxRamBytes;
 
+    /// <summary>The sender's QEMU paused the guest (<see cref="MigEncoder.SourcePaused"/>): the receiver writes to its QEMU ungated.</summary>
+    public bool SourcePaused { get; private set; }
+
     /// <param name="store">The receiver's store (null: only self-contained ops are accepted).</param>
     /// <param name="keep">The hello matched: keep retained content.</param>
     /// <param name="seed">Page-hash seed from the hello.</param>
@@ -138,6 +141,10 @@ public sealed class MigDecoder
                     if (_sealed) throw Bad("ROUND after the end frame", opStart);
                     if (_runLeft != 0) throw Bad("ROUND inside an elide run", opStart);
                     _round++;
+                    break;
+                case MigOps.Paused:
+                    if (SourcePaused) throw Bad("second PAUSED", opStart);
+                    SourcePaused = true;
                     break;
                 case MigOps.ElideRun:
                 {

@@ -57,6 +57,14 @@ public sealed class MigEncoder
     /// </summary>
     public bool CountRounds { get; init; }
 
+    /// <summary>
+    /// The source QEMU paused the guest (<see cref="QemuStreamParser.InRamEnd"/>), and a
+    /// <see cref="MigOps.Paused"/> op says so to the receiver. From here on QEMU has decided its
+    /// switchover, so holding the stream back can no longer inform its bandwidth estimate: it
+    /// only keeps the guest paused longer. The sender stops pacing and the receiver stops gating.
+    /// </summary>
+    public bool SourcePaused { get; private set; }
+
     private long _round = 1;
     private readonly XxHash128 _streamHash = new();
     private bool _opaqueSeen;
@@ -154,6 +162,13 @@ public sealed class MigEncoder
                 default:
                     OnRaw(seg, bytes);
                     break;
+            }
+            if (!SourcePaused && Parser.InRamEnd)
+            {
+                FlushRun();
+                _rawStart = -1;
+                _ops[_length++] = MigOps.Paused;
+                SourcePaused = true;
             }
             if (CountRounds && Parser.RamRound != _round)
             {

@@ -10,6 +10,7 @@ namespace BFMig.Transfer.Memory;
 /// <item><c>0x41 BLOCKS varint count, count x (u8 len, idstr, varint length)</c>: the MEM_SIZE block list; starts the store trip.</item>
 /// <item><c>0x42 ELIDE_RUN varint n</c>: n PAGE records at the following pages (CONTINUE headers), content as retained.</item>
 /// <item><c>0x43 ROUND</c> (only when <see cref="MigEncoder.CountRounds"/>): the stream passed a ram EOS; later records belong to the next sync round (<see cref="PageWrite"/>).</item>
+/// <item><c>0x44 PAUSED</c> (once): the stream reached the ram section's END records, which QEMU sends only once it has paused the guest (<see cref="MigEncoder.SourcePaused"/>).</item>
 /// <item><c>0x00-0x1F</c> page op: bits 0-2 kind, bit 3 SEQ (same block, next page; else <c>varint block, varint page</c>
 /// follow), bit 4 CONT (the regenerated record header uses CONTINUE; else it names the block).</item>
 /// </list>
@@ -24,6 +25,7 @@ public static class MigOps
     public const byte Blocks = 0x41;
     public const byte ElideRun = 0x42;
     public const byte Round = 0x43;
+    public const byte Paused = 0x44;
 
     public const byte KindElide = 0;
     public const byte KindRef = 1;

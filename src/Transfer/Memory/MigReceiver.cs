@@ -185,7 +185,11 @@ public sealed class MigReceiver
                             if (!_endChecked) _streamHash.Append(output.Span);
                             long zeros = _stats.ZeroPages - _zerosWritten;
                             _zerosWritten = _stats.ZeroPages;
-                            if (await qemu.WriteGatedAsync(output, ProgressMessage.Load(output.Length, zeros), ct) is { Ticks: > 0 } waited)
+                            // Once the source paused the guest, a backlog in QEMU's socket costs nothing more
+                            // (the guest waits for all of it anyway), and the gate's polls would only leave QEMU idle.
+                            if (_decoder.SourcePaused)
+                                await qemu.Stream.WriteAsync(output, ct);
+                            else if (await qemu.WriteGatedAsync(output, ProgressMessage.Load(output.Length, zeros), ct) is { Ticks: > 0 } waited)
                             {
                                 _stats.LoadWaits++;
                                 _stats.LoadWaitSeconds += waited.TotalSeconds;
@@ -307,7 +311,8 @@ public sealed class MigReceiver
     private async ValueTask ReportProgressAsync(CancellationToken ct)
     {
         long load = ProgressMessage.Load(_stats.StreamBytes, _stats.ZeroPages);
-        if (!_paced || load - _reported < ProgressStep) return;
+        // After the pause the sender no longer paces: a report would only cost a frame and a flush.
+        if (!_paced || _decoder.SourcePaused || load - _reported < ProgressStep) return;
         _reported = load;
         new ProgressMessage(_reported).Encode(_progress);
         await _writer.WriteAsync(FrameType.Progress, _progress, compress: false, ct);

@@ -220,7 +220,8 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
-            if (_pacer is not null && _pacer.MustWait(_consumed, _stats.ZeroPages))
+            // Paced only while the guest runs: the window informs QEMU's bandwidth estimate, and after the pause nothing reads it.
+            if (_pacer is not null && !_encoder.SourcePaused && _pacer.MustWait(_consumed, _stats.ZeroPages))
             {
                 // Everything consumed must be on its way, or the receiver could never catch up.
                 await FlushAsync(ct);
@@ -231,7 +232,7 @@ public sealed class MigSender
             }
             int n;
             int room = buffer.Length - end;
-            if (_pacer is not null && ZeroDenseSinceLastRead()) room = Math.Min(room, ZeroDenseRead);
+            if (_pacer is not null && !_encoder.SourcePaused && ZeroDenseSinceLastRead()) room = Math.Min(room, ZeroDenseRead);
             try
             {
                 n = await qemu.Stream.ReadAsync(buffer.AsMemory(end, room), ct);

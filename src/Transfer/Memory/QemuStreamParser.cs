@@ -52,6 +52,12 @@ public sealed partial class QemuStreamParser
     /// </summary>
     public long RamRound { get; private set; } = 1;
 
+    /// <summary>
+    /// True once the ram section's END began: QEMU writes it only on completing a precopy
+    /// migration, after it paused the guest, so every byte from here on is waited for by a paused guest.
+    /// </summary>
+    public bool InRamEnd => _ramInEndSection;
+
     /// <summary>Stream offset of the next byte this parser will look at.</summary>
     public long Position => _position;
 

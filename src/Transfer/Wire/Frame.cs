@@ -70,9 +70,11 @@ public static class FrameCodec
     /// earlier trip offers its page index (keyed MACs, <see cref="FrameType.PageIndexHead"/>), so
     /// an arrival from a host it never exchanged the guest with is cheap too.
     /// 7: a paced main stream's progress counts each zero page as a whole page (<see cref="ProgressMessage.Load"/>).
+    /// 8: the main stream's ops say when the source QEMU paused the guest (<c>PAUSED</c>, <see cref="BFMig.Transfer.Memory.MigOps"/>):
+    /// from there the sender no longer paces and the receiver no longer gates its QEMU.
     /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 7;
+    public const ushort ProtocolVersion = 8;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
