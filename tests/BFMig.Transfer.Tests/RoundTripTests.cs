@@ -160,6 +160,11 @@ public class SourcePausedTests
         int consumed = enc.Consume(stream.AsSpan(endAt), isFinal: true);
         Assert.True(enc.SourcePaused);
         var ops = enc.Ops.ToArray();
+        // RAW of END's 5-byte header (type, section id), then PAUSED, then END's pages.
+        Assert.Equal(MigOps.Raw, ops[0]);
+        Assert.Equal(5u, System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(ops.AsSpan(1)));
+        Assert.Equal(stream.AsSpan(endAt, 5).ToArray(), ops.AsSpan(5, 5).ToArray());
+        Assert.Equal(MigOps.Paused, ops[10]);
         Assert.Single(ops, op => op == MigOps.Paused);
         CoreTrip.Ship(enc, dec, output);
         Assert.True(dec.SourcePaused);
@@ -174,5 +179,17 @@ public class SourcePausedTests
         var dec = new MigDecoder(store, keep: false, seed: 1, new TransferStats());
         var e = Assert.Throws<BFMig.Transfer.Wire.PeerProtocolException>(() => dec.Process([MigOps.Paused, MigOps.Paused], 0));
         Assert.Contains("second PAUSED", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void A_paused_op_after_the_end_frame_is_refused_by_name()
+    {
+        using var dir = new TempDir();
+        using var store = MemoryStore.Open(dir.Path, Guid.NewGuid());
+        var dec = new MigDecoder(store, keep: false, seed: 1, new TransferStats());
+        dec.Seal();
+        var e = Assert.Throws<BFMig.Transfer.Wire.PeerProtocolException>(() => dec.Process([MigOps.Paused], 0));
+        Assert.Contains("PAUSED after the end frame", e.Message, StringComparison.Ordinal);
+        Assert.False(dec.SourcePaused);
     }
 }

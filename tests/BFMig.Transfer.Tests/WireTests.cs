@@ -111,8 +111,8 @@ public class WireTests
         Assert.Equal(h.Digest, d.Digest);
         Assert.Equal("hostA", d.SenderName);
         Assert.Contains("shorter", Assert.Throws<PeerProtocolException>(() => Hello.Decode(bytes[..50])).Message);
-        var v = (byte[])bytes.Clone(); v[5] = 9;
-        Assert.Contains("protocol version 9", Assert.Throws<PeerProtocolException>(() => Hello.Decode(v)).Message);
+        var v = (byte[])bytes.Clone(); v[5] = (byte)(FrameCodec.ProtocolVersion + 1);
+        Assert.Contains($"protocol version {FrameCodec.ProtocolVersion + 1}", Assert.Throws<PeerProtocolException>(() => Hello.Decode(v)).Message);
         var k = (byte[])bytes.Clone(); k[6] = 7;
         Assert.Contains("unknown stream kind 7", Assert.Throws<PeerProtocolException>(() => Hello.Decode(k)).Message);
         var f = (byte[])bytes.Clone(); f[7] = 0x80;

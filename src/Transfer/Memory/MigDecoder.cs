@@ -143,6 +143,8 @@ public sealed class MigDecoder
                     _round++;
                     break;
                 case MigOps.Paused:
+                    if (_sealed) throw Bad("PAUSED after the end frame", opStart);
+                    if (_runLeft != 0) throw Bad("PAUSED inside an elide run", opStart);
                     if (SourcePaused) throw Bad("second PAUSED", opStart);
                     SourcePaused = true;
                     break;
