@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using BFMig.Transfer.Wire;
 
 
@@ -220,8 +221,7 @@ public sealed class MigSender
                 start = 0;
             }
             if (_encoder.OpsLength > 0 && qemu.Available == 0) await FlushAsync(ct);
-            // Paced only while the guest runs: the window informs QEMU's bandwidth estimate, and after the pause nothing reads it.
-            if (_pacer is not null && !_encoder.SourcePaused && _pacer.MustWait(_consumed, _stats.ZeroPages))
+            if (Paced && _pacer.MustWait(_consumed, _stats.ZeroPages))
             {
                 // Everything consumed must be on its way, or the receiver could never catch up.
                 await FlushAsync(ct);
@@ -232,7 +232,7 @@ public sealed class MigSender
             }
             int n;
             int room = buffer.Length - end;
-            if (_pacer is not null && !_encoder.SourcePaused && ZeroDenseSinceLastRead()) room = Math.Min(room, ZeroDenseRead);
+            if (Paced && ZeroDenseSinceLastRead()) room = Math.Min(room, ZeroDenseRead);
             try
             {
                 n = await qemu.Stream.ReadAsync(buffer.AsMemory(end, room), ct);
@@ -284,6 +284,11 @@ public sealed class MigSender
         _current = next;
         _pacer?.Sent(_consumed, _stats.ZeroPages);
     }
+
+    // Paced only while the guest runs: the window informs QEMU's bandwidth estimate, and after the
+    // pause nothing reads it.
+    [MemberNotNullWhen(true, nameof(_pacer))]
+    private bool Paced => _pacer is not null && !_encoder.SourcePaused;
 
     // The stream consumed so far as load: zero pages count as pages (ProgressMessage.Load).
     private long Load => ProgressMessage.Load(_consumed, _stats.ZeroPages);
