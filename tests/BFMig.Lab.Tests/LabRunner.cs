@@ -59,10 +59,13 @@ internal sealed class LabRunner(ITestOutputHelper output)
         process.BeginErrorReadLine();
         if (!process.WaitForExit(timeout))
         {
+            // Where it hangs, read before the kill: CI shows only the message's last lines.
+            var stuck = HangReport.StillRunning(process.Id);
             process.Kill(entireProcessTree: true);
             process.WaitForExit();
-            output.WriteLine(text.ToString());
-            Assert.Fail($"lab {string.Join(' ', args)} did not finish within {timeout}");
+            var printed = text.ToString();
+            output.WriteLine(printed);
+            Assert.Fail($"lab {string.Join(' ', args)} did not finish within {timeout}\n{HangReport.Describe(printed, stuck)}");
         }
 
         process.WaitForExit();

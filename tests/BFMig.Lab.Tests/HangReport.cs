@@ -1,0 +1,120 @@
+using System.Globalization;
+using System.Text;
+
+namespace BFMig.Lab.Tests;
+
+/// <summary>
+/// What a lab command that outlived its limit was doing: its last lines of output and the
+/// processes under it that were still running (the leaves of its process tree, where a hang
+/// sits), so that a hang in CI names its place instead of only its test.
+/// </summary>
+internal static class HangReport
+{
+    private const int OutputLines = 4;
+    private const int LeafLines = 4;
+    private const int LineWidth = 180;
+
+    /// <summary>One process under the hung command: its id, how long it had run, its command line.</summary>
+    public sealed record Stuck(int Pid, long Seconds, string CommandLine);
+
+    /// <summary>The leaf processes under <paramref name="root"/>, longest-running last.</summary>
+    public static IReadOnlyList<Stuck> StillRunning(int root)
+    {
+        var leaves = new List<Stuck>();
+        var seen = new HashSet<int>();
+        var pending = new Stack<int>();
+        pending.Push(root);
+        // Bounded: a fork bomb under the lab must not make the report itself hang.
+        while (pending.Count > 0 && seen.Count < 4096)
+        {
+            var pid = pending.Pop();
+            if (!seen.Add(pid))
+            {
+                continue;
+            }
+
+            var children = Children(pid);
+            foreach (var child in children)
+            {
+                pending.Push(child);
+            }
+
+            if (children.Count == 0 && pid != root && Describe(pid) is { } stuck)
+            {
+                leaves.Add(stuck);
+            }
+        }
+
+        return [.. leaves.OrderBy(s => s.Seconds)];
+    }
+
+    /// <summary>The report's text: the last lines of output, then the leaves (the oldest last).</summary>
+    public static string Describe(string output, IReadOnlyList<Stuck> stuck)
+    {
+        var text = new StringBuilder();
+        var lines = output.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        text.Append("last output:");
+        foreach (var line in lines.TakeLast(OutputLines))
+        {
+            text.Append('\n').Append("  ").Append(Cut(line));
+        }
+
+        text.Append('\n').Append(CultureInfo.InvariantCulture, $"still running ({stuck.Count} leaf processes; the longest-running last):");
+        foreach (var s in stuck.TakeLast(LeafLines))
+        {
+            text.Append('\n').Append(CultureInfo.InvariantCulture, $"  [{s.Pid}, {s.Seconds} s] {Cut(s.CommandLine)}");
+        }
+
+        return text.ToString();
+    }
+
+    private static List<int> Children(int pid)
+    {
+        var children = new List<int>();
+        try
+        {
+            foreach (var task in Directory.EnumerateDirectories($"/proc/{pid}/task"))
+            {
+                foreach (var word in File.ReadAllText(Path.Combine(task, "children")).Split(' ', StringSplitOptions.RemoveEmptyEntries))
+                {
+                    if (int.TryParse(word, NumberStyles.None, CultureInfo.InvariantCulture, out var child))
+                    {
+                        children.Add(child);
+                    }
+                }
+            }
+        }
+        catch (IOException)
+        {
+            // Gone meanwhile: no children to report.
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+
+        return children;
+    }
+
+    private static Stuck? Describe(int pid)
+    {
+        try
+        {
+            var commandLine = File.ReadAllText($"/proc/{pid}/cmdline").Replace('\0', ' ').Trim();
+            // Field 22 of stat is the start time in clock ticks (USER_HZ, 100 on Linux) since boot; the command name in
+            // field 2 may hold spaces and parentheses, so count from the last ')'.
+            var stat = File.ReadAllText($"/proc/{pid}/stat");
+            var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+            var startTicks = long.Parse(fields[19], CultureInfo.InvariantCulture);
+            var uptime = double.Parse(File.ReadAllText("/proc/uptime").Split(' ')[0], CultureInfo.InvariantCulture);
+            var seconds = (long)(uptime - (startTicks / 100.0));
+            var name = stat[(stat.IndexOf('(') + 1)..stat.LastIndexOf(')')];
+            return new Stuck(pid, seconds, commandLine.Length > 0 ? commandLine : $"[{name}]");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException or IndexOutOfRangeException)
+        {
+            return null;
+        }
+    }
+
+    private static string Cut(string line) => line.Length > LineWidth ? line[..LineWidth] + "..." : line;
+}
