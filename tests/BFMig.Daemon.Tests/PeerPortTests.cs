@@ -66,6 +66,23 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.False(Directory.Exists(Path.Combine(_b.Options.StateDirectory, TestGuestUuid, "mem")), "a store was created for a refused stream");
     }
 
+    [Fact]
+    public async Task A_version_probe_is_answered_with_this_protocol_and_routes_nothing()
+    {
+        var peer = new Configuration.PeerOptions("hostb", "127.0.0.1", _b.Daemon.PeerPort, "test:///default");
+        Assert.Null(await Transparent.PeerProbe.WhyNotAsync(peer, TimeSpan.FromSeconds(5), CancellationToken.None));
+        // The probe is not a stream: no refusal logged, no helper started.
+        Assert.DoesNotContain("rejected peer connection", _b.Log);
+        Assert.DoesNotContain("transfer 1:", _b.Log);
+        // A probe frame with a wrong magic is refused like any malformed first frame.
+        using var s = await ConnectAsync();
+        var bad = VersionProbe.Encode(FrameCodec.ProtocolVersion);
+        bad[FrameCodec.HeaderLength] = (byte)'X';
+        await s.SendAsync(bad, SocketFlags.None);
+        Assert.Equal(0, await ReceiveUntilClosedAsync(s));
+        await Tools.UntilAsync(() => _b.Log.Contains("probe magic 58464D50 is not BFMP", StringComparison.Ordinal), "the refusal in B's log");
+    }
+
     /// <summary>
     /// The hook could not reach B's daemon in time (restarting, loaded host) and left its own
     /// marker of the incoming migration: that announces it too, so the stream is not refused

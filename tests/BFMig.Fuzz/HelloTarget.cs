@@ -158,7 +158,7 @@ internal static class HelloTarget
         try
         {
             var route = PeerListener.PeekRouteAsync(receiver, TimeSpan.FromSeconds(3), CancellationToken.None).GetAwaiter().GetResult();
-            if (route.SenderName.Length > 255 * 3)
+            if (route is not null && route.SenderName.Length > 255 * 3)
                 throw new InvalidOperationException("route name longer than its length byte allows");
         }
         catch (PeerProtocolException)

@@ -29,6 +29,30 @@ public class WireTests
         Assert.Contains(message, e.Message);
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(FrameCodec.ProtocolVersion)]
+    [InlineData(ushort.MaxValue)]
+    public void A_version_probe_says_any_version_in_the_same_fourteen_bytes(int version)
+    {
+        var frame = VersionProbe.Encode((ushort)version);
+        Assert.Equal(new byte[] { 0x05, 0, 0, 0, 0, 0, 0, 6, (byte)'B', (byte)'F', (byte)'M', (byte)'P', (byte)(version >> 8), (byte)version }, frame);
+        Assert.Equal(version, VersionProbe.Decode(frame));
+    }
+
+    [Fact]
+    public void A_wrong_probe_is_refused_with_what_is_wrong()
+    {
+        var frame = VersionProbe.Encode(FrameCodec.ProtocolVersion);
+        Assert.Contains("probe of 13 bytes", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(frame.AsSpan(0, 13))).Message);
+        var route = (byte[])frame.Clone();
+        route[0] = (byte)FrameType.Route;
+        Assert.Contains("answer is a Route frame", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(route)).Message);
+        var magic = (byte[])frame.Clone();
+        magic[11] = (byte)'R';
+        Assert.Contains("probe magic 42464D52 is not BFMP", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(magic)).Message);
+    }
+
     [Fact]
     public void TryReadFrame_consumes_nothing_until_the_frame_is_complete()
     {

@@ -17,7 +17,8 @@ public sealed record PeerRoute(string? GuestName, string Reason);
 /// Accepts the peers' data connections on <c>daemon:listen</c>. Each connection starts with the
 /// sending helper's hello frame in clear (PSK mode) or a route frame before TLS (TLS mode); the
 /// daemon peeks at it (MSG_PEEK, nothing is consumed) to learn guest and stream kind, routes it to
-/// a receiving helper, and leaves authentication to that helper. Garbage, unknown guests and unknown senders are closed with a
+/// a receiving helper, and leaves authentication to that helper. A peer bfmigd's version probe
+/// (<see cref="VersionProbe"/>) is answered here and closed. Garbage, unknown guests and unknown senders are closed with a
 /// logged reason.
 /// </summary>
 public sealed class PeerListener : IDisposable
@@ -99,10 +100,16 @@ public sealed class PeerListener : IDisposable
         bool pending = true;
         try
         {
-            RouteRequest hello;
+            RouteRequest? hello;
             try
             {
                 hello = await PeekRouteAsync(connection, HelloTimeout, _stop.Token).ConfigureAwait(false);
+                if (hello is null)
+                {
+                    await AnswerProbeAsync(connection, _stop.Token).ConfigureAwait(false);
+                    connection.Dispose();
+                    return;
+                }
             }
             catch (Exception e) when (e is PeerProtocolException or TimeoutException or SocketException or OperationCanceledException)
             {
@@ -175,11 +182,32 @@ public sealed class PeerListener : IDisposable
     }
 
     /// <summary>
+    /// A peer's bfmigd asked which protocol this one speaks (<see cref="VersionProbe"/>; the whole
+    /// frame is queued): take the question off the socket, so that closing it ends the connection
+    /// in order instead of resetting it under the answer, and answer. Nothing is routed or logged:
+    /// the asker learns a version, which the hello of any stream would tell it anyway.
+    /// </summary>
+    private static async Task AnswerProbeAsync(Socket connection, CancellationToken ct)
+    {
+        var question = new byte[VersionProbe.FrameLength];
+        for (int read = 0; read < question.Length;)
+        {
+            int n = await connection.ReceiveAsync(question.AsMemory(read), SocketFlags.None, ct).ConfigureAwait(false);
+            if (n == 0)
+                return;
+            read += n;
+        }
+        await connection.SendAsync(VersionProbe.Encode(FrameCodec.ProtocolVersion), SocketFlags.None, ct).ConfigureAwait(false);
+        connection.Shutdown(SocketShutdown.Send);
+    }
+
+    /// <summary>
     /// Waits until the whole first frame (a hello, or a route before TLS) is in the socket's
-    /// receive queue and decodes it without consuming it. Throws <see cref="PeerProtocolException"/>
+    /// receive queue and decodes it without consuming it; null when it is a well-formed version
+    /// probe (<see cref="VersionProbe"/>) instead. Throws <see cref="PeerProtocolException"/>
     /// naming what is wrong.
     /// </summary>
-    public static async Task<RouteRequest> PeekRouteAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
+    public static async Task<RouteRequest?> PeekRouteAsync(Socket socket, TimeSpan timeout, CancellationToken ct)
     {
         var buffer = new byte[MaxHelloFrame];
         var deadline = DateTime.UtcNow + timeout;
@@ -194,13 +222,19 @@ public sealed class PeerListener : IDisposable
             if (got >= FrameCodec.HeaderLength)
             {
                 var header = FrameCodec.ParseHeader(buffer.AsSpan(0, FrameCodec.HeaderLength), 0);
-                if (header.Type is not (FrameType.Hello or FrameType.Route))
-                    throw new PeerProtocolException($"first frame is {header.Type}, not a hello or route (not bfmig-transfer?)");
+                if (header.Type is not (FrameType.Hello or FrameType.Route or FrameType.Probe))
+                    throw new PeerProtocolException($"first frame is {header.Type}, not a hello, route or probe (not bfmig-transfer?)");
                 if (header.Codec != FrameCodecKind.None || header.WireLength > MaxHelloFrame - FrameCodec.HeaderLength)
                     throw new PeerProtocolException($"hello frame header at byte 0 is malformed (codec {header.Codec}, length {header.WireLength})");
                 need = FrameCodec.HeaderLength + header.WireLength;
                 if (got >= need)
                 {
+                    if (header.Type == FrameType.Probe)
+                    {
+                        // Checked (magic, length) and left to the caller to answer; the asker's own version does not matter.
+                        VersionProbe.Decode(buffer.AsSpan(0, need));
+                        return null;
+                    }
                     var payload = buffer.AsSpan(FrameCodec.HeaderLength, header.WireLength);
                     return header.Type == FrameType.Route ? RouteRequest.Decode(payload) : RouteRequest.From(Hello.Decode(payload));
                 }

@@ -32,7 +32,7 @@ public interface ITransparentHost
 /// (<see cref="StreamSniffer"/>), then hands it to a sending helper exactly as an explicit-mode
 /// socket would, naming the target port so that the peer's bfmigd can connect its receiver there.
 /// Whatever it cannot accelerate (TLS, an unknown guest, a peer whose bfmigd does not
-/// answer, no free slot) it carries straight to the original destination and says why.
+/// answer or speaks another protocol, no free slot) it carries straight to the original destination and says why.
 /// </summary>
 public sealed class TransparentInterceptor : IDisposable
 {
@@ -195,8 +195,8 @@ public sealed class TransparentInterceptor : IDisposable
             connection.Dispose();
             return;
         }
-        if (notAccelerated is null && !await PeerAnswersAsync(peer).ConfigureAwait(false))
-            notAccelerated = $"the bfmigd of peer {peer.Name} at {peer.Host}:{peer.Port} does not answer";
+        if (notAccelerated is null)
+            notAccelerated = await PeerProbe.WhyNotAsync(peer, PeerProbeTimeout, _stop.Token).ConfigureAwait(false);
         if (notAccelerated is null && !_host.HasTransferCapacity())
             notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
         if (notAccelerated is not null)
@@ -239,26 +239,6 @@ public sealed class TransparentInterceptor : IDisposable
         DaemonLog.TransparentNotAccelerated(_logger, guest, stream, peer, original.ToString(), why);
         var (bytes, error) = await DirectForwarder.RunAsync(connection, original, DirectConnectTimeout, _stop.Token).ConfigureAwait(false);
         DaemonLog.TransparentCarried(_logger, guest, stream, original.ToString(), bytes, error ?? "ok");
-    }
-
-    /// <summary>
-    /// A peer without a running bfmigd would turn an accelerated stream into a failed migration:
-    /// check that its data port accepts a connection first (a refused or silent port means the
-    /// stream goes straight to the peer's QEMU, at stock cost).
-    /// </summary>
-    private static async Task<bool> PeerAnswersAsync(PeerOptions peer)
-    {
-        using var probe = new Socket(SocketType.Stream, ProtocolType.Tcp);
-        using var timeout = new CancellationTokenSource(PeerProbeTimeout);
-        try
-        {
-            await probe.ConnectAsync(peer.Host, peer.Port, timeout.Token).ConfigureAwait(false);
-            return true;
-        }
-        catch (Exception e) when (e is SocketException or OperationCanceledException)
-        {
-            return false;
-        }
     }
 
     private static IPAddress Normalize(IPAddress a) => a.IsIPv4MappedToIPv6 ? a.MapToIPv4() : a;

@@ -11,6 +11,8 @@ public enum FrameType : byte
     Auth = 0x03,
     /// <summary>In clear before TLS: which guest and stream a connection is for, so the receiving daemon can route it (<see cref="RouteRequest"/>).</summary>
     Route = 0x04,
+    /// <summary>In clear, either direction, alone on its connection: a bfmigd asking a peer's bfmigd which protocol it speaks, and the answer (<see cref="VersionProbe"/>).</summary>
+    Probe = 0x05,
     /// <summary>Memory stream: an op stream (<see cref="BFMig.Transfer.Memory.MigOps"/>).</summary>
     MigData = 0x10,
     /// <summary>S->R, first frame of a memory stream with a store: the sender's pages in doubt (<see cref="BFMig.Transfer.Memory.MemoryDoubt"/>).</summary>
