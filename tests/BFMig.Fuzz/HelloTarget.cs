@@ -56,6 +56,9 @@ internal static class HelloTarget
         // As a connection starts: one frame, uncompressed (a hello in PSK mode, a route before TLS).
         list.AddRange(hellos.Select(h => Framed(FrameType.Hello, h)));
         list.AddRange(routes.Select(r => Framed(FrameType.Route, r)));
+        // A peer bfmigd's version probe, this version's and a later one's longer payload.
+        list.Add(VersionProbe.Encode(FrameCodec.ProtocolVersion));
+        list.Add(Framed(FrameType.Probe, [.. "BFMP"u8, 0, 10, 1, 2, 3]));
         return list;
     }
 
@@ -102,6 +105,15 @@ internal static class HelloTarget
         try
         {
             RouteRequest.ReadAsync(new MemoryStream(input, writable: false), CancellationToken.None).GetAwaiter().GetResult();
+        }
+        catch (PeerProtocolException)
+        {
+        }
+        try
+        {
+            var version = VersionProbe.Decode(input);
+            if (input.Length == VersionProbe.FrameLength && !VersionProbe.Encode(version).AsSpan().SequenceEqual(input))
+                throw new InvalidOperationException("a decoded probe does not encode to its own bytes");
         }
         catch (PeerProtocolException)
         {

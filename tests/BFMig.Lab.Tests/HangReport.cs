@@ -17,12 +17,18 @@ internal static class HangReport
     /// <summary>One process under the hung command: its id, how long it had run, its command line.</summary>
     public sealed record Stuck(int Pid, long Seconds, string CommandLine);
 
-    /// <summary>The leaf processes under <paramref name="root"/>, longest-running last.</summary>
+    /// <summary>
+    /// The leaf processes under <paramref name="root"/> in its session, longest-running last. The
+    /// lab's services (libvirtd, virtlogd: started with setsid, in sessions of their own) stay
+    /// children of the lab's shell and would otherwise be the oldest leaves of any command that
+    /// starts them, pushing out the stuck one.
+    /// </summary>
     public static IReadOnlyList<Stuck> StillRunning(int root)
     {
         var leaves = new List<Stuck>();
         var seen = new HashSet<int>();
         var pending = new Stack<int>();
+        var session = Read(root)?.Session;
         pending.Push(root);
         // Bounded: a fork bomb under the lab must not make the report itself hang.
         while (pending.Count > 0 && seen.Count < 4096)
@@ -39,9 +45,9 @@ internal static class HangReport
                 pending.Push(child);
             }
 
-            if (children.Count == 0 && pid != root && Describe(pid) is { } stuck)
+            if (children.Count == 0 && pid != root && Read(pid) is { } p && p.Session == session)
             {
-                leaves.Add(stuck);
+                leaves.Add(p.Stuck);
             }
         }
 
@@ -68,12 +74,23 @@ internal static class HangReport
         return text.ToString();
     }
 
+    // Each thread's children file on its own: a thread that ends mid-walk loses only its own.
     private static List<int> Children(int pid)
     {
         var children = new List<int>();
+        string[] tasks;
         try
         {
-            foreach (var task in Directory.EnumerateDirectories($"/proc/{pid}/task"))
+            tasks = Directory.GetDirectories($"/proc/{pid}/task");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return children;
+        }
+
+        foreach (var task in tasks)
+        {
+            try
             {
                 foreach (var word in File.ReadAllText(Path.Combine(task, "children")).Split(' ', StringSplitOptions.RemoveEmptyEntries))
                 {
@@ -83,34 +100,36 @@ internal static class HangReport
                     }
                 }
             }
-        }
-        catch (IOException)
-        {
-            // Gone meanwhile: no children to report.
-        }
-        catch (UnauthorizedAccessException)
-        {
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Gone meanwhile: no children to report.
+            }
         }
 
         return children;
     }
 
-    private static Stuck? Describe(int pid)
+    // A process as /proc shows it, or null when it is gone or unreadable: nothing read here may
+    // throw, or the caller's kill of the hung tree would be skipped.
+    private static (Stuck Stuck, long Session)? Read(int pid)
     {
         try
         {
             var commandLine = File.ReadAllText($"/proc/{pid}/cmdline").Replace('\0', ' ').Trim();
-            // Field 22 of stat is the start time in clock ticks (USER_HZ, 100 on Linux) since boot; the command name in
-            // field 2 may hold spaces and parentheses, so count from the last ')'.
+            // The command name in field 2 may hold spaces and parentheses, so count from the
+            // last ')': field 6 is the session, field 22 the start time in clock ticks
+            // (USER_HZ, 100 on Linux) since boot.
             var stat = File.ReadAllText($"/proc/{pid}/stat");
-            var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+            int open = stat.IndexOf('(', StringComparison.Ordinal), close = stat.LastIndexOf(')');
+            var fields = stat[(close + 2)..].Split(' ');
+            var session = long.Parse(fields[3], CultureInfo.InvariantCulture);
             var startTicks = long.Parse(fields[19], CultureInfo.InvariantCulture);
             var uptime = double.Parse(File.ReadAllText("/proc/uptime").Split(' ')[0], CultureInfo.InvariantCulture);
             var seconds = (long)(uptime - (startTicks / 100.0));
-            var name = stat[(stat.IndexOf('(') + 1)..stat.LastIndexOf(')')];
-            return new Stuck(pid, seconds, commandLine.Length > 0 ? commandLine : $"[{name}]");
+            var name = stat[(open + 1)..close];
+            return (new Stuck(pid, seconds, commandLine.Length > 0 ? commandLine : $"[{name}]"), session);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException or IndexOutOfRangeException)
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
             return null;
         }

@@ -60,9 +60,17 @@ internal sealed class LabRunner(ITestOutputHelper output)
         if (!process.WaitForExit(timeout))
         {
             // Where it hangs, read before the kill: CI shows only the message's last lines.
-            var stuck = HangReport.StillRunning(process.Id);
-            process.Kill(entireProcessTree: true);
-            process.WaitForExit();
+            IReadOnlyList<HangReport.Stuck> stuck;
+            try
+            {
+                stuck = HangReport.StillRunning(process.Id);
+            }
+            finally
+            {
+                process.Kill(entireProcessTree: true);
+                process.WaitForExit();
+            }
+
             var printed = text.ToString();
             output.WriteLine(printed);
             Assert.Fail($"lab {string.Join(' ', args)} did not finish within {timeout}\n{HangReport.Describe(printed, stuck)}");

@@ -44,10 +44,15 @@ public class WireTests
     public void A_wrong_probe_is_refused_with_what_is_wrong()
     {
         var frame = VersionProbe.Encode(FrameCodec.ProtocolVersion);
-        Assert.Contains("probe of 13 bytes", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(frame.AsSpan(0, 13))).Message);
+        Assert.Contains("probe of 13 bytes is shorter than 14", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(frame.AsSpan(0, 13))).Message);
         var route = (byte[])frame.Clone();
         route[0] = (byte)FrameType.Route;
-        Assert.Contains("answer is a Route frame", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(route)).Message);
+        Assert.Contains("a Route frame (None), not a probe", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(route)).Message);
+        byte[] trailing = [.. frame, 0];
+        Assert.Contains("probe payload of 6 bytes in a frame of 15", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(trailing)).Message);
+        var longer = (byte[])trailing.Clone();
+        longer[7] = 7;
+        Assert.Equal(FrameCodec.ProtocolVersion, VersionProbe.Decode(longer));
         var magic = (byte[])frame.Clone();
         magic[11] = (byte)'R';
         Assert.Contains("probe magic 42464D52 is not BFMP", Assert.Throws<PeerProtocolException>(() => VersionProbe.Decode(magic)).Message);

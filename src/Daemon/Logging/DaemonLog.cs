@@ -253,4 +253,7 @@ internal static partial class DaemonLog
 
     [LoggerMessage(113, LogLevel.Error, "retention: the check failed: {Reason}")]
     public static partial void RetentionFailed(ILogger logger, string reason);
+
+    [LoggerMessage(114, LogLevel.Debug, "peer port: answered {Remote}'s version probe (protocol {Version})")]
+    public static partial void PeerProbeAnswered(ILogger logger, string remote, int version);
 }

@@ -106,7 +106,7 @@ public sealed class PeerListener : IDisposable
                 hello = await PeekRouteAsync(connection, HelloTimeout, _stop.Token).ConfigureAwait(false);
                 if (hello is null)
                 {
-                    await AnswerProbeAsync(connection, _stop.Token).ConfigureAwait(false);
+                    await AnswerProbeAsync(connection, remoteText, _stop.Token).ConfigureAwait(false);
                     connection.Dispose();
                     return;
                 }
@@ -184,21 +184,17 @@ public sealed class PeerListener : IDisposable
     /// <summary>
     /// A peer's bfmigd asked which protocol this one speaks (<see cref="VersionProbe"/>; the whole
     /// frame is queued): take the question off the socket, so that closing it ends the connection
-    /// in order instead of resetting it under the answer, and answer. Nothing is routed or logged:
-    /// the asker learns a version, which the hello of any stream would tell it anyway.
+    /// in order instead of resetting it under the answer, and answer. Nothing is routed; the probe
+    /// is logged at debug level (a host learning this one's version from its answer leaves a trace
+    /// there, not in the warnings of a rolling upgrade's every stream).
     /// </summary>
-    private static async Task AnswerProbeAsync(Socket connection, CancellationToken ct)
+    private async Task AnswerProbeAsync(Socket connection, string remote, CancellationToken ct)
     {
-        var question = new byte[VersionProbe.FrameLength];
-        for (int read = 0; read < question.Length;)
-        {
-            int n = await connection.ReceiveAsync(question.AsMemory(read), SocketFlags.None, ct).ConfigureAwait(false);
-            if (n == 0)
-                return;
-            read += n;
-        }
+        if (await VersionProbe.ReadFrameAsync(connection, ct).ConfigureAwait(false) is null)
+            return;
         await connection.SendAsync(VersionProbe.Encode(FrameCodec.ProtocolVersion), SocketFlags.None, ct).ConfigureAwait(false);
         connection.Shutdown(SocketShutdown.Send);
+        DaemonLog.PeerProbeAnswered(_logger, remote, FrameCodec.ProtocolVersion);
     }
 
     /// <summary>

@@ -37,6 +37,9 @@ public interface ITransparentHost
 public sealed class TransparentInterceptor : IDisposable
 {
     private static readonly TimeSpan PeerProbeTimeout = TimeSpan.FromSeconds(2);
+    // Long enough for a memory stream and its multifd channels (they open within moments of each
+    // other), short enough that a peer's restart or upgrade is seen by the next migration.
+    private static readonly TimeSpan PeerProbeReuse = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan DirectConnectTimeout = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan OwnerRetryDelay = TimeSpan.FromMilliseconds(50);
     private const int OwnerAttempts = 20;
@@ -55,6 +58,7 @@ public sealed class TransparentInterceptor : IDisposable
     private readonly TimeSpan _silence;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
+    private readonly PeerProbeAnswers _probes;
 
     /// <summary>
     /// Binds the loopback listener(s) on <paramref name="port"/> (IPv4, and IPv6 when a peer has
@@ -69,6 +73,7 @@ public sealed class TransparentInterceptor : IDisposable
         _qemu = qemu;
         _silence = silence;
         _logger = logger;
+        _probes = new PeerProbeAnswers(p => PeerProbe.WhyNotAsync(p, PeerProbeTimeout, _stop.Token), PeerProbeReuse, TimeProvider.System);
         var listeners = new List<Socket>();
         try
         {
@@ -196,7 +201,7 @@ public sealed class TransparentInterceptor : IDisposable
             return;
         }
         if (notAccelerated is null)
-            notAccelerated = await PeerProbe.WhyNotAsync(peer, PeerProbeTimeout, _stop.Token).ConfigureAwait(false);
+            notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
         if (notAccelerated is null && !_host.HasTransferCapacity())
             notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
         if (notAccelerated is not null)

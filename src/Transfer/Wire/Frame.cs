@@ -74,9 +74,12 @@ public static class FrameCodec
     /// 7: a paced main stream's progress counts each zero page as a whole page (<see cref="ProgressMessage.Load"/>).
     /// 8: the main stream's ops say when the source QEMU paused the guest (<c>PAUSED</c>, <see cref="BFMig.Transfer.Memory.MigOps"/>):
     /// from there the sender no longer paces and the receiver no longer gates its QEMU.
+    /// 9: bfmigd answers a peer's version probe (<see cref="FrameType.Probe"/>, <see cref="VersionProbe"/>),
+    /// so that transparent mode carries a stream at stock cost to a peer of another version instead
+    /// of handing it to a helper the peer would refuse; the helpers' frames are those of 8.
     /// An older peer is refused in the hello, by name, rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 8;
+    public const ushort ProtocolVersion = 9;
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
