@@ -28,6 +28,12 @@ BFMIG_HOOK_EXE=$BFMIG_BIN/bfmig-hook
 
 bfmig_dir() { echo "$(host_dir "$1")/bfmig"; }
 
+# roundtrip --host-binaries H=DIR: host H runs bfmigd and bfmig-transfer from DIR (another
+# build, e.g. lab/tools/other-version's: a host upgraded before the other), the rest this tree's.
+declare -A BFMIG_HOST_BIN=()
+bfmig_daemon_exe() { if [[ -n ${BFMIG_HOST_BIN[$1]:-} ]]; then echo "${BFMIG_HOST_BIN[$1]}/bfmigd"; else echo "$BFMIGD_EXE"; fi; }
+bfmig_helper_exe() { if [[ -n ${BFMIG_HOST_BIN[$1]:-} ]]; then echo "${BFMIG_HOST_BIN[$1]}/bfmig-transfer"; else echo "$BFMIG_HELPER_EXE"; fi; }
+
 bfmig_unsupported() {
     if [[ $BFMIG_BINARIES == installed ]]; then
         bfmig_installed_missing
@@ -96,7 +102,7 @@ bfmig_write_config() {
         mkdir -p "$dir/etc"
         install -m 0600 "$LAB_VAR/bfmig/psk" "$dir/etc/psk"
     else
-        state=$dir/state psk=$LAB_VAR/bfmig/psk conf=$dir/bfmig.conf helper_line="helper = $BFMIG_HELPER_EXE"
+        state=$dir/state psk=$LAB_VAR/bfmig/psk conf=$dir/bfmig.conf helper_line="helper = $(bfmig_helper_exe "$h")"
     fi
     cat > "$dir/dbus.conf" <<EOF
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
@@ -179,8 +185,8 @@ bfmig_start_host() {
             bfmig_mount_installed "$h"
             args=()
         fi
-        host_spawn "$h" "$dir/bfmigd.log" "$BFMIGD_EXE" "${args[@]}" > "$LAB_RUN/$h.bfmigd.pid"
-        echo "$BFMIGD_EXE" > "$LAB_RUN/$h.bfmigd.exe"
+        host_spawn "$h" "$dir/bfmigd.log" "$(bfmig_daemon_exe "$h")" "${args[@]}" > "$LAB_RUN/$h.bfmigd.pid"
+        bfmig_daemon_exe "$h" > "$LAB_RUN/$h.bfmigd.exe"
         echo "$BFMIG_TRANSPARENT $BFMIG_AUTH" > "$LAB_RUN/$h.bfmigd.transparent"
     fi
 }
@@ -259,11 +265,11 @@ bfmig_daemon_matches() {
     pid_alive "$pid" || return 0
     # Same path is not enough: a republished binary replaces the file, and the running daemon is
     # then the old build (its /proc exe link says "(deleted)").
-    if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$BFMIGD_EXE" && $(readlink "/proc/$pid/exe") != *" (deleted)" &&
+    if [[ $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null) == "$(bfmig_daemon_exe "$h")" && $(readlink "/proc/$pid/exe") != *" (deleted)" &&
           $(cat "$LAB_RUN/$h.bfmigd.transparent" 2> /dev/null) == "$BFMIG_TRANSPARENT $BFMIG_AUTH" ]]; then
         return 0
     fi
-    log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd') ($(readlink "/proc/$pid/exe")); restarting it with $BFMIGD_EXE"
+    log "bfmig: host $h runs $(cat "$LAB_RUN/$h.bfmigd.exe" 2> /dev/null || echo 'another bfmigd') ($(readlink "/proc/$pid/exe")); restarting it with $(bfmig_daemon_exe "$h")"
     kill -TERM "$pid" 2> /dev/null || true
     for _ in $(seq 1 150); do pid_alive "$pid" || break; sleep 0.2; done
     pid_alive "$pid" && kill -KILL "$pid" 2> /dev/null

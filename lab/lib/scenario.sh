@@ -239,6 +239,11 @@ cmd_roundtrip() {
             --route) [[ $2 =~ ^a(,[abc])+$ ]] || die "--route: hosts from a, e.g. a,b,c,a"; route_arg=$2 ;;
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             --abort) abort_check_spec "$2"; aborts+=("$2") ;;
+            --host-binaries)
+                [[ $2 =~ ^([abc])=(/.+)$ ]] || die "--host-binaries: HOST=DIR, e.g. b=/tmp/other (an absolute directory)"
+                [[ -x ${BASH_REMATCH[2]}/bfmigd && -x ${BASH_REMATCH[2]}/bfmig-transfer ]] ||
+                    die "--host-binaries: ${BASH_REMATCH[2]} holds no bfmigd and bfmig-transfer (lab/tools/other-version builds them)"
+                BFMIG_HOST_BIN[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]} ;;
             *) die "roundtrip: unknown option $1" ;;
         esac
         shift 2
@@ -308,6 +313,8 @@ cmd_roundtrip() {
     [[ -n $hook ]] || { [[ $mode == bfmig* ]] && hook=yes || hook=no; }
     [[ $hook == yes || $hook == no ]] || die "--hook: yes or no"
     bfmig_select_binaries "$binaries"
+    ((${#BFMIG_HOST_BIN[@]} == 0)) || [[ $binaries == build && $mode == bfmig* ]] ||
+        die "--host-binaries: with a bfmig mode and --binaries build"
 
     local up_args=()
     [[ -n $stack ]] && up_args+=(--stack "$stack")

@@ -131,6 +131,20 @@ public sealed class ImageCustodyTests
             Assert.Equal(TripRecord.Bypassed, bypass.Path);
             Assert.Contains("no BFMig URI, and transparent mode off or unavailable", bypass.Reason, StringComparison.Ordinal);
 
+            // Transparent mode carried the streams straight to the peer's QEMU: the bypass says why,
+            // the memory stream's reason over a disk's, and only for that departure.
+            trips.StreamCarried(Guest, "disk", "the bfmigd of peer hostB speaks protocol 10, this one 9");
+            trips.StreamCarried(Guest, "memory", "every transfer slot is taken");
+            trips.StreamCarried(Guest, "disk", "a later disk");
+            var carried = trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB");
+            Assert.Equal((TripRecord.Bypassed, "transparent mode carried the memory stream at stock cost: every transfer slot is taken"),
+                (carried.Path, carried.Reason));
+            Assert.Equal(TripRecorder.BypassReason, trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB").Reason);
+            // A migration that failed (the guest resumed here) leaves no reason for the next departure.
+            trips.StreamCarried(Guest, "memory", "stale");
+            Assert.Null(trips.Arrived(Guest, "hostB"));
+            Assert.Equal(TripRecorder.BypassReason, trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB").Reason);
+
             // Transparent mode marks its streams; the departure says so.
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Transparent);
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Nbd, TripRoute.Transparent);

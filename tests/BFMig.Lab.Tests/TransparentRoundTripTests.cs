@@ -103,6 +103,42 @@ public sealed class TransparentRoundTripTests(ITestOutputHelper output) : IDispo
         Assert.True(second * 2 > first, $"a TLS return trip moved {second} bytes against {first}: ciphertext cannot be elided");
     }
 
+    /// <summary>
+    /// A rolling upgrade: host B runs a bfmigd and helper of another protocol version
+    /// (lab/tools/other-version, this tree with version 999). Stock's command line both ways: each
+    /// source's bfmigd asks the peer's which protocol it speaks and carries the streams straight
+    /// to the peer's QEMU, so both trips succeed, verified, at stock cost (a helper's stream would
+    /// have been refused and the migration failed), and each departure's record says why.
+    /// </summary>
+    [LabFact]
+    public void APeerOfAnotherProtocolVersion_GetsStockCost_NotAFailedMigration()
+    {
+        var other = Path.Combine(dir, "other-version");
+        var build = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(
+            Path.Combine(LabRunner.RepoRoot, "lab", "tools", "other-version"), [other, "999"])
+        {
+            RedirectStandardError = true,
+        })!;
+        var printed = build.StandardError.ReadToEndAsync();
+        Assert.True(build.WaitForExit(TimeSpan.FromMinutes(15)), "lab/tools/other-version did not finish within 15 minutes");
+        Assert.True(build.ExitCode == 0, $"lab/tools/other-version failed: {printed.Result}");
+
+        var trips = Run("other-version.json", "virsh", out _, "--trips", "2", "--host-binaries", $"b={other}");
+        var first = trips[0].GetProperty("wire_bytes").GetInt64();
+        var second = trips[1].GetProperty("wire_bytes").GetInt64();
+        Assert.True(second * 2 > first, $"the return trip moved {second} bytes against {first}: it cannot have gone through BFMig");
+        string[] expected = ["speaks protocol 999, this one ", "speaks protocol "];
+        for (int i = 0; i < 2; i++)
+        {
+            var source = trips[i].GetProperty("bfmig_trip").GetProperty("source");
+            var reason = source.GetProperty("reason").GetString();
+            Assert.Equal("bypassed", source.GetProperty("path").GetString());
+            Assert.StartsWith("transparent mode carried the memory stream at stock cost: ", reason, StringComparison.Ordinal);
+            Assert.Contains(expected[i], reason, StringComparison.Ordinal);
+        }
+        Assert.EndsWith(", this one 999", trips[1].GetProperty("bfmig_trip").GetProperty("source").GetProperty("reason").GetString(), StringComparison.Ordinal);
+    }
+
     private List<JsonElement> Run(string file, string call, out JsonElement root, params string[] extra)
     {
         var json = Path.Combine(dir, file);

@@ -59,6 +59,9 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
 
     private readonly Lock _gate = new();
     private readonly Dictionary<(Guid, TransferDirection), Streams> _trips = [];
+    // Why transparent mode carried a departing guest's memory stream byte for byte, until the
+    // trip ends here (departure) or the guest runs here again (a failed migration).
+    private readonly Dictionary<Guid, string> _carried = [];
 
     private sealed class Streams(TripRoute route)
     {
@@ -87,6 +90,21 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
     }
 
     /// <summary>
+    /// Transparent mode carried a stream of the guest's departure (<paramref name="stream"/>:
+    /// memory, disk, tls, ...) straight to the peer's QEMU, for <paramref name="why"/>: a departure
+    /// that no stream took through BFMig says so instead of the generic bypass. The memory stream's
+    /// reason wins over another's.
+    /// </summary>
+    public void StreamCarried(Guid uuid, string stream, string why)
+    {
+        lock (_gate)
+        {
+            if (stream == "memory" || !_carried.ContainsKey(uuid))
+                _carried[uuid] = $"transparent mode carried the {stream} stream at stock cost: {why}";
+        }
+    }
+
+    /// <summary>
     /// libvirt started the guest here for an incoming migration (Started/MIGRATED): its
     /// Resumed/MIGRATED will be an arrival, through BFMig or not. (A source whose migration
     /// failed also reports Resumed/MIGRATED, but never this.)
@@ -111,15 +129,17 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
     public TripRecord Departed(Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer)
     {
         Streams? streams;
+        string? carried;
         lock (_gate)
         {
             _trips.Remove((departure.Uuid, TransferDirection.Send), out streams);
+            _carried.Remove(departure.Uuid, out carried);
         }
         var record = new TripRecord { Direction = "departure", Peer = departure.Trip is null ? "" : peer ?? "", AtUnixSeconds = time.GetUtcNow().ToUnixTimeSeconds() };
         if (departure.Trip is null)
         {
             record.Path = TripRecord.Bypassed;
-            record.Reason = BypassReason;
+            record.Reason = carried ?? BypassReason;
         }
         else
         {
@@ -140,6 +160,8 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         Streams? streams;
         lock (_gate)
         {
+            // Running here: no departure is under way, so a carried stream's reason is stale.
+            _carried.Remove(uuid);
             if (!_trips.Remove((uuid, TransferDirection.Receive), out streams))
                 return null;
         }

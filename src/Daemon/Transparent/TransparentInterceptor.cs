@@ -23,6 +23,9 @@ public interface ITransparentHost
     /// when it was refused (the socket is then closed and QEMU fails the migration).
     /// </summary>
     bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort);
+
+    /// <summary>A stream of the guest's departure (<c>memory</c>, <c>disk</c>, <c>tls</c>, ...) goes straight to the peer's QEMU, and why (for the trip record).</summary>
+    void Carried(Guid uuid, string stream, string why);
 }
 
 /// <summary>
@@ -204,15 +207,16 @@ public sealed class TransparentInterceptor : IDisposable
             notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
         if (notAccelerated is null && !_host.HasTransferCapacity())
             notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
-        if (notAccelerated is not null)
-        {
-            await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
-            return;
-        }
         // A multifd channel goes through a helper pair like the main stream, never straight to the
         // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
         // only the peer's receiver can keep the channels behind it (MainChannelGate).
         var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd ? StreamKind.Mig : StreamKind.Nbd;
+        if (notAccelerated is not null)
+        {
+            _host.Carried(guest.Uuid, stream, notAccelerated);
+            await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
+            return;
+        }
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
         _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
     }
