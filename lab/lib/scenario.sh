@@ -240,7 +240,7 @@ cmd_roundtrip() {
             --kill-unconfirmed) [[ $2 =~ ^[1-9][0-9]*$ ]] || die "--kill-unconfirmed: TRIP (from 1)"; unconfirmed+=("$2") ;;
             --abort) abort_check_spec "$2"; aborts+=("$2") ;;
             --host-binaries)
-                [[ $2 =~ ^([abc])=(/.+)$ ]] || die "--host-binaries: HOST=DIR, e.g. b=/tmp/other (an absolute directory)"
+                [[ $2 =~ ^([abc])=(/[^[:space:]\;]+)$ ]] || die "--host-binaries: HOST=DIR, e.g. b=/tmp/other (an absolute directory, no spaces)"
                 [[ -x ${BASH_REMATCH[2]}/bfmigd && -x ${BASH_REMATCH[2]}/bfmig-transfer ]] ||
                     die "--host-binaries: ${BASH_REMATCH[2]} holds no bfmigd and bfmig-transfer (lab/tools/other-version builds them)"
                 BFMIG_HOST_BIN[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]} ;;

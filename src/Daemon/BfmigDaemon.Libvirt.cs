@@ -87,6 +87,7 @@ public sealed partial class BfmigDaemon
                         RefreshDomainXml(uuid);
                         // Running here again: the image the last trip left behind is in use, never capture its identity now.
                         _departures.GuestRunning(uuid);
+                        _trips.NoDeparture(uuid);
                         if (e.Is(LibvirtResumedDetail.Migrated))
                         {
                             // The destination runs the guest, or a source whose migration failed runs it again: here either way.
@@ -129,6 +130,7 @@ public sealed partial class BfmigDaemon
                         else
                         {
                             session.StoppedHere();
+                            _trips.NoDeparture(uuid);
                             QueueSealAfterFailedArrival(session);
                         }
                         break;

@@ -119,7 +119,8 @@ public sealed class ImageCustodyTests
         try
         {
             var store = new GuestStateStore(dir);
-            var trips = new TripRecorder(store, TimeProvider.System);
+            var clock = new Ticks();
+            var trips = new TripRecorder(store, clock);
             var disks = DomainDisks.Describe(LiveXml);
 
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Explicit);
@@ -133,17 +134,35 @@ public sealed class ImageCustodyTests
 
             // Transparent mode carried the streams straight to the peer's QEMU: the bypass says why,
             // the memory stream's reason over a disk's, and only for that departure.
+            var noTrip = new Departure(Guest, "vm", null);
             trips.StreamCarried(Guest, "disk", "the bfmigd of peer hostB speaks protocol 10, this one 9");
             trips.StreamCarried(Guest, "memory", "every transfer slot is taken");
             trips.StreamCarried(Guest, "disk", "a later disk");
-            var carried = trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB");
+            var carried = trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB");
             Assert.Equal((TripRecord.Bypassed, "transparent mode carried the memory stream at stock cost: every transfer slot is taken"),
                 (carried.Path, carried.Reason));
-            Assert.Equal(TripRecorder.BypassReason, trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB").Reason);
-            // A migration that failed (the guest resumed here) leaves no reason for the next departure.
+            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            // A migration that failed after the pause (the guest resumed here) leaves no reason behind.
             trips.StreamCarried(Guest, "memory", "stale");
-            Assert.Null(trips.Arrived(Guest, "hostB"));
-            Assert.Equal(TripRecorder.BypassReason, trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB").Reason);
+            trips.NoDeparture(Guest);
+            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            // One that failed before it (no event): its carried streams closed long ago.
+            trips.StreamCarried(Guest, "memory", "old");
+            trips.CarryEnded(Guest);
+            clock.Advance(TripRecorder.CarriedNoteLife + TimeSpan.FromSeconds(1));
+            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            // A stream that closed as the migration completed still describes it.
+            trips.StreamCarried(Guest, "memory", "recent");
+            trips.CarryEnded(Guest);
+            clock.Advance(TimeSpan.FromSeconds(5));
+            Assert.EndsWith(": recent", trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason, StringComparison.Ordinal);
+            // The memory stream carried (no free slot), the disk through BFMig: not "memory through BFMig".
+            trips.StreamCarried(Guest, "memory", "every transfer slot is taken");
+            trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Nbd, TripRoute.Transparent);
+            var mixed = trips.Departed(new Departure(Guest, "vm", [Disk("drive-virtio-disk0")]),
+                ImageCustody.Decide(disks, [Disk("drive-virtio-disk0")]), "hostB");
+            Assert.Equal(TripRecord.AcceleratedTransparent, mixed.Path);
+            Assert.StartsWith("transparent mode carried the memory stream at stock cost: every transfer slot is taken; ", mixed.Reason, StringComparison.Ordinal);
 
             // Transparent mode marks its streams; the departure says so.
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Transparent);
@@ -173,5 +192,16 @@ public sealed class ImageCustodyTests
         {
             Directory.Delete(dir, recursive: true);
         }
+    }
+
+    private sealed class Ticks : TimeProvider
+    {
+        private long _now = 1;
+
+        public override long TimestampFrequency => TimeSpan.TicksPerSecond;
+
+        public override long GetTimestamp() => _now;
+
+        public void Advance(TimeSpan by) => _now += by.Ticks;
     }
 }

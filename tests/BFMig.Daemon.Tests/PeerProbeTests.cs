@@ -40,7 +40,7 @@ public sealed class PeerProbeTests
         });
         var why = await PeerProbe.WhyNotAsync(Peer(old), Timeout, CancellationToken.None);
         await server;
-        Assert.Equal($"the bfmigd of peer b at 127.0.0.1:{Port(old)} closed the version probe unanswered: a bfmigd before protocol 9", why);
+        Assert.Equal($"the bfmigd of peer b at 127.0.0.1:{Port(old)} closed the version probe unanswered: a bfmigd before protocol 9, or one refusing connections (its log says which)", why);
     }
 
     [Theory]
@@ -81,27 +81,39 @@ public sealed class PeerProbeTests
     public async Task One_answer_serves_every_stream_that_asks_within_the_reuse_time()
     {
         var clock = new Ticks();
-        int asked = 0;
+        var replies = new Queue<Task<string?>>();
         var pending = new TaskCompletionSource<string?>(TaskCreationOptions.RunContinuationsAsynchronously);
-        var answers = new PeerProbeAnswers(_ => { asked++; return asked == 1 ? pending.Task : Task.FromResult<string?>("second"); },
-            TimeSpan.FromSeconds(10), clock);
+        replies.Enqueue(pending.Task);
+        int asked = 0;
+        var answers = new PeerProbeAnswers(_ => { asked++; return replies.Dequeue(); }, TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(10), clock);
         var peer = Peer(9);
         // A memory stream and its channels ask while the first probe is in flight: one probe, one answer.
         var first = answers.WhyNotAsync(peer);
         var second = answers.WhyNotAsync(peer);
-        Assert.Same(first, second);
         pending.SetResult(null);
+        Assert.Null(await first);
         Assert.Null(await second);
-        clock.Advance(TimeSpan.FromSeconds(9));
+        Assert.Equal(1, asked);
+        // "Same version" is reused for 2 s from its answer, then asked again.
+        clock.Advance(TimeSpan.FromSeconds(1.5));
         Assert.Null(await answers.WhyNotAsync(peer));
         Assert.Equal(1, asked);
-        // Another peer is asked on its own.
-        Assert.Equal("second", await answers.WhyNotAsync(Peer(10) with { Name = "c" }));
+        clock.Advance(TimeSpan.FromSeconds(1));
+        replies.Enqueue(Task.FromResult<string?>("speaks protocol 10"));
+        Assert.Equal("speaks protocol 10", await answers.WhyNotAsync(peer));
         Assert.Equal(2, asked);
-        // After the reuse time the next migration asks again.
-        clock.Advance(TimeSpan.FromSeconds(2));
-        Assert.Equal("second", await answers.WhyNotAsync(peer));
+        // A "no" is reused for 10 s.
+        clock.Advance(TimeSpan.FromSeconds(9));
+        Assert.Equal("speaks protocol 10", await answers.WhyNotAsync(peer));
+        Assert.Equal(2, asked);
+        // Another peer is asked on its own.
+        replies.Enqueue(Task.FromResult<string?>("does not answer"));
+        Assert.Equal("does not answer", await answers.WhyNotAsync(Peer(10) with { Name = "c" }));
         Assert.Equal(3, asked);
+        clock.Advance(TimeSpan.FromSeconds(2));
+        replies.Enqueue(Task.FromResult<string?>(null));
+        Assert.Null(await answers.WhyNotAsync(peer));
+        Assert.Equal(4, asked);
     }
 
     [Fact]
@@ -110,15 +122,34 @@ public sealed class PeerProbeTests
         int asked = 0;
         var answers = new PeerProbeAnswers(
             _ => ++asked == 1 ? Task.FromException<string?>(new InvalidOperationException("ours")) : Task.FromResult<string?>(null),
-            TimeSpan.FromSeconds(10), new Ticks());
+            TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(10), new Ticks());
         await Assert.ThrowsAsync<InvalidOperationException>(() => answers.WhyNotAsync(Peer(9)));
         Assert.Null(await answers.WhyNotAsync(Peer(9)));
         Assert.Equal(2, asked);
     }
 
+    [Fact]
+    public void A_multifd_channel_follows_a_carried_main_stream_of_its_guest_for_a_minute()
+    {
+        var clock = new Ticks();
+        var mains = new CarriedMainStreams(clock);
+        Guid guest = Guid.NewGuid(), other = Guid.NewGuid();
+        Assert.Null(mains.ChannelMustFollow(guest));
+        mains.MainStream(guest, "every transfer slot is taken (transfer:max_concurrent)");
+        Assert.Equal("its main stream was carried (every transfer slot is taken (transfer:max_concurrent))", mains.ChannelMustFollow(guest));
+        Assert.Null(mains.ChannelMustFollow(other));
+        // The next migration's main stream went through a helper: its channels may too.
+        mains.MainStream(guest, null);
+        Assert.Null(mains.ChannelMustFollow(guest));
+        // A decision from another migration (over a minute old) binds no channel.
+        mains.MainStream(guest, "carried");
+        clock.Advance(CarriedMainStreams.ChannelWindow + TimeSpan.FromSeconds(1));
+        Assert.Null(mains.ChannelMustFollow(guest));
+    }
+
     private sealed class Ticks : TimeProvider
     {
-        private long _now;
+        private long _now = 1;
 
         public override long TimestampFrequency => TimeSpan.TicksPerSecond;
 

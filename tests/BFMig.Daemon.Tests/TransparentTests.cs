@@ -315,7 +315,7 @@ public class TransparentInterceptorTests
         public bool HasTransferCapacity() => true;
         public bool StartSend(string guest, Guid uuid, PeerOptions peer, BFMig.Transfer.Wire.StreamKind kind, Socket qemu, ushort targetPort) =>
             throw new InvalidOperationException("nothing may be accelerated here");
-        public void Carried(Guid uuid, string stream, string why) => throw new InvalidOperationException("no guest's stream is here");
+        public IDisposable Carried(Guid uuid, string stream, string why) => throw new InvalidOperationException("no guest's stream is here");
     }
 
     [Fact]

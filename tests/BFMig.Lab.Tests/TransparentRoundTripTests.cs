@@ -114,14 +114,22 @@ public sealed class TransparentRoundTripTests(ITestOutputHelper output) : IDispo
     public void APeerOfAnotherProtocolVersion_GetsStockCost_NotAFailedMigration()
     {
         var other = Path.Combine(dir, "other-version");
-        var build = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(
+        using (var build = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo(
             Path.Combine(LabRunner.RepoRoot, "lab", "tools", "other-version"), [other, "999"])
         {
             RedirectStandardError = true,
-        })!;
-        var printed = build.StandardError.ReadToEndAsync();
-        Assert.True(build.WaitForExit(TimeSpan.FromMinutes(15)), "lab/tools/other-version did not finish within 15 minutes");
-        Assert.True(build.ExitCode == 0, $"lab/tools/other-version failed: {printed.Result}");
+        })!)
+        {
+            var printed = build.StandardError.ReadToEndAsync();
+            if (!build.WaitForExit(TimeSpan.FromMinutes(15)))
+            {
+                // Not left writing into the directory Dispose deletes.
+                build.Kill(entireProcessTree: true);
+                build.WaitForExit();
+                Assert.Fail("lab/tools/other-version did not finish within 15 minutes");
+            }
+            Assert.True(build.ExitCode == 0, $"lab/tools/other-version failed: {printed.Result}");
+        }
 
         var trips = Run("other-version.json", "virsh", out _, "--trips", "2", "--host-binaries", $"b={other}");
         var first = trips[0].GetProperty("wire_bytes").GetInt64();
@@ -130,7 +138,9 @@ public sealed class TransparentRoundTripTests(ITestOutputHelper output) : IDispo
         string[] expected = ["speaks protocol 999, this one ", "speaks protocol "];
         for (int i = 0; i < 2; i++)
         {
-            var source = trips[i].GetProperty("bfmig_trip").GetProperty("source");
+            Assert.True(trips[i].TryGetProperty("bfmig_trip", out var records) && records.ValueKind == JsonValueKind.Object,
+                $"trip {i + 1} has no bfmig_trip records: {trips[i]}");
+            var source = records.GetProperty("source");
             var reason = source.GetProperty("reason").GetString();
             Assert.Equal("bypassed", source.GetProperty("path").GetString());
             Assert.StartsWith("transparent mode carried the memory stream at stock cost: ", reason, StringComparison.Ordinal);

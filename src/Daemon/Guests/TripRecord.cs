@@ -59,9 +59,25 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
 
     private readonly Lock _gate = new();
     private readonly Dictionary<(Guid, TransferDirection), Streams> _trips = [];
-    // Why transparent mode carried a departing guest's memory stream byte for byte, until the
-    // trip ends here (departure) or the guest runs here again (a failed migration).
-    private readonly Dictionary<Guid, string> _carried = [];
+    // Why transparent mode carried a departing guest's streams byte for byte: until the trip ends
+    // here (departure), the guest runs here again or stops (a failed migration), or the carried
+    // streams have been closed for CarriedNoteLife (a migration that failed before the pause,
+    // which libvirt reports with no event).
+    private readonly Dictionary<Guid, CarriedNote> _carried = [];
+
+    /// <summary>How long after its carried streams closed a note still describes the guest's departure.</summary>
+    public static readonly TimeSpan CarriedNoteLife = TimeSpan.FromSeconds(60);
+
+    private sealed class CarriedNote(string reason, bool memory)
+    {
+        public string Reason { get; set; } = reason;
+
+        public bool Memory { get; set; } = memory;
+
+        public int Open { get; set; }
+
+        public long ClosedAt { get; set; }
+    }
 
     private sealed class Streams(TripRoute route)
     {
@@ -90,19 +106,42 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
     }
 
     /// <summary>
-    /// Transparent mode carried a stream of the guest's departure (<paramref name="stream"/>:
-    /// memory, disk, tls, ...) straight to the peer's QEMU, for <paramref name="why"/>: a departure
-    /// that no stream took through BFMig says so instead of the generic bypass. The memory stream's
-    /// reason wins over another's.
+    /// Transparent mode carries a stream of the guest's departure (<paramref name="stream"/>:
+    /// memory, disk, tls, ...) straight to the peer's QEMU, for <paramref name="why"/>, until
+    /// <see cref="CarryEnded"/>: the departure's record says so. The memory stream's reason wins
+    /// over another's.
     /// </summary>
     public void StreamCarried(Guid uuid, string stream, string why)
     {
+        var reason = $"transparent mode carried the {stream} stream at stock cost: {why}";
         lock (_gate)
         {
-            if (stream == "memory" || !_carried.ContainsKey(uuid))
-                _carried[uuid] = $"transparent mode carried the {stream} stream at stock cost: {why}";
+            if (!_carried.TryGetValue(uuid, out var note) || Stale(note))
+                _carried[uuid] = note = new CarriedNote(reason, stream == "memory");
+            else if (stream == "memory" && !note.Memory)
+                (note.Reason, note.Memory) = (reason, true);
+            note.Open++;
         }
     }
+
+    /// <summary>A stream <see cref="StreamCarried"/> announced has closed.</summary>
+    public void CarryEnded(Guid uuid)
+    {
+        lock (_gate)
+        {
+            if (_carried.TryGetValue(uuid, out var note) && note.Open > 0 && --note.Open == 0)
+                note.ClosedAt = time.GetTimestamp();
+        }
+    }
+
+    /// <summary>The guest runs here (Started, Resumed) or stopped without migrating: no departure is under way.</summary>
+    public void NoDeparture(Guid uuid)
+    {
+        lock (_gate)
+            _carried.Remove(uuid);
+    }
+
+    private bool Stale(CarriedNote note) => note.Open == 0 && time.GetElapsedTime(note.ClosedAt) > CarriedNoteLife;
 
     /// <summary>
     /// libvirt started the guest here for an incoming migration (Started/MIGRATED): its
@@ -129,11 +168,13 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
     public TripRecord Departed(Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer)
     {
         Streams? streams;
-        string? carried;
+        string? carried = null;
+        bool memoryCarried = false;
         lock (_gate)
         {
             _trips.Remove((departure.Uuid, TransferDirection.Send), out streams);
-            _carried.Remove(departure.Uuid, out carried);
+            if (_carried.Remove(departure.Uuid, out var note) && !Stale(note))
+                (carried, memoryCarried) = (note.Reason, note.Memory);
         }
         var record = new TripRecord { Direction = "departure", Peer = departure.Trip is null ? "" : peer ?? "", AtUnixSeconds = time.GetUtcNow().ToUnixTimeSeconds() };
         if (departure.Trip is null)
@@ -143,9 +184,14 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         }
         else
         {
+            // Some streams through BFMig, and maybe one carried beside them (no free slot for it).
             record.Path = streams?.Route == TripRoute.Transparent ? TripRecord.AcceleratedTransparent : TripRecord.Accelerated;
             record.MemoryOnly = !verdicts.Any(v => v.Carried);
-            record.Reason = "memory through BFMig" + (verdicts.Count == 0 ? "" : "; " + string.Join("; ", verdicts.Select(v => v.Why)));
+            var parts = new List<string> { memoryCarried ? carried! : "memory through BFMig" };
+            parts.AddRange(verdicts.Select(v => v.Why));
+            if (carried is not null && !memoryCarried)
+                parts.Add(carried);
+            record.Reason = string.Join("; ", parts);
         }
         Save(departure.Uuid, record);
         return record;
@@ -160,8 +206,6 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         Streams? streams;
         lock (_gate)
         {
-            // Running here: no departure is under way, so a carried stream's reason is stale.
-            _carried.Remove(uuid);
             if (!_trips.Remove((uuid, TransferDirection.Receive), out streams))
                 return null;
         }

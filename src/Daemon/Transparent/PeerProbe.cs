@@ -36,7 +36,8 @@ public static class PeerProbe
         }
         catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
         {
-            // A bfmigd that refuses the frame closes with it unread, which the kernel sends as a reset.
+            // A bfmigd that refuses the frame (before protocol 9) or the connection (its pending
+            // limits) closes with the frame unread, which the kernel sends as a reset.
         }
         catch (OperationCanceledException)
         {
@@ -51,7 +52,7 @@ public static class PeerProbe
             return $"{who} answered the version probe wrongly: {e.Message}";
         }
         if (answer is null)
-            return $"{who} closed the version probe unanswered: a bfmigd before protocol 9";
+            return $"{who} closed the version probe unanswered: a bfmigd before protocol 9, or one refusing connections (its log says which)";
         ushort version;
         try
         {
@@ -68,31 +69,56 @@ public static class PeerProbe
 }
 
 /// <summary>
-/// One probe answer per peer for a short while, shared by every stream that asks meanwhile: the
-/// streams of one migration (memory, disks, multifd channels) open within moments of each other
-/// and must all get the same decision. A multifd channel carried straight to a QEMU 7.2 while its
-/// main stream went through a helper would be taken for the main stream there. It also keeps a
-/// migration's burst of streams from opening a burst of probes on the peer's port.
+/// One probe answer per peer for a short while, shared by every stream that asks meanwhile: a
+/// memory stream and its multifd channels open within moments of each other and must get the
+/// same answer (a channel carried straight to QEMU 7.2 while its main stream went through a
+/// helper would be taken for the main stream there), and a migration's burst of streams opens
+/// one probe on the peer's port, not one each. A "same version" answer is reused for
+/// <c>reuse</c> from when it came, a "no" for <c>reuseNegative</c>; a probe in flight is joined.
 /// </summary>
-public sealed class PeerProbeAnswers(Func<PeerOptions, Task<string?>> ask, TimeSpan reuse, TimeProvider time)
+public sealed class PeerProbeAnswers(Func<PeerOptions, Task<string?>> ask, TimeSpan reuse, TimeSpan reuseNegative, TimeProvider time)
 {
     private readonly Lock _gate = new();
-    private readonly Dictionary<string, (long At, Task<string?> Answer)> _answers = [];
+    private readonly Dictionary<string, Asked> _answers = [];
 
-    /// <summary>The shared answer for <paramref name="peer"/>: a probe in flight or one answered within the reuse time, else a new one.</summary>
+    private sealed class Asked(Task<string?> answer)
+    {
+        public Task<string?> Answer { get; } = answer;
+
+        // When the answer came (0 while in flight).
+        public long AnsweredAt { get; set; }
+    }
+
+    /// <summary>The shared answer for <paramref name="peer"/>: a probe in flight or a recent answer, else a new one.</summary>
     public Task<string?> WhyNotAsync(PeerOptions peer)
     {
+        Asked asked;
         lock (_gate)
         {
-            long now = time.GetTimestamp();
-            // A probe still in flight is joined; a finished one is reused for a while, unless it
-            // failed in a way of ours (an exception): that is asked again.
-            if (_answers.TryGetValue(peer.Name, out var known)
-                && (!known.Answer.IsCompleted || (known.Answer.IsCompletedSuccessfully && time.GetElapsedTime(known.At, now) < reuse)))
+            if (_answers.TryGetValue(peer.Name, out var known) && Reusable(known))
                 return known.Answer;
-            var answer = ask(peer);
-            _answers[peer.Name] = (now, answer);
-            return answer;
+            asked = new Asked(ask(peer));
+            _answers[peer.Name] = asked;
+        }
+        return StampAsync(asked);
+    }
+
+    private async Task<string?> StampAsync(Asked asked)
+    {
+        try
+        {
+            return await asked.Answer.ConfigureAwait(false);
+        }
+        finally
+        {
+            lock (_gate)
+                asked.AnsweredAt = time.GetTimestamp();
         }
     }
+
+    // A probe that failed in a way of ours (an exception) is asked again.
+    private bool Reusable(Asked known) =>
+        !known.Answer.IsCompleted
+        || (known.Answer.IsCompletedSuccessfully && known.AnsweredAt != 0
+            && time.GetElapsedTime(known.AnsweredAt) < (known.Answer.Result is null ? reuse : reuseNegative));
 }

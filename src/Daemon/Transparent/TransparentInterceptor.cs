@@ -24,8 +24,11 @@ public interface ITransparentHost
     /// </summary>
     bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort);
 
-    /// <summary>A stream of the guest's departure (<c>memory</c>, <c>disk</c>, <c>tls</c>, ...) goes straight to the peer's QEMU, and why (for the trip record).</summary>
-    void Carried(Guid uuid, string stream, string why);
+    /// <summary>
+    /// A stream of the guest's departure (<c>memory</c>, <c>disk</c>, <c>tls</c>, ...) goes
+    /// straight to the peer's QEMU, and why (for the trip record), until the returned handle is disposed.
+    /// </summary>
+    IDisposable Carried(Guid uuid, string stream, string why);
 }
 
 /// <summary>
@@ -40,9 +43,12 @@ public interface ITransparentHost
 public sealed class TransparentInterceptor : IDisposable
 {
     private static readonly TimeSpan PeerProbeTimeout = TimeSpan.FromSeconds(2);
-    // Long enough for a memory stream and its multifd channels (they open within moments of each
-    // other), short enough that a peer's restart or upgrade is seen by the next migration.
-    private static readonly TimeSpan PeerProbeReuse = TimeSpan.FromSeconds(10);
+    // A "same version" answer serves a memory stream and its multifd channels (they open within
+    // moments of each other) and no longer: a peer that stops or is upgraded meanwhile would fail
+    // the migration that a stream handed to a helper belongs to. A "no" only costs stock cost,
+    // and spares a down or other-version peer a probe for every stream of a burst.
+    private static readonly TimeSpan PeerProbeReuse = TimeSpan.FromSeconds(2);
+    private static readonly TimeSpan PeerProbeReuseNegative = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan DirectConnectTimeout = TimeSpan.FromSeconds(10);
     private static readonly TimeSpan OwnerRetryDelay = TimeSpan.FromMilliseconds(50);
     private const int OwnerAttempts = 20;
@@ -62,6 +68,7 @@ public sealed class TransparentInterceptor : IDisposable
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
     private readonly PeerProbeAnswers _probes;
+    private readonly CarriedMainStreams _carriedMains = new(TimeProvider.System);
 
     /// <summary>
     /// Binds the loopback listener(s) on <paramref name="port"/> (IPv4, and IPv6 when a peer has
@@ -76,7 +83,7 @@ public sealed class TransparentInterceptor : IDisposable
         _qemu = qemu;
         _silence = silence;
         _logger = logger;
-        _probes = new PeerProbeAnswers(p => PeerProbe.WhyNotAsync(p, PeerProbeTimeout, _stop.Token), PeerProbeReuse, TimeProvider.System);
+        _probes = new PeerProbeAnswers(p => PeerProbe.WhyNotAsync(p, PeerProbeTimeout, _stop.Token), PeerProbeReuse, PeerProbeReuseNegative, TimeProvider.System);
         var listeners = new List<Socket>();
         try
         {
@@ -203,18 +210,22 @@ public sealed class TransparentInterceptor : IDisposable
             connection.Dispose();
             return;
         }
+        if (notAccelerated is null && sniffed == SniffedStream.Multifd)
+            notAccelerated = _carriedMains.ChannelMustFollow(guest.Uuid);
         if (notAccelerated is null)
             notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
         if (notAccelerated is null && !_host.HasTransferCapacity())
             notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
+        if (sniffed == SniffedStream.Memory)
+            _carriedMains.MainStream(guest.Uuid, notAccelerated);
         // A multifd channel goes through a helper pair like the main stream, never straight to the
         // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
         // only the peer's receiver can keep the channels behind it (MainChannelGate).
         var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd ? StreamKind.Mig : StreamKind.Nbd;
         if (notAccelerated is not null)
         {
-            _host.Carried(guest.Uuid, stream, notAccelerated);
-            await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
+            using (_host.Carried(guest.Uuid, stream, notAccelerated))
+                await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
             return;
         }
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);

@@ -9,7 +9,7 @@ namespace BFMig.Transfer.Wire;
 /// version</c>; the peer's bfmigd answers with the same frame carrying its own version and closes.
 /// Decoding never depends on the version, and a longer payload (a later version's) is read past
 /// its first six bytes, so any later bfmigd can answer any earlier one. A bfmigd from before the
-/// probe (protocol 8 and older) refuses its first frame and closes without answering, which the
+/// probe (builds before protocol 9) refuses its first frame and closes without answering, which the
 /// asker takes for a protocol it does not speak. Either way the stream is then carried straight
 /// to the peer's QEMU at stock cost, not handed to a helper the peer would refuse (a failed migration).
 /// </summary>
