@@ -54,16 +54,7 @@ public sealed partial class BfmigDaemon
 
     bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
 
-    IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why)
-    {
-        _trips.StreamCarried(uuid, stream, why);
-        return new CarryEnd(_trips, uuid);
-    }
-
-    private sealed class CarryEnd(TripRecorder trips, Guid uuid) : IDisposable
-    {
-        public void Dispose() => trips.CarryEnded(uuid);
-    }
+    IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
     {

@@ -159,7 +159,8 @@ public sealed partial class BfmigDaemon
         var disks = _domainXml.Get(uuid, query: null) is { } xml ? DomainDisks.Describe(xml) : [];
         var verdicts = ImageCustody.Decide(disks, departure.Trip, departure.PostCopy);
         var session = _sessions.Get(uuid, name);
-        QueueTripRecord(session, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid)));
+        var carried = _trips.TakeCarried(uuid);
+        QueueTripRecord(session, () => _trips.Departed(departure, verdicts, _transfers?.LastOutgoingPeer(uuid), carried));
         var untouched = verdicts.Where(v => !v.Carried).ToList();
         bool tell;
         lock (_sharedDisksTold)

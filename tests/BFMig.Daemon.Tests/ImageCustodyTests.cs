@@ -124,42 +124,52 @@ public sealed class ImageCustodyTests
             var disks = DomainDisks.Describe(LiveXml);
 
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Explicit);
-            var memoryOnly = trips.Departed(new Departure(Guest, "vm", [Memory()]), ImageCustody.Decide(disks, [Memory()]), "hostB");
+            var memoryOnly = Depart(trips, new Departure(Guest, "vm", [Memory()]), ImageCustody.Decide(disks, [Memory()]), "hostB");
             Assert.Equal((TripRecord.Accelerated, true, "hostB"), (memoryOnly.Path, memoryOnly.MemoryOnly, memoryOnly.Peer));
             Assert.Equal("accelerated, shared storage (memory only)", memoryOnly.Summary);
 
-            var bypass = trips.Departed(new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB");
+            var bypass = Depart(trips, new Departure(Guest, "vm", null), ImageCustody.Decide(disks, null), "hostB");
             Assert.Equal(TripRecord.Bypassed, bypass.Path);
             Assert.Contains("no BFMig URI, and transparent mode off or unavailable", bypass.Reason, StringComparison.Ordinal);
 
             // Transparent mode carried the streams straight to the peer's QEMU: the bypass says why,
             // the memory stream's reason over a disk's, and only for that departure.
             var noTrip = new Departure(Guest, "vm", null);
+            var none = ImageCustody.Decide(disks, null);
             trips.StreamCarried(Guest, "disk", "the bfmigd of peer hostB speaks protocol 10, this one 9");
             trips.StreamCarried(Guest, "memory", "every transfer slot is taken");
             trips.StreamCarried(Guest, "disk", "a later disk");
-            var carried = trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB");
+            var carried = Depart(trips, noTrip, none, "hostB");
             Assert.Equal((TripRecord.Bypassed, "transparent mode carried the memory stream at stock cost: every transfer slot is taken"),
                 (carried.Path, carried.Reason));
-            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            Assert.Equal(TripRecorder.BypassReason, Depart(trips, noTrip, none, "hostB").Reason);
             // A migration that failed after the pause (the guest resumed here) leaves no reason behind.
-            trips.StreamCarried(Guest, "memory", "stale");
-            trips.NoDeparture(Guest);
-            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            using (trips.StreamCarried(Guest, "memory", "stale"))
+                trips.NoDeparture(Guest);
+            Assert.Equal(TripRecorder.BypassReason, Depart(trips, noTrip, none, "hostB").Reason);
             // One that failed before it (no event): its carried streams closed long ago.
-            trips.StreamCarried(Guest, "memory", "old");
-            trips.CarryEnded(Guest);
+            trips.StreamCarried(Guest, "memory", "old").Dispose();
             clock.Advance(TripRecorder.CarriedNoteLife + TimeSpan.FromSeconds(1));
-            Assert.Equal(TripRecorder.BypassReason, trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason);
+            Assert.Equal(TripRecorder.BypassReason, Depart(trips, noTrip, none, "hostB").Reason);
             // A stream that closed as the migration completed still describes it.
-            trips.StreamCarried(Guest, "memory", "recent");
-            trips.CarryEnded(Guest);
+            trips.StreamCarried(Guest, "memory", "recent").Dispose();
             clock.Advance(TimeSpan.FromSeconds(5));
-            Assert.EndsWith(": recent", trips.Departed(noTrip, ImageCustody.Decide(disks, null), "hostB").Reason, StringComparison.Ordinal);
+            Assert.EndsWith(": recent", Depart(trips, noTrip, none, "hostB").Reason, StringComparison.Ordinal);
+            // A stream of a note that is gone closes nothing of the next trip's note.
+            var late = trips.StreamCarried(Guest, "memory", "first attempt");
+            trips.NoDeparture(Guest);
+            trips.StreamCarried(Guest, "memory", "second attempt");
+            late.Dispose();
+            clock.Advance(TripRecorder.CarriedNoteLife + TimeSpan.FromSeconds(1));
+            Assert.EndsWith(": second attempt", Depart(trips, noTrip, none, "hostB").Reason, StringComparison.Ordinal);
+            // A retry whose memory stream went through BFMig drops the failed attempt's closed note.
+            trips.StreamCarried(Guest, "memory", "failed attempt").Dispose();
+            trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Transparent);
+            Assert.Equal("memory through BFMig", Depart(trips, new Departure(Guest, "vm", [Memory()]), ImageCustody.Decide(disks, [Memory()]), "hostB").Reason.Split("; ")[0]);
             // The memory stream carried (no free slot), the disk through BFMig: not "memory through BFMig".
             trips.StreamCarried(Guest, "memory", "every transfer slot is taken");
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Nbd, TripRoute.Transparent);
-            var mixed = trips.Departed(new Departure(Guest, "vm", [Disk("drive-virtio-disk0")]),
+            var mixed = Depart(trips, new Departure(Guest, "vm", [Disk("drive-virtio-disk0")]),
                 ImageCustody.Decide(disks, [Disk("drive-virtio-disk0")]), "hostB");
             Assert.Equal(TripRecord.AcceleratedTransparent, mixed.Path);
             Assert.StartsWith("transparent mode carried the memory stream at stock cost: every transfer slot is taken; ", mixed.Reason, StringComparison.Ordinal);
@@ -167,7 +177,7 @@ public sealed class ImageCustodyTests
             // Transparent mode marks its streams; the departure says so.
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Mig, TripRoute.Transparent);
             trips.StreamStarted(Guest, TransferDirection.Send, StreamKind.Nbd, TripRoute.Transparent);
-            var full = trips.Departed(new Departure(Guest, "vm", [Memory(), Disk("drive-virtio-disk0")]),
+            var full = Depart(trips, new Departure(Guest, "vm", [Memory(), Disk("drive-virtio-disk0")]),
                 ImageCustody.Decide(disks, [Memory(), Disk("drive-virtio-disk0")]), "hostB");
             Assert.Equal((TripRecord.AcceleratedTransparent, false), (full.Path, full.MemoryOnly));
 
@@ -193,6 +203,10 @@ public sealed class ImageCustodyTests
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    // What the daemon does: the carried streams are taken when libvirt reports the departure.
+    private static TripRecord Depart(TripRecorder trips, Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer) =>
+        trips.Departed(departure, verdicts, peer, trips.TakeCarried(departure.Uuid));
 
     private sealed class Ticks : TimeProvider
     {

@@ -129,22 +129,23 @@ public sealed class PeerProbeTests
     }
 
     [Fact]
-    public void A_multifd_channel_follows_a_carried_main_stream_of_its_guest_for_a_minute()
+    public void A_multifd_channel_follows_its_guests_main_stream_while_that_is_carried()
     {
-        var clock = new Ticks();
-        var mains = new CarriedMainStreams(clock);
+        var mains = new CarriedMainStreams();
         Guid guest = Guid.NewGuid(), other = Guid.NewGuid();
         Assert.Null(mains.ChannelMustFollow(guest));
-        mains.MainStream(guest, "every transfer slot is taken (transfer:max_concurrent)");
-        Assert.Equal("its main stream was carried (every transfer slot is taken (transfer:max_concurrent))", mains.ChannelMustFollow(guest));
+        var first = mains.Carrying(guest, "every transfer slot is taken (transfer:max_concurrent)");
+        Assert.Equal("its main stream is carried (every transfer slot is taken (transfer:max_concurrent))", mains.ChannelMustFollow(guest));
         Assert.Null(mains.ChannelMustFollow(other));
-        // The next migration's main stream went through a helper: its channels may too.
-        mains.MainStream(guest, null);
+        // The attempt failed: its main connection closed, and a retry's channels decide afresh.
+        first.Dispose();
         Assert.Null(mains.ChannelMustFollow(guest));
-        // A decision from another migration (over a minute old) binds no channel.
-        mains.MainStream(guest, "carried");
-        clock.Advance(CarriedMainStreams.ChannelWindow + TimeSpan.FromSeconds(1));
-        Assert.Null(mains.ChannelMustFollow(guest));
+        // A newer main stream of the same guest is not ended by an older one's close.
+        var older = mains.Carrying(guest, "older");
+        using var newer = mains.Carrying(guest, "newer");
+        older.Dispose();
+        older.Dispose();
+        Assert.Equal("its main stream is carried (newer)", mains.ChannelMustFollow(guest));
     }
 
     private sealed class Ticks : TimeProvider

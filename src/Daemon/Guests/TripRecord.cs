@@ -45,6 +45,11 @@ public sealed class TripRecord
     public string Summary => Path == Bypassed || !MemoryOnly ? Path : Path + ", shared storage (memory only)";
 }
 
+/// <summary>Why transparent mode carried a departure's streams at stock cost (<see cref="TripRecorder.TakeCarried"/>).</summary>
+/// <param name="Reason">The reason, as the record says it.</param>
+/// <param name="Memory">True when it is the memory stream's.</param>
+public sealed record CarriedStreams(string Reason, bool Memory);
+
 /// <summary>
 /// Owns each guest's last trip record: which streams of a trip went through BFMig and by which
 /// route (<see cref="StreamStarted"/>), and what a departure or an arrival therefore was. A
@@ -99,6 +104,9 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         {
             if (!_trips.TryGetValue((uuid, direction), out var s))
                 _trips[(uuid, direction)] = s = new Streams(route);
+            // A memory stream through BFMig: a carried stream that has closed was an earlier attempt's.
+            if (direction == TransferDirection.Send && kind == StreamKind.Mig && _carried.TryGetValue(uuid, out var note) && note.Open == 0)
+                _carried.Remove(uuid);
             if (route == TripRoute.Transparent)
                 s.Route = route;
             s.Kinds.Add(kind);
@@ -107,11 +115,11 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
 
     /// <summary>
     /// Transparent mode carries a stream of the guest's departure (<paramref name="stream"/>:
-    /// memory, disk, tls, ...) straight to the peer's QEMU, for <paramref name="why"/>, until
-    /// <see cref="CarryEnded"/>: the departure's record says so. The memory stream's reason wins
-    /// over another's.
+    /// memory, disk, tls, ...) straight to the peer's QEMU, for <paramref name="why"/>, until the
+    /// returned handle is disposed: the departure's record says so. The memory stream's reason
+    /// wins over another's.
     /// </summary>
-    public void StreamCarried(Guid uuid, string stream, string why)
+    public IDisposable StreamCarried(Guid uuid, string stream, string why)
     {
         var reason = $"transparent mode carried the {stream} stream at stock cost: {why}";
         lock (_gate)
@@ -121,17 +129,37 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
             else if (stream == "memory" && !note.Memory)
                 (note.Reason, note.Memory) = (reason, true);
             note.Open++;
+            return new CarryScope(this, note);
         }
     }
 
-    /// <summary>A stream <see cref="StreamCarried"/> announced has closed.</summary>
-    public void CarryEnded(Guid uuid)
+    // Closes one carried stream of the note it was opened on (a note removed or replaced
+    // meanwhile counts it no more).
+    private sealed class CarryScope(TripRecorder owner, CarriedNote note) : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) != 0)
+                return;
+            lock (owner._gate)
+            {
+                if (note.Open > 0 && --note.Open == 0)
+                    note.ClosedAt = owner.Now();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Takes why the guest's departing streams were carried, if they were (null otherwise), for
+    /// <see cref="Departed"/>: taken when libvirt reports the departure, not when the record is
+    /// written, so that a guest back here meanwhile (<see cref="NoDeparture"/>) does not lose it.
+    /// </summary>
+    public CarriedStreams? TakeCarried(Guid uuid)
     {
         lock (_gate)
-        {
-            if (_carried.TryGetValue(uuid, out var note) && note.Open > 0 && --note.Open == 0)
-                note.ClosedAt = time.GetTimestamp();
-        }
+            return _carried.Remove(uuid, out var note) && !Stale(note) ? new CarriedStreams(note.Reason, note.Memory) : null;
     }
 
     /// <summary>The guest runs here (Started, Resumed) or stopped without migrating: no departure is under way.</summary>
@@ -140,6 +168,8 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         lock (_gate)
             _carried.Remove(uuid);
     }
+
+    private long Now() => time.GetTimestamp();
 
     private bool Stale(CarriedNote note) => note.Open == 0 && time.GetElapsedTime(note.ClosedAt) > CarriedNoteLife;
 
@@ -164,18 +194,18 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
             _trips.Remove((uuid, TransferDirection.Receive));
     }
 
-    /// <summary>Records a departure; the disk verdicts say which disks BFMig carried.</summary>
-    public TripRecord Departed(Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer)
+    /// <summary>
+    /// Records a departure; the disk verdicts say which disks BFMig carried, <paramref name="carriedStreams"/>
+    /// (<see cref="TakeCarried"/>) which streams transparent mode carried at stock cost, and why.
+    /// </summary>
+    public TripRecord Departed(Departure departure, IReadOnlyList<DiskVerdict> verdicts, string? peer, CarriedStreams? carriedStreams)
     {
         Streams? streams;
-        string? carried = null;
-        bool memoryCarried = false;
         lock (_gate)
         {
             _trips.Remove((departure.Uuid, TransferDirection.Send), out streams);
-            if (_carried.Remove(departure.Uuid, out var note) && !Stale(note))
-                (carried, memoryCarried) = (note.Reason, note.Memory);
         }
+        var (carried, memoryCarried) = (carriedStreams?.Reason, carriedStreams?.Memory ?? false);
         var record = new TripRecord { Direction = "departure", Peer = departure.Trip is null ? "" : peer ?? "", AtUnixSeconds = time.GetUtcNow().ToUnixTimeSeconds() };
         if (departure.Trip is null)
         {

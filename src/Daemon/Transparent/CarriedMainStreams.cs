@@ -1,45 +1,59 @@
 namespace BFMig.Daemon.Transparent;
 
 /// <summary>
-/// The guests whose latest memory stream transparent mode carried straight to the peer's QEMU,
-/// and why: their multifd channels must go the same way. A channel handed to a helper while its
-/// main stream went around BFMig would wait at the peer's receiver for a main stream that never
-/// comes there; the reverse (a channel carried, its main stream through a helper) is what the
-/// shared probe answer prevents, and a full set of transfer slots fails such a migration, as
-/// it did before (QEMU keeps the guest).
+/// The guests whose memory stream transparent mode is carrying straight to the peer's QEMU right
+/// now, and why: their multifd channels must go the same way. A channel handed to a helper while
+/// its main stream went around BFMig would wait at the peer's receiver for a main stream that
+/// never comes there. An entry lives exactly as long as the carried main connection: a
+/// migration's channels connect while its main stream is open, and a failed attempt's entry is
+/// gone before a retry's channels come. (The reverse, a channel carried while its main stream
+/// went through a helper, is what the shared probe answer prevents; a full set of transfer slots
+/// still fails such a migration, as before, and QEMU keeps the guest.)
 /// </summary>
-public sealed class CarriedMainStreams(TimeProvider time)
+public sealed class CarriedMainStreams
 {
-    /// <summary>QEMU opens a migration's channels right after its main stream: a decision older than this is another migration's.</summary>
-    public static readonly TimeSpan ChannelWindow = TimeSpan.FromSeconds(60);
-
     private readonly Lock _gate = new();
-    private readonly Dictionary<Guid, (long At, string Why)> _carried = [];
+    private readonly Dictionary<Guid, Entry> _carrying = [];
 
-    /// <summary>The guest's memory stream was carried (<paramref name="why"/>) or, when null, went through a helper.</summary>
-    public void MainStream(Guid guest, string? why)
+    private sealed class Entry(string why)
     {
+        public string Why { get; } = why;
+    }
+
+    /// <summary>The guest's memory stream is carried for <paramref name="why"/> until the returned handle is disposed.</summary>
+    public IDisposable Carrying(Guid guest, string why)
+    {
+        var entry = new Entry(why);
         lock (_gate)
-        {
-            long now = time.GetTimestamp();
-            // Small: one entry per guest whose main stream was carried in the last minute.
-            foreach (var (uuid, old) in _carried.Where(e => time.GetElapsedTime(e.Value.At, now) > ChannelWindow).ToList())
-                _carried.Remove(uuid);
-            if (why is null)
-                _carried.Remove(guest);
-            else
-                _carried[guest] = (now, why);
-        }
+            _carrying[guest] = entry;
+        return new Scope(this, guest, entry);
     }
 
     /// <summary>Why a multifd channel of <paramref name="guest"/> must be carried too, or null.</summary>
     public string? ChannelMustFollow(Guid guest)
     {
         lock (_gate)
+            return _carrying.TryGetValue(guest, out var main) ? $"its main stream is carried ({main.Why})" : null;
+    }
+
+    private void End(Guid guest, Entry entry)
+    {
+        lock (_gate)
         {
-            return _carried.TryGetValue(guest, out var main) && time.GetElapsedTime(main.At) <= ChannelWindow
-                ? $"its main stream was carried ({main.Why})"
-                : null;
+            // A later main stream of the same guest may have replaced it: that one stays.
+            if (_carrying.TryGetValue(guest, out var current) && ReferenceEquals(current, entry))
+                _carrying.Remove(guest);
+        }
+    }
+
+    private sealed class Scope(CarriedMainStreams owner, Guid guest, Entry entry) : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+                owner.End(guest, entry);
         }
     }
 }

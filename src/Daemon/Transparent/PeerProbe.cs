@@ -112,13 +112,23 @@ public sealed class PeerProbeAnswers(Func<PeerOptions, Task<string?>> ask, TimeS
         finally
         {
             lock (_gate)
-                asked.AnsweredAt = time.GetTimestamp();
+            {
+                if (asked.AnsweredAt == 0)
+                    asked.AnsweredAt = time.GetTimestamp();
+            }
         }
     }
 
-    // A probe that failed in a way of ours (an exception) is asked again.
-    private bool Reusable(Asked known) =>
-        !known.Answer.IsCompleted
-        || (known.Answer.IsCompletedSuccessfully && known.AnsweredAt != 0
-            && time.GetElapsedTime(known.AnsweredAt) < (known.Answer.Result is null ? reuse : reuseNegative));
+    // Under _gate. A probe that failed in a way of ours (an exception) is asked again; one that
+    // has just completed, before StampAsync stamped it, counts as answered now.
+    private bool Reusable(Asked known)
+    {
+        if (!known.Answer.IsCompleted)
+            return true;
+        if (!known.Answer.IsCompletedSuccessfully)
+            return false;
+        if (known.AnsweredAt == 0)
+            known.AnsweredAt = time.GetTimestamp();
+        return time.GetElapsedTime(known.AnsweredAt) < (known.Answer.Result is null ? reuse : reuseNegative);
+    }
 }

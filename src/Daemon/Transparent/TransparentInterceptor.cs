@@ -68,7 +68,7 @@ public sealed class TransparentInterceptor : IDisposable
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
     private readonly PeerProbeAnswers _probes;
-    private readonly CarriedMainStreams _carriedMains = new(TimeProvider.System);
+    private readonly CarriedMainStreams _carriedMains = new();
 
     /// <summary>
     /// Binds the loopback listener(s) on <paramref name="port"/> (IPv4, and IPv6 when a peer has
@@ -216,8 +216,6 @@ public sealed class TransparentInterceptor : IDisposable
             notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
         if (notAccelerated is null && !_host.HasTransferCapacity())
             notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
-        if (sniffed == SniffedStream.Memory)
-            _carriedMains.MainStream(guest.Uuid, notAccelerated);
         // A multifd channel goes through a helper pair like the main stream, never straight to the
         // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
         // only the peer's receiver can keep the channels behind it (MainChannelGate).
@@ -225,6 +223,7 @@ public sealed class TransparentInterceptor : IDisposable
         if (notAccelerated is not null)
         {
             using (_host.Carried(guest.Uuid, stream, notAccelerated))
+            using (sniffed == SniffedStream.Memory ? _carriedMains.Carrying(guest.Uuid, notAccelerated) : null)
                 await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
             return;
         }
