@@ -129,25 +129,18 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
             else if (stream == "memory" && !note.Memory)
                 (note.Reason, note.Memory) = (reason, true);
             note.Open++;
-            return new CarryScope(this, note);
+            return new DisposeAction(() => CarryEnded(note));
         }
     }
 
     // Closes one carried stream of the note it was opened on (a note removed or replaced
     // meanwhile counts it no more).
-    private sealed class CarryScope(TripRecorder owner, CarriedNote note) : IDisposable
+    private void CarryEnded(CarriedNote note)
     {
-        private int _disposed;
-
-        public void Dispose()
+        lock (_gate)
         {
-            if (Interlocked.Exchange(ref _disposed, 1) != 0)
-                return;
-            lock (owner._gate)
-            {
-                if (note.Open > 0 && --note.Open == 0)
-                    note.ClosedAt = owner.Now();
-            }
+            if (note.Open > 0 && --note.Open == 0)
+                note.ClosedAt = time.GetTimestamp();
         }
     }
 
@@ -168,8 +161,6 @@ public sealed class TripRecorder(GuestStateStore store, TimeProvider time)
         lock (_gate)
             _carried.Remove(uuid);
     }
-
-    private long Now() => time.GetTimestamp();
 
     private bool Stale(CarriedNote note) => note.Open == 0 && time.GetElapsedTime(note.ClosedAt) > CarriedNoteLife;
 

@@ -26,7 +26,7 @@ public sealed class CarriedMainStreams
         var entry = new Entry(why);
         lock (_gate)
             _carrying[guest] = entry;
-        return new Scope(this, guest, entry);
+        return new DisposeAction(() => End(guest, entry));
     }
 
     /// <summary>Why a multifd channel of <paramref name="guest"/> must be carried too, or null.</summary>
@@ -43,17 +43,6 @@ public sealed class CarriedMainStreams
             // A later main stream of the same guest may have replaced it: that one stays.
             if (_carrying.TryGetValue(guest, out var current) && ReferenceEquals(current, entry))
                 _carrying.Remove(guest);
-        }
-    }
-
-    private sealed class Scope(CarriedMainStreams owner, Guid guest, Entry entry) : IDisposable
-    {
-        private int _disposed;
-
-        public void Dispose()
-        {
-            if (Interlocked.Exchange(ref _disposed, 1) == 0)
-                owner.End(guest, entry);
         }
     }
 }

@@ -28,16 +28,20 @@ public static class PeerProbe
         {
             return ct.IsCancellationRequested ? Stopping : $"{who} does not answer";
         }
-        byte[]? answer = null;
+        var unanswered = $"{who} closed the version probe unanswered: a bfmigd before protocol 9, or one refusing connections (its log says which)";
+        ushort version;
         try
         {
             await probe.SendAsync(VersionProbe.Encode(FrameCodec.ProtocolVersion), SocketFlags.None, deadline.Token).ConfigureAwait(false);
-            answer = await VersionProbe.ReadFrameAsync(probe, deadline.Token).ConfigureAwait(false);
+            if (await VersionProbe.ReadFrameAsync(probe, deadline.Token).ConfigureAwait(false) is not { } answer)
+                return unanswered;
+            version = VersionProbe.Decode(answer);
         }
         catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionReset)
         {
             // A bfmigd that refuses the frame (before protocol 9) or the connection (its pending
             // limits) closes with the frame unread, which the kernel sends as a reset.
+            return unanswered;
         }
         catch (OperationCanceledException)
         {
@@ -46,17 +50,6 @@ public static class PeerProbe
         catch (SocketException e)
         {
             return $"{who} failed the version probe: {e.Message}";
-        }
-        catch (PeerProtocolException e)
-        {
-            return $"{who} answered the version probe wrongly: {e.Message}";
-        }
-        if (answer is null)
-            return $"{who} closed the version probe unanswered: a bfmigd before protocol 9, or one refusing connections (its log says which)";
-        ushort version;
-        try
-        {
-            version = VersionProbe.Decode(answer);
         }
         catch (PeerProtocolException e)
         {
@@ -79,56 +72,25 @@ public static class PeerProbe
 public sealed class PeerProbeAnswers(Func<PeerOptions, Task<string?>> ask, TimeSpan reuse, TimeSpan reuseNegative, TimeProvider time)
 {
     private readonly Lock _gate = new();
-    private readonly Dictionary<string, Asked> _answers = [];
-
-    private sealed class Asked(Task<string?> answer)
-    {
-        public Task<string?> Answer { get; } = answer;
-
-        // When the answer came (0 while in flight).
-        public long AnsweredAt { get; set; }
-    }
+    // Each peer's latest probe: its answer and when that came.
+    private readonly Dictionary<string, Task<(string? Why, long At)>> _answers = [];
 
     /// <summary>The shared answer for <paramref name="peer"/>: a probe in flight or a recent answer, else a new one.</summary>
-    public Task<string?> WhyNotAsync(PeerOptions peer)
+    public async Task<string?> WhyNotAsync(PeerOptions peer)
     {
-        Asked asked;
+        Task<(string? Why, long At)>? answer;
         lock (_gate)
         {
-            if (_answers.TryGetValue(peer.Name, out var known) && Reusable(known))
-                return known.Answer;
-            asked = new Asked(ask(peer));
-            _answers[peer.Name] = asked;
+            if (!_answers.TryGetValue(peer.Name, out answer) || !Reusable(answer))
+                _answers[peer.Name] = answer = StampedAsync(ask(peer));
         }
-        return StampAsync(asked);
+        return (await answer.ConfigureAwait(false)).Why;
     }
 
-    private async Task<string?> StampAsync(Asked asked)
-    {
-        try
-        {
-            return await asked.Answer.ConfigureAwait(false);
-        }
-        finally
-        {
-            lock (_gate)
-            {
-                if (asked.AnsweredAt == 0)
-                    asked.AnsweredAt = time.GetTimestamp();
-            }
-        }
-    }
+    private async Task<(string? Why, long At)> StampedAsync(Task<string?> asked) => (await asked.ConfigureAwait(false), time.GetTimestamp());
 
-    // Under _gate. A probe that failed in a way of ours (an exception) is asked again; one that
-    // has just completed, before StampAsync stamped it, counts as answered now.
-    private bool Reusable(Asked known)
-    {
-        if (!known.Answer.IsCompleted)
-            return true;
-        if (!known.Answer.IsCompletedSuccessfully)
-            return false;
-        if (known.AnsweredAt == 0)
-            known.AnsweredAt = time.GetTimestamp();
-        return time.GetElapsedTime(known.AnsweredAt) < (known.Answer.Result is null ? reuse : reuseNegative);
-    }
+    // A probe in flight is joined; one that failed in a way of ours (an exception) is asked again.
+    private bool Reusable(Task<(string? Why, long At)> answer) =>
+        !answer.IsCompleted
+        || (answer.IsCompletedSuccessfully && time.GetElapsedTime(answer.Result.At) < (answer.Result.Why is null ? reuse : reuseNegative));
 }
