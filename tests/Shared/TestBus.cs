@@ -54,6 +54,17 @@ public static class TestBus
             return read(ref r);
         });
 
+    /// <summary>
+    /// <see cref="CallManager{T}(BusClient, string, BodyWriter?, BodyReader{T})"/> without blocking a thread: tests that
+    /// host the daemon in their own process must not starve the thread pool the daemon answers on.
+    /// </summary>
+    public static Task<T> CallManagerAsync<T>(this BusClient client, string member, BodyWriter? write, BodyReader<T> read) =>
+        client.CallAsync(BusContract.BusName, BusContract.ObjectPath, BusContract.Interface, member, InSignature(member), write, (m, _) =>
+        {
+            var r = m.GetBodyReader();
+            return read(ref r);
+        }, Timeout);
+
     /// <summary>Replies to <paramref name="context"/> with <paramref name="signature"/>'s values.</summary>
     public static void Reply(this MethodContext context, string signature, BodyWriter? write = null)
     {
