@@ -430,6 +430,7 @@ cmd_roundtrip() {
         done
         # Another scenario's step before this trip (both daemons prepared), e.g. hostile's attack.
         [[ -z ${ROUNDTRIP_BEFORE_TRIP:-} ]] || "$ROUNDTRIP_BEFORE_TRIP" "$trip" "$src" "$dst"
+        trace_trip_start "$src" "$dst"
         log "$mode: trip $trip ${src^^} -> ${dst^^}"
         before=$(link_bytes)
         t0=$(now)
@@ -444,6 +445,7 @@ cmd_roundtrip() {
         t1=$(now)
         after=$(link_bytes)
         mode_call_optional "$mode" cleanup "$src" "$dst"
+        trace_trip_end "$mode" "$trip" "$src" "$dst"
         wire=$((after - before))
         secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')
         job_downtime_ms "$src" "$dst"
