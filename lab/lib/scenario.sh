@@ -74,6 +74,7 @@ corrupt_guest() {
 
 scenario_cleanup() {
     local h
+    trace_trip_abandon
     for h in "${LAB_HOSTS[@]}"; do
         host_virsh "$h" destroy "$LAB_GUEST" > /dev/null 2>&1 || true
         host_virsh "$h" undefine "$LAB_GUEST" > /dev/null 2>&1 || true

@@ -22,7 +22,16 @@ trace_trip_start() {
     TRACE_PERF_DATA=$(mktemp /tmp/bfmig-trace.XXXXXX.perf)
     perf record -q -a -e cpu-clock -F 1999 -k CLOCK_REALTIME -o "$TRACE_PERF_DATA" -- sleep 900 > /dev/null 2>&1 &
     TRACE_PERF_PID=$!
-    sleep 1 # perf has opened its events before the trip starts (it stops by itself after 15 min if the trip dies)
+    sleep 1 # perf has opened its events before the trip starts
+}
+
+# A failed trip: stop the recording (the lab's hosts go down with their logging settings).
+trace_trip_abandon() {
+    [[ -n $TRACE_PERF_PID ]] || return 0
+    kill -INT "$TRACE_PERF_PID" 2> /dev/null
+    wait "$TRACE_PERF_PID" 2> /dev/null
+    TRACE_PERF_PID=""
+    rm -f "$TRACE_PERF_DATA"
 }
 
 trace_trip_end() {
@@ -37,11 +46,11 @@ trace_trip_end() {
     TRACE_PERF_PID=""
     mv "$TRACE_PERF_DATA" "$out/trip.perf"
     for h in "$src" "$dst"; do
-        host_exec "$h" cat /tmp/bfmig-trace-qmp-$h.log > "$out/qmp-$h.log" 2> /dev/null
+        host_exec "$h" cat "/tmp/bfmig-trace-qmp-$h.log" > "$out/qmp-$h.log" 2> /dev/null
         # Back to what the lab's libvirtd.conf sets (hosts.sh): no filters, its own log file.
         host_exec "$h" virt-admin -q daemon-log-outputs "3:file:/var/log/libvirt/libvirtd.log" > /dev/null 2>&1
         host_exec "$h" virt-admin -q daemon-log-filters "" > /dev/null 2>&1
-        host_exec "$h" rm -f /tmp/bfmig-trace-qmp-$h.log
+        host_exec "$h" rm -f "/tmp/bfmig-trace-qmp-$h.log"
         [[ -f $(bfmig_dir "$h")/bfmigd.log ]] && cp "$(bfmig_dir "$h")/bfmigd.log" "$out/bfmigd-$h.log"
     done
     "$BFMIG_REPO/lab/tools/switchover-timeline" "$out/qmp-$src.log" "$out/qmp-$dst.log" > "$out/timeline.txt" 2>&1
