@@ -32,7 +32,11 @@ cmd_speed() {
     need_root
     out=$(realpath -m "${out:-$(mktemp -d /tmp/bfmig-lab-speed.XXXXXX)}")
     mkdir -p "$out"
-    local failed=0 stack_args=()
+    # Downtime depends on how fast a fresh destination QEMU can touch memory, which a VM that
+    # returns freed memory to its host slows many times (lab/tools/memory-reporting).
+    local failed=0 stack_args=() reporting
+    reporting=$("$BFMIG_REPO/lab/tools/memory-reporting" show)
+    log "speed: free page reporting: $reporting"
     [[ -n $stack ]] && stack_args=(--stack "$stack")
     for rate in "${rate_list[@]}"; do
         for ((run = 1; run <= runs; run++)); do
@@ -50,9 +54,9 @@ cmd_speed() {
         done
     done
     cmd_down
-    # Downtime depends on how fast a fresh destination QEMU can touch memory, which a VM that
-    # returns freed memory to its host slows many times (lab/tools/memory-reporting).
-    speed_summary "$out" "${mode_list[0]}" | jq --arg reporting "$("$BFMIG_REPO/lab/tools/memory-reporting" show)" \
+    [[ $("$BFMIG_REPO/lab/tools/memory-reporting" show) == "$reporting" ]] ||
+        { log "speed: free page reporting changed during the runs (was: $reporting)"; reporting="changed during the runs"; }
+    speed_summary "$out" "${mode_list[0]}" | jq --arg reporting "$reporting" \
         '.free_page_reporting = $reporting' > "$out/summary.json"
     speed_table "$out/summary.json"
     return $failed

@@ -68,7 +68,7 @@ public sealed partial class ManagerApi : IPathMethodHandler
     {
         try
         {
-            var caller = await CallerCredentials.QueryAsync(context.Connection, sender).ConfigureAwait(false);
+            var caller = await WhoCalledAsync(context, method.Name, sender).ConfigureAwait(false);
             Require(caller, method.Name, method.Access);
             var write = await method.Body(caller, arguments).ConfigureAwait(false);
             var writer = context.CreateReplyWriter(method.OutSignature);
@@ -99,6 +99,20 @@ public sealed partial class ManagerApi : IPathMethodHandler
         finally
         {
             context.Dispose();
+        }
+    }
+
+    /// <summary>The caller's credentials; a bus that does not say in time refuses the call by name (nothing runs unidentified).</summary>
+    private static async Task<CallerCredentials> WhoCalledAsync(MethodContext context, string method, string sender)
+    {
+        try
+        {
+            return await CallerCredentials.QueryAsync(context.Connection, sender).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            throw new DaemonApiException(DaemonErrors.Failed,
+                $"{method} not run: the bus did not say who called ({sender}) within {CallerCredentials.QueryTimeout.TotalSeconds:0} s (bus or daemon overloaded); try again");
         }
     }
 
