@@ -128,6 +128,34 @@ public class WireTests
         await Assert.ThrowsAsync<TimeoutException>(async () => await r.ReadAsync(default));
     }
 
+    /// <summary>
+    /// A rolling upgrade from 8: its sources do not probe, and their helpers' frames are this
+    /// version's, so their hello and route are read here; a version outside 8-9 is refused naming both.
+    /// </summary>
+    [Theory]
+    [InlineData(FrameCodec.OldestPeerVersion, true)]
+    [InlineData(FrameCodec.ProtocolVersion, true)]
+    [InlineData(FrameCodec.OldestPeerVersion - 1, false)]
+    [InlineData(FrameCodec.ProtocolVersion + 1, false)]
+    [InlineData(0, false)]
+    public void Hello_and_route_of_the_versions_this_side_reads_are_taken_others_refused_by_name(int version, bool read)
+    {
+        var guest = Guid.NewGuid();
+        var hello = new Hello(StreamKind.Mig, true, guest, 7, new byte[16], 1, new byte[32], "hostA").Encode();
+        var route = new RouteRequest(StreamKind.Nbd, guest, "hostA") { TargetPort = 49152 }.Encode();
+        hello[4] = route[4] = (byte)(version >> 8);
+        hello[5] = route[5] = (byte)version;
+        if (read)
+        {
+            Assert.Equal(guest, Hello.Decode(hello).Guest);
+            Assert.Equal(49152, RouteRequest.Decode(route).TargetPort);
+            return;
+        }
+        var expected = $"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion} (reads {FrameCodec.OldestPeerVersion} to {FrameCodec.ProtocolVersion})";
+        Assert.Equal(expected, Assert.Throws<PeerProtocolException>(() => Hello.Decode(hello)).Message);
+        Assert.Equal(expected, Assert.Throws<PeerProtocolException>(() => RouteRequest.Decode(route)).Message);
+    }
+
     [Fact]
     public void Hello_round_trips_and_rejects_malformed_bytes()
     {

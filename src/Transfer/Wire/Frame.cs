@@ -77,9 +77,26 @@ public static class FrameCodec
     /// 9: bfmigd answers a peer's version probe (<see cref="FrameType.Probe"/>, <see cref="VersionProbe"/>),
     /// so that transparent mode carries a stream at stock cost to a peer of another version instead
     /// of handing it to a helper the peer would refuse; the helpers' frames are those of 8.
-    /// An older peer is refused in the hello, by name, rather than misread.
+    /// A peer's hello or route of a version this side does not read (<see cref="RequirePeerVersion"/>)
+    /// is refused by name rather than misread.
     /// </summary>
     public const ushort ProtocolVersion = 9;
+
+    /// <summary>
+    /// The oldest version whose hello and route this side reads. 9 changed no helper frame (it
+    /// added bfmigd's answer to the probe), so a source of 8, which does not probe, is taken at
+    /// full saving while hosts are upgraded one by one; a source of this version probes an 8
+    /// first and carries its streams at stock cost. A version that changes a helper frame raises
+    /// this to itself.
+    /// </summary>
+    public const ushort OldestPeerVersion = 8;
+
+    /// <summary>Refuses, naming both, a hello or route of a version this side does not read.</summary>
+    public static void RequirePeerVersion(ushort version)
+    {
+        if (version is < OldestPeerVersion or > ProtocolVersion)
+            throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {ProtocolVersion} (reads {OldestPeerVersion} to {ProtocolVersion})");
+    }
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;

@@ -68,7 +68,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         if (p.Length < 89) throw new PeerProtocolException($"hello of {p.Length} bytes is shorter than 89");
         if (!p[..4].SequenceEqual(Magic)) throw new PeerProtocolException($"hello magic {Convert.ToHexString(p[..4])} is not BFMG");
         ushort version = BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
-        if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
+        FrameCodec.RequirePeerVersion(version);
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
         if ((p[7] & ~(WantsStoreFlag | PacedFlag | MultifdChannelFlag | CodedChannelFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");

@@ -52,7 +52,7 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
         if (p.Length < 24) throw new PeerProtocolException($"route of {p.Length} bytes is shorter than 24");
         if (!p[..4].SequenceEqual(Magic)) throw new PeerProtocolException($"route magic {Convert.ToHexString(p[..4])} is not BFMR");
         ushort version = BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
-        if (version != FrameCodec.ProtocolVersion) throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {FrameCodec.ProtocolVersion}");
+        FrameCodec.RequirePeerVersion(version);
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"route names unknown stream kind {kind} at byte 6");
         int nameLen = p[23];
