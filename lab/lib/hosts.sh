@@ -308,7 +308,24 @@ cmd_down() {
     log "lab is down"
 }
 
+# `lab status --jobs`: one line per host on the guest's migration job and the last line of its
+# QEMU log, bounded in time (a lab test calls it on a trip that outlived its limit, before the
+# kill: where the migration stands, not only which process waits).
+status_jobs() {
+    local h job qlog
+    for h in "${LAB_HOSTS[@]}"; do
+        job=$(host_exec "$h" timeout 10 virsh -q -c qemu:///system domjobinfo "$LAB_GUEST" 2>&1 |
+            awk -F': *' 'NF > 1 && $1 ~ /^(Job type|Operation|Time elapsed|Data processed|Data remaining|Memory remaining|File remaining|Dirty rate|Iteration|Postcopy requests)$/ {v = $2; gsub(/ +/, " ", v); sub(/ $/, "", v); printf "%s%s=%s", sep, $1, v; sep="; "}')
+        qlog=$(tail -n 1 "$(host_dir "$h")/log/qemu/$LAB_GUEST.log" 2> /dev/null | cut -c 1-200)
+        echo "host $h job: ${job:-none or no answer in 10 s} | qemu log: ${qlog:-empty}"
+    done
+}
+
 cmd_status() {
+    if [[ ${1:-} == --jobs ]]; then
+        lab_is_up && status_jobs || echo "down"
+        return 0
+    fi
     if lab_is_up; then
         echo "up: stack $(state_get stack), rate $(state_get rate)"
         local h

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Globalization;
 using System.Text;
 
@@ -54,8 +55,40 @@ internal static class HangReport
         return [.. leaves.OrderBy(s => s.Seconds)];
     }
 
-    /// <summary>The report's text: the last lines of output, then the leaves (the oldest last).</summary>
-    public static string Describe(string output, IReadOnlyList<Stuck> stuck)
+    /// <summary>
+    /// <c>lab status --jobs</c> of <paramref name="labName"/>: the guest's migration job and QEMU
+    /// log line on each host (a hung <c>virsh migrate</c> says little by itself). Bounded to 30 s;
+    /// what went wrong asking is the answer then.
+    /// </summary>
+    public static IReadOnlyList<string> MigrationJobs(string labScript, string labName)
+    {
+        try
+        {
+            var psi = new ProcessStartInfo(labScript, ["status", "--jobs"])
+            {
+                RedirectStandardOutput = true,
+                RedirectStandardError = true,
+                UseShellExecute = false,
+            };
+            psi.Environment["BFMIG_LAB_NAME"] = labName;
+            using var p = Process.Start(psi)!;
+            var stdout = p.StandardOutput.ReadToEndAsync();
+            var stderr = p.StandardError.ReadToEndAsync();
+            if (!p.WaitForExit(TimeSpan.FromSeconds(30)))
+            {
+                p.Kill(entireProcessTree: true);
+                return ["lab status --jobs did not answer within 30 s"];
+            }
+            return [.. (stdout.Result + stderr.Result).Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).TakeLast(6)];
+        }
+        catch (Exception e) when (e is InvalidOperationException or System.ComponentModel.Win32Exception or IOException)
+        {
+            return [$"lab status --jobs failed: {e.Message}"];
+        }
+    }
+
+    /// <summary>The report's text: the last lines of output, then the leaves (the oldest last), then the migration jobs.</summary>
+    public static string Describe(string output, IReadOnlyList<Stuck> stuck, IReadOnlyList<string>? jobs = null)
     {
         var text = new StringBuilder();
         var lines = output.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
@@ -69,6 +102,15 @@ internal static class HangReport
         foreach (var s in stuck.TakeLast(LeafLines))
         {
             text.Append('\n').Append(CultureInfo.InvariantCulture, $"  [{s.Pid}, {s.Seconds} s] {Cut(s.CommandLine)}");
+        }
+
+        if (jobs is { Count: > 0 })
+        {
+            text.Append('\n').Append("migration jobs:");
+            foreach (var line in jobs)
+            {
+                text.Append('\n').Append("  ").Append(Cut(line));
+            }
         }
 
         return text.ToString();

@@ -61,9 +61,11 @@ internal sealed class LabRunner(ITestOutputHelper output)
         {
             // Where it hangs, read before the kill: CI shows only the message's last lines.
             IReadOnlyList<HangReport.Stuck> stuck;
+            IReadOnlyList<string> jobs = [];
             try
             {
                 stuck = HangReport.StillRunning(process.Id);
+                jobs = HangReport.MigrationJobs(LabScript, LabName);
             }
             finally
             {
@@ -73,7 +75,7 @@ internal sealed class LabRunner(ITestOutputHelper output)
 
             var printed = text.ToString();
             output.WriteLine(printed);
-            Assert.Fail($"lab {string.Join(' ', args)} did not finish within {timeout}\n{HangReport.Describe(printed, stuck)}");
+            Assert.Fail($"lab {string.Join(' ', args)} did not finish within {timeout}\n{HangReport.Describe(printed, stuck, jobs)}");
         }
 
         process.WaitForExit();
