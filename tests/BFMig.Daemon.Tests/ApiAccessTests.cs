@@ -69,9 +69,9 @@ public sealed class ApiAccessTests : IAsyncLifetime
     }
 
     /// <summary>
-    /// Asks for an Estimate without blocking a thread. The daemon runs in this process: callers parked
-    /// on pool threads starved it on a 2-core CI machine until its own query of the caller's
-    /// credentials timed out (stop 31: Failed where Busy was expected).
+    /// Asks for an Estimate without blocking a thread. The daemon runs in this process, and callers
+    /// parked on pool threads compete with it for them: stop 31 got Failed where Busy was expected,
+    /// most likely the daemon's own query of the caller's credentials timing out (not reproduced).
     /// </summary>
     private static Task<(ulong Disk, ulong Memory, string Basis)> EstimateAsync(BusClient client, string guest) =>
         client.CallManagerAsync("Estimate", (ref MessageWriter w) =>

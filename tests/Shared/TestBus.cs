@@ -48,11 +48,7 @@ public static class TestBus
 
     /// <summary>Calls a Manager method; the in-signature comes from <see cref="InSignature"/>.</summary>
     public static T CallManager<T>(this BusClient client, string member, BodyWriter? write, BodyReader<T> read) =>
-        client.CallManager(member, InSignature(member), write, (m, _) =>
-        {
-            var r = m.GetBodyReader();
-            return read(ref r);
-        });
+        client.CallManagerAsync(member, write, read).GetAwaiter().GetResult();
 
     /// <summary>
     /// <see cref="CallManager{T}(BusClient, string, BodyWriter?, BodyReader{T})"/> without blocking a thread: tests that

@@ -97,6 +97,7 @@ public static class FrameCodec
         if (version is < OldestPeerVersion or > ProtocolVersion)
             throw new PeerProtocolException($"peer speaks protocol version {version}, this helper {ProtocolVersion} (reads {OldestPeerVersion} to {ProtocolVersion})");
     }
+
     public const int HeaderLength = 8;
     /// <summary>Largest uncompressed payload.</summary>
     public const int MaxPayload = 1 << 20;
