@@ -34,12 +34,14 @@ internal static class HelloTarget
             new Hello(StreamKind.Mig, true, guest, 3, digest, 0x1234_5678_9abc_def0, nonce, "hosta").Encode(),
             new Hello(StreamKind.Nbd, false, guest, 0, new byte[16], 0, nonce, "host-b.lab") { Paced = true }.Encode(),
             new Hello(StreamKind.Control, false, guest, 7, digest, 1, nonce, "").Encode(),
+            new Hello(StreamKind.Mig, true, guest, 2, digest, 5, nonce, "older") { Version = FrameCodec.OldestPeerVersion }.Encode(),
         };
         var routes = new[]
         {
             new RouteRequest(StreamKind.Mig, guest, "hosta").Encode(),
             new RouteRequest(StreamKind.Nbd, guest, "hosta") { TargetPort = 49153 }.Encode(),
             new RouteRequest(StreamKind.Mig, guest, "") { TargetPort = 49152 }.Encode(),
+            new RouteRequest(StreamKind.Nbd, guest, "older") { Version = FrameCodec.OldestPeerVersion }.Encode(),
         };
         var reply = new HelloReply(HelloStatus.Match, true, 3, digest, nonce, "ok").EncodeUnsigned();
         byte[] signed = [.. reply, 32, .. Enumerable.Repeat((byte)0xab, 32)];

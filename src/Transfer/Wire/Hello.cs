@@ -43,6 +43,13 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     /// <summary>A multifd channel whose pages come coded against the guest's store (<see cref="FrameType.MultifdData"/>): the receiver must rebuild them through its main stream's helper.</summary>
     public bool CodedChannel { get; init; }
 
+    /// <summary>
+    /// The protocol version the hello is written in: this helper's for one it sends, the peer's
+    /// for one it decoded (any of <see cref="FrameCodec.OldestPeerVersion"/> to
+    /// <see cref="FrameCodec.ProtocolVersion"/>), so that a decoded hello encodes to its own bytes.
+    /// </summary>
+    public ushort Version { get; init; } = FrameCodec.ProtocolVersion;
+
     public byte[] Encode()
     {
         var name = Encoding.UTF8.GetBytes(SenderName);
@@ -50,7 +57,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         var b = new byte[4 + 2 + 1 + 1 + 16 + 8 + 16 + 8 + 32 + 1 + name.Length];
         var s = b.AsSpan();
         Magic.CopyTo(s);
-        BinaryPrimitives.WriteUInt16BigEndian(s[4..], FrameCodec.ProtocolVersion);
+        BinaryPrimitives.WriteUInt16BigEndian(s[4..], Version);
         s[6] = (byte)Kind;
         s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0) | (CodedChannel ? CodedChannelFlag : 0));
         Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
@@ -78,6 +85,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
             p.Slice(32, 16).ToArray(), BinaryPrimitives.ReadUInt64BigEndian(p[48..]), p.Slice(56, 32).ToArray(), Encoding.UTF8.GetString(p.Slice(89, nameLen)))
         {
+            Version = version,
             Paced = (p[7] & PacedFlag) != 0,
             MultifdChannel = (p[7] & MultifdChannelFlag) != 0,
             CodedChannel = (p[7] & (MultifdChannelFlag | CodedChannelFlag)) == (MultifdChannelFlag | CodedChannelFlag),

@@ -22,6 +22,9 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
     /// <summary>Decoded from a route frame (true) or implied by a hello (false): the receiving helper must then read the route first.</summary>
     public bool FromRouteFrame { get; init; }
 
+    /// <summary>The protocol version the route is written in: this helper's, or the peer's for a decoded one (so that it encodes to its own bytes).</summary>
+    public ushort Version { get; init; } = FrameCodec.ProtocolVersion;
+
     private static ReadOnlySpan<byte> Magic => "BFMR"u8;
 
     /// <summary>Largest payload (a 255-byte name).</summary>
@@ -36,7 +39,7 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
         if (name.Length > 255) throw new ArgumentException("sender name longer than 255 bytes");
         var b = new byte[24 + name.Length + (TargetPort != 0 ? 2 : 0)];
         Magic.CopyTo(b);
-        BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(4), FrameCodec.ProtocolVersion);
+        BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(4), Version);
         b[6] = (byte)Kind;
         Guest.TryWriteBytes(b.AsSpan(7), bigEndian: true, out _);
         b[23] = (byte)name.Length;
@@ -64,6 +67,7 @@ public sealed record RouteRequest(StreamKind Kind, Guid Guest, string SenderName
         {
             TargetPort = port,
             FromRouteFrame = true,
+            Version = version,
         };
     }
 
