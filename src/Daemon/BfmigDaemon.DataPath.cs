@@ -54,6 +54,8 @@ public sealed partial class BfmigDaemon
 
     bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
 
+    bool ITransparentHost.SendsMemory(Guid uuid, ushort targetPort) => _transfers is { } t && t.SendsMemory(uuid, targetPort);
+
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)

@@ -62,6 +62,12 @@ public sealed class TransferOptions
     /// in a route frame sent first (whatever the authentication); 0 in explicit mode.
     /// </summary>
     public ushort TargetPort { get; init; }
+    /// <summary>
+    /// Sender, kind mig: the guest's main memory stream is already being sent from this host (the
+    /// daemon knows): this connection is a multifd channel, or QEMU's post-copy preempt channel
+    /// if it stays silent (<see cref="TransferRunner.FollowerFirstBytesWait"/>).
+    /// </summary>
+    public bool FollowsMain { get; init; }
     /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
     public bool RouteFirst { get; init; }
     /// <summary>
@@ -100,13 +106,25 @@ public static class TransferRunner
     /// Sender: <paramref name="qemu"/> is the local QEMU's connection, <paramref name="peer"/> the
     /// connected socket to the receiving helper.
     /// </summary>
-    public static async Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct)
+    public static Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct) =>
+        SendAsync(qemu, _ => Task.FromResult(peer), o, ct);
+
+    /// <summary>
+    /// Sender: <paramref name="qemu"/> is the local QEMU's connection; <paramref name="connectPeer"/>
+    /// connects to the receiving helper once QEMU's first bytes said what the stream is (the
+    /// receiving daemon gives a connection only <c>PeerListener.HelloTimeout</c> to say it).
+    /// </summary>
+    public static async Task<TransferStats> SendAsync(LocalConnection qemu, Func<CancellationToken, Task<Socket>> connectPeer, TransferOptions o, CancellationToken ct)
     {
         var stats = new TransferStats { Role = "send", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
         qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
         if (o.Kind == StreamKind.Mig) qemu.LimitReadQueue(LocalConnection.SourceReadQueue);
-        var prefix = o.Kind == StreamKind.Mig ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
+        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerFirstBytesWait, ct);
+        var prefix = o.Kind == StreamKind.Mig && !quiet ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
+        if (quiet)
+            TransferLog.Note($"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
+                "its post-copy preempt channel, carried byte for byte with no idle timeout");
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
         bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
@@ -131,10 +149,13 @@ public static class TransferRunner
             (codec, var whyNot) = await CodedChannel.ConnectAsync(Path.Combine(o.StoreRoot, o.Guest.ToString("D")), sending: true, SenderAttachWait, ct);
             if (whyNot is not null) TransferLog.Note($"bfmig-transfer: multifd channel carried byte for byte: {whyNot}");
         }
-        var raw = new NetworkStream(peer, ownsSocket: true);
         Stream secured;
+        NetworkStream raw;
         try
         {
+            var peer = await connectPeer(ct);
+            PeerSockets.KeepAlive(peer);
+            raw = new NetworkStream(peer, ownsSocket: true);
             using var hs = CancellationTokenSource.CreateLinkedTokenSource(ct);
             // A receiver that accepts the connection but never finishes TLS must not hold this stream (and the source QEMU) forever.
             hs.CancelAfter(o.HandshakeTimeout);
@@ -156,7 +177,13 @@ public static class TransferRunner
             var state = store?.State;
             bool paced = wantsStore && o.Pacing;
             var hello = new Hello(o.Kind, wantsStore || diskStore, o.Guest, state?.Generation ?? 0, DigestBytes(state?.Digest), state?.Seed ?? 0,
-                RandomNumberGenerator.GetBytes(32), o.LocalName) { Paced = paced || (codec is not null && o.Pacing), MultifdChannel = channel, CodedChannel = codec is not null };
+                RandomNumberGenerator.GetBytes(32), o.LocalName)
+            {
+                Paced = paced || (codec is not null && o.Pacing),
+                MultifdChannel = channel,
+                CodedChannel = codec is not null,
+                QuietChannel = quiet,
+            };
             HelloReply reply;
             using (var hs = CancellationTokenSource.CreateLinkedTokenSource(ct))
             {
@@ -213,9 +240,11 @@ public static class TransferRunner
                 refusing?.Refuse("the receiver keeps no store for this trip");
                 var tap = hello.MultifdChannel ? new MultifdChannelTap(qemu.Stream) : null;
                 tap?.Observe(prefix);
+                if (quiet) stats.Mode = "quiet-channel";
                 try
                 {
-                    await TunnelBridge.CopyBothWaysAsync(tap ?? qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats, o.BridgeIdleTimeout, ct);
+                    await TunnelBridge.CopyBothWaysAsync(tap ?? qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats,
+                        BridgeIdleTimeout(hello, reader, o), ct);
                 }
                 finally
                 {
@@ -266,6 +295,7 @@ public static class TransferRunner
         var stats = new TransferStats { Role = "receive", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
         MemoryStore? store = null;
+        PeerSockets.KeepAlive(peer);
         var raw = new NetworkStream(peer, ownsSocket: true);
         if (o.Authenticator.HidesHello || o.RouteFirst)
         {
@@ -350,9 +380,9 @@ public static class TransferRunner
             }
             else
             {
-                stats.Mode = "plain";
+                stats.Mode = hello.QuietChannel ? "quiet-channel" : "plain";
                 var tunnel = new PeerByteTunnel(reader, writer);
-                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, o.BridgeIdleTimeout, ct);
+                await TunnelBridge.CopyBothWaysAsync(local.Stream, local.HalfClose, tunnel, ReadOnlyMemory<byte>.Empty, null, BridgeIdleTimeout(hello, reader, o), ct);
                 stats.StreamBytes = tunnel.BytesRead;
                 stats.ReverseBytes = tunnel.BytesWritten;
             }
@@ -481,6 +511,45 @@ public static class TransferRunner
         {
             throw new PeerProtocolException(e.Message + " (over TLS this usually means the peer rejected this host's certificate; its log says why)", e);
         }
+    }
+
+    /// <summary>
+    /// How long a memory connection that follows its guest's main stream (<see cref="TransferOptions.FollowsMain"/>)
+    /// may stay silent before it is taken for QEMU's post-copy preempt channel. A multifd channel
+    /// writes its magic as soon as it connects; the preempt channel writes nothing until the
+    /// destination faults on a page, and the destination QEMU, waiting for it before it runs the
+    /// guest, faults on none: the guest stands still for this long (post-copy's switch only).
+    /// A multifd channel slower than this is carried byte for byte, which is always exact.
+    /// </summary>
+    public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(250);
+
+    // True when QEMU's first bytes (or its close) arrive within the wait; nothing is consumed (a zero-byte receive).
+    private static async Task<bool> ReadableWithinAsync(LocalConnection qemu, TimeSpan wait, CancellationToken ct)
+    {
+        if (qemu.Socket is not { } socket) return true;
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        cts.CancelAfter(wait);
+        try
+        {
+            await socket.ReceiveAsync(Memory<byte>.Empty, SocketFlags.None, cts.Token);
+            return true;
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>
+    /// The idle timeout of a plain tunnel: none for a quiet channel (QEMU may keep it silent for
+    /// the whole post-copy phase; keepalive finds a dead peer), whose frame reader then waits for
+    /// ever too; the stream kind's otherwise.
+    /// </summary>
+    private static TimeSpan BridgeIdleTimeout(Hello hello, FrameReader reader, TransferOptions o)
+    {
+        if (!hello.QuietChannel) return o.BridgeIdleTimeout;
+        reader.IdleTimeout = Timeout.InfiniteTimeSpan;
+        return Timeout.InfiniteTimeSpan;
     }
 
     /// <summary>A memory stream whose first bytes are a multifd channel's magic (QEMU connects one per <c>--parallel-connections</c>).</summary>

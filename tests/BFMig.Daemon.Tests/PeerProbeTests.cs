@@ -133,19 +133,40 @@ public sealed class PeerProbeTests
     {
         var mains = new CarriedMainStreams();
         Guid guest = Guid.NewGuid(), other = Guid.NewGuid();
+        var to = new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152);
         Assert.Null(mains.ChannelMustFollow(guest));
-        var first = mains.Carrying(guest, "every transfer slot is taken (transfer:max_concurrent)");
+        var first = mains.Carrying(guest, to, "every transfer slot is taken (transfer:max_concurrent)");
         Assert.Equal("its main stream is carried (every transfer slot is taken (transfer:max_concurrent))", mains.ChannelMustFollow(guest));
         Assert.Null(mains.ChannelMustFollow(other));
         // The attempt failed: its main connection closed, and a retry's channels decide afresh.
         first.Dispose();
         Assert.Null(mains.ChannelMustFollow(guest));
         // A newer main stream of the same guest is not ended by an older one's close.
-        var older = mains.Carrying(guest, "older");
-        using var newer = mains.Carrying(guest, "newer");
+        var older = mains.Carrying(guest, to, "older");
+        using var newer = mains.Carrying(guest, to, "newer");
         older.Dispose();
         older.Dispose();
         Assert.Equal("its main stream is carried (newer)", mains.ChannelMustFollow(guest));
+    }
+
+    /// <summary>
+    /// A silent connection is QEMU's post-copy preempt channel only on the port the guest's
+    /// carried memory stream goes to: the disk mirror of the same guest has a port of its own.
+    /// </summary>
+    [Fact]
+    public void A_carried_main_stream_is_known_by_where_it_goes()
+    {
+        var mains = new CarriedMainStreams();
+        Guid guest = Guid.NewGuid(), other = Guid.NewGuid();
+        var to = new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152);
+        using (mains.Carrying(guest, to, "the peer's bfmigd does not answer"))
+        {
+            Assert.True(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152)));
+            Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49153)));
+            Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.3"), 49152)));
+            Assert.False(mains.GoesTo(other, to));
+        }
+        Assert.False(mains.GoesTo(guest, to));
     }
 
     private sealed class Ticks : TimeProvider

@@ -365,6 +365,29 @@ public class QemuStreamParserTests
         Assert.Contains("60000-byte body", parser.OpaqueReason);
     }
 
+    /// <summary>
+    /// Only a post-copy command (POSTCOPY_LISTEN to PACKAGED, 4 to 8) marks the stream post-copy,
+    /// after which the sender lifts its idle timeout and pacing; POSTCOPY_ADVISE (3) comes with
+    /// dirty bitmaps alone and is parsed through, and COLO (10) is opaque but not post-copy.
+    /// </summary>
+    [Theory]
+    [InlineData(QemuFormat.CmdPostcopyAdvise, false, false)]
+    [InlineData(QemuFormat.CmdPostcopyFirst, true, true)]
+    [InlineData(6, true, true)]
+    [InlineData(QemuFormat.CmdPostcopyLast, true, true)]
+    [InlineData(10, true, false)]
+    public void A_post_copy_command_marks_the_stream_post_copy(ushort cmd, bool opaque, bool postCopy)
+    {
+        var header = new StreamBuilder().Header().ToArray();
+        byte[] command = [QemuFormat.Command, (byte)(cmd >> 8), (byte)cmd, 0, 0];
+        var input = header.Concat(command).ToArray();
+        var parser = new QemuStreamParser();
+        int pos = 0;
+        while (parser.TryRead(input.AsSpan(pos), true, out var seg))
+            pos += seg.Length;
+        Assert.Equal((opaque, postCopy), (parser.IsOpaque, parser.PostCopy));
+    }
+
     [Fact]
     public void Real_qemu72_paused_stream_matches_what_qemu_reported()
     {

@@ -96,6 +96,18 @@ public sealed partial class TransferManager
             return _running.Values.Any(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated);
     }
 
+    /// <summary>
+    /// True while a memory stream of the guest is being sent from here (to <paramref name="targetPort"/>
+    /// on the peer, when given: transparent mode): a later memory connection of its QEMU is a
+    /// multifd channel or the post-copy preempt channel (bfmig-transfer's <c>--follows-main</c>).
+    /// </summary>
+    public bool SendsMemory(Guid uuid, ushort targetPort = 0)
+    {
+        lock (_gate)
+            return _running.Values.Any(r => r.Uuid == uuid && r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig
+                && (targetPort == 0 || r.TargetPort == targetPort));
+    }
+
     /// <summary>True while any stream of the guest runs.</summary>
     public bool IsBusy(Guid uuid)
     {
@@ -170,7 +182,9 @@ public sealed partial class TransferManager
         }
         if (targetPort != 0)
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
-        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks);
+        if (kind == StreamKind.Mig && SendsMemory(uuid))
+            args.Add("--follows-main");
+        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort);
     }
 
     /// <summary>
@@ -295,7 +309,7 @@ public sealed partial class TransferManager
         disks.SelectMany(d => d.ExportNames.SelectMany(e => new[] { "--image", d.Image.ToArgument(e) }));
 
     private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
-        IReadOnlyList<DomainDisk> disks)
+        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0)
     {
         using (socket)
         {
@@ -347,7 +361,7 @@ public sealed partial class TransferManager
                 }
                 // Only the child writes: our copy would keep the pipe open past its exit.
                 progress.DisposeLocalCopyOfClientHandle();
-                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks);
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort };
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 // The receiving helper now counts as unauthenticated itself, in place of the slot ReserveHandshakeAsync reserved.
@@ -553,6 +567,9 @@ public sealed partial class TransferManager
     private sealed record Running(int Id, TransferDirection Direction, string Guest, Guid Uuid, string Peer, StreamKind Kind, ChildProcess Child, string StatsPath,
         IReadOnlyList<DomainDisk> Disks)
     {
+        /// <summary>Transparent mode, sending: the peer port QEMU aimed at (0 otherwise).</summary>
+        public ushort TargetPort { get; init; }
+
         public Task ProgressDone { get; set; } = Task.CompletedTask;
 
         /// <summary>Holds a transfer slot and belongs to its trip (always for a send; for a receive once its peer authenticated). Under the manager's gate.</summary>

@@ -2,7 +2,7 @@ namespace BFMig.Daemon.Transparent;
 
 /// <summary>
 /// The guests whose memory stream transparent mode is carrying straight to the peer's QEMU right
-/// now, and why: their multifd channels must go the same way. A channel handed to a helper while
+/// now, where to, and why: their multifd channels and post-copy preempt channel must go the same way. A channel handed to a helper while
 /// its main stream went around BFMig would wait at the peer's receiver for a main stream that
 /// never comes there. An entry lives exactly as long as the carried main connection: a
 /// migration's channels connect while its main stream is open, and a failed attempt's entry is
@@ -15,15 +15,17 @@ public sealed class CarriedMainStreams
     private readonly Lock _gate = new();
     private readonly Dictionary<Guid, Entry> _carrying = [];
 
-    private sealed class Entry(string why)
+    private sealed class Entry(System.Net.IPEndPoint to, string why)
     {
+        public System.Net.IPEndPoint To { get; } = to;
+
         public string Why { get; } = why;
     }
 
-    /// <summary>The guest's memory stream is carried for <paramref name="why"/> until the returned handle is disposed.</summary>
-    public IDisposable Carrying(Guid guest, string why)
+    /// <summary>The guest's memory stream to <paramref name="to"/> is carried for <paramref name="why"/> until the returned handle is disposed.</summary>
+    public IDisposable Carrying(Guid guest, System.Net.IPEndPoint to, string why)
     {
-        var entry = new Entry(why);
+        var entry = new Entry(to, why);
         lock (_gate)
             _carrying[guest] = entry;
         return new DisposeAction(() => End(guest, entry));
@@ -34,6 +36,13 @@ public sealed class CarriedMainStreams
     {
         lock (_gate)
             return _carrying.TryGetValue(guest, out var main) ? $"its main stream is carried ({main.Why})" : null;
+    }
+
+    /// <summary>True while the guest's carried memory stream goes to <paramref name="to"/>.</summary>
+    public bool GoesTo(Guid guest, System.Net.IPEndPoint to)
+    {
+        lock (_gate)
+            return _carrying.TryGetValue(guest, out var main) && main.To.Equals(to);
     }
 
     private void End(Guid guest, Entry entry)

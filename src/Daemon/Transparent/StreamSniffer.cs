@@ -24,6 +24,12 @@ public enum SniffedStream
 
     /// <summary>QEMU closed the connection before sending anything.</summary>
     Closed,
+
+    /// <summary>
+    /// Silence on the port a memory stream of the same guest still goes to (the interceptor tells,
+    /// not the bytes): QEMU's post-copy preempt channel, carried like a multifd channel.
+    /// </summary>
+    PreemptChannel,
 }
 
 /// <summary>

@@ -18,6 +18,9 @@ public interface ITransparentHost
     /// <summary>True when a helper slot is free (else the stream is carried directly).</summary>
     bool HasTransferCapacity();
 
+    /// <summary>True while a helper sends a memory stream of the guest to <paramref name="targetPort"/> on the peer.</summary>
+    bool SendsMemory(Guid uuid, ushort targetPort);
+
     /// <summary>
     /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
     /// when it was refused (the socket is then closed and QEMU fails the migration).
@@ -191,8 +194,21 @@ public sealed class TransparentInterceptor : IDisposable
         // Sniff first: libvirtd connects the memory stream itself and hands it to QEMU, which
         // holds it (and writes to it) only from then on.
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, _silence, _stop.Token).ConfigureAwait(false);
-        var stream = sniffed == SniffedStream.Memory ? "memory" : sniffed == SniffedStream.ServerFirst ? "disk" : sniffed.ToString().ToLowerInvariant();
-        if (await OwnerAsync(qemuSide, original).ConfigureAwait(false) is not { } guest)
+        var owner = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
+        // Silence on the port the guest's memory stream is still going to is not the disk mirror
+        // (it has a port of its own, and connects before the memory stream): it is QEMU's
+        // post-copy preempt channel, which writes only the pages the destination faults on.
+        if (sniffed == SniffedStream.ServerFirst && owner is { } o
+            && (_host.SendsMemory(o.Uuid, (ushort)original.Port) || _carriedMains.GoesTo(o.Uuid, original)))
+            sniffed = SniffedStream.PreemptChannel;
+        var stream = sniffed switch
+        {
+            SniffedStream.Memory => "memory",
+            SniffedStream.ServerFirst => "disk",
+            SniffedStream.PreemptChannel => "post-copy channel",
+            _ => sniffed.ToString().ToLowerInvariant(),
+        };
+        if (owner is not { } guest)
         {
             await CarryAsync(connection, original, "?", peer.Name, stream, "no running guest's QEMU holds the connection").ConfigureAwait(false);
             return;
@@ -210,7 +226,7 @@ public sealed class TransparentInterceptor : IDisposable
             connection.Dispose();
             return;
         }
-        if (notAccelerated is null && sniffed == SniffedStream.Multifd)
+        if (notAccelerated is null && sniffed is SniffedStream.Multifd or SniffedStream.PreemptChannel)
             notAccelerated = _carriedMains.ChannelMustFollow(guest.Uuid);
         if (notAccelerated is null)
             notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
@@ -219,11 +235,11 @@ public sealed class TransparentInterceptor : IDisposable
         // A multifd channel goes through a helper pair like the main stream, never straight to the
         // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
         // only the peer's receiver can keep the channels behind it (MainChannelGate).
-        var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd ? StreamKind.Mig : StreamKind.Nbd;
+        var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd or SniffedStream.PreemptChannel ? StreamKind.Mig : StreamKind.Nbd;
         if (notAccelerated is not null)
         {
             using (_host.Carried(guest.Uuid, stream, notAccelerated))
-            using (sniffed == SniffedStream.Memory ? _carriedMains.Carrying(guest.Uuid, notAccelerated) : null)
+            using (sniffed == SniffedStream.Memory ? _carriedMains.Carrying(guest.Uuid, original, notAccelerated) : null)
                 await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
             return;
         }

@@ -34,6 +34,8 @@ internal static class Program
                  --progress-fd N (JSON lines with live counters, about every 0.5 s)
                  --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
                  --route-first (receive: a route frame precedes the hello)
+                 --follows-main (send, kind mig: the guest's main memory stream is already being sent from here; a connection
+                              QEMU keeps silent for 250 ms is its post-copy preempt channel, carried without an idle timeout)
                  --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
                  --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
                  --qemu-user NAME (kind nbd: the QEMU user, who may own a guest's block device while libvirt lends it to QEMU)
@@ -163,7 +165,7 @@ internal static class Program
         }
     }
 
-    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume"];
+    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume", "follows-main"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
          "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
@@ -252,6 +254,7 @@ internal static class Program
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
+            FollowsMain = send && d.ContainsKey("follows-main"),
             GuestRuns = !send && d.ContainsKey("commit-after-resume") ? GuestRunsSignal() : null,
             AwaitMainChannel = !send && d.TryGetValue("connect", out var connect)
                 ? t => MainChannelGate.WaitAsync(Endpoint.Parse(connect), MainChannelGate.DefaultTimeout, t)
@@ -309,8 +312,7 @@ internal static class Program
         var peerEndpoint = Endpoint.Parse(Required(d, "peer"));
         var qemuSocket = await ListenOrFdAsync(d, ct);
         await using var qemu = LocalConnection.FromSocket(qemuSocket);
-        var peer = await peerEndpoint.ConnectAsync(o.ConnectTimeout, ct);
-        return await TransferRunner.SendAsync(qemu, peer, o, ct);
+        return await TransferRunner.SendAsync(qemu, t => peerEndpoint.ConnectAsync(o.ConnectTimeout, t), o, ct);
     }
 
     private static async Task<TransferStats> ReceiveAsync(Dictionary<string, string> d, TransferOptions o, CancellationToken ct)

@@ -206,6 +206,14 @@ public sealed class MigSender
                 // destination has loaded everything, so End cannot wait for EOF either.
                 await SendEndAsync(ct);
                 endSent = true;
+                if (_encoder.Parser.PostCopy)
+                {
+                    // The guest is moving to the destination before all its memory did: a cut
+                    // stream would leave it split between the hosts, so only QEMU ends this one
+                    // now, as over a plain socket (keepalive still finds a vanished peer).
+                    _reader.IdleTimeout = Timeout.InfiniteTimeSpan;
+                    TransferLog.Note("bfmig-transfer: the trip switched to post-copy: no idle timeout and no pacing from here on");
+                }
                 continue;
             }
             if (_encoder.OpsLength >= MigEncoder.FlushThreshold)
@@ -285,10 +293,10 @@ public sealed class MigSender
         _pacer?.Sent(_consumed, _stats.ZeroPages);
     }
 
-    // Paced only while the guest runs: the window informs QEMU's bandwidth estimate, and after the
-    // pause nothing reads it.
+    // Paced only while the guest runs here: the window informs QEMU's bandwidth estimate, and
+    // after the pause (or the switch to post-copy) nothing reads it.
     [MemberNotNullWhen(true, nameof(_pacer))]
-    private bool Paced => _pacer is not null && !_encoder.SourcePaused;
+    private bool Paced => _pacer is not null && !_encoder.SourcePaused && !_encoder.Parser.PostCopy;
 
     // The stream consumed so far as load: zero pages count as pages (ProgressMessage.Load).
     private long Load => ProgressMessage.Load(_consumed, _stats.ZeroPages);

@@ -24,6 +24,8 @@ public static class QemuFormat
     public const ushort CmdPing = 2;
     /// <summary>Sent when postcopy or dirty-bitmap migration is enabled (length 0 with bitmaps only, 16 with postcopy-ram).</summary>
     public const ushort CmdPostcopyAdvise = 3;
+    /// <summary>POSTCOPY_LISTEN, POSTCOPY_RUN, POSTCOPY_RAM_DISCARD, POSTCOPY_RESUME and PACKAGED (4 to 8): the source QEMU is switching to post-copy.</summary>
+    public const ushort CmdPostcopyFirst = 4, CmdPostcopyLast = 8;
     public const ushort CmdSwitchoverStart = 11;
 
     public const ulong FlagZero = 0x02;

@@ -42,6 +42,13 @@ public sealed partial class QemuStreamParser
     /// <summary>Why the parser went opaque (null while it still understands the stream).</summary>
     public string? OpaqueReason { get; private set; }
 
+    /// <summary>
+    /// The stream went opaque at a post-copy command: the source QEMU is switching the guest to
+    /// the destination, and from then on only QEMU may end the stream (a stream cut now leaves
+    /// the guest's memory split between the hosts, paused until someone recovers it).
+    /// </summary>
+    public bool PostCopy { get; private set; }
+
     /// <summary>True when the ram section's END records were all parsed: every page QEMU sent on this channel was seen.</summary>
     public bool RamComplete { get; private set; }
 
@@ -237,6 +244,7 @@ public sealed partial class QemuStreamParser
                 // POSTCOPY_ADVISE also announces dirty-bitmap migration (libvirt checkpoints); only LISTEN/RUN would start postcopy.
                 if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart or QemuFormat.CmdPostcopyAdvise))
                 {
+                    PostCopy = cmd is >= QemuFormat.CmdPostcopyFirst and <= QemuFormat.CmdPostcopyLast;
                     GoOpaque($"command {cmd} (postcopy, packaged or colo) at offset {_position}");
                     return false;
                 }

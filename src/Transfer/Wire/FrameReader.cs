@@ -13,13 +13,12 @@ public sealed class FrameReader : IDisposable
     private readonly byte[] _wire;
     private readonly byte[] _plain;
     private readonly ZstdCodec _zstd = new();
-    private readonly TimeSpan _idleTimeout;
     private FrameSealer? _opener;
 
     public FrameReader(Stream stream, TimeSpan idleTimeout)
     {
         _stream = stream;
-        _idleTimeout = idleTimeout;
+        IdleTimeout = idleTimeout;
         _wire = ArrayPool<byte>.Shared.Rent(FrameCodec.HeaderLength + FrameCodec.MaxWireLength);
         _plain = ArrayPool<byte>.Shared.Rent(FrameCodec.MaxPayload);
     }
@@ -33,6 +32,33 @@ public sealed class FrameReader : IDisposable
         if (_opener is not null) throw new InvalidOperationException("frames are already sealed");
         _opener = opener;
     }
+
+    /// <summary>
+    /// How long a read may wait for the peer's next bytes (<see cref="Timeout.InfiniteTimeSpan"/>:
+    /// for ever); a change also restarts the wait of a read in progress (another thread may set
+    /// it). A channel QEMU may keep silent for the whole trip, or a stream gone post-copy, which
+    /// only QEMU may end, waits for ever (a dead peer is then found by TCP keepalive,
+    /// <see cref="PeerSockets.KeepAlive"/>).
+    /// </summary>
+    public TimeSpan IdleTimeout
+    {
+        get => TimeSpan.FromTicks(Volatile.Read(ref _idleTicks));
+        set
+        {
+            Volatile.Write(ref _idleTicks, value.Ticks);
+            try
+            {
+                Volatile.Read(ref _readTimer)?.CancelAfter(value);
+            }
+            catch (ObjectDisposedException)
+            {
+                // The read ended meanwhile; the next one starts with the new value.
+            }
+        }
+    }
+
+    private long _idleTicks;
+    private CancellationTokenSource? _readTimer;
 
     /// <summary>Bytes read from the peer so far.</summary>
     public long BytesRead { get; private set; }
@@ -94,7 +120,11 @@ public sealed class FrameReader : IDisposable
     private async ValueTask<int> ReadAtLeastAsync(Memory<byte> buffer, CancellationToken ct)
     {
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        cts.CancelAfter(_idleTimeout);
+        var timeout = IdleTimeout;
+        cts.CancelAfter(timeout);
+        Volatile.Write(ref _readTimer, cts);
+        // A change made between the two lines above found no read in progress to restart.
+        if (IdleTimeout is var now && now != timeout) cts.CancelAfter(now);
         int total = 0;
         try
         {
@@ -107,7 +137,11 @@ public sealed class FrameReader : IDisposable
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
-            throw new TimeoutException($"peer sent nothing for {_idleTimeout.TotalSeconds:0} s (at byte {BytesRead + total})");
+            throw new TimeoutException($"peer sent nothing for {timeout.TotalSeconds:0} s (at byte {BytesRead + total})");
+        }
+        finally
+        {
+            Interlocked.CompareExchange(ref _readTimer, null, cts);
         }
         return total;
     }

@@ -15,7 +15,7 @@ public enum StreamKind : byte
 
 /// <summary>
 /// Sender's hello (frame <see cref="FrameType.Hello"/>):
-/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced, 4 = multifd channel, 8 = coded channel), 16 guest uuid (RFC 4122 byte
+/// <c>"BFMG" u16 version, u8 kind, u8 flags (1 = wants store, 2 = paced, 4 = multifd channel, 8 = coded channel, 16 = quiet channel), 16 guest uuid (RFC 4122 byte
 /// order), be64 generation, 16 digest, be64 seed, 32 nonce, u8 name length + sender host name</c>.
 /// Generation and digest are what the sender believes the receiver holds.
 /// </summary>
@@ -25,6 +25,8 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     private const byte PacedFlag = 2;
     private const byte MultifdChannelFlag = 4;
     private const byte CodedChannelFlag = 8;
+    private const byte QuietChannelFlag = 16;
+    private const byte KnownFlags = WantsStoreFlag | PacedFlag | MultifdChannelFlag | CodedChannelFlag | QuietChannelFlag;
     private static ReadOnlySpan<byte> Magic => "BFMG"u8;
 
     /// <summary>
@@ -44,6 +46,15 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     public bool CodedChannel { get; init; }
 
     /// <summary>
+    /// A memory connection that followed its guest's main stream and on which QEMU sent nothing:
+    /// QEMU's post-copy preempt channel (QEMU 10 with libvirt 11 opens one when the trip switches
+    /// to post-copy, and writes to it only the pages the destination faults on). Carried byte for
+    /// byte, without a store, and with no idle timeout on either side: it may stay silent for the
+    /// whole post-copy phase, and the destination QEMU waits for it before it runs the guest.
+    /// </summary>
+    public bool QuietChannel { get; init; }
+
+    /// <summary>
     /// The protocol version the hello is written in: this helper's for one it sends, the peer's
     /// for one it decoded (any of <see cref="FrameCodec.OldestPeerVersion"/> to
     /// <see cref="FrameCodec.ProtocolVersion"/>), so that a decoded hello encodes to its own bytes.
@@ -59,7 +70,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         Magic.CopyTo(s);
         BinaryPrimitives.WriteUInt16BigEndian(s[4..], Version);
         s[6] = (byte)Kind;
-        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0) | (CodedChannel ? CodedChannelFlag : 0));
+        s[7] = (byte)((WantsStore ? WantsStoreFlag : 0) | (Paced ? PacedFlag : 0) | (MultifdChannel ? MultifdChannelFlag : 0) | (CodedChannel ? CodedChannelFlag : 0) | (QuietChannel ? QuietChannelFlag : 0));
         Guest.TryWriteBytes(s[8..], bigEndian: true, out _);
         BinaryPrimitives.WriteUInt64BigEndian(s[24..], Generation);
         Digest.AsSpan(0, 16).CopyTo(s[32..]);
@@ -78,8 +89,10 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         FrameCodec.RequirePeerVersion(version);
         byte kind = p[6];
         if (kind is not ((byte)StreamKind.Mig or (byte)StreamKind.Nbd or (byte)StreamKind.Control)) throw new PeerProtocolException($"hello names unknown stream kind {kind}");
-        if ((p[7] & ~(WantsStoreFlag | PacedFlag | MultifdChannelFlag | CodedChannelFlag)) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
+        if ((p[7] & ~KnownFlags) != 0) throw new PeerProtocolException($"hello has unknown flags 0x{p[7]:x2}");
         if ((p[7] & (MultifdChannelFlag | CodedChannelFlag)) == CodedChannelFlag) throw new PeerProtocolException("hello marks a coded channel that is not a multifd channel");
+        if ((p[7] & QuietChannelFlag) != 0 && (kind != (byte)StreamKind.Mig || (p[7] & ~QuietChannelFlag) != 0))
+            throw new PeerProtocolException($"hello marks a quiet channel that is not a plain memory stream (kind {kind}, flags 0x{p[7]:x2})");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
         return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),
@@ -89,6 +102,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
             Paced = (p[7] & PacedFlag) != 0,
             MultifdChannel = (p[7] & MultifdChannelFlag) != 0,
             CodedChannel = (p[7] & (MultifdChannelFlag | CodedChannelFlag)) == (MultifdChannelFlag | CodedChannelFlag),
+            QuietChannel = (p[7] & QuietChannelFlag) != 0,
         };
     }
 }

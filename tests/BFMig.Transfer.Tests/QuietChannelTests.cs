@@ -1,0 +1,110 @@
+using System.Net.Sockets;
+using BFMig.Transfer.Wire;
+
+namespace BFMig.Transfer.Tests;
+
+/// <summary>
+/// QEMU's post-copy preempt channel (QEMU 10 with libvirt 11): a memory connection that follows
+/// the main stream and on which QEMU writes nothing until the destination faults on a page, while
+/// the destination QEMU waits for that very connection before it runs the guest. Before, the
+/// sending helper waited for its first bytes before it said hello, the receiving daemon dropped the
+/// connection after 5 s, and the trip hung for ever (docs/lab-results/postcopy-hang).
+/// </summary>
+public class QuietChannelTests
+{
+    private static readonly Guid Guest = Guid.Parse("0b7c55a4-6a1f-4f55-9c36-2f1e0a9d8c11");
+
+    [Fact]
+    public async Task A_silent_follower_reaches_the_destination_at_once_and_outlives_the_idle_timeout()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var (qemuSrc, senderLocal) = await WireTests.Pair();
+        var (senderPeer, receiverPeer) = await WireTests.Pair();
+        var (receiverLocal, qemuDst) = await WireTests.Pair();
+        var idle = TimeSpan.FromMilliseconds(600);
+        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", IdleTimeout = idle, FollowsMain = true };
+        var ro = new TransferOptions { Guest = Guest, StoreRoot = null, IdleTimeout = idle };
+        var connected = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
+        var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ =>
+        {
+            connected.SetResult();
+            return Task.FromResult(LocalConnection.FromSocket(receiverLocal));
+        }, ro, cts.Token));
+
+        // The destination QEMU gets its connection while the source QEMU has said nothing yet.
+        await connected.Task.WaitAsync(TimeSpan.FromSeconds(5), cts.Token);
+        // Silence on both sides for more than three idle timeouts: nothing may give up.
+        await Task.Delay(idle * 3, cts.Token);
+        Assert.False(send.IsCompleted, $"the sender ended during the silence: {send.Exception?.InnerException?.Message}");
+        Assert.False(receive.IsCompleted, $"the receiver ended during the silence: {receive.Exception?.InnerException?.Message}");
+
+        // A faulted page goes source to destination, byte for byte; then the source closes.
+        var page = Enumerable.Range(0, 3 * 4096).Select(i => (byte)(i * 7 + 1)).ToArray();
+        using var src = new NetworkStream(qemuSrc, ownsSocket: true);
+        using var dst = new NetworkStream(qemuDst, ownsSocket: true);
+        await src.WriteAsync(page, cts.Token);
+        qemuSrc.Shutdown(SocketShutdown.Send);
+        var delivered = new MemoryStream();
+        await dst.CopyToAsync(delivered, cts.Token);
+        qemuDst.Shutdown(SocketShutdown.Send);
+
+        var (sent, received) = (await send, await receive);
+        Assert.Equal(page, delivered.ToArray());
+        Assert.Equal(("quiet-channel", "quiet-channel"), (sent.Mode, received.Mode));
+    }
+
+    [Fact]
+    public async Task A_follower_that_speaks_at_once_is_no_quiet_channel()
+    {
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var (qemuSrc, senderLocal) = await WireTests.Pair();
+        var (senderPeer, receiverPeer) = await WireTests.Pair();
+        var (receiverLocal, qemuDst) = await WireTests.Pair();
+        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", FollowsMain = true };
+        var ro = new TransferOptions { Guest = Guest, StoreRoot = null };
+        var bytes = "not a stream this helper parses, carried byte for byte"u8.ToArray();
+        using var src = new NetworkStream(qemuSrc, ownsSocket: true);
+        await src.WriteAsync(bytes, cts.Token);
+        qemuSrc.Shutdown(SocketShutdown.Send);
+        var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
+        var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
+        using var dst = new NetworkStream(qemuDst, ownsSocket: true);
+        var delivered = new MemoryStream();
+        await dst.CopyToAsync(delivered, cts.Token);
+        qemuDst.Shutdown(SocketShutdown.Send);
+        var (sent, received) = (await send, await receive);
+        Assert.Equal(bytes, delivered.ToArray());
+        Assert.Equal(("plain", "plain"), (sent.Mode, received.Mode));
+    }
+
+    [Fact]
+    public async Task A_longer_idle_timeout_restarts_a_read_already_waiting()
+    {
+        var (a, b) = await WireTests.Pair();
+        using var sa = new NetworkStream(a, ownsSocket: true);
+        using var reader = new FrameReader(new NetworkStream(b, ownsSocket: true), TimeSpan.FromMilliseconds(400));
+        var read = reader.ReadAsync(CancellationToken.None).AsTask();
+        await Task.Delay(150);
+        reader.IdleTimeout = Timeout.InfiniteTimeSpan;
+        await Task.Delay(800);
+        Assert.False(read.IsCompleted, $"the read gave up: {read.Exception?.InnerException?.Message}");
+        using var writer = new FrameWriter(sa, CompressionMode.None, 1);
+        await writer.WriteAsync(FrameType.Tunnel, "late"u8.ToArray(), compress: false, CancellationToken.None);
+        await writer.FlushAsync(CancellationToken.None);
+        var frame = await read.WaitAsync(TimeSpan.FromSeconds(5));
+        Assert.Equal("late"u8.ToArray(), frame!.Value.Payload.ToArray());
+    }
+
+    [Fact]
+    public void A_quiet_hello_round_trips_and_must_be_a_plain_memory_stream()
+    {
+        var hello = new Hello(StreamKind.Mig, false, Guest, 0, new byte[16], 0, new byte[32], "hostA") { QuietChannel = true };
+        var bytes = hello.Encode();
+        Assert.True(Hello.Decode(bytes).QuietChannel);
+        bytes[7] |= 1; // and wants a store
+        Assert.Contains("quiet channel that is not a plain memory stream", Assert.Throws<PeerProtocolException>(() => Hello.Decode(bytes)).Message);
+        var disk = new Hello(StreamKind.Nbd, false, Guest, 0, new byte[16], 0, new byte[32], "hostA") { QuietChannel = true }.Encode();
+        Assert.Contains("(kind 2, flags 0x10)", Assert.Throws<PeerProtocolException>(() => Hello.Decode(disk)).Message);
+    }
+}
