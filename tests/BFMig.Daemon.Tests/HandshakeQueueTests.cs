@@ -110,11 +110,57 @@ public sealed class HandshakeQueueTests : IDisposable
         await manager.ShutdownAsync(TimeSpan.Zero);
     }
 
-    private TransferManager Manager(string helper)
+    /// <summary>
+    /// A memory connection of a guest whose memory stream is already being sent from here is a
+    /// multifd channel or QEMU's post-copy preempt channel: its helper is told (<c>--follows-main</c>),
+    /// and one that QEMU keeps silent then says hello at once instead of waiting for bytes that
+    /// come only once the destination, itself waiting for that channel, runs the guest. The first
+    /// memory stream, a disk stream and another guest's are not; in transparent mode only a
+    /// connection to the port the memory stream goes to is.
+    /// </summary>
+    [Fact]
+    public async Task A_memory_connection_after_the_guests_main_stream_is_told_it_follows_it()
+    {
+        var events = Path.Combine(_root, "events");
+        var path = Path.Combine(_root, "waiting-helper");
+        File.WriteAllText(path, $$"""
+            #!/bin/sh
+            echo "start $*" >> {{events}}
+            i=0
+            while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+            exit 0
+
+            """);
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        var manager = Manager(path);
+        var peer = Options().Peers[0];
+        Guid guest = Guid.NewGuid(), other = Guid.NewGuid(), transparent = Guid.NewGuid();
+        Assert.False(manager.SendsMemory(guest));
+        Assert.True(manager.StartSend("g", guest, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
+        Assert.True(manager.SendsMemory(guest));
+        Assert.True(manager.StartSend("g", guest, peer, StreamKind.Nbd, await AcceptedSocketAsync(), []));
+        Assert.True(manager.StartSend("g", guest, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
+        Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
+        Assert.True(manager.StartSend("t", transparent, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
+        Assert.True(manager.SendsMemory(transparent, 49152));
+        Assert.False(manager.SendsMemory(transparent, 49153));
+        await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Length == 5, "five helpers to start", 10);
+        var follows = File.ReadAllLines(events).Select(l => (Guest: l.Contains(guest.ToString("D"), StringComparison.Ordinal) ? "g" : l.Contains(other.ToString("D"), StringComparison.Ordinal) ? "o" : "t",
+            Kind: l.Contains("--kind mig", StringComparison.Ordinal) ? "mig" : "nbd", Follows: l.Contains("--follows-main", StringComparison.Ordinal))).ToList();
+        Assert.Equal([("g", "mig", false), ("g", "mig", true), ("g", "nbd", false), ("o", "mig", false), ("t", "mig", false)], [.. follows.Order()]);
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
+    private DaemonOptions Options()
     {
         var conf = Path.Combine(_root, "bfmig.conf");
         File.WriteAllText(conf, DaemonHost.Ini("hostb", "hosta", 9).Replace("ROOT", _root, StringComparison.Ordinal).Replace("BUS", "unix:path=/nonexistent", StringComparison.Ordinal));
-        var options = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
+        return DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
+    }
+
+    private TransferManager Manager(string helper)
+    {
+        var options = Options();
         var stats = Directory.CreateDirectory(Path.Combine(_root, "stats")).FullName;
         return new TransferManager(options, helper, stats, NullLogger.Instance);
     }
