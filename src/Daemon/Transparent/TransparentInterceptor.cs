@@ -24,8 +24,10 @@ public interface ITransparentHost
     /// <summary>
     /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
     /// when it was refused (the socket is then closed and QEMU fails the migration).
+    /// <paramref name="quiet"/>: the stream is QEMU's post-copy preempt channel (its helper then
+    /// says hello without waiting for QEMU's first bytes).
     /// </summary>
-    bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort);
+    bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort, bool quiet);
 
     /// <summary>
     /// A stream of the guest's departure (<c>memory</c>, <c>disk</c>, <c>tls</c>, ...) goes
@@ -244,7 +246,7 @@ public sealed class TransparentInterceptor : IDisposable
             return;
         }
         DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
-        _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
+        _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port, quiet: sniffed == SniffedStream.PreemptChannel);
     }
 
     private void Dropped(string remote, string reason)
