@@ -56,6 +56,8 @@ public sealed partial class BfmigDaemon
 
     bool ITransparentHost.SendsMemory(Guid uuid, ushort targetPort) => _transfers is { } t && t.SendsMemory(uuid, targetPort);
 
+    bool ITransparentHost.SendsMemoryTo(string peer, ushort targetPort) => _transfers is { } t && t.SendsMemoryTo(peer, targetPort);
+
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort, bool quiet)

@@ -522,9 +522,11 @@ public static class TransferRunner
     /// writes its magic as soon as it connects; the preempt channel writes nothing until the
     /// destination faults on a page, and the destination QEMU, waiting for it before it runs the
     /// guest, faults on none: the guest stands still for this long (post-copy's switch only).
-    /// A multifd channel slower than this is carried byte for byte, which is always exact.
+    /// A multifd channel slower than this (its thread's first action; a scheduler slice is a few
+    /// ms) is carried byte for byte, which is always exact, only not coded against the store.
+    /// Transparent mode's sniff waits the same for such a connection.
     /// </summary>
-    public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(250);
+    public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(100);
 
     // True when QEMU's first bytes (or its close) arrive within the wait; nothing is consumed (a zero-byte receive).
     private static async Task<bool> ReadableWithinAsync(LocalConnection qemu, TimeSpan wait, CancellationToken ct)

@@ -144,6 +144,9 @@ public sealed class HandshakeQueueTests : IDisposable
         Assert.True(manager.StartSend("t", transparent, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
         Assert.True(manager.SendsMemory(transparent, 49152));
         Assert.False(manager.SendsMemory(transparent, 49153));
+        Assert.True(manager.SendsMemoryTo(peer.Name, 49152));
+        Assert.False(manager.SendsMemoryTo(peer.Name, 49153));
+        Assert.False(manager.SendsMemoryTo("elsewhere", 49152));
         // Transparent mode's sniff found the preempt channel itself: its helper need not wait to see.
         Assert.True(manager.StartSend("t", transparent, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152, quiet: true));
         await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Length == 6, "six helpers to start", 10);

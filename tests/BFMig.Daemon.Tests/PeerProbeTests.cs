@@ -165,7 +165,9 @@ public sealed class PeerProbeTests
             Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49153)));
             Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.3"), 49152)));
             Assert.False(mains.GoesTo(other, to));
+            Assert.True(mains.AnyGoesTo(to));
         }
+        Assert.False(mains.AnyGoesTo(to));
         Assert.False(mains.GoesTo(guest, to));
     }
 

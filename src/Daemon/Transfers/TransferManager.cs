@@ -108,6 +108,13 @@ public sealed partial class TransferManager
                 && (targetPort == 0 || r.TargetPort == targetPort));
     }
 
+    /// <summary>True while a memory stream, any guest's, is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode).</summary>
+    public bool SendsMemoryTo(string peer, ushort targetPort)
+    {
+        lock (_gate)
+            return _running.Values.Any(r => r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig && r.Peer == peer && r.TargetPort == targetPort);
+    }
+
     /// <summary>True while any stream of the guest runs.</summary>
     public bool IsBusy(Guid uuid)
     {

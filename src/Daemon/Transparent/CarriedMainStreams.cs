@@ -45,6 +45,13 @@ public sealed class CarriedMainStreams
             return _carrying.TryGetValue(guest, out var main) && main.To.Equals(to);
     }
 
+    /// <summary>True while any guest's carried memory stream goes to <paramref name="to"/>.</summary>
+    public bool AnyGoesTo(System.Net.IPEndPoint to)
+    {
+        lock (_gate)
+            return _carrying.Values.Any(main => main.To.Equals(to));
+    }
+
     private void End(Guid guest, Entry entry)
     {
         lock (_gate)

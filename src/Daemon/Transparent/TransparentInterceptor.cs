@@ -4,6 +4,7 @@ using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
 using BFMig.Native.Linux;
+using BFMig.Transfer;
 using BFMig.Transfer.Wire;
 using Microsoft.Extensions.Logging;
 
@@ -20,6 +21,9 @@ public interface ITransparentHost
 
     /// <summary>True while a helper sends a memory stream of the guest to <paramref name="targetPort"/> on the peer.</summary>
     bool SendsMemory(Guid uuid, ushort targetPort);
+
+    /// <summary>True while a helper sends a memory stream, any guest's, to <paramref name="targetPort"/> on <paramref name="peer"/>.</summary>
+    bool SendsMemoryTo(string peer, ushort targetPort);
 
     /// <summary>
     /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
@@ -195,7 +199,12 @@ public sealed class TransparentInterceptor : IDisposable
         }
         // Sniff first: libvirtd connects the memory stream itself and hands it to QEMU, which
         // holds it (and writes to it) only from then on.
-        var (sniffed, after) = await StreamSniffer.SniffAsync(connection, _silence, _stop.Token).ConfigureAwait(false);
+        // A connection to where a memory stream still goes is QEMU's own: a multifd channel, which
+        // writes its magic at once, or the post-copy preempt channel, which stays silent while the
+        // guest stands still waiting for it, so that one is not waited on for long.
+        bool follows = _host.SendsMemoryTo(peer.Name, (ushort)original.Port) || _carriedMains.AnyGoesTo(original);
+        var silence = follows ? TransferRunner.FollowerFirstBytesWait : _silence;
+        var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
         var owner = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
         // Silence on the port the guest's memory stream is still going to is not the disk mirror
         // (it has a port of its own, and connects before the memory stream): it is QEMU's

@@ -35,7 +35,7 @@ internal static class Program
                  --target-port N (send, transparent mode: the peer port QEMU aimed at, sent in a route frame)
                  --route-first (receive: a route frame precedes the hello)
                  --follows-main (send, kind mig: the guest's main memory stream is already being sent from here; a connection
-                              QEMU keeps silent for 250 ms is its post-copy preempt channel, carried without an idle timeout)
+                              QEMU keeps silent for 100 ms is its post-copy preempt channel, carried without an idle timeout)
                  --quiet-channel (send, kind mig: this connection is QEMU's post-copy preempt channel, bfmigd saw it stay silent)
                  --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
                  --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
