@@ -60,11 +60,11 @@ public sealed partial class BfmigDaemon
 
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 
-    bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort, bool quiet)
+    bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
     {
         StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
         _checkpoints?.OnTripStarting(uuid, guest, peer);
-        return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort, quiet);
+        return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
     }
 
     /// <summary>

@@ -68,8 +68,6 @@ public sealed class TransferOptions
     /// if it stays silent (<see cref="TransferRunner.FollowerFirstBytesWait"/>).
     /// </summary>
     public bool FollowsMain { get; init; }
-    /// <summary>Sender, kind mig: the daemon already found this connection to be QEMU's post-copy preempt channel (transparent mode's sniff): no wait of its own.</summary>
-    public bool QuietChannel { get; init; }
     /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
     public bool RouteFirst { get; init; }
     /// <summary>
@@ -122,11 +120,10 @@ public static class TransferRunner
         var clock = Stopwatch.StartNew();
         qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
         if (o.Kind == StreamKind.Mig) qemu.LimitReadQueue(LocalConnection.SourceReadQueue);
-        bool quiet = o.Kind == StreamKind.Mig && (o.QuietChannel || (o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerFirstBytesWait, ct)));
+        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerFirstBytesWait, ct);
         var prefix = o.Kind == StreamKind.Mig && !quiet ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         if (quiet)
-            TransferLog.Note(o.QuietChannel ? "bfmig-transfer: QEMU's post-copy preempt channel (bfmigd's finding), carried byte for byte with no idle timeout"
-                : $"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
+            TransferLog.Note($"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
                 "its post-copy preempt channel, carried byte for byte with no idle timeout");
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;

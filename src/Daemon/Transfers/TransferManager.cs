@@ -168,11 +168,9 @@ public sealed partial class TransferManager
     /// <summary>
     /// Hands a connection from the local QEMU (accepted on <c>RUNTIME/PEER/GUEST.KIND</c>) to a
     /// sending helper. Takes ownership of <paramref name="qemu"/>; returns false (and closes it,
-    /// so QEMU fails the migration and keeps the guest) when refused. <paramref name="quiet"/>:
-    /// transparent mode found it to be QEMU's post-copy preempt channel already.
+    /// so QEMU fails the migration and keeps the guest) when refused.
     /// </summary>
-    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0,
-        bool quiet = false)
+    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0)
     {
         var args = new List<string>
         {
@@ -191,9 +189,7 @@ public sealed partial class TransferManager
         }
         if (targetPort != 0)
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
-        if (kind == StreamKind.Mig && quiet)
-            args.Add("--quiet-channel");
-        else if (kind == StreamKind.Mig && SendsMemory(uuid))
+        if (kind == StreamKind.Mig && SendsMemory(uuid))
             args.Add("--follows-main");
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort);
     }

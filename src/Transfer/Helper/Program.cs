@@ -36,7 +36,6 @@ internal static class Program
                  --route-first (receive: a route frame precedes the hello)
                  --follows-main (send, kind mig: the guest's main memory stream is already being sent from here; a connection
                               QEMU keeps silent for 100 ms is its post-copy preempt channel, carried without an idle timeout)
-                 --quiet-channel (send, kind mig: this connection is QEMU's post-copy preempt channel, bfmigd saw it stay silent)
                  --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
                  --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
                  --qemu-user NAME (kind nbd: the QEMU user, who may own a guest's block device while libvirt lends it to QEMU)
@@ -166,7 +165,7 @@ internal static class Program
         }
     }
 
-    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume", "follows-main", "quiet-channel"];
+    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume", "follows-main"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
          "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
@@ -256,7 +255,6 @@ internal static class Program
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
             FollowsMain = send && d.ContainsKey("follows-main"),
-            QuietChannel = send && kind == StreamKind.Mig && d.ContainsKey("quiet-channel"),
             GuestRuns = !send && d.ContainsKey("commit-after-resume") ? GuestRunsSignal() : null,
             AwaitMainChannel = !send && d.TryGetValue("connect", out var connect)
                 ? t => MainChannelGate.WaitAsync(Endpoint.Parse(connect), MainChannelGate.DefaultTimeout, t)
