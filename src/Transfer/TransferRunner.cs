@@ -343,7 +343,10 @@ public static class TransferRunner
                 if (codec is null) throw new PeerProtocolException($"a coded multifd channel, and {whyNot}");
             }
             await using var coded = codec is null ? null : CodedChannel.ForReceiving(codec, reader, writer, stats, hello.Paced);
-            if (hello.MultifdChannel && o.AwaitMainChannel is { } awaitMain)
+            // A quiet channel too: a multifd channel whose magic came late would be taken for one, and
+            // QEMU 7.2 takes whichever connection comes first for the main stream (the preempt
+            // channel itself finds the main one long connected, and waits no time).
+            if ((hello.MultifdChannel || hello.QuietChannel) && o.AwaitMainChannel is { } awaitMain)
                 await awaitMain(ct);
             var opened = await connectLocal(ct);
             await using var local = new LocalConnection(new CountingStream(opened.Stream, stats, countReads: false), opened.Socket);
