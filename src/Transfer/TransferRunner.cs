@@ -106,8 +106,23 @@ public static class TransferRunner
     /// Sender: <paramref name="qemu"/> is the local QEMU's connection, <paramref name="peer"/> the
     /// connected socket to the receiving helper.
     /// </summary>
-    public static Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct) =>
-        SendAsync(qemu, _ => Task.FromResult(peer), o, ct);
+    public static async Task<TransferStats> SendAsync(LocalConnection qemu, Socket peer, TransferOptions o, CancellationToken ct)
+    {
+        bool taken = false;
+        try
+        {
+            return await SendAsync(qemu, _ =>
+            {
+                taken = true;
+                return Task.FromResult(peer);
+            }, o, ct);
+        }
+        finally
+        {
+            // A stream that failed before it connected leaves the peer its close, not a handshake timeout.
+            if (!taken) peer.Dispose();
+        }
+    }
 
     /// <summary>
     /// Sender: <paramref name="qemu"/> is the local QEMU's connection; <paramref name="connectPeer"/>
@@ -150,12 +165,12 @@ public static class TransferRunner
             if (whyNot is not null) TransferLog.Note($"bfmig-transfer: multifd channel carried byte for byte: {whyNot}");
         }
         Stream secured;
-        NetworkStream raw;
+        NetworkStream? raw = null;
         try
         {
             var peer = await connectPeer(ct);
-            PeerSockets.KeepAlive(peer);
             raw = new NetworkStream(peer, ownsSocket: true);
+            PeerSockets.KeepAlive(peer);
             using var hs = CancellationTokenSource.CreateLinkedTokenSource(ct);
             // A receiver that accepts the connection but never finishes TLS must not hold this stream (and the source QEMU) forever.
             hs.CancelAfter(o.HandshakeTimeout);
@@ -166,6 +181,8 @@ public static class TransferRunner
         catch
         {
             codec?.Dispose();
+            store?.Dispose();
+            raw?.Dispose();
             throw;
         }
         await using var transport = secured;
@@ -295,8 +312,8 @@ public static class TransferRunner
         var stats = new TransferStats { Role = "receive", Kind = o.Kind.ToString().ToLowerInvariant() };
         var clock = Stopwatch.StartNew();
         MemoryStore? store = null;
-        PeerSockets.KeepAlive(peer);
         var raw = new NetworkStream(peer, ownsSocket: true);
+        PeerSockets.KeepAlive(peer);
         if (o.Authenticator.HidesHello || o.RouteFirst)
         {
             RouteRequest route;
@@ -523,8 +540,11 @@ public static class TransferRunner
     /// destination faults on a page, and the destination QEMU, waiting for it before it runs the
     /// guest, faults on none: the guest stands still for this long (post-copy's switch only).
     /// A multifd channel slower than this (its thread's first action; a scheduler slice is a few
-    /// ms) is carried byte for byte, which is always exact, only not coded against the store.
-    /// Transparent mode's sniff waits the same for such a connection.
+    /// ms) is carried byte for byte behind the main stream, which is always exact, only not coded
+    /// against the store. Transparent mode's sniff waits the same for such a connection, and
+    /// carries a silent one straight to the peer's QEMU: a multifd channel that late could reach
+    /// a QEMU 7.2 before its main stream and fail the migration cleanly (QEMU up to 10.0 refuses
+    /// multifd with post-copy, so a trip has a preempt channel or multifd channels, not both).
     /// </summary>
     public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(100);
 

@@ -7,7 +7,7 @@ public sealed class TransferStats
 {
     public string Role { get; set; } = "";
     public string Kind { get; set; } = "";
-    /// <summary>"store-match" (elision on), "store-full" (stores disagreed: everything sent), "coded-channel" (a multifd channel coded through its main stream's helper), or "plain" (tunnel).</summary>
+    /// <summary>"store-match" (elision on), "store-full" (stores disagreed: everything sent), "coded-channel" (a multifd channel coded through its main stream's helper), "quiet-channel" (QEMU's post-copy preempt channel, a tunnel with no idle timeout), or "plain" (tunnel).</summary>
     public string Mode { get; set; } = "";
     /// <summary>Bytes read from the local QEMU (sender) or written to it (receiver), forward direction.</summary>
     public long StreamBytes { get; set; }

@@ -35,6 +35,7 @@ internal static class HelloTarget
             new Hello(StreamKind.Nbd, false, guest, 0, new byte[16], 0, nonce, "host-b.lab") { Paced = true }.Encode(),
             new Hello(StreamKind.Control, false, guest, 7, digest, 1, nonce, "").Encode(),
             new Hello(StreamKind.Mig, true, guest, 2, digest, 5, nonce, "older") { Version = FrameCodec.OldestPeerVersion }.Encode(),
+            new Hello(StreamKind.Mig, false, guest, 0, new byte[16], 0, nonce, "hosta") { QuietChannel = true }.Encode(),
         };
         var routes = new[]
         {

@@ -366,16 +366,20 @@ public class QemuStreamParserTests
     }
 
     /// <summary>
-    /// Only a post-copy command (POSTCOPY_LISTEN to PACKAGED, 4 to 8) marks the stream post-copy,
-    /// after which the sender lifts its idle timeout and pacing; POSTCOPY_ADVISE (3) comes with
-    /// dirty bitmaps alone and is parsed through, and COLO (10) is opaque but not post-copy.
+    /// Only a post-copy command (POSTCOPY_LISTEN to PACKAGED, 4 to 7, or a recovery's
+    /// POSTCOPY_RESUME and RECV_BITMAP, 9 and 10; QEMU's enum qemu_vm_cmd) marks the stream
+    /// post-copy, after which the sender lifts its idle timeout and pacing; POSTCOPY_ADVISE (3)
+    /// comes with dirty bitmaps alone and is parsed through, and ENABLE_COLO (8) is opaque but
+    /// not post-copy.
     /// </summary>
     [Theory]
     [InlineData(QemuFormat.CmdPostcopyAdvise, false, false)]
-    [InlineData(QemuFormat.CmdPostcopyFirst, true, true)]
+    [InlineData(QemuFormat.CmdPostcopyListen, true, true)]
     [InlineData(6, true, true)]
-    [InlineData(QemuFormat.CmdPostcopyLast, true, true)]
-    [InlineData(10, true, false)]
+    [InlineData(QemuFormat.CmdPackaged, true, true)]
+    [InlineData(QemuFormat.CmdEnableColo, true, false)]
+    [InlineData(QemuFormat.CmdPostcopyResume, true, true)]
+    [InlineData(QemuFormat.CmdRecvBitmap, true, true)]
     public void A_post_copy_command_marks_the_stream_post_copy(ushort cmd, bool opaque, bool postCopy)
     {
         var header = new StreamBuilder().Header().ToArray();

@@ -97,6 +97,30 @@ public class QuietChannelTests
     }
 
     [Fact]
+    public async Task Peer_sockets_probe_a_silent_peer_and_give_up_on_a_vanished_one_within_90_s()
+    {
+        var (a, b) = await WireTests.TcpPair();
+        using (a)
+        using (b)
+        {
+            // As bfmigd hands it over: by descriptor, the socket knowing only its family.
+            using var passed = new Socket(new SafeSocketHandle(a.Handle, ownsHandle: false));
+            PeerSockets.KeepAlive(passed);
+            Assert.Equal(1, (int)a.GetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive)!);
+            int idle = (int)a.GetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime)!;
+            int interval = (int)a.GetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval)!;
+            int probes = (int)a.GetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount)!;
+            Assert.Equal(90, idle + interval * probes);
+            Assert.Equal(0, (int)b.GetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive)!);
+        }
+        // A unix socket pair has no keepalive to set, and is left alone.
+        var (u, v) = await WireTests.Pair();
+        using (u)
+        using (v)
+            PeerSockets.KeepAlive(u);
+    }
+
+    [Fact]
     public void A_quiet_hello_round_trips_and_must_be_a_plain_memory_stream()
     {
         var hello = new Hello(StreamKind.Mig, false, Guest, 0, new byte[16], 0, new byte[32], "hostA") { QuietChannel = true };
@@ -106,5 +130,8 @@ public class QuietChannelTests
         Assert.Contains("quiet channel that is not a plain memory stream", Assert.Throws<PeerProtocolException>(() => Hello.Decode(bytes)).Message);
         var disk = new Hello(StreamKind.Nbd, false, Guest, 0, new byte[16], 0, new byte[32], "hostA") { QuietChannel = true }.Encode();
         Assert.Contains("(kind 2, flags 0x10)", Assert.Throws<PeerProtocolException>(() => Hello.Decode(disk)).Message);
+        // No sender before version 10 sets the flag: such a hello is malformed, not a quiet channel.
+        var older = (hello with { Version = 9 }).Encode();
+        Assert.Equal("hello of protocol version 9 marks a quiet channel (version 10 on)", Assert.Throws<PeerProtocolException>(() => Hello.Decode(older)).Message);
     }
 }

@@ -66,21 +66,16 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
                     Assert.Fail("sender exited before listening: " + await sender.StandardError.ReadToEndAsync(cts.Token));
                 await Task.Delay(20, cts.Token);
             }
-            using (var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified))
+            using (var qemu = await ConnectSourceAsync(source, sender, cts.Token))
             {
                 try
                 {
-                    await qemu.ConnectAsync(new UnixDomainSocketEndPoint(source), cts.Token);
-                    await qemu.SendAsync(payload, SocketFlags.None, cts.Token);
-                    qemu.Shutdown(SocketShutdown.Send);
-                    while (await qemu.ReceiveAsync(new byte[4096], SocketFlags.None, cts.Token) > 0)
-                    {
-                    }
+                    if (qemu is not null)
+                        await SendAllAsync(qemu, payload, cts.Token);
                 }
                 catch (SocketException)
                 {
-                    // A refused trip may end the sender before the source connects (refused: a loaded
-                    // machine, CI), or close the source's connection while it still writes.
+                    // A refused trip may close the source's connection while it still writes.
                 }
             }
             await sender.WaitForExitAsync(cts.Token);
@@ -102,6 +97,42 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
             got = arrived.Result;
         var stats = File.Exists(receiverStats) ? JsonNode.Parse(await File.ReadAllTextAsync(receiverStats, cts.Token)) : null;
         return new Run(sender.ExitCode, receiver.ExitCode, se, re, connected, got, stats);
+    }
+
+    // The source QEMU: writes the stream, ends it, and reads until the sender closes.
+    private static async Task SendAllAsync(Socket qemu, byte[] payload, CancellationToken ct)
+    {
+        await qemu.SendAsync(payload, SocketFlags.None, ct);
+        qemu.Shutdown(SocketShutdown.Send);
+        while (await qemu.ReceiveAsync(new byte[4096], SocketFlags.None, ct) > 0)
+        {
+        }
+    }
+
+    // The socket file appears at bind(), a moment before listen(): a connect in between is
+    // refused (a CI rehearsal: the sender then waited 30 s for a source that had given up).
+    private static async Task<Socket?> ConnectSourceAsync(string path, Process sender, CancellationToken ct)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            try
+            {
+                await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path), ct);
+                return qemu;
+            }
+            catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionRefused && attempt < 250 && !sender.HasExited)
+            {
+                qemu.Dispose();
+                await Task.Delay(20, ct);
+            }
+            catch (SocketException)
+            {
+                // A refused trip may end the sender before the source connects: its exit says why.
+                qemu.Dispose();
+                return null;
+            }
+        }
     }
 
     private static Process Start(string exe, string[] args)

@@ -129,11 +129,12 @@ public class WireTests
     }
 
     /// <summary>
-    /// A rolling upgrade from 8: its sources do not probe, and their helpers' frames are this
-    /// version's, so their hello and route are read here; a version outside 8-9 is refused naming both.
+    /// A rolling upgrade from 8 or 9: their sources' helpers' frames mean what they meant, so
+    /// their hello and route are read here; a version outside 8-10 is refused naming both.
     /// </summary>
     [Theory]
     [InlineData(FrameCodec.OldestPeerVersion, true)]
+    [InlineData(9, true)]
     [InlineData(FrameCodec.ProtocolVersion, true)]
     [InlineData(FrameCodec.OldestPeerVersion - 1, false)]
     [InlineData(FrameCodec.ProtocolVersion + 1, false)]

@@ -2,7 +2,8 @@ namespace BFMig.Daemon.Transparent;
 
 /// <summary>
 /// The guests whose memory stream transparent mode is carrying straight to the peer's QEMU right
-/// now, where to, and why: their multifd channels and post-copy preempt channel must go the same way. A channel handed to a helper while
+/// now, where to, and why: their multifd channels must go the same way (and a silent connection to
+/// where one goes is its post-copy preempt channel, which goes straight to the peer's QEMU anyway). A channel handed to a helper while
 /// its main stream went around BFMig would wait at the peer's receiver for a main stream that
 /// never comes there. An entry lives exactly as long as the carried main connection: a
 /// migration's channels connect while its main stream is open, and a failed attempt's entry is

@@ -27,7 +27,7 @@ public enum SniffedStream
 
     /// <summary>
     /// Silence on the port a memory stream of the same guest still goes to (the interceptor tells,
-    /// not the bytes): QEMU's post-copy preempt channel, carried like a multifd channel.
+    /// not the bytes): QEMU's post-copy preempt channel, carried straight to the peer's QEMU.
     /// </summary>
     PreemptChannel,
 }
@@ -36,7 +36,8 @@ public enum SniffedStream
 /// Tells a redirected connection's stream kind without consuming a byte (MSG_PEEK): QEMU's
 /// migration client writes its header as soon as it connects, while QEMU's NBD client never
 /// speaks before the server's greeting. A connection that stays silent for the wait is the NBD
-/// one; a migration client slower than that would reach the NBD path, which fails the migration
+/// one (or, on the port of the guest's running memory stream, QEMU's post-copy preempt channel:
+/// the interceptor decides that); a migration client slower than that would reach the NBD path, which fails the migration
 /// cleanly (the guest stays on the source), so the wait errs on the long side.
 /// </summary>
 public static class StreamSniffer

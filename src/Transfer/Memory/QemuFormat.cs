@@ -24,8 +24,12 @@ public static class QemuFormat
     public const ushort CmdPing = 2;
     /// <summary>Sent when postcopy or dirty-bitmap migration is enabled (length 0 with bitmaps only, 16 with postcopy-ram).</summary>
     public const ushort CmdPostcopyAdvise = 3;
-    /// <summary>POSTCOPY_LISTEN, POSTCOPY_RUN, POSTCOPY_RAM_DISCARD, POSTCOPY_RESUME and PACKAGED (4 to 8): the source QEMU is switching to post-copy.</summary>
-    public const ushort CmdPostcopyFirst = 4, CmdPostcopyLast = 8;
+    /// <summary>POSTCOPY_LISTEN, POSTCOPY_RUN, POSTCOPY_RAM_DISCARD and PACKAGED (4 to 7): the source QEMU is switching to post-copy.</summary>
+    public const ushort CmdPostcopyListen = 4, CmdPackaged = 7;
+    /// <summary>ENABLE_COLO: opaque, not post-copy.</summary>
+    public const ushort CmdEnableColo = 8;
+    /// <summary>POSTCOPY_RESUME and RECV_BITMAP (9, 10): a paused post-copy migration being recovered.</summary>
+    public const ushort CmdPostcopyResume = 9, CmdRecvBitmap = 10;
     public const ushort CmdSwitchoverStart = 11;
 
     public const ulong FlagZero = 0x02;

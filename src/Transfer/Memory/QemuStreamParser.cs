@@ -244,7 +244,7 @@ public sealed partial class QemuStreamParser
                 // POSTCOPY_ADVISE also announces dirty-bitmap migration (libvirt checkpoints); only LISTEN/RUN would start postcopy.
                 if (cmd is not (QemuFormat.CmdOpenReturnPath or QemuFormat.CmdPing or QemuFormat.CmdSwitchoverStart or QemuFormat.CmdPostcopyAdvise))
                 {
-                    PostCopy = cmd is >= QemuFormat.CmdPostcopyFirst and <= QemuFormat.CmdPostcopyLast;
+                    PostCopy = cmd is >= QemuFormat.CmdPostcopyListen and <= QemuFormat.CmdPackaged or QemuFormat.CmdPostcopyResume or QemuFormat.CmdRecvBitmap;
                     GoOpaque($"command {cmd} (postcopy, packaged or colo) at offset {_position}");
                     return false;
                 }

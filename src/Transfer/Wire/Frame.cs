@@ -77,17 +77,21 @@ public static class FrameCodec
     /// 9: bfmigd answers a peer's version probe (<see cref="FrameType.Probe"/>, <see cref="VersionProbe"/>),
     /// so that transparent mode carries a stream at stock cost to a peer of another version instead
     /// of handing it to a helper the peer would refuse; the helpers' frames are those of 8.
+    /// 10: the hello's quiet-channel flag (<see cref="Hello.QuietChannel"/>, QEMU 10's post-copy
+    /// preempt channel). A 9 receiver would refuse such a hello only at the switch to post-copy,
+    /// with the guest already split between the hosts; it refuses a 10 sender's first stream
+    /// instead, while the guest still runs on the source.
     /// A peer's hello or route of a version this side does not read (<see cref="RequirePeerVersion"/>)
     /// is refused by name rather than misread.
     /// </summary>
-    public const ushort ProtocolVersion = 9;
+    public const ushort ProtocolVersion = 10;
 
     /// <summary>
     /// The oldest version whose hello and route this side reads. 9 changed no helper frame (it
-    /// added bfmigd's answer to the probe), so a source of 8, which does not probe, is taken at
-    /// full saving while hosts are upgraded one by one; a source of this version probes an 8
-    /// first and carries its streams at stock cost. A version that changes a helper frame raises
-    /// this to itself.
+    /// added bfmigd's answer to the probe), and 10 only added a hello flag an older sender never
+    /// sets, so a source of 8 or 9 is taken at full saving while hosts are upgraded one by one; a
+    /// source of this version probes an older peer first and carries its streams at stock cost.
+    /// A version that changes what an older sender's frames mean raises this to itself.
     /// </summary>
     public const ushort OldestPeerVersion = 8;
 

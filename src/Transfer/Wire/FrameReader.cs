@@ -42,23 +42,47 @@ public sealed class FrameReader : IDisposable
     /// </summary>
     public TimeSpan IdleTimeout
     {
-        get => TimeSpan.FromTicks(Volatile.Read(ref _idleTicks));
+        get
+        {
+            lock (_timerGate)
+                return _idleTimeout;
+        }
         set
         {
-            Volatile.Write(ref _idleTicks, value.Ticks);
-            try
+            lock (_timerGate)
             {
-                Volatile.Read(ref _readTimer)?.CancelAfter(value);
-            }
-            catch (ObjectDisposedException)
-            {
-                // The read ended meanwhile; the next one starts with the new value.
+                _idleTimeout = value;
+                // Disposed only under this lock (StopTimer), so it is live here.
+                _readTimer?.CancelAfter(value);
             }
         }
     }
 
-    private long _idleTicks;
+    // The idle timeout and the timer of the read in progress: one lock, so that a change either
+    // reaches that read's timer or comes before the read starts its own.
+    private readonly Lock _timerGate = new();
+    private TimeSpan _idleTimeout;
     private CancellationTokenSource? _readTimer;
+
+    private CancellationTokenSource StartTimer(CancellationToken ct)
+    {
+        var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        lock (_timerGate)
+        {
+            cts.CancelAfter(_idleTimeout);
+            _readTimer = cts;
+        }
+        return cts;
+    }
+
+    private void StopTimer(CancellationTokenSource cts)
+    {
+        lock (_timerGate)
+        {
+            if (ReferenceEquals(_readTimer, cts)) _readTimer = null;
+            cts.Dispose();
+        }
+    }
 
     /// <summary>Bytes read from the peer so far.</summary>
     public long BytesRead { get; private set; }
@@ -119,12 +143,7 @@ public sealed class FrameReader : IDisposable
 
     private async ValueTask<int> ReadAtLeastAsync(Memory<byte> buffer, CancellationToken ct)
     {
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-        var timeout = IdleTimeout;
-        cts.CancelAfter(timeout);
-        Volatile.Write(ref _readTimer, cts);
-        // A change made between the two lines above found no read in progress to restart.
-        if (IdleTimeout is var now && now != timeout) cts.CancelAfter(now);
+        var cts = StartTimer(ct);
         int total = 0;
         try
         {
@@ -137,11 +156,11 @@ public sealed class FrameReader : IDisposable
         }
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
-            throw new TimeoutException($"peer sent nothing for {timeout.TotalSeconds:0} s (at byte {BytesRead + total})");
+            throw new TimeoutException($"peer sent nothing for {IdleTimeout.TotalSeconds:0} s (at byte {BytesRead + total})");
         }
         finally
         {
-            Interlocked.CompareExchange(ref _readTimer, null, cts);
+            StopTimer(cts);
         }
         return total;
     }

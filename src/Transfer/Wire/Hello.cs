@@ -26,6 +26,7 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
     private const byte MultifdChannelFlag = 4;
     private const byte CodedChannelFlag = 8;
     private const byte QuietChannelFlag = 16;
+    private const ushort QuietChannelVersion = 10;
     private const byte KnownFlags = WantsStoreFlag | PacedFlag | MultifdChannelFlag | CodedChannelFlag | QuietChannelFlag;
     private static ReadOnlySpan<byte> Magic => "BFMG"u8;
 
@@ -93,6 +94,8 @@ public sealed record Hello(StreamKind Kind, bool WantsStore, Guid Guest, ulong G
         if ((p[7] & (MultifdChannelFlag | CodedChannelFlag)) == CodedChannelFlag) throw new PeerProtocolException("hello marks a coded channel that is not a multifd channel");
         if ((p[7] & QuietChannelFlag) != 0 && (kind != (byte)StreamKind.Mig || (p[7] & ~QuietChannelFlag) != 0))
             throw new PeerProtocolException($"hello marks a quiet channel that is not a plain memory stream (kind {kind}, flags 0x{p[7]:x2})");
+        if ((p[7] & QuietChannelFlag) != 0 && version < QuietChannelVersion)
+            throw new PeerProtocolException($"hello of protocol version {version} marks a quiet channel (version {QuietChannelVersion} on)");
         int nameLen = p[88];
         if (p.Length != 89 + nameLen) throw new PeerProtocolException($"hello of {p.Length} bytes, expected {89 + nameLen}");
         return new Hello((StreamKind)kind, (p[7] & WantsStoreFlag) != 0, new Guid(p.Slice(8, 16), bigEndian: true), BinaryPrimitives.ReadUInt64BigEndian(p[24..]),

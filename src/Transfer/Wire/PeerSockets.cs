@@ -20,14 +20,22 @@ public static class PeerSockets
     /// post-copy preempt channel, silent until the destination faults on a page, and any memory
     /// stream once it went post-copy (<see cref="FrameReader.IdleTimeout"/>). A live peer
     /// answers the probes from its kernel, however long QEMU stays silent. Not a TCP socket
-    /// (the tests' socket pairs): nothing to do.
+    /// (the tests' socket pairs; told as <see cref="Endpoint.LowLatency"/> tells it, since a
+    /// socket bfmigd passed by descriptor does not know its protocol): nothing to do.
     /// </summary>
     public static void KeepAlive(Socket socket)
     {
-        if (socket.ProtocolType != ProtocolType.Tcp) return;
-        socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
-        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, KeepAliveIdleSeconds);
-        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, KeepAliveIntervalSeconds);
-        socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, KeepAliveProbes);
+        if (!BFMig.Native.Linux.UnixSockets.IsTcp(socket)) return;
+        try
+        {
+            socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.KeepAlive, true);
+            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveTime, KeepAliveIdleSeconds);
+            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveInterval, KeepAliveIntervalSeconds);
+            socket.SetSocketOption(SocketOptionLevel.Tcp, SocketOptionName.TcpKeepAliveRetryCount, KeepAliveProbes);
+        }
+        catch (SocketException)
+        {
+            // Without keepalive a vanished peer holds a silent channel until QEMU ends it, as over a plain socket.
+        }
     }
 }
