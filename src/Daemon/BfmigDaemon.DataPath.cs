@@ -54,9 +54,7 @@ public sealed partial class BfmigDaemon
 
     bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
 
-    bool ITransparentHost.SendsMemory(Guid uuid, ushort targetPort) => _transfers is { } t && t.SendsMemory(uuid, targetPort);
-
-    bool ITransparentHost.SendsMemoryTo(string peer, ushort targetPort) => _transfers is { } t && t.SendsMemoryTo(peer, targetPort);
+    Guid? ITransparentHost.MemoryGoingTo(string peer, ushort targetPort) => _transfers?.MemoryGoingTo(peer, targetPort);
 
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 

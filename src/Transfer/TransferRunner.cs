@@ -251,13 +251,12 @@ public static class TransferRunner
             }
             else
             {
-                stats.Mode = "plain";
+                stats.Mode = hello.QuietChannel ? "quiet-channel" : "plain";
                 // A main stream carried plain records nothing: its channels hear so at once instead of looking for 5 s.
                 await using var refusing = ChannelCodecs.TryStart(store, sending: true);
                 refusing?.Refuse("the receiver keeps no store for this trip");
                 var tap = hello.MultifdChannel ? new MultifdChannelTap(qemu.Stream) : null;
                 tap?.Observe(prefix);
-                if (quiet) stats.Mode = "quiet-channel";
                 try
                 {
                     await TunnelBridge.CopyBothWaysAsync(tap ?? qemu.Stream, qemu.HalfClose, new PeerByteTunnel(reader, writer), prefix, stats,

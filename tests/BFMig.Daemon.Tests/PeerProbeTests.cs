@@ -160,15 +160,14 @@ public sealed class PeerProbeTests
         Guid guest = Guid.NewGuid(), other = Guid.NewGuid();
         var to = new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152);
         using (mains.Carrying(guest, to, "the peer's bfmigd does not answer"))
+        using (mains.Carrying(other, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49154), "the peer's bfmigd does not answer"))
         {
-            Assert.True(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152)));
-            Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49153)));
-            Assert.False(mains.GoesTo(guest, new IPEndPoint(IPAddress.Parse("198.18.0.3"), 49152)));
-            Assert.False(mains.GoesTo(other, to));
-            Assert.True(mains.AnyGoesTo(to));
+            Assert.Equal(guest, mains.GuestGoingTo(new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49152)));
+            Assert.Null(mains.GuestGoingTo(new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49153)));
+            Assert.Null(mains.GuestGoingTo(new IPEndPoint(IPAddress.Parse("198.18.0.3"), 49152)));
+            Assert.Equal(other, mains.GuestGoingTo(new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49154)));
         }
-        Assert.False(mains.AnyGoesTo(to));
-        Assert.False(mains.GoesTo(guest, to));
+        Assert.Null(mains.GuestGoingTo(to));
     }
 
     private sealed class Ticks : TimeProvider

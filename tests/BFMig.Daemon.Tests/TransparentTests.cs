@@ -313,8 +313,7 @@ public class TransparentInterceptorTests
     {
         public IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests() => [];
         public bool HasTransferCapacity() => true;
-        public bool SendsMemory(Guid uuid, ushort targetPort) => false;
-        public bool SendsMemoryTo(string peer, ushort targetPort) => false;
+        public Guid? MemoryGoingTo(string peer, ushort targetPort) => null;
         public bool StartSend(string guest, Guid uuid, PeerOptions peer, BFMig.Transfer.Wire.StreamKind kind, Socket qemu, ushort targetPort) =>
             throw new InvalidOperationException("nothing may be accelerated here");
         public IDisposable Carried(Guid uuid, string stream, string why) => throw new InvalidOperationException("no guest's stream is here");

@@ -66,7 +66,7 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
                     Assert.Fail("sender exited before listening: " + await sender.StandardError.ReadToEndAsync(cts.Token));
                 await Task.Delay(20, cts.Token);
             }
-            using (var qemu = await ConnectSourceAsync(source, sender, cts.Token))
+            using (var qemu = await ConnectSourceAsync(source, cts.Token))
             {
                 try
                 {
@@ -110,28 +110,18 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
     }
 
     // The socket file appears at bind(), a moment before listen(): a connect in between is
-    // refused (a CI rehearsal: the sender then waited 30 s for a source that had given up).
-    private static async Task<Socket?> ConnectSourceAsync(string path, Process sender, CancellationToken ct)
+    // refused (a CI rehearsal: the sender then waited 30 s for a source that had given up), so
+    // the source retries as the helpers do (Endpoint.ConnectAsync).
+    private static async Task<Socket?> ConnectSourceAsync(string path, CancellationToken ct)
     {
-        for (int attempt = 0; ; attempt++)
+        try
         {
-            var qemu = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-            try
-            {
-                await qemu.ConnectAsync(new UnixDomainSocketEndPoint(path), ct);
-                return qemu;
-            }
-            catch (SocketException e) when (e.SocketErrorCode == SocketError.ConnectionRefused && attempt < 250 && !sender.HasExited)
-            {
-                qemu.Dispose();
-                await Task.Delay(20, ct);
-            }
-            catch (SocketException)
-            {
-                // A refused trip may end the sender before the source connects: its exit says why.
-                qemu.Dispose();
-                return null;
-            }
+            return await Endpoint.Parse($"unix:{path}").ConnectAsync(TimeSpan.FromSeconds(5), ct);
+        }
+        catch (SocketException)
+        {
+            // A refused trip may end the sender before the source connects: its exit says why.
+            return null;
         }
     }
 

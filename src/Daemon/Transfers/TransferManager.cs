@@ -97,23 +97,25 @@ public sealed partial class TransferManager
     }
 
     /// <summary>
-    /// True while a memory stream of the guest is being sent from here (to <paramref name="targetPort"/>
-    /// on the peer, when given: transparent mode): a later memory connection of its QEMU is a
-    /// multifd channel or the post-copy preempt channel (bfmig-transfer's <c>--follows-main</c>).
+    /// True while a memory stream of the guest is being sent from here: a later memory connection
+    /// of its QEMU is a multifd channel or the post-copy preempt channel (bfmig-transfer's
+    /// <c>--follows-main</c>).
     /// </summary>
-    public bool SendsMemory(Guid uuid, ushort targetPort = 0)
+    public bool SendsMemory(Guid uuid)
     {
         lock (_gate)
-            return _running.Values.Any(r => r.Uuid == uuid && r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig
-                && (targetPort == 0 || r.TargetPort == targetPort));
+            return SendingMemory().Any(r => r.Uuid == uuid);
     }
 
-    /// <summary>True while a memory stream, any guest's, is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode).</summary>
-    public bool SendsMemoryTo(string peer, ushort targetPort)
+    /// <summary>The guest whose memory stream is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode), or null.</summary>
+    public Guid? MemoryGoingTo(string peer, ushort targetPort)
     {
         lock (_gate)
-            return _running.Values.Any(r => r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig && r.Peer == peer && r.TargetPort == targetPort);
+            return SendingMemory().FirstOrDefault(r => r.Peer == peer && r.TargetPort == targetPort)?.Uuid;
     }
+
+    // Under the gate.
+    private IEnumerable<Running> SendingMemory() => _running.Values.Where(r => r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig);
 
     /// <summary>True while any stream of the guest runs.</summary>
     public bool IsBusy(Guid uuid)

@@ -39,18 +39,18 @@ public sealed class CarriedMainStreams
             return _carrying.TryGetValue(guest, out var main) ? $"its main stream is carried ({main.Why})" : null;
     }
 
-    /// <summary>True while the guest's carried memory stream goes to <paramref name="to"/>.</summary>
-    public bool GoesTo(Guid guest, System.Net.IPEndPoint to)
+    /// <summary>The guest whose carried memory stream goes to <paramref name="to"/> now, or null.</summary>
+    public Guid? GuestGoingTo(System.Net.IPEndPoint to)
     {
         lock (_gate)
-            return _carrying.TryGetValue(guest, out var main) && main.To.Equals(to);
-    }
-
-    /// <summary>True while any guest's carried memory stream goes to <paramref name="to"/>.</summary>
-    public bool AnyGoesTo(System.Net.IPEndPoint to)
-    {
-        lock (_gate)
-            return _carrying.Values.Any(main => main.To.Equals(to));
+        {
+            foreach (var (guest, main) in _carrying)
+            {
+                if (main.To.Equals(to))
+                    return guest;
+            }
+            return null;
+        }
     }
 
     private void End(Guid guest, Entry entry)

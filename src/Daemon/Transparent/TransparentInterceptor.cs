@@ -19,11 +19,8 @@ public interface ITransparentHost
     /// <summary>True when a helper slot is free (else the stream is carried directly).</summary>
     bool HasTransferCapacity();
 
-    /// <summary>True while a helper sends a memory stream of the guest to <paramref name="targetPort"/> on the peer.</summary>
-    bool SendsMemory(Guid uuid, ushort targetPort);
-
-    /// <summary>True while a helper sends a memory stream, any guest's, to <paramref name="targetPort"/> on <paramref name="peer"/>.</summary>
-    bool SendsMemoryTo(string peer, ushort targetPort);
+    /// <summary>The guest whose memory stream a helper sends to <paramref name="targetPort"/> on <paramref name="peer"/> now, or null.</summary>
+    Guid? MemoryGoingTo(string peer, ushort targetPort);
 
     /// <summary>
     /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
@@ -200,15 +197,14 @@ public sealed class TransparentInterceptor : IDisposable
         // A connection to where a memory stream still goes is QEMU's own: a multifd channel, which
         // writes its magic at once, or the post-copy preempt channel, which stays silent while the
         // guest stands still waiting for it, so that one is not waited on for long.
-        bool follows = _host.SendsMemoryTo(peer.Name, (ushort)original.Port) || _carriedMains.AnyGoesTo(original);
-        var silence = follows ? TransferRunner.FollowerFirstBytesWait : _silence;
+        var follows = _host.MemoryGoingTo(peer.Name, (ushort)original.Port) ?? _carriedMains.GuestGoingTo(original);
+        var silence = follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
         var owner = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
         // Silence on the port the guest's memory stream is still going to is not the disk mirror
         // (it has a port of its own, and connects before the memory stream): it is QEMU's
         // post-copy preempt channel, which writes only the pages the destination faults on.
-        if (sniffed == SniffedStream.ServerFirst && owner is { } o
-            && (_host.SendsMemory(o.Uuid, (ushort)original.Port) || _carriedMains.GoesTo(o.Uuid, original)))
+        if (sniffed == SniffedStream.ServerFirst && owner is { } o && o.Uuid == follows)
             sniffed = SniffedStream.PreemptChannel;
         var stream = sniffed switch
         {
