@@ -54,7 +54,7 @@ public sealed partial class BfmigDaemon
 
     bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
 
-    Guid? ITransparentHost.MemoryGoingTo(string peer, ushort targetPort) => _transfers?.MemoryGoingTo(peer, targetPort);
+    OutgoingMemory? ITransparentHost.MemoryGoingTo(string peer, ushort targetPort) => _transfers?.MemoryGoingTo(peer, targetPort);
 
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 

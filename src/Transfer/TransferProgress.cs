@@ -22,6 +22,13 @@ public sealed record TransferProgress(string Role, string Kind, long LocalBytes,
     /// </summary>
     public bool Authenticated { get; init; }
 
+    /// <summary>
+    /// Sender, memory: QEMU advised post-copy RAM on this stream, iterates, and has not closed it
+    /// (<see cref="Memory.QemuStreamParser.PostCopyArmed"/>): the next memory connection of the
+    /// guest's QEMU is its post-copy preempt channel. Sent out of turn when it changes.
+    /// </summary>
+    public bool PostCopyArmed { get; init; }
+
     /// <summary>Bytes this stream moved over the wire in its forward direction.</summary>
     [JsonIgnore]
     public long WireBytes => Role == "send" ? WireBytesOut : WireBytesIn;

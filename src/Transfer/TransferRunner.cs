@@ -68,6 +68,14 @@ public sealed class TransferOptions
     /// if it stays silent (<see cref="TransferRunner.FollowerFirstBytesWait"/>).
     /// </summary>
     public bool FollowsMain { get; init; }
+    /// <summary>
+    /// Sender, with <see cref="FollowsMain"/>: the main stream's helper reported that QEMU advised
+    /// post-copy RAM and iterates (<see cref="Memory.QemuStreamParser.PostCopyArmed"/>), so a
+    /// connection following it now is the preempt channel: told at once by the absence of bytes
+    /// already waiting, not after <see cref="TransferRunner.FollowerFirstBytesWait"/> of silence
+    /// the guest would stand still through.
+    /// </summary>
+    public bool MainPostCopyArmed { get; init; }
     /// <summary>Receiver: a route frame precedes the hello (bfmigd saw one), read and check it even without TLS.</summary>
     public bool RouteFirst { get; init; }
     /// <summary>
@@ -135,11 +143,13 @@ public static class TransferRunner
         var clock = Stopwatch.StartNew();
         qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
         if (o.Kind == StreamKind.Mig) qemu.LimitReadQueue(LocalConnection.SourceReadQueue);
-        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerFirstBytesWait, ct);
+        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerWait(o), ct);
         var prefix = o.Kind == StreamKind.Mig && !quiet ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         if (quiet)
-            TransferLog.Note($"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
-                "its post-copy preempt channel, carried byte for byte with no idle timeout");
+            TransferLog.Note(o.MainPostCopyArmed
+                ? "bfmig-transfer: a silent memory connection while the main stream is armed for post-copy: its post-copy preempt channel, carried byte for byte with no idle timeout"
+                : $"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
+                  "its post-copy preempt channel, carried byte for byte with no idle timeout");
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
         bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
@@ -237,7 +247,7 @@ public static class TransferRunner
                     TransferLog.Note($"bfmig-transfer: memory store in doubt after an interrupted trip: here {store.Doubt.Describe()}, on the receiver {reply.Doubt.Describe()}: sent in full");
                 ulong next = Math.Max(Math.Max(store.State.Generation, reply.Generation), index?.Generation ?? 0) + 1;
                 var sender = new MigSender(store, synced, index?.Seed ?? store.State.Seed, next, o.PeerName, reader, writer, stats, o.EndTimeout,
-                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None, index) { Channels = channels };
+                    paced ? new StreamPacer(o.IdleTimeout) : null, synced ? reply.Doubt : MemoryDoubt.None, index) { Channels = channels, ReportNow = progress is null ? null : progress.ReportNow };
                 await sender.RunAsync(qemu, prefix, ct);
             }
             else if (codec is not null)
@@ -547,10 +557,14 @@ public static class TransferRunner
     /// </summary>
     public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(100);
 
-    // True when QEMU's first bytes (or its close) arrive within the wait; nothing is consumed (a zero-byte receive).
+    /// <summary>How long a follower's silence is waited for before it is taken for the preempt channel (<see cref="TransferOptions.MainPostCopyArmed"/>).</summary>
+    public static TimeSpan FollowerWait(TransferOptions o) => o.MainPostCopyArmed ? TimeSpan.Zero : FollowerFirstBytesWait;
+
+    // True when QEMU's first bytes (or its close) arrive within the wait, or (no wait) are already there; nothing is consumed.
     private static async Task<bool> ReadableWithinAsync(LocalConnection qemu, TimeSpan wait, CancellationToken ct)
     {
         if (qemu.Socket is not { } socket) return true;
+        if (wait <= TimeSpan.Zero) return socket.Poll(0, SelectMode.SelectRead);
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
         cts.CancelAfter(wait);
         try
@@ -655,9 +669,10 @@ internal sealed class ProgressReporter : IAsyncDisposable
         _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
         {
             Authenticated = _stats.Authenticated,
+            PostCopyArmed = _stats.PostCopyArmed,
         });
 
-    /// <summary>Reports now, out of turn (the peer just authenticated: the daemon waits for that).</summary>
+    /// <summary>Reports now, out of turn (the peer just authenticated, or the stream's post-copy arming changed: the daemon waits for these).</summary>
     public void ReportNow() => Report(final: false);
 
     public async ValueTask DisposeAsync()

@@ -19,6 +19,9 @@ public sealed class TransferStats
     public string? Export { get; set; }
     /// <summary>Receiver: the sender proved who it is (TLS client certificate, or the PSK proof in its auth frame).</summary>
     public bool Authenticated { get; set; }
+    /// <summary>Sender, memory: the stream is armed for post-copy now (<see cref="Memory.QemuStreamParser.PostCopyArmed"/>, and QEMU's side still open); live only, in progress reports.</summary>
+    [JsonIgnore]
+    public bool PostCopyArmed { get; set; }
     public long WireBytesOut { get; set; }
     public long WireBytesIn { get; set; }
     public long PagesElided { get; set; }

@@ -121,7 +121,7 @@ public sealed class HandshakeQueueTests : IDisposable
         Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
         Assert.True(manager.StartSend("t", transparent, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
         Assert.True(manager.SendsMemory(transparent));
-        Assert.Equal(transparent, manager.MemoryGoingTo(peer.Name, 49152));
+        Assert.Equal(new OutgoingMemory(transparent, false), manager.MemoryGoingTo(peer.Name, 49152));
         Assert.Null(manager.MemoryGoingTo(peer.Name, 49153));
         Assert.Null(manager.MemoryGoingTo("elsewhere", 49152));
         await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Length == 5, "five helpers to start", 10);
@@ -131,14 +131,66 @@ public sealed class HandshakeQueueTests : IDisposable
         await manager.ShutdownAsync(TimeSpan.Zero);
     }
 
+    /// <summary>
+    /// A memory stream whose helper reports it armed for post-copy (QEMU advised post-copy RAM
+    /// and iterates) makes the guest's next memory connection the preempt channel without a wait
+    /// (<c>--post-copy-armed</c>), and transparent mode's sniff hears so for the port it goes to;
+    /// a report that the stream is no longer armed (QEMU closed it) takes that back, and another
+    /// guest's connections are never told.
+    /// </summary>
+    [Fact]
+    public async Task A_memory_connection_after_a_main_stream_armed_for_post_copy_is_told_it_is_the_preempt_channel()
+    {
+        var events = Path.Combine(_root, "events");
+        var disarm = Path.Combine(_root, "disarm");
+        Guid armed = Guid.NewGuid(), other = Guid.NewGuid();
+        var manager = Manager(WaitingHelper(events, armed, disarm));
+        var peer = Options().Peers[0];
+        Assert.True(manager.StartSend("a", armed, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
+        Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49153));
+        await Tools.UntilAsync(() => manager.PostCopyArmed(armed), "the armed report to arrive", 10);
+        Assert.False(manager.PostCopyArmed(other));
+        Assert.Equal(new OutgoingMemory(armed, true), manager.MemoryGoingTo(peer.Name, 49152));
+        Assert.Equal(new OutgoingMemory(other, false), manager.MemoryGoingTo(peer.Name, 49153));
+        Assert.True(manager.StartSend("a", armed, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
+        Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49153));
+        await Tools.UntilAsync(() => File.ReadAllLines(events).Count(l => l.StartsWith("start ", StringComparison.Ordinal)) == 4, "four helpers to start", 10);
+        var starts = File.ReadAllLines(events).Where(l => l.StartsWith("start ", StringComparison.Ordinal)).ToArray();
+        var preempt = Assert.Single(starts, l => l.Contains("--post-copy-armed", StringComparison.Ordinal));
+        Assert.Contains(armed.ToString("D"), preempt, StringComparison.Ordinal);
+        Assert.DoesNotContain("--follows-main", preempt, StringComparison.Ordinal);
+        var follower = Assert.Single(starts, l => l.Contains("--follows-main", StringComparison.Ordinal));
+        Assert.Contains(other.ToString("D"), follower, StringComparison.Ordinal);
+
+        File.WriteAllText(disarm, "");
+        await Tools.UntilAsync(() => !manager.PostCopyArmed(armed), "the disarming report to arrive", 10);
+        Assert.Equal(new OutgoingMemory(armed, false), manager.MemoryGoingTo(peer.Name, 49152));
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
     // Logs its start with its arguments, and SIGCONT when it comes; runs 10 s unless signalled.
-    private string WaitingHelper(string events)
+    // The first memory sender of guest armed (if any) reports its stream armed for post-copy on
+    // its progress descriptor, and not armed once the file disarm exists.
+    private string WaitingHelper(string events, Guid? armed = null, string? disarm = null)
     {
         var path = Path.Combine(_root, "waiting-helper");
+        var report = "{\"role\":\"send\",\"kind\":\"mig\",\"localBytes\":0,\"wireBytesOut\":0,\"wireBytesIn\":0,\"final\":false,\"postCopyArmed\":";
         File.WriteAllText(path, $$"""
             #!/bin/sh
             trap 'echo "cont $*" >> {{events}}; exit 0' CONT
             echo "start $*" >> {{events}}
+            fd=; prev=
+            for a in "$@"; do [ "$prev" = --progress-fd ] && fd=$a; prev=$a; done
+            armed=
+            case " $* " in
+              *" send "*"--kind mig"*"{{armed}}"*) case " $* " in *follows-main*|*post-copy-armed*) ;; *) armed=1 ;; esac ;;
+            esac
+            if [ -n "{{armed}}" ] && [ -n "$armed" ]; then
+              eval "exec 9>&$fd"
+              echo '{{report}}true}' >&9
+              while [ ! -e "{{disarm}}" ]; do sleep 0.05; done
+              echo '{{report}}false}' >&9
+            fi
             i=0
             while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
             exit 0

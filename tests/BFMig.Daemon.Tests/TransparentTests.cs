@@ -3,6 +3,8 @@ using System.Net;
 using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using BFMig.Daemon.Configuration;
+using BFMig.Daemon.Tests.Infrastructure;
+using BFMig.Daemon.Transfers;
 using BFMig.Daemon.Transparent;
 using BFMig.Native.Linux;
 using Xunit.Abstractions;
@@ -100,6 +102,38 @@ public partial class TransparentTests(ITestOutputHelper output)
         var all = new byte[8];
         Assert.Equal(8, await accepted2.ReceiveAsync(all)); // the peek left every byte for the helper
         Assert.Equal(0x51, all[0]);
+    }
+
+    /// <summary>
+    /// With no wait (a connection following a memory stream armed for post-copy), only bytes
+    /// already there count: a silent one is told at once, one whose bytes wait is classified by
+    /// them, unconsumed, and a closed one is closed.
+    /// </summary>
+    [Fact]
+    public async Task With_no_wait_only_the_bytes_already_there_tell_the_stream()
+    {
+        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
+        listener.Listen(3);
+        using var silent = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await silent.ConnectAsync(listener.LocalEndPoint!);
+        using var accepted = await listener.AcceptAsync();
+        Assert.Equal(SniffedStream.ServerFirst, (await StreamSniffer.SniffAsync(accepted, TimeSpan.Zero, CancellationToken.None)).Kind);
+
+        using var talker = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await talker.ConnectAsync(listener.LocalEndPoint!);
+        using var accepted2 = await listener.AcceptAsync();
+        await talker.SendAsync(new byte[] { 0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1 });
+        await Tools.UntilAsync(() => accepted2.Available == 8, "the bytes to arrive", 5);
+        Assert.Equal(SniffedStream.Multifd, (await StreamSniffer.SniffAsync(accepted2, TimeSpan.Zero, CancellationToken.None)).Kind);
+        Assert.Equal(8, accepted2.Available);
+
+        using var closer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        await closer.ConnectAsync(listener.LocalEndPoint!);
+        using var accepted3 = await listener.AcceptAsync();
+        closer.Shutdown(SocketShutdown.Send);
+        await Tools.UntilAsync(() => accepted3.Poll(0, SelectMode.SelectRead), "the close to arrive", 5);
+        Assert.Equal(SniffedStream.Closed, (await StreamSniffer.SniffAsync(accepted3, TimeSpan.Zero, CancellationToken.None)).Kind);
     }
 
     /// <summary>
@@ -313,7 +347,7 @@ public class TransparentInterceptorTests
     {
         public IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests() => [];
         public bool HasTransferCapacity() => true;
-        public Guid? MemoryGoingTo(string peer, ushort targetPort) => null;
+        public OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort) => null;
         public bool StartSend(string guest, Guid uuid, PeerOptions peer, BFMig.Transfer.Wire.StreamKind kind, Socket qemu, ushort targetPort) =>
             throw new InvalidOperationException("nothing may be accelerated here");
         public IDisposable Carried(Guid uuid, string stream, string why) => throw new InvalidOperationException("no guest's stream is here");

@@ -392,6 +392,44 @@ public class QemuStreamParserTests
         Assert.Equal((opaque, postCopy), (parser.IsOpaque, parser.PostCopy));
     }
 
+    /// <summary>
+    /// A stream is armed for post-copy (the next memory connection of its QEMU can only be the
+    /// preempt channel) from the first ram iteration after a POSTCOPY_ADVISE with its 16-byte
+    /// body, through the switch; never with the empty ADVISE of dirty bitmaps alone, never during
+    /// setup (multifd channels may still be connecting), and no longer once the stream ends in
+    /// precopy.
+    /// </summary>
+    [Theory]
+    [InlineData(QemuFormat.PostcopyAdviseRamLength, true, true)]
+    [InlineData(QemuFormat.PostcopyAdviseRamLength, false, false)]
+    [InlineData(0, true, false)]
+    public void A_stream_is_armed_for_post_copy_from_its_first_iteration_after_a_ram_advise(ushort adviseLength, bool switches, bool armedAtTheEnd)
+    {
+        var b = new StreamBuilder().Header()
+            .U8(QemuFormat.Command).Be16(QemuFormat.CmdPostcopyAdvise).Be16(adviseLength).Bytes(new byte[adviseLength])
+            .RamStart(("pc.ram", 8 * 4096));
+        var before = b.ToArray();
+        var iteration = b.Part().Page(0, 1, Page1).Eos().Footer().ToArray()[before.Length..];
+        if (switches)
+            b.U8(QemuFormat.Command).Be16(QemuFormat.CmdPostcopyListen).Be16(0);
+        else
+            b.End().Eos().Footer().DeviceStateAndEof();
+        var parser = new QemuStreamParser();
+        var input = b.ToArray();
+        var armedAt = new List<(long Position, bool Armed)>();
+        int pos = 0;
+        while (parser.TryRead(input.AsSpan(pos), true, out var seg))
+        {
+            pos += seg.Length;
+            armedAt.Add((pos, parser.PostCopyArmed));
+        }
+        Assert.DoesNotContain(armedAt, a => a.Armed && a.Position <= before.Length);
+        Assert.Equal(adviseLength == QemuFormat.PostcopyAdviseRamLength,
+            armedAt.Last(a => a.Position == before.Length + iteration.Length).Armed);
+        Assert.Equal(armedAtTheEnd, parser.PostCopyArmed);
+        Assert.Equal(switches, parser.PostCopy);
+    }
+
     [Fact]
     public void Real_qemu72_paused_stream_matches_what_qemu_reported()
     {

@@ -14,15 +14,18 @@ public class QuietChannelTests
 {
     private static readonly Guid Guest = Guid.Parse("0b7c55a4-6a1f-4f55-9c36-2f1e0a9d8c11");
 
-    [Fact]
-    public async Task A_silent_follower_reaches_the_destination_at_once_and_outlives_the_idle_timeout()
+    // armed: the main stream's helper reported it armed for post-copy (no wait for the silence).
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task A_silent_follower_reaches_the_destination_at_once_and_outlives_the_idle_timeout(bool armed)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
         var (senderPeer, receiverPeer) = await WireTests.Pair();
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var idle = TimeSpan.FromMilliseconds(600);
-        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", IdleTimeout = idle, FollowsMain = true };
+        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", IdleTimeout = idle, FollowsMain = true, MainPostCopyArmed = armed };
         var ro = new TransferOptions { Guest = Guest, StoreRoot = null, IdleTimeout = idle };
         var connected = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
@@ -54,14 +57,17 @@ public class QuietChannelTests
         Assert.Equal(("quiet-channel", "quiet-channel"), (sent.Mode, received.Mode));
     }
 
-    [Fact]
-    public async Task A_follower_that_speaks_at_once_is_no_quiet_channel()
+    // Armed or not: bytes already waiting say it is no preempt channel.
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public async Task A_follower_that_speaks_at_once_is_no_quiet_channel(bool armed)
     {
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
         var (qemuSrc, senderLocal) = await WireTests.Pair();
         var (senderPeer, receiverPeer) = await WireTests.Pair();
         var (receiverLocal, qemuDst) = await WireTests.Pair();
-        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", FollowsMain = true };
+        var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", FollowsMain = true, MainPostCopyArmed = armed };
         var ro = new TransferOptions { Guest = Guest, StoreRoot = null };
         var bytes = "not a stream this helper parses, carried byte for byte"u8.ToArray();
         using var src = new NetworkStream(qemuSrc, ownsSocket: true);

@@ -33,6 +33,11 @@ public sealed partial class TransferManager
                         continue;
                     OnAuthenticated(running);
                 }
+                if (running.Direction == TransferDirection.Send && running.Kind == StreamKind.Mig)
+                {
+                    lock (_gate)
+                        running.PostCopyArmed = report.PostCopyArmed && !report.Final;
+                }
                 var stream = running.Kind == StreamKind.Mig ? StreamName(running.Kind)
                     : running.Disks.FirstOrDefault(d => report.Export is { } e && d.ExportNames.Contains(e))?.Target ?? StreamName(running.Kind);
                 var progress = new StreamProgress(running.Guest, running.Uuid, running.Peer, stream, running.Direction, report);

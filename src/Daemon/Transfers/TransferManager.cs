@@ -107,11 +107,22 @@ public sealed partial class TransferManager
             return SendingMemory().Any(r => r.Uuid == uuid);
     }
 
-    /// <summary>The guest whose memory stream is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode), or null.</summary>
-    public Guid? MemoryGoingTo(string peer, ushort targetPort)
+    /// <summary>
+    /// True while a memory stream of the guest being sent from here is armed for post-copy (its
+    /// helper's latest report, <see cref="TransferProgress.PostCopyArmed"/>): a later memory
+    /// connection of its QEMU is the preempt channel, and is told so without a wait.
+    /// </summary>
+    public bool PostCopyArmed(Guid uuid)
     {
         lock (_gate)
-            return SendingMemory().FirstOrDefault(r => r.Peer == peer && r.TargetPort == targetPort)?.Uuid;
+            return SendingMemory().Any(r => r.Uuid == uuid && r.PostCopyArmed);
+    }
+
+    /// <summary>The guest whose memory stream is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode), and whether that stream is armed for post-copy; null if none.</summary>
+    public OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort)
+    {
+        lock (_gate)
+            return SendingMemory().FirstOrDefault(r => r.Peer == peer && r.TargetPort == targetPort) is { } r ? new OutgoingMemory(r.Uuid, r.PostCopyArmed) : null;
     }
 
     // Under the gate.
@@ -192,7 +203,7 @@ public sealed partial class TransferManager
         if (targetPort != 0)
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
         if (kind == StreamKind.Mig && SendsMemory(uuid))
-            args.Add("--follows-main");
+            args.Add(PostCopyArmed(uuid) ? "--post-copy-armed" : "--follows-main");
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort);
     }
 
@@ -581,6 +592,9 @@ public sealed partial class TransferManager
 
         public Task ProgressDone { get; set; } = Task.CompletedTask;
 
+        /// <summary>Sending memory: the helper's latest report said the stream is armed for post-copy. Under the manager's gate.</summary>
+        public bool PostCopyArmed { get; set; }
+
         /// <summary>Holds a transfer slot and belongs to its trip (always for a send; for a receive once its peer authenticated). Under the manager's gate.</summary>
         public bool Authenticated { get; set; }
     }
@@ -592,3 +606,6 @@ public sealed partial class TransferManager
         public List<TransferOutcome> Outcomes { get; } = [];
     }
 }
+
+/// <summary>A memory stream being sent from here (transparent mode): its guest, and whether it is armed for post-copy (<see cref="TransferManager.PostCopyArmed"/>).</summary>
+public readonly record struct OutgoingMemory(Guid Uuid, bool PostCopyArmed);

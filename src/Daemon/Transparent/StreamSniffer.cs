@@ -63,11 +63,16 @@ public static class StreamSniffer
         };
     }
 
-    /// <summary>Waits up to <paramref name="silence"/> for QEMU's first bytes and classifies them; nothing is consumed.</summary>
+    /// <summary>
+    /// Waits up to <paramref name="silence"/> for QEMU's first bytes and classifies them; nothing
+    /// is consumed. With no wait, only bytes already there count.
+    /// </summary>
     public static async Task<(SniffedStream Kind, TimeSpan FirstBytesAfter)> SniffAsync(Socket socket, TimeSpan silence, CancellationToken ct)
     {
         var started = System.Diagnostics.Stopwatch.StartNew();
         var buffer = new byte[4];
+        if (silence <= TimeSpan.Zero)
+            return (socket.Poll(0, SelectMode.SelectRead) ? Classify(buffer.AsSpan(0, socket.Receive(buffer, SocketFlags.Peek))) : SniffedStream.ServerFirst, started.Elapsed);
         var deadline = started.Elapsed + silence;
         while (true)
         {

@@ -3,6 +3,7 @@ using System.Net;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
+using BFMig.Daemon.Transfers;
 using BFMig.Native.Linux;
 using BFMig.Transfer;
 using BFMig.Transfer.Wire;
@@ -20,7 +21,7 @@ public interface ITransparentHost
     bool HasTransferCapacity();
 
     /// <summary>The guest whose memory stream a helper sends to <paramref name="targetPort"/> on <paramref name="peer"/> now, or null.</summary>
-    Guid? MemoryGoingTo(string peer, ushort targetPort);
+    OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort);
 
     /// <summary>
     /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
@@ -196,9 +197,11 @@ public sealed class TransparentInterceptor : IDisposable
         // holds it (and writes to it) only from then on.
         // A connection to where a memory stream still goes is QEMU's own: a multifd channel, which
         // writes its magic at once, or the post-copy preempt channel, which stays silent while the
-        // guest stands still waiting for it, so that one is not waited on for long.
-        var follows = _host.MemoryGoingTo(peer.Name, (ushort)original.Port) ?? _carriedMains.GuestGoingTo(original);
-        var silence = follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
+        // guest stands still waiting for it, so that one is not waited on for long, and not at all
+        // once the memory stream's helper saw QEMU advise post-copy RAM and iterate.
+        var going = _host.MemoryGoingTo(peer.Name, (ushort)original.Port);
+        var follows = going?.Uuid ?? _carriedMains.GuestGoingTo(original);
+        var silence = going is { PostCopyArmed: true } ? TimeSpan.Zero : follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
         var owner = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
         // Silence on the port the guest's memory stream is still going to is not the disk mirror

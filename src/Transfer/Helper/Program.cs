@@ -36,6 +36,8 @@ internal static class Program
                  --route-first (receive: a route frame precedes the hello)
                  --follows-main (send, kind mig: the guest's main memory stream is already being sent from here; a connection
                               QEMU keeps silent for 100 ms is its post-copy preempt channel, carried without an idle timeout)
+                 --post-copy-armed (send, kind mig: as --follows-main, and the main stream's helper reported post-copy RAM
+                              advised and iterating: a connection with no bytes already waiting is the preempt channel, at once)
                  --qemu-pid-file F (receive: the local socket must be served by the process named there, libvirt's pid file of the guest)
                  --rehash-rate MBPS (receive, kind nbd: read rate cap when re-hashing a retained raw image whose identity cannot prove it, e.g. a block device; 0: never; default 400)
                  --qemu-user NAME (kind nbd: the QEMU user, who may own a guest's block device while libvirt lends it to QEMU)
@@ -165,7 +167,7 @@ internal static class Program
         }
     }
 
-    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume", "follows-main"];
+    private static readonly HashSet<string> Flags = ["no-store", "route-first", "commit-after-resume", "follows-main", "post-copy-armed"];
     private static readonly HashSet<string> Valued =
         ["kind", "listen", "fd", "peer", "connect", "store", "guest", "peer-name", "psk-file", "stats", "compress", "zstd-level",
          "idle-timeout", "accept-timeout", "name", "tls-cert", "tls-key", "tls-ca", "tls-peer-name", "tls-crl", "progress-fd", "target-port",
@@ -254,7 +256,8 @@ internal static class Program
             Progress = d.TryGetValue("progress-fd", out var pfd) ? ProgressWriter.Open(ParseInt(pfd, "progress-fd")).Write : null,
             TargetPort = d.TryGetValue("target-port", out var tp) ? ParsePort(tp) : (ushort)0,
             RouteFirst = d.ContainsKey("route-first"),
-            FollowsMain = send && d.ContainsKey("follows-main"),
+            FollowsMain = send && (d.ContainsKey("follows-main") || d.ContainsKey("post-copy-armed")),
+            MainPostCopyArmed = send && d.ContainsKey("post-copy-armed"),
             GuestRuns = !send && d.ContainsKey("commit-after-resume") ? GuestRunsSignal() : null,
             AwaitMainChannel = !send && d.TryGetValue("connect", out var connect)
                 ? t => MainChannelGate.WaitAsync(Endpoint.Parse(connect), MainChannelGate.DefaultTimeout, t)

@@ -66,6 +66,9 @@ public sealed class MigSender
     /// </summary>
     public ChannelCodecService? Channels { get => _channels; init => _channels = value; }
 
+    /// <summary>Sends a progress report out of turn (the daemon's view of <see cref="TransferStats.PostCopyArmed"/>); null without reports.</summary>
+    public Action? ReportNow { get; init; }
+
     /// <summary>
     /// Runs the stream to its end. On failure the store is abandoned: the committed index stays,
     /// minus what the trip may have written (<see cref="MemoryStore.Abandon"/>).
@@ -156,6 +159,17 @@ public sealed class MigSender
         TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }
 
+    // The daemon tells a memory connection that follows this stream it is the preempt channel
+    // while this is armed: no longer once QEMU closed the stream (a later connection is then a
+    // new migration's main stream).
+    private void ReportArming(bool eof)
+    {
+        bool armed = _encoder.Parser.PostCopyArmed && !eof;
+        if (armed == _stats.PostCopyArmed) return;
+        _stats.PostCopyArmed = armed;
+        ReportNow?.Invoke();
+    }
+
     private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
     {
         // The receiver ends the return path when its QEMU closes; do not hang on a QEMU that never does.
@@ -194,6 +208,7 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
+            ReportArming(eof);
             // Channels code against the departure snapshot this store shares with the receiver, or against the receiver's index.
             if (_encoder.TripStarted) _channels?.Begin(_synced, _encoder.PeerIndex);
             if (!endSent && _encoder.Parser.IsOpaque)

@@ -24,6 +24,8 @@ public static class QemuFormat
     public const ushort CmdPing = 2;
     /// <summary>Sent when postcopy or dirty-bitmap migration is enabled (length 0 with bitmaps only, 16 with postcopy-ram).</summary>
     public const ushort CmdPostcopyAdvise = 3;
+    /// <summary>POSTCOPY_ADVISE's body with post-copy RAM on: the host page size summary and the target page size, be64 each.</summary>
+    public const ushort PostcopyAdviseRamLength = 16;
     /// <summary>POSTCOPY_LISTEN, POSTCOPY_RUN, POSTCOPY_RAM_DISCARD and PACKAGED (4 to 7): the source QEMU is switching to post-copy.</summary>
     public const ushort CmdPostcopyListen = 4, CmdPackaged = 7;
     /// <summary>ENABLE_COLO: opaque, not post-copy.</summary>

@@ -32,6 +32,8 @@ public sealed partial class QemuStreamParser
     private bool _blocksDefinedPending;
     private bool _opaqueMarked;
     private long _position;
+    private bool _postCopyRamAdvised;
+    private bool _ramIterating;
 
     /// <summary>RAMBlocks announced by MEM_SIZE, in stream order.</summary>
     public IReadOnlyList<RamBlockInfo> Blocks => _blocks;
@@ -48,6 +50,17 @@ public sealed partial class QemuStreamParser
     /// the guest's memory split between the hosts, paused until someone recovers it).
     /// </summary>
     public bool PostCopy { get; private set; }
+
+    /// <summary>
+    /// The source QEMU may open its post-copy preempt channel now, and nothing else: it advised
+    /// post-copy RAM (POSTCOPY_ADVISE with its 16-byte body; bitmaps alone send none) and is past
+    /// its setup (a ram iteration began), so its multifd channels, all connected before QEMU
+    /// iterates (and refused with post-copy before QEMU 10.1 anyway), are not still to come;
+    /// and the stream has not ended in precopy (device state). QEMU connects the preempt channel
+    /// at the switch, before it stops the guest, and writes nothing on it until the destination
+    /// faults.
+    /// </summary>
+    public bool PostCopyArmed => _postCopyRamAdvised && _ramIterating && (_state != State.Opaque || PostCopy);
 
     /// <summary>True when the ram section's END records were all parsed: every page QEMU sent on this channel was seen.</summary>
     public bool RamComplete { get; private set; }
@@ -228,6 +241,7 @@ public sealed partial class QemuStreamParser
                     return false;
                 }
                 _ramInEndSection = type == QemuFormat.SectionEnd;
+                _ramIterating |= type == QemuFormat.SectionPart;
                 _state = State.RamRecords;
                 segment = Raw(5);
                 return true;
@@ -255,6 +269,7 @@ public sealed partial class QemuStreamParser
                     return false;
                 }
                 if (input.Length < 5 + len) return false;
+                _postCopyRamAdvised |= cmd == QemuFormat.CmdPostcopyAdvise && len == QemuFormat.PostcopyAdviseRamLength;
                 segment = Raw(5 + len);
                 return true;
             }
