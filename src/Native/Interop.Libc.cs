@@ -65,6 +65,20 @@ internal static partial class Interop
         [LibraryImport(Library, EntryPoint = "close", SetLastError = true)]
         internal static partial int Close(int fd);
 
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct PollFd
+        {
+            public int Fd;
+            public short Events;
+            public short Revents;
+        }
+
+        internal const short PollErr = 0x8, PollHup = 0x10, PollRdHup = 0x2000;
+
+        /// <summary>poll(2).</summary>
+        [LibraryImport(Library, EntryPoint = "poll", SetLastError = true)]
+        internal static unsafe partial int Poll(PollFd* fds, nuint count, int timeoutMs);
+
         [LibraryImport(Library, EntryPoint = "clock_gettime", SetLastError = true)]
         internal static unsafe partial int ClockGetTime(int clock, Timespec* ts);
     }

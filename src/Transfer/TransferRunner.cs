@@ -65,7 +65,7 @@ public sealed class TransferOptions
     /// <summary>
     /// Sender, kind mig: the guest's main memory stream is already being sent from this host (the
     /// daemon knows): this connection is a multifd channel, or QEMU's post-copy preempt channel
-    /// if it stays silent (<see cref="TransferRunner.FollowerFirstBytesWait"/>).
+    /// if it stays silent (for <see cref="TransferRunner.FollowerWait"/>).
     /// </summary>
     public bool FollowsMain { get; init; }
     /// <summary>
@@ -547,10 +547,12 @@ public static class TransferRunner
     /// may stay silent before it is taken for QEMU's post-copy preempt channel. A multifd channel
     /// writes its magic as soon as it connects; the preempt channel writes nothing until the
     /// destination faults on a page, and the destination QEMU, waiting for it before it runs the
-    /// guest, faults on none: the guest stands still for this long (post-copy's switch only).
+    /// guest, faults on none: the guest stands still for this long (post-copy's switch only), unless
+    /// the main stream's helper reported it armed for post-copy (no wait then, <see cref="FollowerWait"/>).
     /// A multifd channel slower than this (its thread's first action; a scheduler slice is a few
     /// ms) is carried byte for byte behind the main stream, which is always exact, only not coded
-    /// against the store. Transparent mode's sniff waits the same for such a connection, and
+    /// against the store. Transparent mode's sniff waits the same for such a connection (or not at
+    /// all when armed), and
     /// carries a silent one straight to the peer's QEMU: a multifd channel that late could reach
     /// a QEMU 7.2 before its main stream and fail the migration cleanly (QEMU up to 10.0 refuses
     /// multifd with post-copy, so a trip has a preempt channel or multifd channels, not both).
@@ -635,6 +637,7 @@ internal sealed class ProgressReporter : IAsyncDisposable
     private readonly FrameReader _reader;
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _loop;
+    private readonly Lock _gate = new();
 
     private ProgressReporter(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader)
     {
@@ -664,13 +667,18 @@ internal sealed class ProgressReporter : IAsyncDisposable
         }
     }
 
-    // Counters are read while the stream's threads update them: a report may be a moment behind, never wrong in kind.
-    private void Report(bool final) =>
-        _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
-        {
-            Authenticated = _stats.Authenticated,
-            PostCopyArmed = _stats.PostCopyArmed,
-        });
+    // Counters are read while the stream's threads update them: a report may be a moment behind,
+    // never wrong in kind. Each report is read and written under one lock, so that a periodic one
+    // read before a change cannot land after the out-of-turn report of that change.
+    private void Report(bool final)
+    {
+        lock (_gate)
+            _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
+            {
+                Authenticated = _stats.Authenticated,
+                PostCopyArmed = _stats.PostCopyArmed,
+            });
+    }
 
     /// <summary>Reports now, out of turn (the peer just authenticated, or the stream's post-copy arming changed: the daemon waits for these).</summary>
     public void ReportNow() => Report(final: false);

@@ -113,14 +113,14 @@ public sealed class HandshakeQueueTests : IDisposable
         var manager = Manager(WaitingHelper(events));
         var peer = Options().Peers[0];
         Guid guest = Guid.NewGuid(), other = Guid.NewGuid(), transparent = Guid.NewGuid();
-        Assert.False(manager.SendsMemory(guest));
+        Assert.Null(manager.FollowerArgument(guest));
         Assert.True(manager.StartSend("g", guest, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
-        Assert.True(manager.SendsMemory(guest));
+        Assert.Equal("--follows-main", manager.FollowerArgument(guest));
         Assert.True(manager.StartSend("g", guest, peer, StreamKind.Nbd, await AcceptedSocketAsync(), []));
         Assert.True(manager.StartSend("g", guest, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
         Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
         Assert.True(manager.StartSend("t", transparent, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
-        Assert.True(manager.SendsMemory(transparent));
+        Assert.Equal("--follows-main", manager.FollowerArgument(transparent));
         Assert.Equal(new OutgoingMemory(transparent, false), manager.MemoryGoingTo(peer.Name, 49152));
         Assert.Null(manager.MemoryGoingTo(peer.Name, 49153));
         Assert.Null(manager.MemoryGoingTo("elsewhere", 49152));
@@ -148,8 +148,8 @@ public sealed class HandshakeQueueTests : IDisposable
         var peer = Options().Peers[0];
         Assert.True(manager.StartSend("a", armed, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
         Assert.True(manager.StartSend("o", other, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49153));
-        await Tools.UntilAsync(() => manager.PostCopyArmed(armed), "the armed report to arrive", 10);
-        Assert.False(manager.PostCopyArmed(other));
+        await Tools.UntilAsync(() => manager.FollowerArgument(armed) == "--post-copy-armed", "the armed report to arrive", 10);
+        Assert.Equal("--follows-main", manager.FollowerArgument(other));
         Assert.Equal(new OutgoingMemory(armed, true), manager.MemoryGoingTo(peer.Name, 49152));
         Assert.Equal(new OutgoingMemory(other, false), manager.MemoryGoingTo(peer.Name, 49153));
         Assert.True(manager.StartSend("a", armed, peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152));
@@ -163,7 +163,7 @@ public sealed class HandshakeQueueTests : IDisposable
         Assert.Contains(other.ToString("D"), follower, StringComparison.Ordinal);
 
         File.WriteAllText(disarm, "");
-        await Tools.UntilAsync(() => !manager.PostCopyArmed(armed), "the disarming report to arrive", 10);
+        await Tools.UntilAsync(() => manager.FollowerArgument(armed) == "--follows-main", "the disarming report to arrive", 10);
         Assert.Equal(new OutgoingMemory(armed, false), manager.MemoryGoingTo(peer.Name, 49152));
         await manager.ShutdownAsync(TimeSpan.Zero);
     }

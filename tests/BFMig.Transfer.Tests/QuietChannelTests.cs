@@ -26,6 +26,7 @@ public class QuietChannelTests
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var idle = TimeSpan.FromMilliseconds(600);
         var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", IdleTimeout = idle, FollowsMain = true, MainPostCopyArmed = armed };
+        Assert.Equal(armed ? TimeSpan.Zero : TransferRunner.FollowerFirstBytesWait, TransferRunner.FollowerWait(so));
         var ro = new TransferOptions { Guest = Guest, StoreRoot = null, IdleTimeout = idle };
         var connected = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
@@ -139,5 +140,59 @@ public class QuietChannelTests
         // No sender before version 10 sets the flag: such a hello is malformed, not a quiet channel.
         var older = (hello with { Version = 9 }).Encode();
         Assert.Equal("hello of protocol version 9 marks a quiet channel (version 10 on)", Assert.Throws<PeerProtocolException>(() => Hello.Decode(older)).Message);
+    }
+
+    /// <summary>
+    /// The helper of a main stream reports it armed for post-copy (bfmigd then tells the guest's
+    /// next memory connection it is the preempt channel, with no wait) once QEMU advised post-copy
+    /// RAM and iterates, and takes that back as soon as QEMU closes the stream.
+    /// </summary>
+    [Fact]
+    public async Task A_main_stream_is_reported_armed_while_QEMU_iterates_after_a_ram_advise_and_no_longer_once_it_closes()
+    {
+        using var a = new TempDir();
+        using var b = new TempDir();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        var (qemuSrc, senderLocal) = await WireTests.Pair();
+        var (senderPeer, receiverPeer) = await WireTests.Pair();
+        var (receiverLocal, qemuDst) = await WireTests.Pair();
+        var reports = new System.Collections.Concurrent.ConcurrentQueue<TransferProgress>();
+        var so = new TransferOptions
+        {
+            Guest = Guest, StoreRoot = a.Path, PeerName = "hostB", IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5),
+            Progress = reports.Enqueue, ProgressInterval = TimeSpan.FromMinutes(5), // only the out-of-turn reports, and the last
+        };
+        var ro = new TransferOptions { Guest = Guest, StoreRoot = b.Path, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+        var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
+        var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
+        using var dst = new NetworkStream(qemuDst, ownsSocket: true);
+        var drain = dst.CopyToAsync(Stream.Null, cts.Token);
+
+        var page = Enumerable.Range(0, 4096).Select(i => (byte)(i * 13 + 5)).ToArray();
+        var stream = new StreamBuilder().Header()
+            .U8(Memory.QemuFormat.Command).Be16(Memory.QemuFormat.CmdPostcopyAdvise).Be16(Memory.QemuFormat.PostcopyAdviseRamLength).Bytes(new byte[16])
+            .RamStart(("pc.ram", 8 * 4096))
+            .Part().Page(0, 1, page).Eos().Footer().ToArray();
+        using var src = new NetworkStream(qemuSrc, ownsSocket: true);
+        await src.WriteAsync(stream, cts.Token);
+        await UntilAsync(() => reports.Any(r => r.PostCopyArmed), "the armed report", cts.Token);
+
+        // QEMU gives up mid-iteration (a cancelled migration): the report is taken back.
+        qemuSrc.Shutdown(SocketShutdown.Send);
+        await UntilAsync(() => reports.Any(r => r.PostCopyArmed) && !reports.Last().PostCopyArmed, "the report taken back", cts.Token);
+        await Assert.ThrowsAnyAsync<Exception>(() => send);
+        await cts.CancelAsync();
+        await Task.WhenAll(receive, drain).ContinueWith(_ => { }, TaskScheduler.Default);
+        Assert.True(reports.Last().Final);
+        Assert.False(reports.Last().PostCopyArmed);
+    }
+
+    private static async Task UntilAsync(Func<bool> condition, string what, CancellationToken ct)
+    {
+        while (!condition())
+        {
+            Assert.False(ct.IsCancellationRequested, $"timed out waiting for {what}");
+            await Task.Delay(10, CancellationToken.None);
+        }
     }
 }

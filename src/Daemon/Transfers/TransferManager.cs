@@ -97,32 +97,33 @@ public sealed partial class TransferManager
     }
 
     /// <summary>
-    /// True while a memory stream of the guest is being sent from here: a later memory connection
-    /// of its QEMU is a multifd channel or the post-copy preempt channel (bfmig-transfer's
-    /// <c>--follows-main</c>).
+    /// What a new memory connection of the guest's QEMU follows, as its send helper's argument:
+    /// null while no memory stream of the guest is being sent from here (it is the main stream);
+    /// <c>--follows-main</c> (a multifd channel, or the post-copy preempt channel if QEMU keeps it
+    /// silent); <c>--post-copy-armed</c> while a memory stream of the guest is armed for post-copy
+    /// (its helper's latest report, <see cref="TransferProgress.PostCopyArmed"/>): a silent one is
+    /// the preempt channel at once.
     /// </summary>
-    public bool SendsMemory(Guid uuid)
+    internal string? FollowerArgument(Guid uuid)
     {
         lock (_gate)
-            return SendingMemory().Any(r => r.Uuid == uuid);
-    }
-
-    /// <summary>
-    /// True while a memory stream of the guest being sent from here is armed for post-copy (its
-    /// helper's latest report, <see cref="TransferProgress.PostCopyArmed"/>): a later memory
-    /// connection of its QEMU is the preempt channel, and is told so without a wait.
-    /// </summary>
-    public bool PostCopyArmed(Guid uuid)
-    {
-        lock (_gate)
-            return SendingMemory().Any(r => r.Uuid == uuid && r.PostCopyArmed);
+        {
+            var sending = SendingMemory().Where(r => r.Uuid == uuid).ToList();
+            return sending.Count == 0 ? null : sending.Any(r => r.PostCopyArmed) ? "--post-copy-armed" : "--follows-main";
+        }
     }
 
     /// <summary>The guest whose memory stream is being sent to <paramref name="targetPort"/> on <paramref name="peer"/> (transparent mode), and whether that stream is armed for post-copy; null if none.</summary>
     public OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort)
     {
         lock (_gate)
-            return SendingMemory().FirstOrDefault(r => r.Peer == peer && r.TargetPort == targetPort) is { } r ? new OutgoingMemory(r.Uuid, r.PostCopyArmed) : null;
+        {
+            // The armed stream if there is one, else the latest: a helper of an earlier trip to a
+            // reused port may still be ending, and multifd channels share their main's port.
+            var going = SendingMemory().Where(r => r.Peer == peer && r.TargetPort == targetPort)
+                .OrderByDescending(r => r.PostCopyArmed).ThenByDescending(r => r.Id).FirstOrDefault();
+            return going is null ? null : new OutgoingMemory(going.Uuid, going.PostCopyArmed);
+        }
     }
 
     // Under the gate.
@@ -202,8 +203,8 @@ public sealed partial class TransferManager
         }
         if (targetPort != 0)
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
-        if (kind == StreamKind.Mig && SendsMemory(uuid))
-            args.Add(PostCopyArmed(uuid) ? "--post-copy-armed" : "--follows-main");
+        if (kind == StreamKind.Mig && FollowerArgument(uuid) is { } follows)
+            args.Add(follows);
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort);
     }
 
@@ -606,6 +607,3 @@ public sealed partial class TransferManager
         public List<TransferOutcome> Outcomes { get; } = [];
     }
 }
-
-/// <summary>A memory stream being sent from here (transparent mode): its guest, and whether it is armed for post-copy (<see cref="TransferManager.PostCopyArmed"/>).</summary>
-public readonly record struct OutgoingMemory(Guid Uuid, bool PostCopyArmed);

@@ -46,3 +46,6 @@ public sealed record TransferOutcome(string Guest, Guid Uuid, string Peer, strin
 /// <param name="Direction">Send or receive.</param>
 /// <param name="Progress">The helper's report.</param>
 public sealed record StreamProgress(string Guest, Guid Uuid, string Peer, string Stream, TransferDirection Direction, TransferProgress Progress);
+
+/// <summary>A memory stream being sent from here (transparent mode): its guest, and whether it is armed for post-copy (its helper's <see cref="BFMig.Transfer.TransferProgress.PostCopyArmed"/>).</summary>
+public readonly record struct OutgoingMemory(Guid Uuid, bool PostCopyArmed);

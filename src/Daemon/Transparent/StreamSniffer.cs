@@ -37,7 +37,8 @@ public enum SniffedStream
 /// migration client writes its header as soon as it connects, while QEMU's NBD client never
 /// speaks before the server's greeting. A connection that stays silent for the wait is the NBD
 /// one (or, on the port of the guest's running memory stream, QEMU's post-copy preempt channel:
-/// the interceptor decides that); a migration client slower than that would reach the NBD path, which fails the migration
+/// the interceptor decides that, with no wait at all once that stream is armed for post-copy);
+/// a migration client slower than that would reach the NBD path, which fails the migration
 /// cleanly (the guest stays on the source), so the wait errs on the long side.
 /// </summary>
 public static class StreamSniffer
@@ -45,6 +46,9 @@ public static class StreamSniffer
     private const uint QemuFileMagic = 0x5145564d; // "QEVM"
     private const uint MultifdMagic = 0x11223344;
     private const byte TlsHandshakeRecord = 0x16;
+
+    // With no wait: how long a connection that has sent fewer than 4 bytes may take to complete its magic.
+    private static readonly TimeSpan ShortSegmentWait = TimeSpan.FromMilliseconds(100);
 
     /// <summary>Classifies from the bytes seen so far (at least one).</summary>
     public static SniffedStream Classify(ReadOnlySpan<byte> first)
@@ -65,14 +69,20 @@ public static class StreamSniffer
 
     /// <summary>
     /// Waits up to <paramref name="silence"/> for QEMU's first bytes and classifies them; nothing
-    /// is consumed. With no wait, only bytes already there count.
+    /// is consumed. With no wait, a connection with nothing to read yet is silent at once; one
+    /// that has bytes (or its close) is classified by them, a short first segment waited out as
+    /// with a wait.
     /// </summary>
     public static async Task<(SniffedStream Kind, TimeSpan FirstBytesAfter)> SniffAsync(Socket socket, TimeSpan silence, CancellationToken ct)
     {
         var started = System.Diagnostics.Stopwatch.StartNew();
         var buffer = new byte[4];
         if (silence <= TimeSpan.Zero)
-            return (socket.Poll(0, SelectMode.SelectRead) ? Classify(buffer.AsSpan(0, socket.Receive(buffer, SocketFlags.Peek))) : SniffedStream.ServerFirst, started.Elapsed);
+        {
+            if (!socket.Poll(0, SelectMode.SelectRead))
+                return (SniffedStream.ServerFirst, started.Elapsed);
+            silence = ShortSegmentWait;
+        }
         var deadline = started.Elapsed + silence;
         while (true)
         {

@@ -20,7 +20,7 @@ public interface ITransparentHost
     /// <summary>True when a helper slot is free (else the stream is carried directly).</summary>
     bool HasTransferCapacity();
 
-    /// <summary>The guest whose memory stream a helper sends to <paramref name="targetPort"/> on <paramref name="peer"/> now, or null.</summary>
+    /// <summary>The guest whose memory stream a helper sends to <paramref name="targetPort"/> on <paramref name="peer"/> now, and whether that stream is armed for post-copy; null if none.</summary>
     OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort);
 
     /// <summary>
@@ -201,9 +201,18 @@ public sealed class TransparentInterceptor : IDisposable
         // once the memory stream's helper saw QEMU advise post-copy RAM and iterate.
         var going = _host.MemoryGoingTo(peer.Name, (ushort)original.Port);
         var follows = going?.Uuid ?? _carriedMains.GuestGoingTo(original);
-        var silence = going is { PostCopyArmed: true } ? TimeSpan.Zero : follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
+        bool armed = going is { PostCopyArmed: true };
+        var silence = armed ? TimeSpan.Zero : follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
-        var owner = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
+        var (owner, firstLook) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
+        if (armed && sniffed == SniffedStream.ServerFirst && !(firstLook && owner?.Uuid == follows))
+        {
+            // QEMU connects its preempt channel itself, so the armed guest's QEMU holds it at the
+            // first look; a connection libvirtd made and is still handing over, or another
+            // guest's, gets the usual wait.
+            (sniffed, after) = await StreamSniffer.SniffAsync(connection, TransferRunner.FollowerFirstBytesWait, _stop.Token).ConfigureAwait(false);
+            (owner, _) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
+        }
         // Silence on the port the guest's memory stream is still going to is not the disk mirror
         // (it has a port of its own, and connects before the memory stream): it is QEMU's
         // post-copy preempt channel, which writes only the pages the destination faults on.
@@ -275,15 +284,18 @@ public sealed class TransparentInterceptor : IDisposable
         DaemonLog.TransparentDropped(_logger, remote, reason);
     }
 
-    /// <summary>The guest whose QEMU holds the connection; libvirtd's hand-over may take a moment, so it is looked for a few times.</summary>
-    private async Task<(Guid Uuid, string Name)?> OwnerAsync(IPEndPoint qemuSide, IPEndPoint original)
+    /// <summary>
+    /// The guest whose QEMU holds the connection, and whether it did at the first look;
+    /// libvirtd's hand-over may take a moment, so it is looked for a few times.
+    /// </summary>
+    private async Task<((Guid Uuid, string Name)? Owner, bool FirstLook)> OwnerAsync(IPEndPoint qemuSide, IPEndPoint original)
     {
         for (int attempt = 0; ; attempt++)
         {
             if (_qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests()) is { } guest)
-                return guest;
+                return (guest, attempt == 0);
             if (attempt == OwnerAttempts)
-                return null;
+                return (null, false);
             await Task.Delay(OwnerRetryDelay, _stop.Token).ConfigureAwait(false);
         }
     }

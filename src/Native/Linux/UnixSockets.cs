@@ -12,6 +12,20 @@ public static class UnixSockets
     public static bool IsTcp(Socket socket) =>
         socket.SocketType == SocketType.Stream && socket.AddressFamily is (AddressFamily.InterNetwork or AddressFamily.InterNetworkV6);
 
+    /// <summary>
+    /// True once the other end of a stream socket has closed or shut down its sending side, or
+    /// the socket failed (POLLRDHUP, POLLHUP, POLLERR), whether or not bytes it sent before are
+    /// still unread here: unlike a zero-byte read, it does not wait for the reader to get there.
+    /// Never blocks.
+    /// </summary>
+    public static unsafe bool PeerHungUp(Socket socket)
+    {
+        ArgumentNullException.ThrowIfNull(socket);
+        var fd = new Interop.Libc.PollFd { Fd = (int)socket.Handle, Events = Interop.Libc.PollRdHup };
+        int rc = Interop.Libc.Poll(&fd, 1, 0);
+        return rc > 0 && (fd.Revents & (Interop.Libc.PollRdHup | Interop.Libc.PollHup | Interop.Libc.PollErr)) != 0;
+    }
+
     /// <summary>At most this many descriptors travel in one message (SCM_MAX_FD is 253).</summary>
     public const int MaxFds = 253;
 

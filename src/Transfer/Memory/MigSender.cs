@@ -1,4 +1,6 @@
 using System.Diagnostics.CodeAnalysis;
+using System.Net.Sockets;
+using BFMig.Native.Linux;
 using BFMig.Transfer.Wire;
 
 
@@ -39,6 +41,10 @@ public sealed class MigSender
     private long _wireAtLastWait;
     private readonly bool _synced;
     private bool _returnPathGone;
+    // Post-copy arming as reported (TransferStats.PostCopyArmed), written under this gate only.
+    private readonly Lock _armingGate = new();
+    private bool _qemuHungUp;
+    private (Socket? Socket, CancellationToken Stop) _hangUpWatch;
     // The store work of this trip's multifd channels (null without a store, or when it could not listen).
     private ChannelCodecService? _channels;
 
@@ -88,7 +94,15 @@ public sealed class MigSender
             // (None when coding against the receiver's index: this store starts the trip empty.)
             if (_store is not null)
                 await _writer.WriteAsync(FrameType.MigDoubt, (_encoder.PeerIndex is null ? _store.Doubt : MemoryDoubt.None).Encode(), compress: true, cts.Token);
-            await ForwardAsync(qemu, prefix, frames, cts.Token);
+            _hangUpWatch = (qemu.Socket, cts.Token);
+            try
+            {
+                await ForwardAsync(qemu, prefix, frames, cts.Token);
+            }
+            finally
+            {
+                ReportArming(ended: true);
+            }
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
             {
@@ -159,15 +173,49 @@ public sealed class MigSender
         TransferLog.Note($"bfmig-transfer: memory trip not committed; in doubt for the next one: {_stats.MemDoubtAfter}");
     }
 
-    // The daemon tells a memory connection that follows this stream it is the preempt channel
-    // while this is armed: no longer once QEMU closed the stream (a later connection is then a
-    // new migration's main stream).
-    private void ReportArming(bool eof)
+    // The daemon takes a silent memory connection that follows this stream for the preempt
+    // channel at once while this stream is reported armed, so the report must not outlive QEMU's
+    // side: a later connection is then a new migration's main stream, which may not have written
+    // yet either. Cleared when the stream ends or fails here, and when QEMU hangs up while the
+    // forward loop is held (pacing, a full pipeline) and cannot read its end yet.
+    private void ReportArming(bool ended)
     {
-        bool armed = _encoder.Parser.PostCopyArmed && !eof;
-        if (armed == _stats.PostCopyArmed) return;
-        _stats.PostCopyArmed = armed;
+        bool armed = !ended && _encoder.Parser.PostCopyArmed;
+        lock (_armingGate)
+        {
+            if (armed == _stats.PostCopyArmed || (armed && _qemuHungUp)) return;
+            _stats.PostCopyArmed = armed;
+        }
         ReportNow?.Invoke();
+        if (armed && _hangUpWatch is ({ } socket, var stop))
+            _ = Task.Run(() => WatchHangUpAsync(socket, stop), CancellationToken.None);
+    }
+
+    /// <summary>How often an armed stream checks whether QEMU hung up on it.</summary>
+    internal static readonly TimeSpan HangUpCheck = TimeSpan.FromMilliseconds(50);
+
+    private async Task WatchHangUpAsync(Socket socket, CancellationToken stop)
+    {
+        try
+        {
+            while (true)
+            {
+                await Task.Delay(HangUpCheck, stop);
+                lock (_armingGate)
+                {
+                    if (!_stats.PostCopyArmed) return;
+                    if (!UnixSockets.PeerHungUp(socket)) continue;
+                    _qemuHungUp = true;
+                    _stats.PostCopyArmed = false;
+                }
+                ReportNow?.Invoke();
+                return;
+            }
+        }
+        catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException)
+        {
+            // The stream is over: its end disarmed it.
+        }
     }
 
     private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
@@ -208,7 +256,7 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
-            ReportArming(eof);
+            ReportArming(ended: eof);
             // Channels code against the departure snapshot this store shares with the receiver, or against the receiver's index.
             if (_encoder.TripStarted) _channels?.Begin(_synced, _encoder.PeerIndex);
             if (!endSent && _encoder.Parser.IsOpaque)

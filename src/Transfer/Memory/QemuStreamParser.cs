@@ -52,13 +52,14 @@ public sealed partial class QemuStreamParser
     public bool PostCopy { get; private set; }
 
     /// <summary>
-    /// The source QEMU may open its post-copy preempt channel now, and nothing else: it advised
-    /// post-copy RAM (POSTCOPY_ADVISE with its 16-byte body; bitmaps alone send none) and is past
-    /// its setup (a ram iteration began), so its multifd channels, all connected before QEMU
-    /// iterates (and refused with post-copy before QEMU 10.1 anyway), are not still to come;
-    /// and the stream has not ended in precopy (device state). QEMU connects the preempt channel
-    /// at the switch, before it stops the guest, and writes nothing on it until the destination
-    /// faults.
+    /// The only new connection the source QEMU may open for this migration now is its post-copy
+    /// preempt channel: it advised post-copy RAM (POSTCOPY_ADVISE with its 16-byte body; bitmaps
+    /// alone send none) and is past its setup (a ram iteration began), so its multifd channels
+    /// (refused with post-copy before QEMU 10.1 anyway) have all connected and written their
+    /// first packet (ram setup syncs them); and the stream has not ended in precopy (device
+    /// state). QEMU connects the preempt channel at the switch and writes nothing on it until the
+    /// destination faults. (A new migration may follow once this stream is closed: its helper
+    /// stops reporting the stream armed then.)
     /// </summary>
     public bool PostCopyArmed => _postCopyRamAdvised && _ramIterating && (_state != State.Opaque || PostCopy);
 
