@@ -143,13 +143,13 @@ public static class TransferRunner
         var clock = Stopwatch.StartNew();
         qemu = new LocalConnection(new CountingStream(qemu.Stream, stats, countReads: true), qemu.Socket);
         if (o.Kind == StreamKind.Mig) qemu.LimitReadQueue(LocalConnection.SourceReadQueue);
-        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerWait(o), ct);
+        bool quiet = o.Kind == StreamKind.Mig && o.FollowsMain && !await ReadableWithinAsync(qemu, FollowerWait(o.MainPostCopyArmed), ct);
         var prefix = o.Kind == StreamKind.Mig && !quiet ? await PeekAsync(qemu.Stream, 8, o.IdleTimeout, ct) : Array.Empty<byte>();
         if (quiet)
-            TransferLog.Note(o.MainPostCopyArmed
-                ? "bfmig-transfer: a silent memory connection while the main stream is armed for post-copy: its post-copy preempt channel, carried byte for byte with no idle timeout"
-                : $"bfmig-transfer: QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms: " +
-                  "its post-copy preempt channel, carried byte for byte with no idle timeout");
+            TransferLog.Note("bfmig-transfer: " + (o.MainPostCopyArmed
+                ? "a silent memory connection while the main stream is armed for post-copy"
+                : $"QEMU sent nothing on a memory connection that followed the main stream within {FollowerFirstBytesWait.TotalMilliseconds:0} ms") +
+                ": its post-copy preempt channel, carried byte for byte with no idle timeout");
         MemoryStore? store = null;
         bool diskStore = o.Kind == StreamKind.Nbd && o.StoreRoot is not null;
         bool wantsStore = o.Kind == StreamKind.Mig && o.StoreRoot is not null && prefix.Length >= 4
@@ -559,8 +559,8 @@ public static class TransferRunner
     /// </summary>
     public static readonly TimeSpan FollowerFirstBytesWait = TimeSpan.FromMilliseconds(100);
 
-    /// <summary>How long a follower's silence is waited for before it is taken for the preempt channel (<see cref="TransferOptions.MainPostCopyArmed"/>).</summary>
-    public static TimeSpan FollowerWait(TransferOptions o) => o.MainPostCopyArmed ? TimeSpan.Zero : FollowerFirstBytesWait;
+    /// <summary>How long a follower's silence is waited for before it is taken for the preempt channel: not at all when its main stream is armed for post-copy (<see cref="TransferOptions.MainPostCopyArmed"/>).</summary>
+    public static TimeSpan FollowerWait(bool mainPostCopyArmed) => mainPostCopyArmed ? TimeSpan.Zero : FollowerFirstBytesWait;
 
     // True when QEMU's first bytes (or its close) arrive within the wait, or (no wait) are already there; nothing is consumed.
     private static async Task<bool> ReadableWithinAsync(LocalConnection qemu, TimeSpan wait, CancellationToken ct)

@@ -84,23 +84,17 @@ public partial class TransparentTests(ITestOutputHelper output)
     [Fact]
     public async Task A_silent_client_is_the_server_first_stream_and_nothing_is_consumed()
     {
-        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        listener.Listen(2);
-        using var silent = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await silent.ConnectAsync(listener.LocalEndPoint!);
-        using var accepted = await listener.AcceptAsync();
-        var (kind, _) = await StreamSniffer.SniffAsync(accepted, TimeSpan.FromMilliseconds(100), CancellationToken.None);
+        using var listener = LoopbackListener();
+        using var silent = await LoopbackConnection.OpenAsync(listener);
+        var (kind, _) = await StreamSniffer.SniffAsync(silent.Accepted, TimeSpan.FromMilliseconds(100), CancellationToken.None);
         Assert.Equal(SniffedStream.ServerFirst, kind);
 
-        using var talker = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await talker.ConnectAsync(listener.LocalEndPoint!);
-        using var accepted2 = await listener.AcceptAsync();
-        await talker.SendAsync(new byte[] { 0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3 });
-        (kind, _) = await StreamSniffer.SniffAsync(accepted2, TimeSpan.FromSeconds(5), CancellationToken.None);
+        using var talker = await LoopbackConnection.OpenAsync(listener);
+        await talker.Client.SendAsync(new byte[] { 0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3 });
+        (kind, _) = await StreamSniffer.SniffAsync(talker.Accepted, TimeSpan.FromSeconds(5), CancellationToken.None);
         Assert.Equal(SniffedStream.Memory, kind);
         var all = new byte[8];
-        Assert.Equal(8, await accepted2.ReceiveAsync(all)); // the peek left every byte for the helper
+        Assert.Equal(8, await talker.Accepted.ReceiveAsync(all)); // the peek left every byte for the helper
         Assert.Equal(0x51, all[0]);
     }
 
@@ -112,28 +106,45 @@ public partial class TransparentTests(ITestOutputHelper output)
     [Fact]
     public async Task With_no_wait_only_the_bytes_already_there_tell_the_stream()
     {
-        using var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+        using var listener = LoopbackListener();
+        using var silent = await LoopbackConnection.OpenAsync(listener);
+        Assert.Equal(SniffedStream.ServerFirst, (await StreamSniffer.SniffAsync(silent.Accepted, TimeSpan.Zero, CancellationToken.None)).Kind);
+
+        using var talker = await LoopbackConnection.OpenAsync(listener);
+        await talker.Client.SendAsync(new byte[] { 0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1 });
+        await Tools.UntilAsync(() => talker.Accepted.Available == 8, "the bytes to arrive", 5);
+        Assert.Equal(SniffedStream.Multifd, (await StreamSniffer.SniffAsync(talker.Accepted, TimeSpan.Zero, CancellationToken.None)).Kind);
+        Assert.Equal(8, talker.Accepted.Available);
+
+        using var closer = await LoopbackConnection.OpenAsync(listener);
+        closer.Client.Shutdown(SocketShutdown.Send);
+        await Tools.UntilAsync(() => closer.Accepted.Poll(0, SelectMode.SelectRead), "the close to arrive", 5);
+        Assert.Equal(SniffedStream.Closed, (await StreamSniffer.SniffAsync(closer.Accepted, TimeSpan.Zero, CancellationToken.None)).Kind);
+    }
+
+    private static Socket LoopbackListener()
+    {
+        var listener = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
         listener.Bind(new IPEndPoint(IPAddress.Loopback, 0));
-        listener.Listen(3);
-        using var silent = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await silent.ConnectAsync(listener.LocalEndPoint!);
-        using var accepted = await listener.AcceptAsync();
-        Assert.Equal(SniffedStream.ServerFirst, (await StreamSniffer.SniffAsync(accepted, TimeSpan.Zero, CancellationToken.None)).Kind);
+        listener.Listen(4);
+        return listener;
+    }
 
-        using var talker = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await talker.ConnectAsync(listener.LocalEndPoint!);
-        using var accepted2 = await listener.AcceptAsync();
-        await talker.SendAsync(new byte[] { 0x11, 0x22, 0x33, 0x44, 0, 0, 0, 1 });
-        await Tools.UntilAsync(() => accepted2.Available == 8, "the bytes to arrive", 5);
-        Assert.Equal(SniffedStream.Multifd, (await StreamSniffer.SniffAsync(accepted2, TimeSpan.Zero, CancellationToken.None)).Kind);
-        Assert.Equal(8, accepted2.Available);
+    // A client connected to the listener, and the listener's side of it (what the sniffer gets).
+    private sealed record LoopbackConnection(Socket Client, Socket Accepted) : IDisposable
+    {
+        public static async Task<LoopbackConnection> OpenAsync(Socket listener)
+        {
+            var client = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+            await client.ConnectAsync(listener.LocalEndPoint!);
+            return new LoopbackConnection(client, await listener.AcceptAsync());
+        }
 
-        using var closer = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        await closer.ConnectAsync(listener.LocalEndPoint!);
-        using var accepted3 = await listener.AcceptAsync();
-        closer.Shutdown(SocketShutdown.Send);
-        await Tools.UntilAsync(() => accepted3.Poll(0, SelectMode.SelectRead), "the close to arrive", 5);
-        Assert.Equal(SniffedStream.Closed, (await StreamSniffer.SniffAsync(accepted3, TimeSpan.Zero, CancellationToken.None)).Kind);
+        public void Dispose()
+        {
+            Client.Dispose();
+            Accepted.Dispose();
+        }
     }
 
     /// <summary>

@@ -26,7 +26,7 @@ public class QuietChannelTests
         var (receiverLocal, qemuDst) = await WireTests.Pair();
         var idle = TimeSpan.FromMilliseconds(600);
         var so = new TransferOptions { Guest = Guest, StoreRoot = null, PeerName = "hostB", IdleTimeout = idle, FollowsMain = true, MainPostCopyArmed = armed };
-        Assert.Equal(armed ? TimeSpan.Zero : TransferRunner.FollowerFirstBytesWait, TransferRunner.FollowerWait(so));
+        Assert.Equal(armed ? TimeSpan.Zero : TransferRunner.FollowerFirstBytesWait, TransferRunner.FollowerWait(so.MainPostCopyArmed));
         var ro = new TransferOptions { Guest = Guest, StoreRoot = null, IdleTimeout = idle };
         var connected = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));

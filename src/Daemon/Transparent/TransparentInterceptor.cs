@@ -202,7 +202,7 @@ public sealed class TransparentInterceptor : IDisposable
         var going = _host.MemoryGoingTo(peer.Name, (ushort)original.Port);
         var follows = going?.Uuid ?? _carriedMains.GuestGoingTo(original);
         bool armed = going is { PostCopyArmed: true };
-        var silence = armed ? TimeSpan.Zero : follows is null ? _silence : TransferRunner.FollowerFirstBytesWait;
+        var silence = follows is null ? _silence : TransferRunner.FollowerWait(armed);
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
         var (owner, firstLook) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
         if (armed && sniffed == SniffedStream.ServerFirst && !(firstLook && owner?.Uuid == follows))
@@ -210,7 +210,7 @@ public sealed class TransparentInterceptor : IDisposable
             // QEMU connects its preempt channel itself, so the armed guest's QEMU holds it at the
             // first look; a connection libvirtd made and is still handing over, or another
             // guest's, gets the usual wait.
-            (sniffed, after) = await StreamSniffer.SniffAsync(connection, TransferRunner.FollowerFirstBytesWait, _stop.Token).ConfigureAwait(false);
+            (sniffed, after) = await StreamSniffer.SniffAsync(connection, TransferRunner.FollowerWait(false), _stop.Token).ConfigureAwait(false);
             (owner, _) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
         }
         // Silence on the port the guest's memory stream is still going to is not the disk mirror

@@ -44,7 +44,6 @@ public sealed class MigSender
     // Post-copy arming as reported (TransferStats.PostCopyArmed), written under this gate only.
     private readonly Lock _armingGate = new();
     private bool _qemuHungUp;
-    private (Socket? Socket, CancellationToken Stop) _hangUpWatch;
     // The store work of this trip's multifd channels (null without a store, or when it could not listen).
     private ChannelCodecService? _channels;
 
@@ -94,14 +93,13 @@ public sealed class MigSender
             // (None when coding against the receiver's index: this store starts the trip empty.)
             if (_store is not null)
                 await _writer.WriteAsync(FrameType.MigDoubt, (_encoder.PeerIndex is null ? _store.Doubt : MemoryDoubt.None).Encode(), compress: true, cts.Token);
-            _hangUpWatch = (qemu.Socket, cts.Token);
             try
             {
                 await ForwardAsync(qemu, prefix, frames, cts.Token);
             }
             finally
             {
-                ReportArming(ended: true);
+                ReportArming(ended: true, qemu.Socket, cts.Token);
             }
             var ack = await WaitAsync(endAck.Task, inbox, "the receiver's end acknowledgement", cts.Token);
             if (_encoder.TripStarted)
@@ -178,7 +176,7 @@ public sealed class MigSender
     // side: a later connection is then a new migration's main stream, which may not have written
     // yet either. Cleared when the stream ends or fails here, and when QEMU hangs up while the
     // forward loop is held (pacing, a full pipeline) and cannot read its end yet.
-    private void ReportArming(bool ended)
+    private void ReportArming(bool ended, Socket? qemu, CancellationToken stop)
     {
         bool armed = !ended && _encoder.Parser.PostCopyArmed;
         lock (_armingGate)
@@ -187,8 +185,8 @@ public sealed class MigSender
             _stats.PostCopyArmed = armed;
         }
         ReportNow?.Invoke();
-        if (armed && _hangUpWatch is ({ } socket, var stop))
-            _ = Task.Run(() => WatchHangUpAsync(socket, stop), CancellationToken.None);
+        if (armed && qemu is not null)
+            _ = Task.Run(() => WatchHangUpAsync(qemu, stop), CancellationToken.None);
     }
 
     /// <summary>How often an armed stream checks whether QEMU hung up on it.</summary>
@@ -256,7 +254,7 @@ public sealed class MigSender
         {
             start += _encoder.Consume(buffer.AsSpan(start, end - start), eof);
             _consumed = _stats.StreamBytes - (end - start);
-            ReportArming(ended: eof);
+            ReportArming(ended: eof, qemu.Socket, ct);
             // Channels code against the departure snapshot this store shares with the receiver, or against the receiver's index.
             if (_encoder.TripStarted) _channels?.Begin(_synced, _encoder.PeerIndex);
             if (!endSent && _encoder.Parser.IsOpaque)
