@@ -638,6 +638,7 @@ internal sealed class ProgressReporter : IAsyncDisposable
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _loop;
     private readonly Lock _gate = new();
+    private bool _finalSent;
 
     private ProgressReporter(TransferOptions o, TransferStats stats, FrameWriter writer, FrameReader reader)
     {
@@ -673,11 +674,16 @@ internal sealed class ProgressReporter : IAsyncDisposable
     private void Report(bool final)
     {
         lock (_gate)
+        {
+            // The final report is the last: an out-of-turn one from a thread that was late must not follow it.
+            if (_finalSent) return;
+            _finalSent = final;
             _o.Progress!(new TransferProgress(_stats.Role, _stats.Kind, _stats.LocalBytes, _writer.BytesWritten, _reader.BytesRead, _stats.Export, final)
             {
                 Authenticated = _stats.Authenticated,
                 PostCopyArmed = _stats.PostCopyArmed,
             });
+        }
     }
 
     /// <summary>Reports now, out of turn (the peer just authenticated, or the stream's post-copy arming changed: the daemon waits for these).</summary>

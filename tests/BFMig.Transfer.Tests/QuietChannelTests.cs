@@ -150,41 +150,101 @@ public class QuietChannelTests
     [Fact]
     public async Task A_main_stream_is_reported_armed_while_QEMU_iterates_after_a_ram_advise_and_no_longer_once_it_closes()
     {
-        using var a = new TempDir();
-        using var b = new TempDir();
-        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
-        var (qemuSrc, senderLocal) = await WireTests.Pair();
-        var (senderPeer, receiverPeer) = await WireTests.Pair();
-        var (receiverLocal, qemuDst) = await WireTests.Pair();
-        var reports = new System.Collections.Concurrent.ConcurrentQueue<TransferProgress>();
-        var so = new TransferOptions
-        {
-            Guest = Guest, StoreRoot = a.Path, PeerName = "hostB", IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5),
-            Progress = reports.Enqueue, ProgressInterval = TimeSpan.FromMinutes(5), // only the out-of-turn reports, and the last
-        };
-        var ro = new TransferOptions { Guest = Guest, StoreRoot = b.Path, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
-        var send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(senderLocal), senderPeer, so, cts.Token));
-        var receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, cts.Token));
-        using var dst = new NetworkStream(qemuDst, ownsSocket: true);
-        var drain = dst.CopyToAsync(Stream.Null, cts.Token);
+        await using var trip = await ArmingTrip.StartAsync();
+        await trip.Qemu.WriteAsync(ArmingStream(), trip.Token);
+        trip.StartSender();
+        await UntilAsync(() => trip.Reports.Any(r => r.PostCopyArmed), "the armed report", trip.Token);
 
+        // QEMU gives up mid-iteration (a cancelled migration): the report is taken back.
+        trip.QemuSocket.Shutdown(SocketShutdown.Send);
+        await UntilAsync(() => !trip.Reports.Last().PostCopyArmed, "the report taken back", trip.Token);
+        await trip.EndAsync();
+        Assert.True(trip.Reports.Last().Final);
+        Assert.False(trip.Reports.Last().PostCopyArmed);
+    }
+
+    /// <summary>
+    /// A QEMU that hung up before the helper read its arming bytes never had a preempt channel
+    /// to come: the stream is not reported armed at all, not even until the watcher's first look.
+    /// </summary>
+    [Fact]
+    public async Task A_main_stream_whose_QEMU_hung_up_before_its_arming_bytes_were_read_is_never_reported_armed()
+    {
+        await using var trip = await ArmingTrip.StartAsync();
+        await trip.Qemu.WriteAsync(ArmingStream(), trip.Token);
+        trip.QemuSocket.Shutdown(SocketShutdown.Send);
+        trip.StartSender();
+        await trip.EndAsync();
+        Assert.True(trip.Reports.Last().Final);
+        Assert.DoesNotContain(trip.Reports, r => r.PostCopyArmed);
+    }
+
+    // A stream that advises post-copy RAM and begins an iteration, and goes on (no device state).
+    private static byte[] ArmingStream()
+    {
         var page = Enumerable.Range(0, 4096).Select(i => (byte)(i * 13 + 5)).ToArray();
-        var stream = new StreamBuilder().Header()
+        return new StreamBuilder().Header()
             .U8(Memory.QemuFormat.Command).Be16(Memory.QemuFormat.CmdPostcopyAdvise).Be16(Memory.QemuFormat.PostcopyAdviseRamLength).Bytes(new byte[16])
             .RamStart(("pc.ram", 8 * 4096))
             .Part().Page(0, 1, page).Eos().Footer().ToArray();
-        using var src = new NetworkStream(qemuSrc, ownsSocket: true);
-        await src.WriteAsync(stream, cts.Token);
-        await UntilAsync(() => reports.Any(r => r.PostCopyArmed), "the armed report", cts.Token);
+    }
 
-        // QEMU gives up mid-iteration (a cancelled migration): the report is taken back.
-        qemuSrc.Shutdown(SocketShutdown.Send);
-        await UntilAsync(() => reports.Any(r => r.PostCopyArmed) && !reports.Last().PostCopyArmed, "the report taken back", cts.Token);
-        await Assert.ThrowsAnyAsync<Exception>(() => send);
-        await cts.CancelAsync();
-        await Task.WhenAll(receive, drain).ContinueWith(_ => { }, TaskScheduler.Default);
-        Assert.True(reports.Last().Final);
-        Assert.False(reports.Last().PostCopyArmed);
+    /// <summary>A real sending and receiving helper between two QEMU stand-ins, the sender's reports recorded.</summary>
+    private sealed class ArmingTrip : IAsyncDisposable
+    {
+        private readonly TempDir _a = new(), _b = new();
+        private readonly CancellationTokenSource _cts = new(TimeSpan.FromSeconds(30));
+        private Socket _senderLocal = null!, _senderPeer = null!;
+        private Task _send = Task.CompletedTask, _receive = Task.CompletedTask, _drain = Task.CompletedTask;
+        private NetworkStream _dst = null!;
+
+        public System.Collections.Concurrent.ConcurrentQueue<TransferProgress> Reports { get; } = new();
+        public Socket QemuSocket { get; private set; } = null!;
+        public NetworkStream Qemu { get; private set; } = null!;
+        public CancellationToken Token => _cts.Token;
+
+        public static async Task<ArmingTrip> StartAsync()
+        {
+            var t = new ArmingTrip();
+            (t.QemuSocket, t._senderLocal) = await WireTests.Pair();
+            (t._senderPeer, var receiverPeer) = await WireTests.Pair();
+            var (receiverLocal, qemuDst) = await WireTests.Pair();
+            var ro = new TransferOptions { Guest = Guest, StoreRoot = t._b.Path, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+            t._receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, t.Token));
+            t._dst = new NetworkStream(qemuDst, ownsSocket: true);
+            t._drain = t._dst.CopyToAsync(Stream.Null, t.Token);
+            t.Qemu = new NetworkStream(t.QemuSocket, ownsSocket: true);
+            return t;
+        }
+
+        public void StartSender()
+        {
+            var so = new TransferOptions
+            {
+                Guest = Guest, StoreRoot = _a.Path, PeerName = "hostB", IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5),
+                Progress = Reports.Enqueue, ProgressInterval = TimeSpan.FromMinutes(5), // only the out-of-turn reports, and the last
+            };
+            _send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(_senderLocal), _senderPeer, so, Token));
+        }
+
+        /// <summary>QEMU cut the stream before its device state: the sender fails, and its final report is in.</summary>
+        public async Task EndAsync()
+        {
+            await Assert.ThrowsAnyAsync<Exception>(() => _send);
+            await _cts.CancelAsync();
+            await Task.WhenAll(_receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default);
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await _cts.CancelAsync();
+            await Task.WhenAll(_send, _receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default);
+            await Qemu.DisposeAsync();
+            await _dst.DisposeAsync();
+            _cts.Dispose();
+            _a.Dispose();
+            _b.Dispose();
+        }
     }
 
     private static async Task UntilAsync(Func<bool> condition, string what, CancellationToken ct)

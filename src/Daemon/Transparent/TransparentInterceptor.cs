@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Net.Sockets;
 using System.Net;
 using BFMig.Daemon.Configuration;
@@ -203,15 +204,19 @@ public sealed class TransparentInterceptor : IDisposable
         var follows = going?.Uuid ?? _carriedMains.GuestGoingTo(original);
         bool armed = going is { PostCopyArmed: true };
         var silence = follows is null ? _silence : TransferRunner.FollowerWait(armed);
+        var clock = Stopwatch.StartNew();
         var (sniffed, after) = await StreamSniffer.SniffAsync(connection, silence, _stop.Token).ConfigureAwait(false);
         var (owner, firstLook) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
-        if (armed && sniffed == SniffedStream.ServerFirst && !(firstLook && owner?.Uuid == follows))
+        if (armed && sniffed == SniffedStream.ServerFirst)
         {
             // QEMU connects its preempt channel itself, so the armed guest's QEMU holds it at the
-            // first look; a connection libvirtd made and is still handing over, or another
-            // guest's, gets the usual wait.
-            (sniffed, after) = await StreamSniffer.SniffAsync(connection, TransferRunner.FollowerWait(false), _stop.Token).ConfigureAwait(false);
-            (owner, _) = await OwnerAsync(qemuSide, original).ConfigureAwait(false);
+            // first look: then only bytes that came during the lookup can still tell otherwise.
+            // A connection libvirtd made and is still handing over, another guest's, or one
+            // nobody holds gets the usual wait (its owner is known by now: not looked for again).
+            var sniffedBefore = clock.Elapsed;
+            var wait = firstLook && owner?.Uuid == follows ? TimeSpan.Zero : TransferRunner.FollowerWait(false);
+            (sniffed, after) = await StreamSniffer.SniffAsync(connection, wait, _stop.Token).ConfigureAwait(false);
+            after += sniffedBefore;
         }
         // Silence on the port the guest's memory stream is still going to is not the disk mirror
         // (it has a port of its own, and connects before the memory stream): it is QEMU's

@@ -21,9 +21,21 @@ public static class UnixSockets
     public static unsafe bool PeerHungUp(Socket socket)
     {
         ArgumentNullException.ThrowIfNull(socket);
-        var fd = new Interop.Libc.PollFd { Fd = (int)socket.Handle, Events = Interop.Libc.PollRdHup };
-        int rc = Interop.Libc.Poll(&fd, 1, 0);
-        return rc > 0 && (fd.Revents & (Interop.Libc.PollRdHup | Interop.Libc.PollHup | Interop.Libc.PollErr)) != 0;
+        // The reference keeps the descriptor from being closed (and its number reused) mid-poll;
+        // a socket already closed throws ObjectDisposedException here.
+        var handle = socket.SafeHandle;
+        bool referenced = false;
+        try
+        {
+            handle.DangerousAddRef(ref referenced);
+            var fd = new Interop.Libc.PollFd { Fd = (int)handle.DangerousGetHandle(), Events = Interop.Libc.PollRdHup };
+            int rc = Interop.Libc.Poll(&fd, 1, 0);
+            return rc > 0 && (fd.Revents & (Interop.Libc.PollRdHup | Interop.Libc.PollHup | Interop.Libc.PollErr)) != 0;
+        }
+        finally
+        {
+            if (referenced) handle.DangerousRelease();
+        }
     }
 
     /// <summary>At most this many descriptors travel in one message (SCM_MAX_FD is 253).</summary>

@@ -181,7 +181,10 @@ public sealed class MigSender
         bool armed = !ended && _encoder.Parser.PostCopyArmed;
         lock (_armingGate)
         {
-            if (armed == _stats.PostCopyArmed || (armed && _qemuHungUp)) return;
+            if (armed == _stats.PostCopyArmed) return;
+            // A QEMU that hung up with its arming bytes still unread here is not armed at all:
+            // checked before the report, not left to the watcher's first look.
+            if (armed && (_qemuHungUp || (qemu is not null && HungUp(qemu)))) return;
             _stats.PostCopyArmed = armed;
         }
         ReportNow?.Invoke();
@@ -202,8 +205,7 @@ public sealed class MigSender
                 lock (_armingGate)
                 {
                     if (!_stats.PostCopyArmed) return;
-                    if (!UnixSockets.PeerHungUp(socket)) continue;
-                    _qemuHungUp = true;
+                    if (!HungUp(socket)) continue;
                     _stats.PostCopyArmed = false;
                 }
                 ReportNow?.Invoke();
@@ -214,7 +216,15 @@ public sealed class MigSender
         {
             // The stream is over: its end disarmed it.
         }
+        catch (Exception e)
+        {
+            // Not fatal to the stream: its end still disarms it, only later than a hang-up would.
+            TransferLog.Note($"bfmig-transfer: watching QEMU's side of an armed stream failed: {e.Message}");
+        }
     }
+
+    // Under _armingGate. Once seen, a hang-up stays: no later part of the stream may arm again.
+    private bool HungUp(Socket qemu) => _qemuHungUp = _qemuHungUp || UnixSockets.PeerHungUp(qemu);
 
     private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
     {
