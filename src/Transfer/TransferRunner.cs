@@ -552,7 +552,7 @@ public static class TransferRunner
     /// A multifd channel slower than this (its thread's first action; a scheduler slice is a few
     /// ms) is carried byte for byte behind the main stream, which is always exact, only not coded
     /// against the store. Transparent mode's sniff waits the same for such a connection (or not at
-    /// all when armed), and
+    /// all when armed and the guest's QEMU held it at the first look), and
     /// carries a silent one straight to the peer's QEMU: a multifd channel that late could reach
     /// a QEMU 7.2 before its main stream and fail the migration cleanly (QEMU up to 10.0 refuses
     /// multifd with post-copy, so a trip has a preempt channel or multifd channels, not both).

@@ -179,14 +179,43 @@ public class QuietChannelTests
         Assert.DoesNotContain(trip.Reports, r => r.PostCopyArmed);
     }
 
-    // A stream that advises post-copy RAM and begins an iteration, and goes on (no device state).
-    private static byte[] ArmingStream()
+    /// <summary>
+    /// QEMU hangs up while the helper's forward loop is held (here by a destination that does not
+    /// read, as by pacing on a slow link) with QEMU's last bytes unread: the watcher takes the
+    /// report back within its period, long before the loop could read the end.
+    /// </summary>
+    [Fact]
+    public async Task An_armed_stream_whose_forward_loop_is_held_is_disarmed_when_QEMU_hangs_up()
     {
-        var page = Enumerable.Range(0, 4096).Select(i => (byte)(i * 13 + 5)).ToArray();
-        return new StreamBuilder().Header()
+        await using var trip = await ArmingTrip.StartAsync(drainDestination: false);
+        var writing = trip.Qemu.WriteAsync(ArmingStream(pages: 8192, Random.Shared), trip.Token).AsTask(); // 32 MiB: more than every buffer on the way holds
+        trip.StartSender();
+        await UntilAsync(() => trip.Reports.Any(r => r.PostCopyArmed), "the armed report", trip.Token);
+        await UntilAsync(() => !writing.IsCompleted, "the sender held with QEMU's bytes pending", trip.Token);
+
+        trip.QemuSocket.Shutdown(SocketShutdown.Both);
+        await UntilAsync(() => !trip.Reports.Last().PostCopyArmed, "the report taken back", trip.Token);
+        Assert.False(trip.Reports.Last().Final); // taken back by the watcher, before the stream ended
+        await writing.ContinueWith(_ => { }, TaskScheduler.Default); // QEMU's write, cut short
+        trip.DrainDestination();
+        await trip.EndAsync();
+        Assert.False(trip.Reports.Last().PostCopyArmed);
+    }
+
+    // A stream that advises post-copy RAM and begins an iteration, and goes on (no device state).
+    private static byte[] ArmingStream(int pages = 1, Random? incompressible = null)
+    {
+        var b = new StreamBuilder().Header()
             .U8(Memory.QemuFormat.Command).Be16(Memory.QemuFormat.CmdPostcopyAdvise).Be16(Memory.QemuFormat.PostcopyAdviseRamLength).Bytes(new byte[16])
-            .RamStart(("pc.ram", 8 * 4096))
-            .Part().Page(0, 1, page).Eos().Footer().ToArray();
+            .RamStart(("pc.ram", (pages + 8) * 4096L))
+            .Part();
+        var page = Enumerable.Range(0, 4096).Select(i => (byte)(i * 13 + 5)).ToArray();
+        for (int i = 0; i < pages; i++)
+        {
+            incompressible?.NextBytes(page);
+            b.Page(0, i + 1, page);
+        }
+        return b.Eos().Footer().ToArray();
     }
 
     /// <summary>A real sending and receiving helper between two QEMU stand-ins, the sender's reports recorded.</summary>
@@ -194,7 +223,9 @@ public class QuietChannelTests
     {
         private readonly TempDir _a = new(), _b = new();
         private readonly CancellationTokenSource _cts = new(TimeSpan.FromSeconds(30));
-        private Socket _senderLocal = null!, _senderPeer = null!;
+        private readonly List<IDisposable> _sockets = [];
+        private LocalConnection? _senderLocal;
+        private Socket? _senderPeer;
         private Task _send = Task.CompletedTask, _receive = Task.CompletedTask, _drain = Task.CompletedTask;
         private NetworkStream _dst = null!;
 
@@ -203,19 +234,42 @@ public class QuietChannelTests
         public NetworkStream Qemu { get; private set; } = null!;
         public CancellationToken Token => _cts.Token;
 
-        public static async Task<ArmingTrip> StartAsync()
+        public static async Task<ArmingTrip> StartAsync(bool drainDestination = true)
         {
             var t = new ArmingTrip();
-            (t.QemuSocket, t._senderLocal) = await WireTests.Pair();
-            (t._senderPeer, var receiverPeer) = await WireTests.Pair();
-            var (receiverLocal, qemuDst) = await WireTests.Pair();
-            var ro = new TransferOptions { Guest = Guest, StoreRoot = t._b.Path, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
-            t._receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, t.Token));
-            t._dst = new NetworkStream(qemuDst, ownsSocket: true);
-            t._drain = t._dst.CopyToAsync(Stream.Null, t.Token);
-            t.Qemu = new NetworkStream(t.QemuSocket, ownsSocket: true);
-            return t;
+            try
+            {
+                var (qemuSrc, senderLocal) = await t.Pair();
+                (t._senderPeer, var receiverPeer) = await t.Pair();
+                var (receiverLocal, qemuDst) = await t.Pair();
+                t.QemuSocket = qemuSrc;
+                t._senderLocal = LocalConnection.FromSocket(senderLocal);
+                var ro = new TransferOptions { Guest = Guest, StoreRoot = t._b.Path, IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5) };
+                t._receive = Task.Run(() => TransferRunner.ReceiveAsync(receiverPeer, _ => Task.FromResult(LocalConnection.FromSocket(receiverLocal)), ro, t.Token));
+                t._dst = new NetworkStream(qemuDst, ownsSocket: true);
+                t._sockets.Add(t._dst);
+                if (drainDestination) t.DrainDestination();
+                t.Qemu = new NetworkStream(qemuSrc, ownsSocket: true);
+                t._sockets.Add(t.Qemu);
+                return t;
+            }
+            catch
+            {
+                await t.DisposeAsync();
+                throw;
+            }
         }
+
+        private async Task<(Socket, Socket)> Pair()
+        {
+            var (x, y) = await WireTests.Pair();
+            _sockets.Add(x);
+            _sockets.Add(y);
+            return (x, y);
+        }
+
+        /// <summary>The destination QEMU's stand-in reads (and drops) what reaches it.</summary>
+        public void DrainDestination() => _drain = _dst.CopyToAsync(Stream.Null, Token);
 
         public void StartSender()
         {
@@ -224,23 +278,24 @@ public class QuietChannelTests
                 Guest = Guest, StoreRoot = _a.Path, PeerName = "hostB", IdleTimeout = TimeSpan.FromSeconds(10), EndTimeout = TimeSpan.FromSeconds(5),
                 Progress = Reports.Enqueue, ProgressInterval = TimeSpan.FromMinutes(5), // only the out-of-turn reports, and the last
             };
-            _send = Task.Run(() => TransferRunner.SendAsync(LocalConnection.FromSocket(_senderLocal), _senderPeer, so, Token));
+            _send = Task.Run(() => TransferRunner.SendAsync(_senderLocal!, _senderPeer!, so, Token));
         }
 
-        /// <summary>QEMU cut the stream before its device state: the sender fails, and its final report is in.</summary>
+        /// <summary>QEMU cut the stream after its arming bytes, before its device state: the sender read them, failed, and its final report is in.</summary>
         public async Task EndAsync()
         {
-            await Assert.ThrowsAnyAsync<Exception>(() => _send);
+            var e = await Assert.ThrowsAnyAsync<Exception>(() => _send);
+            Assert.IsType<StreamCutException>(e);
             await _cts.CancelAsync();
-            await Task.WhenAll(_receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default);
+            await Task.WhenAll(_receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default).WaitAsync(TimeSpan.FromSeconds(10));
         }
 
         public async ValueTask DisposeAsync()
         {
             await _cts.CancelAsync();
-            await Task.WhenAll(_send, _receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default);
-            await Qemu.DisposeAsync();
-            await _dst.DisposeAsync();
+            await Task.WhenAll(_send, _receive, _drain).ContinueWith(_ => { }, TaskScheduler.Default).WaitAsync(TimeSpan.FromSeconds(10));
+            if (_senderLocal is not null) await _senderLocal.DisposeAsync();
+            foreach (var s in _sockets) s.Dispose();
             _cts.Dispose();
             _a.Dispose();
             _b.Dispose();

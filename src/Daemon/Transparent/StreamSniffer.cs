@@ -37,7 +37,8 @@ public enum SniffedStream
 /// migration client writes its header as soon as it connects, while QEMU's NBD client never
 /// speaks before the server's greeting. A connection that stays silent for the wait is the NBD
 /// one (or, on the port of the guest's running memory stream, QEMU's post-copy preempt channel:
-/// the interceptor decides that, with no wait at all once that stream is armed for post-copy);
+/// the interceptor decides that, with no wait at all once that stream is armed for post-copy and
+/// the guest's QEMU held the connection at the first look);
 /// a migration client slower than that would reach the NBD path, which fails the migration
 /// cleanly (the guest stays on the source), so the wait errs on the long side.
 /// </summary>

@@ -210,13 +210,15 @@ public sealed class TransparentInterceptor : IDisposable
         if (armed && sniffed == SniffedStream.ServerFirst)
         {
             // QEMU connects its preempt channel itself, so the armed guest's QEMU holds it at the
-            // first look: then only bytes that came during the lookup can still tell otherwise.
-            // A connection libvirtd made and is still handing over, another guest's, or one
-            // nobody holds gets the usual wait (its owner is known by now: not looked for again).
-            var sniffedBefore = clock.Elapsed;
-            var wait = firstLook && owner?.Uuid == follows ? TimeSpan.Zero : TransferRunner.FollowerWait(false);
+            // first look: then only bytes that came during the lookup, or a stream disarmed
+            // meanwhile, can still tell otherwise. A connection libvirtd made and is still handing
+            // over, another guest's, or one nobody holds gets the usual wait (its owner is known
+            // by now: not looked for again). The logged time counts from the accept.
+            bool stillArmed = _host.MemoryGoingTo(peer.Name, (ushort)original.Port) is { PostCopyArmed: true } now && now.Uuid == follows;
+            var wait = TransferRunner.FollowerWait(stillArmed && firstLook && owner?.Uuid == follows);
+            var sinceAccept = clock.Elapsed;
             (sniffed, after) = await StreamSniffer.SniffAsync(connection, wait, _stop.Token).ConfigureAwait(false);
-            after += sniffedBefore;
+            after += sinceAccept;
         }
         // Silence on the port the guest's memory stream is still going to is not the disk mirror
         // (it has a port of its own, and connects before the memory stream): it is QEMU's

@@ -18,6 +18,7 @@ public static class UnixSockets
     /// still unread here: unlike a zero-byte read, it does not wait for the reader to get there.
     /// Never blocks.
     /// </summary>
+    /// <exception cref="ObjectDisposedException">The socket is closed already.</exception>
     public static unsafe bool PeerHungUp(Socket socket)
     {
         ArgumentNullException.ThrowIfNull(socket);

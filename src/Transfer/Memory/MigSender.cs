@@ -41,7 +41,8 @@ public sealed class MigSender
     private long _wireAtLastWait;
     private readonly bool _synced;
     private bool _returnPathGone;
-    // Post-copy arming as reported (TransferStats.PostCopyArmed), written under this gate only.
+    // Post-copy arming as reported (TransferStats.PostCopyArmed), and whether QEMU hung up (once
+    // seen it stays, so that no later part of the stream arms again): both under this gate only.
     private readonly Lock _armingGate = new();
     private bool _qemuHungUp;
     // The store work of this trip's multifd channels (null without a store, or when it could not listen).
@@ -184,7 +185,7 @@ public sealed class MigSender
             if (armed == _stats.PostCopyArmed) return;
             // A QEMU that hung up with its arming bytes still unread here is not armed at all:
             // checked before the report, not left to the watcher's first look.
-            if (armed && (_qemuHungUp || (qemu is not null && HungUp(qemu)))) return;
+            if (armed && qemu is not null && HungUp(qemu)) return;
             _stats.PostCopyArmed = armed;
         }
         ReportNow?.Invoke();
@@ -199,32 +200,44 @@ public sealed class MigSender
     {
         try
         {
-            while (true)
+            bool hungUp = false;
+            while (!hungUp)
             {
                 await Task.Delay(HangUpCheck, stop);
                 lock (_armingGate)
                 {
                     if (!_stats.PostCopyArmed) return;
-                    if (!HungUp(socket)) continue;
-                    _stats.PostCopyArmed = false;
+                    hungUp = HungUp(socket);
                 }
-                ReportNow?.Invoke();
-                return;
             }
         }
         catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException)
         {
             // The stream is over: its end disarmed it.
+            return;
         }
         catch (Exception e)
         {
-            // Not fatal to the stream: its end still disarms it, only later than a hang-up would.
-            TransferLog.Note($"bfmig-transfer: watching QEMU's side of an armed stream failed: {e.Message}");
+            // A watcher that cannot tell any more disarms: a stale report costs a later migration
+            // far more than the 100 ms wait this one's preempt channel may now get.
+            TransferLog.Note($"bfmig-transfer: watching QEMU's side of an armed stream failed ({e.Message}): no longer reported armed");
         }
+        DisarmForGood();
     }
 
-    // Under _armingGate. Once seen, a hang-up stays: no later part of the stream may arm again.
+    // Under _armingGate.
     private bool HungUp(Socket qemu) => _qemuHungUp = _qemuHungUp || UnixSockets.PeerHungUp(qemu);
+
+    private void DisarmForGood()
+    {
+        lock (_armingGate)
+        {
+            _qemuHungUp = true;
+            if (!_stats.PostCopyArmed) return;
+            _stats.PostCopyArmed = false;
+        }
+        ReportNow?.Invoke();
+    }
 
     private async Task WaitForInboxAsync(Task inbox, CancellationToken ct)
     {

@@ -31,6 +31,16 @@ public sealed class PeerHungUpTests
         Assert.True(UnixSockets.PeerHungUp(here));
     }
 
+    /// <summary>A socket already closed is refused, not polled: its descriptor number may belong to another file by now.</summary>
+    [Fact]
+    public async Task A_closed_socket_is_refused_not_polled()
+    {
+        var (here, there) = await PairAsync(AddressFamily.Unix);
+        using var t = there;
+        here.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => UnixSockets.PeerHungUp(here));
+    }
+
     private static async Task<(Socket Here, Socket There)> PairAsync(AddressFamily family)
     {
         if (family == AddressFamily.Unix)
