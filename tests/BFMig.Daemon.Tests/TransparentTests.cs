@@ -289,11 +289,28 @@ public partial class TransparentTests(ITestOutputHelper output)
             using var c2 = Connect(new IPEndPoint(peer, 16509));
             using var a2 = outside.Accept();
             Assert.False(redirect.Poll(0, SelectMode.SelectRead));
+            DirectConnectionWithConnectionTrackingIsDropped(peer);
         }
         // The owner's context is gone: so is the table (nft exits 1, "No such file or directory").
         var gone = Run("nsenter", $"--net={ns} nft list tables", check: true);
         Assert.DoesNotContain("bfmig", gone);
         output.WriteLine("tables after the owner closed: '" + gone.Trim() + "'");
+    }
+
+    // With the table's connection tracking on, a connection made straight to the interceptor's
+    // loopback port reports that port as its destination: it must be dropped, not carried there
+    // (which would connect to the interceptor again, and again, until every slot is taken).
+    private static void DirectConnectionWithConnectionTrackingIsDropped(IPAddress peer)
+    {
+        var log = new TransparentInterceptorTests.Lines();
+        var peers = new Dictionary<IPAddress, PeerOptions> { [peer] = new PeerOptions("b", peer.ToString(), DaemonConfiguration.DefaultPort, "qemu+tcp://b/system") };
+        using var interceptor = new TransparentInterceptor(0, peers, new TransparentInterceptorTests.NoGuests(), new QemuProcesses(), TimeSpan.FromMilliseconds(50), log);
+        _ = interceptor.RunAsync();
+        using var direct = Connect(new IPEndPoint(IPAddress.Loopback, interceptor.Port));
+        direct.ReceiveTimeout = 10_000;
+        Assert.Equal(0, direct.Receive(new byte[16]));
+        Assert.Contains(log.All, l => l.Contains("dropped", StringComparison.Ordinal) && l.Contains("not redirected to a configured peer", StringComparison.Ordinal));
+        Assert.DoesNotContain(log.All, l => l.Contains("not accelerated", StringComparison.Ordinal));
     }
 
     private static Socket Listen(IPEndPoint at)
@@ -345,7 +362,7 @@ public partial class TransparentTests(ITestOutputHelper output)
 /// <summary>The loopback port as any local user sees it: a direct connection carries nothing and floods no log.</summary>
 public class TransparentInterceptorTests
 {
-    private sealed class Lines : Microsoft.Extensions.Logging.ILogger
+    internal sealed class Lines : Microsoft.Extensions.Logging.ILogger
     {
         public readonly System.Collections.Concurrent.ConcurrentQueue<string> All = new();
         public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
@@ -354,7 +371,7 @@ public class TransparentInterceptorTests
             Exception? exception, Func<TState, Exception?, string> formatter) => All.Enqueue(formatter(state, exception));
     }
 
-    private sealed class NoGuests : ITransparentHost
+    internal sealed class NoGuests : ITransparentHost
     {
         public IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests() => [];
         public bool HasTransferCapacity() => true;
@@ -378,7 +395,9 @@ public class TransparentInterceptorTests
             // Not redirected by the table: no original destination, so the connection is closed unanswered.
             Assert.Equal(0, await c.ReceiveAsync(new byte[16]).WaitAsync(TimeSpan.FromSeconds(10)));
         }
-        var dropped = log.All.Count(l => l.Contains("dropped", StringComparison.Ordinal) && l.Contains("SO_ORIGINAL_DST", StringComparison.Ordinal));
+        // Without connection tracking (no redirect table here) SO_ORIGINAL_DST fails; with it, the destination is this port, no peer's.
+        var dropped = log.All.Count(l => l.Contains("dropped", StringComparison.Ordinal)
+            && (l.Contains("SO_ORIGINAL_DST", StringComparison.Ordinal) || l.Contains("not redirected to a configured peer", StringComparison.Ordinal)));
         Assert.InRange(dropped, 1, 10);
     }
 }

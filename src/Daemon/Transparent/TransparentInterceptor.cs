@@ -191,7 +191,12 @@ public sealed class TransparentInterceptor : IDisposable
         var qemuSide = (IPEndPoint)connection.RemoteEndPoint!;
         if (!_peersByAddress.TryGetValue(Normalize(original.Address), out var peer))
         {
-            await CarryAsync(connection, original, "?", "?", "stream", "the destination is not a configured peer's address").ConfigureAwait(false);
+            // The table redirects only connections to a configured peer's address, so this one came
+            // to the loopback port directly (any local user may connect there; with connection
+            // tracking on it reports its real destination, this port). Carrying it would connect
+            // here again, and again, until every slot is taken: it is dropped unanswered.
+            Dropped(qemuSide.ToString(), $"not redirected to a configured peer (its destination was {original})");
+            connection.Dispose();
             return;
         }
         // Sniff first: libvirtd connects the memory stream itself and hands it to QEMU, which
