@@ -52,17 +52,19 @@ public sealed partial class BfmigDaemon
 
     IReadOnlyCollection<(Guid Uuid, string Name)> ITransparentHost.RunningGuests() => _sockets?.Guests ?? [];
 
-    bool ITransparentHost.HasTransferCapacity() => _transfers is { } t && t.Active < _options.MaxTransfers;
-
     OutgoingMemory? ITransparentHost.MemoryGoingTo(string peer, ushort targetPort) => _transfers?.MemoryGoingTo(peer, targetPort);
 
     IDisposable ITransparentHost.Carried(Guid uuid, string stream, string why) => _trips.StreamCarried(uuid, stream, why);
 
     bool ITransparentHost.StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort)
     {
+        // The slot first: nothing is recorded for a stream that is then carried at stock cost.
+        if (_transfers is not { } transfers || !transfers.TryReserveSend())
+            return false;
         StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
         _checkpoints?.OnTripStarting(uuid, guest, peer);
-        return _transfers!.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort);
+        transfers.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort, reserved: true);
+        return true;
     }
 
     /// <summary>

@@ -99,6 +99,29 @@ public sealed class HandshakeQueueTests : IDisposable
     }
 
     /// <summary>
+    /// Transparent mode takes a transfer slot before it hands a connection on (a stream it cannot
+    /// start must be carried at stock cost, not closed): the reservations and the running helpers
+    /// are one count, so neither an intercepted stream nor an explicit one gets past the limit.
+    /// </summary>
+    [Fact]
+    public async Task Intercepted_streams_reserve_their_slot_first_and_one_over_the_limit_is_left_to_carry()
+    {
+        var events = Path.Combine(_root, "events");
+        var manager = Manager(WaitingHelper(events), maxTransfers: 2);
+        var peer = Options().Peers[0];
+        Assert.True(manager.TryReserveSend());
+        Assert.True(manager.TryReserveSend());
+        Assert.False(manager.TryReserveSend()); // both slots are promised
+        Assert.False(manager.StartSend("x", Guid.NewGuid(), peer, StreamKind.Mig, await AcceptedSocketAsync(), []));
+        Assert.True(manager.StartSend("a", Guid.NewGuid(), peer, StreamKind.Mig, await AcceptedSocketAsync(), [], targetPort: 49152, reserved: true));
+        Assert.True(manager.StartSend("b", Guid.NewGuid(), peer, StreamKind.Nbd, await AcceptedSocketAsync(), [], targetPort: 49153, reserved: true));
+        Assert.False(manager.TryReserveSend()); // both slots are running
+        await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Length == 2, "two helpers to start", 10);
+        await manager.ShutdownAsync(TimeSpan.Zero);
+        Assert.Equal(2, File.ReadAllLines(events).Length);
+    }
+
+    /// <summary>
     /// A memory connection of a guest whose memory stream is already being sent from here is a
     /// multifd channel or QEMU's post-copy preempt channel: its helper is told (<c>--follows-main</c>),
     /// and one that QEMU keeps silent then says hello at once instead of waiting for bytes that
@@ -207,9 +230,11 @@ public sealed class HandshakeQueueTests : IDisposable
         return DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
     }
 
-    private TransferManager Manager(string helper)
+    private TransferManager Manager(string helper, int? maxTransfers = null)
     {
         var options = Options();
+        if (maxTransfers is { } max)
+            options = options with { MaxTransfers = max };
         var stats = Directory.CreateDirectory(Path.Combine(_root, "stats")).FullName;
         return new TransferManager(options, helper, stats, NullLogger.Instance);
     }

@@ -374,7 +374,6 @@ public class TransparentInterceptorTests
     internal sealed class NoGuests : ITransparentHost
     {
         public IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests() => [];
-        public bool HasTransferCapacity() => true;
         public OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort) => null;
         public bool StartSend(string guest, Guid uuid, PeerOptions peer, BFMig.Transfer.Wire.StreamKind kind, Socket qemu, ushort targetPort) =>
             throw new InvalidOperationException("nothing may be accelerated here");

@@ -52,6 +52,8 @@ public sealed partial class TransferManager
     private readonly HashSet<Task> _watchers = [];
     // Handshake slots promised to waiters that are about to start their helper (counted as taken).
     private int _handshakesReserved;
+    // Transfer slots promised to intercepted streams (TryReserveSend) whose helpers have not started yet.
+    private int _sendsReserved;
     private int _handshakeWaiters;
     // Completed (and replaced) whenever a handshake slot frees: the waiters look again.
     private TaskCompletionSource _handshakeFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -78,6 +80,25 @@ public sealed partial class TransferManager
 
     /// <summary>The last stream of a guest in one direction ended: (outcomes of the trip's streams).</summary>
     public event Action<IReadOnlyList<TransferOutcome>>? TripFinished;
+
+    // Under _gate: the transfer slots taken (transfer:max_concurrent), by one count everywhere.
+    private int SlotsTaken => _running.Values.Count(r => r.Authenticated) + _sendsReserved;
+
+    /// <summary>
+    /// Takes a transfer slot for a sending helper that <see cref="StartSend"/> with
+    /// <c>reserved</c> will start; false when none is free. Transparent mode asks before it hands
+    /// a connection on, so that a stream over the limit is carried at stock cost rather than closed.
+    /// </summary>
+    public bool TryReserveSend()
+    {
+        lock (_gate)
+        {
+            if (_closed || SlotsTaken >= _options.MaxTransfers)
+                return false;
+            _sendsReserved++;
+            return true;
+        }
+    }
 
     /// <summary>Helpers running now.</summary>
     public int Active
@@ -184,7 +205,8 @@ public sealed partial class TransferManager
     /// sending helper. Takes ownership of <paramref name="qemu"/>; returns false (and closes it,
     /// so QEMU fails the migration and keeps the guest) when refused.
     /// </summary>
-    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0)
+    public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0,
+        bool reserved = false)
     {
         var args = new List<string>
         {
@@ -205,7 +227,7 @@ public sealed partial class TransferManager
             args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
         if (kind == StreamKind.Mig && FollowerArgument(uuid) is { } follows)
             args.Add(follows);
-        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort);
+        return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort, reserved);
     }
 
     /// <summary>
@@ -329,8 +351,9 @@ public sealed partial class TransferManager
     public static IEnumerable<string> ImageArguments(IReadOnlyList<DomainDisk> disks) =>
         disks.SelectMany(d => d.ExportNames.SelectMany(e => new[] { "--image", d.Image.ToArgument(e) }));
 
+    // reserved: a send whose slot TryReserveSend took (it is counted as taken until now).
     private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
-        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0)
+        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false)
     {
         using (socket)
         {
@@ -338,7 +361,9 @@ public sealed partial class TransferManager
             string? refusal;
             lock (_gate)
             {
-                int transfers = _running.Values.Count(r => r.Authenticated);
+                if (reserved)
+                    _sendsReserved--;
+                int transfers = SlotsTaken;
                 refusal = _closed ? "the daemon is stopping"
                     : transfers >= _options.MaxTransfers ? $"{transfers} transfers already running (transfer:max_concurrent = {_options.MaxTransfers})"
                     : null;
@@ -431,7 +456,7 @@ public sealed partial class TransferManager
         {
             if (running.Authenticated || !_running.ContainsKey(running.Id))
                 return;
-            refused = _closed || _running.Values.Count(r => r.Authenticated) >= _options.MaxTransfers;
+            refused = _closed || SlotsTaken >= _options.MaxTransfers;
             if (!refused)
                 JoinTrip(running);
         }

@@ -18,15 +18,13 @@ public interface ITransparentHost
     /// <summary>Guests running here now (uuid, name).</summary>
     IReadOnlyCollection<(Guid Uuid, string Name)> RunningGuests();
 
-    /// <summary>True when a helper slot is free (else the stream is carried directly).</summary>
-    bool HasTransferCapacity();
-
     /// <summary>The guest whose memory stream a helper sends to <paramref name="targetPort"/> on <paramref name="peer"/> now, and whether that stream is armed for post-copy; null if none.</summary>
     OutgoingMemory? MemoryGoingTo(string peer, ushort targetPort);
 
     /// <summary>
-    /// Starts a sending helper for an intercepted stream (owns <paramref name="qemu"/>); false
-    /// when it was refused (the socket is then closed and QEMU fails the migration).
+    /// Starts a sending helper for an intercepted stream, which then owns <paramref name="qemu"/>
+    /// (closed if the helper cannot start). False when no transfer slot is free
+    /// (<c>transfer:max_concurrent</c>): the connection is still the caller's, to carry at stock cost.
     /// </summary>
     bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, ushort targetPort);
 
@@ -270,21 +268,22 @@ public sealed class TransparentInterceptor : IDisposable
             notAccelerated = _carriedMains.ChannelMustFollow(guest.Uuid);
         if (notAccelerated is null)
             notAccelerated = await _probes.WhyNotAsync(peer).ConfigureAwait(false);
-        if (notAccelerated is null && !_host.HasTransferCapacity())
-            notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
         // A multifd channel goes through a helper pair like the main stream, never straight to the
         // peer: QEMU 7.2 on the destination takes its first connection for the main stream, and
         // only the peer's receiver can keep the channels behind it (MainChannelGate).
         var kind = sniffed is SniffedStream.Memory or SniffedStream.Multifd ? StreamKind.Mig : StreamKind.Nbd;
-        if (notAccelerated is not null)
+        if (notAccelerated is null)
         {
-            using (_host.Carried(guest.Uuid, stream, notAccelerated))
-            using (sniffed == SniffedStream.Memory ? _carriedMains.Carrying(guest.Uuid, original, notAccelerated) : null)
-                await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
-            return;
+            if (_host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port))
+            {
+                DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
+                return;
+            }
+            notAccelerated = "every transfer slot is taken (transfer:max_concurrent)";
         }
-        DaemonLog.TransparentAccelerated(_logger, guest.Name, stream, peer.Name, original.Port);
-        _host.StartSend(guest.Name, guest.Uuid, peer, kind, connection, (ushort)original.Port);
+        using (_host.Carried(guest.Uuid, stream, notAccelerated))
+        using (sniffed == SniffedStream.Memory ? _carriedMains.Carrying(guest.Uuid, original, notAccelerated) : null)
+            await CarryAsync(connection, original, guest.Name, peer.Name, stream, notAccelerated).ConfigureAwait(false);
     }
 
     private void Dropped(string remote, string reason)
