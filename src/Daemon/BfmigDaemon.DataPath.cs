@@ -150,9 +150,12 @@ public sealed partial class BfmigDaemon
             connection.Dispose();
             return;
         }
-        StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent);
+        // The arrival is recorded (where the guest comes from, which streams) only once the peer
+        // proved its name: an unauthenticated connection may claim any configured peer's.
+        var route = hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent;
         await _transfers!.StartReceiveAsync(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
-            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame).ConfigureAwait(false);
+            hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame,
+            authenticated: () => StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, route)).ConfigureAwait(false);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.

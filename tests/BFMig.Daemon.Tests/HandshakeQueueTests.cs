@@ -99,6 +99,31 @@ public sealed class HandshakeQueueTests : IDisposable
     }
 
     /// <summary>
+    /// What the daemon records of an arrival (where the guest comes from) waits for the peer to
+    /// prove its name: a receiving helper whose peer never authenticates records nothing.
+    /// </summary>
+    [Fact]
+    public async Task An_arrival_is_recorded_only_once_its_peer_authenticated()
+    {
+        var events = Path.Combine(_root, "events");
+        int recorded = 0;
+        var proving = Manager(FakeHelper(events, authenticateAfter: "1"));
+        Assert.True(await proving.StartReceiveAsync("g", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [],
+            authenticated: () => Interlocked.Increment(ref recorded)));
+        Assert.Equal(0, Volatile.Read(ref recorded)); // started, not yet authenticated
+        await Tools.UntilAsync(() => Volatile.Read(ref recorded) == 1, "the record after authentication", 10);
+        await proving.ShutdownAsync(TimeSpan.Zero);
+
+        int claimed = 0;
+        var silent = Manager(FakeHelper(Path.Combine(_root, "events2"), authenticateAfter: null));
+        Assert.True(await silent.StartReceiveAsync("g", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [],
+            authenticated: () => Interlocked.Increment(ref claimed)));
+        await Task.Delay(1000);
+        await silent.ShutdownAsync(TimeSpan.Zero);
+        Assert.Equal(0, Volatile.Read(ref claimed));
+    }
+
+    /// <summary>
     /// Transparent mode takes a transfer slot before it hands a connection on (a stream it cannot
     /// start must be carried at stock cost, not closed): the reservations and the running helpers
     /// are one count, so neither an intercepted stream nor an explicit one gets past the limit.

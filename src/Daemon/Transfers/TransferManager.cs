@@ -235,10 +235,12 @@ public sealed partial class TransferManager
     /// <paramref name="local"/> (<c>unix:PATH</c>, or <c>tcp:ADDRESS:PORT</c> in transparent mode).
     /// Takes ownership of <paramref name="peerSocket"/>. <paramref name="guestMemoryBytes"/> (the
     /// incoming domain's, 0 when unknown) bounds the RAM layout the peer may declare.
-    /// <paramref name="routeFirst"/>: a route frame precedes the hello.
+    /// <paramref name="routeFirst"/>: a route frame precedes the hello. <paramref name="authenticated"/>
+    /// runs once the peer has proved it is <paramref name="peerName"/> and the stream took a
+    /// transfer slot: what the daemon records of the arrival waits for that, never on a claim.
     /// </summary>
     public async Task<bool> StartReceiveAsync(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket,
-        IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false)
+        IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false, Action? authenticated = null)
     {
         if (await ReserveHandshakeAsync(guest, kind, peerSocket).ConfigureAwait(false) is { } refusal)
         {
@@ -271,7 +273,7 @@ public sealed partial class TransferManager
         }
         if (routeFirst)
             args.Add("--route-first");
-        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks);
+        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks, authenticated: authenticated);
     }
 
     /// <summary>
@@ -352,8 +354,9 @@ public sealed partial class TransferManager
         disks.SelectMany(d => d.ExportNames.SelectMany(e => new[] { "--image", d.Image.ToArgument(e) }));
 
     // reserved: a send whose slot TryReserveSend took (it is counted as taken until now).
+    // authenticated: a receiver's, run once its peer authenticated (OnAuthenticated).
     private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
-        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false)
+        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false, Action? authenticated = null)
     {
         using (socket)
         {
@@ -407,7 +410,7 @@ public sealed partial class TransferManager
                 }
                 // Only the child writes: our copy would keep the pipe open past its exit.
                 progress.DisposeLocalCopyOfClientHandle();
-                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort };
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort, WhenAuthenticated = authenticated };
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 // The receiving helper now counts as unauthenticated itself, in place of the slot ReserveHandshakeAsync reserved.
@@ -465,6 +468,16 @@ public sealed partial class TransferManager
             DaemonLog.TransferRefused(_logger, KindArg(running.Kind), running.Guest,
                 $"no transfer slot free once its peer authenticated (transfer:max_concurrent = {_options.MaxTransfers})");
             running.Child.Signal(15);
+            return;
+        }
+        try
+        {
+            running.WhenAuthenticated?.Invoke();
+        }
+        catch (Exception e)
+        {
+            // The progress reader calls this: the stream goes on whatever the record's fate.
+            DaemonLog.MethodFailed(_logger, "recording an authenticated arrival", e.Message);
         }
     }
 
@@ -615,6 +628,9 @@ public sealed partial class TransferManager
     {
         /// <summary>Transparent mode, sending: the peer port QEMU aimed at (0 otherwise).</summary>
         public ushort TargetPort { get; init; }
+
+        /// <summary>Receiving: what the daemon records once the peer authenticated (<see cref="StartReceiveAsync"/>).</summary>
+        public Action? WhenAuthenticated { get; init; }
 
         public Task ProgressDone { get; set; } = Task.CompletedTask;
 
