@@ -47,6 +47,20 @@ public class HostileLayoutTests
         Assert.Empty(Directory.EnumerateFiles(d.Path, "*.pages", SearchOption.AllDirectories));
     }
 
+    /// <summary>Block names are the store's file names: a layout that repeats one is refused before the store is touched.</summary>
+    [Fact]
+    public void A_layout_that_repeats_a_block_name_is_refused()
+    {
+        using var d = new TempDir();
+        using var store = BFMig.Transfer.Memory.MemoryStore.Open(d.Path, Guid.NewGuid());
+        var decoder = new MigDecoder(store, keep: false, seed: 1, new TransferStats(), RamLimit.ForGuest(64 << 20));
+        byte[] ops = [MigOps.Blocks, 2, 1, (byte)'a', 0x80, 0x20, 1, (byte)'a', 0x80, 0x20];
+        var e = Assert.Throws<PeerProtocolException>(() => decoder.Process(ops, 0));
+        Assert.Contains("block 1 repeats the name of an earlier block", e.Message);
+        Assert.False(decoder.TripStarted);
+        Assert.Empty(Directory.EnumerateFiles(d.Path, "*.pages", SearchOption.AllDirectories));
+    }
+
     [Fact]
     public void A_layout_within_the_guest_is_accepted()
     {

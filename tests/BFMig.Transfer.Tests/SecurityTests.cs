@@ -190,6 +190,26 @@ public class SecurityTests
         await tapB.DisposeAsync();
     }
 
+    /// <summary>Before the peer proved anything no decompressor runs on its bytes: a compressed handshake frame is refused as such.</summary>
+    [Fact]
+    public async Task A_compressed_hello_is_refused_before_any_decompression()
+    {
+        var (a, b) = await WireTests.Pair();
+        using var sender = a;
+        using var rb = new FrameReader(new NetworkStream(b, true), TimeSpan.FromSeconds(5));
+        using var wb = new FrameWriter(new NetworkStream(b, false), CompressionMode.None);
+        var server = Task.Run(() => Handshake.ServerAsync(rb, wb, new PskPeerAuthenticator(Psk), _ => throw new InvalidOperationException("no hello may be decoded"), default));
+        // A well-formed zstd frame of 3000 zero bytes, as a peer would build it by hand.
+        var frame = new byte[FrameCodec.HeaderLength + 4 + 256];
+        using var zstd = new BFMig.Native.Compression.ZstdCodec();
+        int n = zstd.Compress(new byte[3000], frame.AsSpan(FrameCodec.HeaderLength + 4));
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(frame.AsSpan(FrameCodec.HeaderLength), 3000);
+        FrameCodec.WriteHeader(frame, FrameType.Hello, FrameCodecKind.Zstd, n + 4);
+        await sender.SendAsync(frame.AsMemory(0, FrameCodec.HeaderLength + 4 + n));
+        var e = await Assert.ThrowsAsync<PeerProtocolException>(() => server);
+        Assert.Equal("Hello frame at byte 0 is compressed (Zstd) during the handshake", e.Message);
+    }
+
     private static List<byte[]> SealedFrames(byte[] key, int count, bool compress = false)
     {
         var ms = new MemoryStream();

@@ -194,6 +194,8 @@ public sealed class MigDecoder
         var names = new byte[count][];
         var pages = new long[count];
         var infos = new List<RamBlockInfo>((int)count);
+        // A name is a block's file in the store: two blocks of one name would share (and clobber) it.
+        var seen = new HashSet<string>(StringComparer.Ordinal);
         ulong total = 0;
         for (int i = 0; i < (int)count; i++)
         {
@@ -211,7 +213,10 @@ public sealed class MigDecoder
             if (length > (ulong)_maxRamBytes || total > (ulong)_maxRamBytes)
                 throw Bad($"block {i} of {length} bytes takes the declared RAM to {total} bytes, over this guest's limit of {_maxRamBytes}", opStart);
             pages[i] = (long)(length >> QemuFormat.PageShift);
-            infos.Add(new RamBlockInfo(Encoding.UTF8.GetString(names[i]), (long)length));
+            var name = Encoding.UTF8.GetString(names[i]);
+            if (!seen.Add(name))
+                throw Bad($"block {i} repeats the name of an earlier block", opStart);
+            infos.Add(new RamBlockInfo(name, (long)length));
         }
         _names = names;
         _pages = pages;

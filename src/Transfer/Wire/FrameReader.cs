@@ -92,7 +92,16 @@ public sealed class FrameReader : IDisposable
     /// <see cref="PeerProtocolException"/> on a malformed frame, a stream cut inside a frame, or
     /// <see cref="TimeoutException"/> when the peer is silent longer than the idle timeout.
     /// </summary>
-    public async ValueTask<Frame?> ReadAsync(CancellationToken ct)
+    public ValueTask<Frame?> ReadAsync(CancellationToken ct) => ReadAsync(plainOnly: false, ct);
+
+    /// <summary>
+    /// Reads the next frame of the handshake, before the peer proved anything: every handshake
+    /// frame is sent uncompressed, so a compressed one is refused rather than handed to a
+    /// decompressor (no native code runs on an unauthenticated peer's bytes).
+    /// </summary>
+    public ValueTask<Frame?> ReadHandshakeAsync(CancellationToken ct) => ReadAsync(plainOnly: true, ct);
+
+    private async ValueTask<Frame?> ReadAsync(bool plainOnly, CancellationToken ct)
     {
         long offset = BytesRead;
         int got = await ReadAtLeastAsync(_wire.AsMemory(0, FrameCodec.HeaderLength), ct);
@@ -111,6 +120,8 @@ public sealed class FrameReader : IDisposable
             header = header with { WireLength = payload.Length };
         }
         if (header.Codec == FrameCodecKind.None) return new Frame(header.Type, payload);
+        if (plainOnly)
+            throw new PeerProtocolException($"{header.Type} frame at byte {offset} is compressed ({header.Codec}) during the handshake");
         int plainLength = FrameCodec.UncompressedLength(payload.Span, header, offset);
         int n;
         try

@@ -36,7 +36,7 @@ public static class Handshake
         var helloBytes = hello.Encode();
         await writer.WriteAsync(FrameType.Hello, helloBytes, compress: false, ct);
         await writer.FlushAsync(ct);
-        var frame = await reader.ReadAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before answering the hello");
+        var frame = await reader.ReadHandshakeAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before answering the hello");
         if (frame.Type == FrameType.Abort) throw new PeerAbortedException(AbortReason(frame.Payload.Span));
         if (frame.Type != FrameType.HelloReply) throw new PeerProtocolException($"expected a hello reply, got a {frame.Type} frame");
         var (reply, unsignedLength, proof) = HelloReply.Decode(frame.Payload.Span);
@@ -62,7 +62,7 @@ public static class Handshake
     public static async Task<(Hello Hello, HelloDecision Decision)> ServerAsync(FrameReader reader, FrameWriter writer, IPeerAuthenticator auth,
         Func<Hello, HelloDecision> decide, CancellationToken ct)
     {
-        var frame = await reader.ReadAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before its hello");
+        var frame = await reader.ReadHandshakeAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before its hello");
         if (frame.Type != FrameType.Hello) throw new PeerProtocolException($"expected a hello, got a {frame.Type} frame");
         var helloBytes = frame.Payload.ToArray();
         var hello = Hello.Decode(helloBytes);
@@ -77,7 +77,7 @@ public static class Handshake
         await writer.WriteAsync(FrameType.HelloReply, payload, compress: false, ct);
         await writer.FlushAsync(ct);
         if (decision.Status == HelloStatus.Refused) return (hello, decision);
-        var auth2 = await reader.ReadAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before its authentication");
+        var auth2 = await reader.ReadHandshakeAsync(ct) ?? throw new PeerProtocolException("peer closed the connection before its authentication");
         if (auth2.Type == FrameType.Abort) throw new PeerAbortedException(AbortReason(auth2.Payload.Span));
         if (auth2.Type != FrameType.Auth) throw new PeerProtocolException($"expected an auth frame, got a {auth2.Type} frame");
         var p = auth2.Payload.Span;
