@@ -145,8 +145,9 @@ public sealed partial class BfmigDaemon
         else
         {
             // Never take the peer's word for a local port: only the incoming guest's own QEMU listener.
-            DaemonLog.TransparentTargetRefused(_logger, TransferManager.KindArg(hello.Kind), guest, hello.SenderName, hello.TargetPort,
-                "the guest's QEMU does not listen on that port");
+            // Before the peer proved anything, so under the peer refusals' one rate limit.
+            PeerListener.LogRejection(_logger, _peerRejections, () => DaemonLog.TransparentTargetRefused(_logger, TransferManager.KindArg(hello.Kind), guest,
+                hello.SenderName, hello.TargetPort, "the guest's QEMU does not listen on that port"));
             connection.Dispose();
             return;
         }

@@ -172,13 +172,17 @@ public sealed class PeerListener : IDisposable
     private void Reject(string remote, string reason) => LogRejection(_logger, _rejections, remote, reason);
 
     /// <summary>Logs a refused peer connection unless the limiter holds it back; reports what it held back first.</summary>
-    public static void LogRejection(ILogger logger, LogRateLimiter limiter, string remote, string reason)
+    public static void LogRejection(ILogger logger, LogRateLimiter limiter, string remote, string reason) =>
+        LogRejection(logger, limiter, () => DaemonLog.PeerRejected(logger, remote, reason));
+
+    /// <summary>Logs one refusal of a peer's stream with <paramref name="line"/>, under the refusals' one rate limit.</summary>
+    public static void LogRejection(ILogger logger, LogRateLimiter limiter, Action line)
     {
         if (!limiter.TryAcquire(out var suppressed))
             return;
         if (suppressed > 0)
             DaemonLog.PeerRejectionsSuppressed(logger, suppressed, limiter.Burst, (int)limiter.Window.TotalSeconds);
-        DaemonLog.PeerRejected(logger, remote, reason);
+        line();
     }
 
     /// <summary>
