@@ -198,7 +198,8 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
 
         if (_dataPathOff is null)
         {
-            _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeerAsync, _loggers.CreateLogger("bfmigd.peers"), _peerRejections);
+            _peers = new PeerListener(StartupChecks.ListenEndPoint(_options), RoutePeer, AcceptPeerAsync, _loggers.CreateLogger("bfmigd.peers"), _peerRejections,
+                PeerListener.PeerSources(_options.Peers));
             _peerTask = Supervise("the peer listener", _peers.RunAsync(), runsUntilStop: true);
             _transparent = TransparentMode.Start(_options, user.Uid, this, _loggers.CreateLogger("bfmigd.transparent"));
             if (_transparent.IsOn)

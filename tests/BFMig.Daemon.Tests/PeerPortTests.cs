@@ -149,7 +149,49 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         if (File.Exists(lockPath))
             new FileStream(lockPath, FileMode.Open, FileAccess.ReadWrite, FileShare.None).Dispose();
 
-        // The real migration A -> B still goes through, byte for byte.
+        await RealMigrationGoesThroughAsync();
+
+        // The unauthenticated helpers are gone by the handshake deadline, and the flood cost B's log a bounded number of lines.
+        await Tools.UntilAsync(() => _b.Daemon.Transfers.Active == 0, "the unauthenticated helpers to end",
+            Transfers.TransferManager.HandshakeDeadline.TotalSeconds + 5);
+        var rejections = _b.Log.Split('\n').Count(l => l.Contains("rejected peer connection", StringComparison.Ordinal));
+        Assert.InRange(rejections, 1, 2 * 10);
+    }
+
+    /// <summary>
+    /// Idle connections from several addresses that are no configured peer's (each within its own
+    /// per-address limit) hold at most half of the pending slots together, so the real peer's
+    /// streams still find one.
+    /// </summary>
+    [Fact]
+    public async Task Idle_connections_from_many_stranger_addresses_cannot_take_every_pending_slot()
+    {
+        _b.AnnounceIncoming("test", TestGuestUuid);
+        int held = 0;
+        foreach (var address in new[] { "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5" })
+        {
+            for (int i = 0; i < Transfers.PeerListener.MaxPendingPerSource; i++)
+            {
+                var s = await ConnectAsync(IPAddress.Parse(address));
+                _held.Add(s);
+                held++;
+            }
+        }
+        Assert.Equal(Transfers.PeerListener.MaxPendingHellos, held);
+        await Task.Delay(300);
+        // Those over the strangers' share were closed at once.
+        int closed = 0;
+        foreach (var s in _held)
+            if (s.Poll(0, SelectMode.SelectRead) && s.Available == 0)
+                closed++;
+        Assert.Equal(held - Transfers.PeerListener.MaxPendingFromStrangers, closed);
+        await RealMigrationGoesThroughAsync();
+        Assert.Contains("too many connections from addresses of no configured peer", _b.Log, StringComparison.Ordinal);
+    }
+
+    // The real migration A -> B goes through, byte for byte.
+    private async Task RealMigrationGoesThroughAsync()
+    {
         var stream = StreamFixtures.Load("q72-pc-paused.bin.zst");
         using var destination = new IncomingQemu(Path.Combine(_b.Options.RuntimeDirectory, "hostb", "test.mig"));
         var sourcePath = Path.Combine(_a.Options.RuntimeDirectory, "hostb", "test.mig");
@@ -166,12 +208,6 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         }
         var arrived = await destination.Received.WaitAsync(TimeSpan.FromSeconds(60));
         Assert.True(stream.AsSpan().SequenceEqual(arrived), $"the destination got {arrived.Length} bytes, not the {stream.Length} the source sent");
-
-        // The unauthenticated helpers are gone by the handshake deadline, and the flood cost B's log a bounded number of lines.
-        await Tools.UntilAsync(() => _b.Daemon.Transfers.Active == 0, "the unauthenticated helpers to end",
-            Transfers.TransferManager.HandshakeDeadline.TotalSeconds + 5);
-        var rejections = _b.Log.Split('\n').Count(l => l.Contains("rejected peer connection", StringComparison.Ordinal));
-        Assert.InRange(rejections, 1, 2 * 10);
     }
 
     [Fact]
@@ -213,10 +249,10 @@ public sealed class PeerPortTests(ITestOutputHelper output) : IAsyncLifetime
         Assert.Equal(0, suppressed);
     }
 
-    private async Task<Socket> ConnectAsync()
+    private async Task<Socket> ConnectAsync(IPAddress? from = null)
     {
         var s = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
-        s.Bind(new IPEndPoint(Attacker, 0));
+        s.Bind(new IPEndPoint(from ?? Attacker, 0));
         await s.ConnectAsync(IPAddress.Loopback, _b.Daemon.PeerPort);
         return s;
     }

@@ -1,6 +1,7 @@
 using System.Net.Sockets;
 using System.Net;
 using System.Runtime.InteropServices;
+using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Logging;
 using BFMig.Daemon.Sockets;
 using BFMig.Transfer.Wire;
@@ -40,6 +41,14 @@ public sealed class PeerListener : IDisposable
     /// </summary>
     public const int MaxPendingPerSource = 16;
 
+    /// <summary>
+    /// Of the pending slots, connections from addresses that are no configured peer's may hold at
+    /// most this many together: hosts with a few addresses each (or one IPv6 host, whose /64 counts
+    /// as one source) cannot keep every real peer out. A peer connecting from an address not in
+    /// its configuration still gets these.
+    /// </summary>
+    public const int MaxPendingFromStrangers = MaxPendingHellos / 2;
+
     private readonly Socket _socket;
     private readonly Func<RouteRequest, PeerRoute> _route;
     private readonly Func<RouteRequest, string, Socket, Task> _accept;
@@ -48,16 +57,20 @@ public sealed class PeerListener : IDisposable
     private readonly Lock _gate = new();
     private readonly Dictionary<IPAddress, int> _pendingBySource = [];
     private readonly LogRateLimiter _rejections;
+    private readonly IReadOnlySet<IPAddress> _peerSources;
     private int _pending;
+    private int _pendingStrangers;
 
     /// <summary>
     /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
     /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
+    /// <paramref name="peerSources"/>: the configured peers' addresses (<see cref="PeerSources"/>).
     /// </summary>
     public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Func<RouteRequest, string, Socket, Task> accept, ILogger logger,
-        LogRateLimiter rejections)
+        LogRateLimiter rejections, IReadOnlySet<IPAddress>? peerSources = null)
     {
         _rejections = rejections;
+        _peerSources = peerSources ?? new HashSet<IPAddress>();
         _route = route;
         _accept = accept;
         _logger = logger;
@@ -90,8 +103,10 @@ public sealed class PeerListener : IDisposable
     {
         var remote = connection.RemoteEndPoint as IPEndPoint;
         var remoteText = remote?.ToString() ?? "?";
-        // A peer that connects and sends nothing must not pin resources: few pending hellos, few per address, each with a deadline.
-        if (TryEnterPending(remote?.Address) is { } full)
+        // A peer that connects and sends nothing must not pin resources: few pending hellos, few per
+        // address, fewer for strangers, each with a deadline.
+        var source = Source(remote?.Address);
+        if (TryEnterPending(source) is { } full)
         {
             Reject(remoteText, full);
             connection.Dispose();
@@ -125,7 +140,7 @@ public sealed class PeerListener : IDisposable
                 return;
             }
             // Routed: it no longer waits for its hello (a slot of its own kind bounds what comes next).
-            LeavePending(remote?.Address);
+            LeavePending(source);
             pending = false;
             await _accept(hello, route.GuestName, connection).ConfigureAwait(false);
         }
@@ -137,35 +152,88 @@ public sealed class PeerListener : IDisposable
         finally
         {
             if (pending)
-                LeavePending(remote?.Address);
+                LeavePending(source);
         }
     }
 
+    // Where a connection comes from, as the pending limits count it: a configured peer's address
+    // as itself; any other IPv4 address as itself, and an IPv6 one by its /64 (one host may hold many).
+    private readonly record struct PendingSource(IPAddress? Key, bool Stranger);
+
+    private PendingSource Source(IPAddress? address)
+    {
+        if (address is null)
+            return new PendingSource(null, Stranger: true);
+        if (address.IsIPv4MappedToIPv6)
+            address = address.MapToIPv4();
+        if (_peerSources.Contains(address))
+            return new PendingSource(address, Stranger: false);
+        if (address.AddressFamily == AddressFamily.InterNetworkV6)
+        {
+            var bytes = address.GetAddressBytes();
+            Array.Clear(bytes, 8, 8);
+            address = new IPAddress(bytes);
+        }
+        return new PendingSource(address, Stranger: true);
+    }
+
     // Null when the connection may wait for its hello, else why not.
-    private string? TryEnterPending(IPAddress? source)
+    private string? TryEnterPending(PendingSource source)
     {
         lock (_gate)
         {
             if (_pending >= MaxPendingHellos)
                 return $"too many connections waiting for their hello ({MaxPendingHellos})";
-            int fromSource = source is null ? 0 : _pendingBySource.GetValueOrDefault(source);
+            if (source.Stranger && _pendingStrangers >= MaxPendingFromStrangers)
+                return $"too many connections from addresses of no configured peer waiting for their hello ({MaxPendingFromStrangers})";
+            int fromSource = source.Key is null ? 0 : _pendingBySource.GetValueOrDefault(source.Key);
             if (fromSource >= MaxPendingPerSource)
                 return $"too many connections from this address waiting for their hello ({MaxPendingPerSource})";
             _pending++;
-            if (source is not null)
-                _pendingBySource[source] = fromSource + 1;
+            if (source.Stranger)
+                _pendingStrangers++;
+            if (source.Key is not null)
+                _pendingBySource[source.Key] = fromSource + 1;
             return null;
         }
     }
 
-    private void LeavePending(IPAddress? source)
+    private void LeavePending(PendingSource source)
     {
         lock (_gate)
         {
             _pending--;
-            if (source is not null && --CollectionsMarshal.GetValueRefOrNullRef(_pendingBySource, source) == 0)
-                _pendingBySource.Remove(source);
+            if (source.Stranger)
+                _pendingStrangers--;
+            if (source.Key is not null && --CollectionsMarshal.GetValueRefOrNullRef(_pendingBySource, source.Key) == 0)
+                _pendingBySource.Remove(source.Key);
         }
+    }
+
+    /// <summary>
+    /// The addresses the configured peers connect from, as far as this host can tell: each one's
+    /// <c>address</c> (resolved once, at start) and <c>migration_addresses</c>. One that does not
+    /// resolve is left out (its connections then count as a stranger's, and still get through).
+    /// </summary>
+    public static IReadOnlySet<IPAddress> PeerSources(IEnumerable<PeerOptions> peers)
+    {
+        var set = new HashSet<IPAddress>();
+        foreach (var peer in peers)
+        {
+            foreach (var a in peer.MigrationAddresses)
+                if (IPAddress.TryParse(a, out var m))
+                    set.Add(m.IsIPv4MappedToIPv6 ? m.MapToIPv4() : m);
+            try
+            {
+                foreach (var a in IPAddress.TryParse(peer.Host, out var literal) ? [literal] : Dns.GetHostAddresses(peer.Host))
+                    set.Add(a.IsIPv4MappedToIPv6 ? a.MapToIPv4() : a);
+            }
+            catch (SocketException)
+            {
+                // Counted as a stranger's until the daemon restarts with a name that resolves.
+            }
+        }
+        return set;
     }
 
     /// <summary>Logs one refusal, within the rate limit shared by all of the peer port's refusals.</summary>
