@@ -17,6 +17,37 @@ namespace BFMig.Daemon.Tests;
 /// </summary>
 public partial class TransparentTests(ITestOutputHelper output)
 {
+    /// <summary>
+    /// Only a socket root made (libvirtd's, which it hands to QEMU) may find its owner on a later
+    /// look; one QEMU's user made and no guest's QEMU holds is not looked for again.
+    /// </summary>
+    [Fact]
+    public void A_connection_no_guest_holds_may_still_be_handed_over_only_if_root_made_it()
+    {
+        var proc = Directory.CreateTempSubdirectory("bfmig-proc-");
+        try
+        {
+            Directory.CreateDirectory(Path.Combine(proc.FullName, "net"));
+            // 198.18.0.1:40000 -> 198.18.0.2:49153 made by root; 198.18.0.1:40001 -> the same, made by the QEMU user.
+            File.WriteAllLines(Path.Combine(proc.FullName, "net", "tcp"),
+            [
+                "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode",
+                "   0: 010012C6:9C40 020012C6:C001 01 00000000:00000000 00:00000000 00000000     0        0 777 1 0",
+                "   1: 010012C6:9C41 020012C6:C001 01 00000000:00000000 00:00000000 00000000 64055        0 778 1 0",
+            ]);
+            var qemu = new QemuProcesses(Path.Combine(proc.FullName, "pids"), proc.FullName);
+            var destination = new IPEndPoint(IPAddress.Parse("198.18.0.2"), 49153);
+            (Guid, string)[] guests = [(Guid.NewGuid(), "g")];
+            Assert.Equal((null, true), qemu.OwnerOfConnection(new IPEndPoint(IPAddress.Parse("198.18.0.1"), 40000), destination, guests));
+            Assert.Equal((null, false), qemu.OwnerOfConnection(new IPEndPoint(IPAddress.Parse("198.18.0.1"), 40001), destination, guests));
+            Assert.Equal((null, false), qemu.OwnerOfConnection(new IPEndPoint(IPAddress.Parse("198.18.0.1"), 40002), destination, guests));
+        }
+        finally
+        {
+            proc.Delete(recursive: true);
+        }
+    }
+
     [Fact]
     public void Proc_net_tcp_lines_parse_to_endpoints_state_and_inode()
     {
@@ -26,6 +57,7 @@ public partial class TransparentTests(ITestOutputHelper output)
         Assert.Equal(new IPEndPoint(IPAddress.Any, 49152), listen.Local);
         Assert.Equal(TcpSocketEntry.Listen, listen.State);
         Assert.Equal(123456UL, listen.Inode);
+        Assert.Equal(64055u, listen.Uid);
         var established = ProcNet.TryParse("   1: 010012C6:9C40 020012C6:C001 01 00000000:00000000 00:00000000 00000000   64055        0 777 1 0", v6: false);
         Assert.NotNull(established);
         Assert.Equal(new IPEndPoint(IPAddress.Parse("198.18.0.1"), 40000), established.Local);

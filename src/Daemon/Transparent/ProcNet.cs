@@ -9,7 +9,8 @@ namespace BFMig.Daemon.Transparent;
 /// <param name="Remote">Remote address and port (the pre-NAT destination for a locally redirected connection).</param>
 /// <param name="State">TCP state (0x0A is LISTEN, 0x01 ESTABLISHED).</param>
 /// <param name="Inode">The socket's inode: what <c>/proc/PID/fd/N</c> links to as <c>socket:[INODE]</c>.</param>
-public sealed record TcpSocketEntry(IPEndPoint Local, IPEndPoint Remote, int State, ulong Inode)
+/// <param name="Uid">The user that created the socket (it stays so when the descriptor is handed to another process).</param>
+public sealed record TcpSocketEntry(IPEndPoint Local, IPEndPoint Remote, int State, ulong Inode, uint Uid)
 {
     public const int Established = 0x01;
     public const int Listen = 0x0A;
@@ -26,21 +27,41 @@ public static class ProcNet
     public static IEnumerable<TcpSocketEntry> TcpSockets(string procRoot = "/proc") =>
         Read(Path.Combine(procRoot, "net/tcp"), v6: false).Concat(Read(Path.Combine(procRoot, "net/tcp6"), v6: true));
 
+    // Line by line: a search stops at its match, and a table swollen with TIME_WAIT entries (any
+    // local user can make thousands) is never held in memory whole.
     private static IEnumerable<TcpSocketEntry> Read(string path, bool v6)
     {
-        string[] lines;
+        IEnumerator<string> lines;
         try
         {
-            lines = File.ReadAllLines(path);
+            lines = File.ReadLines(path).GetEnumerator();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             yield break;
         }
-        foreach (var line in lines.Skip(1))
+        using (lines)
         {
-            if (TryParse(line, v6) is { } entry)
-                yield return entry;
+            bool header = true;
+            while (true)
+            {
+                try
+                {
+                    if (!lines.MoveNext())
+                        yield break;
+                }
+                catch (IOException)
+                {
+                    yield break;
+                }
+                if (header)
+                {
+                    header = false;
+                    continue;
+                }
+                if (TryParse(lines.Current, v6) is { } entry)
+                    yield return entry;
+            }
         }
     }
 
@@ -54,9 +75,10 @@ public static class ProcNet
         if (ParseEndPoint(f[1], v6) is not { } local || ParseEndPoint(f[2], v6) is not { } remote)
             return null;
         if (!int.TryParse(f[3], NumberStyles.HexNumber, CultureInfo.InvariantCulture, out int state)
+            || !uint.TryParse(f[7], NumberStyles.None, CultureInfo.InvariantCulture, out uint uid)
             || !ulong.TryParse(f[9], NumberStyles.None, CultureInfo.InvariantCulture, out ulong inode))
             return null;
-        return new TcpSocketEntry(local, remote, state, inode);
+        return new TcpSocketEntry(local, remote, state, inode, uid);
     }
 
     // The kernel prints each 32-bit word of the address in host byte order (little endian here).

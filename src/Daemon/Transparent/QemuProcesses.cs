@@ -21,22 +21,25 @@ public sealed class QemuProcesses(string pidDirectory = GuestQemu.DefaultPidDire
     /// <summary>
     /// Which of <paramref name="guests"/> made the outgoing connection from <paramref name="qemuSide"/>
     /// to <paramref name="originalDestination"/>: the socket's inode from the kernel's table, then
-    /// the QEMU process holding it. Null when none of them holds it.
+    /// the QEMU process holding it (null when none of them holds it). <c>HandOver</c>: root made the
+    /// socket, so libvirtd may still be handing it to QEMU and a later look may find the owner;
+    /// a socket QEMU's user made is held by its QEMU from the start, or by no guest's.
     /// </summary>
-    public (Guid Uuid, string Name)? OwnerOfConnection(IPEndPoint qemuSide, IPEndPoint originalDestination, IEnumerable<(Guid Uuid, string Name)> guests)
+    public ((Guid Uuid, string Name)? Guest, bool HandOver) OwnerOfConnection(IPEndPoint qemuSide, IPEndPoint originalDestination,
+        IEnumerable<(Guid Uuid, string Name)> guests)
     {
         var entry = ProcNet.TcpSockets(procRoot).FirstOrDefault(s =>
             s.Local.Port == qemuSide.Port && ProcNet.SameAddress(s.Local.Address, qemuSide.Address)
             && s.Remote.Port == originalDestination.Port && ProcNet.SameAddress(s.Remote.Address, originalDestination.Address)
             && s.State != TcpSocketEntry.Listen);
         if (entry is null)
-            return null;
+            return (null, HandOver: false);
         foreach (var guest in guests)
         {
             if (PidOf(guest.Name) is { } pid && ProcNet.ProcessHoldsSocket(pid, entry.Inode, procRoot))
-                return guest;
+                return (guest, HandOver: false);
         }
-        return null;
+        return (null, HandOver: entry.Uid == 0);
     }
 
     /// <summary>

@@ -296,16 +296,19 @@ public sealed class TransparentInterceptor : IDisposable
     }
 
     /// <summary>
-    /// The guest whose QEMU holds the connection, and whether it did at the first look;
-    /// libvirtd's hand-over may take a moment, so it is looked for a few times.
+    /// The guest whose QEMU holds the connection, and whether it did at the first look.
+    /// libvirtd's hand-over of a socket root made may take a moment, so such a one is looked for
+    /// a few times; any other is looked for once (a table scan each: not to be multiplied for
+    /// connections no guest's QEMU holds, such as a user-mode network's).
     /// </summary>
     private async Task<((Guid Uuid, string Name)? Owner, bool FirstLook)> OwnerAsync(IPEndPoint qemuSide, IPEndPoint original)
     {
         for (int attempt = 0; ; attempt++)
         {
-            if (_qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests()) is { } guest)
-                return (guest, attempt == 0);
-            if (attempt == OwnerAttempts)
+            var (guest, handOver) = _qemu.OwnerOfConnection(qemuSide, original, _host.RunningGuests());
+            if (guest is { } owner)
+                return (owner, attempt == 0);
+            if (!handOver || attempt == OwnerAttempts)
                 return (null, false);
             await Task.Delay(OwnerRetryDelay, _stop.Token).ConfigureAwait(false);
         }
