@@ -240,6 +240,40 @@ public partial class TransparentTests(ITestOutputHelper output)
         Assert.Equal(4, text.Split('\n', StringSplitOptions.RemoveEmptyEntries).Length);
     }
 
+    /// <summary>
+    /// Configurations the redirect cannot serve keep transparent mode off (stock cost), with the
+    /// reason: a peer's BFMig port inside the migration port range (root's connections to it
+    /// would be taken for a migration's), and one address shared by two peers (a stream to it
+    /// could be either's). Both are decided before any table is installed.
+    /// </summary>
+    [Fact]
+    public void A_peer_port_in_the_migration_range_or_an_address_of_two_peers_keeps_transparent_mode_off()
+    {
+        var dir = Directory.CreateTempSubdirectory("bfmig-conf");
+        try
+        {
+            var qemuConf = Path.Combine(dir.FullName, "qemu.conf");
+            File.WriteAllText(qemuConf, "migration_port_min = 49152\nmigration_port_max = 49215\n");
+            var log = new TransparentInterceptorTests.Lines();
+            var conf = Path.Combine(dir.FullName, "bfmig.conf");
+            File.WriteAllText(conf, $"[daemon]\nqemu_conf = {qemuConf}\n[peers:b]\naddress = 198.18.0.2:49160\n");
+            var inRange = DaemonConfiguration.Load(DaemonConfiguration.Build(conf, [], new Dictionary<string, string?>()));
+            using (var mode = TransparentMode.Start(inRange, 64055, new TransparentInterceptorTests.NoGuests(), log))
+                Assert.Equal("off: peer b's BFMig port 49160 lies in the migration port range 49152-49215 (qemu.conf migration_port_min..max)", mode.State);
+            var shared = inRange with
+            {
+                Peers = [new PeerOptions("b", "198.18.0.2", 16600, "qemu+tcp://198.18.0.2/system"), new PeerOptions("c", "198.18.0.2", 16600, "qemu+tcp://198.18.0.2/system")],
+            };
+            using (var mode = TransparentMode.Start(shared, 64055, new TransparentInterceptorTests.NoGuests(), log))
+                Assert.Equal("off: no peer address could be resolved", mode.State);
+            Assert.Contains(log.All, l => l.Contains("address 198.18.0.2 belongs to more than one peer", StringComparison.Ordinal));
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
+    }
+
     [Fact]
     public void Configuration_turns_transparent_mode_on_with_peers_and_checks_migration_addresses()
     {

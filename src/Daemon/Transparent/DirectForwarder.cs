@@ -39,6 +39,10 @@ public static class DirectForwarder
             {
                 return (0, $"cannot connect to {destination}: {e.Message}");
             }
+            // A carried channel may stay silent for the whole trip (QEMU's post-copy preempt
+            // channel): keepalive finds a peer host that vanished, so that no carry holds its slot for ever.
+            BFMig.Transfer.Wire.PeerSockets.KeepAlive(server);
+            BFMig.Transfer.Wire.PeerSockets.KeepAlive(client);
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             var up = CopyAsync(client, server, stop);
             var down = CopyAsync(server, client, stop);

@@ -50,6 +50,10 @@ public sealed class TransparentMode : IDisposable
         {
             return Off($"cannot read the migration port range: {e.Message}", logger);
         }
+        // The redirect would take root's connections to such a port (bfmigd's own probes and
+        // helpers among them) for a migration's.
+        if (options.Peers.FirstOrDefault(p => ports.Contains(p.Port)) is { } inRange)
+            return Off($"peer {inRange.Name}'s BFMig port {inRange.Port} lies in the migration port range {ports} (qemu.conf migration_port_min..max)", logger);
         var peers = PeerAddresses(options, logger);
         if (peers.Count == 0)
             return Off("no peer address could be resolved", logger);
@@ -81,6 +85,7 @@ public sealed class TransparentMode : IDisposable
     private static Dictionary<IPAddress, PeerOptions> PeerAddresses(DaemonOptions options, ILogger logger)
     {
         var map = new Dictionary<IPAddress, PeerOptions>();
+        var ambiguous = new HashSet<IPAddress>();
         foreach (var peer in options.Peers)
         {
             IEnumerable<IPAddress> addresses;
@@ -100,8 +105,16 @@ public sealed class TransparentMode : IDisposable
                 // A loopback or wildcard address would redirect this host's own traffic.
                 if (IPAddress.IsLoopback(address) || address.Equals(IPAddress.Any) || address.Equals(IPAddress.IPv6Any))
                     continue;
-                map.TryAdd(address.IsIPv4MappedToIPv6 ? address.MapToIPv4() : address, peer);
+                var key = address.IsIPv4MappedToIPv6 ? address.MapToIPv4() : address;
+                if (!map.TryAdd(key, peer) && map[key].Name != peer.Name)
+                    ambiguous.Add(key);
             }
+        }
+        // Two peers at one address: a stream to it could be either's, so it is not redirected at all.
+        foreach (var address in ambiguous)
+        {
+            DaemonLog.TransparentOff(logger, $"address {address} belongs to more than one peer (at least {map[address].Name}): its migrations stay at stock cost");
+            map.Remove(address);
         }
         return map;
     }
