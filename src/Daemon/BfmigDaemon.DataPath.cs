@@ -115,8 +115,12 @@ public sealed partial class BfmigDaemon
             return new PeerRoute(null, $"sender '{hello.SenderName}' is not a configured peer ([peers:NAME] in bfmig.conf)");
         // Checked before anything costs more than a lookup: only a migration this host's own hook announced
         // (or one whose authenticated streams already run) gets a helper, a store or a checkpoint exchange.
-        if (!_guard.ExpectsStreams(hello.Guest) && _transfers?.IsReceiving(hello.Guest) != true && !HookMarkedIncoming(hello.Guest))
+        var arrivingFrom = _transfers?.ReceivingFrom(hello.Guest);
+        if (!_guard.ExpectsStreams(hello.Guest) && arrivingFrom is null && !HookMarkedIncoming(hello.Guest))
             return new PeerRoute(null, $"no incoming migration of guest {hello.Guest:D} is expected here (this host's hook has not announced one)");
+        // A trip comes from one host: once a stream of it proved its peer, another peer's is not part of it.
+        if (arrivingFrom is not null && arrivingFrom != hello.SenderName)
+            return new PeerRoute(null, $"guest {hello.Guest:D} is arriving from {arrivingFrom}, not from {hello.SenderName}");
         var name = _libvirt?.LookupName(hello.Guest);
         if (name is null)
             return new PeerRoute(null, $"no guest {hello.Guest:D} here (the migration's prepare step has not run, or libvirt is unreachable)");

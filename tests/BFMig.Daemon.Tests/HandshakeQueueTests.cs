@@ -108,10 +108,13 @@ public sealed class HandshakeQueueTests : IDisposable
         var events = Path.Combine(_root, "events");
         int recorded = 0;
         var proving = Manager(FakeHelper(events, authenticateAfter: "1"));
-        Assert.True(await proving.StartReceiveAsync("g", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [],
+        var guest = Guid.NewGuid();
+        Assert.True(await proving.StartReceiveAsync("g", guest, "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [],
             authenticated: () => Interlocked.Increment(ref recorded)));
         Assert.Equal(0, Volatile.Read(ref recorded)); // started, not yet authenticated
+        Assert.Null(proving.ReceivingFrom(guest)); // nor is it arriving from anyone yet
         await Tools.UntilAsync(() => Volatile.Read(ref recorded) == 1, "the record after authentication", 10);
+        Assert.Equal("hosta", proving.ReceivingFrom(guest));
         await proving.ShutdownAsync(TimeSpan.Zero);
 
         int claimed = 0;

@@ -24,7 +24,7 @@ public sealed class SplitBrainGuard(GuestStateStore store, TimeProvider time)
     /// How long after the hook announced an incoming migration (<c>migrate begin</c> or
     /// <c>prepare begin</c>) the peer port takes a first stream of that guest. Streams that
     /// connect later in a long trip (the memory stream after a long disk mirror) are let in by the
-    /// trip's running streams instead (<see cref="Transfers.TransferManager.IsReceiving"/>).
+    /// trip's running streams instead (<see cref="Transfers.TransferManager.ReceivingFrom"/>).
     /// </summary>
     public static readonly TimeSpan StreamWindow = TimeSpan.FromMinutes(5);
 

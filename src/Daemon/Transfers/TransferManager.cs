@@ -110,11 +110,11 @@ public sealed partial class TransferManager
         }
     }
 
-    /// <summary>True while an authenticated incoming stream of the guest runs (its trip's later streams are expected too).</summary>
-    public bool IsReceiving(Guid uuid)
+    /// <summary>The peer an authenticated incoming stream of the guest comes from now; null if none runs.</summary>
+    public string? ReceivingFrom(Guid uuid)
     {
         lock (_gate)
-            return _running.Values.Any(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated);
+            return _running.Values.FirstOrDefault(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated)?.Peer;
     }
 
     /// <summary>
