@@ -54,6 +54,13 @@ internal static class Program
             Console.WriteLine($"bfmig-transfer {BuildInfo.Version}");
             return 0;
         }
+        if (args is ["--capabilities"])
+        {
+            // What a stream's helper is left with (an operator's check, and the tests').
+            var failed = Capabilities.KeepOnly(HelperCapabilities.Kept);
+            Console.WriteLine($"effective {Capabilities.Effective():x16} bounding {Capabilities.Bounding():x16}" + (failed is null ? "" : $" ({failed})"));
+            return failed is null ? 0 : 1;
+        }
         if (args.Length == 0 || args[0] is not ("send" or "receive"))
         {
             Console.Error.Write(Usage);
@@ -69,6 +76,10 @@ internal static class Program
             Console.Error.WriteLine($"bfmig-transfer: {e.Message}");
             return 2;
         }
+        // Before the first byte from a peer or a QEMU: bfmigd starts this helper as root, and it
+        // parses what the network sends (before authentication, too) with only what it needs.
+        if (Capabilities.KeepOnly(HelperCapabilities.Kept) is { } narrowFailed)
+            TransferLog.Note($"bfmig-transfer: runs with bfmigd's capabilities: {narrowFailed}");
         using var cts = new CancellationTokenSource();
         Console.CancelKeyPress += (_, e) =>
         {
