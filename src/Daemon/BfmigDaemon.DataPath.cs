@@ -61,9 +61,20 @@ public sealed partial class BfmigDaemon
         // The slot first: nothing is recorded for a stream that is then carried at stock cost.
         if (_transfers is not { } transfers || !transfers.TryReserveSend())
             return false;
-        StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
-        _checkpoints?.OnTripStarting(uuid, guest, peer);
-        transfers.StartSend(guest, uuid, peer, kind, qemu, DisksOf(uuid, kind), targetPort, reserved: true);
+        IReadOnlyList<DomainDisk> disks;
+        try
+        {
+            StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
+            _checkpoints?.OnTripStarting(uuid, guest, peer);
+            disks = DisksOf(uuid, kind);
+        }
+        catch
+        {
+            // Not started: the slot goes back, or it would be lost until bfmigd restarts.
+            transfers.ReleaseSend();
+            throw;
+        }
+        transfers.StartSend(guest, uuid, peer, kind, qemu, disks, targetPort, reserved: true);
         return true;
     }
 

@@ -139,6 +139,10 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt,
         {
             return new("transparent", false, $"{e.Message}: fix migration_port_min/max in {options.QemuConf}");
         }
+        if (transparentState.Contains("migration port range", StringComparison.Ordinal))
+            return new("transparent", false, $"{transparentState}: give the peer a BFMig port outside it ([peers:NAME] address = HOST:PORT)");
+        if (transparentState.Contains("no peer has an address", StringComparison.Ordinal))
+            return new("transparent", false, $"{transparentState}: check each [peers:NAME] address and migration_addresses (resolvable, and one peer's only)");
         if (!transparentState.StartsWith("on", StringComparison.Ordinal))
             return new("transparent", false, $"{transparentState}. Needs nf_tables in the kernel (modprobe nf_tables), libnftables1, CAP_NET_ADMIN and a free 127.0.0.1:{options.TransparentPort} (daemon:transparent_port); or set daemon:transparent = no");
         string table;

@@ -127,6 +127,28 @@ public sealed class HandshakeQueueTests : IDisposable
     }
 
     /// <summary>
+    /// A trip comes from one host: two first streams of a guest from two peers may both be routed
+    /// before either proved itself, and the one whose peer proves itself second is stopped, not
+    /// joined to the trip (nothing is recorded for it).
+    /// </summary>
+    [Fact]
+    public async Task A_stream_of_a_guest_already_arriving_from_another_authenticated_peer_is_stopped_at_its_authentication()
+    {
+        var manager = Manager(FakeHelper(Path.Combine(_root, "events"), authenticateAfter: "0.5", runsOn: "10"));
+        var guest = Guid.NewGuid();
+        int fromA = 0, fromC = 0;
+        Assert.True(await manager.StartReceiveAsync("g", guest, "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [],
+            authenticated: () => Interlocked.Increment(ref fromA)));
+        await Tools.UntilAsync(() => Volatile.Read(ref fromA) == 1, "hosta's stream to authenticate", 10);
+        Assert.True(await manager.StartReceiveAsync("g", guest, "hostc", StreamKind.Nbd, "unix:/nonexistent", await AcceptedSocketAsync(), [],
+            authenticated: () => Interlocked.Increment(ref fromC)));
+        await Task.Delay(1500);
+        Assert.Equal(0, Volatile.Read(ref fromC));
+        Assert.Equal("hosta", manager.ReceivingFrom(guest));
+        await manager.ShutdownAsync(TimeSpan.Zero);
+    }
+
+    /// <summary>
     /// Transparent mode takes a transfer slot before it hands a connection on (a stream it cannot
     /// start must be carried at stock cost, not closed): the reservations and the running helpers
     /// are one count, so neither an intercepted stream nor an explicit one gets past the limit.
@@ -267,8 +289,8 @@ public sealed class HandshakeQueueTests : IDisposable
         return new TransferManager(options, helper, stats, NullLogger.Instance);
     }
 
-    // Logs "start"/"auth" with a timestamp; reports authentication on the progress pipe (fd 4) after the pause, or never.
-    private string FakeHelper(string events, string? authenticateAfter)
+    // Logs "start"/"auth" with a timestamp; reports authentication on the progress pipe (fd 4) after the pause, or never, and then runs on for runsOn seconds.
+    private string FakeHelper(string events, string? authenticateAfter, string runsOn = "0.2")
     {
         var path = Path.Combine(_root, "fake-helper");
         const string report = """{"role":"receive","kind":"mig","localBytes":0,"wireBytesOut":0,"wireBytesIn":0,"final":false,"authenticated":true}""";
@@ -278,7 +300,7 @@ public sealed class HandshakeQueueTests : IDisposable
                sleep {authenticateAfter}
                echo "$(date +%s.%N) auth" >> {events}
                printf '%s\n' '{report}' >&4
-               sleep 0.2
+               sleep {runsOn}
                """;
         File.WriteAllText(path, $"""
             #!/bin/sh

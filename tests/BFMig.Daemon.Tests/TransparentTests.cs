@@ -265,8 +265,8 @@ public partial class TransparentTests(ITestOutputHelper output)
                 Peers = [new PeerOptions("b", "198.18.0.2", 16600, "qemu+tcp://198.18.0.2/system"), new PeerOptions("c", "198.18.0.2", 16600, "qemu+tcp://198.18.0.2/system")],
             };
             using (var mode = TransparentMode.Start(shared, 64055, new TransparentInterceptorTests.NoGuests(), log))
-                Assert.Equal("off: no peer address could be resolved", mode.State);
-            Assert.Contains(log.All, l => l.Contains("address 198.18.0.2 belongs to more than one peer", StringComparison.Ordinal));
+                Assert.Equal("off: no peer has an address of its own that resolves", mode.State);
+            Assert.Contains(log.All, l => l.Contains("address 198.18.0.2 not redirected: it belongs to more than one peer", StringComparison.Ordinal));
         }
         finally
         {

@@ -235,6 +235,9 @@ internal static partial class DaemonLog
     [LoggerMessage(106, LogLevel.Warning, "transparent: connection from {Remote} dropped: {Reason}")]
     public static partial void TransparentDropped(ILogger logger, string remote, string reason);
 
+    [LoggerMessage(109, LogLevel.Warning, "transparent: {What} not redirected: {Reason}; its migrations go straight to the peer at stock cost")]
+    public static partial void TransparentPeerSkipped(ILogger logger, string what, string reason);
+
     [LoggerMessage(108, LogLevel.Warning, "transparent: {Count} more dropped connections were not logged (at most 10 lines per 10 s)")]
     public static partial void TransparentDropsSuppressed(ILogger logger, long count);
 

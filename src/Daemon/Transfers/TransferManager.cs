@@ -100,6 +100,13 @@ public sealed partial class TransferManager
         }
     }
 
+    /// <summary>Gives back a slot <see cref="TryReserveSend"/> took for a send that will not start.</summary>
+    public void ReleaseSend()
+    {
+        lock (_gate)
+            _sendsReserved--;
+    }
+
     /// <summary>Helpers running now.</summary>
     public int Active
     {
@@ -208,25 +215,35 @@ public sealed partial class TransferManager
     public bool StartSend(string guest, Guid uuid, PeerOptions peer, StreamKind kind, Socket qemu, IReadOnlyList<DomainDisk> disks, ushort targetPort = 0,
         bool reserved = false)
     {
-        var args = new List<string>
+        List<string> args;
+        try
         {
-            "send", "--kind", KindArg(kind), "--fd", "3",
-            "--peer", TcpArgument(peer.Host, peer.Port),
-            "--guest", uuid.ToString("D"), "--peer-name", peer.Name,
-            "--store", _options.StateDirectory, "--name", _options.HostName,
-        };
-        if (_options.AuthMode == PeerAuthMode.Tls)
-        {
-            // This host connects: it is the TLS client, as libvirt is when it migrates to qemu+tls://PEER.
-            args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
-            if (PeerCredentials.ReceiverName(_options, peer) is { } receiver)
-                args.AddRange(["--tls-peer-name", receiver]);
-            args.AddRange(CrlArguments());
+            args = new List<string>
+            {
+                "send", "--kind", KindArg(kind), "--fd", "3",
+                "--peer", TcpArgument(peer.Host, peer.Port),
+                "--guest", uuid.ToString("D"), "--peer-name", peer.Name,
+                "--store", _options.StateDirectory, "--name", _options.HostName,
+            };
+            if (_options.AuthMode == PeerAuthMode.Tls)
+            {
+                // This host connects: it is the TLS client, as libvirt is when it migrates to qemu+tls://PEER.
+                args.AddRange(["--tls-cert", _options.TlsClientCertificate, "--tls-key", _options.TlsClientKey, "--tls-ca", _options.TlsCaCertificate]);
+                if (PeerCredentials.ReceiverName(_options, peer) is { } receiver)
+                    args.AddRange(["--tls-peer-name", receiver]);
+                args.AddRange(CrlArguments());
+            }
+            if (targetPort != 0)
+                args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
+            if (kind == StreamKind.Mig && FollowerArgument(uuid) is { } follows)
+                args.Add(follows);
         }
-        if (targetPort != 0)
-            args.AddRange(["--target-port", targetPort.ToString(CultureInfo.InvariantCulture)]);
-        if (kind == StreamKind.Mig && FollowerArgument(uuid) is { } follows)
-            args.Add(follows);
+        catch when (reserved)
+        {
+            // Not started: the slot TryReserveSend took goes back.
+            ReleaseSend();
+            throw;
+        }
         return Start(TransferDirection.Send, guest, uuid, peer.Name, kind, qemu, args, disks, targetPort, reserved);
     }
 
@@ -454,19 +471,24 @@ public sealed partial class TransferManager
     /// <summary>The receiving helper reported that its peer authenticated: it takes a transfer slot now, or is stopped when none is free.</summary>
     private void OnAuthenticated(Running running)
     {
-        bool refused;
+        string? refusal;
         lock (_gate)
         {
             if (running.Authenticated || !_running.ContainsKey(running.Id))
                 return;
-            refused = _closed || SlotsTaken >= _options.MaxTransfers;
-            if (!refused)
+            // Two first streams from two peers may both have been routed before either proved
+            // itself: the trip is the one whose peer proved itself first.
+            var otherPeer = _running.Values.FirstOrDefault(r => r.Uuid == running.Uuid && r.Direction == TransferDirection.Receive
+                && r.Authenticated && r.Peer != running.Peer)?.Peer;
+            refusal = otherPeer is not null ? $"the guest is arriving from {otherPeer}, not from {running.Peer}"
+                : _closed || SlotsTaken >= _options.MaxTransfers ? $"no transfer slot free once its peer authenticated (transfer:max_concurrent = {_options.MaxTransfers})"
+                : null;
+            if (refusal is null)
                 JoinTrip(running);
         }
-        if (refused)
+        if (refusal is not null)
         {
-            DaemonLog.TransferRefused(_logger, KindArg(running.Kind), running.Guest,
-                $"no transfer slot free once its peer authenticated (transfer:max_concurrent = {_options.MaxTransfers})");
+            DaemonLog.TransferRefused(_logger, KindArg(running.Kind), running.Guest, refusal);
             running.Child.Signal(15);
             return;
         }

@@ -1,6 +1,7 @@
 using System.Buffers;
 using System.Net;
 using System.Net.Sockets;
+using BFMig.Transfer.Wire;
 
 namespace BFMig.Daemon.Transparent;
 
@@ -41,8 +42,8 @@ public static class DirectForwarder
             }
             // A carried channel may stay silent for the whole trip (QEMU's post-copy preempt
             // channel): keepalive finds a peer host that vanished, so that no carry holds its slot for ever.
-            BFMig.Transfer.Wire.PeerSockets.KeepAlive(server);
-            BFMig.Transfer.Wire.PeerSockets.KeepAlive(client);
+            PeerSockets.KeepAlive(server);
+            PeerSockets.KeepAlive(client);
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             var up = CopyAsync(client, server, stop);
             var down = CopyAsync(server, client, stop);

@@ -56,7 +56,7 @@ public sealed class TransparentMode : IDisposable
             return Off($"peer {inRange.Name}'s BFMig port {inRange.Port} lies in the migration port range {ports} (qemu.conf migration_port_min..max)", logger);
         var peers = PeerAddresses(options, logger);
         if (peers.Count == 0)
-            return Off("no peer address could be resolved", logger);
+            return Off("no peer has an address of its own that resolves", logger);
         TransparentInterceptor? interceptor = null;
         try
         {
@@ -97,7 +97,7 @@ public sealed class TransparentMode : IDisposable
             }
             catch (SocketException e)
             {
-                DaemonLog.TransparentOff(logger, $"peer {peer.Name}: cannot resolve {peer.Host}: {e.Message} (its migrations stay at stock cost)");
+                DaemonLog.TransparentPeerSkipped(logger, $"peer {peer.Name}", $"cannot resolve {peer.Host}: {e.Message}");
                 continue;
             }
             foreach (var address in addresses)
@@ -113,7 +113,7 @@ public sealed class TransparentMode : IDisposable
         // Two peers at one address: a stream to it could be either's, so it is not redirected at all.
         foreach (var address in ambiguous)
         {
-            DaemonLog.TransparentOff(logger, $"address {address} belongs to more than one peer (at least {map[address].Name}): its migrations stay at stock cost");
+            DaemonLog.TransparentPeerSkipped(logger, $"address {address}", $"it belongs to more than one peer (at least {map[address].Name})");
             map.Remove(address);
         }
         return map;
