@@ -64,9 +64,9 @@ public sealed partial class BfmigDaemon
         IReadOnlyList<DomainDisk> disks;
         try
         {
+            disks = DisksOf(uuid, kind);
             StreamStarting(uuid, guest, peer.Name, TransferDirection.Send, kind, TripRoute.Transparent);
             _checkpoints?.OnTripStarting(uuid, guest, peer);
-            disks = DisksOf(uuid, kind);
         }
         catch
         {

@@ -107,5 +107,9 @@ internal static partial class Interop
 
         [LibraryImport(Library, EntryPoint = "capset", SetLastError = true)]
         internal static unsafe partial int CapSet(CapHeader* header, CapData* data);
+
+        /// <summary>execve(2): returns only on failure.</summary>
+        [LibraryImport(Library, EntryPoint = "execve", SetLastError = true)]
+        internal static unsafe partial int Execve(byte* path, byte** argv, byte** envp);
     }
 }

@@ -6,13 +6,15 @@ namespace BFMig.Transfer;
 public static class HelperCapabilities
 {
     /// <summary>
-    /// Files of other users (the QEMU user's images and block devices, and the stores), and
-    /// starting qemu-nbd as the QEMU user (setpriv) and stopping it. Not, among others,
-    /// CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE or CAP_SETPCAP.
+    /// Files of other users (DAC_OVERRIDE, DAC_READ_SEARCH: the QEMU user's images, block devices
+    /// and directories; CHOWN, FOWNER: qemu-nbd's private directory), starting qemu-nbd as the
+    /// QEMU user through setpriv (SETUID, SETGID) and stopping it (KILL). Not, among others,
+    /// CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_RESOURCE or CAP_SETPCAP. bfmigd's
+    /// systemd unit must allow each of these (packaging/common/bfmigd.service, CapabilityBoundingSet).
     /// </summary>
     public static IReadOnlyList<int> Kept { get; } =
     [
-        Capabilities.Chown, Capabilities.DacOverride, Capabilities.DacReadSearch, Capabilities.Fowner, Capabilities.Fsetid,
-        Capabilities.Kill, Capabilities.Setgid, Capabilities.Setuid, Capabilities.SysNice, Capabilities.SysResource,
+        Capabilities.Chown, Capabilities.DacOverride, Capabilities.DacReadSearch, Capabilities.Fowner,
+        Capabilities.Kill, Capabilities.Setgid, Capabilities.Setuid,
     ];
 }

@@ -16,7 +16,6 @@ public static class Capabilities
     public const int DacOverride = 1;
     public const int DacReadSearch = 2;
     public const int Fowner = 3;
-    public const int Fsetid = 4;
     public const int Kill = 5;
     public const int Setgid = 6;
     public const int Setuid = 7;
@@ -24,7 +23,6 @@ public static class Capabilities
     public const int NetAdmin = 12;
     public const int SysPtrace = 19;
     public const int SysAdmin = 21;
-    public const int SysNice = 23;
     public const int SysResource = 24;
 
     private const int PrCapbsetRead = 23;
@@ -36,28 +34,40 @@ public static class Capabilities
     private const int EInval = 22;
 
     /// <summary>
-    /// Keeps only <paramref name="keep"/>. Returns null when done, else what failed (the process
-    /// then goes on with what it had left: a caller logs it, it does not stop for it).
+    /// Keeps only <paramref name="keep"/> on the calling thread, and sets no_new_privs. Returns
+    /// null when all of it was done, else what was not (the caller logs it and goes on: a
+    /// helper that could not narrow itself still carries its stream). Without CAP_SETPCAP (a
+    /// systemd unit's bounding set may lack it) the bounding set stays as it was; the permitted
+    /// set is narrowed all the same, and with no_new_privs no exec can widen it again.
+    /// Capabilities belong to a thread: see <see cref="ReExecNarrowed"/> for the others.
     /// </summary>
     public static unsafe string? KeepOnly(IReadOnlyCollection<int> keep)
     {
         ArgumentNullException.ThrowIfNull(keep);
+        var notDone = new List<string>();
         if (Interop.Libc.Prctl(PrSetNoNewPrivs, 1, 0, 0, 0) != 0)
-            return Failure("prctl(PR_SET_NO_NEW_PRIVS)");
+            notDone.Add(Failure("prctl(PR_SET_NO_NEW_PRIVS)"));
         // The bounding set first (it takes CAP_SETPCAP in the effective set, which goes last).
-        for (int cap = 0; cap <= LastCapability(); cap++)
+        int last = LastCapability();
+        for (int cap = 0; cap <= last; cap++)
         {
             if (keep.Contains(cap) || Interop.Libc.Prctl(PrCapbsetRead, (nuint)cap, 0, 0, 0) != 1)
                 continue;
             if (Interop.Libc.Prctl(PrCapbsetDrop, (nuint)cap, 0, 0, 0) != 0 && Marshal.GetLastPInvokeError() != EInval)
-                return Failure($"prctl(PR_CAPBSET_DROP, {cap})");
+            {
+                notDone.Add(Failure($"prctl(PR_CAPBSET_DROP, {cap})") + ": the bounding set is left as it was");
+                break;
+            }
         }
         if (Interop.Libc.Prctl(PrCapAmbient, PrCapAmbientClearAll, 0, 0, 0) != 0 && Marshal.GetLastPInvokeError() != EInval)
-            return Failure("prctl(PR_CAP_AMBIENT_CLEAR_ALL)");
+            notDone.Add(Failure("prctl(PR_CAP_AMBIENT_CLEAR_ALL)"));
         var header = new Interop.Libc.CapHeader { Version = Version3, Pid = 0 };
         var data = stackalloc Interop.Libc.CapData[2];
         if (Interop.Libc.CapGet(&header, data) != 0)
-            return Failure("capget");
+        {
+            notDone.Add(Failure("capget"));
+            return string.Join("; ", notDone);
+        }
         uint keepLow = 0, keepHigh = 0;
         foreach (int cap in keep)
         {
@@ -73,23 +83,92 @@ public static class Capabilities
         data[1].Permitted &= keepHigh;
         data[1].Inheritable &= keepHigh;
         header = new Interop.Libc.CapHeader { Version = Version3, Pid = 0 };
-        return Interop.Libc.CapSet(&header, data) == 0 ? null : Failure("capset");
+        if (Interop.Libc.CapSet(&header, data) != 0)
+            notDone.Add(Failure("capset"));
+        return notDone.Count == 0 ? null : string.Join("; ", notDone);
     }
 
-    /// <summary>This process's effective capabilities, as the kernel reports them (<c>CapEff</c> in /proc/self/status).</summary>
-    public static ulong Effective() => StatusMask("CapEff:");
+    /// <summary>
+    /// Runs this program again in place (execve of <c>/proc/self/exe</c>, same arguments and
+    /// descriptors, <paramref name="mark"/>=<paramref name="value"/> added to the environment so
+    /// that the new image knows, and what this one could not do). Capabilities and no_new_privs are per thread, and the runtime starts threads of
+    /// its own before <c>Main</c>, which <see cref="KeepOnly"/> on the main thread cannot reach;
+    /// the new image starts from the narrowed thread alone. Returns only on failure, with why.
+    /// </summary>
+    public static unsafe string ReExecNarrowed(string mark, string value, IReadOnlyList<string> args)
+    {
+        var argv = new List<string> { Environment.ProcessPath ?? "/proc/self/exe" };
+        argv.AddRange(args);
+        var env = new List<string>();
+        foreach (System.Collections.DictionaryEntry e in Environment.GetEnvironmentVariables())
+        {
+            if ((string)e.Key != mark)
+                env.Add($"{e.Key}={e.Value}");
+        }
+        env.Add($"{mark}={value}");
+        var blocks = new List<nint>();
+        try
+        {
+            byte** argvP = NativeStrings(argv, blocks);
+            byte** envP = NativeStrings(env, blocks);
+            fixed (byte* path = "/proc/self/exe\0"u8)
+                Interop.Libc.Execve(path, argvP, envP);
+            return Failure("execve(/proc/self/exe)");
+        }
+        finally
+        {
+            foreach (var b in blocks)
+                NativeMemory.Free((void*)b);
+        }
+    }
+
+    // A NULL-terminated array of NUL-terminated UTF-8 strings, in memory freed by the caller (blocks).
+    private static unsafe byte** NativeStrings(List<string> strings, List<nint> blocks)
+    {
+        var array = (byte**)NativeMemory.Alloc((nuint)(strings.Count + 1), (nuint)sizeof(byte*));
+        blocks.Add((nint)array);
+        for (int i = 0; i < strings.Count; i++)
+        {
+            int n = System.Text.Encoding.UTF8.GetByteCount(strings[i]);
+            var bytes = (byte*)NativeMemory.Alloc((nuint)n + 1);
+            blocks.Add((nint)bytes);
+            System.Text.Encoding.UTF8.GetBytes(strings[i], new Span<byte>(bytes, n));
+            bytes[n] = 0;
+            array[i] = bytes;
+        }
+        array[strings.Count] = null;
+        return array;
+    }
+
+    /// <summary>The effective capabilities of every thread of this process together (<c>CapEff</c> of each task).</summary>
+    public static ulong EffectiveOfAnyThread()
+    {
+        ulong any = 0;
+        foreach (var task in Directory.EnumerateDirectories("/proc/self/task"))
+        {
+            try
+            {
+                any |= StatusMask(Path.Combine(task, "status"), "CapEff:");
+            }
+            catch (IOException)
+            {
+                // The thread ended meanwhile.
+            }
+        }
+        return any;
+    }
 
     /// <summary>This process's bounding set (<c>CapBnd</c>).</summary>
-    public static ulong Bounding() => StatusMask("CapBnd:");
+    public static ulong Bounding() => StatusMask("/proc/self/status", "CapBnd:");
 
-    private static ulong StatusMask(string field)
+    private static ulong StatusMask(string statusFile, string field)
     {
-        foreach (var line in File.ReadLines("/proc/self/status"))
+        foreach (var line in File.ReadLines(statusFile))
         {
             if (line.StartsWith(field, StringComparison.Ordinal))
                 return ulong.Parse(line.AsSpan(field.Length).Trim(), NumberStyles.HexNumber, CultureInfo.InvariantCulture);
         }
-        throw new IOException($"/proc/self/status has no {field}");
+        throw new IOException($"{statusFile} has no {field}");
     }
 
     // The highest capability this kernel knows (it may know more than this code names).
