@@ -87,16 +87,20 @@ public sealed partial class MultifdTests(ITestOutputHelper output) : IDisposable
     // trip, each coded through its main stream's helper and carrying pages.
     private void AssertChannelsCoded(string mode, int tripCount)
     {
-        var lines = new[] { "a", "b" }
+        var logs = new[] { "a", "b" }
             .Select(h => Path.Combine("/var/tmp", LabRunner.LabName, h, "bfmig", "bfmigd.log"))
             .Where(File.Exists)
             .SelectMany(File.ReadLines)
-            .Where(l => l.Contains("multifd channel", StringComparison.Ordinal))
             .ToList();
+        var lines = logs.Where(l => l.Contains("multifd channel", StringComparison.Ordinal)).ToList();
         foreach (var l in lines.TakeLast(2 * tripCount))
             output.WriteLine(l);
         var coded = lines.Select(l => Coded().Match(l)).Count(m => m.Success && m.Groups.Cast<Group>().Skip(1).Sum(g => long.Parse(g.Value, System.Globalization.CultureInfo.InvariantCulture)) > 0);
-        Assert.True(coded >= 2 * tripCount, $"{mode}: {coded} multifd channels coded against the store, expected {2 * tripCount}:\n{string.Join('\n', lines)}");
+        // On a failure, what each helper said of its own end too (the lab's logs go with it).
+        var ends = logs.Where(l => l.Contains("failed", StringComparison.Ordinal) || l.Contains("error", StringComparison.Ordinal)
+            || l.Contains("exit", StringComparison.Ordinal));
+        Assert.True(coded >= 2 * tripCount,
+            $"{mode}: {coded} multifd channels coded against the store, expected {2 * tripCount}:\n{string.Join('\n', lines)}\nfailures in the logs:\n{string.Join('\n', ends)}");
     }
 
     [GeneratedRegex(@"multifd channel coded against the store: (\d+) pages elided, (\d+) referenced, (\d+) delta, (\d+) full")]
