@@ -33,6 +33,13 @@ public sealed record PeerOptions(string Name, string Host, int Port, string Libv
     /// separate migration network lists that network's addresses here.
     /// </summary>
     public IReadOnlyList<string> MigrationAddresses { get; init; } = [];
+
+    /// <summary>The addresses of <see cref="Host"/>: itself when it is one, else what the name resolves to now (SocketException when it does not).</summary>
+    public IEnumerable<System.Net.IPAddress> HostAddresses() =>
+        System.Net.IPAddress.TryParse(Host, out var literal) ? [literal] : System.Net.Dns.GetHostAddresses(Host);
+
+    /// <summary>An IPv4 address however it came (an IPv4-mapped IPv6 one as plain IPv4): how peers' addresses are compared.</summary>
+    public static System.Net.IPAddress Normalize(System.Net.IPAddress address) => address.IsIPv4MappedToIPv6 ? address.MapToIPv4() : address;
 }
 
 /// <summary>Everything bfmigd reads from <c>/etc/bfmig/bfmig.conf</c>, the environment and its command line.</summary>

@@ -164,8 +164,7 @@ public sealed class PeerListener : IDisposable
     {
         if (address is null)
             return new PendingSource(null, Stranger: true);
-        if (address.IsIPv4MappedToIPv6)
-            address = address.MapToIPv4();
+        address = PeerOptions.Normalize(address);
         if (_peerSources.Contains(address))
             return new PendingSource(address, Stranger: false);
         if (address.AddressFamily == AddressFamily.InterNetworkV6)
@@ -222,11 +221,11 @@ public sealed class PeerListener : IDisposable
         {
             foreach (var a in peer.MigrationAddresses)
                 if (IPAddress.TryParse(a, out var m))
-                    set.Add(m.IsIPv4MappedToIPv6 ? m.MapToIPv4() : m);
+                    set.Add(PeerOptions.Normalize(m));
             try
             {
-                foreach (var a in IPAddress.TryParse(peer.Host, out var literal) ? [literal] : Dns.GetHostAddresses(peer.Host))
-                    set.Add(a.IsIPv4MappedToIPv6 ? a.MapToIPv4() : a);
+                foreach (var a in peer.HostAddresses())
+                    set.Add(PeerOptions.Normalize(a));
             }
             catch (SocketException)
             {

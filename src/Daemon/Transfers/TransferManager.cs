@@ -121,8 +121,12 @@ public sealed partial class TransferManager
     public string? ReceivingFrom(Guid uuid)
     {
         lock (_gate)
-            return _running.Values.FirstOrDefault(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated)?.Peer;
+            return ArrivingFrom(uuid);
     }
+
+    // Under _gate. Every authenticated receive of a guest has one peer (OnAuthenticated stops any other).
+    private string? ArrivingFrom(Guid uuid) =>
+        _running.Values.FirstOrDefault(r => r.Uuid == uuid && r.Direction == TransferDirection.Receive && r.Authenticated)?.Peer;
 
     /// <summary>
     /// What a new memory connection of the guest's QEMU follows, as its send helper's argument:
@@ -478,9 +482,8 @@ public sealed partial class TransferManager
                 return;
             // Two first streams from two peers may both have been routed before either proved
             // itself: the trip is the one whose peer proved itself first.
-            var otherPeer = _running.Values.FirstOrDefault(r => r.Uuid == running.Uuid && r.Direction == TransferDirection.Receive
-                && r.Authenticated && r.Peer != running.Peer)?.Peer;
-            refusal = otherPeer is not null ? $"the guest is arriving from {otherPeer}, not from {running.Peer}"
+            var arriving = ArrivingFrom(running.Uuid);
+            refusal = arriving is not null && arriving != running.Peer ? $"the guest is arriving from {arriving}, not from {running.Peer}"
                 : _closed || SlotsTaken >= _options.MaxTransfers ? $"no transfer slot free once its peer authenticated (transfer:max_concurrent = {_options.MaxTransfers})"
                 : null;
             if (refusal is null)

@@ -42,26 +42,26 @@ public static class ProcNet
         }
         using (lines)
         {
-            bool header = true;
-            while (true)
+            if (!Next(lines))
+                yield break; // not even the header line
+            while (Next(lines))
             {
-                try
-                {
-                    if (!lines.MoveNext())
-                        yield break;
-                }
-                catch (IOException)
-                {
-                    yield break;
-                }
-                if (header)
-                {
-                    header = false;
-                    continue;
-                }
                 if (TryParse(lines.Current, v6) is { } entry)
                     yield return entry;
             }
+        }
+    }
+
+    // A table that cannot be read on counts as ended there.
+    private static bool Next(IEnumerator<string> lines)
+    {
+        try
+        {
+            return lines.MoveNext();
+        }
+        catch (IOException)
+        {
+            return false;
         }
     }
 

@@ -187,7 +187,7 @@ public sealed class TransparentInterceptor : IDisposable
     private async Task RouteAsync(Socket connection, IPEndPoint original)
     {
         var qemuSide = (IPEndPoint)connection.RemoteEndPoint!;
-        if (!_peersByAddress.TryGetValue(Normalize(original.Address), out var peer))
+        if (!_peersByAddress.TryGetValue(PeerOptions.Normalize(original.Address), out var peer))
         {
             // The table redirects only connections to a configured peer's address, so this one came
             // to the loopback port directly (any local user may connect there; with connection
@@ -320,8 +320,6 @@ public sealed class TransparentInterceptor : IDisposable
         var (bytes, error) = await DirectForwarder.RunAsync(connection, original, DirectConnectTimeout, _stop.Token).ConfigureAwait(false);
         DaemonLog.TransparentCarried(_logger, guest, stream, original.ToString(), bytes, error ?? "ok");
     }
-
-    private static IPAddress Normalize(IPAddress a) => a.IsIPv4MappedToIPv6 ? a.MapToIPv4() : a;
 
     /// <summary>Stops accepting (streams already handed on are not affected).</summary>
     public void Dispose()

@@ -91,9 +91,7 @@ public sealed class TransparentMode : IDisposable
             IEnumerable<IPAddress> addresses;
             try
             {
-                addresses = peer.MigrationAddresses.Count > 0 ? peer.MigrationAddresses.Select(IPAddress.Parse)
-                    : IPAddress.TryParse(peer.Host, out var literal) ? [literal]
-                    : Dns.GetHostAddresses(peer.Host);
+                addresses = peer.MigrationAddresses.Count > 0 ? peer.MigrationAddresses.Select(IPAddress.Parse) : peer.HostAddresses();
             }
             catch (SocketException e)
             {
@@ -105,7 +103,7 @@ public sealed class TransparentMode : IDisposable
                 // A loopback or wildcard address would redirect this host's own traffic.
                 if (IPAddress.IsLoopback(address) || address.Equals(IPAddress.Any) || address.Equals(IPAddress.IPv6Any))
                     continue;
-                var key = address.IsIPv4MappedToIPv6 ? address.MapToIPv4() : address;
+                var key = PeerOptions.Normalize(address);
                 if (!map.TryAdd(key, peer) && map[key].Name != peer.Name)
                     ambiguous.Add(key);
             }
