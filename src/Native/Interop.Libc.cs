@@ -81,5 +81,35 @@ internal static partial class Interop
 
         [LibraryImport(Library, EntryPoint = "clock_gettime", SetLastError = true)]
         internal static unsafe partial int ClockGetTime(int clock, Timespec* ts);
+
+        /// <summary>prctl(2); variadic in C, and every option used here takes integer arguments only.</summary>
+        [LibraryImport(Library, EntryPoint = "prctl", SetLastError = true)]
+        internal static partial int Prctl(int option, nuint arg2, nuint arg3, nuint arg4, nuint arg5);
+
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct CapHeader
+        {
+            public uint Version;
+            public int Pid;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        internal struct CapData
+        {
+            public uint Effective;
+            public uint Permitted;
+            public uint Inheritable;
+        }
+
+        /// <summary>capget(2), version 3: two <see cref="CapData"/> (capabilities 0-31, 32-63).</summary>
+        [LibraryImport(Library, EntryPoint = "capget", SetLastError = true)]
+        internal static unsafe partial int CapGet(CapHeader* header, CapData* data);
+
+        [LibraryImport(Library, EntryPoint = "capset", SetLastError = true)]
+        internal static unsafe partial int CapSet(CapHeader* header, CapData* data);
+
+        /// <summary>execve(2): returns only on failure.</summary>
+        [LibraryImport(Library, EntryPoint = "execve", SetLastError = true)]
+        internal static unsafe partial int Execve(byte* path, byte** argv, byte** envp);
     }
 }

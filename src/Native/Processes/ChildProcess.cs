@@ -108,7 +108,8 @@ public sealed class ChildProcess
         }
     }
 
-    private static List<string> EnvironmentEntries(IReadOnlyDictionary<string, string>? environment)
+    /// <summary>"NAME=VALUE" of <paramref name="environment"/>, or of this process when null.</summary>
+    internal static List<string> EnvironmentEntries(IReadOnlyDictionary<string, string>? environment)
     {
         if (environment is not null)
             return [.. environment.Select(kv => $"{kv.Key}={kv.Value}")];
@@ -122,34 +123,5 @@ public sealed class ChildProcess
     {
         if (rc != 0)
             throw new Win32Exception(rc, $"{what} failed: {new Win32Exception(rc).Message}");
-    }
-
-    /// <summary>A NULL-terminated char*[] of UTF-8 strings in native memory.</summary>
-    private sealed unsafe class NativeStringArray : IDisposable
-    {
-        private readonly IntPtr[] _strings;
-
-        public NativeStringArray(IReadOnlyList<string> values)
-        {
-            _strings = new IntPtr[values.Count];
-            Pointer = (byte**)NativeMemory.Alloc((nuint)(values.Count + 1), (nuint)sizeof(byte*));
-            for (var i = 0; i < values.Count; i++)
-            {
-                var bytes = Encoding.UTF8.GetBytes(values[i] + "\0");
-                _strings[i] = Marshal.AllocHGlobal(bytes.Length);
-                Marshal.Copy(bytes, 0, _strings[i], bytes.Length);
-                Pointer[i] = (byte*)_strings[i];
-            }
-            Pointer[values.Count] = null;
-        }
-
-        public byte** Pointer { get; }
-
-        public void Dispose()
-        {
-            foreach (var s in _strings)
-                Marshal.FreeHGlobal(s);
-            NativeMemory.Free(Pointer);
-        }
     }
 }

@@ -45,6 +45,26 @@ internal static class Program
                  --commit-after-resume (receive, kind mig: commit the store once SIGCONT says the guest runs here, at most 3 s after the stream's end)
         """;
 
+    /// <summary>
+    /// Before the first byte from a peer or a QEMU: bfmigd starts this helper as root, and it
+    /// parses what the network sends (before authentication, too). It keeps only what it needs
+    /// (<see cref="HelperCapabilities"/>), then runs itself again, so that no thread of the
+    /// runtime's, started before Main, keeps more. Whether that is done is read from this
+    /// thread's own state (no_new_privs, permitted set), never from anything its starter could
+    /// set: the image run again finds it done and goes on. Returns what could not be done (null: all).
+    /// </summary>
+    private static string? Narrow(string[] args)
+    {
+        if (Capabilities.IsNarrowed(HelperCapabilities.Mask))
+            return Capabilities.BoundingLeft(HelperCapabilities.Mask);
+        string? notDone = Capabilities.KeepOnly(HelperCapabilities.Kept);
+        // Running again helps only once this thread is narrowed (and it would find it not done again, for ever).
+        if (!Capabilities.IsNarrowed(HelperCapabilities.Mask))
+            return notDone ?? "this thread still holds capabilities it should not";
+        string failed = Capabilities.RunAgain(args);
+        return notDone is null ? failed : $"{notDone}; {failed}";
+    }
+
     private static async Task<int> Main(string[] args)
     {
         // The library's notes go where this process's own errors go: stderr, read by bfmigd and the lab.
@@ -52,6 +72,14 @@ internal static class Program
         if (args is ["--version"])
         {
             Console.WriteLine($"bfmig-transfer {BuildInfo.Version}");
+            return 0;
+        }
+        string? notNarrowed = Narrow(args);
+        if (args is ["--capabilities"])
+        {
+            // What a stream's helper is left with, on every thread (an operator's check, and the tests').
+            Console.WriteLine($"effective {Capabilities.EffectiveOfAnyThread():x16} bounding {Capabilities.Bounding():x16}"
+                + (notNarrowed is null ? "" : $" (not done: {notNarrowed})"));
             return 0;
         }
         if (args.Length == 0 || args[0] is not ("send" or "receive"))
@@ -69,6 +97,8 @@ internal static class Program
             Console.Error.WriteLine($"bfmig-transfer: {e.Message}");
             return 2;
         }
+        if (notNarrowed is not null)
+            TransferLog.Note($"bfmig-transfer: capabilities not narrowed as they should be: {notNarrowed}");
         using var cts = new CancellationTokenSource();
         Console.CancelKeyPress += (_, e) =>
         {
