@@ -158,7 +158,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         var helper = StartupChecks.LocateHelper(_options);
         if (_options.AuthMode == PeerAuthMode.Psk && !File.Exists(_options.PskFile))
             throw new ConfigurationException($"auth:psk_file = '{_options.PskFile}': no such file");
-        if (_options.AuthMode == PeerAuthMode.Psk && PskPeerAuthenticator.UnsafeModeProblem(_options.PskFile!) is { } pskProblem)
+        if (_options.AuthMode == PeerAuthMode.Psk && PskPeerAuthenticator.KeyFileProblem(_options.PskFile!) is { } pskProblem)
             throw new ConfigurationException($"auth:psk_file: {pskProblem}");
         _dataPathOff = StartupChecks.MissingTlsFile(_options);
         if (_dataPathOff is not null)

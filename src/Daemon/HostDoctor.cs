@@ -3,6 +3,7 @@ using BFMig.Daemon.Api;
 using BFMig.Daemon.Configuration;
 using BFMig.Daemon.Guests;
 using BFMig.Daemon.Sockets;
+using BFMig.Transfer.Wire;
 
 namespace BFMig.Daemon;
 
@@ -166,13 +167,9 @@ internal sealed class HostDoctor(DaemonOptions options, LibvirtWatcher? libvirt,
             return TlsCertificates();
         try
         {
-            var length = new FileInfo(options.PskFile!).Length;
-            var mode = File.GetUnixFileMode(options.PskFile!);
-            if (length < 16)
-                return new("auth", false, $"{options.PskFile} holds {length} bytes; a key needs at least 16 (32 random bytes recommended)");
-            return (mode & (UnixFileMode.GroupRead | UnixFileMode.OtherRead)) != 0
-                ? new("auth", false, $"{options.PskFile} is readable by others (mode {Octal(mode)}): chmod 0600 it")
-                : new("auth", true, $"pre-shared key {options.PskFile}, {length} bytes");
+            return PskPeerAuthenticator.KeyFileProblem(options.PskFile!) is { } problem
+                ? new("auth", false, problem)
+                : new("auth", true, $"pre-shared key {options.PskFile}, {new FileInfo(options.PskFile!).Length} bytes");
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

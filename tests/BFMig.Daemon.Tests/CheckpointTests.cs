@@ -79,7 +79,7 @@ public sealed class CheckpointTests
     public async Task Exchange_delivers_the_document_and_a_wrong_key_delivers_nothing()
     {
         var key = new PskPeerAuthenticator("0123456789abcdef0123456789abcdef"u8);
-        var wrong = new PskPeerAuthenticator("fedcba9876543210fedcba9876543210"u8);
+        var wrong = new PskPeerAuthenticator("fedcba9876543210FEDCBAghijklmnopqrst"u8);
         var guest = Guid.Parse(TestGuestUuid);
         var snapshot = new CheckpointSnapshot(TestGuestUuid, "hosta", 1700000000, [Cp("c1", null, 1).Xml, Cp("c2", "c1", 2).Xml]);
         using var listener = new TcpListener(IPAddress.Loopback, 0);

@@ -308,4 +308,62 @@ public sealed class PskFileModeTests
             File.Delete(path);
         }
     }
+
+    /// <summary>
+    /// bfmig.conf(5) asks for 32 random bytes, and a recorded handshake lets anyone test guesses
+    /// offline: a shorter key, or a password however long, is refused by the one rule bfmigd
+    /// checks at start, `bfmig doctor` reports and every helper applies, saying how to make one.
+    /// </summary>
+    [Theory]
+    [InlineData("0123456789abcdefghijklmnopqrstu", "31 bytes")]
+    [InlineData("passwordpasswordpasswordpassword", "repeat too much")]
+    [InlineData("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab", "repeat too much")]
+    public void A_key_too_short_or_too_repetitive_to_be_random_is_refused_naming_how_to_make_one(string key, string why)
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllText(path, key + "\n");
+            File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            var e = Assert.Throws<PeerAuthenticationException>(() => PskPeerAuthenticator.FromFile(path));
+            Assert.Contains(why, e.Message);
+            Assert.Contains("head -c 32 /dev/urandom", e.Message);
+            Assert.Equal(e.Message, PskPeerAuthenticator.KeyFileProblem(path));
+            Assert.Throws<ArgumentException>(() => new PskPeerAuthenticator(System.Text.Encoding.ASCII.GetBytes(key)));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
+    /// <summary>What the README's command makes is a key, every time (64 hex digits of 32 random bytes, newline or not).</summary>
+    [Fact]
+    public void Keys_made_as_the_README_says_are_taken()
+    {
+        for (int i = 0; i < 200; i++)
+        {
+            var hex = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32));
+            Assert.Null(PskPeerAuthenticator.WeakKeyProblem(System.Text.Encoding.ASCII.GetBytes(hex)));
+        }
+    }
+
+    /// <summary>A key file far larger than a key is refused by its size, before it is read.</summary>
+    [Fact]
+    public void A_key_file_larger_than_any_key_is_refused_unread()
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            using (var f = new FileStream(path, FileMode.Create))
+                f.SetLength(1L << 30);
+            File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            var e = Assert.Throws<PeerAuthenticationException>(() => PskPeerAuthenticator.FromFile(path));
+            Assert.Contains("not a key file", e.Message);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
 }

@@ -232,7 +232,7 @@ public class WireTests
     [Fact]
     public async Task Psk_handshake_succeeds_with_the_same_key()
     {
-        var key = "0123456789abcdef0123"u8.ToArray();
+        var key = "0123456789abcdefghijklmnopqrstuv"u8.ToArray();
         var (reply, ce, se) = await Handshake2(new PskPeerAuthenticator(key), new PskPeerAuthenticator(key));
         Assert.Null(ce);
         Assert.Null(se);
@@ -242,7 +242,7 @@ public class WireTests
     [Fact]
     public async Task Psk_handshake_fails_on_both_sides_with_a_wrong_key()
     {
-        var (_, ce, se) = await Handshake2(new PskPeerAuthenticator("0123456789abcdef0123"u8), new PskPeerAuthenticator("another-key-entirely"u8));
+        var (_, ce, se) = await Handshake2(new PskPeerAuthenticator("0123456789abcdefghijklmnopqrstuv"u8), new PskPeerAuthenticator("another-key-entirely-ABCDEFGHIJKL"u8));
         Assert.IsType<PeerAuthenticationException>(ce);
         Assert.Contains("receiver failed authentication", ce!.Message);
         Assert.NotNull(se);
@@ -251,7 +251,7 @@ public class WireTests
     [Fact]
     public async Task Psk_against_no_authentication_is_refused()
     {
-        var (_, ce, _) = await Handshake2(new PskPeerAuthenticator("0123456789abcdef0123"u8), NoPeerAuthenticator.Instance);
+        var (_, ce, _) = await Handshake2(new PskPeerAuthenticator("0123456789abcdefghijklmnopqrstuv"u8), NoPeerAuthenticator.Instance);
         Assert.IsType<PeerAuthenticationException>(ce);
     }
 

@@ -46,30 +46,82 @@ public interface IPeerAuthenticator
 /// </summary>
 public sealed class PskPeerAuthenticator : IPeerAuthenticator
 {
+    /// <summary>The shortest key taken: 32 bytes, as bfmig.conf(5) says.</summary>
+    public const int MinKeyLength = 32;
+
+    // What a key's bytes must be worth at least, judged by their spread (length times the entropy
+    // of their frequencies). Whoever records one handshake can test guesses offline (the proofs
+    // are HMAC-SHA256 over nonces sent in clear), so a password is not a key. 32 random bytes,
+    // raw, hex or base64, are worth 160-256 by this measure; "password" four times, 88.
+    private const double MinKeyBits = 128;
+
+    // A key file larger than this is not a key (and is not read whole).
+    private const int MaxKeyFileLength = 4096;
+
+    private const string HowToMakeOne = "make one with `(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE)`, the same file on every host";
+
     private readonly byte[] _key;
 
     public PskPeerAuthenticator(ReadOnlySpan<byte> key)
     {
-        if (key.Length < 16) throw new ArgumentException("pre-shared key must be at least 16 bytes");
+        if (WeakKeyProblem(key) is { } weak)
+            throw new ArgumentException($"pre-shared key: {weak}");
         _key = key.ToArray();
     }
 
     /// <summary>
-    /// Reads a key file (its bytes, with a trailing newline trimmed). Refuses a file that group or
-    /// others may read or write (<see cref="PeerAuthenticationException"/> saying how to fix it):
-    /// whoever reads the key can pose as any peer.
+    /// Reads a key file (its bytes, with a trailing newline trimmed). Refuses, with a
+    /// <see cref="PeerAuthenticationException"/> saying how to fix it, a file that group or others
+    /// may read or write (whoever reads the key can pose as any peer), and a key too short or too
+    /// repetitive to be random (<see cref="KeyFileProblem"/>).
     /// </summary>
     public static PskPeerAuthenticator FromFile(string path)
     {
-        if (UnsafeModeProblem(path) is { } problem)
-            throw new PeerAuthenticationException(problem);
-        var bytes = File.ReadAllBytes(path).AsSpan();
-        while (bytes.Length > 0 && bytes[^1] is (byte)'\n' or (byte)'\r') bytes = bytes[..^1];
-        return new PskPeerAuthenticator(bytes);
+        var (key, problem) = ReadKeyFile(path);
+        return problem is null ? new PskPeerAuthenticator(key) : throw new PeerAuthenticationException(problem);
     }
 
-    /// <summary>Why the key file's mode is unsafe (group or other bits set), null when it is 0600 or stricter.</summary>
-    public static string? UnsafeModeProblem(string path)
+    /// <summary>
+    /// Why the key file cannot be used (its mode, its length, its bytes), null when it can: the one
+    /// rule bfmigd checks at start, `bfmig doctor` reports and every helper applies. I/O errors are thrown.
+    /// </summary>
+    public static string? KeyFileProblem(string path) => ReadKeyFile(path).Problem;
+
+    /// <summary>Why <paramref name="key"/> is no key (too short, or its bytes too repetitive to be random), null when it is one.</summary>
+    public static string? WeakKeyProblem(ReadOnlySpan<byte> key)
+    {
+        if (key.Length < MinKeyLength)
+            return $"{key.Length} bytes, where a key is at least {MinKeyLength} random bytes; {HowToMakeOne}";
+        Span<int> counts = stackalloc int[256];
+        foreach (byte b in key)
+            counts[b]++;
+        double bits = 0;
+        foreach (int n in counts)
+        {
+            if (n > 0)
+                bits -= n * Math.Log2((double)n / key.Length);
+        }
+        return bits >= MinKeyBits ? null
+            : $"its {key.Length} bytes repeat too much to be random (about {bits:F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+    }
+
+    private static (byte[] Key, string? Problem) ReadKeyFile(string path)
+    {
+        if (UnsafeModeProblem(path) is { } mode)
+            return ([], mode);
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read);
+        if (file.Length > MaxKeyFileLength)
+            return ([], $"pre-shared key {path} holds {file.Length} bytes: not a key file (a key is {MinKeyLength} random bytes)");
+        var bytes = new byte[file.Length];
+        file.ReadExactly(bytes);
+        int length = bytes.Length;
+        while (length > 0 && bytes[length - 1] is (byte)'\n' or (byte)'\r') length--;
+        var key = bytes[..length];
+        return (key, WeakKeyProblem(key) is { } weak ? $"pre-shared key {path}: {weak}" : null);
+    }
+
+    // Why the key file's mode is unsafe (group or other bits set), null when it is 0600 or stricter.
+    private static string? UnsafeModeProblem(string path)
     {
         const UnixFileMode groupOrOther = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute
             | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;

@@ -129,10 +129,10 @@ public sealed class DaemonHost : IAsyncDisposable
             ? helper
             : Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
 
-    /// <summary>The same 32-byte key for every test host, so that two of them authenticate each other.</summary>
+    /// <summary>The same 40-byte key for every test host, so that two of them authenticate each other.</summary>
     public static void WritePsk(string path)
     {
-        File.WriteAllText(path, "bfmig daemon tests pre-shared k\n");
+        File.WriteAllText(path, "bfmig daemon tests: Q7wz9LpX2vRt8NbH5mYc\n");
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }
 
