@@ -50,6 +50,11 @@ internal static partial class Interop
         [LibraryImport(Libc, EntryPoint = "sigemptyset")]
         internal static partial int SigEmptySet(IntPtr set);
 
+        internal const int SIG_SETMASK = 2;
+
+        [LibraryImport(Libc, EntryPoint = "pthread_sigmask")]
+        internal static partial int PthreadSigMask(int how, IntPtr set, IntPtr oldSet);
+
         [LibraryImport(Libc, EntryPoint = "posix_spawn", StringMarshalling = StringMarshalling.Utf8)]
         internal static unsafe partial int PosixSpawn(out int pid, string path, IntPtr fileActions, IntPtr attr, byte** argv, byte** envp);
 

@@ -29,6 +29,7 @@ public static class Capabilities
     private const int PrCapbsetRead = 23;
     private const int PrCapbsetDrop = 24;
     private const int PrSetNoNewPrivs = 38;
+    private const int PrSetName = 15;
     private const int PrCapAmbient = 47;
     private const int PrCapAmbientClearAll = 4;
     private const uint Version3 = 0x20080522;
@@ -46,8 +47,8 @@ public static class Capabilities
     {
         ArgumentNullException.ThrowIfNull(keep);
         var notDone = new List<string>();
-        if (Interop.Libc.Prctl(PrSetNoNewPrivs, 1, 0, 0, 0) != 0)
-            notDone.Add(Failure("prctl(PR_SET_NO_NEW_PRIVS)"));
+        if (SetNoNewPrivileges() is { } nnp)
+            notDone.Add(nnp);
         // The bounding set first (it takes CAP_SETPCAP in the effective set, which goes last).
         int last = LastCapability();
         for (int cap = 0; cap <= last; cap++)
@@ -90,30 +91,68 @@ public static class Capabilities
     }
 
     /// <summary>
-    /// Runs this program again in place (execve of <c>/proc/self/exe</c>, same arguments,
-    /// environment and descriptors). Capabilities and no_new_privs are per thread, and the
-    /// runtime starts threads of its own before <c>Main</c>, which <see cref="KeepOnly"/> on the
-    /// main thread cannot reach; the new image starts from the narrowed thread alone. Returns
-    /// only on failure, with why.
+    /// Runs this program again in place (execve of <c>/proc/self/exe</c>, with the argv[0] it was
+    /// started with, the same arguments, environment and descriptors, and no signal blocked: a
+    /// mask survives execve, and the new image must hear bfmigd's SIGTERM and SIGCONT).
+    /// Capabilities and no_new_privs are per thread, and the runtime starts threads of its own
+    /// before <c>Main</c>, which <see cref="KeepOnly"/> on the main thread cannot reach; the new
+    /// image starts from the narrowed thread alone. Returns only on failure, with why.
     /// </summary>
     public static unsafe string RunAgain(IReadOnlyList<string> args)
     {
-        using var argv = new NativeStringArray([Environment.ProcessPath ?? "/proc/self/exe", .. args]);
+        using var argv = new NativeStringArray([StartedAs(), .. args]);
         using var envp = new NativeStringArray(ChildProcess.EnvironmentEntries(null));
-        fixed (byte* path = "/proc/self/exe\0"u8)
-            Interop.Libc.Execve(path, argv.Pointer, envp.Pointer);
-        return Failure("execve(/proc/self/exe)");
+        var none = Marshal.AllocHGlobal(Interop.Spawn.OpaqueSize);
+        try
+        {
+            Interop.Spawn.SigEmptySet(none);
+            Interop.Spawn.PthreadSigMask(Interop.Spawn.SIG_SETMASK, none, IntPtr.Zero);
+            fixed (byte* path = "/proc/self/exe\0"u8)
+                Interop.Libc.Execve(path, argv.Pointer, envp.Pointer);
+            return Failure("execve(/proc/self/exe)");
+        }
+        finally
+        {
+            Marshal.FreeHGlobal(none);
+        }
     }
 
-    /// <summary>
-    /// True when the calling thread has no_new_privs and nothing outside <paramref name="keep"/>
-    /// (bit n: capability n) in its permitted set, so that nothing it runs, itself included, can
-    /// hold more. Read from the thread's own status: nothing its starter could set says so.
-    /// </summary>
-    public static bool IsNarrowed(ulong keep)
+    // argv[0] as this process got it (/proc/self/cmdline): what ps and pgrep -f show, unlike the
+    // executable's path, which reads "... (deleted)" once the file was replaced.
+    private static string StartedAs()
     {
-        const string status = "/proc/thread-self/status";
-        return StatusField(status, "NoNewPrivs:", NumberStyles.Integer) == 1 && (StatusField(status, "CapPrm:", NumberStyles.HexNumber) & ~keep) == 0;
+        try
+        {
+            var cmdline = File.ReadAllBytes("/proc/self/cmdline");
+            int end = Array.IndexOf(cmdline, (byte)0);
+            if (end > 0)
+                return System.Text.Encoding.UTF8.GetString(cmdline, 0, end);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // The path below will do.
+        }
+        return Environment.ProcessPath ?? "/proc/self/exe";
+    }
+
+    /// <summary>The calling thread's permitted capabilities (<c>/proc/thread-self/status</c>; throws <see cref="IOException"/> when unreadable).</summary>
+    public static ulong Permitted() => StatusField("/proc/thread-self/status", "CapPrm:", NumberStyles.HexNumber);
+
+    /// <summary>Sets no_new_privs on the calling thread (kept by what it starts and runs); null when done, else why not.</summary>
+    public static string? SetNoNewPrivileges() =>
+        Interop.Libc.Prctl(PrSetNoNewPrivs, 1, 0, 0, 0) == 0 ? null : Failure("prctl(PR_SET_NO_NEW_PRIVS)");
+
+    /// <summary>
+    /// Names this process (its <c>comm</c>, 15 bytes at most: what <c>ps</c> and <c>pgrep -x</c>
+    /// show). An image started from <c>/proc/self/exe</c> would otherwise be called "exe".
+    /// </summary>
+    public static unsafe void SetName(string name)
+    {
+        Span<byte> bytes = stackalloc byte[16];
+        int n = System.Text.Encoding.UTF8.GetBytes(name.AsSpan(0, Math.Min(name.Length, 15)), bytes);
+        bytes[Math.Min(n, 15)] = 0;
+        fixed (byte* p = bytes)
+            Interop.Libc.Prctl(PrSetName, (nuint)p, 0, 0, 0);
     }
 
     /// <summary>Null when the bounding set holds nothing outside <paramref name="keep"/>; else a note that it was left (no CAP_SETPCAP to narrow it).</summary>

@@ -49,20 +49,31 @@ internal static class Program
     /// Before the first byte from a peer or a QEMU: bfmigd starts this helper as root, and it
     /// parses what the network sends (before authentication, too). It keeps only what it needs
     /// (<see cref="HelperCapabilities"/>), then runs itself again, so that no thread of the
-    /// runtime's, started before Main, keeps more. Whether that is done is read from this
-    /// thread's own state (no_new_privs, permitted set), never from anything its starter could
-    /// set: the image run again finds it done and goes on. Returns what could not be done (null: all).
+    /// runtime's, started before Main, keeps more. Whether there is anything to drop is read from
+    /// this thread's own permitted set, never from anything its starter could set: the image run
+    /// again (or a helper not started as root) finds nothing, and only sets no_new_privs.
+    /// Returns what could not be done (null: all).
     /// </summary>
     private static string? Narrow(string[] args)
     {
-        if (Capabilities.IsNarrowed(HelperCapabilities.Mask))
-            return Capabilities.BoundingLeft(HelperCapabilities.Mask);
-        string? notDone = Capabilities.KeepOnly(HelperCapabilities.Kept);
-        // Running again helps only once this thread is narrowed (and it would find it not done again, for ever).
-        if (!Capabilities.IsNarrowed(HelperCapabilities.Mask))
-            return notDone ?? "this thread still holds capabilities it should not";
-        string failed = Capabilities.RunAgain(args);
-        return notDone is null ? failed : $"{notDone}; {failed}";
+        Capabilities.SetName("bfmig-transfer");
+        ulong keep = HelperCapabilities.Mask;
+        try
+        {
+            ulong permitted = Capabilities.Permitted();
+            if ((permitted & ~keep) == 0)
+                return Capabilities.SetNoNewPrivileges() ?? (permitted == 0 ? null : Capabilities.BoundingLeft(keep));
+            string? notDone = Capabilities.KeepOnly(HelperCapabilities.Kept);
+            // Running again helps only once this thread is narrowed (and it would find it not done again, for ever).
+            if ((Capabilities.Permitted() & ~keep) != 0)
+                return notDone ?? "this thread still holds capabilities it should not";
+            string failed = Capabilities.RunAgain(args);
+            return notDone is null ? failed : $"{notDone}; {failed}";
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException)
+        {
+            return $"cannot read this thread's capabilities: {e.Message}";
+        }
     }
 
     private static async Task<int> Main(string[] args)
