@@ -65,6 +65,14 @@ internal static partial class Interop
         [LibraryImport(Library, EntryPoint = "close", SetLastError = true)]
         internal static partial int Close(int fd);
 
+        /// <summary>open(2) without a mode (no O_CREAT).</summary>
+        [LibraryImport(Library, EntryPoint = "open", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
+        internal static partial int Open(string path, int flags);
+
+        /// <summary>statx(2): the buffer is a struct statx (256 bytes).</summary>
+        [LibraryImport(Library, EntryPoint = "statx", SetLastError = true)]
+        internal static unsafe partial int Statx(int dirFd, byte* path, int flags, uint mask, byte* buffer);
+
         [StructLayout(LayoutKind.Sequential)]
         internal struct PollFd
         {

@@ -78,8 +78,8 @@ public sealed class CheckpointTests
     [Fact]
     public async Task Exchange_delivers_the_document_and_a_wrong_key_delivers_nothing()
     {
-        var key = new PskPeerAuthenticator("0123456789abcdef0123456789abcdef"u8);
-        var wrong = new PskPeerAuthenticator("fedcba9876543210FEDCBAghijklmnopqrst"u8);
+        var key = new PskPeerAuthenticator("d6717ea04526c3497f3fbe83910bbaf698ae24ff467b74ed125a968c8ce0d749"u8);
+        var wrong = new PskPeerAuthenticator("20a43ef89350399ef31a5369ba8698647934d9744a4db3c82485dfe2446811df"u8);
         var guest = Guid.Parse(TestGuestUuid);
         var snapshot = new CheckpointSnapshot(TestGuestUuid, "hosta", 1700000000, [Cp("c1", null, 1).Xml, Cp("c2", "c1", 2).Xml]);
         using var listener = new TcpListener(IPAddress.Loopback, 0);

@@ -311,12 +311,16 @@ public sealed class PskFileModeTests
 
     /// <summary>
     /// bfmig.conf(5) asks for 32 random bytes, and a recorded handshake lets anyone test guesses
-    /// offline: a shorter key, or a password however long, is refused by the one rule bfmigd
-    /// checks at start, `bfmig doctor` reports and every helper applies, saying how to make one.
+    /// offline: a shorter key, a password (text that is no hex or base64), or hex or base64 that
+    /// stands for repeating bytes, is refused by the one rule bfmigd checks at start, `bfmig
+    /// doctor` reports and every helper applies, saying how to make a key.
     /// </summary>
     [Theory]
-    [InlineData("0123456789abcdefghijklmnopqrstu", "31 bytes")]
-    [InlineData("passwordpasswordpasswordpassword", "repeat too much")]
+    [InlineData("0123456789abcdef0123456789abcdef", "stand for 16 bytes")]
+    [InlineData("correct horse battery staple and more", "neither hex nor base64")]
+    [InlineData("Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3", "neither hex nor base64")]
+    [InlineData("passwordpasswordpasswordpasswordpasswordpassword", "repeat too much")]
+    [InlineData("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "repeat too much")]
     [InlineData("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab", "repeat too much")]
     public void A_key_too_short_or_too_repetitive_to_be_random_is_refused_naming_how_to_make_one(string key, string why)
     {
@@ -337,33 +341,55 @@ public sealed class PskFileModeTests
         }
     }
 
-    /// <summary>What the README's command makes is a key, every time (64 hex digits of 32 random bytes, newline or not).</summary>
+    /// <summary>
+    /// What the README's command makes is a key, every time, and so are 32 random bytes as they
+    /// are or in base64, with a newline or without.
+    /// </summary>
     [Fact]
-    public void Keys_made_as_the_README_says_are_taken()
+    public void Random_keys_as_hex_base64_or_raw_bytes_are_taken()
     {
         for (int i = 0; i < 200; i++)
         {
-            var hex = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(32));
-            Assert.Null(PskPeerAuthenticator.WeakKeyProblem(System.Text.Encoding.ASCII.GetBytes(hex)));
+            var bytes = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
+            foreach (var content in new[] { System.Text.Encoding.ASCII.GetBytes(Convert.ToHexStringLower(bytes)), System.Text.Encoding.ASCII.GetBytes(Convert.ToBase64String(bytes)), bytes })
+            {
+                Assert.Null(PskPeerAuthenticator.KeyProblem(content));
+                Assert.Null(PskPeerAuthenticator.KeyProblem([.. content, (byte)'\n']));
+            }
         }
     }
 
-    /// <summary>A key file far larger than a key is refused by its size, before it is read.</summary>
+    /// <summary>
+    /// The key file is judged as it was opened: a FIFO is refused without waiting for a writer, a
+    /// file far larger than a key by its size, unread, and one another user owns (who could change
+    /// it) by its owner.
+    /// </summary>
     [Fact]
-    public void A_key_file_larger_than_any_key_is_refused_unread()
+    public async Task A_key_file_that_is_no_regular_file_of_this_user_or_is_far_too_large_is_refused_without_reading_it()
     {
-        var path = Path.GetTempFileName();
+        var dir = Directory.CreateTempSubdirectory("bfmig-psk-").FullName;
         try
         {
-            using (var f = new FileStream(path, FileMode.Create))
+            var fifo = Path.Combine(dir, "fifo");
+            Tools.Run("mkfifo", "-m", "0600", fifo);
+            var read = Task.Run(() => PskPeerAuthenticator.KeyFileProblem(fifo));
+            Assert.Contains("not a regular file", await read.WaitAsync(TimeSpan.FromSeconds(10)));
+
+            var large = Path.Combine(dir, "large");
+            using (var f = new FileStream(large, FileMode.Create))
                 f.SetLength(1L << 30);
-            File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
-            var e = Assert.Throws<PeerAuthenticationException>(() => PskPeerAuthenticator.FromFile(path));
-            Assert.Contains("not a key file", e.Message);
+            File.SetUnixFileMode(large, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            Assert.Contains("not a key file", PskPeerAuthenticator.KeyFileProblem(large));
+
+            var others = Path.Combine(dir, "others");
+            DaemonHost.WritePsk(others);
+            Assert.Null(PskPeerAuthenticator.KeyFileProblem(others));
+            Tools.Run("chown", "65534", others);
+            Assert.Contains("belongs to user 65534", PskPeerAuthenticator.KeyFileProblem(others));
         }
         finally
         {
-            File.Delete(path);
+            Directory.Delete(dir, recursive: true);
         }
     }
 }

@@ -255,7 +255,7 @@ public class EndToEndTests
         using var a = new TempDir();
         using var b = new TempDir();
         var guest = Guid.NewGuid();
-        var key = new PskPeerAuthenticator("a-long-enough-lab-key-0123456789ABCDEF"u8);
+        var key = new PskPeerAuthenticator("2982d0a96af930d8eb0d7592f52f4015823dcad7a4ceaf6500cba5a322c465dc"u8);
         var r1 = await Run(s, a.Path, b.Path, guest, sa: key, ra: key);
         Assert.Null(r1.SendError);
         Assert.Null(r1.ReceiveError);
@@ -287,7 +287,7 @@ public class EndToEndTests
         using var b = new TempDir();
         using var c = new TempDir();
         var guest = Guid.NewGuid();
-        var key = new PskPeerAuthenticator("a-long-enough-lab-key-0123456789ABCDEF"u8);
+        var key = new PskPeerAuthenticator("2982d0a96af930d8eb0d7592f52f4015823dcad7a4ceaf6500cba5a322c465dc"u8);
         var ab = await Run(s, a.Path, b.Path, guest, sa: key, ra: key);
         var bc = await Run(s, b.Path, c.Path, guest, sa: key, ra: key);
         Assert.True(ab.Send!.Committed && bc.Send!.Committed, $"{ab.SendError} {bc.SendError}");

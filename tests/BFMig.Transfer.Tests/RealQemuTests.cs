@@ -31,7 +31,7 @@ public class RealQemuTests
         string boot = Path.Combine(Fixtures.Dir, "boot.bin");
         string storeA = Path.Combine(w, "storeA"), storeB = Path.Combine(w, "storeB");
         string psk = Path.Combine(w, "psk");
-        File.WriteAllText(psk, "lab-secret-0123456789abcdefGHIJKLMNOP\n");
+        File.WriteAllText(psk, "bc6dbfd8a52fc7a3ab099ad3e0baf402fe736d394204f0b211466e29ba1a5b8b\n");
         // A key others can read is refused (issue 12): 0600, as an operator keeps it.
         if (OperatingSystem.IsLinux())
             File.SetUnixFileMode(psk, UnixFileMode.UserRead | UnixFileMode.UserWrite);

@@ -155,7 +155,7 @@ public class SecurityTests
 
     // ---- Finding 5: PSK frames sealed ----
 
-    private static readonly byte[] Psk = "0123456789abcdefghijklmnopqrstuv"u8.ToArray();
+    private static readonly byte[] Psk = "d6717ea04526c3497f3fbe83910bbaf698ae24ff467b74ed125a968c8ce0d749"u8.ToArray();
 
     [Fact]
     public async Task After_a_psk_handshake_guest_bytes_cross_encrypted_both_ways()

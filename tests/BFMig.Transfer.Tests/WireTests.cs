@@ -232,7 +232,7 @@ public class WireTests
     [Fact]
     public async Task Psk_handshake_succeeds_with_the_same_key()
     {
-        var key = "0123456789abcdefghijklmnopqrstuv"u8.ToArray();
+        var key = "d6717ea04526c3497f3fbe83910bbaf698ae24ff467b74ed125a968c8ce0d749"u8.ToArray();
         var (reply, ce, se) = await Handshake2(new PskPeerAuthenticator(key), new PskPeerAuthenticator(key));
         Assert.Null(ce);
         Assert.Null(se);
@@ -242,7 +242,7 @@ public class WireTests
     [Fact]
     public async Task Psk_handshake_fails_on_both_sides_with_a_wrong_key()
     {
-        var (_, ce, se) = await Handshake2(new PskPeerAuthenticator("0123456789abcdefghijklmnopqrstuv"u8), new PskPeerAuthenticator("another-key-entirely-ABCDEFGHIJKL"u8));
+        var (_, ce, se) = await Handshake2(new PskPeerAuthenticator("d6717ea04526c3497f3fbe83910bbaf698ae24ff467b74ed125a968c8ce0d749"u8), new PskPeerAuthenticator("20a43ef89350399ef31a5369ba8698647934d9744a4db3c82485dfe2446811df"u8));
         Assert.IsType<PeerAuthenticationException>(ce);
         Assert.Contains("receiver failed authentication", ce!.Message);
         Assert.NotNull(se);
@@ -251,7 +251,7 @@ public class WireTests
     [Fact]
     public async Task Psk_against_no_authentication_is_refused()
     {
-        var (_, ce, _) = await Handshake2(new PskPeerAuthenticator("0123456789abcdefghijklmnopqrstuv"u8), NoPeerAuthenticator.Instance);
+        var (_, ce, _) = await Handshake2(new PskPeerAuthenticator("d6717ea04526c3497f3fbe83910bbaf698ae24ff467b74ed125a968c8ce0d749"u8), NoPeerAuthenticator.Instance);
         Assert.IsType<PeerAuthenticationException>(ce);
     }
 

@@ -2,6 +2,7 @@ using System.Net.Security;
 using System.Security.Authentication;
 using System.Security.Cryptography;
 using System.Security.Cryptography.X509Certificates;
+using BFMig.Native.Linux;
 
 namespace BFMig.Transfer.Wire;
 
@@ -46,90 +47,147 @@ public interface IPeerAuthenticator
 /// </summary>
 public sealed class PskPeerAuthenticator : IPeerAuthenticator
 {
-    /// <summary>The shortest key taken: 32 bytes, as bfmig.conf(5) says.</summary>
+    /// <summary>The fewest random bytes a key holds: 32, as bfmig.conf(5) says (raw, or written as hex or base64).</summary>
     public const int MinKeyLength = 32;
 
-    // What a key's bytes must be worth at least, judged by their spread (length times the entropy
-    // of their frequencies). Whoever records one handshake can test guesses offline (the proofs
-    // are HMAC-SHA256 over nonces sent in clear), so a password is not a key. 32 random bytes,
-    // raw, hex or base64, are worth 160-256 by this measure; "password" four times, 88.
+    // What a key's bytes must be worth at least, judged by their spread (their count times the
+    // entropy of their frequencies), taken on the bytes a hex or base64 key stands for. Whoever
+    // records one handshake can test guesses offline (the proofs are HMAC-SHA256 over nonces sent
+    // in clear), so a key must be random: 32 random bytes are worth 139 or more by this measure
+    // (every one of 100,000 drawn), a text of any length is no hex or base64 key, and a phrase
+    // repeated to length, once decoded, is worth far less.
     private const double MinKeyBits = 128;
 
-    // A key file larger than this is not a key (and is not read whole).
+    // A key file larger than this is not a key (and is not read).
     private const int MaxKeyFileLength = 4096;
 
     private const string HowToMakeOne = "make one with `(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > FILE)`, the same file on every host";
 
     private readonly byte[] _key;
 
-    public PskPeerAuthenticator(ReadOnlySpan<byte> key)
+    /// <summary>A key from a key file's content (see <see cref="KeyProblem"/>); throws <see cref="ArgumentException"/> for one that is no key.</summary>
+    public PskPeerAuthenticator(ReadOnlySpan<byte> content)
     {
-        if (WeakKeyProblem(key) is { } weak)
+        if (KeyProblem(content) is { } weak)
             throw new ArgumentException($"pre-shared key: {weak}");
-        _key = key.ToArray();
+        _key = KeyBytes(content).ToArray();
     }
 
     /// <summary>
-    /// Reads a key file (its bytes, with a trailing newline trimmed). Refuses, with a
-    /// <see cref="PeerAuthenticationException"/> saying how to fix it, a file that group or others
-    /// may read or write (whoever reads the key can pose as any peer), and a key too short or too
-    /// repetitive to be random (<see cref="KeyFileProblem"/>).
+    /// Reads a key file. Refuses, with a <see cref="PeerAuthenticationException"/> saying how to
+    /// fix it, anything but a regular file this user owns that group and others may not read or
+    /// write (whoever reads the key can pose as any peer), and a key that is no random key
+    /// (<see cref="KeyProblem"/>). The file is judged as it was opened, never by its path again.
     /// </summary>
     public static PskPeerAuthenticator FromFile(string path)
     {
-        var (key, problem) = ReadKeyFile(path);
-        return problem is null ? new PskPeerAuthenticator(key) : throw new PeerAuthenticationException(problem);
+        var (content, problem) = ReadKeyFile(path);
+        return problem is null ? new PskPeerAuthenticator(content) : throw new PeerAuthenticationException(problem);
     }
 
     /// <summary>
-    /// Why the key file cannot be used (its mode, its length, its bytes), null when it can: the one
-    /// rule bfmigd checks at start, `bfmig doctor` reports and every helper applies. I/O errors are thrown.
+    /// Why the key file cannot be used (what it is, its owner, its mode, its key), null when it
+    /// can: the one rule bfmigd checks at start, `bfmig doctor` reports and every helper applies.
     /// </summary>
     public static string? KeyFileProblem(string path) => ReadKeyFile(path).Problem;
 
-    /// <summary>Why <paramref name="key"/> is no key (too short, or its bytes too repetitive to be random), null when it is one.</summary>
-    public static string? WeakKeyProblem(ReadOnlySpan<byte> key)
+    /// <summary>
+    /// Why a key file's content is no key, null when it is one. Text (printable ASCII and spaces, a
+    /// trailing newline aside) must be hex or base64 of at least <see cref="MinKeyLength"/> bytes; anything
+    /// else is taken as the key's bytes themselves, at least <see cref="MinKeyLength"/> of them.
+    /// Either way the bytes must be worth <see cref="MinKeyBits"/> by their spread.
+    /// </summary>
+    public static string? KeyProblem(ReadOnlySpan<byte> content)
     {
-        if (key.Length < MinKeyLength)
-            return $"{key.Length} bytes, where a key is at least {MinKeyLength} random bytes; {HowToMakeOne}";
+        ReadOnlySpan<byte> key = KeyBytes(content);
+        byte[] judged;
+        string what;
+        if (IsText(key))
+        {
+            string text = System.Text.Encoding.ASCII.GetString(key);
+            if (text.Length % 2 == 0 && text.All(char.IsAsciiHexDigit))
+                (judged, what) = (Convert.FromHexString(text), "hex digits");
+            else if (Base64(text) is { } decoded)
+                (judged, what) = (decoded, "base64");
+            else
+                return $"it is text, neither hex nor base64 (a password is no key); {HowToMakeOne}";
+            what = $"its {key.Length} {what} stand for {judged.Length} bytes";
+        }
+        else
+        {
+            // The bytes as they are; the length counts a trailing newline byte too, which the key drops (as it always did).
+            (judged, what) = (key.ToArray(), $"its {content.Length} bytes");
+            if (content.Length >= MinKeyLength)
+                return Spread(judged) >= MinKeyBits ? null
+                    : $"{what} repeat too much to be random (about {Spread(judged):F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+        }
+        if (judged.Length < MinKeyLength)
+            return $"{what}, where a key is at least {MinKeyLength} random bytes; {HowToMakeOne}";
+        double bits = Spread(judged);
+        return bits >= MinKeyBits ? null
+            : $"{what}, which repeat too much to be random (about {bits:F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+    }
+
+    // The key's bytes: the content without a trailing newline (what every version has used).
+    private static ReadOnlySpan<byte> KeyBytes(ReadOnlySpan<byte> content)
+    {
+        while (content.Length > 0 && content[^1] is (byte)'\n' or (byte)'\r')
+            content = content[..^1];
+        return content;
+    }
+
+    private static bool IsText(ReadOnlySpan<byte> key) => key.Length > 0 && !key.ContainsAnyExceptInRange((byte)0x20, (byte)0x7e);
+
+    // Base64 as it is written in one piece (.NET's decoder would skip the spaces of a phrase).
+    private static byte[]? Base64(string text)
+    {
+        if (text.Contains(' ', StringComparison.Ordinal))
+            return null;
+        var bytes = new byte[text.Length];
+        return Convert.TryFromBase64String(text, bytes, out int n) ? bytes[..n] : null;
+    }
+
+    // Count times the entropy of the byte frequencies (bits).
+    private static double Spread(ReadOnlySpan<byte> bytes)
+    {
         Span<int> counts = stackalloc int[256];
-        foreach (byte b in key)
+        foreach (byte b in bytes)
             counts[b]++;
         double bits = 0;
         foreach (int n in counts)
         {
             if (n > 0)
-                bits -= n * Math.Log2((double)n / key.Length);
+                bits -= n * Math.Log2((double)n / bytes.Length);
         }
-        return bits >= MinKeyBits ? null
-            : $"its {key.Length} bytes repeat too much to be random (about {bits:F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+        return bits;
     }
 
-    private static (byte[] Key, string? Problem) ReadKeyFile(string path)
+    private static (byte[] Content, string? Problem) ReadKeyFile(string path)
     {
-        if (UnsafeModeProblem(path) is { } mode)
-            return ([], mode);
-        using var file = new FileStream(path, FileMode.Open, FileAccess.Read);
-        if (file.Length > MaxKeyFileLength)
-            return ([], $"pre-shared key {path} holds {file.Length} bytes: not a key file (a key is {MinKeyLength} random bytes)");
-        var bytes = new byte[file.Length];
-        file.ReadExactly(bytes);
-        int length = bytes.Length;
-        while (length > 0 && bytes[length - 1] is (byte)'\n' or (byte)'\r') length--;
-        var key = bytes[..length];
-        return (key, WeakKeyProblem(key) is { } weak ? $"pre-shared key {path}: {weak}" : null);
-    }
-
-    // Why the key file's mode is unsafe (group or other bits set), null when it is 0600 or stricter.
-    private static string? UnsafeModeProblem(string path)
-    {
-        const UnixFileMode groupOrOther = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute
-            | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
-        if (OperatingSystem.IsWindows())
-            return null;
-        var mode = File.GetUnixFileMode(path);
-        return (mode & groupOrOther) == 0 ? null
-            : $"pre-shared key {path} has mode {Convert.ToString((int)mode, 8).PadLeft(4, '0')}: group or others may read it; run `chmod 0600 {path}` (a key others can read lets them pose as any peer)";
+        OpenedFile file;
+        try
+        {
+            file = OpenedFile.Open(path);
+        }
+        catch (IOException e)
+        {
+            return ([], $"pre-shared key: {e.Message}");
+        }
+        using (file)
+        {
+            if (!file.IsRegular)
+                return ([], $"pre-shared key {path} is not a regular file");
+            if (file.Uid != UnixUsers.EffectiveUid)
+                return ([], $"pre-shared key {path} belongs to user {file.Uid}, not to this one ({UnixUsers.EffectiveUid}): whoever owns it can change it; run `chown root: {path}`");
+            const UnixFileMode groupOrOther = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute
+                | UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
+            if ((file.Permissions & groupOrOther) != 0)
+                return ([], $"pre-shared key {path} has mode {Convert.ToString((int)file.Permissions, 8).PadLeft(4, '0')}: group or others may read it; run `chmod 0600 {path}` (a key others can read lets them pose as any peer)");
+            if (file.Size > MaxKeyFileLength)
+                return ([], $"pre-shared key {path} holds {file.Size} bytes: not a key file (a key is {MinKeyLength} random bytes)");
+            var content = file.ReadAll();
+            return (content, KeyProblem(content) is { } weak ? $"pre-shared key {path}: {weak}" : null);
+        }
     }
 
     public ValueTask<Stream> SecureAsync(Stream transport, bool isInitiator, string peerName, CancellationToken ct) => ValueTask.FromResult(transport);

@@ -129,10 +129,10 @@ public sealed class DaemonHost : IAsyncDisposable
             ? helper
             : Path.Combine(AppContext.BaseDirectory, "bfmig-transfer");
 
-    /// <summary>The same 40-byte key for every test host, so that two of them authenticate each other.</summary>
+    /// <summary>The same key for every test host (64 hex digits), so that two of them authenticate each other.</summary>
     public static void WritePsk(string path)
     {
-        File.WriteAllText(path, "bfmig daemon tests: Q7wz9LpX2vRt8NbH5mYc\n");
+        File.WriteAllText(path, "bc6dbfd8a52fc7a3ab099ad3e0baf402fe736d394204f0b211466e29ba1a5b8b\n");
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }
 
