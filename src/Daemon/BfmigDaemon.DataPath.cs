@@ -138,12 +138,13 @@ public sealed partial class BfmigDaemon
         return new PeerRoute(name, "");
     }
 
-    private async Task AcceptPeerAsync(RouteRequest hello, string guest, Socket connection)
+    // stranger: the connection comes from an address of no configured peer (PeerListener.StrangersShare).
+    private async Task AcceptPeerAsync(RouteRequest hello, string guest, Socket connection, bool stranger)
     {
         if (hello.Kind == StreamKind.Control)
         {
             if (_checkpoints is { } keeper)
-                _ = keeper.ServeAsync(connection, hello);
+                _ = keeper.ServeAsync(connection, hello, stranger);
             else
                 connection.Dispose();
             return;
@@ -171,7 +172,7 @@ public sealed partial class BfmigDaemon
         var route = hello.TargetPort == 0 ? TripRoute.Explicit : TripRoute.Transparent;
         await _transfers!.StartReceiveAsync(guest, hello.Guest, hello.SenderName, hello.Kind, local, connection, DisksOf(hello.Guest, hello.Kind),
             hello.Kind == StreamKind.Mig ? MemoryOf(hello.Guest) : 0, hello.FromRouteFrame,
-            authenticated: () => StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, route)).ConfigureAwait(false);
+            authenticated: () => StreamStarting(hello.Guest, guest, hello.SenderName, TransferDirection.Receive, hello.Kind, route), stranger: stranger).ConfigureAwait(false);
     }
 
     // The helper reports about twice a second and once at its end: the signal follows each report.

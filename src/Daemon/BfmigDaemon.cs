@@ -170,8 +170,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         _sockets.PrepareDirectories();
         Directory.CreateDirectory(transfersDir, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
         var transfersLog = _loggers.CreateLogger("bfmigd.transfers");
-        _transfers = new TransferManager(_options, helper, transfersDir, transfersLog,
-            (remote, reason) => PeerListener.LogRejection(transfersLog, _peerRejections, remote, reason));
+        _transfers = new TransferManager(_options, helper, transfersDir, transfersLog, _peerRejections);
         _transfers.Progressed += OnProgress;
         _transfers.TripFinished += OnTripFinished;
 
@@ -189,7 +188,7 @@ public sealed partial class BfmigDaemon : IGuestEvents, IManagerService, ITransp
         _libvirtTask = Supervise("the libvirt watcher", Task.Run(() => _libvirt.RunAsync(_stop.Token)), runsUntilStop: true);
         var watcher = _libvirt;
         _checkpoints = new CheckpointKeeper(_options, watcher.OpenDomain, new ImageBitmaps(), _loggers.CreateLogger("bfmigd.checkpoints"), _time, _stop.Token,
-            qemuMonitor: _qemuMonitor);
+            qemuMonitor: _qemuMonitor, rejections: _peerRejections);
 
         var transfers = _transfers;
         _retention = new RetentionKeeper(_store, _sessions, _options.Retention, transfers.IsBusy, _time, _loggers.CreateLogger("bfmigd.retention"));

@@ -68,6 +68,39 @@ public sealed class HandshakeQueueTests : IDisposable
     }
 
     /// <summary>
+    /// A route frame names a guest and a peer in clear, so anyone who saw one migration can open
+    /// routable streams that never authenticate. From addresses of no configured peer they take at
+    /// most the strangers' share of the handshake slots and of the waiters: a stream from a
+    /// peer's own address still starts at once, and a stranger's beyond the share is refused.
+    /// </summary>
+    [Fact]
+    public async Task Streams_from_strangers_that_never_authenticate_leave_the_peers_their_share_of_handshake_slots()
+    {
+        var events = Path.Combine(_root, "events");
+        var manager = Manager(FakeHelper(events, authenticateAfter: null));
+        // As many as the strangers' share of the slots and of the waiters: without the share they would take every slot.
+        int strangers = PeerListener.StrangersShare(TransferManager.HandshakeSlots) + PeerListener.StrangersShare(TransferManager.MaxHandshakeWaiters);
+        var waiting = new List<Task<bool>>();
+        for (int i = 0; i < strangers; i++)
+            waiting.Add(manager.StartReceiveAsync($"s{i}", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [], stranger: true));
+        await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Count(l => l.EndsWith(" start", StringComparison.Ordinal)) == PeerListener.StrangersShare(TransferManager.HandshakeSlots),
+            "the strangers' share of the slots to start", 10);
+        waiting.RemoveAll(w => w.IsCompleted);
+        Assert.Equal(PeerListener.StrangersShare(TransferManager.MaxHandshakeWaiters), waiting.Count);
+
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        Assert.True(await manager.StartReceiveAsync("peer", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), []));
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(3), $"the peer's stream waited {clock.Elapsed}");
+        var refused = await AcceptedSocketAsync();
+        Assert.False(await manager.StartReceiveAsync("over", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", refused, [], stranger: true));
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(3), $"the stranger beyond the share waited {clock.Elapsed}");
+        Assert.Throws<ObjectDisposedException>(() => refused.Send(new byte[1]));
+        Assert.All(waiting, w => Assert.False(w.IsCompleted));
+        await manager.ShutdownAsync(TimeSpan.Zero);
+        await Task.WhenAll(waiting).WaitAsync(TransferManager.HandshakeDeadline + TimeSpan.FromSeconds(10));
+    }
+
+    /// <summary>
     /// Libvirt resumed the guest here: its receiving memory helper, started with
     /// <c>--commit-after-resume</c>, is told by SIGCONT (its store's commit waits for that, off
     /// libvirt's last fsync before the resume); its disk helper and another guest's are not.

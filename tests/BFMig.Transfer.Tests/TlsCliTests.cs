@@ -21,7 +21,8 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private sealed record Run(int SenderExit, int ReceiverExit, string SenderError, string ReceiverError, bool DestinationConnected, byte[] Arrived, JsonNode? ReceiverStats);
+    // ReceiverError: what the receiver reports its failure with, its stats' error (bfmigd reads that), else its stderr.
+    private sealed record Run(int SenderExit, int ReceiverExit, string SenderError, string ReceiverError, string ReceiverStderr, bool DestinationConnected, byte[] Arrived, JsonNode? ReceiverStats);
 
     private async Task<Run> TripAsync(string[] senderTls, string[] receiverTls, byte[] payload)
     {
@@ -96,7 +97,8 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
         if (arrived.Wait(TimeSpan.FromSeconds(connected ? 30 : 1)))
             got = arrived.Result;
         var stats = File.Exists(receiverStats) ? JsonNode.Parse(await File.ReadAllTextAsync(receiverStats, cts.Token)) : null;
-        return new Run(sender.ExitCode, receiver.ExitCode, se, re, connected, got, stats);
+        string receiverError = stats?["error"]?.GetValue<string>() ?? re;
+        return new Run(sender.ExitCode, receiver.ExitCode, se, receiverError, re, connected, got, stats);
     }
 
     // The source QEMU: writes the stream, ends it, and reads until the sender closes.
@@ -201,6 +203,9 @@ public sealed class TlsCliTests(ITestOutputHelper output) : IDisposable
             Assert.Contains("2026", error);
         // The side whose certificate was refused points at the other's log.
         Assert.Contains("peer rejected this host's certificate", receiverRejects ? run.SenderError : run.ReceiverError);
+        // A receiver whose peer never proved itself writes no line of its own (anyone who can connect
+        // could flood the journal so): its reason is in its stats, which bfmigd logs under its rate limit.
+        Assert.Equal("", run.ReceiverStderr);
         Assert.Equal(0L, run.ReceiverStats?["streamBytes"]?.GetValue<long>() ?? 0L);
     }
 

@@ -60,8 +60,10 @@ public sealed partial class CheckpointKeeper
     private readonly Func<LibvirtDomain, string, string> _qemuMonitor;
 
     public CheckpointKeeper(DaemonOptions options, Func<Guid, LibvirtDomain?> openDomain, ImageBitmaps images, ILogger logger,
-        TimeProvider? time = null, CancellationToken stop = default, Func<LibvirtDomain, string, string>? qemuMonitor = null)
+        TimeProvider? time = null, CancellationToken stop = default, Func<LibvirtDomain, string, string>? qemuMonitor = null,
+        LogRateLimiter? rejections = null)
     {
+        _rejections = rejections;
         _qemuMonitor = qemuMonitor ?? ((domain, command) => domain.QemuMonitorCommand(command));
         _options = options;
         _openDomain = openDomain;
@@ -138,20 +140,42 @@ public sealed partial class CheckpointKeeper
     public const int MaxServing = 4;
 
     private int _serving;
+    private int _servingStrangers;
+    // The peer port's one rate limit: a refused or failed exchange may come from anyone who saw a route frame.
+    private readonly LogRateLimiter? _rejections;
+
+    private void Refused(string remote, string reason)
+    {
+        if (_rejections is { } limiter)
+            PeerListener.LogRejection(_logger, limiter, () => DaemonLog.CheckpointsRefused(_logger, remote, reason));
+        else
+            DaemonLog.CheckpointsRefused(_logger, remote, reason);
+    }
 
     /// <summary>
     /// Serves one control connection (its hello or route, <paramref name="route"/>, was peeked by
     /// the listener). Owns <paramref name="connection"/>. Beyond <see cref="MaxServing"/> at once,
-    /// a connection is closed at once.
+    /// or beyond the strangers' share of them for a connection from an address of no configured
+    /// peer (<paramref name="stranger"/>, <see cref="PeerListener.StrangersShare"/>), a connection
+    /// is closed at once: a source sends its checkpoints once per trip, so exchanges that stall
+    /// before they authenticate must not take every place.
     /// </summary>
-    public async Task ServeAsync(Socket connection, RouteRequest route)
+    public async Task ServeAsync(Socket connection, RouteRequest route, bool stranger = false)
     {
         var remote = connection.RemoteEndPoint?.ToString() ?? "?";
         if (Interlocked.Increment(ref _serving) > MaxServing)
         {
             Interlocked.Decrement(ref _serving);
             connection.Dispose();
-            DaemonLog.CheckpointsRefused(_logger, remote, $"{MaxServing} checkpoint exchanges already running");
+            Refused(remote, $"{MaxServing} checkpoint exchanges already running");
+            return;
+        }
+        if (stranger && Interlocked.Increment(ref _servingStrangers) > PeerListener.StrangersShare(MaxServing))
+        {
+            Interlocked.Decrement(ref _servingStrangers);
+            Interlocked.Decrement(ref _serving);
+            connection.Dispose();
+            Refused(remote, $"{PeerListener.StrangersShare(MaxServing)} checkpoint exchanges from addresses of no configured peer already running");
             return;
         }
         try
@@ -166,10 +190,12 @@ public sealed partial class CheckpointKeeper
         catch (Exception e) when (e is CheckpointSetException or PeerProtocolException or PeerAuthenticationException
             or SocketException or IOException or TimeoutException or OperationCanceledException or UnauthorizedAccessException)
         {
-            DaemonLog.CheckpointsRefused(_logger, remote, e.Message);
+            Refused(remote, e.Message);
         }
         finally
         {
+            if (stranger)
+                Interlocked.Decrement(ref _servingStrangers);
             Interlocked.Decrement(ref _serving);
         }
     }

@@ -47,11 +47,21 @@ public sealed class PeerListener : IDisposable
     /// as one source) cannot keep every real peer out. A peer connecting from an address not in
     /// its configuration still gets these.
     /// </summary>
-    public const int MaxPendingFromStrangers = MaxPendingHellos / 2;
+    public static readonly int MaxPendingFromStrangers = StrangersShare(MaxPendingHellos);
+
+    /// <summary>
+    /// The one rule for every pool a connection takes before its peer proved anything (pending
+    /// hellos here, handshake slots and their waiters, checkpoint exchanges): connections from
+    /// addresses that are no configured peer's ("strangers") share at most half of it, so that
+    /// whatever they hold, the configured peers' own addresses still find room. A route frame
+    /// names a guest and a peer in clear, so anyone who saw one migration could otherwise fill a
+    /// pool with routable streams and fail the next.
+    /// </summary>
+    public static int StrangersShare(int capacity) => capacity / 2;
 
     private readonly Socket _socket;
     private readonly Func<RouteRequest, PeerRoute> _route;
-    private readonly Func<RouteRequest, string, Socket, Task> _accept;
+    private readonly Func<RouteRequest, string, Socket, bool, Task> _accept;
     private readonly ILogger _logger;
     private readonly CancellationTokenSource _stop = new();
     private readonly Lock _gate = new();
@@ -63,10 +73,11 @@ public sealed class PeerListener : IDisposable
 
     /// <summary>
     /// Listens on <paramref name="endpoint"/>. <paramref name="route"/> decides per hello;
-    /// <paramref name="accept"/> receives the hello, the guest name and the socket (which it then owns).
+    /// <paramref name="accept"/> receives the hello, the guest name, the socket (which it then owns)
+    /// and whether it comes from an address of no configured peer (a stranger's, <see cref="StrangersShare"/>).
     /// <paramref name="peerSources"/>: the configured peers' addresses (<see cref="PeerSources"/>).
     /// </summary>
-    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Func<RouteRequest, string, Socket, Task> accept, ILogger logger,
+    public PeerListener(IPEndPoint endpoint, Func<RouteRequest, PeerRoute> route, Func<RouteRequest, string, Socket, bool, Task> accept, ILogger logger,
         LogRateLimiter rejections, IReadOnlySet<IPAddress>? peerSources = null)
     {
         _rejections = rejections;
@@ -142,7 +153,7 @@ public sealed class PeerListener : IDisposable
             // Routed: it no longer waits for its hello (a slot of its own kind bounds what comes next).
             LeavePending(source);
             pending = false;
-            await _accept(hello, route.GuestName, connection).ConfigureAwait(false);
+            await _accept(hello, route.GuestName, connection, source.Stranger).ConfigureAwait(false);
         }
         catch (Exception e)
         {

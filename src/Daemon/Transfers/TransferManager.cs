@@ -50,22 +50,29 @@ public sealed partial class TransferManager
     private readonly Dictionary<Guid, string> _lastOutgoingPeer = [];
     private readonly Dictionary<Guid, string> _lastIncomingPeer = [];
     private readonly HashSet<Task> _watchers = [];
-    // Handshake slots promised to waiters that are about to start their helper (counted as taken).
+    // Handshake slots promised to waiters that are about to start their helper (counted as taken),
+    // and of those, the ones promised to strangers' streams (PeerListener.StrangersShare).
     private int _handshakesReserved;
+    private int _strangerHandshakesReserved;
     // Transfer slots promised to intercepted streams (TryReserveSend) whose helpers have not started yet.
     private int _sendsReserved;
     private int _handshakeWaiters;
+    private int _strangerHandshakeWaiters;
     // Completed (and replaced) whenever a handshake slot frees: the waiters look again.
     private TaskCompletionSource _handshakeFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _nextId;
     private bool _closed;
 
-    private readonly Action<string, string>? _logRefusal;
+    private readonly LogRateLimiter? _rejections;
 
-    /// <summary>Runs helpers of <paramref name="helper"/>; <paramref name="logRefusal"/> logs a refused or unauthenticated incoming stream (remote, reason) within the peer port's rate limit (null: one line each).</summary>
-    public TransferManager(DaemonOptions options, string helper, string statsDirectory, ILogger logger, Action<string, string>? logRefusal = null)
+    /// <summary>
+    /// Runs helpers of <paramref name="helper"/>. What an incoming stream whose peer has not proved
+    /// itself makes it log (refused, expired, ended) goes under <paramref name="rejections"/>, the
+    /// peer port's one rate limit (null: one line each).
+    /// </summary>
+    public TransferManager(DaemonOptions options, string helper, string statsDirectory, ILogger logger, LogRateLimiter? rejections = null)
     {
-        _logRefusal = logRefusal;
+        _rejections = rejections;
         _options = options;
         _helper = helper;
         _statsDirectory = statsDirectory;
@@ -161,11 +168,13 @@ public sealed partial class TransferManager
     // Under the gate.
     private IEnumerable<Running> SendingMemory() => _running.Values.Where(r => r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig);
 
-    /// <summary>True while any stream of the guest runs.</summary>
+    /// <summary>True while any stream of the guest runs (a receiving one once its peer proved itself).</summary>
     public bool IsBusy(Guid uuid)
     {
+        // A receiver whose peer has not proved itself is no stream of the guest yet: anyone who saw a
+        // route frame could otherwise hold off retention, a forget, or the settling of a pending trip.
         lock (_gate)
-            return _running.Values.Any(r => r.Uuid == uuid);
+            return _running.Values.Any(r => r.Uuid == uuid && r.Authenticated);
     }
 
     /// <summary>Linux's SIGCONT: the one a receiving memory helper takes as "the guest runs here" (its default action does nothing).</summary>
@@ -259,11 +268,13 @@ public sealed partial class TransferManager
     /// <paramref name="routeFirst"/>: a route frame precedes the hello. <paramref name="authenticated"/>
     /// runs once the peer has proved it is <paramref name="peerName"/> and the stream took a
     /// transfer slot: what the daemon records of the arrival waits for that, never on a claim.
+    /// <paramref name="stranger"/>: the connection comes from an address of no configured peer, and
+    /// takes at most the strangers' share of the handshake slots and waiters.
     /// </summary>
     public async Task<bool> StartReceiveAsync(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket,
-        IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false, Action? authenticated = null)
+        IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false, Action? authenticated = null, bool stranger = false)
     {
-        if (await ReserveHandshakeAsync(guest, kind, peerSocket).ConfigureAwait(false) is { } refusal)
+        if (await ReserveHandshakeAsync(guest, kind, stranger).ConfigureAwait(false) is { } refusal)
         {
             using (peerSocket)
                 Refuse(TransferDirection.Receive, kind, guest, peerSocket, refusal);
@@ -294,15 +305,16 @@ public sealed partial class TransferManager
         }
         if (routeFirst)
             args.Add("--route-first");
-        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks, authenticated: authenticated);
+        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks, authenticated: authenticated, stranger: stranger);
     }
 
     /// <summary>
     /// Waits until a handshake slot is free and reserves it for the caller's <see cref="Start"/>;
     /// null when reserved, else why not (too many waiting, no slot within <see cref="HandshakeDeadline"/>,
-    /// or the daemon stopping).
+    /// or the daemon stopping). A stranger's stream waits for, and takes, only a place of the
+    /// strangers' share (<see cref="PeerListener.StrangersShare"/>).
     /// </summary>
-    private async Task<string?> ReserveHandshakeAsync(string guest, StreamKind kind, Socket peerSocket)
+    private async Task<string?> ReserveHandshakeAsync(string guest, StreamKind kind, bool stranger)
     {
         var deadline = DateTime.UtcNow + HandshakeDeadline;
         bool waiting = false;
@@ -315,16 +327,23 @@ public sealed partial class TransferManager
                 {
                     if (_closed)
                         return "the daemon is stopping";
-                    if (_running.Values.Count(r => !r.Authenticated) + _handshakesReserved < HandshakeSlots)
+                    if (Unauthenticated(strangers: false) + _handshakesReserved < HandshakeSlots
+                        && (!stranger || Unauthenticated(strangers: true) + _strangerHandshakesReserved < PeerListener.StrangersShare(HandshakeSlots)))
                     {
                         _handshakesReserved++;
+                        if (stranger)
+                            _strangerHandshakesReserved++;
                         return null;
                     }
                     if (!waiting)
                     {
                         if (_handshakeWaiters >= MaxHandshakeWaiters)
                             return $"{HandshakeSlots} incoming streams are still authenticating and {MaxHandshakeWaiters} more wait";
+                        if (stranger && _strangerHandshakeWaiters >= PeerListener.StrangersShare(MaxHandshakeWaiters))
+                            return $"{PeerListener.StrangersShare(MaxHandshakeWaiters)} streams from addresses of no configured peer already wait for a handshake slot";
                         _handshakeWaiters++;
+                        if (stranger)
+                            _strangerHandshakeWaiters++;
                         waiting = true;
                         DaemonLog.HandshakeQueued(_logger, KindArg(kind), guest, HandshakeSlots);
                     }
@@ -340,15 +359,30 @@ public sealed partial class TransferManager
             if (waiting)
             {
                 lock (_gate)
+                {
                     _handshakeWaiters--;
+                    if (stranger)
+                        _strangerHandshakeWaiters--;
+                }
             }
         }
     }
 
-    // Under _gate: the reserved slot's helper did not start.
-    private void ReleaseReservedHandshake()
+    // Under _gate: receiving helpers whose peer has not authenticated yet (strangers: only those of strangers' connections).
+    private int Unauthenticated(bool strangers) => _running.Values.Count(r => !r.Authenticated && (!strangers || r.Stranger));
+
+    // Under _gate: a reserved handshake slot is given back (its helper did not start) or passes to the started helper.
+    private void TakeBackReservation(bool stranger)
     {
         _handshakesReserved--;
+        if (stranger)
+            _strangerHandshakesReserved--;
+    }
+
+    // Under _gate: the reserved slot's helper did not start.
+    private void ReleaseReservedHandshake(bool stranger)
+    {
+        TakeBackReservation(stranger);
         HandshakeSlotFreed();
     }
 
@@ -362,10 +396,19 @@ public sealed partial class TransferManager
 
     private void Refuse(TransferDirection direction, StreamKind kind, string guest, Socket socket, string refusal)
     {
-        if (direction == TransferDirection.Receive && _logRefusal is { } log)
-            log(socket.RemoteEndPoint?.ToString() ?? "?", $"{KindArg(kind)} stream of guest {guest} refused: {refusal}");
+        if (direction == TransferDirection.Receive)
+            Unproven(() => DaemonLog.PeerRejected(_logger, socket.RemoteEndPoint?.ToString() ?? "?", $"{KindArg(kind)} stream of guest {guest} refused: {refusal}"));
         else
             DaemonLog.TransferRefused(_logger, KindArg(kind), guest, refusal);
+    }
+
+    // A line about a stream whose peer has not proved itself: under the peer port's one rate limit.
+    private void Unproven(Action line)
+    {
+        if (_rejections is { } limiter)
+            PeerListener.LogRejection(_logger, limiter, line);
+        else
+            line();
     }
 
     private IEnumerable<string> CrlArguments() => PeerCredentials.RevocationList(_options) is { } crl ? ["--tls-crl", crl] : [];
@@ -376,8 +419,9 @@ public sealed partial class TransferManager
 
     // reserved: a send whose slot TryReserveSend took (it is counted as taken until now).
     // authenticated: a receiver's, run once its peer authenticated (OnAuthenticated).
+    // stranger: a receiver's connection from an address of no configured peer (its reserved handshake slot was of their share).
     private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
-        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false, Action? authenticated = null)
+        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false, Action? authenticated = null, bool stranger = false)
     {
         using (socket)
         {
@@ -393,7 +437,7 @@ public sealed partial class TransferManager
                     : null;
                 id = ++_nextId;
                 if (refusal is not null && direction == TransferDirection.Receive)
-                    ReleaseReservedHandshake();
+                    ReleaseReservedHandshake(stranger);
             }
             if (refusal is not null)
             {
@@ -414,7 +458,19 @@ public sealed partial class TransferManager
             ChildProcess child;
             lock (_gate)
             {
-                var progress = new AnonymousPipeServerStream(PipeDirection.In, HandleInheritability.None);
+                AnonymousPipeServerStream progress;
+                try
+                {
+                    // In here: a pipe that cannot be made (no descriptor left) gives the reserved slot back like a failed start.
+                    progress = new AnonymousPipeServerStream(PipeDirection.In, HandleInheritability.None);
+                }
+                catch (IOException e)
+                {
+                    if (direction == TransferDirection.Receive)
+                        ReleaseReservedHandshake(stranger);
+                    DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot make the progress pipe: {e.Message}");
+                    return false;
+                }
                 try
                 {
                     // Under the lock so that shutdown sees every child it must wait for.
@@ -425,25 +481,27 @@ public sealed partial class TransferManager
                 {
                     progress.Dispose();
                     if (direction == TransferDirection.Receive)
-                        ReleaseReservedHandshake();
+                        ReleaseReservedHandshake(stranger);
                     DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot start {_helper}: {e.Message}");
                     return false;
                 }
                 // Only the child writes: our copy would keep the pipe open past its exit.
                 progress.DisposeLocalCopyOfClientHandle();
-                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort, WhenAuthenticated = authenticated };
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort, WhenAuthenticated = authenticated, Stranger = stranger };
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 // The receiving helper now counts as unauthenticated itself, in place of the slot ReserveHandshakeAsync reserved.
                 if (direction == TransferDirection.Receive)
-                    _handshakesReserved--;
+                    TakeBackReservation(stranger);
                 // A sending helper was started for the local QEMU: it is a transfer from the start. A receiving
                 // one becomes one when its peer has authenticated (until then its claimed name is not recorded).
                 if (direction == TransferDirection.Send)
                     JoinTrip(running);
                 else
                     _ = ExpireHandshakeAsync(running);
-                DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
+                // A receiver's start is told once its peer proved itself (OnAuthenticated): a line per unproven connection would be a flood.
+                if (direction == TransferDirection.Send)
+                    DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
                 var watcher = WatchAsync(running);
                 _watchers.Add(watcher);
                 _ = watcher.ContinueWith(t =>
@@ -495,6 +553,7 @@ public sealed partial class TransferManager
             running.Child.Signal(15);
             return;
         }
+        DaemonLog.TransferStarted(_logger, running.Id, DirectionText(running.Direction), KindArg(running.Kind), running.Guest, running.Peer, running.Child.Pid);
         try
         {
             running.WhenAuthenticated?.Invoke();
@@ -514,7 +573,7 @@ public sealed partial class TransferManager
             if (running.Authenticated || running.Child.Exited.IsCompleted)
                 return;
         }
-        DaemonLog.HandshakeExpired(_logger, running.Id, running.Guest, (int)HandshakeDeadline.TotalSeconds);
+        Unproven(() => DaemonLog.HandshakeExpired(_logger, running.Id, running.Guest, (int)HandshakeDeadline.TotalSeconds));
         running.Child.Signal(9);
     }
 
@@ -545,7 +604,7 @@ public sealed partial class TransferManager
                 HandshakeSlotFreed();
             }
             TryDelete(running.StatsPath);
-            _logRefusal?.Invoke($"transfer {running.Id}", $"{KindArg(running.Kind)} stream of guest {running.Guest} ended before its peer authenticated: {error ?? "closed"}");
+            Unproven(() => DaemonLog.PeerRejected(_logger, $"transfer {running.Id}", $"{KindArg(running.Kind)} stream of guest {running.Guest} ended before its peer authenticated: {error ?? "closed"}"));
             return;
         }
         var outcome = new TransferOutcome(running.Guest, running.Uuid, running.Peer, StreamName(running.Kind), running.Direction, code, error, stats);
@@ -656,6 +715,9 @@ public sealed partial class TransferManager
 
         /// <summary>Receiving: what the daemon records once the peer authenticated (<see cref="StartReceiveAsync"/>).</summary>
         public Action? WhenAuthenticated { get; init; }
+
+        /// <summary>Receiving: the connection came from an address of no configured peer (<see cref="PeerListener.StrangersShare"/>).</summary>
+        public bool Stranger { get; init; }
 
         public Task ProgressDone { get; set; } = Task.CompletedTask;
 

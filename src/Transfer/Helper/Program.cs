@@ -192,7 +192,11 @@ internal static class Program
     /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
     private static void Report(string role, Dictionary<string, string> opts, TransferStats? stats, string? error)
     {
-        if (error is not null) Console.Error.WriteLine($"bfmig-transfer {role}: {LogText.Escape(error)}");
+        // A receiver whose peer never proved itself says nothing here when it writes stats: bfmigd
+        // logs that failure from them under the peer port's rate limit, and a line of its own per
+        // connection would let anyone who can connect flood the journal.
+        bool unproven = role == "receive" && opts.ContainsKey("stats") && stats is not { Authenticated: true };
+        if (error is not null && !unproven) Console.Error.WriteLine($"bfmig-transfer {role}: {LogText.Escape(error)}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
             stats ??= new TransferStats { Role = role };
