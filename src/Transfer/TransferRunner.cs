@@ -50,6 +50,8 @@ public sealed class TransferOptions
     public BFMig.Native.Linux.NodeOwner? QemuUser { get; init; }
     /// <summary>Called about every <see cref="ProgressInterval"/> with the stream's live counters (any thread).</summary>
     public Action<TransferProgress>? Progress { get; init; }
+    /// <summary>Receiving: called once the sender has proved itself (before anything is opened for it).</summary>
+    public Action? PeerProved { get; init; }
     public TimeSpan ProgressInterval { get; init; } = TimeSpan.FromMilliseconds(500);
     /// <summary>
     /// Memory stream with stores: stay within a window of what the destination QEMU has taken
@@ -358,6 +360,7 @@ public static class TransferRunner
             // The sender has proved itself: only now is the store opened and locked, and the daemon told (it then counts this stream as a transfer).
             store = OpenAnsweredStore(hello, decision, o);
             stats.Authenticated = true;
+            o.PeerProved?.Invoke();
             progress?.ReportNow();
             Socket? codec = null;
             if (hello.CodedChannel)

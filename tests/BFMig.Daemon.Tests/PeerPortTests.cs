@@ -317,9 +317,12 @@ public sealed class PskFileModeTests
     /// </summary>
     [Theory]
     [InlineData("0123456789abcdef0123456789abcdef", "stand for 16 bytes")]
-    [InlineData("correct horse battery staple and more", "neither hex nor base64")]
-    [InlineData("Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3", "neither hex nor base64")]
-    [InlineData("passwordpasswordpasswordpasswordpasswordpassword", "repeat too much")]
+    [InlineData("correct horse battery staple and more", "is no key")]
+    [InlineData("Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3Tr0ub4dor&3", "is no key")]
+    [InlineData("passwordpasswordpasswordpasswordpasswordpassword", "is no key")]
+    [InlineData("password\npassword\npassword\npassword\npassword\npassword", "is no key")]
+    [InlineData("70617373776f726470617373776f726470617373776f726470617373776f726470617373776f726470617373776f7264", "is no key")]
+    [InlineData("passwörtpasswörtpasswörtpasswörtpasswört", "is no key")]
     [InlineData("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "repeat too much")]
     [InlineData("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaab", "repeat too much")]
     public void A_key_too_short_or_too_repetitive_to_be_random_is_refused_naming_how_to_make_one(string key, string why)
@@ -327,13 +330,13 @@ public sealed class PskFileModeTests
         var path = Path.GetTempFileName();
         try
         {
-            File.WriteAllText(path, key + "\n");
+            File.WriteAllText(path, key + "\n", new System.Text.UTF8Encoding(false));
             File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
             var e = Assert.Throws<PeerAuthenticationException>(() => PskPeerAuthenticator.FromFile(path));
             Assert.Contains(why, e.Message);
             Assert.Contains("head -c 32 /dev/urandom", e.Message);
             Assert.Equal(e.Message, PskPeerAuthenticator.KeyFileProblem(path));
-            Assert.Throws<ArgumentException>(() => new PskPeerAuthenticator(System.Text.Encoding.ASCII.GetBytes(key)));
+            Assert.Throws<ArgumentException>(() => new PskPeerAuthenticator(System.Text.Encoding.UTF8.GetBytes(key)));
         }
         finally
         {
@@ -343,7 +346,7 @@ public sealed class PskFileModeTests
 
     /// <summary>
     /// What the README's command makes is a key, every time, and so are 32 random bytes as they
-    /// are or in base64, with a newline or without.
+    /// are or in base64 (either alphabet, padded or not), with a newline or without.
     /// </summary>
     [Fact]
     public void Random_keys_as_hex_base64_or_raw_bytes_are_taken()
@@ -351,7 +354,9 @@ public sealed class PskFileModeTests
         for (int i = 0; i < 200; i++)
         {
             var bytes = System.Security.Cryptography.RandomNumberGenerator.GetBytes(32);
-            foreach (var content in new[] { System.Text.Encoding.ASCII.GetBytes(Convert.ToHexStringLower(bytes)), System.Text.Encoding.ASCII.GetBytes(Convert.ToBase64String(bytes)), bytes })
+            var urlSafe = Convert.ToBase64String(bytes).TrimEnd('=').Replace('+', '-').Replace('/', '_');
+            foreach (var content in new[] { System.Text.Encoding.ASCII.GetBytes(Convert.ToHexStringLower(bytes)), System.Text.Encoding.ASCII.GetBytes(Convert.ToBase64String(bytes)),
+                         System.Text.Encoding.ASCII.GetBytes(urlSafe), bytes })
             {
                 Assert.Null(PskPeerAuthenticator.KeyProblem(content));
                 Assert.Null(PskPeerAuthenticator.KeyProblem([.. content, (byte)'\n']));

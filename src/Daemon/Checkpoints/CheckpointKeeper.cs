@@ -163,19 +163,21 @@ public sealed partial class CheckpointKeeper
     public async Task ServeAsync(Socket connection, RouteRequest route, bool stranger = false)
     {
         var remote = connection.RemoteEndPoint?.ToString() ?? "?";
-        if (Interlocked.Increment(ref _serving) > MaxServing)
-        {
-            Interlocked.Decrement(ref _serving);
-            connection.Dispose();
-            Refused(remote, $"{MaxServing} checkpoint exchanges already running");
-            return;
-        }
+        // The strangers' share first: a stranger refused by it never counts against the peers' places.
         if (stranger && Interlocked.Increment(ref _servingStrangers) > PeerListener.StrangersShare(MaxServing))
         {
             Interlocked.Decrement(ref _servingStrangers);
-            Interlocked.Decrement(ref _serving);
             connection.Dispose();
             Refused(remote, $"{PeerListener.StrangersShare(MaxServing)} checkpoint exchanges from addresses of no configured peer already running");
+            return;
+        }
+        if (Interlocked.Increment(ref _serving) > MaxServing)
+        {
+            Interlocked.Decrement(ref _serving);
+            if (stranger)
+                Interlocked.Decrement(ref _servingStrangers);
+            connection.Dispose();
+            Refused(remote, $"{MaxServing} checkpoint exchanges already running");
             return;
         }
         try

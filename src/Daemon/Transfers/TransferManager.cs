@@ -35,8 +35,12 @@ public sealed partial class TransferManager
     /// </summary>
     public const int HandshakeSlots = 4;
 
-    /// <summary>Routed incoming streams waiting for a handshake slot, at most (each is one socket and no process).</summary>
-    public const int MaxHandshakeWaiters = 32;
+    /// <summary>
+    /// Routed incoming streams waiting for a handshake slot, at most (each is one socket and no
+    /// process). Strangers may hold half (<see cref="PeerListener.StrangersShare"/>): 32, as many as
+    /// all streams could before, for a peer that connects from an address not in its configuration.
+    /// </summary>
+    public const int MaxHandshakeWaiters = 64;
 
     /// <summary>A receiving helper whose peer has not authenticated by then is killed.</summary>
     public static readonly TimeSpan HandshakeDeadline = TimeSpan.FromSeconds(10);
@@ -168,13 +172,15 @@ public sealed partial class TransferManager
     // Under the gate.
     private IEnumerable<Running> SendingMemory() => _running.Values.Where(r => r.Direction == TransferDirection.Send && r.Kind == StreamKind.Mig);
 
-    /// <summary>True while any stream of the guest runs (a receiving one once its peer proved itself).</summary>
+    /// <summary>True while any stream of the guest runs (a receiving one from a stranger's address once its peer proved itself).</summary>
     public bool IsBusy(Guid uuid)
     {
-        // A receiver whose peer has not proved itself is no stream of the guest yet: anyone who saw a
+        // A receiver still authenticating counts when it came from a configured peer's address (its
+        // store must not be evicted under it before it opens it), not a stranger's: anyone who saw a
         // route frame could otherwise hold off retention, a forget, or the settling of a pending trip.
+        // Either expires within HandshakeDeadline.
         lock (_gate)
-            return _running.Values.Any(r => r.Uuid == uuid && r.Authenticated);
+            return _running.Values.Any(r => r.Uuid == uuid && (r.Authenticated || !r.Stranger));
     }
 
     /// <summary>Linux's SIGCONT: the one a receiving memory helper takes as "the guest runs here" (its default action does nothing).</summary>
@@ -499,9 +505,11 @@ public sealed partial class TransferManager
                     JoinTrip(running);
                 else
                     _ = ExpireHandshakeAsync(running);
-                // A receiver's start is told once its peer proved itself (OnAuthenticated): a line per unproven connection would be a flood.
+                // A receiver's peer has proved nothing yet: its line goes under the peer port's rate limit (a flood is not a line each).
                 if (direction == TransferDirection.Send)
                     DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid);
+                else
+                    Unproven(() => DaemonLog.TransferStarted(_logger, id, DirectionText(direction), KindArg(kind), guest, peer, child.Pid));
                 var watcher = WatchAsync(running);
                 _watchers.Add(watcher);
                 _ = watcher.ContinueWith(t =>
@@ -553,7 +561,6 @@ public sealed partial class TransferManager
             running.Child.Signal(15);
             return;
         }
-        DaemonLog.TransferStarted(_logger, running.Id, DirectionText(running.Direction), KindArg(running.Kind), running.Guest, running.Peer, running.Child.Pid);
         try
         {
             running.WhenAuthenticated?.Invoke();

@@ -29,6 +29,7 @@ public static class Capabilities
     private const int PrCapbsetRead = 23;
     private const int PrCapbsetDrop = 24;
     private const int PrSetNoNewPrivs = 38;
+    private const int PrGetNoNewPrivs = 39;
     private const int PrSetName = 15;
     private const int PrCapAmbient = 47;
     private const int PrCapAmbientClearAll = 4;
@@ -135,8 +136,18 @@ public static class Capabilities
         return Environment.ProcessPath ?? "/proc/self/exe";
     }
 
-    /// <summary>The calling thread's permitted capabilities (<c>/proc/thread-self/status</c>; throws <see cref="IOException"/> when unreadable).</summary>
-    public static ulong Permitted() => StatusField("/proc/thread-self/status", "CapPrm:", NumberStyles.HexNumber);
+    /// <summary>The calling thread's permitted capabilities (capget; throws <see cref="IOException"/> when it fails).</summary>
+    public static unsafe ulong Permitted()
+    {
+        var header = new Interop.Libc.CapHeader { Version = Version3, Pid = 0 };
+        var data = stackalloc Interop.Libc.CapData[2];
+        if (Interop.Libc.CapGet(&header, data) != 0)
+            throw new IOException(Failure("capget"));
+        return data[0].Permitted | (ulong)data[1].Permitted << 32;
+    }
+
+    /// <summary>True when the calling thread has no_new_privs (nothing it runs can gain privileges).</summary>
+    public static bool NoNewPrivileges() => Interop.Libc.Prctl(PrGetNoNewPrivs, 0, 0, 0, 0) == 1;
 
     /// <summary>Sets no_new_privs on the calling thread (kept by what it starts and runs); null when done, else why not.</summary>
     public static string? SetNoNewPrivileges() =>

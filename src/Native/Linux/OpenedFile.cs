@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
@@ -18,6 +17,8 @@ public sealed class OpenedFile : IDisposable
     private const int OCloExec = 0x80000;
     private const int AtEmptyPath = 0x1000;
     private const uint StatxBasicStats = 0x7ff;
+    // STATX_TYPE | STATX_MODE | STATX_UID | STATX_SIZE: what the caller judges the file by.
+    private const uint StatxNeeded = 0x1 | 0x2 | 0x8 | 0x200;
     private const int StatxSize = 256;
 
     private OpenedFile(SafeFileHandle handle, uint mode, uint uid, long size)
@@ -62,9 +63,10 @@ public sealed class OpenedFile : IDisposable
                     throw Failure($"cannot read the status of {path}");
             }
             var status = new ReadOnlySpan<byte>(buffer, StatxSize);
-            // struct statx: stx_uid at 20, stx_mode at 28, stx_size at 40 (the same on every architecture).
-            return new OpenedFile(handle, BinaryPrimitives.ReadUInt16LittleEndian(status[28..]), BinaryPrimitives.ReadUInt32LittleEndian(status[20..]),
-                (long)BinaryPrimitives.ReadUInt64LittleEndian(status[40..]));
+            // struct statx (native byte order): stx_mask at 0, stx_uid at 20, stx_mode at 28, stx_size at 40, on every architecture.
+            if ((MemoryMarshal.Read<uint>(status) & StatxNeeded) != StatxNeeded)
+                throw new IOException($"the status of {path} lacks its type, mode, owner or size");
+            return new OpenedFile(handle, MemoryMarshal.Read<ushort>(status[28..]), MemoryMarshal.Read<uint>(status[20..]), (long)MemoryMarshal.Read<ulong>(status[40..]));
         }
         catch
         {

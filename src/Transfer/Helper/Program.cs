@@ -64,15 +64,17 @@ internal static class Program
             if ((permitted & ~keep) == 0)
                 return Capabilities.SetNoNewPrivileges() ?? (permitted == 0 ? null : Capabilities.BoundingLeft(keep));
             string? notDone = Capabilities.KeepOnly(HelperCapabilities.Kept);
-            // Running again helps only once this thread is narrowed (and it would find it not done again, for ever).
-            if ((Capabilities.Permitted() & ~keep) != 0)
-                return notDone ?? "this thread still holds capabilities it should not";
+            // Running again helps only once this thread is narrowed and can gain nothing by an exec
+            // (no_new_privs): else the new image, uid 0, would be given its capabilities back and
+            // start over, for ever.
+            if ((Capabilities.Permitted() & ~keep) != 0 || !Capabilities.NoNewPrivileges())
+                return notDone ?? "this thread still holds, or could regain, capabilities it should not: not run again";
             string failed = Capabilities.RunAgain(args);
             return notDone is null ? failed : $"{notDone}; {failed}";
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or FormatException)
         {
-            return $"cannot read this thread's capabilities: {e.Message}";
+            return $"cannot read or narrow this thread's capabilities: {e.Message}";
         }
     }
 
@@ -140,7 +142,7 @@ internal static class Program
         int code;
         try
         {
-            var o = BuildOptions(opts, args[0] == "send");
+            var o = BuildOptions(opts, args[0] == "send", () => Volatile.Write(ref s_peerProved, true));
             stats = args[0] == "send" ? await SendAsync(opts, o, cts.Token) : await ReceiveAsync(opts, o, cts.Token);
             code = 0;
         }
@@ -190,16 +192,19 @@ internal static class Program
     }
 
     /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
+    // Set once a receiver's peer has proved itself (TransferOptions.PeerProved): whatever fails after that is this host's to hear of.
+    private static bool s_peerProved;
+
     private static void Report(string role, Dictionary<string, string> opts, TransferStats? stats, string? error)
     {
         // A receiver whose peer never proved itself says nothing here when it writes stats: bfmigd
         // logs that failure from them under the peer port's rate limit, and a line of its own per
         // connection would let anyone who can connect flood the journal.
-        bool unproven = role == "receive" && opts.ContainsKey("stats") && stats is not { Authenticated: true };
+        bool unproven = role == "receive" && opts.ContainsKey("stats") && !Volatile.Read(ref s_peerProved);
         if (error is not null && !unproven) Console.Error.WriteLine($"bfmig-transfer {role}: {LogText.Escape(error)}");
         if (opts.TryGetValue("stats", out var statsPath))
         {
-            stats ??= new TransferStats { Role = role };
+            stats ??= new TransferStats { Role = role, Authenticated = Volatile.Read(ref s_peerProved) };
             stats.Error = error;
             try
             {
@@ -259,7 +264,7 @@ internal static class Program
     private static string Required(Dictionary<string, string> d, string name) =>
         d.TryGetValue(name, out var v) ? v : throw new FormatException($"--{name} is required");
 
-    private static TransferOptions BuildOptions(Dictionary<string, string> d, bool send)
+    private static TransferOptions BuildOptions(Dictionary<string, string> d, bool send, Action peerProved)
     {
         var kind = Required(d, "kind") switch
         {
@@ -284,6 +289,7 @@ internal static class Program
         }
         return new TransferOptions
         {
+            PeerProved = peerProved,
             Kind = kind,
             Guest = guest,
             StoreRoot = d.ContainsKey("no-store") ? null : d.GetValueOrDefault("store") ?? MemoryStore.DefaultRoot,

@@ -50,13 +50,17 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
     /// <summary>The fewest random bytes a key holds: 32, as bfmig.conf(5) says (raw, or written as hex or base64).</summary>
     public const int MinKeyLength = 32;
 
-    // What a key's bytes must be worth at least, judged by their spread (their count times the
-    // entropy of their frequencies), taken on the bytes a hex or base64 key stands for. Whoever
-    // records one handshake can test guesses offline (the proofs are HMAC-SHA256 over nonces sent
-    // in clear), so a key must be random: 32 random bytes are worth 139 or more by this measure
-    // (every one of 100,000 drawn), a text of any length is no hex or base64 key, and a phrase
-    // repeated to length, once decoded, is worth far less.
-    private const double MinKeyBits = 128;
+    // Whoever records one handshake can test guesses offline (the proofs are HMAC-SHA256 over
+    // nonces sent in clear), so a key must be random bytes, and a password, however long or
+    // however written, is refused. What is judged is the bytes a hex or base64 key stands for (or
+    // a binary key's own): no text (32 random bytes are valid UTF-8 about once in 10^9), and the
+    // spread of the first 32 (their count times the entropy of their frequencies) above that of
+    // any pattern of 16 bytes repeated (128 bits); 32 random bytes score 138 or more (200,000
+    // drawn). A phrase in base64's letters decodes to bytes that look random, so base64 text must
+    // itself spread like random base64: 4.2 bits a character or more for 32 random bytes, 2.7-3.5
+    // for a phrase repeated to length.
+    private const double MinSpreadOfFirst32 = 130;
+    private const double MinBase64BitsPerCharacter = 4.0;
 
     // A key file larger than this is not a key (and is not read).
     private const int MaxKeyFileLength = 4096;
@@ -92,40 +96,45 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
     public static string? KeyFileProblem(string path) => ReadKeyFile(path).Problem;
 
     /// <summary>
-    /// Why a key file's content is no key, null when it is one. Text (printable ASCII and spaces, a
-    /// trailing newline aside) must be hex or base64 of at least <see cref="MinKeyLength"/> bytes; anything
-    /// else is taken as the key's bytes themselves, at least <see cref="MinKeyLength"/> of them.
-    /// Either way the bytes must be worth <see cref="MinKeyBits"/> by their spread.
+    /// Why a key file's content is no key, null when it is one. Text (printable ASCII and
+    /// whitespace) must be hex, or base64 (either alphabet, padded or not) that spreads like
+    /// random base64; anything else is the key's bytes themselves. The bytes so meant must be at
+    /// least <see cref="MinKeyLength"/>, no text, and spread like random bytes.
     /// </summary>
     public static string? KeyProblem(ReadOnlySpan<byte> content)
     {
-        ReadOnlySpan<byte> key = KeyBytes(content);
         byte[] judged;
         string what;
-        if (IsText(key))
+        if (IsText(KeyBytes(content)))
         {
-            string text = System.Text.Encoding.ASCII.GetString(key);
-            if (text.Length % 2 == 0 && text.All(char.IsAsciiHexDigit))
-                (judged, what) = (Convert.FromHexString(text), "hex digits");
+            string text = string.Concat(System.Text.Encoding.ASCII.GetString(KeyBytes(content)).Where(c => !char.IsWhiteSpace(c)));
+            if (text.Length % 2 == 0 && text.Length > 0 && text.All(char.IsAsciiHexDigit))
+            {
+                (judged, what) = (Convert.FromHexString(text), $"its {text.Length} hex digits stand for");
+            }
             else if (Base64(text) is { } decoded)
-                (judged, what) = (decoded, "base64");
+            {
+                double perCharacter = Spread(System.Text.Encoding.ASCII.GetBytes(text)) / text.Length;
+                if (perCharacter < MinBase64BitsPerCharacter)
+                    return $"it reads as a phrase in base64's letters ({perCharacter:F1} bits a character, where base64 of random bytes has {MinBase64BitsPerCharacter:F1} or more), and a password is no key; {HowToMakeOne}";
+                (judged, what) = (decoded, $"its {text.Length} base64 characters stand for");
+            }
             else
-                return $"it is text, neither hex nor base64 (a password is no key); {HowToMakeOne}";
-            what = $"its {key.Length} {what} stand for {judged.Length} bytes";
+            {
+                return $"it is text, neither hex nor base64, and a password is no key; {HowToMakeOne}";
+            }
         }
         else
         {
-            // The bytes as they are; the length counts a trailing newline byte too, which the key drops (as it always did).
-            (judged, what) = (key.ToArray(), $"its {content.Length} bytes");
-            if (content.Length >= MinKeyLength)
-                return Spread(judged) >= MinKeyBits ? null
-                    : $"{what} repeat too much to be random (about {Spread(judged):F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+            (judged, what) = (content.ToArray(), "it holds");
         }
         if (judged.Length < MinKeyLength)
-            return $"{what}, where a key is at least {MinKeyLength} random bytes; {HowToMakeOne}";
-        double bits = Spread(judged);
-        return bits >= MinKeyBits ? null
-            : $"{what}, which repeat too much to be random (about {bits:F0} bits by their spread, at least {MinKeyBits:F0} needed); {HowToMakeOne}";
+            return $"{what} {judged.Length} bytes, where a key is at least {MinKeyLength} random bytes; {HowToMakeOne}";
+        if (System.Text.Unicode.Utf8.IsValid(judged))
+            return $"{what} {judged.Length} bytes of text, and a password, however written, is no key; {HowToMakeOne}";
+        double bits = Spread(judged.AsSpan(0, MinKeyLength));
+        return bits >= MinSpreadOfFirst32 ? null
+            : $"{what} {judged.Length} bytes that repeat too much to be random (the first {MinKeyLength} spread over about {bits:F0} bits, at least {MinSpreadOfFirst32:F0} needed); {HowToMakeOne}";
     }
 
     // The key's bytes: the content without a trailing newline (what every version has used).
@@ -136,15 +145,31 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
         return content;
     }
 
-    private static bool IsText(ReadOnlySpan<byte> key) => key.Length > 0 && !key.ContainsAnyExceptInRange((byte)0x20, (byte)0x7e);
+    // Printable ASCII and whitespace only: a key written out (hex, base64, or a password).
+    private static bool IsText(ReadOnlySpan<byte> key)
+    {
+        if (key.IsEmpty)
+            return false;
+        foreach (byte b in key)
+        {
+            if (b is not ((>= 0x20 and <= 0x7e) or (byte)'\t' or (byte)'\n' or (byte)'\r'))
+                return false;
+        }
+        return true;
+    }
 
-    // Base64 as it is written in one piece (.NET's decoder would skip the spaces of a phrase).
+    // Base64 in either alphabet (+/ or -_), padded or not; null when it is not.
     private static byte[]? Base64(string text)
     {
-        if (text.Contains(' ', StringComparison.Ordinal))
+        if (text.Length == 0 || text.Any(c => !(char.IsAsciiLetterOrDigit(c) || c is '+' or '/' or '-' or '_' or '=')))
             return null;
-        var bytes = new byte[text.Length];
-        return Convert.TryFromBase64String(text, bytes, out int n) ? bytes[..n] : null;
+        string standard = text.Replace('-', '+').Replace('_', '/');
+        standard = standard.TrimEnd('=');
+        if (standard.Length % 4 == 1)
+            return null;
+        standard = standard.PadRight(standard.Length + (4 - standard.Length % 4) % 4, '=');
+        var bytes = new byte[standard.Length];
+        return Convert.TryFromBase64String(standard, bytes, out int n) ? bytes[..n] : null;
     }
 
     // Count times the entropy of the byte frequencies (bits).
@@ -185,7 +210,15 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
                 return ([], $"pre-shared key {path} has mode {Convert.ToString((int)file.Permissions, 8).PadLeft(4, '0')}: group or others may read it; run `chmod 0600 {path}` (a key others can read lets them pose as any peer)");
             if (file.Size > MaxKeyFileLength)
                 return ([], $"pre-shared key {path} holds {file.Size} bytes: not a key file (a key is {MinKeyLength} random bytes)");
-            var content = file.ReadAll();
+            byte[] content;
+            try
+            {
+                content = file.ReadAll();
+            }
+            catch (IOException e)
+            {
+                return ([], $"pre-shared key {path}: cannot read it: {e.Message}");
+            }
             return (content, KeyProblem(content) is { } weak ? $"pre-shared key {path}: {weak}" : null);
         }
     }
