@@ -126,6 +126,9 @@ internal static partial class DaemonLog
     [LoggerMessage(53, LogLevel.Warning, "receiving helper of transfer {Id} (guest {Guest}) killed: its peer did not authenticate within {Seconds} s")]
     public static partial void HandshakeExpired(ILogger logger, int id, string guest, int seconds);
 
+    [LoggerMessage(55, LogLevel.Warning, "peer {Peer} proved itself from {Remote}, an address not in its configuration: its streams share the half of the handshake places left to addresses of no configured peer; add the address to [peers:{Peer}] migration_addresses")]
+    public static partial void PeerFromUnlistedAddress(ILogger logger, string peer, string remote);
+
     // Debug: a peer can cause it at will (bounded by the waiters' limit, but not worth a line each).
     [LoggerMessage(54, LogLevel.Debug, "{Kind} stream of guest {Guest} waits for a handshake slot ({Slots} incoming streams are authenticating)")]
     public static partial void HandshakeQueued(ILogger logger, string kind, string guest, int slots);

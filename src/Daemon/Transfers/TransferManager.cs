@@ -62,6 +62,8 @@ public sealed partial class TransferManager
     private int _sendsReserved;
     private int _handshakeWaiters;
     private int _strangerHandshakeWaiters;
+    // Peers told once that they proved themselves from an address not in their configuration.
+    private readonly HashSet<string> _peersFromUnlistedAddresses = [];
     // Completed (and replaced) whenever a handshake slot frees: the waiters look again.
     private TaskCompletionSource _handshakeFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private int _nextId;
@@ -280,6 +282,7 @@ public sealed partial class TransferManager
     public async Task<bool> StartReceiveAsync(string guest, Guid uuid, string peerName, StreamKind kind, string local, Socket peerSocket,
         IReadOnlyList<DomainDisk> disks, long guestMemoryBytes = 0, bool routeFirst = false, Action? authenticated = null, bool stranger = false)
     {
+        string remote = peerSocket.RemoteEndPoint?.ToString() ?? "?";
         if (await ReserveHandshakeAsync(guest, kind, stranger).ConfigureAwait(false) is { } refusal)
         {
             using (peerSocket)
@@ -311,7 +314,8 @@ public sealed partial class TransferManager
         }
         if (routeFirst)
             args.Add("--route-first");
-        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks, authenticated: authenticated, stranger: stranger);
+        return Start(TransferDirection.Receive, guest, uuid, peerName, kind, peerSocket, args, disks, authenticated: authenticated,
+            strangerAddress: stranger ? remote : null);
     }
 
     /// <summary>
@@ -425,10 +429,11 @@ public sealed partial class TransferManager
 
     // reserved: a send whose slot TryReserveSend took (it is counted as taken until now).
     // authenticated: a receiver's, run once its peer authenticated (OnAuthenticated).
-    // stranger: a receiver's connection from an address of no configured peer (its reserved handshake slot was of their share).
+    // stranger: a receiver's connection from this address of no configured peer (its reserved handshake slot was of their share).
     private bool Start(TransferDirection direction, string guest, Guid uuid, string peer, StreamKind kind, Socket socket, List<string> args,
-        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false, Action? authenticated = null, bool stranger = false)
+        IReadOnlyList<DomainDisk> disks, ushort targetPort = 0, bool reserved = false, Action? authenticated = null, string? strangerAddress = null)
     {
+        bool stranger = strangerAddress is not null;
         using (socket)
         {
             int id;
@@ -493,7 +498,7 @@ public sealed partial class TransferManager
                 }
                 // Only the child writes: our copy would keep the pipe open past its exit.
                 progress.DisposeLocalCopyOfClientHandle();
-                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort, WhenAuthenticated = authenticated, Stranger = stranger };
+                var running = new Running(id, direction, guest, uuid, peer, kind, child, statsPath, disks) { TargetPort = targetPort, WhenAuthenticated = authenticated, StrangerAddress = strangerAddress };
                 running.ProgressDone = Task.Run(() => ReadProgressAsync(running, progress));
                 _running[id] = running;
                 // The receiving helper now counts as unauthenticated itself, in place of the slot ReserveHandshakeAsync reserved.
@@ -561,6 +566,12 @@ public sealed partial class TransferManager
             running.Child.Signal(15);
             return;
         }
+        // A real peer from an address missing from its configuration works, but with the strangers' share: say so, once.
+        bool tell;
+        lock (_gate)
+            tell = running.StrangerAddress is not null && _peersFromUnlistedAddresses.Add(running.Peer);
+        if (tell)
+            DaemonLog.PeerFromUnlistedAddress(_logger, running.Peer, running.StrangerAddress!);
         try
         {
             running.WhenAuthenticated?.Invoke();
@@ -723,8 +734,10 @@ public sealed partial class TransferManager
         /// <summary>Receiving: what the daemon records once the peer authenticated (<see cref="StartReceiveAsync"/>).</summary>
         public Action? WhenAuthenticated { get; init; }
 
-        /// <summary>Receiving: the connection came from an address of no configured peer (<see cref="PeerListener.StrangersShare"/>).</summary>
-        public bool Stranger { get; init; }
+        /// <summary>Receiving: the address of no configured peer the connection came from (<see cref="PeerListener.StrangersShare"/>), else null.</summary>
+        public string? StrangerAddress { get; init; }
+
+        public bool Stranger => StrangerAddress is not null;
 
         public Task ProgressDone { get; set; } = Task.CompletedTask;
 
