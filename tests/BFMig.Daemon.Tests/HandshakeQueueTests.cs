@@ -108,39 +108,17 @@ public sealed class HandshakeQueueTests : IDisposable
     public async Task A_peer_that_proves_itself_from_an_address_not_in_its_configuration_is_told_once()
     {
         var events = Path.Combine(_root, "events");
-        var log = new ListLogger();
+        var log = new TransparentInterceptorTests.Lines();
         var manager = Manager(FakeHelper(events, authenticateAfter: "0.1"), logger: log);
         for (int i = 0; i < 2; i++)
             Assert.True(await manager.StartReceiveAsync($"g{i}", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), [], stranger: true));
         Assert.True(await manager.StartReceiveAsync("listed", Guid.NewGuid(), "hosta", StreamKind.Mig, "unix:/nonexistent", await AcceptedSocketAsync(), []));
         await Tools.UntilAsync(() => File.Exists(events) && File.ReadAllLines(events).Count(l => l.EndsWith(" auth", StringComparison.Ordinal)) == 3, "three proofs", 10);
         await Task.Delay(200);
-        var told = log.Snapshot().Where(l => l.Contains("an address not in its configuration", StringComparison.Ordinal)).ToArray();
+        var told = log.All.Where(l => l.Contains("an address not in its configuration", StringComparison.Ordinal)).ToArray();
         var line = Assert.Single(told);
         Assert.Contains("peer hosta proved itself from 127.0.0.1:", line, StringComparison.Ordinal);
         await manager.ShutdownAsync(TimeSpan.Zero);
-    }
-
-    private sealed class ListLogger : Microsoft.Extensions.Logging.ILogger
-    {
-        private readonly List<string> _lines = [];
-
-        public string[] Snapshot()
-        {
-            lock (_lines)
-                return [.. _lines];
-        }
-
-        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
-
-        public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
-
-        public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state, Exception? exception,
-            Func<TState, Exception?, string> formatter)
-        {
-            lock (_lines)
-                _lines.Add(formatter(state, exception));
-        }
     }
 
     /// <summary>

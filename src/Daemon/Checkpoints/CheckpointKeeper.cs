@@ -144,13 +144,8 @@ public sealed partial class CheckpointKeeper
     // The peer port's one rate limit: a refused or failed exchange may come from anyone who saw a route frame.
     private readonly LogRateLimiter? _rejections;
 
-    private void Refused(string remote, string reason)
-    {
-        if (_rejections is { } limiter)
-            PeerListener.LogRejection(_logger, limiter, () => DaemonLog.CheckpointsRefused(_logger, remote, reason));
-        else
-            DaemonLog.CheckpointsRefused(_logger, remote, reason);
-    }
+    private void Refused(string remote, string reason) =>
+        PeerListener.LogRejection(_logger, _rejections, () => DaemonLog.CheckpointsRefused(_logger, remote, reason));
 
     /// <summary>
     /// Serves one control connection (its hello or route, <paramref name="route"/>, was peeked by

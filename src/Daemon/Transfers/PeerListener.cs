@@ -253,9 +253,14 @@ public sealed class PeerListener : IDisposable
     public static void LogRejection(ILogger logger, LogRateLimiter limiter, string remote, string reason) =>
         LogRejection(logger, limiter, () => DaemonLog.PeerRejected(logger, remote, reason));
 
-    /// <summary>Logs one refusal of a peer's stream with <paramref name="line"/>, under the refusals' one rate limit.</summary>
-    public static void LogRejection(ILogger logger, LogRateLimiter limiter, Action line)
+    /// <summary>Logs one refusal of a peer's stream with <paramref name="line"/>, under the refusals' one rate limit (none: a line each).</summary>
+    public static void LogRejection(ILogger logger, LogRateLimiter? limiter, Action line)
     {
+        if (limiter is null)
+        {
+            line();
+            return;
+        }
         if (!limiter.TryAcquire(out var suppressed))
             return;
         if (suppressed > 0)

@@ -413,13 +413,7 @@ public sealed partial class TransferManager
     }
 
     // A line about a stream whose peer has not proved itself: under the peer port's one rate limit.
-    private void Unproven(Action line)
-    {
-        if (_rejections is { } limiter)
-            PeerListener.LogRejection(_logger, limiter, line);
-        else
-            line();
-    }
+    private void Unproven(Action line) => PeerListener.LogRejection(_logger, _rejections, line);
 
     private IEnumerable<string> CrlArguments() => PeerCredentials.RevocationList(_options) is { } crl ? ["--tls-crl", crl] : [];
 
@@ -469,28 +463,18 @@ public sealed partial class TransferManager
             ChildProcess child;
             lock (_gate)
             {
-                AnonymousPipeServerStream progress;
+                AnonymousPipeServerStream? progress = null;
                 try
                 {
                     // In here: a pipe that cannot be made (no descriptor left) gives the reserved slot back like a failed start.
                     progress = new AnonymousPipeServerStream(PipeDirection.In, HandleInheritability.None);
-                }
-                catch (IOException e)
-                {
-                    if (direction == TransferDirection.Receive)
-                        ReleaseReservedHandshake(stranger);
-                    DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot make the progress pipe: {e.Message}");
-                    return false;
-                }
-                try
-                {
                     // Under the lock so that shutdown sees every child it must wait for.
                     int progressWriteEnd = (int)progress.ClientSafePipeHandle.DangerousGetHandle();
                     child = ChildProcess.Start(_helper, args, [((int)socket.Handle, HelperFd), (progressWriteEnd, ProgressFd)]);
                 }
                 catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or ArgumentException)
                 {
-                    progress.Dispose();
+                    progress?.Dispose();
                     if (direction == TransferDirection.Receive)
                         ReleaseReservedHandshake(stranger);
                     DaemonLog.TransferRefused(_logger, KindArg(kind), guest, $"cannot start {_helper}: {e.Message}");

@@ -178,7 +178,7 @@ public static class Capabilities
         {
             try
             {
-                any |= StatusField(Path.Combine(task, "status"), "CapEff:", NumberStyles.HexNumber);
+                any |= StatusMask(Path.Combine(task, "status"), "CapEff:");
             }
             catch (IOException)
             {
@@ -189,14 +189,14 @@ public static class Capabilities
     }
 
     /// <summary>This process's bounding set (<c>CapBnd</c>).</summary>
-    public static ulong Bounding() => StatusField("/proc/self/status", "CapBnd:", NumberStyles.HexNumber);
+    public static ulong Bounding() => StatusMask("/proc/self/status", "CapBnd:");
 
-    private static ulong StatusField(string statusFile, string field, NumberStyles style)
+    private static ulong StatusMask(string statusFile, string field)
     {
         foreach (var line in File.ReadLines(statusFile))
         {
             if (line.StartsWith(field, StringComparison.Ordinal))
-                return ulong.Parse(line.AsSpan(field.Length).Trim(), style, CultureInfo.InvariantCulture);
+                return ulong.Parse(line.AsSpan(field.Length).Trim(), NumberStyles.HexNumber, CultureInfo.InvariantCulture);
         }
         throw new IOException($"{statusFile} has no {field}");
     }

@@ -191,10 +191,10 @@ internal static class Program
         return code;
     }
 
-    /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
     // Set once a receiver's peer has proved itself (TransferOptions.PeerProved): whatever fails after that is this host's to hear of.
     private static bool s_peerProved;
 
+    /// <summary>The helper's last words: the failure on stderr and, with <c>--stats</c>, the stats file with its reason.</summary>
     private static void Report(string role, Dictionary<string, string> opts, TransferStats? stats, string? error)
     {
         // A receiver whose peer never proved itself says nothing here when it writes stats: bfmigd

@@ -103,11 +103,12 @@ public sealed class PskPeerAuthenticator : IPeerAuthenticator
     /// </summary>
     public static string? KeyProblem(ReadOnlySpan<byte> content)
     {
+        ReadOnlySpan<byte> key = KeyBytes(content);
         byte[] judged;
         string what;
-        if (IsText(KeyBytes(content)))
+        if (IsText(key))
         {
-            string text = string.Concat(System.Text.Encoding.ASCII.GetString(KeyBytes(content)).Where(c => !char.IsWhiteSpace(c)));
+            string text = string.Concat(System.Text.Encoding.ASCII.GetString(key).Where(c => !char.IsWhiteSpace(c)));
             if (text.Length % 2 == 0 && text.Length > 0 && text.All(char.IsAsciiHexDigit))
             {
                 (judged, what) = (Convert.FromHexString(text), $"its {text.Length} hex digits stand for");
